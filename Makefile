@@ -1,0 +1,107 @@
+# mgpu - build, test, demo. `make help` lists the targets.
+CC      ?= cc
+CXX     ?= c++
+NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+OPT     ?= -O3 -march=native
+CFLAGS  ?= $(OPT) -std=c11 -Wall -Wextra -pedantic -g
+CPPFLAGS += -I.
+LDLIBS  += -lm -lpthread
+BUILD   := build
+PARTS   := $(wildcard parts/*.h)
+HDR     := mgpu.h $(PARTS)
+
+EXAMPLES := $(patsubst examples/%.c,%,$(wildcard examples/*.c))
+TOOLS    := $(patsubst tools/%.c,%,$(wildcard tools/*.c))
+TESTS    := $(patsubst tests/%.c,%,$(filter-out tests/impl.c tests/fuzz_%.c,$(wildcard tests/*.c)))
+
+.PHONY: all help test test-gpu demo data cuda check-headers check-cuda asan fuzz clean bench
+all: $(addprefix $(BUILD)/,$(EXAMPLES) $(TOOLS)) $(addprefix $(BUILD)/tests/,$(TESTS))
+
+help:
+	@echo "make            build CPU examples, tools and tests into build/"
+	@echo "make test       run the whole CPU test suite (ends with 'N passed, N failed')"
+	@echo "make demo       install what is missing, build, train Fashion-MNIST on the best device"
+	@echo "make data       fill data/fashion-mnist from Debian's dataset-fashion-mnist"
+	@echo "make cuda       build the CUDA variants into build/cuda/"
+	@echo "make test-gpu   GPU test suite (skips cleanly without a GPU)"
+	@echo "make bench      CPU benchmark against PyTorch (bench/RESULTS.md)"
+
+$(BUILD) $(BUILD)/tests $(BUILD)/cuda $(BUILD)/asan $(BUILD)/fuzz:
+	@mkdir -p $@
+
+# Examples are single-file programs that define MGPU_IMPLEMENTATION themselves (STB style).
+$(BUILD)/%: examples/%.c $(HDR) | $(BUILD)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+$(BUILD)/%: tools/%.c $(HDR) | $(BUILD)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# Tests share one implementation object.
+$(BUILD)/mgpu_impl.o: tests/impl.c $(HDR) | $(BUILD)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/tests/%: tests/%.c tests/mgpu_test.h $(BUILD)/mgpu_impl.o | $(BUILD)/tests
+	$(CC) $(CPPFLAGS) -Itests $(CFLAGS) $< $(BUILD)/mgpu_impl.o -o $@ $(LDLIBS)
+
+# Sanitizer build of the whole suite.
+$(BUILD)/asan/mgpu_impl.o: tests/impl.c $(HDR) | $(BUILD)/asan
+	$(CC) $(CPPFLAGS) -std=c11 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -c $< -o $@
+$(BUILD)/asan/%: tests/%.c tests/mgpu_test.h $(BUILD)/asan/mgpu_impl.o | $(BUILD)/asan
+	$(CC) $(CPPFLAGS) -Itests -std=c11 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer $< $(BUILD)/asan/mgpu_impl.o -o $@ $(LDLIBS)
+asan: $(addprefix $(BUILD)/asan/,$(TESTS))
+
+# Fuzz targets (libFuzzer through clang when present; otherwise a replay driver over the corpus).
+FUZZERS := $(patsubst tests/fuzz_%.c,fuzz_%,$(wildcard tests/fuzz_*.c))
+$(BUILD)/fuzz/%: tests/%.c tests/impl.c $(HDR) | $(BUILD)/fuzz
+	@if command -v clang >/dev/null 2>&1; then \
+	  clang $(CPPFLAGS) -O1 -g -fsanitize=fuzzer,address,undefined tests/impl.c $< -o $@ $(LDLIBS); \
+	else \
+	  $(CC) $(CPPFLAGS) -O1 -g -fsanitize=address,undefined -DMGPU_FUZZ_REPLAY tests/impl.c $< -o $@ $(LDLIBS); fi
+fuzz: $(addprefix $(BUILD)/fuzz/,$(FUZZERS))
+
+# The header must compile cleanly as C11 and C++ (and with -DMGPU_CUDA).
+check-headers: | $(BUILD)
+	@printf '#define MGPU_IMPLEMENTATION\n#include "mgpu.h"\nint main(void){return 0;}\n' > $(BUILD)/hdr_c.c
+	@cp $(BUILD)/hdr_c.c $(BUILD)/hdr_cpp.cpp
+	$(CC) $(CPPFLAGS) -std=c11 -Wall -Wextra -pedantic -Werror -c $(BUILD)/hdr_c.c -o $(BUILD)/hdr_c.o
+	$(CXX) $(CPPFLAGS) -std=c++17 -Wall -Wextra -pedantic -Werror -c $(BUILD)/hdr_cpp.cpp -o $(BUILD)/hdr_cpp.o
+	$(CC) $(CPPFLAGS) -std=c11 -Wall -Wextra -pedantic -Werror -DMGPU_STATIC -c $(BUILD)/hdr_c.c -o $(BUILD)/hdr_static.o
+
+# CUDA path: compile and link (runs only where a GPU is present).
+CUDA_INC := -I$(CUDA_HOME)/include
+CUDA_LIB := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib -Wl,-rpath,$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib
+CUDA_LIBS := -lcudart -lcublas -lcublasLt -lnccl
+$(BUILD)/cuda/mgpu_kernels.o: mgpu_kernels.cu $(HDR) | $(BUILD)/cuda
+	$(NVCC) -O3 -std=c++17 -I. -Xcompiler -Wall,-Wextra -c $< -o $@
+$(BUILD)/cuda/%: examples/%.c $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
+	$(CC) $(CPPFLAGS) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
+cuda: $(addprefix $(BUILD)/cuda/,$(EXAMPLES))
+check-cuda:
+	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda && \
+	  $(NVCC) -std=c++17 -I. -DMGPU_CUDA -Xcompiler -Wall,-Wextra -x cu -c $(BUILD)/hdr_cpp.cpp -o $(BUILD)/cuda/hdr_nvcc.o && \
+	  echo "CUDA path compiled and linked with $(NVCC)"; \
+	else echo "nvcc not found: CUDA compile check skipped"; fi
+
+test: all check-headers asan fuzz
+	@$(MAKE) --no-print-directory check-cuda > $(BUILD)/check-cuda.log 2>&1; echo $$? > $(BUILD)/check-cuda.rc
+	@bash tests/run.sh
+
+test-gpu:
+	@bash tests/run_gpu.sh
+
+data:
+	@bash tools/setup_data.sh
+
+demo:
+	@bash tools/setup_data.sh
+	@$(MAKE) --no-print-directory all
+	@if [ -n "$(NVCC)" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory cuda && $(BUILD)/cuda/fashion_mlp --device cuda --data data/fashion-mnist; \
+	else $(BUILD)/fashion_mlp --device cpu --data data/fashion-mnist --metrics $(BUILD)/demo_metrics.jsonl; fi
+
+bench: all
+	@bash bench/bench_cpu.sh
+
+clean:
+	rm -rf $(BUILD)

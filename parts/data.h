@@ -1,0 +1,1 @@
+/* mgpu.h part: data (inlined into mgpu.h before release) */

@@ -1,0 +1,1 @@
+/* mgpu.h part: io (inlined into mgpu.h before release) */

@@ -1,0 +1,1 @@
+/* mgpu.h part: nn (inlined into mgpu.h before release) */

@@ -1,0 +1,1 @@
+/* mgpu.h part: ops_basic (inlined into mgpu.h before release) */

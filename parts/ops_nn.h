@@ -1,0 +1,1 @@
+/* mgpu.h part: ops_nn (inlined into mgpu.h before release) */

@@ -1,0 +1,1 @@
+/* mgpu.h part: ops_norm (inlined into mgpu.h before release) */
