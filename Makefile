@@ -55,9 +55,9 @@ asan: $(addprefix $(BUILD)/asan/,$(TESTS))
 FUZZERS := $(patsubst tests/fuzz_%.c,fuzz_%,$(wildcard tests/fuzz_*.c))
 $(BUILD)/fuzz/%: tests/%.c tests/impl.c $(HDR) | $(BUILD)/fuzz
 	@if command -v clang >/dev/null 2>&1; then \
-	  clang $(CPPFLAGS) -O1 -g -fsanitize=fuzzer,address,undefined tests/impl.c $< -o $@ $(LDLIBS); \
+	  clang $(CPPFLAGS) -O1 -g -fsanitize=fuzzer,address,undefined tests/impl.c $< -o $@ $(LDLIBS) && touch $@.libfuzzer; \
 	else \
-	  $(CC) $(CPPFLAGS) -O1 -g -fsanitize=address,undefined -DMGPU_FUZZ_REPLAY tests/impl.c $< -o $@ $(LDLIBS); fi
+	  $(CC) $(CPPFLAGS) -O1 -g -fsanitize=address,undefined -DMGPU_FUZZ_REPLAY tests/impl.c $< -o $@ $(LDLIBS) && rm -f $@.libfuzzer; fi
 fuzz: $(addprefix $(BUILD)/fuzz/,$(FUZZERS))
 
 # The header must compile cleanly as C11 and C++ (and with -DMGPU_CUDA).

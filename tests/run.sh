@@ -36,7 +36,7 @@ for t in $B/fuzz/fuzz_*; do
   [ -x "$t" ] || continue
   n=$(basename "$t"); corpus=tests/corpus/${n#fuzz_}
   mkdir -p "$B/fuzz/work_$n"
-  if grep -q LLVMFuzzerRunDriver "$t" 2>/dev/null || strings "$t" | grep -q libFuzzer; then
+  if [ -f "$t.libfuzzer" ]; then
     timeout 120 "$t" -max_total_time=20 -rss_limit_mb=2048 "$B/fuzz/work_$n" "$corpus" > "$log/$n.log" 2>&1
   else
     timeout 120 "$t" "$corpus"/* > "$log/$n.log" 2>&1
