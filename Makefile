@@ -53,11 +53,13 @@ asan: $(addprefix $(BUILD)/asan/,$(TESTS))
 
 # Fuzz targets (libFuzzer through clang when present; otherwise a replay driver over the corpus).
 FUZZERS := $(patsubst tests/fuzz_%.c,fuzz_%,$(wildcard tests/fuzz_*.c))
-$(BUILD)/fuzz/%: tests/%.c tests/impl.c $(HDR) | $(BUILD)/fuzz
-	@if command -v clang >/dev/null 2>&1; then \
-	  clang $(CPPFLAGS) -O1 -g -fsanitize=fuzzer,address,undefined tests/impl.c $< -o $@ $(LDLIBS) && touch $@.libfuzzer; \
+$(BUILD)/fuzz/%: tests/%.c tests/impl.c tests/fuzz_replay.h $(HDR) | $(BUILD)/fuzz
+	@if command -v clang >/dev/null 2>&1 && \
+	    clang $(CPPFLAGS) -O1 -g -fsanitize=fuzzer,address,undefined tests/impl.c $< -o $@ $(LDLIBS) 2>$@.err; then \
+	  touch $@.libfuzzer; echo "built $@ (libFuzzer)"; \
 	else \
-	  $(CC) $(CPPFLAGS) -O1 -g -fsanitize=address,undefined -DMGPU_FUZZ_REPLAY tests/impl.c $< -o $@ $(LDLIBS) && rm -f $@.libfuzzer; fi
+	  $(CC) $(CPPFLAGS) -O1 -g -fsanitize=address,undefined -DMGPU_FUZZ_REPLAY tests/impl.c $< -o $@ $(LDLIBS) && \
+	  rm -f $@.libfuzzer && echo "built $@ (corpus replay; clang's libFuzzer unavailable)"; fi
 fuzz: $(addprefix $(BUILD)/fuzz/,$(FUZZERS))
 
 # The header must compile cleanly as C11 and C++ (and with -DMGPU_CUDA).
@@ -93,12 +95,11 @@ test-gpu:
 data:
 	@bash tools/setup_data.sh
 
+# Trains on the best available device: --device auto picks a GPU once the CUDA backend is built in.
 demo:
 	@bash tools/setup_data.sh
 	@$(MAKE) --no-print-directory all
-	@if [ -n "$(NVCC)" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  $(MAKE) --no-print-directory cuda && $(BUILD)/cuda/fashion_mlp --device cuda --data data/fashion-mnist; \
-	else $(BUILD)/fashion_mlp --device cpu --data data/fashion-mnist --metrics $(BUILD)/demo_metrics.jsonl; fi
+	$(BUILD)/fashion_mlp --device auto --data data/fashion-mnist --metrics $(BUILD)/demo_metrics.jsonl --save-dir $(BUILD)/demo
 
 bench: all
 	@bash bench/bench_cpu.sh

@@ -651,6 +651,32 @@ MGPU_API void mgpu_progress_end(mgpu_progress *p);
 /* Monotonic seconds. */
 MGPU_API double mgpu_time_s(void);
 
+/* ======================================================================================
+   Trainer: the training loop every example shares, composed from the options
+   ====================================================================================== */
+
+/* Builds logits (B, classes) from a batch x; the trainer adds the cross-entropy loss. */
+typedef mgpu_tensor *(*mgpu_forward_fn)(mgpu_context *ctx, mgpu_tensor *x, void *user);
+typedef struct mgpu_trainer mgpu_trainer;
+typedef struct mgpu_train_summary {
+    double final_train_loss, final_test_loss, final_test_accuracy;
+    double samples_per_s;          /* training samples per second over the run (per process) */
+    int64_t steps;                 /* optimizer steps taken */
+} mgpu_train_summary;
+/* Creates the context from opts (device, seed, threads). opts is kept by pointer. */
+MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts);
+MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t);
+/* Train `model` (built on mgpu_trainer_context) with cross-entropy on train, evaluating on test
+   (may be NULL) every --eval-frequency epochs and after the last; optimizer, LR schedule and
+   scaling, gradient accumulation, clipping, metrics JSONL, progress and --save-dir/model.safetensors
+   all come from the options. */
+MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                      const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary);
+/* Mean cross-entropy and accuracy of the model on a dataset (eval mode, no grad). */
+MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy);
+MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t);
+
 #ifdef __cplusplus
 }
 #endif
@@ -825,8 +851,16 @@ MGPU_API double mgpu_time_s(void) {
 
 #ifdef MGPU_CUDA
 /* Launchers and runtime wrappers implemented in mgpu_kernels.cu (C linkage, never exit). */
-int mgpu__cuda_device_count(void);
+#ifdef __cplusplus
+extern "C" {
 #endif
+int mgpu__cuda_device_count(void);
+#ifdef __cplusplus
+}
+#endif
+#endif
+/* Set to 1 when the CUDA ops exist; until then "auto" picks the CPU even where a GPU is visible. */
+#define MGPU__CUDA_BACKEND_READY 0
 
 MGPU_API int mgpu_cuda_device_count(void) {
 #ifdef MGPU_CUDA
@@ -842,7 +876,7 @@ MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out) {
     if (!text || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_device_parse: text and out must not be NULL");
     if (strcmp(text, "cpu") == 0) { out->type = MGPU_DEVICE_CPU; out->index = 0; return MGPU_OK; }
     if (strcmp(text, "auto") == 0) {
-        out->type = mgpu_cuda_device_count() > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
+        out->type = MGPU__CUDA_BACKEND_READY && mgpu_cuda_device_count() > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
         out->index = 0;
         return MGPU_OK;
     }
@@ -1583,6 +1617,7 @@ MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss) {
 #include "parts/nn.h"
 #include "parts/data.h"
 #include "parts/io.h"
+#include "parts/train.h"
 
 #endif /* MGPU_IMPLEMENTATION */
 
