@@ -264,6 +264,10 @@ MGPU_API mgpu_result mgpu_tensor_set_grad_hook(mgpu_tensor *t, mgpu_grad_hook ho
 MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss);
 /* Same, seeded with grad_output (same shape as out). */
 MGPU_API mgpu_result mgpu_backward_with_grad(mgpu_context *ctx, mgpu_tensor *out, const mgpu_tensor *grad_output);
+/* Called at the end of every successful backward on ctx, before it returns; its result becomes
+   backward's result (DDP waits for its bucket all-reduces here). NULL removes it. */
+typedef mgpu_result (*mgpu_backward_end_fn)(mgpu_context *ctx, void *user);
+MGPU_API void mgpu_context_set_backward_end_hook(mgpu_context *ctx, mgpu_backward_end_fn fn, void *user);
 
 /* ======================================================================================
    Ops (differentiable; outputs live in the activation arena). Shapes in comments.
@@ -385,7 +389,9 @@ MGPU_API mgpu_tensor *mgpu_conv2d_forward(mgpu_context *ctx, const mgpu_conv2d *
 
 /* weight, bias, running_mean, running_var, num_batches_tracked (I64 scalar); eps 1e-5, momentum 0.1 */
 typedef struct mgpu_batchnorm2d { mgpu_model *model; mgpu_tensor *weight, *bias, *running_mean, *running_var, *num_batches_tracked;
-                                  int64_t num_features; float eps, momentum; int sync; } mgpu_batchnorm2d;
+                                  int64_t num_features; float eps, momentum;
+                                  struct mgpu_comm *sync_comm; /* SyncBatchNorm: statistics all-reduced over this communicator */
+                                } mgpu_batchnorm2d;
 MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *name, int64_t num_features);
 MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm2d *l, mgpu_tensor *x);
 
@@ -539,7 +545,7 @@ MGPU_API mgpu_result mgpu_safetensors_save(const char *path, int n, const char *
 typedef struct mgpu_safetensors mgpu_safetensors;
 typedef struct mgpu_safetensors_entry {
     const char *name; mgpu_dtype dtype; int ndim; int64_t shape[MGPU_MAX_DIMS];
-    const void *data; size_t nbytes;
+    const void *data; size_t nbytes;   /* may be unaligned in files from other writers: read with memcpy */
 } mgpu_safetensors_entry;
 /* Reads and fully validates a file (header size, JSON, dtypes, shapes vs byte ranges, overlap, bounds). */
 MGPU_API mgpu_safetensors *mgpu_safetensors_open(const char *path);
@@ -559,7 +565,7 @@ MGPU_API mgpu_result mgpu_model_load(mgpu_model *m, const char *path);
 
 /* Write bytes to path atomically: path.tmp.<pid>, fsync, rename, fsync of the directory. */
 MGPU_API mgpu_result mgpu_write_file_atomic(const char *path, const void *data, size_t len);
-/* Read a whole file (free with mgpu_free). */
+/* Read a whole file (free with mgpu_free); a NUL byte follows the data (not counted in *len). */
 MGPU_API mgpu_result mgpu_read_file(const char *path, void **data, size_t *len);
 MGPU_API void *mgpu_malloc(size_t bytes);   /* through the allocator hooks; 64-byte aligned */
 MGPU_API void mgpu_free(void *p);
@@ -650,6 +656,10 @@ MGPU_API void mgpu_progress_end(mgpu_progress *p);
 
 /* Monotonic seconds. */
 MGPU_API double mgpu_time_s(void);
+
+#include "parts/amp_api.h"
+#include "parts/checkpoint_api.h"
+#include "parts/comm_api.h"
 
 /* ======================================================================================
    Trainer: the training loop every example shares, composed from the options
@@ -1172,7 +1182,9 @@ struct mgpu_context {
     mgpu__arena arena;
     uint64_t rng_seed, rng_offset;
     int grad_enabled;
+    int autocast;                      /* mgpu_amp_mode: emulated half precision for matmul-like ops */
     mgpu__node **tape; int64_t tape_len, tape_cap;
+    mgpu_backward_end_fn backward_end; void *backward_end_user;
 };
 
 MGPU_API mgpu_context *mgpu_context_create(const mgpu_context_desc *desc) {
@@ -1597,7 +1609,12 @@ MGPU_API mgpu_result mgpu_backward_with_grad(mgpu_context *ctx, mgpu_tensor *out
                 leaf->grad_hook(leaf, leaf->grad_hook_user);
         }
     }
-    return MGPU_OK;
+    return ctx->backward_end ? ctx->backward_end(ctx, ctx->backward_end_user) : MGPU_OK;
+}
+
+MGPU_API void mgpu_context_set_backward_end_hook(mgpu_context *ctx, mgpu_backward_end_fn fn, void *user) {
+    if (!ctx) return;
+    ctx->backward_end = fn; ctx->backward_end_user = user;
 }
 
 MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss) {
@@ -1617,6 +1634,10 @@ MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss) {
 #include "parts/nn.h"
 #include "parts/data.h"
 #include "parts/io.h"
+#include "parts/amp.h"
+#include "parts/checkpoint.h"
+#include "parts/comm.h"
+#include "parts/ddp.h"
 #include "parts/train.h"
 
 #endif /* MGPU_IMPLEMENTATION */

@@ -196,19 +196,20 @@ MGPU_API mgpu_result mgpu_read_file(const char *path, void **data, size_t *len) 
         close(fd);
         return mgpu__fail(MGPU_ERR_IO, "cannot read '%s': %s", path, strerror(err));
     }
-    /* one spare byte so end of file is seen without growing; files without a size (pipes) grow */
-    cap = st.st_size > 0 ? (size_t)st.st_size + 1 : 4096;
+    /* room for a NUL after the data and one spare byte, so end of file is seen without growing;
+       files without a size (pipes, /proc) grow */
+    cap = st.st_size > 0 ? (size_t)st.st_size + 2 : 4096;
     buf = (char *)mgpu__alloc(cap, path);
     while (buf) {
         ssize_t got;
-        if (used == cap) {
+        if (used + 1 >= cap) {
             char *grown = (char *)mgpu__alloc(2 * cap, path);
             if (grown) memcpy(grown, buf, used);
             mgpu_free(buf);
             buf = grown; cap *= 2;
             if (!buf) break;
         }
-        got = read(fd, buf + used, cap - used);
+        got = read(fd, buf + used, cap - used - 1);
         if (got < 0 && errno == EINTR) continue;
         if (got < 0) { err = errno; break; }
         if (got == 0) break;
@@ -217,6 +218,7 @@ MGPU_API mgpu_result mgpu_read_file(const char *path, void **data, size_t *len) 
     close(fd);
     if (!buf) return MGPU_ERR_OOM_HOST;
     if (err) { mgpu_free(buf); return mgpu__fail(MGPU_ERR_IO, "cannot read '%s': %s", path, strerror(err)); }
+    buf[used] = 0; /* text files can be used as C strings */
     *data = buf; *len = used;
     return MGPU_OK;
 }
@@ -233,7 +235,8 @@ typedef struct mgpu__json_parser {
     int failed;
 } mgpu__json_parser;
 
-static void *mgpu__json_error(mgpu__json_parser *p, const char *what) {
+/* Records the first failure (label and byte offset); returns NULL so parsers can `return` it. */
+static mgpu_json *mgpu__json_error(mgpu__json_parser *p, const char *what) {
     if (!p->failed) mgpu__fail(MGPU_ERR_FORMAT, "%s: invalid JSON at byte %zu: %s", p->label, p->pos, what);
     p->failed = 1;
     return NULL;
@@ -305,30 +308,35 @@ static long mgpu__json_hex4(const mgpu__json_parser *p, size_t at) {
     return v;
 }
 
+/* Code point of the \uXXXX escape at p->pos (a surrogate pair counts as one), or the reason it is bad. */
+static long mgpu__json_code_point(const mgpu__json_parser *p, size_t end, const char **bad) {
+    long cp = p->pos + 6 <= end ? mgpu__json_hex4(p, p->pos + 2) : -1, low = -1;
+    if (cp < 0) *bad = "\\u must be followed by four hex digits";
+    else if (cp >= 0xdc00 && cp <= 0xdfff) *bad = "lone low surrogate in a \\u escape";
+    else if (cp >= 0xd800 && cp <= 0xdbff) {
+        if (p->pos + 12 <= end && p->s[p->pos + 6] == '\\' && p->s[p->pos + 7] == 'u') low = mgpu__json_hex4(p, p->pos + 8);
+        if (low < 0xdc00 || low > 0xdfff) *bad = "high surrogate not followed by a low surrogate \\u escape";
+        else cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
+    } else if (cp == 0) *bad = "\\u0000 is not supported (strings are NUL-terminated)";
+    return cp;
+}
+
 /* One escape at p->pos (the backslash), before `end` (the closing quote); appends UTF-8 to out. */
 static int mgpu__json_unescape(mgpu__json_parser *p, size_t end, char *out, size_t *n) {
     static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
-    const char *simple = strchr(from, p->s[p->pos + 1]);
-    long cp, low;
+    const char *simple, *bad = NULL;
+    long cp;
     if (p->s[p->pos + 1] != 'u') {
-        if (!simple || !*simple) return mgpu__json_error(p, "invalid escape sequence") != NULL;
+        simple = strchr(from, p->s[p->pos + 1]);
+        if (!simple || !*simple) { mgpu__json_error(p, "invalid escape sequence"); return 0; }
         out[(*n)++] = to[simple - from];
         p->pos += 2;
         return 1;
     }
-    if (p->pos + 6 > end || (cp = mgpu__json_hex4(p, p->pos + 2)) < 0)
-        return mgpu__json_error(p, "\\u must be followed by four hex digits") != NULL;
-    if (cp >= 0xdc00 && cp <= 0xdfff) return mgpu__json_error(p, "lone low surrogate in a \\u escape") != NULL;
-    if (cp >= 0xd800 && cp <= 0xdbff) {
-        if (p->pos + 12 > end || p->s[p->pos + 6] != '\\' || p->s[p->pos + 7] != 'u' ||
-            (low = mgpu__json_hex4(p, p->pos + 8)) < 0xdc00 || low > 0xdfff)
-            return mgpu__json_error(p, "high surrogate not followed by a low surrogate \\u escape") != NULL;
-        cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
-        p->pos += 6;
-    }
-    if (cp == 0) return mgpu__json_error(p, "\\u0000 is not supported (strings are NUL-terminated)") != NULL;
+    cp = mgpu__json_code_point(p, end, &bad);
+    if (bad) { mgpu__json_error(p, bad); return 0; }
     *n += mgpu__utf8_encode((uint32_t)cp, out + *n);
-    p->pos += 6;
+    p->pos += cp >= 0x10000 ? 12 : 6;
     return 1;
 }
 
@@ -338,7 +346,7 @@ static char *mgpu__json_string_text(mgpu__json_parser *p) {
     char *out;
     /* find the closing quote first: the unescaped text is never longer than the source */
     while (end < p->len && p->s[end] != '"') end += p->s[end] == '\\' ? 2 : 1;
-    if (end >= p->len) return (char *)mgpu__json_error(p, "unterminated string");
+    if (end >= p->len) { mgpu__json_error(p, "unterminated string"); return NULL; }
     out = (char *)mgpu__alloc(end - p->pos, "a JSON string");
     if (!out) { p->failed = 1; return NULL; }
     p->pos++;
@@ -367,22 +375,22 @@ static mgpu_json *mgpu__json_number(mgpu__json_parser *p) {
     mgpu_json *j;
     char *raw;
     if (p->s[i] == '-') i++;
-    if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return (mgpu_json *)mgpu__json_error(p, "expected a digit in a number"); }
+    if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return mgpu__json_error(p, "expected a digit in a number"); }
     if (p->s[i] == '0') {
         i++;
-        if (i < p->len && mgpu__is_digit(p->s[i])) { p->pos = i; return (mgpu_json *)mgpu__json_error(p, "leading zeros are not allowed in numbers"); }
+        if (i < p->len && mgpu__is_digit(p->s[i])) { p->pos = i; return mgpu__json_error(p, "leading zeros are not allowed in numbers"); }
     } else {
         while (i < p->len && mgpu__is_digit(p->s[i])) i++;
     }
     if (i < p->len && p->s[i] == '.') {
         i++;
-        if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return (mgpu_json *)mgpu__json_error(p, "expected a digit after the decimal point"); }
+        if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return mgpu__json_error(p, "expected a digit after the decimal point"); }
         while (i < p->len && mgpu__is_digit(p->s[i])) i++;
     }
     if (i < p->len && (p->s[i] == 'e' || p->s[i] == 'E')) {
         i++;
         if (i < p->len && (p->s[i] == '+' || p->s[i] == '-')) i++;
-        if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return (mgpu_json *)mgpu__json_error(p, "expected a digit in the exponent"); }
+        if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return mgpu__json_error(p, "expected a digit in the exponent"); }
         while (i < p->len && mgpu__is_digit(p->s[i])) i++;
     }
     j = mgpu__json_new(p, MGPU_JSON_NUMBER, i - start + 1);
@@ -392,7 +400,7 @@ static mgpu_json *mgpu__json_number(mgpu__json_parser *p) {
     raw[i - start] = 0;
     j->raw = raw; j->raw_len = i - start;
     j->number = strtod(raw, NULL);
-    if (isinf(j->number)) { mgpu_free(j); return (mgpu_json *)mgpu__json_error(p, "number out of range"); }
+    if (isinf(j->number)) { mgpu_free(j); return mgpu__json_error(p, "number out of range"); }
     p->pos = i;
     return j;
 }
@@ -409,7 +417,7 @@ static mgpu_json *mgpu__json_literal(mgpu__json_parser *p) {
             return j;
         }
     }
-    return (mgpu_json *)mgpu__json_error(p, "unexpected character (expected a value)");
+    return mgpu__json_error(p, "unexpected character (expected a value)");
 }
 
 static mgpu_json *mgpu__json_value(mgpu__json_parser *p, int depth);
@@ -418,7 +426,7 @@ static mgpu_json *mgpu__json_value(mgpu__json_parser *p, int depth);
 static mgpu_json *mgpu__json_container(mgpu__json_parser *p, int depth, int is_object) {
     char closer = is_object ? '}' : ']';
     mgpu_json *node, **tail;
-    if (depth > MGPU__JSON_MAX_DEPTH) return (mgpu_json *)mgpu__json_error(p, "nested deeper than 64 levels");
+    if (depth > MGPU__JSON_MAX_DEPTH) return mgpu__json_error(p, "nested deeper than 64 levels");
     node = mgpu__json_new(p, is_object ? MGPU_JSON_OBJECT : MGPU_JSON_ARRAY, 0);
     if (!node) return NULL;
     tail = &node->child;
@@ -453,7 +461,7 @@ static mgpu_json *mgpu__json_container(mgpu__json_parser *p, int depth, int is_o
 static mgpu_json *mgpu__json_value(mgpu__json_parser *p, int depth) {
     char c;
     mgpu__json_skip_ws(p);
-    if (p->pos >= p->len) return (mgpu_json *)mgpu__json_error(p, "unexpected end of input (expected a value)");
+    if (p->pos >= p->len) return mgpu__json_error(p, "unexpected end of input (expected a value)");
     c = p->s[p->pos];
     if (c == '{' || c == '[') return mgpu__json_container(p, depth + 1, c == '{');
     if (c == '-' || mgpu__is_digit(c)) return mgpu__json_number(p);
@@ -479,7 +487,7 @@ MGPU_API mgpu_json *mgpu_json_parse(const char *text, size_t len, const char *la
     mgpu__json_skip_ws(&p);
     if (p.pos != p.len) {
         mgpu_json_free(root);
-        return (mgpu_json *)mgpu__json_error(&p, "unexpected text after the JSON value");
+        return mgpu__json_error(&p, "unexpected text after the JSON value");
     }
     return root;
 }
@@ -722,6 +730,7 @@ static mgpu_safetensors *mgpu__st_from_bytes(uint8_t *bytes, size_t len, const c
         if (hlen > MGPU__ST_MAX_HEADER || hlen > len - 8)
             mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "header length %llu exceeds the file's remaining %zu bytes (or the 100 MB limit)",
                            (unsigned long long)hlen, len - 8);
+        else if (hlen < 2) mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "header length %llu is too small for a JSON object", (unsigned long long)hlen);
         else mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "the header does not start with '{'");
         mgpu_free(bytes);
         return NULL;

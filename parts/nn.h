@@ -389,7 +389,7 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
         l->num_batches_tracked = l->running_var ? mgpu__layer_tensor(m, 0, name, "num_batches_tracked", MGPU_I64, 0, NULL, 0.0, fn) : NULL;
     }
     if (!l || !l->num_batches_tracked) { mgpu__model_rollback(m, mk); return NULL; }
-    l->model = m; l->num_features = num_features; l->eps = 1e-5f; l->momentum = 0.1f; l->sync = 0;
+    l->model = m; l->num_features = num_features; l->eps = 1e-5f; l->momentum = 0.1f; l->sync_comm = NULL;
     return l;
 }
 

@@ -18,7 +18,8 @@
 /* below this many multiply-adds a GEMM runs on the calling thread: waking workers costs more */
 #define MGPU__GEMM_SERIAL_MACS ((int64_t)1 << 20)
 
-#if defined(__AVX2__) && defined(__FMA__)
+/* nvcc parses this file only for the header check; the fast paths are for the host C compiler */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
 #include <immintrin.h>
 #define MGPU__GEMM_AVX2 1
 #endif
@@ -40,13 +41,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
 #endif
 
 /* One GEMM operand as seen by the packing code: element (r, k), with r the row of op(A) or the
-   column of op(B), lives at p + r * rs + k * ks. K may be split into segments of kseg elements
-   lying kseg_stride apart (conv2d's weight gradient sums over images this way); kseg 0 means
-   one segment. Batched GEMMs step p by batch_stride. */
+   column of op(B), lives at p + r * rs + k * ks. Batched GEMMs step p by batch_stride. */
 typedef struct mgpu__gemm_operand {
     const float *p;
     int64_t rs, ks;
-    int64_t kseg, kseg_stride;
     int64_t batch_stride;
     int trans; int64_t ld;   /* the BLAS view, for the cblas route */
 } mgpu__gemm_operand;
@@ -100,8 +98,35 @@ static void mgpu__gemm_kernel_full(int64_t kc, const float *ap, const float *bp,
     MGPU__STORE_ROW(3); MGPU__STORE_ROW(4); MGPU__STORE_ROW(5);
 #undef MGPU__STORE_ROW
 }
+#elif defined(__GNUC__) && !defined(__CUDACC__)
+/* Baseline x86-64 / other targets, GCC vector extensions: the tile is done as two 6 x 8 halves so
+   the 12 accumulators (4 floats each) fit in 16 SSE registers. */
+typedef float mgpu__v4 __attribute__((vector_size(16)));
+static mgpu__v4 mgpu__v4_load(const float *p) { mgpu__v4 v; memcpy(&v, p, sizeof v); return v; }
+static void mgpu__gemm_kernel_full(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, float alpha, float beta) {
+    int h, i;
+    for (h = 0; h < MGPU__NR; h += 8) {
+        mgpu__v4 acc[MGPU__MR][2];
+        const float *a = ap, *b = bp + h;
+        int64_t k;
+        memset(acc, 0, sizeof acc);
+        for (k = 0; k < kc; k++) {
+            mgpu__v4 b0 = mgpu__v4_load(b), b1 = mgpu__v4_load(b + 4);
+#define MGPU__V4_ROW(r) do { float a_ = a[r]; acc[r][0] += a_ * b0; acc[r][1] += a_ * b1; } while (0)
+            MGPU__V4_ROW(0); MGPU__V4_ROW(1); MGPU__V4_ROW(2); MGPU__V4_ROW(3); MGPU__V4_ROW(4); MGPU__V4_ROW(5);
+#undef MGPU__V4_ROW
+            a += MGPU__MR; b += MGPU__NR;
+        }
+        for (i = 0; i < MGPU__MR; i++) {
+            float *r = c + i * ldc + h;
+            mgpu__v4 x0 = alpha * acc[i][0], x1 = alpha * acc[i][1];
+            if (beta != 0.0f) { x0 += beta * mgpu__v4_load(r); x1 += beta * mgpu__v4_load(r + 4); }
+            memcpy(r, &x0, sizeof x0); memcpy(r + 4, &x1, sizeof x1);
+        }
+    }
+}
 #else
-/* Portable version: the j loop vectorises; fmaf keeps the rounding of the AVX2 path. */
+/* Plain C for other compilers. */
 static void mgpu__gemm_kernel_full(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, float alpha, float beta) {
     float acc[MGPU__MR * MGPU__NR];
     int64_t k;
@@ -110,7 +135,7 @@ static void mgpu__gemm_kernel_full(int64_t kc, const float *ap, const float *bp,
     for (k = 0; k < kc; k++) {
         for (i = 0; i < MGPU__MR; i++) {
             float a = ap[i];
-            for (j = 0; j < MGPU__NR; j++) acc[i * MGPU__NR + j] = fmaf(a, bp[j], acc[i * MGPU__NR + j]);
+            for (j = 0; j < MGPU__NR; j++) acc[i * MGPU__NR + j] += a * bp[j];
         }
         ap += MGPU__MR; bp += MGPU__NR;
     }
@@ -118,7 +143,7 @@ static void mgpu__gemm_kernel_full(int64_t kc, const float *ap, const float *bp,
         float *r = c + i * ldc;
         for (j = 0; j < MGPU__NR; j++) {
             float x = alpha * acc[i * MGPU__NR + j];
-            r[j] = beta != 0.0f ? fmaf(beta, r[j], x) : x;
+            r[j] = beta != 0.0f ? beta * r[j] + x : x;
         }
     }
 }
@@ -179,15 +204,18 @@ static int64_t mgpu__pack_rows_avx2(float *dst, int w, int64_t kc, const float *
 }
 #endif
 
-/* Pack rows [0, rows) x k [0, kc) of a run that lies inside one K segment into dst (kc, w),
-   zero-padding rows up to w. */
+/* Pack rows [0, rows) x k [0, kc) into dst (kc, w), zero-padding rows up to w. */
 static void mgpu__pack_run(float *dst, int w, int rows, int64_t kc, const float *src, int64_t rs, int64_t ks) {
     int64_t k, k0 = 0;
     int r;
 #if defined(MGPU__GEMM_AVX2)
     if (ks == 1 && rows == w && rs != 1) k0 = mgpu__pack_rows_avx2(dst, w, kc, src, rs);
 #endif
-    if (rs == 1) {   /* rows contiguous: one copy per k */
+    if (rs == 1 && rows == w) {   /* rows contiguous, full panel: one fixed-size copy per k */
+        for (k = 0; k < kc; k++) memcpy(dst + k * w, src + k * ks, sizeof(float) * (size_t)w);
+        return;
+    }
+    if (rs == 1) {
         for (k = 0; k < kc; k++) {
             const float *s = src + k * ks;
             float *d = dst + k * w;
@@ -206,49 +234,49 @@ static void mgpu__pack_run(float *dst, int w, int rows, int64_t kc, const float 
 
 /* Pack rows [r0, r0 + rows) x k [k0, k0 + kc) of op into panels of w rows: panel q at dst + q * kc * w. */
 static void mgpu__pack(float *dst, int w, const mgpu__gemm_operand *op, const float *base, int64_t r0, int64_t rows, int64_t k0, int64_t kc) {
-    int64_t q, done;
-    for (q = 0; q * w < rows; q++) {
-        int pr = (int)MGPU__MIN((int64_t)w, rows - q * w);
-        float *d = dst + q * kc * w;
-        const float *rowp = base + (r0 + q * w) * op->rs;
-        for (done = 0; done < kc;) {   /* split the K range at segment boundaries */
-            int64_t k = k0 + done, run = kc - done;
-            const float *s = rowp + k * op->ks;
-            if (op->kseg > 0) {
-                int64_t seg = k / op->kseg, off = k - seg * op->kseg;
-                run = MGPU__MIN(run, op->kseg - off);
-                s = rowp + seg * op->kseg_stride + off * op->ks;
-            }
-            mgpu__pack_run(d + done * w, w, pr, run, s, op->rs, op->ks);
-            done += run;
-        }
-    }
+    int64_t q;
+    for (q = 0; q * w < rows; q++)
+        mgpu__pack_run(dst + q * kc * w, w, (int)MGPU__MIN((int64_t)w, rows - q * w), kc,
+                       base + (r0 + q * w) * op->rs + k0 * op->ks, op->rs, op->ks);
 }
 
-/* Packing buffers: one per thread, grown on demand and kept, so steady-state GEMMs allocate
-   nothing. A pthread key frees a worker's buffer when the thread exits. The buffer starts with
-   a 64-byte header holding its capacity in floats. */
-static pthread_key_t mgpu__gemm_key;
-static pthread_once_t mgpu__gemm_key_once = PTHREAD_ONCE_INIT;
-static int mgpu__gemm_key_ok = 0;
-static void mgpu__gemm_buffer_free(void *p) { mgpu_free(p); }
-static void mgpu__gemm_key_init(void) { mgpu__gemm_key_ok = pthread_key_create(&mgpu__gemm_key, mgpu__gemm_buffer_free) == 0; }
+/* Per-thread scratch buffers (GEMM packing, conv2d columns), grown on demand and kept, so a
+   steady-state training step allocates nothing here. A pthread key frees a thread's buffers when
+   it exits (pool workers die with their context). */
+enum { MGPU__SCRATCH_PACK = 0, MGPU__SCRATCH_COLS = 1, MGPU__SCRATCH_DCOLS = 2, MGPU__SCRATCH_SLOTS = 3 };
+typedef struct mgpu__scratch_set { float *buf[MGPU__SCRATCH_SLOTS]; size_t cap[MGPU__SCRATCH_SLOTS]; } mgpu__scratch_set;
+static pthread_key_t mgpu__scratch_key;
+static pthread_once_t mgpu__scratch_key_once = PTHREAD_ONCE_INIT;
+static int mgpu__scratch_key_ok = 0;
+static void mgpu__scratch_set_free(void *p) {
+    mgpu__scratch_set *set = (mgpu__scratch_set *)p;
+    int i;
+    for (i = 0; i < MGPU__SCRATCH_SLOTS; i++) mgpu_free(set->buf[i]);
+    mgpu_free(set);
+}
+static void mgpu__scratch_key_init(void) { mgpu__scratch_key_ok = pthread_key_create(&mgpu__scratch_key, mgpu__scratch_set_free) == 0; }
 
-static float *mgpu__gemm_buffer(size_t floats) {
-    size_t *hdr;
-    pthread_once(&mgpu__gemm_key_once, mgpu__gemm_key_init);
-    if (!mgpu__gemm_key_ok) return NULL;
-    hdr = (size_t *)pthread_getspecific(mgpu__gemm_key);
-    if (!hdr || hdr[0] < floats) {
-        size_t want = floats + floats / 4;   /* headroom so slowly growing shapes do not reallocate each call */
-        mgpu_free(hdr);
-        pthread_setspecific(mgpu__gemm_key, NULL);
-        hdr = (size_t *)mgpu_malloc(64 + want * sizeof(float));
-        if (!hdr) return NULL;
-        hdr[0] = want;
-        pthread_setspecific(mgpu__gemm_key, hdr);
+/* This thread's buffer for `slot` with room for `floats` (64-byte aligned), or NULL when out of memory. */
+static float *mgpu__scratch(int slot, size_t floats) {
+    mgpu__scratch_set *set;
+    pthread_once(&mgpu__scratch_key_once, mgpu__scratch_key_init);
+    if (!mgpu__scratch_key_ok) return NULL;
+    set = (mgpu__scratch_set *)pthread_getspecific(mgpu__scratch_key);
+    if (!set) {
+        set = (mgpu__scratch_set *)mgpu_malloc(sizeof *set);
+        if (!set) return NULL;
+        memset(set, 0, sizeof *set);
+        if (pthread_setspecific(mgpu__scratch_key, set) != 0) { mgpu_free(set); return NULL; }
     }
-    return (float *)((char *)hdr + 64);
+    if (set->cap[slot] < floats) {
+        size_t want = floats + floats / 4;   /* headroom: slowly growing shapes do not reallocate every call */
+        mgpu_free(set->buf[slot]);
+        set->cap[slot] = 0;
+        set->buf[slot] = (float *)mgpu_malloc(want * sizeof(float));
+        if (!set->buf[slot]) return NULL;
+        set->cap[slot] = want;
+    }
+    return set->buf[slot];
 }
 
 typedef struct mgpu__gemm_job {
@@ -257,7 +285,7 @@ typedef struct mgpu__gemm_job {
     int64_t m, n, k;
     float alpha, beta;
     int64_t gm, gn, mt, nt;   /* C is cut into gm x gn tiles of mt rows and nt columns per batch item */
-    int64_t kc;               /* K block: K split evenly into blocks of at most KC (no thin last block) */
+    int64_t kc;               /* K block (mgpu__gemm_kc) */
     int failed;
 } mgpu__gemm_job;
 
@@ -268,7 +296,7 @@ static void mgpu__gemm_tile(mgpu__gemm_job *j, int64_t task) {
     int64_t m1 = MGPU__MIN(j->m, m0 + j->mt), n1 = MGPU__MIN(j->n, n0 + j->nt);
     int64_t nw = n1 - n0, pc, ic, jp, ip;
     size_t bfloats = (size_t)(((nw + MGPU__NR - 1) / MGPU__NR) * MGPU__NR * MGPU__KC);
-    float *bp = mgpu__gemm_buffer(bfloats + (size_t)MGPU__MC * MGPU__KC), *ap;
+    float *bp = mgpu__scratch(MGPU__SCRATCH_PACK, bfloats + (size_t)MGPU__MC * MGPU__KC), *ap;
     const float *abase = j->a.p + bi * j->a.batch_stride, *bbase = j->b.p + bi * j->b.batch_stride;
     float *cbase = j->c + bi * j->c_batch_stride;
     if (!bp) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return; }
@@ -299,6 +327,12 @@ static void mgpu__gemm_tiles(void *arg, int64_t begin, int64_t end) {
 
 static int64_t mgpu__round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+/* K block: K split into equal blocks of at most KC (rounded up to 8), so no block is thin. */
+static int64_t mgpu__gemm_kc(int64_t k) {
+    int64_t blocks = (k + MGPU__KC - 1) / MGPU__KC;
+    return MGPU__MIN((int64_t)MGPU__KC, mgpu__round_up((k + blocks - 1) / blocks, 8));
+}
+
 /* Choose the tile grid: estimated time = waves of tasks x (multiply-adds of a tile + packing of
    its A and B panels, weighted as ~8 multiply-adds per packed float), per unit of K. */
 static void mgpu__gemm_plan(mgpu__gemm_job *j, int64_t batch, int threads) {
@@ -311,7 +345,7 @@ static void mgpu__gemm_plan(mgpu__gemm_job *j, int64_t batch, int threads) {
     j->gm = 1; j->gn = gn_min; j->mt = j->m; j->nt = mgpu__round_up((j->n + gn_min - 1) / gn_min, MGPU__NR);
     for (gm = 1; gm <= gm_max; gm++) {
         int64_t mt = mgpu__round_up((j->m + gm - 1) / gm, MGPU__MR), rgm = (j->m + mt - 1) / mt;
-        for (gn = gn_min; gn <= MGPU__MAX(gn_min, gn_max); gn++) {
+        for (gn = gn_min; gn <= gn_max; gn++) {
             int64_t nt = mgpu__round_up((j->n + gn - 1) / gn, MGPU__NR), rgn = (j->n + nt - 1) / nt;
             int64_t waves = (batch * rgm * rgn + threads - 1) / threads;
             int64_t cost = waves * (mt * nt + 8 * (mt + nt));
@@ -332,23 +366,16 @@ static void mgpu__gemm_scale_c(int64_t batch, int64_t m, int64_t n, float beta, 
 }
 
 #ifdef MGPU_USE_CBLAS
-/* The same product through cblas_sgemm, one call per batch item and K segment. */
+/* The same product through cblas_sgemm, one call per batch item; 0 if the sizes do not fit an int. */
 static int mgpu__gemm_cblas(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha, const mgpu__gemm_operand *a,
                             const mgpu__gemm_operand *b, float beta, float *c, int64_t ldc, int64_t c_batch_stride) {
-    int64_t bi, s, seg = k;
-    if (a->kseg != b->kseg) return 0;
-    if (a->kseg > 0) seg = a->kseg;
-    if (m > INT_MAX || n > INT_MAX || seg > INT_MAX || a->ld > INT_MAX || b->ld > INT_MAX || ldc > INT_MAX) return 0;
+    int64_t bi;
+    if (m > INT_MAX || n > INT_MAX || k > INT_MAX || a->ld > INT_MAX || b->ld > INT_MAX || ldc > INT_MAX) return 0;
     for (bi = 0; bi < batch; bi++)
-        for (s = 0; s * seg < k; s++) {
-            int64_t ks = MGPU__MIN(seg, k - s * seg);
-            const float *ap = a->p + bi * a->batch_stride + s * a->kseg_stride;
-            const float *bp = b->p + bi * b->batch_stride + s * b->kseg_stride;
-            cblas_sgemm(MGPU__CBLAS_ROW_MAJOR, a->trans ? MGPU__CBLAS_TRANS : MGPU__CBLAS_NO_TRANS,
-                        b->trans ? MGPU__CBLAS_TRANS : MGPU__CBLAS_NO_TRANS, (int)m, (int)n, (int)ks, alpha,
-                        ap, (int)(a->ld > 0 ? a->ld : 1), bp, (int)(b->ld > 0 ? b->ld : 1), s == 0 ? beta : 1.0f,
-                        c + bi * c_batch_stride, (int)ldc);
-        }
+        cblas_sgemm(MGPU__CBLAS_ROW_MAJOR, a->trans ? MGPU__CBLAS_TRANS : MGPU__CBLAS_NO_TRANS,
+                    b->trans ? MGPU__CBLAS_TRANS : MGPU__CBLAS_NO_TRANS, (int)m, (int)n, (int)k, alpha,
+                    a->p + bi * a->batch_stride, (int)a->ld, b->p + bi * b->batch_stride, (int)b->ld, beta,
+                    c + bi * c_batch_stride, (int)ldc);
     return 1;
 }
 #endif
@@ -367,8 +394,7 @@ static mgpu_result mgpu__gemm(mgpu_context *ctx, int64_t batch, int64_t m, int64
     memset(&j, 0, sizeof j);
     j.a = *a; j.b = *b; j.c = c; j.ldc = ldc; j.c_batch_stride = c_batch_stride;
     j.m = m; j.n = n; j.k = k; j.alpha = alpha; j.beta = beta;
-    j.kc = mgpu__round_up((k + (k + MGPU__KC - 1) / MGPU__KC - 1) / ((k + MGPU__KC - 1) / MGPU__KC), 8);
-    if (j.kc > MGPU__KC) j.kc = MGPU__KC;
+    j.kc = mgpu__gemm_kc(k);
     mgpu__gemm_plan(&j, batch, ctx ? mgpu_context_num_threads(ctx) : 1);
     mgpu_parallel_for(ctx, batch * j.gm * j.gn, 1, mgpu__gemm_tiles, &j);
     if (j.failed) return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_gemm_f32: out of host memory for the packing buffers (%lld x %lld x %lld)",
@@ -548,13 +574,16 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
 }
 
 /* --------------------------------------------------------------------------------------
-   conv2d: im2col + GEMM. Images are processed in groups whose column buffers fit a budget;
-   the forward is one batched GEMM per group (W shared), the weight gradient one GEMM per group
-   with K running over (image, position) so images are summed in a fixed order.
+   conv2d: im2col + GEMM, one image at a time so its column matrix is still in cache when the
+   GEMM reads it (materialising a whole batch's columns makes the op memory-bound).
+   From MGPU__CONV_PAR_BATCH images on, threads take whole images (im2col + a single-threaded
+   GEMM each); the weight gradient is summed over fixed chunks of MGPU__CONV_CHUNK images into
+   partial buffers, which are then added in chunk order, so results do not depend on the thread
+   count. Smaller batches go image by image with threaded GEMMs.
    -------------------------------------------------------------------------------------- */
 
-/* floats of im2col buffer per group (64 MiB) */
-#define MGPU__CONV_COLS_BUDGET ((int64_t)16 << 20)
+#define MGPU__CONV_PAR_BATCH 8
+#define MGPU__CONV_CHUNK 4
 
 typedef struct mgpu__conv_geom {
     int64_t n, c, h, w, o, oh, ow, ks, stride, pad;
@@ -572,8 +601,8 @@ static void mgpu__conv_valid_range(int64_t out, int64_t size, int64_t stride, in
     if (*hi < *lo) *hi = *lo;
 }
 
-/* Gather (add == 0) one image's patches into cols (C*KS*KS, OH*OW), or scatter-add (add == 1)
-   cols back into the image (col2im): the same index walk both ways. */
+/* Gather (add == 0) one image (C, H, W) into its columns (C*KS*KS, OH*OW), or scatter-add
+   (add == 1) columns back into the image (col2im): the same index walk both ways. */
 static void mgpu__im2col_image(const mgpu__conv_geom *g, float *img, float *cols, int add) {
     int64_t c, ky, kx, oy, ox;
     for (c = 0; c < g->c; c++)
@@ -587,69 +616,103 @@ static void mgpu__im2col_image(const mgpu__conv_geom *g, float *img, float *cols
                     float *r = row + oy * g->ow;
                     if (iy < 0 || iy >= g->h) { if (!add) memset(r, 0, sizeof(float) * (size_t)g->ow); continue; }
                     at = (c * g->h + iy) * g->w - g->pad + kx;   /* input index of ox = 0, valid from x_lo on */
+                    if (add && g->stride == 1) { for (ox = x_lo; ox < x_hi; ox++) img[at + ox] += r[ox]; continue; }
                     if (add) { for (ox = x_lo; ox < x_hi; ox++) img[at + ox * g->stride] += r[ox]; continue; }
                     for (ox = 0; ox < x_lo; ox++) r[ox] = 0.0f;
-                    for (; ox < x_hi; ox++) r[ox] = img[at + ox * g->stride];
-                    for (; ox < g->ow; ox++) r[ox] = 0.0f;
+                    if (g->stride == 1) memcpy(r + x_lo, img + at + x_lo, sizeof(float) * (size_t)(x_hi - x_lo));
+                    else for (ox = x_lo; ox < x_hi; ox++) r[ox] = img[at + ox * g->stride];
+                    for (ox = x_hi; ox < g->ow; ox++) r[ox] = 0.0f;
                 }
             }
 }
 
-typedef struct { const mgpu__conv_geom *g; float *x; float *cols; int add; } mgpu__im2col_arg;
-static void mgpu__im2col_range(void *arg, int64_t i0, int64_t i1) {
-    mgpu__im2col_arg *s = (mgpu__im2col_arg *)arg;
-    int64_t i;
-    for (i = i0; i < i1; i++)
-        mgpu__im2col_image(s->g, s->x + i * s->g->c * s->g->h * s->g->w, s->cols + i * s->g->ckk * s->g->p, s->add);
-}
-/* im2col (add 0) or col2im-accumulate (add 1) for `count` images starting at x, one task per image. */
-static void mgpu__im2col(mgpu_context *ctx, const mgpu__conv_geom *g, float *x, float *cols, int64_t count, int add) {
-    mgpu__im2col_arg s;
-    s.g = g; s.x = x; s.cols = cols; s.add = add;
-    mgpu_parallel_for(ctx, count, MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->ckk * g->p, (int64_t)1)), mgpu__im2col_range, &s);
+/* One conv2d call's tensors; the per-image steps below read what they need. */
+typedef struct mgpu__conv_job {
+    const mgpu__conv_geom *g;
+    mgpu_context *gemm_ctx;   /* threads for the GEMMs: the context, or NULL inside a per-image task */
+    float *x, *y;             /* (N, C, H, W), (N, O, P) */
+    const float *w, *b;       /* (O, CKK), (O) or NULL */
+    const float *dy;          /* (N, O, P) */
+    float *dx, *dw;           /* dx (N, C, H, W) or NULL; dw (O, CKK) target (a partial sum or the grad) or NULL */
+    int failed;
+} mgpu__conv_job;
+
+/* Image i's column matrix: the image itself when pointwise, else im2col into this thread's scratch. */
+static float *mgpu__conv_columns(const mgpu__conv_job *j, int64_t i) {
+    const mgpu__conv_geom *g = j->g;
+    float *img = j->x + i * g->c * g->h * g->w, *cols;
+    if (mgpu__conv_is_pointwise(g)) return img;
+    cols = mgpu__scratch(MGPU__SCRATCH_COLS, (size_t)(g->ckk * g->p));
+    if (cols) mgpu__im2col_image(g, img, cols, 0);
+    return cols;
 }
 
-static int64_t mgpu__conv_group(const mgpu__conv_geom *g) {
-    return MGPU__MAX((int64_t)1, MGPU__MIN(g->n, MGPU__CONV_COLS_BUDGET / MGPU__MAX(g->ckk * g->p, (int64_t)1)));
+/* y_i (O, P) = W (O, CKK) @ cols_i (CKK, P) + b */
+static mgpu_result mgpu__conv_forward_image(const mgpu__conv_job *j, int64_t i) {
+    const mgpu__conv_geom *g = j->g;
+    float *y = j->y + i * g->o * g->p;
+    const float *cols = mgpu__conv_columns(j, i);
+    mgpu__gemm_operand ow = mgpu__gemm_a(j->w, 0, g->ckk), oc = mgpu__gemm_b(cols, 0, g->p);
+    int64_t o, q;
+    if (!cols) return MGPU_ERR_OOM_HOST;
+    if (j->b)
+        for (o = 0; o < g->o; o++)
+            for (q = 0; q < g->p; q++) y[o * g->p + q] = j->b[o];
+    return mgpu__gemm(j->gemm_ctx, 1, g->o, g->p, g->ckk, 1.0f, &ow, &oc, j->b ? 1.0f : 0.0f, y, g->p, 0);
 }
 
-/* Column matrices of images [n0, n0 + count): x itself for pointwise convs, else im2col into scratch. */
-static float *mgpu__conv_columns(mgpu_context *ctx, const mgpu__conv_geom *g, float *x, int64_t n0, int64_t count, float *scratch) {
-    float *xi = x + n0 * g->c * g->h * g->w;
-    if (mgpu__conv_is_pointwise(g)) return xi;
-    mgpu__im2col(ctx, g, xi, scratch, count, 0);
-    return scratch;
-}
-
-/* node: in = {x, w, b}, extra = geometry; saved[0] = all columns when the forward had one group. */
-static mgpu_result mgpu__conv2d_backward_group(mgpu_context *ctx, mgpu__node *node, const mgpu__conv_geom *g, int64_t n0, int64_t count,
-                                               float *cols, float *dcols) {
-    mgpu_tensor *x = node->in[0], *w = node->in[1];
-    const float *dy = (const float *)node->out->grad->data + n0 * g->o * g->p;   // (count, O, P)
+/* dW (O, CKK) = beta * dW + dY_i (O, P) @ cols_i^T, then dX_i += col2im(W^T @ dY_i) */
+static mgpu_result mgpu__conv_backward_image(const mgpu__conv_job *j, int64_t i, float dw_beta) {
+    const mgpu__conv_geom *g = j->g;
+    const float *dy = j->dy + i * g->o * g->p;
     mgpu_result r;
-    if (mgpu__needs_grad(node, 1)) {   // dW (O, CKK) += sum over images of dY_n (O, P) @ cols_n^T: K = (image, position)
-        float *dw;
+    if (j->dw) {
+        const float *cols = mgpu__conv_columns(j, i);
         mgpu__gemm_operand oa = mgpu__gemm_a(dy, 0, g->p), ob = mgpu__gemm_b(cols, 1, g->p);
-        MGPU__GRAD_OR_FAIL(dw, ctx, w);
-        oa.kseg = g->p; oa.kseg_stride = g->o * g->p;
-        ob.kseg = g->p; ob.kseg_stride = g->ckk * g->p;
-        r = mgpu__gemm(ctx, 1, g->o, g->ckk, count * g->p, 1.0f, &oa, &ob, 1.0f, dw, g->ckk, 0);
+        if (!cols) return MGPU_ERR_OOM_HOST;
+        r = mgpu__gemm(j->gemm_ctx, 1, g->o, g->ckk, g->p, 1.0f, &oa, &ob, dw_beta, j->dw, g->ckk, 0);
         if (r != MGPU_OK) return r;
     }
-    if (mgpu__needs_grad(node, 0)) {   // dcols_n (CKK, P) = W^T @ dY_n, then col2im into dX
-        float *dx, *dxi;
+    if (j->dx) {
+        float *dxi = j->dx + i * g->c * g->h * g->w, *dcols = dxi;
         int pointwise = mgpu__conv_is_pointwise(g);
-        mgpu__gemm_operand oa = mgpu__gemm_a((const float *)w->data, 1, g->ckk), ob = mgpu__gemm_b(dy, 0, g->p);
-        MGPU__GRAD_OR_FAIL(dx, ctx, x);
-        dxi = dx + n0 * g->c * g->h * g->w;
-        ob.batch_stride = g->o * g->p;
-        /* pointwise: dX is dcols, accumulate straight into it */
-        r = mgpu__gemm(ctx, count, g->ckk, g->p, g->o, 1.0f, &oa, &ob, pointwise ? 1.0f : 0.0f,
-                       pointwise ? dxi : dcols, g->p, g->ckk * g->p);
+        mgpu__gemm_operand oa = mgpu__gemm_a(j->w, 1, g->ckk), ob = mgpu__gemm_b(dy, 0, g->p);
+        if (!pointwise && !(dcols = mgpu__scratch(MGPU__SCRATCH_DCOLS, (size_t)(g->ckk * g->p)))) return MGPU_ERR_OOM_HOST;
+        /* pointwise: dX_i is dcols, so accumulate straight into it */
+        r = mgpu__gemm(j->gemm_ctx, 1, g->ckk, g->p, g->o, 1.0f, &oa, &ob, pointwise ? 1.0f : 0.0f, dcols, g->p, 0);
         if (r != MGPU_OK) return r;
-        if (!pointwise) mgpu__im2col(ctx, g, dxi, dcols, count, 1);
+        if (!pointwise) mgpu__im2col_image(g, dxi, dcols, 1);
     }
     return MGPU_OK;
+}
+
+static void mgpu__conv_forward_range(void *arg, int64_t i0, int64_t i1) {
+    mgpu__conv_job *j = (mgpu__conv_job *)arg;
+    int64_t i;
+    for (i = i0; i < i1; i++)
+        if (mgpu__conv_forward_image(j, i) != MGPU_OK) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+}
+
+/* Chunk c: images [c * CHUNK, ...) into the chunk's own dW partial (j->dw + c * O * CKK). */
+static void mgpu__conv_backward_range(void *arg, int64_t c0, int64_t c1) {
+    const mgpu__conv_job *j = (const mgpu__conv_job *)arg;
+    mgpu__conv_job jc = *j;
+    int64_t c, i;
+    for (c = c0; c < c1; c++) {
+        jc.dw = j->dw ? j->dw + c * j->g->o * j->g->ckk : NULL;
+        for (i = c * MGPU__CONV_CHUNK; i < MGPU__MIN(j->g->n, (c + 1) * MGPU__CONV_CHUNK); i++)
+            if (mgpu__conv_backward_image(&jc, i, i == c * MGPU__CONV_CHUNK ? 0.0f : 1.0f) != MGPU_OK)
+                __atomic_store_n((int *)&j->failed, 1, __ATOMIC_RELAXED);
+    }
+}
+
+/* dw[e] += sum over chunks of part[c][e], chunks in order */
+typedef struct { const float *part; float *dw; int64_t chunks, size; } mgpu__partsum_arg;
+static void mgpu__partsum_range(void *arg, int64_t e0, int64_t e1) {
+    mgpu__partsum_arg *s = (mgpu__partsum_arg *)arg;
+    int64_t c, e;
+    for (c = 0; c < s->chunks; c++)
+        for (e = e0; e < e1; e++) s->dw[e] += s->part[c * s->size + e];
 }
 
 /* db[o] += sum of dY (N, O, P) over images and positions: strips of positions are summed across
@@ -675,96 +738,110 @@ static void mgpu__chansum_range(void *arg, int64_t o0, int64_t o1) {
     }
 }
 
+static mgpu_result mgpu__conv_oom(const mgpu__conv_geom *g) {
+    return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_op_conv2d: out of host memory for the im2col buffers (%lld x %lld floats per image)",
+                      (long long)g->ckk, (long long)g->p);
+}
+
+/* node: in = {x, w, b}, extra = geometry */
 static mgpu_result mgpu__conv2d_backward(mgpu_context *ctx, mgpu__node *node) {
     const mgpu__conv_geom *g = (const mgpu__conv_geom *)node->extra;
-    mgpu_tensor *b = node->in[2];
-    int64_t group = mgpu__conv_group(g), n0, count;
-    float *scratch = NULL, *dcols = NULL;
+    mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
+    mgpu__conv_job j;
+    float *dw = NULL;
+    int64_t i;
     mgpu_result r;
-    if (!mgpu__conv_is_pointwise(g)) {
-        size_t bytes = sizeof(float) * (size_t)(group * g->ckk * g->p);
-        if (!node->saved[0] && mgpu__needs_grad(node, 1) && !(scratch = (float *)mgpu__arena_alloc(ctx, bytes))) return mgpu_last_result();
-        if (mgpu__needs_grad(node, 0) && !(dcols = (float *)mgpu__arena_alloc(ctx, bytes))) return mgpu_last_result();
-    }
-    for (n0 = 0; n0 < g->n; n0 += group) {
-        float *cols = NULL;
-        count = MGPU__MIN(group, g->n - n0);
-        if (mgpu__needs_grad(node, 1))
-            cols = node->saved[0] ? (float *)node->saved[0]->data : mgpu__conv_columns(ctx, g, (float *)node->in[0]->data, n0, count, scratch);
-        r = mgpu__conv2d_backward_group(ctx, node, g, n0, count, cols, dcols);
-        if (r != MGPU_OK) return r;
+    memset(&j, 0, sizeof j);
+    j.g = g; j.x = (float *)x->data; j.w = (const float *)w->data; j.dy = (const float *)node->out->grad->data;
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(j.dx, ctx, x);
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(dw, ctx, w);
+    if (g->n >= MGPU__CONV_PAR_BATCH) {
+        mgpu__partsum_arg ps;
+        int64_t chunks = (g->n + MGPU__CONV_CHUNK - 1) / MGPU__CONV_CHUNK;
+        if (dw && !(j.dw = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)(chunks * g->o * g->ckk)))) return mgpu_last_result();
+        mgpu_parallel_for(ctx, chunks, 1, mgpu__conv_backward_range, &j);
+        if (j.failed) return mgpu__conv_oom(g);
+        ps.part = j.dw; ps.dw = dw; ps.chunks = chunks; ps.size = g->o * g->ckk;
+        if (dw) mgpu_parallel_for(ctx, ps.size, 4096, mgpu__partsum_range, &ps);
+    } else {
+        j.gemm_ctx = ctx; j.dw = dw;
+        for (i = 0; i < g->n; i++)
+            if ((r = mgpu__conv_backward_image(&j, i, 1.0f)) != MGPU_OK) return r == MGPU_ERR_OOM_HOST ? mgpu__conv_oom(g) : r;
     }
     if (b && mgpu__needs_grad(node, 2)) {   // db (O) += sum over images and positions of dY
         mgpu__chansum_arg s;
         float *db;
         MGPU__GRAD_OR_FAIL(db, ctx, b);
-        s.dy = (const float *)node->out->grad->data; s.db = db; s.g = g;
+        s.dy = j.dy; s.db = db; s.g = g;
         mgpu_parallel_for(ctx, g->o, MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->n * g->p, (int64_t)1)), mgpu__chansum_range, &s);
     }
     return MGPU_OK;
 }
 
-MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, int stride, int padding) {
+/* Validates conv2d's arguments and fills the geometry; 1 if fine. */
+static int mgpu__conv_setup(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, int stride, int padding, mgpu__conv_geom *g) {
     const char *op = "mgpu_op_conv2d";
+    if (!mgpu__check_input(ctx, op, "x", x, 1) || !mgpu__check_input(ctx, op, "w", w, 1)) return 0;
+    if (b && !mgpu__check_input(ctx, op, "b", b, 1)) return 0;
+    if (x->ndim != 4 || w->ndim != 4 || w->shape[1] != x->shape[1]) {
+        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_op_conv2d: x %s and w %s do not fit (need x (N, C, H, W) and w (O, C, KH, KW) with the same C)",
+                   mgpu__shape_str(x), mgpu__shape_str(w));
+        return 0;
+    }
+    if (w->shape[2] != w->shape[3] || w->shape[2] < 1) {
+        mgpu__fail(MGPU_ERR_UNSUPPORTED, "mgpu_op_conv2d: w %s: only square kernels (KH == KW >= 1) are supported", mgpu__shape_str(w));
+        return 0;
+    }
+    if (b && (b->ndim != 1 || b->shape[0] != w->shape[0])) {
+        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_op_conv2d: b %s does not fit w %s (need b (O))", mgpu__shape_str(b), mgpu__shape_str(w));
+        return 0;
+    }
+    if (stride < 1 || padding < 0) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_op_conv2d: stride %d must be >= 1 and padding %d >= 0", stride, padding);
+        return 0;
+    }
+    memset(g, 0, sizeof *g);
+    g->n = x->shape[0]; g->c = x->shape[1]; g->h = x->shape[2]; g->w = x->shape[3];
+    g->o = w->shape[0]; g->ks = w->shape[2]; g->stride = stride; g->pad = padding;
+    if (g->h + 2 * g->pad < g->ks || g->w + 2 * g->pad < g->ks) {
+        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_op_conv2d: x %s with padding %d is smaller than the kernel of w %s", mgpu__shape_str(x), padding, mgpu__shape_str(w));
+        return 0;
+    }
+    g->oh = (g->h + 2 * g->pad - g->ks) / g->stride + 1;
+    g->ow = (g->w + 2 * g->pad - g->ks) / g->stride + 1;
+    g->p = g->oh * g->ow; g->ckk = g->c * g->ks * g->ks;
+    return 1;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, int stride, int padding) {
     mgpu__conv_geom g, *gsaved;
-    int64_t shape[4], group, n0, i, o;
-    mgpu_tensor *y, *ins[3], *cols_t = NULL;
+    mgpu__conv_job j;
+    int64_t shape[4], i;
+    mgpu_tensor *y, *ins[3];
     mgpu__node *node = NULL;
-    float *scratch = NULL;
-    if (!mgpu__check_input(ctx, op, "x", x, 1) || !mgpu__check_input(ctx, op, "w", w, 1)) return NULL;
-    if (b && !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
-    if (x->ndim != 4 || w->ndim != 4 || w->shape[1] != x->shape[1])
-        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "mgpu_op_conv2d: x %s and w %s do not fit (need x (N, C, H, W) and w (O, C, KH, KW) with the same C)",
-                        mgpu__shape_str(x), mgpu__shape_str(w));
-    if (w->shape[2] != w->shape[3] || w->shape[2] < 1)
-        MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_op_conv2d: w %s: only square kernels (KH == KW >= 1) are supported", mgpu__shape_str(w));
-    if (b && (b->ndim != 1 || b->shape[0] != w->shape[0]))
-        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "mgpu_op_conv2d: b %s does not fit w %s (need b (O))", mgpu__shape_str(b), mgpu__shape_str(w));
-    if (stride < 1 || padding < 0)
-        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_op_conv2d: stride %d must be >= 1 and padding %d >= 0", stride, padding);
-    memset(&g, 0, sizeof g);
-    g.n = x->shape[0]; g.c = x->shape[1]; g.h = x->shape[2]; g.w = x->shape[3];
-    g.o = w->shape[0]; g.ks = w->shape[2]; g.stride = stride; g.pad = padding;
-    if (g.h + 2 * g.pad < g.ks || g.w + 2 * g.pad < g.ks)
-        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "mgpu_op_conv2d: x %s with padding %d is smaller than the kernel of w %s", mgpu__shape_str(x), padding, mgpu__shape_str(w));
-    g.oh = (g.h + 2 * g.pad - g.ks) / g.stride + 1;
-    g.ow = (g.w + 2 * g.pad - g.ks) / g.stride + 1;
-    g.p = g.oh * g.ow; g.ckk = g.c * g.ks * g.ks;
+    if (!mgpu__conv_setup(ctx, x, w, b, stride, padding, &g)) return NULL;
     shape[0] = g.n; shape[1] = g.o; shape[2] = g.oh; shape[3] = g.ow;
     y = mgpu__new_activation(ctx, MGPU_F32, 4, shape);   // (N, O, OH, OW)
     if (!y) return NULL;
+    memset(&j, 0, sizeof j);
+    j.g = &g; j.x = (float *)x->data; j.y = (float *)y->data; j.w = (const float *)w->data;
+    j.b = b ? (const float *)b->data : NULL;
+    if (g.n >= MGPU__CONV_PAR_BATCH) {
+        mgpu_parallel_for(ctx, g.n, 1, mgpu__conv_forward_range, &j);
+        if (j.failed) { mgpu__conv_oom(&g); return NULL; }
+    } else {
+        j.gemm_ctx = ctx;
+        for (i = 0; i < g.n; i++) {
+            mgpu_result r = mgpu__conv_forward_image(&j, i);
+            if (r != MGPU_OK) { if (r == MGPU_ERR_OOM_HOST) mgpu__conv_oom(&g); return NULL; }
+        }
+    }
     ins[0] = x; ins[1] = w; ins[2] = b;
     MGPU__RECORD(ctx, "conv2d", mgpu__conv2d_backward, y, 3, ins, node);
-    group = mgpu__conv_group(&g);
-    if (!mgpu__conv_is_pointwise(&g)) {
-        int64_t shp[1];
-        shp[0] = group * g.ckk * g.p;
-        /* a single group's columns are kept for the weight gradient instead of recomputed */
-        if (node && group == g.n && w->requires_grad) { cols_t = mgpu__new_activation(ctx, MGPU_F32, 1, shp); if (!cols_t) return NULL; scratch = (float *)cols_t->data; }
-        else if (!(scratch = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)shp[0]))) return NULL;
-    }
-    for (n0 = 0; n0 < g.n; n0 += group) {
-        int64_t count = MGPU__MIN(group, g.n - n0);
-        float *yg = (float *)y->data + n0 * g.o * g.p;
-        const float *cols = mgpu__conv_columns(ctx, &g, (float *)x->data, n0, count, scratch);
-        mgpu__gemm_operand ow = mgpu__gemm_a((const float *)w->data, 0, g.ckk), oc = mgpu__gemm_b(cols, 0, g.p);
-        oc.batch_stride = g.ckk * g.p;
-        if (b)
-            for (i = 0; i < count; i++)
-                for (o = 0; o < g.o; o++) {
-                    float *r = yg + (i * g.o + o) * g.p, bv = ((const float *)b->data)[o];
-                    int64_t q;
-                    for (q = 0; q < g.p; q++) r[q] = bv;
-                }
-        // Y_n (O, P) = W (O, CKK) @ cols_n (CKK, P) [+ bias already in Y]
-        if (mgpu__gemm(ctx, count, g.o, g.p, g.ckk, 1.0f, &ow, &oc, b ? 1.0f : 0.0f, yg, g.p, g.o * g.p) != MGPU_OK) return NULL;
-    }
     if (node) {
-        gsaved = (mgpu__conv_geom *)mgpu__arena_alloc(ctx, sizeof *gsaved);
-        if (!gsaved) return NULL;
+        if (!(gsaved = (mgpu__conv_geom *)mgpu__arena_alloc(ctx, sizeof *gsaved))) return NULL;
         *gsaved = g;
         node->extra = gsaved;
-        node->saved[0] = cols_t;
     }
     return y;
 }

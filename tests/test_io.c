@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "mgpu_test.h"
 #include <errno.h>
+#include <pthread.h>
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -283,6 +284,21 @@ static void test_safetensors_roundtrip(void) {
     mgpu_safetensors_close(st2);
     mgpu_free(bytes);
     mgpu_safetensors_close(st);
+    /* the header is padded to a multiple of 8 whatever its natural length */
+    for (i = 1; i <= 8; i++) {
+        char name[16];
+        const char *names[1];
+        const mgpu_tensor *one[1];
+        size_t n = 0;
+        uint8_t *raw;
+        memset(name, 'n', (size_t)i); name[i] = 0;
+        names[0] = name; one[0] = f.t[3];
+        path_in_tmp(path, sizeof path, "pad.safetensors");
+        MT_CHECK(mgpu_safetensors_save(path, 1, names, one, 0, NULL, NULL) == MGPU_OK, "save name length %d", i);
+        raw = (uint8_t *)read_text(path, &n);
+        MT_CHECK(raw && n >= 8 && raw[0] % 8 == 0 && raw[1] == 0 && n == (size_t)8 + raw[0] + 12, "name length %d: header %d bytes", i, raw ? raw[0] : -1);
+        mgpu_free(raw);
+    }
     /* no tensors and no metadata is still a valid file: "{}" padded */
     path_in_tmp(path, sizeof path, "none.safetensors");
     MT_CHECK(mgpu_safetensors_save(path, 0, NULL, NULL, 0, NULL, NULL) == MGPU_OK, "empty save");
@@ -573,11 +589,11 @@ static void test_atomic_write(void) {
     MT_CHECK(mgpu_write_file_atomic(path, "first", 5) == MGPU_OK, "write: %s", mgpu_last_error());
     MT_CHECK(mgpu_write_file_atomic(path, "second!", 7) == MGPU_OK, "overwrite");
     text = read_text(path, &len);
-    MT_CHECK(text && len == 7 && memcmp(text, "second!", 7) == 0, "content replaced");
+    MT_CHECK(text && len == 7 && strcmp(text, "second!") == 0, "content replaced (and NUL-terminated)");
     mgpu_free(text);
     MT_CHECK(mgpu_write_file_atomic(path, NULL, 0) == MGPU_OK, "empty file");
     text = read_text(path, &len);
-    MT_CHECK(text && len == 0, "empty read back");
+    MT_CHECK(text && len == 0 && text[0] == 0, "empty read back");
     mgpu_free(text);
     MT_CHECK(count_tmp_files(tmpdir) == 0, "no temporary file left behind");
     MT_CHECK(mgpu_write_file_atomic(path, NULL, 3) == MGPU_ERR_INVALID_ARG, "NULL data with a length");
@@ -592,7 +608,10 @@ static void test_atomic_write(void) {
     /* missing directory */
     snprintf(inner, sizeof inner, "%s/no/such/dir/f", tmpdir);
     MT_CHECK(mgpu_write_file_atomic(inner, "x", 1) == MGPU_ERR_IO && strstr(mgpu_last_error(), inner), "missing directory: %s", mgpu_last_error());
-    /* reads */
+    /* reads: files without a size grow the buffer */
+    MT_CHECK(mgpu_read_file("/proc/self/status", (void **)&text, &len) == MGPU_OK && len > 0 && strlen(text) == len && strstr(text, "Name:"),
+             "read of a file with st_size 0 (/proc)");
+    mgpu_free(text);
     snprintf(inner, sizeof inner, "%s/absent", tmpdir);
     MT_CHECK(mgpu_read_file(inner, (void **)&text, &len) == MGPU_ERR_IO && strstr(mgpu_last_error(), inner), "read of a missing file");
     MT_CHECK(mgpu_read_file(sub, (void **)&text, &len) == MGPU_ERR_IO && strstr(mgpu_last_error(), sub), "read of a directory: %s", mgpu_last_error());
@@ -653,7 +672,7 @@ static void test_atomic_write_disk_full(void) {
 /* ====================================================================================== options */
 
 static mgpu_result parse_args(mgpu_train_opts *o, const char *const *args, int n) {
-    char *argv[64];
+    char *argv[128];
     int i;
     argv[0] = (char *)"trainer";
     for (i = 0; i < n; i++) argv[i + 1] = (char *)args[i];
@@ -904,17 +923,35 @@ static void test_progress_plain(void) {
     mgpu_progress_end(NULL);
 }
 
+/* Drains the pseudo-terminal while the bar draws, so a missing throttle fails instead of hanging. */
+typedef struct pty_reader { int master; char buf[65536]; size_t got; } pty_reader;
+static void *drain_pty(void *arg) {
+    pty_reader *r = (pty_reader *)arg;
+    char sink[4096];
+    for (;;) {
+        ssize_t n = read(r->master, sink, sizeof sink);
+        if (n <= 0) break; /* EIO once every slave descriptor is closed */
+        if (r->got + (size_t)n < sizeof r->buf) { memcpy(r->buf + r->got, sink, (size_t)n); r->got += (size_t)n; }
+    }
+    r->buf[r->got] = 0;
+    return NULL;
+}
+
 /* On a terminal (a pseudo-terminal here): one line redrawn with \r, throttled to ~10 Hz. */
 static void test_progress_tty(void) {
-    int master = posix_openpt(O_RDWR | O_NOCTTY), slave, saved, flags;
-    char buf[65536];
-    ssize_t n, got = 0;
+    static pty_reader r;
+    int slave = -1, saved;
+    pthread_t reader;
     progress_job j;
-    if (master < 0 || grantpt(master) != 0 || unlockpt(master) != 0 || (slave = open(ptsname(master), O_RDWR | O_NOCTTY)) < 0) {
+    const char *buf = r.buf;
+    r.master = posix_openpt(O_RDWR | O_NOCTTY);
+    r.got = 0;
+    if (r.master < 0 || grantpt(r.master) != 0 || unlockpt(r.master) != 0 || (slave = open(ptsname(r.master), O_RDWR | O_NOCTTY)) < 0) {
         printf("  note: no pseudo-terminal available; terminal progress check skipped\n");
-        if (master >= 0) close(master);
+        if (r.master >= 0) close(r.master);
         return;
     }
+    pthread_create(&reader, NULL, drain_pty, &r);
     fflush(stderr);
     saved = dup(2);
     dup2(slave, 2);
@@ -924,11 +961,8 @@ static void test_progress_tty(void) {
     dup2(saved, 2);
     close(saved);
     close(slave);
-    flags = fcntl(master, F_GETFL);
-    fcntl(master, F_SETFL, flags | O_NONBLOCK);
-    while ((size_t)got < sizeof buf - 1 && (n = read(master, buf + got, sizeof buf - 1 - (size_t)got)) > 0) got += n;
-    buf[got] = 0;
-    close(master);
+    pthread_join(reader, NULL);
+    close(r.master);
     MT_CHECK(count_char(buf, '\r') >= 2, "redrawn with carriage returns");
     MT_CHECK(count_char(buf, '\r') < 40, "throttled: %d redraws for 100000 updates", count_char(buf, '\r'));
     MT_CHECK(strstr(buf, "epoch 1/1 [") && strstr(buf, "#]") && strstr(buf, "100% 100000/100000"), "bar and final count: <%.300s>", buf);

@@ -4,6 +4,12 @@
 
 static int quick(void) { return getenv("MGPU_TEST_QUICK") != NULL; }
 
+static float *mt_copy(const mgpu_tensor *t) {
+    float *p = (float *)malloc(mgpu_tensor_nbytes(t));
+    memcpy(p, t->data, mgpu_tensor_nbytes(t));
+    return p;
+}
+
 /* backward of sum(out), seeded with ones (keeps this file independent of the reduction ops) */
 static mgpu_result mt_backward_sum(mgpu_context *ctx, mgpu_tensor *out) {
     mgpu_tensor *ones;
@@ -177,6 +183,21 @@ static void test_matmul_values_and_grads(void) {
     in[0] = a; in[1] = b;
     g = MT_GRADCHECK(ctx, f_matmul, in, 2, NULL);
     MT_CHECK(g <= 1, "batched matmul gradcheck %g", g);
+    /* gradients accumulate across backwards: twice the analytic gradient of one */
+    {
+        float *once_a = NULL, *once_b = NULL;
+        int rep, ok_a = 1, ok_b = 1;
+        mgpu_tensor_zero_grad(a); mgpu_tensor_zero_grad(b);
+        for (rep = 0; rep < 2; rep++) {
+            MT_CHECK(mt_backward_sum(ctx, mgpu_op_matmul(ctx, a, b)) == MGPU_OK, "matmul backward: %s", mgpu_last_error());
+            mgpu_context_end_step(ctx);
+            if (rep == 0 && a->grad && b->grad) { once_a = mt_copy(a->grad); once_b = mt_copy(b->grad); }
+        }
+        for (i = 0; once_a && i < a->numel; i++) if (((float *)a->grad->data)[i] != 2 * once_a[i]) ok_a = 0;
+        for (i = 0; once_b && i < b->numel; i++) if (((float *)b->grad->data)[i] != 2 * once_b[i]) ok_b = 0;
+        MT_CHECK(once_a && ok_a && ok_b, "matmul grads accumulate (dA %d, dB %d)", ok_a, ok_b);
+        free(once_a); free(once_b);
+    }
     mgpu_tensor_free(a); mgpu_tensor_free(b);
     mgpu_context_destroy(ctx);
 }
@@ -205,6 +226,18 @@ static void test_linear(void) {
     g = MT_GRADCHECK(ctx, f_linear, in, 3, NULL);
     MT_CHECK(g <= 1, "linear (no bias) gradcheck %g", g);
 
+    {   /* 1-D input (in) -> (out) */
+        int64_t s1[1] = {5};
+        mgpu_tensor *x1 = mt_rand(ctx, 1, s1, -1, 1, 1), *y1 = mgpu_op_linear(ctx, x1, w, b);
+        MT_CHECK(y1 && y1->ndim == 1 && y1->shape[0] == 4, "1-D linear shape");
+        if (y1) {
+            double ref = ((float *)b->data)[2];
+            for (p = 0; p < 5; p++) ref += (double)((float *)x1->data)[p] * ((float *)w->data)[2 * 5 + p];
+            MT_CHECK(fabs(ref - ((float *)y1->data)[2]) < 1e-5, "1-D linear value %g vs %g", ((float *)y1->data)[2], ref);
+        }
+        mgpu_context_end_step(ctx);
+        mgpu_tensor_free(x1);
+    }
     /* input without requires_grad: no dX is computed; weight grads accumulate over two backwards */
     mgpu_tensor_set_requires_grad(x, 0);
     mgpu_tensor_free(x->grad); x->grad = NULL;
@@ -275,7 +308,8 @@ static void test_conv2d_values_and_grads(void) {
     mgpu_context *ctx = mt_cpu_context(2);
     /* N, C, H, W, O, K, stride, padding, bias */
     static const int cfg[][9] = {{2, 3, 7, 6, 4, 3, 1, 0, 1}, {2, 3, 7, 6, 4, 3, 2, 1, 1}, {1, 2, 5, 9, 3, 3, 1, 1, 0},
-                                 {2, 2, 9, 7, 3, 2, 2, 0, 1}, {2, 4, 5, 5, 3, 1, 1, 0, 1}, {1, 2, 6, 5, 2, 5, 3, 2, 1}};
+                                 {2, 2, 9, 7, 3, 2, 2, 0, 1}, {2, 4, 5, 5, 3, 1, 1, 0, 1}, {1, 2, 6, 5, 2, 5, 3, 2, 1},
+                                 {9, 2, 5, 6, 3, 3, 2, 1, 1}};   /* 9 images: one task per image, dW in chunks */
     int t;
     for (t = 0; t < (int)(sizeof cfg / sizeof cfg[0]); t++) {
         const int *c = cfg[t];
@@ -306,45 +340,42 @@ static void test_conv2d_values_and_grads(void) {
     mgpu_context_destroy(ctx);
 }
 
-/* conv forward and all three gradients are bit-identical with 1 and 2 threads */
+/* conv forward and all three gradients are bit-identical with 1, 2 and 3 threads, for a batch
+   run one image per task (9) and one run image by image with threaded GEMMs (3). */
 static void test_conv2d_thread_determinism(void) {
-    int64_t sx[4] = {8, 6, 14, 14}, sw[4] = {16, 6, 3, 3}, sb[1] = {16};
-    float *res[2][4];
-    int t, q;
-    if (quick()) sx[0] = 3;
-    for (t = 0; t < 2; t++) {
-        mgpu_context *ctx = mt_cpu_context(t + 1);
-        mgpu_tensor *x, *w, *b, *y, *R;
-        mt_rng_state = 0x9e3779b97f4a7c15ULL;
-        x = mt_rand(ctx, 4, sx, -1, 1, 1); w = mt_rand(ctx, 4, sw, -1, 1, 1); b = mt_rand(ctx, 1, sb, -1, 1, 1);
-        y = mgpu_op_conv2d(ctx, x, w, b, 1, 1);
-        R = y ? mt_rand(ctx, 4, y->shape, -1, 1, 0) : NULL;
-        MT_CHECK(y && R && mgpu_backward_with_grad(ctx, y, R) == MGPU_OK, "conv backward: %s", mgpu_last_error());
-        if (!y || !x->grad || !w->grad || !b->grad) { mgpu_context_destroy(ctx); return; }
-        res[t][0] = (float *)malloc(mgpu_tensor_nbytes(y)); memcpy(res[t][0], y->data, mgpu_tensor_nbytes(y));
-        res[t][1] = (float *)malloc(mgpu_tensor_nbytes(x)); memcpy(res[t][1], x->grad->data, mgpu_tensor_nbytes(x));
-        res[t][2] = (float *)malloc(mgpu_tensor_nbytes(w)); memcpy(res[t][2], w->grad->data, mgpu_tensor_nbytes(w));
-        res[t][3] = (float *)malloc(mgpu_tensor_nbytes(b)); memcpy(res[t][3], b->grad->data, mgpu_tensor_nbytes(b));
-        if (t == 1) {
-            size_t sizes[4];
+    static const int64_t batches[2] = {9, 3};
+    int bi, t, q;
+    for (bi = 0; bi < 2; bi++) {
+        int64_t sx[4] = {0, 6, 14, 14}, sw[4] = {16, 6, 3, 3}, sb[1] = {16};
+        float *res[3][4];
+        size_t sizes[4];
+        sx[0] = batches[bi];
+        for (t = 0; t < 3; t++) {
+            mgpu_context *ctx = mt_cpu_context(t + 1);
+            mgpu_tensor *x, *w, *b, *y, *R;
+            mt_rng_state = 0x9e3779b97f4a7c15ULL;
+            x = mt_rand(ctx, 4, sx, -1, 1, 1); w = mt_rand(ctx, 4, sw, -1, 1, 1); b = mt_rand(ctx, 1, sb, -1, 1, 1);
+            y = mgpu_op_conv2d(ctx, x, w, b, 1, 1);
+            R = y ? mt_rand(ctx, 4, y->shape, -1, 1, 0) : NULL;
+            MT_CHECK(y && R && mgpu_backward_with_grad(ctx, y, R) == MGPU_OK, "conv backward: %s", mgpu_last_error());
+            if (!y || !x->grad || !w->grad || !b->grad) { mgpu_context_destroy(ctx); return; }
             sizes[0] = mgpu_tensor_nbytes(y); sizes[1] = mgpu_tensor_nbytes(x); sizes[2] = mgpu_tensor_nbytes(w); sizes[3] = mgpu_tensor_nbytes(b);
-            for (q = 0; q < 4; q++) MT_CHECK(memcmp(res[0][q], res[1][q], sizes[q]) == 0, "conv result %d differs between 1 and 2 threads", q);
-            for (q = 0; q < 4; q++) { free(res[0][q]); free(res[1][q]); }
+            res[t][0] = mt_copy(y); res[t][1] = mt_copy(x->grad); res[t][2] = mt_copy(w->grad); res[t][3] = mt_copy(b->grad);
+            mgpu_context_end_step(ctx);
+            mgpu_tensor_free(R); mgpu_tensor_free(x); mgpu_tensor_free(w); mgpu_tensor_free(b);
+            mgpu_context_destroy(ctx);
         }
-        mgpu_context_end_step(ctx);
-        mgpu_tensor_free(R); mgpu_tensor_free(x); mgpu_tensor_free(w); mgpu_tensor_free(b);
-        mgpu_context_destroy(ctx);
+        for (t = 1; t < 3; t++)
+            for (q = 0; q < 4; q++)
+                MT_CHECK(memcmp(res[0][q], res[t][q], sizes[q]) == 0, "batch %lld: conv result %d differs between 1 and %d threads",
+                         (long long)batches[bi], q, t + 1);
+        for (t = 0; t < 3; t++) for (q = 0; q < 4; q++) free(res[t][q]);
     }
 }
 
 /* conv2d (no bias) forward and backward seeded with r (same shape as the output); returns
    malloc'd copies of y, dx, dw (NULL for grads not required). */
 typedef struct { float *y, *dx, *dw; } mt_conv_result;
-static float *mt_copy(const mgpu_tensor *t) {
-    float *p = (float *)malloc(mgpu_tensor_nbytes(t));
-    memcpy(p, t->data, mgpu_tensor_nbytes(t));
-    return p;
-}
 static mt_conv_result mt_conv_run(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, int stride, int pad, const float *r) {
     mt_conv_result res;
     mgpu_tensor *y, *R;
@@ -365,22 +396,22 @@ static mt_conv_result mt_conv_run(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor
 }
 static void mt_conv_free(mt_conv_result *r) { free(r->y); free(r->dx); free(r->dw); }
 
-/* A batch whose im2col columns exceed one group's budget (16M floats) runs in several groups and
-   recomputes the columns in backward: it must agree with the images run one at a time (forward and
-   dX bit for bit, dW to rounding). Then only w, and only x, requiring grad give the same numbers. */
-static void test_conv2d_groups_and_partial_grads(void) {
+/* A batch of >= 8 images runs one image per task with the weight gradient summed per chunk of 4
+   images; it must agree with the images run one at a time through threaded GEMMs (forward and dX
+   bit for bit, dW to rounding). Then only w, and only x, requiring grad give the same numbers. */
+static void test_conv2d_batch_paths_and_partial_grads(void) {
     mgpu_context *ctx = mt_cpu_context(2);
-    int64_t sx[4] = {30, 16, 64, 64}, sw[4] = {4, 16, 3, 3}, s1[4] = {1, 16, 64, 64};
-    int64_t per_x = 16 * 64 * 64, per_y = 4 * 64 * 64, nw = 4 * 16 * 9, n, i;
+    int64_t sx[4] = {13, 16, 20, 20}, sw[4] = {4, 16, 3, 3}, s1[4] = {1, 16, 20, 20};
+    int64_t per_x = 16 * 20 * 20, per_y = 4 * 20 * 20, nw = 4 * 16 * 9, n, i;
     mgpu_tensor *x = mt_rand(ctx, 4, sx, -1, 1, 1), *w = mt_rand(ctx, 4, sw, -1, 1, 1);
     mgpu_tensor *x1 = mt_rand(ctx, 4, s1, 0, 1, 1);
-    float *r = (float *)malloc(sizeof(float) * (size_t)(30 * per_y));
+    float *r = (float *)malloc(sizeof(float) * (size_t)(13 * per_y));
     double *dw_sum = (double *)calloc((size_t)nw, sizeof(double)), werr = 0, wmag = 0;
     mt_conv_result full, one;
     int y_same = 1, dx_same = 1;
-    for (i = 0; i < 30 * per_y; i++) r[i] = (float)mt_uniform(-1, 1);
+    for (i = 0; i < 13 * per_y; i++) r[i] = (float)mt_uniform(-1, 1);
     full = mt_conv_run(ctx, x, w, 1, 1, r);
-    MT_CHECK(full.y && full.dx && full.dw, "grouped conv ran: %s", mgpu_last_error());
+    MT_CHECK(full.y && full.dx && full.dw, "batched conv ran: %s", mgpu_last_error());
     for (n = 0; n < sx[0] && full.y; n++) {
         memcpy(x1->data, (float *)x->data + n * per_x, sizeof(float) * (size_t)per_x);
         one = mt_conv_run(ctx, x1, w, 1, 1, r + n * per_y);
@@ -390,9 +421,9 @@ static void test_conv2d_groups_and_partial_grads(void) {
         mt_conv_free(&one);
     }
     for (i = 0; i < nw && full.dw; i++) { werr = fmax(werr, fabs(dw_sum[i] - full.dw[i])); wmag = fmax(wmag, fabs(dw_sum[i])); }
-    MT_CHECK(y_same, "grouped forward equals per-image forward bit for bit");
-    MT_CHECK(dx_same, "grouped dX equals per-image dX bit for bit");
-    MT_CHECK(wmag > 0 && werr <= 1e-5 * wmag, "grouped dW vs sum of per-image dW: err %g of %g", werr, wmag);
+    MT_CHECK(y_same, "batched forward equals per-image forward bit for bit");
+    MT_CHECK(dx_same, "batched dX equals per-image dX bit for bit");
+    MT_CHECK(wmag > 0 && werr <= 1e-5 * wmag, "batched dW vs sum of per-image dW: err %g of %g", werr, wmag);
 
     mgpu_tensor_set_requires_grad(x, 0);
     one = mt_conv_run(ctx, x, w, 1, 1, r);
@@ -400,11 +431,46 @@ static void test_conv2d_groups_and_partial_grads(void) {
     mt_conv_free(&one);
     mgpu_tensor_set_requires_grad(x, 1); mgpu_tensor_set_requires_grad(w, 0);
     one = mt_conv_run(ctx, x, w, 1, 1, r);
-    MT_CHECK(one.dx && full.dx && memcmp(one.dx, full.dx, sizeof(float) * (size_t)(30 * per_x)) == 0, "dX alone matches");
+    MT_CHECK(one.dx && full.dx && memcmp(one.dx, full.dx, sizeof(float) * (size_t)(13 * per_x)) == 0, "dX alone matches");
     mt_conv_free(&one);
     mt_conv_free(&full);
     free(dw_sum); free(r);
     mgpu_tensor_free(x); mgpu_tensor_free(x1); mgpu_tensor_free(w);
+    mgpu_context_destroy(ctx);
+}
+
+/* Two backwards without zeroing give twice the gradients of one (they accumulate), for both batch
+   paths, pointwise (1x1) and 3x3 kernels. */
+static void test_conv2d_grads_accumulate(void) {
+    mgpu_context *ctx = mt_cpu_context(2);
+    static const int64_t cfg[4][2] = {{3, 1}, {3, 3}, {9, 1}, {9, 3}};   /* batch, kernel */
+    int t, rep, q;
+    for (t = 0; t < 4; t++) {
+        int64_t sx[4] = {cfg[t][0], 3, 6, 5}, sw[4] = {4, 3, cfg[t][1], cfg[t][1]}, sb[1] = {4}, i;
+        mgpu_tensor *ts[3], *y, *R;
+        float *once[3];
+        double worst = 0;
+        ts[0] = mt_rand(ctx, 4, sx, -1, 1, 1); ts[1] = mt_rand(ctx, 4, sw, -1, 1, 1); ts[2] = mt_rand(ctx, 1, sb, -1, 1, 1);
+        for (rep = 0; rep < 2; rep++) {
+            y = mgpu_op_conv2d(ctx, ts[0], ts[1], ts[2], 1, cfg[t][1] / 2);
+            mt_rng_state = 99;
+            R = y ? mt_rand(ctx, 4, y->shape, -1, 1, 0) : NULL;
+            MT_CHECK(y && mgpu_backward_with_grad(ctx, y, R) == MGPU_OK, "conv backward: %s", mgpu_last_error());
+            mgpu_context_end_step(ctx);
+            mgpu_tensor_free(R);
+            if (rep == 0) for (q = 0; q < 3; q++) once[q] = mt_copy(ts[q]->grad);
+        }
+        for (q = 0; q < 3; q++) {
+            for (i = 0; i < ts[q]->numel; i++) {
+                double want = 2.0 * once[q][i], got = ((float *)ts[q]->grad->data)[i];
+                worst = fmax(worst, fabs(got - want) / (fabs(want) + 1e-3));
+            }
+            free(once[q]);
+            mgpu_tensor_free(ts[q]);
+        }
+        MT_CHECK(worst < 1e-5, "batch %lld kernel %lld: conv grads after two backwards are not twice one (rel err %g)",
+                 (long long)cfg[t][0], (long long)cfg[t][1], worst);
+    }
     mgpu_context_destroy(ctx);
 }
 
@@ -501,6 +567,23 @@ static void test_pool_hand_values(void) {
         MT_CHECK(v[4] == 1 && v[5] == 1 && v[7] == 1 && v[8] == 1 && v[0] == 0, "max grads %g %g %g %g %g", v[4], v[5], v[7], v[8], v[0]);
     }
     mgpu_context_end_step(ctx);
+    /* ties: the gradient goes to the first maximum in scan order; NaN wins (as in PyTorch) */
+    {
+        float tv[9] = {3, 3, 0, 3, 3, 0, 0, 0, 0};
+        mgpu_tensor_copy_from_host(x, tv, sizeof tv);
+        mgpu_tensor_zero_grad(x);
+        y = mgpu_op_max_pool2d(ctx, x, 2, 0, 0);   /* one 2x2 window of four 3s */
+        MT_CHECK(y && y->numel == 1 && ((float *)y->data)[0] == 3, "tie value");
+        MT_CHECK(mt_backward_sum(ctx, y) == MGPU_OK, "tie backward");
+        v = (float *)x->grad->data;
+        MT_CHECK(v[0] == 1 && v[1] == 0 && v[3] == 0 && v[4] == 0, "tie grad to the first: %g %g %g %g", v[0], v[1], v[3], v[4]);
+        mgpu_context_end_step(ctx);
+        tv[4] = NAN;
+        mgpu_tensor_copy_from_host(x, tv, sizeof tv);
+        y = mgpu_op_max_pool2d(ctx, x, 2, 1, 0);
+        MT_CHECK(y && isnan(((float *)y->data)[0]) && isnan(((float *)y->data)[3]), "NaN propagates through max");
+        mgpu_context_end_step(ctx);
+    }
     mgpu_tensor_free(x);
     mgpu_context_destroy(ctx);
 }
@@ -561,7 +644,8 @@ int main(void) {
     MT_RUN(test_conv2d_hand_values);
     MT_RUN(test_conv2d_values_and_grads);
     MT_RUN(test_conv2d_thread_determinism);
-    MT_RUN(test_conv2d_groups_and_partial_grads);
+    MT_RUN(test_conv2d_batch_paths_and_partial_grads);
+    MT_RUN(test_conv2d_grads_accumulate);
     MT_RUN(test_pool_values_and_grads);
     MT_RUN(test_pool_hand_values);
     MT_RUN(test_errors);
