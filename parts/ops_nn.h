@@ -458,6 +458,12 @@ static void mgpu__fill_rows(float *y, int64_t rows, int64_t cols, const float *v
     for (r = 0; r < rows; r++) memcpy(y + r * cols, v, sizeof(float) * (size_t)cols);
 }
 
+/* Autocast (parts/amp.h): matmul, linear and conv2d round their inputs and output to the half
+   format when ctx->autocast is set, running the f32 op in between. */
+static int mgpu__autocast_active(const mgpu_context *ctx);
+static int mgpu__autocast_begin(mgpu_context *ctx, mgpu_tensor **in, int n);
+static mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode, mgpu_tensor *out);
+
 /* --------------------------------------------------------------------------------------
    matmul
    -------------------------------------------------------------------------------------- */
@@ -492,6 +498,12 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
     mgpu__node *node = NULL;
     mgpu__gemm_operand oa, ob;
     int nd;
+    if (mgpu__autocast_active(ctx)) {
+        int mode;
+        ins[0] = a; ins[1] = b;
+        if ((mode = mgpu__autocast_begin(ctx, ins, 2)) < 0) return NULL;
+        return mgpu__autocast_end(ctx, mode, mgpu_op_matmul(ctx, ins[0], ins[1]));
+    }
     if (!mgpu__check_input(ctx, "mgpu_op_matmul", "a", a, 1) || !mgpu__check_input(ctx, "mgpu_op_matmul", "b", b, 1)) return NULL;
     nd = a->ndim;
     if ((nd != 2 && nd != 3) || b->ndim != nd || a->shape[nd - 1] != b->shape[nd - 2] || (nd == 3 && a->shape[0] != b->shape[0]))
@@ -550,6 +562,12 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     mgpu_tensor *y, *ins[3];
     mgpu__node *node = NULL;
     mgpu__gemm_operand ox, ow;
+    if (mgpu__autocast_active(ctx)) {   /* the bias is cast too, as under torch.autocast */
+        int mode;
+        ins[0] = x; ins[1] = w; ins[2] = b;
+        if ((mode = mgpu__autocast_begin(ctx, ins, 3)) < 0) return NULL;
+        return mgpu__autocast_end(ctx, mode, mgpu_op_linear(ctx, ins[0], ins[1], ins[2]));
+    }
     if (!mgpu__check_input(ctx, op, "x", x, 1) || !mgpu__check_input(ctx, op, "w", w, 1)) return NULL;
     if (b && !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
     if (x->ndim < 1 || w->ndim != 2 || w->shape[1] != x->shape[x->ndim - 1])
@@ -819,6 +837,12 @@ MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     int64_t shape[4], i;
     mgpu_tensor *y, *ins[3];
     mgpu__node *node = NULL;
+    if (mgpu__autocast_active(ctx)) {
+        int mode;
+        ins[0] = x; ins[1] = w; ins[2] = b;
+        if ((mode = mgpu__autocast_begin(ctx, ins, 3)) < 0) return NULL;
+        return mgpu__autocast_end(ctx, mode, mgpu_op_conv2d(ctx, ins[0], ins[1], ins[2], stride, padding));
+    }
     if (!mgpu__conv_setup(ctx, x, w, b, stride, padding, &g)) return NULL;
     shape[0] = g.n; shape[1] = g.o; shape[2] = g.oh; shape[3] = g.ow;
     y = mgpu__new_activation(ctx, MGPU_F32, 4, shape);   // (N, O, OH, OW)
