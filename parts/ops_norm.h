@@ -244,6 +244,10 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
 
 typedef mgpu_result (*mgpu__bn_reduce_fn)(void *user, double *values, int64_t n);
 typedef struct mgpu__bn_sync { mgpu__bn_reduce_fn reduce; void *user; } mgpu__bn_sync;
+/* SyncBatchNorm's reduce: user is the mgpu_comm whose ranks share the statistics. */
+static MGPU__UNUSED mgpu_result mgpu__bn_reduce_over_comm(void *user, double *values, int64_t n) {
+    return mgpu_comm_allreduce_f64((mgpu_comm *)user, values, n, MGPU_REDUCE_SUM);
+}
 
 typedef struct mgpu__bn_args {
     const float *p, *q, *center;   /* sums: sum p and sum p * (q - center[c]); center NULL = 0 */
@@ -723,6 +727,11 @@ static int mgpu__attn_validate(mgpu_context *ctx, const char *op, const mgpu_ten
     return 1;
 }
 
+/* Autocast (parts/amp.h): q, k, v and the output rounded to the half format when ctx->autocast is set. */
+static int mgpu__autocast_active(const mgpu_context *ctx);
+static int mgpu__autocast_begin(mgpu_context *ctx, mgpu_tensor **in, int n);
+static mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode, mgpu_tensor *out);
+
 MGPU_API mgpu_tensor *mgpu_op_attention(mgpu_context *ctx, mgpu_tensor *q, mgpu_tensor *k, mgpu_tensor *v, int causal) {
     static const char *op = "mgpu_op_attention";
     mgpu_tensor *in[3];
@@ -730,6 +739,12 @@ MGPU_API mgpu_tensor *mgpu_op_attention(mgpu_context *ctx, mgpu_tensor *q, mgpu_
     mgpu__node *node = NULL;
     mgpu__attn_args a;
     int keep_prob;
+    if (mgpu__autocast_active(ctx)) {
+        int mode;
+        in[0] = q; in[1] = k; in[2] = v;
+        if ((mode = mgpu__autocast_begin(ctx, in, 3)) < 0) return NULL;
+        return mgpu__autocast_end(ctx, mode, mgpu_op_attention(ctx, in[0], in[1], in[2], causal));
+    }
     if (!mgpu__attn_validate(ctx, op, q, k, v)) return NULL;
     /* P for all pairs only when a backward may follow; otherwise a slot per part suffices */
     keep_prob = mgpu_is_grad_enabled(ctx) && (q->requires_grad || k->requires_grad || v->requires_grad);

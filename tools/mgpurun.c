@@ -1,0 +1,1006 @@
+/* mgpurun - launch N copies of a training program with torchrun's environment (RANK, WORLD_SIZE,
+   LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RESTART_COUNT),
+   stop the whole group when one worker fails, and restart it up to --max-restarts times.
+
+   Usage: mgpurun [options] PROGRAM [ARGS...]      (mgpurun --help lists the options)
+
+   Design: one single-threaded poll loop owns everything. Signals reach it through a self-pipe;
+   worker output reaches it through pipes (prefixed "[rank r] ") unless --log-dir sends it to
+   files. Every worker leads its own process group, so stopping a worker also stops whatever it
+   spawned, and on Linux every worker dies with the launcher (PR_SET_PDEATHSIG), even on SIGKILL.
+   Standalone POSIX C11: it does not need mgpu.h. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+#define EXIT_USAGE 2
+#define DEFAULT_MULTINODE_PORT 29500 /* torchrun's default when several nodes must agree */
+#define LOG_TAIL_LINES 20
+#define LINE_CAP 8192                /* longer lines are split, each piece prefixed */
+#define MAX_PROCS 4096
+
+/* ---------------------------------------------------------------------------------------------
+   Messages
+   --------------------------------------------------------------------------------------------- */
+
+static void say(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("mgpurun: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static const char *signal_name(int sig) {
+    static const struct { int sig; const char *name; } table[] = {
+        {SIGHUP, "SIGHUP"}, {SIGINT, "SIGINT"}, {SIGQUIT, "SIGQUIT"}, {SIGILL, "SIGILL"},
+        {SIGTRAP, "SIGTRAP"}, {SIGABRT, "SIGABRT"}, {SIGBUS, "SIGBUS"}, {SIGFPE, "SIGFPE"},
+        {SIGKILL, "SIGKILL"}, {SIGUSR1, "SIGUSR1"}, {SIGSEGV, "SIGSEGV"}, {SIGUSR2, "SIGUSR2"},
+        {SIGPIPE, "SIGPIPE"}, {SIGALRM, "SIGALRM"}, {SIGTERM, "SIGTERM"}, {SIGCHLD, "SIGCHLD"},
+        {SIGXCPU, "SIGXCPU"}, {SIGXFSZ, "SIGXFSZ"}, {SIGSYS, "SIGSYS"},
+    };
+    size_t i;
+    for (i = 0; i < sizeof table / sizeof table[0]; i++)
+        if (table[i].sig == sig) return table[i].name;
+    return "unknown signal";
+}
+
+/* "exited with code 3" / "was killed by signal 9 (SIGKILL)", from a waitpid status. */
+static void describe_status(int status, char *buf, size_t cap) {
+    if (WIFEXITED(status))
+        snprintf(buf, cap, "exited with code %d", WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        snprintf(buf, cap, "was killed by signal %d (%s)%s", WTERMSIG(status),
+                 signal_name(WTERMSIG(status)), WCOREDUMP(status) ? ", core dumped" : "");
+    else
+        snprintf(buf, cap, "ended with wait status %d", status);
+}
+
+/* The shell convention: the exit code, or 128 + the signal. */
+static int status_exit_code(int status) {
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return 1;
+}
+
+/* ---------------------------------------------------------------------------------------------
+   Options
+   --------------------------------------------------------------------------------------------- */
+
+typedef struct launch_opts {
+    int nproc;               /* workers on this node */
+    int nnodes, node_rank;
+    char master_addr[256];
+    int master_port;         /* 0: pick a free one for every attempt */
+    int max_restarts;
+    double grace_s;          /* SIGTERM -> SIGKILL delay */
+    const char *log_dir;     /* NULL: prefixed output on the launcher's stdout/stderr */
+    char **prog_argv;        /* PROGRAM ARGS..., NULL-terminated (argv's tail) */
+    /* what the user gave explicitly, to resolve defaults and conflicts after parsing */
+    const char *nproc_text;
+    int nnodes_given, node_rank_given, port_given, addr_given, standalone;
+} launch_opts;
+
+enum flag_id {
+    F_NPROC, F_NNODES, F_NODE_RANK, F_MASTER_ADDR, F_MASTER_PORT, F_MAX_RESTARTS, F_LOG_DIR,
+    F_GRACE, F_STANDALONE, F_NO_PYTHON, F_HELP
+};
+typedef struct flag_spec { const char *name; enum flag_id id; int takes_value; } flag_spec;
+
+/* Canonical (dashed) spellings; torchrun's underscored ones are folded onto these. */
+static const flag_spec flag_table[] = {
+    {"--nproc-per-node", F_NPROC, 1},   {"--nnodes", F_NNODES, 1},
+    {"--node-rank", F_NODE_RANK, 1},    {"--master-addr", F_MASTER_ADDR, 1},
+    {"--master-port", F_MASTER_PORT, 1}, {"--max-restarts", F_MAX_RESTARTS, 1},
+    {"--log-dir", F_LOG_DIR, 1},        {"--grace-period-s", F_GRACE, 1},
+    {"--standalone", F_STANDALONE, 0},  {"--no-python", F_NO_PYTHON, 0},
+    {"--help", F_HELP, 0},              {"-h", F_HELP, 0},
+};
+
+static void print_help(FILE *f) {
+    fputs(
+        "usage: mgpurun [options] PROGRAM [ARGS...]\n"
+        "\n"
+        "Starts --nproc-per-node copies of PROGRAM with torchrun's environment: RANK, WORLD_SIZE,\n"
+        "LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT,\n"
+        "TORCHELASTIC_RESTART_COUNT, and MGPU_NUM_THREADS (cores / workers) unless already set.\n"
+        "If a worker fails, the others get SIGTERM, then SIGKILL after the grace period; the\n"
+        "failing rank is reported and the group restarts while --max-restarts allows.\n"
+        "\n"
+        "options (torchrun's spellings with underscores and --flag=value are accepted too):\n"
+        "  --nproc-per-node N|auto|gpu|cpu  workers on this node (default 1); auto: one per\n"
+        "                            visible GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi -L), 1\n"
+        "                            if none; gpu: the same but no GPU is an error; cpu: one per core\n"
+        "  --nnodes N                nodes in the job (default 1)\n"
+        "  --node-rank R             this node's index, 0 <= R < nnodes (default 0)\n"
+        "  --master-addr HOST        where rank 0 hosts the rendezvous (default 127.0.0.1)\n"
+        "  --master-port P           its TCP port; 0 picks a free port on every (re)start\n"
+        "                            (default: 0 on one node, 29500 with --nnodes > 1)\n"
+        "  --max-restarts N          restart the whole group up to N times after a failure (default 0)\n"
+        "  --log-dir DIR             each rank's stdout+stderr go to DIR/rank-<r>.log instead of\n"
+        "                            the terminal; a failure report shows the last 20 lines\n"
+        "  --grace-period-s S        seconds between SIGTERM and SIGKILL when stopping (default 5)\n"
+        "  --standalone              single node on 127.0.0.1 with a free port\n"
+        "  --no-python               accepted for torchrun compatibility (PROGRAM always runs as is)\n"
+        "  --help                    this text\n"
+        "\n"
+        "Without --log-dir every line a worker prints is prefixed with \"[rank r] \" (rank 0 too)\n"
+        "and goes to mgpurun's stdout or stderr like the worker's own. Workers get stdin from\n"
+        "/dev/null.\n"
+        "\n"
+        "exit status: 0 when every worker exits 0; the failing worker's exit code (128 + signal if\n"
+        "it was killed) when restarts are exhausted; 128 + signal when mgpurun itself is stopped by\n"
+        "SIGINT/SIGTERM/SIGHUP (forwarded to the workers); 2 for a bad command line; 1 when the\n"
+        "launch itself fails.\n",
+        f);
+}
+
+/* strtol over the whole text, within [lo, hi]; the message names the flag. */
+static int parse_int_flag(const char *flag, const char *text, long lo, long hi, int *out) {
+    char *end = NULL;
+    long v;
+    errno = 0;
+    v = strtol(text, &end, 10);
+    if (text[0] == '\0' || *end != '\0' || errno != 0 || v < lo || v > hi) {
+        say("%s expects an integer in [%ld, %ld], got '%s'", flag, lo, hi, text);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_seconds_flag(const char *flag, const char *text, double *out) {
+    char *end = NULL;
+    double v;
+    errno = 0;
+    v = strtod(text, &end);
+    if (text[0] == '\0' || *end != '\0' || errno != 0 || !(v >= 0.0 && v <= 86400.0)) {
+        say("%s expects seconds in [0, 86400], got '%s'", flag, text);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* "--nproc_per_node=4" -> spec of --nproc-per-node, value "4"; NULL for an unknown flag. */
+static const flag_spec *match_flag(const char *arg, const char **inline_value) {
+    char name[64];
+    size_t len = strcspn(arg, "=");
+    size_t i;
+    if (len >= sizeof name) return NULL;
+    for (i = 0; i < len; i++) name[i] = (i >= 2 && arg[i] == '_') ? '-' : arg[i];
+    name[len] = '\0';
+    *inline_value = arg[len] == '=' ? arg + len + 1 : NULL;
+    for (i = 0; i < sizeof flag_table / sizeof flag_table[0]; i++)
+        if (strcmp(flag_table[i].name, name) == 0) return &flag_table[i];
+    return NULL;
+}
+
+static int apply_flag(launch_opts *o, const flag_spec *f, const char *value) {
+    switch (f->id) {
+    case F_NPROC: o->nproc_text = value; return 0;
+    case F_NNODES:
+        o->nnodes_given = 1;
+        if (strchr(value, ':')) {
+            say("%s %s: elastic MIN:MAX ranges are not supported, give one number", f->name, value);
+            return -1;
+        }
+        return parse_int_flag(f->name, value, 1, 65536, &o->nnodes);
+    case F_NODE_RANK:
+        o->node_rank_given = 1;
+        return parse_int_flag(f->name, value, 0, 65535, &o->node_rank);
+    case F_MASTER_ADDR:
+        if (value[0] == '\0' || strlen(value) >= sizeof o->master_addr) {
+            say("%s expects a host name or address, got '%s'", f->name, value);
+            return -1;
+        }
+        o->addr_given = 1;
+        strcpy(o->master_addr, value);
+        return 0;
+    case F_MASTER_PORT: o->port_given = 1; return parse_int_flag(f->name, value, 0, 65535, &o->master_port);
+    case F_MAX_RESTARTS: return parse_int_flag(f->name, value, 0, 1000000, &o->max_restarts);
+    case F_LOG_DIR:
+        if (value[0] == '\0') { say("%s expects a directory, got ''", f->name); return -1; }
+        o->log_dir = value;
+        return 0;
+    case F_GRACE: return parse_seconds_flag(f->name, value, &o->grace_s);
+    case F_STANDALONE: o->standalone = 1; return 0;
+    case F_NO_PYTHON: return 0;
+    case F_HELP: return 0;
+    }
+    return 0;
+}
+
+/* Cores this process may run on (its affinity mask), at least 1. */
+static int available_cores(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        return n > 0 ? (int)n : 1;
+    }
+}
+
+/* GPUs visible to the workers: CUDA_VISIBLE_DEVICES when set (entries up to the first invalid
+   one, as CUDA reads it), else the "GPU i: ..." lines of nvidia-smi -L. *source says which. */
+static int count_visible_gpus(const char **source) {
+    const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
+    if (cvd) {
+        int n = 0;
+        const char *p = cvd;
+        *source = "CUDA_VISIBLE_DEVICES";
+        while (*p) {
+            size_t len = strcspn(p, ",");
+            if (len == 0 || p[0] == '-') break;
+            n++;
+            p += len;
+            if (*p == ',') p++;
+        }
+        return n;
+    }
+    *source = "nvidia-smi -L";
+    {
+        FILE *f = popen("nvidia-smi -L 2>/dev/null", "r");
+        char line[512];
+        int n = 0;
+        if (!f) return 0;
+        while (fgets(line, sizeof line, f))
+            if (strncmp(line, "GPU ", 4) == 0) n++;
+        if (pclose(f) != 0) n = 0;   /* missing or failing nvidia-smi: no usable GPU */
+        return n;
+    }
+}
+
+static int resolve_nproc(launch_opts *o) {
+    const char *t = o->nproc_text;
+    if (!t) { o->nproc = 1; return 0; }
+    if (strcmp(t, "auto") == 0 || strcmp(t, "gpu") == 0) {
+        const char *source = "";
+        int gpus = count_visible_gpus(&source);
+        if (gpus > 0) {
+            o->nproc = gpus;
+            say("--nproc-per-node %s: %d GPU%s visible (from %s)", t, gpus, gpus == 1 ? "" : "s", source);
+            return 0;
+        }
+        if (strcmp(t, "gpu") == 0) {
+            say("--nproc-per-node gpu: no GPU visible (checked %s)", source);
+            return -1;
+        }
+        o->nproc = 1;
+        say("--nproc-per-node auto: no GPU visible (checked %s), starting 1 worker", source);
+        return 0;
+    }
+    if (strcmp(t, "cpu") == 0) { o->nproc = available_cores(); return 0; }
+    return parse_int_flag("--nproc-per-node", t, 1, MAX_PROCS, &o->nproc);
+}
+
+/* Defaults that depend on other flags, and combinations that cannot work. */
+static int resolve_options(launch_opts *o) {
+    if (o->standalone && o->nnodes_given && o->nnodes != 1) {
+        say("--standalone runs a single node; it conflicts with --nnodes %d", o->nnodes);
+        return -1;
+    }
+    if (o->node_rank >= o->nnodes) {
+        say("--node-rank %d must be below --nnodes %d", o->node_rank, o->nnodes);
+        return -1;
+    }
+    if (!o->port_given) o->master_port = (o->nnodes > 1 && !o->standalone) ? DEFAULT_MULTINODE_PORT : 0;
+    if (o->nnodes > 1 && o->master_port == 0) {
+        say("--master-port 0 (pick a free port) needs a single node: with --nnodes %d every node "
+            "must be given the same port", o->nnodes);
+        return -1;
+    }
+    if (resolve_nproc(o) != 0) return -1;
+    if ((long)o->nproc * o->nnodes > INT_MAX / 2) {
+        say("--nproc-per-node %d x --nnodes %d is too many workers", o->nproc, o->nnodes);
+        return -1;
+    }
+    return 0;
+}
+
+/* Returns 0 to run, 1 after --help, -1 on a bad command line (message printed). */
+static int parse_args(launch_opts *o, int argc, char **argv) {
+    int i = 1;
+    memset(o, 0, sizeof *o);
+    o->nnodes = 1;
+    o->grace_s = 5.0;
+    strcpy(o->master_addr, "127.0.0.1");
+    while (i < argc && argv[i][0] == '-') {
+        const char *arg = argv[i], *value = NULL;
+        const flag_spec *f;
+        if (strcmp(arg, "--") == 0) { i++; break; }
+        f = match_flag(arg, &value);
+        if (!f) {
+            say("unknown flag %s (see mgpurun --help)", arg);
+            return -1;
+        }
+        if (f->id == F_HELP) { print_help(stdout); return 1; }
+        if (!f->takes_value && value) {
+            say("%s takes no value, got '%s'", f->name, value);
+            return -1;
+        }
+        if (f->takes_value && !value) {
+            if (i + 1 >= argc) { say("%s needs a value", f->name); return -1; }
+            value = argv[++i];
+        }
+        if (apply_flag(o, f, f->takes_value ? value : "") != 0) return -1;
+        i++;
+    }
+    if (i >= argc) {
+        say("missing PROGRAM to run (usage: mgpurun [options] PROGRAM [ARGS...])");
+        return -1;
+    }
+    o->prog_argv = argv + i;
+    return resolve_options(o);
+}
+
+/* Whether execvp would find PROGRAM: checked once up front so that a typo is a clear usage error
+   instead of every rank (and every restart) failing with 127. */
+static int program_is_runnable(const char *prog) {
+    const char *path = getenv("PATH");
+    char buf[PATH_MAX];
+    if (strchr(prog, '/')) return access(prog, X_OK) == 0;
+    if (!path) path = "/usr/bin:/bin";
+    while (*path) {
+        size_t len = strcspn(path, ":");
+        int n = snprintf(buf, sizeof buf, "%.*s%s%s", (int)len, path, len ? "/" : "", prog);
+        struct stat st;
+        if (n > 0 && (size_t)n < sizeof buf && stat(buf, &st) == 0 && S_ISREG(st.st_mode) &&
+            access(buf, X_OK) == 0)
+            return 1;
+        path += len;
+        if (*path == ':') path++;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+   Ports and directories
+   --------------------------------------------------------------------------------------------- */
+
+/* Binds port 0 on addr and reads back the port the kernel chose; -1 (message printed) on error.
+   Another process could take it before rank 0 binds it: the same small window torchrun has. */
+static int pick_free_port(const char *addr) {
+    struct addrinfo hints, *res = NULL, *ai;
+    int port = -1, rc;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    rc = getaddrinfo(addr, "0", &hints, &res);
+    if (rc != 0) {
+        say("cannot resolve --master-addr %s: %s", addr, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai && port < 0; ai = ai->ai_next) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (fd < 0) continue;
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
+            getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
+            if (ss.ss_family == AF_INET) port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+            else if (ss.ss_family == AF_INET6) port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        }
+        close(fd);
+    }
+    freeaddrinfo(res);
+    if (port <= 0) say("cannot pick a free port on --master-addr %s (is it an address of this host?)", addr);
+    return port > 0 ? port : -1;
+}
+
+/* mkdir -p */
+static int make_dirs(const char *dir) {
+    char buf[PATH_MAX];
+    size_t i, n = strlen(dir);
+    if (n == 0 || n >= sizeof buf) return -1;
+    memcpy(buf, dir, n + 1);
+    for (i = 1; i <= n; i++) {
+        if (buf[i] != '/' && buf[i] != '\0') continue;
+        buf[i] = '\0';
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST) return -1;
+        buf[i] = dir[i];
+    }
+    {
+        struct stat st;
+        return stat(dir, &st) == 0 && S_ISDIR(st.st_mode) ? 0 : -1;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+   Time and signals
+   --------------------------------------------------------------------------------------------- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int g_signal_pipe[2] = {-1, -1};
+static const int g_caught_signals[] = {SIGCHLD, SIGINT, SIGTERM, SIGHUP};
+static int g_hup_ignored;   /* started under nohup: the job keeps ignoring hangups */
+
+/* Async-signal-safe: the poll loop reads the signal number from the pipe. */
+static void on_signal(int sig) {
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    ssize_t n = write(g_signal_pipe[1], &b, 1);   /* a full pipe drops it: one pending byte is enough */
+    (void)n;
+    errno = saved;
+}
+
+static int set_cloexec_nonblock(int fd, int nonblock) {
+    int fl = fcntl(fd, F_GETFD);
+    if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) != 0) return -1;
+    if (nonblock) {
+        fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) return -1;
+    }
+    return 0;
+}
+
+static int install_signal_handlers(void) {
+    struct sigaction sa;
+    size_t i;
+    if (pipe(g_signal_pipe) != 0 || set_cloexec_nonblock(g_signal_pipe[0], 1) != 0 ||
+        set_cloexec_nonblock(g_signal_pipe[1], 1) != 0)
+        return -1;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+    {
+        struct sigaction old;
+        g_hup_ignored = sigaction(SIGHUP, NULL, &old) == 0 && old.sa_handler == SIG_IGN;
+    }
+    for (i = 0; i < sizeof g_caught_signals / sizeof g_caught_signals[0]; i++) {
+        if (g_caught_signals[i] == SIGHUP && g_hup_ignored) continue;
+        if (sigaction(g_caught_signals[i], &sa, NULL) != 0) return -1;
+    }
+    signal(SIGPIPE, SIG_IGN);   /* a closed terminal must not kill the launcher and orphan the job */
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+   Worker output: line-buffered relay with a "[rank r] " prefix
+   --------------------------------------------------------------------------------------------- */
+
+typedef struct out_stream {
+    int fd;          /* read end of the worker's pipe; -1 once closed */
+    int dest;        /* 1 (stdout) or 2 (stderr) */
+    int rank;        /* for the prefix */
+    size_t len;
+    char buf[LINE_CAP];
+} out_stream;
+
+static void write_all(int fd, const char *p, size_t n) {
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;   /* the reader went away: drop output, keep supervising */
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* One line (without its newline) as a single write, so lines of different ranks never mix. */
+static void emit_line(int dest, int rank, const char *line, size_t n) {
+    char out[LINE_CAP + 32];
+    int plen = snprintf(out, sizeof out, "[rank %d] ", rank);
+    memcpy(out + plen, line, n);
+    out[(size_t)plen + n] = '\n';
+    write_all(dest, out, (size_t)plen + n + 1);
+}
+
+/* Emits every complete line; a line longer than the buffer goes out in pieces. */
+static void flush_lines(out_stream *s, int at_eof) {
+    size_t start = 0, i;
+    for (i = 0; i < s->len; i++) {
+        if (s->buf[i] != '\n') continue;
+        emit_line(s->dest, s->rank, s->buf + start, i - start);
+        start = i + 1;
+    }
+    if (start < s->len && (at_eof || (start == 0 && s->len == sizeof s->buf))) {
+        emit_line(s->dest, s->rank, s->buf + start, s->len - start);
+        start = s->len;
+    }
+    memmove(s->buf, s->buf + start, s->len - start);
+    s->len -= start;
+}
+
+static void close_stream(out_stream *s) {
+    if (s->fd < 0) return;
+    flush_lines(s, 1);
+    close(s->fd);
+    s->fd = -1;
+}
+
+/* Reads what is available now; closes the stream at end of file. */
+static void pump_stream(out_stream *s) {
+    for (;;) {
+        ssize_t n = read(s->fd, s->buf + s->len, sizeof s->buf - s->len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        if (n <= 0) { close_stream(s); return; }
+        s->len += (size_t)n;
+        flush_lines(s, 0);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+   Workers
+   --------------------------------------------------------------------------------------------- */
+
+typedef struct worker {
+    int rank, local_rank;
+    pid_t pid;           /* also its process group id; 0 before launch */
+    int running;
+    int status;          /* waitpid status once it ended */
+    long log_start;      /* byte offset in its log where this attempt began */
+    out_stream out, err;
+} worker;
+
+typedef struct job {
+    const launch_opts *o;
+    worker *w;
+    int n;               /* workers on this node */
+    int attempt;
+    int port;
+    int world_size;
+    int num_threads;     /* MGPU_NUM_THREADS for the workers; 0: inherited from the environment */
+    /* stopping the group */
+    int stopping;
+    double kill_at;      /* when SIGTERM turns into SIGKILL */
+    int killed;
+    int failed;          /* index of the first worker that failed, -1 if none */
+    int interrupt_sig;   /* signal that stopped mgpurun itself, 0 if none */
+} job;
+
+static void log_path(const job *j, int rank, char *buf, size_t cap) {
+    snprintf(buf, cap, "%s/rank-%d.log", j->o->log_dir, rank);
+}
+
+static void set_env_int(const char *name, long v) {
+    char buf[32];
+    snprintf(buf, sizeof buf, "%ld", v);
+    setenv(name, buf, 1);
+}
+
+/* In the child between fork and exec. The launcher is single-threaded, so setenv is safe here. */
+static void exec_worker(const job *j, const worker *w, pid_t launcher, int out_fd, int err_fd) {
+    static const int reset[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGCHLD};
+    const launch_opts *o = j->o;
+    sigset_t none;
+    size_t i;
+    int devnull;
+    setpgid(0, 0);
+#ifdef __linux__
+    /* Die with the launcher, even when it is SIGKILLed; the check closes the race where it died
+       before the prctl. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != launcher) _exit(1);
+#else
+    (void)launcher;
+#endif
+    for (i = 0; i < sizeof reset / sizeof reset[0]; i++)
+        if (!(reset[i] == SIGHUP && g_hup_ignored)) signal(reset[i], SIG_DFL);
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    devnull = open("/dev/null", O_RDONLY);
+    if (devnull >= 0) { dup2(devnull, 0); if (devnull != 0) close(devnull); }
+    dup2(out_fd, 1);
+    dup2(err_fd, 2);
+    set_env_int("RANK", w->rank);
+    set_env_int("LOCAL_RANK", w->local_rank);
+    set_env_int("WORLD_SIZE", j->world_size);
+    set_env_int("LOCAL_WORLD_SIZE", j->n);
+    set_env_int("GROUP_RANK", o->node_rank);
+    set_env_int("GROUP_WORLD_SIZE", o->nnodes);
+    set_env_int("ROLE_RANK", w->rank);
+    set_env_int("ROLE_WORLD_SIZE", j->world_size);
+    setenv("MASTER_ADDR", o->master_addr, 1);
+    set_env_int("MASTER_PORT", j->port);
+    set_env_int("TORCHELASTIC_RESTART_COUNT", j->attempt);
+    set_env_int("TORCHELASTIC_MAX_RESTARTS", o->max_restarts);
+    if (j->num_threads > 0) set_env_int("MGPU_NUM_THREADS", j->num_threads);
+    execvp(o->prog_argv[0], o->prog_argv);
+    {
+        char msg[512];
+        int n = snprintf(msg, sizeof msg, "mgpurun: rank %d: cannot run %s: %s\n", w->rank,
+                         o->prog_argv[0], strerror(errno));
+        if (n > 0) write_all(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+    }
+    _exit(127);
+}
+
+/* Where the worker's stdout/stderr go: its log file, or pipes the launcher relays. */
+static int open_worker_output(const job *j, worker *w, int *out_fd, int *err_fd) {
+    if (j->o->log_dir) {
+        char path[PATH_MAX];
+        int flags = O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (j->attempt == 0 ? O_TRUNC : 0);
+        int fd;
+        log_path(j, w->rank, path, sizeof path);
+        fd = open(path, flags, 0644);
+        if (fd < 0) {
+            say("cannot open the log %s of rank %d: %s", path, w->rank, strerror(errno));
+            return -1;
+        }
+        if (j->attempt > 0) {
+            char line[96];
+            int n = snprintf(line, sizeof line, "=== mgpurun: restart %d ===\n", j->attempt);
+            write_all(fd, line, (size_t)n);
+        }
+        w->log_start = (long)lseek(fd, 0, SEEK_END);
+        *out_fd = *err_fd = fd;
+        return 0;
+    }
+    {
+        int po[2], pe[2];
+        if (pipe(po) != 0) return -1;
+        if (pipe(pe) != 0) { close(po[0]); close(po[1]); return -1; }
+        set_cloexec_nonblock(po[0], 1);
+        set_cloexec_nonblock(pe[0], 1);
+        set_cloexec_nonblock(po[1], 0);
+        set_cloexec_nonblock(pe[1], 0);
+        w->out.fd = po[0]; w->out.dest = 1; w->out.rank = w->rank; w->out.len = 0;
+        w->err.fd = pe[0]; w->err.dest = 2; w->err.rank = w->rank; w->err.len = 0;
+        *out_fd = po[1];
+        *err_fd = pe[1];
+        return 0;
+    }
+}
+
+/* The caught signals are blocked across fork: a signal forwarded to a child that has not yet
+   reset its handlers would otherwise run the launcher's handler in the child and be lost. */
+static void block_caught_signals(int block, sigset_t *old) {
+    sigset_t set;
+    size_t i;
+    if (!block) { sigprocmask(SIG_SETMASK, old, NULL); return; }
+    sigemptyset(&set);
+    for (i = 0; i < sizeof g_caught_signals / sizeof g_caught_signals[0]; i++) sigaddset(&set, g_caught_signals[i]);
+    sigprocmask(SIG_BLOCK, &set, old);
+}
+
+static int launch_worker(const job *j, worker *w) {
+    int out_fd = -1, err_fd = -1;
+    pid_t launcher = getpid(), pid;
+    sigset_t old;
+    if (open_worker_output(j, w, &out_fd, &err_fd) != 0) return -1;
+    block_caught_signals(1, &old);
+    pid = fork();
+    if (pid == 0) exec_worker(j, w, launcher, out_fd, err_fd);   /* unblocks after resetting */
+    block_caught_signals(0, &old);
+    close(out_fd);
+    if (err_fd != out_fd) close(err_fd);
+    if (pid < 0) {
+        say("cannot start rank %d: fork: %s", w->rank, strerror(errno));
+        return -1;
+    }
+    setpgid(pid, pid);   /* also here, so the group exists before we might signal it */
+    w->pid = pid;
+    w->running = 1;
+    return 0;
+}
+
+/* To the worker's whole process group, so whatever it spawned stops with it. Groups of workers
+   that already ended are signalled too: children they left behind belong to the job. */
+static void signal_workers(job *j, int sig) {
+    int i;
+    for (i = 0; i < j->n; i++) {
+        worker *w = &j->w[i];
+        if (w->pid <= 0) continue;
+        if (kill(-w->pid, sig) != 0 && w->running) kill(w->pid, sig);
+    }
+}
+
+static int count_running(const job *j) {
+    int i, n = 0;
+    for (i = 0; i < j->n; i++) n += j->w[i].running;
+    return n;
+}
+
+static void begin_stop(job *j, int sig) {
+    j->stopping = 1;
+    j->kill_at = now_s() + j->o->grace_s;
+    signal_workers(j, sig);
+}
+
+static void escalate_to_kill(job *j) {
+    signal_workers(j, SIGKILL);
+    j->killed = 1;
+}
+
+static void on_worker_failed(job *j, int idx) {
+    char how[128];
+    int others = count_running(j);
+    describe_status(j->w[idx].status, how, sizeof how);
+    j->failed = idx;
+    if (others > 0)
+        say("rank %d %s [pid %d]; stopping the other %d worker%s (SIGTERM, SIGKILL after %.3g s)",
+            j->w[idx].rank, how, (int)j->w[idx].pid, others, others == 1 ? "" : "s", j->o->grace_s);
+    else
+        say("rank %d %s [pid %d]", j->w[idx].rank, how, (int)j->w[idx].pid);
+    begin_stop(j, SIGTERM);
+}
+
+/* Collects every worker that ended; the first failure (non-zero exit or a signal) stops the rest. */
+static void reap_workers(job *j) {
+    int i;
+    for (i = 0; i < j->n; i++) {
+        worker *w = &j->w[i];
+        int status = 0;
+        pid_t r;
+        if (!w->running) continue;
+        do r = waitpid(w->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
+        if (r == 0) continue;
+        w->running = 0;
+        w->status = r > 0 ? status : 0;
+        if (r > 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0) && !j->stopping) on_worker_failed(j, i);
+    }
+}
+
+static void on_launcher_signal(job *j, int sig) {
+    if (sig == SIGCHLD) return;   /* reap_workers runs every iteration */
+    if (!j->interrupt_sig) j->interrupt_sig = sig;
+    if (j->stopping) {
+        if (!j->killed) {
+            say("got %s while stopping: sending SIGKILL now", signal_name(sig));
+            escalate_to_kill(j);
+        }
+        return;
+    }
+    say("got %s: forwarding it to the %d running worker%s (SIGKILL after %.3g s)", signal_name(sig),
+        count_running(j), count_running(j) == 1 ? "" : "s", j->o->grace_s);
+    begin_stop(j, sig);
+}
+
+static void drain_signal_pipe(job *j) {
+    unsigned char buf[64];
+    for (;;) {
+        ssize_t n = read(g_signal_pipe[0], buf, sizeof buf);
+        ssize_t i;
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return;
+        for (i = 0; i < n; i++) on_launcher_signal(j, buf[i]);
+    }
+}
+
+/* Waits for one event (a signal, worker output, or the kill deadline) and handles it. */
+static void poll_once(job *j, struct pollfd *fds, out_stream **streams) {
+    int nfds = 1, i, timeout_ms = -1, r;
+    fds[0].fd = g_signal_pipe[0];
+    fds[0].events = POLLIN;
+    for (i = 0; i < j->n; i++) {
+        out_stream *s2[2];
+        int k;
+        s2[0] = &j->w[i].out;
+        s2[1] = &j->w[i].err;
+        for (k = 0; k < 2; k++) {
+            if (s2[k]->fd < 0) continue;
+            fds[nfds].fd = s2[k]->fd;
+            fds[nfds].events = POLLIN;
+            streams[nfds] = s2[k];
+            nfds++;
+        }
+    }
+    if (j->stopping && !j->killed) {
+        double left = j->kill_at - now_s();
+        timeout_ms = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
+    }
+    r = poll(fds, (nfds_t)nfds, timeout_ms);
+    if (r > 0) {
+        if (fds[0].revents) drain_signal_pipe(j);
+        for (i = 1; i < nfds; i++)
+            if (fds[i].revents) pump_stream(streams[i]);
+    }
+    if (j->stopping && !j->killed && now_s() >= j->kill_at) {
+        int left = count_running(j);
+        if (left > 0)
+            say("%d worker%s still running %.3g s after the stop signal: sending SIGKILL", left,
+                left == 1 ? "" : "s", j->o->grace_s);
+        escalate_to_kill(j);
+    }
+}
+
+/* After every worker ended: what is still buffered in the pipes, then close them. Grandchildren
+   may keep a pipe open, so this reads only what is there now instead of waiting for EOF. */
+static void drain_outputs(job *j) {
+    int i;
+    for (i = 0; i < j->n; i++) {
+        worker *w = &j->w[i];
+        if (w->out.fd >= 0) pump_stream(&w->out);
+        if (w->err.fd >= 0) pump_stream(&w->err);
+        close_stream(&w->out);
+        close_stream(&w->err);
+    }
+}
+
+/* The last LOG_TAIL_LINES lines this attempt wrote to the failing rank's log, on stderr. */
+static void print_log_tail(const job *j, const worker *w) {
+    char path[PATH_MAX];
+    static char buf[65536];
+    FILE *f;
+    long end, from;
+    size_t n, i, start;
+    int lines = 0;
+    log_path(j, w->rank, path, sizeof path);
+    f = fopen(path, "rb");
+    if (!f) return;
+    fseek(f, 0, SEEK_END);
+    end = ftell(f);
+    from = end - (long)sizeof buf > w->log_start ? end - (long)sizeof buf : w->log_start;
+    fseek(f, from, SEEK_SET);
+    n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    if (n > 0 && buf[n - 1] == '\n') n--;   /* the final newline does not start a line */
+    for (start = n; start > 0; start--) {
+        if (buf[start - 1] == '\n' && ++lines == LOG_TAIL_LINES) break;
+    }
+    if (start == 0 && from > w->log_start) {   /* the buffer began mid-line: skip that piece */
+        while (start < n && buf[start] != '\n') start++;
+        if (start < n) start++;
+    }
+    say("last lines of %s:", path);
+    if (n == 0) { fputs("  | (empty)\n", stderr); return; }
+    fputs("  | ", stderr);
+    for (i = start; i < n; i++) {
+        fputc(buf[i], stderr);
+        if (buf[i] == '\n') fputs("  | ", stderr);
+    }
+    fputc('\n', stderr);
+}
+
+enum attempt_outcome { ATTEMPT_OK, ATTEMPT_FAILED, ATTEMPT_INTERRUPTED, ATTEMPT_LAUNCH_ERROR };
+
+static int start_workers(job *j) {
+    int i;
+    for (i = 0; i < j->n; i++) {
+        if (launch_worker(j, &j->w[i]) != 0) return -1;
+    }
+    return 0;
+}
+
+static enum attempt_outcome run_attempt(job *j) {
+    const launch_opts *o = j->o;
+    struct pollfd *fds = (struct pollfd *)calloc((size_t)(2 * j->n + 1), sizeof *fds);
+    out_stream **streams = (out_stream **)calloc((size_t)(2 * j->n + 1), sizeof *streams);
+    int i, launch_failed = 0;
+    if (!fds || !streams) {
+        free(fds);
+        free(streams);
+        say("out of memory");
+        return ATTEMPT_LAUNCH_ERROR;
+    }
+    j->stopping = j->killed = j->interrupt_sig = 0;
+    j->failed = -1;
+    for (i = 0; i < j->n; i++) {
+        worker *w = &j->w[i];
+        memset(w, 0, sizeof *w);
+        w->local_rank = i;
+        w->rank = o->node_rank * j->n + i;
+        w->out.fd = w->err.fd = -1;
+    }
+    say("%s %d worker%s (ranks %d to %d of %d), MASTER_ADDR=%s MASTER_PORT=%d%s%s",
+        j->attempt == 0 ? "starting" : "restarting", j->n, j->n == 1 ? "" : "s", j->w[0].rank,
+        j->w[j->n - 1].rank, j->world_size, o->master_addr, j->port, o->log_dir ? ", logs in " : "",
+        o->log_dir ? o->log_dir : "");
+    if (start_workers(j) != 0) {
+        launch_failed = 1;
+        begin_stop(j, SIGKILL);
+        j->killed = 1;
+    }
+    while (count_running(j) > 0) {
+        reap_workers(j);
+        if (count_running(j) == 0) break;
+        poll_once(j, fds, streams);
+    }
+    drain_outputs(j);
+    free(fds);
+    free(streams);
+    if (launch_failed) return ATTEMPT_LAUNCH_ERROR;
+    if (j->interrupt_sig || j->failed >= 0) signal_workers(j, SIGKILL);   /* leftover grandchildren */
+    if (j->interrupt_sig) return ATTEMPT_INTERRUPTED;
+    if (j->failed >= 0) {
+        if (o->log_dir) print_log_tail(j, &j->w[j->failed]);
+        return ATTEMPT_FAILED;
+    }
+    return ATTEMPT_OK;
+}
+
+/* MGPU_NUM_THREADS for the workers: the cores split among them, unless the user chose. */
+static int threads_per_worker(int nproc) {
+    int t;
+    if (getenv("MGPU_NUM_THREADS")) return 0;
+    t = available_cores() / nproc;
+    return t < 1 ? 1 : t;
+}
+
+static int run_job(const launch_opts *o) {
+    job j;
+    memset(&j, 0, sizeof j);
+    j.o = o;
+    j.n = o->nproc;
+    j.world_size = o->nnodes * o->nproc;
+    j.num_threads = threads_per_worker(o->nproc);
+    j.w = (worker *)calloc((size_t)j.n, sizeof *j.w);
+    if (!j.w) { say("out of memory"); return 1; }
+    for (j.attempt = 0;; j.attempt++) {
+        enum attempt_outcome r;
+        char how[128];
+        int code;
+        j.port = o->master_port ? o->master_port : pick_free_port(o->master_addr);
+        if (j.port < 0) { free(j.w); return 1; }
+        r = run_attempt(&j);
+        if (r == ATTEMPT_OK) { free(j.w); return 0; }
+        if (r == ATTEMPT_LAUNCH_ERROR) { free(j.w); return 1; }
+        if (r == ATTEMPT_INTERRUPTED) {
+            say("stopped by %s; all workers ended", signal_name(j.interrupt_sig));
+            free(j.w);
+            return 128 + j.interrupt_sig;
+        }
+        describe_status(j.w[j.failed].status, how, sizeof how);
+        code = status_exit_code(j.w[j.failed].status);
+        if (j.attempt < o->max_restarts) {
+            say("restarting the group (restart %d of %d) after rank %d %s", j.attempt + 1,
+                o->max_restarts, j.w[j.failed].rank, how);
+            continue;
+        }
+        say("job failed: rank %d %s%s; exiting with code %d", j.w[j.failed].rank, how,
+            o->max_restarts > 0 ? " and no restarts are left" : "", code);
+        free(j.w);
+        return code;
+    }
+}
+
+/* Pipes must never land on fds 0-2 (dup2 onto itself would keep close-on-exec set). */
+static void ensure_std_fds(void) {
+    int fd;
+    for (fd = 0; fd < 3; fd++)
+        if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY) < 0) return;
+}
+
+int main(int argc, char **argv) {
+    launch_opts o;
+    int r;
+    ensure_std_fds();
+    r = parse_args(&o, argc, argv);
+    if (r == 1) return 0;
+    if (r != 0) return EXIT_USAGE;
+    if (!program_is_runnable(o.prog_argv[0])) {
+        say("PROGRAM %s was not found or is not executable", o.prog_argv[0]);
+        return EXIT_USAGE;
+    }
+    if (o.log_dir && make_dirs(o.log_dir) != 0) {
+        say("cannot create --log-dir %s: %s", o.log_dir, strerror(errno));
+        return 1;
+    }
+    if (install_signal_handlers() != 0) {
+        say("cannot install signal handlers: %s", strerror(errno));
+        return 1;
+    }
+    return run_job(&o);
+}
