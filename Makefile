@@ -15,7 +15,7 @@ EXAMPLES := $(patsubst examples/%.c,%,$(wildcard examples/*.c))
 TOOLS    := $(patsubst tools/%.c,%,$(wildcard tools/*.c))
 TESTS    := $(patsubst tests/%.c,%,$(filter-out tests/impl.c tests/fuzz_%.c,$(wildcard tests/*.c)))
 
-.PHONY: all help test test-gpu demo data cuda check-headers check-cuda asan fuzz clean bench
+.PHONY: all help test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench
 all: $(addprefix $(BUILD)/,$(EXAMPLES) $(TOOLS)) $(addprefix $(BUILD)/tests/,$(TESTS))
 
 help:
@@ -74,13 +74,21 @@ check-headers: | $(BUILD)
 CUDA_INC := -I$(CUDA_HOME)/include
 CUDA_LIB := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib -Wl,-rpath,$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib
 CUDA_LIBS := -lcudart -lcublas -lcublasLt -lnccl
+NVCC_ARCH ?= $(if $(shell nvidia-smi -L 2>/dev/null),-arch=native,)
+GPU_TESTS := $(patsubst tests/gpu/%.c,%,$(wildcard tests/gpu/*.c))
 $(BUILD)/cuda/mgpu_kernels.o: mgpu_kernels.cu $(HDR) | $(BUILD)/cuda
-	$(NVCC) -O3 -std=c++17 -I. -Xcompiler -Wall,-Wextra -c $< -o $@
+	$(NVCC) -O3 -std=c++17 -I. $(NVCC_ARCH) -Xcompiler -Wall,-Wextra -c $< -o $@
+$(BUILD)/cuda/tests/%: tests/gpu/%.c tests/mgpu_test.h $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) -Itests $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
+$(BUILD)/cuda/gemm_bench: bench/gpu/gemm_bench.cu $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
+	$(NVCC) -O3 -std=c++17 -I. $(NVCC_ARCH) -Xcompiler -Wall,-Wextra $< $(BUILD)/cuda/mgpu_kernels.o -o $@ -L$(CUDA_HOME)/lib64 -Xlinker -rpath,$(CUDA_HOME)/lib64 -lcublas -lcublasLt
+cuda-tests: $(addprefix $(BUILD)/cuda/tests/,$(GPU_TESTS)) $(BUILD)/cuda/gemm_bench
 $(BUILD)/cuda/%: examples/%.c $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
 	$(CC) $(CPPFLAGS) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
 cuda: $(addprefix $(BUILD)/cuda/,$(EXAMPLES))
 check-cuda:
-	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda && \
+	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda cuda-tests && \
 	  $(NVCC) -std=c++17 -I. -DMGPU_CUDA -Xcompiler -Wall,-Wextra -x cu -c $(BUILD)/hdr_cpp.cpp -o $(BUILD)/cuda/hdr_nvcc.o && \
 	  echo "CUDA path compiled and linked with $(NVCC)"; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi

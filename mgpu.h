@@ -661,6 +661,7 @@ MGPU_API double mgpu_time_s(void);
 #include "parts/amp_api.h"
 #include "parts/checkpoint_api.h"
 #include "parts/comm_api.h"
+#include "parts/cuda_api.h"
 
 /* ======================================================================================
    Trainer: the training loop every example shares, composed from the options
@@ -1653,6 +1654,7 @@ MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss) {
 }
 
 /* ---- parts (developed separately, inlined before release) ---- */
+#include "parts/cuda.h"
 #include "parts/ops_basic.h"
 #include "parts/ops_nn.h"
 #include "parts/ops_norm.h"

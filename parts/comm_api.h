@@ -86,3 +86,27 @@ MGPU_API void mgpu_ddp_destroy(mgpu_ddp *d);
 /* no_sync: while off, backward accumulates locally without communication (accumulation micro-steps). */
 MGPU_API void mgpu_ddp_set_sync(mgpu_ddp *d, int sync);
 MGPU_API void mgpu_ddp_get_stats(const mgpu_ddp *d, mgpu_ddp_stats *out);
+/* Bucket b (0 = the first all-reduced: the last-registered parameters) and what it did in the last
+   synced backward, on the mgpu_time_s() clock. For tests and profiling (overlap of communication
+   with backward). Invalid d or b: MGPU_ERR_INVALID_ARG. */
+typedef struct mgpu_ddp_bucket_info {
+    int n_params;
+    const int *params;          /* indices into the model's parameter list, in bucket order (owned by d) */
+    int64_t numel;              /* gradient elements */
+    int64_t hook_calls;         /* grad-ready hooks of its parameters that fired in that backward */
+    double launch_s;            /* when its all-reduce was issued */
+    double done_s;              /* when it was first seen complete */
+    double backward_end_s;      /* when backward's end hook started (the same for every bucket) */
+    int done_before_end;        /* complete before the end hook started waiting */
+} mgpu_ddp_bucket_info;
+MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_bucket_info *out);
+
+/* DataParallel in one process: runs replica_main(rank, comm, arg) for ranks 0..n_replicas-1, rank 0
+   on the calling thread and the others on threads of their own, each with its rank of one `threads`
+   communicator (timeout $MGPU_TIMEOUT_S, else 600 s). A replica creates its own context (one per
+   thread; give each num_threads = cores / n_replicas) and model, wraps it with mgpu_ddp_create and
+   trains its shard (loader rank = rank, world_size = n_replicas). Returns MGPU_OK, or the result of
+   the lowest failing rank with its message in mgpu_last_error(). A replica that fails while others
+   wait in a collective ends them through the communicator's timeout. */
+typedef mgpu_result (*mgpu_dp_replica_fn)(int rank, mgpu_comm *comm, void *arg);
+MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg);

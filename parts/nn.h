@@ -14,6 +14,7 @@ struct mgpu_model {
     mgpu__named_list params, buffers;
     void **owned; int n_owned, cap_owned;   /* layer structs, freed with the model */
     int training;
+    mgpu_batchnorm2d **batchnorms; int n_batchnorms, cap_batchnorms;  /* found by DDP's sync_batchnorm */
 };
 
 /* Room for `need` elements of `elem` bytes: returns the (possibly moved) array, or NULL with an
@@ -65,6 +66,7 @@ MGPU_API void mgpu_model_destroy(mgpu_model *m) {
     mgpu_free(m->params.items);
     mgpu_free(m->buffers.items);
     mgpu_free(m->owned);
+    mgpu_free(m->batchnorms);
     mgpu_free(m);
 }
 
@@ -388,19 +390,29 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
         l->running_var = l->running_mean ? mgpu__layer_tensor(m, 0, name, "running_var", MGPU_F32, 1, &num_features, 1.0, fn) : NULL;
         l->num_batches_tracked = l->running_var ? mgpu__layer_tensor(m, 0, name, "num_batches_tracked", MGPU_I64, 0, NULL, 0.0, fn) : NULL;
     }
+    if (l && l->num_batches_tracked) {
+        mgpu_batchnorm2d **grown = (mgpu_batchnorm2d **)mgpu__grow(m->batchnorms, &m->cap_batchnorms, m->n_batchnorms + 1,
+                                                                   sizeof *grown, "the model's batchnorm list");
+        if (grown) { m->batchnorms = grown; m->batchnorms[m->n_batchnorms++] = l; }
+        else l->num_batches_tracked = NULL;
+    }
     if (!l || !l->num_batches_tracked) { mgpu__model_rollback(m, mk); return NULL; }
     l->model = m; l->num_features = num_features; l->eps = 1e-5f; l->momentum = 0.1f; l->sync_comm = NULL;
     return l;
 }
 
 MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm2d *l, mgpu_tensor *x) {
+    mgpu__bn_sync sync;
     mgpu_tensor *y;
     int training;
     const char *fn = "mgpu_batchnorm2d_forward";
     if (!mgpu__layer_ok(l, fn) || !mgpu__check_input(ctx, fn, "x", x, 1)) return NULL;
     if (x->ndim != 4) MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: x is %s, expected 4-D (N, C, H, W) as nn.BatchNorm2d", fn, mgpu__shape_str(x));
     training = l->model->training;
-    y = mgpu_op_batch_norm(ctx, x, l->weight, l->bias, l->running_mean, l->running_var, training, l->momentum, l->eps);
+    /* SyncBatchNorm (set by DDP): training statistics are reduced over the communicator */
+    sync.reduce = mgpu__bn_reduce_over_comm; sync.user = l->sync_comm;
+    y = mgpu__batch_norm(ctx, x, l->weight, l->bias, l->running_mean, l->running_var, training, l->momentum, l->eps,
+                         training && l->sync_comm ? &sync : NULL);
     if (y && training) ((int64_t *)l->num_batches_tracked->data)[0]++;
     return y;   // (N, C, H, W)
 }

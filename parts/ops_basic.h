@@ -848,15 +848,23 @@ MGPU_API mgpu_tensor *mgpu_op_mse_loss(mgpu_context *ctx, mgpu_tensor *a, mgpu_t
     return out;
 }
 
-/* The mask is never stored: element i is kept iff uniform(seed, first + i) >= p, so backward
-   recomputes it, and any thread count or a resumed run draws the same mask. */
-typedef struct mgpu__dropout_arg { uint64_t seed, first; float p, scale; const float *src; float *dst; int accumulate; } mgpu__dropout_arg;
+/* The mask is never stored: element i is kept iff uniform(seed, counter(i)) >= p, so backward
+   recomputes it, and any thread count or a resumed run draws the same mask. x is viewed as
+   (N, row_size); under DDP (ctx->row_world W > 1) local row j is row rank + W * j of the combined
+   batch (DistributedSampler's sharding), so its counters are first + (rank + W * j) * row_size + c
+   and W ranks draw exactly the masks one process draws for the combined batch. W = 1: first + i. */
+typedef struct mgpu__dropout_arg { uint64_t seed, first; float p, scale; const float *src; float *dst; int accumulate;
+                                   int64_t row_size, rank, world; } mgpu__dropout_arg;
 static void mgpu__dropout_range(void *p, int64_t begin, int64_t end) {
     const mgpu__dropout_arg *d = (const mgpu__dropout_arg *)p;
-    int64_t i;
-    for (i = begin; i < end; i++) {
-        float v = mgpu_random_uniform(d->seed, d->first + (uint64_t)i) >= d->p ? d->src[i] * d->scale : 0.0f;
-        if (d->accumulate) d->dst[i] += v; else d->dst[i] = v;
+    int64_t i = begin;
+    while (i < end) {
+        int64_t j = i / d->row_size, row_end = MGPU__MIN((j + 1) * d->row_size, end);
+        uint64_t base = d->first + (uint64_t)((d->rank + (d->world - 1) * j) * d->row_size);   /* counter = base + i */
+        for (; i < row_end; i++) {
+            float v = mgpu_random_uniform(d->seed, base + (uint64_t)i) >= d->p ? d->src[i] * d->scale : 0.0f;
+            if (d->accumulate) d->dst[i] += v; else d->dst[i] = v;
+        }
     }
 }
 static mgpu_result mgpu__dropout_backward(mgpu_context *ctx, mgpu__node *node) {
@@ -878,8 +886,12 @@ MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p
     if (!training) return x; /* eval: identity, no RNG drawn (as nn.Dropout in eval mode) */
     memset(&d, 0, sizeof d);
     mgpu_context_rng_state(ctx, &d.seed, NULL);
-    /* counters are drawn even for p = 0, so the stream position does not depend on p */
-    d.first = mgpu_context_rng_reserve(ctx, (uint64_t)x->numel);
+    d.world = ctx->row_world > 1 ? ctx->row_world : 1;
+    d.rank = d.world > 1 ? ctx->row_rank : 0;
+    d.row_size = x->ndim > 0 && x->shape[0] > 0 ? MGPU__MAX((int64_t)1, x->numel / x->shape[0]) : 1;
+    /* counters are drawn even for p = 0, so the stream position does not depend on p; under DDP
+       every rank reserves the combined batch's counters so the streams stay aligned */
+    d.first = mgpu_context_rng_reserve(ctx, (uint64_t)(d.world * x->numel));
     if (p == 0.0f) return x;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;

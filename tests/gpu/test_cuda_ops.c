@@ -1,0 +1,873 @@
+/* CPU-vs-CUDA comparison of every launcher in mgpu_kernels.cu, forward and backward.
+   Each case builds random CPU tensors, runs the public CPU op (mgpu_op_*) and mgpu_backward_with_grad
+   for the reference, runs the launchers on copies in device memory whose outputs were first filled
+   with NaN, and requires ||gpu - cpu|| / ||cpu|| <= 1e-5 (f32, TF32 off) or 1e-2 (bf16). A NaN in
+   the GPU result where the CPU has none never passes. Exits 0 with SKIPPED when no GPU is visible.
+   Build: see tests/run_gpu.sh (cc -DMGPU_CUDA ... mgpu_kernels.o -lcudart -lcublas -lcublasLt). */
+#define MGPU_IMPLEMENTATION
+#include "mgpu.h"
+#include "parts/cuda.h"
+#include "mgpu_test.h"
+#include <cuda_runtime_api.h>
+
+#define F32_TOL 1e-5
+#define BF16_TOL 1e-2
+
+static mgpu_context *cpu;
+static void *blas;
+static int quick;
+
+/* ---- device memory owned by the current case (freed by case_end) ---- */
+static void *dev_ptrs[1024];
+static int n_dev;
+static mgpu_tensor *cpu_tensors[1024];
+static int n_cpu;
+
+static void *dev_alloc(size_t bytes) {
+    void *p = mgpu_cuda_malloc(0, bytes);
+    if (!p) { fprintf(stderr, "device allocation of %zu bytes failed: %s\n", bytes, mgpu_last_error()); exit(2); }
+    if (n_dev < 1024) dev_ptrs[n_dev++] = p;
+    return p;
+}
+static float *dev_copy(const void *host, size_t bytes) {
+    void *d = dev_alloc(bytes);
+    cudaMemcpy(d, host, bytes, cudaMemcpyHostToDevice);
+    return (float *)d;
+}
+static float *dev_of(const mgpu_tensor *t) { return dev_copy(t->data, mgpu_tensor_nbytes(t)); }
+static float *dev_nan(int64_t n) {   /* 0xFF bytes are a NaN float: an unwritten output cannot pass */
+    float *d = (float *)dev_alloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    cudaMemset(d, 0xFF, sizeof(float) * (size_t)(n > 0 ? n : 1));
+    return d;
+}
+static float *dev_zeros(int64_t n) {
+    float *d = (float *)dev_alloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    cudaMemset(d, 0, sizeof(float) * (size_t)(n > 0 ? n : 1));
+    return d;
+}
+static mgpu_tensor *track(mgpu_tensor *t) { if (t && n_cpu < 1024) cpu_tensors[n_cpu++] = t; return t; }
+static mgpu_tensor *rnd(int ndim, const int64_t *shape, double lo, double hi) { return track(mt_rand(cpu, ndim, shape, lo, hi, 1)); }
+static void case_end(void) {
+    int i;
+    cudaDeviceSynchronize();
+    for (i = 0; i < n_dev; i++) mgpu_cuda_free(0, dev_ptrs[i]);
+    for (i = 0; i < n_cpu; i++) mgpu_tensor_free(cpu_tensors[i]);
+    n_dev = n_cpu = 0;
+    mgpu_context_end_step(cpu);
+}
+
+/* Relative L2 error; +inf when the GPU has a NaN/inf the CPU does not. */
+static double rel_err(const float *got, const float *ref, int64_t n) {
+    double num = 0, den = 0;
+    int64_t i;
+    for (i = 0; i < n; i++) {
+        if (isfinite(ref[i]) && !isfinite(got[i])) return INFINITY;
+        if (!isfinite(ref[i])) { if (!(isnan(ref[i]) ? isnan(got[i]) : got[i] == ref[i])) return INFINITY; continue; }
+        num += ((double)got[i] - ref[i]) * ((double)got[i] - ref[i]);
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+/* Waits for the stream, copies n floats back and compares them with ref. */
+static void expect_close(const char *what, const float *dev, const float *ref, int64_t n, double tol) {
+    float *h = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    cudaError_t e = cudaDeviceSynchronize();
+    double err;
+    MT_CHECK(e == cudaSuccess, "%s: kernel failed: %s", what, cudaGetErrorString(e));
+    cudaMemcpy(h, dev, sizeof(float) * (size_t)n, cudaMemcpyDeviceToHost);
+    err = rel_err(h, ref, n);
+    MT_CHECK(err <= tol, "%s: relative error %.3g > %.1g", what, err, tol);
+    free(h);
+}
+static void expect_ok(mgpu_result r, const char *what) { MT_CHECK(r == MGPU_OK, "%s returned %d: %s", what, (int)r, mgpu_last_error()); }
+static const float *grad_of(const mgpu_tensor *t) { return t->grad ? (const float *)t->grad->data : NULL; }
+
+/* Runs the CPU backward of out with a random upstream gradient and returns that gradient on the device. */
+static float *cpu_backward(mgpu_tensor *out) {
+    mgpu_tensor *dy = track(mt_rand(cpu, out->ndim, out->shape, -1, 1, 0));
+    expect_ok(mgpu_backward_with_grad(cpu, out, dy), "mgpu_backward_with_grad");
+    return dev_of(dy);
+}
+/* Gives a parameter its grad tensor through the public API (backward of sum(p)); the caller fills it. */
+static void give_grad(mgpu_tensor *p) {
+    expect_ok(mgpu_backward(cpu, mgpu_op_sum(cpu, p)), "backward of sum(p)");
+    mgpu_context_end_step(cpu);
+    MT_CHECK(p->grad != NULL, "parameter has no grad after backward");
+}
+static int64_t prod(int ndim, const int64_t *s) { int64_t p = 1; int i; for (i = 0; i < ndim; i++) p *= s[i]; return p; }
+
+/* ============================== elementwise ============================== */
+
+typedef mgpu_tensor *(*unary_op)(mgpu_context *, mgpu_tensor *);
+static mgpu_tensor *op_elu(mgpu_context *c, mgpu_tensor *x) { return mgpu_op_elu(c, x, 0.7f); }
+static mgpu_tensor *op_scale(mgpu_context *c, mgpu_tensor *x) { return mgpu_op_scale(c, x, -1.5f); }
+static mgpu_tensor *op_adds(mgpu_context *c, mgpu_tensor *x) { return mgpu_op_add_scalar(c, x, 0.25f); }
+
+static void test_unary(void) {
+    static const unary_op ops[8] = { mgpu_op_relu, mgpu_op_gelu, mgpu_op_gelu_tanh, op_elu, mgpu_op_tanh, mgpu_op_sigmoid, op_scale, op_adds };
+    static const float params[8] = { 0, 0, 0, 0.7f, 0, 0, -1.5f, 0.25f };
+    int64_t sizes[4] = { 1, 7, 1000, 65537 };
+    int k, s;
+    for (k = 0; k < 8; k++)
+        for (s = 0; s < (quick ? 3 : 4); s++) {
+            char what[64];
+            mgpu_tensor *x = rnd(1, &sizes[s], -4, 4), *y = ops[k](cpu, x);
+            float *dx = dev_of(x), *dy_out = dev_nan(x->numel), *dgrad = dev_zeros(x->numel), *dy;
+            snprintf(what, sizeof what, "unary kind %d n=%lld forward", k, (long long)sizes[s]);
+            expect_ok(mgpu_cuda_unary_forward(k, params[k], dx, dy_out, x->numel, NULL), what);
+            expect_close(what, dy_out, (const float *)y->data, x->numel, F32_TOL);
+            dy = cpu_backward(y);
+            snprintf(what, sizeof what, "unary kind %d n=%lld backward", k, (long long)sizes[s]);
+            expect_ok(mgpu_cuda_unary_backward(k, params[k], dx, dy_out, dy, dgrad, x->numel, NULL), what);
+            expect_close(what, dgrad, grad_of(x), x->numel, F32_TOL);
+            case_end();
+        }
+}
+
+static void test_unary_accumulates(void) {
+    int64_t n = 1001, i;
+    mgpu_tensor *x = rnd(1, &n, -2, 2), *y = mgpu_op_tanh(cpu, x);
+    float *dx = dev_of(x), *dyo = dev_of(y), *dy = cpu_backward(y), *g = (float *)malloc(sizeof(float) * (size_t)n);
+    float *dg;
+    for (i = 0; i < n; i++) g[i] = 3.0f;
+    dg = dev_copy(g, sizeof(float) * (size_t)n);
+    for (i = 0; i < n; i++) g[i] = 3.0f + grad_of(x)[i];
+    expect_ok(mgpu_cuda_unary_backward(MGPU_CUDA_TANH, 0, dx, dyo, dy, dg, n, NULL), "tanh backward");
+    expect_close("backward adds to an existing gradient", dg, g, n, F32_TOL);
+    free(g);
+    case_end();
+}
+
+typedef mgpu_tensor *(*binary_op)(mgpu_context *, mgpu_tensor *, mgpu_tensor *);
+static void test_binary(void) {
+    static const binary_op ops[3] = { mgpu_op_add, mgpu_op_sub, mgpu_op_mul };
+    /* the last case reduces 2048 positions per element of b: the block-per-element path */
+    static const int64_t sa[5][3] = { {7, 13, 0}, {5, 1, 3}, {2, 3, 4}, {1, 300, 0}, {2048, 3, 0} };
+    static const int64_t sb[5][3] = { {7, 13, 0}, {4, 3, 0}, {1, 0, 0}, {257, 1, 0}, {3, 0, 0} };
+    static const int na[5] = { 2, 3, 3, 2, 2 }, nb[5] = { 2, 2, 1, 2, 1 };
+    int op, c;
+    for (op = 0; op < 3; op++)
+        for (c = 0; c < 5; c++) {
+            mgpu_cuda_bcast g;
+            mgpu_tensor *a = rnd(na[c], sa[c], -2, 2), *b = rnd(nb[c], sb[c], -2, 2), *y = ops[op](cpu, a, b);
+            float *da = dev_of(a), *db = dev_of(b), *out = dev_nan(y->numel), *ga = dev_zeros(a->numel), *gb = dev_zeros(b->numel), *dy;
+            expect_ok(mgpu_cuda_bcast_make(a->ndim, a->shape, b->ndim, b->shape, &g), "bcast_make");
+            MT_CHECK(g.numel == y->numel, "broadcast numel %lld vs %lld", (long long)g.numel, (long long)y->numel);
+            expect_ok(mgpu_cuda_binary_forward(op, &g, da, db, out, NULL), "binary forward");
+            expect_close("binary forward", out, (const float *)y->data, y->numel, F32_TOL);
+            dy = cpu_backward(y);
+            expect_ok(mgpu_cuda_binary_backward(op, &g, da, db, dy, ga, gb, NULL), "binary backward");
+            expect_close("binary backward da", ga, grad_of(a), a->numel, F32_TOL);
+            expect_close("binary backward db", gb, grad_of(b), b->numel, F32_TOL);
+            case_end();
+        }
+    {   /* shapes that do not broadcast are an error, not a crash */
+        int64_t s1[1] = { 3 }, s2[1] = { 4 };
+        mgpu_cuda_bcast g;
+        MT_CHECK(mgpu_cuda_bcast_make(1, s1, 1, s2, &g) == MGPU_ERR_SHAPE, "3 vs 4 must not broadcast");
+    }
+}
+
+static void test_bias(void) {
+    static const int64_t shapes[3][3] = { {9, 5, 0}, {2, 3, 17}, {1000, 33, 0} };
+    static const int nd[3] = { 2, 3, 2 };
+    int c;
+    for (c = 0; c < 3; c++) {
+        int64_t C = shapes[c][nd[c] - 1], rows = prod(nd[c], shapes[c]) / C;
+        mgpu_tensor *x = rnd(nd[c], shapes[c], -1, 1), *b = rnd(1, &C, -1, 1), *y = mgpu_op_bias_add(cpu, x, b);
+        float *dx = dev_of(x), *dbias = dev_of(b), *out = dev_nan(y->numel), *gb = dev_zeros(C), *dy;
+        expect_ok(mgpu_cuda_bias_add_forward(dx, dbias, out, rows, C, NULL), "bias_add");
+        expect_close("bias_add forward", out, (const float *)y->data, y->numel, F32_TOL);
+        dy = cpu_backward(y);
+        expect_ok(mgpu_cuda_bias_grad(dy, gb, rows, C, NULL), "bias_grad");
+        expect_close("bias grad (column sums)", gb, grad_of(b), C, F32_TOL);
+        case_end();
+    }
+}
+
+/* ============================== softmax and losses ============================== */
+
+static void test_softmax(void) {
+    static const int64_t shapes[4][3] = { {7, 10, 0}, {3, 2000, 0}, {4, 5, 6}, {33, 1, 0} };
+    static const int nd[4] = { 2, 2, 3, 2 };
+    int c, lg;
+    for (lg = 0; lg < 2; lg++)
+        for (c = 0; c < 4; c++) {
+            int dim = 1;
+            mgpu_tensor *x = rnd(nd[c], shapes[c], -5, 5);
+            mgpu_tensor *y = lg ? mgpu_op_log_softmax(cpu, x, dim) : mgpu_op_softmax(cpu, x, dim);
+            int64_t outer = shapes[c][0], D = shapes[c][1], inner = x->numel / (outer * D);
+            float *dx = dev_of(x), *out = dev_nan(x->numel), *g = dev_zeros(x->numel), *dy;
+            expect_ok(mgpu_cuda_softmax_forward(dx, out, outer, D, inner, lg, NULL), "softmax forward");
+            expect_close(lg ? "log_softmax forward" : "softmax forward", out, (const float *)y->data, x->numel, F32_TOL);
+            dy = cpu_backward(y);
+            expect_ok(mgpu_cuda_softmax_backward(out, dy, g, outer, D, inner, lg, NULL), "softmax backward");
+            expect_close(lg ? "log_softmax backward" : "softmax backward", g, grad_of(x), x->numel, F32_TOL);
+            case_end();
+        }
+}
+
+/* Targets in [0, c) with every 5th row ignored (-100). */
+static mgpu_tensor *targets(int64_t n, int64_t c, int i64) {
+    mgpu_tensor *t = track(mgpu_tensor_create(cpu, i64 ? MGPU_I64 : MGPU_I32, 1, &n));
+    int64_t i;
+    for (i = 0; i < n; i++) {
+        int64_t v = (i % 5 == 4) ? -100 : (int64_t)mt_uniform(0, (double)c);
+        if (i64) ((int64_t *)t->data)[i] = v; else ((int32_t *)t->data)[i] = (int32_t)v;
+    }
+    return t;
+}
+
+static void test_cross_entropy_and_nll(void) {
+    static const int64_t cases[3][2] = { {37, 10}, {5, 3000}, {1, 2} };
+    int c, nll;
+    for (nll = 0; nll < 2; nll++)
+        for (c = 0; c < 3; c++) {
+            int64_t shape[2] = { cases[c][0], cases[c][1] }, n = shape[0], C = shape[1], one = 1;
+            int i64 = c != 1;
+            mgpu_tensor *x = rnd(2, shape, -3, 3), *t = targets(n, C, i64);
+            mgpu_tensor *loss = nll ? mgpu_op_nll_loss(cpu, x, t) : mgpu_op_cross_entropy(cpu, x, t);
+            float *dx = dev_of(x), *dt = dev_of(t), *lse = dev_nan(n), *dl = dev_nan(1), *valid = dev_nan(1), *g = dev_zeros(x->numel), *dy;
+            (void)one;
+            if (nll) expect_ok(mgpu_cuda_nll_forward(dx, dt, i64, n, C, dl, valid, NULL), "nll forward");
+            else expect_ok(mgpu_cuda_cross_entropy_forward(dx, dt, i64, n, C, lse, dl, valid, NULL), "cross_entropy forward");
+            expect_close(nll ? "nll loss" : "cross-entropy loss", dl, (const float *)loss->data, 1, F32_TOL);
+            dy = cpu_backward(loss);
+            if (nll) expect_ok(mgpu_cuda_nll_backward(dt, i64, dy, valid, g, n, C, NULL), "nll backward");
+            else expect_ok(mgpu_cuda_cross_entropy_backward(dx, dt, i64, lse, dy, valid, g, n, C, NULL), "cross_entropy backward");
+            expect_close(nll ? "nll backward" : "cross-entropy backward", g, grad_of(x), x->numel, F32_TOL);
+            case_end();
+        }
+}
+
+static void test_mse(void) {
+    int64_t shape[2] = { 13, 77 };
+    mgpu_tensor *a = rnd(2, shape, -1, 1), *b = rnd(2, shape, -1, 1), *l = mgpu_op_mse_loss(cpu, a, b);
+    float *da = dev_of(a), *db = dev_of(b), *dl = dev_nan(1), *ga = dev_zeros(a->numel), *gb = dev_zeros(b->numel), *dy;
+    expect_ok(mgpu_cuda_mse_forward(da, db, a->numel, dl, NULL), "mse forward");
+    expect_close("mse loss", dl, (const float *)l->data, 1, F32_TOL);
+    dy = cpu_backward(l);
+    expect_ok(mgpu_cuda_mse_backward(da, db, dy, ga, gb, a->numel, NULL), "mse backward");
+    expect_close("mse backward a", ga, grad_of(a), a->numel, F32_TOL);
+    expect_close("mse backward b", gb, grad_of(b), b->numel, F32_TOL);
+    case_end();
+}
+
+/* ============================== dropout and RNG ============================== */
+
+static void test_rng_bits(void) {
+    int64_t n = quick ? 4096 : 1 << 20, i, bad = 0;
+    uint32_t *d = (uint32_t *)dev_alloc(sizeof(uint32_t) * (size_t)n), *h = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)n);
+    uint64_t seed = 0xdeadbeefULL, first = (1ULL << 40) + 17;   /* counters beyond 32 bits too */
+    expect_ok(mgpu_cuda_random_u32(seed, first, d, n, NULL), "random_u32");
+    cudaMemcpy(h, d, sizeof(uint32_t) * (size_t)n, cudaMemcpyDeviceToHost);
+    for (i = 0; i < n; i++) bad += h[i] != mgpu_random_u32(seed, first + (uint64_t)i);
+    MT_CHECK(bad == 0, "%lld of %lld random words differ from the CPU's", (long long)bad, (long long)n);
+    free(h);
+    case_end();
+}
+
+static void test_dropout_matches_cpu(void) {
+    int64_t shape[2] = { 37, 129 };
+    float p = 0.3f;
+    uint64_t seed = 0, off = 0;
+    mgpu_tensor *x = rnd(2, shape, -1, 1), *y;
+    float *dx, *out, *g, *dy;
+    mgpu_context_rng_state(cpu, &seed, &off);
+    y = mgpu_op_dropout(cpu, x, p, 1);
+    dx = dev_of(x); out = dev_nan(x->numel); g = dev_zeros(x->numel);
+    expect_ok(mgpu_cuda_dropout(seed, off, p, 1.0f / (1.0f - p), dx, out, x->numel, 0, NULL), "dropout forward");
+    /* the mask must be identical: compare exactly (the kept values are the same product) */
+    expect_close("dropout forward (same mask as the CPU)", out, (const float *)y->data, x->numel, 0.0);
+    dy = cpu_backward(y);
+    expect_ok(mgpu_cuda_dropout(seed, off, p, 1.0f / (1.0f - p), dy, g, x->numel, 1, NULL), "dropout backward");
+    expect_close("dropout backward", g, grad_of(x), x->numel, 0.0);
+    case_end();
+}
+
+/* ============================== normalisation ============================== */
+
+static void test_layer_norm(void) {
+    static const int64_t cases[3][2] = { {6, 33}, {3, 1500}, {65, 8} };
+    int c, affine;
+    for (affine = 0; affine < 2; affine++)
+        for (c = 0; c < 3; c++) {
+            int64_t shape[2] = { cases[c][0], cases[c][1] }, R = shape[0], C = shape[1];
+            mgpu_tensor *x = rnd(2, shape, -2, 3), *w = affine ? rnd(1, &C, 0.5, 1.5) : NULL, *b = affine ? rnd(1, &C, -1, 1) : NULL;
+            mgpu_tensor *y = mgpu_op_layer_norm(cpu, x, w, b, 1e-5f);
+            float *dx = dev_of(x), *dw = w ? dev_of(w) : NULL, *db = b ? dev_of(b) : NULL, *out = dev_nan(x->numel);
+            float *mean = dev_nan(R), *rstd = dev_nan(R), *gx = dev_zeros(x->numel), *gw = dev_zeros(C), *gb = dev_zeros(C), *dy;
+            expect_ok(mgpu_cuda_layer_norm_forward(dx, dw, db, out, mean, rstd, R, C, 1e-5f, NULL), "layer_norm forward");
+            expect_close("layer_norm forward", out, (const float *)y->data, x->numel, F32_TOL);
+            dy = cpu_backward(y);
+            expect_ok(mgpu_cuda_layer_norm_backward(dx, dw, dy, mean, rstd, gx, w ? gw : NULL, b ? gb : NULL, R, C, NULL), "layer_norm backward");
+            expect_close("layer_norm dx", gx, grad_of(x), x->numel, F32_TOL);
+            if (w) expect_close("layer_norm dw", gw, grad_of(w), C, F32_TOL);
+            if (b) expect_close("layer_norm db", gb, grad_of(b), C, F32_TOL);
+            case_end();
+        }
+}
+
+static void test_batch_norm(void) {
+    static const int64_t shapes[2][4] = { {8, 5, 3, 4}, {16, 7, 0, 0} };
+    static const int nd[2] = { 4, 2 };
+    int c, training;
+    for (training = 1; training >= 0; training--)
+        for (c = 0; c < 2; c++) {
+            int64_t C = shapes[c][1], N = shapes[c][0], S = prod(nd[c], shapes[c]) / (N * C);
+            mgpu_tensor *x = rnd(nd[c], shapes[c], -2, 3), *w = rnd(1, &C, 0.5, 1.5), *b = rnd(1, &C, -1, 1);
+            mgpu_tensor *rm = track(mt_rand(cpu, 1, &C, -0.5, 0.5, 0)), *rv = track(mt_rand(cpu, 1, &C, 0.5, 2, 0));
+            float *drm = dev_of(rm), *drv = dev_of(rv), *dx = dev_of(x), *dw = dev_of(w), *db = dev_of(b), *out = dev_nan(x->numel);
+            float *mean = dev_nan(C), *rstd = dev_nan(C), *gx = dev_zeros(x->numel), *gw = dev_zeros(C), *gb = dev_zeros(C), *dy;
+            mgpu_tensor *y = mgpu_op_batch_norm(cpu, x, w, b, rm, rv, training, 0.1f, 1e-5f);
+            expect_ok(mgpu_cuda_batch_norm_forward(dx, dw, db, drm, drv, out, mean, rstd, N, C, S, training, 0.1f, 1e-5f, NULL), "bn forward");
+            expect_close(training ? "batch_norm forward (train)" : "batch_norm forward (eval)", out, (const float *)y->data, x->numel, F32_TOL);
+            expect_close("batch_norm running_mean", drm, (const float *)rm->data, C, F32_TOL);
+            expect_close("batch_norm running_var", drv, (const float *)rv->data, C, F32_TOL);
+            dy = cpu_backward(y);
+            expect_ok(mgpu_cuda_batch_norm_backward(dx, dw, dy, mean, rstd, gx, gw, gb, N, C, S, training, NULL), "bn backward");
+            expect_close("batch_norm dx", gx, grad_of(x), x->numel, F32_TOL);
+            expect_close("batch_norm dw", gw, grad_of(w), C, F32_TOL);
+            expect_close("batch_norm db", gb, grad_of(b), C, F32_TOL);
+            case_end();
+        }
+}
+
+static void test_embedding(void) {
+    int i64;
+    for (i64 = 0; i64 < 2; i64++) {
+        int64_t wshape[2] = { 50, 17 }, n = 40, V = 50, D = 17, i;
+        mgpu_tensor *w = rnd(2, wshape, -1, 1), *idx = track(mgpu_tensor_create(cpu, i64 ? MGPU_I64 : MGPU_I32, 1, &n)), *y;
+        float *dw, *didx, *out, *g, *dy;
+        for (i = 0; i < n; i++) {   /* repeated rows exercise the deterministic scatter */
+            int64_t v = (i * 7) % 13;
+            if (i64) ((int64_t *)idx->data)[i] = v; else ((int32_t *)idx->data)[i] = (int32_t)v;
+        }
+        y = mgpu_op_embedding(cpu, w, idx);
+        dw = dev_of(w); didx = dev_of(idx); out = dev_nan(y->numel); g = dev_zeros(w->numel);
+        expect_ok(mgpu_cuda_embedding_forward(dw, didx, i64, out, n, V, D, NULL), "embedding forward");
+        expect_close("embedding forward", out, (const float *)y->data, y->numel, 0.0);
+        dy = cpu_backward(y);
+        expect_ok(mgpu_cuda_embedding_backward(didx, i64, dy, g, n, V, D, NULL), "embedding backward");
+        expect_close("embedding backward", g, grad_of(w), w->numel, F32_TOL);
+        case_end();
+    }
+}
+
+/* ============================== convolution, pooling ============================== */
+
+/* conv2d through im2col + GEMM per image, and its backward through GEMMs + col2im. */
+static void test_conv2d(void) {
+    static const int cfg[3][3] = { {3, 2, 1}, {3, 1, 0}, {1, 1, 0} };   /* kernel, stride, padding */
+    int c;
+    for (c = 0; c < 3; c++) {
+        int k = cfg[c][0], s = cfg[c][1], pad = cfg[c][2];
+        int64_t xs[4] = { 2, 3, 9, 8 }, O = 4, ws[4] = { 4, 3, k, k }, n;
+        mgpu_tensor *x = rnd(4, xs, -1, 1), *w = rnd(4, ws, -1, 1), *b = rnd(1, &O, -1, 1);
+        mgpu_tensor *y = mgpu_op_conv2d(cpu, x, w, b, s, pad);
+        mgpu_cuda_conv_geom g;
+        int64_t P, ckk;
+        float *dx, *dw, *db, *cols, *out, *dy, *gx, *gw, *gb, *dcols, *tmp;
+        if (!y) { MT_CHECK(y != NULL, "cpu conv2d failed: %s", mgpu_last_error()); case_end(); continue; }
+        memset(&g, 0, sizeof g);
+        g.N = 2; g.C = 3; g.H = 9; g.W = 8; g.OH = y->shape[2]; g.OW = y->shape[3]; g.kernel = k; g.stride = s; g.padding = pad;
+        P = g.OH * g.OW; ckk = g.C * k * k;
+        dx = dev_of(x); dw = dev_of(w); db = dev_of(b);
+        cols = dev_nan(g.N * ckk * P); out = dev_nan(y->numel);
+        expect_ok(mgpu_cuda_im2col(&g, dx, cols, NULL), "im2col");
+        for (n = 0; n < g.N; n++)   /* y[n] (O, P) = W (O, CKK) @ cols[n] (CKK, P), then + bias per row */
+            expect_ok(mgpu_cuda_gemm(blas, 0, 0, O, P, ckk, 1.0f, dw, ckk, cols + n * ckk * P, P, MGPU_F32, 0.0f, out + n * O * P, P,
+                                     MGPU_CUDA_EPI_NONE, NULL, 1), "conv gemm");
+        tmp = dev_nan(y->numel);   /* bias over channels: (N, O, P) + b via a broadcast add with b (O, 1) */
+        {
+            mgpu_cuda_bcast bc;
+            int64_t ysh[3] = { g.N, O, P }, bsh[2] = { O, 1 };
+            expect_ok(mgpu_cuda_bcast_make(3, ysh, 2, bsh, &bc), "bcast");
+            expect_ok(mgpu_cuda_binary_forward(MGPU_CUDA_ADD, &bc, out, db, tmp, NULL), "bias");
+            expect_close("conv2d forward (im2col + gemm)", tmp, (const float *)y->data, y->numel, F32_TOL);
+            dy = cpu_backward(y);
+            gx = dev_zeros(x->numel); gw = dev_zeros(w->numel); gb = dev_zeros(O); dcols = dev_nan(g.N * ckk * P);
+            for (n = 0; n < g.N; n++) {
+                /* dW += dy[n] (O, P) @ cols[n]^T (P, CKK); dcols[n] = W^T (CKK, O) @ dy[n] (O, P) */
+                expect_ok(mgpu_cuda_gemm(blas, 0, 1, O, ckk, P, 1.0f, dy + n * O * P, P, cols + n * ckk * P, P, MGPU_F32, 1.0f, gw, ckk,
+                                         MGPU_CUDA_EPI_NONE, NULL, 1), "conv dW gemm");
+                expect_ok(mgpu_cuda_gemm(blas, 1, 0, ckk, P, O, 1.0f, dw, ckk, dy + n * O * P, P, MGPU_F32, 0.0f, dcols + n * ckk * P, P,
+                                         MGPU_CUDA_EPI_NONE, NULL, 1), "conv dcols gemm");
+            }
+            expect_ok(mgpu_cuda_col2im(&g, dcols, gx, NULL), "col2im");
+            expect_ok(mgpu_cuda_binary_backward(MGPU_CUDA_ADD, &bc, out, db, dy, NULL, gb, NULL), "bias grad");
+        }
+        expect_close("conv2d dx (col2im)", gx, grad_of(x), x->numel, F32_TOL);
+        expect_close("conv2d dw", gw, grad_of(w), w->numel, F32_TOL);
+        expect_close("conv2d db", gb, grad_of(b), O, F32_TOL);
+        case_end();
+    }
+}
+
+static void test_pool(void) {
+    static const int cfg[3][3] = { {3, 2, 1}, {2, 2, 0}, {3, 1, 1} };
+    int c, is_max;
+    for (is_max = 0; is_max < 2; is_max++)
+        for (c = 0; c < 3; c++) {
+            int64_t xs[4] = { 2, 3, 9, 7 };
+            mgpu_tensor *x = rnd(4, xs, -1, 1);
+            mgpu_tensor *y = is_max ? mgpu_op_max_pool2d(cpu, x, cfg[c][0], cfg[c][1], cfg[c][2]) : mgpu_op_avg_pool2d(cpu, x, cfg[c][0], cfg[c][1], cfg[c][2]);
+            mgpu_cuda_conv_geom g;
+            float *dx, *out, *gx, *dy;
+            int32_t *am;
+            memset(&g, 0, sizeof g);
+            g.N = 2; g.C = 3; g.H = 9; g.W = 7; g.OH = y->shape[2]; g.OW = y->shape[3]; g.kernel = cfg[c][0]; g.stride = cfg[c][1]; g.padding = cfg[c][2];
+            dx = dev_of(x); out = dev_nan(y->numel); gx = dev_zeros(x->numel);
+            am = (int32_t *)dev_alloc(sizeof(int32_t) * (size_t)y->numel);
+            expect_ok(mgpu_cuda_pool_forward(&g, is_max, dx, out, is_max ? am : NULL, NULL), "pool forward");
+            expect_close(is_max ? "max_pool2d forward" : "avg_pool2d forward", out, (const float *)y->data, y->numel, F32_TOL);
+            dy = cpu_backward(y);
+            expect_ok(mgpu_cuda_pool_backward(&g, is_max, is_max ? am : NULL, dy, gx, NULL), "pool backward");
+            expect_close(is_max ? "max_pool2d backward" : "avg_pool2d backward", gx, grad_of(x), x->numel, F32_TOL);
+            case_end();
+        }
+}
+
+/* ============================== copies and reductions ============================== */
+
+static void test_transpose(void) {
+    int64_t xs[4] = { 2, 3, 4, 5 };
+    mgpu_tensor *x = rnd(4, xs, -1, 1), *y = mgpu_op_transpose(cpu, x, 1, 3);
+    float *dx = dev_of(x), *out = dev_nan(x->numel), *g = dev_zeros(x->numel), *dy;
+    /* (2, 3, 4, 5) -> (2, 5, 4, 3): outer 2, d0 3, mid 4, d1 5, inner 1 */
+    expect_ok(mgpu_cuda_transpose(dx, out, 2, 3, 4, 5, 1, 0, NULL), "transpose");
+    expect_close("transpose forward", out, (const float *)y->data, y->numel, 0.0);
+    dy = cpu_backward(y);
+    expect_ok(mgpu_cuda_transpose(dy, g, 2, 5, 4, 3, 1, 1, NULL), "transpose backward");
+    expect_close("transpose backward", g, grad_of(x), x->numel, 0.0);
+    case_end();
+}
+
+static void test_concat_narrow(void) {
+    int64_t s1[3] = { 2, 3, 4 }, s2[3] = { 2, 5, 4 };
+    mgpu_tensor *a = rnd(3, s1, -1, 1), *b = rnd(3, s2, -1, 1), *xs[2], *y, *nr;
+    float *da, *db, *out, *ga, *gb, *dy, *nout, *gn, *dny;
+    xs[0] = a; xs[1] = b;
+    y = mgpu_op_concat(cpu, xs, 2, 1);   // (2, 8, 4): rows of 8 * 4, a at 0, b at 12
+    da = dev_of(a); db = dev_of(b); out = dev_nan(y->numel); ga = dev_zeros(a->numel); gb = dev_zeros(b->numel);
+    expect_ok(mgpu_cuda_copy_rows(da, 12, 0, out, 32, 0, 2, 12, 0, NULL), "concat a");
+    expect_ok(mgpu_cuda_copy_rows(db, 20, 0, out, 32, 12, 2, 20, 0, NULL), "concat b");
+    expect_close("concat forward", out, (const float *)y->data, y->numel, 0.0);
+    dy = cpu_backward(y);
+    expect_ok(mgpu_cuda_copy_rows(dy, 32, 0, ga, 12, 0, 2, 12, 1, NULL), "concat backward a");
+    expect_ok(mgpu_cuda_copy_rows(dy, 32, 12, gb, 20, 0, 2, 20, 1, NULL), "concat backward b");
+    expect_close("concat backward a", ga, grad_of(a), a->numel, 0.0);
+    expect_close("concat backward b", gb, grad_of(b), b->numel, 0.0);
+    case_end();
+    b = rnd(3, s2, -1, 1);
+    nr = mgpu_op_narrow(cpu, b, 1, 1, 3);   // (2, 3, 4) from rows [1, 4) of dim 1
+    db = dev_of(b); nout = dev_nan(nr->numel); gn = dev_zeros(b->numel);
+    expect_ok(mgpu_cuda_copy_rows(db, 20, 4, nout, 12, 0, 2, 12, 0, NULL), "narrow");
+    expect_close("narrow forward", nout, (const float *)nr->data, nr->numel, 0.0);
+    dny = cpu_backward(nr);
+    expect_ok(mgpu_cuda_copy_rows(dny, 12, 0, gn, 20, 4, 2, 12, 1, NULL), "narrow backward");
+    expect_close("narrow backward", gn, grad_of(b), b->numel, 0.0);
+    case_end();
+}
+
+static void test_reductions(void) {
+    int64_t xs[3] = { 4, 37, 5 }, n = quick ? 100003 : 3000017;
+    int mean;
+    for (mean = 0; mean < 2; mean++) {
+        mgpu_tensor *x = rnd(3, xs, -1, 1), *y = mean ? mgpu_op_mean(cpu, x) : mgpu_op_sum(cpu, x);
+        float scale = mean ? 1.0f / (float)x->numel : 1.0f;
+        float *dx = dev_of(x), *out = dev_nan(1), *scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS), *g = dev_zeros(x->numel), *dy;
+        expect_ok(mgpu_cuda_sum(dx, x->numel, scale, out, scratch, NULL), "sum");
+        expect_close(mean ? "mean" : "sum", out, (const float *)y->data, 1, F32_TOL);
+        dy = cpu_backward(y);
+        expect_ok(mgpu_cuda_sum_dim_backward(dy, g, 1, x->numel, 1, scale, NULL), "sum backward");
+        expect_close(mean ? "mean backward" : "sum backward", g, grad_of(x), x->numel, F32_TOL);
+        case_end();
+        x = rnd(3, xs, -1, 1); y = mean ? mgpu_op_mean_dim(cpu, x, 1, 0) : mgpu_op_sum_dim(cpu, x, 1, 0);
+        dx = dev_of(x); out = dev_nan(y->numel); g = dev_zeros(x->numel);
+        scale = mean ? 1.0f / 37.0f : 1.0f;
+        expect_ok(mgpu_cuda_sum_dim(dx, out, 4, 37, 5, scale, NULL), "sum_dim");
+        expect_close(mean ? "mean_dim" : "sum_dim", out, (const float *)y->data, y->numel, F32_TOL);
+        dy = cpu_backward(y);
+        expect_ok(mgpu_cuda_sum_dim_backward(dy, g, 4, 37, 5, scale, NULL), "sum_dim backward");
+        expect_close(mean ? "mean_dim backward" : "sum_dim backward", g, grad_of(x), x->numel, F32_TOL);
+        case_end();
+    }
+    {
+        mgpu_tensor *x = rnd(3, xs, -1, 1), *y = mgpu_op_max_dim(cpu, x, 1, 0);
+        float *dx = dev_of(x), *out = dev_nan(y->numel), *g = dev_zeros(x->numel), *dy;
+        int32_t *am = (int32_t *)dev_alloc(sizeof(int32_t) * (size_t)y->numel);
+        expect_ok(mgpu_cuda_max_dim(dx, out, am, 4, 37, 5, NULL), "max_dim");
+        expect_close("max_dim", out, (const float *)y->data, y->numel, 0.0);
+        dy = cpu_backward(y);
+        expect_ok(mgpu_cuda_max_dim_backward(am, dy, g, 4, 37, 5, NULL), "max_dim backward");
+        expect_close("max_dim backward", g, grad_of(x), x->numel, 0.0);
+        case_end();
+    }
+    {   /* a long sum: the fixed two-phase tree against a double-precision host sum */
+        float *h = (float *)malloc(sizeof(float) * (size_t)n), ref, *dx, *out, *scratch;
+        double s = 0;
+        int64_t i;
+        for (i = 0; i < n; i++) { h[i] = (float)mt_uniform(-1, 1); s += h[i]; }
+        ref = (float)s;
+        dx = dev_copy(h, sizeof(float) * (size_t)n); out = dev_nan(1); scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS);
+        expect_ok(mgpu_cuda_sum(dx, n, 1.0f, out, scratch, NULL), "long sum");
+        expect_close("sum of 3M floats", out, &ref, 1, 1e-4);
+        free(h);
+        case_end();
+    }
+}
+
+/* ============================== attention ============================== */
+
+static void test_attention(void) {
+    static const int64_t cfg[3][3] = { {5, 7, 8}, {6, 6, 16}, {33, 40, 64} };   /* Tq, Tk, D */
+    int c, causal;
+    for (causal = 0; causal < 2; causal++)
+        for (c = 0; c < 3; c++) {
+            int64_t Tq = cfg[c][0], Tk = causal ? cfg[c][0] : cfg[c][1], D = cfg[c][2], BH = 6;
+            int64_t qs[4] = { 2, 3, Tq, D }, ks[4] = { 2, 3, Tk, D };
+            mgpu_tensor *q = rnd(4, qs, -1, 1), *k = rnd(4, ks, -1, 1), *v = rnd(4, ks, -1, 1), *y = mgpu_op_attention(cpu, q, k, v, causal);
+            float *dq = dev_of(q), *dk = dev_of(k), *dv = dev_of(v), *out = dev_nan(y->numel), *probs = dev_nan(BH * Tq * Tk);
+            float *dprobs = dev_nan(BH * Tq * Tk), *gq = dev_zeros(q->numel), *gk = dev_zeros(k->numel), *gv = dev_zeros(v->numel), *dy;
+            expect_ok(mgpu_cuda_attention_forward(blas, dq, dk, dv, out, probs, BH, Tq, Tk, D, causal, NULL), "attention forward");
+            expect_close(causal ? "causal attention forward" : "attention forward", out, (const float *)y->data, y->numel, F32_TOL);
+            dy = cpu_backward(y);
+            expect_ok(mgpu_cuda_attention_backward(blas, dq, dk, dv, probs, dy, gq, gk, gv, dprobs, BH, Tq, Tk, D, causal, NULL), "attention backward");
+            expect_close("attention dq", gq, grad_of(q), q->numel, F32_TOL);
+            expect_close("attention dk", gk, grad_of(k), k->numel, F32_TOL);
+            expect_close("attention dv", gv, grad_of(v), v->numel, F32_TOL);
+            case_end();
+        }
+}
+
+/* ============================== GEMM / linear ============================== */
+
+static void test_linear_gemm(void) {
+    static const int64_t cfg[3][3] = { {17, 33, 9}, {128, 784, 256}, {1, 5, 3} };   /* N, in, out */
+    static const int epis[4] = { MGPU_CUDA_EPI_BIAS, MGPU_CUDA_EPI_BIAS_RELU, MGPU_CUDA_EPI_BIAS_GELU, MGPU_CUDA_EPI_NONE };
+    int c, e, lt;
+    for (lt = 0; lt < 2; lt++)
+        for (c = 0; c < 3; c++)
+            for (e = 0; e < 4; e++) {
+                int64_t N = cfg[c][0], I = cfg[c][1], O = cfg[c][2], xs[2] = { N, I }, ws[2] = { O, I };
+                mgpu_tensor *x = rnd(2, xs, -1, 1), *w = rnd(2, ws, -1, 1), *b = rnd(1, &O, -1, 1);
+                mgpu_tensor *lin = mgpu_op_linear(cpu, x, w, epis[e] == MGPU_CUDA_EPI_NONE ? NULL : b);
+                mgpu_tensor *y = epis[e] == MGPU_CUDA_EPI_BIAS_RELU ? mgpu_op_relu(cpu, lin)
+                               : epis[e] == MGPU_CUDA_EPI_BIAS_GELU ? mgpu_op_gelu_tanh(cpu, lin) : lin;
+                float *dx = dev_of(x), *dw = dev_of(w), *db = dev_of(b), *out = dev_nan(y->numel), *gx, *gw, *gb, *dy;
+                char what[96];
+                snprintf(what, sizeof what, "linear N=%lld in=%lld out=%lld epilogue %d %s", (long long)N, (long long)I, (long long)O, epis[e],
+                         lt ? "cuBLASLt" : "cuBLAS");
+                expect_ok(mgpu_cuda_gemm(blas, 0, 1, N, O, I, 1.0f, dx, I, dw, I, MGPU_F32, 0.0f, out, O, epis[e], db, lt), what);
+                /* cuBLASLt's GELU epilogue uses its own tanh: allow 1e-4 there */
+                expect_close(what, out, (const float *)y->data, y->numel, epis[e] == MGPU_CUDA_EPI_BIAS_GELU ? 1e-4 : F32_TOL);
+                if (epis[e] != MGPU_CUDA_EPI_BIAS) { case_end(); continue; }
+                dy = cpu_backward(y);
+                gx = dev_zeros(x->numel); gw = dev_zeros(w->numel); gb = dev_zeros(O);
+                /* dx += dy (N, O) @ W (O, I); dW += dy^T (O, N) @ x (N, I); db += column sums */
+                expect_ok(mgpu_cuda_gemm(blas, 0, 0, N, I, O, 1.0f, dy, O, dw, I, MGPU_F32, 1.0f, gx, I, MGPU_CUDA_EPI_NONE, NULL, lt), "dx gemm");
+                expect_ok(mgpu_cuda_gemm(blas, 1, 0, O, I, N, 1.0f, dy, O, dx, I, MGPU_F32, 1.0f, gw, I, MGPU_CUDA_EPI_NONE, NULL, lt), "dw gemm");
+                expect_ok(mgpu_cuda_bias_grad(dy, gb, N, O, NULL), "db");
+                expect_close("linear dx", gx, grad_of(x), x->numel, F32_TOL);
+                expect_close("linear dw", gw, grad_of(w), w->numel, F32_TOL);
+                expect_close("linear db", gb, grad_of(b), O, F32_TOL);
+                case_end();
+            }
+}
+
+/* bf16 GEMM with f32 accumulation against the CPU linear on bf16-rounded inputs. */
+static void test_gemm_bf16(void) {
+    int64_t N = 64, I = 300, O = 96, xs[2] = { N, I }, ws[2] = { O, I }, i;
+    int dt;
+    for (dt = MGPU_F16; dt <= MGPU_BF16; dt++) {
+        mgpu_tensor *x = rnd(2, xs, -1, 1), *w = rnd(2, ws, -1, 1), *y;
+        float *dx = dev_of(x), *dw = dev_of(w), *out = dev_nan(N * O);
+        void *hx = dev_alloc(2 * (size_t)x->numel), *hw = dev_alloc(2 * (size_t)w->numel);
+        for (i = 0; i < x->numel; i++) {   /* the reference sees the same rounded inputs */
+            float *p = (float *)x->data + i;
+            *p = dt == MGPU_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(*p)) : mgpu_f16_to_f32(mgpu_f32_to_f16(*p));
+        }
+        for (i = 0; i < w->numel; i++) {
+            float *p = (float *)w->data + i;
+            *p = dt == MGPU_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(*p)) : mgpu_f16_to_f32(mgpu_f32_to_f16(*p));
+        }
+        y = mgpu_op_linear(cpu, x, w, NULL);
+        expect_ok(mgpu_cuda_cast(dx, MGPU_F32, hx, dt, x->numel, NULL), "cast x");
+        expect_ok(mgpu_cuda_cast(dw, MGPU_F32, hw, dt, w->numel, NULL), "cast w");
+        expect_ok(mgpu_cuda_gemm(blas, 0, 1, N, O, I, 1.0f, hx, I, hw, I, dt, 0.0f, out, O, MGPU_CUDA_EPI_NONE, NULL, 1), "half gemm");
+        expect_close(dt == MGPU_BF16 ? "bf16 gemm (f32 accumulate)" : "f16 gemm (f32 accumulate)", out, (const float *)y->data, y->numel, BF16_TOL);
+        case_end();
+    }
+}
+
+static void test_gemm_plan_cache(void) {
+    int64_t m = 31, n = 29, k = 27;
+    float *a = dev_zeros(m * k), *b = dev_zeros(k * n), *c = dev_zeros(m * n);
+    int before, after, i;
+    expect_ok(mgpu_cuda_gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU_CUDA_EPI_NONE, NULL, 1), "gemm");
+    before = mgpu_cuda_blas_plan_count(blas);
+    for (i = 0; i < 10; i++)
+        expect_ok(mgpu_cuda_gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU_CUDA_EPI_NONE, NULL, 1), "gemm");
+    after = mgpu_cuda_blas_plan_count(blas);
+    MT_CHECK(before == after && before >= 1, "the plan cache grew from %d to %d for one repeated shape", before, after);
+    case_end();
+}
+
+static void test_casts(void) {
+    int64_t n = 4099, i, bad = 0;
+    float *h = (float *)malloc(sizeof(float) * (size_t)n), *d, *back;
+    uint16_t *hb = (uint16_t *)malloc(2 * (size_t)n);
+    void *half;
+    int dt;
+    for (i = 0; i < n; i++) h[i] = (float)mt_uniform(-70000, 70000) * (i % 3 == 0 ? 1e-6f : 1.0f);
+    d = dev_copy(h, sizeof(float) * (size_t)n);
+    half = dev_alloc(2 * (size_t)n); back = dev_nan(n);
+    for (dt = MGPU_F16; dt <= MGPU_BF16; dt++) {
+        float *ref = (float *)malloc(sizeof(float) * (size_t)n);
+        bad = 0;
+        expect_ok(mgpu_cuda_cast(d, MGPU_F32, half, dt, n, NULL), "cast to half");
+        cudaMemcpy(hb, half, 2 * (size_t)n, cudaMemcpyDeviceToHost);
+        for (i = 0; i < n; i++) bad += hb[i] != (dt == MGPU_F16 ? mgpu_f32_to_f16(h[i]) : mgpu_f32_to_bf16(h[i]));
+        MT_CHECK(bad == 0, "%lld of %lld %s values round differently from the CPU", (long long)bad, (long long)n, dt == MGPU_F16 ? "f16" : "bf16");
+        expect_ok(mgpu_cuda_cast(half, dt, back, MGPU_F32, n, NULL), "cast back");
+        for (i = 0; i < n; i++) ref[i] = dt == MGPU_F16 ? mgpu_f16_to_f32(hb[i]) : mgpu_bf16_to_f32(hb[i]);
+        expect_close("cast back to f32", back, ref, n, 0.0);
+        free(ref);
+    }
+    free(h); free(hb);
+    case_end();
+}
+
+/* ============================== optimizers, clipping, scaler ============================== */
+
+/* 40 parameters (more than one launch's 32 slots), one of them larger than a launch's block table. */
+static void test_optimizers(void) {
+    int type;
+    for (type = MGPU_OPTIM_SGD; type <= MGPU_OPTIM_ADAMW; type++) {
+        mgpu_model *m = mgpu_model_create(cpu);
+        mgpu_optimizer_desc d = mgpu_optimizer_desc_default((mgpu_optimizer_type)type);
+        mgpu_optimizer *o;
+        float *P[40], *G[40], *M[40], *V[40];
+        int64_t numel[40];
+        int i, step;
+        d.lr = 0.01f; d.weight_decay = 0.05f;
+        if (type == MGPU_OPTIM_SGD) { d.momentum = 0.9f; d.nesterov = 1; }
+        for (i = 0; i < 40; i++) {
+            char name[32];
+            int64_t n = i == 7 ? (quick ? 300000 : 5000000) : 1 + (i * 977) % 20000;
+            mgpu_tensor *p;
+            int64_t j;
+            snprintf(name, sizeof name, "p%d", i);
+            p = mgpu_model_add_parameter(m, name, MGPU_F32, 1, &n);
+            give_grad(p);
+            for (j = 0; j < n; j++) { ((float *)p->data)[j] = (float)mt_uniform(-1, 1); ((float *)p->grad->data)[j] = (float)mt_uniform(-1, 1); }
+            P[i] = dev_of(p); G[i] = dev_of(p->grad); M[i] = dev_zeros(n); V[i] = dev_zeros(n); numel[i] = n;
+        }
+        o = mgpu_optimizer_create(m, &d);
+        for (step = 1; step <= 3; step++) {
+            expect_ok(mgpu_optimizer_step(o), "cpu optimizer step");
+            if (type == MGPU_OPTIM_SGD) {
+                mgpu_cuda_sgd_args a;
+                memset(&a, 0, sizeof a);
+                a.lr = d.lr; a.weight_decay = d.weight_decay; a.momentum = d.momentum; a.keep = 1.0f - d.dampening;
+                a.nesterov = d.nesterov; a.first = step == 1; a.grad_scale = 1.0f;
+                expect_ok(mgpu_cuda_sgd_update(40, P, (const float *const *)G, M, numel, &a, NULL), "sgd update");
+            } else {
+                mgpu_cuda_adam_args a;
+                int adamw = type == MGPU_OPTIM_ADAMW;
+                a.decay = adamw ? (float)(1.0 - (double)d.lr * d.weight_decay) : 1.0f;
+                a.l2 = adamw ? 0.0f : d.weight_decay;
+                a.beta1 = d.beta1; a.beta2 = d.beta2; a.eps = d.eps;
+                a.step_size = (float)((double)d.lr / (1.0 - pow((double)d.beta1, step)));
+                a.bc2_sqrt = (float)sqrt(1.0 - pow((double)d.beta2, step));
+                a.grad_scale = 1.0f;
+                expect_ok(mgpu_cuda_adam_update(40, P, (const float *const *)G, M, V, numel, &a, NULL), "adam update");
+            }
+        }
+        for (i = 0; i < 40; i++) {
+            char what[64];
+            snprintf(what, sizeof what, "%s parameter %d after 3 steps", type == MGPU_OPTIM_SGD ? "SGD" : type == MGPU_OPTIM_ADAM ? "Adam" : "AdamW", i);
+            expect_close(what, P[i], (const float *)mgpu_model_parameter(m, i, NULL)->data, numel[i], F32_TOL);
+        }
+        mgpu_optimizer_destroy(o);
+        mgpu_model_destroy(m);
+        case_end();
+    }
+}
+
+static void test_clip_and_finite(void) {
+    mgpu_model *m = mgpu_model_create(cpu);
+    float *X[5], *scratch, *norm, *coef, total = 0;
+    int64_t numel[5];
+    int i;
+    int32_t *found, hf = -1;
+    for (i = 0; i < 5; i++) {
+        char name[16];
+        int64_t n = 1000 * i + 3, j;
+        mgpu_tensor *p;
+        snprintf(name, sizeof name, "w%d", i);
+        p = mgpu_model_add_parameter(m, name, MGPU_F32, 1, &n);
+        give_grad(p);
+        for (j = 0; j < n; j++) ((float *)p->grad->data)[j] = (float)mt_uniform(-1, 1);
+        X[i] = dev_of(p->grad); numel[i] = n;
+    }
+    scratch = dev_nan(6 * MGPU_CUDA_REDUCE_PARTIALS); norm = dev_nan(1); coef = dev_nan(1);
+    expect_ok(mgpu_cuda_global_norm(5, (const float *const *)X, numel, norm, scratch, NULL), "global norm");
+    expect_ok(mgpu_clip_grad_norm(m, 1.0f, &total), "cpu clip");
+    expect_close("global gradient norm", norm, &total, 1, F32_TOL);
+    expect_ok(mgpu_cuda_clip_coef(norm, 1.0f, coef, NULL), "clip coef");
+    for (i = 0; i < 5; i++) expect_ok(mgpu_cuda_scale_by(X[i], numel[i], coef, NULL), "scale");
+    for (i = 0; i < 5; i++) expect_close("clipped gradient", X[i], (const float *)mgpu_model_parameter(m, i, NULL)->grad->data, numel[i], F32_TOL);
+    found = (int32_t *)dev_alloc(sizeof(int32_t));
+    cudaMemset(found, 0, sizeof(int32_t));
+    expect_ok(mgpu_cuda_check_finite(X[3], numel[3], found, NULL), "check finite");
+    cudaMemcpy(&hf, found, sizeof hf, cudaMemcpyDeviceToHost);
+    MT_CHECK(hf == 0, "finite gradients flagged (%d)", hf);
+    {
+        float inf = INFINITY;
+        cudaMemcpy(X[3] + 17, &inf, sizeof inf, cudaMemcpyHostToDevice);
+    }
+    expect_ok(mgpu_cuda_check_finite(X[3], numel[3], found, NULL), "check finite");
+    cudaMemcpy(&hf, found, sizeof hf, cudaMemcpyDeviceToHost);
+    MT_CHECK(hf == 1, "an inf was not flagged (%d)", hf);
+    mgpu_model_destroy(m);
+    case_end();
+}
+
+/* ============================== determinism, allocator, graphs, errors ============================== */
+
+static int same_bits(const float *a, const float *b, int64_t n) {
+    float *ha = (float *)malloc(sizeof(float) * (size_t)n), *hb = (float *)malloc(sizeof(float) * (size_t)n);
+    int same;
+    cudaDeviceSynchronize();
+    cudaMemcpy(ha, a, sizeof(float) * (size_t)n, cudaMemcpyDeviceToHost);
+    cudaMemcpy(hb, b, sizeof(float) * (size_t)n, cudaMemcpyDeviceToHost);
+    same = memcmp(ha, hb, sizeof(float) * (size_t)n) == 0;
+    free(ha); free(hb);
+    return same;
+}
+
+static void test_determinism(void) {
+    int64_t R = 512, C = 768, V = 300, n = 1536, i;   /* n * 256 == R * C: dy doubles as the embedding grad */
+    int64_t sh[2] = { R, C };
+    mgpu_tensor *x = rnd(2, sh, -1, 1), *dyt = rnd(2, sh, -1, 1);
+    int32_t *hidx = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
+    float *dx = dev_of(x), *dy = dev_of(dyt), *y = dev_nan(R * C), *mean = dev_nan(R), *rstd = dev_nan(R), *run[2][3];
+    float *didx, *demb = dev_of(dyt), *scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS);
+    int r;
+    for (i = 0; i < n; i++) hidx[i] = (int32_t)((i * 31) % V);
+    didx = dev_copy(hidx, sizeof(int32_t) * (size_t)n);
+    for (r = 0; r < 2; r++) {
+        run[r][0] = dev_zeros(R * C); run[r][1] = dev_zeros(C); run[r][2] = dev_zeros(V * 256 + 1);
+        expect_ok(mgpu_cuda_layer_norm_forward(dx, NULL, NULL, y, mean, rstd, R, C, 1e-5f, NULL), "ln");
+        expect_ok(mgpu_cuda_layer_norm_backward(dx, NULL, dy, mean, rstd, run[r][0], run[r][1], NULL, R, C, NULL), "ln bwd");
+        expect_ok(mgpu_cuda_embedding_backward(didx, 0, demb, run[r][2], n, V, 256, NULL), "emb bwd");
+        expect_ok(mgpu_cuda_sum(dx, R * C, 1.0f, run[r][2] + V * 256, scratch, NULL), "sum");
+    }
+    MT_CHECK(same_bits(run[0][0], run[1][0], R * C), "layer_norm dx differs between two identical runs");
+    MT_CHECK(same_bits(run[0][1], run[1][1], C), "layer_norm dw differs between two identical runs");
+    MT_CHECK(same_bits(run[0][2], run[1][2], V * 256 + 1), "embedding grad / sum differ between two identical runs");
+    free(hidx);
+    case_end();
+}
+
+static void test_allocator(void) {
+    mgpu_memory_stats s0, s1, s2;
+    void *a, *b;
+    expect_ok(mgpu_cuda_empty_cache(0), "empty cache");   /* no other cached block of the same class */
+    expect_ok(mgpu_memory_stats_get(0, &s0), "stats");
+    a = mgpu_cuda_malloc(0, 3 << 20);
+    expect_ok(mgpu_memory_stats_get(0, &s1), "stats");
+    MT_CHECK(s1.allocated >= s0.allocated + (3 << 20), "allocated did not grow (%lld -> %lld)", (long long)s0.allocated, (long long)s1.allocated);
+    mgpu_cuda_free(0, a);
+    b = mgpu_cuda_malloc(0, 3 << 20);
+    MT_CHECK(a == b, "a freed block of the same size class was not reused");
+    mgpu_cuda_free(0, b);
+    expect_ok(mgpu_memory_stats_get(0, &s2), "stats");
+    MT_CHECK(s2.reserved == s1.reserved && s2.allocated == s0.allocated && s2.peak >= s1.allocated,
+             "steady state: reserved %lld vs %lld, allocated %lld vs %lld", (long long)s2.reserved, (long long)s1.reserved,
+             (long long)s2.allocated, (long long)s0.allocated);
+    mgpu_clear_error();
+    mgpu_cuda_free(0, (void *)(uintptr_t)0x1000);
+    MT_CHECK(mgpu_last_result() == MGPU_ERR_INVALID_ARG && strstr(mgpu_last_error(), "mgpu_cuda_free"), "a foreign pointer must be reported: %s", mgpu_last_error());
+    expect_ok(mgpu_cuda_empty_cache(0), "empty cache");
+}
+
+static void test_graph_capture(void) {
+    mgpu_cuda_device_ctx dc;
+    mgpu_cuda_graph g;
+    int64_t n = 10000, i;
+    float *h = (float *)malloc(sizeof(float) * (size_t)n), *x, *y;
+    memset(&g, 0, sizeof g);
+    expect_ok(mgpu_cuda_device_ctx_init(&dc, 0), "device ctx");
+    for (i = 0; i < n; i++) h[i] = (float)i;
+    x = dev_copy(h, sizeof(float) * (size_t)n); y = dev_nan(n);
+    expect_ok(mgpu_cuda_graph_begin(&g, dc.stream), "graph begin");
+    expect_ok(mgpu_cuda_unary_forward(MGPU_CUDA_SCALE, 2.0f, x, y, n, dc.stream), "captured scale");
+    expect_ok(mgpu_cuda_unary_forward(MGPU_CUDA_ADD_SCALAR, 1.0f, y, x, n, dc.stream), "captured add");
+    expect_ok(mgpu_cuda_graph_end(&g, dc.stream), "graph end");
+    for (i = 0; i < 3; i++) expect_ok(mgpu_cuda_graph_launch(&g, dc.stream), "graph launch");
+    expect_ok(mgpu_cuda_synchronize(dc.stream), "sync");
+    for (i = 0; i < n; i++) { int k; float v = (float)i; for (k = 0; k < 3; k++) v = v * 2.0f + 1.0f; h[i] = v; }
+    expect_close("three replays of a captured graph", x, h, n, 0.0);
+    mgpu_cuda_graph_destroy(&g);
+    mgpu_cuda_device_ctx_release(&dc);
+    free(h);
+    case_end();
+}
+
+static void test_errors(void) {
+    float *x = dev_zeros(4);
+    mgpu_clear_error();
+    MT_CHECK(mgpu_cuda_unary_forward(99, 0, x, x, 4, NULL) == MGPU_ERR_INVALID_ARG, "a bad kind must be rejected");
+    MT_CHECK(strstr(mgpu_last_error(), "mgpu_cuda_unary_forward") != NULL, "the error must name the launcher: '%s'", mgpu_last_error());
+    MT_CHECK(mgpu_cuda_gemm(NULL, 0, 0, 1, 1, 1, 1, x, 1, x, 1, MGPU_F32, 0, x, 1, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "NULL blas");
+    MT_CHECK(mgpu_cuda_gemm(blas, 0, 0, 4, 4, 4, 1, x, 2, x, 4, MGPU_F32, 0, x, 4, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "lda too small");
+    MT_CHECK(mgpu_cuda_dropout(1, 0, 1.5f, 1, x, x, 4, 0, NULL) == MGPU_ERR_INVALID_ARG, "p > 1");
+    case_end();
+}
+
+int main(void) {
+    int ndev = mgpu_cuda_device_count();
+    if (ndev <= 0) {
+        printf("SKIPPED: no CUDA device visible (cudaGetDeviceCount returned 0); nothing was run\n");
+        printf("RESULT %s: 0 passed, 0 failed\n", __FILE__);
+        return 0;
+    }
+    quick = getenv("MGPU_TEST_QUICK") != NULL;
+    cpu = mt_cpu_context(2);
+    if (!cpu || mgpu_cuda_blas_create(&blas, NULL, 0) != MGPU_OK) { fprintf(stderr, "setup failed: %s\n", mgpu_last_error()); return 1; }
+    mgpu_cuda_blas_set_tf32(blas, 0);
+    MT_RUN(test_unary);
+    MT_RUN(test_unary_accumulates);
+    MT_RUN(test_binary);
+    MT_RUN(test_bias);
+    MT_RUN(test_softmax);
+    MT_RUN(test_cross_entropy_and_nll);
+    MT_RUN(test_mse);
+    MT_RUN(test_rng_bits);
+    MT_RUN(test_dropout_matches_cpu);
+    MT_RUN(test_layer_norm);
+    MT_RUN(test_batch_norm);
+    MT_RUN(test_embedding);
+    MT_RUN(test_conv2d);
+    MT_RUN(test_pool);
+    MT_RUN(test_transpose);
+    MT_RUN(test_concat_narrow);
+    MT_RUN(test_reductions);
+    MT_RUN(test_attention);
+    MT_RUN(test_linear_gemm);
+    MT_RUN(test_gemm_bf16);
+    MT_RUN(test_gemm_plan_cache);
+    MT_RUN(test_casts);
+    MT_RUN(test_optimizers);
+    MT_RUN(test_clip_and_finite);
+    MT_RUN(test_determinism);
+    MT_RUN(test_allocator);
+    MT_RUN(test_graph_capture);
+    MT_RUN(test_errors);
+    mgpu_cuda_blas_destroy(blas);
+    mgpu_context_destroy(cpu);
+    return MT_END();
+}
