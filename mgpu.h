@@ -197,7 +197,25 @@ MGPU_API void mgpu_context_rng_state(const mgpu_context *ctx, uint64_t *seed, ui
 MGPU_API void mgpu_context_set_rng_state(mgpu_context *ctx, uint64_t seed, uint64_t offset);
 /* Reserve n numbers from the context's stream; returns the first counter. */
 MGPU_API uint64_t mgpu_context_rng_reserve(mgpu_context *ctx, uint64_t n);
-/* Counter-based random numbers: pure functions of (seed, counter). */
+/* Counter-based random numbers: pure functions of (seed, counter). The mixing is defined inline
+   here so that mgpu_kernels.cu uses the very same code and GPU dropout masks equal the CPU's. */
+#if defined(__CUDACC__)
+#define MGPU__HOST_DEVICE __host__ __device__
+#else
+#define MGPU__HOST_DEVICE
+#endif
+static inline MGPU__HOST_DEVICE uint64_t mgpu__mix64(uint64_t z) {   /* SplitMix64 finaliser */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+static inline MGPU__HOST_DEVICE uint32_t mgpu__random_bits(uint64_t seed, uint64_t counter) {
+    uint64_t z = mgpu__mix64(seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL);
+    return (uint32_t)(mgpu__mix64(z ^ (counter * 0x9e3779b97f4a7c15ULL + 0xd1b54a32d192ed03ULL)) >> 32);
+}
+static inline MGPU__HOST_DEVICE float mgpu__random_unit(uint64_t seed, uint64_t counter) {  /* [0, 1) */
+    return (float)(mgpu__random_bits(seed, counter) >> 8) * (1.0f / 16777216.0f);
+}
 MGPU_API uint32_t mgpu_random_u32(uint64_t seed, uint64_t counter);
 MGPU_API float mgpu_random_uniform(uint64_t seed, uint64_t counter);   /* [0, 1) */
 MGPU_API float mgpu_random_normal(uint64_t seed, uint64_t counter);    /* N(0, 1) */
@@ -979,18 +997,8 @@ MGPU_API float mgpu_f16_to_f32(uint16_t h) {
    resumable from (seed, offset) alone.
    -------------------------------------------------------------------------------------- */
 
-static uint64_t mgpu__mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-MGPU_API uint32_t mgpu_random_u32(uint64_t seed, uint64_t counter) {
-    uint64_t z = mgpu__mix64(seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL);
-    return (uint32_t)(mgpu__mix64(z ^ (counter * 0x9e3779b97f4a7c15ULL + 0xd1b54a32d192ed03ULL)) >> 32);
-}
-MGPU_API float mgpu_random_uniform(uint64_t seed, uint64_t counter) {
-    return (float)(mgpu_random_u32(seed, counter) >> 8) * (1.0f / 16777216.0f);
-}
+MGPU_API uint32_t mgpu_random_u32(uint64_t seed, uint64_t counter) { return mgpu__random_bits(seed, counter); }
+MGPU_API float mgpu_random_uniform(uint64_t seed, uint64_t counter) { return mgpu__random_unit(seed, counter); }
 MGPU_API float mgpu_random_normal(uint64_t seed, uint64_t counter) {
     /* Box-Muller on two sub-streams of the same counter */
     double u1 = ((double)(mgpu_random_u32(seed, 2 * counter) >> 8) + 1.0) * (1.0 / 16777217.0);

@@ -690,26 +690,14 @@ extern "C" mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, co
    Dropout: the CPU's counter-based RNG, bit for bit (mgpu_random_u32 in mgpu.h)
    ====================================================================================== */
 
-__device__ uint64_t mgpu__mix64_d(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-__device__ uint32_t mgpu__random_u32_d(uint64_t seed, uint64_t counter) {
-    uint64_t z = mgpu__mix64_d(seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL);
-    return (uint32_t)(mgpu__mix64_d(z ^ (counter * 0x9e3779b97f4a7c15ULL + 0xd1b54a32d192ed03ULL)) >> 32);
-}
-__device__ float mgpu__random_uniform_d(uint64_t seed, uint64_t counter) {
-    return (float)(mgpu__random_u32_d(seed, counter) >> 8) * (1.0f / 16777216.0f);
-}
 __global__ void mgpu__dropout_k(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n, int acc) {
     MGPU__FOR(i, n) {
-        float v = mgpu__random_uniform_d(seed, first + (uint64_t)i) >= p ? src[i] * scale : 0.0f;
+        float v = mgpu__random_unit(seed, first + (uint64_t)i) >= p ? src[i] * scale : 0.0f;
         dst[i] = acc ? dst[i] + v : v;
     }
 }
 __global__ void mgpu__random_u32_k(uint64_t seed, uint64_t first, uint32_t *out, int64_t n) {
-    MGPU__FOR(i, n) out[i] = mgpu__random_u32_d(seed, first + (uint64_t)i);
+    MGPU__FOR(i, n) out[i] = mgpu__random_bits(seed, first + (uint64_t)i);
 }
 extern "C" mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n,
                                          int accumulate, void *stream) {
