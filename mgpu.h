@@ -644,6 +644,8 @@ typedef struct mgpu_train_opts {
     int help;                      /* --help was given (usage printed) */
     /* restart-schedule extras (--t0-epochs, --t-mult, --eta-min, --step-size-epochs, --gamma) */
     float t0_epochs; int t_mult; float eta_min; float step_size_epochs; float gamma;
+    /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
+    int sync_batchnorm; float bucket_cap_mb; const char *grad_compression;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, workers 0, eval every epoch, keep_last 3, resume none, seed 0. */

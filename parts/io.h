@@ -1098,6 +1098,9 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
     {"max-steps", MGPU__OPT_I64, MGPU__OF(max_steps), 0, -1, 0, NULL, "N", "stop after N optimizer steps (0: no limit)"},
     {"checkpoint-every-steps", MGPU__OPT_I64, MGPU__OF(checkpoint_every_steps), 0, -1, 0, NULL, "N", "checkpoint every N optimizer steps (0: off)"},
+    {"sync-batchnorm", MGPU__OPT_INT, MGPU__OF(sync_batchnorm), 0, 1, 0, NULL, "0|1", "DDP: batch-norm statistics over all ranks (SyncBatchNorm)"},
+    {"bucket-cap-mb", MGPU__OPT_FLOAT, MGPU__OF(bucket_cap_mb), 0, -1, 0, NULL, "MB", "DDP: gradient bucket size (0: 25)"},
+    {"grad-compression", MGPU__OPT_CHOICE, MGPU__OF(grad_compression), 0, 0, 0, "none|fp16|bf16", "MODE", "DDP: round gradients for the all-reduce"},
     {"t0-epochs", MGPU__OPT_FLOAT, MGPU__OF(t0_epochs), 0, -1, 1, NULL, "E", "cosine-restarts: first period, in epochs"},
     {"t-mult", MGPU__OPT_INT, MGPU__OF(t_mult), 1, -1, 0, NULL, "N", "cosine-restarts: period multiplier"},
     {"eta-min", MGPU__OPT_FLOAT, MGPU__OF(eta_min), 0, -1, 0, NULL, "LR", "lowest LR of linear/cosine schedules"},
@@ -1114,7 +1117,7 @@ MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
     o->optimizer = MGPU_OPTIM_ADAMW; o->weight_decay = 1e-4f; o->momentum = 0.9f;
     o->schedule = MGPU_SCHEDULE_CONSTANT; o->scale_lr = MGPU_LR_SCALE_NONE;
     o->grad_accum_steps = 1;
-    o->amp = "off"; o->device = "auto"; o->multi_gpu = "none"; o->resume = "none";
+    o->amp = "off"; o->device = "auto"; o->multi_gpu = "none"; o->resume = "none"; o->grad_compression = "none";
     o->eval_frequency = 1; o->keep_last = 3; o->log_every = 100;
     o->t0_epochs = 1; o->t_mult = 2; o->eta_min = 0; o->step_size_epochs = 30; o->gamma = 0.1f;
 }

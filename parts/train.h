@@ -12,18 +12,26 @@ struct mgpu_trainer {
     const mgpu_train_opts *opts;
     mgpu_context *ctx;
     int rank, world_size;      /* checkpoints, metrics and the final model come from rank 0 only */
+    mgpu_comm *comm;           /* DDP's communicator when world_size > 1 */
     mgpu_amp_mode amp;
 };
 
-/* Options whose machinery is not in this version yet are refused by name rather than ignored. */
+/* Options whose machinery is not in the trainer yet are refused by name rather than ignored. */
 static mgpu_result mgpu__trainer_check_supported(const mgpu_train_opts *o) {
-    if (o->multi_gpu && strcmp(o->multi_gpu, "none") != 0)
-        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "--multi-gpu %s: DDP/DP are not implemented in this version yet; use --multi-gpu none", o->multi_gpu);
-    if (getenv("WORLD_SIZE") && atoi(getenv("WORLD_SIZE")) > 1)
-        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "WORLD_SIZE=%s: distributed training is not implemented in this version yet", getenv("WORLD_SIZE"));
-    if (o->gpu_ids && o->gpu_ids[0])
-        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "--gpu-ids %s: multi-device training is not implemented in this version yet", o->gpu_ids);
+    if ((o->multi_gpu && strcmp(o->multi_gpu, "dp") == 0) || (o->gpu_ids && o->gpu_ids[0]))
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "--multi-gpu dp / --gpu-ids: DataParallel exists in the API (mgpu_dp_run) but is not wired into the trainer yet; use mgpurun (DDP) instead");
     return MGPU_OK;
+}
+
+/* Under mgpurun (WORLD_SIZE > 1) DDP is chosen automatically: one communicator per process,
+   shared memory between the processes of the host (CPU tensors). */
+static mgpu_result mgpu__trainer_connect(mgpu_trainer *t) {
+    mgpu_comm_desc cd;
+    if (t->world_size <= 1) return MGPU_OK;
+    memset(&cd, 0, sizeof cd);
+    cd.backend = t->ctx->device.type == MGPU_DEVICE_CUDA ? MGPU_COMM_NCCL : MGPU_COMM_SHM;
+    t->comm = mgpu_comm_create(&cd);
+    return t->comm ? MGPU_OK : mgpu_last_result();
 }
 
 /* rank and world size from the environment; a build without the distributed layer is one process. */
@@ -54,12 +62,16 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     if (!t) return NULL;
     t->opts = opts;
     t->amp = amp;
-    if (mgpu__trainer_read_env(t) != MGPU_OK || !(t->ctx = mgpu_context_create(&cd))) { mgpu_free(t); return NULL; }
+    if (mgpu__trainer_read_env(t) != MGPU_OK || !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
+        mgpu_trainer_destroy(t);
+        return NULL;
+    }
     return t;
 }
 MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t) { return t ? t->ctx : NULL; }
 MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t) {
     if (!t) return;
+    mgpu_comm_destroy(t->comm);
     mgpu_context_destroy(t->ctx);
     mgpu_free(t);
 }
@@ -185,6 +197,8 @@ typedef struct mgpu__fit {
     mgpu_model *model; mgpu_forward_fn forward; void *user;
     mgpu_loader *loader; mgpu_optimizer *opt; mgpu_metrics *metrics;
     mgpu_checkpointer *ckpt;          /* NULL without --save-dir and on ranks other than 0 */
+    mgpu_ddp *ddp;                    /* gradient all-reduce across ranks (world_size > 1) */
+    double ddp_exposed_s;             /* DDP's exposed communication time already counted */
     mgpu_lr_schedule schedule;
     mgpu_grad_scaler scaler;
     int64_t step, micro, batches_per_epoch;
@@ -507,6 +521,26 @@ static mgpu_result mgpu__fit_optimizer_step(mgpu__fit *f) {
     return r;
 }
 
+/* Time backward spent waiting for DDP's all-reduces is communication, not compute. */
+static void mgpu__fit_count_comm(mgpu__fit *f) {
+    mgpu_ddp_stats st;
+    if (!f->ddp) return;
+    mgpu_ddp_get_stats(f->ddp, &st);
+    f->es.comm_s += st.exposed_s - f->ddp_exposed_s;
+    f->es.compute_s -= st.exposed_s - f->ddp_exposed_s;
+    f->ddp_exposed_s = st.exposed_s;
+}
+
+/* Every rank must stop at the same step: a signal may reach the ranks at different steps. */
+static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal) {
+    double v = (double)*signal;
+    mgpu_result r;
+    if (!f->t->comm) return MGPU_OK;
+    if ((r = mgpu_comm_allreduce_f64(f->t->comm, &v, 1, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    if (v > 0 && !*signal) *signal = SIGTERM;
+    return MGPU_OK;
+}
+
 /* One micro-batch: forward, loss, backward (accumulating); an optimizer step every
    grad_accum_steps micro-batches and at the end of the epoch (*stepped tells). */
 static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepped) {
@@ -520,10 +554,13 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
     if (!obj) return mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE;
     f->es.loss_sum += mgpu_tensor_item(loss) * (double)b->size;
     f->es.samples += b->size;
+    *stepped = f->micro + 1 == o->grad_accum_steps || b->index + 1 == f->batches_per_epoch;
+    if (f->ddp) mgpu_ddp_set_sync(f->ddp, *stepped);   /* no_sync for accumulation micro-steps */
     r = mgpu_backward(ctx, obj);
     f->es.compute_s += mgpu_time_s() - t0;
+    mgpu__fit_count_comm(f);
     if (r != MGPU_OK) return r;
-    *stepped = ++f->micro == o->grad_accum_steps || b->index + 1 == f->batches_per_epoch;
+    f->micro++;
     if (*stepped) r = mgpu__fit_optimizer_step(f);
     mgpu_context_end_step(ctx);
     return r;
@@ -532,8 +569,11 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
 /* After each optimizer step: stop conditions, then a checkpoint if one is due. */
 static mgpu_result mgpu__fit_after_step(mgpu__fit *f) {
     const mgpu_train_opts *o = f->t->opts;
+    int signal = o->save_dir && o->save_dir[0] ? (int)mgpu__stop_signal : 0;
+    mgpu_result r;
     if (o->max_steps > 0 && f->step >= o->max_steps) f->stop = 1;
-    if (f->ckpt && mgpu__stop_signal) { f->stop = 1; f->signal = mgpu__stop_signal; }
+    if ((r = mgpu__fit_agree_stop(f, &signal)) != MGPU_OK) return r;
+    if (signal) { f->stop = 1; f->signal = signal; }
     return mgpu__fit_checkpoint_due(f) ? mgpu__fit_checkpoint(f, f->signal != 0) : MGPU_OK;
 }
 
@@ -549,7 +589,7 @@ static mgpu_result mgpu__fit_epoch(mgpu__fit *f) {
     mgpu_model_train(f->model, 1);
     if ((r = mgpu_loader_set_epoch(f->loader, f->epoch, f->batch)) != MGPU_OK) return r;
     snprintf(label, sizeof label, "epoch %lld/%d", (long long)f->epoch + 1, o->epochs);
-    bar = mgpu_progress_begin(label, f->batches_per_epoch, o->log_every);
+    bar = f->t->rank == 0 ? mgpu_progress_begin(label, f->batches_per_epoch, o->log_every) : NULL;
     f->clock = t_start;
     while (!f->stop) {
         double t0 = mgpu_time_s();
@@ -592,6 +632,14 @@ static void mgpu__fit_extra_json(const mgpu__fit *f, mgpu__buf *b) {
     }
     mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak);
     mgpu__json_member(b, "rss_mb", mgpu__peak_rss_mb());
+    if (f->ddp) {   /* cumulative: all-reduce time and how much of it backward had to wait for */
+        mgpu_ddp_stats st;
+        mgpu_ddp_get_stats(f->ddp, &st);
+        mgpu__buf_printf(b, ",\"ddp_buckets\":%lld,\"ddp_bytes_per_step\":%.0f,", (long long)st.buckets, st.bytes_per_step);
+        mgpu__json_member(b, "ddp_allreduce_s", st.comm_s);
+        mgpu__buf_puts(b, ",");
+        mgpu__json_member(b, "ddp_exposed_s", st.exposed_s);
+    }
 }
 
 static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double test_acc) {
@@ -599,7 +647,11 @@ static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double
     mgpu_epoch_record rec;
     mgpu__buf extra;
     mgpu_result r;
-    double train_loss = f->es.samples ? f->es.loss_sum / (double)f->es.samples : NAN;
+    double sums[2];   /* loss sum and samples over all ranks */
+    double train_loss;
+    sums[0] = f->es.loss_sum; sums[1] = (double)f->es.samples;
+    if (f->t->comm && (r = mgpu_comm_allreduce_f64(f->t->comm, sums, 2, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    train_loss = sums[1] > 0 ? sums[0] / sums[1] : NAN;
     memset(&rec, 0, sizeof rec);
     mgpu__buf_init(&extra);
     mgpu__fit_extra_json(f, &extra);
@@ -607,13 +659,15 @@ static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double
     rec.train_loss = train_loss; rec.test_loss = test_loss; rec.test_accuracy = test_acc;
     rec.lr = mgpu_optimizer_lr(f->opt);
     rec.epoch_time_s = f->es.time_s;
-    rec.samples_per_s = f->es.time_s > 0 ? (double)f->es.samples / f->es.time_s : 0;
+    rec.samples_per_s = f->es.time_s > 0 ? sums[1] / f->es.time_s : 0;   /* all ranks together */
     rec.world_size = f->t->world_size; rec.global_batch = o->batch_size * o->grad_accum_steps * f->t->world_size;
     rec.amp = o->amp ? o->amp : "off";
     rec.extra_json = extra.data;
-    printf("epoch %lld/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  lr %.3g  %.2f s  %.0f samples/s\n",
-           (long long)rec.epoch, o->epochs, train_loss, test_loss, test_acc, rec.lr, rec.epoch_time_s, rec.samples_per_s);
-    fflush(stdout);
+    if (f->t->rank == 0) {
+        printf("epoch %lld/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  lr %.3g  %.2f s  %.0f samples/s\n",
+               (long long)rec.epoch, o->epochs, train_loss, test_loss, test_acc, rec.lr, rec.epoch_time_s, rec.samples_per_s);
+        fflush(stdout);
+    }
     if (f->history.len) mgpu__buf_puts(&f->history, ",");
     mgpu__epoch_record_json(&f->history, &rec);
     r = extra.failed || f->history.failed ? MGPU_ERR_OOM_HOST : mgpu_metrics_write_epoch(f->metrics, &rec);
@@ -690,7 +744,17 @@ static mgpu_result mgpu__fit_finish(mgpu__fit *f, const mgpu_train_summary *s) {
     return f->t->rank == 0 ? mgpu__fit_save(f->t->opts, f->model) : MGPU_OK;
 }
 
-/* Loader, schedule, optimizer, scaler and checkpointer from the options. */
+static mgpu_ddp *mgpu__ddp_from_opts(mgpu_model *model, mgpu_comm *comm, const mgpu_train_opts *o) {
+    mgpu_ddp_desc dd;
+    memset(&dd, 0, sizeof dd);
+    dd.bucket_cap_mb = o->bucket_cap_mb;
+    dd.sync_batchnorm = o->sync_batchnorm;
+    if (o->grad_compression && strcmp(o->grad_compression, "fp16") == 0) dd.compress = MGPU_F16;
+    if (o->grad_compression && strcmp(o->grad_compression, "bf16") == 0) dd.compress = MGPU_BF16;
+    return mgpu_ddp_create(model, comm, &dd);
+}
+
+/* Loader, schedule, optimizer, DDP, scaler and checkpointer from the options. */
 static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     const mgpu_train_opts *o = f->t->opts;
     mgpu_loader_desc ld;
@@ -703,6 +767,7 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     lr = mgpu_lr_scale(o->lr, f->t->world_size, o->grad_accum_steps, o->scale_lr);
     f->schedule = mgpu__schedule_from_opts(o, lr, (f->batches_per_epoch + o->grad_accum_steps - 1) / o->grad_accum_steps);
     if (!(f->opt = mgpu__optimizer_from_opts(f->model, o, lr))) return mgpu_last_result();
+    if (f->t->comm && !(f->ddp = mgpu__ddp_from_opts(f->model, f->t->comm, o))) return mgpu_last_result();
     mgpu_context_set_autocast(f->t->ctx, f->t->amp);
     mgpu_grad_scaler_init(&f->scaler, f->t->amp == MGPU_AMP_FP16);
     f->saved_time = mgpu_time_s();
@@ -736,13 +801,14 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
     if (r == MGPU_OK) {
-        if (f.ckpt) mgpu__signals_install(&sig);
+        if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);
         mgpu__signals_restore(&sig);
     }
     /* a background checkpoint still being written must land (or its failure be told) */
     if (f.ckpt && (w = mgpu_checkpointer_wait(f.ckpt)) != MGPU_OK && r == MGPU_OK) r = w;
     mgpu_checkpointer_destroy(f.ckpt);
+    mgpu_ddp_destroy(f.ddp);
     mgpu_context_set_autocast(t->ctx, MGPU_AMP_OFF);
     mgpu__buf_free(&f.history);
     mgpu_metrics_close(f.metrics);
