@@ -49,6 +49,24 @@ expect "metrics: world_size 2, global_batch 128, DDP timings" \
   bash -c "grep -q '\"world_size\":2' '$T_TMP/met.jsonl' && grep -q '\"global_batch\":128' '$T_TMP/met.jsonl' && grep -q 'ddp_exposed_s' '$T_TMP/met.jsonl'"
 expect "only rank 0 wrote the metrics (one epoch line)" test "$(grep -c '"epoch":' "$T_TMP/met.jsonl")" -eq 1
 
+# exact resume under mgpurun: SIGKILL the whole job at a random moment, resume with --resume auto,
+# and end with the same weights, bit for bit, as a job that was never interrupted
+RES=(--batch-size 64 --max-steps 300 --checkpoint-every-steps 40)
+run ref 2 fashion_mlp "${RES[@]}"
+resumed=0
+for trial in 1 2 3; do
+  dir="$T_TMP/kill$trial"
+  timeout 300 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${COMMON[@]}" "${RES[@]}" --save-dir "$dir" > "$dir.log" 2>&1 &
+  pid=$!
+  sleep "$((trial - 1)).$((4 + RANDOM % 6))"; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  for attempt in 1 2 3; do
+    timeout 300 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${COMMON[@]}" "${RES[@]}" --save-dir "$dir" --resume auto >> "$dir.log" 2>&1 && break
+  done
+  grep -q "resumed from" "$dir.log" && resumed=$((resumed + 1))
+  expect "DDP kill-and-resume trial $trial: final weights bit-identical" cmp -s "$T_TMP/ref/model.safetensors" "$dir/model.safetensors"
+done
+expect "at least one DDP trial was killed mid-run and resumed from a checkpoint ($resumed of 3)" test "$resumed" -ge 1
+
 # a rank that cannot join: the job stops with a clear error instead of hanging
 out=$(MGPU_TIMEOUT_S=3 RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((20000 + RANDOM % 20000)) \
       timeout 60 build/fashion_mlp "${COMMON[@]}" 2>&1); rc=$?
