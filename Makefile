@@ -8,8 +8,8 @@ CFLAGS  ?= $(OPT) -std=c11 -Wall -Wextra -pedantic -g
 CPPFLAGS += -I.
 LDLIBS  += -lm -lpthread
 BUILD   := build
-PARTS   := $(wildcard parts/*.h)
-HDR     := mgpu.h $(PARTS)
+
+HDR     := mgpu.h
 
 EXAMPLES := $(patsubst examples/%.c,%,$(wildcard examples/*.c))
 TOOLS    := $(patsubst tools/%.c,%,$(wildcard tools/*.c))

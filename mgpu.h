@@ -678,10 +678,407 @@ MGPU_API void mgpu_progress_end(mgpu_progress *p);
 /* Monotonic seconds. */
 MGPU_API double mgpu_time_s(void);
 
-#include "parts/amp_api.h"
-#include "parts/checkpoint_api.h"
-#include "parts/comm_api.h"
-#include "parts/cuda_api.h"
+/* ======================================================================================
+   Mixed precision: autocast and the loss scaler
+   ====================================================================================== */
+
+typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
+MGPU_API mgpu_result mgpu_amp_parse(const char *text, mgpu_amp_mode *out);   /* off|fp16|bf16 */
+/* Autocast for the ops of this context: matmul, linear, conv2d and attention take their inputs in
+   half precision and produce half-precision outputs (accumulating in f32), gradients flowing back
+   through them are rounded likewise; reductions, norms, softmax and losses stay f32; parameters
+   stay f32 (master weights). On the CPU half values are emulated by rounding f32 storage. */
+MGPU_API void mgpu_context_set_autocast(mgpu_context *ctx, mgpu_amp_mode mode);
+MGPU_API mgpu_amp_mode mgpu_context_autocast(const mgpu_context *ctx);
+
+/* torch.cuda.amp.GradScaler semantics: scale 65536, x2 after 2000 steps without inf/NaN, x0.5 and
+   the optimizer step skipped on inf/NaN. Disabled (scale 1, never skips) for off and bf16. */
+typedef struct mgpu_grad_scaler {
+    int enabled;
+    float scale, growth_factor, backoff_factor;
+    int64_t growth_interval, growth_tracker;
+    int found_inf, unscaled;
+} mgpu_grad_scaler;
+MGPU_API void mgpu_grad_scaler_init(mgpu_grad_scaler *s, int enabled);
+/* loss * scale (a differentiable op), or loss itself when disabled */
+MGPU_API mgpu_tensor *mgpu_grad_scaler_scale(mgpu_context *ctx, mgpu_grad_scaler *s, mgpu_tensor *loss);
+/* Divide every gradient by the scale and record whether any is inf/NaN (call before clipping). */
+MGPU_API mgpu_result mgpu_grad_scaler_unscale(mgpu_grad_scaler *s, mgpu_model *m);
+/* Optimizer step unless inf/NaN was found (unscales first if not yet done); *stepped tells which. */
+MGPU_API mgpu_result mgpu_grad_scaler_step(mgpu_grad_scaler *s, mgpu_optimizer *o, mgpu_model *m, int *stepped);
+/* Grow or back off the scale; clears the per-step flags. */
+MGPU_API void mgpu_grad_scaler_update(mgpu_grad_scaler *s);
+/* ======================================================================================
+   Checkpoints: DIR/step-00001234/{model,optimizer}.safetensors + trainer_state.json, DIR/latest
+   ====================================================================================== */
+
+typedef struct mgpu_checkpoint_desc {
+    const char *dir;          /* the --save-dir */
+    int keep_last;            /* prune older step-* directories; 0 keeps all */
+    int background;           /* write on a background thread after a host snapshot (training goes on);
+                                 the snapshot buffer, as large as a checkpoint, is kept for the next save */
+} mgpu_checkpoint_desc;
+typedef struct mgpu_checkpointer mgpu_checkpointer;
+MGPU_API mgpu_checkpointer *mgpu_checkpointer_create(const mgpu_checkpoint_desc *desc);
+/* Snapshot model, optimizer state and trainer_state (a JSON object text) for step `step`, then
+   write step-%08lld.tmp/, fsync, rename to step-%08lld/, replace `latest` atomically, prune.
+   A crash at any moment leaves the previous checkpoint intact. trainer_state must hold
+   "format_version": 1 and "step" equal to `step` (NULL: just those two). o may be NULL. Saving a
+   step that already exists replaces it. In background mode a failed write is reported by the
+   next save, by wait, or (as a warning) by destroy. */
+MGPU_API mgpu_result mgpu_checkpointer_save(mgpu_checkpointer *c, int64_t step, const mgpu_model *m,
+                                            const mgpu_optimizer *o, const char *trainer_state_json);
+/* Wait for a background write to finish; returns its result. */
+MGPU_API mgpu_result mgpu_checkpointer_wait(mgpu_checkpointer *c);
+MGPU_API void mgpu_checkpointer_destroy(mgpu_checkpointer *c);  /* waits */
+/* Path of the checkpoint to resume from: `latest`, else (with a warning) the newest step-* that
+   validates. MGPU_ERR_IO when there is none. */
+MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t size);
+/* Fully validates, then loads model (and optimizer, if not NULL) state; *trainer_state receives the
+   parsed trainer_state.json (free with mgpu_json_free) when not NULL. Nothing is modified unless
+   every file validates. */
+MGPU_API mgpu_result mgpu_checkpoint_load(const char *path, mgpu_model *m, mgpu_optimizer *o, mgpu_json **trainer_state);
+/* Validate a checkpoint directory without loading it (mgpu-ckpt verify). */
+MGPU_API mgpu_result mgpu_checkpoint_verify(const char *path);
+/* The files of one checkpoint already in memory: safetensors images and trainer_state.json text. */
+typedef struct mgpu_checkpoint_bytes {
+    const void *model; size_t model_len;
+    const void *optimizer; size_t optimizer_len;
+    const char *trainer_state; size_t trainer_state_len;
+} mgpu_checkpoint_bytes;
+/* mgpu_checkpoint_load's validation and loading on images in memory (tools, fuzzing); label names
+   the checkpoint in errors. m NULL (and o NULL): validate only. */
+MGPU_API mgpu_result mgpu_checkpoint_load_bytes(const mgpu_checkpoint_bytes *files, const char *label, mgpu_model *m,
+                                                mgpu_optimizer *o, mgpu_json **trainer_state);
+/* ======================================================================================
+   Distributed: environment, communicators (shm, threads, nccl)
+   ====================================================================================== */
+
+/* The process's place in a job, read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), falling back to SLURM_PROCID/SLURM_NTASKS/
+   SLURM_LOCALID and OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK. No variable at all: a single process. */
+typedef struct mgpu_dist_env {
+    int rank, world_size, local_rank, local_world_size;
+    char master_addr[256]; int master_port;
+    const char *source;   /* "torchrun", "slurm", "openmpi" or "single" */
+} mgpu_dist_env;
+/* A missing, malformed or inconsistent variable (RANK >= WORLD_SIZE, ...) is MGPU_ERR_INVALID_ARG
+   naming the variable and what was expected. */
+MGPU_API mgpu_result mgpu_dist_env_read(mgpu_dist_env *out);
+
+typedef enum mgpu_comm_backend {
+    MGPU_COMM_SHM = 0,      /* processes on one host, POSIX shared memory; CPU tensors (CUDA staged via pinned host) */
+    MGPU_COMM_NCCL = 1,     /* CUDA tensors; requires MGPU_CUDA */
+    MGPU_COMM_THREADS = 2   /* ranks are threads of one process (DataParallel); see mgpu_comm_create_threads */
+} mgpu_comm_backend;
+typedef enum mgpu_reduce_op { MGPU_REDUCE_SUM = 0, MGPU_REDUCE_AVG = 1 } mgpu_reduce_op;
+
+typedef struct mgpu_comm_desc {
+    mgpu_comm_backend backend;
+    const mgpu_dist_env *env;  /* NULL: mgpu_dist_env_read() */
+    double timeout_s;          /* every wait is bounded; 0: $MGPU_TIMEOUT_S, else 600 */
+} mgpu_comm_desc;
+typedef struct mgpu_comm mgpu_comm;
+/* Collective over all ranks of the job; rendezvous through a TCP store hosted by rank 0 on
+   MASTER_ADDR:MASTER_PORT (bounded by the timeout; an unreachable master is an error, not a hang). */
+MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc);
+/* n communicators of one in-process group (ranks 0..n-1), one per thread, for DataParallel. */
+MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm **comms);
+MGPU_API void mgpu_comm_destroy(mgpu_comm *c);
+MGPU_API int mgpu_comm_rank(const mgpu_comm *c);
+MGPU_API int mgpu_comm_world_size(const mgpu_comm *c);
+MGPU_API int mgpu_comm_local_rank(const mgpu_comm *c);
+MGPU_API mgpu_comm_backend mgpu_comm_backend_of(const mgpu_comm *c);
+
+/* Blocking collectives on tensors (in place for allreduce/broadcast). Sums are taken in rank order,
+   so results are identical on every rank and reproducible bit for bit. */
+MGPU_API mgpu_result mgpu_comm_allreduce(mgpu_comm *c, mgpu_tensor *t, mgpu_reduce_op op);
+MGPU_API mgpu_result mgpu_comm_broadcast(mgpu_comm *c, mgpu_tensor *t, int root);
+/* out holds world_size * in->numel elements, rank r's block at r * in->numel. */
+MGPU_API mgpu_result mgpu_comm_allgather(mgpu_comm *c, const mgpu_tensor *in, mgpu_tensor *out);
+/* in holds world_size * out->numel elements; out gets the reduction of block `rank`. */
+MGPU_API mgpu_result mgpu_comm_reduce_scatter(mgpu_comm *c, const mgpu_tensor *in, mgpu_tensor *out, mgpu_reduce_op op);
+MGPU_API mgpu_result mgpu_comm_barrier(mgpu_comm *c);
+/* Raw host buffers (buckets, SyncBatchNorm statistics). */
+MGPU_API mgpu_result mgpu_comm_allreduce_f32(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op);
+MGPU_API mgpu_result mgpu_comm_allreduce_f64(mgpu_comm *c, double *data, int64_t n, mgpu_reduce_op op);
+/* Every rank contributes `bytes` bytes; out receives world_size * bytes (rank order). */
+MGPU_API mgpu_result mgpu_comm_allgather_bytes(mgpu_comm *c, const void *in, size_t bytes, void *out);
+
+/* Asynchronous all-reduce of a host float buffer, run by the communicator's progress thread in the
+   order issued (all ranks must issue the same sequence). Wait returns its result and frees it. */
+typedef struct mgpu_comm_work mgpu_comm_work;
+MGPU_API mgpu_comm_work *mgpu_comm_allreduce_f32_async(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op);
+MGPU_API int mgpu_comm_work_done(const mgpu_comm_work *w);
+MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w);
+
+/* ======================================================================================
+   DistributedDataParallel and DataParallel
+   ====================================================================================== */
+
+typedef struct mgpu_ddp_desc {
+    double bucket_cap_mb;        /* 0: 25 */
+    double first_bucket_mb;      /* 0: 1 */
+    mgpu_dtype compress;         /* MGPU_F32 (0): none; MGPU_F16 or MGPU_BF16: gradients travel rounded */
+    int sync_batchnorm;          /* turn every BatchNorm2d of the model into SyncBatchNorm */
+} mgpu_ddp_desc;
+typedef struct mgpu_ddp mgpu_ddp;
+typedef struct mgpu_ddp_stats {
+    int64_t buckets, allreduces;          /* bucket count; all-reduces issued so far */
+    double comm_s;                        /* seconds the progress thread spent communicating */
+    double exposed_s;                     /* seconds backward's end waited for communication */
+    double bytes_per_step;                /* gradient bytes all-reduced per synced step */
+} mgpu_ddp_stats;
+/* Broadcasts parameters and buffers from rank 0, checks names and shapes across ranks (a mismatch
+   names the tensor and ranks), builds buckets in reverse registration order and installs grad-ready
+   hooks: each bucket is all-reduced (averaged) asynchronously as soon as its last gradient is ready,
+   and the end of mgpu_backward waits for all of them, so after backward the grads are synchronised. */
+MGPU_API mgpu_ddp *mgpu_ddp_create(mgpu_model *m, mgpu_comm *c, const mgpu_ddp_desc *desc);
+MGPU_API void mgpu_ddp_destroy(mgpu_ddp *d);
+/* no_sync: while off, backward accumulates locally without communication (accumulation micro-steps). */
+MGPU_API void mgpu_ddp_set_sync(mgpu_ddp *d, int sync);
+MGPU_API void mgpu_ddp_get_stats(const mgpu_ddp *d, mgpu_ddp_stats *out);
+/* Bucket b (0 = the first all-reduced: the last-registered parameters) and what it did in the last
+   synced backward, on the mgpu_time_s() clock. For tests and profiling (overlap of communication
+   with backward). Invalid d or b: MGPU_ERR_INVALID_ARG. */
+typedef struct mgpu_ddp_bucket_info {
+    int n_params;
+    const int *params;          /* indices into the model's parameter list, in bucket order (owned by d) */
+    int64_t numel;              /* gradient elements */
+    int64_t hook_calls;         /* grad-ready hooks of its parameters that fired in that backward */
+    double launch_s;            /* when its all-reduce was issued */
+    double done_s;              /* when it was first seen complete */
+    double backward_end_s;      /* when backward's end hook started (the same for every bucket) */
+    int done_before_end;        /* complete before the end hook started waiting */
+} mgpu_ddp_bucket_info;
+MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_bucket_info *out);
+
+/* DataParallel in one process: runs replica_main(rank, comm, arg) for ranks 0..n_replicas-1, rank 0
+   on the calling thread and the others on threads of their own, each with its rank of one `threads`
+   communicator (timeout $MGPU_TIMEOUT_S, else 600 s). A replica creates its own context (one per
+   thread; give each num_threads = cores / n_replicas) and model, wraps it with mgpu_ddp_create and
+   trains its shard (loader rank = rank, world_size = n_replicas). Returns MGPU_OK, or the result of
+   the lowest failing rank with its message in mgpu_last_error(). A replica that fails while others
+   wait in a collective ends them through the communicator's timeout. */
+typedef mgpu_result (*mgpu_dp_replica_fn)(int rank, mgpu_comm *comm, void *arg);
+MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg);
+/* CUDA declarations: C declarations of the CUDA launchers (mgpu_kernels.cu) and of the host-side
+   CUDA support (section "CUDA host side" below). Plain C types only (streams and handles are void *), so this header
+   needs no CUDA include. Every launcher works on raw device pointers with explicit sizes, queues
+   its work on `stream` (NULL: the legacy default stream), never synchronises unless it says so,
+   and returns MGPU_OK or an error whose message names the failing CUDA/cuBLAS call.
+   Gradient launchers ACCUMULATE (+=) into their outputs, as the CPU backward functions do. */
+#ifndef MGPU_CUDA_API_H
+#define MGPU_CUDA_API_H
+#ifdef MGPU_CUDA
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- error bridge: kernels report through the library's thread-local error ---- */
+void mgpu__set_error_from_cuda(int code, const char *msg);
+
+/* ---- elementwise ---- */
+/* Same order as the CPU's unary kinds. */
+typedef enum mgpu_cuda_unary {
+    MGPU_CUDA_RELU, MGPU_CUDA_GELU, MGPU_CUDA_GELU_TANH, MGPU_CUDA_ELU, MGPU_CUDA_TANH, MGPU_CUDA_SIGMOID,
+    MGPU_CUDA_SCALE, MGPU_CUDA_ADD_SCALAR
+} mgpu_cuda_unary;
+/* y = f(x) (param: alpha for ELU, s for scale/add_scalar) */
+mgpu_result mgpu_cuda_unary_forward(int kind, float param, const float *x, float *y, int64_t n, void *stream);
+/* dx += dy * f'(x); y is the forward output (tanh and sigmoid read it) */
+mgpu_result mgpu_cuda_unary_backward(int kind, float param, const float *x, const float *y, const float *dy, float *dx,
+                                     int64_t n, void *stream);
+
+typedef enum mgpu_cuda_binary { MGPU_CUDA_ADD, MGPU_CUDA_SUB, MGPU_CUDA_MUL } mgpu_cuda_binary;
+/* Broadcast geometry: out shape and the element strides of a and b against it (0 where broadcast). */
+typedef struct mgpu_cuda_bcast {
+    int ndim;
+    int64_t shape[MGPU_MAX_DIMS], a_stride[MGPU_MAX_DIMS], b_stride[MGPU_MAX_DIMS];
+    int64_t numel, a_numel, b_numel;
+} mgpu_cuda_bcast;
+/* NumPy broadcasting of a and b (right-aligned); MGPU_ERR_SHAPE when they do not broadcast. */
+mgpu_result mgpu_cuda_bcast_make(int a_ndim, const int64_t *a_shape, int b_ndim, const int64_t *b_shape, mgpu_cuda_bcast *out);
+mgpu_result mgpu_cuda_binary_forward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, float *out, void *stream);
+/* da += reduce(dy * d out/d a) over a's broadcast dims (likewise db); da or db may be NULL. Deterministic. */
+mgpu_result mgpu_cuda_binary_backward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, const float *dy,
+                                      float *da, float *db, void *stream);
+
+/* x (rows, cols) + b (cols) */
+mgpu_result mgpu_cuda_bias_add_forward(const float *x, const float *b, float *y, int64_t rows, int64_t cols, void *stream);
+/* db += column sums of dy (rows, cols): fixed-order, deterministic */
+mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream);
+
+/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ---- */
+mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream);
+/* dx += softmax' (y is the forward output; log selects log-softmax) */
+mgpu_result mgpu_cuda_softmax_backward(const float *y, const float *dy, float *dx, int64_t outer, int64_t dim, int64_t inner,
+                                       int log, void *stream);
+
+/* ---- losses: targets (n) I32 or I64 (target_i64), -100 ignored; other out-of-range targets give NaN
+   (validate them on the host first). Scalars (loss, valid) live in device memory. ---- */
+/* loss[0] = mean over counted rows of lse - x[t]; lse (n) kept for backward; valid[0] = counted rows */
+mgpu_result mgpu_cuda_cross_entropy_forward(const float *logits, const void *target, int target_i64, int64_t n, int64_t c,
+                                            float *lse, float *loss, float *valid, void *stream);
+/* dx += dloss / valid * (softmax - onehot) */
+mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, const void *target, int target_i64, const float *lse,
+                                             const float *dloss, const float *valid, float *dx, int64_t n, int64_t c, void *stream);
+mgpu_result mgpu_cuda_nll_forward(const float *logp, const void *target, int target_i64, int64_t n, int64_t c,
+                                  float *loss, float *valid, void *stream);
+mgpu_result mgpu_cuda_nll_backward(const void *target, int target_i64, const float *dloss, const float *valid, float *dx,
+                                   int64_t n, int64_t c, void *stream);
+/* loss[0] = mean((a - b)^2) */
+mgpu_result mgpu_cuda_mse_forward(const float *a, const float *b, int64_t n, float *loss, void *stream);
+mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, const float *dloss, float *da, float *db, int64_t n, void *stream);
+
+/* ---- dropout: keep element i iff mgpu_random_uniform(seed, first + i) >= p (the CPU's exact mask).
+   dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward). ---- */
+mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n,
+                              int accumulate, void *stream);
+/* Fills out[i] = mgpu_random_u32(seed, first + i) (tests compare it with the CPU bit for bit). */
+mgpu_result mgpu_cuda_random_u32(uint64_t seed, uint64_t first, uint32_t *out, int64_t n, void *stream);
+
+/* ---- normalisation ---- */
+/* x (R, C) over the last dim; w, b (C) or NULL; mean, rstd (R) saved for backward */
+mgpu_result mgpu_cuda_layer_norm_forward(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd,
+                                         int64_t R, int64_t C, float eps, void *stream);
+/* dx, dw, db accumulate (any may be NULL); dw/db by a fixed-order column reduction */
+mgpu_result mgpu_cuda_layer_norm_backward(const float *x, const float *w, const float *dy, const float *mean, const float *rstd,
+                                          float *dx, float *dw, float *db, int64_t R, int64_t C, void *stream);
+/* x (N, C, S). training: batch mean and biased variance normalise; running stats (may be NULL) get
+   (1 - momentum) * old + momentum * (mean, unbiased variance). Eval: running stats. mean, rstd (C) saved. */
+mgpu_result mgpu_cuda_batch_norm_forward(const float *x, const float *w, const float *b, float *running_mean, float *running_var,
+                                         float *y, float *mean, float *rstd, int64_t N, int64_t C, int64_t S, int training,
+                                         float momentum, float eps, void *stream);
+mgpu_result mgpu_cuda_batch_norm_backward(const float *x, const float *w, const float *dy, const float *mean, const float *rstd,
+                                          float *dx, float *dw, float *db, int64_t N, int64_t C, int64_t S, int training,
+                                          void *stream);
+
+/* ---- embedding: weight (V, D), idx (n) ---- */
+mgpu_result mgpu_cuda_embedding_forward(const float *weight, const void *idx, int idx_i64, float *out, int64_t n, int64_t V,
+                                        int64_t D, void *stream);
+/* dweight += scatter of dy (n, D): sort-free and deterministic (each (row, column) owned by one thread,
+   indices visited in order); costs n reads per thread, fine for the token counts of one step. */
+mgpu_result mgpu_cuda_embedding_backward(const void *idx, int idx_i64, const float *dy, float *dweight, int64_t n, int64_t V,
+                                         int64_t D, void *stream);
+
+/* ---- convolution helpers and pooling: x (N, C, H, W) ---- */
+typedef struct mgpu_cuda_conv_geom { int64_t N, C, H, W, OH, OW; int kernel, stride, padding; } mgpu_cuda_conv_geom;
+/* cols (N, C*k*k, OH*OW) */
+mgpu_result mgpu_cuda_im2col(const mgpu_cuda_conv_geom *g, const float *x, float *cols, void *stream);
+/* dx += col2im(dcols): gathered per input element, no atomics */
+mgpu_result mgpu_cuda_col2im(const mgpu_cuda_conv_geom *g, const float *dcols, float *dx, void *stream);
+/* y (N, C, OH, OW); argmax (N, C, OH, OW) index into the H*W plane (max only, may be NULL). Average
+   pooling divides by k*k (count_include_pad, as the CPU and PyTorch's default). */
+mgpu_result mgpu_cuda_pool_forward(const mgpu_cuda_conv_geom *g, int is_max, const float *x, float *y, int32_t *argmax, void *stream);
+mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int is_max, const int32_t *argmax, const float *dy, float *dx,
+                                    void *stream);
+
+/* ---- copies ---- */
+/* x (outer, d0, mid, d1, inner) -> y (outer, d1, mid, d0, inner); accumulate: y += */
+mgpu_result mgpu_cuda_transpose(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner,
+                                int accumulate, void *stream);
+/* Row-block copy for concat/narrow and their backwards: for r < rows,
+   dst[r * dst_row + dst_off + j] (=|+=) src[r * src_row + src_off + j], j < len. */
+mgpu_result mgpu_cuda_copy_rows(const float *src, int64_t src_row, int64_t src_off, float *dst, int64_t dst_row, int64_t dst_off,
+                                int64_t rows, int64_t len, int accumulate, void *stream);
+
+/* ---- reductions (fixed partition and tree: deterministic for a given n) ---- */
+#define MGPU_CUDA_REDUCE_PARTIALS 1024
+/* out[0] = scale * sum(x); scratch: MGPU_CUDA_REDUCE_PARTIALS floats of device memory */
+mgpu_result mgpu_cuda_sum(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream);
+/* x (outer, D, inner) -> y (outer, inner) = scale * sum over D */
+mgpu_result mgpu_cuda_sum_dim(const float *x, float *y, int64_t outer, int64_t D, int64_t inner, float scale, void *stream);
+/* dx (outer, D, inner) += scale * dy (outer, inner); a full sum is outer = inner = 1, D = n,
+   with dy a device scalar */
+mgpu_result mgpu_cuda_sum_dim_backward(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale, void *stream);
+/* y, argmax (outer, inner): first maximum along D (NaN wins) */
+mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argmax, int64_t outer, int64_t D, int64_t inner, void *stream);
+mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner,
+                                       void *stream);
+
+/* ---- casts F32 <-> F16/BF16 (round to nearest even), dtypes as mgpu_dtype ---- */
+mgpu_result mgpu_cuda_cast(const void *src, int src_dtype, void *dst, int dst_dtype, int64_t n, void *stream);
+
+/* ---- optimizers, clipping, loss scaling ---- */
+typedef struct mgpu_cuda_adam_args {
+    float decay, l2, beta1, beta2, eps, step_size, bc2_sqrt;   /* as the CPU's mgpu__adam_job */
+    float grad_scale;                                          /* grads multiplied by this first (1: none) */
+} mgpu_cuda_adam_args;
+typedef struct mgpu_cuda_sgd_args { float lr, weight_decay, momentum, keep, grad_scale; int nesterov, first; } mgpu_cuda_sgd_args;
+/* One kernel launch per group of up to 32 tensors (a multi-tensor apply). m, v or buf may be NULL for SGD. */
+mgpu_result mgpu_cuda_adam_update(int n_tensors, float *const *params, const float *const *grads, float *const *m, float *const *v,
+                                  const int64_t *numel, const mgpu_cuda_adam_args *a, void *stream);
+mgpu_result mgpu_cuda_sgd_update(int n_tensors, float *const *params, const float *const *grads, float *const *buf,
+                                 const int64_t *numel, const mgpu_cuda_sgd_args *a, void *stream);
+/* out[0] = sqrt(sum over tensors of sum(x^2)); scratch: (n_tensors + 1) * MGPU_CUDA_REDUCE_PARTIALS floats */
+mgpu_result mgpu_cuda_global_norm(int n_tensors, const float *const *xs, const int64_t *numel, float *out, float *scratch,
+                                  void *stream);
+/* coef[0] = min(1, max_norm / (norm[0] + 1e-6)), on the device (no host sync), as clip_grad_norm_ */
+mgpu_result mgpu_cuda_clip_coef(const float *norm, float max_norm, float *coef, void *stream);
+/* x *= s[0] (s a device scalar, e.g. the clip coefficient or 1 / loss scale) */
+mgpu_result mgpu_cuda_scale_by(float *x, int64_t n, const float *s, void *stream);
+/* found[0] = 1 if any x is inf or NaN (never cleared here: zero it once per step) */
+mgpu_result mgpu_cuda_check_finite(const float *x, int64_t n, int32_t *found, void *stream);
+
+/* ---- attention (batched GEMM + row softmax); q (BH, Tq, D), k, v (BH, Tk, D) ----
+   probs (BH, Tq, Tk) is written and kept for backward; dprobs the same size of scratch. */
+mgpu_result mgpu_cuda_attention_forward(void *blas, const float *q, const float *k, const float *v, float *out, float *probs,
+                                        int64_t BH, int64_t Tq, int64_t Tk, int64_t D, int causal, void *stream);
+mgpu_result mgpu_cuda_attention_backward(void *blas, const float *q, const float *k, const float *v, const float *probs,
+                                         const float *dout, float *dq, float *dk, float *dv, float *dprobs, int64_t BH,
+                                         int64_t Tq, int64_t Tk, int64_t D, int causal, void *stream);
+
+/* ---- GEMM through cuBLASLt with a plan cache; falls back to cublasSgemm/GemmEx ---- */
+typedef enum mgpu_cuda_epilogue { MGPU_CUDA_EPI_NONE, MGPU_CUDA_EPI_BIAS, MGPU_CUDA_EPI_BIAS_RELU, MGPU_CUDA_EPI_BIAS_GELU } mgpu_cuda_epilogue;
+/* blas: handles + workspace + plan cache, bound to one device and stream. workspace_bytes 0: 32 MiB. */
+mgpu_result mgpu_cuda_blas_create(void **blas, void *stream, size_t workspace_bytes);
+void mgpu_cuda_blas_destroy(void *blas);
+mgpu_result mgpu_cuda_blas_set_stream(void *blas, void *stream);
+/* 1: allow TF32 for F32 GEMMs (off by default so F32 matches the CPU to 1e-5) */
+void mgpu_cuda_blas_set_tf32(void *blas, int allow);
+int mgpu_cuda_blas_plan_count(const void *blas);   /* cached cuBLASLt plans (tests check reuse) */
+/* Row-major C (m, n) = alpha * op(A) @ op(B) + beta * C [+ bias (n)] [then ReLU/GELU-tanh]; op(A) (m, k).
+   A, B dtype: F32, F16 or BF16 (both the same); C always F32, f32 accumulation. use_lt 0 forces cublasGemmEx. */
+mgpu_result mgpu_cuda_gemm(void *blas, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha, const void *a,
+                           int64_t lda, const void *b, int64_t ldb, int ab_dtype, float beta, float *c, int64_t ldc, int epilogue,
+                           const float *bias, int use_lt);
+
+/* ---- runtime wrappers used by the CUDA host side (C files need no CUDA headers for these) ---- */
+int mgpu__cuda_device_count(void);
+mgpu_result mgpu_cuda_synchronize(void *stream);
+mgpu_result mgpu_cuda_fill(float *x, int64_t n, float value, void *stream);
+
+/* ---- host side (section "CUDA host side") ---- */
+typedef struct mgpu_memory_stats { int64_t allocated, reserved, peak; } mgpu_memory_stats;
+MGPU_API mgpu_result mgpu_memory_stats_get(int device, mgpu_memory_stats *out);
+/* Caching allocator: sizes rounded to classes, freed blocks kept for reuse on the same device;
+   cudaMalloc only on a miss, cudaFree only in mgpu_cuda_empty_cache. */
+MGPU_API void *mgpu_cuda_malloc(int device, size_t bytes);
+MGPU_API void mgpu_cuda_free(int device, void *ptr);
+MGPU_API mgpu_result mgpu_cuda_empty_cache(int device);
+/* Page-locked host memory for async copies. */
+MGPU_API void *mgpu_cuda_host_alloc(size_t bytes);
+MGPU_API void mgpu_cuda_host_free(void *ptr);
+MGPU_API mgpu_result mgpu_cuda_copy_h2d_async(void *dst, const void *src, size_t bytes, void *stream);
+MGPU_API mgpu_result mgpu_cuda_copy_d2h_async(void *dst, const void *src, size_t bytes, void *stream);
+MGPU_API mgpu_result mgpu_cuda_copy_d2d_async(void *dst, const void *src, size_t bytes, void *stream);
+/* Per-device resources of a context: stream (non-blocking), blas (mgpu_cuda_blas_create). */
+typedef struct mgpu_cuda_device_ctx { int device; void *stream; void *blas; } mgpu_cuda_device_ctx;
+MGPU_API mgpu_result mgpu_cuda_device_ctx_init(mgpu_cuda_device_ctx *d, int device);
+MGPU_API void mgpu_cuda_device_ctx_release(mgpu_cuda_device_ctx *d);
+/* CUDA Graphs: capture the work queued on `stream` between begin and end, then replay it. */
+typedef struct mgpu_cuda_graph { void *graph, *exec; int captured; } mgpu_cuda_graph;
+MGPU_API mgpu_result mgpu_cuda_graph_begin(mgpu_cuda_graph *g, void *stream);
+MGPU_API mgpu_result mgpu_cuda_graph_end(mgpu_cuda_graph *g, void *stream);
+MGPU_API mgpu_result mgpu_cuda_graph_launch(mgpu_cuda_graph *g, void *stream);
+MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MGPU_CUDA */
+#endif /* MGPU_CUDA_API_H */
 
 /* ======================================================================================
    Trainer: the training loop every example shares, composed from the options
@@ -1663,19 +2060,11232 @@ MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss) {
     return mgpu_backward_with_grad(ctx, loss, &one);
 }
 
-/* ---- parts (developed separately, inlined before release) ---- */
-#include "parts/cuda.h"
-#include "parts/ops_basic.h"
-#include "parts/ops_nn.h"
-#include "parts/ops_norm.h"
-#include "parts/nn.h"
-#include "parts/data.h"
-#include "parts/io.h"
-#include "parts/amp.h"
-#include "parts/checkpoint.h"
-#include "parts/comm.h"
-#include "parts/ddp.h"
-#include "parts/train.h"
+/* CUDA host side: host side of the CUDA backend (compiled only under MGPU_CUDA): the error bridge
+   used by mgpu_kernels.cu, a caching device allocator with statistics, pinned host buffers, async
+   copies, per-device stream + cuBLAS resources, and CUDA Graph capture of a training step.
+   Kernels live in mgpu_kernels.cu. */
+#ifndef MGPU__CUDA_HOST_H
+#define MGPU__CUDA_HOST_H
+#ifdef MGPU_CUDA
+#if defined(MGPU_IMPLEMENTATION)
+#include <cuda_runtime_api.h>
+#include <pthread.h>
+
+/* Kernels report failures as a code and a finished sentence; this files it as this thread's error. */
+void mgpu__set_error_from_cuda(int code, const char *msg) { mgpu__fail((mgpu_result)code, "%s", msg); }
+
+static mgpu_result mgpu__cuda_fail(cudaError_t e, const char *fn, const char *call) {
+    return mgpu__fail(e == cudaErrorMemoryAllocation ? MGPU_ERR_OOM_DEVICE : MGPU_ERR_CUDA, "%s: %s failed: %s (%s)", fn, call,
+                      cudaGetErrorString(e), cudaGetErrorName(e));
+}
+#define MGPU__CUDA_TRY(fn, call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) return mgpu__cuda_fail(e_, fn, #call); } while (0)
+
+/* --------------------------------------------------------------------------------------
+   Caching device allocator. Requests are rounded to a size class (512 B steps below 1 MiB, 2 MiB
+   steps above), freed blocks stay reserved and are handed out again best-fit (at most 25% larger),
+   so a training loop stops calling cudaMalloc/cudaFree after its first step. One lock for all
+   devices: allocation is rare next to kernel launches.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__CUDA_MAX_DEVICES 64
+typedef struct mgpu__cuda_block { void *ptr; size_t size; int in_use; } mgpu__cuda_block;
+typedef struct mgpu__cuda_pool { mgpu__cuda_block *blocks; int n, cap; int64_t allocated, reserved, peak; } mgpu__cuda_pool;
+static mgpu__cuda_pool mgpu__cuda_pools[MGPU__CUDA_MAX_DEVICES];
+static pthread_mutex_t mgpu__cuda_pool_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static size_t mgpu__cuda_size_class(size_t bytes) {
+    const size_t small = 512, large = (size_t)2 << 20;
+    if (bytes == 0) bytes = 1;
+    return bytes < ((size_t)1 << 20) ? (bytes + small - 1) / small * small : (bytes + large - 1) / large * large;
+}
+
+static int mgpu__cuda_device_ok(int device, const char *fn) {
+    if (device < 0 || device >= MGPU__CUDA_MAX_DEVICES || device >= mgpu_cuda_device_count()) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: device %d is not a visible CUDA device (%d visible)", fn, device, mgpu_cuda_device_count());
+        return 0;
+    }
+    return 1;
+}
+
+/* Best-fit free block of at least `size` and at most 25% larger; -1 if none. Caller holds the lock. */
+static int mgpu__cuda_pool_find(const mgpu__cuda_pool *p, size_t size) {
+    int i, best = -1;
+    for (i = 0; i < p->n; i++) {
+        const mgpu__cuda_block *b = &p->blocks[i];
+        if (b->in_use || b->size < size || b->size > size + size / 4) continue;
+        if (best < 0 || b->size < p->blocks[best].size) best = i;
+    }
+    return best;
+}
+
+/* Returns cached blocks of one device to the driver. Caller holds the lock and has set the device. */
+static void mgpu__cuda_pool_release_free(mgpu__cuda_pool *p) {
+    int i, kept = 0;
+    for (i = 0; i < p->n; i++) {
+        if (p->blocks[i].in_use) { p->blocks[kept++] = p->blocks[i]; continue; }
+        cudaFree(p->blocks[i].ptr);
+        p->reserved -= (int64_t)p->blocks[i].size;
+    }
+    p->n = kept;
+}
+
+static int mgpu__cuda_pool_push(mgpu__cuda_pool *p, void *ptr, size_t size) {
+    if (p->n == p->cap) {
+        int cap = p->cap ? 2 * p->cap : 64;
+        mgpu__cuda_block *nb = (mgpu__cuda_block *)realloc(p->blocks, sizeof(mgpu__cuda_block) * (size_t)cap);
+        if (!nb) return 0;
+        p->blocks = nb; p->cap = cap;
+    }
+    p->blocks[p->n].ptr = ptr; p->blocks[p->n].size = size; p->blocks[p->n].in_use = 1;
+    p->n++;
+    return 1;
+}
+
+static void mgpu__cuda_pool_account(mgpu__cuda_pool *p, int64_t delta) {
+    p->allocated += delta;
+    if (p->allocated > p->peak) p->peak = p->allocated;
+}
+
+/* cudaMalloc on a miss; on OOM the cache is emptied once and the call retried. Caller holds the lock. */
+static void *mgpu__cuda_pool_grow(mgpu__cuda_pool *p, int device, size_t size) {
+    void *ptr = NULL;
+    cudaError_t e = cudaMalloc(&ptr, size);
+    if (e == cudaErrorMemoryAllocation) {
+        cudaGetLastError();   /* clear the sticky-free error before retrying */
+        mgpu__cuda_pool_release_free(p);
+        e = cudaMalloc(&ptr, size);
+    }
+    if (e != cudaSuccess) {
+        mgpu__fail(e == cudaErrorMemoryAllocation ? MGPU_ERR_OOM_DEVICE : MGPU_ERR_CUDA,
+                   "mgpu_cuda_malloc: cudaMalloc of %zu bytes on cuda:%d failed: %s (allocated %lld, reserved %lld bytes)", size, device,
+                   cudaGetErrorString(e), (long long)p->allocated, (long long)p->reserved);
+        return NULL;
+    }
+    if (!mgpu__cuda_pool_push(p, ptr, size)) {
+        cudaFree(ptr);
+        mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_cuda_malloc: no host memory for the allocator's block table");
+        return NULL;
+    }
+    p->reserved += (int64_t)size;
+    return ptr;
+}
+
+MGPU_API void *mgpu_cuda_malloc(int device, size_t bytes) {
+    mgpu__cuda_pool *p;
+    size_t size = mgpu__cuda_size_class(bytes);
+    void *ptr = NULL;
+    int prev = 0, hit;
+    if (!mgpu__cuda_device_ok(device, "mgpu_cuda_malloc")) return NULL;
+    if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+        mgpu__fail(MGPU_ERR_CUDA, "mgpu_cuda_malloc: cudaSetDevice(%d) failed", device);
+        return NULL;
+    }
+    pthread_mutex_lock(&mgpu__cuda_pool_mu);
+    p = &mgpu__cuda_pools[device];
+    hit = mgpu__cuda_pool_find(p, size);
+    if (hit >= 0) { p->blocks[hit].in_use = 1; ptr = p->blocks[hit].ptr; size = p->blocks[hit].size; }
+    else ptr = mgpu__cuda_pool_grow(p, device, size);
+    if (ptr) mgpu__cuda_pool_account(p, (int64_t)size);
+    pthread_mutex_unlock(&mgpu__cuda_pool_mu);
+    cudaSetDevice(prev);
+    return ptr;
+}
+
+/* The block goes back to the cache, not to the driver. Work still queued on it must be ordered
+   before its next user: the context uses one stream per device, so stream order guarantees it. */
+MGPU_API void mgpu_cuda_free(int device, void *ptr) {
+    mgpu__cuda_pool *p;
+    int i, found = 0;
+    if (!ptr) return;
+    if (!mgpu__cuda_device_ok(device, "mgpu_cuda_free")) return;
+    pthread_mutex_lock(&mgpu__cuda_pool_mu);
+    p = &mgpu__cuda_pools[device];
+    for (i = 0; i < p->n; i++)
+        if (p->blocks[i].ptr == ptr && p->blocks[i].in_use) {
+            p->blocks[i].in_use = 0;
+            mgpu__cuda_pool_account(p, -(int64_t)p->blocks[i].size);
+            found = 1;
+            break;
+        }
+    pthread_mutex_unlock(&mgpu__cuda_pool_mu);
+    if (!found) mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_cuda_free: %p was not allocated by mgpu_cuda_malloc on cuda:%d (or freed twice)", ptr, device);
+}
+
+MGPU_API mgpu_result mgpu_cuda_empty_cache(int device) {
+    int prev = 0;
+    if (!mgpu__cuda_device_ok(device, "mgpu_cuda_empty_cache")) return MGPU_ERR_INVALID_ARG;
+    MGPU__CUDA_TRY("mgpu_cuda_empty_cache", cudaGetDevice(&prev));
+    MGPU__CUDA_TRY("mgpu_cuda_empty_cache", cudaSetDevice(device));
+    MGPU__CUDA_TRY("mgpu_cuda_empty_cache", cudaDeviceSynchronize());   /* no kernel may still use a cached block */
+    pthread_mutex_lock(&mgpu__cuda_pool_mu);
+    mgpu__cuda_pool_release_free(&mgpu__cuda_pools[device]);
+    pthread_mutex_unlock(&mgpu__cuda_pool_mu);
+    MGPU__CUDA_TRY("mgpu_cuda_empty_cache", cudaSetDevice(prev));
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_memory_stats_get(int device, mgpu_memory_stats *out) {
+    const mgpu__cuda_pool *p;
+    if (!out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_memory_stats_get: out is NULL");
+    memset(out, 0, sizeof *out);
+    if (!mgpu__cuda_device_ok(device, "mgpu_memory_stats_get")) return MGPU_ERR_INVALID_ARG;
+    pthread_mutex_lock(&mgpu__cuda_pool_mu);
+    p = &mgpu__cuda_pools[device];
+    out->allocated = p->allocated; out->reserved = p->reserved; out->peak = p->peak;
+    pthread_mutex_unlock(&mgpu__cuda_pool_mu);
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   Pinned host memory and async copies
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API void *mgpu_cuda_host_alloc(size_t bytes) {
+    void *p = NULL;
+    cudaError_t e = cudaMallocHost(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_cuda_host_alloc: cudaMallocHost of %zu bytes failed: %s", bytes, cudaGetErrorString(e));
+        return NULL;
+    }
+    return p;
+}
+MGPU_API void mgpu_cuda_host_free(void *ptr) { if (ptr) cudaFreeHost(ptr); }
+
+static mgpu_result mgpu__cuda_copy_async(const char *fn, void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind, void *stream) {
+    if (bytes == 0) return MGPU_OK;
+    if (!dst || !src) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: dst and src must not be NULL", fn);
+    MGPU__CUDA_TRY(fn, cudaMemcpyAsync(dst, src, bytes, kind, (cudaStream_t)stream));
+    return MGPU_OK;
+}
+MGPU_API mgpu_result mgpu_cuda_copy_h2d_async(void *dst, const void *src, size_t bytes, void *stream) {
+    return mgpu__cuda_copy_async("mgpu_cuda_copy_h2d_async", dst, src, bytes, cudaMemcpyHostToDevice, stream);
+}
+MGPU_API mgpu_result mgpu_cuda_copy_d2h_async(void *dst, const void *src, size_t bytes, void *stream) {
+    return mgpu__cuda_copy_async("mgpu_cuda_copy_d2h_async", dst, src, bytes, cudaMemcpyDeviceToHost, stream);
+}
+MGPU_API mgpu_result mgpu_cuda_copy_d2d_async(void *dst, const void *src, size_t bytes, void *stream) {
+    return mgpu__cuda_copy_async("mgpu_cuda_copy_d2d_async", dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
+}
+
+/* --------------------------------------------------------------------------------------
+   Per-device resources of a context
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API mgpu_result mgpu_cuda_device_ctx_init(mgpu_cuda_device_ctx *d, int device) {
+    cudaStream_t s = NULL;
+    mgpu_result r;
+    if (!d) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_cuda_device_ctx_init: d is NULL");
+    memset(d, 0, sizeof *d);
+    if (!mgpu__cuda_device_ok(device, "mgpu_cuda_device_ctx_init")) return MGPU_ERR_INVALID_ARG;
+    MGPU__CUDA_TRY("mgpu_cuda_device_ctx_init", cudaSetDevice(device));
+    /* non-blocking: the legacy default stream must not serialise against the step */
+    MGPU__CUDA_TRY("mgpu_cuda_device_ctx_init", cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    d->device = device; d->stream = (void *)s;
+    r = mgpu_cuda_blas_create(&d->blas, d->stream, 0);
+    if (r != MGPU_OK) { mgpu_cuda_device_ctx_release(d); return r; }
+    return MGPU_OK;
+}
+MGPU_API void mgpu_cuda_device_ctx_release(mgpu_cuda_device_ctx *d) {
+    if (!d) return;
+    if (d->stream) cudaStreamSynchronize((cudaStream_t)d->stream);
+    mgpu_cuda_blas_destroy(d->blas);
+    if (d->stream) cudaStreamDestroy((cudaStream_t)d->stream);
+    memset(d, 0, sizeof *d);
+}
+
+/* --------------------------------------------------------------------------------------
+   CUDA Graphs: capture one step (forward, backward, optimizer) and replay it with one launch.
+   Everything captured must use fixed device addresses (arena, cached blocks) and no host sync.
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API mgpu_result mgpu_cuda_graph_begin(mgpu_cuda_graph *g, void *stream) {
+    if (!g || !stream) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_cuda_graph_begin: g and stream must not be NULL (the legacy stream cannot be captured)");
+    mgpu_cuda_graph_destroy(g);
+    MGPU__CUDA_TRY("mgpu_cuda_graph_begin", cudaStreamBeginCapture((cudaStream_t)stream, cudaStreamCaptureModeThreadLocal));
+    return MGPU_OK;
+}
+MGPU_API mgpu_result mgpu_cuda_graph_end(mgpu_cuda_graph *g, void *stream) {
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    if (!g || !stream) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_cuda_graph_end: g and stream must not be NULL");
+    MGPU__CUDA_TRY("mgpu_cuda_graph_end", cudaStreamEndCapture((cudaStream_t)stream, &graph));
+    cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    if (e != cudaSuccess) {
+        cudaGraphDestroy(graph);
+        return mgpu__cuda_fail(e, "mgpu_cuda_graph_end", "cudaGraphInstantiate");
+    }
+    g->graph = (void *)graph; g->exec = (void *)exec; g->captured = 1;
+    return MGPU_OK;
+}
+MGPU_API mgpu_result mgpu_cuda_graph_launch(mgpu_cuda_graph *g, void *stream) {
+    if (!g || !g->captured) return mgpu__fail(MGPU_ERR_STATE, "mgpu_cuda_graph_launch: no graph captured (call mgpu_cuda_graph_begin/end first)");
+    MGPU__CUDA_TRY("mgpu_cuda_graph_launch", cudaGraphLaunch((cudaGraphExec_t)g->exec, (cudaStream_t)stream));
+    return MGPU_OK;
+}
+MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g) {
+    if (!g) return;
+    if (g->exec) cudaGraphExecDestroy((cudaGraphExec_t)g->exec);
+    if (g->graph) cudaGraphDestroy((cudaGraph_t)g->graph);
+    g->graph = g->exec = NULL; g->captured = 0;
+}
+
+#endif /* MGPU_IMPLEMENTATION */
+#endif /* MGPU_CUDA */
+#endif /* MGPU__CUDA_HOST_H */
+/* ======================================================================================
+   Ops: elementwise, losses, reductions, shapes
+   ======================================================================================Elementwise, activation, loss, reduction and shape ops: CPU reference implementations with
+   forward and backward. Every reduction adds in an order fixed by the shapes alone, so results
+   are bit-identical whatever the thread count. */
+
+/* Loops with fewer elements than this stay on the calling thread: waking the pool costs more. */
+#define MGPU__GRAIN 32768
+#define MGPU__IGNORE_INDEX (-100)
+
+/* min_chunk for mgpu_parallel_for when each item costs about `work` elements. */
+static int64_t mgpu__grain_for(int64_t work) { return MGPU__MAX((int64_t)1, MGPU__GRAIN / MGPU__MAX((int64_t)1, work)); }
+
+static void mgpu__contig_strides(int ndim, const int64_t *shape, int64_t *st) {
+    int64_t s = 1;
+    int i;
+    for (i = ndim - 1; i >= 0; i--) { st[i] = s; s *= shape[i]; }
+}
+
+/* Strides of t read as a tensor of out_ndim dims aligned to the right (NumPy broadcasting):
+   0 for the missing leading dims and for size-1 dims, so one element serves the whole dim. */
+static void mgpu__bcast_strides(int out_ndim, const mgpu_tensor *t, int64_t *st) {
+    int64_t own[MGPU_MAX_DIMS];
+    int i, lead = out_ndim - t->ndim;
+    mgpu__contig_strides(t->ndim, t->shape, own);
+    for (i = 0; i < out_ndim; i++) {
+        int j = i - lead;
+        st[i] = (j < 0 || t->shape[j] == 1) ? 0 : own[j];
+    }
+}
+
+/* x viewed as (outer, D, inner) around dim d. */
+static void mgpu__split_at(const mgpu_tensor *x, int d, int64_t *outer, int64_t *dim, int64_t *inner) {
+    int i;
+    *outer = 1; *inner = 1; *dim = x->shape[d];
+    for (i = 0; i < d; i++) *outer *= x->shape[i];
+    for (i = d + 1; i < x->ndim; i++) *inner *= x->shape[i];
+}
+
+/* --------------------------------------------------------------------------------------
+   Strided iteration over up to 3 operands sharing one index space. Size-1 dims are dropped and
+   neighbours that step alike in every operand are merged, so inner runs are as long as possible.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__MAX_OPS 3
+typedef struct mgpu__iter {
+    int ndim, nops;
+    int64_t numel;
+    int64_t shape[MGPU_MAX_DIMS];
+    int64_t st[MGPU__MAX_OPS][MGPU_MAX_DIMS];
+} mgpu__iter;
+
+static void mgpu__iter_start(mgpu__iter *it, int ndim, const int64_t *shape) {
+    int i;
+    memset(it, 0, sizeof *it);
+    it->ndim = ndim;
+    it->numel = 1;
+    for (i = 0; i < ndim; i++) { it->shape[i] = shape[i]; it->numel *= shape[i]; }
+}
+/* Adds an operand; strides are in elements, one per dim of the index space (0: broadcast). */
+static void mgpu__iter_operand(mgpu__iter *it, const int64_t *st) {
+    int i;
+    for (i = 0; i < it->ndim; i++) it->st[it->nops][i] = st[i];
+    it->nops++;
+}
+static int mgpu__iter_mergeable(const mgpu__iter *it, int outer, int inner) {
+    int k;
+    for (k = 0; k < it->nops; k++)
+        if (it->st[k][outer] != it->st[k][inner] * it->shape[inner]) return 0;
+    return 1;
+}
+static void mgpu__iter_coalesce(mgpu__iter *it) {
+    int i, k, n = 0;
+    for (i = 0; i < it->ndim; i++) {
+        if (it->shape[i] == 1) continue;
+        if (n > 0 && mgpu__iter_mergeable(it, n - 1, i)) {
+            it->shape[n - 1] *= it->shape[i];
+            for (k = 0; k < it->nops; k++) it->st[k][n - 1] = it->st[k][i];
+        } else {
+            it->shape[n] = it->shape[i];
+            for (k = 0; k < it->nops; k++) it->st[k][n] = it->st[k][i];
+            n++;
+        }
+    }
+    if (n == 0) { /* a single element */
+        it->shape[0] = 1;
+        for (k = 0; k < it->nops; k++) it->st[k][0] = 0;
+        n = 1;
+    }
+    it->ndim = n;
+}
+static void mgpu__iter_seek(const mgpu__iter *it, int64_t flat, int64_t *idx, int64_t *off) {
+    int d, k;
+    for (k = 0; k < it->nops; k++) off[k] = 0;
+    for (d = it->ndim - 1; d >= 0; d--) {
+        idx[d] = flat % it->shape[d];
+        flat /= it->shape[d];
+        for (k = 0; k < it->nops; k++) off[k] += idx[d] * it->st[k][d];
+    }
+}
+/* Moves `steps` along the innermost dim (never past its end), carrying into outer dims. */
+static void mgpu__iter_advance(const mgpu__iter *it, int64_t *idx, int64_t *off, int64_t steps) {
+    int d = it->ndim - 1, k;
+    idx[d] += steps;
+    for (k = 0; k < it->nops; k++) off[k] += steps * it->st[k][d];
+    while (d > 0 && idx[d] == it->shape[d]) {
+        for (k = 0; k < it->nops; k++) off[k] += it->st[k][d - 1] - it->shape[d] * it->st[k][d];
+        idx[d] = 0;
+        idx[--d]++;
+    }
+}
+
+/* A run: `n` consecutive positions of the innermost dim; operand k starts at off[k], steps st[k]. */
+typedef void (*mgpu__run_fn)(void *arg, const int64_t *off, const int64_t *st, int64_t n);
+
+static void mgpu__iter_runs(const mgpu__iter *it, int64_t begin, int64_t end, mgpu__run_fn fn, void *arg) {
+    int64_t idx[MGPU_MAX_DIMS], off[MGPU__MAX_OPS], st[MGPU__MAX_OPS];
+    int last = it->ndim - 1, k;
+    if (begin >= end) return;
+    for (k = 0; k < MGPU__MAX_OPS; k++) st[k] = it->st[k][last];
+    mgpu__iter_seek(it, begin, idx, off);
+    while (begin < end) {
+        int64_t run = MGPU__MIN(it->shape[last] - idx[last], end - begin);
+        fn(arg, off, st, run);
+        begin += run;
+        if (begin < end) mgpu__iter_advance(it, idx, off, run);
+    }
+}
+
+typedef struct mgpu__iter_job { const mgpu__iter *it; mgpu__run_fn fn; void *arg; } mgpu__iter_job;
+static void mgpu__iter_job_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__iter_job *job = (const mgpu__iter_job *)p;
+    mgpu__iter_runs(job->it, begin, end, job->fn, job->arg);
+}
+/* Runs fn over the whole space; safe to split only when runs write disjoint elements. */
+static void mgpu__iter_parallel(mgpu_context *ctx, const mgpu__iter *it, mgpu__run_fn fn, void *arg) {
+    mgpu__iter_job job;
+    job.it = it; job.fn = fn; job.arg = arg;
+    mgpu_parallel_for(ctx, it->numel, MGPU__GRAIN, mgpu__iter_job_range, &job);
+}
+
+/* --------------------------------------------------------------------------------------
+   Deterministic sums: fixed blocks (chosen from n alone) summed in double, then the block
+   partials added in order, so the result does not depend on the thread count.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__SUM_MAX_BLOCKS 1024
+typedef double (*mgpu__partial_fn)(void *arg, int64_t begin, int64_t end);
+typedef struct mgpu__sum_job { mgpu__partial_fn fn; void *arg; int64_t n, block; double *partials; } mgpu__sum_job;
+
+static void mgpu__sum_job_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__sum_job *job = (const mgpu__sum_job *)p;
+    int64_t b;
+    for (b = begin; b < end; b++) {
+        int64_t lo = b * job->block;
+        job->partials[b] = job->fn(job->arg, lo, MGPU__MIN(lo + job->block, job->n));
+    }
+}
+/* Sum of fn over [0, n); each item costs about `work` elements (for the threading grain). */
+static double mgpu__det_sum(mgpu_context *ctx, int64_t n, int64_t min_block, int64_t work, mgpu__partial_fn fn, void *arg) {
+    double partials[MGPU__SUM_MAX_BLOCKS];
+    mgpu__sum_job job;
+    double total = 0;
+    int64_t nb, b;
+    if (n <= 0) return 0;
+    job.fn = fn; job.arg = arg; job.n = n; job.partials = partials;
+    job.block = MGPU__MAX(MGPU__MAX(min_block, (int64_t)1), (n + MGPU__SUM_MAX_BLOCKS - 1) / MGPU__SUM_MAX_BLOCKS);
+    nb = (n + job.block - 1) / job.block;
+    mgpu_parallel_for(ctx, nb, mgpu__grain_for(job.block * MGPU__MAX(work, (int64_t)1)), mgpu__sum_job_range, &job);
+    for (b = 0; b < nb; b++) total += partials[b];
+    return total;
+}
+
+/* --------------------------------------------------------------------------------------
+   Elementwise kernels over a broadcast index space. Operand 0 is the output y (contiguous),
+   1 is a, 2 is b.
+   -------------------------------------------------------------------------------------- */
+
+typedef enum mgpu__ew_kind {
+    MGPU__EW_ADD,     /* y = a + c * b */
+    MGPU__EW_MUL,     /* y = a * b */
+    MGPU__EW_ACC,     /* y += c * a          (backward: gradient pass-through or broadcast) */
+    MGPU__EW_ACC_MUL  /* y += c * a * b      (backward of mul) */
+} mgpu__ew_kind;
+typedef struct mgpu__ew_arg { mgpu__ew_kind kind; float c; float *y; const float *a, *b; } mgpu__ew_arg;
+
+static void mgpu__ew_run(void *p, const int64_t *off, const int64_t *st, int64_t n) {
+    const mgpu__ew_arg *e = (const mgpu__ew_arg *)p;
+    float *y = e->y + off[0];
+    const float *a = e->a + off[1], *b = e->b + off[2];
+    int64_t sy = st[0], sa = st[1], sb = st[2], j;
+    float c = e->c;
+    switch (e->kind) {
+    case MGPU__EW_ADD:
+        if (sy == 1 && sa == 1 && sb == 1) for (j = 0; j < n; j++) y[j] = a[j] + c * b[j];
+        else for (j = 0; j < n; j++) y[j * sy] = a[j * sa] + c * b[j * sb];
+        break;
+    case MGPU__EW_MUL:
+        if (sy == 1 && sa == 1 && sb == 1) for (j = 0; j < n; j++) y[j] = a[j] * b[j];
+        else for (j = 0; j < n; j++) y[j * sy] = a[j * sa] * b[j * sb];
+        break;
+    case MGPU__EW_ACC:
+        if (sy == 1 && sa == 1) for (j = 0; j < n; j++) y[j] += c * a[j];
+        else for (j = 0; j < n; j++) y[j * sy] += c * a[j * sa];
+        break;
+    case MGPU__EW_ACC_MUL:
+        for (j = 0; j < n; j++) y[j * sy] += c * a[j * sa] * b[j * sb];
+        break;
+    }
+}
+
+/* y (shape, contiguous) = kind(a, b) with a and b read through strides sa, sb (b may be NULL
+   for ACC). Each output element is written by one thread only. */
+static void mgpu__ew_apply(mgpu_context *ctx, mgpu__ew_kind kind, float c, int ndim, const int64_t *shape, float *y,
+                           const float *a, const int64_t *sa, const float *b, const int64_t *sb) {
+    int64_t sy[MGPU_MAX_DIMS], zero[MGPU_MAX_DIMS];
+    mgpu__iter it;
+    mgpu__ew_arg e;
+    memset(zero, 0, sizeof zero);
+    mgpu__contig_strides(ndim, shape, sy);
+    mgpu__iter_start(&it, ndim, shape);
+    mgpu__iter_operand(&it, sy);
+    mgpu__iter_operand(&it, sa);
+    mgpu__iter_operand(&it, b ? sb : zero);
+    mgpu__iter_coalesce(&it);
+    e.kind = kind; e.c = c; e.y = y; e.a = a; e.b = b ? b : a;
+    mgpu__iter_parallel(ctx, &it, mgpu__ew_run, &e);
+}
+
+/* dst[i] += c * src[i] over n elements (gradients of views and casts). */
+static void mgpu__accumulate(mgpu_context *ctx, float *dst, const float *src, int64_t n, float c) {
+    int64_t one = 1;
+    mgpu__ew_apply(ctx, MGPU__EW_ACC, c, 1, &n, dst, src, &one, NULL, NULL);
+}
+
+/* --------------------------------------------------------------------------------------
+   Reduction of a full index space onto a target that broadcasts over it:
+       dst[t] (+)= scale * sum over the reduced dims of src[...] * other[...]
+   src is contiguous over the space; target strides are 0 on reduced dims; other (optional) is
+   read through its own strides. Each target sums its terms in one fixed order.
+   -------------------------------------------------------------------------------------- */
+
+/* Sum of n contiguous floats in double over 8 interleaved lanes: vectorisable, and the order
+   is fixed by n alone. */
+static double mgpu__sum_f32(const float *s, int64_t n) {
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}, total = 0;
+    int64_t j = 0;
+    int l;
+    for (; j + 8 <= n; j += 8)
+        for (l = 0; l < 8; l++) lane[l] += s[j + l];
+    for (; j < n; j++) total += s[j];
+    for (l = 0; l < 8; l++) total += lane[l];
+    return total;
+}
+
+#define MGPU__RBLOCK 256 /* targets handled together, so kept-dim reads stay contiguous */
+typedef struct mgpu__reduce {
+    mgpu__iter kept, red;   /* operands: 0 = src, 1 = other */
+    const float *src, *other;
+    float *dst; float scale; int accumulate;
+} mgpu__reduce;
+
+static void mgpu__reduce_store(const mgpu__reduce *r, int64_t t, double sum) {
+    float v = (float)(r->scale * sum);
+    if (r->accumulate) r->dst[t] += v; else r->dst[t] = v;
+}
+
+typedef struct mgpu__reduce_block { const mgpu__reduce *r; double *acc; const int64_t *so, *oo; int64_t nb; int dense; } mgpu__reduce_block;
+static void mgpu__reduce_block_run(void *p, const int64_t *off, const int64_t *st, int64_t n) {
+    const mgpu__reduce_block *b = (const mgpu__reduce_block *)p;
+    const float *src = b->r->src, *other = b->r->other;
+    int64_t j, i;
+    for (j = 0; j < n; j++) {
+        const float *s = src + off[0] + j * st[0];
+        if (b->dense) { /* the block's targets are consecutive in src: a vectorisable row add */
+            s += b->so[0];
+            for (i = 0; i < b->nb; i++) b->acc[i] += s[i];
+        } else if (other) {
+            const float *o = other + off[1] + j * st[1];
+            for (i = 0; i < b->nb; i++) b->acc[i] += (double)s[b->so[i]] * o[b->oo[i]];
+        } else {
+            for (i = 0; i < b->nb; i++) b->acc[i] += s[b->so[i]];
+        }
+    }
+}
+static void mgpu__reduce_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__reduce *r = (const mgpu__reduce *)p;
+    double acc[MGPU__RBLOCK];
+    int64_t so[MGPU__RBLOCK], oo[MGPU__RBLOCK], idx[MGPU_MAX_DIMS], off[MGPU__MAX_OPS];
+    int64_t blk, i;
+    mgpu__reduce_block b;
+    b.r = r; b.acc = acc; b.so = so; b.oo = oo;
+    for (blk = begin; blk < end; blk++) {
+        int64_t t0 = blk * MGPU__RBLOCK;
+        b.nb = MGPU__MIN((int64_t)MGPU__RBLOCK, r->kept.numel - t0);
+        mgpu__iter_seek(&r->kept, t0, idx, off);
+        b.dense = !r->other;
+        for (i = 0; i < b.nb; i++) {
+            so[i] = off[0]; oo[i] = off[1]; acc[i] = 0;
+            if (so[i] != so[0] + i) b.dense = 0;
+            if (i + 1 < b.nb) mgpu__iter_advance(&r->kept, idx, off, 1);
+        }
+        if (r->red.ndim == 1 && r->red.st[0][0] == 1 && !r->other) /* each target sums a contiguous row */
+            for (i = 0; i < b.nb; i++) acc[i] = mgpu__sum_f32(r->src + so[i], r->red.numel);
+        else
+            mgpu__iter_runs(&r->red, 0, r->red.numel, mgpu__reduce_block_run, &b);
+        for (i = 0; i < b.nb; i++) mgpu__reduce_store(r, t0 + i, acc[i]);
+    }
+}
+typedef struct mgpu__dot_run_arg { const mgpu__reduce *r; double sum; } mgpu__dot_run_arg;
+static void mgpu__reduce_dot_run(void *p, const int64_t *off, const int64_t *st, int64_t n) {
+    mgpu__dot_run_arg *d = (mgpu__dot_run_arg *)p;
+    const float *s = d->r->src + off[0], *o = d->r->other ? d->r->other + off[1] : NULL;
+    double sum = 0;
+    int64_t j;
+    if (o) for (j = 0; j < n; j++) sum += (double)s[j * st[0]] * o[j * st[1]];
+    else if (st[0] == 1) sum = mgpu__sum_f32(s, n);
+    else for (j = 0; j < n; j++) sum += s[j * st[0]];
+    d->sum += sum;
+}
+static double mgpu__reduce_partial(void *p, int64_t begin, int64_t end) {
+    mgpu__dot_run_arg d;
+    d.r = (const mgpu__reduce *)p; d.sum = 0;
+    mgpu__iter_runs(&d.r->red, begin, end, mgpu__reduce_dot_run, &d);
+    return d.sum;
+}
+
+static void mgpu__reduce_into(mgpu_context *ctx, int ndim, const int64_t *shape, const float *src, const int64_t *target_st,
+                              const float *other, const int64_t *other_st, float *dst, float scale, int accumulate) {
+    int64_t src_st[MGPU_MAX_DIMS], zero[MGPU_MAX_DIMS], ks[MGPU_MAX_DIMS], rs[MGPU_MAX_DIMS];
+    int64_t k_src[MGPU_MAX_DIMS], k_oth[MGPU_MAX_DIMS], r_src[MGPU_MAX_DIMS], r_oth[MGPU_MAX_DIMS];
+    int nk = 0, nr = 0, i;
+    mgpu__reduce r;
+    memset(zero, 0, sizeof zero);
+    if (!other) other_st = zero;
+    mgpu__contig_strides(ndim, shape, src_st);
+    for (i = 0; i < ndim; i++) {
+        if (shape[i] == 1) continue;
+        if (target_st[i] != 0) { ks[nk] = shape[i]; k_src[nk] = src_st[i]; k_oth[nk] = other_st[i]; nk++; }
+        else { rs[nr] = shape[i]; r_src[nr] = src_st[i]; r_oth[nr] = other_st[i]; nr++; }
+    }
+    if (nr == 0 && accumulate) { /* nothing to reduce: an elementwise pass */
+        mgpu__ew_apply(ctx, other ? MGPU__EW_ACC_MUL : MGPU__EW_ACC, scale, ndim, shape, dst, src, src_st, other, other_st);
+        return;
+    }
+    mgpu__iter_start(&r.kept, nk, ks); mgpu__iter_operand(&r.kept, k_src); mgpu__iter_operand(&r.kept, k_oth);
+    mgpu__iter_start(&r.red, nr, rs); mgpu__iter_operand(&r.red, r_src); mgpu__iter_operand(&r.red, r_oth);
+    mgpu__iter_coalesce(&r.kept);
+    mgpu__iter_coalesce(&r.red);
+    r.src = src; r.other = other; r.dst = dst; r.scale = scale; r.accumulate = accumulate;
+    if (r.kept.numel == 1) { /* one target: split the reduced space itself into fixed blocks */
+        mgpu__reduce_store(&r, 0, mgpu__det_sum(ctx, r.red.numel, 4096, 1, mgpu__reduce_partial, &r));
+        return;
+    }
+    mgpu_parallel_for(ctx, (r.kept.numel + MGPU__RBLOCK - 1) / MGPU__RBLOCK, mgpu__grain_for(MGPU__RBLOCK * r.red.numel),
+                      mgpu__reduce_range, &r);
+}
+
+/* --------------------------------------------------------------------------------------
+   Binary ops with broadcasting: add, sub, mul, bias_add
+   -------------------------------------------------------------------------------------- */
+
+/* Broadcast shape of a and b, or MGPU_ERR_SHAPE naming both shapes. */
+static int mgpu__broadcast_shape(const char *op, const mgpu_tensor *a, const mgpu_tensor *b, int *ndim, int64_t *shape) {
+    int n = MGPU__MAX(a->ndim, b->ndim), i;
+    for (i = 0; i < n; i++) {
+        int ia = i - (n - a->ndim), ib = i - (n - b->ndim);
+        int64_t da = ia >= 0 ? a->shape[ia] : 1, db = ib >= 0 ? b->shape[ib] : 1;
+        if (da != db && da != 1 && db != 1) {
+            mgpu__fail(MGPU_ERR_SHAPE, "%s: shapes %s and %s cannot be broadcast together (dim %d: %lld vs %lld)", op,
+                       mgpu__shape_str(a), mgpu__shape_str(b), i - n, (long long)da, (long long)db);
+            return 0;
+        }
+        shape[i] = da == 1 ? db : da;
+    }
+    *ndim = n;
+    return 1;
+}
+
+static mgpu_result mgpu__binary_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *out = node->out;
+    mgpu__ew_kind kind = (mgpu__ew_kind)node->iarg[0];
+    const float *dy = (const float *)out->grad->data;
+    int i;
+    for (i = 0; i < 2; i++) {
+        mgpu_tensor *self = node->in[i], *other = node->in[1 - i];
+        int64_t self_st[MGPU_MAX_DIMS], other_st[MGPU_MAX_DIMS];
+        float *dx;
+        if (!mgpu__needs_grad(node, i)) continue;
+        MGPU__GRAD_OR_FAIL(dx, ctx, self);
+        mgpu__bcast_strides(out->ndim, self, self_st);
+        mgpu__bcast_strides(out->ndim, other, other_st);
+        if (kind == MGPU__EW_MUL) // d(a*b)/da = b
+            mgpu__reduce_into(ctx, out->ndim, out->shape, dy, self_st, (const float *)other->data, other_st, dx, 1.0f, 1);
+        else // d(a + c*b): 1 for a, c for b
+            mgpu__reduce_into(ctx, out->ndim, out->shape, dy, self_st, NULL, NULL, dx, i == 0 ? 1.0f : node->farg[0], 1);
+    }
+    return MGPU_OK;
+}
+
+static mgpu_tensor *mgpu__binary(mgpu_context *ctx, const char *op, mgpu__ew_kind kind, float c, mgpu_tensor *a, mgpu_tensor *b) {
+    int64_t shape[MGPU_MAX_DIMS], sa[MGPU_MAX_DIMS], sb[MGPU_MAX_DIMS];
+    mgpu_tensor *out, *ins[2];
+    mgpu__node *node;
+    int ndim = 0;
+    if (!mgpu__check_input(ctx, op, "a", a, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
+    if (!mgpu__broadcast_shape(op, a, b, &ndim, shape)) return NULL;
+    out = mgpu__new_activation(ctx, MGPU_F32, ndim, shape);
+    if (!out) return NULL;
+    mgpu__bcast_strides(ndim, a, sa);
+    mgpu__bcast_strides(ndim, b, sb);
+    mgpu__ew_apply(ctx, kind, c, ndim, shape, (float *)out->data, (const float *)a->data, sa, (const float *)b->data, sb);
+    ins[0] = a; ins[1] = b;
+    MGPU__RECORD(ctx, op, mgpu__binary_backward, out, 2, ins, node);
+    if (node) { node->iarg[0] = kind; node->farg[0] = c; }
+    return out;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_add(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
+    return mgpu__binary(ctx, "mgpu_op_add", MGPU__EW_ADD, 1.0f, a, b);
+}
+MGPU_API mgpu_tensor *mgpu_op_sub(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
+    return mgpu__binary(ctx, "mgpu_op_sub", MGPU__EW_ADD, -1.0f, a, b);
+}
+MGPU_API mgpu_tensor *mgpu_op_mul(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
+    return mgpu__binary(ctx, "mgpu_op_mul", MGPU__EW_MUL, 1.0f, a, b);
+}
+// x (..., C) + b (C): broadcasting add, restricted so a wrong bias is an error, not a broadcast.
+MGPU_API mgpu_tensor *mgpu_op_bias_add(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *b) {
+    const char *op = "mgpu_op_bias_add";
+    if (!mgpu__check_input(ctx, op, "x", x, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
+    if (x->ndim < 1 || b->ndim != 1 || b->shape[0] != x->shape[x->ndim - 1])
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: bias b %s must be (C,) with C the last dim of x %s", op, mgpu__shape_str(b), mgpu__shape_str(x));
+    return mgpu__binary(ctx, op, MGPU__EW_ADD, 1.0f, x, b);
+}
+
+/* --------------------------------------------------------------------------------------
+   Unary elementwise ops and activations
+   -------------------------------------------------------------------------------------- */
+
+typedef enum mgpu__unary_kind {
+    MGPU__UN_RELU, MGPU__UN_GELU, MGPU__UN_GELU_TANH, MGPU__UN_ELU, MGPU__UN_TANH, MGPU__UN_SIGMOID,
+    MGPU__UN_SCALE, MGPU__UN_ADD_SCALAR
+} mgpu__unary_kind;
+typedef struct mgpu__unary_arg {
+    mgpu__unary_kind kind; float param;
+    const float *x, *y, *dy; float *out; /* forward writes out = f(x); backward adds dy * f'(x) into out */
+} mgpu__unary_arg;
+
+#define MGPU__INV_SQRT2 0.70710678118654752f
+#define MGPU__INV_SQRT_2PI 0.39894228040143268f
+#define MGPU__SQRT_2_OVER_PI 0.79788456080286536f
+#define MGPU__GELU_TANH_K 0.044715f
+
+static float mgpu__sigmoidf(float x) {
+    /* exp of a non-positive number only, so neither branch overflows */
+    if (x >= 0) return 1.0f / (1.0f + expf(-x));
+    { float e = expf(x); return e / (1.0f + e); }
+}
+
+static void mgpu__unary_forward_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__unary_arg *u = (const mgpu__unary_arg *)p;
+    const float *x = u->x;
+    float *y = u->out, a = u->param;
+    int64_t i;
+    switch (u->kind) {
+    case MGPU__UN_RELU: for (i = begin; i < end; i++) y[i] = x[i] > 0 ? x[i] : 0.0f; break;
+    case MGPU__UN_GELU: for (i = begin; i < end; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * MGPU__INV_SQRT2)); break;
+    case MGPU__UN_GELU_TANH:
+        for (i = begin; i < end; i++)
+            y[i] = 0.5f * x[i] * (1.0f + tanhf(MGPU__SQRT_2_OVER_PI * (x[i] + MGPU__GELU_TANH_K * x[i] * x[i] * x[i])));
+        break;
+    case MGPU__UN_ELU: for (i = begin; i < end; i++) y[i] = x[i] > 0 ? x[i] : a * expm1f(x[i]); break;
+    case MGPU__UN_TANH: for (i = begin; i < end; i++) y[i] = tanhf(x[i]); break;
+    case MGPU__UN_SIGMOID: for (i = begin; i < end; i++) y[i] = mgpu__sigmoidf(x[i]); break;
+    case MGPU__UN_SCALE: for (i = begin; i < end; i++) y[i] = x[i] * a; break;
+    case MGPU__UN_ADD_SCALAR: for (i = begin; i < end; i++) y[i] = x[i] + a; break;
+    }
+}
+
+static void mgpu__unary_backward_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__unary_arg *u = (const mgpu__unary_arg *)p;
+    const float *x = u->x, *y = u->y, *dy = u->dy;
+    float *dx = u->out, a = u->param;
+    int64_t i;
+    switch (u->kind) {
+    case MGPU__UN_RELU: for (i = begin; i < end; i++) dx[i] += x[i] > 0 ? dy[i] : 0.0f; break;
+    case MGPU__UN_GELU: // d/dx x*Phi(x) = Phi(x) + x*phi(x)
+        for (i = begin; i < end; i++) {
+            float cdf = 0.5f * (1.0f + erff(x[i] * MGPU__INV_SQRT2));
+            float pdf = MGPU__INV_SQRT_2PI * expf(-0.5f * x[i] * x[i]);
+            dx[i] += dy[i] * (cdf + x[i] * pdf);
+        }
+        break;
+    case MGPU__UN_GELU_TANH:
+        for (i = begin; i < end; i++) {
+            float x2 = x[i] * x[i];
+            float t = tanhf(MGPU__SQRT_2_OVER_PI * x[i] * (1.0f + MGPU__GELU_TANH_K * x2));
+            float du = MGPU__SQRT_2_OVER_PI * (1.0f + 3.0f * MGPU__GELU_TANH_K * x2);
+            dx[i] += dy[i] * (0.5f * (1.0f + t) + 0.5f * x[i] * (1.0f - t * t) * du);
+        }
+        break;
+    case MGPU__UN_ELU: for (i = begin; i < end; i++) dx[i] += dy[i] * (x[i] > 0 ? 1.0f : a * expf(x[i])); break;
+    case MGPU__UN_TANH: for (i = begin; i < end; i++) dx[i] += dy[i] * (1.0f - y[i] * y[i]); break;
+    case MGPU__UN_SIGMOID: for (i = begin; i < end; i++) dx[i] += dy[i] * y[i] * (1.0f - y[i]); break;
+    case MGPU__UN_SCALE: for (i = begin; i < end; i++) dx[i] += dy[i] * a; break;
+    case MGPU__UN_ADD_SCALAR: for (i = begin; i < end; i++) dx[i] += dy[i]; break;
+    }
+}
+
+static mgpu_result mgpu__unary_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__unary_arg u;
+    float *dx;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    u.kind = (mgpu__unary_kind)node->iarg[0]; u.param = node->farg[0];
+    u.x = (const float *)node->in[0]->data; u.y = (const float *)node->out->data;
+    u.dy = (const float *)node->out->grad->data; u.out = dx;
+    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__unary_backward_range, &u);
+    return MGPU_OK;
+}
+
+static mgpu_tensor *mgpu__unary(mgpu_context *ctx, const char *op, mgpu__unary_kind kind, float param, mgpu_tensor *x) {
+    mgpu_tensor *out;
+    mgpu__node *node;
+    mgpu__unary_arg u;
+    if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
+    out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
+    if (!out) return NULL;
+    memset(&u, 0, sizeof u);
+    u.kind = kind; u.param = param; u.x = (const float *)x->data; u.out = (float *)out->data;
+    mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__unary_forward_range, &u);
+    MGPU__RECORD(ctx, op, mgpu__unary_backward, out, 1, &x, node);
+    if (node) { node->iarg[0] = kind; node->farg[0] = param; }
+    return out;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_scale(mgpu_context *ctx, mgpu_tensor *a, float s) { return mgpu__unary(ctx, "mgpu_op_scale", MGPU__UN_SCALE, s, a); }
+MGPU_API mgpu_tensor *mgpu_op_add_scalar(mgpu_context *ctx, mgpu_tensor *a, float s) { return mgpu__unary(ctx, "mgpu_op_add_scalar", MGPU__UN_ADD_SCALAR, s, a); }
+MGPU_API mgpu_tensor *mgpu_op_relu(mgpu_context *ctx, mgpu_tensor *x) { return mgpu__unary(ctx, "mgpu_op_relu", MGPU__UN_RELU, 0, x); }
+MGPU_API mgpu_tensor *mgpu_op_gelu(mgpu_context *ctx, mgpu_tensor *x) { return mgpu__unary(ctx, "mgpu_op_gelu", MGPU__UN_GELU, 0, x); }
+MGPU_API mgpu_tensor *mgpu_op_gelu_tanh(mgpu_context *ctx, mgpu_tensor *x) { return mgpu__unary(ctx, "mgpu_op_gelu_tanh", MGPU__UN_GELU_TANH, 0, x); }
+MGPU_API mgpu_tensor *mgpu_op_elu(mgpu_context *ctx, mgpu_tensor *x, float alpha) { return mgpu__unary(ctx, "mgpu_op_elu", MGPU__UN_ELU, alpha, x); }
+MGPU_API mgpu_tensor *mgpu_op_tanh(mgpu_context *ctx, mgpu_tensor *x) { return mgpu__unary(ctx, "mgpu_op_tanh", MGPU__UN_TANH, 0, x); }
+MGPU_API mgpu_tensor *mgpu_op_sigmoid(mgpu_context *ctx, mgpu_tensor *x) { return mgpu__unary(ctx, "mgpu_op_sigmoid", MGPU__UN_SIGMOID, 0, x); }
+
+/* --------------------------------------------------------------------------------------
+   Softmax and log-softmax along any dim: x seen as (outer, D, inner), one line per (outer, inner)
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__lines {
+    int64_t dim, inner;       /* line length and element stride */
+    int log;                  /* log_softmax */
+    const float *x, *y, *dy;  /* backward reads y (the forward output) and dy */
+    float *out;               /* forward: y; backward: dx (accumulated) */
+} mgpu__lines;
+
+static int64_t mgpu__line_base(const mgpu__lines *l, int64_t line) {
+    return (line / l->inner) * l->dim * l->inner + line % l->inner;
+}
+
+static void mgpu__softmax_forward_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__lines *l = (const mgpu__lines *)p;
+    int64_t line, j, s = l->inner;
+    for (line = begin; line < end; line++) {
+        const float *x = l->x + mgpu__line_base(l, line);
+        float *y = l->out + mgpu__line_base(l, line);
+        float mx = -INFINITY;
+        double sum = 0;
+        for (j = 0; j < l->dim; j++) mx = x[j * s] > mx ? x[j * s] : mx;
+        if (mx == -INFINITY) mx = 0; /* an all -inf line: keep exp() finite-argument */
+        for (j = 0; j < l->dim; j++) sum += expf(x[j * s] - mx);
+        if (l->log) {
+            float lse = mx + (float)log(sum);
+            for (j = 0; j < l->dim; j++) y[j * s] = x[j * s] - lse;
+        } else {
+            float inv = (float)(1.0 / sum);
+            for (j = 0; j < l->dim; j++) y[j * s] = expf(x[j * s] - mx) * inv;
+        }
+    }
+}
+
+static void mgpu__softmax_backward_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__lines *l = (const mgpu__lines *)p;
+    int64_t line, j, s = l->inner;
+    for (line = begin; line < end; line++) {
+        int64_t base = mgpu__line_base(l, line);
+        const float *y = l->y + base, *dy = l->dy + base;
+        float *dx = l->out + base;
+        double dot = 0;
+        if (l->log) { // dx = dy - softmax * sum(dy)
+            for (j = 0; j < l->dim; j++) dot += dy[j * s];
+            for (j = 0; j < l->dim; j++) dx[j * s] += dy[j * s] - expf(y[j * s]) * (float)dot;
+        } else {      // dx = y * (dy - sum(dy * y))
+            for (j = 0; j < l->dim; j++) dot += (double)dy[j * s] * y[j * s];
+            for (j = 0; j < l->dim; j++) dx[j * s] += y[j * s] * (dy[j * s] - (float)dot);
+        }
+    }
+}
+
+static mgpu_result mgpu__softmax_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__lines l;
+    float *dx;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    memset(&l, 0, sizeof l);
+    l.dim = node->iarg[0]; l.inner = node->iarg[1]; l.log = (int)node->iarg[2];
+    l.y = (const float *)node->out->data; l.dy = (const float *)node->out->grad->data; l.out = dx;
+    mgpu_parallel_for(ctx, node->out->numel / MGPU__MAX(l.dim, (int64_t)1), mgpu__grain_for(l.dim), mgpu__softmax_backward_range, &l);
+    return MGPU_OK;
+}
+
+static mgpu_tensor *mgpu__softmax(mgpu_context *ctx, const char *op, mgpu_tensor *x, int dim, int log) {
+    mgpu_tensor *out;
+    mgpu__node *node;
+    mgpu__lines l;
+    int64_t outer = 0;
+    int d;
+    if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
+    if ((d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
+    out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
+    if (!out) return NULL;
+    memset(&l, 0, sizeof l);
+    mgpu__split_at(x, d, &outer, &l.dim, &l.inner);
+    l.log = log; l.x = (const float *)x->data; l.out = (float *)out->data;
+    if (l.dim > 0) mgpu_parallel_for(ctx, outer * l.inner, mgpu__grain_for(l.dim), mgpu__softmax_forward_range, &l);
+    MGPU__RECORD(ctx, op, mgpu__softmax_backward, out, 1, &x, node);
+    if (node) { node->iarg[0] = l.dim; node->iarg[1] = l.inner; node->iarg[2] = log; }
+    return out;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_softmax(mgpu_context *ctx, mgpu_tensor *x, int dim) { return mgpu__softmax(ctx, "mgpu_op_softmax", x, dim, 0); }
+MGPU_API mgpu_tensor *mgpu_op_log_softmax(mgpu_context *ctx, mgpu_tensor *x, int dim) { return mgpu__softmax(ctx, "mgpu_op_log_softmax", x, dim, 1); }
+
+/* --------------------------------------------------------------------------------------
+   Classification losses: nll_loss, cross_entropy (fused), count_correct
+   -------------------------------------------------------------------------------------- */
+
+/* scores (N, C) F32 and target (N) I32/I64; sets N and C. */
+static int mgpu__check_class_inputs(mgpu_context *ctx, const char *op, const char *name, const mgpu_tensor *x,
+                                    const mgpu_tensor *target, int64_t *n, int64_t *c) {
+    if (!mgpu__check_input(ctx, op, name, x, 1) || !mgpu__check_index(ctx, op, "target", target)) return 0;
+    if (x->ndim != 2 || target->ndim != 1 || target->shape[0] != x->shape[0]) {
+        mgpu__fail(MGPU_ERR_SHAPE, "%s: %s must be (N, C) and target (N,), got %s and %s", op, name, mgpu__shape_str(x), mgpu__shape_str(target));
+        return 0;
+    }
+    *n = x->shape[0]; *c = x->shape[1];
+    return 1;
+}
+
+/* Rows whose target counts (not ignore_index -100), or -1 with an error naming the first bad row. */
+static int64_t mgpu__count_valid_targets(const char *op, const mgpu_tensor *target, int64_t n, int64_t c) {
+    int64_t i, valid = 0;
+    for (i = 0; i < n; i++) {
+        int64_t t = mgpu__index_at(target, i);
+        if (t == MGPU__IGNORE_INDEX) continue;
+        if (t < 0 || t >= c) {
+            mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: target[%lld] = %lld is outside [0, %lld) (use -100 to ignore a row)", op,
+                       (long long)i, (long long)t, (long long)c);
+            return -1;
+        }
+        valid++;
+    }
+    return valid;
+}
+
+static mgpu_result mgpu__nll_backward(mgpu_context *ctx, mgpu__node *node) {
+    const mgpu_tensor *target = node->in[1];
+    int64_t n = node->in[0]->shape[0], c = node->in[0]->shape[1], i;
+    float g = ((const float *)node->out->grad->data)[0] / (float)node->iarg[0];
+    float *dx;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    for (i = 0; i < n; i++) {
+        int64_t t = mgpu__index_at(target, i);
+        if (t != MGPU__IGNORE_INDEX) dx[i * c + t] -= g;
+    }
+    return MGPU_OK;
+}
+
+// logp (N, C), target (N) -> scalar
+MGPU_API mgpu_tensor *mgpu_op_nll_loss(mgpu_context *ctx, mgpu_tensor *logp, mgpu_tensor *target) {
+    const char *op = "mgpu_op_nll_loss";
+    mgpu_tensor *out, *ins[2];
+    mgpu__node *node;
+    int64_t n = 0, c = 0, valid, i;
+    double sum = 0;
+    if (!mgpu__check_class_inputs(ctx, op, "logp", logp, target, &n, &c)) return NULL;
+    if ((valid = mgpu__count_valid_targets(op, target, n, c)) < 0) return NULL;
+    out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
+    if (!out) return NULL;
+    for (i = 0; i < n; i++) {
+        int64_t t = mgpu__index_at(target, i);
+        if (t != MGPU__IGNORE_INDEX) sum -= ((const float *)logp->data)[i * c + t];
+    }
+    ((float *)out->data)[0] = (float)(sum / (double)valid); /* no valid row: NaN, as PyTorch */
+    ins[0] = logp; ins[1] = target;
+    MGPU__RECORD(ctx, op, mgpu__nll_backward, out, 2, ins, node);
+    if (node) node->iarg[0] = valid;
+    return out;
+}
+
+typedef struct mgpu__ce_arg {
+    const float *x; const mgpu_tensor *target; int64_t c;
+    float *lse;               /* (N) log-sum-exp per row, kept for backward */
+    float *dx; float g;       /* backward: dx += g * (softmax - onehot) */
+} mgpu__ce_arg;
+
+static double mgpu__ce_forward_rows(void *p, int64_t begin, int64_t end) {
+    const mgpu__ce_arg *a = (const mgpu__ce_arg *)p;
+    double loss = 0;
+    int64_t i, j, c = a->c;
+    for (i = begin; i < end; i++) {
+        const float *x = a->x + i * c;
+        float mx = -INFINITY, lse;
+        double sum = 0;
+        int64_t t = mgpu__index_at(a->target, i);
+        for (j = 0; j < c; j++) mx = x[j] > mx ? x[j] : mx;
+        if (mx == -INFINITY) mx = 0;
+        for (j = 0; j < c; j++) sum += expf(x[j] - mx);
+        lse = mx + (float)log(sum);
+        a->lse[i] = lse;
+        if (t != MGPU__IGNORE_INDEX) loss += (double)lse - x[t];
+    }
+    return loss;
+}
+
+static void mgpu__ce_backward_rows(void *p, int64_t begin, int64_t end) {
+    const mgpu__ce_arg *a = (const mgpu__ce_arg *)p;
+    int64_t i, j, c = a->c;
+    for (i = begin; i < end; i++) {
+        const float *x = a->x + i * c;
+        float *dx = a->dx + i * c, lse = a->lse[i];
+        int64_t t = mgpu__index_at(a->target, i);
+        if (t == MGPU__IGNORE_INDEX) continue;
+        for (j = 0; j < c; j++) dx[j] += a->g * expf(x[j] - lse);
+        dx[t] -= a->g;
+    }
+}
+
+static mgpu_result mgpu__ce_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__ce_arg a;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    memset(&a, 0, sizeof a);
+    MGPU__GRAD_OR_FAIL(a.dx, ctx, node->in[0]);
+    a.x = (const float *)node->in[0]->data; a.target = node->in[1]; a.c = node->in[0]->shape[1];
+    a.lse = (float *)node->extra;
+    a.g = ((const float *)node->out->grad->data)[0] / (float)node->iarg[0];
+    mgpu_parallel_for(ctx, node->in[0]->shape[0], mgpu__grain_for(a.c), mgpu__ce_backward_rows, &a);
+    return MGPU_OK;
+}
+
+// logits (N, C), target (N) -> scalar mean of -log softmax(logits)[target] over counted rows
+MGPU_API mgpu_tensor *mgpu_op_cross_entropy(mgpu_context *ctx, mgpu_tensor *logits, mgpu_tensor *target) {
+    const char *op = "mgpu_op_cross_entropy";
+    mgpu_tensor *out, *ins[2];
+    mgpu__node *node;
+    mgpu__ce_arg a;
+    int64_t n = 0, c = 0, valid;
+    double total;
+    if (!mgpu__check_class_inputs(ctx, op, "logits", logits, target, &n, &c)) return NULL;
+    if ((valid = mgpu__count_valid_targets(op, target, n, c)) < 0) return NULL;
+    out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
+    if (!out) return NULL;
+    memset(&a, 0, sizeof a);
+    a.x = (const float *)logits->data; a.target = target; a.c = c;
+    a.lse = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)MGPU__MAX(n, (int64_t)1));
+    if (!a.lse) return NULL;
+    total = c > 0 ? mgpu__det_sum(ctx, n, 4096 / c, c, mgpu__ce_forward_rows, &a) : 0;
+    ((float *)out->data)[0] = (float)(total / (double)valid);
+    ins[0] = logits; ins[1] = target;
+    MGPU__RECORD(ctx, op, mgpu__ce_backward, out, 2, ins, node);
+    if (node) { node->iarg[0] = valid; node->extra = a.lse; }
+    return out;
+}
+
+MGPU_API int64_t mgpu_count_correct(const mgpu_tensor *logits, const mgpu_tensor *target) {
+    const char *op = "mgpu_count_correct";
+    int64_t n, c, i, j, correct = 0;
+    if (!logits || !target) { mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: logits and target must not be NULL", op); return -1; }
+    if (logits->dtype != MGPU_F32 || !mgpu__on_host(logits) || !mgpu__on_host(target) ||
+        (target->dtype != MGPU_I32 && target->dtype != MGPU_I64)) {
+        mgpu__fail(MGPU_ERR_SHAPE, "%s: need F32 logits and I32/I64 target on the cpu, got %s and %s", op,
+                   mgpu_dtype_name(logits->dtype), mgpu_dtype_name(target->dtype));
+        return -1;
+    }
+    if (logits->ndim != 2 || target->ndim != 1 || target->shape[0] != logits->shape[0]) {
+        mgpu__fail(MGPU_ERR_SHAPE, "%s: logits must be (N, C) and target (N,), got %s and %s", op, mgpu__shape_str(logits), mgpu__shape_str(target));
+        return -1;
+    }
+    n = logits->shape[0]; c = logits->shape[1];
+    for (i = 0; i < n && c > 0; i++) {
+        const float *x = (const float *)logits->data + i * c;
+        int64_t best = 0;
+        for (j = 1; j < c; j++) if (x[j] > x[best]) best = j; /* first max wins, as torch.argmax */
+        if (best == mgpu__index_at(target, i)) correct++;
+    }
+    return correct;
+}
+
+/* --------------------------------------------------------------------------------------
+   MSE loss and dropout
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__mse_arg { const float *a, *b; float *da, *db; float g; } mgpu__mse_arg;
+static double mgpu__mse_partial(void *p, int64_t begin, int64_t end) {
+    const mgpu__mse_arg *m = (const mgpu__mse_arg *)p;
+    double s = 0;
+    int64_t i;
+    for (i = begin; i < end; i++) { double d = (double)m->a[i] - m->b[i]; s += d * d; }
+    return s;
+}
+static void mgpu__mse_backward_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__mse_arg *m = (const mgpu__mse_arg *)p;
+    int64_t i;
+    for (i = begin; i < end; i++) {
+        float d = m->g * (m->a[i] - m->b[i]);
+        if (m->da) m->da[i] += d;
+        if (m->db) m->db[i] -= d;
+    }
+}
+static mgpu_result mgpu__mse_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__mse_arg m;
+    int64_t n = node->in[0]->numel;
+    memset(&m, 0, sizeof m);
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(m.da, ctx, node->in[0]);
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(m.db, ctx, node->in[1]);
+    m.a = (const float *)node->in[0]->data; m.b = (const float *)node->in[1]->data;
+    m.g = 2.0f * ((const float *)node->out->grad->data)[0] / (float)n;
+    mgpu_parallel_for(ctx, n, MGPU__GRAIN, mgpu__mse_backward_range, &m);
+    return MGPU_OK;
+}
+MGPU_API mgpu_tensor *mgpu_op_mse_loss(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
+    const char *op = "mgpu_op_mse_loss";
+    mgpu_tensor *out, *ins[2];
+    mgpu__node *node;
+    mgpu__mse_arg m;
+    if (!mgpu__check_input(ctx, op, "a", a, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
+    if (!mgpu_tensor_same_shape(a, b))
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: a %s and b %s must have the same shape", op, mgpu__shape_str(a), mgpu__shape_str(b));
+    out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
+    if (!out) return NULL;
+    memset(&m, 0, sizeof m);
+    m.a = (const float *)a->data; m.b = (const float *)b->data;
+    ((float *)out->data)[0] = (float)(mgpu__det_sum(ctx, a->numel, 4096, 1, mgpu__mse_partial, &m) / (double)a->numel);
+    ins[0] = a; ins[1] = b;
+    MGPU__RECORD(ctx, op, mgpu__mse_backward, out, 2, ins, node);
+    (void)node;
+    return out;
+}
+
+/* The mask is never stored: element i is kept iff uniform(seed, counter(i)) >= p, so backward
+   recomputes it, and any thread count or a resumed run draws the same mask. x is viewed as
+   (N, row_size); under DDP (ctx->row_world W > 1) local row j is row rank + W * j of the combined
+   batch (DistributedSampler's sharding), so its counters are first + (rank + W * j) * row_size + c
+   and W ranks draw exactly the masks one process draws for the combined batch. W = 1: first + i. */
+typedef struct mgpu__dropout_arg { uint64_t seed, first; float p, scale; const float *src; float *dst; int accumulate;
+                                   int64_t row_size, rank, world; } mgpu__dropout_arg;
+static void mgpu__dropout_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__dropout_arg *d = (const mgpu__dropout_arg *)p;
+    int64_t i = begin;
+    while (i < end) {
+        int64_t j = i / d->row_size, row_end = MGPU__MIN((j + 1) * d->row_size, end);
+        uint64_t base = d->first + (uint64_t)((d->rank + (d->world - 1) * j) * d->row_size);   /* counter = base + i */
+        for (; i < row_end; i++) {
+            float v = mgpu_random_uniform(d->seed, base + (uint64_t)i) >= d->p ? d->src[i] * d->scale : 0.0f;
+            if (d->accumulate) d->dst[i] += v; else d->dst[i] = v;
+        }
+    }
+}
+static mgpu_result mgpu__dropout_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__dropout_arg d = *(const mgpu__dropout_arg *)node->extra;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(d.dst, ctx, node->in[0]);
+    d.src = (const float *)node->out->grad->data;
+    d.accumulate = 1;
+    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__dropout_range, &d);
+    return MGPU_OK;
+}
+MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p, int training) {
+    const char *op = "mgpu_op_dropout";
+    mgpu_tensor *out;
+    mgpu__node *node;
+    mgpu__dropout_arg d;
+    if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
+    if (!(p >= 0.0f && p <= 1.0f)) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: p = %g must be in [0, 1]", op, (double)p);
+    if (!training) return x; /* eval: identity, no RNG drawn (as nn.Dropout in eval mode) */
+    memset(&d, 0, sizeof d);
+    mgpu_context_rng_state(ctx, &d.seed, NULL);
+    d.world = ctx->row_world > 1 ? ctx->row_world : 1;
+    d.rank = d.world > 1 ? ctx->row_rank : 0;
+    d.row_size = x->ndim > 0 && x->shape[0] > 0 ? MGPU__MAX((int64_t)1, x->numel / x->shape[0]) : 1;
+    /* counters are drawn even for p = 0, so the stream position does not depend on p; under DDP
+       every rank reserves the combined batch's counters so the streams stay aligned */
+    d.first = mgpu_context_rng_reserve(ctx, (uint64_t)(d.world * x->numel));
+    if (p == 0.0f) return x;
+    out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
+    if (!out) return NULL;
+    d.p = p; d.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    d.src = (const float *)x->data; d.dst = (float *)out->data;
+    mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__dropout_range, &d);
+    MGPU__RECORD(ctx, op, mgpu__dropout_backward, out, 1, &x, node);
+    if (node) {
+        mgpu__dropout_arg *saved = (mgpu__dropout_arg *)mgpu__arena_alloc(ctx, sizeof *saved);
+        if (!saved) return NULL;
+        *saved = d;
+        node->extra = saved;
+    }
+    return out;
+}
+
+/* --------------------------------------------------------------------------------------
+   Reductions: sum, mean, sum_dim, mean_dim, max_dim
+   -------------------------------------------------------------------------------------- */
+
+/* Strides of the sum over dim d (d < 0: over everything) read against x's shape: 0 on the
+   summed dims. Forward reduces x onto them; backward broadcasts the gradient back through them. */
+static void mgpu__reduce_strides(const mgpu_tensor *x, int d, int64_t *target_st) {
+    int64_t kshape[MGPU_MAX_DIMS];
+    int i;
+    for (i = 0; i < x->ndim; i++) kshape[i] = (d < 0 || i == d) ? 1 : x->shape[i];
+    mgpu__contig_strides(x->ndim, kshape, target_st);
+    for (i = 0; i < x->ndim; i++) if (kshape[i] == 1) target_st[i] = 0;
+}
+
+static mgpu_result mgpu__sum_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *x = node->in[0];
+    int64_t st[MGPU_MAX_DIMS];
+    float *dx;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, x);
+    mgpu__reduce_strides(x, (int)node->iarg[0], st);
+    mgpu__ew_apply(ctx, MGPU__EW_ACC, node->farg[0], x->ndim, x->shape, dx, (const float *)node->out->grad->data, st, NULL, NULL);
+    return MGPU_OK;
+}
+
+/* Shape of x with dim d removed (or kept as 1); d < 0: a scalar. */
+static int mgpu__reduced_shape(const mgpu_tensor *x, int d, int keepdim, int64_t *shape) {
+    int i, n = 0;
+    if (d < 0) return 0;
+    for (i = 0; i < x->ndim; i++) {
+        if (i != d) shape[n++] = x->shape[i];
+        else if (keepdim) shape[n++] = 1;
+    }
+    return n;
+}
+
+static mgpu_tensor *mgpu__sum_mean(mgpu_context *ctx, const char *op, mgpu_tensor *x, int dim, int all, int keepdim, int mean) {
+    int64_t shape[MGPU_MAX_DIMS], st[MGPU_MAX_DIMS];
+    mgpu_tensor *out;
+    mgpu__node *node;
+    int d = -1, ndim;
+    float scale;
+    if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
+    if (!all && (d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
+    ndim = mgpu__reduced_shape(x, d, keepdim, shape);
+    out = mgpu__new_activation(ctx, MGPU_F32, ndim, shape);
+    if (!out) return NULL;
+    /* mean over nothing is 0 * inf = NaN, as PyTorch */
+    scale = mean ? 1.0f / (float)(all ? x->numel : x->shape[d]) : 1.0f;
+    mgpu__reduce_strides(x, d, st);
+    if (out->numel > 0)
+        mgpu__reduce_into(ctx, x->ndim, x->shape, (const float *)x->data, st, NULL, NULL, (float *)out->data, scale, 0);
+    MGPU__RECORD(ctx, op, mgpu__sum_backward, out, 1, &x, node);
+    if (node) { node->iarg[0] = d; node->farg[0] = scale; }
+    return out;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_sum(mgpu_context *ctx, mgpu_tensor *x) { return mgpu__sum_mean(ctx, "mgpu_op_sum", x, 0, 1, 0, 0); }
+MGPU_API mgpu_tensor *mgpu_op_mean(mgpu_context *ctx, mgpu_tensor *x) { return mgpu__sum_mean(ctx, "mgpu_op_mean", x, 0, 1, 0, 1); }
+MGPU_API mgpu_tensor *mgpu_op_sum_dim(mgpu_context *ctx, mgpu_tensor *x, int dim, int keepdim) {
+    return mgpu__sum_mean(ctx, "mgpu_op_sum_dim", x, dim, 0, keepdim, 0);
+}
+MGPU_API mgpu_tensor *mgpu_op_mean_dim(mgpu_context *ctx, mgpu_tensor *x, int dim, int keepdim) {
+    return mgpu__sum_mean(ctx, "mgpu_op_mean_dim", x, dim, 0, keepdim, 1);
+}
+
+typedef struct mgpu__max_arg { const float *x; float *y; const float *dy; float *dx; int64_t *arg, dim, inner; } mgpu__max_arg;
+static void mgpu__max_forward_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__max_arg *m = (const mgpu__max_arg *)p;
+    int64_t line, j;
+    for (line = begin; line < end; line++) {
+        const float *x = m->x + (line / m->inner) * m->dim * m->inner + line % m->inner;
+        int64_t best = 0;
+        for (j = 1; j < m->dim; j++) {
+            float v = x[j * m->inner], b = x[best * m->inner];
+            if (v > b || (v != v && b == b)) best = j; /* first max; NaN wins, as torch.max */
+        }
+        m->arg[line] = best;
+        m->y[line] = x[best * m->inner];
+    }
+}
+static void mgpu__max_backward_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__max_arg *m = (const mgpu__max_arg *)p;
+    int64_t line;
+    for (line = begin; line < end; line++)
+        m->dx[(line / m->inner) * m->dim * m->inner + line % m->inner + m->arg[line] * m->inner] += m->dy[line];
+}
+static mgpu_result mgpu__max_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__max_arg m = *(const mgpu__max_arg *)node->extra;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(m.dx, ctx, node->in[0]);
+    m.dy = (const float *)node->out->grad->data;
+    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__max_backward_range, &m);
+    return MGPU_OK;
+}
+MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim, int keepdim) {
+    const char *op = "mgpu_op_max_dim";
+    int64_t shape[MGPU_MAX_DIMS], outer = 0;
+    mgpu_tensor *out;
+    mgpu__node *node;
+    mgpu__max_arg m;
+    int d, ndim;
+    if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
+    if ((d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
+    if (x->shape[d] == 0) MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: dim %d of x %s is empty; max has no value", op, dim, mgpu__shape_str(x));
+    ndim = mgpu__reduced_shape(x, d, keepdim, shape);
+    out = mgpu__new_activation(ctx, MGPU_F32, ndim, shape);
+    if (!out) return NULL;
+    memset(&m, 0, sizeof m);
+    mgpu__split_at(x, d, &outer, &m.dim, &m.inner);
+    m.x = (const float *)x->data; m.y = (float *)out->data;
+    m.arg = (int64_t *)mgpu__arena_alloc(ctx, sizeof(int64_t) * (size_t)MGPU__MAX(out->numel, (int64_t)1));
+    if (!m.arg) return NULL;
+    mgpu_parallel_for(ctx, out->numel, mgpu__grain_for(m.dim), mgpu__max_forward_range, &m);
+    MGPU__RECORD(ctx, op, mgpu__max_backward, out, 1, &x, node);
+    if (node) {
+        mgpu__max_arg *saved = (mgpu__max_arg *)mgpu__arena_alloc(ctx, sizeof *saved);
+        if (!saved) return NULL;
+        *saved = m;
+        node->extra = saved;
+    }
+    return out;
+}
+
+/* --------------------------------------------------------------------------------------
+   Shape ops: reshape and flatten (views), transpose, concat, narrow (copies), cast
+   -------------------------------------------------------------------------------------- */
+
+/* Backward of ops whose output holds x's elements in the same order (views, casts). */
+static mgpu_result mgpu__passthrough_backward(mgpu_context *ctx, mgpu__node *node) {
+    float *dx;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    mgpu__accumulate(ctx, dx, (const float *)node->out->grad->data, node->out->numel, 1.0f);
+    return MGPU_OK;
+}
+
+static mgpu_tensor *mgpu__view(mgpu_context *ctx, const char *op, mgpu_tensor *x, int ndim, const int64_t *shape) {
+    mgpu_tensor *out = mgpu__new_view(ctx, x, ndim, shape);
+    mgpu__node *node;
+    if (!out) return NULL;
+    MGPU__RECORD(ctx, op, mgpu__passthrough_backward, out, 1, &x, node);
+    (void)node;
+    return out;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_reshape(mgpu_context *ctx, mgpu_tensor *x, int ndim, const int64_t *shape) {
+    const char *op = "mgpu_op_reshape";
+    int64_t want[MGPU_MAX_DIMS], known = 1;
+    int i, infer = -1;
+    char text[96];
+    if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
+    if (ndim < 0 || ndim > MGPU_MAX_DIMS || (ndim > 0 && !shape))
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: ndim %d must be in [0, %d] with a non-NULL shape", op, ndim, MGPU_MAX_DIMS);
+    mgpu_shape_string(ndim, shape, text, sizeof text);
+    for (i = 0; i < ndim; i++) {
+        want[i] = shape[i];
+        if (shape[i] == -1 && infer < 0) { infer = i; continue; }
+        if (shape[i] < 0) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: bad target shape %s (only one -1 allowed, no other negative size)", op, text);
+        if (shape[i] > 0 && known > INT64_MAX / shape[i]) MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: target shape %s is too large", op, text);
+        known *= shape[i];
+    }
+    if (infer >= 0) {
+        if (known == 0 || x->numel % known != 0)
+            MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: cannot reshape %s (%lld elements) to %s", op, mgpu__shape_str(x), (long long)x->numel, text);
+        want[infer] = x->numel / known;
+        known = x->numel;
+    }
+    if (known != x->numel)
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: cannot reshape %s (%lld elements) to %s (%lld elements)", op, mgpu__shape_str(x),
+                        (long long)x->numel, text, (long long)known);
+    return mgpu__view(ctx, op, x, ndim, want);
+}
+
+MGPU_API mgpu_tensor *mgpu_op_flatten(mgpu_context *ctx, mgpu_tensor *x, int start_dim) {
+    const char *op = "mgpu_op_flatten";
+    int64_t shape[MGPU_MAX_DIMS];
+    int d, i;
+    if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
+    if (x->ndim == 0) { /* as torch.flatten: a scalar becomes (1,) */
+        if (start_dim != 0 && start_dim != -1) { mgpu__norm_dim(op, start_dim, 1); return NULL; }
+        shape[0] = 1;
+        return mgpu__view(ctx, op, x, 1, shape);
+    }
+    if ((d = mgpu__norm_dim(op, start_dim, x->ndim)) < 0) return NULL;
+    for (i = 0; i < d; i++) shape[i] = x->shape[i];
+    shape[d] = 1;
+    for (i = d; i < x->ndim; i++) shape[d] *= x->shape[i];
+    return mgpu__view(ctx, op, x, d + 1, shape);
+}
+
+/* Strided copy between operand 0 (dst) and operand 1 (src): esize-byte elements forward,
+   F32 accumulation backward. */
+typedef struct mgpu__copy_arg { void *dst; const void *src; size_t esize; int accumulate; } mgpu__copy_arg;
+static void mgpu__copy_run(void *p, const int64_t *off, const int64_t *st, int64_t n) {
+    const mgpu__copy_arg *c = (const mgpu__copy_arg *)p;
+    int64_t j;
+#define MGPU__COPY_AS(T) do { T *d_ = (T *)c->dst + off[0]; const T *s_ = (const T *)c->src + off[1]; \
+        for (j = 0; j < n; j++) d_[j * st[0]] = s_[j * st[1]]; } while (0)
+    if (c->accumulate) {
+        float *d = (float *)c->dst + off[0];
+        const float *s = (const float *)c->src + off[1];
+        for (j = 0; j < n; j++) d[j * st[0]] += s[j * st[1]];
+        return;
+    }
+    switch (c->esize) {
+    case 1: MGPU__COPY_AS(uint8_t); break;
+    case 2: MGPU__COPY_AS(uint16_t); break;
+    case 4: MGPU__COPY_AS(uint32_t); break;
+    default: MGPU__COPY_AS(uint64_t); break;
+    }
+#undef MGPU__COPY_AS
+}
+
+/* x's strides with dims d0 and d1 swapped: reading x through them walks the transpose. */
+static void mgpu__swapped_strides(const mgpu_tensor *x, int d0, int d1, int64_t *st) {
+    int64_t t;
+    mgpu__contig_strides(x->ndim, x->shape, st);
+    t = st[d0]; st[d0] = st[d1]; st[d1] = t;
+}
+
+static void mgpu__copy_strided(mgpu_context *ctx, int ndim, const int64_t *shape, void *dst, const int64_t *dst_st,
+                               const void *src, const int64_t *src_st, size_t esize, int accumulate) {
+    mgpu__iter it;
+    mgpu__copy_arg c;
+    mgpu__iter_start(&it, ndim, shape);
+    mgpu__iter_operand(&it, dst_st);
+    mgpu__iter_operand(&it, src_st);
+    mgpu__iter_coalesce(&it);
+    c.dst = dst; c.src = src; c.esize = esize; c.accumulate = accumulate;
+    mgpu__iter_parallel(ctx, &it, mgpu__copy_run, &c);
+}
+
+static mgpu_result mgpu__transpose_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *x = node->in[0], *out = node->out;
+    int64_t xst[MGPU_MAX_DIMS], ost[MGPU_MAX_DIMS];
+    float *dx;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, x);
+    mgpu__swapped_strides(x, (int)node->iarg[0], (int)node->iarg[1], xst);
+    mgpu__contig_strides(out->ndim, out->shape, ost);
+    mgpu__copy_strided(ctx, out->ndim, out->shape, dx, xst, out->grad->data, ost, sizeof(float), 1);
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_transpose(mgpu_context *ctx, mgpu_tensor *x, int dim0, int dim1) {
+    const char *op = "mgpu_op_transpose";
+    int64_t shape[MGPU_MAX_DIMS], xst[MGPU_MAX_DIMS], ost[MGPU_MAX_DIMS], t;
+    mgpu_tensor *out;
+    mgpu__node *node;
+    int d0, d1;
+    if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
+    if ((d0 = mgpu__norm_dim(op, dim0, x->ndim)) < 0 || (d1 = mgpu__norm_dim(op, dim1, x->ndim)) < 0) return NULL;
+    memcpy(shape, x->shape, sizeof shape);
+    t = shape[d0]; shape[d0] = shape[d1]; shape[d1] = t;
+    out = mgpu__new_activation(ctx, x->dtype, x->ndim, shape);
+    if (!out) return NULL;
+    mgpu__swapped_strides(x, d0, d1, xst);
+    mgpu__contig_strides(out->ndim, shape, ost);
+    mgpu__copy_strided(ctx, out->ndim, shape, out->data, ost, x->data, xst, mgpu_dtype_size(x->dtype), 0);
+    MGPU__RECORD(ctx, op, mgpu__transpose_backward, out, 1, &x, node);
+    if (node) { node->iarg[0] = d0; node->iarg[1] = d1; }
+    return out;
+}
+
+/* Copies `rows` rows of `len` elements between arrays with the given row pitches (elements). */
+static void mgpu__copy_rows(int64_t rows, int64_t len, const void *src, int64_t src_pitch, void *dst, int64_t dst_pitch,
+                            size_t esize, int accumulate) {
+    int64_t r, j;
+    for (r = 0; r < rows; r++) {
+        if (accumulate) {
+            const float *s = (const float *)src + r * src_pitch;
+            float *d = (float *)dst + r * dst_pitch;
+            for (j = 0; j < len; j++) d[j] += s[j];
+        } else if (len > 0) {
+            memcpy((char *)dst + (size_t)(r * dst_pitch) * esize, (const char *)src + (size_t)(r * src_pitch) * esize, (size_t)len * esize);
+        }
+    }
+}
+
+static mgpu_result mgpu__concat_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *out = node->out;
+    int d = (int)node->iarg[0], k;
+    int64_t outer = 0, total = 0, inner = 0, offset = 0;
+    mgpu__split_at(out, d, &outer, &total, &inner);
+    for (k = 0; k < node->n_in; k++) {
+        int64_t len = node->in[k]->shape[d];
+        float *dx;
+        if (mgpu__needs_grad(node, k)) {
+            MGPU__GRAD_OR_FAIL(dx, ctx, node->in[k]);
+            mgpu__copy_rows(outer, len * inner, (const float *)out->grad->data + offset * inner, total * inner, dx, len * inner, sizeof(float), 1);
+        }
+        offset += len;
+    }
+    return MGPU_OK;
+}
+
+// xs[k] (..., D_k, ...) -> (..., sum D_k, ...)
+MGPU_API mgpu_tensor *mgpu_op_concat(mgpu_context *ctx, mgpu_tensor *const *xs, int n, int dim) {
+    const char *op = "mgpu_op_concat";
+    int64_t shape[MGPU_MAX_DIMS], outer = 0, total = 0, inner = 0, offset = 0;
+    mgpu_tensor *out;
+    mgpu__node *node;
+    size_t esize;
+    int d, k, i;
+    if (!ctx) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: ctx is NULL", op);
+    if (!xs || n < 1) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: need n >= 1 tensors in xs (got n = %d%s)", op, n, xs ? "" : ", xs NULL");
+    for (k = 0; k < n; k++) {
+        char name[32];
+        snprintf(name, sizeof name, "xs[%d]", k);
+        if (!mgpu__check_input(ctx, op, name, xs[k], 0)) return NULL;
+    }
+    if ((d = mgpu__norm_dim(op, dim, xs[0]->ndim)) < 0) return NULL;
+    memcpy(shape, xs[0]->shape, sizeof shape);
+    shape[d] = 0;
+    for (k = 0; k < n; k++) {
+        int fits = xs[k]->ndim == xs[0]->ndim && xs[k]->dtype == xs[0]->dtype;
+        for (i = 0; fits && i < xs[0]->ndim; i++) if (i != d && xs[k]->shape[i] != xs[0]->shape[i]) fits = 0;
+        if (!fits)
+            MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: xs[%d] is %s %s, xs[0] is %s %s; they must match except along dim %d", op, k,
+                            mgpu_dtype_name(xs[k]->dtype), mgpu__shape_str(xs[k]), mgpu_dtype_name(xs[0]->dtype), mgpu__shape_str(xs[0]), dim);
+        shape[d] += xs[k]->shape[d];
+    }
+    out = mgpu__new_activation(ctx, xs[0]->dtype, xs[0]->ndim, shape);
+    if (!out) return NULL;
+    esize = mgpu_dtype_size(out->dtype);
+    mgpu__split_at(out, d, &outer, &total, &inner);
+    for (k = 0; k < n; k++) {
+        int64_t len = xs[k]->shape[d];
+        mgpu__copy_rows(outer, len * inner, xs[k]->data, len * inner, (char *)out->data + (size_t)(offset * inner) * esize, total * inner, esize, 0);
+        offset += len;
+    }
+    MGPU__RECORD(ctx, op, mgpu__concat_backward, out, n, xs, node);
+    if (node) node->iarg[0] = d;
+    return out;
+}
+
+static mgpu_result mgpu__narrow_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *x = node->in[0];
+    int64_t outer = 0, dim = 0, inner = 0, len = node->iarg[2];
+    float *dx;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, x);
+    mgpu__split_at(x, (int)node->iarg[0], &outer, &dim, &inner);
+    mgpu__copy_rows(outer, len * inner, node->out->grad->data, len * inner, dx + node->iarg[1] * inner, dim * inner, sizeof(float), 1);
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_narrow(mgpu_context *ctx, mgpu_tensor *x, int dim, int64_t start, int64_t length) {
+    const char *op = "mgpu_op_narrow";
+    int64_t shape[MGPU_MAX_DIMS], outer = 0, size = 0, inner = 0;
+    mgpu_tensor *out;
+    mgpu__node *node;
+    size_t esize;
+    int d;
+    if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
+    if ((d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
+    mgpu__split_at(x, d, &outer, &size, &inner);
+    if (start < 0) start += size; /* as torch.narrow: a negative start counts from the end */
+    if (start < 0 || start > size || length < 0 || length > size - start)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: start %lld, length %lld do not fit in dim %d of size %lld of x %s", op,
+                        (long long)start, (long long)length, dim, (long long)size, mgpu__shape_str(x));
+    memcpy(shape, x->shape, sizeof shape);
+    shape[d] = length;
+    out = mgpu__new_activation(ctx, x->dtype, x->ndim, shape);
+    if (!out) return NULL;
+    esize = mgpu_dtype_size(x->dtype);
+    mgpu__copy_rows(outer, length * inner, (const char *)x->data + (size_t)(start * inner) * esize, size * inner, out->data, length * inner, esize, 0);
+    MGPU__RECORD(ctx, op, mgpu__narrow_backward, out, 1, &x, node);
+    if (node) { node->iarg[0] = d; node->iarg[1] = start; node->iarg[2] = length; }
+    return out;
+}
+
+/* Float conversion through F32 in stack-sized pieces; rounding to half is round-to-nearest-even. */
+typedef struct mgpu__cast_arg { const void *src; void *dst; mgpu_dtype from, to; } mgpu__cast_arg;
+static void mgpu__cast_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__cast_arg *c = (const mgpu__cast_arg *)p;
+    float buf[256];
+    int64_t i0, i, n;
+    for (i0 = begin; i0 < end; i0 += n) {
+        n = MGPU__MIN((int64_t)256, end - i0);
+        switch (c->from) {
+        case MGPU_F16: for (i = 0; i < n; i++) buf[i] = mgpu_f16_to_f32(((const uint16_t *)c->src)[i0 + i]); break;
+        case MGPU_BF16: for (i = 0; i < n; i++) buf[i] = mgpu_bf16_to_f32(((const uint16_t *)c->src)[i0 + i]); break;
+        default: memcpy(buf, (const float *)c->src + i0, sizeof(float) * (size_t)n); break;
+        }
+        switch (c->to) {
+        case MGPU_F16: for (i = 0; i < n; i++) ((uint16_t *)c->dst)[i0 + i] = mgpu_f32_to_f16(buf[i]); break;
+        case MGPU_BF16: for (i = 0; i < n; i++) ((uint16_t *)c->dst)[i0 + i] = mgpu_f32_to_bf16(buf[i]); break;
+        default: memcpy((float *)c->dst + i0, buf, sizeof(float) * (size_t)n); break;
+        }
+    }
+}
+
+MGPU_API mgpu_tensor *mgpu_op_cast(mgpu_context *ctx, mgpu_tensor *x, mgpu_dtype dtype) {
+    const char *op = "mgpu_op_cast";
+    mgpu_tensor *out;
+    mgpu__node *node;
+    mgpu__cast_arg c;
+    if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
+    if (!mgpu__dtype_valid(dtype) || !mgpu__dtype_is_float(dtype) || !mgpu__dtype_is_float(x->dtype))
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: casts go between F32, F16 and BF16; asked %s -> %s", op,
+                        mgpu_dtype_name(x->dtype), mgpu_dtype_name(dtype));
+    if (dtype == x->dtype) return x; /* as tensor.to(same dtype): no copy */
+    out = mgpu__new_activation(ctx, dtype, x->ndim, x->shape);
+    if (!out) return NULL;
+    c.src = x->data; c.dst = out->data; c.from = x->dtype; c.to = dtype;
+    mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__cast_range, &c);
+    MGPU__RECORD(ctx, op, mgpu__passthrough_backward, out, 1, &x, node);
+    (void)node;
+    return out;
+}
+/* ======================================================================================
+   Ops: GEMM, matmul, linear, conv2d, pooling
+   ======================================================================================The CPU GEMM and the ops built on it: matmul, linear, conv2d (im2col + GEMM), max/avg pooling. */
+
+/* --------------------------------------------------------------------------------------
+   GEMM: C = alpha * op(A) @ op(B) + beta * C (row-major), Goto/BLIS style.
+   Panels of A (MR rows) and B (NR columns) are packed into contiguous buffers so the
+   register-blocked micro-kernel always reads one layout, whatever the transposes. Blocking:
+   KC along K (a B micro-panel stays in L1), MC rows of A per packed block (L2), NC columns
+   of B per packed block (L3). Threads split C into tiles; every element of C is computed by
+   exactly one task with a fixed K order, so results do not depend on the thread count.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__MR 6
+#define MGPU__NR 16
+#define MGPU__KC 256
+#define MGPU__MC 144
+#define MGPU__NC 2048
+/* below this many multiply-adds a GEMM runs on the calling thread: waking workers costs more */
+#define MGPU__GEMM_SERIAL_MACS ((int64_t)1 << 20)
+
+/* nvcc parses this file only for the header check; the fast paths are for the host C compiler */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#define MGPU__GEMM_AVX2 1
+#endif
+
+#ifdef MGPU_USE_CBLAS
+#include <limits.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* cblas.h is not included so the header needs no BLAS headers; the enums are passed as ints. */
+void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc);
+#ifdef __cplusplus
+}
+#endif
+#define MGPU__CBLAS_ROW_MAJOR 101
+#define MGPU__CBLAS_NO_TRANS 111
+#define MGPU__CBLAS_TRANS 112
+#endif
+
+/* One GEMM operand as seen by the packing code: element (r, k), with r the row of op(A) or the
+   column of op(B), lives at p + r * rs + k * ks. Batched GEMMs step p by batch_stride. */
+typedef struct mgpu__gemm_operand {
+    const float *p;
+    int64_t rs, ks;
+    int64_t batch_stride;
+    int trans; int64_t ld;   /* the BLAS view, for the cblas route */
+} mgpu__gemm_operand;
+
+/* op(A) (M, K): A is (M, K) with lda, or (K, M) when transposed. */
+static mgpu__gemm_operand mgpu__gemm_a(const float *a, int trans, int64_t lda) {
+    mgpu__gemm_operand o;
+    memset(&o, 0, sizeof o);
+    o.p = a; o.trans = trans; o.ld = lda;
+    o.rs = trans ? 1 : lda;
+    o.ks = trans ? lda : 1;
+    return o;
+}
+/* op(B) (K, N): B is (K, N) with ldb, or (N, K) when transposed. Rows of the packed view are N. */
+static mgpu__gemm_operand mgpu__gemm_b(const float *b, int trans, int64_t ldb) {
+    mgpu__gemm_operand o;
+    memset(&o, 0, sizeof o);
+    o.p = b; o.trans = trans; o.ld = ldb;
+    o.rs = trans ? ldb : 1;
+    o.ks = trans ? 1 : ldb;
+    return o;
+}
+
+/* Micro-kernel: acc (MR, NR) = ap (kc, MR) . bp (kc, NR); then c = alpha * acc + beta * c for the
+   full tile (beta == 0: c is not read, so NaN in c does not propagate). */
+#if defined(MGPU__GEMM_AVX2)
+static void mgpu__gemm_kernel_full(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, float alpha, float beta) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+    int64_t k;
+#define MGPU__FMA_ROW(i)                                                   \
+    do { __m256 a_ = _mm256_broadcast_ss(ap + (i));                        \
+         c##i##0 = _mm256_fmadd_ps(a_, b0, c##i##0);                       \
+         c##i##1 = _mm256_fmadd_ps(a_, b1, c##i##1); } while (0)
+    for (k = 0; k < kc; k++) {
+        __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+        MGPU__FMA_ROW(0); MGPU__FMA_ROW(1); MGPU__FMA_ROW(2);
+        MGPU__FMA_ROW(3); MGPU__FMA_ROW(4); MGPU__FMA_ROW(5);
+        ap += MGPU__MR; bp += MGPU__NR;
+    }
+#undef MGPU__FMA_ROW
+#define MGPU__STORE_ROW(i)                                                                                     \
+    do { float *r_ = c + (i) * ldc;                                                                            \
+         __m256 x0_ = _mm256_mul_ps(va, c##i##0), x1_ = _mm256_mul_ps(va, c##i##1);                            \
+         if (beta != 0.0f) { x0_ = _mm256_fmadd_ps(vb, _mm256_loadu_ps(r_), x0_);                             \
+                             x1_ = _mm256_fmadd_ps(vb, _mm256_loadu_ps(r_ + 8), x1_); }                        \
+         _mm256_storeu_ps(r_, x0_); _mm256_storeu_ps(r_ + 8, x1_); } while (0)
+    MGPU__STORE_ROW(0); MGPU__STORE_ROW(1); MGPU__STORE_ROW(2);
+    MGPU__STORE_ROW(3); MGPU__STORE_ROW(4); MGPU__STORE_ROW(5);
+#undef MGPU__STORE_ROW
+}
+#elif defined(__GNUC__) && !defined(__CUDACC__)
+/* Baseline x86-64 / other targets, GCC vector extensions: the tile is done as two 6 x 8 halves so
+   the 12 accumulators (4 floats each) fit in 16 SSE registers. */
+typedef float mgpu__v4 __attribute__((vector_size(16)));
+static mgpu__v4 mgpu__v4_load(const float *p) { mgpu__v4 v; memcpy(&v, p, sizeof v); return v; }
+static void mgpu__gemm_kernel_full(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, float alpha, float beta) {
+    int h, i;
+    for (h = 0; h < MGPU__NR; h += 8) {
+        mgpu__v4 acc[MGPU__MR][2];
+        const float *a = ap, *b = bp + h;
+        int64_t k;
+        memset(acc, 0, sizeof acc);
+        for (k = 0; k < kc; k++) {
+            mgpu__v4 b0 = mgpu__v4_load(b), b1 = mgpu__v4_load(b + 4);
+#define MGPU__V4_ROW(r) do { float a_ = a[r]; acc[r][0] += a_ * b0; acc[r][1] += a_ * b1; } while (0)
+            MGPU__V4_ROW(0); MGPU__V4_ROW(1); MGPU__V4_ROW(2); MGPU__V4_ROW(3); MGPU__V4_ROW(4); MGPU__V4_ROW(5);
+#undef MGPU__V4_ROW
+            a += MGPU__MR; b += MGPU__NR;
+        }
+        for (i = 0; i < MGPU__MR; i++) {
+            float *r = c + i * ldc + h;
+            mgpu__v4 x0 = alpha * acc[i][0], x1 = alpha * acc[i][1];
+            if (beta != 0.0f) { x0 += beta * mgpu__v4_load(r); x1 += beta * mgpu__v4_load(r + 4); }
+            memcpy(r, &x0, sizeof x0); memcpy(r + 4, &x1, sizeof x1);
+        }
+    }
+}
+#else
+/* Plain C for other compilers. */
+static void mgpu__gemm_kernel_full(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, float alpha, float beta) {
+    float acc[MGPU__MR * MGPU__NR];
+    int64_t k;
+    int i, j;
+    memset(acc, 0, sizeof acc);
+    for (k = 0; k < kc; k++) {
+        for (i = 0; i < MGPU__MR; i++) {
+            float a = ap[i];
+            for (j = 0; j < MGPU__NR; j++) acc[i * MGPU__NR + j] += a * bp[j];
+        }
+        ap += MGPU__MR; bp += MGPU__NR;
+    }
+    for (i = 0; i < MGPU__MR; i++) {
+        float *r = c + i * ldc;
+        for (j = 0; j < MGPU__NR; j++) {
+            float x = alpha * acc[i * MGPU__NR + j];
+            r[j] = beta != 0.0f ? beta * r[j] + x : x;
+        }
+    }
+}
+#endif
+
+/* Any tile: edge tiles go through a full-size scratch tile so they round exactly like full ones. */
+static void mgpu__gemm_kernel(int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int mr, int nr, float alpha, float beta) {
+    float tile[MGPU__MR * MGPU__NR];
+    int i;
+    if (mr == MGPU__MR && nr == MGPU__NR) { mgpu__gemm_kernel_full(kc, ap, bp, c, ldc, alpha, beta); return; }
+    memset(tile, 0, sizeof tile);
+    if (beta != 0.0f)
+        for (i = 0; i < mr; i++) memcpy(tile + i * MGPU__NR, c + i * ldc, sizeof(float) * (size_t)nr);
+    mgpu__gemm_kernel_full(kc, ap, bp, tile, MGPU__NR, alpha, beta);
+    for (i = 0; i < mr; i++) memcpy(c + i * ldc, tile + i * MGPU__NR, sizeof(float) * (size_t)nr);
+}
+
+#if defined(MGPU__GEMM_AVX2)
+/* In-register transpose of 8 rows of 8 floats: v[i] becomes column i. */
+static void mgpu__transpose8(__m256 *v) {
+    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    v[0] = _mm256_permute2f128_ps(u0, u4, 0x20); v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    v[2] = _mm256_permute2f128_ps(u2, u6, 0x20); v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    v[4] = _mm256_permute2f128_ps(u0, u4, 0x31); v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    v[6] = _mm256_permute2f128_ps(u2, u6, 0x31); v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+/* Rows contiguous along K (ks == 1), a full panel of w = 6 or 16 rows: 8 x 8 blocks are
+   transposed in registers. Returns how many k were packed (a multiple of 8); the caller
+   finishes the tail. */
+static int64_t mgpu__pack_rows_avx2(float *dst, int w, int64_t kc, const float *src, int64_t rs) {
+    int64_t k, kend = kc & ~(int64_t)7;
+    int r0, i;
+    __m256 v[8];
+    for (r0 = 0; r0 < w; r0 += 8) {
+        int nrows = w - r0 < 8 ? w - r0 : 8;
+        for (k = 0; k < kend; k += 8) {
+            for (i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(src + (r0 + (i < nrows ? i : nrows - 1)) * rs + k);
+            mgpu__transpose8(v);
+            if (nrows == 8) {
+                for (i = 0; i < 8; i++) _mm256_storeu_ps(dst + (k + i) * w + r0, v[i]);
+            } else {   /* w == 6: the low 6 lanes */
+                for (i = 0; i < 8; i++) {
+                    float *d = dst + (k + i) * w + r0;
+                    _mm_storeu_ps(d, _mm256_castps256_ps128(v[i]));
+                    _mm_storel_pi((__m64 *)(void *)(d + 4), _mm256_extractf128_ps(v[i], 1));
+                }
+            }
+        }
+    }
+    return kend;
+}
+#endif
+
+/* Pack rows [0, rows) x k [0, kc) into dst (kc, w), zero-padding rows up to w. */
+static void mgpu__pack_run(float *dst, int w, int rows, int64_t kc, const float *src, int64_t rs, int64_t ks) {
+    int64_t k, k0 = 0;
+    int r;
+#if defined(MGPU__GEMM_AVX2)
+    if (ks == 1 && rows == w && rs != 1) k0 = mgpu__pack_rows_avx2(dst, w, kc, src, rs);
+#endif
+    if (rs == 1 && rows == w) {   /* rows contiguous, full panel: one fixed-size copy per k */
+        for (k = 0; k < kc; k++) memcpy(dst + k * w, src + k * ks, sizeof(float) * (size_t)w);
+        return;
+    }
+    if (rs == 1) {
+        for (k = 0; k < kc; k++) {
+            const float *s = src + k * ks;
+            float *d = dst + k * w;
+            for (r = 0; r < rows; r++) d[r] = s[r];
+            for (; r < w; r++) d[r] = 0.0f;
+        }
+        return;
+    }
+    for (r = 0; r < rows; r++) {   /* k contiguous (ks == 1) or general: walk each row */
+        const float *s = src + r * rs;
+        for (k = k0; k < kc; k++) dst[k * w + r] = s[k * ks];
+    }
+    for (; r < w; r++)
+        for (k = k0; k < kc; k++) dst[k * w + r] = 0.0f;
+}
+
+/* Pack rows [r0, r0 + rows) x k [k0, k0 + kc) of op into panels of w rows: panel q at dst + q * kc * w. */
+static void mgpu__pack(float *dst, int w, const mgpu__gemm_operand *op, const float *base, int64_t r0, int64_t rows, int64_t k0, int64_t kc) {
+    int64_t q;
+    for (q = 0; q * w < rows; q++)
+        mgpu__pack_run(dst + q * kc * w, w, (int)MGPU__MIN((int64_t)w, rows - q * w), kc,
+                       base + (r0 + q * w) * op->rs + k0 * op->ks, op->rs, op->ks);
+}
+
+/* Per-thread scratch buffers (GEMM packing, conv2d columns), grown on demand and kept, so a
+   steady-state training step allocates nothing here. A pthread key frees a thread's buffers when
+   it exits (pool workers die with their context). */
+enum { MGPU__SCRATCH_PACK = 0, MGPU__SCRATCH_COLS = 1, MGPU__SCRATCH_DCOLS = 2, MGPU__SCRATCH_SLOTS = 3 };
+typedef struct mgpu__scratch_set { float *buf[MGPU__SCRATCH_SLOTS]; size_t cap[MGPU__SCRATCH_SLOTS]; } mgpu__scratch_set;
+static pthread_key_t mgpu__scratch_key;
+static pthread_once_t mgpu__scratch_key_once = PTHREAD_ONCE_INIT;
+static int mgpu__scratch_key_ok = 0;
+static void mgpu__scratch_set_free(void *p) {
+    mgpu__scratch_set *set = (mgpu__scratch_set *)p;
+    int i;
+    for (i = 0; i < MGPU__SCRATCH_SLOTS; i++) mgpu_free(set->buf[i]);
+    mgpu_free(set);
+}
+static void mgpu__scratch_key_init(void) { mgpu__scratch_key_ok = pthread_key_create(&mgpu__scratch_key, mgpu__scratch_set_free) == 0; }
+
+/* This thread's buffer for `slot` with room for `floats` (64-byte aligned), or NULL when out of memory. */
+static float *mgpu__scratch(int slot, size_t floats) {
+    mgpu__scratch_set *set;
+    pthread_once(&mgpu__scratch_key_once, mgpu__scratch_key_init);
+    if (!mgpu__scratch_key_ok) return NULL;
+    set = (mgpu__scratch_set *)pthread_getspecific(mgpu__scratch_key);
+    if (!set) {
+        set = (mgpu__scratch_set *)mgpu_malloc(sizeof *set);
+        if (!set) return NULL;
+        memset(set, 0, sizeof *set);
+        if (pthread_setspecific(mgpu__scratch_key, set) != 0) { mgpu_free(set); return NULL; }
+    }
+    if (set->cap[slot] < floats) {
+        size_t want = floats + floats / 4;   /* headroom: slowly growing shapes do not reallocate every call */
+        mgpu_free(set->buf[slot]);
+        set->cap[slot] = 0;
+        set->buf[slot] = (float *)mgpu_malloc(want * sizeof(float));
+        if (!set->buf[slot]) return NULL;
+        set->cap[slot] = want;
+    }
+    return set->buf[slot];
+}
+
+typedef struct mgpu__gemm_job {
+    mgpu__gemm_operand a, b;
+    float *c; int64_t ldc, c_batch_stride;
+    int64_t m, n, k;
+    float alpha, beta;
+    int64_t gm, gn, mt, nt;   /* C is cut into gm x gn tiles of mt rows and nt columns per batch item */
+    int64_t kc;               /* K block (mgpu__gemm_kc) */
+    int failed;
+} mgpu__gemm_job;
+
+/* One tile of C: the full K loop, packing B once per KC block and A once per MC x KC block. */
+static void mgpu__gemm_tile(mgpu__gemm_job *j, int64_t task) {
+    int64_t per_batch = j->gm * j->gn, bi = task / per_batch, t = task % per_batch;
+    int64_t m0 = (t / j->gn) * j->mt, n0 = (t % j->gn) * j->nt;
+    int64_t m1 = MGPU__MIN(j->m, m0 + j->mt), n1 = MGPU__MIN(j->n, n0 + j->nt);
+    int64_t nw = n1 - n0, pc, ic, jp, ip;
+    size_t bfloats = (size_t)(((nw + MGPU__NR - 1) / MGPU__NR) * MGPU__NR * MGPU__KC);
+    float *bp = mgpu__scratch(MGPU__SCRATCH_PACK, bfloats + (size_t)MGPU__MC * MGPU__KC), *ap;
+    const float *abase = j->a.p + bi * j->a.batch_stride, *bbase = j->b.p + bi * j->b.batch_stride;
+    float *cbase = j->c + bi * j->c_batch_stride;
+    if (!bp) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return; }
+    ap = bp + bfloats;
+    for (pc = 0; pc < j->k; pc += j->kc) {
+        int64_t kc = MGPU__MIN(j->kc, j->k - pc);
+        float beta = pc == 0 ? j->beta : 1.0f;   /* later K blocks accumulate */
+        mgpu__pack(bp, MGPU__NR, &j->b, bbase, n0, nw, pc, kc);
+        for (ic = m0; ic < m1; ic += MGPU__MC) {
+            int64_t mc = MGPU__MIN((int64_t)MGPU__MC, m1 - ic);
+            mgpu__pack(ap, MGPU__MR, &j->a, abase, ic, mc, pc, kc);
+            for (jp = 0; jp * MGPU__NR < nw; jp++) {
+                int nr = (int)MGPU__MIN((int64_t)MGPU__NR, nw - jp * MGPU__NR);
+                for (ip = 0; ip * MGPU__MR < mc; ip++) {
+                    int mr = (int)MGPU__MIN((int64_t)MGPU__MR, mc - ip * MGPU__MR);
+                    mgpu__gemm_kernel(kc, ap + ip * kc * MGPU__MR, bp + jp * kc * MGPU__NR,
+                                      cbase + (ic + ip * MGPU__MR) * j->ldc + n0 + jp * MGPU__NR, j->ldc, mr, nr, j->alpha, beta);
+                }
+            }
+        }
+    }
+}
+
+static void mgpu__gemm_tiles(void *arg, int64_t begin, int64_t end) {
+    int64_t t;
+    for (t = begin; t < end; t++) mgpu__gemm_tile((mgpu__gemm_job *)arg, t);
+}
+
+static int64_t mgpu__round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+/* K block: K split into equal blocks of at most KC (rounded up to 8), so no block is thin. */
+static int64_t mgpu__gemm_kc(int64_t k) {
+    int64_t blocks = (k + MGPU__KC - 1) / MGPU__KC;
+    return MGPU__MIN((int64_t)MGPU__KC, mgpu__round_up((k + blocks - 1) / blocks, 8));
+}
+
+/* Choose the tile grid: estimated time = waves of tasks x (multiply-adds of a tile + packing of
+   its A and B panels, weighted as ~8 multiply-adds per packed float), per unit of K. */
+static void mgpu__gemm_plan(mgpu__gemm_job *j, int64_t batch, int threads) {
+    int64_t gm, gn, best = -1;
+    int64_t gn_min = (j->n + MGPU__NC - 1) / MGPU__NC;
+    int64_t gm_max = MGPU__MIN((j->m + MGPU__MR - 1) / MGPU__MR, (int64_t)4 * threads);
+    int64_t gn_max = MGPU__MIN((j->n + MGPU__NR - 1) / MGPU__NR, gn_min + (int64_t)4 * threads);
+    if (batch * j->m * j->n * j->k < MGPU__GEMM_SERIAL_MACS) threads = 1;
+    if (threads == 1) gm_max = 1;
+    j->gm = 1; j->gn = gn_min; j->mt = j->m; j->nt = mgpu__round_up((j->n + gn_min - 1) / gn_min, MGPU__NR);
+    for (gm = 1; gm <= gm_max; gm++) {
+        int64_t mt = mgpu__round_up((j->m + gm - 1) / gm, MGPU__MR), rgm = (j->m + mt - 1) / mt;
+        for (gn = gn_min; gn <= gn_max; gn++) {
+            int64_t nt = mgpu__round_up((j->n + gn - 1) / gn, MGPU__NR), rgn = (j->n + nt - 1) / nt;
+            int64_t waves = (batch * rgm * rgn + threads - 1) / threads;
+            int64_t cost = waves * (mt * nt + 8 * (mt + nt));
+            if (best < 0 || cost < best) { best = cost; j->gm = rgm; j->gn = rgn; j->mt = mt; j->nt = nt; }
+        }
+    }
+}
+
+/* C := beta * C for the degenerate cases (K == 0 or alpha == 0); beta 0 clears NaN too. */
+static void mgpu__gemm_scale_c(int64_t batch, int64_t m, int64_t n, float beta, float *c, int64_t ldc, int64_t c_batch_stride) {
+    int64_t b, i, jj;
+    for (b = 0; b < batch; b++)
+        for (i = 0; i < m; i++) {
+            float *r = c + b * c_batch_stride + i * ldc;
+            if (beta == 0.0f) memset(r, 0, sizeof(float) * (size_t)n);
+            else for (jj = 0; jj < n; jj++) r[jj] *= beta;
+        }
+}
+
+#ifdef MGPU_USE_CBLAS
+/* The same product through cblas_sgemm, one call per batch item; 0 if the sizes do not fit an int. */
+static int mgpu__gemm_cblas(int64_t batch, int64_t m, int64_t n, int64_t k, float alpha, const mgpu__gemm_operand *a,
+                            const mgpu__gemm_operand *b, float beta, float *c, int64_t ldc, int64_t c_batch_stride) {
+    int64_t bi;
+    if (m > INT_MAX || n > INT_MAX || k > INT_MAX || a->ld > INT_MAX || b->ld > INT_MAX || ldc > INT_MAX) return 0;
+    for (bi = 0; bi < batch; bi++)
+        cblas_sgemm(MGPU__CBLAS_ROW_MAJOR, a->trans ? MGPU__CBLAS_TRANS : MGPU__CBLAS_NO_TRANS,
+                    b->trans ? MGPU__CBLAS_TRANS : MGPU__CBLAS_NO_TRANS, (int)m, (int)n, (int)k, alpha,
+                    a->p + bi * a->batch_stride, (int)a->ld, b->p + bi * b->batch_stride, (int)b->ld, beta,
+                    c + bi * c_batch_stride, (int)ldc);
+    return 1;
+}
+#endif
+
+/* Strided-batched GEMM behind every product in the library: for each batch item,
+   C (M, N) = alpha * op(A) (M, K) @ op(B) (K, N) + beta * C. ctx NULL runs on the calling thread. */
+static mgpu_result mgpu__gemm(mgpu_context *ctx, int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                              const mgpu__gemm_operand *a, const mgpu__gemm_operand *b, float beta,
+                              float *c, int64_t ldc, int64_t c_batch_stride) {
+    mgpu__gemm_job j;
+    if (batch <= 0 || m <= 0 || n <= 0) return MGPU_OK;
+    if (k <= 0 || alpha == 0.0f) { mgpu__gemm_scale_c(batch, m, n, beta, c, ldc, c_batch_stride); return MGPU_OK; }
+#ifdef MGPU_USE_CBLAS
+    if (mgpu__gemm_cblas(batch, m, n, k, alpha, a, b, beta, c, ldc, c_batch_stride)) return MGPU_OK;
+#endif
+    memset(&j, 0, sizeof j);
+    j.a = *a; j.b = *b; j.c = c; j.ldc = ldc; j.c_batch_stride = c_batch_stride;
+    j.m = m; j.n = n; j.k = k; j.alpha = alpha; j.beta = beta;
+    j.kc = mgpu__gemm_kc(k);
+    mgpu__gemm_plan(&j, batch, ctx ? mgpu_context_num_threads(ctx) : 1);
+    mgpu_parallel_for(ctx, batch * j.gm * j.gn, 1, mgpu__gemm_tiles, &j);
+    if (j.failed) return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_gemm_f32: out of host memory for the packing buffers (%lld x %lld x %lld)",
+                                    (long long)m, (long long)n, (long long)k);
+    return MGPU_OK;
+}
+
+MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                            float alpha, const float *a, int64_t lda, const float *b, int64_t ldb,
+                            float beta, float *c, int64_t ldc) {
+    int64_t a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
+    mgpu__gemm_operand oa, ob;
+    if (m < 0 || n < 0 || k < 0) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_gemm_f32: m, n, k must be >= 0 (got %lld, %lld, %lld)", (long long)m, (long long)n, (long long)k);
+        return;
+    }
+    if (m == 0 || n == 0) return;
+    if (!c || (k > 0 && alpha != 0.0f && (!a || !b))) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_gemm_f32: %s is NULL", !c ? "c" : !a ? "a" : "b");
+        return;
+    }
+    if (ldc < n || (k > 0 && (lda < MGPU__MAX(a_cols, 1) || ldb < MGPU__MAX(b_cols, 1)))) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_gemm_f32: leading dimensions too small: lda %lld (needs >= %lld), ldb %lld (needs >= %lld), ldc %lld (needs >= %lld)",
+                   (long long)lda, (long long)a_cols, (long long)ldb, (long long)b_cols, (long long)ldc, (long long)n);
+        return;
+    }
+    oa = mgpu__gemm_a(a, trans_a != 0, lda);
+    ob = mgpu__gemm_b(b, trans_b != 0, ldb);
+    mgpu__gemm(ctx, 1, m, n, k, alpha, &oa, &ob, beta, c, ldc, 0);
+}
+
+/* --------------------------------------------------------------------------------------
+   Shared helpers for the ops below
+   -------------------------------------------------------------------------------------- */
+
+/* Column sums of g (rows, cols) added into out (cols); each column sums rows in order. */
+typedef struct { const float *g; float *out; int64_t rows, cols; } mgpu__colsum_arg;
+static void mgpu__colsum_range(void *arg, int64_t j0, int64_t j1) {
+    mgpu__colsum_arg *s = (mgpu__colsum_arg *)arg;
+    float acc[256];
+    int64_t r, jb, j;
+    for (jb = j0; jb < j1; jb += 256) {   /* a strip of columns at a time keeps the loop vectorised */
+        int64_t w = MGPU__MIN((int64_t)256, j1 - jb);
+        for (j = 0; j < w; j++) acc[j] = 0.0f;
+        for (r = 0; r < s->rows; r++) {
+            const float *row = s->g + r * s->cols + jb;
+            for (j = 0; j < w; j++) acc[j] += row[j];
+        }
+        for (j = 0; j < w; j++) s->out[jb + j] += acc[j];
+    }
+}
+static void mgpu__add_column_sums(mgpu_context *ctx, const float *g, int64_t rows, int64_t cols, float *out) {
+    mgpu__colsum_arg s;
+    s.g = g; s.out = out; s.rows = rows; s.cols = cols;
+    mgpu_parallel_for(ctx, cols, MGPU__MAX((int64_t)16, (int64_t)32768 / MGPU__MAX(rows, (int64_t)1)), mgpu__colsum_range, &s);
+}
+
+/* Each row of y (rows, cols) := v (cols): the bias, before a GEMM accumulates with beta = 1. */
+static void mgpu__fill_rows(float *y, int64_t rows, int64_t cols, const float *v) {
+    int64_t r;
+    for (r = 0; r < rows; r++) memcpy(y + r * cols, v, sizeof(float) * (size_t)cols);
+}
+
+/* Autocast (see "Mixed precision"): matmul, linear and conv2d round their inputs and output to the half
+   format when ctx->autocast is set, running the f32 op in between. */
+static int mgpu__autocast_active(const mgpu_context *ctx);
+static int mgpu__autocast_begin(mgpu_context *ctx, mgpu_tensor **in, int n);
+static mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode, mgpu_tensor *out);
+
+/* --------------------------------------------------------------------------------------
+   matmul
+   -------------------------------------------------------------------------------------- */
+
+/* saved: iarg = {batch, M, K, N} */
+static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *a = node->in[0], *b = node->in[1];
+    int64_t batch = node->iarg[0], m = node->iarg[1], k = node->iarg[2], n = node->iarg[3];
+    const float *dc = (const float *)node->out->grad->data;   // (B, M, N)
+    mgpu_result r = MGPU_OK;
+    if (mgpu__needs_grad(node, 0)) {   // dA (B, M, K) += dC @ B^T
+        float *da;
+        mgpu__gemm_operand oa = mgpu__gemm_a(dc, 0, n), ob = mgpu__gemm_b((const float *)b->data, 1, n);
+        MGPU__GRAD_OR_FAIL(da, ctx, a);
+        oa.batch_stride = m * n; ob.batch_stride = k * n;
+        r = mgpu__gemm(ctx, batch, m, k, n, 1.0f, &oa, &ob, 1.0f, da, k, m * k);
+        if (r != MGPU_OK) return r;
+    }
+    if (mgpu__needs_grad(node, 1)) {   // dB (B, K, N) += A^T @ dC
+        float *db;
+        mgpu__gemm_operand oa = mgpu__gemm_a((const float *)a->data, 1, k), ob = mgpu__gemm_b(dc, 0, n);
+        MGPU__GRAD_OR_FAIL(db, ctx, b);
+        oa.batch_stride = m * k; ob.batch_stride = m * n;
+        r = mgpu__gemm(ctx, batch, k, n, m, 1.0f, &oa, &ob, 1.0f, db, n, k * n);
+    }
+    return r;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
+    int64_t shape[3], batch, m, k, n;
+    mgpu_tensor *out, *ins[2];
+    mgpu__node *node = NULL;
+    mgpu__gemm_operand oa, ob;
+    int nd;
+    if (mgpu__autocast_active(ctx)) {
+        int mode;
+        ins[0] = a; ins[1] = b;
+        if ((mode = mgpu__autocast_begin(ctx, ins, 2)) < 0) return NULL;
+        return mgpu__autocast_end(ctx, mode, mgpu_op_matmul(ctx, ins[0], ins[1]));
+    }
+    if (!mgpu__check_input(ctx, "mgpu_op_matmul", "a", a, 1) || !mgpu__check_input(ctx, "mgpu_op_matmul", "b", b, 1)) return NULL;
+    nd = a->ndim;
+    if ((nd != 2 && nd != 3) || b->ndim != nd || a->shape[nd - 1] != b->shape[nd - 2] || (nd == 3 && a->shape[0] != b->shape[0]))
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "mgpu_op_matmul: cannot multiply a %s by b %s (need (M, K) @ (K, N) or (B, M, K) @ (B, K, N))",
+                        mgpu__shape_str(a), mgpu__shape_str(b));
+    batch = nd == 3 ? a->shape[0] : 1;
+    m = a->shape[nd - 2]; k = a->shape[nd - 1]; n = b->shape[nd - 1];
+    shape[0] = batch; shape[nd - 2] = m; shape[nd - 1] = n;
+    out = mgpu__new_activation(ctx, MGPU_F32, nd, shape);   // (B, M, N)
+    if (!out) return NULL;
+    oa = mgpu__gemm_a((const float *)a->data, 0, k); oa.batch_stride = m * k;
+    ob = mgpu__gemm_b((const float *)b->data, 0, n); ob.batch_stride = k * n;
+    if (mgpu__gemm(ctx, batch, m, n, k, 1.0f, &oa, &ob, 0.0f, (float *)out->data, n, m * n) != MGPU_OK) return NULL;
+    ins[0] = a; ins[1] = b;
+    MGPU__RECORD(ctx, "matmul", mgpu__matmul_backward, out, 2, ins, node);
+    if (node) { node->iarg[0] = batch; node->iarg[1] = m; node->iarg[2] = k; node->iarg[3] = n; }
+    return out;
+}
+
+/* --------------------------------------------------------------------------------------
+   linear: y = x @ w^T + b
+   -------------------------------------------------------------------------------------- */
+
+/* iarg = {rows, in, out} */
+static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->n_in > 2 ? node->in[2] : NULL;
+    int64_t rows = node->iarg[0], in = node->iarg[1], outf = node->iarg[2];
+    const float *dy = (const float *)node->out->grad->data;   // (rows, out)
+    mgpu_result r;
+    if (mgpu__needs_grad(node, 1)) {   // dW (out, in) += dY^T @ X
+        float *dw;
+        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 1, outf), ob = mgpu__gemm_b((const float *)x->data, 0, in);
+        MGPU__GRAD_OR_FAIL(dw, ctx, w);
+        r = mgpu__gemm(ctx, 1, outf, in, rows, 1.0f, &oa, &ob, 1.0f, dw, in, 0);
+        if (r != MGPU_OK) return r;
+    }
+    if (b && mgpu__needs_grad(node, 2)) {   // db (out) += column sums of dY
+        float *db;
+        MGPU__GRAD_OR_FAIL(db, ctx, b);
+        mgpu__add_column_sums(ctx, dy, rows, outf, db);
+    }
+    if (mgpu__needs_grad(node, 0)) {   // dX (rows, in) += dY @ W; skipped for a first layer
+        float *dx;
+        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 0, outf), ob = mgpu__gemm_b((const float *)w->data, 0, in);
+        MGPU__GRAD_OR_FAIL(dx, ctx, x);
+        r = mgpu__gemm(ctx, 1, rows, in, outf, 1.0f, &oa, &ob, 1.0f, dx, in, 0);
+        if (r != MGPU_OK) return r;
+    }
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b) {
+    const char *op = "mgpu_op_linear";
+    int64_t shape[MGPU_MAX_DIMS], rows, in, outf;
+    int i;
+    mgpu_tensor *y, *ins[3];
+    mgpu__node *node = NULL;
+    mgpu__gemm_operand ox, ow;
+    if (mgpu__autocast_active(ctx)) {   /* the bias is cast too, as under torch.autocast */
+        int mode;
+        ins[0] = x; ins[1] = w; ins[2] = b;
+        if ((mode = mgpu__autocast_begin(ctx, ins, 3)) < 0) return NULL;
+        return mgpu__autocast_end(ctx, mode, mgpu_op_linear(ctx, ins[0], ins[1], ins[2]));
+    }
+    if (!mgpu__check_input(ctx, op, "x", x, 1) || !mgpu__check_input(ctx, op, "w", w, 1)) return NULL;
+    if (b && !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
+    if (x->ndim < 1 || w->ndim != 2 || w->shape[1] != x->shape[x->ndim - 1])
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "mgpu_op_linear: x %s does not fit w %s (need x (..., in) and w (out, in))", mgpu__shape_str(x), mgpu__shape_str(w));
+    in = w->shape[1]; outf = w->shape[0];
+    if (b && (b->ndim != 1 || b->shape[0] != outf))
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "mgpu_op_linear: b %s does not fit w %s (need b (out))", mgpu__shape_str(b), mgpu__shape_str(w));
+    rows = 1;
+    for (i = 0; i < x->ndim - 1; i++) rows *= x->shape[i];
+    memcpy(shape, x->shape, sizeof(int64_t) * (size_t)x->ndim);
+    shape[x->ndim - 1] = outf;
+    y = mgpu__new_activation(ctx, MGPU_F32, x->ndim, shape);   // (..., out)
+    if (!y) return NULL;
+    if (b) mgpu__fill_rows((float *)y->data, rows, outf, (const float *)b->data);
+    ox = mgpu__gemm_a((const float *)x->data, 0, in);
+    ow = mgpu__gemm_b((const float *)w->data, 1, in);
+    if (mgpu__gemm(ctx, 1, rows, outf, in, 1.0f, &ox, &ow, b ? 1.0f : 0.0f, (float *)y->data, outf, 0) != MGPU_OK) return NULL;
+    ins[0] = x; ins[1] = w; ins[2] = b;
+    MGPU__RECORD(ctx, "linear", mgpu__linear_backward, y, b ? 3 : 2, ins, node);
+    if (node) { node->iarg[0] = rows; node->iarg[1] = in; node->iarg[2] = outf; }
+    return y;
+}
+
+/* --------------------------------------------------------------------------------------
+   conv2d: im2col + GEMM, one image at a time so its column matrix is still in cache when the
+   GEMM reads it (materialising a whole batch's columns makes the op memory-bound).
+   From MGPU__CONV_PAR_BATCH images on, threads take whole images (im2col + a single-threaded
+   GEMM each); the weight gradient is summed over fixed chunks of MGPU__CONV_CHUNK images into
+   partial buffers, which are then added in chunk order, so results do not depend on the thread
+   count. Smaller batches go image by image with threaded GEMMs.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__CONV_PAR_BATCH 8
+#define MGPU__CONV_CHUNK 4
+
+typedef struct mgpu__conv_geom {
+    int64_t n, c, h, w, o, oh, ow, ks, stride, pad;
+    int64_t p, ckk;     /* output positions per image, rows of an image's column matrix */
+} mgpu__conv_geom;
+
+/* 1x1, stride 1, no padding: an image's column matrix is the image itself */
+static int mgpu__conv_is_pointwise(const mgpu__conv_geom *g) { return g->ks == 1 && g->stride == 1 && g->pad == 0; }
+
+/* Output positions [lo, hi) whose input index ox * stride - pad + kx lies inside [0, size). */
+static void mgpu__conv_valid_range(int64_t out, int64_t size, int64_t stride, int64_t pad, int64_t kx, int64_t *lo, int64_t *hi) {
+    int64_t a = pad - kx, b = size + pad - kx;   /* need a <= ox * stride < b */
+    *lo = a <= 0 ? 0 : (a + stride - 1) / stride;
+    *hi = b <= 0 ? 0 : MGPU__MIN(out, (b + stride - 1) / stride);
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* Gather (add == 0) one image (C, H, W) into its columns (C*KS*KS, OH*OW), or scatter-add
+   (add == 1) columns back into the image (col2im): the same index walk both ways. */
+static void mgpu__im2col_image(const mgpu__conv_geom *g, float *img, float *cols, int add) {
+    int64_t c, ky, kx, oy, ox;
+    for (c = 0; c < g->c; c++)
+        for (ky = 0; ky < g->ks; ky++)
+            for (kx = 0; kx < g->ks; kx++) {
+                float *row = cols + ((c * g->ks + ky) * g->ks + kx) * g->p;
+                int64_t x_lo, x_hi;
+                mgpu__conv_valid_range(g->ow, g->w, g->stride, g->pad, kx, &x_lo, &x_hi);
+                for (oy = 0; oy < g->oh; oy++) {
+                    int64_t iy = oy * g->stride - g->pad + ky, at;
+                    float *r = row + oy * g->ow;
+                    if (iy < 0 || iy >= g->h) { if (!add) memset(r, 0, sizeof(float) * (size_t)g->ow); continue; }
+                    at = (c * g->h + iy) * g->w - g->pad + kx;   /* input index of ox = 0, valid from x_lo on */
+                    if (add && g->stride == 1) { for (ox = x_lo; ox < x_hi; ox++) img[at + ox] += r[ox]; continue; }
+                    if (add) { for (ox = x_lo; ox < x_hi; ox++) img[at + ox * g->stride] += r[ox]; continue; }
+                    for (ox = 0; ox < x_lo; ox++) r[ox] = 0.0f;
+                    if (g->stride == 1) memcpy(r + x_lo, img + at + x_lo, sizeof(float) * (size_t)(x_hi - x_lo));
+                    else for (ox = x_lo; ox < x_hi; ox++) r[ox] = img[at + ox * g->stride];
+                    for (ox = x_hi; ox < g->ow; ox++) r[ox] = 0.0f;
+                }
+            }
+}
+
+/* One conv2d call's tensors; the per-image steps below read what they need. */
+typedef struct mgpu__conv_job {
+    const mgpu__conv_geom *g;
+    mgpu_context *gemm_ctx;   /* threads for the GEMMs: the context, or NULL inside a per-image task */
+    float *x, *y;             /* (N, C, H, W), (N, O, P) */
+    const float *w, *b;       /* (O, CKK), (O) or NULL */
+    const float *dy;          /* (N, O, P) */
+    float *dx, *dw;           /* dx (N, C, H, W) or NULL; dw (O, CKK) target (a partial sum or the grad) or NULL */
+    int failed;
+} mgpu__conv_job;
+
+/* Image i's column matrix: the image itself when pointwise, else im2col into this thread's scratch. */
+static float *mgpu__conv_columns(const mgpu__conv_job *j, int64_t i) {
+    const mgpu__conv_geom *g = j->g;
+    float *img = j->x + i * g->c * g->h * g->w, *cols;
+    if (mgpu__conv_is_pointwise(g)) return img;
+    cols = mgpu__scratch(MGPU__SCRATCH_COLS, (size_t)(g->ckk * g->p));
+    if (cols) mgpu__im2col_image(g, img, cols, 0);
+    return cols;
+}
+
+/* y_i (O, P) = W (O, CKK) @ cols_i (CKK, P) + b */
+static mgpu_result mgpu__conv_forward_image(const mgpu__conv_job *j, int64_t i) {
+    const mgpu__conv_geom *g = j->g;
+    float *y = j->y + i * g->o * g->p;
+    const float *cols = mgpu__conv_columns(j, i);
+    mgpu__gemm_operand ow = mgpu__gemm_a(j->w, 0, g->ckk), oc = mgpu__gemm_b(cols, 0, g->p);
+    int64_t o, q;
+    if (!cols) return MGPU_ERR_OOM_HOST;
+    if (j->b)
+        for (o = 0; o < g->o; o++)
+            for (q = 0; q < g->p; q++) y[o * g->p + q] = j->b[o];
+    return mgpu__gemm(j->gemm_ctx, 1, g->o, g->p, g->ckk, 1.0f, &ow, &oc, j->b ? 1.0f : 0.0f, y, g->p, 0);
+}
+
+/* dW (O, CKK) = beta * dW + dY_i (O, P) @ cols_i^T, then dX_i += col2im(W^T @ dY_i) */
+static mgpu_result mgpu__conv_backward_image(const mgpu__conv_job *j, int64_t i, float dw_beta) {
+    const mgpu__conv_geom *g = j->g;
+    const float *dy = j->dy + i * g->o * g->p;
+    mgpu_result r;
+    if (j->dw) {
+        const float *cols = mgpu__conv_columns(j, i);
+        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 0, g->p), ob = mgpu__gemm_b(cols, 1, g->p);
+        if (!cols) return MGPU_ERR_OOM_HOST;
+        r = mgpu__gemm(j->gemm_ctx, 1, g->o, g->ckk, g->p, 1.0f, &oa, &ob, dw_beta, j->dw, g->ckk, 0);
+        if (r != MGPU_OK) return r;
+    }
+    if (j->dx) {
+        float *dxi = j->dx + i * g->c * g->h * g->w, *dcols = dxi;
+        int pointwise = mgpu__conv_is_pointwise(g);
+        mgpu__gemm_operand oa = mgpu__gemm_a(j->w, 1, g->ckk), ob = mgpu__gemm_b(dy, 0, g->p);
+        if (!pointwise && !(dcols = mgpu__scratch(MGPU__SCRATCH_DCOLS, (size_t)(g->ckk * g->p)))) return MGPU_ERR_OOM_HOST;
+        /* pointwise: dX_i is dcols, so accumulate straight into it */
+        r = mgpu__gemm(j->gemm_ctx, 1, g->ckk, g->p, g->o, 1.0f, &oa, &ob, pointwise ? 1.0f : 0.0f, dcols, g->p, 0);
+        if (r != MGPU_OK) return r;
+        if (!pointwise) mgpu__im2col_image(g, dxi, dcols, 1);
+    }
+    return MGPU_OK;
+}
+
+static void mgpu__conv_forward_range(void *arg, int64_t i0, int64_t i1) {
+    mgpu__conv_job *j = (mgpu__conv_job *)arg;
+    int64_t i;
+    for (i = i0; i < i1; i++)
+        if (mgpu__conv_forward_image(j, i) != MGPU_OK) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+}
+
+/* Chunk c: images [c * CHUNK, ...) into the chunk's own dW partial (j->dw + c * O * CKK). */
+static void mgpu__conv_backward_range(void *arg, int64_t c0, int64_t c1) {
+    const mgpu__conv_job *j = (const mgpu__conv_job *)arg;
+    mgpu__conv_job jc = *j;
+    int64_t c, i;
+    for (c = c0; c < c1; c++) {
+        jc.dw = j->dw ? j->dw + c * j->g->o * j->g->ckk : NULL;
+        for (i = c * MGPU__CONV_CHUNK; i < MGPU__MIN(j->g->n, (c + 1) * MGPU__CONV_CHUNK); i++)
+            if (mgpu__conv_backward_image(&jc, i, i == c * MGPU__CONV_CHUNK ? 0.0f : 1.0f) != MGPU_OK)
+                __atomic_store_n((int *)&j->failed, 1, __ATOMIC_RELAXED);
+    }
+}
+
+/* dw[e] += sum over chunks of part[c][e], chunks in order */
+typedef struct { const float *part; float *dw; int64_t chunks, size; } mgpu__partsum_arg;
+static void mgpu__partsum_range(void *arg, int64_t e0, int64_t e1) {
+    mgpu__partsum_arg *s = (mgpu__partsum_arg *)arg;
+    int64_t c, e;
+    for (c = 0; c < s->chunks; c++)
+        for (e = e0; e < e1; e++) s->dw[e] += s->part[c * s->size + e];
+}
+
+/* db[o] += sum of dY (N, O, P) over images and positions: strips of positions are summed across
+   images as vectors, then the strip totals in order (deterministic, and it vectorises). */
+typedef struct { const float *dy; float *db; const mgpu__conv_geom *g; } mgpu__chansum_arg;
+static void mgpu__chansum_range(void *arg, int64_t o0, int64_t o1) {
+    mgpu__chansum_arg *s = (mgpu__chansum_arg *)arg;
+    const mgpu__conv_geom *g = s->g;
+    float strip[256];
+    int64_t o, i, q0, q;
+    for (o = o0; o < o1; o++) {
+        float total = 0.0f;
+        for (q0 = 0; q0 < g->p; q0 += 256) {
+            int64_t w = MGPU__MIN((int64_t)256, g->p - q0);
+            for (q = 0; q < w; q++) strip[q] = 0.0f;
+            for (i = 0; i < g->n; i++) {
+                const float *r = s->dy + (i * g->o + o) * g->p + q0;
+                for (q = 0; q < w; q++) strip[q] += r[q];
+            }
+            for (q = 0; q < w; q++) total += strip[q];
+        }
+        s->db[o] += total;
+    }
+}
+
+static mgpu_result mgpu__conv_oom(const mgpu__conv_geom *g) {
+    return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_op_conv2d: out of host memory for the im2col buffers (%lld x %lld floats per image)",
+                      (long long)g->ckk, (long long)g->p);
+}
+
+/* node: in = {x, w, b}, extra = geometry */
+static mgpu_result mgpu__conv2d_backward(mgpu_context *ctx, mgpu__node *node) {
+    const mgpu__conv_geom *g = (const mgpu__conv_geom *)node->extra;
+    mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
+    mgpu__conv_job j;
+    float *dw = NULL;
+    int64_t i;
+    mgpu_result r;
+    memset(&j, 0, sizeof j);
+    j.g = g; j.x = (float *)x->data; j.w = (const float *)w->data; j.dy = (const float *)node->out->grad->data;
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(j.dx, ctx, x);
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(dw, ctx, w);
+    if (g->n >= MGPU__CONV_PAR_BATCH) {
+        mgpu__partsum_arg ps;
+        int64_t chunks = (g->n + MGPU__CONV_CHUNK - 1) / MGPU__CONV_CHUNK;
+        if (dw && !(j.dw = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)(chunks * g->o * g->ckk)))) return mgpu_last_result();
+        mgpu_parallel_for(ctx, chunks, 1, mgpu__conv_backward_range, &j);
+        if (j.failed) return mgpu__conv_oom(g);
+        ps.part = j.dw; ps.dw = dw; ps.chunks = chunks; ps.size = g->o * g->ckk;
+        if (dw) mgpu_parallel_for(ctx, ps.size, 4096, mgpu__partsum_range, &ps);
+    } else {
+        j.gemm_ctx = ctx; j.dw = dw;
+        for (i = 0; i < g->n; i++)
+            if ((r = mgpu__conv_backward_image(&j, i, 1.0f)) != MGPU_OK) return r == MGPU_ERR_OOM_HOST ? mgpu__conv_oom(g) : r;
+    }
+    if (b && mgpu__needs_grad(node, 2)) {   // db (O) += sum over images and positions of dY
+        mgpu__chansum_arg s;
+        float *db;
+        MGPU__GRAD_OR_FAIL(db, ctx, b);
+        s.dy = j.dy; s.db = db; s.g = g;
+        mgpu_parallel_for(ctx, g->o, MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->n * g->p, (int64_t)1)), mgpu__chansum_range, &s);
+    }
+    return MGPU_OK;
+}
+
+/* Validates conv2d's arguments and fills the geometry; 1 if fine. */
+static int mgpu__conv_setup(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, int stride, int padding, mgpu__conv_geom *g) {
+    const char *op = "mgpu_op_conv2d";
+    if (!mgpu__check_input(ctx, op, "x", x, 1) || !mgpu__check_input(ctx, op, "w", w, 1)) return 0;
+    if (b && !mgpu__check_input(ctx, op, "b", b, 1)) return 0;
+    if (x->ndim != 4 || w->ndim != 4 || w->shape[1] != x->shape[1]) {
+        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_op_conv2d: x %s and w %s do not fit (need x (N, C, H, W) and w (O, C, KH, KW) with the same C)",
+                   mgpu__shape_str(x), mgpu__shape_str(w));
+        return 0;
+    }
+    if (w->shape[2] != w->shape[3] || w->shape[2] < 1) {
+        mgpu__fail(MGPU_ERR_UNSUPPORTED, "mgpu_op_conv2d: w %s: only square kernels (KH == KW >= 1) are supported", mgpu__shape_str(w));
+        return 0;
+    }
+    if (b && (b->ndim != 1 || b->shape[0] != w->shape[0])) {
+        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_op_conv2d: b %s does not fit w %s (need b (O))", mgpu__shape_str(b), mgpu__shape_str(w));
+        return 0;
+    }
+    if (stride < 1 || padding < 0) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_op_conv2d: stride %d must be >= 1 and padding %d >= 0", stride, padding);
+        return 0;
+    }
+    memset(g, 0, sizeof *g);
+    g->n = x->shape[0]; g->c = x->shape[1]; g->h = x->shape[2]; g->w = x->shape[3];
+    g->o = w->shape[0]; g->ks = w->shape[2]; g->stride = stride; g->pad = padding;
+    if (g->h + 2 * g->pad < g->ks || g->w + 2 * g->pad < g->ks) {
+        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_op_conv2d: x %s with padding %d is smaller than the kernel of w %s", mgpu__shape_str(x), padding, mgpu__shape_str(w));
+        return 0;
+    }
+    g->oh = (g->h + 2 * g->pad - g->ks) / g->stride + 1;
+    g->ow = (g->w + 2 * g->pad - g->ks) / g->stride + 1;
+    g->p = g->oh * g->ow; g->ckk = g->c * g->ks * g->ks;
+    return 1;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, int stride, int padding) {
+    mgpu__conv_geom g, *gsaved;
+    mgpu__conv_job j;
+    int64_t shape[4], i;
+    mgpu_tensor *y, *ins[3];
+    mgpu__node *node = NULL;
+    if (mgpu__autocast_active(ctx)) {
+        int mode;
+        ins[0] = x; ins[1] = w; ins[2] = b;
+        if ((mode = mgpu__autocast_begin(ctx, ins, 3)) < 0) return NULL;
+        return mgpu__autocast_end(ctx, mode, mgpu_op_conv2d(ctx, ins[0], ins[1], ins[2], stride, padding));
+    }
+    if (!mgpu__conv_setup(ctx, x, w, b, stride, padding, &g)) return NULL;
+    shape[0] = g.n; shape[1] = g.o; shape[2] = g.oh; shape[3] = g.ow;
+    y = mgpu__new_activation(ctx, MGPU_F32, 4, shape);   // (N, O, OH, OW)
+    if (!y) return NULL;
+    memset(&j, 0, sizeof j);
+    j.g = &g; j.x = (float *)x->data; j.y = (float *)y->data; j.w = (const float *)w->data;
+    j.b = b ? (const float *)b->data : NULL;
+    if (g.n >= MGPU__CONV_PAR_BATCH) {
+        mgpu_parallel_for(ctx, g.n, 1, mgpu__conv_forward_range, &j);
+        if (j.failed) { mgpu__conv_oom(&g); return NULL; }
+    } else {
+        j.gemm_ctx = ctx;
+        for (i = 0; i < g.n; i++) {
+            mgpu_result r = mgpu__conv_forward_image(&j, i);
+            if (r != MGPU_OK) { if (r == MGPU_ERR_OOM_HOST) mgpu__conv_oom(&g); return NULL; }
+        }
+    }
+    ins[0] = x; ins[1] = w; ins[2] = b;
+    MGPU__RECORD(ctx, "conv2d", mgpu__conv2d_backward, y, 3, ins, node);
+    if (node) {
+        if (!(gsaved = (mgpu__conv_geom *)mgpu__arena_alloc(ctx, sizeof *gsaved))) return NULL;
+        *gsaved = g;
+        node->extra = gsaved;
+    }
+    return y;
+}
+
+/* --------------------------------------------------------------------------------------
+   Pooling over (N, C, H, W) planes, PyTorch's output size floor((H + 2p - k) / s) + 1
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__pool_geom {
+    int64_t planes, h, w, oh, ow, k, stride, pad;
+} mgpu__pool_geom;
+
+/* Validates kernel/stride/padding for a pooling op and fills the geometry (stride 0 -> kernel). */
+static int mgpu__pool_setup(mgpu_context *ctx, const char *op, mgpu_tensor *x, int kernel, int stride, int padding, mgpu__pool_geom *g) {
+    if (!mgpu__check_input(ctx, op, "x", x, 1)) return 0;
+    if (x->ndim != 4) { mgpu__fail(MGPU_ERR_SHAPE, "%s: x must be (N, C, H, W), got %s", op, mgpu__shape_str(x)); return 0; }
+    if (kernel < 1 || stride < 0 || padding < 0) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: kernel %d must be >= 1, stride %d and padding %d >= 0", op, kernel, stride, padding);
+        return 0;
+    }
+    if (padding > kernel / 2) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: padding %d must be at most half the kernel size %d", op, padding, kernel);
+        return 0;
+    }
+    memset(g, 0, sizeof *g);
+    g->planes = x->shape[0] * x->shape[1]; g->h = x->shape[2]; g->w = x->shape[3];
+    g->k = kernel; g->stride = stride ? stride : kernel; g->pad = padding;
+    if (g->h + 2 * g->pad < g->k || g->w + 2 * g->pad < g->k) {
+        mgpu__fail(MGPU_ERR_SHAPE, "%s: x %s with padding %d is smaller than the kernel %d", op, mgpu__shape_str(x), padding, kernel);
+        return 0;
+    }
+    g->oh = (g->h + 2 * g->pad - g->k) / g->stride + 1;
+    g->ow = (g->w + 2 * g->pad - g->k) / g->stride + 1;
+    return 1;
+}
+
+/* Window of output (oy, ox) clipped to the image: rows [y0, y1), columns [x0, x1). */
+static void mgpu__pool_window(const mgpu__pool_geom *g, int64_t oy, int64_t ox, int64_t *y0, int64_t *y1, int64_t *x0, int64_t *x1) {
+    int64_t ys = oy * g->stride - g->pad, xs = ox * g->stride - g->pad;
+    *y0 = MGPU__MAX(ys, (int64_t)0); *y1 = MGPU__MIN(ys + g->k, g->h);
+    *x0 = MGPU__MAX(xs, (int64_t)0); *x1 = MGPU__MIN(xs + g->k, g->w);
+}
+
+typedef struct mgpu__pool_arg {
+    const mgpu__pool_geom *g;
+    const float *x; float *y; int32_t *idx;   /* forward: x -> y (+ argmax) */
+    const float *dy; float *dx;               /* backward: dy -> dx */
+    int is_max;
+} mgpu__pool_arg;
+
+static void mgpu__pool_forward_range(void *arg, int64_t p0, int64_t p1) {
+    mgpu__pool_arg *s = (mgpu__pool_arg *)arg;
+    const mgpu__pool_geom *g = s->g;
+    float inv = 1.0f / (float)(g->k * g->k);   /* count_include_pad: the window is always k * k */
+    int64_t pl, oy, ox, yy, xx, y0, y1, x0, x1;
+    for (pl = p0; pl < p1; pl++) {
+        const float *xp = s->x + pl * g->h * g->w;
+        float *yp = s->y + pl * g->oh * g->ow;
+        int32_t *ip = s->idx ? s->idx + pl * g->oh * g->ow : NULL;
+        for (oy = 0; oy < g->oh; oy++)
+            for (ox = 0; ox < g->ow; ox++) {
+                float acc = s->is_max ? -INFINITY : 0.0f;
+                int64_t best;
+                mgpu__pool_window(g, oy, ox, &y0, &y1, &x0, &x1);
+                best = y0 * g->w + x0;
+                for (yy = y0; yy < y1; yy++)
+                    for (xx = x0; xx < x1; xx++) {
+                        float v = xp[yy * g->w + xx];
+                        if (!s->is_max) acc += v;
+                        else if (v > acc || v != v) { acc = v; best = yy * g->w + xx; }   /* NaN wins, as in PyTorch */
+                    }
+                yp[oy * g->ow + ox] = s->is_max ? acc : acc * inv;
+                if (ip) ip[oy * g->ow + ox] = (int32_t)best;
+            }
+    }
+}
+
+static void mgpu__pool_backward_range(void *arg, int64_t p0, int64_t p1) {
+    mgpu__pool_arg *s = (mgpu__pool_arg *)arg;
+    const mgpu__pool_geom *g = s->g;
+    float inv = 1.0f / (float)(g->k * g->k);
+    int64_t pl, q, oy, ox, yy, xx, y0, y1, x0, x1;
+    for (pl = p0; pl < p1; pl++) {
+        const float *dyp = s->dy + pl * g->oh * g->ow;
+        float *dxp = s->dx + pl * g->h * g->w;
+        if (s->is_max) {
+            const int32_t *ip = s->idx + pl * g->oh * g->ow;
+            for (q = 0; q < g->oh * g->ow; q++) if (ip[q] >= 0) dxp[ip[q]] += dyp[q];
+            continue;
+        }
+        for (oy = 0; oy < g->oh; oy++)
+            for (ox = 0; ox < g->ow; ox++) {
+                float d = dyp[oy * g->ow + ox] * inv;
+                mgpu__pool_window(g, oy, ox, &y0, &y1, &x0, &x1);
+                for (yy = y0; yy < y1; yy++)
+                    for (xx = x0; xx < x1; xx++) dxp[yy * g->w + xx] += d;
+            }
+    }
+}
+
+static int64_t mgpu__pool_min_chunk(const mgpu__pool_geom *g) {
+    return MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->h * g->w, (int64_t)1));
+}
+
+/* node: extra = geometry; saved[0] = argmax per output (I32 index into the plane), max pooling only */
+static mgpu_result mgpu__pool_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__pool_arg s;
+    float *dx;
+    memset(&s, 0, sizeof s);
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    s.g = (const mgpu__pool_geom *)node->extra;
+    s.dy = (const float *)node->out->grad->data; s.dx = dx;
+    s.is_max = node->saved[0] != NULL;
+    s.idx = s.is_max ? (int32_t *)node->saved[0]->data : NULL;
+    mgpu_parallel_for(ctx, s.g->planes, mgpu__pool_min_chunk(s.g), mgpu__pool_backward_range, &s);
+    return MGPU_OK;
+}
+
+static mgpu_tensor *mgpu__pool2d(mgpu_context *ctx, const char *op, mgpu_tensor *x, int kernel, int stride, int padding, int is_max) {
+    mgpu__pool_geom g, *gs;
+    mgpu__pool_arg s;
+    mgpu_tensor *y, *idx = NULL;
+    mgpu__node *node = NULL;
+    int64_t shape[4];
+    if (!mgpu__pool_setup(ctx, op, x, kernel, stride, padding, &g)) return NULL;
+    shape[0] = x->shape[0]; shape[1] = x->shape[1]; shape[2] = g.oh; shape[3] = g.ow;
+    y = mgpu__new_activation(ctx, MGPU_F32, 4, shape);   // (N, C, OH, OW)
+    if (!y) return NULL;
+    MGPU__RECORD(ctx, is_max ? "max_pool2d" : "avg_pool2d", mgpu__pool_backward, y, 1, &x, node);
+    if (node && is_max && !(idx = mgpu__new_activation(ctx, MGPU_I32, 4, shape))) return NULL;
+    memset(&s, 0, sizeof s);
+    s.g = &g; s.x = (const float *)x->data; s.y = (float *)y->data; s.is_max = is_max;
+    s.idx = idx ? (int32_t *)idx->data : NULL;
+    mgpu_parallel_for(ctx, g.planes, mgpu__pool_min_chunk(&g), mgpu__pool_forward_range, &s);
+    if (node) {
+        if (!(gs = (mgpu__pool_geom *)mgpu__arena_alloc(ctx, sizeof *gs))) return NULL;
+        *gs = g;
+        node->extra = gs;
+        node->saved[0] = idx;
+    }
+    return y;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_max_pool2d(mgpu_context *ctx, mgpu_tensor *x, int kernel, int stride, int padding) {
+    return mgpu__pool2d(ctx, "mgpu_op_max_pool2d", x, kernel, stride, padding, 1);
+}
+MGPU_API mgpu_tensor *mgpu_op_avg_pool2d(mgpu_context *ctx, mgpu_tensor *x, int kernel, int stride, int padding) {
+    return mgpu__pool2d(ctx, "mgpu_op_avg_pool2d", x, kernel, stride, padding, 0);
+}
+/* ======================================================================================
+   Ops: norms, embedding, attention
+   ======================================================================================Layer norm, batch norm, embedding and scaled dot-product attention: CPU forward + backward.
+   Every reduction runs in a fixed order over a fixed partition, so results are bit-identical
+   whatever the thread count. */
+
+/* Loops touching at least this many elements are split across the thread pool. */
+#define MGPU__NORM_GRAIN 32768
+
+/* Items per chunk so that one chunk touches about MGPU__NORM_GRAIN elements. */
+static int64_t mgpu__norm_min_chunk(int64_t elems_per_item) {
+    return elems_per_item >= MGPU__NORM_GRAIN ? 1 : MGPU__NORM_GRAIN / (elems_per_item > 0 ? elems_per_item : 1);
+}
+
+/* An optional per-channel vector (weight, bias, running stats): NULL is fine, else F32 (C). */
+static int mgpu__norm_check_vec(mgpu_context *ctx, const char *op, const char *arg, const mgpu_tensor *t,
+                                int64_t c, const mgpu_tensor *x) {
+    if (!t) return 1;
+    if (!mgpu__check_input(ctx, op, arg, t, 1)) return 0;
+    if (t->ndim != 1 || t->shape[0] != c) {
+        mgpu__fail(MGPU_ERR_SHAPE, "%s: %s has shape %s, expected (%lld,) to match x %s", op, arg, mgpu__shape_str(t),
+                   (long long)c, mgpu__shape_str(x));
+        return 0;
+    }
+    return 1;
+}
+
+/* A finite non-negative float argument (NaN fails the comparison too). */
+static int mgpu__norm_check_nonneg(const char *op, const char *arg, float v) {
+    if (!(v >= 0.0f) || v > FLT_MAX) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: %s is %g, must be finite and >= 0", op, arg, (double)v);
+        return 0;
+    }
+    return 1;
+}
+
+/* Arena scratch for n floats / doubles (n may be 0). */
+static float *mgpu__norm_floats(mgpu_context *ctx, int64_t n) {
+    return (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)(n > 0 ? n : 1));
+}
+static double *mgpu__norm_doubles(mgpu_context *ctx, int64_t n) {
+    return (double *)mgpu__arena_alloc(ctx, sizeof(double) * (size_t)(n > 0 ? n : 1));
+}
+
+/* Adds element i of p*w and of p*w * (q - center) (w NULL: 1) into lane l of a1, a2. */
+static inline void mgpu__norm_lane_add(double *a1, double *a2, int64_t l, const float *p, const float *w,
+                                       const float *q, float center, int64_t i) {
+    double pv = w ? p[i] * w[i] : p[i];
+    a1[l] += pv;
+    a2[l] += pv * (double)(q[i] - center);
+}
+
+/* s1 = sum of p*w, s2 = sum of p*w * (q - center) over n elements. Eight double lanes keep
+   the adds pipelined; the order is fixed, so the result never depends on threads. */
+#define MGPU__NORM_LANES 8
+static void mgpu__norm_moments(const float *p, const float *w, const float *q, float center, int64_t n,
+                               double *s1, double *s2) {
+    double a1[MGPU__NORM_LANES], a2[MGPU__NORM_LANES];
+    int64_t i, l;
+    for (l = 0; l < MGPU__NORM_LANES; l++) { a1[l] = 0; a2[l] = 0; }
+    for (i = 0; i + MGPU__NORM_LANES <= n; i += MGPU__NORM_LANES)
+        for (l = 0; l < MGPU__NORM_LANES; l++) mgpu__norm_lane_add(a1, a2, l, p, w, q, center, i + l);
+    for (l = 0; i + l < n; l++) mgpu__norm_lane_add(a1, a2, l, p, w, q, center, i + l);
+    for (l = 1; l < MGPU__NORM_LANES; l++) { a1[0] += a1[l]; a2[0] += a2[l]; }
+    *s1 = a1[0];
+    *s2 = a2[0];
+}
+
+/* Adds double sums into an F32 gradient. */
+static void mgpu__norm_add_sums(float *grad, const double *sums, int64_t n) {
+    int64_t i;
+    for (i = 0; i < n; i++) grad[i] += (float)sums[i];
+}
+
+/* ======================================================================================
+   Layer norm over the last dim: y = (x - mean) * rstd * w + b with the biased variance and
+   eps inside the sqrt, as PyTorch. x is viewed as R rows of C.
+   ====================================================================================== */
+
+typedef struct mgpu__ln_args {
+    const float *x, *w, *b, *dy;   /* x, dy (R, C); w, b (C) or NULL */
+    float *out, *dx;               /* (R, C) */
+    const float *mean, *rstd;      /* (R) */
+    float *mean_out, *rstd_out;    /* (R), written by the forward */
+    double *partial;               /* (blocks, 2, C) partial dw, db of the backward, or NULL */
+    int64_t R, C;
+    float eps;
+} mgpu__ln_args;
+
+/* One pass for the row's statistics (double sums), one for the output. */
+static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
+    const mgpu__ln_args *a = (const mgpu__ln_args *)arg;
+    int64_t r, c, C = a->C;
+    for (r = r0; r < r1; r++) {
+        const float *xr = a->x + r * C;
+        float *yr = a->out + r * C;
+        double sum, sumsq, mean, var;
+        float m, rs;
+        mgpu__norm_moments(xr, NULL, xr, 0.0f, C, &sum, &sumsq);
+        mean = sum / (double)C;
+        var = sumsq / (double)C - mean * mean;
+        m = (float)mean;
+        rs = (float)(1.0 / sqrt((var > 0 ? var : 0) + (double)a->eps));
+        a->mean_out[r] = m;
+        a->rstd_out[r] = rs;
+        for (c = 0; c < C; c++) {
+            float v = (xr[c] - m) * rs;
+            if (a->w) v *= a->w[c];
+            if (a->b) v += a->b[c];
+            yr[c] = v;
+        }
+    }
+}
+
+/* Backward of one row: dx += rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w
+   (when dx is wanted), and the row's dy * xhat and dy added into the partial sums pw, pb
+   (when given). */
+static void mgpu__ln_backward_row(const mgpu__ln_args *a, int64_t r, double *pw, double *pb) {
+    int64_t c, C = a->C;
+    const float *xr = a->x + r * C, *dyr = a->dy + r * C;
+    float m = a->mean[r], rs = a->rstd[r], g_mean = 0, gx_mean = 0;
+    if (a->dx) {
+        double sum_g, sum_gxm;   /* sum g, sum g * (x - mean) */
+        mgpu__norm_moments(dyr, a->w, xr, m, C, &sum_g, &sum_gxm);
+        g_mean = (float)(sum_g / (double)C);
+        gx_mean = (float)(sum_gxm * rs / (double)C);
+        for (c = 0; c < C; c++) {
+            float g = a->w ? dyr[c] * a->w[c] : dyr[c];
+            a->dx[r * C + c] += rs * (g - g_mean - (xr[c] - m) * rs * gx_mean);
+        }
+    }
+    if (pw)
+        for (c = 0; c < C; c++) {
+            pw[c] += (double)dyr[c] * ((xr[c] - m) * rs);
+            pb[c] += dyr[c];
+        }
+}
+
+/* Rows are cut into blocks that depend on R and C only, never on the thread count; block k
+   keeps its own partial dw, db (2C doubles), added up in block order afterwards, so the
+   parameter gradients are the same whatever the threads. */
+static int64_t mgpu__ln_block_rows(int64_t C) { return MGPU__MAX((int64_t)1, 4 * MGPU__NORM_GRAIN / C); }
+
+static void mgpu__ln_backward_blocks(void *arg, int64_t k0, int64_t k1) {
+    const mgpu__ln_args *a = (const mgpu__ln_args *)arg;
+    int64_t k, r, c, rows = mgpu__ln_block_rows(a->C);
+    for (k = k0; k < k1; k++) {
+        double *pw = a->partial ? a->partial + 2 * k * a->C : NULL, *pb = pw ? pw + a->C : NULL;
+        if (pw) for (c = 0; c < 2 * a->C; c++) pw[c] = 0;
+        for (r = k * rows; r < MGPU__MIN(a->R, (k + 1) * rows); r++) mgpu__ln_backward_row(a, r, pw, pb);
+    }
+}
+
+/* grad[c] += sum over blocks of partial[k * 2C + offset + c], in block order. */
+static void mgpu__ln_add_partials(float *grad, const double *partial, int64_t blocks, int64_t C, int64_t offset) {
+    int64_t k, c;
+    for (c = 0; c < C; c++) {
+        double s = 0;
+        for (k = 0; k < blocks; k++) s += partial[2 * k * C + offset + c];
+        grad[c] += (float)s;
+    }
+}
+
+/* node: in = {x, w, b}; extra = mean (R) then rstd (R); iarg = {R, C}. */
+static mgpu_result mgpu__ln_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
+    int need_w = mgpu__needs_grad(node, 1), need_b = mgpu__needs_grad(node, 2);
+    int64_t blocks;
+    mgpu__ln_args a;
+    memset(&a, 0, sizeof a);
+    a.R = node->iarg[0]; a.C = node->iarg[1];
+    a.x = (const float *)x->data;
+    a.w = w ? (const float *)w->data : NULL;
+    a.dy = (const float *)node->out->grad->data;
+    a.mean = (const float *)node->extra;
+    a.rstd = a.mean + a.R;
+    blocks = (a.R + mgpu__ln_block_rows(a.C) - 1) / mgpu__ln_block_rows(a.C);
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
+    if (need_w || need_b) {
+        a.partial = mgpu__norm_doubles(ctx, 2 * blocks * a.C);
+        if (!a.partial) return MGPU_ERR_OOM_HOST;
+    }
+    mgpu_parallel_for(ctx, blocks, 1, mgpu__ln_backward_blocks, &a);
+    if (need_w) {
+        float *gw;
+        MGPU__GRAD_OR_FAIL(gw, ctx, w);
+        mgpu__ln_add_partials(gw, a.partial, blocks, a.C, 0);
+    }
+    if (need_b) {
+        float *gb;
+        MGPU__GRAD_OR_FAIL(gb, ctx, b);
+        mgpu__ln_add_partials(gb, a.partial, blocks, a.C, a.C);
+    }
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, float eps) {
+    static const char *op = "mgpu_op_layer_norm";
+    mgpu_tensor *in[3];
+    mgpu_tensor *out;
+    mgpu__node *node = NULL;
+    mgpu__ln_args a;
+    float *stats;
+    if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
+    if (x->ndim < 1 || x->shape[x->ndim - 1] < 1)
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: x has shape %s, need (..., C) with C >= 1", op, mgpu__shape_str(x));
+    memset(&a, 0, sizeof a);
+    a.C = x->shape[x->ndim - 1];
+    a.R = x->numel / a.C;
+    if (!mgpu__norm_check_vec(ctx, op, "w", w, a.C, x) || !mgpu__norm_check_vec(ctx, op, "b", b, a.C, x)) return NULL;
+    if (!mgpu__norm_check_nonneg(op, "eps", eps)) return NULL;
+    out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
+    stats = mgpu__norm_floats(ctx, 2 * a.R);   /* mean (R), rstd (R) */
+    if (!out || !stats) return NULL;
+    a.x = (const float *)x->data;
+    a.w = w ? (const float *)w->data : NULL;
+    a.b = b ? (const float *)b->data : NULL;
+    a.out = (float *)out->data;
+    a.mean_out = stats;
+    a.rstd_out = stats + a.R;
+    a.eps = eps;
+    mgpu_parallel_for(ctx, a.R, mgpu__norm_min_chunk(a.C), mgpu__ln_forward_rows, &a);
+    in[0] = x; in[1] = w; in[2] = b;
+    MGPU__RECORD(ctx, "layer_norm", mgpu__ln_backward, out, 3, in, node);
+    if (node) {
+        node->extra = stats;
+        node->iarg[0] = a.R;
+        node->iarg[1] = a.C;
+    }
+    return out;
+}
+
+/* ======================================================================================
+   Batch norm: x (N, C, *) viewed as (N, C, S); statistics per channel over N and S.
+
+   SyncBatchNorm seam. Every cross-sample quantity goes through mgpu__bn_channel_sums, which
+   fills a buffer of per-channel double sums; the normalisation and the input gradient use
+   only that buffer. Between the two, mgpu__batch_norm calls sync->reduce (when set) to sum
+   the buffer over the ranks:
+     forward : 2C + 1 doubles = sum x (C), sum x^2 (C), element count per channel
+     backward: 2C doubles     = sum dy (C), sum dy * (x - mean) (C); weight/bias grads are
+               taken from the local sums BEFORE the reduce (DDP averages them as usual).
+   The public op passes sync = NULL (this process only).
+   ====================================================================================== */
+
+typedef mgpu_result (*mgpu__bn_reduce_fn)(void *user, double *values, int64_t n);
+typedef struct mgpu__bn_sync { mgpu__bn_reduce_fn reduce; void *user; } mgpu__bn_sync;
+/* SyncBatchNorm's reduce: user is the mgpu_comm whose ranks share the statistics. */
+static MGPU__UNUSED mgpu_result mgpu__bn_reduce_over_comm(void *user, double *values, int64_t n) {
+    return mgpu_comm_allreduce_f64((mgpu_comm *)user, values, n, MGPU_REDUCE_SUM);
+}
+
+typedef struct mgpu__bn_args {
+    const float *p, *q, *center;   /* sums: sum p and sum p * (q - center[c]); center NULL = 0 */
+    double *sum_p, *sum_pq;        /* (C) */
+    const float *x, *dy;           /* (N, C, S) */
+    float *out, *dx;               /* (N, C, S) */
+    const float *mean, *scale, *shift; /* (C): y = (x - mean) * scale + shift */
+    const float *k1, *k2;          /* (C): dx += scale * (dy - k1 - (x - mean) * k2) */
+    int64_t N, C, S;
+} mgpu__bn_args;
+
+/* Per-segment kernels: one (n, c) run of S contiguous elements starting at off. */
+typedef void (*mgpu__bn_segment_fn)(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S);
+
+/* Channels [c0, c1) segment by segment, n outer so memory is read in order. The S == 1 branch
+   passes a literal 1: once the kernel is inlined the loop over channels vectorises, which
+   matters for (N, C) inputs. Each channel sees its segments in n order on one thread. */
+static inline void mgpu__bn_each_segment(const mgpu__bn_args *a, int64_t c0, int64_t c1, mgpu__bn_segment_fn seg) {
+    int64_t n, c;
+    for (n = 0; n < a->N; n++) {
+        if (a->S == 1) for (c = c0; c < c1; c++) seg(a, n * a->C + c, c, 1);
+        else for (c = c0; c < c1; c++) seg(a, (n * a->C + c) * a->S, c, a->S);
+    }
+}
+
+/* sum_p[c] += sum p, sum_pq[c] += sum p * (q - center[c]) over the segment. */
+static inline void mgpu__bn_sums_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
+    float center = a->center ? a->center[c] : 0.0f;
+    double sp, spq;
+    if (S == 1) { sp = a->p[off]; spq = sp * (double)(a->q[off] - center); }
+    else mgpu__norm_moments(a->p + off, NULL, a->q + off, center, S, &sp, &spq);
+    a->sum_p[c] += sp;
+    a->sum_pq[c] += spq;
+}
+static inline void mgpu__bn_affine_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
+    float m = a->mean[c], sc = a->scale[c], sh = a->shift[c];
+    int64_t s;
+    for (s = off; s < off + S; s++) a->out[s] = (a->x[s] - m) * sc + sh;
+}
+static inline void mgpu__bn_input_grad_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
+    float m = a->mean[c], sc = a->scale[c], k1 = a->k1[c], k2 = a->k2[c];
+    int64_t s;
+    for (s = off; s < off + S; s++) a->dx[s] += sc * (a->dy[s] - k1 - (a->x[s] - m) * k2);
+}
+
+static void mgpu__bn_sums_range(void *arg, int64_t c0, int64_t c1) {
+    const mgpu__bn_args *a = (const mgpu__bn_args *)arg;
+    int64_t c;
+    for (c = c0; c < c1; c++) { a->sum_p[c] = 0; a->sum_pq[c] = 0; }
+    mgpu__bn_each_segment(a, c0, c1, mgpu__bn_sums_segment);
+}
+static void mgpu__bn_affine_range(void *arg, int64_t c0, int64_t c1) {
+    mgpu__bn_each_segment((const mgpu__bn_args *)arg, c0, c1, mgpu__bn_affine_segment);
+}
+static void mgpu__bn_input_grad_range(void *arg, int64_t c0, int64_t c1) {
+    mgpu__bn_each_segment((const mgpu__bn_args *)arg, c0, c1, mgpu__bn_input_grad_segment);
+}
+
+/* One contiguous block of channels per thread: with n outer, each thread then streams the
+   widest possible slice of every sample (small slices of an (N, C) row defeat prefetching). */
+static void mgpu__bn_for_channels(mgpu_context *ctx, mgpu__bn_args *a, mgpu_range_fn fn) {
+    int64_t threads = mgpu_context_num_threads(ctx);
+    int64_t per_thread = (a->C + threads - 1) / threads;
+    mgpu_parallel_for(ctx, a->C, MGPU__MAX(mgpu__norm_min_chunk(a->N * a->S), per_thread), fn, a);
+}
+
+/* sums[0, C) = sum p, sums[C, 2C) = sum p * (q - center) per channel (local to this process). */
+static void mgpu__bn_channel_sums(mgpu_context *ctx, mgpu__bn_args *a, const float *p, const float *q,
+                                  const float *center, double *sums) {
+    a->p = p; a->q = q; a->center = center;
+    a->sum_p = sums; a->sum_pq = sums + a->C;
+    mgpu__bn_for_channels(ctx, a, mgpu__bn_sums_range);
+}
+
+/* The SyncBatchNorm all-reduce point (see above); a no-op without sync. */
+static int mgpu__bn_reduce_sums(const mgpu__bn_sync *sync, double *sums, int64_t n) {
+    mgpu_result r;
+    if (!sync || !sync->reduce) return 1;
+    r = sync->reduce(sync->user, sums, n);
+    if (r != MGPU_OK) {
+        if (mgpu_last_result() == MGPU_OK) mgpu__fail(r, "mgpu_op_batch_norm: reducing the batch statistics across ranks failed");
+        return 0;
+    }
+    return 1;
+}
+
+/* What the backward needs (arena). */
+typedef struct mgpu__bn_saved {
+    float *mean, *rstd, *scale;    /* (C) */
+    double count;                  /* elements per channel over all ranks */
+    int training;
+    mgpu__bn_sync sync;
+} mgpu__bn_saved;
+
+/* Batch mean/rstd from the (reduced) sums and the running-stat update with the unbiased
+   variance, as PyTorch: running = (1 - momentum) * running + momentum * batch. */
+static void mgpu__bn_batch_stats(const double *sums, int64_t C, double count, float eps, float momentum,
+                                 float *mean, float *rstd, float *running_mean, float *running_var) {
+    int64_t c;
+    for (c = 0; c < C; c++) {
+        double m = sums[c] / count, var = sums[C + c] / count - m * m;
+        if (var < 0) var = 0;
+        mean[c] = (float)m;
+        rstd[c] = (float)(1.0 / sqrt(var + (double)eps));
+        if (running_mean) running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + (double)momentum * m);
+        if (running_var) running_var[c] = (float)((1.0 - momentum) * running_var[c] + (double)momentum * var * count / (count - 1.0));
+    }
+}
+
+static mgpu_result mgpu__bn_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
+    const mgpu__bn_saved *sv = (const mgpu__bn_saved *)node->extra;
+    int need_x = mgpu__needs_grad(node, 0), need_w = mgpu__needs_grad(node, 1), need_b = mgpu__needs_grad(node, 2);
+    mgpu__bn_args a;
+    double *sums = NULL;
+    float *k;
+    int64_t c, C;
+    memset(&a, 0, sizeof a);
+    a.N = node->iarg[0]; a.C = C = node->iarg[1]; a.S = node->iarg[2];
+    a.x = (const float *)x->data;
+    a.dy = (const float *)node->out->grad->data;
+    a.mean = sv->mean;
+    a.scale = sv->scale;
+    if ((need_x && sv->training) || need_w || need_b) {
+        sums = mgpu__norm_doubles(ctx, 2 * C);
+        if (!sums) return MGPU_ERR_OOM_HOST;
+        mgpu__bn_channel_sums(ctx, &a, a.dy, a.x, sv->mean, sums);   /* sum dy, sum dy * (x - mean) */
+    }
+    if (need_w) {
+        float *gw;
+        MGPU__GRAD_OR_FAIL(gw, ctx, w);
+        for (c = 0; c < C; c++) gw[c] += (float)(sums[C + c] * sv->rstd[c]);
+    }
+    if (need_b) {
+        float *gb;
+        MGPU__GRAD_OR_FAIL(gb, ctx, b);
+        mgpu__norm_add_sums(gb, sums, C);
+    }
+    if (!need_x) return MGPU_OK;
+    k = mgpu__norm_floats(ctx, 2 * C);
+    if (!k) return MGPU_ERR_OOM_HOST;
+    a.k1 = k; a.k2 = k + C;
+    if (sv->training) {
+        /* the batch statistics depend on x: mean of dy and its projection on xhat */
+        if (!mgpu__bn_reduce_sums(&sv->sync, sums, 2 * C)) return mgpu_last_result();
+        for (c = 0; c < C; c++) {
+            k[c] = (float)(sums[c] / sv->count);
+            k[C + c] = (float)(sums[C + c] / sv->count * sv->rstd[c] * sv->rstd[c]);
+        }
+    } else {
+        memset(k, 0, sizeof(float) * (size_t)(2 * C));   /* eval: a plain per-channel affine */
+    }
+    MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
+    mgpu__bn_for_channels(ctx, &a, mgpu__bn_input_grad_range);
+    return MGPU_OK;
+}
+
+static int mgpu__bn_validate(mgpu_context *ctx, const char *op, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b,
+                             mgpu_tensor *running_mean, mgpu_tensor *running_var, int training, float momentum, float eps) {
+    int64_t C;
+    if (!mgpu__check_input(ctx, op, "x", x, 1)) return 0;
+    if (x->ndim < 2 || x->shape[1] < 1) {
+        mgpu__fail(MGPU_ERR_SHAPE, "%s: x has shape %s, need (N, C) or (N, C, H, W) with C >= 1", op, mgpu__shape_str(x));
+        return 0;
+    }
+    C = x->shape[1];
+    if (!mgpu__norm_check_vec(ctx, op, "w", w, C, x) || !mgpu__norm_check_vec(ctx, op, "b", b, C, x) ||
+        !mgpu__norm_check_vec(ctx, op, "running_mean", running_mean, C, x) ||
+        !mgpu__norm_check_vec(ctx, op, "running_var", running_var, C, x))
+        return 0;
+    if ((running_mean == NULL) != (running_var == NULL)) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: running_mean and running_var must be given together (or both NULL)", op);
+        return 0;
+    }
+    if (!training && !running_mean) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: running_mean and running_var are required when training is 0", op);
+        return 0;
+    }
+    if (training && x->numel / C <= 1) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: expected more than 1 value per channel when training, x has shape %s", op, mgpu__shape_str(x));
+        return 0;
+    }
+    if (!(momentum == momentum) || momentum > FLT_MAX || momentum < -FLT_MAX) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: momentum is %g, must be finite", op, (double)momentum);
+        return 0;
+    }
+    return mgpu__norm_check_nonneg(op, "eps", eps);
+}
+
+/* Batch norm with an optional cross-rank reduce of the statistics (SyncBatchNorm). */
+static mgpu_tensor *mgpu__batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b,
+                                     mgpu_tensor *running_mean, mgpu_tensor *running_var, int training,
+                                     float momentum, float eps, const mgpu__bn_sync *sync) {
+    static const char *op = "mgpu_op_batch_norm";
+    mgpu_tensor *in[3];
+    mgpu_tensor *out;
+    mgpu__node *node = NULL;
+    mgpu__bn_args a;
+    mgpu__bn_saved *sv;
+    float *shift;
+    int64_t c, C;
+    if (!mgpu__bn_validate(ctx, op, x, w, b, running_mean, running_var, training, momentum, eps)) return NULL;
+    memset(&a, 0, sizeof a);
+    a.N = x->shape[0]; a.C = C = x->shape[1];
+    a.S = a.N ? x->numel / (a.N * C) : 0;
+    out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
+    sv = (mgpu__bn_saved *)mgpu__arena_alloc(ctx, sizeof *sv);
+    shift = mgpu__norm_floats(ctx, 4 * C);   /* shift, mean, rstd, scale: (C) each */
+    if (!out || !sv || !shift) return NULL;
+    memset(sv, 0, sizeof *sv);
+    sv->mean = shift + C; sv->rstd = shift + 2 * C; sv->scale = shift + 3 * C;
+    sv->training = training != 0;
+    if (sync) sv->sync = *sync;
+    a.x = (const float *)x->data;
+    if (training) {
+        double *sums = mgpu__norm_doubles(ctx, 2 * C + 1);
+        if (!sums) return NULL;
+        mgpu__bn_channel_sums(ctx, &a, a.x, a.x, NULL, sums);          /* sum x, sum x^2 */
+        sums[2 * C] = (double)(a.N * a.S);
+        if (!mgpu__bn_reduce_sums(sync, sums, 2 * C + 1)) return NULL;
+        sv->count = sums[2 * C];
+        mgpu__bn_batch_stats(sums, C, sv->count, eps, momentum, sv->mean, sv->rstd,
+                             running_mean ? (float *)running_mean->data : NULL,
+                             running_var ? (float *)running_var->data : NULL);
+    } else {
+        const float *rm = (const float *)running_mean->data, *rv = (const float *)running_var->data;
+        for (c = 0; c < C; c++) { sv->mean[c] = rm[c]; sv->rstd[c] = (float)(1.0 / sqrt((double)rv[c] + (double)eps)); }
+    }
+    for (c = 0; c < C; c++) {
+        sv->scale[c] = w ? sv->rstd[c] * ((const float *)w->data)[c] : sv->rstd[c];
+        shift[c] = b ? ((const float *)b->data)[c] : 0.0f;
+    }
+    a.out = (float *)out->data;
+    a.mean = sv->mean; a.scale = sv->scale; a.shift = shift;
+    mgpu__bn_for_channels(ctx, &a, mgpu__bn_affine_range);
+    in[0] = x; in[1] = w; in[2] = b;
+    MGPU__RECORD(ctx, "batch_norm", mgpu__bn_backward, out, 3, in, node);
+    if (node) {
+        node->extra = sv;
+        node->iarg[0] = a.N; node->iarg[1] = a.C; node->iarg[2] = a.S;
+    }
+    return out;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b,
+                                         mgpu_tensor *running_mean, mgpu_tensor *running_var,
+                                         int training, float momentum, float eps) {
+    return mgpu__batch_norm(ctx, x, w, b, running_mean, running_var, training, momentum, eps, NULL);
+}
+
+/* ======================================================================================
+   Embedding: out[i, :] = weight[idx[i], :]; the backward scatter-adds rows into weight's
+   grad, split across threads by columns so repeated indices never race.
+   ====================================================================================== */
+
+typedef struct mgpu__emb_args {
+    const mgpu_tensor *idx;
+    const float *w, *dy;   /* (V, D), (n, D) */
+    float *out, *gw;       /* (n, D), (V, D) */
+    int64_t n, D;
+} mgpu__emb_args;
+
+static void mgpu__emb_gather_rows(void *arg, int64_t i0, int64_t i1) {
+    const mgpu__emb_args *a = (const mgpu__emb_args *)arg;
+    int64_t i;
+    for (i = i0; i < i1; i++)
+        memcpy(a->out + i * a->D, a->w + mgpu__index_at(a->idx, i) * a->D, sizeof(float) * (size_t)a->D);
+}
+
+/* Each column's updates happen in index order on one thread: deterministic. */
+static void mgpu__emb_scatter_cols(void *arg, int64_t d0, int64_t d1) {
+    const mgpu__emb_args *a = (const mgpu__emb_args *)arg;
+    int64_t i, d;
+    for (i = 0; i < a->n; i++) {
+        float *g = a->gw + mgpu__index_at(a->idx, i) * a->D;
+        const float *dy = a->dy + i * a->D;
+        for (d = d0; d < d1; d++) g[d] += dy[d];
+    }
+}
+
+static mgpu_result mgpu__emb_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__emb_args a;
+    memset(&a, 0, sizeof a);
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    a.idx = node->saved[0];
+    a.dy = (const float *)node->out->grad->data;
+    a.n = a.idx->numel;
+    a.D = node->iarg[0];
+    MGPU__GRAD_OR_FAIL(a.gw, ctx, node->in[0]);
+    mgpu_parallel_for(ctx, a.D, mgpu__norm_min_chunk(a.n), mgpu__emb_scatter_cols, &a);
+    return MGPU_OK;
+}
+
+/* Every index in [0, V); else an error naming the first bad value and its position. */
+static int mgpu__emb_check_indices(const char *op, const mgpu_tensor *idx, int64_t V) {
+    int64_t i, rem, pos[MGPU_MAX_DIMS];
+    int d;
+    char where[160];
+    for (i = 0; i < idx->numel; i++) {
+        int64_t v = mgpu__index_at(idx, i);
+        if (v >= 0 && v < V) continue;
+        for (d = idx->ndim - 1, rem = i; d >= 0; d--) { pos[d] = rem % idx->shape[d]; rem /= idx->shape[d]; }
+        mgpu_shape_string(idx->ndim, pos, where, sizeof where);
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: idx holds %lld at position %s (flat %lld), outside [0, %lld) for weight of %lld rows",
+                   op, (long long)v, where, (long long)i, (long long)V, (long long)V);
+        return 0;
+    }
+    return 1;
+}
+
+MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, mgpu_tensor *idx) {
+    static const char *op = "mgpu_op_embedding";
+    int64_t shape[MGPU_MAX_DIMS];
+    mgpu_tensor *out;
+    mgpu__node *node = NULL;
+    mgpu__emb_args a;
+    if (!mgpu__check_input(ctx, op, "weight", weight, 1) || !mgpu__check_index(ctx, op, "idx", idx)) return NULL;
+    if (weight->ndim != 2) MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: weight has shape %s, need (V, D)", op, mgpu__shape_str(weight));
+    if (idx->ndim >= MGPU_MAX_DIMS)
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: idx has %d dims, at most %d fit (the output adds one)", op, idx->ndim, MGPU_MAX_DIMS - 1);
+    if (!mgpu__emb_check_indices(op, idx, weight->shape[0])) return NULL;
+    if (idx->ndim) memcpy(shape, idx->shape, sizeof(int64_t) * (size_t)idx->ndim);
+    shape[idx->ndim] = weight->shape[1];
+    out = mgpu__new_activation(ctx, MGPU_F32, idx->ndim + 1, shape);   /* (..., D) */
+    if (!out) return NULL;
+    memset(&a, 0, sizeof a);
+    a.idx = idx; a.w = (const float *)weight->data; a.out = (float *)out->data;
+    a.n = idx->numel; a.D = weight->shape[1];
+    mgpu_parallel_for(ctx, a.n, mgpu__norm_min_chunk(a.D), mgpu__emb_gather_rows, &a);
+    MGPU__RECORD(ctx, "embedding", mgpu__emb_backward, out, 1, &weight, node);
+    if (node) {
+        node->saved[0] = idx;
+        node->iarg[0] = a.D;
+    }
+    return out;
+}
+
+/* ======================================================================================
+   Scaled dot-product attention, fused, per (b, h) pair:
+     S = Q K^T / sqrt(D) (Tq, Tk); causal: S[i, j] = -inf for j > i (tril(ones(Tq, Tk)), as
+     PyTorch's is_causal); P = softmax(S); O = P V (Tq, D). P (B, H, Tq, Tk) is kept for the
+     backward: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
+     dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D).
+   Pairs run in parallel (each GEMM single-threaded) when there are enough of them, else
+   one after the other with the threaded GEMM.
+   ====================================================================================== */
+
+typedef struct mgpu__attn_args mgpu__attn_args;
+typedef void (*mgpu__attn_pair_fn)(const mgpu__attn_args *a, int64_t pair, float *scratch);
+struct mgpu__attn_args {
+    mgpu_context *gemm_ctx;        /* ctx when pairs run one after the other, NULL inside the pool */
+    const float *q, *k, *v, *dout; /* (P, Tq, D), (P, Tk, D), (P, Tk, D), (P, Tq, D) */
+    float *out, *prob;             /* (P, Tq, D), (P, Tq, Tk) or NULL when no backward will need it */
+    float *dq, *dk, *dv;           /* like q, k, v; NULL when not needed */
+    float *scratch;                /* (n_parts, Tq, Tk): dP in the backward, P in a forward without grad */
+    int64_t n_pairs, n_parts, Tq, Tk, D;
+    float scale;
+    int causal;
+    mgpu__attn_pair_fn pair_fn;
+};
+
+/* Keys visible to query row i. */
+static int64_t mgpu__attn_row_len(const mgpu__attn_args *a, int64_t i) {
+    return a->causal ? MGPU__MIN(i + 1, a->Tk) : a->Tk;
+}
+
+/* Row-wise softmax of the scores in place, masked entries set to 0. */
+static void mgpu__attn_softmax_rows(const mgpu__attn_args *a, float *s) {
+    int64_t i, j;
+    for (i = 0; i < a->Tq; i++) {
+        float *row = s + i * a->Tk, mx = -FLT_MAX, inv;
+        int64_t len = mgpu__attn_row_len(a, i);
+        double sum = 0;
+        for (j = 0; j < len; j++) mx = row[j] > mx ? row[j] : mx;
+        for (j = 0; j < len; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
+        inv = (float)(1.0 / sum);
+        for (j = 0; j < len; j++) row[j] *= inv;
+        for (j = len; j < a->Tk; j++) row[j] = 0.0f;
+    }
+}
+
+/* dP -> dS = P * (dP - rowsum(dP * P)) in place (masked entries have P = 0). */
+static void mgpu__attn_softmax_grad_rows(const mgpu__attn_args *a, const float *p, float *dp) {
+    int64_t i, j;
+    for (i = 0; i < a->Tq; i++) {
+        const float *pr = p + i * a->Tk;
+        float *dr = dp + i * a->Tk, dot_f;
+        double dot = 0;
+        for (j = 0; j < a->Tk; j++) dot += (double)pr[j] * dr[j];
+        dot_f = (float)dot;
+        for (j = 0; j < a->Tk; j++) dr[j] = pr[j] * (dr[j] - dot_f);
+    }
+}
+
+static void mgpu__attn_forward_pair(const mgpu__attn_args *a, int64_t pair, float *scratch) {
+    int64_t Tq = a->Tq, Tk = a->Tk, D = a->D;
+    const float *q = a->q + pair * Tq * D, *k = a->k + pair * Tk * D, *v = a->v + pair * Tk * D;
+    float *p = a->prob ? a->prob + pair * Tq * Tk : scratch, *o = a->out + pair * Tq * D;
+    /* zeroed so a GEMM that reads C even with beta = 0 cannot pick up arena garbage (NaN) */
+    memset(p, 0, sizeof(float) * (size_t)(Tq * Tk));
+    memset(o, 0, sizeof(float) * (size_t)(Tq * D));
+    mgpu_gemm_f32(a->gemm_ctx, 0, 1, Tq, Tk, D, a->scale, q, D, k, D, 0.0f, p, Tk);  /* (Tq, Tk) scores */
+    mgpu__attn_softmax_rows(a, p);
+    mgpu_gemm_f32(a->gemm_ctx, 0, 0, Tq, D, Tk, 1.0f, p, Tk, v, D, 0.0f, o, D);      /* (Tq, D) */
+}
+
+static void mgpu__attn_backward_pair(const mgpu__attn_args *a, int64_t pair, float *ds) {
+    int64_t Tq = a->Tq, Tk = a->Tk, D = a->D;
+    int64_t qo = pair * Tq * D, ko = pair * Tk * D;
+    const float *p = a->prob + pair * Tq * Tk, *dout = a->dout + qo;
+    if (a->dv) mgpu_gemm_f32(a->gemm_ctx, 1, 0, Tk, D, Tq, 1.0f, p, Tk, dout, D, 1.0f, a->dv + ko, D);  /* += P^T dO */
+    if (!a->dq && !a->dk) return;
+    memset(ds, 0, sizeof(float) * (size_t)(Tq * Tk));
+    mgpu_gemm_f32(a->gemm_ctx, 0, 1, Tq, Tk, D, 1.0f, dout, D, a->v + ko, D, 0.0f, ds, Tk);            /* dP = dO V^T */
+    mgpu__attn_softmax_grad_rows(a, p, ds);
+    if (a->dq) mgpu_gemm_f32(a->gemm_ctx, 0, 0, Tq, D, Tk, a->scale, ds, Tk, a->k + ko, D, 1.0f, a->dq + qo, D);
+    if (a->dk) mgpu_gemm_f32(a->gemm_ctx, 1, 0, Tk, D, Tq, a->scale, ds, Tk, a->q + qo, D, 1.0f, a->dk + ko, D);
+}
+
+/* Part `part` owns pairs [part * P / parts, (part + 1) * P / parts) and one scratch slot. */
+static void mgpu__attn_parts_range(void *arg, int64_t p0, int64_t p1) {
+    const mgpu__attn_args *a = (const mgpu__attn_args *)arg;
+    int64_t part, pair;
+    for (part = p0; part < p1; part++) {
+        float *scratch = a->scratch ? a->scratch + part * a->Tq * a->Tk : NULL;
+        for (pair = part * a->n_pairs / a->n_parts; pair < (part + 1) * a->n_pairs / a->n_parts; pair++)
+            a->pair_fn(a, pair, scratch);
+    }
+}
+
+/* Runs pair_fn over every (b, h) pair; 0 (with an error) if scratch cannot be had. */
+static int mgpu__attn_run(mgpu_context *ctx, mgpu__attn_args *a, mgpu__attn_pair_fn pair_fn, int need_scratch) {
+    int threads = mgpu_context_num_threads(ctx);
+    int64_t work = a->n_pairs * a->Tq * a->Tk * a->D;
+    int parallel = threads > 1 && a->n_pairs >= threads && work >= MGPU__NORM_GRAIN;
+    a->pair_fn = pair_fn;
+    a->n_parts = parallel ? MGPU__MIN(a->n_pairs, 4 * (int64_t)threads) : 1;
+    a->gemm_ctx = parallel ? NULL : ctx;
+    a->scratch = NULL;
+    if (need_scratch) {
+        a->scratch = mgpu__norm_floats(ctx, a->n_parts * a->Tq * a->Tk);
+        if (!a->scratch) return 0;
+    }
+    if (parallel) mgpu_parallel_for(ctx, a->n_parts, 1, mgpu__attn_parts_range, a);
+    else mgpu__attn_parts_range(a, 0, 1);
+    return 1;
+}
+
+/* node: in = {q, k, v}; extra = P; iarg = {pairs, Tq, Tk, D, causal}; farg[0] = scale. */
+static mgpu_result mgpu__attn_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__attn_args a;
+    memset(&a, 0, sizeof a);
+    a.n_pairs = node->iarg[0]; a.Tq = node->iarg[1]; a.Tk = node->iarg[2]; a.D = node->iarg[3];
+    a.causal = (int)node->iarg[4];
+    a.scale = node->farg[0];
+    a.q = (const float *)node->in[0]->data;
+    a.k = (const float *)node->in[1]->data;
+    a.v = (const float *)node->in[2]->data;
+    a.prob = (float *)node->extra;
+    a.dout = (const float *)node->out->grad->data;
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dq, ctx, node->in[0]);
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(a.dk, ctx, node->in[1]);
+    if (mgpu__needs_grad(node, 2)) MGPU__GRAD_OR_FAIL(a.dv, ctx, node->in[2]);
+    if (!mgpu__attn_run(ctx, &a, mgpu__attn_backward_pair, a.dq || a.dk)) return mgpu_last_result();
+    return MGPU_OK;
+}
+
+static int mgpu__attn_validate(mgpu_context *ctx, const char *op, const mgpu_tensor *q, const mgpu_tensor *k, const mgpu_tensor *v) {
+    if (!mgpu__check_input(ctx, op, "q", q, 1) || !mgpu__check_input(ctx, op, "k", k, 1) || !mgpu__check_input(ctx, op, "v", v, 1))
+        return 0;
+    if (q->ndim != 4 || k->ndim != 4 || !mgpu_tensor_same_shape(k, v) || q->shape[0] != k->shape[0] ||
+        q->shape[1] != k->shape[1] || q->shape[3] != k->shape[3] || q->shape[3] < 1 || k->shape[2] < 1) {
+        mgpu__fail(MGPU_ERR_SHAPE, "%s: q %s, k %s, v %s do not fit: need q (B, H, Tq, D) and k, v (B, H, Tk, D) with D, Tk >= 1",
+                   op, mgpu__shape_str(q), mgpu__shape_str(k), mgpu__shape_str(v));
+        return 0;
+    }
+    return 1;
+}
+
+/* Autocast (see "Mixed precision"): q, k, v and the output rounded to the half format when ctx->autocast is set. */
+static int mgpu__autocast_active(const mgpu_context *ctx);
+static int mgpu__autocast_begin(mgpu_context *ctx, mgpu_tensor **in, int n);
+static mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode, mgpu_tensor *out);
+
+MGPU_API mgpu_tensor *mgpu_op_attention(mgpu_context *ctx, mgpu_tensor *q, mgpu_tensor *k, mgpu_tensor *v, int causal) {
+    static const char *op = "mgpu_op_attention";
+    mgpu_tensor *in[3];
+    mgpu_tensor *out;
+    mgpu__node *node = NULL;
+    mgpu__attn_args a;
+    int keep_prob;
+    if (mgpu__autocast_active(ctx)) {
+        int mode;
+        in[0] = q; in[1] = k; in[2] = v;
+        if ((mode = mgpu__autocast_begin(ctx, in, 3)) < 0) return NULL;
+        return mgpu__autocast_end(ctx, mode, mgpu_op_attention(ctx, in[0], in[1], in[2], causal));
+    }
+    if (!mgpu__attn_validate(ctx, op, q, k, v)) return NULL;
+    /* P for all pairs only when a backward may follow; otherwise a slot per part suffices */
+    keep_prob = mgpu_is_grad_enabled(ctx) && (q->requires_grad || k->requires_grad || v->requires_grad);
+    memset(&a, 0, sizeof a);
+    a.n_pairs = q->shape[0] * q->shape[1];
+    a.Tq = q->shape[2]; a.Tk = k->shape[2]; a.D = q->shape[3];
+    a.scale = (float)(1.0 / sqrt((double)a.D));
+    a.causal = causal != 0;
+    a.q = (const float *)q->data; a.k = (const float *)k->data; a.v = (const float *)v->data;
+    out = mgpu__new_activation(ctx, MGPU_F32, 4, q->shape);                   /* (B, H, Tq, D) */
+    a.prob = keep_prob ? mgpu__norm_floats(ctx, a.n_pairs * a.Tq * a.Tk) : NULL;  /* (B, H, Tq, Tk) */
+    if (!out || (keep_prob && !a.prob)) return NULL;
+    a.out = (float *)out->data;
+    if (!mgpu__attn_run(ctx, &a, mgpu__attn_forward_pair, !keep_prob)) return NULL;
+    in[0] = q; in[1] = k; in[2] = v;
+    MGPU__RECORD(ctx, "attention", mgpu__attn_backward, out, 3, in, node);
+    if (node) {
+        node->extra = a.prob;
+        node->iarg[0] = a.n_pairs; node->iarg[1] = a.Tq; node->iarg[2] = a.Tk; node->iarg[3] = a.D;
+        node->iarg[4] = a.causal;
+        node->farg[0] = a.scale;
+    }
+    return out;
+}
+/* ======================================================================================
+   Models, layers, optimizers, schedules
+   ======================================================================================Models (named parameters and buffers), layers with PyTorch's names, shapes and default
+   initialisation, initialisers, optimizers (SGD, Adam, AdamW), gradient clipping, LR schedules. */
+
+/* --------------------------------------------------------------------------------------
+   Model: parameters and buffers under their state_dict names, in registration order
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__named { char *name; mgpu_tensor *tensor; } mgpu__named;
+typedef struct mgpu__named_list { mgpu__named *items; int count, cap; } mgpu__named_list;
+
+struct mgpu_model {
+    mgpu_context *ctx;
+    mgpu__named_list params, buffers;
+    void **owned; int n_owned, cap_owned;   /* layer structs, freed with the model */
+    int training;
+    mgpu_batchnorm2d **batchnorms; int n_batchnorms, cap_batchnorms;  /* found by DDP's sync_batchnorm */
+};
+
+/* Room for `need` elements of `elem` bytes: returns the (possibly moved) array, or NULL with an
+   error (the old array stays valid). */
+static void *mgpu__grow(void *items, int *cap, int need, size_t elem, const char *what) {
+    void *p;
+    int ncap;
+    if (need <= *cap) return items;
+    ncap = *cap ? *cap : 16;
+    while (ncap < need) ncap *= 2;
+    p = mgpu__alloc(elem * (size_t)ncap, what);
+    if (!p) return NULL;
+    if (*cap) memcpy(p, items, elem * (size_t)*cap);
+    mgpu_free(items);
+    *cap = ncap;
+    return p;
+}
+
+static mgpu_tensor *mgpu__named_find(const mgpu__named_list *l, const char *name) {
+    int i;
+    for (i = 0; i < l->count; i++)
+        if (strcmp(l->items[i].name, name) == 0) return l->items[i].tensor;
+    return NULL;
+}
+
+/* Frees entries [from, count) and shrinks the list to `from`. */
+static void mgpu__named_truncate(mgpu__named_list *l, int from) {
+    int i;
+    for (i = from; i < l->count; i++) { mgpu_tensor_free(l->items[i].tensor); mgpu_free(l->items[i].name); }
+    if (from < l->count) l->count = from;
+}
+
+MGPU_API mgpu_model *mgpu_model_create(mgpu_context *ctx) {
+    mgpu_model *m;
+    if (!ctx) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_model_create: ctx is NULL");
+    m = (mgpu_model *)mgpu__calloc(sizeof *m, "a model");
+    if (!m) return NULL;
+    m->ctx = ctx;
+    m->training = 1;
+    return m;
+}
+
+MGPU_API void mgpu_model_destroy(mgpu_model *m) {
+    int i;
+    if (!m) return;
+    mgpu__named_truncate(&m->params, 0);
+    mgpu__named_truncate(&m->buffers, 0);
+    for (i = 0; i < m->n_owned; i++) mgpu_free(m->owned[i]);
+    mgpu_free(m->params.items);
+    mgpu_free(m->buffers.items);
+    mgpu_free(m->owned);
+    mgpu_free(m->batchnorms);
+    mgpu_free(m);
+}
+
+MGPU_API mgpu_context *mgpu_model_context(const mgpu_model *m) {
+    if (!m) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_model_context: model is NULL");
+    return m->ctx;
+}
+
+/* Shared body of add_parameter/add_buffer: checks, allocates (zeros), copies the name. */
+static mgpu_tensor *mgpu__model_add(mgpu_model *m, int is_param, const char *name, mgpu_dtype dtype, int ndim,
+                                    const int64_t *shape, const char *fn) {
+    mgpu__named_list *list;
+    mgpu__named *grown;
+    mgpu_tensor *t;
+    char *copy;
+    char what[160];
+    if (!m) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: model is NULL", fn);
+    if (!name || !name[0]) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: name is NULL or empty", fn);
+    if (mgpu__named_find(&m->params, name) || mgpu__named_find(&m->buffers, name))
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: the name '%s' is already registered in this model", fn, name);
+    if (!mgpu__dtype_valid(dtype)) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': dtype %d is not a valid mgpu_dtype", fn, name, (int)dtype);
+    if (is_param && !mgpu__dtype_is_float(dtype))
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': a parameter must have a float dtype, got %s", fn, name, mgpu_dtype_name(dtype));
+    snprintf(what, sizeof what, "%s '%s'", fn, name);
+    if (mgpu__shape_numel(ndim, shape, what) < 0) return NULL;
+    list = is_param ? &m->params : &m->buffers;
+    grown = (mgpu__named *)mgpu__grow(list->items, &list->cap, list->count + 1, sizeof *list->items, "the model's tensor list");
+    if (!grown) return NULL;
+    list->items = grown;
+    t = mgpu_tensor_create(m->ctx, dtype, ndim, shape);
+    copy = t ? mgpu__strdup(name) : NULL;
+    if (!copy) { mgpu_tensor_free(t); return NULL; }
+    t->requires_grad = is_param;
+    list->items[list->count].name = copy;
+    list->items[list->count].tensor = t;
+    list->count++;
+    return t;
+}
+
+MGPU_API mgpu_tensor *mgpu_model_add_parameter(mgpu_model *m, const char *name, mgpu_dtype dtype, int ndim, const int64_t *shape) {
+    return mgpu__model_add(m, 1, name, dtype, ndim, shape, "mgpu_model_add_parameter");
+}
+MGPU_API mgpu_tensor *mgpu_model_add_buffer(mgpu_model *m, const char *name, mgpu_dtype dtype, int ndim, const int64_t *shape) {
+    return mgpu__model_add(m, 0, name, dtype, ndim, shape, "mgpu_model_add_buffer");
+}
+
+MGPU_API int mgpu_model_num_parameters(const mgpu_model *m) { return m ? m->params.count : 0; }
+MGPU_API int mgpu_model_num_buffers(const mgpu_model *m) { return m ? m->buffers.count : 0; }
+
+static mgpu_tensor *mgpu__named_at(const mgpu__named_list *l, int i, const char **name, const char *fn) {
+    if (i < 0 || i >= l->count) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: index %d outside [0, %d)", fn, i, l->count);
+    if (name) *name = l->items[i].name;
+    return l->items[i].tensor;
+}
+MGPU_API mgpu_tensor *mgpu_model_parameter(const mgpu_model *m, int i, const char **name) {
+    if (!m) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_model_parameter: model is NULL");
+    return mgpu__named_at(&m->params, i, name, "mgpu_model_parameter");
+}
+MGPU_API mgpu_tensor *mgpu_model_buffer(const mgpu_model *m, int i, const char **name) {
+    if (!m) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_model_buffer: model is NULL");
+    return mgpu__named_at(&m->buffers, i, name, "mgpu_model_buffer");
+}
+
+MGPU_API mgpu_tensor *mgpu_model_find(const mgpu_model *m, const char *name) {
+    mgpu_tensor *t;
+    if (!m || !name) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_model_find: model and name must not be NULL");
+    t = mgpu__named_find(&m->params, name);
+    if (!t) t = mgpu__named_find(&m->buffers, name);
+    if (!t) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_model_find: no parameter or buffer named '%s'", name);
+    return t;
+}
+
+MGPU_API int64_t mgpu_model_parameter_count(const mgpu_model *m) {
+    int64_t n = 0;
+    int i;
+    if (!m) return 0;
+    for (i = 0; i < m->params.count; i++) n += m->params.items[i].tensor->numel;
+    return n;
+}
+
+MGPU_API void mgpu_model_train(mgpu_model *m, int training) { if (m) m->training = training != 0; }
+MGPU_API int mgpu_model_is_training(const mgpu_model *m) { return m ? m->training : 0; }
+
+MGPU_API mgpu_result mgpu_model_zero_grad(mgpu_model *m) {
+    int i;
+    if (!m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_model_zero_grad: model is NULL");
+    for (i = 0; i < m->params.count; i++) mgpu_tensor_zero_grad(m->params.items[i].tensor);
+    return MGPU_OK;
+}
+
+/* Every entry of dst has a same-named, same-dtype, same-shape entry in src (and the counts match). */
+static mgpu_result mgpu__check_same_state(const mgpu__named_list *dst, const mgpu__named_list *src, const char *kind) {
+    int i;
+    if (dst->count != src->count)
+        return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_model_copy_state: destination has %d %ss, source has %d", dst->count, kind, src->count);
+    for (i = 0; i < dst->count; i++) {
+        const mgpu_tensor *d = dst->items[i].tensor, *s = mgpu__named_find(src, dst->items[i].name);
+        if (!s) return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_model_copy_state: %s '%s' is missing from the source model", kind, dst->items[i].name);
+        if (s->dtype != d->dtype || !mgpu_tensor_same_shape(s, d))
+            return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_model_copy_state: %s '%s' is %s %s in the source, %s %s in the destination", kind,
+                              dst->items[i].name, mgpu_dtype_name(s->dtype), mgpu__shape_str(s), mgpu_dtype_name(d->dtype), mgpu__shape_str(d));
+    }
+    return MGPU_OK;
+}
+static void mgpu__copy_named(mgpu__named_list *dst, const mgpu__named_list *src) {
+    int i;
+    for (i = 0; i < dst->count; i++) mgpu_tensor_copy(dst->items[i].tensor, mgpu__named_find(src, dst->items[i].name));
+}
+
+MGPU_API mgpu_result mgpu_model_copy_state(mgpu_model *dst, const mgpu_model *src) {
+    mgpu_result r;
+    if (!dst || !src) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_model_copy_state: dst and src must not be NULL");
+    /* check everything first so a mismatch leaves dst untouched */
+    if ((r = mgpu__check_same_state(&dst->params, &src->params, "parameter")) != MGPU_OK) return r;
+    if ((r = mgpu__check_same_state(&dst->buffers, &src->buffers, "buffer")) != MGPU_OK) return r;
+    mgpu__copy_named(&dst->params, &src->params);
+    mgpu__copy_named(&dst->buffers, &src->buffers);
+    return MGPU_OK;
+}
+
+/* Layer structs are zeroed memory owned (and freed) by the model. */
+static void *mgpu__model_own(mgpu_model *m, size_t bytes, const char *what) {
+    void **grown = (void **)mgpu__grow(m->owned, &m->cap_owned, m->n_owned + 1, sizeof(void *), "the model's layer list");
+    void *p;
+    if (!grown) return NULL;
+    m->owned = grown;
+    p = mgpu__calloc(bytes, what);
+    if (p) m->owned[m->n_owned++] = p;
+    return p;
+}
+
+/* A failed layer constructor rolls the model (and the init RNG stream) back to where it started,
+   so a half-built layer never stays registered. */
+typedef struct mgpu__model_mark { int params, buffers, owned; uint64_t rng_offset; } mgpu__model_mark;
+static mgpu__model_mark mgpu__model_mark_now(const mgpu_model *m) {
+    mgpu__model_mark mk;
+    mk.params = m->params.count; mk.buffers = m->buffers.count; mk.owned = m->n_owned;
+    mk.rng_offset = m->ctx->rng_offset;
+    return mk;
+}
+static void mgpu__model_rollback(mgpu_model *m, mgpu__model_mark mk) {
+    int i;
+    mgpu__named_truncate(&m->params, mk.params);
+    mgpu__named_truncate(&m->buffers, mk.buffers);
+    for (i = mk.owned; i < m->n_owned; i++) mgpu_free(m->owned[i]);
+    if (mk.owned < m->n_owned) m->n_owned = mk.owned;
+    m->ctx->rng_offset = mk.rng_offset;
+}
+
+/* --------------------------------------------------------------------------------------
+   Initialisers: element i takes counter first + i of the context's stream, so the values do not
+   depend on the thread count and a model is rebuilt identically from the seed.
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__init_job { float *data; uint64_t seed, first; double offset, scale; int normal; } mgpu__init_job;
+
+static void mgpu__init_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__init_job *j = (const mgpu__init_job *)arg;
+    int64_t i;
+    for (i = begin; i < end; i++) {
+        uint64_t c = j->first + (uint64_t)i;
+        double r = j->normal ? (double)mgpu_random_normal(j->seed, c) : (double)mgpu_random_uniform(j->seed, c);
+        j->data[i] = (float)(j->offset + j->scale * r);
+    }
+}
+
+/* t = offset + scale * r with r ~ U[0, 1) or N(0, 1) */
+static mgpu_result mgpu__init_random(mgpu_context *ctx, mgpu_tensor *t, double offset, double scale, int normal, const char *fn) {
+    mgpu__init_job job;
+    if (!ctx || !t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: ctx and tensor must not be NULL", fn);
+    if (t->dtype != MGPU_F32 || !mgpu__on_host(t))
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: tensor is %s on %s; initialisers fill F32 tensors on the cpu", fn,
+                          mgpu_dtype_name(t->dtype), t->device.type == MGPU_DEVICE_CPU ? "cpu" : "cuda");
+    job.data = (float *)t->data;
+    job.seed = ctx->rng_seed;
+    job.first = mgpu_context_rng_reserve(ctx, (uint64_t)t->numel);
+    job.offset = offset; job.scale = scale; job.normal = normal;
+    mgpu_parallel_for(ctx, t->numel, 32768, mgpu__init_range, &job);
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_init_uniform(mgpu_context *ctx, mgpu_tensor *t, float lo, float hi) {
+    if (!(lo <= hi) || !isfinite(lo) || !isfinite(hi))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_init_uniform: need finite lo <= hi, got lo %g, hi %g", lo, hi);
+    return mgpu__init_random(ctx, t, lo, (double)hi - (double)lo, 0, "mgpu_init_uniform");
+}
+MGPU_API mgpu_result mgpu_init_normal(mgpu_context *ctx, mgpu_tensor *t, float mean, float std) {
+    if (!(std >= 0) || !isfinite(mean) || !isfinite(std))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_init_normal: need finite mean and std >= 0, got mean %g, std %g", mean, std);
+    return mgpu__init_random(ctx, t, mean, std, 1, "mgpu_init_normal");
+}
+
+/* --------------------------------------------------------------------------------------
+   Layers. Constructors register "<name>.<tensor>" in PyTorch's state_dict order; forwards
+   compose the public ops, so autograd comes for free.
+   -------------------------------------------------------------------------------------- */
+
+static int mgpu__layer_args_ok(const mgpu_model *m, const char *name, const char *fn) {
+    if (!m) { mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: model is NULL", fn); return 0; }
+    if (!name) { mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: name is NULL", fn); return 0; }
+    return 1;
+}
+
+/* "<prefix>.<suffix>" (just suffix for an empty prefix, as a top-level PyTorch module), freed by the caller. */
+static char *mgpu__join_name(const char *prefix, const char *suffix) {
+    size_t np = strlen(prefix), ns = strlen(suffix);
+    char *s = (char *)mgpu__alloc(np + ns + 2, "a parameter name");
+    if (!s) return NULL;
+    if (np) { memcpy(s, prefix, np); s[np] = '.'; np++; }
+    memcpy(s + np, suffix, ns + 1);
+    return s;
+}
+
+/* Registers "<prefix>.<suffix>" as a parameter (or buffer) filled with `fill`. */
+static mgpu_tensor *mgpu__layer_tensor(mgpu_model *m, int is_param, const char *prefix, const char *suffix, mgpu_dtype dtype,
+                                       int ndim, const int64_t *shape, double fill, const char *fn) {
+    char *full = mgpu__join_name(prefix, suffix);
+    mgpu_tensor *t;
+    if (!full) return NULL;
+    t = mgpu__model_add(m, is_param, full, dtype, ndim, shape, fn);
+    mgpu_free(full);
+    if (t && fill != 0.0) mgpu_tensor_fill(t, fill);
+    return t;
+}
+static mgpu_tensor *mgpu__layer_param(mgpu_model *m, const char *prefix, const char *suffix, int ndim, const int64_t *shape,
+                                      double fill, const char *fn) {
+    return mgpu__layer_tensor(m, 1, prefix, suffix, MGPU_F32, ndim, shape, fill, fn);
+}
+
+/* Weight (shape) and optional bias (shape[0]) as nn.Linear/nn.Conv2d initialise them:
+   kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the bias uses the same bound. */
+static int mgpu__add_weight_bias(mgpu_model *m, const char *prefix, int ndim, const int64_t *wshape, int64_t fan_in, int bias,
+                                 mgpu_tensor **w, mgpu_tensor **b, const char *fn) {
+    float bound = (float)(1.0 / sqrt((double)fan_in));
+    *w = mgpu__layer_param(m, prefix, "weight", ndim, wshape, 0.0, fn);
+    if (!*w || mgpu_init_uniform(m->ctx, *w, -bound, bound) != MGPU_OK) return 0;
+    *b = NULL;
+    if (!bias) return 1;
+    *b = mgpu__layer_param(m, prefix, "bias", 1, wshape, 0.0, fn);
+    return *b && mgpu_init_uniform(m->ctx, *b, -bound, bound) == MGPU_OK;
+}
+
+/* Fills an already-owned linear struct (shared by mgpu_linear_create and the layers that embed one). */
+static int mgpu__linear_init(mgpu_model *m, mgpu_linear *l, const char *name, int64_t in_features, int64_t out_features, int bias,
+                             const char *fn) {
+    int64_t wshape[2];
+    wshape[0] = out_features; wshape[1] = in_features;   // (out, in)
+    l->model = m; l->in_features = in_features; l->out_features = out_features;
+    return mgpu__add_weight_bias(m, name, 2, wshape, in_features, bias, &l->weight, &l->bias, fn);
+}
+static mgpu_linear *mgpu__linear_new(mgpu_model *m, const char *name, int64_t in_features, int64_t out_features, int bias, const char *fn) {
+    mgpu_linear *l = (mgpu_linear *)mgpu__model_own(m, sizeof *l, "a linear layer");
+    if (!l || !mgpu__linear_init(m, l, name, in_features, out_features, bias, fn)) return NULL;
+    return l;
+}
+
+MGPU_API mgpu_linear *mgpu_linear_create(mgpu_model *m, const char *name, int64_t in_features, int64_t out_features, int bias) {
+    const char *fn = "mgpu_linear_create";
+    mgpu__model_mark mk;
+    mgpu_linear *l;
+    if (!mgpu__layer_args_ok(m, name, fn)) return NULL;
+    if (in_features < 1 || out_features < 1)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': in_features %lld and out_features %lld must be >= 1", fn, name,
+                        (long long)in_features, (long long)out_features);
+    mk = mgpu__model_mark_now(m);
+    l = mgpu__linear_new(m, name, in_features, out_features, bias, fn);
+    if (!l) mgpu__model_rollback(m, mk);
+    return l;
+}
+
+/* Layer forwards: a NULL layer is an error; a NULL input is passed on to the op, which keeps the first error. */
+static int mgpu__layer_ok(const void *layer, const char *fn) {
+    if (!layer) { mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: layer is NULL", fn); return 0; }
+    return 1;
+}
+
+MGPU_API mgpu_tensor *mgpu_linear_forward(mgpu_context *ctx, const mgpu_linear *l, mgpu_tensor *x) {
+    if (!mgpu__layer_ok(l, "mgpu_linear_forward")) return NULL;
+    return mgpu_op_linear(ctx, x, l->weight, l->bias);   // (..., in) -> (..., out)
+}
+
+MGPU_API mgpu_conv2d *mgpu_conv2d_create(mgpu_model *m, const char *name, int64_t in_channels, int64_t out_channels,
+                                         int kernel, int stride, int padding, int bias) {
+    const char *fn = "mgpu_conv2d_create";
+    mgpu__model_mark mk;
+    mgpu_conv2d *l;
+    int64_t wshape[4];
+    if (!mgpu__layer_args_ok(m, name, fn)) return NULL;
+    if (in_channels < 1 || out_channels < 1 || kernel < 1 || stride < 1 || padding < 0)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': need in_channels, out_channels, kernel, stride >= 1 and padding >= 0 "
+                        "(got %lld, %lld, %d, %d, %d)", fn, name, (long long)in_channels, (long long)out_channels, kernel, stride, padding);
+    wshape[0] = out_channels; wshape[1] = in_channels; wshape[2] = kernel; wshape[3] = kernel;   // (O, C, k, k)
+    mk = mgpu__model_mark_now(m);
+    l = (mgpu_conv2d *)mgpu__model_own(m, sizeof *l, "a conv2d layer");
+    if (!l || !mgpu__add_weight_bias(m, name, 4, wshape, in_channels * kernel * kernel, bias, &l->weight, &l->bias, fn)) {
+        mgpu__model_rollback(m, mk);
+        return NULL;
+    }
+    l->model = m; l->in_channels = in_channels; l->out_channels = out_channels;
+    l->kernel = kernel; l->stride = stride; l->padding = padding;
+    return l;
+}
+
+MGPU_API mgpu_tensor *mgpu_conv2d_forward(mgpu_context *ctx, const mgpu_conv2d *l, mgpu_tensor *x) {
+    if (!mgpu__layer_ok(l, "mgpu_conv2d_forward")) return NULL;
+    return mgpu_op_conv2d(ctx, x, l->weight, l->bias, l->stride, l->padding);   // (N, C, H, W) -> (N, O, OH, OW)
+}
+
+MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *name, int64_t num_features) {
+    const char *fn = "mgpu_batchnorm2d_create";
+    mgpu__model_mark mk;
+    mgpu_batchnorm2d *l;
+    if (!mgpu__layer_args_ok(m, name, fn)) return NULL;
+    if (num_features < 1) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': num_features %lld must be >= 1", fn, name, (long long)num_features);
+    mk = mgpu__model_mark_now(m);
+    l = (mgpu_batchnorm2d *)mgpu__model_own(m, sizeof *l, "a batchnorm2d layer");
+    if (l) {
+        l->weight = mgpu__layer_param(m, name, "weight", 1, &num_features, 1.0, fn);
+        l->bias = l->weight ? mgpu__layer_param(m, name, "bias", 1, &num_features, 0.0, fn) : NULL;
+        l->running_mean = l->bias ? mgpu__layer_tensor(m, 0, name, "running_mean", MGPU_F32, 1, &num_features, 0.0, fn) : NULL;
+        l->running_var = l->running_mean ? mgpu__layer_tensor(m, 0, name, "running_var", MGPU_F32, 1, &num_features, 1.0, fn) : NULL;
+        l->num_batches_tracked = l->running_var ? mgpu__layer_tensor(m, 0, name, "num_batches_tracked", MGPU_I64, 0, NULL, 0.0, fn) : NULL;
+    }
+    if (l && l->num_batches_tracked) {
+        mgpu_batchnorm2d **grown = (mgpu_batchnorm2d **)mgpu__grow(m->batchnorms, &m->cap_batchnorms, m->n_batchnorms + 1,
+                                                                   sizeof *grown, "the model's batchnorm list");
+        if (grown) { m->batchnorms = grown; m->batchnorms[m->n_batchnorms++] = l; }
+        else l->num_batches_tracked = NULL;
+    }
+    if (!l || !l->num_batches_tracked) { mgpu__model_rollback(m, mk); return NULL; }
+    l->model = m; l->num_features = num_features; l->eps = 1e-5f; l->momentum = 0.1f; l->sync_comm = NULL;
+    return l;
+}
+
+MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm2d *l, mgpu_tensor *x) {
+    mgpu__bn_sync sync;
+    mgpu_tensor *y;
+    int training;
+    const char *fn = "mgpu_batchnorm2d_forward";
+    if (!mgpu__layer_ok(l, fn) || !mgpu__check_input(ctx, fn, "x", x, 1)) return NULL;
+    if (x->ndim != 4) MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: x is %s, expected 4-D (N, C, H, W) as nn.BatchNorm2d", fn, mgpu__shape_str(x));
+    training = l->model->training;
+    /* SyncBatchNorm (set by DDP): training statistics are reduced over the communicator */
+    sync.reduce = mgpu__bn_reduce_over_comm; sync.user = l->sync_comm;
+    y = mgpu__batch_norm(ctx, x, l->weight, l->bias, l->running_mean, l->running_var, training, l->momentum, l->eps,
+                         training && l->sync_comm ? &sync : NULL);
+    if (y && training) ((int64_t *)l->num_batches_tracked->data)[0]++;
+    return y;   // (N, C, H, W)
+}
+
+MGPU_API mgpu_layernorm *mgpu_layernorm_create(mgpu_model *m, const char *name, int64_t dim) {
+    const char *fn = "mgpu_layernorm_create";
+    mgpu__model_mark mk;
+    mgpu_layernorm *l;
+    if (!mgpu__layer_args_ok(m, name, fn)) return NULL;
+    if (dim < 1) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': dim %lld must be >= 1", fn, name, (long long)dim);
+    mk = mgpu__model_mark_now(m);
+    l = (mgpu_layernorm *)mgpu__model_own(m, sizeof *l, "a layernorm layer");
+    if (l) {
+        l->weight = mgpu__layer_param(m, name, "weight", 1, &dim, 1.0, fn);
+        l->bias = l->weight ? mgpu__layer_param(m, name, "bias", 1, &dim, 0.0, fn) : NULL;
+    }
+    if (!l || !l->bias) { mgpu__model_rollback(m, mk); return NULL; }
+    l->model = m; l->dim = dim; l->eps = 1e-5f;
+    return l;
+}
+
+MGPU_API mgpu_tensor *mgpu_layernorm_forward(mgpu_context *ctx, const mgpu_layernorm *l, mgpu_tensor *x) {
+    if (!mgpu__layer_ok(l, "mgpu_layernorm_forward")) return NULL;
+    return mgpu_op_layer_norm(ctx, x, l->weight, l->bias, l->eps);   // (..., C)
+}
+
+MGPU_API mgpu_embedding *mgpu_embedding_create(mgpu_model *m, const char *name, int64_t num_embeddings, int64_t dim) {
+    const char *fn = "mgpu_embedding_create";
+    mgpu__model_mark mk;
+    mgpu_embedding *l;
+    int64_t shape[2];
+    if (!mgpu__layer_args_ok(m, name, fn)) return NULL;
+    if (num_embeddings < 1 || dim < 1)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': num_embeddings %lld and dim %lld must be >= 1", fn, name,
+                        (long long)num_embeddings, (long long)dim);
+    shape[0] = num_embeddings; shape[1] = dim;   // (V, D)
+    mk = mgpu__model_mark_now(m);
+    l = (mgpu_embedding *)mgpu__model_own(m, sizeof *l, "an embedding layer");
+    if (l) l->weight = mgpu__layer_param(m, name, "weight", 2, shape, 0.0, fn);
+    if (!l || !l->weight || mgpu_init_normal(m->ctx, l->weight, 0.0f, 1.0f) != MGPU_OK) { mgpu__model_rollback(m, mk); return NULL; }
+    l->model = m; l->num_embeddings = num_embeddings; l->dim = dim;
+    return l;
+}
+
+MGPU_API mgpu_tensor *mgpu_embedding_forward(mgpu_context *ctx, const mgpu_embedding *l, mgpu_tensor *idx) {
+    if (!mgpu__layer_ok(l, "mgpu_embedding_forward")) return NULL;
+    return mgpu_op_embedding(ctx, l->weight, idx);   // (...) -> (..., D)
+}
+
+/* PyTorch accepts p in [0, 1] (p = 1 zeroes everything). */
+static int mgpu__dropout_p_ok(float p, const char *fn) {
+    if (!(p >= 0.0f && p <= 1.0f)) { mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: dropout probability %g must be in [0, 1]", fn, p); return 0; }
+    return 1;
+}
+
+MGPU_API mgpu_dropout *mgpu_dropout_create(mgpu_model *m, float p) {
+    mgpu_dropout *l;
+    if (!m) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_dropout_create: model is NULL");
+    if (!mgpu__dropout_p_ok(p, "mgpu_dropout_create")) return NULL;
+    l = (mgpu_dropout *)mgpu__model_own(m, sizeof *l, "a dropout layer");
+    if (!l) return NULL;
+    l->model = m; l->p = p;
+    return l;
+}
+
+MGPU_API mgpu_tensor *mgpu_dropout_forward(mgpu_context *ctx, const mgpu_dropout *l, mgpu_tensor *x) {
+    if (!mgpu__layer_ok(l, "mgpu_dropout_forward")) return NULL;
+    return mgpu_op_dropout(ctx, x, l->p, l->model->training);
+}
+
+MGPU_API mgpu_mha *mgpu_mha_create(mgpu_model *m, const char *name, int64_t embed_dim, int64_t num_heads) {
+    const char *fn = "mgpu_mha_create";
+    mgpu__model_mark mk;
+    mgpu_mha *l;
+    char *out_name = NULL;
+    int64_t wshape[2], bshape = 3 * embed_dim;
+    float bound;
+    if (!mgpu__layer_args_ok(m, name, fn)) return NULL;
+    if (embed_dim < 1 || num_heads < 1 || embed_dim % num_heads != 0)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': embed_dim %lld must be >= 1 and divisible by num_heads %lld", fn, name,
+                        (long long)embed_dim, (long long)num_heads);
+    wshape[0] = 3 * embed_dim; wshape[1] = embed_dim;   // (3E, E)
+    bound = (float)sqrt(6.0 / (double)(embed_dim + 3 * embed_dim));   /* xavier_uniform_: fan_in E, fan_out 3E */
+    mk = mgpu__model_mark_now(m);
+    l = (mgpu_mha *)mgpu__model_own(m, sizeof *l, "a multi-head attention layer");
+    if (l) l->in_proj_weight = mgpu__layer_param(m, name, "in_proj_weight", 2, wshape, 0.0, fn);
+    if (l && l->in_proj_weight && mgpu_init_uniform(m->ctx, l->in_proj_weight, -bound, bound) == MGPU_OK) {
+        l->in_proj_bias = mgpu__layer_param(m, name, "in_proj_bias", 1, &bshape, 0.0, fn);
+        out_name = l->in_proj_bias ? mgpu__join_name(name, "out_proj") : NULL;
+        l->out_proj = out_name ? mgpu__linear_new(m, out_name, embed_dim, embed_dim, 1, fn) : NULL;
+        mgpu_free(out_name);
+    }
+    if (!l || !l->out_proj) { mgpu__model_rollback(m, mk); return NULL; }
+    mgpu_tensor_fill(l->out_proj->bias, 0.0);   /* MultiheadAttention._reset_parameters zeroes out_proj.bias */
+    l->model = m; l->embed_dim = embed_dim; l->num_heads = num_heads;
+    return l;
+}
+
+/* (B, T, E) slice [start, start + E) of the packed projection -> (B, H, T, Dh) */
+static mgpu_tensor *mgpu__mha_heads(mgpu_context *ctx, mgpu_tensor *qkv, int64_t start, const mgpu_mha *l) {
+    int64_t shape[4];
+    mgpu_tensor *part = mgpu_op_narrow(ctx, qkv, 2, start, l->embed_dim);   // (B, T, E)
+    if (!part) return NULL;
+    shape[0] = qkv->shape[0]; shape[1] = qkv->shape[1]; shape[2] = l->num_heads; shape[3] = l->embed_dim / l->num_heads;
+    return mgpu_op_transpose(ctx, mgpu_op_reshape(ctx, part, 4, shape), 1, 2);   // (B, T, H, Dh) -> (B, H, T, Dh)
+}
+
+MGPU_API mgpu_tensor *mgpu_mha_forward(mgpu_context *ctx, const mgpu_mha *l, mgpu_tensor *x, int causal) {
+    const char *fn = "mgpu_mha_forward";
+    mgpu_tensor *qkv, *q, *k, *v, *y;
+    int64_t shape[3];
+    if (!mgpu__layer_ok(l, fn) || !mgpu__check_input(ctx, fn, "x", x, 1)) return NULL;
+    if (x->ndim != 3 || x->shape[2] != l->embed_dim)
+        MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: x is %s, expected (B, T, %lld) (batch_first)", fn, mgpu__shape_str(x), (long long)l->embed_dim);
+    qkv = mgpu_op_linear(ctx, x, l->in_proj_weight, l->in_proj_bias);   // (B, T, 3E)
+    if (!qkv) return NULL;
+    q = mgpu__mha_heads(ctx, qkv, 0, l);
+    k = mgpu__mha_heads(ctx, qkv, l->embed_dim, l);
+    v = mgpu__mha_heads(ctx, qkv, 2 * l->embed_dim, l);
+    y = mgpu_op_transpose(ctx, mgpu_op_attention(ctx, q, k, v, causal), 1, 2);   // (B, H, T, Dh) -> (B, T, H, Dh)
+    shape[0] = x->shape[0]; shape[1] = x->shape[1]; shape[2] = l->embed_dim;
+    return mgpu_linear_forward(ctx, l->out_proj, mgpu_op_reshape(ctx, y, 3, shape));   // (B, T, E)
+}
+
+MGPU_API mgpu_transformer_layer *mgpu_transformer_layer_create(mgpu_model *m, const char *name, int64_t d_model, int64_t nhead,
+                                                               int64_t dim_feedforward, float dropout, int norm_first) {
+    const char *fn = "mgpu_transformer_layer_create";
+    /* submodules in nn.TransformerEncoderLayer's registration order, which fixes the state_dict order */
+    static const char *const subs[] = {"self_attn", "linear1", "linear2", "norm1", "norm2"};
+    char *names[5] = {NULL, NULL, NULL, NULL, NULL};
+    mgpu__model_mark mk;
+    mgpu_transformer_layer *l;
+    int i, ok = 1;
+    if (!mgpu__layer_args_ok(m, name, fn) || !mgpu__dropout_p_ok(dropout, fn)) return NULL;
+    if (d_model < 1 || nhead < 1 || d_model % nhead != 0 || dim_feedforward < 1)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s '%s': d_model %lld must be >= 1 and divisible by nhead %lld, dim_feedforward %lld >= 1",
+                        fn, name, (long long)d_model, (long long)nhead, (long long)dim_feedforward);
+    mk = mgpu__model_mark_now(m);
+    l = (mgpu_transformer_layer *)mgpu__model_own(m, sizeof *l, "a transformer layer");
+    for (i = 0; i < 5 && l && ok; i++) ok = (names[i] = mgpu__join_name(name, subs[i])) != NULL;
+    if (l && ok) {
+        l->self_attn = mgpu_mha_create(m, names[0], d_model, nhead);
+        l->linear1 = l->self_attn ? mgpu__linear_new(m, names[1], d_model, dim_feedforward, 1, fn) : NULL;
+        l->linear2 = l->linear1 ? mgpu__linear_new(m, names[2], dim_feedforward, d_model, 1, fn) : NULL;
+        l->norm1 = l->linear2 ? mgpu_layernorm_create(m, names[3], d_model) : NULL;
+        l->norm2 = l->norm1 ? mgpu_layernorm_create(m, names[4], d_model) : NULL;
+    }
+    for (i = 0; i < 5; i++) mgpu_free(names[i]);
+    if (!l || !l->norm2) { mgpu__model_rollback(m, mk); return NULL; }
+    l->model = m; l->dropout = dropout; l->norm_first = norm_first != 0;
+    return l;
+}
+
+/* Dropout inside composite layers: skipped entirely at p = 0 so it costs nothing and draws no random numbers. */
+static mgpu_tensor *mgpu__maybe_dropout(mgpu_context *ctx, mgpu_tensor *x, float p, int training) {
+    return p > 0.0f ? mgpu_op_dropout(ctx, x, p, training) : x;
+}
+
+/* linear2(dropout(relu(linear1(x)))) */
+static mgpu_tensor *mgpu__transformer_ff(mgpu_context *ctx, const mgpu_transformer_layer *l, mgpu_tensor *x) {
+    mgpu_tensor *h = mgpu_op_relu(ctx, mgpu_linear_forward(ctx, l->linear1, x));   // (B, T, F)
+    return mgpu_linear_forward(ctx, l->linear2, mgpu__maybe_dropout(ctx, h, l->dropout, l->model->training));   // (B, T, E)
+}
+
+MGPU_API mgpu_tensor *mgpu_transformer_layer_forward(mgpu_context *ctx, const mgpu_transformer_layer *l, mgpu_tensor *x, int causal) {
+    int training;
+    float p;
+    if (!mgpu__layer_ok(l, "mgpu_transformer_layer_forward")) return NULL;
+    training = l->model->training; p = l->dropout;
+    if (l->norm_first) {
+        // x = x + dropout1(sa(norm1(x))); x = x + dropout2(ff(norm2(x)))
+        x = mgpu_op_add(ctx, x, mgpu__maybe_dropout(ctx, mgpu_mha_forward(ctx, l->self_attn, mgpu_layernorm_forward(ctx, l->norm1, x), causal), p, training));
+        return mgpu_op_add(ctx, x, mgpu__maybe_dropout(ctx, mgpu__transformer_ff(ctx, l, mgpu_layernorm_forward(ctx, l->norm2, x)), p, training));
+    }
+    // x = norm1(x + dropout1(sa(x))); x = norm2(x + dropout2(ff(x)))
+    x = mgpu_layernorm_forward(ctx, l->norm1, mgpu_op_add(ctx, x, mgpu__maybe_dropout(ctx, mgpu_mha_forward(ctx, l->self_attn, x, causal), p, training)));
+    return mgpu_layernorm_forward(ctx, l->norm2, mgpu_op_add(ctx, x, mgpu__maybe_dropout(ctx, mgpu__transformer_ff(ctx, l, x), p, training)));
+}
+
+/* --------------------------------------------------------------------------------------
+   Optimizers: torch.optim.SGD / Adam / AdamW (single-tensor path, maximize=False, amsgrad=False)
+   -------------------------------------------------------------------------------------- */
+
+/* Elementwise updates split across threads above this many elements (results do not depend on the split). */
+#define MGPU__OPT_CHUNK 32768
+
+typedef struct mgpu__opt_param {
+    mgpu_tensor *param;
+    mgpu_tensor *exp_avg, *exp_avg_sq;   /* Adam/AdamW */
+    mgpu_tensor *momentum_buffer;        /* SGD with momentum != 0 */
+    int64_t steps;                       /* updates this parameter has had (PyTorch's per-parameter state["step"]) */
+} mgpu__opt_param;
+
+struct mgpu_optimizer {
+    mgpu_model *model;
+    mgpu_optimizer_desc desc;
+    mgpu__opt_param *params; int n_params;
+    mgpu__named *states; int n_states;   /* the state tensors under their checkpoint names (owned here) */
+    int64_t step_count;
+};
+
+MGPU_API mgpu_optimizer_desc mgpu_optimizer_desc_default(mgpu_optimizer_type type) {
+    mgpu_optimizer_desc d;
+    memset(&d, 0, sizeof d);
+    if (type != MGPU_OPTIM_SGD && type != MGPU_OPTIM_ADAM && type != MGPU_OPTIM_ADAMW)
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_desc_default: type %d is not an mgpu_optimizer_type", (int)type);
+    d.type = type;
+    d.lr = 1e-3f;
+    d.beta1 = 0.9f; d.beta2 = 0.999f; d.eps = 1e-8f;
+    d.weight_decay = type == MGPU_OPTIM_ADAMW ? 1e-2f : 0.0f;
+    return d;
+}
+
+/* The checks torch.optim makes in its constructors, naming the field. */
+static mgpu_result mgpu__optimizer_desc_check(const mgpu_optimizer_desc *d) {
+    const char *fn = "mgpu_optimizer_create";
+    if (d->type != MGPU_OPTIM_SGD && d->type != MGPU_OPTIM_ADAM && d->type != MGPU_OPTIM_ADAMW)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->type %d is not an mgpu_optimizer_type", fn, (int)d->type);
+    if (!(d->lr >= 0.0f) || !isfinite(d->lr)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: invalid learning rate desc->lr = %g (must be >= 0)", fn, d->lr);
+    if (!(d->weight_decay >= 0.0f) || !isfinite(d->weight_decay))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: invalid desc->weight_decay = %g (must be >= 0)", fn, d->weight_decay);
+    if (d->type == MGPU_OPTIM_SGD) {
+        if (!(d->momentum >= 0.0f) || !isfinite(d->momentum)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: invalid desc->momentum = %g (must be >= 0)", fn, d->momentum);
+        if (!isfinite(d->dampening)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: invalid desc->dampening = %g", fn, d->dampening);
+        if (d->nesterov && (d->momentum <= 0.0f || d->dampening != 0.0f))
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->nesterov requires desc->momentum > 0 and desc->dampening == 0 (got %g, %g)", fn,
+                              d->momentum, d->dampening);
+        return MGPU_OK;
+    }
+    if (!(d->eps >= 0.0f) || !isfinite(d->eps)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: invalid desc->eps = %g (must be >= 0)", fn, d->eps);
+    if (!(d->beta1 >= 0.0f && d->beta1 < 1.0f)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: invalid desc->beta1 = %g (must be in [0, 1))", fn, d->beta1);
+    if (!(d->beta2 >= 0.0f && d->beta2 < 1.0f)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: invalid desc->beta2 = %g (must be in [0, 1))", fn, d->beta2);
+    return MGPU_OK;
+}
+
+/* A zeroed state tensor shaped like param i, registered as "<param>.<suffix>". */
+static mgpu_tensor *mgpu__optimizer_add_state(mgpu_optimizer *o, int i, const char *suffix) {
+    const char *pname = NULL;
+    mgpu_tensor *p = mgpu_model_parameter(o->model, i, &pname);
+    mgpu_tensor *t;
+    char *name = mgpu__join_name(pname, suffix);
+    if (!name) return NULL;
+    t = mgpu_tensor_create(o->model->ctx, MGPU_F32, p->ndim, p->shape);
+    if (!t) { mgpu_free(name); return NULL; }
+    o->states[o->n_states].name = name;
+    o->states[o->n_states].tensor = t;
+    o->n_states++;
+    return t;
+}
+
+MGPU_API void mgpu_optimizer_destroy(mgpu_optimizer *o) {
+    int i;
+    if (!o) return;
+    for (i = 0; i < o->n_states; i++) { mgpu_tensor_free(o->states[i].tensor); mgpu_free(o->states[i].name); }
+    mgpu_free(o->states);
+    mgpu_free(o->params);
+    mgpu_free(o);
+}
+
+/* State is allocated up front (zeros) so a checkpoint can be loaded into it before the first step;
+   per-parameter step counts tell whether a momentum buffer holds anything yet. */
+MGPU_API mgpu_optimizer *mgpu_optimizer_create(mgpu_model *m, const mgpu_optimizer_desc *desc) {
+    mgpu_optimizer *o;
+    int i, n, per_param, ok = 1;
+    if (!m || !desc) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_create: model and desc must not be NULL");
+    if (mgpu__optimizer_desc_check(desc) != MGPU_OK) return NULL;
+    n = m->params.count;
+    if (n == 0) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_create: the model has no parameters");
+    for (i = 0; i < n; i++) {
+        const mgpu_tensor *p = m->params.items[i].tensor;
+        if (p->dtype != MGPU_F32 || !mgpu__on_host(p))
+            MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_optimizer_create: parameter '%s' is %s on %s; optimizers update F32 parameters on the cpu",
+                            m->params.items[i].name, mgpu_dtype_name(p->dtype), p->device.type == MGPU_DEVICE_CPU ? "cpu" : "cuda");
+    }
+    per_param = desc->type == MGPU_OPTIM_SGD ? (desc->momentum != 0.0f ? 1 : 0) : 2;
+    o = (mgpu_optimizer *)mgpu__calloc(sizeof *o, "an optimizer");
+    if (!o) return NULL;
+    o->model = m; o->desc = *desc; o->n_params = n;
+    o->params = (mgpu__opt_param *)mgpu__calloc(sizeof *o->params * (size_t)n, "the optimizer's parameter list");
+    o->states = (mgpu__named *)mgpu__calloc(sizeof *o->states * (size_t)(n * per_param + 1), "the optimizer's state list");
+    if (!o->params || !o->states) { mgpu_optimizer_destroy(o); return NULL; }
+    for (i = 0; i < n && ok; i++) {
+        o->params[i].param = m->params.items[i].tensor;
+        if (per_param == 2) {
+            ok = (o->params[i].exp_avg = mgpu__optimizer_add_state(o, i, "exp_avg")) != NULL &&
+                 (o->params[i].exp_avg_sq = mgpu__optimizer_add_state(o, i, "exp_avg_sq")) != NULL;
+        } else if (per_param == 1) {
+            ok = (o->params[i].momentum_buffer = mgpu__optimizer_add_state(o, i, "momentum_buffer")) != NULL;
+        }
+    }
+    if (!ok) { mgpu_optimizer_destroy(o); return NULL; }
+    return o;
+}
+
+typedef struct mgpu__sgd_job {
+    float *p, *buf; const float *g;
+    float lr, weight_decay, momentum, keep;   /* keep = 1 - dampening */
+    int nesterov, first;                      /* first: the buffer starts as the gradient, undampened */
+} mgpu__sgd_job;
+
+static void mgpu__sgd_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__sgd_job *j = (const mgpu__sgd_job *)arg;
+    int64_t i;
+    for (i = begin; i < end; i++) {
+        float d = j->g[i] + j->weight_decay * j->p[i];
+        if (j->buf) {
+            float b = j->first ? d : j->momentum * j->buf[i] + j->keep * d;
+            j->buf[i] = b;
+            d = j->nesterov ? d + j->momentum * b : b;
+        }
+        j->p[i] -= j->lr * d;
+    }
+}
+
+typedef struct mgpu__adam_job {
+    float *p, *m, *v; const float *g;
+    float decay;            /* AdamW: 1 - lr * weight_decay (1 for Adam) */
+    float l2;               /* Adam: weight_decay added to the gradient (0 for AdamW) */
+    float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+    float step_size;        /* lr / (1 - beta1^t) */
+    float bc2_sqrt;         /* sqrt(1 - beta2^t) */
+} mgpu__adam_job;
+
+/* One pass per tensor reading p, g, m, v once. */
+static void mgpu__adam_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__adam_job *j = (const mgpu__adam_job *)arg;
+    int64_t i;
+    for (i = begin; i < end; i++) {
+        float p = j->p[i];
+        float g = j->g[i] + j->l2 * p;
+        float m = j->beta1 * j->m[i] + j->one_minus_beta1 * g;
+        float v = j->beta2 * j->v[i] + j->one_minus_beta2 * g * g;
+        float denom = sqrtf(v) / j->bc2_sqrt + j->eps;
+        j->m[i] = m; j->v[i] = v;
+        j->p[i] = p * j->decay - j->step_size * m / denom;
+    }
+}
+
+static void mgpu__optimizer_update(mgpu_optimizer *o, mgpu__opt_param *s) {
+    const mgpu_optimizer_desc *d = &o->desc;
+    mgpu_context *ctx = o->model->ctx;
+    mgpu_tensor *p = s->param;
+    s->steps++;
+    if (d->type == MGPU_OPTIM_SGD) {
+        mgpu__sgd_job j;
+        j.p = (float *)p->data; j.g = (const float *)p->grad->data;
+        j.buf = s->momentum_buffer ? (float *)s->momentum_buffer->data : NULL;
+        j.lr = d->lr; j.weight_decay = d->weight_decay; j.momentum = d->momentum; j.keep = 1.0f - d->dampening;
+        j.nesterov = d->nesterov; j.first = s->steps == 1;
+        mgpu_parallel_for(ctx, p->numel, MGPU__OPT_CHUNK, mgpu__sgd_range, &j);
+    } else {
+        mgpu__adam_job j;
+        double t = (double)s->steps;
+        int adamw = d->type == MGPU_OPTIM_ADAMW;
+        j.p = (float *)p->data; j.g = (const float *)p->grad->data;
+        j.m = (float *)s->exp_avg->data; j.v = (float *)s->exp_avg_sq->data;
+        j.decay = adamw ? (float)(1.0 - (double)d->lr * d->weight_decay) : 1.0f;
+        j.l2 = adamw ? 0.0f : d->weight_decay;
+        j.beta1 = d->beta1; j.one_minus_beta1 = 1.0f - d->beta1;
+        j.beta2 = d->beta2; j.one_minus_beta2 = 1.0f - d->beta2;
+        j.eps = d->eps;
+        j.step_size = (float)((double)d->lr / (1.0 - pow((double)d->beta1, t)));
+        j.bc2_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, t));
+        mgpu_parallel_for(ctx, p->numel, MGPU__OPT_CHUNK, mgpu__adam_range, &j);
+    }
+}
+
+/* Whether a parameter takes part in this step: like PyTorch, a parameter without a grad is skipped. */
+static int mgpu__opt_has_grad(const mgpu__opt_param *s) { return s->param->requires_grad && s->param->grad != NULL; }
+
+MGPU_API mgpu_result mgpu_optimizer_step(mgpu_optimizer *o) {
+    int i;
+    if (!o) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_step: optimizer is NULL");
+    /* validate every grad first so a bad one leaves all parameters untouched */
+    for (i = 0; i < o->n_params; i++) {
+        const mgpu__opt_param *s = &o->params[i];
+        if (mgpu__opt_has_grad(s) && (s->param->grad->dtype != MGPU_F32 || s->param->grad->numel != s->param->numel))
+            return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_optimizer_step: the grad of parameter '%s' is %s %s, expected F32 %s",
+                              o->model->params.items[i].name, mgpu_dtype_name(s->param->grad->dtype), mgpu__shape_str(s->param->grad),
+                              mgpu__shape_str(s->param));
+    }
+    for (i = 0; i < o->n_params; i++)
+        if (mgpu__opt_has_grad(&o->params[i])) mgpu__optimizer_update(o, &o->params[i]);
+    o->step_count++;
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_optimizer_zero_grad(mgpu_optimizer *o) {
+    int i;
+    if (!o) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_zero_grad: optimizer is NULL");
+    for (i = 0; i < o->n_params; i++) mgpu_tensor_zero_grad(o->params[i].param);
+    return MGPU_OK;
+}
+
+MGPU_API void mgpu_optimizer_set_lr(mgpu_optimizer *o, float lr) {
+    if (!o) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_set_lr: optimizer is NULL"); return; }
+    if (!(lr >= 0.0f) || !isfinite(lr)) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_set_lr: invalid learning rate %g (kept %g)", lr, o->desc.lr); return; }
+    o->desc.lr = lr;
+}
+MGPU_API float mgpu_optimizer_lr(const mgpu_optimizer *o) { return o ? o->desc.lr : 0.0f; }
+MGPU_API int64_t mgpu_optimizer_step_count(const mgpu_optimizer *o) { return o ? o->step_count : 0; }
+
+/* For resuming: every parameter is taken to have had `steps` updates (bias correction, momentum start). */
+MGPU_API void mgpu_optimizer_set_step_count(mgpu_optimizer *o, int64_t steps) {
+    int i;
+    if (!o || steps < 0) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_set_step_count: optimizer is NULL or steps %lld < 0", (long long)steps); return; }
+    o->step_count = steps;
+    for (i = 0; i < o->n_params; i++) o->params[i].steps = steps;
+}
+
+MGPU_API int mgpu_optimizer_num_states(const mgpu_optimizer *o) { return o ? o->n_states : 0; }
+MGPU_API mgpu_tensor *mgpu_optimizer_state(const mgpu_optimizer *o, int i, const char **name) {
+    if (!o) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_state: optimizer is NULL");
+    if (i < 0 || i >= o->n_states) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_state: index %d outside [0, %d)", i, o->n_states);
+    if (name) *name = o->states[i].name;
+    return o->states[i].tensor;
+}
+
+/* --------------------------------------------------------------------------------------
+   Gradient clipping by global L2 norm (torch.nn.utils.clip_grad_norm_)
+   -------------------------------------------------------------------------------------- */
+
+/* Sums of squares over fixed 32768-element blocks, added in block order: the norm is the same
+   bit for bit whatever the thread count. */
+#define MGPU__NORM_BLOCK 32768
+#define MGPU__NORM_GROUP 64   /* blocks per parallel call (partials live on the stack) */
+
+typedef struct mgpu__sumsq_job { const float *x; int64_t n, first_block; double partial[MGPU__NORM_GROUP]; } mgpu__sumsq_job;
+
+static void mgpu__sumsq_range(void *arg, int64_t begin, int64_t end) {
+    mgpu__sumsq_job *j = (mgpu__sumsq_job *)arg;
+    int64_t b, i;
+    for (b = begin; b < end; b++) {
+        int64_t lo = (j->first_block + b) * MGPU__NORM_BLOCK, hi = MGPU__MIN(lo + MGPU__NORM_BLOCK, j->n);
+        double s = 0.0;
+        for (i = lo; i < hi; i++) s += (double)j->x[i] * (double)j->x[i];
+        j->partial[b] = s;
+    }
+}
+
+static double mgpu__sum_squares(mgpu_context *ctx, const float *x, int64_t n) {
+    mgpu__sumsq_job j;
+    int64_t blocks = (n + MGPU__NORM_BLOCK - 1) / MGPU__NORM_BLOCK, b, k;
+    double total = 0.0;
+    j.x = x; j.n = n;
+    for (b = 0; b < blocks; b += MGPU__NORM_GROUP) {
+        int64_t nb = MGPU__MIN((int64_t)MGPU__NORM_GROUP, blocks - b);
+        j.first_block = b;
+        mgpu_parallel_for(ctx, nb, 1, mgpu__sumsq_range, &j);
+        for (k = 0; k < nb; k++) total += j.partial[k];
+    }
+    return total;
+}
+
+typedef struct mgpu__scale_job { float *x; float s; } mgpu__scale_job;
+static void mgpu__scale_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__scale_job *j = (const mgpu__scale_job *)arg;
+    int64_t i;
+    for (i = begin; i < end; i++) j->x[i] *= j->s;
+}
+
+/* A non-finite norm is reported as is and the grads are left alone (the step is normally skipped). */
+MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *total_norm) {
+    double sq = 0.0, norm, coef;
+    int i;
+    if (!m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: model is NULL");
+    if (!(max_norm >= 0.0f) || !isfinite(max_norm)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: max_norm %g must be finite and >= 0", max_norm);
+    for (i = 0; i < m->params.count; i++) {
+        const mgpu_tensor *p = m->params.items[i].tensor, *g = p->grad;
+        if (!g) continue;
+        if (g->dtype != MGPU_F32 || g->numel != p->numel || !mgpu__on_host(g))
+            return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_clip_grad_norm: the grad of parameter '%s' is %s %s, expected F32 %s on the cpu",
+                              m->params.items[i].name, mgpu_dtype_name(g->dtype), mgpu__shape_str(g), mgpu__shape_str(p));
+        sq += mgpu__sum_squares(m->ctx, (const float *)g->data, g->numel);
+    }
+    norm = sqrt(sq);
+    if (total_norm) *total_norm = (float)norm;
+    coef = (double)max_norm / (norm + 1e-6);
+    if (!isfinite(norm) || coef >= 1.0) return MGPU_OK;
+    for (i = 0; i < m->params.count; i++) {
+        mgpu_tensor *g = m->params.items[i].tensor->grad;
+        mgpu__scale_job j;
+        if (!g) continue;
+        j.x = (float *)g->data; j.s = (float)coef;
+        mgpu_parallel_for(m->ctx, g->numel, MGPU__OPT_CHUNK, mgpu__scale_range, &j);
+    }
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   Learning-rate schedules (pure functions of the step) and scaling rules
+   -------------------------------------------------------------------------------------- */
+
+static const double mgpu__pi = 3.14159265358979323846;
+
+/* eta_min + (base - eta_min) * (1 + cos(pi * t / period)) / 2 */
+static double mgpu__cosine_lr(double base, double eta_min, double t, double period) {
+    return eta_min + (base - eta_min) * (1.0 + cos(mgpu__pi * t / period)) / 2.0;
+}
+
+/* CosineAnnealingWarmRestarts at integer step t: cycles of T_0, T_0*T_mult, T_0*T_mult^2, ... */
+static double mgpu__cosine_restarts_lr(const mgpu_lr_schedule *s, int64_t t) {
+    int64_t period = s->t_0;
+    if (s->t_mult == 1) t %= period;
+    else
+        while (t >= period) {
+            t -= period;
+            if (period > INT64_MAX / s->t_mult) break;   /* the next cycle could not end within int64 */
+            period *= s->t_mult;
+        }
+    return mgpu__cosine_lr(s->base_lr, s->eta_min, (double)t, (double)period);
+}
+
+/* LINEAR and COSINE decay over total_steps - warmup_steps and stay at eta_min afterwards. */
+static double mgpu__decay_lr(const mgpu_lr_schedule *s, int64_t t) {
+    int64_t span = s->total_steps - s->warmup_steps;
+    if (t >= span) return s->eta_min;
+    if (s->type == MGPU_SCHEDULE_LINEAR)
+        return s->eta_min + ((double)s->base_lr - s->eta_min) * (1.0 - (double)t / (double)span);
+    return mgpu__cosine_lr(s->base_lr, s->eta_min, (double)t, (double)span);
+}
+
+static mgpu_result mgpu__schedule_check(const mgpu_lr_schedule *s, int64_t step) {
+    const char *fn = "mgpu_lr_at";
+    if (!s) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: schedule is NULL", fn);
+    if (step < 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: step %lld is negative", fn, (long long)step);
+    if (s->warmup_steps < 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: warmup_steps %lld is negative", fn, (long long)s->warmup_steps);
+    if (!isfinite(s->base_lr) || !isfinite(s->eta_min)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: base_lr %g and eta_min %g must be finite", fn, s->base_lr, s->eta_min);
+    switch (s->type) {
+    case MGPU_SCHEDULE_CONSTANT: case MGPU_SCHEDULE_LINEAR: case MGPU_SCHEDULE_COSINE: return MGPU_OK;
+    case MGPU_SCHEDULE_COSINE_RESTARTS:
+        if (s->t_0 < 1 || s->t_mult < 1)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: cosine restarts need t_0 >= 1 and t_mult >= 1 (got %lld, %lld)", fn, (long long)s->t_0, (long long)s->t_mult);
+        return MGPU_OK;
+    case MGPU_SCHEDULE_STEP:
+        if (s->step_size < 1) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: step schedule needs step_size >= 1 (got %lld)", fn, (long long)s->step_size);
+        return MGPU_OK;
+    }
+    return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: schedule type %d is not an mgpu_schedule_type", fn, (int)s->type);
+}
+
+/* An invalid schedule records an error and gives 0 (no update rather than a wild one). */
+MGPU_API float mgpu_lr_at(const mgpu_lr_schedule *s, int64_t step) {
+    int64_t t;
+    if (mgpu__schedule_check(s, step) != MGPU_OK) return 0.0f;
+    if (step < s->warmup_steps) return (float)((double)s->base_lr * (double)(step + 1) / (double)s->warmup_steps);
+    t = step - s->warmup_steps;
+    switch (s->type) {
+    case MGPU_SCHEDULE_LINEAR: case MGPU_SCHEDULE_COSINE: return (float)mgpu__decay_lr(s, t);
+    case MGPU_SCHEDULE_COSINE_RESTARTS: return (float)mgpu__cosine_restarts_lr(s, t);
+    case MGPU_SCHEDULE_STEP: return (float)((double)s->base_lr * pow((double)s->gamma, (double)(t / s->step_size)));
+    case MGPU_SCHEDULE_CONSTANT: break;
+    }
+    return s->base_lr;
+}
+
+MGPU_API mgpu_result mgpu_schedule_parse(const char *name, mgpu_schedule_type *out) {
+    static const char *const names[] = {"constant", "linear", "cosine", "cosine-restarts", "step"};
+    int i;
+    if (!name || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_schedule_parse: name and out must not be NULL");
+    for (i = 0; i < 5; i++)
+        if (strcmp(name, names[i]) == 0) { *out = (mgpu_schedule_type)i; return MGPU_OK; }
+    return mgpu__fail(MGPU_ERR_INVALID_ARG, "schedule '%s': expected constant, linear, cosine, cosine-restarts or step", name);
+}
+
+/* An invalid world size, accumulation count or rule records an error and leaves lr unscaled. */
+MGPU_API float mgpu_lr_scale(float lr, int world_size, int grad_accum_steps, mgpu_lr_scaling rule) {
+    double k;
+    if (world_size < 1 || grad_accum_steps < 1) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_lr_scale: world_size %d and grad_accum_steps %d must be >= 1", world_size, grad_accum_steps);
+        return lr;
+    }
+    k = (double)world_size * (double)grad_accum_steps;
+    switch (rule) {
+    case MGPU_LR_SCALE_NONE: return lr;
+    case MGPU_LR_SCALE_LINEAR: return (float)((double)lr * k);
+    case MGPU_LR_SCALE_SQRT: return (float)((double)lr * sqrt(k));
+    }
+    mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_lr_scale: rule %d is not an mgpu_lr_scaling", (int)rule);
+    return lr;
+}
+/* ======================================================================================
+   Data
+   ====================================================================================== */
+
+/* --------------------------------------------------------------------------------------
+   Datasets held in memory. Both the array dataset and the IDX dataset keep one block per
+   side (x, y) and differ only in how get() turns a stored sample into the output layout.
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__mem_dataset {
+    void *x_block, *y_block;     /* owned allocations (for IDX: the whole file contents) */
+    const uint8_t *x, *y;        /* sample 0 inside the blocks */
+    size_t x_stride, y_stride;   /* stored bytes per sample */
+} mgpu__mem_dataset;
+
+MGPU_API void mgpu_dataset_destroy(mgpu_dataset *ds) {
+    if (ds && ds->destroy) ds->destroy(ds);
+}
+
+static void mgpu__mem_dataset_destroy(mgpu_dataset *ds) {
+    mgpu__mem_dataset *m = (mgpu__mem_dataset *)ds->impl;
+    if (m) { mgpu_free(m->x_block); mgpu_free(m->y_block); mgpu_free(m); }
+    mgpu_free(ds);
+}
+
+/* Shared argument check of the in-memory get() functions. */
+static mgpu_result mgpu__mem_dataset_check(const mgpu_dataset *ds, int64_t index, const void *x_out, const void *y_out) {
+    if (!ds || !x_out || !y_out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "dataset get: ds, x_out and y_out must not be NULL");
+    if (index < 0 || index >= ds->length)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "dataset get: index %lld outside [0, %lld)", (long long)index, (long long)ds->length);
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__array_dataset_get(const mgpu_dataset *ds, int64_t index, void *x_out, void *y_out) {
+    const mgpu__mem_dataset *m;
+    mgpu_result r = mgpu__mem_dataset_check(ds, index, x_out, y_out);
+    if (r != MGPU_OK) return r;
+    m = (const mgpu__mem_dataset *)ds->impl;
+    memcpy(x_out, m->x + (size_t)index * m->x_stride, m->x_stride);
+    memcpy(y_out, m->y + (size_t)index * m->y_stride, m->y_stride);
+    return MGPU_OK;
+}
+
+/* IDX images are kept as u8; a sample becomes F32 in [0, 1] (as torchvision's ToTensor: x / 255)
+   and its label an I64. */
+static mgpu_result mgpu__idx_dataset_get(const mgpu_dataset *ds, int64_t index, void *x_out, void *y_out) {
+    const mgpu__mem_dataset *m;
+    const uint8_t *px;
+    float *dst = (float *)x_out;
+    size_t i;
+    mgpu_result r = mgpu__mem_dataset_check(ds, index, x_out, y_out);
+    if (r != MGPU_OK) return r;
+    m = (const mgpu__mem_dataset *)ds->impl;
+    px = m->x + (size_t)index * m->x_stride;
+    for (i = 0; i < m->x_stride; i++) dst[i] = (float)px[i] / 255.0f;
+    *(int64_t *)y_out = (int64_t)m->y[index];
+    return MGPU_OK;
+}
+
+/* Per-sample element count of a shape, or -1 with an error naming fn and which side. */
+static int64_t mgpu__sample_numel(const char *fn, const char *side, int ndim, const int64_t *shape) {
+    char what[96];
+    snprintf(what, sizeof what, "%s: %s", fn, side);
+    return mgpu__shape_numel(ndim, shape, what);
+}
+
+/* A dataset header with an (empty) mgpu__mem_dataset behind it. */
+static mgpu_dataset *mgpu__mem_dataset_new(const char *fn, int64_t n, mgpu_dtype x_dtype, int x_ndim, const int64_t *x_shape,
+                                           mgpu_dtype y_dtype, int y_ndim, const int64_t *y_shape) {
+    mgpu_dataset *ds;
+    mgpu__mem_dataset *m;
+    if (n < 0) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: n is %lld, must be >= 0", fn, (long long)n);
+    if (!mgpu__dtype_valid(x_dtype) || !mgpu__dtype_valid(y_dtype))
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: x_dtype %d or y_dtype %d is not a valid mgpu_dtype", fn, (int)x_dtype, (int)y_dtype);
+    if (mgpu__sample_numel(fn, "x_shape", x_ndim, x_shape) < 0 || mgpu__sample_numel(fn, "y_shape", y_ndim, y_shape) < 0) return NULL;
+    ds = (mgpu_dataset *)mgpu__calloc(sizeof *ds, "a dataset");
+    m = (mgpu__mem_dataset *)mgpu__calloc(sizeof *m, "a dataset");
+    if (!ds || !m) { mgpu_free(ds); mgpu_free(m); return NULL; }
+    ds->length = n;
+    ds->x_dtype = x_dtype; ds->x_ndim = x_ndim;
+    if (x_ndim) memcpy(ds->x_shape, x_shape, sizeof(int64_t) * (size_t)x_ndim);
+    ds->y_dtype = y_dtype; ds->y_ndim = y_ndim;
+    if (y_ndim) memcpy(ds->y_shape, y_shape, sizeof(int64_t) * (size_t)y_ndim);
+    ds->destroy = mgpu__mem_dataset_destroy;
+    ds->impl = m;
+    return ds;
+}
+
+/* Bytes of n samples of numel elements of size esize, or 0 with *ok = 0 on overflow. */
+static size_t mgpu__bytes_of(int64_t n, int64_t numel, size_t esize, int *ok) {
+    uint64_t per = (uint64_t)numel * esize; /* a validated shape keeps this far below 2^63 */
+    *ok = 1;
+    if (per && (uint64_t)n > (uint64_t)SIZE_MAX / per) { *ok = 0; return 0; }
+    return (size_t)((uint64_t)n * per);
+}
+
+/* Copy of n samples for one side of an array dataset. */
+static void *mgpu__copy_samples(const char *side, int64_t n, mgpu_dtype dt, int ndim, const int64_t *shape, const void *src, size_t *stride) {
+    int ok;
+    size_t total = mgpu__bytes_of(n, mgpu__shape_numel(ndim, shape, side), mgpu_dtype_size(dt), &ok);
+    void *block;
+    if (!ok) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dataset_from_arrays: %s holds more bytes than fit in memory", side); return NULL; }
+    if (total && !src) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dataset_from_arrays: %s is NULL", side); return NULL; }
+    *stride = n ? total / (size_t)n : 0;
+    block = mgpu__alloc(total, "a dataset's arrays");
+    if (block && total) memcpy(block, src, total);
+    return block;
+}
+
+MGPU_API mgpu_dataset *mgpu_dataset_from_arrays(int64_t n, mgpu_dtype x_dtype, int x_ndim, const int64_t *x_shape, const void *x,
+                                                mgpu_dtype y_dtype, int y_ndim, const int64_t *y_shape, const void *y) {
+    mgpu_dataset *ds = mgpu__mem_dataset_new("mgpu_dataset_from_arrays", n, x_dtype, x_ndim, x_shape, y_dtype, y_ndim, y_shape);
+    mgpu__mem_dataset *m;
+    if (!ds) return NULL;
+    m = (mgpu__mem_dataset *)ds->impl;
+    m->x_block = mgpu__copy_samples("x", n, x_dtype, x_ndim, x_shape, x, &m->x_stride);
+    m->y_block = m->x_block ? mgpu__copy_samples("y", n, y_dtype, y_ndim, y_shape, y, &m->y_stride) : NULL;
+    if (!m->x_block || !m->y_block) { mgpu__mem_dataset_destroy(ds); return NULL; }
+    m->x = (const uint8_t *)m->x_block;
+    m->y = (const uint8_t *)m->y_block;
+    ds->get = mgpu__array_dataset_get;
+    return ds;
+}
+
+/* --------------------------------------------------------------------------------------
+   IDX files (the MNIST format): bytes 0 0 TYPE NDIM, NDIM big-endian u32 dims, then the
+   data, big-endian, row-major.
+   -------------------------------------------------------------------------------------- */
+
+/* Element size of an IDX type code, 0 if unknown. */
+static size_t mgpu__idx_elem_size(int type_code) {
+    switch (type_code) {
+    case 0x08: case 0x09: return 1;  /* u8, i8 */
+    case 0x0B: return 2;             /* i16 */
+    case 0x0C: case 0x0D: return 4;  /* i32, f32 */
+    case 0x0E: return 8;             /* f64 */
+    }
+    return 0;
+}
+
+MGPU_API mgpu_result mgpu_idx_parse(const void *bytes, size_t len, const char *label, mgpu_idx *out) {
+    const uint8_t *p = (const uint8_t *)bytes;
+    size_t esize, header, actual;
+    uint64_t count = 1, limit;
+    int64_t dims[MGPU_MAX_DIMS];
+    int i, ndim, zero_dim = 0;
+    if (!label) label = "IDX data";
+    if (!out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_idx_parse: out is NULL (parsing %s)", label);
+    memset(out, 0, sizeof *out);
+    if (!p && len) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_idx_parse: bytes is NULL with len %zu (parsing %s)", len, label);
+    if (len < 4) return mgpu__fail(MGPU_ERR_FORMAT, "%s: not an IDX file: %zu bytes, shorter than the 4-byte magic", label, len);
+    if (p[0] != 0 || p[1] != 0)
+        return mgpu__fail(MGPU_ERR_FORMAT, "%s: not an IDX file: magic starts with 0x%02x 0x%02x, expected 0x00 0x00 (a gzip file starts with 0x1f 0x8b)",
+                          label, p[0], p[1]);
+    esize = mgpu__idx_elem_size(p[2]);
+    if (!esize) return mgpu__fail(MGPU_ERR_FORMAT, "%s: unknown IDX type code 0x%02x (expected 0x08, 0x09, 0x0B, 0x0C, 0x0D or 0x0E)", label, p[2]);
+    ndim = p[3];
+    if (ndim < 1 || ndim > MGPU_MAX_DIMS)
+        return mgpu__fail(MGPU_ERR_FORMAT, "%s: IDX header has %d dimensions, expected 1 to %d", label, ndim, MGPU_MAX_DIMS);
+    header = 4 + 4 * (size_t)ndim;
+    if (len < header)
+        return mgpu__fail(MGPU_ERR_FORMAT, "%s: IDX header truncated: %d dimensions need %zu header bytes, file has %zu", label, ndim, header, len);
+    /* every element must be addressable in a size_t and countable in an int64 */
+    limit = (uint64_t)(SIZE_MAX < (uint64_t)INT64_MAX ? SIZE_MAX : (uint64_t)INT64_MAX) / esize;
+    for (i = 0; i < ndim; i++) {
+        const uint8_t *d = p + 4 + 4 * i;
+        dims[i] = (int64_t)(((uint32_t)d[0] << 24) | ((uint32_t)d[1] << 16) | ((uint32_t)d[2] << 8) | (uint32_t)d[3]);
+        if (dims[i] == 0) zero_dim = 1;
+    }
+    for (i = 0; i < ndim && !zero_dim; i++) {
+        if (count > limit / (uint64_t)dims[i])
+            return mgpu__fail(MGPU_ERR_FORMAT, "%s: IDX dimensions are too large (their product overflows)", label);
+        count *= (uint64_t)dims[i];
+    }
+    if (zero_dim) count = 0;
+    actual = len - header;
+    if (actual != count * esize) {
+        char shape[160];
+        mgpu_shape_string(ndim, dims, shape, sizeof shape);
+        return mgpu__fail(MGPU_ERR_FORMAT, "%s: IDX data is %s: the header %s needs %llu data bytes, the file has %zu", label,
+                          actual < count * esize ? "truncated" : "too long (trailing bytes)", shape,
+                          (unsigned long long)(count * esize), actual);
+    }
+    out->type_code = p[2];
+    out->ndim = ndim;
+    memcpy(out->dims, dims, sizeof(int64_t) * (size_t)ndim);
+    out->data = p + header;
+    out->data_bytes = actual;
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   Reading files, plain or gzip (through `gzip -dc`, so the header needs no zlib).
+   -------------------------------------------------------------------------------------- */
+
+static int mgpu__ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
+static int mgpu__is_file(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && !S_ISDIR(st.st_mode);
+}
+
+/* The rest of a stream into a new buffer (free with mgpu_free); size_hint avoids regrowing. */
+static mgpu_result mgpu__read_stream(FILE *f, const char *path, size_t size_hint, uint8_t **data, size_t *len) {
+    size_t cap = MGPU__MAX(size_hint + 1, (size_t)4096), n = 0;
+    uint8_t *buf = (uint8_t *)mgpu__alloc(cap, path);
+    *data = NULL; *len = 0;
+    if (!buf) return MGPU_ERR_OOM_HOST;
+    for (;;) {
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (n < cap) break;
+        {   /* full: double (no realloc hook in the allocator, so copy) */
+            uint8_t *bigger = cap > SIZE_MAX / 2 ? NULL : (uint8_t *)mgpu__alloc(2 * cap, path);
+            if (!bigger) { mgpu_free(buf); return MGPU_ERR_OOM_HOST; }
+            memcpy(bigger, buf, n);
+            mgpu_free(buf);
+            buf = bigger; cap *= 2;
+        }
+    }
+    if (ferror(f)) { mgpu_free(buf); return mgpu__fail(MGPU_ERR_IO, "cannot read '%s': %s", path, strerror(errno)); }
+    *data = buf; *len = n;
+    return MGPU_OK;
+}
+
+/* 'path' quoted for /bin/sh (a ' becomes '\''). */
+static char *mgpu__shell_quote(const char *s) {
+    size_t n = strlen(s), i, j = 0;
+    char *q = (char *)mgpu__alloc(4 * n + 3, "a shell command");
+    if (!q) return NULL;
+    q[j++] = '\'';
+    for (i = 0; i < n; i++) {
+        if (s[i] == '\'') { memcpy(q + j, "'\\''", 4); j += 4; }
+        else q[j++] = s[i];
+    }
+    q[j++] = '\'';
+    q[j] = 0;
+    return q;
+}
+
+/* gzip's trailer holds the uncompressed size mod 2^32: a good first buffer size. */
+static size_t mgpu__gzip_size_hint(FILE *f) {
+    uint8_t t[4];
+    if (fseek(f, -4, SEEK_END) != 0 || fread(t, 1, 4, f) != 4) return 0;
+    return (size_t)t[0] | ((size_t)t[1] << 8) | ((size_t)t[2] << 16) | ((size_t)t[3] << 24);
+}
+
+static mgpu_result mgpu__read_gzip(const char *path, size_t size_hint, uint8_t **data, size_t *len) {
+    char *quoted = mgpu__shell_quote(path), *cmd;
+    FILE *p;
+    mgpu_result r;
+    int status;
+    if (!quoted) return MGPU_ERR_OOM_HOST;
+    cmd = (char *)mgpu__alloc(strlen(quoted) + 32, "a shell command");
+    if (!cmd) { mgpu_free(quoted); return MGPU_ERR_OOM_HOST; }
+    /* our own message says what went wrong, so gzip's stderr is not needed */
+    sprintf(cmd, "gzip -dc -- %s 2>/dev/null", quoted);
+    mgpu_free(quoted);
+    p = popen(cmd, "r");
+    mgpu_free(cmd);
+    if (!p) return mgpu__fail(MGPU_ERR_IO, "cannot run `gzip -dc` to decompress '%s': %s", path, strerror(errno));
+    r = mgpu__read_stream(p, path, size_hint, data, len);
+    status = pclose(p);
+    if (r == MGPU_OK && !(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+        mgpu_free(*data); *data = NULL; *len = 0;
+        return mgpu__fail(MGPU_ERR_IO, "`gzip -dc '%s'` failed (status %d): the file is not a complete gzip file, or gzip is not installed",
+                          path, status);
+    }
+    return r;
+}
+
+/* A whole file in memory; gzip files (name ends in .gz, or magic 1f 8b) come out decompressed. */
+static mgpu_result mgpu__read_maybe_gzip(const char *path, uint8_t **data, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    uint8_t magic[2] = {0, 0};
+    size_t got, hint;
+    struct stat st;
+    mgpu_result r;
+    *data = NULL; *len = 0;
+    if (!f) return mgpu__fail(MGPU_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    got = fread(magic, 1, 2, f);
+    if (mgpu__ends_with(path, ".gz") || (got == 2 && magic[0] == 0x1f && magic[1] == 0x8b)) {
+        hint = mgpu__gzip_size_hint(f);
+        fclose(f);
+        return mgpu__read_gzip(path, hint, data, len);
+    }
+    hint = fstat(fileno(f), &st) == 0 && st.st_size > 0 ? (size_t)st.st_size : 0;
+    rewind(f);
+    r = mgpu__read_stream(f, path, hint, data, len);
+    fclose(f);
+    return r;
+}
+
+/* path if it exists, else path.gz if that exists (written into buf); NULL if neither. */
+static const char *mgpu__plain_or_gz(const char *path, char *buf, size_t size) {
+    if (mgpu__is_file(path)) return path;
+    if ((size_t)snprintf(buf, size, "%s.gz", path) < size && mgpu__is_file(buf)) return buf;
+    return NULL;
+}
+
+/* One IDX file of u8 with the wanted ndim: file contents in *block, parsed view in *idx. */
+static mgpu_result mgpu__idx_load_u8(const char *path, const char *what, int want_ndim, void **block, mgpu_idx *idx) {
+    char gz[4096];
+    const char *actual = mgpu__plain_or_gz(path, gz, sizeof gz);
+    uint8_t *data;
+    size_t len;
+    mgpu_result r;
+    *block = NULL;
+    if (!actual)
+        return mgpu__fail(MGPU_ERR_IO, "mgpu_dataset_idx_open: %s file '%s' not found (nor '%s.gz'); expected an IDX file such as %s(.gz); "
+                          "run `make data` to fetch Fashion-MNIST", what, path, path,
+                          want_ndim == 3 ? "train-images-idx3-ubyte" : "train-labels-idx1-ubyte");
+    r = mgpu__read_maybe_gzip(actual, &data, &len);
+    if (r != MGPU_OK) return r;
+    r = mgpu_idx_parse(data, len, actual, idx);
+    if (r == MGPU_OK && (idx->type_code != 0x08 || idx->ndim != want_ndim))
+        r = mgpu__fail(MGPU_ERR_FORMAT, "%s: expected %s as IDX u8 (type 0x08) with %d dimensions, got type 0x%02x with %d",
+                       actual, what, want_ndim, idx->type_code, idx->ndim);
+    if (r != MGPU_OK) { mgpu_free(data); return r; }
+    *block = data;
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_dataset *mgpu_dataset_idx_open(const char *images_path, const char *labels_path) {
+    mgpu_idx img, lab;
+    void *img_block = NULL, *lab_block = NULL;
+    mgpu_dataset *ds;
+    mgpu__mem_dataset *m;
+    int64_t x_shape[3] = {1, 0, 0};
+    if (!images_path || !labels_path || !*images_path || !*labels_path)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_dataset_idx_open: images_path and labels_path must be non-empty strings");
+    if (mgpu__idx_load_u8(images_path, "images", 3, &img_block, &img) != MGPU_OK) return NULL;
+    if (mgpu__idx_load_u8(labels_path, "labels", 1, &lab_block, &lab) != MGPU_OK) { mgpu_free(img_block); return NULL; }
+    if (img.dims[0] != lab.dims[0]) {
+        mgpu_free(img_block); mgpu_free(lab_block);
+        MGPU__FAIL_NULL(MGPU_ERR_FORMAT, "mgpu_dataset_idx_open: images file '%s' holds %lld samples but labels file '%s' holds %lld",
+                        images_path, (long long)img.dims[0], labels_path, (long long)lab.dims[0]);
+    }
+    x_shape[1] = img.dims[1]; x_shape[2] = img.dims[2];
+    ds = mgpu__mem_dataset_new("mgpu_dataset_idx_open", img.dims[0], MGPU_F32, 3, x_shape, MGPU_I64, 0, NULL);
+    if (!ds) { mgpu_free(img_block); mgpu_free(lab_block); return NULL; }
+    m = (mgpu__mem_dataset *)ds->impl;
+    m->x_block = img_block; m->y_block = lab_block;
+    m->x = img.data; m->y = lab.data;
+    m->x_stride = (size_t)(img.dims[1] * img.dims[2]);
+    m->y_stride = 1;
+    ds->get = mgpu__idx_dataset_get;
+    return ds;
+}
+
+MGPU_API mgpu_dataset *mgpu_dataset_fashion_mnist(const char *dir, int train) {
+    const char *dirs[3];
+    const char *prefix = train ? "train" : "t10k";
+    char images[4096], labels[4096], gz[4096], tried[1024];
+    int n_dirs = 0, i;
+    size_t pos = 0;
+    if (dir && *dir) dirs[n_dirs++] = dir;
+    else {
+        const char *env = getenv("MGPU_DATA");
+        if (env && *env) dirs[n_dirs++] = env;
+        dirs[n_dirs++] = "data/fashion-mnist";
+        dirs[n_dirs++] = "/usr/share/datasets/fashion-mnist"; /* where Debian's dataset-fashion-mnist puts it */
+    }
+    tried[0] = 0;
+    for (i = 0; i < n_dirs; i++) {
+        if ((size_t)snprintf(images, sizeof images, "%s/%s-images-idx3-ubyte", dirs[i], prefix) >= sizeof images ||
+            (size_t)snprintf(labels, sizeof labels, "%s/%s-labels-idx1-ubyte", dirs[i], prefix) >= sizeof labels)
+            MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_dataset_fashion_mnist: directory path '%.100s...' is too long", dirs[i]);
+        if (mgpu__plain_or_gz(images, gz, sizeof gz)) return mgpu_dataset_idx_open(images, labels);
+        if (pos < sizeof tried) pos += (size_t)snprintf(tried + pos, sizeof tried - pos, "%s'%s'", i ? ", " : "", dirs[i]);
+    }
+    MGPU__FAIL_NULL(MGPU_ERR_IO, "mgpu_dataset_fashion_mnist: no %s-images-idx3-ubyte(.gz) found in %s; run `make data` "
+                    "(installs Debian's dataset-fashion-mnist and fills data/fashion-mnist), or pass the directory (--data DIR, or $MGPU_DATA)",
+                    prefix, tried);
+}
+
+/* --------------------------------------------------------------------------------------
+   Sampler: torch.utils.data.DistributedSampler's index lists.
+   -------------------------------------------------------------------------------------- */
+
+/* Samples per rank: ceil(n / world), or floor with drop_last (DistributedSampler's num_samples). */
+static int64_t mgpu__sampler_count(int64_t n, int world, int drop_last) {
+    if (drop_last && n % world != 0) return n / world;
+    return (n + world - 1) / world;
+}
+
+/* Fisher-Yates permutation of [0, n) driven by the counter-based RNG (stream `seed`). */
+static void mgpu__permutation(int64_t n, uint64_t seed, int64_t *perm) {
+    int64_t i;
+    for (i = 0; i < n; i++) perm[i] = i;
+    for (i = n - 1; i > 0; i--) {
+        /* 64 random bits: the modulo bias is below 2^-32 for any n that fits in memory */
+        uint64_t r = ((uint64_t)mgpu_random_u32(seed, 2 * (uint64_t)i) << 32) | mgpu_random_u32(seed, 2 * (uint64_t)i + 1);
+        int64_t j = (int64_t)(r % (uint64_t)(i + 1)), t = perm[i];
+        perm[i] = perm[j]; perm[j] = t;
+    }
+}
+
+MGPU_API int64_t mgpu_sampler_indices(int64_t n, int rank, int world_size, int shuffle, uint64_t seed, int64_t epoch,
+                                      int drop_last, int64_t *out) {
+    int world = world_size > 1 ? world_size : 1;
+    int64_t count, k, *perm = NULL;
+    if (n < 0) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_sampler_indices: n is %lld, must be >= 0", (long long)n); return -1; }
+    if (rank < 0 || rank >= world) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_sampler_indices: rank %d outside [0, %d) for world_size %d", rank, world, world_size);
+        return -1;
+    }
+    count = mgpu__sampler_count(n, world, drop_last);
+    if (!out || count == 0) return count;
+    if (shuffle) {
+        perm = (int64_t *)mgpu__alloc(sizeof(int64_t) * (size_t)n, "the sampler's permutation");
+        if (!perm) return -1;
+        mgpu__permutation(n, seed + (uint64_t)epoch, perm);
+    }
+    /* the padded list repeats the permutation from its start, so position p holds perm[p % n];
+       rank takes positions rank, rank + world, ... */
+    for (k = 0; k < count; k++) {
+        int64_t p = (rank + k * world) % n;
+        out[k] = perm ? perm[p] : p;
+    }
+    mgpu_free(perm);
+    return count;
+}
+
+/* --------------------------------------------------------------------------------------
+   Loader. Batch k of an epoch is built from the rank's indices [k*B, (k+1)*B) into slot
+   k % n_slots. Workers claim batches in order; the consumer takes them in order, so the
+   sequence does not depend on the number of workers. A slot is reused only after the batch
+   handed out from it is released (at the next call), which keeps b->x valid until then.
+   -------------------------------------------------------------------------------------- */
+
+enum { MGPU__SLOT_FREE = 0, MGPU__SLOT_FILLING = 1, MGPU__SLOT_READY = 2, MGPU__SLOT_HELD = 3 };
+
+typedef struct mgpu__loader_slot {
+    uint8_t *x_host, *y_host;  /* (B, x_shape...), (B, y_shape...) filled by workers */
+    mgpu_tensor *x, *y;        /* handed out; on the CPU they wrap x_host / y_host */
+    int state;
+    int64_t batch, size;
+    mgpu_result result;
+    char error[1024];
+} mgpu__loader_slot;
+
+struct mgpu_loader {
+    const mgpu_dataset *ds;
+    int64_t batch_size;
+    int shuffle, drop_last, sampler_drop_last, rank, world;
+    uint64_t seed;
+    mgpu_context *ctx; int owns_ctx;
+    int device_copy;             /* batch tensors are not host memory: copy at delivery */
+    size_t x_bytes, y_bytes;     /* per sample, as the dataset writes them */
+    int64_t x_numel, y_numel;
+    int64_t *indices, n_indices, n_batches;
+    int64_t epoch, next_batch;   /* consumer position */
+    int64_t claim_batch;         /* next batch a worker may fill */
+    int held;                    /* slot handed out by the last next(), or -1 */
+    mgpu__loader_slot *slots; int n_slots;
+    pthread_t *threads; int n_workers, n_started;
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv, ready_cv;
+    int n_filling, shutdown;
+    int cancel;                  /* read without the lock by filling workers (atomics) */
+    mgpu_result failed;          /* sticky until set_epoch */
+    char failed_msg[1024];
+};
+
+static void mgpu__loader_fill(mgpu_loader *l, mgpu__loader_slot *s, int64_t k) {
+    int64_t begin = k * l->batch_size, i;
+    s->size = MGPU__MIN(l->batch_size, l->n_indices - begin);
+    s->result = MGPU_OK;
+    mgpu_clear_error();
+    for (i = 0; i < s->size; i++) {
+        int64_t index = l->indices[begin + i];
+        mgpu_result r;
+        if (__atomic_load_n(&l->cancel, __ATOMIC_RELAXED)) { s->result = MGPU_ERR_STATE; snprintf(s->error, sizeof s->error, "cancelled"); return; }
+        r = l->ds->get(l->ds, index, s->x_host + (size_t)i * l->x_bytes, s->y_host + (size_t)i * l->y_bytes);
+        if (r != MGPU_OK) {
+            s->result = r;
+            snprintf(s->error, sizeof s->error, "mgpu_loader_next: sample %lld (batch %lld of epoch %lld): %s", (long long)index,
+                     (long long)k, (long long)l->epoch, mgpu_last_result() != MGPU_OK ? mgpu_last_error() : mgpu_result_string(r));
+            return;
+        }
+    }
+}
+
+static int mgpu__loader_claimable(const mgpu_loader *l) {
+    return !__atomic_load_n(&l->cancel, __ATOMIC_RELAXED) && l->claim_batch < l->n_batches &&
+           l->slots[l->claim_batch % l->n_slots].state == MGPU__SLOT_FREE;
+}
+
+static void *mgpu__loader_worker(void *arg) {
+    mgpu_loader *l = (mgpu_loader *)arg;
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        mgpu__loader_slot *s;
+        int64_t k;
+        while (!l->shutdown && !mgpu__loader_claimable(l)) pthread_cond_wait(&l->work_cv, &l->mu);
+        if (l->shutdown) break;
+        k = l->claim_batch++;
+        s = &l->slots[k % l->n_slots];
+        s->state = MGPU__SLOT_FILLING; s->batch = k;
+        l->n_filling++;
+        pthread_mutex_unlock(&l->mu);
+        mgpu__loader_fill(l, s, k);
+        pthread_mutex_lock(&l->mu);
+        l->n_filling--;
+        s->state = MGPU__SLOT_READY;
+        pthread_cond_broadcast(&l->ready_cv);
+    }
+    pthread_mutex_unlock(&l->mu);
+    return NULL;
+}
+
+/* Stops workers from claiming and waits for fills in progress (they abort at the next sample). */
+static void mgpu__loader_drain_locked(mgpu_loader *l) {
+    __atomic_store_n(&l->cancel, 1, __ATOMIC_RELAXED);
+    while (l->n_filling > 0) pthread_cond_wait(&l->ready_cv, &l->mu);
+}
+
+MGPU_API void mgpu_loader_destroy(mgpu_loader *l) {
+    int i;
+    if (!l) return;
+    pthread_mutex_lock(&l->mu);
+    l->shutdown = 1;
+    __atomic_store_n(&l->cancel, 1, __ATOMIC_RELAXED);
+    pthread_cond_broadcast(&l->work_cv);
+    pthread_mutex_unlock(&l->mu);
+    for (i = 0; i < l->n_started; i++) pthread_join(l->threads[i], NULL);
+    pthread_mutex_destroy(&l->mu);
+    pthread_cond_destroy(&l->work_cv);
+    pthread_cond_destroy(&l->ready_cv);
+    for (i = 0; l->slots && i < l->n_slots; i++) {
+        mgpu_tensor_free(l->slots[i].x);
+        mgpu_tensor_free(l->slots[i].y);
+        mgpu_free(l->slots[i].x_host);
+        mgpu_free(l->slots[i].y_host);
+    }
+    mgpu_free(l->slots);
+    mgpu_free(l->threads);
+    mgpu_free(l->indices);
+    if (l->owns_ctx) mgpu_context_destroy(l->ctx);
+    mgpu_free(l);
+}
+
+/* Validates the dataset and the desc; fills the loader's settings. */
+static mgpu_result mgpu__loader_configure(mgpu_loader *l, const mgpu_dataset *ds, const mgpu_loader_desc *d) {
+    const char *fn = "mgpu_loader_create";
+    int ok;
+    if (!ds || !d) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: ds and desc must not be NULL", fn);
+    if (!ds->get || ds->length < 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the dataset has no get() or a negative length", fn);
+    if (!mgpu__dtype_valid(ds->x_dtype) || !mgpu__dtype_valid(ds->y_dtype))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the dataset's x_dtype or y_dtype is not a valid mgpu_dtype", fn);
+    if (ds->x_ndim >= MGPU_MAX_DIMS || ds->y_ndim >= MGPU_MAX_DIMS)
+        return mgpu__fail(MGPU_ERR_SHAPE, "%s: samples have %d-d x and %d-d y; batches add a dimension and allow %d in all", fn,
+                          ds->x_ndim, ds->y_ndim, MGPU_MAX_DIMS);
+    l->x_numel = mgpu__sample_numel(fn, "dataset x_shape", ds->x_ndim, ds->x_shape);
+    l->y_numel = mgpu__sample_numel(fn, "dataset y_shape", ds->y_ndim, ds->y_shape);
+    if (l->x_numel < 0 || l->y_numel < 0) return mgpu_last_result();
+    if (d->batch_size < 1) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->batch_size is %lld, must be >= 1", fn, (long long)d->batch_size);
+    if (d->num_workers < 0 || d->num_workers > 256)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->num_workers is %d, must be in [0, 256]", fn, d->num_workers);
+    if (d->prefetch < 0 || d->prefetch > 64) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->prefetch is %d, must be in [0, 64]", fn, d->prefetch);
+    if (d->world_size < 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->world_size is %d, must be >= 0", fn, d->world_size);
+    l->world = d->world_size > 1 ? d->world_size : 1;
+    if (d->rank < 0 || d->rank >= l->world)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->rank %d outside [0, %d) for world_size %d", fn, d->rank, l->world, d->world_size);
+    l->x_bytes = (size_t)l->x_numel * mgpu_dtype_size(ds->x_dtype); /* validated shapes keep these small */
+    l->y_bytes = (size_t)l->y_numel * mgpu_dtype_size(ds->y_dtype);
+    mgpu__bytes_of(d->batch_size, l->x_numel + l->y_numel, 8, &ok);
+    if (!ok) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: a batch of %lld samples does not fit in memory", fn, (long long)d->batch_size);
+    l->ds = ds;
+    l->batch_size = d->batch_size;
+    l->shuffle = d->shuffle; l->seed = d->seed;
+    l->drop_last = d->drop_last; l->sampler_drop_last = d->sampler_drop_last;
+    l->rank = d->rank;
+    l->n_workers = d->num_workers;
+    l->n_slots = d->num_workers ? d->num_workers * (d->prefetch ? d->prefetch : 2) : 1;
+    l->n_indices = mgpu__sampler_count(ds->length, l->world, l->sampler_drop_last);
+    l->n_batches = l->drop_last ? l->n_indices / l->batch_size : (l->n_indices + l->batch_size - 1) / l->batch_size;
+    return MGPU_OK;
+}
+
+/* One batch tensor of a slot: (B, sample_shape...), wrapping the host buffer on the CPU. */
+static mgpu_tensor *mgpu__loader_batch_tensor(mgpu_loader *l, mgpu_dtype dt, int ndim, const int64_t *shape, void *host) {
+    int64_t bshape[MGPU_MAX_DIMS];
+    bshape[0] = l->batch_size;
+    if (ndim) memcpy(bshape + 1, shape, sizeof(int64_t) * (size_t)ndim);
+    if (l->device_copy) return mgpu_tensor_create(l->ctx, dt, ndim + 1, bshape);
+    return mgpu_tensor_wrap(l->ctx, dt, ndim + 1, bshape, host);
+}
+
+static mgpu_result mgpu__loader_alloc_slots(mgpu_loader *l) {
+    int i;
+    l->slots = (mgpu__loader_slot *)mgpu__calloc(sizeof(mgpu__loader_slot) * (size_t)l->n_slots, "the loader's batch slots");
+    if (!l->slots) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < l->n_slots; i++) {
+        mgpu__loader_slot *s = &l->slots[i];
+        s->x_host = (uint8_t *)mgpu__alloc((size_t)l->batch_size * l->x_bytes, "a loader batch");
+        s->y_host = (uint8_t *)mgpu__alloc((size_t)l->batch_size * l->y_bytes, "a loader batch");
+        if (!s->x_host || !s->y_host) return MGPU_ERR_OOM_HOST;
+        s->x = mgpu__loader_batch_tensor(l, l->ds->x_dtype, l->ds->x_ndim, l->ds->x_shape, s->x_host);
+        s->y = mgpu__loader_batch_tensor(l, l->ds->y_dtype, l->ds->y_ndim, l->ds->y_shape, s->y_host);
+        if (!s->x || !s->y) return mgpu_last_result();
+    }
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__loader_start_workers(mgpu_loader *l) {
+    int i;
+    if (!l->n_workers) return MGPU_OK;
+    l->threads = (pthread_t *)mgpu__calloc(sizeof(pthread_t) * (size_t)l->n_workers, "the loader's threads");
+    if (!l->threads) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < l->n_workers; i++) {
+        int e = pthread_create(&l->threads[i], NULL, mgpu__loader_worker, l);
+        if (e != 0) return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_loader_create: cannot start worker thread %d of %d: %s", i, l->n_workers, strerror(e));
+        l->n_started++;
+    }
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_loader *mgpu_loader_create(const mgpu_dataset *ds, const mgpu_loader_desc *desc) {
+    mgpu_loader *l = (mgpu_loader *)mgpu__calloc(sizeof *l, "a loader");
+    if (!l) return NULL;
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->work_cv, NULL);
+    pthread_cond_init(&l->ready_cv, NULL);
+    l->held = -1;
+    l->epoch = -1;
+    if (mgpu__loader_configure(l, ds, desc) != MGPU_OK) { mgpu_loader_destroy(l); return NULL; }
+    l->ctx = desc->ctx;
+    if (!l->ctx) {
+        mgpu_context_desc cd;
+        memset(&cd, 0, sizeof cd);
+        cd.num_threads = 1;
+        cd.arena_bytes = 4096; /* the loader's own context never runs ops */
+        l->ctx = mgpu_context_create(&cd);
+        l->owns_ctx = 1;
+        if (!l->ctx) { mgpu_loader_destroy(l); return NULL; }
+    }
+    l->device_copy = l->ctx->device.type != MGPU_DEVICE_CPU;
+    l->indices = (int64_t *)mgpu__alloc(sizeof(int64_t) * (size_t)MGPU__MAX(l->n_indices, 1), "the loader's indices");
+    if (!l->indices || mgpu__loader_alloc_slots(l) != MGPU_OK || mgpu_loader_set_epoch(l, 0, 0) != MGPU_OK ||
+        mgpu__loader_start_workers(l) != MGPU_OK) {
+        mgpu_loader_destroy(l);
+        return NULL;
+    }
+    return l;
+}
+
+MGPU_API mgpu_result mgpu_loader_set_epoch(mgpu_loader *l, int64_t epoch, int64_t start_batch) {
+    int i;
+    mgpu_result r = MGPU_OK;
+    if (!l) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_set_epoch: loader is NULL");
+    if (epoch < 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_set_epoch: epoch is %lld, must be >= 0", (long long)epoch);
+    if (start_batch < 0 || start_batch > l->n_batches)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_set_epoch: start_batch %lld outside [0, %lld] (batches per epoch)",
+                          (long long)start_batch, (long long)l->n_batches);
+    pthread_mutex_lock(&l->mu);
+    /* already positioned there (e.g. the epoch 0 the loader starts in): keep what is prefetched */
+    if (epoch == l->epoch && start_batch == l->next_batch && l->failed == MGPU_OK) { pthread_mutex_unlock(&l->mu); return MGPU_OK; }
+    mgpu__loader_drain_locked(l);
+    for (i = 0; i < l->n_slots; i++) l->slots[i].state = MGPU__SLOT_FREE;
+    l->held = -1;
+    l->failed = MGPU_OK;
+    l->epoch = epoch;
+    l->next_batch = l->claim_batch = start_batch;
+    if (mgpu_sampler_indices(l->ds->length, l->rank, l->world, l->shuffle, l->seed, epoch, l->sampler_drop_last, l->indices) < 0) {
+        r = mgpu_last_result();
+        l->failed = r;
+        snprintf(l->failed_msg, sizeof l->failed_msg, "%s", mgpu_last_error());
+        l->epoch = -1;
+        l->claim_batch = l->n_batches; /* nothing to fill until a later set_epoch succeeds */
+    }
+    __atomic_store_n(&l->cancel, 0, __ATOMIC_RELAXED);
+    pthread_cond_broadcast(&l->work_cv);
+    pthread_mutex_unlock(&l->mu);
+    return r;
+}
+
+/* Waits for (or, without workers, builds) batch k; returns its slot with the lock held. */
+static mgpu__loader_slot *mgpu__loader_take_locked(mgpu_loader *l, int64_t k) {
+    mgpu__loader_slot *s = &l->slots[k % l->n_slots];
+    if (l->n_workers == 0) {
+        s->batch = k;
+        mgpu__loader_fill(l, s, k);
+        s->state = MGPU__SLOT_READY;
+        return s;
+    }
+    while (!(s->state == MGPU__SLOT_READY && s->batch == k)) pthread_cond_wait(&l->ready_cv, &l->mu);
+    return s;
+}
+
+/* Sets the leading dim of a slot tensor to the batch's size (the last batch may be short). */
+static mgpu_result mgpu__loader_deliver(mgpu_loader *l, mgpu_tensor *t, const uint8_t *host, int64_t size, int64_t sample_numel) {
+    t->shape[0] = size;
+    t->numel = size * sample_numel;
+    if (l->device_copy) return mgpu_tensor_copy_from_host(t, host, mgpu_tensor_nbytes(t));
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_loader_next(mgpu_loader *l, mgpu_batch *b) {
+    mgpu__loader_slot *s;
+    int64_t k;
+    mgpu_result r;
+    if (!l || !b) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_next: loader and batch must not be NULL");
+    memset(b, 0, sizeof *b);
+    pthread_mutex_lock(&l->mu);
+    if (l->held >= 0) {
+        l->slots[l->held].state = MGPU__SLOT_FREE;
+        l->held = -1;
+        pthread_cond_broadcast(&l->work_cv);
+    }
+    if (l->failed != MGPU_OK) {
+        r = mgpu__fail(l->failed, "%s", l->failed_msg);
+        pthread_mutex_unlock(&l->mu);
+        return r;
+    }
+    k = l->next_batch;
+    b->index = k;
+    if (k >= l->n_batches) { pthread_mutex_unlock(&l->mu); return MGPU_OK; }
+    s = mgpu__loader_take_locked(l, k);
+    if (s->result != MGPU_OK) {
+        /* the batch stays unbuilt; every later call repeats the error until set_epoch */
+        l->failed = s->result;
+        memcpy(l->failed_msg, s->error, sizeof l->failed_msg);
+        s->state = MGPU__SLOT_FREE;
+        r = mgpu__fail(l->failed, "%s", l->failed_msg);
+        pthread_mutex_unlock(&l->mu);
+        return r;
+    }
+    s->state = MGPU__SLOT_HELD;
+    l->held = (int)(k % l->n_slots);
+    l->next_batch++;
+    pthread_mutex_unlock(&l->mu);
+    /* the slot is ours until the next call: no worker touches a held slot */
+    r = mgpu__loader_deliver(l, s->x, s->x_host, s->size, l->x_numel);
+    if (r == MGPU_OK) r = mgpu__loader_deliver(l, s->y, s->y_host, s->size, l->y_numel);
+    if (r != MGPU_OK) return r;
+    b->x = s->x; b->y = s->y;
+    b->size = s->size;
+    return MGPU_OK;
+}
+
+MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l) {
+    if (!l) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_num_batches: loader is NULL"); return -1; }
+    return l->n_batches;
+}
+/* ======================================================================================
+   Files, JSON, safetensors, options, metrics, progress
+   ======================================================================================Files (atomic writes, whole-file reads), a strict JSON parser plus writer helpers, safetensors,
+   model save/load, the common training options, the metrics JSONL writer and the progress bar. */
+
+#include <limits.h>
+#include <sys/ioctl.h>
+
+/* safetensors stores little-endian data and tensors are copied byte for byte. */
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "mgpu: safetensors I/O copies tensor bytes as they are and needs a little-endian host"
+#endif
+
+/* --------------------------------------------------------------------------------------
+   Growable text buffer (JSON headers, metrics lines)
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__buf { char *data; size_t len, cap; int failed; } mgpu__buf;
+
+static void mgpu__buf_init(mgpu__buf *b) { b->data = NULL; b->len = 0; b->cap = 0; b->failed = 0; }
+static void mgpu__buf_free(mgpu__buf *b) { mgpu_free(b->data); mgpu__buf_init(b); }
+
+/* Makes room for `extra` more bytes plus a terminating NUL; 0 (and b->failed) when out of memory. */
+static int mgpu__buf_reserve(mgpu__buf *b, size_t extra) {
+    size_t cap;
+    char *grown;
+    if (b->failed) return 0;
+    if (b->len + extra + 1 <= b->cap) return 1;
+    cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra + 1) cap *= 2;
+    grown = (char *)mgpu__alloc(cap, "a text buffer");
+    if (!grown) { b->failed = 1; return 0; }
+    if (b->len) memcpy(grown, b->data, b->len);
+    mgpu_free(b->data);
+    b->data = grown; b->cap = cap;
+    return 1;
+}
+static int mgpu__buf_append(mgpu__buf *b, const void *p, size_t n) {
+    if (!mgpu__buf_reserve(b, n)) return 0;
+    if (n) memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = 0;
+    return 1;
+}
+static int mgpu__buf_puts(mgpu__buf *b, const char *s) { return mgpu__buf_append(b, s, strlen(s)); }
+static int mgpu__buf_printf(mgpu__buf *b, const char *fmt, ...) MGPU__PRINTF(2, 3);
+static int mgpu__buf_printf(mgpu__buf *b, const char *fmt, ...) {
+    va_list ap, ap2;
+    int n;
+    va_start(ap, fmt);
+    va_copy(ap2, ap);
+    n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || !mgpu__buf_reserve(b, (size_t)n)) { va_end(ap2); return 0; }
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap2);
+    va_end(ap2);
+    b->len += (size_t)n;
+    return 1;
+}
+
+/* s as a JSON string literal: quotes, backslashes and control characters escaped; UTF-8 passes through. */
+static int mgpu__buf_json_string(mgpu__buf *b, const char *s) {
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *p = (const unsigned char *)s;
+    mgpu__buf_puts(b, "\"");
+    while (*p) {
+        const unsigned char *run = p;
+        char esc[7];
+        while (*p >= 0x20 && *p != '"' && *p != '\\') p++;
+        mgpu__buf_append(b, run, (size_t)(p - run));
+        if (!*p) break;
+        esc[0] = '\\'; esc[2] = 0;
+        switch (*p) {
+        case '"': esc[1] = '"'; break;
+        case '\\': esc[1] = '\\'; break;
+        case '\n': esc[1] = 'n'; break;
+        case '\r': esc[1] = 'r'; break;
+        case '\t': esc[1] = 't'; break;
+        case '\b': esc[1] = 'b'; break;
+        case '\f': esc[1] = 'f'; break;
+        default:
+            esc[1] = 'u'; esc[2] = '0'; esc[3] = '0'; esc[4] = hex[*p >> 4]; esc[5] = hex[*p & 15]; esc[6] = 0;
+        }
+        mgpu__buf_puts(b, esc);
+        p++;
+    }
+    return mgpu__buf_puts(b, "\"");
+}
+
+/* The shortest of %.15g / %.17g that reads back exactly; JSON has no inf/nan, so those are null. */
+static int mgpu__buf_json_number(mgpu__buf *b, double v) {
+    char text[40];
+    if (!isfinite(v)) return mgpu__buf_puts(b, "null");
+    snprintf(text, sizeof text, "%.15g", v);
+    if (strtod(text, NULL) != v) snprintf(text, sizeof text, "%.17g", v);
+    return mgpu__buf_puts(b, text);
+}
+
+/* --------------------------------------------------------------------------------------
+   Files
+   -------------------------------------------------------------------------------------- */
+
+/* Writes all bytes, retrying short writes; returns 0 or an errno value. A disk that fills up
+   is ENOSPC (or EFBIG past a size limit), never a silently short file. */
+static int mgpu__write_fully(int fd, const void *data, size_t len) {
+    const char *p = (const char *)data;
+    while (len > 0) {
+        size_t chunk = len > ((size_t)1 << 30) ? ((size_t)1 << 30) : len;
+        ssize_t w = write(fd, p, chunk);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        if (w == 0) return ENOSPC;
+        p += w;
+        len -= (size_t)w;
+    }
+    return 0;
+}
+
+/* fsync of the directory holding path, so the rename itself survives a power loss. */
+static int mgpu__fsync_parent_dir(const char *path) {
+    const char *slash = strrchr(path, '/');
+    size_t n = slash ? (size_t)(slash - path) : 1;
+    char *dir;
+    int fd, err = 0;
+    if (slash && n == 0) n = 1; /* "/file" lives in "/" */
+    dir = (char *)mgpu__alloc(n + 1, "a directory name");
+    if (!dir) return ENOMEM;
+    memcpy(dir, slash ? path : ".", n);
+    dir[n] = 0;
+    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) err = errno;
+    /* some file systems cannot fsync a directory (EINVAL); the rename is then as durable as it gets */
+    else if (fsync(fd) != 0 && errno != EINVAL) err = errno;
+    if (fd >= 0) close(fd);
+    mgpu_free(dir);
+    return err;
+}
+
+typedef struct mgpu__span { const void *data; size_t len; } mgpu__span;
+
+/* Atomic replacement of path by the concatenation of spans: path.tmp.<pid>, fsync, rename, fsync
+   of the directory. On failure the temporary file is removed and path is untouched. */
+static mgpu_result mgpu__write_atomic_spans(const char *path, const mgpu__span *spans, int n_spans, const char *fn) {
+    const char *step = "write";
+    size_t tmp_size;
+    char *tmp;
+    int fd, i, err = 0;
+    if (!path || !path[0]) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: path is NULL or empty", fn);
+    tmp_size = strlen(path) + 32;
+    tmp = (char *)mgpu__alloc(tmp_size, "a temporary file name");
+    if (!tmp) return MGPU_ERR_OOM_HOST;
+    snprintf(tmp, tmp_size, "%s.tmp.%ld", path, (long)getpid());
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        err = errno;
+        mgpu__fail(MGPU_ERR_IO, "%s: cannot write '%s': creating the temporary file '%s' failed: %s", fn, path, tmp, strerror(err));
+        mgpu_free(tmp);
+        return MGPU_ERR_IO;
+    }
+    for (i = 0; i < n_spans && !err; i++) err = mgpu__write_fully(fd, spans[i].data, spans[i].len);
+    if (!err && fsync(fd) != 0) { err = errno; step = "fsync"; }
+    if (close(fd) != 0 && !err) { err = errno; step = "close"; }
+    if (!err && rename(tmp, path) != 0) { err = errno; step = "rename"; }
+    if (err) {
+        unlink(tmp);
+        mgpu__fail(MGPU_ERR_IO, "%s: cannot write '%s': %s of '%s' failed: %s", fn, path, step, tmp, strerror(err));
+        mgpu_free(tmp);
+        return MGPU_ERR_IO;
+    }
+    mgpu_free(tmp);
+    err = mgpu__fsync_parent_dir(path);
+    if (err) return mgpu__fail(MGPU_ERR_IO, "%s: wrote '%s' but could not fsync its directory: %s", fn, path, strerror(err));
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_write_file_atomic(const char *path, const void *data, size_t len) {
+    mgpu__span span;
+    if (!data && len) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_write_file_atomic: data is NULL but len is %zu", len);
+    span.data = data; span.len = len;
+    return mgpu__write_atomic_spans(path, &span, 1, "mgpu_write_file_atomic");
+}
+
+MGPU_API mgpu_result mgpu_read_file(const char *path, void **data, size_t *len) {
+    struct stat st;
+    size_t cap, used = 0;
+    char *buf;
+    int fd, err = 0;
+    if (!path || !data || !len) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_read_file: path, data and len must not be NULL");
+    *data = NULL; *len = 0;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return mgpu__fail(MGPU_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    if (fstat(fd, &st) != 0) err = errno;
+    else if (S_ISDIR(st.st_mode)) err = EISDIR;
+    if (err) {
+        close(fd);
+        return mgpu__fail(MGPU_ERR_IO, "cannot read '%s': %s", path, strerror(err));
+    }
+    /* room for a NUL after the data and one spare byte, so end of file is seen without growing;
+       files without a size (pipes, /proc) grow */
+    cap = st.st_size > 0 ? (size_t)st.st_size + 2 : 4096;
+    buf = (char *)mgpu__alloc(cap, path);
+    while (buf) {
+        ssize_t got;
+        if (used + 1 >= cap) {
+            char *grown = (char *)mgpu__alloc(2 * cap, path);
+            if (grown) memcpy(grown, buf, used);
+            mgpu_free(buf);
+            buf = grown; cap *= 2;
+            if (!buf) break;
+        }
+        got = read(fd, buf + used, cap - used - 1);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) { err = errno; break; }
+        if (got == 0) break;
+        used += (size_t)got;
+    }
+    close(fd);
+    if (!buf) return MGPU_ERR_OOM_HOST;
+    if (err) { mgpu_free(buf); return mgpu__fail(MGPU_ERR_IO, "cannot read '%s': %s", path, strerror(err)); }
+    buf[used] = 0; /* text files can be used as C strings */
+    *data = buf; *len = used;
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   JSON (RFC 8259): strict recursive descent into the mgpu_json DOM
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__JSON_MAX_DEPTH 64
+
+typedef struct mgpu__json_parser {
+    const char *s; size_t len, pos;
+    const char *label;
+    int failed;
+} mgpu__json_parser;
+
+/* Records the first failure (label and byte offset); returns NULL so parsers can `return` it. */
+static mgpu_json *mgpu__json_error(mgpu__json_parser *p, const char *what) {
+    if (!p->failed) mgpu__fail(MGPU_ERR_FORMAT, "%s: invalid JSON at byte %zu: %s", p->label, p->pos, what);
+    p->failed = 1;
+    return NULL;
+}
+
+/* Length of the well-formed UTF-8 sequence at s (n bytes left), 0 if ill-formed: overlong,
+   a surrogate, above U+10FFFF or cut short. */
+static size_t mgpu__utf8_seq_len(const unsigned char *s, size_t n) {
+    uint32_t cp;
+    size_t k, i;
+    if (s[0] < 0x80) return 1;
+    if (s[0] >= 0xc2 && s[0] <= 0xdf) { k = 2; cp = s[0] & 0x1fu; }
+    else if (s[0] >= 0xe0 && s[0] <= 0xef) { k = 3; cp = s[0] & 0x0fu; }
+    else if (s[0] >= 0xf0 && s[0] <= 0xf4) { k = 4; cp = s[0] & 0x07u; }
+    else return 0;
+    if (n < k) return 0;
+    for (i = 1; i < k; i++) {
+        if ((s[i] & 0xc0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3fu);
+    }
+    if ((k == 3 && cp < 0x800) || (k == 4 && (cp < 0x10000 || cp > 0x10ffff)) || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
+    return k;
+}
+static int mgpu__utf8_valid(const char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        size_t k = mgpu__utf8_seq_len((const unsigned char *)s + i, n - i);
+        if (!k) return 0;
+        i += k;
+    }
+    return 1;
+}
+static size_t mgpu__utf8_encode(uint32_t cp, char *out) {
+    if (cp < 0x80) { out[0] = (char)cp; return 1; }
+    if (cp < 0x800) { out[0] = (char)(0xc0 | (cp >> 6)); out[1] = (char)(0x80 | (cp & 0x3f)); return 2; }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xe0 | (cp >> 12)); out[1] = (char)(0x80 | ((cp >> 6) & 0x3f)); out[2] = (char)(0x80 | (cp & 0x3f));
+        return 3;
+    }
+    out[0] = (char)(0xf0 | (cp >> 18)); out[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3f)); out[3] = (char)(0x80 | (cp & 0x3f));
+    return 4;
+}
+
+static int mgpu__is_digit(char c) { return c >= '0' && c <= '9'; }
+
+static void mgpu__json_skip_ws(mgpu__json_parser *p) {
+    while (p->pos < p->len && (p->s[p->pos] == ' ' || p->s[p->pos] == '\t' || p->s[p->pos] == '\n' || p->s[p->pos] == '\r')) p->pos++;
+}
+
+/* New zeroed node followed by `extra` bytes of storage (a number's text). */
+static mgpu_json *mgpu__json_new(mgpu__json_parser *p, mgpu_json_type type, size_t extra) {
+    mgpu_json *j = (mgpu_json *)mgpu__calloc(sizeof(mgpu_json) + extra, "a JSON value");
+    if (!j) { p->failed = 1; return NULL; }
+    j->type = type;
+    return j;
+}
+
+/* Four hex digits at p->s[at] -> code unit, or -1. The caller checked they lie before the string's end. */
+static long mgpu__json_hex4(const mgpu__json_parser *p, size_t at) {
+    long v = 0;
+    size_t i;
+    for (i = at; i < at + 4; i++) {
+        char c = p->s[i];
+        int d = mgpu__is_digit(c) ? c - '0' : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+/* Code point of the \uXXXX escape at p->pos (a surrogate pair counts as one), or the reason it is bad. */
+static long mgpu__json_code_point(const mgpu__json_parser *p, size_t end, const char **bad) {
+    long cp = p->pos + 6 <= end ? mgpu__json_hex4(p, p->pos + 2) : -1, low = -1;
+    if (cp < 0) *bad = "\\u must be followed by four hex digits";
+    else if (cp >= 0xdc00 && cp <= 0xdfff) *bad = "lone low surrogate in a \\u escape";
+    else if (cp >= 0xd800 && cp <= 0xdbff) {
+        if (p->pos + 12 <= end && p->s[p->pos + 6] == '\\' && p->s[p->pos + 7] == 'u') low = mgpu__json_hex4(p, p->pos + 8);
+        if (low < 0xdc00 || low > 0xdfff) *bad = "high surrogate not followed by a low surrogate \\u escape";
+        else cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
+    } else if (cp == 0) *bad = "\\u0000 is not supported (strings are NUL-terminated)";
+    return cp;
+}
+
+/* One escape at p->pos (the backslash), before `end` (the closing quote); appends UTF-8 to out. */
+static int mgpu__json_unescape(mgpu__json_parser *p, size_t end, char *out, size_t *n) {
+    static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
+    const char *simple, *bad = NULL;
+    long cp;
+    if (p->s[p->pos + 1] != 'u') {
+        simple = strchr(from, p->s[p->pos + 1]);
+        if (!simple || !*simple) { mgpu__json_error(p, "invalid escape sequence"); return 0; }
+        out[(*n)++] = to[simple - from];
+        p->pos += 2;
+        return 1;
+    }
+    cp = mgpu__json_code_point(p, end, &bad);
+    if (bad) { mgpu__json_error(p, bad); return 0; }
+    *n += mgpu__utf8_encode((uint32_t)cp, out + *n);
+    p->pos += cp >= 0x10000 ? 12 : 6;
+    return 1;
+}
+
+/* The string whose opening quote is at p->pos, unescaped into a new NUL-terminated buffer. */
+static char *mgpu__json_string_text(mgpu__json_parser *p) {
+    size_t end = p->pos + 1, n = 0;
+    char *out;
+    /* find the closing quote first: the unescaped text is never longer than the source */
+    while (end < p->len && p->s[end] != '"') end += p->s[end] == '\\' ? 2 : 1;
+    if (end >= p->len) { mgpu__json_error(p, "unterminated string"); return NULL; }
+    out = (char *)mgpu__alloc(end - p->pos, "a JSON string");
+    if (!out) { p->failed = 1; return NULL; }
+    p->pos++;
+    while (p->pos < end) {
+        unsigned char c = (unsigned char)p->s[p->pos];
+        size_t k;
+        if (c < 0x20) { mgpu__json_error(p, "control character in a string (must be escaped)"); break; }
+        if (c == '\\') {
+            if (!mgpu__json_unescape(p, end, out, &n)) break;
+            continue;
+        }
+        k = mgpu__utf8_seq_len((const unsigned char *)p->s + p->pos, end - p->pos);
+        if (!k) { mgpu__json_error(p, "invalid UTF-8 in a string"); break; }
+        memcpy(out + n, p->s + p->pos, k);
+        n += k; p->pos += k;
+    }
+    if (p->failed) { mgpu_free(out); return NULL; }
+    out[n] = 0;
+    p->pos = end + 1;
+    return out;
+}
+
+/* -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?, kept as text too for exact integers. */
+static mgpu_json *mgpu__json_number(mgpu__json_parser *p) {
+    size_t start = p->pos, i = p->pos;
+    mgpu_json *j;
+    char *raw;
+    if (p->s[i] == '-') i++;
+    if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return mgpu__json_error(p, "expected a digit in a number"); }
+    if (p->s[i] == '0') {
+        i++;
+        if (i < p->len && mgpu__is_digit(p->s[i])) { p->pos = i; return mgpu__json_error(p, "leading zeros are not allowed in numbers"); }
+    } else {
+        while (i < p->len && mgpu__is_digit(p->s[i])) i++;
+    }
+    if (i < p->len && p->s[i] == '.') {
+        i++;
+        if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return mgpu__json_error(p, "expected a digit after the decimal point"); }
+        while (i < p->len && mgpu__is_digit(p->s[i])) i++;
+    }
+    if (i < p->len && (p->s[i] == 'e' || p->s[i] == 'E')) {
+        i++;
+        if (i < p->len && (p->s[i] == '+' || p->s[i] == '-')) i++;
+        if (i >= p->len || !mgpu__is_digit(p->s[i])) { p->pos = i; return mgpu__json_error(p, "expected a digit in the exponent"); }
+        while (i < p->len && mgpu__is_digit(p->s[i])) i++;
+    }
+    j = mgpu__json_new(p, MGPU_JSON_NUMBER, i - start + 1);
+    if (!j) return NULL;
+    raw = (char *)(j + 1);
+    memcpy(raw, p->s + start, i - start);
+    raw[i - start] = 0;
+    j->raw = raw; j->raw_len = i - start;
+    j->number = strtod(raw, NULL);
+    if (isinf(j->number)) { mgpu_free(j); return mgpu__json_error(p, "number out of range"); }
+    p->pos = i;
+    return j;
+}
+
+static mgpu_json *mgpu__json_literal(mgpu__json_parser *p) {
+    static const char *const words[3] = {"true", "false", "null"};
+    int w;
+    for (w = 0; w < 3; w++) {
+        size_t n = strlen(words[w]);
+        if (p->len - p->pos >= n && memcmp(p->s + p->pos, words[w], n) == 0) {
+            mgpu_json *j = mgpu__json_new(p, w == 2 ? MGPU_JSON_NULL : MGPU_JSON_BOOL, 0);
+            if (j) j->boolean = w == 0;
+            p->pos += n;
+            return j;
+        }
+    }
+    return mgpu__json_error(p, "unexpected character (expected a value)");
+}
+
+static mgpu_json *mgpu__json_value(mgpu__json_parser *p, int depth);
+
+/* An array or object (opening bracket at p->pos); depth counts the containers around it. */
+static mgpu_json *mgpu__json_container(mgpu__json_parser *p, int depth, int is_object) {
+    char closer = is_object ? '}' : ']';
+    mgpu_json *node, **tail;
+    if (depth > MGPU__JSON_MAX_DEPTH) return mgpu__json_error(p, "nested deeper than 64 levels");
+    node = mgpu__json_new(p, is_object ? MGPU_JSON_OBJECT : MGPU_JSON_ARRAY, 0);
+    if (!node) return NULL;
+    tail = &node->child;
+    p->pos++;
+    mgpu__json_skip_ws(p);
+    if (p->pos < p->len && p->s[p->pos] == closer) { p->pos++; return node; }
+    for (;;) {
+        char *key = NULL;
+        mgpu_json *item;
+        if (is_object) {
+            mgpu__json_skip_ws(p);
+            if (p->pos >= p->len || p->s[p->pos] != '"') { mgpu__json_error(p, "expected a string key"); break; }
+            if (!(key = mgpu__json_string_text(p))) break;
+            mgpu__json_skip_ws(p);
+            if (p->pos >= p->len || p->s[p->pos] != ':') { mgpu_free(key); mgpu__json_error(p, "expected ':' after an object key"); break; }
+            p->pos++;
+        }
+        if (!(item = mgpu__json_value(p, depth))) { mgpu_free(key); break; }
+        item->key = key;
+        *tail = item; tail = &item->next;
+        node->count++;
+        mgpu__json_skip_ws(p);
+        if (p->pos < p->len && p->s[p->pos] == ',') { p->pos++; continue; }
+        if (p->pos < p->len && p->s[p->pos] == closer) { p->pos++; return node; }
+        mgpu__json_error(p, is_object ? "expected ',' or '}' after an object member" : "expected ',' or ']' after an array element");
+        break;
+    }
+    mgpu_json_free(node);
+    return NULL;
+}
+
+static mgpu_json *mgpu__json_value(mgpu__json_parser *p, int depth) {
+    char c;
+    mgpu__json_skip_ws(p);
+    if (p->pos >= p->len) return mgpu__json_error(p, "unexpected end of input (expected a value)");
+    c = p->s[p->pos];
+    if (c == '{' || c == '[') return mgpu__json_container(p, depth + 1, c == '{');
+    if (c == '-' || mgpu__is_digit(c)) return mgpu__json_number(p);
+    if (c == '"') {
+        char *text = mgpu__json_string_text(p);
+        mgpu_json *j = text ? mgpu__json_new(p, MGPU_JSON_STRING, 0) : NULL;
+        if (!j) { mgpu_free(text); return NULL; }
+        j->string = text;
+        return j;
+    }
+    return mgpu__json_literal(p);
+}
+
+MGPU_API mgpu_json *mgpu_json_parse(const char *text, size_t len, const char *label) {
+    mgpu__json_parser p;
+    mgpu_json *root;
+    if (!text && len) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_json_parse: text is NULL but len is %zu", len);
+    p.s = text ? text : ""; p.len = len; p.pos = 0;
+    p.label = label ? label : "JSON";
+    p.failed = 0;
+    root = mgpu__json_value(&p, 0);
+    if (!root) return NULL;
+    mgpu__json_skip_ws(&p);
+    if (p.pos != p.len) {
+        mgpu_json_free(root);
+        return mgpu__json_error(&p, "unexpected text after the JSON value");
+    }
+    return root;
+}
+
+MGPU_API void mgpu_json_free(mgpu_json *j) {
+    /* siblings iteratively, children recursively (nesting is at most 64 deep) */
+    while (j) {
+        mgpu_json *next = j->next;
+        mgpu_json_free(j->child);
+        mgpu_free(j->string);
+        mgpu_free(j->key);
+        mgpu_free(j);
+        j = next;
+    }
+}
+
+MGPU_API const mgpu_json *mgpu_json_get(const mgpu_json *obj, const char *key) {
+    const mgpu_json *c;
+    if (!obj || obj->type != MGPU_JSON_OBJECT || !key) return NULL;
+    for (c = obj->child; c; c = c->next)
+        if (c->key && strcmp(c->key, key) == 0) return c;
+    return NULL;
+}
+
+MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out) {
+    char text[24];
+    size_t i;
+    int plain;
+    if (!j || j->type != MGPU_JSON_NUMBER) return 0;
+    plain = j->raw && j->raw_len > 0 && j->raw_len < sizeof text;
+    for (i = 0; plain && i < j->raw_len; i++) plain = mgpu__is_digit(j->raw[i]) || (i == 0 && j->raw[i] == '-');
+    if (plain) {
+        /* integer text: exact through strtoll (a double loses digits past 2^53) */
+        long long v;
+        memcpy(text, j->raw, j->raw_len);
+        text[j->raw_len] = 0;
+        errno = 0;
+        v = strtoll(text, NULL, 10);
+        if (errno == ERANGE) return 0;
+        if (out) *out = (int64_t)v;
+        return 1;
+    }
+    /* 1e3 or 2.0: integral if the double is, and exact below 2^53 */
+    if (j->number != floor(j->number) || fabs(j->number) > 9007199254740992.0) return 0;
+    if (out) *out = (int64_t)j->number;
+    return 1;
+}
+
+/* --------------------------------------------------------------------------------------
+   safetensors: 8-byte little-endian header length N, N bytes of JSON, then the data section
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__ST_MAX_HEADER ((uint64_t)100 << 20)
+
+typedef struct mgpu__st_item { mgpu_safetensors_entry e; uint64_t begin, end; } mgpu__st_item;
+struct mgpu_safetensors {
+    char *label;                 /* file path (or the caller's label) for messages */
+    uint8_t *bytes; size_t len;  /* the whole file; entries point into it */
+    mgpu_json *header;           /* entry names and metadata point into it */
+    const mgpu_json *metadata;   /* "__metadata__" or NULL */
+    int n;
+    mgpu__st_item *items;        /* header order */
+    mgpu__st_item **by_name;     /* sorted by name, for lookup */
+};
+
+/* Format failure naming the file and, when known, the tensor. */
+static mgpu_result mgpu__st_error(mgpu_result code, const char *label, const char *tensor, const char *fmt, ...) MGPU__PRINTF(4, 5);
+static mgpu_result mgpu__st_error(mgpu_result code, const char *label, const char *tensor, const char *fmt, ...) {
+    char what[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    if (tensor) return mgpu__fail(code, "%s: tensor '%s': %s", label, tensor, what);
+    return mgpu__fail(code, "%s: %s", label, what);
+}
+
+/* dtypes of the safetensors spec this library has no tensor type for */
+static int mgpu__st_known_unsupported_dtype(const char *name) {
+    static const char *const names[] = {"F64", "I8", "I16", "U16", "U32", "U64", "BOOL", "F8_E4M3", "F8_E5M2",
+                                        "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64"};
+    size_t i;
+    for (i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(name, names[i]) == 0) return 1;
+    return 0;
+}
+
+static mgpu_result mgpu__st_parse_dtype(const char *label, const char *name, const mgpu_json *j, mgpu_dtype *dt) {
+    if (!j) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "missing \"dtype\"");
+    if (j->type != MGPU_JSON_STRING) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "\"dtype\" is not a string");
+    if (mgpu_dtype_from_name(j->string, dt)) return MGPU_OK;
+    if (mgpu__st_known_unsupported_dtype(j->string))
+        return mgpu__st_error(MGPU_ERR_UNSUPPORTED, label, name, "dtype %s is not supported (F32, F16, BF16, I32, I64, U8 are)", j->string);
+    return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "unknown dtype \"%.32s\"", j->string);
+}
+
+/* A non-negative integer of an array element, or -1. */
+static int64_t mgpu__json_nonneg(const mgpu_json *j) {
+    int64_t v;
+    return mgpu_json_int64(j, &v) && v >= 0 ? v : -1;
+}
+
+static mgpu_result mgpu__st_parse_shape(const char *label, const char *name, const mgpu_json *j, mgpu__st_item *it) {
+    const mgpu_json *d;
+    uint64_t numel = 1;
+    if (!j) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "missing \"shape\"");
+    if (j->type != MGPU_JSON_ARRAY) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "\"shape\" is not an array");
+    if (j->count > MGPU_MAX_DIMS)
+        return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "\"shape\" has %lld dimensions, at most %d are supported", (long long)j->count, MGPU_MAX_DIMS);
+    it->e.ndim = 0;
+    for (d = j->child; d; d = d->next) {
+        int64_t v = mgpu__json_nonneg(d);
+        if (v < 0) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "\"shape\" dimension %d is not a non-negative integer", it->e.ndim);
+        if (v && numel > UINT64_MAX / (uint64_t)v) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "\"shape\" overflows");
+        numel *= (uint64_t)v;
+        it->e.shape[it->e.ndim++] = v;
+    }
+    if (numel > UINT64_MAX / mgpu_dtype_size(it->e.dtype)) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "\"shape\" overflows");
+    it->e.nbytes = (size_t)(numel * mgpu_dtype_size(it->e.dtype));
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__st_parse_offsets(const char *label, const char *name, const mgpu_json *j, uint64_t data_len, mgpu__st_item *it) {
+    int64_t begin = 0, end = 0;
+    if (!j) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "missing \"data_offsets\"");
+    if (j->type != MGPU_JSON_ARRAY || j->count != 2 || (begin = mgpu__json_nonneg(j->child)) < 0 || (end = mgpu__json_nonneg(j->child->next)) < 0)
+        return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "\"data_offsets\" is not two non-negative integers");
+    if (begin > end) return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "data_offsets [%lld, %lld] begin after they end", (long long)begin, (long long)end);
+    if ((uint64_t)end > data_len)
+        return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "data_offsets end %lld is beyond the %llu-byte data section", (long long)end, (unsigned long long)data_len);
+    if ((uint64_t)(end - begin) != it->e.nbytes) {
+        char shape[96];
+        mgpu_shape_string(it->e.ndim, it->e.shape, shape, sizeof shape);
+        return mgpu__st_error(MGPU_ERR_FORMAT, label, name, "data_offsets [%lld, %lld] hold %lld bytes but %s %s needs %zu",
+                              (long long)begin, (long long)end, (long long)(end - begin), mgpu_dtype_name(it->e.dtype), shape, it->e.nbytes);
+    }
+    it->begin = (uint64_t)begin; it->end = (uint64_t)end;
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__st_parse_entry(const char *label, const mgpu_json *m, uint64_t data_len, mgpu__st_item *it) {
+    const mgpu_json *c;
+    mgpu_result r;
+    it->e.name = m->key;
+    if (m->type != MGPU_JSON_OBJECT) return mgpu__st_error(MGPU_ERR_FORMAT, label, m->key, "entry is not an object");
+    for (c = m->child; c; c = c->next)
+        if (strcmp(c->key, "dtype") != 0 && strcmp(c->key, "shape") != 0 && strcmp(c->key, "data_offsets") != 0)
+            return mgpu__st_error(MGPU_ERR_FORMAT, label, m->key, "unexpected key \"%.64s\"", c->key);
+    if ((r = mgpu__st_parse_dtype(label, m->key, mgpu_json_get(m, "dtype"), &it->e.dtype)) != MGPU_OK) return r;
+    if ((r = mgpu__st_parse_shape(label, m->key, mgpu_json_get(m, "shape"), it)) != MGPU_OK) return r;
+    return mgpu__st_parse_offsets(label, m->key, mgpu_json_get(m, "data_offsets"), data_len, it);
+}
+
+static mgpu_result mgpu__st_parse_metadata(const char *label, const mgpu_json *m) {
+    const mgpu_json *c;
+    if (m->type != MGPU_JSON_OBJECT) return mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "\"__metadata__\" is not an object");
+    for (c = m->child; c; c = c->next)
+        if (c->type != MGPU_JSON_STRING) return mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "\"__metadata__\" value of \"%.64s\" is not a string", c->key);
+    return MGPU_OK;
+}
+
+static int mgpu__st_cmp_name(const void *a, const void *b) {
+    return strcmp((*(const mgpu__st_item *const *)a)->e.name, (*(const mgpu__st_item *const *)b)->e.name);
+}
+static int mgpu__st_cmp_offsets(const void *a, const void *b) {
+    const mgpu__st_item *x = *(const mgpu__st_item *const *)a, *y = *(const mgpu__st_item *const *)b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    if (x->end != y->end) return x->end < y->end ? -1 : 1;
+    return 0;
+}
+static int mgpu__st_cmp_key(const void *key, const void *item) {
+    return strcmp((const char *)key, (*(const mgpu__st_item *const *)item)->e.name);
+}
+
+/* Names unique; byte ranges in order cover the data section exactly (no overlap, no hole). */
+static mgpu_result mgpu__st_check_layout(mgpu_safetensors *st, uint64_t data_len) {
+    mgpu__st_item **by_offset;
+    uint64_t at = 0;
+    int i;
+    mgpu_result r = MGPU_OK;
+    for (i = 0; i < st->n; i++) st->by_name[i] = &st->items[i];
+    qsort(st->by_name, (size_t)st->n, sizeof *st->by_name, mgpu__st_cmp_name);
+    for (i = 1; i < st->n; i++)
+        if (strcmp(st->by_name[i - 1]->e.name, st->by_name[i]->e.name) == 0)
+            return mgpu__st_error(MGPU_ERR_FORMAT, st->label, st->by_name[i]->e.name, "appears twice in the header");
+    by_offset = (mgpu__st_item **)mgpu__alloc(sizeof *by_offset * (size_t)(st->n + 1), "safetensors validation");
+    if (!by_offset) return MGPU_ERR_OOM_HOST;
+    memcpy(by_offset, st->by_name, sizeof *by_offset * (size_t)st->n);
+    qsort(by_offset, (size_t)st->n, sizeof *by_offset, mgpu__st_cmp_offsets);
+    for (i = 0; i < st->n && r == MGPU_OK; i++) {
+        const mgpu__st_item *it = by_offset[i];
+        if (it->begin < at)
+            r = mgpu__st_error(MGPU_ERR_FORMAT, st->label, it->e.name, "bytes [%llu, %llu) overlap tensor '%s'", (unsigned long long)it->begin,
+                               (unsigned long long)it->end, by_offset[i - 1]->e.name);
+        else if (it->begin > at)
+            r = mgpu__st_error(MGPU_ERR_FORMAT, st->label, it->e.name, "bytes [%llu, %llu) leave a hole of %llu unused bytes before them",
+                               (unsigned long long)it->begin, (unsigned long long)it->end, (unsigned long long)(it->begin - at));
+        at = it->end;
+    }
+    if (r == MGPU_OK && at != data_len)
+        r = mgpu__st_error(MGPU_ERR_FORMAT, st->label, NULL, "the tensors cover %llu bytes but the data section holds %llu",
+                           (unsigned long long)at, (unsigned long long)data_len);
+    mgpu_free(by_offset);
+    return r;
+}
+
+/* Parses the header members into st->items and the metadata. */
+static mgpu_result mgpu__st_parse_members(mgpu_safetensors *st, uint64_t data_len, const uint8_t *data) {
+    const mgpu_json *m;
+    mgpu_result r;
+    int n = 0;
+    for (m = st->header->child; m; m = m->next) {
+        if (strcmp(m->key, "__metadata__") == 0) {
+            if (st->metadata) return mgpu__st_error(MGPU_ERR_FORMAT, st->label, NULL, "\"__metadata__\" appears twice");
+            if ((r = mgpu__st_parse_metadata(st->label, m)) != MGPU_OK) return r;
+            st->metadata = m;
+            continue;
+        }
+        if ((r = mgpu__st_parse_entry(st->label, m, data_len, &st->items[n])) != MGPU_OK) return r;
+        st->items[n].e.data = data + st->items[n].begin;
+        n++;
+    }
+    st->n = n;
+    return mgpu__st_check_layout(st, data_len);
+}
+
+/* Validates a whole file image, taking ownership of bytes (freed on failure). */
+static mgpu_safetensors *mgpu__st_from_bytes(uint8_t *bytes, size_t len, const char *label) {
+    mgpu_safetensors *st;
+    uint64_t hlen = 0;
+    int i;
+    mgpu_result r;
+    if (len < 8) {
+        mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "file is %zu bytes, shorter than the 8-byte header length", len);
+        mgpu_free(bytes);
+        return NULL;
+    }
+    for (i = 7; i >= 0; i--) hlen = (hlen << 8) | bytes[i];
+    if (hlen > MGPU__ST_MAX_HEADER || hlen > len - 8 || hlen < 2 || bytes[8] != '{') {
+        if (hlen > MGPU__ST_MAX_HEADER || hlen > len - 8)
+            mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "header length %llu exceeds the file's remaining %zu bytes (or the 100 MB limit)",
+                           (unsigned long long)hlen, len - 8);
+        else if (hlen < 2) mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "header length %llu is too small for a JSON object", (unsigned long long)hlen);
+        else mgpu__st_error(MGPU_ERR_FORMAT, label, NULL, "the header does not start with '{'");
+        mgpu_free(bytes);
+        return NULL;
+    }
+    st = (mgpu_safetensors *)mgpu__calloc(sizeof *st, "a safetensors file");
+    if (!st) { mgpu_free(bytes); return NULL; }
+    st->bytes = bytes; st->len = len;
+    st->label = mgpu__strdup(label);
+    if (!st->label) { mgpu_safetensors_close(st); return NULL; }
+    {
+        char hlabel[300];
+        snprintf(hlabel, sizeof hlabel, "%.256s header", label);
+        st->header = mgpu_json_parse((const char *)bytes + 8, (size_t)hlen, hlabel);
+    }
+    if (!st->header) { mgpu_safetensors_close(st); return NULL; }
+    st->items = (mgpu__st_item *)mgpu__calloc(sizeof *st->items * (size_t)(st->header->count + 1), "safetensors entries");
+    st->by_name = (mgpu__st_item **)mgpu__calloc(sizeof *st->by_name * (size_t)(st->header->count + 1), "safetensors entries");
+    r = st->items && st->by_name ? mgpu__st_parse_members(st, len - 8 - hlen, bytes + 8 + hlen) : MGPU_ERR_OOM_HOST;
+    if (r != MGPU_OK) { mgpu_safetensors_close(st); return NULL; }
+    return st;
+}
+
+MGPU_API mgpu_safetensors *mgpu_safetensors_parse(const void *bytes, size_t len, const char *label) {
+    uint8_t *copy;
+    if (!bytes && len) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_parse: bytes is NULL but len is %zu", len);
+    copy = (uint8_t *)mgpu__alloc(len, "a safetensors copy");
+    if (!copy) return NULL;
+    if (len) memcpy(copy, bytes, len);
+    return mgpu__st_from_bytes(copy, len, label ? label : "safetensors data");
+}
+
+MGPU_API mgpu_safetensors *mgpu_safetensors_open(const char *path) {
+    void *data = NULL;
+    size_t len = 0;
+    if (!path) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_open: path is NULL");
+    if (mgpu_read_file(path, &data, &len) != MGPU_OK) return NULL;
+    return mgpu__st_from_bytes((uint8_t *)data, len, path);
+}
+
+MGPU_API void mgpu_safetensors_close(mgpu_safetensors *st) {
+    if (!st) return;
+    mgpu_json_free(st->header);
+    mgpu_free(st->items);
+    mgpu_free(st->by_name);
+    mgpu_free(st->bytes);
+    mgpu_free(st->label);
+    mgpu_free(st);
+}
+MGPU_API int mgpu_safetensors_count(const mgpu_safetensors *st) { return st ? st->n : 0; }
+MGPU_API const mgpu_safetensors_entry *mgpu_safetensors_get(const mgpu_safetensors *st, int i) {
+    if (!st || i < 0 || i >= st->n) return NULL;
+    return &st->items[i].e;
+}
+MGPU_API const mgpu_safetensors_entry *mgpu_safetensors_find(const mgpu_safetensors *st, const char *name) {
+    mgpu__st_item **hit;
+    if (!st || !name || st->n == 0) return NULL;
+    hit = (mgpu__st_item **)bsearch(name, st->by_name, (size_t)st->n, sizeof *st->by_name, mgpu__st_cmp_key);
+    return hit ? &(*hit)->e : NULL;
+}
+MGPU_API const char *mgpu_safetensors_metadata(const mgpu_safetensors *st, const char *key) {
+    const mgpu_json *v = st ? mgpu_json_get(st->metadata, key) : NULL;
+    return v ? v->string : NULL;
+}
+
+/* Whether entry e can be read into dst: host tensor, same shape, same dtype or float <-> float. */
+static mgpu_result mgpu__st_check_fits(const char *label, const mgpu_safetensors_entry *e, const mgpu_tensor *dst) {
+    char file_shape[96], dst_shape[96];
+    if (!mgpu__on_host(dst))
+        return mgpu__st_error(MGPU_ERR_UNSUPPORTED, label, e->name, "reading into a device tensor is not supported yet");
+    if (dst->ndim != e->ndim || (e->ndim && memcmp(dst->shape, e->shape, sizeof(int64_t) * (size_t)e->ndim) != 0)) {
+        mgpu_shape_string(e->ndim, e->shape, file_shape, sizeof file_shape);
+        mgpu_shape_string(dst->ndim, dst->shape, dst_shape, sizeof dst_shape);
+        return mgpu__st_error(MGPU_ERR_SHAPE, label, e->name, "shape %s in the file, but the destination tensor is %s", file_shape, dst_shape);
+    }
+    if (dst->dtype != e->dtype && !(mgpu__dtype_is_float(dst->dtype) && mgpu__dtype_is_float(e->dtype)))
+        return mgpu__st_error(MGPU_ERR_SHAPE, label, e->name, "dtype %s in the file cannot be read into a %s tensor",
+                              mgpu_dtype_name(e->dtype), mgpu_dtype_name(dst->dtype));
+    if (dst->numel && !dst->data) return mgpu__st_error(MGPU_ERR_INVALID_ARG, label, e->name, "the destination tensor has no data");
+    return MGPU_OK;
+}
+
+/* Float element conversion between F32/F16/BF16 (memcpy: file data may be unaligned). */
+typedef struct mgpu__convert_job { const uint8_t *src; mgpu_dtype from; uint8_t *dst; mgpu_dtype to; } mgpu__convert_job;
+
+static float mgpu__load_float(const uint8_t *p, mgpu_dtype dt) {
+    float f;
+    uint16_t h;
+    if (dt == MGPU_F32) { memcpy(&f, p, 4); return f; }
+    memcpy(&h, p, 2);
+    return dt == MGPU_F16 ? mgpu_f16_to_f32(h) : mgpu_bf16_to_f32(h);
+}
+static void mgpu__store_float(uint8_t *p, mgpu_dtype dt, float f) {
+    uint16_t h;
+    if (dt == MGPU_F32) { memcpy(p, &f, 4); return; }
+    h = dt == MGPU_F16 ? mgpu_f32_to_f16(f) : mgpu_f32_to_bf16(f);
+    memcpy(p, &h, 2);
+}
+static void mgpu__convert_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__convert_job *j = (const mgpu__convert_job *)arg;
+    size_t sf = mgpu_dtype_size(j->from), sd = mgpu_dtype_size(j->to);
+    int64_t i;
+    for (i = begin; i < end; i++) mgpu__store_float(j->dst + (size_t)i * sd, j->to, mgpu__load_float(j->src + (size_t)i * sf, j->from));
+}
+
+static void mgpu__st_copy(const mgpu_safetensors_entry *e, mgpu_tensor *dst) {
+    mgpu__convert_job job;
+    if (dst->dtype == e->dtype) {
+        if (e->nbytes) memcpy(dst->data, e->data, e->nbytes);
+        return;
+    }
+    job.src = (const uint8_t *)e->data; job.from = e->dtype;
+    job.dst = (uint8_t *)dst->data; job.to = dst->dtype;
+    mgpu_parallel_for(dst->ctx, dst->numel, (int64_t)1 << 15, mgpu__convert_range, &job);
+}
+
+MGPU_API mgpu_result mgpu_safetensors_read_into(const mgpu_safetensors *st, const char *name, mgpu_tensor *dst) {
+    const mgpu_safetensors_entry *e;
+    mgpu_result r;
+    if (!st || !name || !dst) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_read_into: st, name and dst must not be NULL");
+    e = mgpu_safetensors_find(st, name);
+    if (!e) return mgpu__st_error(MGPU_ERR_FORMAT, st->label, name, "not in the file");
+    if ((r = mgpu__st_check_fits(st->label, e, dst)) != MGPU_OK) return r;
+    mgpu__st_copy(e, dst);
+    return MGPU_OK;
+}
+
+static int mgpu__cmp_str_ptr(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
+
+/* Finds a string given twice; *dup is NULL when all differ. */
+static mgpu_result mgpu__find_duplicate(const char *const *strs, int n, const char **dup) {
+    const char **sorted;
+    int i;
+    *dup = NULL;
+    if (n < 2) return MGPU_OK;
+    sorted = (const char **)mgpu__alloc(sizeof *sorted * (size_t)n, "a duplicate check");
+    if (!sorted) return MGPU_ERR_OOM_HOST;
+    memcpy(sorted, strs, sizeof *sorted * (size_t)n);
+    qsort(sorted, (size_t)n, sizeof *sorted, mgpu__cmp_str_ptr);
+    for (i = 1; i < n && !*dup; i++)
+        if (strcmp(sorted[i - 1], sorted[i]) == 0) *dup = sorted[i];
+    mgpu_free(sorted);
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__st_check_tensor_arg(const char *name, const mgpu_tensor *t) {
+    if (!name || !name[0] || !mgpu__utf8_valid(name, strlen(name)) || strcmp(name, "__metadata__") == 0)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: tensor name '%s' must be non-empty UTF-8 and not __metadata__", name ? name : "(null)");
+    if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: tensor '%s' is NULL", name);
+    if (!mgpu__dtype_valid(t->dtype) || t->ndim < 0 || t->ndim > MGPU_MAX_DIMS || (t->numel && !t->data))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: tensor '%s' is malformed (dtype, ndim or data)", name);
+    if (!mgpu__on_host(t))
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "mgpu_safetensors_save: tensor '%s' is on a CUDA device; saving device tensors is not supported yet", name);
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__st_check_save_args(const char *path, int n, const char *const *names, const mgpu_tensor *const *tensors,
+                                            int n_meta, const char *const *keys, const char *const *values) {
+    const char *dup = NULL;
+    mgpu_result r;
+    int i;
+    if (!path || !path[0]) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: path is NULL or empty");
+    if (n < 0 || (n > 0 && (!names || !tensors)))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: %s: n is %d and names/tensors must be given when n > 0", path, n);
+    if (n_meta < 0 || (n_meta > 0 && (!keys || !values)))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: %s: n_meta is %d and keys/values must be given when n_meta > 0", path, n_meta);
+    for (i = 0; i < n; i++)
+        if ((r = mgpu__st_check_tensor_arg(names[i], tensors[i])) != MGPU_OK) return r;
+    for (i = 0; i < n_meta; i++)
+        if (!keys[i] || !values[i] || !mgpu__utf8_valid(keys[i], strlen(keys[i])) || !mgpu__utf8_valid(values[i], strlen(values[i])))
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: %s: metadata entry %d is NULL or not UTF-8", path, i);
+    if ((r = mgpu__find_duplicate(names, n, &dup)) != MGPU_OK) return r;
+    if (dup) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: %s: tensor name '%s' is given twice", path, dup);
+    if ((r = mgpu__find_duplicate(keys, n_meta, &dup)) != MGPU_OK) return r;
+    if (dup) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: %s: metadata key '%s' is given twice", path, dup);
+    return MGPU_OK;
+}
+
+/* The JSON header, padded with spaces so the data section starts 8-byte aligned. */
+static int mgpu__st_build_header(mgpu__buf *b, int n, const char *const *names, const mgpu_tensor *const *tensors,
+                                 int n_meta, const char *const *keys, const char *const *values) {
+    uint64_t offset = 0;
+    int i, d;
+    mgpu__buf_puts(b, "{");
+    if (n_meta > 0) {
+        mgpu__buf_puts(b, "\"__metadata__\":{");
+        for (i = 0; i < n_meta; i++) {
+            if (i) mgpu__buf_puts(b, ",");
+            mgpu__buf_json_string(b, keys[i]);
+            mgpu__buf_puts(b, ":");
+            mgpu__buf_json_string(b, values[i]);
+        }
+        mgpu__buf_puts(b, n ? "}," : "}");
+    }
+    for (i = 0; i < n; i++) {
+        const mgpu_tensor *t = tensors[i];
+        uint64_t bytes = (uint64_t)mgpu_tensor_nbytes(t);
+        if (i) mgpu__buf_puts(b, ",");
+        mgpu__buf_json_string(b, names[i]);
+        mgpu__buf_printf(b, ":{\"dtype\":\"%s\",\"shape\":[", mgpu_dtype_name(t->dtype));
+        for (d = 0; d < t->ndim; d++) mgpu__buf_printf(b, d ? ",%lld" : "%lld", (long long)t->shape[d]);
+        mgpu__buf_printf(b, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)offset, (unsigned long long)(offset + bytes));
+        offset += bytes;
+    }
+    mgpu__buf_puts(b, "}");
+    while (b->len % 8) mgpu__buf_puts(b, " ");
+    return !b->failed;
+}
+
+MGPU_API mgpu_result mgpu_safetensors_save(const char *path, int n, const char *const *names, const mgpu_tensor *const *tensors,
+                                           int n_meta, const char *const *meta_keys, const char *const *meta_values) {
+    mgpu__buf header;
+    mgpu__span *spans;
+    uint8_t len_bytes[8];
+    mgpu_result r;
+    int i, n_spans = 2;
+    if ((r = mgpu__st_check_save_args(path, n, names, tensors, n_meta, meta_keys, meta_values)) != MGPU_OK) return r;
+    mgpu__buf_init(&header);
+    spans = (mgpu__span *)mgpu__alloc(sizeof *spans * (size_t)(n + 2), "safetensors output");
+    if (!spans || !mgpu__st_build_header(&header, n, names, tensors, n_meta, meta_keys, meta_values)) {
+        mgpu_free(spans);
+        mgpu__buf_free(&header);
+        return MGPU_ERR_OOM_HOST;
+    }
+    for (i = 0; i < 8; i++) len_bytes[i] = (uint8_t)((uint64_t)header.len >> (8 * i));
+    spans[0].data = len_bytes; spans[0].len = 8;
+    spans[1].data = header.data; spans[1].len = header.len;
+    /* tensor data is written straight from the tensors: no copy of the whole model */
+    for (i = 0; i < n; i++) {
+        spans[n_spans].data = tensors[i]->data;
+        spans[n_spans].len = mgpu_tensor_nbytes(tensors[i]);
+        n_spans++;
+    }
+    r = mgpu__write_atomic_spans(path, spans, n_spans, "mgpu_safetensors_save");
+    mgpu_free(spans);
+    mgpu__buf_free(&header);
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   Model save/load: parameters then buffers under their state_dict names
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__model_tensors { int n; const char **names; mgpu_tensor **tensors; } mgpu__model_tensors;
+
+static void mgpu__model_tensors_free(mgpu__model_tensors *mt) { mgpu_free(mt->names); mgpu_free((void *)mt->tensors); }
+
+static mgpu_result mgpu__model_tensors_collect(const mgpu_model *m, mgpu__model_tensors *mt, const char *fn) {
+    int np = mgpu_model_num_parameters(m), nb = mgpu_model_num_buffers(m), i;
+    mt->n = np + nb;
+    mt->names = (const char **)mgpu__alloc(sizeof *mt->names * (size_t)(mt->n + 1), "the model's tensor list");
+    mt->tensors = (mgpu_tensor **)mgpu__alloc(sizeof *mt->tensors * (size_t)(mt->n + 1), "the model's tensor list");
+    if (!mt->names || !mt->tensors) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < mt->n; i++) {
+        mt->names[i] = NULL;
+        mt->tensors[i] = i < np ? mgpu_model_parameter(m, i, &mt->names[i]) : mgpu_model_buffer(m, i - np, &mt->names[i]);
+        if (!mt->tensors[i] || !mt->names[i])
+            return mgpu__fail(MGPU_ERR_STATE, "%s: the model's %s %d could not be listed", fn, i < np ? "parameter" : "buffer", i < np ? i : i - np);
+    }
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_model_save(const mgpu_model *m, const char *path) {
+    static const char *const meta_key[1] = {"format"}, *const meta_value[1] = {"pt"};
+    mgpu__model_tensors mt;
+    mgpu_result r;
+    if (!m || !path) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_model_save: model and path must not be NULL");
+    memset(&mt, 0, sizeof mt);
+    r = mgpu__model_tensors_collect(m, &mt, "mgpu_model_save");
+    if (r == MGPU_OK)
+        r = mgpu_safetensors_save(path, mt.n, mt.names, (const mgpu_tensor *const *)mt.tensors, 1, meta_key, meta_value);
+    mgpu__model_tensors_free(&mt);
+    return r;
+}
+
+/* Every model tensor present with a fitting shape and dtype, and nothing else in the file. */
+static mgpu_result mgpu__model_check_file(const mgpu_safetensors *st, const mgpu__model_tensors *mt) {
+    char *seen = (char *)mgpu__calloc((size_t)st->n + 1, "model load bookkeeping");
+    mgpu_result r = MGPU_OK;
+    int i;
+    if (!seen) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < mt->n && r == MGPU_OK; i++) {
+        const mgpu_safetensors_entry *e = mgpu_safetensors_find(st, mt->names[i]);
+        if (!e) r = mgpu__st_error(MGPU_ERR_FORMAT, st->label, mt->names[i], "missing from the file (the model has it, shape %s)", mgpu__shape_str(mt->tensors[i]));
+        else if ((r = mgpu__st_check_fits(st->label, e, mt->tensors[i])) == MGPU_OK) seen[(const mgpu__st_item *)(const void *)e - st->items] = 1;
+    }
+    for (i = 0; i < st->n && r == MGPU_OK; i++)
+        if (!seen[i]) r = mgpu__st_error(MGPU_ERR_FORMAT, st->label, st->items[i].e.name, "unexpected: the model has no tensor of that name");
+    mgpu_free(seen);
+    return r;
+}
+
+MGPU_API mgpu_result mgpu_model_load(mgpu_model *m, const char *path) {
+    mgpu__model_tensors mt;
+    mgpu_safetensors *st = NULL;
+    mgpu_result r;
+    int i;
+    if (!m || !path) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_model_load: model and path must not be NULL");
+    memset(&mt, 0, sizeof mt);
+    r = mgpu__model_tensors_collect(m, &mt, "mgpu_model_load");
+    if (r == MGPU_OK && !(st = mgpu_safetensors_open(path))) r = mgpu_last_result();
+    /* validate everything before touching the model, so a bad file loads nothing */
+    if (r == MGPU_OK) r = mgpu__model_check_file(st, &mt);
+    for (i = 0; i < mt.n && r == MGPU_OK; i++) mgpu__st_copy(mgpu_safetensors_find(st, mt.names[i]), mt.tensors[i]);
+    mgpu_safetensors_close(st);
+    mgpu__model_tensors_free(&mt);
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   Common training options
+   -------------------------------------------------------------------------------------- */
+
+typedef enum mgpu__opt_kind {
+    MGPU__OPT_STRING,   /* non-empty text, kept by pointer */
+    MGPU__OPT_CHOICE,   /* one of `choices`, kept by pointer */
+    MGPU__OPT_ENUM,     /* one of `choices`, stored as its index in an enum field */
+    MGPU__OPT_SCHEDULE, /* mgpu_schedule_parse */
+    MGPU__OPT_DEVICE,   /* cpu|cuda|cuda:N|auto, syntax only: a CPU build must still parse "cuda" */
+    MGPU__OPT_GPU_IDS,  /* comma-separated device indices */
+    MGPU__OPT_INT, MGPU__OPT_I64, MGPU__OPT_U64, MGPU__OPT_FLOAT
+} mgpu__opt_kind;
+
+typedef struct mgpu__opt {
+    const char *flag;     /* without the leading "--" */
+    mgpu__opt_kind kind;
+    size_t offset;        /* of the field in mgpu_train_opts */
+    double lo, hi;        /* numeric range; no upper bound when hi < lo */
+    int lo_open;          /* lo itself excluded */
+    const char *choices;  /* "a|b|c" for CHOICE, ENUM and SCHEDULE */
+    const char *metavar;
+    const char *help;
+} mgpu__opt;
+
+/* ENUM fields are written through an int pointer. */
+typedef char mgpu__enum_fields_are_int[(sizeof(mgpu_optimizer_type) == sizeof(int) && sizeof(mgpu_lr_scaling) == sizeof(int) &&
+                                        sizeof(mgpu_schedule_type) == sizeof(int)) ? 1 : -1];
+
+#define MGPU__OF(field) offsetof(mgpu_train_opts, field)
+static const mgpu__opt mgpu__train_opts_table[] = {
+    {"data", MGPU__OPT_STRING, MGPU__OF(data_dir), 0, -1, 0, NULL, "DIR", "dataset directory (unset: $MGPU_DATA, then data/fashion-mnist)"},
+    {"epochs", MGPU__OPT_INT, MGPU__OF(epochs), 1, -1, 0, NULL, "N", "passes over the training set"},
+    {"batch-size", MGPU__OPT_I64, MGPU__OF(batch_size), 1, -1, 0, NULL, "N", "samples per step, per process"},
+    {"lr", MGPU__OPT_FLOAT, MGPU__OF(lr), 0, -1, 1, NULL, "LR", "base learning rate (before --scale-lr)"},
+    {"optimizer", MGPU__OPT_ENUM, MGPU__OF(optimizer), 0, 0, 0, "sgd|adam|adamw", "NAME", "optimizer"},
+    {"weight-decay", MGPU__OPT_FLOAT, MGPU__OF(weight_decay), 0, -1, 0, NULL, "WD", "weight decay (decoupled for adamw, L2 otherwise)"},
+    {"momentum", MGPU__OPT_FLOAT, MGPU__OF(momentum), 0, 1, 0, NULL, "M", "SGD momentum"},
+    {"warmup-epochs", MGPU__OPT_FLOAT, MGPU__OF(warmup_epochs), 0, -1, 0, NULL, "E", "linear LR warmup, in epochs (fractions allowed)"},
+    {"schedule", MGPU__OPT_SCHEDULE, MGPU__OF(schedule), 0, 0, 0, "constant|linear|cosine|cosine-restarts|step", "NAME", "LR schedule after warmup"},
+    {"scale-lr", MGPU__OPT_ENUM, MGPU__OF(scale_lr), 0, 0, 0, "none|linear|sqrt", "RULE", "scale the LR by world size x accumulation steps"},
+    {"grad-accum-steps", MGPU__OPT_INT, MGPU__OF(grad_accum_steps), 1, -1, 0, NULL, "N", "micro-batches per optimizer step"},
+    {"clip-grad-norm", MGPU__OPT_FLOAT, MGPU__OF(clip_grad_norm), 0, -1, 0, NULL, "NORM", "clip the global gradient norm (0: off)"},
+    {"amp", MGPU__OPT_CHOICE, MGPU__OF(amp), 0, 0, 0, "off|fp16|bf16", "MODE", "mixed precision"},
+    {"device", MGPU__OPT_DEVICE, MGPU__OF(device), 0, 0, 0, NULL, "DEV", "device: cpu, cuda, cuda:N or auto"},
+    {"gpu-ids", MGPU__OPT_GPU_IDS, MGPU__OF(gpu_ids), 0, 0, 0, NULL, "LIST", "devices for --multi-gpu dp, e.g. 0,1,3 (unset: all)"},
+    {"multi-gpu", MGPU__OPT_CHOICE, MGPU__OF(multi_gpu), 0, 0, 0, "none|dp|ddp", "MODE", "multi-device mode (DDP is chosen under mgpurun)"},
+    {"num-workers", MGPU__OPT_INT, MGPU__OF(num_workers), 0, 256, 0, NULL, "N", "data loader threads (0: load on the training thread)"},
+    {"eval-frequency", MGPU__OPT_INT, MGPU__OF(eval_frequency), 0, -1, 0, NULL, "N", "evaluate every N epochs (0: only after the last)"},
+    {"save-dir", MGPU__OPT_STRING, MGPU__OF(save_dir), 0, -1, 0, NULL, "DIR", "checkpoint and final model directory (unset: no saving)"},
+    {"checkpoint-every-epochs", MGPU__OPT_INT, MGPU__OF(checkpoint_every_epochs), 0, -1, 0, NULL, "N", "checkpoint every N epochs (0: off)"},
+    {"checkpoint-interval-min", MGPU__OPT_FLOAT, MGPU__OF(checkpoint_interval_min), 0, -1, 0, NULL, "MIN", "checkpoint every MIN minutes of wall time (0: off)"},
+    {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
+    {"resume", MGPU__OPT_STRING, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint path"},
+    {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
+    {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: off)"},
+    {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
+    {"max-steps", MGPU__OPT_I64, MGPU__OF(max_steps), 0, -1, 0, NULL, "N", "stop after N optimizer steps (0: no limit)"},
+    {"checkpoint-every-steps", MGPU__OPT_I64, MGPU__OF(checkpoint_every_steps), 0, -1, 0, NULL, "N", "checkpoint every N optimizer steps (0: off)"},
+    {"sync-batchnorm", MGPU__OPT_INT, MGPU__OF(sync_batchnorm), 0, 1, 0, NULL, "0|1", "DDP: batch-norm statistics over all ranks (SyncBatchNorm)"},
+    {"bucket-cap-mb", MGPU__OPT_FLOAT, MGPU__OF(bucket_cap_mb), 0, -1, 0, NULL, "MB", "DDP: gradient bucket size (0: 25)"},
+    {"grad-compression", MGPU__OPT_CHOICE, MGPU__OF(grad_compression), 0, 0, 0, "none|fp16|bf16", "MODE", "DDP: round gradients for the all-reduce"},
+    {"t0-epochs", MGPU__OPT_FLOAT, MGPU__OF(t0_epochs), 0, -1, 1, NULL, "E", "cosine-restarts: first period, in epochs"},
+    {"t-mult", MGPU__OPT_INT, MGPU__OF(t_mult), 1, -1, 0, NULL, "N", "cosine-restarts: period multiplier"},
+    {"eta-min", MGPU__OPT_FLOAT, MGPU__OF(eta_min), 0, -1, 0, NULL, "LR", "lowest LR of linear/cosine schedules"},
+    {"step-size-epochs", MGPU__OPT_FLOAT, MGPU__OF(step_size_epochs), 0, -1, 1, NULL, "E", "step schedule: epochs between LR drops"},
+    {"gamma", MGPU__OPT_FLOAT, MGPU__OF(gamma), 0, -1, 1, NULL, "G", "step schedule: LR factor per drop"},
+};
+#undef MGPU__OF
+#define MGPU__N_TRAIN_OPTS ((int)(sizeof mgpu__train_opts_table / sizeof mgpu__train_opts_table[0]))
+
+MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
+    if (!o) return;
+    memset(o, 0, sizeof *o);
+    o->epochs = 10; o->batch_size = 128; o->lr = 1e-3f;
+    o->optimizer = MGPU_OPTIM_ADAMW; o->weight_decay = 1e-4f; o->momentum = 0.9f;
+    o->schedule = MGPU_SCHEDULE_CONSTANT; o->scale_lr = MGPU_LR_SCALE_NONE;
+    o->grad_accum_steps = 1;
+    o->amp = "off"; o->device = "auto"; o->multi_gpu = "none"; o->resume = "none"; o->grad_compression = "none";
+    o->eval_frequency = 1; o->keep_last = 3; o->log_every = 100;
+    o->t0_epochs = 1; o->t_mult = 2; o->eta_min = 0; o->step_size_epochs = 30; o->gamma = 0.1f;
+}
+
+/* Index of value in "a|b|c", or -1. */
+static int mgpu__choice_index(const char *choices, const char *value) {
+    size_t n = strlen(value);
+    int i = 0;
+    const char *c = choices;
+    while (c) {
+        const char *bar = strchr(c, '|');
+        size_t len = bar ? (size_t)(bar - c) : strlen(c);
+        if (len == n && strncmp(c, value, n) == 0) return i;
+        c = bar ? bar + 1 : NULL;
+        i++;
+    }
+    return -1;
+}
+/* The i-th word of "a|b|c" into buf. */
+static const char *mgpu__choice_name(const char *choices, int index, char *buf, size_t size) {
+    const char *c = choices;
+    int i;
+    for (i = 0; i < index && c; i++) { c = strchr(c, '|'); if (c) c++; }
+    if (!c) return "?";
+    snprintf(buf, size, "%.*s", (int)(strchr(c, '|') ? (size_t)(strchr(c, '|') - c) : strlen(c)), c);
+    return buf;
+}
+
+static int mgpu__device_syntax_ok(const char *v) {
+    const char *d;
+    if (strcmp(v, "cpu") == 0 || strcmp(v, "auto") == 0 || strcmp(v, "cuda") == 0) return 1;
+    if (strncmp(v, "cuda:", 5) != 0 || !v[5] || strlen(v + 5) > 4) return 0;
+    for (d = v + 5; *d; d++) if (!mgpu__is_digit(*d)) return 0;
+    return 1;
+}
+static int mgpu__gpu_ids_ok(const char *v) {
+    int digits = 0;
+    for (;; v++) {
+        if (mgpu__is_digit(*v)) { if (++digits > 4) return 0; continue; }
+        if (digits == 0 || (*v != ',' && *v != 0)) return 0;
+        if (*v == 0) return 1;
+        digits = 0;
+    }
+}
+
+/* Text parsers with full consumption; integers accept an optional sign, no spaces. */
+static int mgpu__parse_ll(const char *v, long long *out) {
+    char *end = NULL;
+    if (!(mgpu__is_digit(v[0]) || ((v[0] == '-' || v[0] == '+') && mgpu__is_digit(v[1])))) return 0;
+    errno = 0;
+    *out = strtoll(v, &end, 10);
+    return errno == 0 && *end == 0;
+}
+static int mgpu__parse_double(const char *v, double *out) {
+    char *end = NULL;
+    if (!(mgpu__is_digit(v[0]) || v[0] == '.' || v[0] == '-' || v[0] == '+')) return 0;
+    errno = 0;
+    *out = strtod(v, &end);
+    return errno == 0 && *end == 0 && isfinite(*out);
+}
+
+static int mgpu__opt_in_range(const mgpu__opt *s, double v) {
+    if (s->lo_open ? !(v > s->lo) : !(v >= s->lo)) return 0;
+    return s->hi < s->lo || v <= s->hi;
+}
+/* "an integer >= 1", "a number in [0, 1]", "one of a|b" for messages. */
+static void mgpu__opt_expected(const mgpu__opt *s, char *buf, size_t size) {
+    const char *what = s->kind == MGPU__OPT_FLOAT ? "a number" : "an integer";
+    if (s->choices) snprintf(buf, size, "one of %s", s->choices);
+    else if (s->kind == MGPU__OPT_DEVICE) snprintf(buf, size, "cpu, cuda, cuda:N or auto");
+    else if (s->kind == MGPU__OPT_GPU_IDS) snprintf(buf, size, "comma-separated device indices such as 0,1,3");
+    else if (s->kind == MGPU__OPT_STRING) snprintf(buf, size, "a non-empty value");
+    else if (s->hi >= s->lo) snprintf(buf, size, "%s in [%g, %g]", what, s->lo, s->hi);
+    else snprintf(buf, size, "%s %s %g", what, s->lo_open ? ">" : ">=", s->lo);
+}
+
+/* Parses value into the field of spec; 0 if the value is bad. */
+static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *value) {
+    void *field = (char *)o + s->offset;
+    long long iv = 0;
+    double dv = 0;
+    int idx;
+    mgpu_schedule_type sched = MGPU_SCHEDULE_CONSTANT;
+    switch (s->kind) {
+    case MGPU__OPT_STRING: if (!value[0]) return 0; break;
+    case MGPU__OPT_CHOICE: if (mgpu__choice_index(s->choices, value) < 0) return 0; break;
+    case MGPU__OPT_DEVICE: if (!mgpu__device_syntax_ok(value)) return 0; break;
+    case MGPU__OPT_GPU_IDS: if (!mgpu__gpu_ids_ok(value)) return 0; break;
+    case MGPU__OPT_ENUM:
+        if ((idx = mgpu__choice_index(s->choices, value)) < 0) return 0;
+        *(int *)field = idx;
+        return 1;
+    case MGPU__OPT_SCHEDULE:
+        if (mgpu_schedule_parse(value, &sched) != MGPU_OK) return 0;
+        *(mgpu_schedule_type *)field = sched;
+        return 1;
+    case MGPU__OPT_INT:
+        if (!mgpu__parse_ll(value, &iv) || iv < INT_MIN || iv > INT_MAX || !mgpu__opt_in_range(s, (double)iv)) return 0;
+        *(int *)field = (int)iv;
+        return 1;
+    case MGPU__OPT_I64:
+        if (!mgpu__parse_ll(value, &iv) || !mgpu__opt_in_range(s, (double)iv)) return 0;
+        *(int64_t *)field = (int64_t)iv;
+        return 1;
+    case MGPU__OPT_U64: {
+        char *end = NULL;
+        unsigned long long u;
+        if (!mgpu__is_digit(value[0])) return 0;
+        errno = 0;
+        u = strtoull(value, &end, 10);
+        if (errno || *end) return 0;
+        *(uint64_t *)field = (uint64_t)u;
+        return 1;
+    }
+    case MGPU__OPT_FLOAT:
+        if (!mgpu__parse_double(value, &dv) || fabs(dv) > FLT_MAX || !mgpu__opt_in_range(s, dv)) return 0;
+        *(float *)field = (float)dv;
+        return 1;
+    }
+    *(const char **)field = value; /* text kinds keep argv's pointer */
+    return 1;
+}
+
+static const mgpu__opt *mgpu__opt_find(const char *name, size_t len) {
+    int i;
+    for (i = 0; i < MGPU__N_TRAIN_OPTS; i++)
+        if (strlen(mgpu__train_opts_table[i].flag) == len && strncmp(mgpu__train_opts_table[i].flag, name, len) == 0)
+            return &mgpu__train_opts_table[i];
+    return NULL;
+}
+
+/* Records the error and prints it as "program: error: ..." (the API promises the print). */
+static mgpu_result mgpu__opt_error(const char *program, const char *fmt, ...) MGPU__PRINTF(2, 3);
+static mgpu_result mgpu__opt_error(const char *program, const char *fmt, ...) {
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    mgpu__fail(MGPU_ERR_INVALID_ARG, "%s", msg);
+    fprintf(stderr, "%s: error: %s (see --help)\n", program, msg);
+    return MGPU_ERR_INVALID_ARG;
+}
+
+static const char *mgpu__program_name(int argc, char **argv) {
+    const char *slash;
+    if (argc < 1 || !argv[0] || !argv[0][0]) return "mgpu";
+    slash = strrchr(argv[0], '/');
+    return slash ? slash + 1 : argv[0];
+}
+
+MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **argv) {
+    const char *prog;
+    int i;
+    if (!o || argc < 0 || (argc > 0 && !argv)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_train_opts_parse: o and argv must not be NULL");
+    prog = mgpu__program_name(argc, argv);
+    for (i = 1; i < argc; i++) {
+        const char *arg = argv[i] ? argv[i] : "", *eq, *value;
+        const mgpu__opt *s;
+        char expected[160];
+        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+            o->help = 1;
+            mgpu_train_opts_usage(stdout, prog);
+            return MGPU_OK;
+        }
+        if (strncmp(arg, "--", 2) != 0) return mgpu__opt_error(prog, "unexpected argument '%s' (options start with --)", arg);
+        eq = strchr(arg, '=');
+        s = mgpu__opt_find(arg + 2, eq ? (size_t)(eq - arg - 2) : strlen(arg + 2));
+        if (!s) return mgpu__opt_error(prog, "unknown option '%.*s'", eq ? (int)(eq - arg) : (int)strlen(arg), arg);
+        if (eq) value = eq + 1;
+        else if (i + 1 < argc && argv[i + 1] && strncmp(argv[i + 1], "--", 2) != 0) value = argv[++i];
+        else return mgpu__opt_error(prog, "option --%s needs a value", s->flag);
+        if (!mgpu__opt_set(o, s, value)) {
+            mgpu__opt_expected(s, expected, sizeof expected);
+            return mgpu__opt_error(prog, "invalid value '%s' for --%s (expected %s)", value, s->flag, expected);
+        }
+    }
+    return MGPU_OK;
+}
+
+/* A field's current value as text, for the defaults in the usage (NULL: unset). */
+static const char *mgpu__opt_value_text(const mgpu_train_opts *o, const mgpu__opt *s, char *buf, size_t size) {
+    const void *field = (const char *)o + s->offset;
+    const char *text;
+    switch (s->kind) {
+    case MGPU__OPT_ENUM: case MGPU__OPT_SCHEDULE: return mgpu__choice_name(s->choices, *(const int *)field, buf, size);
+    case MGPU__OPT_INT: snprintf(buf, size, "%d", *(const int *)field); return buf;
+    case MGPU__OPT_I64: snprintf(buf, size, "%lld", (long long)*(const int64_t *)field); return buf;
+    case MGPU__OPT_U64: snprintf(buf, size, "%llu", (unsigned long long)*(const uint64_t *)field); return buf;
+    case MGPU__OPT_FLOAT: snprintf(buf, size, "%g", (double)*(const float *)field); return buf;
+    default:
+        text = *(const char *const *)field;
+        return text;
+    }
+}
+
+MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
+    mgpu_train_opts d;
+    char flag[64], value[64];
+    int i;
+    if (!out) return;
+    mgpu_train_opts_default(&d);
+    fprintf(out, "usage: %s [options]\n\noptions (each also accepted as --flag=value):\n", program ? program : "mgpu");
+    for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
+        const mgpu__opt *s = &mgpu__train_opts_table[i];
+        const char *def = mgpu__opt_value_text(&d, s, value, sizeof value);
+        snprintf(flag, sizeof flag, "--%s %s", s->flag, s->metavar);
+        fprintf(out, "  %-30s %s", flag, s->help);
+        if (s->choices) fprintf(out, ": %s", s->choices);
+        /* unset text options explain their fallback in the help itself */
+        if (def) fprintf(out, " (default: %s)", def);
+        fputc('\n', out);
+    }
+    fprintf(out, "  %-30s %s\n", "--help", "show this help and exit");
+}
+
+/* --------------------------------------------------------------------------------------
+   Metrics: one JSON object per line, appended and fsynced
+   -------------------------------------------------------------------------------------- */
+
+struct mgpu_metrics { FILE *f; char *path; };
+
+MGPU_API mgpu_metrics *mgpu_metrics_open(const char *path) {
+    mgpu_metrics *m;
+    if (path && !path[0]) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_metrics_open: path is empty");
+    m = (mgpu_metrics *)mgpu__calloc(sizeof *m, "a metrics writer");
+    if (!m || !path) return m; /* no path: a writer that writes nothing (ranks other than 0) */
+    m->path = mgpu__strdup(path);
+    m->f = m->path ? fopen(path, "a") : NULL;
+    if (!m->f) {
+        if (m->path) mgpu__fail(MGPU_ERR_IO, "mgpu_metrics_open: cannot open '%s' for appending: %s", path, strerror(errno));
+        mgpu_metrics_close(m);
+        return NULL;
+    }
+    return m;
+}
+
+/* Ends the object with extra members (validated as JSON first), then appends the line durably. */
+static mgpu_result mgpu__metrics_finish_line(mgpu_metrics *m, mgpu__buf *line, const char *extra_json, const char *fn) {
+    int err;
+    if (extra_json && extra_json[0]) {
+        mgpu__buf check;
+        mgpu_json *j;
+        mgpu__buf_init(&check);
+        mgpu__buf_puts(&check, "{");
+        mgpu__buf_puts(&check, extra_json);
+        mgpu__buf_puts(&check, "}");
+        j = check.failed ? NULL : mgpu_json_parse(check.data, check.len, "extra_json wrapped in {}");
+        mgpu__buf_free(&check);
+        if (!j) {
+            char why[512];
+            snprintf(why, sizeof why, "%.400s", mgpu_last_error()); /* mgpu__fail must not read its own buffer */
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: extra_json must be JSON object members: %s", fn, why);
+        }
+        mgpu_json_free(j);
+        mgpu__buf_puts(line, ",");
+        mgpu__buf_puts(line, extra_json);
+    }
+    mgpu__buf_puts(line, "}\n");
+    if (line->failed) return MGPU_ERR_OOM_HOST;
+    if (!m->f) return MGPU_OK;
+    if (fwrite(line->data, 1, line->len, m->f) != line->len || fflush(m->f) != 0 || fsync(fileno(m->f)) != 0) {
+        err = errno;
+        return mgpu__fail(MGPU_ERR_IO, "%s: cannot append to '%s': %s", fn, m->path, strerror(err));
+    }
+    return MGPU_OK;
+}
+
+static void mgpu__buf_json_member_number(mgpu__buf *b, const char *key, double v) {
+    mgpu__buf_printf(b, ",\"%s\":", key);
+    mgpu__buf_json_number(b, v);
+}
+
+MGPU_API mgpu_result mgpu_metrics_write_epoch(mgpu_metrics *m, const mgpu_epoch_record *r) {
+    mgpu__buf line;
+    mgpu_result res;
+    if (!m || !r) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_metrics_write_epoch: metrics and record must not be NULL");
+    mgpu__buf_init(&line);
+    mgpu__buf_printf(&line, "{\"epoch\":%lld,\"step\":%lld", (long long)r->epoch, (long long)r->step);
+    mgpu__buf_json_member_number(&line, "train_loss", r->train_loss);
+    mgpu__buf_json_member_number(&line, "test_loss", r->test_loss);
+    mgpu__buf_json_member_number(&line, "test_accuracy", r->test_accuracy);
+    mgpu__buf_json_member_number(&line, "lr", r->lr);
+    mgpu__buf_json_member_number(&line, "epoch_time_s", r->epoch_time_s);
+    mgpu__buf_json_member_number(&line, "samples_per_s", r->samples_per_s);
+    mgpu__buf_printf(&line, ",\"world_size\":%d,\"global_batch\":%lld,\"amp\":", r->world_size, (long long)r->global_batch);
+    if (r->amp) mgpu__buf_json_string(&line, r->amp);
+    else mgpu__buf_puts(&line, "null");
+    res = mgpu__metrics_finish_line(m, &line, r->extra_json, "mgpu_metrics_write_epoch");
+    mgpu__buf_free(&line);
+    return res;
+}
+
+MGPU_API mgpu_result mgpu_metrics_write_final(mgpu_metrics *m, const char *extra_json) {
+    mgpu__buf line;
+    mgpu_result res;
+    if (!m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_metrics_write_final: metrics is NULL");
+    mgpu__buf_init(&line);
+    mgpu__buf_puts(&line, "{\"event\":\"final\"");
+    res = mgpu__metrics_finish_line(m, &line, extra_json, "mgpu_metrics_write_final");
+    mgpu__buf_free(&line);
+    return res;
+}
+
+MGPU_API void mgpu_metrics_close(mgpu_metrics *m) {
+    if (!m) return;
+    if (m->f) fclose(m->f);
+    mgpu_free(m->path);
+    mgpu_free(m);
+}
+
+/* --------------------------------------------------------------------------------------
+   Progress: a redrawn bar on a terminal, plain periodic lines otherwise (logs, pipes)
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__BAR_MAX 30
+
+struct mgpu_progress {
+    char label[64];
+    int64_t total, done, printed_done;
+    int log_every, tty;
+    double t_start, t_drawn, loss;
+};
+
+MGPU_API mgpu_progress *mgpu_progress_begin(const char *label, int64_t total, int log_every) {
+    mgpu_progress *p;
+    if (total < 0 || log_every < 0)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_progress_begin: total (%lld) and log_every (%d) must be >= 0", (long long)total, log_every);
+    p = (mgpu_progress *)mgpu__calloc(sizeof *p, "a progress bar");
+    if (!p) return NULL;
+    snprintf(p->label, sizeof p->label, "%s", label ? label : "");
+    p->total = total; p->log_every = log_every;
+    p->tty = isatty(STDERR_FILENO);
+    p->t_start = mgpu_time_s();
+    p->t_drawn = -1;
+    p->printed_done = -1;
+    p->loss = NAN;
+    return p;
+}
+
+static void mgpu__format_duration(double s, char *buf, size_t size) {
+    long t = s > 0 && s < 1e9 ? (long)(s + 0.5) : 0;
+    if (t >= 3600) snprintf(buf, size, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+    else snprintf(buf, size, "%ld:%02ld", t / 60, t % 60);
+}
+
+/* "label [#####.....] 45% 123/273 1234.5 it/s ETA 0:12 loss 0.4321" (bar_width 0: no bar). */
+static void mgpu__progress_format(const mgpu_progress *p, int bar_width, char *buf, size_t size) {
+    double elapsed = mgpu_time_s() - p->t_start, rate = elapsed > 0 ? (double)p->done / elapsed : 0;
+    double frac = p->total > 0 ? (double)MGPU__MIN(p->done, p->total) / (double)p->total : 0;
+    size_t pos = (size_t)snprintf(buf, size, "%s", p->label);
+    char eta[32];
+    int i, filled = (int)(frac * bar_width);
+    if (p->total > 0 && bar_width > 0 && pos + (size_t)bar_width + 4 < size) {
+        buf[pos++] = ' '; buf[pos++] = '[';
+        for (i = 0; i < bar_width; i++) buf[pos++] = i < filled ? '#' : '.';
+        buf[pos++] = ']'; buf[pos] = 0;
+    }
+    if (pos < size && p->total > 0)
+        pos += (size_t)snprintf(buf + pos, size - pos, " %d%% %lld/%lld", (int)(100 * frac), (long long)p->done, (long long)p->total);
+    else if (pos < size) pos += (size_t)snprintf(buf + pos, size - pos, " %lld", (long long)p->done);
+    if (pos < size) pos += (size_t)snprintf(buf + pos, size - pos, " %.1f it/s", rate);
+    if (pos < size && p->total > 0 && rate > 0) {
+        mgpu__format_duration((double)MGPU__MAX(p->total - p->done, 0) / rate, eta, sizeof eta);
+        pos += (size_t)snprintf(buf + pos, size - pos, " ETA %s", eta);
+    }
+    if (pos < size && p->loss == p->loss) snprintf(buf + pos, size - pos, " loss %.4f", p->loss);
+}
+
+/* Redraws the terminal line in place, the bar shrunk to fit the terminal's width. */
+static void mgpu__progress_draw(mgpu_progress *p) {
+    char line[256];
+    int width = MGPU__BAR_MAX;
+    struct winsize ws;
+    if (ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) {
+        mgpu__progress_format(p, 0, line, sizeof line);
+        width = MGPU__MIN(MGPU__BAR_MAX, (int)ws.ws_col - (int)strlen(line) - 4);
+        if (width < 5) width = 0;
+    }
+    mgpu__progress_format(p, width, line, sizeof line);
+    fprintf(stderr, "\r%s\x1b[K", line);
+    fflush(stderr);
+    p->t_drawn = mgpu_time_s();
+}
+
+static void mgpu__progress_print_line(mgpu_progress *p) {
+    char line[256];
+    mgpu__progress_format(p, 0, line, sizeof line);
+    fprintf(stderr, "%s\n", line);
+    fflush(stderr);
+    p->printed_done = p->done;
+}
+
+MGPU_API void mgpu_progress_update(mgpu_progress *p, int64_t done, double loss) {
+    int64_t before;
+    if (!p) return;
+    before = p->done;
+    p->done = done;
+    p->loss = loss;
+    if (p->tty) {
+        /* about 10 redraws a second at most: drawing must not slow fast loops */
+        if (p->t_drawn < 0 || mgpu_time_s() - p->t_drawn >= 0.1) mgpu__progress_draw(p);
+    } else if (p->log_every > 0 && done / p->log_every != before / p->log_every) {
+        mgpu__progress_print_line(p);
+    }
+}
+
+MGPU_API void mgpu_progress_end(mgpu_progress *p) {
+    if (!p) return;
+    if (p->tty) {
+        mgpu__progress_draw(p);
+        fprintf(stderr, "\n");
+        fflush(stderr);
+    } else if (p->printed_done != p->done) {
+        mgpu__progress_print_line(p);
+    }
+    mgpu_free(p);
+}
+/* ======================================================================================
+   Mixed precision
+   ======================================================================================Autocast on the CPU emulates half precision by rounding f32 storage to the nearest value the
+   half format can hold: a matmul-like op runs as y = round(op(round(x), round(w), round(b))) with
+   f32 accumulation inside, and the gradients crossing those roundings are rounded the same way,
+   so fp16 underflow and overflow of gradients happen as they would on a GPU. */
+
+MGPU_API mgpu_result mgpu_amp_parse(const char *text, mgpu_amp_mode *out) {
+    if (!text || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_amp_parse: text and out must not be NULL");
+    if (strcmp(text, "off") == 0) *out = MGPU_AMP_OFF;
+    else if (strcmp(text, "fp16") == 0) *out = MGPU_AMP_FP16;
+    else if (strcmp(text, "bf16") == 0) *out = MGPU_AMP_BF16;
+    else return mgpu__fail(MGPU_ERR_INVALID_ARG, "amp mode '%s': expected off, fp16 or bf16", text);
+    return MGPU_OK;
+}
+
+static int mgpu__amp_mode_valid(int mode) { return mode == MGPU_AMP_OFF || mode == MGPU_AMP_FP16 || mode == MGPU_AMP_BF16; }
+
+MGPU_API void mgpu_context_set_autocast(mgpu_context *ctx, mgpu_amp_mode mode) {
+    if (!ctx) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_context_set_autocast: ctx is NULL"); return; }
+    if (!mgpu__amp_mode_valid((int)mode)) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_context_set_autocast: mode %d is not an mgpu_amp_mode (autocast left unchanged)", (int)mode);
+        return;
+    }
+    ctx->autocast = (int)mode;
+}
+MGPU_API mgpu_amp_mode mgpu_context_autocast(const mgpu_context *ctx) { return ctx ? (mgpu_amp_mode)ctx->autocast : MGPU_AMP_OFF; }
+
+/* --------------------------------------------------------------------------------------
+   The "autocast round" op: F32 -> F32 holding values representable in the half format
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__AMP_PAR_MIN 32768 /* elements per chunk before rounding loops go to the thread pool */
+
+static float mgpu__amp_round_value(float v, int mode) {
+    return mode == MGPU_AMP_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(v)) : mgpu_f16_to_f32(mgpu_f32_to_f16(v));
+}
+
+/* dst[i] (+)= round(src[i]) over a range; accumulate for backward, overwrite for forward */
+typedef struct mgpu__amp_round_job { const float *src; float *dst; int mode, accumulate; } mgpu__amp_round_job;
+static void mgpu__amp_round_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__amp_round_job *j = (const mgpu__amp_round_job *)arg;
+    int64_t i;
+    if (j->accumulate) for (i = begin; i < end; i++) j->dst[i] += mgpu__amp_round_value(j->src[i], j->mode);
+    else for (i = begin; i < end; i++) j->dst[i] = mgpu__amp_round_value(j->src[i], j->mode);
+}
+static void mgpu__amp_round_array(mgpu_context *ctx, const float *src, float *dst, int64_t n, int mode, int accumulate) {
+    mgpu__amp_round_job j;
+    j.src = src; j.dst = dst; j.mode = mode; j.accumulate = accumulate;
+    mgpu_parallel_for(ctx, n, MGPU__AMP_PAR_MIN, mgpu__amp_round_range, &j);
+}
+
+/* iarg[0] = mode; the gradient is rounded like the value (what a half-precision cast does) */
+static mgpu_result mgpu__amp_round_backward(mgpu_context *ctx, mgpu__node *node) {
+    float *dx;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    mgpu__amp_round_array(ctx, (const float *)node->out->grad->data, dx, node->out->numel, (int)node->iarg[0], 1);
+    return MGPU_OK;
+}
+
+/* x rounded to the half format `mode` as a new activation, recorded on the tape. */
+static mgpu_tensor *mgpu__amp_round(mgpu_context *ctx, mgpu_tensor *x, int mode) {
+    mgpu_tensor *y;
+    mgpu__node *node = NULL;
+    if (!mgpu__check_input(ctx, "autocast", "input", x, 1)) return NULL;
+    y = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
+    if (!y) return NULL;
+    mgpu__amp_round_array(ctx, (const float *)x->data, (float *)y->data, x->numel, mode, 0);
+    MGPU__RECORD(ctx, "autocast_round", mgpu__amp_round_backward, y, 1, &x, node);
+    if (node) node->iarg[0] = mode;
+    return y;
+}
+
+/* --------------------------------------------------------------------------------------
+   Autocast around a matmul-like op. The op's public entry point does:
+       if (mgpu__autocast_active(ctx)) {
+           mode = mgpu__autocast_begin(ctx, in, n);   // rounds in[], suspends autocast
+           if (mode < 0) return NULL;
+           return mgpu__autocast_end(ctx, mode, op(ctx, in...));  // resumes, rounds the output
+       }
+   Suspending autocast for the inner call keeps ops built from other ops from rounding twice.
+   -------------------------------------------------------------------------------------- */
+
+static MGPU__UNUSED int mgpu__autocast_active(const mgpu_context *ctx) { return ctx && ctx->autocast != MGPU_AMP_OFF; }
+
+/* Rounds each usable input in place in `in` (NULL, non-F32 and foreign-device inputs pass through
+   untouched so the op itself reports them under its own name). Returns the mode with autocast
+   suspended, or -1 (autocast unchanged) when rounding failed. */
+static MGPU__UNUSED int mgpu__autocast_begin(mgpu_context *ctx, mgpu_tensor **in, int n) {
+    int i, mode = ctx->autocast;
+    for (i = 0; i < n; i++) {
+        mgpu_tensor *t = in[i];
+        if (!t || t->dtype != MGPU_F32 || t->device.type != ctx->device.type || t->device.index != ctx->device.index) continue;
+        in[i] = mgpu__amp_round(ctx, t, mode);
+        if (!in[i]) return -1;
+    }
+    ctx->autocast = MGPU_AMP_OFF;
+    return mode;
+}
+/* Restores autocast and rounds the op's output (NULL passes through). */
+static MGPU__UNUSED mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode, mgpu_tensor *out) {
+    ctx->autocast = mode;
+    return out ? mgpu__amp_round(ctx, out, mode) : NULL;
+}
+
+/* --------------------------------------------------------------------------------------
+   Loss scaler (torch.cuda.amp.GradScaler)
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API void mgpu_grad_scaler_init(mgpu_grad_scaler *s, int enabled) {
+    if (!s) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_init: scaler is NULL"); return; }
+    memset(s, 0, sizeof *s);
+    s->enabled = enabled != 0;
+    s->scale = s->enabled ? 65536.0f : 1.0f;
+    s->growth_factor = 2.0f;
+    s->backoff_factor = 0.5f;
+    s->growth_interval = 2000;
+}
+
+MGPU_API mgpu_tensor *mgpu_grad_scaler_scale(mgpu_context *ctx, mgpu_grad_scaler *s, mgpu_tensor *loss) {
+    if (!s) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_scale: scaler is NULL");
+    if (!mgpu__check_input(ctx, "mgpu_grad_scaler_scale", "loss", loss, 1)) return NULL;
+    return s->enabled ? mgpu_op_scale(ctx, loss, s->scale) : loss;
+}
+
+/* g *= inv over a range, raising found_inf when an element is inf or NaN (checked before scaling, as PyTorch) */
+typedef struct mgpu__unscale_job { float *g; float inv; int found_inf; } mgpu__unscale_job;
+static void mgpu__unscale_range(void *arg, int64_t begin, int64_t end) {
+    mgpu__unscale_job *j = (mgpu__unscale_job *)arg;
+    int64_t i;
+    int bad = 0;
+    for (i = begin; i < end; i++) {
+        if (!isfinite(j->g[i])) bad = 1;
+        j->g[i] *= j->inv;
+    }
+    /* a flag only ever set to 1, so the order the chunks finish in cannot change the outcome */
+    if (bad) __atomic_store_n(&j->found_inf, 1, __ATOMIC_RELAXED);
+}
+
+/* Checks that every parameter gradient of m is an F32 host tensor the scaler can work on. */
+static mgpu_result mgpu__scaler_check_grads(const char *fn, mgpu_model *m) {
+    int i, n = mgpu_model_num_parameters(m);
+    for (i = 0; i < n; i++) {
+        const char *name = NULL;
+        mgpu_tensor *p = mgpu_model_parameter(m, i, &name);
+        if (!p || !p->grad) continue;
+        if (p->grad->dtype != MGPU_F32 || p->grad->numel != p->numel)
+            return mgpu__fail(MGPU_ERR_SHAPE, "%s: the grad of parameter '%s' is %s %s, expected F32 %s", fn, name ? name : "?",
+                              mgpu_dtype_name(p->grad->dtype), mgpu__shape_str(p->grad), mgpu__shape_str(p));
+        if (!mgpu__on_host(p->grad))
+            return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the grad of parameter '%s' is not on the cpu (CUDA unscaling is not built in)", fn, name ? name : "?");
+    }
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_grad_scaler_unscale(mgpu_grad_scaler *s, mgpu_model *m) {
+    mgpu__unscale_job j;
+    mgpu_result r;
+    int i, n;
+    if (!s || !m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_unscale: scaler and model must not be NULL");
+    if (s->unscaled)
+        return mgpu__fail(MGPU_ERR_STATE, "mgpu_grad_scaler_unscale: already called since the last mgpu_grad_scaler_update (the grads would be divided twice)");
+    if (!s->enabled) { s->unscaled = 1; return MGPU_OK; }
+    if (!(s->scale > 0.0f) || !isfinite(s->scale))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_unscale: scale %g must be positive and finite", (double)s->scale);
+    if ((r = mgpu__scaler_check_grads("mgpu_grad_scaler_unscale", m)) != MGPU_OK) return r;
+    j.inv = (float)(1.0 / (double)s->scale);   /* as PyTorch: reciprocal in double, applied as f32 */
+    j.found_inf = 0;
+    n = mgpu_model_num_parameters(m);
+    for (i = 0; i < n; i++) {
+        mgpu_tensor *p = mgpu_model_parameter(m, i, NULL);
+        if (!p || !p->grad) continue;
+        j.g = (float *)p->grad->data;
+        mgpu_parallel_for(mgpu_model_context(m), p->grad->numel, MGPU__AMP_PAR_MIN, mgpu__unscale_range, &j);
+    }
+    s->found_inf = j.found_inf;
+    s->unscaled = 1;
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_grad_scaler_step(mgpu_grad_scaler *s, mgpu_optimizer *o, mgpu_model *m, int *stepped) {
+    mgpu_result r;
+    if (stepped) *stepped = 0;
+    if (!s || !o || !m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_step: scaler, optimizer and model must not be NULL");
+    if (o->model != m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_step: the optimizer was created for another model");
+    if (!s->unscaled && (r = mgpu_grad_scaler_unscale(s, m)) != MGPU_OK) return r;
+    if (s->enabled && s->found_inf) return MGPU_OK;   /* skipped: parameters and step count untouched */
+    if ((r = mgpu_optimizer_step(o)) != MGPU_OK) return r;
+    if (stepped) *stepped = 1;
+    return MGPU_OK;
+}
+
+MGPU_API void mgpu_grad_scaler_update(mgpu_grad_scaler *s) {
+    if (!s) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_update: scaler is NULL"); return; }
+    /* without an inf check since the last update there is nothing to learn from: keep the scale */
+    if (s->enabled && s->unscaled) {
+        if (s->found_inf) {
+            s->scale *= s->backoff_factor;
+            s->growth_tracker = 0;
+        } else if (++s->growth_tracker >= s->growth_interval) {
+            float grown = s->scale * s->growth_factor;
+            if (isfinite(grown)) s->scale = grown;   /* as PyTorch: never grow into inf */
+            s->growth_tracker = 0;
+        }
+    }
+    s->found_inf = 0;
+    s->unscaled = 0;
+}
+/* ======================================================================================
+   Checkpoints
+   ======================================================================================Training checkpoints laid out like the Hugging Face Trainer's, with safetensors files:
+       DIR/step-00001234/model.safetensors       parameters and buffers under state_dict names
+       DIR/step-00001234/optimizer.safetensors   "<param>.exp_avg", ... and "<param>.step" (I64 scalars)
+       DIR/step-00001234/trainer_state.json      position, schedule, scaler, RNG, metrics, options
+       DIR/latest                                 "step-00001234\n"
+   A checkpoint is written into step-00001234.tmp/ (each file fsynced), renamed into place, and only
+   then named by `latest` (itself replaced atomically): a crash at any moment leaves the previous
+   checkpoint whole. Loading validates every file before anything is modified. */
+
+#include <dirent.h>
+
+#define MGPU__CKPT_FORMAT_VERSION 1
+#define MGPU__CKPT_PATH_MAX 4096
+#define MGPU__CKPT_MODEL "model.safetensors"
+#define MGPU__CKPT_OPTIM "optimizer.safetensors"
+#define MGPU__CKPT_STATE "trainer_state.json"
+
+/* --------------------------------------------------------------------------------------
+   Paths and directories
+   -------------------------------------------------------------------------------------- */
+
+static mgpu_result mgpu__path_join(char *out, const char *dir, const char *name) {
+    if (snprintf(out, MGPU__CKPT_PATH_MAX, "%s/%s", dir, name) >= MGPU__CKPT_PATH_MAX)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "path '%s/%s' is too long", dir, name);
+    return MGPU_OK;
+}
+
+/* mkdir -p */
+static mgpu_result mgpu__mkdirs(const char *path) {
+    char buf[MGPU__CKPT_PATH_MAX];
+    size_t i, n = strlen(path);
+    if (n == 0 || n >= sizeof buf) return mgpu__fail(MGPU_ERR_INVALID_ARG, "directory path '%s' is empty or too long", path);
+    memcpy(buf, path, n + 1);
+    for (i = 1; i <= n; i++) {
+        if (buf[i] != '/' && buf[i] != 0) continue;
+        buf[i] = 0;
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+            return mgpu__fail(MGPU_ERR_IO, "cannot create directory '%s': %s", buf, strerror(errno));
+        if (i < n) buf[i] = '/';
+    }
+    return MGPU_OK;
+}
+
+static int mgpu__is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* rm -r for checkpoint directories (plain files and a few levels of folders); 0 or an errno. */
+static int mgpu__remove_tree(const char *path, int depth) {
+    struct stat st;
+    struct dirent *e;
+    DIR *d;
+    int err = 0;
+    if (lstat(path, &st) != 0) return errno == ENOENT ? 0 : errno;
+    if (!S_ISDIR(st.st_mode)) return unlink(path) == 0 || errno == ENOENT ? 0 : errno;
+    if (depth > 8) return ELOOP;
+    if (!(d = opendir(path))) return errno;
+    while (!err && (e = readdir(d)) != NULL) {
+        char child[MGPU__CKPT_PATH_MAX];
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        if (snprintf(child, sizeof child, "%s/%s", path, e->d_name) >= (int)sizeof child) err = ENAMETOOLONG;
+        else err = mgpu__remove_tree(child, depth + 1);
+    }
+    closedir(d);
+    if (!err && rmdir(path) != 0) err = errno;
+    return err;
+}
+
+/* "step-00001234" (8 or more digits, nothing after) -> 1 and *step; 0 for anything else. */
+static int mgpu__ckpt_step_of_name(const char *name, int64_t *step) {
+    const char *p;
+    int64_t v = 0;
+    if (strncmp(name, "step-", 5) != 0) return 0;
+    for (p = name + 5; *p; p++) {
+        if (!mgpu__is_digit(*p) || v > (INT64_MAX - 9) / 10) return 0;
+        v = v * 10 + (*p - '0');
+    }
+    if (p - (name + 5) < 8) return 0;
+    *step = v;
+    return 1;
+}
+
+/* Leftovers of an interrupted save: step-*.tmp directories and latest.tmp.<pid> files. */
+static int mgpu__ckpt_is_stale_name(const char *name) {
+    size_t n = strlen(name);
+    return (strncmp(name, "step-", 5) == 0 && n > 9 && strcmp(name + n - 4, ".tmp") == 0) || strncmp(name, "latest.tmp.", 11) == 0;
+}
+
+static int mgpu__cmp_i64_desc(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Steps of the step-* directories in dir, newest first (free *steps with mgpu_free). */
+static mgpu_result mgpu__ckpt_list_steps(const char *dir, int64_t **steps, int *n) {
+    struct dirent *e;
+    DIR *d;
+    int cap = 0;
+    *steps = NULL; *n = 0;
+    if (!(d = opendir(dir))) return mgpu__fail(MGPU_ERR_IO, "cannot list checkpoint directory '%s': %s", dir, strerror(errno));
+    while ((e = readdir(d)) != NULL) {
+        char path[MGPU__CKPT_PATH_MAX];
+        int64_t step;
+        if (!mgpu__ckpt_step_of_name(e->d_name, &step) || mgpu__path_join(path, dir, e->d_name) != MGPU_OK || !mgpu__is_dir(path)) continue;
+        if (*n == cap) {
+            int64_t *grown = (int64_t *)mgpu__grow(*steps, &cap, *n + 1, sizeof(int64_t), "the checkpoint list");
+            if (!grown) { closedir(d); mgpu_free(*steps); *steps = NULL; *n = 0; return MGPU_ERR_OOM_HOST; }
+            *steps = grown;
+        }
+        (*steps)[(*n)++] = step;
+    }
+    closedir(d);
+    if (*n > 1) qsort(*steps, (size_t)*n, sizeof(int64_t), mgpu__cmp_i64_desc);
+    return MGPU_OK;
+}
+
+static void mgpu__ckpt_dir_name(char *out, size_t size, int64_t step) { snprintf(out, size, "step-%08lld", (long long)step); }
+
+/* Removes what an interrupted save left behind; failures are only logged. */
+static void mgpu__ckpt_remove_stale(const char *dir) {
+    struct dirent *e;
+    DIR *d = opendir(dir);
+    if (!d) return;
+    while ((e = readdir(d)) != NULL) {
+        char path[MGPU__CKPT_PATH_MAX];
+        int err;
+        if (!mgpu__ckpt_is_stale_name(e->d_name) || mgpu__path_join(path, dir, e->d_name) != MGPU_OK) continue;
+        if ((err = mgpu__remove_tree(path, 0)) != 0) mgpu_log(MGPU_LOG_WARN, "cannot remove the stale checkpoint leftover '%s': %s", path, strerror(err));
+        else mgpu_log(MGPU_LOG_INFO, "removed '%s', left by an interrupted checkpoint save", path);
+    }
+    closedir(d);
+}
+
+/* Keeps the newest keep_last step-* directories (always including keep_step); failures are logged. */
+static void mgpu__ckpt_prune(const char *dir, int keep_last, int64_t keep_step) {
+    int64_t *steps = NULL;
+    int n = 0, i, kept = 1;
+    if (keep_last <= 0 || mgpu__ckpt_list_steps(dir, &steps, &n) != MGPU_OK) return;
+    for (i = 0; i < n; i++) {
+        char name[40], path[MGPU__CKPT_PATH_MAX];
+        int err;
+        if (steps[i] == keep_step) continue;
+        if (kept < keep_last) { kept++; continue; }
+        mgpu__ckpt_dir_name(name, sizeof name, steps[i]);
+        if (mgpu__path_join(path, dir, name) != MGPU_OK) continue;
+        if ((err = mgpu__remove_tree(path, 0)) != 0) mgpu_log(MGPU_LOG_WARN, "cannot prune old checkpoint '%s': %s", path, strerror(err));
+    }
+    mgpu_free(steps);
+}
+
+/* --------------------------------------------------------------------------------------
+   trainer_state.json: typed fields, checked before anything is loaded
+   -------------------------------------------------------------------------------------- */
+
+typedef enum mgpu__jkind { MGPU__J_INT, MGPU__J_U64, MGPU__J_NUMBER, MGPU__J_OBJECT, MGPU__J_ARRAY, MGPU__J_STRING } mgpu__jkind;
+typedef struct mgpu__jfield { const char *key; mgpu__jkind kind; int required; int64_t min; } mgpu__jfield;
+
+/* A JSON integer in [0, 2^64) (seeds and RNG offsets use the full uint64 range). */
+static int mgpu__json_u64(const mgpu_json *j, uint64_t *out) {
+    char text[24];
+    size_t i;
+    unsigned long long v;
+    if (!j || j->type != MGPU_JSON_NUMBER || !j->raw || j->raw_len == 0 || j->raw_len >= sizeof text) return 0;
+    for (i = 0; i < j->raw_len; i++) if (!mgpu__is_digit(j->raw[i])) return 0;
+    memcpy(text, j->raw, j->raw_len);
+    text[j->raw_len] = 0;
+    errno = 0;
+    v = strtoull(text, NULL, 10);
+    if (errno == ERANGE) return 0;
+    if (out) *out = (uint64_t)v;
+    return 1;
+}
+
+static int mgpu__jfield_ok(const mgpu_json *v, const mgpu__jfield *f) {
+    int64_t i = 0;
+    switch (f->kind) {
+    case MGPU__J_INT: return mgpu_json_int64(v, &i) && i >= f->min;
+    case MGPU__J_U64: return mgpu__json_u64(v, NULL);
+    case MGPU__J_NUMBER: return v->type == MGPU_JSON_NUMBER || v->type == MGPU_JSON_NULL; /* null: a non-finite value */
+    case MGPU__J_OBJECT: return v->type == MGPU_JSON_OBJECT;
+    case MGPU__J_ARRAY: return v->type == MGPU_JSON_ARRAY;
+    case MGPU__J_STRING: return v->type == MGPU_JSON_STRING;
+    }
+    return 0;
+}
+
+static const char *mgpu__jkind_text(const mgpu__jfield *f, char *buf, size_t size) {
+    switch (f->kind) {
+    case MGPU__J_INT: snprintf(buf, size, "an integer >= %lld", (long long)f->min); return buf;
+    case MGPU__J_U64: return "an integer in [0, 2^64)";
+    case MGPU__J_NUMBER: return "a number";
+    case MGPU__J_OBJECT: return "an object";
+    case MGPU__J_ARRAY: return "an array";
+    case MGPU__J_STRING: return "a string";
+    }
+    return "?";
+}
+
+/* Every field present when required and of its kind when present; errors name label and "where.key". */
+static mgpu_result mgpu__json_check_fields(const mgpu_json *obj, const char *label, const char *where, const mgpu__jfield *fields, int n) {
+    char kind[48];
+    int i;
+    for (i = 0; i < n; i++) {
+        const mgpu_json *v = mgpu_json_get(obj, fields[i].key);
+        if (!v && fields[i].required)
+            return mgpu__fail(MGPU_ERR_FORMAT, "%s: \"%s%s\" is missing", label, where, fields[i].key);
+        if (v && !mgpu__jfield_ok(v, &fields[i]))
+            return mgpu__fail(MGPU_ERR_FORMAT, "%s: \"%s%s\" must be %s", label, where, fields[i].key, mgpu__jkind_text(&fields[i], kind, sizeof kind));
+    }
+    return MGPU_OK;
+}
+
+/* What every checkpoint's state must satisfy; the trainer adds its own required fields on resume. */
+static mgpu_result mgpu__ckpt_check_state(const mgpu_json *s, const char *label) {
+    static const mgpu__jfield top[] = {
+        {"format_version", MGPU__J_INT, 1, 1}, {"step", MGPU__J_INT, 1, 0}, {"epoch", MGPU__J_INT, 0, 0},
+        {"batch_in_epoch", MGPU__J_INT, 0, 0}, {"world_size", MGPU__J_INT, 0, 1}, {"rng", MGPU__J_OBJECT, 0, 0},
+        {"scaler", MGPU__J_OBJECT, 0, 0}, {"schedule", MGPU__J_OBJECT, 0, 0}, {"metrics", MGPU__J_ARRAY, 0, 0},
+        {"options", MGPU__J_OBJECT, 0, 0}, {"epoch_stats", MGPU__J_OBJECT, 0, 0}};
+    static const mgpu__jfield rng[] = {{"seed", MGPU__J_U64, 1, 0}, {"offset", MGPU__J_U64, 1, 0}};
+    static const mgpu__jfield scaler[] = {{"scale", MGPU__J_NUMBER, 1, 0}, {"growth_tracker", MGPU__J_INT, 1, 0}};
+    const mgpu_json *v, *m;
+    int64_t version = 0;
+    double scale;
+    if (!s || s->type != MGPU_JSON_OBJECT) return mgpu__fail(MGPU_ERR_FORMAT, "%s: the top level is not a JSON object", label);
+    if (mgpu__json_check_fields(s, label, "", top, (int)(sizeof top / sizeof top[0])) != MGPU_OK) return MGPU_ERR_FORMAT;
+    mgpu_json_int64(mgpu_json_get(s, "format_version"), &version);
+    if (version != MGPU__CKPT_FORMAT_VERSION)
+        return mgpu__fail(MGPU_ERR_FORMAT, "%s: format_version %lld is not supported (this mgpu reads version %d)", label, (long long)version,
+                          MGPU__CKPT_FORMAT_VERSION);
+    if ((v = mgpu_json_get(s, "rng")) && mgpu__json_check_fields(v, label, "rng.", rng, 2) != MGPU_OK) return MGPU_ERR_FORMAT;
+    if ((v = mgpu_json_get(s, "scaler"))) {
+        if (mgpu__json_check_fields(v, label, "scaler.", scaler, 2) != MGPU_OK) return MGPU_ERR_FORMAT;
+        scale = mgpu_json_get(v, "scale")->number;
+        if (mgpu_json_get(v, "scale")->type != MGPU_JSON_NUMBER || !(scale > 0) || !isfinite(scale))
+            return mgpu__fail(MGPU_ERR_FORMAT, "%s: \"scaler.scale\" must be a positive finite number", label);
+    }
+    if ((v = mgpu_json_get(s, "metrics")))
+        for (m = v->child; m; m = m->next)
+            if (m->type != MGPU_JSON_OBJECT) return mgpu__fail(MGPU_ERR_FORMAT, "%s: \"metrics\" must hold one object per epoch", label);
+    return MGPU_OK;
+}
+
+static mgpu_json *mgpu__ckpt_parse_state(const char *text, size_t len, const char *label) {
+    mgpu_json *j = mgpu_json_parse(text, len, label); /* MGPU_ERR_FORMAT naming label and offset */
+    if (j && mgpu__ckpt_check_state(j, label) != MGPU_OK) { mgpu_json_free(j); return NULL; }
+    return j;
+}
+
+/* --------------------------------------------------------------------------------------
+   Data checksum: safetensors has none, so checkpoints carry one in the file metadata
+   ("checksum": "mgpu64:<hex>") over the data section. A flipped bit or a torn write is then an
+   error at load time instead of silently wrong weights. Four independent multiply-rotate lanes
+   over little-endian 64-bit words keep it at several GB/s; files without the key still load.
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__hash64 { uint64_t lane[4]; uint8_t buf[32]; size_t fill; uint64_t total; } mgpu__hash64;
+
+static void mgpu__hash64_init(mgpu__hash64 *h) {
+    int k;
+    for (k = 0; k < 4; k++) h->lane[k] = 0x9e3779b97f4a7c15ULL * (uint64_t)(k + 1);
+    h->fill = 0; h->total = 0;
+}
+static uint64_t mgpu__rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+static void mgpu__hash64_block(mgpu__hash64 *h, const uint8_t *p) {
+    int k;
+    for (k = 0; k < 4; k++) {
+        uint64_t w;
+        memcpy(&w, p + 8 * k, 8); /* little-endian host (see io.h) */
+        h->lane[k] = mgpu__rotl64((h->lane[k] ^ w) * 0xff51afd7ed558ccdULL, 29);
+    }
+}
+static void mgpu__hash64_update(mgpu__hash64 *h, const void *data, size_t len) {
+    const uint8_t *p = (const uint8_t *)data;
+    h->total += len;
+    if (h->fill) {
+        size_t take = MGPU__MIN(len, 32 - h->fill);
+        memcpy(h->buf + h->fill, p, take);
+        h->fill += take; p += take; len -= take;
+        if (h->fill < 32) return;
+        mgpu__hash64_block(h, h->buf);
+        h->fill = 0;
+    }
+    for (; len >= 32; p += 32, len -= 32) mgpu__hash64_block(h, p);
+    memcpy(h->buf, p, len);
+    h->fill = len;
+}
+static uint64_t mgpu__hash64_final(mgpu__hash64 *h) {
+    uint64_t out;
+    int k;
+    if (h->fill) { memset(h->buf + h->fill, 0, 32 - h->fill); mgpu__hash64_block(h, h->buf); }
+    out = mgpu__mix64(h->total);
+    for (k = 0; k < 4; k++) out = mgpu__mix64(out ^ h->lane[k]);
+    return out;
+}
+static void mgpu__checksum_text(uint64_t v, char *out, size_t size) { snprintf(out, size, "mgpu64:%016llx", (unsigned long long)v); }
+
+/* The metadata checksum, when present, must match the data section. */
+static mgpu_result mgpu__st_check_checksum(const mgpu_safetensors *st) {
+    const char *want = mgpu_safetensors_metadata(st, "checksum");
+    char got[40];
+    uint64_t hlen = 0;
+    mgpu__hash64 h;
+    int i;
+    if (!want) return MGPU_OK;
+    for (i = 7; i >= 0; i--) hlen = (hlen << 8) | st->bytes[i];
+    mgpu__hash64_init(&h);
+    mgpu__hash64_update(&h, st->bytes + 8 + hlen, st->len - 8 - (size_t)hlen);
+    mgpu__checksum_text(mgpu__hash64_final(&h), got, sizeof got);
+    if (strcmp(want, got) != 0)
+        return mgpu__st_error(MGPU_ERR_FORMAT, st->label, NULL, "the data does not match its checksum (%.40s in the header, %s computed): the file is corrupt", want, got);
+    return MGPU_OK;
+}
+
+/* Opens and validates a checkpoint's safetensors file: structure, then checksum. */
+static mgpu_safetensors *mgpu__ckpt_st_checked(mgpu_safetensors *st) {
+    if (st && mgpu__st_check_checksum(st) != MGPU_OK) { mgpu_safetensors_close(st); return NULL; }
+    return st;
+}
+
+/* --------------------------------------------------------------------------------------
+   The tensors of a checkpoint
+   -------------------------------------------------------------------------------------- */
+
+/* The optimizer's checkpoint tensors: its state tensors, then one I64 scalar "<param>.step" per
+   parameter (PyTorch's per-parameter state["step"]) whose values live in steps[]. */
+typedef struct mgpu__optim_tensors {
+    mgpu__model_tensors list;
+    int n_params;
+    char **step_names; mgpu_tensor *step_tensors; int64_t *steps;
+} mgpu__optim_tensors;
+
+static void mgpu__optim_tensors_free(mgpu__optim_tensors *ot) {
+    int i;
+    for (i = 0; ot->step_names && i < ot->n_params; i++) mgpu_free(ot->step_names[i]);
+    mgpu_free(ot->step_names);
+    mgpu_free(ot->step_tensors);
+    mgpu_free(ot->steps);
+    mgpu__model_tensors_free(&ot->list);
+    memset(ot, 0, sizeof *ot);
+}
+
+static mgpu_result mgpu__optim_tensors_collect(const mgpu_optimizer *o, mgpu__optim_tensors *ot) {
+    int i, ns = o->n_states, np = o->n_params;
+    memset(ot, 0, sizeof *ot);
+    ot->n_params = np;
+    ot->list.n = ns + np;
+    ot->list.names = (const char **)mgpu__calloc(sizeof(char *) * (size_t)(ot->list.n + 1), "the optimizer's checkpoint list");
+    ot->list.tensors = (mgpu_tensor **)mgpu__calloc(sizeof(mgpu_tensor *) * (size_t)(ot->list.n + 1), "the optimizer's checkpoint list");
+    ot->step_names = (char **)mgpu__calloc(sizeof(char *) * (size_t)(np + 1), "the optimizer's checkpoint list");
+    ot->step_tensors = (mgpu_tensor *)mgpu__calloc(sizeof(mgpu_tensor) * (size_t)(np + 1), "the optimizer's checkpoint list");
+    ot->steps = (int64_t *)mgpu__calloc(sizeof(int64_t) * (size_t)(np + 1), "the optimizer's checkpoint list");
+    if (!ot->list.names || !ot->list.tensors || !ot->step_names || !ot->step_tensors || !ot->steps) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < ns; i++) { ot->list.names[i] = o->states[i].name; ot->list.tensors[i] = o->states[i].tensor; }
+    for (i = 0; i < np; i++) {
+        if (!(ot->step_names[i] = mgpu__join_name(o->model->params.items[i].name, "step"))) return MGPU_ERR_OOM_HOST;
+        ot->steps[i] = o->params[i].steps;
+        mgpu__tensor_init_header(&ot->step_tensors[i], o->model->ctx, MGPU_I64, 0, NULL, 1);
+        ot->step_tensors[i].data = &ot->steps[i];
+        ot->list.names[ns + i] = ot->step_names[i];
+        ot->list.tensors[ns + i] = &ot->step_tensors[i];
+    }
+    return MGPU_OK;
+}
+
+static const char *mgpu__optimizer_type_name(mgpu_optimizer_type t) {
+    return t == MGPU_OPTIM_SGD ? "sgd" : t == MGPU_OPTIM_ADAM ? "adam" : "adamw";
+}
+
+/* --------------------------------------------------------------------------------------
+   Saving: a job lists every tensor of the two files (headers pointing at the live tensors, or at a
+   host snapshot in background mode) plus the state text, and runs on either thread.
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__ckpt_job {
+    char dir[MGPU__CKPT_PATH_MAX];
+    int keep_last;
+    int64_t step;
+    int n_model, n_total;            /* tensors [0, n_model) go to model.safetensors, the rest to optimizer.safetensors */
+    char **names;
+    mgpu_tensor *tensors;            /* header copies */
+    int64_t *param_steps;            /* values of the "<param>.step" tensors */
+    char *state_json;
+    char optim_type[16], optim_steps[24];
+    mgpu_result result;
+    char error[1024];
+} mgpu__ckpt_job;
+
+static void mgpu__ckpt_job_free(mgpu__ckpt_job *j) {
+    int i;
+    if (!j) return;
+    for (i = 0; j->names && i < j->n_total; i++) mgpu_free(j->names[i]);
+    mgpu_free(j->names);
+    mgpu_free(j->tensors);
+    mgpu_free(j->param_steps);
+    mgpu_free(j->state_json);
+    mgpu_free(j);
+}
+
+/* Appends list's tensors to the job (names copied: the model may change while a write runs). */
+static mgpu_result mgpu__ckpt_job_add(mgpu__ckpt_job *j, const mgpu__model_tensors *list) {
+    int i;
+    for (i = 0; i < list->n; i++, j->n_total++) {
+        if (!(j->names[j->n_total] = mgpu__strdup(list->names[i]))) return MGPU_ERR_OOM_HOST;
+        j->tensors[j->n_total] = *list->tensors[i];
+        j->tensors[j->n_total].grad = NULL;
+        j->tensors[j->n_total].node = NULL;
+        j->tensors[j->n_total].owns_data = 0;
+    }
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__ckpt_job_fill(mgpu__ckpt_job *j, const mgpu_model *m, const mgpu_optimizer *o) {
+    mgpu__model_tensors mt;
+    mgpu__optim_tensors ot;
+    mgpu_result r;
+    int n;
+    memset(&mt, 0, sizeof mt);
+    memset(&ot, 0, sizeof ot);
+    r = mgpu__model_tensors_collect(m, &mt, "mgpu_checkpointer_save");
+    if (r == MGPU_OK && o) r = mgpu__optim_tensors_collect(o, &ot);
+    n = mt.n + ot.list.n;
+    if (r == MGPU_OK) {
+        j->names = (char **)mgpu__calloc(sizeof(char *) * (size_t)(n + 1), "a checkpoint");
+        j->tensors = (mgpu_tensor *)mgpu__calloc(sizeof(mgpu_tensor) * (size_t)(n + 1), "a checkpoint");
+        j->param_steps = (int64_t *)mgpu__calloc(sizeof(int64_t) * (size_t)(ot.n_params + 1), "a checkpoint");
+        if (!j->names || !j->tensors || !j->param_steps) r = MGPU_ERR_OOM_HOST;
+    }
+    if (r == MGPU_OK && (r = mgpu__ckpt_job_add(j, &mt)) == MGPU_OK) {
+        j->n_model = j->n_total;
+        r = mgpu__ckpt_job_add(j, &ot.list);
+    }
+    if (r == MGPU_OK && o) {
+        int i;
+        /* the step scalars point into the job's own copy of the counts */
+        for (i = 0; i < ot.n_params; i++) {
+            j->param_steps[i] = ot.steps[i];
+            j->tensors[j->n_model + o->n_states + i].data = &j->param_steps[i];
+        }
+        snprintf(j->optim_type, sizeof j->optim_type, "%s", mgpu__optimizer_type_name(o->desc.type));
+        snprintf(j->optim_steps, sizeof j->optim_steps, "%lld", (long long)o->step_count);
+    }
+    mgpu__optim_tensors_free(&ot);
+    mgpu__model_tensors_free(&mt);
+    return r;
+}
+
+/* Background mode: every tensor copied into one host buffer, so training may change them. The
+   buffer is kept between saves: on first touch fresh memory costs a page fault per 4 KiB, which
+   would otherwise be paid on the training thread at every save. */
+static mgpu_result mgpu__ckpt_job_snapshot(mgpu__ckpt_job *j, void **buffer, size_t *capacity) {
+    size_t total = 0, at = 0;
+    int i;
+    for (i = 0; i < j->n_total; i++) total += (mgpu_tensor_nbytes(&j->tensors[i]) + 63) & ~(size_t)63;
+    if (total > *capacity) {
+        mgpu_free(*buffer);
+        *capacity = 0;
+        if (!(*buffer = mgpu__alloc(total, "a checkpoint snapshot"))) return MGPU_ERR_OOM_HOST;
+        *capacity = total;
+    }
+    for (i = 0; i < j->n_total; i++) {
+        mgpu_tensor *t = &j->tensors[i];
+        size_t bytes = mgpu_tensor_nbytes(t);
+        mgpu_result r = mgpu_tensor_copy_to_host(t, (char *)*buffer + at, bytes);
+        if (r != MGPU_OK) return r;
+        t->data = (char *)*buffer + at;
+        t->device.type = MGPU_DEVICE_CPU; t->device.index = 0;
+        at += (bytes + 63) & ~(size_t)63;
+    }
+    return MGPU_OK;
+}
+
+/* Tensors [begin, end) of the job as one safetensors file; keys/values[0] receive the checksum
+   of the data section (the tensors' bytes in order, as the file lays them out). */
+static mgpu_result mgpu__ckpt_job_write_st(const mgpu__ckpt_job *j, const char *dir, const char *file, int begin, int end,
+                                           int n_meta, const char **keys, const char **values) {
+    const mgpu_tensor **ptrs = (const mgpu_tensor **)mgpu__alloc(sizeof(mgpu_tensor *) * (size_t)(end - begin + 1), "a checkpoint file");
+    char path[MGPU__CKPT_PATH_MAX], checksum[40];
+    mgpu__hash64 h;
+    mgpu_result r;
+    int i;
+    if (!ptrs) return MGPU_ERR_OOM_HOST;
+    mgpu__hash64_init(&h);
+    for (i = begin; i < end; i++) {
+        ptrs[i - begin] = &j->tensors[i];
+        mgpu__hash64_update(&h, j->tensors[i].data, mgpu_tensor_nbytes(&j->tensors[i]));
+    }
+    mgpu__checksum_text(mgpu__hash64_final(&h), checksum, sizeof checksum);
+    keys[0] = "checksum"; values[0] = checksum;
+    if ((r = mgpu__path_join(path, dir, file)) == MGPU_OK)
+        r = mgpu_safetensors_save(path, end - begin, (const char *const *)(j->names + begin), ptrs, n_meta, keys, values);
+    mgpu_free((void *)ptrs);
+    return r;
+}
+
+static mgpu_result mgpu__ckpt_job_write_files(const mgpu__ckpt_job *j, const char *tmp) {
+    const char *keys[4], *values[4];
+    char path[MGPU__CKPT_PATH_MAX];
+    mgpu_result r;
+    keys[1] = "format"; values[1] = "pt";   /* PyTorch's safetensors.torch.save_file marker */
+    if ((r = mgpu__ckpt_job_write_st(j, tmp, MGPU__CKPT_MODEL, 0, j->n_model, 2, keys, values)) != MGPU_OK) return r;
+    keys[1] = "format"; values[1] = "mgpu";
+    keys[2] = "optimizer"; values[2] = j->optim_type;
+    keys[3] = "step_count"; values[3] = j->optim_steps;
+    if ((r = mgpu__ckpt_job_write_st(j, tmp, MGPU__CKPT_OPTIM, j->n_model, j->n_total, j->optim_type[0] ? 4 : 2, keys, values)) != MGPU_OK)
+        return r;
+    if ((r = mgpu__path_join(path, tmp, MGPU__CKPT_STATE)) != MGPU_OK) return r;
+    return mgpu_write_file_atomic(path, j->state_json, strlen(j->state_json));
+}
+
+/* tmp/ becomes final/. An existing final/ (the same step saved again) is swapped out atomically
+   where the system can (renameat2), else removed first. */
+static mgpu_result mgpu__ckpt_install(const char *tmp, const char *final) {
+    int err;
+    if (mgpu__is_dir(final)) {
+#if defined(__linux__) && defined(RENAME_EXCHANGE)
+        if (renameat2(AT_FDCWD, tmp, AT_FDCWD, final, RENAME_EXCHANGE) == 0) {
+            mgpu__remove_tree(tmp, 0);
+            return mgpu__fsync_parent_dir(final) == 0 ? MGPU_OK
+                                                     : mgpu__fail(MGPU_ERR_IO, "checkpoint '%s': fsync of its directory failed", final);
+        }
+#endif
+        if ((err = mgpu__remove_tree(final, 0)) != 0)
+            return mgpu__fail(MGPU_ERR_IO, "checkpoint '%s' exists and cannot be replaced: %s", final, strerror(err));
+    }
+    if (rename(tmp, final) != 0) return mgpu__fail(MGPU_ERR_IO, "cannot rename '%s' to '%s': %s", tmp, final, strerror(errno));
+    if ((err = mgpu__fsync_parent_dir(final)) != 0) return mgpu__fail(MGPU_ERR_IO, "checkpoint '%s': fsync of its directory failed: %s", final, strerror(err));
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__ckpt_job_run(mgpu__ckpt_job *j) {
+    char name[40], latest_text[48], tmp_name[48], final[MGPU__CKPT_PATH_MAX], tmp[MGPU__CKPT_PATH_MAX], latest[MGPU__CKPT_PATH_MAX];
+    mgpu_result r;
+    mgpu__ckpt_dir_name(name, sizeof name, j->step);
+    snprintf(tmp_name, sizeof tmp_name, "%s.tmp", name);
+    snprintf(latest_text, sizeof latest_text, "%s\n", name);
+    if ((r = mgpu__mkdirs(j->dir)) != MGPU_OK) return r;
+    mgpu__ckpt_remove_stale(j->dir);
+    if ((r = mgpu__path_join(final, j->dir, name)) != MGPU_OK || (r = mgpu__path_join(tmp, j->dir, tmp_name)) != MGPU_OK ||
+        (r = mgpu__path_join(latest, j->dir, "latest")) != MGPU_OK)
+        return r;
+    if (mkdir(tmp, 0777) != 0) return mgpu__fail(MGPU_ERR_IO, "cannot create checkpoint directory '%s': %s", tmp, strerror(errno));
+    if ((r = mgpu__ckpt_job_write_files(j, tmp)) == MGPU_OK && (r = mgpu__ckpt_install(tmp, final)) == MGPU_OK)
+        r = mgpu_write_file_atomic(latest, latest_text, strlen(latest_text));
+    if (r != MGPU_OK) {
+        mgpu__remove_tree(tmp, 0); /* the previous checkpoints and `latest` are untouched */
+        return r;
+    }
+    mgpu__ckpt_prune(j->dir, j->keep_last, j->step);
+    return MGPU_OK;
+}
+
+/* The writer thread: its errors are recorded in the job for the training thread to report. */
+static void *mgpu__ckpt_thread(void *arg) {
+    mgpu__ckpt_job *j = (mgpu__ckpt_job *)arg;
+    j->result = mgpu__ckpt_job_run(j);
+    if (j->result != MGPU_OK) snprintf(j->error, sizeof j->error, "%s", mgpu_last_error());
+    return NULL;
+}
+
+struct mgpu_checkpointer {
+    char dir[MGPU__CKPT_PATH_MAX];
+    int keep_last, background;
+    mgpu__ckpt_job *pending;   /* background write in flight */
+    pthread_t thread;
+    void *snapshot; size_t snapshot_bytes;  /* background mode's host copy, reused by every save */
+};
+
+MGPU_API mgpu_checkpointer *mgpu_checkpointer_create(const mgpu_checkpoint_desc *desc) {
+    mgpu_checkpointer *c;
+    if (!desc || !desc->dir || !desc->dir[0]) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_checkpointer_create: desc and desc->dir are required");
+    if (strlen(desc->dir) > MGPU__CKPT_PATH_MAX - 64) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_checkpointer_create: directory '%s' is too long", desc->dir);
+    if (desc->keep_last < 0) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_checkpointer_create: keep_last is %d, must be >= 0", desc->keep_last);
+    c = (mgpu_checkpointer *)mgpu__calloc(sizeof *c, "a checkpointer");
+    if (!c) return NULL;
+    snprintf(c->dir, sizeof c->dir, "%s", desc->dir);
+    c->keep_last = desc->keep_last;
+    c->background = desc->background != 0;
+    return c;
+}
+
+MGPU_API mgpu_result mgpu_checkpointer_wait(mgpu_checkpointer *c) {
+    mgpu__ckpt_job *j;
+    mgpu_result r;
+    if (!c) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpointer_wait: checkpointer is NULL");
+    if (!(j = c->pending)) return MGPU_OK;
+    pthread_join(c->thread, NULL);
+    c->pending = NULL;
+    r = j->result;
+    if (r != MGPU_OK) mgpu__fail(r, "%s", j->error); /* re-raised on the caller's thread */
+    mgpu__ckpt_job_free(j);
+    return r;
+}
+
+MGPU_API void mgpu_checkpointer_destroy(mgpu_checkpointer *c) {
+    if (!c) return;
+    if (mgpu_checkpointer_wait(c) != MGPU_OK) mgpu_log(MGPU_LOG_WARN, "background checkpoint save failed: %s", mgpu_last_error());
+    mgpu_free(c->snapshot);
+    mgpu_free(c);
+}
+
+/* The state text to write: the caller's (checked, with the right step) or a minimal one. */
+static char *mgpu__ckpt_state_text(int64_t step, const char *json) {
+    char minimal[96];
+    mgpu_json *j;
+    int64_t s = -1;
+    if (!json) {
+        snprintf(minimal, sizeof minimal, "{\"format_version\":%d,\"step\":%lld}\n", MGPU__CKPT_FORMAT_VERSION, (long long)step);
+        return mgpu__strdup(minimal);
+    }
+    if (!(j = mgpu__ckpt_parse_state(json, strlen(json), "mgpu_checkpointer_save: trainer_state_json"))) {
+        mgpu__error_code = MGPU_ERR_INVALID_ARG;
+        return NULL;
+    }
+    mgpu_json_int64(mgpu_json_get(j, "step"), &s);
+    mgpu_json_free(j);
+    if (s != step) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpointer_save: trainer_state_json has step %lld but the checkpoint is for step %lld", (long long)s, (long long)step);
+        return NULL;
+    }
+    return mgpu__strdup(json);
+}
+
+MGPU_API mgpu_result mgpu_checkpointer_save(mgpu_checkpointer *c, int64_t step, const mgpu_model *m,
+                                            const mgpu_optimizer *o, const char *trainer_state_json) {
+    mgpu__ckpt_job *j;
+    mgpu_result r;
+    if (!c || !m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpointer_save: checkpointer and model are required");
+    if (step < 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpointer_save: step is %lld, must be >= 0", (long long)step);
+    if ((r = mgpu_checkpointer_wait(c)) != MGPU_OK) return r; /* one write at a time; a failed one is reported first */
+    if (!(j = (mgpu__ckpt_job *)mgpu__calloc(sizeof *j, "a checkpoint"))) return MGPU_ERR_OOM_HOST;
+    snprintf(j->dir, sizeof j->dir, "%s", c->dir);
+    j->keep_last = c->keep_last;
+    j->step = step;
+    if (!(j->state_json = mgpu__ckpt_state_text(step, trainer_state_json))) r = mgpu_last_result();
+    if (r == MGPU_OK) r = mgpu__ckpt_job_fill(j, m, o);
+    if (r == MGPU_OK && c->background && (r = mgpu__ckpt_job_snapshot(j, &c->snapshot, &c->snapshot_bytes)) == MGPU_OK) {
+        if (pthread_create(&c->thread, NULL, mgpu__ckpt_thread, j) == 0) { c->pending = j; return MGPU_OK; }
+        mgpu_log(MGPU_LOG_WARN, "cannot start the checkpoint writer thread; saving step %lld on this thread", (long long)step);
+    }
+    if (r == MGPU_OK) r = mgpu__ckpt_job_run(j);
+    mgpu__ckpt_job_free(j);
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   Loading and validation
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__ckpt_files {
+    mgpu_safetensors *model, *optim;
+    mgpu_json *state;
+    const char *label;
+} mgpu__ckpt_files;
+
+static void mgpu__ckpt_files_close(mgpu__ckpt_files *f) {
+    mgpu_safetensors_close(f->model);
+    mgpu_safetensors_close(f->optim);
+    mgpu_json_free(f->state);
+    f->model = f->optim = NULL;
+    f->state = NULL;
+}
+
+/* "<param>.<suffix>" of an optimizer entry: suffix one of the known states, param a tensor of the
+   model file with the same shape (steps: I64 scalars >= 0). */
+static mgpu_result mgpu__ckpt_check_optim_entry(const mgpu__ckpt_files *f, const mgpu_safetensors_entry *e) {
+    static const char *const moments[] = {"exp_avg", "exp_avg_sq", "momentum_buffer"};
+    const char *dot = strrchr(e->name, '.'), *label = f->optim->label;
+    const mgpu_safetensors_entry *p;
+    char param[1024];
+    size_t i;
+    int64_t v;
+    if (!dot || (size_t)(dot - e->name) >= sizeof param) return mgpu__st_error(MGPU_ERR_FORMAT, label, e->name, "is not named <parameter>.<state>");
+    memcpy(param, e->name, (size_t)(dot - e->name));
+    param[dot - e->name] = 0;
+    if (!(p = mgpu_safetensors_find(f->model, param)))
+        return mgpu__st_error(MGPU_ERR_FORMAT, label, e->name, "belongs to parameter '%s', which %s does not hold", param, f->model->label);
+    if (strcmp(dot + 1, "step") == 0) {
+        if (e->dtype != MGPU_I64 || e->ndim != 0) return mgpu__st_error(MGPU_ERR_FORMAT, label, e->name, "a step count must be an I64 scalar");
+        memcpy(&v, e->data, sizeof v);
+        return v >= 0 ? MGPU_OK : mgpu__st_error(MGPU_ERR_FORMAT, label, e->name, "step count %lld is negative", (long long)v);
+    }
+    for (i = 0; i < sizeof moments / sizeof moments[0]; i++) {
+        if (strcmp(dot + 1, moments[i]) != 0) continue;
+        if (e->dtype != MGPU_F32) return mgpu__st_error(MGPU_ERR_SHAPE, label, e->name, "optimizer state must be F32, not %s", mgpu_dtype_name(e->dtype));
+        if (!mgpu__dtype_is_float(p->dtype))
+            return mgpu__st_error(MGPU_ERR_SHAPE, f->model->label, p->name, "dtype %s, but only float parameters have optimizer state", mgpu_dtype_name(p->dtype));
+        if (e->ndim != p->ndim || (e->ndim && memcmp(e->shape, p->shape, sizeof(int64_t) * (size_t)e->ndim) != 0)) {
+            char a[96], b[96];
+            mgpu_shape_string(e->ndim, e->shape, a, sizeof a);
+            mgpu_shape_string(p->ndim, p->shape, b, sizeof b);
+            return mgpu__st_error(MGPU_ERR_SHAPE, label, e->name, "shape %s differs from its parameter's %s", a, b);
+        }
+        return MGPU_OK;
+    }
+    return mgpu__st_error(MGPU_ERR_FORMAT, label, e->name, "unknown optimizer state '%s'", dot + 1);
+}
+
+/* The files agree with each other: optimizer entries belong to model tensors, step_count metadata
+   is a count, and the state's step matches the directory name (when there is one). */
+static mgpu_result mgpu__ckpt_check_files(const mgpu__ckpt_files *f, int64_t dir_step) {
+    const char *sc = mgpu_safetensors_metadata(f->optim, "step_count");
+    int64_t step = -1;
+    int i;
+    mgpu_result r;
+    for (i = 0; i < mgpu_safetensors_count(f->optim); i++)
+        if ((r = mgpu__ckpt_check_optim_entry(f, mgpu_safetensors_get(f->optim, i))) != MGPU_OK) return r;
+    if (sc) {
+        long long v;
+        if (!mgpu__parse_ll(sc, &v) || v < 0) return mgpu__st_error(MGPU_ERR_FORMAT, f->optim->label, NULL, "metadata step_count \"%.32s\" is not a count", sc);
+    }
+    mgpu_json_int64(mgpu_json_get(f->state, "step"), &step);
+    if (dir_step >= 0 && step != dir_step)
+        return mgpu__fail(MGPU_ERR_FORMAT, "%s: trainer_state.json says step %lld but the directory is step %lld", f->label, (long long)step, (long long)dir_step);
+    return MGPU_OK;
+}
+
+/* Opens and fully validates DIR's three files; errors name the file (and tensor). */
+static mgpu_result mgpu__ckpt_open_dir(const char *path, mgpu__ckpt_files *f) {
+    char file[MGPU__CKPT_PATH_MAX];
+    const char *base = strrchr(path, '/');
+    void *text = NULL;
+    size_t len = 0;
+    int64_t dir_step = -1;
+    mgpu_result r;
+    memset(f, 0, sizeof *f);
+    f->label = path;
+    if (!mgpu__is_dir(path)) return mgpu__fail(MGPU_ERR_IO, "checkpoint '%s' is not a directory", path);
+    if ((r = mgpu__path_join(file, path, MGPU__CKPT_MODEL)) != MGPU_OK || !(f->model = mgpu__ckpt_st_checked(mgpu_safetensors_open(file))) ||
+        (r = mgpu__path_join(file, path, MGPU__CKPT_OPTIM)) != MGPU_OK || !(f->optim = mgpu__ckpt_st_checked(mgpu_safetensors_open(file))) ||
+        (r = mgpu__path_join(file, path, MGPU__CKPT_STATE)) != MGPU_OK || (r = mgpu_read_file(file, &text, &len)) != MGPU_OK) {
+        mgpu__ckpt_files_close(f);
+        return r != MGPU_OK ? r : mgpu_last_result();
+    }
+    f->state = mgpu__ckpt_parse_state((const char *)text, len, file);
+    mgpu_free(text);
+    if (!f->state) { mgpu__ckpt_files_close(f); return mgpu_last_result(); }
+    mgpu__ckpt_step_of_name(base ? base + 1 : path, &dir_step);
+    if ((r = mgpu__ckpt_check_files(f, dir_step)) != MGPU_OK) mgpu__ckpt_files_close(f);
+    return r;
+}
+
+static mgpu_result mgpu__ckpt_open_bytes(const mgpu_checkpoint_bytes *b, const char *label, mgpu__ckpt_files *f) {
+    char name[MGPU__CKPT_PATH_MAX];
+    mgpu_result r;
+    memset(f, 0, sizeof *f);
+    f->label = label;
+    snprintf(name, sizeof name, "%.4000s/" MGPU__CKPT_MODEL, label);
+    if (!(f->model = mgpu__ckpt_st_checked(mgpu_safetensors_parse(b->model, b->model_len, name)))) return mgpu_last_result();
+    snprintf(name, sizeof name, "%.4000s/" MGPU__CKPT_OPTIM, label);
+    if (!(f->optim = mgpu__ckpt_st_checked(mgpu_safetensors_parse(b->optimizer, b->optimizer_len, name)))) {
+        mgpu__ckpt_files_close(f);
+        return mgpu_last_result();
+    }
+    snprintf(name, sizeof name, "%.4000s/" MGPU__CKPT_STATE, label);
+    if (!(f->state = mgpu__ckpt_parse_state(b->trainer_state ? b->trainer_state : "", b->trainer_state_len, name))) {
+        mgpu__ckpt_files_close(f);
+        return mgpu_last_result();
+    }
+    if ((r = mgpu__ckpt_check_files(f, -1)) != MGPU_OK) mgpu__ckpt_files_close(f);
+    return r;
+}
+
+/* Validates files against m and o, then (only if all fits) copies everything in. */
+static mgpu_result mgpu__ckpt_apply(mgpu__ckpt_files *f, mgpu_model *m, mgpu_optimizer *o) {
+    mgpu__model_tensors mt;
+    mgpu__optim_tensors ot;
+    mgpu_result r;
+    int i;
+    memset(&mt, 0, sizeof mt);
+    memset(&ot, 0, sizeof ot);
+    r = mgpu__model_tensors_collect(m, &mt, "mgpu_checkpoint_load");
+    if (r == MGPU_OK) r = mgpu__model_check_file(f->model, &mt);
+    if (r == MGPU_OK && o && (r = mgpu__optim_tensors_collect(o, &ot)) == MGPU_OK) r = mgpu__model_check_file(f->optim, &ot.list);
+    if (r == MGPU_OK) {
+        for (i = 0; i < mt.n; i++) mgpu__st_copy(mgpu_safetensors_find(f->model, mt.names[i]), mt.tensors[i]);
+        for (i = 0; o && i < ot.list.n; i++) mgpu__st_copy(mgpu_safetensors_find(f->optim, ot.list.names[i]), ot.list.tensors[i]);
+    }
+    if (r == MGPU_OK && o) {
+        const char *sc = mgpu_safetensors_metadata(f->optim, "step_count");
+        long long count = 0;
+        for (i = 0; i < o->n_params; i++) {
+            o->params[i].steps = ot.steps[i];
+            if (ot.steps[i] > count) count = ot.steps[i];
+        }
+        if (sc) mgpu__parse_ll(sc, &count); /* validated when opened */
+        o->step_count = count;
+    }
+    mgpu__optim_tensors_free(&ot);
+    mgpu__model_tensors_free(&mt);
+    return r;
+}
+
+static mgpu_result mgpu__ckpt_finish_load(mgpu__ckpt_files *f, mgpu_model *m, mgpu_optimizer *o, mgpu_json **trainer_state) {
+    mgpu_result r = m ? mgpu__ckpt_apply(f, m, o) : MGPU_OK;
+    if (r == MGPU_OK && trainer_state) { *trainer_state = f->state; f->state = NULL; }
+    mgpu__ckpt_files_close(f);
+    return r;
+}
+
+MGPU_API mgpu_result mgpu_checkpoint_load(const char *path, mgpu_model *m, mgpu_optimizer *o, mgpu_json **trainer_state) {
+    mgpu__ckpt_files f;
+    mgpu_result r;
+    if (trainer_state) *trainer_state = NULL;
+    if (!path || !m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpoint_load: path and model are required");
+    if ((r = mgpu__ckpt_open_dir(path, &f)) != MGPU_OK) return r;
+    return mgpu__ckpt_finish_load(&f, m, o, trainer_state);
+}
+
+MGPU_API mgpu_result mgpu_checkpoint_load_bytes(const mgpu_checkpoint_bytes *files, const char *label, mgpu_model *m,
+                                                mgpu_optimizer *o, mgpu_json **trainer_state) {
+    mgpu__ckpt_files f;
+    mgpu_result r;
+    if (trainer_state) *trainer_state = NULL;
+    if (!files || (!m && o)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpoint_load_bytes: files are required, and o needs m");
+    if ((r = mgpu__ckpt_open_bytes(files, label ? label : "checkpoint in memory", &f)) != MGPU_OK) return r;
+    return mgpu__ckpt_finish_load(&f, m, o, trainer_state);
+}
+
+MGPU_API mgpu_result mgpu_checkpoint_verify(const char *path) {
+    mgpu__ckpt_files f;
+    mgpu_result r;
+    if (!path) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpoint_verify: path is NULL");
+    if ((r = mgpu__ckpt_open_dir(path, &f)) == MGPU_OK) mgpu__ckpt_files_close(&f);
+    return r;
+}
+
+/* The step directory named by DIR/latest, or "" when latest is absent or unreadable. */
+static void mgpu__ckpt_read_latest(const char *dir, char *name, size_t size) {
+    char path[MGPU__CKPT_PATH_MAX];
+    void *text = NULL;
+    size_t len = 0, n;
+    int64_t step;
+    name[0] = 0;
+    if (mgpu__path_join(path, dir, "latest") != MGPU_OK || mgpu_read_file(path, &text, &len) != MGPU_OK) { mgpu_clear_error(); return; }
+    n = len;
+    while (n > 0 && (((char *)text)[n - 1] == '\n' || ((char *)text)[n - 1] == '\r' || ((char *)text)[n - 1] == ' ')) n--;
+    ((char *)text)[n] = 0;
+    /* only a plain step directory name: `latest` must not lead outside DIR */
+    if (n < size && mgpu__ckpt_step_of_name((const char *)text, &step)) memcpy(name, text, n + 1);
+    else snprintf(name, size, "?"); /* present but garbled */
+    mgpu_free(text);
+}
+
+/* Copies candidate into the caller's buffer. */
+static mgpu_result mgpu__ckpt_found(const char *candidate, char *path, size_t size) {
+    if (strlen(candidate) >= size) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpoint_find: path buffer of %zu bytes is too small", size);
+    memcpy(path, candidate, strlen(candidate) + 1);
+    mgpu_clear_error();
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t size) {
+    char latest[64], candidate[MGPU__CKPT_PATH_MAX], first_error[700];
+    int64_t *steps = NULL, latest_step = -1;
+    int n = 0, i;
+    mgpu_result r;
+    if (!dir || !path || size == 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_checkpoint_find: dir and path are required");
+    path[0] = first_error[0] = 0;
+    if (!mgpu__is_dir(dir)) return mgpu__fail(MGPU_ERR_IO, "no checkpoint in '%s': not a directory", dir);
+    mgpu__ckpt_read_latest(dir, latest, sizeof latest);
+    if (mgpu__ckpt_step_of_name(latest, &latest_step) && mgpu__path_join(candidate, dir, latest) == MGPU_OK) {
+        if (mgpu_checkpoint_verify(candidate) == MGPU_OK) return mgpu__ckpt_found(candidate, path, size);
+        snprintf(first_error, sizeof first_error, "%.690s", mgpu_last_error());
+        mgpu_log(MGPU_LOG_WARN, "the latest checkpoint is corrupt: %s", first_error);
+    } else if (latest[0]) {
+        snprintf(first_error, sizeof first_error, "'%.300s/latest' does not name a step-* directory", dir);
+        mgpu_log(MGPU_LOG_WARN, "%s", first_error);
+    }
+    /* the newest step-* directory that validates */
+    if ((r = mgpu__ckpt_list_steps(dir, &steps, &n)) != MGPU_OK) return r;
+    for (i = 0; i < n; i++) {
+        char name[40];
+        if (steps[i] == latest_step) continue; /* checked above */
+        mgpu__ckpt_dir_name(name, sizeof name, steps[i]);
+        if (mgpu__path_join(candidate, dir, name) != MGPU_OK) continue;
+        if (mgpu_checkpoint_verify(candidate) == MGPU_OK) {
+            mgpu_free(steps);
+            mgpu_log(MGPU_LOG_WARN, "%s: using %s, the newest checkpoint that validates", latest[0] ? "latest is unusable" : "no 'latest' file", candidate);
+            return mgpu__ckpt_found(candidate, path, size);
+        }
+        if (!first_error[0]) snprintf(first_error, sizeof first_error, "%.690s", mgpu_last_error());
+        mgpu_log(MGPU_LOG_WARN, "skipping corrupt checkpoint: %s", mgpu_last_error());
+    }
+    mgpu_free(steps);
+    if (first_error[0]) return mgpu__fail(MGPU_ERR_IO, "no valid checkpoint in '%s': %s", dir, first_error);
+    return mgpu__fail(MGPU_ERR_IO, "no checkpoint in '%s'", dir);
+}
+
+/* Whether dir holds anything a save left: `latest` or a step-* directory (for --resume auto). */
+static int mgpu__ckpt_any(const char *dir) {
+    char path[MGPU__CKPT_PATH_MAX];
+    int64_t *steps = NULL;
+    int n = 0;
+    if (mgpu__path_join(path, dir, "latest") == MGPU_OK && access(path, F_OK) == 0) return 1;
+    if (mgpu__ckpt_list_steps(dir, &steps, &n) != MGPU_OK) { mgpu_clear_error(); return 0; }
+    mgpu_free(steps);
+    return n > 0;
+}
+
+/* The checked trainer_state.json of checkpoint path (NULL with an error naming the file). */
+static mgpu_json *mgpu__ckpt_read_state(const char *path) {
+    char file[MGPU__CKPT_PATH_MAX];
+    void *text = NULL;
+    size_t len = 0;
+    mgpu_json *j;
+    if (mgpu__path_join(file, path, MGPU__CKPT_STATE) != MGPU_OK || mgpu_read_file(file, &text, &len) != MGPU_OK) return NULL;
+    j = mgpu__ckpt_parse_state((const char *)text, len, file);
+    mgpu_free(text);
+    return j;
+}
+/* ======================================================================================
+   Communicators
+   ====================================================================================== */
+/* ======================================================================================
+   Distributed: environment, TCP rendezvous store, communicators (shm, threads, nccl)
+
+   The shm and threads backends share one collective engine. Ranks exchange data through a
+   region (POSIX shared memory between processes, heap memory between threads) holding a header,
+   one control line per rank and one staging slot per rank. A slot is split in two halves used by
+   alternate rounds, so a fast rank fills the next round while slow ranks still read the last one.
+   Reductions sum in rank order (rank 0 + rank 1 + ...): each rank reduces one slice of every chunk
+   (reduce-scatter), then every rank copies all slices back (all-gather), so results are bit-identical
+   on every rank, reproducible, and the reduction work is split across the ranks.
+   The nccl backend (MGPU_CUDA) bootstraps through the same TCP store and runs NCCL on its own stream.
+   ====================================================================================== */
+
+#include <limits.h>
+#include <poll.h>
+#include <netdb.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <linux/futex.h>
+#endif
+#ifdef MGPU_CUDA
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#if NCCL_VERSION_CODE < 21400
+#error "mgpu's nccl backend needs NCCL 2.14 or newer (non-blocking communicators)"
+#endif
+#endif
+
+#define MGPU__COMM_MAX_RANKS 1024            /* ranks of one shm or threads group */
+#define MGPU__COMM_MAX_JOB_RANKS (1 << 20)   /* ranks of a job */
+#define MGPU__COMM_DEFAULT_TIMEOUT_S 600.0
+#define MGPU__COMM_MSG 1024   /* as long as mgpu_last_error()'s text */
+
+static void mgpu__comm_sleep_s(double s) {
+    struct timespec ts;
+    if (s <= 0) return;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+    nanosleep(&ts, NULL);
+}
+
+/* --------------------------------------------------------------------------------------
+   Environment (torchrun, SLURM, Open MPI)
+   -------------------------------------------------------------------------------------- */
+
+/* Strict decimal integer: the whole string, digits with an optional leading '-'. */
+static int mgpu__env_parse_int(const char *s, long long *out) {
+    char *end = NULL;
+    long long v;
+    int first = s[0] == '-' ? 1 : 0;
+    if (!(s[first] >= '0' && s[first] <= '9')) return 0;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno || *end) return 0;
+    *out = v;
+    return 1;
+}
+
+/* Reads integer variable `name` when set (*set = 1). A malformed value, a negative one or one
+   outside [lo, hi] is an error naming the variable, its value and `expected`. */
+static mgpu_result mgpu__env_int(const char *name, long long lo, long long hi, const char *expected, int *out, int *set) {
+    const char *v = getenv(name);
+    long long x = 0;
+    *set = 0;
+    if (!v) return MGPU_OK;
+    if (!mgpu__env_parse_int(v, &x))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: %s='%s' is not an integer; expected %s", name, v, expected);
+    if (x < 0 && lo >= 0)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: %s='%s' is negative; expected %s", name, v, expected);
+    if (x < lo || x > hi)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: %s='%s' is out of range; expected %s", name, v, expected);
+    *out = (int)x;
+    *set = 1;
+    return MGPU_OK;
+}
+
+/* The variables one launcher sets. */
+typedef struct mgpu__env_names { const char *source, *rank, *world, *local_rank, *local_world; } mgpu__env_names;
+
+/* SLURM_TASKS_PER_NODE ("4(x2),3": tasks of each node) at node SLURM_NODEID. */
+static mgpu_result mgpu__env_slurm_tasks_per_node(int *out, int *set) {
+    const char *list = getenv("SLURM_TASKS_PER_NODE"), *p;
+    int node = 0, has_node = 0;
+    long long at = 0;
+    mgpu_result r;
+    *set = 0;
+    if (!list) return MGPU_OK;
+    if ((r = mgpu__env_int("SLURM_NODEID", 0, INT_MAX, "the index of this node in the job", &node, &has_node)) != MGPU_OK) return r;
+    for (p = list; *p;) {
+        char *end = NULL;
+        long tasks = strtol(p, &end, 10), repeat = 1;
+        if (end == p || tasks < 1 || tasks > INT_MAX) break;
+        p = end;
+        if (*p == '(') {
+            if (p[1] != 'x') break;
+            repeat = strtol(p + 2, &end, 10);
+            if (end == p + 2 || *end != ')' || repeat < 1) break;
+            p = end + 1;
+        }
+        if (node < at + repeat) { *out = (int)tasks; *set = 1; return MGPU_OK; }
+        at += repeat;
+        if (*p == ',') p++;
+        else if (*p) break;
+    }
+    return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: SLURM_TASKS_PER_NODE='%s' is not a SLURM task list covering node %d; "
+                      "expected counts like '4(x2),3'", list, node);
+}
+
+/* Rank, world size, local rank and local world size from one launcher's variables. */
+static mgpu_result mgpu__env_read_ranks(const mgpu__env_names *nm, mgpu_dist_env *e) {
+    int rank = 0, world = 1, lrank = 0, lworld = 0, has_rank, has_world, has_lrank, has_lworld = 0;
+    mgpu_result r;
+    if ((r = mgpu__env_int(nm->world, 1, MGPU__COMM_MAX_JOB_RANKS, "a positive number of processes", &world, &has_world)) != MGPU_OK) return r;
+    if ((r = mgpu__env_int(nm->rank, 0, INT_MAX, "this process's rank in [0, world size)", &rank, &has_rank)) != MGPU_OK) return r;
+    if (has_world && !has_rank)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: %s='%s' is set but %s is not; expected %s in [0, %d) as well (%s)",
+                          nm->world, getenv(nm->world), nm->rank, nm->rank, world, nm->source);
+    if (has_rank && !has_world)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: %s='%s' is set but %s is not; expected the number of processes as well (%s)",
+                          nm->rank, getenv(nm->rank), nm->world, nm->source);
+    if (rank >= world)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: %s='%s' but %s='%s'; expected %s < %s",
+                          nm->rank, getenv(nm->rank), nm->world, getenv(nm->world), nm->rank, nm->world);
+    if ((r = mgpu__env_int(nm->local_world, 1, world, "the number of processes on this host, at most the world size", &lworld, &has_lworld)) != MGPU_OK) return r;
+    if (!has_lworld && strcmp(nm->source, "slurm") == 0 && (r = mgpu__env_slurm_tasks_per_node(&lworld, &has_lworld)) != MGPU_OK) return r;
+    if (!has_lworld) lworld = world;   /* unknown: assume one host */
+    if ((r = mgpu__env_int(nm->local_rank, 0, INT_MAX, "this process's rank on its host", &lrank, &has_lrank)) != MGPU_OK) return r;
+    if (!has_lrank) lrank = lworld == world ? rank : rank % lworld;
+    if (lrank >= lworld)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: %s='%d' but the local world size is %d%s%s%s; expected %s < local world size",
+                          nm->local_rank, lrank, lworld, has_lworld ? " (" : "", has_lworld ? nm->local_world : "", has_lworld ? ")" : "", nm->local_rank);
+    e->rank = rank; e->world_size = world; e->local_rank = lrank; e->local_world_size = lworld;
+    e->source = nm->source;
+    return MGPU_OK;
+}
+
+/* MASTER_ADDR and MASTER_PORT (under SLURM the address may come from the node list). */
+static mgpu_result mgpu__env_read_master(mgpu_dist_env *e, int slurm) {
+    const char *addr = getenv("MASTER_ADDR"), *nodes = NULL;
+    char first[256];
+    int port = 0, has_port;
+    mgpu_result r;
+    first[0] = 0;
+    if (addr && !*addr) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: MASTER_ADDR is empty; expected the host name or IP address of rank 0's host");
+    if (!addr && slurm) {
+        nodes = getenv("SLURM_JOB_NODELIST") ? getenv("SLURM_JOB_NODELIST") : getenv("SLURM_NODELIST");
+        if (nodes && *nodes && !strpbrk(nodes, "[")) {
+            size_t n = strcspn(nodes, ",");
+            if (n < sizeof first) { memcpy(first, nodes, n); first[n] = 0; addr = first; }
+        }
+    }
+    if (addr && strlen(addr) >= sizeof e->master_addr)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: MASTER_ADDR is %zu characters long; expected a host name or address under %zu",
+                          strlen(addr), sizeof e->master_addr);
+    if ((r = mgpu__env_int("MASTER_PORT", 1, 65535, "a TCP port in [1, 65535]", &port, &has_port)) != MGPU_OK) return r;
+    if (e->world_size > 1 && !addr) {
+        if (nodes)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: MASTER_ADDR is not set and SLURM_JOB_NODELIST='%s' is a compressed host list; "
+                              "expected MASTER_ADDR=<first host>, e.g. export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)", nodes);
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: MASTER_ADDR is not set; expected the host name or IP address of rank 0's host "
+                          "(world size %d from %s)", e->world_size, e->source);
+    }
+    if (e->world_size > 1 && !has_port)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: MASTER_PORT is not set; expected a free TCP port in [1, 65535] on rank 0's host, "
+                          "the same on every rank (world size %d from %s)", e->world_size, e->source);
+    snprintf(e->master_addr, sizeof e->master_addr, "%s", addr ? addr : "127.0.0.1");
+    e->master_port = has_port ? port : 0;
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_dist_env_read(mgpu_dist_env *out) {
+    static const mgpu__env_names torchrun = {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"};
+    static const mgpu__env_names slurm = {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"};
+    static const mgpu__env_names openmpi = {"openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"};
+    const mgpu__env_names *nm = NULL;
+    mgpu_dist_env e;
+    mgpu_result r;
+    if (!out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: out is NULL");
+    memset(&e, 0, sizeof e);
+    if (getenv("RANK") || getenv("WORLD_SIZE")) nm = &torchrun;
+    else if (getenv("SLURM_PROCID")) nm = &slurm;
+    else if (getenv("OMPI_COMM_WORLD_RANK") || getenv("OMPI_COMM_WORLD_SIZE")) nm = &openmpi;
+    if (!nm) {
+        e.world_size = 1; e.local_world_size = 1; e.source = "single";
+        snprintf(e.master_addr, sizeof e.master_addr, "127.0.0.1");
+        *out = e;
+        return MGPU_OK;
+    }
+    if ((r = mgpu__env_read_ranks(nm, &e)) != MGPU_OK) return r;
+    if ((r = mgpu__env_read_master(&e, nm == &slurm)) != MGPU_OK) return r;
+    *out = e;
+    return MGPU_OK;
+}
+
+/* desc timeout, else $MGPU_TIMEOUT_S, else 600 s. */
+static mgpu_result mgpu__comm_timeout(double requested, const char *fn, double *out) {
+    const char *v = getenv("MGPU_TIMEOUT_S");
+    char *end = NULL;
+    double t;
+    if (requested < 0 || requested != requested)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: timeout %g s is negative; expected > 0 (0: $MGPU_TIMEOUT_S, else 600)", fn, requested);
+    if (requested > 0) { *out = requested; return MGPU_OK; }
+    if (!v) { *out = MGPU__COMM_DEFAULT_TIMEOUT_S; return MGPU_OK; }
+    t = strtod(v, &end);
+    if (end == v || *end || !(t > 0) || t > 1e9)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: MGPU_TIMEOUT_S='%s' is not a positive number of seconds", fn, v);
+    *out = t;
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   TCP rendezvous store: rank 0 hosts a key/value server; every rank (rank 0 included) is a
+   client. Requests are (op, key, value) frames; GET waits on the server until the key exists,
+   the client bounding the wait with poll() and the deadline.
+   -------------------------------------------------------------------------------------- */
+
+enum { MGPU__STORE_SET = 1, MGPU__STORE_GET = 2, MGPU__STORE_TRY = 3, MGPU__STORE_ADD = 4 };
+#define MGPU__STORE_MAX_KEY 256
+#define MGPU__STORE_MAX_VALUE 4096
+#define MGPU__STORE_FRAME 12   /* three big-endian u32: op, key length, value length */
+
+static void mgpu__store_put_u32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16); p[2] = (unsigned char)(v >> 8); p[3] = (unsigned char)v;
+}
+static uint32_t mgpu__store_get_u32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+static void mgpu__fd_nonblocking(int fd) {
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL, 0) | O_NONBLOCK);
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+}
+
+/* Milliseconds left until deadline (mgpu_time_s clock), capped for poll(). */
+static int mgpu__comm_ms_left(double deadline) {
+    double left = deadline - mgpu_time_s();
+    if (left <= 0) return 0;
+    return left > 1000.0 ? 1000000 : (int)(left * 1000.0) + 1;
+}
+
+/* Sends all n bytes before the deadline: 0 on success, else an errno-like code (ETIMEDOUT). */
+static int mgpu__comm_send_all(int fd, const void *buf, size_t n, double deadline) {
+    const char *p = (const char *)buf;
+    while (n > 0) {
+        struct pollfd pfd;
+        ssize_t k;
+        int flags = 0;
+#ifdef MSG_NOSIGNAL
+        flags = MSG_NOSIGNAL;   /* a closed peer is an error, not SIGPIPE */
+#endif
+        k = send(fd, p, n, flags);
+        if (k > 0) { p += k; n -= (size_t)k; continue; }
+        if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return errno;
+        pfd.fd = fd; pfd.events = POLLOUT; pfd.revents = 0;
+        if (mgpu__comm_ms_left(deadline) == 0) return ETIMEDOUT;
+        poll(&pfd, 1, mgpu__comm_ms_left(deadline));
+    }
+    return 0;
+}
+
+/* Receives exactly n bytes before the deadline: 0, ETIMEDOUT, EPIPE for a closed peer, or errno. */
+static int mgpu__comm_recv_all(int fd, void *buf, size_t n, double deadline) {
+    char *p = (char *)buf;
+    while (n > 0) {
+        struct pollfd pfd;
+        ssize_t k = recv(fd, p, n, 0);
+        if (k > 0) { p += k; n -= (size_t)k; continue; }
+        if (k == 0) return EPIPE;
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return errno;
+        pfd.fd = fd; pfd.events = POLLIN; pfd.revents = 0;
+        if (mgpu__comm_ms_left(deadline) == 0) return ETIMEDOUT;
+        poll(&pfd, 1, mgpu__comm_ms_left(deadline));
+    }
+    return 0;
+}
+
+/* ---- server ---- */
+
+typedef struct mgpu__store_kv { char *key; char *value; uint32_t len; } mgpu__store_kv;
+typedef struct mgpu__store_conn {
+    int fd;
+    unsigned char *buf; size_t len, cap;   /* bytes received, not yet handled */
+    char *waiting;                         /* key of a GET waiting for its SET, or NULL */
+} mgpu__store_conn;
+typedef struct mgpu__store_server {
+    int listen_fd, wake[2];
+    pthread_t thread; int started;
+    mgpu__store_kv *kv; int n_kv, cap_kv;
+    mgpu__store_conn *conns; int n_conns, cap_conns;
+    struct pollfd *pfds; int cap_pfds;
+    int stop;              /* 1: stop when every client disconnected or at stop_deadline; 2: now */
+    double stop_deadline;
+} mgpu__store_server;
+
+/* Grows *arr (elements of elem bytes) to hold at least need; 0 on allocation failure. */
+static int mgpu__comm_grow(void **arr, int *cap, int need, size_t elem) {
+    void *n;
+    int c = *cap ? *cap : 8;
+    if (need <= *cap) return 1;
+    while (c < need) c *= 2;
+    n = mgpu__alloc(elem * (size_t)c, "the rendezvous store");
+    if (!n) return 0;
+    if (*arr) memcpy(n, *arr, elem * (size_t)*cap);
+    mgpu_free(*arr);
+    *arr = n; *cap = c;
+    return 1;
+}
+
+static mgpu__store_kv *mgpu__store_find(mgpu__store_server *s, const char *key) {
+    int i;
+    for (i = 0; i < s->n_kv; i++) if (strcmp(s->kv[i].key, key) == 0) return &s->kv[i];
+    return NULL;
+}
+
+/* Reply: u32 status (0 found/ok, 1 missing), u32 length, value. 0 when sent. */
+static int mgpu__store_reply(int fd, uint32_t status, const char *value, uint32_t len) {
+    unsigned char head[8];
+    mgpu__store_put_u32(head, status);
+    mgpu__store_put_u32(head + 4, len);
+    if (mgpu__comm_send_all(fd, head, 8, mgpu_time_s() + 2.0)) return -1;
+    return len ? mgpu__comm_send_all(fd, value, len, mgpu_time_s() + 2.0) : 0;
+}
+
+static int mgpu__store_set_kv(mgpu__store_server *s, char *key, const unsigned char *value, uint32_t len) {
+    mgpu__store_kv *kv = mgpu__store_find(s, key);
+    char *v = (char *)mgpu__alloc(len + 1, "a rendezvous store value");
+    int i;
+    if (!v) { mgpu_free(key); return 0; }
+    memcpy(v, value, len); v[len] = 0;
+    if (kv) { mgpu_free(kv->value); mgpu_free(key); }
+    else {
+        if (!mgpu__comm_grow((void **)&s->kv, &s->cap_kv, s->n_kv + 1, sizeof *s->kv)) { mgpu_free(v); mgpu_free(key); return 0; }
+        kv = &s->kv[s->n_kv++];
+        kv->key = key;
+    }
+    kv->value = v; kv->len = len;
+    for (i = 0; i < s->n_conns; i++) {   /* answer the GETs that waited for this key */
+        mgpu__store_conn *cn = &s->conns[i];
+        if (cn->waiting && strcmp(cn->waiting, kv->key) == 0) {
+            mgpu_free(cn->waiting); cn->waiting = NULL;
+            if (mgpu__store_reply(cn->fd, 0, kv->value, kv->len)) { close(cn->fd); cn->fd = -1; }
+        }
+    }
+    return 1;
+}
+
+/* Handles the complete requests in cn's buffer; 0 means drop the connection. */
+static int mgpu__store_handle(mgpu__store_server *s, mgpu__store_conn *cn) {
+    while (cn->fd >= 0 && !cn->waiting && cn->len >= MGPU__STORE_FRAME) {
+        uint32_t op = mgpu__store_get_u32(cn->buf), klen = mgpu__store_get_u32(cn->buf + 4), vlen = mgpu__store_get_u32(cn->buf + 8);
+        size_t frame = MGPU__STORE_FRAME + (size_t)klen + vlen;
+        char *key;
+        mgpu__store_kv *kv;
+        int ok = 1;
+        if (klen == 0 || klen > MGPU__STORE_MAX_KEY || vlen > MGPU__STORE_MAX_VALUE) return 0;
+        if (cn->len < frame) break;
+        key = (char *)mgpu__alloc(klen + 1, "a rendezvous store key");
+        if (!key) return 0;
+        memcpy(key, cn->buf + MGPU__STORE_FRAME, klen); key[klen] = 0;
+        if (op == MGPU__STORE_SET) {
+            ok = mgpu__store_set_kv(s, key, cn->buf + MGPU__STORE_FRAME + klen, vlen) && cn->fd >= 0 && mgpu__store_reply(cn->fd, 0, NULL, 0) == 0;
+        } else if (op == MGPU__STORE_GET || op == MGPU__STORE_TRY) {
+            kv = mgpu__store_find(s, key);
+            if (kv) ok = mgpu__store_reply(cn->fd, 0, kv->value, kv->len) == 0;
+            else if (op == MGPU__STORE_TRY) ok = mgpu__store_reply(cn->fd, 1, NULL, 0) == 0;
+            else { cn->waiting = key; key = NULL; }
+            mgpu_free(key);
+        } else if (op == MGPU__STORE_ADD) {   /* counter: value += decimal increment, reply the sum */
+            char num[32];
+            long long inc = 0;
+            memcpy(num, cn->buf + MGPU__STORE_FRAME + klen, MGPU__MIN(vlen, 31u)); num[MGPU__MIN(vlen, 31u)] = 0;
+            inc = strtoll(num, NULL, 10);
+            kv = mgpu__store_find(s, key);
+            snprintf(num, sizeof num, "%lld", (kv ? strtoll(kv->value, NULL, 10) : 0) + inc);
+            ok = mgpu__store_set_kv(s, key, (const unsigned char *)num, (uint32_t)strlen(num)) && cn->fd >= 0 &&
+                 mgpu__store_reply(cn->fd, 0, num, (uint32_t)strlen(num)) == 0;
+        } else {
+            mgpu_free(key);
+            return 0;
+        }
+        if (!ok) return 0;
+        memmove(cn->buf, cn->buf + frame, cn->len - frame);
+        cn->len -= frame;
+    }
+    return cn->fd >= 0;
+}
+
+static void mgpu__store_drop(mgpu__store_conn *cn) {
+    if (cn->fd >= 0) close(cn->fd);
+    cn->fd = -1;
+    mgpu_free(cn->buf); cn->buf = NULL;
+    mgpu_free(cn->waiting); cn->waiting = NULL;
+}
+
+static void mgpu__store_accept(mgpu__store_server *s) {
+    for (;;) {
+        int fd = accept(s->listen_fd, NULL, NULL), one = 1;
+        mgpu__store_conn *cn;
+        if (fd < 0) return;
+        mgpu__fd_nonblocking(fd);
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (!mgpu__comm_grow((void **)&s->conns, &s->cap_conns, s->n_conns + 1, sizeof *s->conns)) { close(fd); return; }
+        cn = &s->conns[s->n_conns++];
+        memset(cn, 0, sizeof *cn);
+        cn->fd = fd;
+    }
+}
+
+/* Reads what cn has sent and handles it; 0 when the connection is gone. */
+static int mgpu__store_read(mgpu__store_server *s, mgpu__store_conn *cn) {
+    for (;;) {
+        ssize_t k;
+        if (cn->cap - cn->len < 1024) {
+            size_t cap = cn->cap ? 2 * cn->cap : 4096;
+            unsigned char *b;
+            if (cap > 4 * (MGPU__STORE_FRAME + MGPU__STORE_MAX_KEY + MGPU__STORE_MAX_VALUE)) return 0;   /* a client that floods us */
+            b = (unsigned char *)mgpu__alloc(cap, "a rendezvous store connection");
+            if (!b) return 0;
+            if (cn->len) memcpy(b, cn->buf, cn->len);
+            mgpu_free(cn->buf);
+            cn->buf = b; cn->cap = cap;
+        }
+        k = recv(cn->fd, cn->buf + cn->len, cn->cap - cn->len, 0);
+        if (k > 0) { cn->len += (size_t)k; continue; }
+        if (k == 0) return 0;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return 0;
+        break;
+    }
+    return mgpu__store_handle(s, cn);
+}
+
+static void *mgpu__store_serve(void *arg) {
+    mgpu__store_server *s = (mgpu__store_server *)arg;
+    int i, n;
+    for (;;) {
+        int stop = __atomic_load_n(&s->stop, __ATOMIC_ACQUIRE);
+        double stop_deadline = 0;
+        __atomic_load(&s->stop_deadline, &stop_deadline, __ATOMIC_ACQUIRE);
+        if (stop == 2 || (stop == 1 && (s->n_conns == 0 || mgpu_time_s() > stop_deadline))) break;
+        if (!mgpu__comm_grow((void **)&s->pfds, &s->cap_pfds, s->n_conns + 2, sizeof *s->pfds)) { mgpu__comm_sleep_s(0.01); continue; }
+        s->pfds[0].fd = s->listen_fd; s->pfds[1].fd = s->wake[0];
+        for (i = 0; i < s->n_conns; i++) s->pfds[i + 2].fd = s->conns[i].fd;
+        for (i = 0; i < s->n_conns + 2; i++) { s->pfds[i].events = POLLIN; s->pfds[i].revents = 0; }
+        n = s->n_conns;
+        if (poll(s->pfds, (nfds_t)(n + 2), 100) <= 0) continue;
+        if (s->pfds[1].revents) { char b[64]; while (read(s->wake[0], b, sizeof b) > 0) {} }
+        for (i = 0; i < n; i++)
+            if (s->pfds[i + 2].revents && s->conns[i].fd >= 0 && !mgpu__store_read(s, &s->conns[i])) mgpu__store_drop(&s->conns[i]);
+        for (i = 0; i < s->n_conns;) {   /* compact away closed connections */
+            if (s->conns[i].fd < 0) { mgpu__store_drop(&s->conns[i]); s->conns[i] = s->conns[--s->n_conns]; }
+            else i++;
+        }
+        if (s->pfds[0].revents) mgpu__store_accept(s);
+    }
+    return NULL;
+}
+
+static void mgpu__store_server_free(mgpu__store_server *s) {
+    int i;
+    if (!s) return;
+    for (i = 0; i < s->n_conns; i++) mgpu__store_drop(&s->conns[i]);
+    for (i = 0; i < s->n_kv; i++) { mgpu_free(s->kv[i].key); mgpu_free(s->kv[i].value); }
+    if (s->listen_fd >= 0) close(s->listen_fd);
+    if (s->wake[0] >= 0) close(s->wake[0]);
+    if (s->wake[1] >= 0) close(s->wake[1]);
+    mgpu_free(s->kv); mgpu_free(s->conns); mgpu_free(s->pfds);
+    mgpu_free(s);
+}
+
+/* Asks the server to stop now (force) or once every client has gone, at the latest after grace_s. */
+static void mgpu__store_server_request_stop(mgpu__store_server *s, int force, double grace_s) {
+    double deadline = mgpu_time_s() + grace_s;
+    char b = 1;
+    __atomic_store(&s->stop_deadline, &deadline, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->stop, force ? 2 : 1, __ATOMIC_RELEASE);
+    if (write(s->wake[1], &b, 1) < 0) { /* the poll timeout notices the flag anyway */ }
+}
+
+/* Stops the server as above, waits for its thread and frees it. */
+static void mgpu__store_server_stop(mgpu__store_server *s, int force, double grace_s) {
+    if (!s) return;
+    if (s->started) {
+        mgpu__store_server_request_stop(s, force, grace_s);
+        pthread_join(s->thread, NULL);
+    }
+    mgpu__store_server_free(s);
+}
+
+/* The wildcard address of MASTER_ADDR's family (IPv4 unless it resolves to IPv6) on port. */
+static socklen_t mgpu__store_listen_addr(const char *addr, int port, struct sockaddr_storage *sa) {
+    struct addrinfo hints, *res = NULL;
+    int family = AF_INET;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(addr, NULL, &hints, &res) == 0 && res && res->ai_family == AF_INET6) family = AF_INET6;
+    if (res) freeaddrinfo(res);
+    memset(sa, 0, sizeof *sa);
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)sa;
+        a6->sin6_family = AF_INET6; a6->sin6_addr = in6addr_any; a6->sin6_port = htons((uint16_t)port);
+        return (socklen_t)sizeof *a6;
+    } else {
+        struct sockaddr_in *a4 = (struct sockaddr_in *)sa;
+        a4->sin_family = AF_INET; a4->sin_addr.s_addr = htonl(INADDR_ANY); a4->sin_port = htons((uint16_t)port);
+        return (socklen_t)sizeof *a4;
+    }
+}
+
+/* Binds the store's port on every interface and starts serving. */
+static mgpu__store_server *mgpu__store_server_start(const char *addr, int port) {
+    struct sockaddr_storage sa;
+    socklen_t sa_len = mgpu__store_listen_addr(addr, port, &sa);
+    int one = 1;
+    mgpu__store_server *s = (mgpu__store_server *)mgpu__calloc(sizeof *s, "the rendezvous store");
+    if (!s) return NULL;
+    s->listen_fd = s->wake[0] = s->wake[1] = -1;
+    s->listen_fd = socket(sa.ss_family, SOCK_STREAM, 0);
+    if (s->listen_fd < 0) {
+        mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: rank 0 cannot create the rendezvous store's socket: %s", strerror(errno));
+        mgpu__store_server_free(s); return NULL;
+    }
+    setsockopt(s->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(s->listen_fd, (struct sockaddr *)&sa, sa_len) != 0 || listen(s->listen_fd, 1024) != 0) {
+        int err = errno;
+        if (err == EADDRINUSE)
+            mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: rank 0 cannot host the rendezvous store on port %d: the port is already in use "
+                       "(another job or program holds it); set MASTER_PORT to a free port", port);
+        else
+            mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: rank 0 cannot host the rendezvous store on port %d: %s", port, strerror(err));
+        mgpu__store_server_free(s); return NULL;
+    }
+    mgpu__fd_nonblocking(s->listen_fd);
+    if (pipe(s->wake) != 0) {
+        s->wake[0] = s->wake[1] = -1;
+        mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: cannot create a pipe for the rendezvous store: %s", strerror(errno));
+        mgpu__store_server_free(s); return NULL;
+    }
+    mgpu__fd_nonblocking(s->wake[0]);
+    mgpu__fd_nonblocking(s->wake[1]);
+    if (pthread_create(&s->thread, NULL, mgpu__store_serve, s) != 0) {
+        mgpu__fail(MGPU_ERR_STATE, "mgpu_comm_create: cannot start the rendezvous store's thread");
+        mgpu__store_server_free(s); return NULL;
+    }
+    s->started = 1;
+    return s;
+}
+
+/* ---- client ---- */
+
+typedef struct mgpu__store_client { int fd; const char *addr; int port; } mgpu__store_client;
+
+/* One connection attempt to addr:port (every resolved address, up to 1 s each); fd or -1 with why. */
+static int mgpu__tcp_connect_once(const char *addr, int port, double deadline, char *why, size_t why_size) {
+    struct addrinfo hints, *res = NULL, *ai;
+    char service[16];
+    int fd = -1, rc;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    snprintf(service, sizeof service, "%d", port);
+    rc = getaddrinfo(addr, service, &hints, &res);
+    if (rc != 0) { snprintf(why, why_size, "cannot resolve '%s': %s", addr, gai_strerror(rc)); return -1; }
+    for (ai = res; ai && fd < 0; ai = ai->ai_next) {
+        int err = 0, one = 1;
+        socklen_t len = sizeof err;
+        fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (fd < 0) { snprintf(why, why_size, "%s", strerror(errno)); continue; }
+        mgpu__fd_nonblocking(fd);
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+            if (errno == EINPROGRESS) {
+                struct pollfd pfd;
+                double d = MGPU__MIN(deadline, mgpu_time_s() + 1.0);
+                pfd.fd = fd; pfd.events = POLLOUT; pfd.revents = 0;
+                if (poll(&pfd, 1, mgpu__comm_ms_left(d)) <= 0) err = ETIMEDOUT;
+                else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+            } else {
+                err = errno;
+            }
+        }
+        if (err) { snprintf(why, why_size, "%s", strerror(err)); close(fd); fd = -1; continue; }
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+/* Connects to the store, retrying until the deadline (rank 0 may not be listening yet). */
+static mgpu_result mgpu__store_connect(mgpu__store_client *st, const char *addr, int port, int rank, double deadline, double timeout_s) {
+    char why[256];
+    double backoff = 0.02;
+    st->fd = -1; st->addr = addr; st->port = port;
+    snprintf(why, sizeof why, "no attempt finished");
+    for (;;) {
+        st->fd = mgpu__tcp_connect_once(addr, port, deadline, why, sizeof why);
+        if (st->fd >= 0) return MGPU_OK;
+        if (mgpu_time_s() + backoff > deadline) break;
+        mgpu__comm_sleep_s(backoff);
+        backoff = MGPU__MIN(backoff * 2, 0.5);
+    }
+    return mgpu__fail(MGPU_ERR_TIMEOUT, "mgpu_comm_create: rank %d cannot reach the master at %s:%d after %.0f s (last error: %s); "
+                      "is rank 0 running, and are MASTER_ADDR and MASTER_PORT the same on every rank?", rank, addr, port, timeout_s, why);
+}
+
+static void mgpu__store_close(mgpu__store_client *st) {
+    if (st->fd >= 0) close(st->fd);
+    st->fd = -1;
+}
+
+static mgpu_result mgpu__store_io_error(const mgpu__store_client *st, int err, const char *key) {
+    if (err == EPIPE || err == ECONNRESET)
+        return mgpu__fail(MGPU_ERR_STATE, "mgpu_comm_create: lost the connection to the rendezvous store at %s:%d while asking for '%s' "
+                          "(rank 0 closed it: did rank 0 fail?)", st->addr, st->port, key);
+    if (err == ETIMEDOUT) return mgpu__fail(MGPU_ERR_TIMEOUT, "mgpu_comm_create: timed out waiting for '%s' from the rendezvous store at %s:%d", key, st->addr, st->port);
+    return mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: rendezvous store at %s:%d: %s (key '%s')", st->addr, st->port, strerror(err), key);
+}
+
+/* Sends one request; for GET/TRY reads the value into val (NUL-terminated). *found is 0 when TRY
+   finds nothing. A GET that reaches the deadline is MGPU_ERR_TIMEOUT. */
+static mgpu_result mgpu__store_request(mgpu__store_client *st, int op, const char *key, const char *value, char *val, size_t cap, int *found, double deadline) {
+    unsigned char head[MGPU__STORE_FRAME], reply[8];
+    uint32_t klen = (uint32_t)strlen(key), vlen = value ? (uint32_t)strlen(value) : 0, status, len;
+    int err;
+    if (vlen > MGPU__STORE_MAX_VALUE) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: store value for '%s' too long (%u bytes)", key, vlen);
+    mgpu__store_put_u32(head, (uint32_t)op); mgpu__store_put_u32(head + 4, klen); mgpu__store_put_u32(head + 8, vlen);
+    if ((err = mgpu__comm_send_all(st->fd, head, sizeof head, deadline)) != 0 || (err = mgpu__comm_send_all(st->fd, key, klen, deadline)) != 0 ||
+        (vlen && (err = mgpu__comm_send_all(st->fd, value, vlen, deadline)) != 0) || (err = mgpu__comm_recv_all(st->fd, reply, 8, deadline)) != 0)
+        return mgpu__store_io_error(st, err, key);
+    status = mgpu__store_get_u32(reply); len = mgpu__store_get_u32(reply + 4);
+    if (len > MGPU__STORE_MAX_VALUE || (val && len >= cap) || (!val && len)) return mgpu__fail(MGPU_ERR_FORMAT, "mgpu_comm_create: the rendezvous store at %s:%d sent a malformed reply for '%s' (is MASTER_PORT another program's port?)", st->addr, st->port, key);
+    if (len && (err = mgpu__comm_recv_all(st->fd, val, len, deadline)) != 0) return mgpu__store_io_error(st, err, key);
+    if (val) val[len] = 0;
+    if (found) *found = status == 0;
+    return MGPU_OK;
+}
+static mgpu_result mgpu__store_set(mgpu__store_client *st, const char *key, const char *value, double deadline) {
+    return mgpu__store_request(st, MGPU__STORE_SET, key, value, NULL, 0, NULL, deadline);
+}
+static mgpu_result mgpu__store_get(mgpu__store_client *st, const char *key, char *val, size_t cap, double deadline) {
+    return mgpu__store_request(st, MGPU__STORE_GET, key, NULL, val, cap, NULL, deadline);
+}
+static mgpu_result mgpu__store_try(mgpu__store_client *st, const char *key, char *val, size_t cap, int *found, double deadline) {
+    return mgpu__store_request(st, MGPU__STORE_TRY, key, NULL, val, cap, found, deadline);
+}
+/* Adds inc to the counter at key; *value gets the new count. */
+static mgpu_result mgpu__store_add(mgpu__store_client *st, const char *key, int inc, long long *value, double deadline) {
+    char num[32], reply[32];
+    mgpu_result r;
+    snprintf(num, sizeof num, "%d", inc);
+    r = mgpu__store_request(st, MGPU__STORE_ADD, key, num, reply, sizeof reply, NULL, deadline);
+    if (r == MGPU_OK) *value = strtoll(reply, NULL, 10);
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   The shared region of the shm and threads backends
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__REGION_MAGIC 0x6d6770752d636f6dULL   /* "mgpu-com" */
+enum { MGPU__RANK_ACTIVE = 0, MGPU__RANK_DEPARTED = 1 };
+enum { MGPU__COLL_BARRIER = 1, MGPU__COLL_ALLREDUCE, MGPU__COLL_BROADCAST, MGPU__COLL_ALLGATHER, MGPU__COLL_REDUCE_SCATTER };
+
+/* What a rank is calling; every rank must call the same thing (checked at its first barrier). */
+typedef struct mgpu__coll_sig { int32_t kind, root, dtype, op; int64_t count; } mgpu__coll_sig;
+
+/* One rank's control line (128 bytes, so ranks do not share cache lines). */
+typedef struct mgpu__rank_ctl {
+    uint64_t epoch;            /* barriers this rank has entered */
+    int32_t pid;
+    int32_t state;             /* MGPU__RANK_ACTIVE or MGPU__RANK_DEPARTED */
+    mgpu__coll_sig sig[2];     /* signature of its current collective, by barrier parity */
+    unsigned char pad[128 - 16 - 2 * sizeof(mgpu__coll_sig)];
+} mgpu__rank_ctl;
+
+typedef struct mgpu__region_hdr {
+    uint64_t magic, nonce;
+    int32_t world, pad0;
+    uint64_t slot_bytes;
+    uint32_t wake_seq;         /* bumped when a barrier completes; sleepers futex-wait on it */
+    uint32_t sleepers;         /* ranks inside that futex wait (the waker skips the syscall at 0) */
+    int32_t abort_rank;        /* -1; the rank that aborted the group (-2 while it writes abort_msg) */
+    int32_t abort_code;        /* its mgpu_result, which the other ranks report too */
+    char abort_msg[MGPU__COMM_MSG];
+} mgpu__region_hdr;
+
+static size_t mgpu__region_ctl_offset(void) { return (sizeof(mgpu__region_hdr) + 127) & ~(size_t)127; }
+static size_t mgpu__region_slots_offset(int world) { return (mgpu__region_ctl_offset() + sizeof(mgpu__rank_ctl) * (size_t)world + 4095) & ~(size_t)4095; }
+static size_t mgpu__region_bytes(int world, size_t slot) { return mgpu__region_slots_offset(world) + slot * (size_t)world; }
+/* Staging slot per rank: 2 MiB (two 1 MiB halves) for small groups, less for large ones so the
+   region stays about 64 MiB at most. */
+static size_t mgpu__region_slot_bytes(int world) {
+    size_t slot = ((size_t)64 << 20) / (size_t)world;
+    slot = MGPU__MIN(slot, (size_t)2 << 20);
+    slot = MGPU__MAX(slot, (size_t)256 << 10);
+    return slot & ~(size_t)8191;
+}
+static void mgpu__region_init(unsigned char *base, int world, uint64_t nonce) {
+    mgpu__region_hdr *h = (mgpu__region_hdr *)base;
+    memset(base, 0, mgpu__region_slots_offset(world));
+    h->magic = MGPU__REGION_MAGIC; h->nonce = nonce; h->world = world;
+    h->slot_bytes = mgpu__region_slot_bytes(world);
+    h->abort_rank = -1;
+}
+
+/* --------------------------------------------------------------------------------------
+   Communicator
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__heap_group { int refs; unsigned char *region; } mgpu__heap_group;
+
+struct mgpu_comm_work {
+    mgpu_comm *comm;
+    float *data; int64_t n; mgpu_reduce_op op;
+    int done;                                   /* set by the progress thread (atomic) */
+    int abandoned;                              /* its wait gave up: the progress thread frees it */
+    mgpu_result result; char msg[MGPU__COMM_MSG];
+    struct mgpu_comm_work *next;                /* queue order */
+    struct mgpu_comm_work *live_prev, *live_next; /* issued, not yet waited (destroy frees these) */
+};
+
+struct mgpu_comm {
+    mgpu_comm_backend backend;
+    int rank, world, local_rank, local_world;
+    double timeout_s;
+    /* shared region (shm, threads) */
+    unsigned char *region; size_t region_bytes;
+    int region_mapped;                          /* shm: munmap on destroy */
+    mgpu__heap_group *group;                    /* threads (and world 1): shared heap region */
+    mgpu__region_hdr *hdr; mgpu__rank_ctl *ctl; unsigned char *slots;
+    size_t slot_bytes, half_bytes;
+    const unsigned char **srcs;                 /* per-rank pointers for one reduction */
+    unsigned char *watch;                       /* per rank: its pid can be checked for liveness */
+    uint64_t epoch;                             /* barriers entered */
+    int half;                                   /* staging half of the next round */
+    /* rank 0's rendezvous store, kept until every rank has disconnected */
+    mgpu__store_server *server;
+    /* failure: the first error that broke the communicator */
+    int broken;                                 /* 0; 1 while writing broken_msg; 2 */
+    char broken_msg[MGPU__COMM_MSG];
+    /* asynchronous all-reduces */
+    pthread_mutex_t mu, exec_mu;
+    pthread_cond_t cv;
+    pthread_t progress; int progress_started, progress_stop;
+    mgpu_comm_work *queue_head, *queue_tail, *live;
+    int64_t pending;                            /* queued or running */
+#ifdef MGPU_CUDA
+    int cuda_device;
+    ncclComm_t nccl;
+    cudaStream_t stream;
+    cudaEvent_t ev_ready, ev_done;
+    void *dev_scratch; size_t dev_scratch_bytes;
+    void *pinned[2]; size_t pinned_bytes[2];    /* shm/threads with CUDA tensors: host staging */
+#endif
+};
+
+static const char *mgpu__comm_backend_name(int b) {
+    return b == MGPU_COMM_SHM ? "shm" : b == MGPU_COMM_NCCL ? "nccl" : b == MGPU_COMM_THREADS ? "threads" : "unknown";
+}
+
+/* Records the error that breaks c (the first one is kept), tells the other ranks of a shared
+   region so they fail at once instead of at their timeout, and returns code. */
+static mgpu_result mgpu__comm_break(mgpu_comm *c, mgpu_result code, const char *fmt, ...) MGPU__PRINTF(3, 4);
+static mgpu_result mgpu__comm_break(mgpu_comm *c, mgpu_result code, const char *fmt, ...) {
+    char msg[MGPU__COMM_MSG];
+    int expect = 0, none = -1;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (__atomic_compare_exchange_n(&c->broken, &expect, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        memcpy(c->broken_msg, msg, sizeof msg);
+        __atomic_store_n(&c->broken, 2, __ATOMIC_RELEASE);
+    }
+    if (c->hdr && __atomic_compare_exchange_n(&c->hdr->abort_rank, &none, -2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        memcpy(c->hdr->abort_msg, msg, sizeof msg);
+        c->hdr->abort_code = (int32_t)code;
+        __atomic_store_n(&c->hdr->abort_rank, c->rank, __ATOMIC_RELEASE);
+    }
+    return mgpu__fail(code, "%s", msg);
+}
+
+/* Another rank of the shared region aborted the group: this rank fails with its code and reason. */
+static mgpu_result mgpu__comm_check_abort(mgpu_comm *c, const char *fn) {
+    int ab = c->hdr ? __atomic_load_n(&c->hdr->abort_rank, __ATOMIC_ACQUIRE) : -1;
+    if (ab < 0 || ab == c->rank) return MGPU_OK;
+    return mgpu__comm_break(c, (mgpu_result)c->hdr->abort_code, "%s: rank %d aborted the group: %s", fn, ab, c->hdr->abort_msg);
+}
+
+/* Entry check of every collective: a usable communicator in a group nobody aborted. */
+static mgpu_result mgpu__comm_usable(mgpu_comm *c, const char *fn) {
+    if (!c) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: communicator is NULL", fn);
+    while (__atomic_load_n(&c->broken, __ATOMIC_ACQUIRE) == 1) sched_yield();
+    if (__atomic_load_n(&c->broken, __ATOMIC_ACQUIRE))
+        return mgpu__fail(MGPU_ERR_STATE, "%s: rank %d's communicator failed earlier (%s); destroy it and create a new one", fn, c->rank, c->broken_msg);
+    return mgpu__comm_check_abort(c, fn);
+}
+
+/* --------------------------------------------------------------------------------------
+   Barrier: every rank publishes its epoch; the ranks that see everyone arrived bump wake_seq and
+   wake the sleepers (sequentially consistent atomics make at least one of the last arrivers see
+   the others). Waiting spins briefly, then sleeps on a futex in short slices so it can notice
+   dead or departed peers, an abort by another rank, and the timeout.
+   -------------------------------------------------------------------------------------- */
+
+static int mgpu__comm_all_arrived(const mgpu_comm *c, uint64_t e) {
+    int r;
+    for (r = 0; r < c->world; r++)
+        if (__atomic_load_n(&c->ctl[r].epoch, __ATOMIC_SEQ_CST) < e) return 0;
+    return 1;
+}
+
+static void mgpu__comm_wake_sleepers(mgpu_comm *c) {
+    __atomic_add_fetch(&c->hdr->wake_seq, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&c->hdr->sleepers, __ATOMIC_SEQ_CST) == 0) return;
+#if defined(__linux__)
+    syscall(SYS_futex, &c->hdr->wake_seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+#endif
+}
+
+/* Sleeps while *word == seen, at most usec (a process-shared futex on Linux). */
+static void mgpu__comm_sleep_on(uint32_t *word, uint32_t seen, long usec) {
+#if defined(__linux__)
+    struct timespec ts;
+    ts.tv_sec = 0; ts.tv_nsec = usec * 1000;
+    syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0);
+#else
+    (void)word; (void)seen;
+    mgpu__comm_sleep_s(1e-6 * (double)MGPU__MIN(usec, 100));
+#endif
+}
+
+/* Whether process pid still runs: a zombie (exited, not yet reaped by its parent) counts as gone. */
+static int mgpu__comm_pid_alive(int pid) {
+#if defined(__linux__)
+    char path[64], buf[512];
+    const char *p;
+    ssize_t n;
+    int fd;
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    fd = open(path, O_RDONLY);
+    if (fd < 0) return 0;
+    n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    p = strrchr(buf, ')');   /* the state follows the command name, which may hold spaces */
+    return !(p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'));
+#else
+    return kill(pid, 0) == 0 || errno == EPERM;
+#endif
+}
+
+/* "1, 3" or "1, 3 and 14 more" from the ranks whose epoch is below e. */
+static void mgpu__comm_missing_ranks(const mgpu_comm *c, uint64_t e, char *buf, size_t size, int *count) {
+    size_t pos = 0;
+    int r, n = 0;
+    buf[0] = 0;
+    for (r = 0; r < c->world; r++) {
+        if (__atomic_load_n(&c->ctl[r].epoch, __ATOMIC_ACQUIRE) >= e) continue;
+        if (n < 16 && pos < size) pos += (size_t)snprintf(buf + pos, size - pos, n ? ", %d" : "%d", r);
+        n++;
+    }
+    if (n > 16 && pos < size) snprintf(buf + pos, size - pos, " and %d more", n - 16);
+    *count = n;
+}
+
+/* Another rank aborted, or a missing rank has left the group or died. */
+static mgpu_result mgpu__comm_check_peers(mgpu_comm *c, uint64_t e, const char *fn) {
+    mgpu_result res = mgpu__comm_check_abort(c, fn);
+    int r;
+    if (res != MGPU_OK) return res;
+    for (r = 0; r < c->world; r++) {
+        if (__atomic_load_n(&c->ctl[r].epoch, __ATOMIC_ACQUIRE) >= e) continue;
+        if (__atomic_load_n(&c->ctl[r].state, __ATOMIC_ACQUIRE) == MGPU__RANK_DEPARTED)
+            return mgpu__comm_break(c, MGPU_ERR_STATE, "%s: rank %d left the group (destroyed its communicator) while rank %d waits for it; "
+                                    "every rank must issue the same collectives", fn, r, c->rank);
+        if (c->watch && c->watch[r] && !mgpu__comm_pid_alive(c->ctl[r].pid))
+            return mgpu__comm_break(c, MGPU_ERR_STATE, "%s: rank %d (pid %d) exited while rank %d waits for it", fn, r, c->ctl[r].pid, c->rank);
+    }
+    return MGPU_OK;
+}
+
+static void mgpu__comm_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static mgpu_result mgpu__comm_barrier_wait(mgpu_comm *c, const char *fn) {
+    uint64_t e = ++c->epoch;
+    double start, next_check;
+    int spin;
+    __atomic_store_n(&c->ctl[c->rank].epoch, e, __ATOMIC_SEQ_CST);
+    if (mgpu__comm_all_arrived(c, e)) { mgpu__comm_wake_sleepers(c); return MGPU_OK; }
+    for (spin = 0; spin < 200; spin++) {   /* short waits are common: stay on the core for a moment */
+        if ((spin & 15) == 15) sched_yield(); else mgpu__comm_cpu_relax();
+        if (mgpu__comm_all_arrived(c, e)) return MGPU_OK;
+    }
+    start = mgpu_time_s();
+    next_check = start + 0.005;
+    for (;;) {
+        uint32_t seq;
+        double now;
+        int arrived;
+        __atomic_add_fetch(&c->hdr->sleepers, 1, __ATOMIC_SEQ_CST);
+        seq = __atomic_load_n(&c->hdr->wake_seq, __ATOMIC_SEQ_CST);
+        arrived = mgpu__comm_all_arrived(c, e);
+        if (!arrived) mgpu__comm_sleep_on(&c->hdr->wake_seq, seq, 2000);
+        __atomic_sub_fetch(&c->hdr->sleepers, 1, __ATOMIC_SEQ_CST);
+        if (arrived || mgpu__comm_all_arrived(c, e)) return MGPU_OK;
+        now = mgpu_time_s();
+        if (now >= next_check) {
+            mgpu_result r = mgpu__comm_check_peers(c, e, fn);
+            if (r != MGPU_OK) return r;
+            next_check = now + 0.01;
+        }
+        if (now - start > c->timeout_s) {
+            char missing[160];
+            int n = 0;
+            mgpu__comm_missing_ranks(c, e, missing, sizeof missing, &n);
+            return mgpu__comm_break(c, MGPU_ERR_TIMEOUT, "%s: timed out after %.0f s on rank %d waiting for rank%s %s (barrier #%llu of this communicator); "
+                                    "a rank may have crashed, hung, or issued different collectives", fn, c->timeout_s, c->rank,
+                                    n == 1 ? "" : "s", missing, (unsigned long long)e);
+        }
+    }
+}
+
+static const char *mgpu__coll_name(int kind) {
+    switch (kind) {
+    case MGPU__COLL_BARRIER: return "barrier";
+    case MGPU__COLL_ALLREDUCE: return "allreduce";
+    case MGPU__COLL_BROADCAST: return "broadcast";
+    case MGPU__COLL_ALLGATHER: return "allgather";
+    case MGPU__COLL_REDUCE_SCATTER: return "reduce_scatter";
+    }
+    return "an unknown collective";
+}
+
+static void mgpu__sig_text(const mgpu__coll_sig *s, char *buf, size_t size) {
+    const char *dt = s->dtype >= 0 && s->dtype < MGPU_DTYPE_COUNT ? mgpu_dtype_name((mgpu_dtype)s->dtype) : "F64";
+    if (s->kind == MGPU__COLL_BARRIER) snprintf(buf, size, "barrier");
+    else if (s->kind == MGPU__COLL_BROADCAST) snprintf(buf, size, "broadcast of %lld bytes from root %d", (long long)s->count, s->root);
+    else if (s->kind == MGPU__COLL_ALLGATHER) snprintf(buf, size, "allgather of %lld bytes per rank", (long long)s->count);
+    else snprintf(buf, size, "%s (%s) of %lld %s elements", mgpu__coll_name(s->kind), s->op == MGPU_REDUCE_AVG ? "avg" : "sum", (long long)s->count, dt);
+}
+
+/* A barrier that also checks every rank called the same collective with the same sizes. */
+static mgpu_result mgpu__comm_sync(mgpu_comm *c, const char *fn, const mgpu__coll_sig *sig) {
+    int p, r;
+    mgpu_result res;
+    if (sig) c->ctl[c->rank].sig[(c->epoch + 1) & 1] = *sig;   /* published by the barrier's store */
+    res = mgpu__comm_barrier_wait(c, fn);
+    if (res != MGPU_OK || !sig) return res;
+    p = (int)(c->epoch & 1);
+    for (r = 0; r < c->world; r++) {
+        if (memcmp(&c->ctl[r].sig[p], &c->ctl[0].sig[p], sizeof *sig) != 0) {
+            char a[128], b[128];
+            mgpu__sig_text(&c->ctl[0].sig[p], a, sizeof a);
+            mgpu__sig_text(&c->ctl[r].sig[p], b, sizeof b);
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: ranks disagree: rank 0 called %s, rank %d called %s; every rank must issue the same "
+                              "collectives in the same order with the same sizes", fn, a, r, b);
+        }
+    }
+    return MGPU_OK;
+}
+
+static mgpu__coll_sig mgpu__make_sig(int kind, int root, int dtype, int op, int64_t count) {
+    mgpu__coll_sig s;
+    memset(&s, 0, sizeof s);
+    s.kind = kind; s.root = root; s.dtype = dtype; s.op = op; s.count = count;
+    return s;
+}
+
+/* --------------------------------------------------------------------------------------
+   Collectives over the shared region (host memory)
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__DTYPE_F64 100   /* raw double buffers (no mgpu_dtype for them) */
+
+static unsigned char *mgpu__comm_slot(const mgpu_comm *c, int rank, int half) {
+    return c->slots + (size_t)rank * c->slot_bytes + (size_t)half * c->half_bytes;
+}
+static void mgpu__comm_next_half(mgpu_comm *c) { c->half ^= 1; }
+
+/* Rank r's slice [b, e) of m elements: 16-element aligned pieces, the last ones possibly empty. */
+static void mgpu__comm_slice(int64_t m, int world, int r, int64_t *b, int64_t *e) {
+    int64_t per = ((m + world - 1) / world + 15) & ~(int64_t)15;
+    *b = MGPU__MIN(m, per * r);
+    *e = MGPU__MIN(m, *b + per);
+}
+
+/* dst[i] = src[0][i] + src[1][i] + ... in rank order, divided by world for AVG; i in [b, e). */
+#define MGPU__REDUCE_RANGE(T) do { \
+        T *d = (T *)dst; int q; int64_t i; \
+        for (i = b; i < e; i++) d[i] = ((const T *)src[0])[i]; \
+        for (q = 1; q < world; q++) { const T *s = (const T *)src[q]; for (i = b; i < e; i++) d[i] += s[i]; } \
+        if (avg) for (i = b; i < e; i++) d[i] /= (T)world; \
+    } while (0)
+static void mgpu__comm_sum_range(int dtype, void *dst, const unsigned char *const *src, int world, int64_t b, int64_t e, int avg) {
+    if (dtype == MGPU__DTYPE_F64) MGPU__REDUCE_RANGE(double);
+    else MGPU__REDUCE_RANGE(float);
+}
+#undef MGPU__REDUCE_RANGE
+
+static size_t mgpu__comm_elem_bytes(int dtype) { return dtype == MGPU__DTYPE_F64 ? sizeof(double) : mgpu_dtype_size((mgpu_dtype)dtype); }
+
+/* In-place all-reduce of n F32 or F64 elements. Per chunk: stage, barrier, reduce own slice into
+   data and publish it in the slot, barrier, copy the other slices back. */
+static mgpu_result mgpu__shared_allreduce(mgpu_comm *c, const char *fn, void *data, int64_t n, int dtype, int avg) {
+    size_t esz = mgpu__comm_elem_bytes(dtype);
+    int64_t chunk = (int64_t)(c->half_bytes / esz), off;
+    mgpu__coll_sig sig = mgpu__make_sig(MGPU__COLL_ALLREDUCE, -1, dtype, avg, n);
+    unsigned char *d = (unsigned char *)data;
+    mgpu_result r;
+    int q;
+    if (n == 0) return mgpu__comm_sync(c, fn, &sig);
+    for (off = 0; off < n; off += chunk) {
+        int64_t m = MGPU__MIN(chunk, n - off), b, e;
+        unsigned char *base = d + (size_t)off * esz;
+        int h = c->half;
+        memcpy(mgpu__comm_slot(c, c->rank, h), base, (size_t)m * esz);
+        if ((r = mgpu__comm_sync(c, fn, off == 0 ? &sig : NULL)) != MGPU_OK) return r;
+        for (q = 0; q < c->world; q++) c->srcs[q] = mgpu__comm_slot(c, q, h);
+        mgpu__comm_slice(m, c->world, c->rank, &b, &e);
+        mgpu__comm_sum_range(dtype, base, c->srcs, c->world, b, e, avg);
+        memcpy(mgpu__comm_slot(c, c->rank, h) + (size_t)b * esz, base + (size_t)b * esz, (size_t)(e - b) * esz);
+        if ((r = mgpu__comm_barrier_wait(c, fn)) != MGPU_OK) return r;
+        for (q = 0; q < c->world; q++) {
+            if (q == c->rank) continue;
+            mgpu__comm_slice(m, c->world, q, &b, &e);
+            memcpy(base + (size_t)b * esz, mgpu__comm_slot(c, q, h) + (size_t)b * esz, (size_t)(e - b) * esz);
+        }
+        mgpu__comm_next_half(c);
+    }
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__shared_broadcast(mgpu_comm *c, const char *fn, void *data, int64_t bytes, int root, int dtype) {
+    int64_t off;
+    mgpu__coll_sig sig = mgpu__make_sig(MGPU__COLL_BROADCAST, root, dtype, 0, bytes);
+    mgpu_result r;
+    if (bytes == 0) return mgpu__comm_sync(c, fn, &sig);
+    for (off = 0; off < bytes; off += (int64_t)c->half_bytes) {
+        size_t m = (size_t)MGPU__MIN((int64_t)c->half_bytes, bytes - off);
+        unsigned char *p = (unsigned char *)data + off;
+        if (c->rank == root) memcpy(mgpu__comm_slot(c, root, c->half), p, m);
+        if ((r = mgpu__comm_sync(c, fn, off == 0 ? &sig : NULL)) != MGPU_OK) return r;
+        if (c->rank != root) memcpy(p, mgpu__comm_slot(c, root, c->half), m);
+        mgpu__comm_next_half(c);
+    }
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__shared_allgather(mgpu_comm *c, const char *fn, const void *in, int64_t bytes, void *out) {
+    int64_t off;
+    mgpu__coll_sig sig = mgpu__make_sig(MGPU__COLL_ALLGATHER, -1, MGPU_U8, 0, bytes);
+    mgpu_result r;
+    int q;
+    if (bytes == 0) return mgpu__comm_sync(c, fn, &sig);
+    for (off = 0; off < bytes; off += (int64_t)c->half_bytes) {
+        size_t m = (size_t)MGPU__MIN((int64_t)c->half_bytes, bytes - off);
+        memcpy(mgpu__comm_slot(c, c->rank, c->half), (const unsigned char *)in + off, m);
+        if ((r = mgpu__comm_sync(c, fn, off == 0 ? &sig : NULL)) != MGPU_OK) return r;
+        for (q = 0; q < c->world; q++) memcpy((unsigned char *)out + (size_t)q * (size_t)bytes + off, mgpu__comm_slot(c, q, c->half), m);
+        mgpu__comm_next_half(c);
+    }
+    return MGPU_OK;
+}
+
+/* in holds world blocks of n F32; out (n) gets the rank-order reduction of block `rank`. Per
+   chunk every rank stages its pieces of all blocks, then reduces its own block's pieces. */
+static mgpu_result mgpu__shared_reduce_scatter(mgpu_comm *c, const char *fn, const float *in, float *out, int64_t n, int avg) {
+    int64_t chunk = (int64_t)(c->half_bytes / (sizeof(float) * (size_t)c->world)), off;
+    mgpu__coll_sig sig = mgpu__make_sig(MGPU__COLL_REDUCE_SCATTER, -1, MGPU_F32, avg, n);
+    mgpu_result r;
+    int q;
+    if (n == 0) return mgpu__comm_sync(c, fn, &sig);
+    for (off = 0; off < n; off += chunk) {
+        int64_t m = MGPU__MIN(chunk, n - off);
+        float *mine = (float *)mgpu__comm_slot(c, c->rank, c->half);
+        for (q = 0; q < c->world; q++) memcpy(mine + q * m, in + q * n + off, sizeof(float) * (size_t)m);
+        if ((r = mgpu__comm_sync(c, fn, off == 0 ? &sig : NULL)) != MGPU_OK) return r;
+        for (q = 0; q < c->world; q++) c->srcs[q] = mgpu__comm_slot(c, q, c->half) + sizeof(float) * (size_t)(c->rank * m);
+        mgpu__comm_sum_range(MGPU_F32, out + off, c->srcs, c->world, 0, m, avg);
+        mgpu__comm_next_half(c);
+    }
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   Creating and destroying communicators
+   -------------------------------------------------------------------------------------- */
+
+static mgpu_comm *mgpu__comm_new(mgpu_comm_backend backend, int rank, int world, int local_rank, int local_world, double timeout_s) {
+    mgpu_comm *c = (mgpu_comm *)mgpu__calloc(sizeof *c, "a communicator");
+    pthread_condattr_t ca;
+    if (!c) return NULL;
+    c->backend = backend; c->rank = rank; c->world = world;
+    c->local_rank = local_rank; c->local_world = local_world;
+    c->timeout_s = timeout_s;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_init(&c->exec_mu, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);   /* waits use the mgpu_time_s clock */
+    pthread_cond_init(&c->cv, &ca);
+    pthread_condattr_destroy(&ca);
+#ifdef MGPU_CUDA
+    c->cuda_device = -1;
+#endif
+    return c;
+}
+
+/* Points c at a region laid out by mgpu__region_init and checks it belongs to this job. */
+static mgpu_result mgpu__comm_attach(mgpu_comm *c, unsigned char *region, uint64_t nonce) {
+    mgpu__region_hdr *h = (mgpu__region_hdr *)region;
+    if (h->magic != MGPU__REGION_MAGIC || h->nonce != nonce || h->world != c->world)
+        return mgpu__fail(MGPU_ERR_STATE, "mgpu_comm_create: rank %d found a shared segment of another job (world %d, expected %d)", c->rank, h->world, c->world);
+    c->region = region;
+    c->hdr = h;
+    c->ctl = (mgpu__rank_ctl *)(region + mgpu__region_ctl_offset());
+    c->slots = region + mgpu__region_slots_offset(c->world);
+    c->slot_bytes = (size_t)h->slot_bytes;
+    c->half_bytes = c->slot_bytes / 2;
+    c->srcs = (const unsigned char **)mgpu__calloc(sizeof *c->srcs * (size_t)c->world, "a communicator");
+    c->watch = (unsigned char *)mgpu__calloc((size_t)c->world, "a communicator");
+    if (!c->srcs || !c->watch) return mgpu_last_result();
+    __atomic_store_n(&c->ctl[c->rank].pid, (int32_t)getpid(), __ATOMIC_RELEASE);
+    return MGPU_OK;
+}
+
+/* Lets the progress thread finish (every queued all-reduce is bounded by the timeout). */
+static void mgpu__comm_progress_stop(mgpu_comm *c) {
+    if (!c->progress_started) return;
+    pthread_mutex_lock(&c->mu);
+    c->progress_stop = 1;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    pthread_join(c->progress, NULL);
+    c->progress_started = 0;
+}
+
+#ifdef MGPU_CUDA
+static void mgpu__nccl_teardown(mgpu_comm *c);
+#endif
+
+MGPU_API void mgpu_comm_destroy(mgpu_comm *c) {
+    if (!c) return;
+    mgpu__comm_progress_stop(c);
+    while (c->live) {   /* works never waited for */
+        mgpu_comm_work *w = c->live;
+        c->live = w->live_next;
+        mgpu_free(w);
+    }
+    if (c->ctl) {   /* peers still waiting for this rank fail at once */
+        __atomic_store_n(&c->ctl[c->rank].state, MGPU__RANK_DEPARTED, __ATOMIC_SEQ_CST);
+        mgpu__comm_wake_sleepers(c);
+    }
+    if (c->region_mapped) munmap(c->region, c->region_bytes);
+    if (c->group && __atomic_sub_fetch(&c->group->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        mgpu_free(c->group->region);
+        mgpu_free(c->group);
+    }
+    /* rank 0: keep the store until the other ranks have read what they need */
+    mgpu__store_server_stop(c->server, 0, c->timeout_s);
+#ifdef MGPU_CUDA
+    mgpu__nccl_teardown(c);
+#endif
+    mgpu_free(c->srcs);
+    mgpu_free(c->watch);
+    pthread_mutex_destroy(&c->mu);
+    pthread_mutex_destroy(&c->exec_mu);
+    pthread_cond_destroy(&c->cv);
+    mgpu_free(c);
+}
+
+/* A heap region shared by n communicators of this process. */
+static mgpu_result mgpu__heap_group_attach(mgpu_comm **comms, int n) {
+    mgpu__heap_group *g = (mgpu__heap_group *)mgpu__calloc(sizeof *g, "a communicator group");
+    size_t bytes = mgpu__region_bytes(n, mgpu__region_slot_bytes(n));
+    mgpu_result r = MGPU_OK;
+    int i;
+    if (!g) return mgpu_last_result();
+    g->region = (unsigned char *)mgpu__alloc(bytes, "the communicators' staging region");
+    if (!g->region) { mgpu_free(g); return mgpu_last_result(); }
+    mgpu__region_init(g->region, n, 0);
+    g->refs = n;
+    for (i = 0; i < n; i++) {
+        comms[i]->group = g;
+        if (r == MGPU_OK) r = mgpu__comm_attach(comms[i], g->region, 0);
+    }
+    return r;
+}
+
+MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm **comms) {
+    double timeout = 0;
+    mgpu_result r;
+    int i;
+    if (!comms) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create_threads: comms is NULL");
+    if (n < 1 || n > MGPU__COMM_MAX_RANKS)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create_threads: n is %d; expected 1 to %d ranks", n, MGPU__COMM_MAX_RANKS);
+    if ((r = mgpu__comm_timeout(timeout_s, "mgpu_comm_create_threads", &timeout)) != MGPU_OK) return r;
+    for (i = 0; i < n; i++) comms[i] = NULL;
+    for (i = 0; i < n; i++)
+        if (!(comms[i] = mgpu__comm_new(MGPU_COMM_THREADS, i, n, i, n, timeout))) break;
+    r = i == n ? mgpu__heap_group_attach(comms, n) : mgpu_last_result();
+    if (r != MGPU_OK) {
+        for (i = 0; i < n; i++) { mgpu_comm_destroy(comms[i]); comms[i] = NULL; }
+        return r;
+    }
+    return MGPU_OK;
+}
+
+/* ---- rendezvous through the TCP store ---- */
+
+/* A unique-enough job id: time, pid and an address mixed. */
+static uint64_t mgpu__job_nonce(void) {
+    struct timespec ts;
+    uint64_t x;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    x = ((uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec) ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)&ts;
+    return mgpu__mix64(x) | 1;   /* never 0: 0 marks heap regions */
+}
+
+static void mgpu__shm_name(char *buf, size_t size, int pid, uint64_t nonce) {
+    snprintf(buf, size, "/mgpu-%d-%016llx", pid, (unsigned long long)nonce);
+}
+
+/* Rank 0: creates, sizes (reserving the memory, so a full /dev/shm is an error now rather than a
+   SIGBUS later) and maps the job's segment. */
+static mgpu_result mgpu__shm_create(mgpu_comm *c, uint64_t nonce, char *name, size_t name_size) {
+    size_t bytes = mgpu__region_bytes(c->world, mgpu__region_slot_bytes(c->world));
+    void *map;
+    int fd, err;
+    mgpu__shm_name(name, name_size, (int)getpid(), nonce);
+    fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0) return mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: rank 0 cannot create shared memory segment %s: %s", name, strerror(errno));
+    err = posix_fallocate(fd, 0, (off_t)bytes);
+    if (err == EINVAL || err == EOPNOTSUPP) err = ftruncate(fd, (off_t)bytes) == 0 ? 0 : errno;
+    if (err) {
+        close(fd); shm_unlink(name);
+        return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_comm_create: cannot reserve %zu bytes of shared memory for %s (%s); is /dev/shm full or too small?", bytes, name, strerror(err));
+    }
+    map = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) { shm_unlink(name); return mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: cannot map shared memory segment %s: %s", name, strerror(errno)); }
+    mgpu__region_init((unsigned char *)map, c->world, nonce);
+    c->region_mapped = 1; c->region_bytes = bytes;
+    return mgpu__comm_attach(c, (unsigned char *)map, nonce);
+}
+
+/* Other ranks: map the segment rank 0 announced. */
+static mgpu_result mgpu__shm_open(mgpu_comm *c, const char *name, uint64_t nonce) {
+    size_t bytes = mgpu__region_bytes(c->world, mgpu__region_slot_bytes(c->world));
+    struct stat st;
+    void *map;
+    int fd = shm_open(name, O_RDWR, 0);
+    if (fd < 0)
+        return mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: rank %d cannot open shared memory segment %s created by rank 0: %s "
+                          "(the shm backend needs every rank on rank 0's host)", c->rank, name, strerror(errno));
+    if (fstat(fd, &st) != 0 || (size_t)st.st_size != bytes) {
+        close(fd);
+        return mgpu__fail(MGPU_ERR_STATE, "mgpu_comm_create: rank %d: shared memory segment %s has %lld bytes, expected %zu", c->rank, name, (long long)st.st_size, bytes);
+    }
+    map = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return mgpu__fail(MGPU_ERR_IO, "mgpu_comm_create: rank %d cannot map shared memory segment %s: %s", c->rank, name, strerror(errno));
+    c->region_mapped = 1; c->region_bytes = bytes;
+    return mgpu__comm_attach(c, (unsigned char *)map, nonce);
+}
+
+#ifdef MGPU_CUDA
+static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double deadline);
+static mgpu_result mgpu__nccl_unique_id_hex(char *hex, size_t size);
+#endif
+
+/* What one rank knows during the rendezvous. */
+typedef struct mgpu__rdzv {
+    mgpu__store_client st;
+    double deadline;
+    uint64_t nonce;
+    char payload[2 * 128 + 64];   /* shm: segment name; nccl: unique id in hex */
+    char shm_name[96];            /* rank 0: the segment to unlink */
+} mgpu__rdzv;
+
+/* Rank 0: prepares the backend's shared state and publishes the job record. */
+static mgpu_result mgpu__rdzv_publish(mgpu_comm *c, mgpu__rdzv *z) {
+    char job[MGPU__STORE_MAX_VALUE];
+    mgpu_result r = MGPU_OK;
+    z->nonce = mgpu__job_nonce();
+    if (c->backend == MGPU_COMM_SHM) {
+        r = mgpu__shm_create(c, z->nonce, z->shm_name, sizeof z->shm_name);
+        snprintf(z->payload, sizeof z->payload, "%s", z->shm_name);
+    }
+#ifdef MGPU_CUDA
+    else r = mgpu__nccl_unique_id_hex(z->payload, sizeof z->payload);
+#endif
+    if (r != MGPU_OK) snprintf(job, sizeof job, "error %s", mgpu_last_error());
+    else snprintf(job, sizeof job, "mgpu1 %d %s %016llx %s", c->world, mgpu__comm_backend_name(c->backend), (unsigned long long)z->nonce, z->payload);
+    if (mgpu__store_set(&z->st, "job", job, z->deadline) != MGPU_OK && r == MGPU_OK) r = mgpu_last_result();
+    return r;
+}
+
+/* Other ranks: read the job record, check it agrees with this rank, attach to the backend. */
+static mgpu_result mgpu__rdzv_read_job(mgpu_comm *c, mgpu__rdzv *z) {
+    char job[MGPU__STORE_MAX_VALUE], backend[16];
+    unsigned long long nonce = 0;
+    int world = 0, n = 0;
+    mgpu_result r = mgpu__store_get(&z->st, "job", job, sizeof job, z->deadline);
+    if (r != MGPU_OK) {
+        if (r == MGPU_ERR_TIMEOUT)
+            return mgpu__fail(r, "mgpu_comm_create: rank %d timed out after %.0f s waiting for rank 0 to publish the job at %s:%d",
+                              c->rank, c->timeout_s, z->st.addr, z->st.port);
+        return r;
+    }
+    if (strncmp(job, "error ", 6) == 0) return mgpu__fail(MGPU_ERR_STATE, "mgpu_comm_create: rank 0 failed: %s", job + 6);
+    if (sscanf(job, "mgpu1 %d %15s %llx %n", &world, backend, &nonce, &n) != 3 || n == 0)
+        return mgpu__fail(MGPU_ERR_FORMAT, "mgpu_comm_create: rank %d got a malformed job record from %s:%d (is MASTER_PORT another program's port?)",
+                          c->rank, z->st.addr, z->st.port);
+    if (world != c->world)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: world sizes disagree: rank 0 has %d, rank %d has %d; every rank must be "
+                          "launched with the same WORLD_SIZE", world, c->rank, c->world);
+    if (strcmp(backend, mgpu__comm_backend_name(c->backend)) != 0)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: backends disagree: rank 0 uses %s, rank %d uses %s", backend, c->rank, mgpu__comm_backend_name(c->backend));
+    z->nonce = nonce;
+    snprintf(z->payload, sizeof z->payload, "%s", job + n);
+    if (c->backend == MGPU_COMM_SHM) return mgpu__shm_open(c, z->payload, z->nonce);
+    return MGPU_OK;
+}
+
+/* "1, 3" of the ranks without a join record, asked over a fresh connection (the old one may have
+   a GET outstanding). */
+static void mgpu__rdzv_missing(const mgpu_comm *c, const mgpu__rdzv *z, char *buf, size_t size, int *count) {
+    mgpu__store_client st;
+    char val[MGPU__STORE_MAX_VALUE], key[32];
+    size_t pos = 0;
+    int r, found = 0, n = 0;
+    double deadline = mgpu_time_s() + 2.0;
+    snprintf(buf, size, "the other ranks");
+    *count = 2;
+    if (mgpu__store_connect(&st, z->st.addr, z->st.port, c->rank, deadline, 2.0) != MGPU_OK) return;
+    buf[0] = 0;
+    for (r = 0; r < c->world; r++) {
+        snprintf(key, sizeof key, "join/%d", r);
+        if (mgpu__store_try(&st, key, val, sizeof val, &found, deadline) != MGPU_OK) break;
+        if (found) continue;
+        if (n < 16 && pos < size) pos += (size_t)snprintf(buf + pos, size - pos, n ? ", %d" : "%d", r);
+        n++;
+    }
+    if (n > 16 && pos < size) snprintf(buf + pos, size - pos, " and %d more", n - 16);
+    *count = n;
+    mgpu__store_close(&st);
+}
+
+/* This process's pid namespace ("pid:[4026531836]" on Linux): pids are compared only within one. */
+static void mgpu__comm_pid_ns(char *buf, size_t size) {
+#if defined(__linux__)
+    ssize_t n = readlink("/proc/self/ns/pid", buf, size - 1);
+    if (n <= 0) n = (ssize_t)snprintf(buf, size, "unknown");
+    buf[n] = 0;
+    buf[strcspn(buf, " ")] = 0;
+#else
+    snprintf(buf, size, "-");
+#endif
+}
+
+/* Registers this rank (or its failure) and waits until every rank has: the last one to register
+   sets "all-joined"; a rank that failed sets it to its error so the others stop at once. */
+static mgpu_result mgpu__rdzv_join(mgpu_comm *c, mgpu__rdzv *z, mgpu_result mine) {
+    char key[32], val[MGPU__STORE_MAX_VALUE], all[MGPU__STORE_MAX_VALUE], ns[64], peer_ns[64];
+    long long joined = 0;
+    mgpu_result r;
+    int peer;
+    snprintf(key, sizeof key, "join/%d", c->rank);
+    if (mine != MGPU_OK) {
+        snprintf(val, sizeof val, "error rank %d could not join: %s", c->rank, mgpu_last_error());
+        mgpu__store_set(&z->st, key, val, z->deadline);
+        mgpu__store_set(&z->st, "all-joined", val, z->deadline);
+        return mine;
+    }
+    mgpu__comm_pid_ns(ns, sizeof ns);
+    snprintf(val, sizeof val, "ok %d %s", (int)getpid(), ns);
+    if ((r = mgpu__store_set(&z->st, key, val, z->deadline)) != MGPU_OK) return r;
+    if ((r = mgpu__store_add(&z->st, "joined", 1, &joined, z->deadline)) != MGPU_OK) return r;
+    if (joined == c->world && (r = mgpu__store_set(&z->st, "all-joined", "ok", z->deadline)) != MGPU_OK) return r;
+    r = mgpu__store_get(&z->st, "all-joined", all, sizeof all, z->deadline);
+    if (r == MGPU_ERR_TIMEOUT) {
+        char missing[160];
+        int n = 0;
+        mgpu__rdzv_missing(c, z, missing, sizeof missing, &n);
+        return mgpu__fail(MGPU_ERR_TIMEOUT, "mgpu_comm_create: timed out after %.0f s on rank %d waiting for rank%s %s to join the rendezvous at %s:%d "
+                          "(world size %d); did every rank start, with the same MASTER_ADDR and MASTER_PORT?", c->timeout_s, c->rank,
+                          n == 1 ? "" : "s", missing, z->st.addr, z->st.port, c->world);
+    }
+    if (r != MGPU_OK) return r;
+    if (strncmp(all, "error ", 6) == 0) return mgpu__fail(MGPU_ERR_STATE, "mgpu_comm_create: %s", all + 6);
+    /* every rank is in: learn the peers' pids for liveness checks (shm) */
+    for (peer = 0; c->watch && peer < c->world; peer++) {
+        int pid = 0;
+        snprintf(key, sizeof key, "join/%d", peer);
+        if ((r = mgpu__store_get(&z->st, key, val, sizeof val, z->deadline)) != MGPU_OK) return r;
+        if (sscanf(val, "ok %d %63s", &pid, peer_ns) != 2) return mgpu__fail(MGPU_ERR_FORMAT, "mgpu_comm_create: bad join record of rank %d: '%s'", peer, val);
+        if (peer != c->rank)   /* same pid namespace, visible, and the pid the segment holds */
+            c->watch[peer] = (unsigned char)(strcmp(ns, peer_ns) == 0 && pid > 0 && mgpu__comm_pid_alive(pid) && c->ctl[peer].pid == pid);
+    }
+    return MGPU_OK;
+}
+
+/* The whole rendezvous of a job with world > 1; on return the store connection is closed and
+   the shm segment (if any) unlinked. */
+static mgpu_result mgpu__rendezvous(mgpu_comm *c, const mgpu_dist_env *env) {
+    mgpu__rdzv z;
+    mgpu_result r;
+    memset(&z, 0, sizeof z);
+    z.st.fd = -1;
+    z.deadline = mgpu_time_s() + c->timeout_s;
+    if (c->rank == 0 && !(c->server = mgpu__store_server_start(env->master_addr, env->master_port))) return mgpu_last_result();
+    r = mgpu__store_connect(&z.st, env->master_addr, env->master_port, c->rank, z.deadline, c->timeout_s);
+    if (r == MGPU_OK) {
+        r = c->rank == 0 ? mgpu__rdzv_publish(c, &z) : mgpu__rdzv_read_job(c, &z);
+        r = mgpu__rdzv_join(c, &z, r);
+    }
+    if (z.shm_name[0]) shm_unlink(z.shm_name);   /* mapped by everyone (or failed): nothing can leak now */
+#ifdef MGPU_CUDA
+    if (r == MGPU_OK && c->backend == MGPU_COMM_NCCL) r = mgpu__nccl_init(c, z.payload, z.deadline);
+#endif
+    mgpu__store_close(&z.st);
+    if (r != MGPU_OK && c->server) {   /* a moment for the others to read the failure, then they find the store closed */
+        mgpu__store_server_stop(c->server, 0, MGPU__MIN(c->timeout_s, 2.0));
+        c->server = NULL;
+    }
+    if (c->server) mgpu__store_server_request_stop(c->server, 0, c->timeout_s);   /* serves on until every rank has gone */
+    return r;
+}
+
+/* An environment passed in by the caller gets the checks mgpu_dist_env_read makes. */
+static mgpu_result mgpu__comm_env_check(const mgpu_dist_env *e) {
+    if (e->world_size < 1 || e->world_size > MGPU__COMM_MAX_JOB_RANKS || e->rank < 0 || e->rank >= e->world_size)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: env has rank %d and world size %d; expected 0 <= rank < world size", e->rank, e->world_size);
+    if (e->local_world_size < 1 || e->local_world_size > e->world_size || e->local_rank < 0 || e->local_rank >= e->local_world_size)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: env has local rank %d and local world size %d (world size %d); expected 0 <= local rank < local world size <= world size",
+                          e->local_rank, e->local_world_size, e->world_size);
+    if (e->world_size > 1 && (!e->master_addr[0] || e->master_port < 1 || e->master_port > 65535))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: env has master '%s' port %d; a world of %d needs MASTER_ADDR and MASTER_PORT in [1, 65535]",
+                          e->master_addr, e->master_port, e->world_size);
+    return MGPU_OK;
+}
+
+/* The backend this build can run, and an environment it can serve. */
+static mgpu_result mgpu__comm_check_request(const mgpu_comm_desc *d, const mgpu_dist_env *env) {
+    const char *fn = "mgpu_comm_create";
+    mgpu_result r = mgpu__comm_env_check(env);
+    if (r != MGPU_OK) return r;
+    if (d->backend == MGPU_COMM_SHM && env->world_size > MGPU__COMM_MAX_RANKS)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the shm backend joins at most %d ranks, the world has %d", fn, MGPU__COMM_MAX_RANKS, env->world_size);
+    if (d->backend == MGPU_COMM_SHM && env->local_world_size != env->world_size)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the shm backend needs every rank on one host, but the local world size is %d of %d ranks "
+                          "(use the nccl backend across hosts)", fn, env->local_world_size, env->world_size);
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc) {
+    mgpu_comm_desc d;
+    mgpu_dist_env env;
+    mgpu_comm *c;
+    double timeout = 0;
+    mgpu_result r;
+    if (desc) d = *desc; else memset(&d, 0, sizeof d);
+    if (d.backend == MGPU_COMM_THREADS)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: the threads backend joins threads of one process; use mgpu_comm_create_threads");
+    if (d.backend != MGPU_COMM_SHM && d.backend != MGPU_COMM_NCCL)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: desc->backend %d is not a backend (MGPU_COMM_SHM or MGPU_COMM_NCCL)", (int)d.backend);
+#ifndef MGPU_CUDA
+    if (d.backend == MGPU_COMM_NCCL)
+        MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_comm_create: the nccl backend needs a CUDA build (compile with -DMGPU_CUDA and link -lnccl, e.g. `make cuda`); "
+                        "use the shm backend on CPU");
+#endif
+    if (mgpu__comm_timeout(d.timeout_s, "mgpu_comm_create", &timeout) != MGPU_OK) return NULL;
+    if (d.env) env = *d.env;
+    else if (mgpu_dist_env_read(&env) != MGPU_OK) return NULL;
+    if (mgpu__comm_check_request(&d, &env) != MGPU_OK) return NULL;
+    c = mgpu__comm_new(d.backend, env.rank, env.world_size, env.local_rank, env.local_world_size, timeout);
+    if (!c) return NULL;
+    if (env.world_size == 1 && d.backend == MGPU_COMM_SHM) r = mgpu__heap_group_attach(&c, 1);
+#ifdef MGPU_CUDA
+    else if (env.world_size == 1) {
+        char id[2 * 128 + 1];
+        r = mgpu__nccl_unique_id_hex(id, sizeof id);
+        if (r == MGPU_OK) r = mgpu__nccl_init(c, id, mgpu_time_s() + timeout);
+    }
+#endif
+    else r = mgpu__rendezvous(c, &env);
+    if (r != MGPU_OK) {
+        char msg[MGPU__COMM_MSG];
+        snprintf(msg, sizeof msg, "%s", mgpu_last_error());
+        mgpu_comm_destroy(c);
+        mgpu__fail(r, "%s", msg);   /* destroy must not replace the reason */
+        return NULL;
+    }
+    mgpu_log(MGPU_LOG_DEBUG, "communicator: rank %d of %d (local %d of %d), backend %s, timeout %.0f s", c->rank, c->world, c->local_rank,
+             c->local_world, mgpu__comm_backend_name(c->backend), c->timeout_s);
+    return c;
+}
+
+MGPU_API int mgpu_comm_rank(const mgpu_comm *c) {
+    if (!c) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_rank: communicator is NULL"); return -1; }
+    return c->rank;
+}
+MGPU_API int mgpu_comm_world_size(const mgpu_comm *c) {
+    if (!c) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_world_size: communicator is NULL"); return 0; }
+    return c->world;
+}
+MGPU_API int mgpu_comm_local_rank(const mgpu_comm *c) {
+    if (!c) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_local_rank: communicator is NULL"); return -1; }
+    return c->local_rank;
+}
+MGPU_API mgpu_comm_backend mgpu_comm_backend_of(const mgpu_comm *c) {
+    if (!c) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_backend_of: communicator is NULL"); return MGPU_COMM_SHM; }
+    return c->backend;
+}
+
+/* --------------------------------------------------------------------------------------
+   Running collectives: one descriptor, executed by the shared-region engine or by NCCL
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__coll {
+    int kind;
+    const void *in; void *out;   /* in == out for allreduce and broadcast */
+    int64_t count;               /* allreduce: elements; broadcast: bytes; allgather: bytes per rank;
+                                    reduce_scatter: elements of out */
+    int dtype, avg, root;
+} mgpu__coll;
+
+static mgpu__coll mgpu__make_coll(int kind, const void *in, void *out, int64_t count, int dtype, int avg, int root) {
+    mgpu__coll k;
+    k.kind = kind; k.in = in; k.out = out; k.count = count; k.dtype = dtype; k.avg = avg; k.root = root;
+    return k;
+}
+
+static mgpu_result mgpu__shared_run(mgpu_comm *c, const char *fn, const mgpu__coll *k) {
+    mgpu__coll_sig sig;
+    switch (k->kind) {
+    case MGPU__COLL_ALLREDUCE: return mgpu__shared_allreduce(c, fn, k->out, k->count, k->dtype, k->avg);
+    case MGPU__COLL_BROADCAST: return mgpu__shared_broadcast(c, fn, k->out, k->count, k->root, k->dtype);
+    case MGPU__COLL_ALLGATHER: return mgpu__shared_allgather(c, fn, k->in, k->count, k->out);
+    case MGPU__COLL_REDUCE_SCATTER: return mgpu__shared_reduce_scatter(c, fn, (const float *)k->in, (float *)k->out, k->count, k->avg);
+    default:
+        sig = mgpu__make_sig(MGPU__COLL_BARRIER, -1, 0, 0, 0);
+        return mgpu__comm_sync(c, fn, &sig);
+    }
+}
+
+#ifdef MGPU_CUDA
+static mgpu_result mgpu__nccl_run(mgpu_comm *c, const char *fn, const mgpu__coll *k);
+#endif
+
+/* Executes k now (the caller has ordered it after earlier asynchronous work). */
+static mgpu_result mgpu__comm_run(mgpu_comm *c, const char *fn, const mgpu__coll *k) {
+    mgpu_result r;
+    pthread_mutex_lock(&c->exec_mu);
+#ifdef MGPU_CUDA
+    if (c->backend == MGPU_COMM_NCCL) r = mgpu__nccl_run(c, fn, k);
+    else
+#endif
+    r = mgpu__shared_run(c, fn, k);
+    pthread_mutex_unlock(&c->exec_mu);
+    return r;
+}
+
+/* Waits on c->cv until deadline (mgpu_time_s clock: the condition variable uses CLOCK_MONOTONIC). */
+static void mgpu__comm_cond_wait(mgpu_comm *c, double deadline) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)deadline;
+    ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
+    pthread_cond_timedwait(&c->cv, &c->mu, &ts);
+}
+
+/* Asynchronous work ends within its own collective's timeout; waits allow that plus a margin so the
+   collective's message, which names the missing ranks, is the one reported. */
+static double mgpu__comm_wait_deadline(const mgpu_comm *c) { return mgpu_time_s() + c->timeout_s * 1.1 + 1.0; }
+
+/* Blocking collectives run after every asynchronous all-reduce issued before them. */
+static mgpu_result mgpu__comm_drain(mgpu_comm *c, const char *fn) {
+    double deadline;
+    int64_t left;
+    if (!c->progress_started) return MGPU_OK;
+    pthread_mutex_lock(&c->mu);
+    deadline = mgpu__comm_wait_deadline(c);
+    while (c->pending > 0 && mgpu_time_s() < deadline) mgpu__comm_cond_wait(c, deadline);
+    left = c->pending;
+    pthread_mutex_unlock(&c->mu);
+    if (left > 0)
+        return mgpu__comm_break(c, MGPU_ERR_TIMEOUT, "%s: %lld asynchronous all-reduces issued before it did not finish within %.0f s",
+                                fn, (long long)left, c->timeout_s);
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__comm_collective(mgpu_comm *c, const char *fn, const mgpu__coll *k) {
+    mgpu_result r = mgpu__comm_usable(c, fn);
+    if (r == MGPU_OK) r = mgpu__comm_drain(c, fn);
+    return r == MGPU_OK ? mgpu__comm_run(c, fn, k) : r;
+}
+
+/* ---- argument checks ---- */
+
+static mgpu_result mgpu__check_reduce_op(const char *fn, mgpu_reduce_op op) {
+    if (op != MGPU_REDUCE_SUM && op != MGPU_REDUCE_AVG)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: op %d is not MGPU_REDUCE_SUM or MGPU_REDUCE_AVG", fn, (int)op);
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__check_comm_tensor(const char *fn, const char *arg, const mgpu_tensor *t, int need_f32) {
+    if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: %s is NULL", fn, arg);
+    if (need_f32 && t->dtype != MGPU_F32)
+        return mgpu__fail(MGPU_ERR_SHAPE, "%s: %s is %s; this collective takes F32 tensors", fn, arg, mgpu_dtype_name(t->dtype));
+#ifndef MGPU_CUDA
+    if (t->device.type != MGPU_DEVICE_CPU)
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: %s is on cuda:%d but this build has no CUDA support", fn, arg, t->device.index);
+#endif
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__comm_check_buffer(const char *fn, const char *arg, const void *p, int64_t n) {
+    if (n < 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: %s has a negative size (%lld)", fn, arg, (long long)n);
+    if (!p && n > 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: %s is NULL with size %lld", fn, arg, (long long)n);
+    return MGPU_OK;
+}
+
+/* ---- host memory of a tensor during a collective ---- */
+
+/* t->data, or for a CUDA tensor under shm/threads a pinned staging buffer (one of two), filled
+   from the device when load (nccl takes device memory directly). NULL on failure. */
+static void *mgpu__comm_host_begin(mgpu_comm *c, const mgpu_tensor *t, int which, int load, const char *fn) {
+#ifdef MGPU_CUDA
+    if (t->device.type == MGPU_DEVICE_CUDA && c->backend != MGPU_COMM_NCCL) {
+        size_t bytes = mgpu_tensor_nbytes(t);
+        if (cudaSetDevice(t->device.index) != cudaSuccess) { mgpu__fail(MGPU_ERR_CUDA, "%s: cannot select cuda:%d", fn, t->device.index); return NULL; }
+        if (bytes > c->pinned_bytes[which]) {
+            if (c->pinned[which]) cudaFreeHost(c->pinned[which]);
+            c->pinned[which] = NULL; c->pinned_bytes[which] = 0;
+            if (cudaMallocHost(&c->pinned[which], bytes) != cudaSuccess) {
+                mgpu__fail(MGPU_ERR_OOM_HOST, "%s: cannot allocate %zu bytes of pinned host memory to stage a CUDA tensor", fn, bytes);
+                return NULL;
+            }
+            c->pinned_bytes[which] = bytes;
+        }
+        if (load && bytes && cudaMemcpy(c->pinned[which], t->data, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) {
+            mgpu__fail(MGPU_ERR_CUDA, "%s: copying %zu bytes from cuda:%d to host failed", fn, bytes, t->device.index);
+            return NULL;
+        }
+        return c->pinned[which];
+    }
+#endif
+    (void)c; (void)which; (void)load; (void)fn;
+    return t->data;
+}
+
+/* Copies a staged result back to the device (store) and passes r through. */
+static mgpu_result mgpu__comm_host_end(const mgpu_tensor *t, void *host, int store, mgpu_result r, const char *fn) {
+#ifdef MGPU_CUDA
+    if (r == MGPU_OK && store && host != t->data && mgpu_tensor_nbytes(t) &&
+        cudaMemcpy(t->data, host, mgpu_tensor_nbytes(t), cudaMemcpyHostToDevice) != cudaSuccess)
+        return mgpu__fail(MGPU_ERR_CUDA, "%s: copying %zu bytes back to cuda:%d failed", fn, mgpu_tensor_nbytes(t), t->device.index);
+#endif
+    (void)t; (void)host; (void)store; (void)fn;
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   Public collectives
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API mgpu_result mgpu_comm_allreduce(mgpu_comm *c, mgpu_tensor *t, mgpu_reduce_op op) {
+    const char *fn = "mgpu_comm_allreduce";
+    mgpu__coll k;
+    mgpu_result r;
+    void *host;
+    if ((r = mgpu__comm_usable(c, fn)) != MGPU_OK || (r = mgpu__check_comm_tensor(fn, "tensor", t, 1)) != MGPU_OK ||
+        (r = mgpu__check_reduce_op(fn, op)) != MGPU_OK) return r;
+    if (!(host = mgpu__comm_host_begin(c, t, 0, 1, fn))) return mgpu_last_result();
+    k = mgpu__make_coll(MGPU__COLL_ALLREDUCE, host, host, t->numel, MGPU_F32, op == MGPU_REDUCE_AVG, -1);
+    return mgpu__comm_host_end(t, host, 1, mgpu__comm_collective(c, fn, &k), fn);
+}
+
+MGPU_API mgpu_result mgpu_comm_broadcast(mgpu_comm *c, mgpu_tensor *t, int root) {
+    const char *fn = "mgpu_comm_broadcast";
+    mgpu__coll k;
+    mgpu_result r;
+    void *host;
+    if ((r = mgpu__comm_usable(c, fn)) != MGPU_OK || (r = mgpu__check_comm_tensor(fn, "tensor", t, 0)) != MGPU_OK) return r;
+    if (root < 0 || root >= c->world) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: root %d is out of range for world size %d", fn, root, c->world);
+    if (!(host = mgpu__comm_host_begin(c, t, 0, c->rank == root, fn))) return mgpu_last_result();
+    k = mgpu__make_coll(MGPU__COLL_BROADCAST, host, host, (int64_t)mgpu_tensor_nbytes(t), (int)t->dtype, 0, root);
+    return mgpu__comm_host_end(t, host, c->rank != root, mgpu__comm_collective(c, fn, &k), fn);
+}
+
+MGPU_API mgpu_result mgpu_comm_allgather(mgpu_comm *c, const mgpu_tensor *in, mgpu_tensor *out) {
+    const char *fn = "mgpu_comm_allgather";
+    mgpu__coll k;
+    mgpu_result r;
+    void *hin, *hout;
+    if ((r = mgpu__comm_usable(c, fn)) != MGPU_OK || (r = mgpu__check_comm_tensor(fn, "in", in, 0)) != MGPU_OK ||
+        (r = mgpu__check_comm_tensor(fn, "out", out, 0)) != MGPU_OK) return r;
+    if (in->dtype != out->dtype || out->numel != (int64_t)c->world * in->numel)
+        return mgpu__fail(MGPU_ERR_SHAPE, "%s: out is %s with %lld elements; expected %s with world size %d x %lld (in's) elements", fn,
+                          mgpu_dtype_name(out->dtype), (long long)out->numel, mgpu_dtype_name(in->dtype), c->world, (long long)in->numel);
+    if (!(hin = mgpu__comm_host_begin(c, in, 0, 1, fn)) || !(hout = mgpu__comm_host_begin(c, out, 1, 0, fn))) return mgpu_last_result();
+    k = mgpu__make_coll(MGPU__COLL_ALLGATHER, hin, hout, (int64_t)mgpu_tensor_nbytes(in), (int)in->dtype, 0, -1);
+    return mgpu__comm_host_end(out, hout, 1, mgpu__comm_collective(c, fn, &k), fn);
+}
+
+MGPU_API mgpu_result mgpu_comm_reduce_scatter(mgpu_comm *c, const mgpu_tensor *in, mgpu_tensor *out, mgpu_reduce_op op) {
+    const char *fn = "mgpu_comm_reduce_scatter";
+    mgpu__coll k;
+    mgpu_result r;
+    void *hin, *hout;
+    if ((r = mgpu__comm_usable(c, fn)) != MGPU_OK || (r = mgpu__check_comm_tensor(fn, "in", in, 1)) != MGPU_OK ||
+        (r = mgpu__check_comm_tensor(fn, "out", out, 1)) != MGPU_OK || (r = mgpu__check_reduce_op(fn, op)) != MGPU_OK) return r;
+    if (in->numel != (int64_t)c->world * out->numel)
+        return mgpu__fail(MGPU_ERR_SHAPE, "%s: in has %lld elements; expected world size %d x %lld (out's) elements", fn,
+                          (long long)in->numel, c->world, (long long)out->numel);
+    if (in->data == out->data && out->numel > 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: in and out must not share memory", fn);
+    if (!(hin = mgpu__comm_host_begin(c, in, 0, 1, fn)) || !(hout = mgpu__comm_host_begin(c, out, 1, 0, fn))) return mgpu_last_result();
+    k = mgpu__make_coll(MGPU__COLL_REDUCE_SCATTER, hin, hout, out->numel, MGPU_F32, op == MGPU_REDUCE_AVG, -1);
+    return mgpu__comm_host_end(out, hout, 1, mgpu__comm_collective(c, fn, &k), fn);
+}
+
+MGPU_API mgpu_result mgpu_comm_barrier(mgpu_comm *c) {
+    mgpu__coll k = mgpu__make_coll(MGPU__COLL_BARRIER, NULL, NULL, 0, 0, 0, -1);
+    return mgpu__comm_collective(c, "mgpu_comm_barrier", &k);
+}
+
+static mgpu_result mgpu__allreduce_raw(mgpu_comm *c, const char *fn, void *data, int64_t n, int dtype, mgpu_reduce_op op) {
+    mgpu__coll k;
+    mgpu_result r;
+    if ((r = mgpu__comm_usable(c, fn)) != MGPU_OK || (r = mgpu__comm_check_buffer(fn, "data", data, n)) != MGPU_OK ||
+        (r = mgpu__check_reduce_op(fn, op)) != MGPU_OK) return r;
+    k = mgpu__make_coll(MGPU__COLL_ALLREDUCE, data, data, n, dtype, op == MGPU_REDUCE_AVG, -1);
+    return mgpu__comm_collective(c, fn, &k);
+}
+MGPU_API mgpu_result mgpu_comm_allreduce_f32(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op) {
+    return mgpu__allreduce_raw(c, "mgpu_comm_allreduce_f32", data, n, MGPU_F32, op);
+}
+MGPU_API mgpu_result mgpu_comm_allreduce_f64(mgpu_comm *c, double *data, int64_t n, mgpu_reduce_op op) {
+    return mgpu__allreduce_raw(c, "mgpu_comm_allreduce_f64", data, n, MGPU__DTYPE_F64, op);
+}
+
+MGPU_API mgpu_result mgpu_comm_allgather_bytes(mgpu_comm *c, const void *in, size_t bytes, void *out) {
+    const char *fn = "mgpu_comm_allgather_bytes";
+    mgpu__coll k;
+    mgpu_result r;
+    if ((r = mgpu__comm_usable(c, fn)) != MGPU_OK) return r;
+    if (bytes > (size_t)INT64_MAX / (size_t)c->world) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: %zu bytes per rank is too large", fn, bytes);
+    if ((r = mgpu__comm_check_buffer(fn, "in", in, (int64_t)bytes)) != MGPU_OK || (r = mgpu__comm_check_buffer(fn, "out", out, (int64_t)bytes)) != MGPU_OK) return r;
+    k = mgpu__make_coll(MGPU__COLL_ALLGATHER, in, out, (int64_t)bytes, MGPU_U8, 0, -1);
+    return mgpu__comm_collective(c, fn, &k);
+}
+
+/* --------------------------------------------------------------------------------------
+   Asynchronous all-reduce: a progress thread per communicator runs them in issue order
+   -------------------------------------------------------------------------------------- */
+
+static void *mgpu__comm_progress_main(void *arg) {
+    mgpu_comm *c = (mgpu_comm *)arg;
+    const char *fn = "mgpu_comm_allreduce_f32_async";
+#ifdef MGPU_CUDA
+    if (c->cuda_device >= 0) cudaSetDevice(c->cuda_device);   /* the current device is per thread */
+#endif
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        mgpu_comm_work *w;
+        mgpu__coll k;
+        mgpu_result r;
+        while (!c->queue_head && !c->progress_stop) pthread_cond_wait(&c->cv, &c->mu);
+        if (!(w = c->queue_head)) break;   /* stopping with nothing left */
+        c->queue_head = w->next;
+        if (!c->queue_head) c->queue_tail = NULL;
+        pthread_mutex_unlock(&c->mu);
+        k = mgpu__make_coll(MGPU__COLL_ALLREDUCE, w->data, w->data, w->n, MGPU_F32, w->op == MGPU_REDUCE_AVG, -1);
+        r = mgpu__comm_usable(c, fn);
+        if (r == MGPU_OK) r = mgpu__comm_run(c, fn, &k);
+        pthread_mutex_lock(&c->mu);
+        w->result = r;
+        if (r != MGPU_OK) snprintf(w->msg, sizeof w->msg, "%s", mgpu_last_error());   /* errors are per thread */
+        __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
+        c->pending--;
+        if (w->abandoned) mgpu_free(w);
+        pthread_cond_broadcast(&c->cv);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
+MGPU_API mgpu_comm_work *mgpu_comm_allreduce_f32_async(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op) {
+    const char *fn = "mgpu_comm_allreduce_f32_async";
+    mgpu_comm_work *w;
+    if (mgpu__comm_usable(c, fn) != MGPU_OK || mgpu__comm_check_buffer(fn, "data", data, n) != MGPU_OK || mgpu__check_reduce_op(fn, op) != MGPU_OK) return NULL;
+    w = (mgpu_comm_work *)mgpu__calloc(sizeof *w, "an asynchronous all-reduce");
+    if (!w) return NULL;
+    w->comm = c; w->data = data; w->n = n; w->op = op;
+    pthread_mutex_lock(&c->mu);
+    if (!c->progress_started) {
+        c->progress_stop = 0;
+        if (pthread_create(&c->progress, NULL, mgpu__comm_progress_main, c) != 0) {
+            pthread_mutex_unlock(&c->mu);
+            mgpu_free(w);
+            MGPU__FAIL_NULL(MGPU_ERR_STATE, "%s: cannot start the communicator's progress thread", fn);
+        }
+        c->progress_started = 1;
+    }
+    if (c->queue_tail) c->queue_tail->next = w; else c->queue_head = w;
+    c->queue_tail = w;
+    w->live_next = c->live;
+    if (c->live) c->live->live_prev = w;
+    c->live = w;
+    c->pending++;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    return w;
+}
+
+MGPU_API int mgpu_comm_work_done(const mgpu_comm_work *w) {
+    if (!w) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_work_done: work is NULL"); return 0; }
+    return __atomic_load_n(&w->done, __ATOMIC_ACQUIRE);
+}
+
+MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w) {
+    mgpu_comm *c;
+    mgpu_result r;
+    double deadline;
+    if (!w) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_wait: work is NULL");
+    c = w->comm;
+    pthread_mutex_lock(&c->mu);
+    deadline = mgpu__comm_wait_deadline(c);
+    while (!w->done && mgpu_time_s() < deadline) mgpu__comm_cond_wait(c, deadline);
+    if (w->live_prev) w->live_prev->live_next = w->live_next; else c->live = w->live_next;
+    if (w->live_next) w->live_next->live_prev = w->live_prev;
+    if (!w->done) {   /* the progress thread frees it when its collective ends */
+        int64_t n = w->n;
+        w->abandoned = 1;
+        pthread_mutex_unlock(&c->mu);
+        return mgpu__comm_break(c, MGPU_ERR_TIMEOUT, "mgpu_comm_wait: the asynchronous all-reduce of %lld floats did not finish within %.0f s", (long long)n, c->timeout_s);
+    }
+    pthread_mutex_unlock(&c->mu);
+    r = w->result;
+    if (r != MGPU_OK) mgpu__fail(r, "%s", w->msg);
+    mgpu_free(w);
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   nccl backend (MGPU_CUDA): a non-blocking NCCL communicator, its own stream ordered after the
+   default stream with events, and waits that poll the event and NCCL's asynchronous error until
+   the timeout, aborting the communicator on failure. Host buffers are staged through device memory.
+   -------------------------------------------------------------------------------------- */
+#ifdef MGPU_CUDA
+
+static mgpu_result mgpu__comm_cuda_check(mgpu_comm *c, cudaError_t e, const char *fn, const char *what) {
+    if (e == cudaSuccess) return MGPU_OK;
+    cudaGetLastError();   /* clear it, so later calls do not report it again */
+    if (e == cudaErrorMemoryAllocation) return mgpu__fail(MGPU_ERR_OOM_DEVICE, "%s: %s: out of device memory on cuda:%d", fn, what, c->cuda_device);
+    return mgpu__fail(MGPU_ERR_CUDA, "%s: %s failed on cuda:%d: %s", fn, what, c->cuda_device, cudaGetErrorString(e));
+}
+
+static mgpu_result mgpu__nccl_unique_id_hex(char *hex, size_t size) {
+    ncclUniqueId id;
+    ncclResult_t r;
+    size_t i;
+    if (size < 2 * sizeof id.internal + 1) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create: NCCL id buffer too small");
+    if ((r = ncclGetUniqueId(&id)) != ncclSuccess) return mgpu__fail(MGPU_ERR_NCCL, "mgpu_comm_create: ncclGetUniqueId failed: %s", ncclGetErrorString(r));
+    for (i = 0; i < sizeof id.internal; i++) snprintf(hex + 2 * i, 3, "%02x", (unsigned)(unsigned char)id.internal[i]);
+    return MGPU_OK;
+}
+
+/* Aborts the NCCL communicator (the only way out of a collective that will never finish). */
+static void mgpu__nccl_abort(mgpu_comm *c) {
+    if (c->nccl) ncclCommAbort(c->nccl);
+    c->nccl = NULL;
+}
+
+/* Follows a non-blocking NCCL call until it leaves ncclInProgress; errors and the deadline abort. */
+static mgpu_result mgpu__nccl_settle(mgpu_comm *c, ncclResult_t r, double deadline, const char *fn, const char *what) {
+    while (r == ncclInProgress && c->nccl) {
+        if (mgpu_time_s() > deadline) {
+            mgpu__nccl_abort(c);
+            return mgpu__comm_break(c, MGPU_ERR_TIMEOUT, "%s: %s did not finish within %.0f s on rank %d (a rank may have died or hung; NCCL "
+                                    "cannot tell which); the NCCL communicator was aborted", fn, what, c->timeout_s, c->rank);
+        }
+        mgpu__comm_sleep_s(50e-6);
+        if (ncclCommGetAsyncError(c->nccl, &r) != ncclSuccess) r = ncclInternalError;
+    }
+    if (r != ncclSuccess) {
+        char last[256];
+        snprintf(last, sizeof last, "%s", c->nccl && ncclGetLastError(c->nccl) ? ncclGetLastError(c->nccl) : "");
+        mgpu__nccl_abort(c);
+        return mgpu__comm_break(c, MGPU_ERR_NCCL, "%s: %s failed on rank %d: %s%s%s; the NCCL communicator was aborted", fn, what, c->rank,
+                                ncclGetErrorString(r), last[0] ? " - " : "", last);
+    }
+    return MGPU_OK;
+}
+
+static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double deadline) {
+    const char *fn = "mgpu_comm_create";
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    ncclUniqueId id;
+    mgpu_result r;
+    size_t i;
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the nccl backend needs a GPU, and rank %d sees none", fn, c->rank);
+    }
+    if (c->local_rank >= n)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: LOCAL_RANK %d has no GPU of its own (%d visible); run one rank per GPU", fn, c->local_rank, n);
+    c->cuda_device = c->local_rank;
+    if ((r = mgpu__comm_cuda_check(c, cudaSetDevice(c->cuda_device), fn, "cudaSetDevice")) != MGPU_OK) return r;
+    if (strlen(id_hex) < 2 * sizeof id.internal) return mgpu__fail(MGPU_ERR_FORMAT, "%s: rank %d got a malformed NCCL unique id", fn, c->rank);
+    for (i = 0; i < sizeof id.internal; i++) {
+        unsigned v = 0;
+        if (sscanf(id_hex + 2 * i, "%2x", &v) != 1) return mgpu__fail(MGPU_ERR_FORMAT, "%s: rank %d got a malformed NCCL unique id", fn, c->rank);
+        id.internal[i] = (char)v;
+    }
+    cfg.blocking = 0;   /* calls return at once; every wait below is ours, bounded by the timeout */
+    r = mgpu__nccl_settle(c, ncclCommInitRankConfig(&c->nccl, c->world, id, c->rank, &cfg), deadline, fn, "ncclCommInitRank");
+    if (r != MGPU_OK) return r;
+    if ((r = mgpu__comm_cuda_check(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), fn, "cudaStreamCreateWithFlags")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_ready, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_done, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK) return r;
+    return MGPU_OK;
+}
+
+static void mgpu__nccl_teardown(mgpu_comm *c) {
+    int i;
+    if (c->cuda_device >= 0) cudaSetDevice(c->cuda_device);
+    if (c->nccl) {
+        double deadline = mgpu_time_s() + c->timeout_s;
+        ncclResult_t r = ncclCommFinalize(c->nccl);
+        while (r == ncclInProgress && mgpu_time_s() < deadline) {
+            mgpu__comm_sleep_s(100e-6);
+            if (ncclCommGetAsyncError(c->nccl, &r) != ncclSuccess) r = ncclInternalError;
+        }
+        if (r == ncclSuccess) ncclCommDestroy(c->nccl);
+        else ncclCommAbort(c->nccl);
+        c->nccl = NULL;
+    }
+    if (c->ev_ready) cudaEventDestroy(c->ev_ready);
+    if (c->ev_done) cudaEventDestroy(c->ev_done);
+    if (c->stream) cudaStreamDestroy(c->stream);
+    if (c->dev_scratch) cudaFree(c->dev_scratch);
+    for (i = 0; i < 2; i++) if (c->pinned[i]) cudaFreeHost(c->pinned[i]);
+    c->ev_ready = c->ev_done = NULL; c->stream = NULL; c->dev_scratch = NULL;
+}
+
+static int mgpu__comm_is_device_ptr(const void *p) {
+    struct cudaPointerAttributes a;
+    memset(&a, 0, sizeof a);
+    if (!p || cudaPointerGetAttributes(&a, p) != cudaSuccess) { cudaGetLastError(); return 0; }
+    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+static ncclDataType_t mgpu__nccl_dtype(int dtype) {
+    switch (dtype) {
+    case MGPU_F16: return ncclFloat16;
+    case MGPU_BF16: return ncclBfloat16;
+    case MGPU_I32: return ncclInt32;
+    case MGPU_I64: return ncclInt64;
+    case MGPU_U8: return ncclUint8;
+    case MGPU__DTYPE_F64: return ncclFloat64;
+    default: return ncclFloat32;
+    }
+}
+
+/* Polls the completion event and NCCL's asynchronous error until done or the timeout. */
+static mgpu_result mgpu__nccl_wait(mgpu_comm *c, const char *fn, const char *what) {
+    double deadline = mgpu_time_s() + c->timeout_s;
+    for (;;) {
+        cudaError_t e = cudaEventQuery(c->ev_done);
+        ncclResult_t ar = ncclSuccess;
+        if (e == cudaSuccess) return MGPU_OK;
+        if (e != cudaErrorNotReady) {
+            mgpu__nccl_abort(c);
+            cudaGetLastError();
+            return mgpu__comm_break(c, MGPU_ERR_CUDA, "%s: %s failed on cuda:%d: %s; the NCCL communicator was aborted", fn, what, c->cuda_device, cudaGetErrorString(e));
+        }
+        if (ncclCommGetAsyncError(c->nccl, &ar) != ncclSuccess || (ar != ncclSuccess && ar != ncclInProgress))
+            return mgpu__nccl_settle(c, ar == ncclSuccess ? ncclInternalError : ar, deadline, fn, what);
+        if (mgpu_time_s() > deadline) {
+            mgpu__nccl_abort(c);
+            return mgpu__comm_break(c, MGPU_ERR_TIMEOUT, "%s: %s did not complete within %.0f s on rank %d (a rank may have died, hung or issued "
+                                    "different collectives; NCCL cannot tell which); the NCCL communicator was aborted", fn, what, c->timeout_s, c->rank);
+        }
+        mgpu__comm_sleep_s(20e-6);
+    }
+}
+
+static mgpu_result mgpu__nccl_scratch(mgpu_comm *c, size_t bytes, const char *fn) {
+    if (bytes <= c->dev_scratch_bytes) return MGPU_OK;
+    if (c->dev_scratch) cudaFree(c->dev_scratch);
+    c->dev_scratch = NULL; c->dev_scratch_bytes = 0;
+    if (mgpu__comm_cuda_check(c, cudaMalloc(&c->dev_scratch, bytes), fn, "staging buffer") != MGPU_OK) return mgpu_last_result();
+    c->dev_scratch_bytes = bytes;
+    return MGPU_OK;
+}
+
+/* Issues the NCCL call of k on device pointers din/dout. */
+static ncclResult_t mgpu__nccl_issue(mgpu_comm *c, const mgpu__coll *k, const void *din, void *dout) {
+    ncclRedOp_t op = k->avg ? ncclAvg : ncclSum;
+    switch (k->kind) {
+    case MGPU__COLL_ALLREDUCE: return ncclAllReduce(din, dout, (size_t)k->count, mgpu__nccl_dtype(k->dtype), op, c->nccl, c->stream);
+    case MGPU__COLL_BROADCAST: return ncclBroadcast(din, dout, (size_t)k->count, ncclUint8, k->root, c->nccl, c->stream);
+    case MGPU__COLL_ALLGATHER: return ncclAllGather(din, dout, (size_t)k->count, ncclUint8, c->nccl, c->stream);
+    case MGPU__COLL_REDUCE_SCATTER: return ncclReduceScatter(din, dout, (size_t)k->count, ncclFloat32, op, c->nccl, c->stream);
+    default: return ncclAllReduce(din, dout, 1, ncclFloat32, ncclSum, c->nccl, c->stream);   /* barrier */
+    }
+}
+
+static mgpu_result mgpu__nccl_run(mgpu_comm *c, const char *fn, const mgpu__coll *k) {
+    const char *what = mgpu__coll_name(k->kind);
+    size_t in_bytes, out_bytes, in_stage, out_stage;
+    const void *din;
+    void *dout;
+    int in_dev, out_dev, inplace = k->in == k->out;
+    mgpu_result r;
+    switch (k->kind) {
+    case MGPU__COLL_ALLREDUCE: in_bytes = out_bytes = (size_t)k->count * mgpu__comm_elem_bytes(k->dtype); break;
+    case MGPU__COLL_BROADCAST: in_bytes = out_bytes = (size_t)k->count; break;
+    case MGPU__COLL_ALLGATHER: in_bytes = (size_t)k->count; out_bytes = in_bytes * (size_t)c->world; break;
+    case MGPU__COLL_REDUCE_SCATTER: out_bytes = sizeof(float) * (size_t)k->count; in_bytes = out_bytes * (size_t)c->world; break;
+    default: in_bytes = out_bytes = 0; break;
+    }
+    if (!c->nccl) return mgpu__fail(MGPU_ERR_STATE, "%s: the NCCL communicator was aborted earlier", fn);
+    if ((r = mgpu__comm_cuda_check(c, cudaSetDevice(c->cuda_device), fn, "cudaSetDevice")) != MGPU_OK) return r;
+    in_dev = k->kind != MGPU__COLL_BARRIER && mgpu__comm_is_device_ptr(k->in);
+    out_dev = k->kind != MGPU__COLL_BARRIER && mgpu__comm_is_device_ptr(k->out);
+    in_stage = in_dev ? 0 : ((MGPU__MAX(in_bytes, sizeof(float)) + 255) & ~(size_t)255);
+    out_stage = out_dev || inplace ? 0 : out_bytes;
+    if ((r = mgpu__nccl_scratch(c, in_stage + out_stage, fn)) != MGPU_OK) return r;
+    din = in_dev ? k->in : c->dev_scratch;
+    dout = inplace ? (void *)din : out_dev ? k->out : (void *)((char *)c->dev_scratch + in_stage);
+    /* after the work already queued on the default stream (the producers of the data) */
+    if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_ready, 0), fn, "cudaEventRecord")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaStreamWaitEvent(c->stream, c->ev_ready, 0), fn, "cudaStreamWaitEvent")) != MGPU_OK) return r;
+    if (!in_dev && in_bytes && (r = mgpu__comm_cuda_check(c, cudaMemcpyAsync((void *)din, k->in, in_bytes, cudaMemcpyHostToDevice, c->stream), fn, "staging to the device")) != MGPU_OK) return r;
+    if ((r = mgpu__nccl_settle(c, mgpu__nccl_issue(c, k, din, dout), mgpu_time_s() + c->timeout_s, fn, what)) != MGPU_OK) return r;
+    if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_done, c->stream), fn, "cudaEventRecord")) != MGPU_OK) return r;
+    if ((r = mgpu__nccl_wait(c, fn, what)) != MGPU_OK) return r;
+    if (!out_dev && out_bytes && k->kind != MGPU__COLL_BARRIER)
+        return mgpu__comm_cuda_check(c, cudaMemcpy(k->out, dout, out_bytes, cudaMemcpyDeviceToHost), fn, "copying the result to the host");
+    return MGPU_OK;
+}
+
+#endif /* MGPU_CUDA */
+/* ======================================================================================
+   DDP and DP
+   ======================================================================================DistributedDataParallel: parameters broadcast from rank 0, gradients bucketed in reverse
+   registration order (the order backward makes them ready) and all-reduced asynchronously while
+   backward goes on; SyncBatchNorm; dropout masks of the combined batch. DataParallel: the same
+   DDP over a `threads` communicator, one replica per thread. */
+
+/* Dropout under DDP: local row j of a batch is row rank + world * j of the combined batch
+   (DistributedSampler's sharding); mgpu_op_dropout draws that row's counters. */
+static void mgpu__context_set_row_interleave(mgpu_context *ctx, int rank, int world) {
+    ctx->row_rank = rank;
+    ctx->row_world = world;
+}
+
+/* --------------------------------------------------------------------------------------
+   Bucket assignment: tensors in the order given (reverse registration order), bucket 0 capped at
+   first_cap bytes, the others at cap. A bucket closes once it reaches its cap; a tensor that would
+   overflow a non-empty bucket starts the next one, so only a tensor larger than the cap exceeds
+   it, and then alone. bucket_of[i] receives tensor i's bucket; returns the bucket count.
+   -------------------------------------------------------------------------------------- */
+
+static int mgpu__ddp_assign_buckets(int n, const int64_t *bytes, int64_t first_cap, int64_t cap, int *bucket_of) {
+    int i, b = 0, in_bucket = 0;
+    int64_t fill = 0;
+    for (i = 0; i < n; i++) {
+        if (in_bucket > 0 && fill + bytes[i] > (b == 0 ? first_cap : cap)) { b++; fill = 0; in_bucket = 0; }
+        bucket_of[i] = b;
+        fill += bytes[i];
+        in_bucket++;
+        if (fill >= (b == 0 ? first_cap : cap)) { b++; fill = 0; in_bucket = 0; }
+    }
+    return in_bucket > 0 ? b + 1 : b;
+}
+
+/* --------------------------------------------------------------------------------------
+   State
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__ddp_param {
+    struct mgpu_ddp *ddp;     /* the hook's way back */
+    mgpu_tensor *t;
+    int bucket;
+    int64_t offset;           /* first element in the bucket buffer */
+    int ready;                /* grad complete in the current backward */
+} mgpu__ddp_param;
+
+typedef struct mgpu__ddp_bucket {
+    int first, count;         /* its parameters: ddp->params[first, first + count) */
+    int *model_index;         /* (count) their indices in the model's parameter list */
+    int64_t numel;
+    float *buf;               /* (numel) packed gradients, all-reduced in place */
+    int n_ready;
+    mgpu_comm_work *work;     /* in flight, or NULL */
+    /* timeline of the current (or last) synced backward */
+    int64_t hook_calls;
+    double launch_s, done_s;
+    int done_before_end;
+} mgpu__ddp_bucket;
+
+struct mgpu_ddp {
+    mgpu_model *model;
+    mgpu_comm *comm;
+    mgpu_context *ctx;
+    int world;
+    mgpu_dtype compress;
+    int sync;
+    int n_params; mgpu__ddp_param *params;   /* reverse registration order = bucket order */
+    int n_buckets; mgpu__ddp_bucket *buckets;
+    int next_launch;          /* buckets launch strictly in index order: every rank issues the same sequence */
+    int in_backward;          /* a synced backward has started and its end hook has not run */
+    int installed;            /* hooks are on the model */
+    mgpu_result error;        /* first failure inside a hook (hooks cannot return one) */
+    char error_text[1024];
+    int64_t allreduces;
+    double comm_s, exposed_s, backward_end_s;
+};
+
+/* --------------------------------------------------------------------------------------
+   Gradient compression: round the buffer to f16/bf16 values (kept in f32 storage), as the
+   gradients would travel in 16 bits.
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__ddp_round_arg { float *x; float scale; mgpu_dtype dtype; } mgpu__ddp_round_arg;
+
+static void mgpu__ddp_round_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__ddp_round_arg *a = (const mgpu__ddp_round_arg *)p;
+    int64_t i;
+    if (a->dtype == MGPU_F16)
+        for (i = begin; i < end; i++) a->x[i] = mgpu_f16_to_f32(mgpu_f32_to_f16(a->x[i] * a->scale));
+    else
+        for (i = begin; i < end; i++) a->x[i] = mgpu_bf16_to_f32(mgpu_f32_to_bf16(a->x[i] * a->scale));
+}
+
+static void mgpu__ddp_round(mgpu_ddp *d, float *x, int64_t n, float scale) {
+    mgpu__ddp_round_arg a;
+    a.x = x; a.scale = scale; a.dtype = d->compress;
+    mgpu_parallel_for(d->ctx, n, MGPU__GRAIN, mgpu__ddp_round_range, &a);
+}
+
+/* --------------------------------------------------------------------------------------
+   Backward: grad-ready hooks launch buckets, the end hook waits and unpacks
+   -------------------------------------------------------------------------------------- */
+
+static void mgpu__ddp_record_error(mgpu_ddp *d, mgpu_result r) {
+    if (d->error != MGPU_OK) return;
+    d->error = r;
+    snprintf(d->error_text, sizeof d->error_text, "%s", mgpu_last_error());
+}
+
+/* Clears the previous backward's timeline when a synced backward starts. */
+static void mgpu__ddp_begin_backward(mgpu_ddp *d) {
+    int i;
+    if (d->in_backward) return;
+    d->in_backward = 1;
+    d->backward_end_s = 0;
+    for (i = 0; i < d->n_buckets; i++) {
+        mgpu__ddp_bucket *b = &d->buckets[i];
+        b->hook_calls = 0; b->launch_s = 0; b->done_s = 0; b->done_before_end = 0;
+    }
+}
+
+/* Packs the bucket's current gradients (a parameter without one contributes zeros, as with
+   find_unused_parameters) and issues its all-reduce. Under compression PyTorch's fp16/bf16 hooks
+   divide by the world size before rounding (so the sum cannot overflow) and then sum. */
+static void mgpu__ddp_launch(mgpu_ddp *d, mgpu__ddp_bucket *b) {
+    int i;
+    for (i = b->first; i < b->first + b->count; i++) {
+        const mgpu__ddp_param *p = &d->params[i];
+        float *dst = b->buf + p->offset;
+        if (p->t->grad) memcpy(dst, p->t->grad->data, sizeof(float) * (size_t)p->t->numel);
+        else memset(dst, 0, sizeof(float) * (size_t)p->t->numel);
+    }
+    if (d->compress != MGPU_F32) mgpu__ddp_round(d, b->buf, b->numel, 1.0f / (float)d->world);
+    b->launch_s = mgpu_time_s();
+    b->work = mgpu_comm_allreduce_f32_async(d->comm, b->buf, b->numel, d->compress != MGPU_F32 ? MGPU_REDUCE_SUM : MGPU_REDUCE_AVG);
+    if (!b->work) mgpu__ddp_record_error(d, mgpu_last_result() != MGPU_OK ? mgpu_last_result() : MGPU_ERR_STATE);
+    d->allreduces++;
+}
+
+/* Launches the next buckets in index order while they are complete (all = 1: every one left). */
+static void mgpu__ddp_launch_in_order(mgpu_ddp *d, int all) {
+    while (d->next_launch < d->n_buckets) {
+        mgpu__ddp_bucket *b = &d->buckets[d->next_launch];
+        if (!all && b->n_ready < b->count) break;
+        mgpu__ddp_launch(d, b);
+        d->next_launch++;
+    }
+}
+
+/* Notes when in-flight all-reduces completed (the timeline; the wait still collects them). */
+static void mgpu__ddp_poll(mgpu_ddp *d) {
+    int i;
+    for (i = 0; i < d->next_launch; i++) {
+        mgpu__ddp_bucket *b = &d->buckets[i];
+        if (b->work && b->done_s == 0 && mgpu_comm_work_done(b->work)) b->done_s = mgpu_time_s();
+    }
+}
+
+/* Fired by mgpu_backward once per parameter when its last contribution of this backward arrived. */
+static void mgpu__ddp_grad_ready(mgpu_tensor *t, void *user) {
+    mgpu__ddp_param *p = (mgpu__ddp_param *)user;
+    mgpu_ddp *d = p->ddp;
+    mgpu__ddp_bucket *b = &d->buckets[p->bucket];
+    (void)t;
+    if (!d->sync) return;   /* no_sync: gradients accumulate locally */
+    mgpu__ddp_begin_backward(d);
+    b->hook_calls++;
+    if (!p->ready) {
+        p->ready = 1;
+        if (++b->n_ready == b->count) mgpu__ddp_launch_in_order(d, 0);
+    }
+    mgpu__ddp_poll(d);
+}
+
+/* Copies the averaged bucket back into the parameters' grads. A parameter without a grad gets
+   one only if some rank had a non-zero gradient for it, so a parameter unused everywhere keeps
+   grad NULL, as in one process. */
+static mgpu_result mgpu__ddp_unpack(mgpu_ddp *d, mgpu__ddp_bucket *b) {
+    int i;
+    int64_t k;
+    if (d->compress != MGPU_F32) mgpu__ddp_round(d, b->buf, b->numel, 1.0f);
+    for (i = b->first; i < b->first + b->count; i++) {
+        mgpu__ddp_param *p = &d->params[i];
+        const float *src = b->buf + p->offset;
+        if (!p->t->grad) {
+            for (k = 0; k < p->t->numel && src[k] == 0.0f; k++) {}
+            if (k == p->t->numel) continue;
+            if (!mgpu__grad_f32(d->ctx, p->t)) return mgpu_last_result();
+        }
+        memcpy(p->t->grad->data, src, sizeof(float) * (size_t)p->t->numel);
+    }
+    return MGPU_OK;
+}
+
+/* Waits for bucket b (in launch order) and unpacks it. The progress thread's time is charged
+   from the later of its launch and the previous bucket's completion to its own completion. */
+static void mgpu__ddp_finish_bucket(mgpu_ddp *d, mgpu__ddp_bucket *b, double *busy_until) {
+    double wait_start = mgpu_time_s();
+    mgpu_result r;
+    if (!b->work) return;
+    r = mgpu_comm_wait(b->work);
+    b->work = NULL;
+    if (b->done_s == 0) b->done_s = mgpu_time_s();
+    d->exposed_s += mgpu_time_s() - wait_start;
+    d->comm_s += MGPU__MAX(0.0, b->done_s - MGPU__MAX(b->launch_s, *busy_until));
+    *busy_until = b->done_s;
+    if (r == MGPU_OK) r = mgpu__ddp_unpack(d, b);
+    if (r != MGPU_OK) mgpu__ddp_record_error(d, r);
+}
+
+static void mgpu__ddp_reset_backward(mgpu_ddp *d) {
+    int i;
+    for (i = 0; i < d->n_params; i++) d->params[i].ready = 0;
+    for (i = 0; i < d->n_buckets; i++) { d->buckets[i].n_ready = 0; d->buckets[i].work = NULL; }
+    d->next_launch = 0;
+    d->in_backward = 0;
+}
+
+/* End of every successful backward on the model's context: launch what is left (buckets of
+   unused parameters), wait for everything, unpack. After it the grads are identical on every rank. */
+static mgpu_result mgpu__ddp_backward_end(mgpu_context *ctx, void *user) {
+    mgpu_ddp *d = (mgpu_ddp *)user;
+    double busy_until = 0;
+    mgpu_result r;
+    int i;
+    (void)ctx;
+    if (!d->sync) return MGPU_OK;
+    mgpu__ddp_begin_backward(d);
+    mgpu__ddp_poll(d);
+    d->backward_end_s = mgpu_time_s();
+    for (i = 0; i < d->n_buckets; i++) d->buckets[i].done_before_end = d->buckets[i].done_s != 0;
+    mgpu__ddp_launch_in_order(d, 1);
+    for (i = 0; i < d->n_buckets; i++) mgpu__ddp_finish_bucket(d, &d->buckets[i], &busy_until);
+    mgpu__ddp_reset_backward(d);
+    r = d->error;
+    if (r != MGPU_OK) {
+        mgpu__fail(r, "DDP gradient all-reduce failed: %s", d->error_text);
+        d->error = MGPU_OK;
+    }
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   Construction: the same model on every rank, rank 0's values everywhere
+   -------------------------------------------------------------------------------------- */
+
+/* The model's tensors as one list: parameters, then buffers. */
+static int mgpu__ddp_num_tensors(const mgpu_model *m) { return mgpu_model_num_parameters(m) + mgpu_model_num_buffers(m); }
+static mgpu_tensor *mgpu__ddp_tensor_at(const mgpu_model *m, int i, const char **name) {
+    int np = mgpu_model_num_parameters(m);
+    return i < np ? mgpu_model_parameter(m, i, name) : mgpu_model_buffer(m, i - np, name);
+}
+
+static uint64_t mgpu__fnv1a(uint64_t h, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    for (i = 0; i < n; i++) { h ^= p[i]; h *= 0x100000001b3ULL; }
+    return h;
+}
+
+/* What must agree across ranks about tensor i: kind, name, dtype, shape, requires_grad. */
+static uint64_t mgpu__ddp_tensor_hash(const mgpu_model *m, int i) {
+    const char *name = NULL;
+    const mgpu_tensor *t = mgpu__ddp_tensor_at(m, i, &name);
+    int32_t head[4];
+    uint64_t h = 0xcbf29ce484222325ULL;
+    head[0] = i < mgpu_model_num_parameters(m); head[1] = (int32_t)t->dtype; head[2] = t->ndim; head[3] = t->requires_grad;
+    h = mgpu__fnv1a(h, name, strlen(name) + 1);
+    h = mgpu__fnv1a(h, head, sizeof head);
+    h = mgpu__fnv1a(h, t->shape, sizeof(int64_t) * (size_t)t->ndim);
+    return h | 1;   /* never 0: 0 pads a shorter list */
+}
+
+static void mgpu__ddp_describe(const mgpu_model *m, int i, char *buf, size_t size) {
+    const char *name = NULL;
+    const mgpu_tensor *t;
+    if (i >= mgpu__ddp_num_tensors(m)) { snprintf(buf, size, "absent (the model has only %d tensors)", mgpu__ddp_num_tensors(m)); return; }
+    t = mgpu__ddp_tensor_at(m, i, &name);
+    snprintf(buf, size, "%s '%s' %s %s", i < mgpu_model_num_parameters(m) ? "parameter" : "buffer", name,
+             mgpu_dtype_name(t->dtype), mgpu__shape_str(t));
+}
+
+#define MGPU__DDP_DESC_BYTES 256
+
+/* Every rank learns where the first rank disagreeing with rank 0 differs, and names the tensor
+   as each of the two ranks has it. */
+static mgpu_result mgpu__ddp_report_mismatch(mgpu_comm *c, const mgpu_model *m, int world, int index, int rank) {
+    char *all = (char *)mgpu__calloc((size_t)world * MGPU__DDP_DESC_BYTES, "DDP model check");
+    char mine[MGPU__DDP_DESC_BYTES];
+    mgpu_result r;
+    memset(mine, 0, sizeof mine);
+    if (!all) return mgpu_last_result();
+    mgpu__ddp_describe(m, index, mine, sizeof mine);
+    r = mgpu_comm_allgather_bytes(c, mine, sizeof mine, all);
+    if (r == MGPU_OK)
+        r = mgpu__fail(MGPU_ERR_SHAPE, "mgpu_ddp_create: the model differs across ranks: tensor #%d is %s on rank 0 but %s on rank %d; "
+                       "build the same model on every rank", index, all, all + (size_t)rank * MGPU__DDP_DESC_BYTES, rank);
+    mgpu_free(all);
+    return r;
+}
+
+/* Names, kinds, dtypes and shapes of all tensors agree on every rank (compared as hashes). */
+static mgpu_result mgpu__ddp_check_models(mgpu_comm *c, const mgpu_model *m, int world) {
+    int64_t count = mgpu__ddp_num_tensors(m), most = 0, *counts;
+    uint64_t *hashes = NULL;
+    mgpu_result r;
+    int64_t i;
+    int rk;
+    counts = (int64_t *)mgpu__alloc(sizeof(int64_t) * (size_t)world, "DDP model check");
+    if (!counts) return mgpu_last_result();
+    r = mgpu_comm_allgather_bytes(c, &count, sizeof count, counts);
+    for (rk = 0; r == MGPU_OK && rk < world; rk++) most = MGPU__MAX(most, counts[rk]);
+    if (r == MGPU_OK && most > 0) {
+        uint64_t *mine = (uint64_t *)mgpu__calloc(sizeof(uint64_t) * (size_t)most, "DDP model check");
+        hashes = mine ? (uint64_t *)mgpu__alloc(sizeof(uint64_t) * (size_t)(most * world), "DDP model check") : NULL;
+        if (!hashes) r = mgpu_last_result();
+        for (i = 0; hashes && i < count; i++) mine[i] = mgpu__ddp_tensor_hash(m, (int)i);
+        if (r == MGPU_OK) r = mgpu_comm_allgather_bytes(c, mine, sizeof(uint64_t) * (size_t)most, hashes);
+        mgpu_free(mine);
+    }
+    for (i = 0; r == MGPU_OK && i < most; i++)
+        for (rk = 1; rk < world; rk++)
+            if (hashes[(int64_t)rk * most + i] != hashes[i]) { r = mgpu__ddp_report_mismatch(c, m, world, (int)i, rk); break; }
+    mgpu_free(hashes);
+    mgpu_free(counts);
+    return r;
+}
+
+static mgpu_result mgpu__ddp_broadcast_state(mgpu_comm *c, const mgpu_model *m) {
+    int i, n = mgpu__ddp_num_tensors(m);
+    for (i = 0; i < n; i++) {
+        mgpu_result r = mgpu_comm_broadcast(c, mgpu__ddp_tensor_at(m, i, NULL), 0);
+        if (r != MGPU_OK) return r;
+    }
+    return MGPU_OK;
+}
+
+/* The parameters that take gradients, in reverse registration order, grouped into buckets. */
+static mgpu_result mgpu__ddp_build_buckets(mgpu_ddp *d, double first_mb, double cap_mb) {
+    int np = mgpu_model_num_parameters(d->model), i, n = 0;
+    int64_t *bytes = (int64_t *)mgpu__alloc(sizeof(int64_t) * (size_t)(np + 1), "DDP buckets");
+    int *bucket_of = (int *)mgpu__alloc(sizeof(int) * (size_t)(np + 1), "DDP buckets");
+    int *index = (int *)mgpu__alloc(sizeof(int) * (size_t)(np + 1), "DDP buckets");
+    mgpu_result r = MGPU_OK;
+    d->params = (mgpu__ddp_param *)mgpu__calloc(sizeof(mgpu__ddp_param) * (size_t)(np + 1), "DDP parameters");
+    if (!bytes || !bucket_of || !index || !d->params) r = mgpu_last_result();
+    for (i = np - 1; r == MGPU_OK && i >= 0; i--) {
+        mgpu_tensor *t = mgpu_model_parameter(d->model, i, NULL);
+        if (!t->requires_grad) continue;   /* frozen: never has a gradient to share */
+        d->params[n].ddp = d; d->params[n].t = t;
+        bytes[n] = (int64_t)sizeof(float) * t->numel;
+        index[n++] = i;
+    }
+    d->n_params = n;
+    if (r == MGPU_OK) {
+        d->n_buckets = mgpu__ddp_assign_buckets(n, bytes, (int64_t)(first_mb * 1048576.0), (int64_t)(cap_mb * 1048576.0), bucket_of);
+        d->buckets = (mgpu__ddp_bucket *)mgpu__calloc(sizeof(mgpu__ddp_bucket) * (size_t)(d->n_buckets + 1), "DDP buckets");
+        if (!d->buckets) r = mgpu_last_result();
+    }
+    for (i = 0; r == MGPU_OK && i < n; i++) {
+        mgpu__ddp_bucket *b = &d->buckets[bucket_of[i]];
+        if (b->count == 0) b->first = i;
+        d->params[i].bucket = bucket_of[i];
+        d->params[i].offset = b->numel;
+        b->numel += d->params[i].t->numel;
+        b->count++;
+    }
+    for (i = 0; r == MGPU_OK && i < d->n_buckets; i++) {
+        mgpu__ddp_bucket *b = &d->buckets[i];
+        b->buf = (float *)mgpu__alloc(sizeof(float) * (size_t)MGPU__MAX(b->numel, (int64_t)1), "a DDP bucket buffer");
+        b->model_index = (int *)mgpu__alloc(sizeof(int) * (size_t)b->count, "a DDP bucket");
+        if (!b->buf || !b->model_index) { r = mgpu_last_result(); break; }
+        memcpy(b->model_index, index + b->first, sizeof(int) * (size_t)b->count);
+    }
+    mgpu_free(bytes); mgpu_free(bucket_of); mgpu_free(index);
+    return r;
+}
+
+/* Hooks and settings DDP puts on the model and its context; on = 0 removes them. */
+static void mgpu__ddp_install(mgpu_ddp *d, int on, int sync_batchnorm) {
+    int i;
+    d->installed = on;
+    for (i = 0; i < d->n_params; i++)
+        mgpu_tensor_set_grad_hook(d->params[i].t, on ? mgpu__ddp_grad_ready : NULL, on ? &d->params[i] : NULL);
+    if (on) mgpu_context_set_backward_end_hook(d->ctx, mgpu__ddp_backward_end, d);
+    else if (d->ctx->backward_end_user == d) mgpu_context_set_backward_end_hook(d->ctx, NULL, NULL);
+    mgpu__context_set_row_interleave(d->ctx, on ? mgpu_comm_rank(d->comm) : 0, on ? d->world : 1);
+    for (i = 0; i < d->model->n_batchnorms; i++)
+        if (!on || sync_batchnorm) d->model->batchnorms[i]->sync_comm = on ? d->comm : NULL;
+}
+
+static mgpu_result mgpu__ddp_check_desc(const mgpu_ddp_desc *desc) {
+    const char *fn = "mgpu_ddp_create";
+    if (!(desc->bucket_cap_mb >= 0 && desc->bucket_cap_mb < 1e6))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->bucket_cap_mb is %g, must be in [0, 1e6) (0: 25)", fn, desc->bucket_cap_mb);
+    if (!(desc->first_bucket_mb >= 0 && desc->first_bucket_mb < 1e6))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->first_bucket_mb is %g, must be in [0, 1e6) (0: 1)", fn, desc->first_bucket_mb);
+    if (desc->compress != MGPU_F32 && desc->compress != MGPU_F16 && desc->compress != MGPU_BF16)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->compress is %s, must be F32 (none), F16 or BF16", fn, mgpu_dtype_name(desc->compress));
+    return MGPU_OK;
+}
+
+MGPU_API void mgpu_ddp_destroy(mgpu_ddp *d) {
+    int i;
+    if (!d) return;
+    for (i = 0; i < d->n_buckets && d->buckets; i++) {
+        if (d->buckets[i].work) mgpu_comm_wait(d->buckets[i].work);   /* a backward that failed midway */
+        mgpu_free(d->buckets[i].buf);
+        mgpu_free(d->buckets[i].model_index);
+    }
+    if (d->installed) mgpu__ddp_install(d, 0, 0);
+    mgpu_free(d->buckets);
+    mgpu_free(d->params);
+    mgpu_free(d);
+}
+
+MGPU_API mgpu_ddp *mgpu_ddp_create(mgpu_model *m, mgpu_comm *c, const mgpu_ddp_desc *desc) {
+    const char *fn = "mgpu_ddp_create";
+    mgpu_ddp_desc dd;
+    mgpu_ddp *d;
+    if (!m || !c) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: model and communicator must not be NULL", fn);
+    if (desc) dd = *desc; else memset(&dd, 0, sizeof dd);
+    if (mgpu__ddp_check_desc(&dd) != MGPU_OK) return NULL;
+    if (m->ctx->backward_end)
+        MGPU__FAIL_NULL(MGPU_ERR_STATE, "%s: the model's context already has a backward-end hook (another DDP on this context?); destroy it first", fn);
+    if (mgpu_comm_world_size(c) < 1) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: the communicator has no ranks", fn);
+    /* collectives first, in the same order on every rank, before anything can fail locally */
+    if (mgpu__ddp_check_models(c, m, mgpu_comm_world_size(c)) != MGPU_OK) return NULL;
+    if (mgpu__ddp_broadcast_state(c, m) != MGPU_OK) return NULL;
+    d = (mgpu_ddp *)mgpu__calloc(sizeof *d, "a DDP");
+    if (!d) return NULL;
+    d->model = m; d->comm = c; d->ctx = m->ctx;
+    d->world = mgpu_comm_world_size(c);
+    d->compress = dd.compress;
+    d->sync = 1;
+    if (mgpu__ddp_build_buckets(d, dd.first_bucket_mb > 0 ? dd.first_bucket_mb : 1.0, dd.bucket_cap_mb > 0 ? dd.bucket_cap_mb : 25.0) != MGPU_OK) {
+        mgpu_ddp_destroy(d);
+        return NULL;
+    }
+    mgpu__ddp_install(d, 1, dd.sync_batchnorm);
+    return d;
+}
+
+MGPU_API void mgpu_ddp_set_sync(mgpu_ddp *d, int sync) {
+    if (d) d->sync = sync != 0;
+}
+
+MGPU_API void mgpu_ddp_get_stats(const mgpu_ddp *d, mgpu_ddp_stats *out) {
+    int i;
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!d) return;
+    out->buckets = d->n_buckets;
+    out->allreduces = d->allreduces;
+    out->comm_s = d->comm_s;
+    out->exposed_s = d->exposed_s;
+    for (i = 0; i < d->n_buckets; i++)
+        out->bytes_per_step += (double)d->buckets[i].numel * (d->compress == MGPU_F32 ? 4.0 : 2.0);
+}
+
+MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_bucket_info *out) {
+    const mgpu__ddp_bucket *k;
+    if (!d || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_ddp_get_bucket: ddp and out must not be NULL");
+    if (b < 0 || b >= d->n_buckets) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_ddp_get_bucket: bucket %d outside [0, %d)", b, d->n_buckets);
+    k = &d->buckets[b];
+    memset(out, 0, sizeof *out);
+    out->n_params = k->count;
+    out->params = k->model_index;
+    out->numel = k->numel;
+    out->hook_calls = k->hook_calls;
+    out->launch_s = k->launch_s;
+    out->done_s = k->done_s;
+    out->backward_end_s = d->backward_end_s;
+    out->done_before_end = k->done_before_end;
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   DataParallel: one process, n replicas as threads, each a rank of a `threads` communicator
+   running the same DDP (see mgpu_dp_run's declaration).
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__dp_replica {
+    int rank;
+    mgpu_comm *comm;
+    mgpu_dp_replica_fn main_fn;
+    void *arg;
+    mgpu_result result;
+    char error[1024];         /* errors are per thread: carried back to the caller */
+} mgpu__dp_replica;
+
+static void *mgpu__dp_replica_thread(void *p) {
+    mgpu__dp_replica *r = (mgpu__dp_replica *)p;
+    mgpu_clear_error();
+    r->result = r->main_fn(r->rank, r->comm, r->arg);
+    if (r->result != MGPU_OK) snprintf(r->error, sizeof r->error, "%s", mgpu_last_error());
+    return NULL;
+}
+
+/* Starts ranks 1..n-1 on threads; returns how many started (a failure leaves the rest unstarted). */
+static int mgpu__dp_start(mgpu__dp_replica *reps, pthread_t *threads, int n) {
+    int i;
+    for (i = 1; i < n; i++)
+        if (pthread_create(&threads[i], NULL, mgpu__dp_replica_thread, &reps[i]) != 0) {
+            mgpu__fail(MGPU_ERR_STATE, "mgpu_dp_run: could not start the thread of replica %d", i);
+            return i - 1;
+        }
+    return n - 1;
+}
+
+/* The replica to blame: the lowest failing rank, preferring a real error over the timeouts it
+   causes in the replicas left waiting for it; -1 if all succeeded. */
+static int mgpu__dp_root_failure(const mgpu__dp_replica *reps, int n) {
+    int i, timed_out = -1;
+    for (i = 0; i < n; i++) {
+        if (reps[i].result == MGPU_OK) continue;
+        if (reps[i].result != MGPU_ERR_TIMEOUT) return i;
+        if (timed_out < 0) timed_out = i;
+    }
+    return timed_out;
+}
+
+MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg) {
+    mgpu__dp_replica *reps;
+    mgpu_comm **comms;
+    pthread_t *threads;
+    mgpu_result r = MGPU_OK;
+    int i, started = 0;
+    if (n_replicas < 1 || n_replicas > 1024 || !replica_main)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dp_run: need 1..1024 replicas and a replica function, got %d replicas%s",
+                          n_replicas, replica_main ? "" : " and no function");
+    reps = (mgpu__dp_replica *)mgpu__calloc(sizeof *reps * (size_t)n_replicas, "DataParallel replicas");
+    comms = (mgpu_comm **)mgpu__calloc(sizeof *comms * (size_t)n_replicas, "DataParallel replicas");
+    threads = (pthread_t *)mgpu__calloc(sizeof *threads * (size_t)n_replicas, "DataParallel replicas");
+    if (!reps || !comms || !threads) r = mgpu_last_result();
+    if (r == MGPU_OK) r = mgpu_comm_create_threads(n_replicas, 0, comms);
+    for (i = 0; r == MGPU_OK && i < n_replicas; i++) {
+        reps[i].rank = i; reps[i].comm = comms[i]; reps[i].main_fn = replica_main; reps[i].arg = arg;
+    }
+    if (r == MGPU_OK) {
+        started = mgpu__dp_start(reps, threads, n_replicas);
+        /* if a thread failed to start, the started ones end through the communicator's timeout */
+        if (started == n_replicas - 1) mgpu__dp_replica_thread(&reps[0]);
+        else r = mgpu_last_result();
+        for (i = 1; i <= started; i++) pthread_join(threads[i], NULL);
+    }
+    if (r == MGPU_OK && (i = mgpu__dp_root_failure(reps, n_replicas)) >= 0)
+        r = mgpu__fail(reps[i].result, "DataParallel replica %d: %s", i, reps[i].error);
+    for (i = 0; comms && i < n_replicas; i++) mgpu_comm_destroy(comms[i]);
+    mgpu_free(reps); mgpu_free(comms); mgpu_free(threads);
+    return r;
+}
+/* ======================================================================================
+   Trainer
+   ======================================================================================-- the training loop shared by the examples.
+
+   One run is a sequence of optimizer steps; checkpoints are taken only between steps, and hold
+   everything the loop depends on (weights, optimizer moments and step counts, RNG, loss scaler,
+   position in the epoch, the epoch's running sums, metrics so far), so a run interrupted at any
+   moment and resumed with --resume auto ends with the same weights, bit for bit on the CPU, as
+   one that never stopped. Steps skipped by the fp16 loss scaler still count as steps (for the
+   LR schedule, --max-steps and checkpoint names), as the LR scheduler steps on in PyTorch's AMP
+   recipe and the Hugging Face Trainer's global_step counts them. */
+
+struct mgpu_trainer {
+    const mgpu_train_opts *opts;
+    mgpu_context *ctx;
+    int rank, world_size;      /* checkpoints, metrics and the final model come from rank 0 only */
+    mgpu_comm *comm;           /* DDP's communicator when world_size > 1 */
+    mgpu_amp_mode amp;
+};
+
+/* Options whose machinery is not in the trainer yet are refused by name rather than ignored. */
+static mgpu_result mgpu__trainer_check_supported(const mgpu_train_opts *o) {
+    if ((o->multi_gpu && strcmp(o->multi_gpu, "dp") == 0) || (o->gpu_ids && o->gpu_ids[0]))
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "--multi-gpu dp / --gpu-ids: DataParallel exists in the API (mgpu_dp_run) but is not wired into the trainer yet; use mgpurun (DDP) instead");
+    return MGPU_OK;
+}
+
+/* Under mgpurun (WORLD_SIZE > 1) DDP is chosen automatically: one communicator per process,
+   shared memory between the processes of the host (CPU tensors). */
+static mgpu_result mgpu__trainer_connect(mgpu_trainer *t) {
+    mgpu_comm_desc cd;
+    if (t->world_size <= 1) return MGPU_OK;
+    memset(&cd, 0, sizeof cd);
+    cd.backend = t->ctx->device.type == MGPU_DEVICE_CUDA ? MGPU_COMM_NCCL : MGPU_COMM_SHM;
+    t->comm = mgpu_comm_create(&cd);
+    return t->comm ? MGPU_OK : mgpu_last_result();
+}
+
+/* rank and world size from the environment; a build without the distributed layer is one process. */
+static mgpu_result mgpu__trainer_read_env(mgpu_trainer *t) {
+    mgpu_dist_env env;
+    mgpu_result r;
+    memset(&env, 0, sizeof env);
+    t->rank = 0; t->world_size = 1;
+    r = mgpu_dist_env_read(&env);
+    if (r == MGPU_ERR_UNSUPPORTED) { mgpu_clear_error(); return MGPU_OK; }
+    if (r != MGPU_OK) return r;
+    t->rank = env.rank;
+    t->world_size = env.world_size > 0 ? env.world_size : 1;
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
+    mgpu_trainer *t;
+    mgpu_context_desc cd;
+    mgpu_amp_mode amp = MGPU_AMP_OFF;
+    if (!opts) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_trainer_create: opts is NULL");
+    if (mgpu__trainer_check_supported(opts) != MGPU_OK) return NULL;
+    if (mgpu_amp_parse(opts->amp ? opts->amp : "off", &amp) != MGPU_OK) return NULL;
+    memset(&cd, 0, sizeof cd);
+    if (mgpu_device_parse(opts->device ? opts->device : "auto", &cd.device) != MGPU_OK) return NULL;
+    cd.seed = opts->seed;
+    t = (mgpu_trainer *)mgpu__calloc(sizeof *t, "the trainer");
+    if (!t) return NULL;
+    t->opts = opts;
+    t->amp = amp;
+    if (mgpu__trainer_read_env(t) != MGPU_OK || !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
+        mgpu_trainer_destroy(t);
+        return NULL;
+    }
+    return t;
+}
+MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t) { return t ? t->ctx : NULL; }
+MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t) {
+    if (!t) return;
+    mgpu_comm_destroy(t->comm);
+    mgpu_context_destroy(t->ctx);
+    mgpu_free(t);
+}
+
+MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+    mgpu_loader_desc ld;
+    mgpu_loader *loader;
+    mgpu_batch b;
+    mgpu_result r;
+    double loss_sum = 0;
+    int64_t correct = 0, seen = 0;
+    int was_training, grad_was_on;
+    if (!ctx || !model || !forward || !ds || batch_size < 1)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    memset(&ld, 0, sizeof ld);
+    ld.batch_size = batch_size; ld.ctx = ctx;
+    loader = mgpu_loader_create(ds, &ld);
+    if (!loader) return mgpu_last_result();
+    was_training = mgpu_model_is_training(model);
+    grad_was_on = mgpu_set_grad_enabled(ctx, 0);
+    mgpu_model_train(model, 0);
+    r = mgpu_loader_set_epoch(loader, 0, 0);
+    while (r == MGPU_OK && (r = mgpu_loader_next(loader, &b)) == MGPU_OK && b.size > 0) {
+        mgpu_tensor *logits = forward(ctx, b.x, user);
+        mgpu_tensor *l = mgpu_op_cross_entropy(ctx, logits, b.y);
+        if (!l) { r = mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE; break; }
+        loss_sum += mgpu_tensor_item(l) * (double)b.size;
+        correct += mgpu_count_correct(logits, b.y);
+        seen += b.size;
+        mgpu_context_end_step(ctx);
+    }
+    mgpu_context_end_step(ctx);
+    mgpu_model_train(model, was_training);
+    mgpu_set_grad_enabled(ctx, grad_was_on);
+    mgpu_loader_destroy(loader);
+    if (r != MGPU_OK) return r;
+    if (loss) *loss = seen ? loss_sum / (double)seen : NAN;
+    if (accuracy) *accuracy = seen ? (double)correct / (double)seen : NAN;
+    return MGPU_OK;
+}
+
+/* The LR schedule in optimizer steps, from the epoch-based options. */
+static mgpu_lr_schedule mgpu__schedule_from_opts(const mgpu_train_opts *o, float lr, int64_t steps_per_epoch) {
+    mgpu_lr_schedule s;
+    double spe = (double)steps_per_epoch;
+    memset(&s, 0, sizeof s);
+    s.type = o->schedule;
+    s.base_lr = lr;
+    s.warmup_steps = (int64_t)(o->warmup_epochs * spe + 0.5);
+    s.total_steps = (int64_t)o->epochs * steps_per_epoch;
+    if (o->max_steps > 0 && o->max_steps < s.total_steps) s.total_steps = o->max_steps;
+    s.t_0 = (int64_t)((o->t0_epochs > 0 ? o->t0_epochs : 1.0) * spe + 0.5);
+    if (s.t_0 < 1) s.t_0 = 1;
+    s.t_mult = o->t_mult > 0 ? o->t_mult : 1;
+    s.eta_min = o->eta_min;
+    s.step_size = (int64_t)((o->step_size_epochs > 0 ? o->step_size_epochs : 1.0) * spe + 0.5);
+    if (s.step_size < 1) s.step_size = 1;
+    s.gamma = o->gamma > 0 ? o->gamma : 0.1f;
+    return s;
+}
+
+static mgpu_optimizer *mgpu__optimizer_from_opts(mgpu_model *model, const mgpu_train_opts *o, float lr) {
+    mgpu_optimizer_desc od = mgpu_optimizer_desc_default(o->optimizer);
+    od.lr = lr;
+    od.weight_decay = o->weight_decay;
+    if (o->optimizer == MGPU_OPTIM_SGD) od.momentum = o->momentum;
+    return mgpu_optimizer_create(model, &od);
+}
+
+/* --------------------------------------------------------------------------------------
+   Pre-emption: SIGTERM (SLURM before a time limit or scancel, Kubernetes) and SIGUSR1
+   (`sbatch --signal=USR1@120`). The handler only records the signal; the loop saves a checkpoint
+   after the current optimizer step and fit returns MGPU_OK, so the program exits 0 and a requeued
+   job (`scontrol requeue`, `sbatch --requeue`) continues with --resume auto. The flag is process
+   state by nature, so it is the one global the trainer keeps.
+   -------------------------------------------------------------------------------------- */
+
+static volatile sig_atomic_t mgpu__stop_signal = 0;
+static void mgpu__on_stop_signal(int sig) { mgpu__stop_signal = sig; }
+
+typedef struct mgpu__signals { struct sigaction term, usr1; int installed; } mgpu__signals;
+
+static void mgpu__signals_install(mgpu__signals *s) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = mgpu__on_stop_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    mgpu__stop_signal = 0;
+    s->installed = sigaction(SIGTERM, &sa, &s->term) == 0 && sigaction(SIGUSR1, &sa, &s->usr1) == 0;
+}
+static void mgpu__signals_restore(mgpu__signals *s) {
+    if (!s->installed) return;
+    sigaction(SIGTERM, &s->term, NULL);
+    sigaction(SIGUSR1, &s->usr1, NULL);
+    s->installed = 0;
+}
+
+/* --------------------------------------------------------------------------------------
+   The loop's state
+   -------------------------------------------------------------------------------------- */
+
+/* Running sums of the epoch in progress, saved in checkpoints so a resumed epoch reports what an
+   uninterrupted one would. Times are seconds on the training thread. */
+typedef struct mgpu__epoch_stats {
+    double loss_sum; int64_t samples;
+    double time_s, data_wait_s, compute_s, optimizer_s, checkpoint_s, comm_s;
+} mgpu__epoch_stats;
+
+/* The double members of mgpu__epoch_stats by name: one table for writing and reading them. */
+typedef struct mgpu__stat_field { const char *key; size_t offset; } mgpu__stat_field;
+static const mgpu__stat_field mgpu__epoch_stat_fields[] = {
+    {"loss_sum", offsetof(mgpu__epoch_stats, loss_sum)}, {"time_s", offsetof(mgpu__epoch_stats, time_s)},
+    {"data_wait_s", offsetof(mgpu__epoch_stats, data_wait_s)}, {"compute_s", offsetof(mgpu__epoch_stats, compute_s)},
+    {"optimizer_s", offsetof(mgpu__epoch_stats, optimizer_s)}, {"checkpoint_s", offsetof(mgpu__epoch_stats, checkpoint_s)},
+    {"comm_s", offsetof(mgpu__epoch_stats, comm_s)}};
+#define MGPU__N_EPOCH_STATS ((int)(sizeof mgpu__epoch_stat_fields / sizeof mgpu__epoch_stat_fields[0]))
+
+/* State of one fit() call, so the loop body stays small. */
+typedef struct mgpu__fit {
+    mgpu_trainer *t;
+    mgpu_model *model; mgpu_forward_fn forward; void *user;
+    mgpu_loader *loader; mgpu_optimizer *opt; mgpu_metrics *metrics;
+    mgpu_checkpointer *ckpt;          /* NULL without --save-dir and on ranks other than 0 */
+    mgpu_ddp *ddp;                    /* gradient all-reduce across ranks (world_size > 1) */
+    double ddp_exposed_s;             /* DDP's exposed communication time already counted */
+    mgpu_lr_schedule schedule;
+    mgpu_grad_scaler scaler;
+    int64_t step, micro, batches_per_epoch;
+    int64_t epoch, batch;             /* where the run stands: the epoch in progress and its next batch */
+    mgpu__epoch_stats es;
+    double clock;                     /* when es.time_s was last brought up to date */
+    mgpu__buf history;                /* metrics records so far: JSON objects joined by commas */
+    double saved_time;                /* when the last checkpoint was taken (or the run began) */
+    double run_time, run_samples;     /* this process's share, for samples_per_s */
+    int stop;                         /* --max-steps reached or a stop signal */
+    int signal;                       /* the stop signal, 0 if none */
+} mgpu__fit;
+
+static void mgpu__fit_clock(mgpu__fit *f) {
+    double now = mgpu_time_s();
+    f->es.time_s += now - f->clock;
+    f->clock = now;
+}
+
+/* Peak resident memory (VmHWM) in MiB, NaN where /proc is missing. */
+static double mgpu__peak_rss_mb(void) {
+    char line[256];
+    double kb = NAN;
+    FILE *fp = fopen("/proc/self/status", "r");
+    if (!fp) return NAN;
+    while (fgets(line, sizeof line, fp))
+        if (strncmp(line, "VmHWM:", 6) == 0) { kb = strtod(line + 6, NULL); break; }
+    fclose(fp);
+    return kb / 1024.0;
+}
+
+/* --------------------------------------------------------------------------------------
+   trainer_state.json
+   -------------------------------------------------------------------------------------- */
+
+/* A parsed JSON value written back as text (numbers keep their source spelling). */
+static void mgpu__json_write(mgpu__buf *b, const mgpu_json *v) {
+    const mgpu_json *c;
+    switch (v->type) {
+    case MGPU_JSON_NULL: mgpu__buf_puts(b, "null"); return;
+    case MGPU_JSON_BOOL: mgpu__buf_puts(b, v->boolean ? "true" : "false"); return;
+    case MGPU_JSON_NUMBER: mgpu__buf_append(b, v->raw, v->raw_len); return;
+    case MGPU_JSON_STRING: mgpu__buf_json_string(b, v->string); return;
+    case MGPU_JSON_ARRAY: case MGPU_JSON_OBJECT:
+        mgpu__buf_puts(b, v->type == MGPU_JSON_ARRAY ? "[" : "{");
+        for (c = v->child; c; c = c->next) {
+            if (c != v->child) mgpu__buf_puts(b, ",");
+            if (v->type == MGPU_JSON_OBJECT) { mgpu__buf_json_string(b, c->key); mgpu__buf_puts(b, ":"); }
+            mgpu__json_write(b, c);
+        }
+        mgpu__buf_puts(b, v->type == MGPU_JSON_ARRAY ? "]" : "}");
+        return;
+    }
+}
+
+static void mgpu__json_member(mgpu__buf *b, const char *key, double v) {
+    mgpu__buf_printf(b, "\"%s\":", key);
+    mgpu__buf_json_number(b, v);
+}
+
+/* Every option under its flag name: numbers as numbers, the rest as strings (unset: null). */
+static void mgpu__options_json(mgpu__buf *b, const mgpu_train_opts *o) {
+    char text[64];
+    int i;
+    mgpu__buf_puts(b, "{");
+    for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
+        const mgpu__opt *s = &mgpu__train_opts_table[i];
+        const char *v = mgpu__opt_value_text(o, s, text, sizeof text);
+        int numeric = s->kind == MGPU__OPT_INT || s->kind == MGPU__OPT_I64 || s->kind == MGPU__OPT_U64 || s->kind == MGPU__OPT_FLOAT;
+        if (i) mgpu__buf_puts(b, ",");
+        mgpu__buf_json_string(b, s->flag);
+        mgpu__buf_puts(b, ":");
+        if (!v) mgpu__buf_puts(b, "null");
+        else if (numeric) mgpu__buf_puts(b, v);
+        else mgpu__buf_json_string(b, v);
+    }
+    mgpu__buf_puts(b, "}");
+}
+
+static void mgpu__schedule_json(mgpu__buf *b, const mgpu_lr_schedule *s) {
+    static const char *const names[] = {"constant", "linear", "cosine", "cosine-restarts", "step"};
+    mgpu__buf_printf(b, "{\"type\":\"%s\",", (int)s->type >= 0 && (int)s->type < 5 ? names[s->type] : "?");
+    mgpu__json_member(b, "base_lr", s->base_lr);
+    mgpu__buf_printf(b, ",\"warmup_steps\":%lld,\"total_steps\":%lld,\"t_0\":%lld,\"t_mult\":%lld,", (long long)s->warmup_steps,
+                     (long long)s->total_steps, (long long)s->t_0, (long long)s->t_mult);
+    mgpu__json_member(b, "eta_min", s->eta_min);
+    mgpu__buf_printf(b, ",\"step_size\":%lld,", (long long)s->step_size);
+    mgpu__json_member(b, "gamma", s->gamma);
+    mgpu__buf_puts(b, "}");
+}
+
+static void mgpu__epoch_stats_json(mgpu__buf *b, const mgpu__epoch_stats *es) {
+    int i;
+    mgpu__buf_printf(b, "{\"samples\":%lld", (long long)es->samples);
+    for (i = 0; i < MGPU__N_EPOCH_STATS; i++) {
+        mgpu__buf_puts(b, ",");
+        mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)es + mgpu__epoch_stat_fields[i].offset));
+    }
+    mgpu__buf_puts(b, "}");
+}
+
+/* The whole state at a step boundary (see the Checkpoints section header). */
+static int mgpu__fit_state_json(const mgpu__fit *f, mgpu__buf *b) {
+    uint64_t seed = 0, offset = 0;
+    mgpu_context_rng_state(f->t->ctx, &seed, &offset);
+    mgpu__buf_printf(b, "{\"format_version\":%d,\"step\":%lld,\"epoch\":%lld,\"batch_in_epoch\":%lld,\"world_size\":%d,\"optimizer_steps\":%lld,",
+                     MGPU__CKPT_FORMAT_VERSION, (long long)f->step, (long long)f->epoch, (long long)f->batch, f->t->world_size,
+                     (long long)mgpu_optimizer_step_count(f->opt));
+    mgpu__json_member(b, "lr", mgpu_optimizer_lr(f->opt));
+    mgpu__buf_printf(b, ",\n\"rng\":{\"seed\":%llu,\"offset\":%llu},\n\"scaler\":{\"enabled\":%d,", (unsigned long long)seed,
+                     (unsigned long long)offset, f->scaler.enabled);
+    mgpu__json_member(b, "scale", f->scaler.scale);
+    mgpu__buf_printf(b, ",\"growth_tracker\":%lld},\n\"schedule\":", (long long)f->scaler.growth_tracker);
+    mgpu__schedule_json(b, &f->schedule);
+    mgpu__buf_puts(b, ",\n\"epoch_stats\":");
+    mgpu__epoch_stats_json(b, &f->es);
+    mgpu__buf_puts(b, ",\n\"metrics\":[");
+    if (f->history.len) mgpu__buf_append(b, f->history.data, f->history.len);
+    mgpu__buf_puts(b, "],\n\"options\":");
+    mgpu__options_json(b, f->t->opts);
+    mgpu__buf_puts(b, "}\n");
+    return !b->failed;
+}
+
+/* A checkpoint now (at a step boundary); wait: block until it is on disk (stop signals). */
+static mgpu_result mgpu__fit_checkpoint(mgpu__fit *f, int wait) {
+    double t0 = mgpu_time_s();
+    mgpu__buf state;
+    mgpu_result r;
+    mgpu__fit_clock(f);
+    mgpu__buf_init(&state);
+    r = mgpu__fit_state_json(f, &state) ? mgpu_checkpointer_save(f->ckpt, f->step, f->model, f->opt, state.data) : MGPU_ERR_OOM_HOST;
+    if (r == MGPU_OK && wait) r = mgpu_checkpointer_wait(f->ckpt);
+    mgpu__buf_free(&state);
+    f->saved_time = mgpu_time_s();
+    f->es.checkpoint_s += f->saved_time - t0;
+    return r;
+}
+
+static int mgpu__fit_checkpoint_due(const mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    if (!f->ckpt) return 0;
+    if (f->signal) return 1;
+    if (o->checkpoint_every_steps > 0 && f->step % o->checkpoint_every_steps == 0) return 1;
+    return o->checkpoint_interval_min > 0 && mgpu_time_s() - f->saved_time >= 60.0 * o->checkpoint_interval_min;
+}
+
+/* --------------------------------------------------------------------------------------
+   Resuming
+   -------------------------------------------------------------------------------------- */
+
+/* The checkpoint --resume names: 1 with its path, 0 when auto finds none (a fresh start). */
+static mgpu_result mgpu__fit_resume_path(const mgpu__fit *f, char *path, size_t size, int *found) {
+    const mgpu_train_opts *o = f->t->opts;
+    char file[MGPU__CKPT_PATH_MAX];
+    const char *dir = o->resume;
+    *found = 0;
+    if (strcmp(o->resume, "auto") == 0) {
+        if (!o->save_dir || !o->save_dir[0]) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--resume auto looks in --save-dir, which is not set");
+        dir = o->save_dir;
+        if (f->t->rank == 0) mgpu__ckpt_remove_stale(dir);
+        if (!mgpu__is_dir(dir) || !mgpu__ckpt_any(dir)) {
+            mgpu_log(MGPU_LOG_INFO, "--resume auto: no checkpoint in '%s' yet; starting from scratch", dir);
+            return MGPU_OK;
+        }
+    } else if (mgpu__path_join(file, dir, MGPU__CKPT_STATE) == MGPU_OK && access(file, F_OK) == 0) {
+        /* a step directory itself */
+        if (strlen(dir) >= size) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--resume %s: path too long", dir);
+        memcpy(path, dir, strlen(dir) + 1);
+        *found = 1;
+        return MGPU_OK;
+    }
+    /* a save directory: its latest valid checkpoint */
+    if (mgpu_checkpoint_find(dir, path, size) != MGPU_OK) return mgpu_last_result();
+    *found = 1;
+    return MGPU_OK;
+}
+
+/* Options that change the data order, the schedule or the numerics: resuming with other values
+   works, but is no longer the same run, which deserves a warning. */
+static void mgpu__fit_warn_changed_options(const mgpu__fit *f, const mgpu_json *state) {
+    static const char *const keys[] = {"batch-size", "grad-accum-steps", "seed", "lr", "optimizer", "schedule", "epochs",
+                                       "max-steps", "warmup-epochs", "amp", "weight-decay", "clip-grad-norm"};
+    const mgpu_json *saved = mgpu_json_get(state, "options");
+    char text[64];
+    size_t i;
+    int64_t world = 1;
+    for (i = 0; saved && i < sizeof keys / sizeof keys[0]; i++) {
+        const mgpu__opt *s = mgpu__opt_find(keys[i], strlen(keys[i]));
+        const mgpu_json *v = mgpu_json_get(saved, keys[i]);
+        const char *now = s ? mgpu__opt_value_text(f->t->opts, s, text, sizeof text) : NULL;
+        const char *then = !v ? NULL : v->type == MGPU_JSON_STRING ? v->string : v->type == MGPU_JSON_NUMBER ? v->raw : NULL;
+        size_t then_len = !then ? 0 : v->type == MGPU_JSON_NUMBER ? v->raw_len : strlen(then);
+        if (now && then && (strlen(now) != then_len || strncmp(now, then, then_len) != 0))
+            mgpu_log(MGPU_LOG_WARN, "resuming with --%s %s, but the checkpoint was written with %.*s: the run will differ from an uninterrupted one",
+                     keys[i], now, (int)then_len, then);
+    }
+    if (mgpu_json_int64(mgpu_json_get(state, "world_size"), &world) && world != f->t->world_size)
+        mgpu_log(MGPU_LOG_WARN, "resuming at world size %d from a checkpoint written at world size %lld: the data order changes",
+                 f->t->world_size, (long long)world);
+}
+
+/* What the trainer needs beyond what every checkpoint holds; checked before anything is loaded. */
+static mgpu_result mgpu__fit_check_state(const mgpu__fit *f, const mgpu_json *state, const char *path) {
+    static const mgpu__jfield need[] = {{"epoch", MGPU__J_INT, 1, 0}, {"batch_in_epoch", MGPU__J_INT, 1, 0}, {"rng", MGPU__J_OBJECT, 1, 0},
+                                        {"epoch_stats", MGPU__J_OBJECT, 1, 0}, {"metrics", MGPU__J_ARRAY, 1, 0}};
+    static const mgpu__jfield stats[] = {{"samples", MGPU__J_INT, 1, 0}, {"loss_sum", MGPU__J_NUMBER, 1, 0}};
+    char label[MGPU__CKPT_PATH_MAX + 32];
+    int64_t batch = 0;
+    snprintf(label, sizeof label, "%s/" MGPU__CKPT_STATE, path);
+    if (mgpu__json_check_fields(state, label, "", need, 5) != MGPU_OK ||
+        mgpu__json_check_fields(mgpu_json_get(state, "epoch_stats"), label, "epoch_stats.", stats, 2) != MGPU_OK)
+        return MGPU_ERR_FORMAT;
+    mgpu_json_int64(mgpu_json_get(state, "batch_in_epoch"), &batch);
+    if (batch > f->batches_per_epoch)
+        return mgpu__fail(MGPU_ERR_FORMAT, "%s: batch_in_epoch %lld is past the %lld batches of an epoch of this run (was --batch-size changed?)",
+                          label, (long long)batch, (long long)f->batches_per_epoch);
+    return MGPU_OK;
+}
+
+static double mgpu__json_number_or_nan(const mgpu_json *j) { return j && j->type == MGPU_JSON_NUMBER ? j->number : NAN; }
+
+/* Position, sums, RNG, scaler and history from a checked state. */
+static void mgpu__fit_restore(mgpu__fit *f, const mgpu_json *state) {
+    const mgpu_json *rng = mgpu_json_get(state, "rng"), *scaler = mgpu_json_get(state, "scaler");
+    const mgpu_json *stats = mgpu_json_get(state, "epoch_stats"), *m;
+    uint64_t seed = 0, offset = 0;
+    int i;
+    mgpu_json_int64(mgpu_json_get(state, "step"), &f->step);
+    mgpu_json_int64(mgpu_json_get(state, "epoch"), &f->epoch);
+    mgpu_json_int64(mgpu_json_get(state, "batch_in_epoch"), &f->batch);
+    mgpu__json_u64(mgpu_json_get(rng, "seed"), &seed);
+    mgpu__json_u64(mgpu_json_get(rng, "offset"), &offset);
+    mgpu_context_set_rng_state(f->t->ctx, seed, offset);
+    if (scaler && f->scaler.enabled) {
+        f->scaler.scale = (float)mgpu_json_get(scaler, "scale")->number;
+        mgpu_json_int64(mgpu_json_get(scaler, "growth_tracker"), &f->scaler.growth_tracker);
+    }
+    memset(&f->es, 0, sizeof f->es);
+    mgpu_json_int64(mgpu_json_get(stats, "samples"), &f->es.samples);
+    for (i = 0; i < MGPU__N_EPOCH_STATS; i++)
+        *(double *)(void *)((char *)&f->es + mgpu__epoch_stat_fields[i].offset) = mgpu__json_number_or_nan(mgpu_json_get(stats, mgpu__epoch_stat_fields[i].key));
+    if (!(f->es.time_s >= 0)) f->es.time_s = 0;
+    for (m = mgpu_json_get(state, "metrics")->child; m; m = m->next) {
+        if (f->history.len) mgpu__buf_puts(&f->history, ",");
+        mgpu__json_write(&f->history, m);
+    }
+    /* the LR of the last step taken, as an uninterrupted run would report it */
+    if (f->step > 0) mgpu_optimizer_set_lr(f->opt, mgpu_lr_at(&f->schedule, f->step - 1));
+    if (f->t->opts->max_steps > 0 && f->step >= f->t->opts->max_steps) f->stop = 1;
+}
+
+/* The metrics file becomes the checkpoint's records, so epochs logged after the checkpoint (and
+   logged again as the run repeats them) are not duplicated. */
+static mgpu_result mgpu__fit_rewrite_metrics(const mgpu__fit *f, const mgpu_json *state) {
+    const mgpu_train_opts *o = f->t->opts;
+    const mgpu_json *m;
+    mgpu__buf text;
+    mgpu_result r;
+    if (!o->metrics || f->t->rank != 0) return MGPU_OK;
+    mgpu__buf_init(&text);
+    mgpu__buf_puts(&text, ""); /* a valid pointer even with no records */
+    for (m = mgpu_json_get(state, "metrics")->child; m; m = m->next) {
+        mgpu__json_write(&text, m);
+        mgpu__buf_puts(&text, "\n");
+    }
+    r = text.failed ? MGPU_ERR_OOM_HOST : mgpu_write_file_atomic(o->metrics, text.data, text.len);
+    mgpu__buf_free(&text);
+    return r;
+}
+
+static mgpu_result mgpu__fit_resume(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    char path[MGPU__CKPT_PATH_MAX];
+    mgpu_json *state;
+    mgpu_result r;
+    int found = 0;
+    if (!o->resume || strcmp(o->resume, "none") == 0) return MGPU_OK;
+    if ((r = mgpu__fit_resume_path(f, path, sizeof path, &found)) != MGPU_OK || !found) return r;
+    /* the trainer's fields first, then the checkpoint's full validation and load: a bad
+       checkpoint leaves the freshly initialised model as it was */
+    if (!(state = mgpu__ckpt_read_state(path))) return mgpu_last_result();
+    if ((r = mgpu__fit_check_state(f, state, path)) == MGPU_OK && (r = mgpu_checkpoint_load(path, f->model, f->opt, NULL)) == MGPU_OK) {
+        mgpu__fit_warn_changed_options(f, state);
+        mgpu__fit_restore(f, state);
+        r = f->history.failed ? MGPU_ERR_OOM_HOST : mgpu__fit_rewrite_metrics(f, state);
+    }
+    mgpu_json_free(state);
+    if (r == MGPU_OK) {
+        printf("resumed from %s: step %lld, epoch %lld, batch %lld\n", path, (long long)f->step, (long long)f->epoch + 1, (long long)f->batch);
+        fflush(stdout);
+    }
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   The loop
+   -------------------------------------------------------------------------------------- */
+
+/* Unscale (fp16), clip, step (skipped by the scaler on inf/NaN), zero the grads. */
+static mgpu_result mgpu__fit_optimizer_step(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    double t0 = mgpu_time_s();
+    mgpu_result r = MGPU_OK;
+    int stepped = 1;
+    mgpu_optimizer_set_lr(f->opt, mgpu_lr_at(&f->schedule, f->step));
+    if (f->t->amp != MGPU_AMP_OFF && o->clip_grad_norm > 0) r = mgpu_grad_scaler_unscale(&f->scaler, f->model);
+    if (r == MGPU_OK && o->clip_grad_norm > 0) r = mgpu_clip_grad_norm(f->model, o->clip_grad_norm, NULL);
+    if (r == MGPU_OK) {
+        if (f->t->amp != MGPU_AMP_OFF) {
+            if ((r = mgpu_grad_scaler_step(&f->scaler, f->opt, f->model, &stepped)) == MGPU_OK) mgpu_grad_scaler_update(&f->scaler);
+        } else {
+            r = mgpu_optimizer_step(f->opt);
+        }
+    }
+    if (r == MGPU_OK) r = mgpu_optimizer_zero_grad(f->opt);
+    f->step++;
+    f->micro = 0;
+    f->es.optimizer_s += mgpu_time_s() - t0;
+    return r;
+}
+
+/* Time backward spent waiting for DDP's all-reduces is communication, not compute. */
+static void mgpu__fit_count_comm(mgpu__fit *f) {
+    mgpu_ddp_stats st;
+    if (!f->ddp) return;
+    mgpu_ddp_get_stats(f->ddp, &st);
+    f->es.comm_s += st.exposed_s - f->ddp_exposed_s;
+    f->es.compute_s -= st.exposed_s - f->ddp_exposed_s;
+    f->ddp_exposed_s = st.exposed_s;
+}
+
+/* Every rank must stop at the same step: a signal may reach the ranks at different steps. */
+static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal) {
+    double v = (double)*signal;
+    mgpu_result r;
+    if (!f->t->comm) return MGPU_OK;
+    if ((r = mgpu_comm_allreduce_f64(f->t->comm, &v, 1, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    if (v > 0 && !*signal) *signal = SIGTERM;
+    return MGPU_OK;
+}
+
+/* One micro-batch: forward, loss, backward (accumulating); an optimizer step every
+   grad_accum_steps micro-batches and at the end of the epoch (*stepped tells). */
+static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepped) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_context *ctx = f->t->ctx;
+    double t0 = mgpu_time_s();
+    mgpu_tensor *loss = mgpu_op_cross_entropy(ctx, f->forward(ctx, b->x, f->user), b->y);
+    mgpu_tensor *obj = o->grad_accum_steps > 1 ? mgpu_op_scale(ctx, loss, 1.0f / (float)o->grad_accum_steps) : loss;
+    mgpu_result r;
+    if (f->scaler.enabled) obj = mgpu_grad_scaler_scale(ctx, &f->scaler, obj);
+    if (!obj) return mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE;
+    f->es.loss_sum += mgpu_tensor_item(loss) * (double)b->size;
+    f->es.samples += b->size;
+    *stepped = f->micro + 1 == o->grad_accum_steps || b->index + 1 == f->batches_per_epoch;
+    if (f->ddp) mgpu_ddp_set_sync(f->ddp, *stepped);   /* no_sync for accumulation micro-steps */
+    r = mgpu_backward(ctx, obj);
+    f->es.compute_s += mgpu_time_s() - t0;
+    mgpu__fit_count_comm(f);
+    if (r != MGPU_OK) return r;
+    f->micro++;
+    if (*stepped) r = mgpu__fit_optimizer_step(f);
+    mgpu_context_end_step(ctx);
+    return r;
+}
+
+/* After each optimizer step: stop conditions, then a checkpoint if one is due. */
+static mgpu_result mgpu__fit_after_step(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    int signal = o->save_dir && o->save_dir[0] ? (int)mgpu__stop_signal : 0;
+    mgpu_result r;
+    if (o->max_steps > 0 && f->step >= o->max_steps) f->stop = 1;
+    if ((r = mgpu__fit_agree_stop(f, &signal)) != MGPU_OK) return r;
+    if (signal) { f->stop = 1; f->signal = signal; }
+    return mgpu__fit_checkpoint_due(f) ? mgpu__fit_checkpoint(f, f->signal != 0) : MGPU_OK;
+}
+
+/* The rest of the epoch in progress, from batch f->batch. */
+static mgpu_result mgpu__fit_epoch(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    char label[64];
+    mgpu_progress *bar;
+    mgpu_batch b;
+    mgpu_result r;
+    double t_start = mgpu_time_s();
+    int64_t seen = f->es.samples;
+    mgpu_model_train(f->model, 1);
+    if ((r = mgpu_loader_set_epoch(f->loader, f->epoch, f->batch)) != MGPU_OK) return r;
+    snprintf(label, sizeof label, "epoch %lld/%d", (long long)f->epoch + 1, o->epochs);
+    bar = f->t->rank == 0 ? mgpu_progress_begin(label, f->batches_per_epoch, o->log_every) : NULL;
+    f->clock = t_start;
+    while (!f->stop) {
+        double t0 = mgpu_time_s();
+        int stepped = 0;
+        r = mgpu_loader_next(f->loader, &b);
+        f->es.data_wait_s += mgpu_time_s() - t0;
+        if (r != MGPU_OK || b.size == 0) break;
+        if ((r = mgpu__fit_batch(f, &b, &stepped)) != MGPU_OK) break;
+        f->batch = b.index + 1;
+        mgpu_progress_update(bar, f->batch, f->es.loss_sum / (double)f->es.samples);
+        if (stepped && (r = mgpu__fit_after_step(f)) != MGPU_OK) break;
+    }
+    mgpu_progress_end(bar);
+    mgpu__fit_clock(f);
+    f->run_time += mgpu_time_s() - t_start;
+    f->run_samples += (double)(f->es.samples - seen);
+    return r;
+}
+
+static void mgpu__epoch_record_json(mgpu__buf *b, const mgpu_epoch_record *r) {
+    mgpu__buf_printf(b, "{\"epoch\":%lld,\"step\":%lld,", (long long)r->epoch, (long long)r->step);
+    mgpu__json_member(b, "train_loss", r->train_loss); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "test_loss", r->test_loss); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "test_accuracy", r->test_accuracy); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "lr", r->lr); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "epoch_time_s", r->epoch_time_s); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "samples_per_s", r->samples_per_s);
+    mgpu__buf_printf(b, ",\"world_size\":%d,\"global_batch\":%lld,\"amp\":", r->world_size, (long long)r->global_batch);
+    mgpu__buf_json_string(b, r->amp ? r->amp : "off");
+    if (r->extra_json && r->extra_json[0]) mgpu__buf_printf(b, ",%s", r->extra_json);
+    mgpu__buf_puts(b, "}");
+}
+
+/* Where the epoch's time went, and memory, as extra metrics members. */
+static void mgpu__fit_extra_json(const mgpu__fit *f, mgpu__buf *b) {
+    int i;
+    for (i = 2; i < MGPU__N_EPOCH_STATS; i++) { /* after loss_sum and time_s (the record has those) */
+        if (i > 2) mgpu__buf_puts(b, ",");
+        mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)&f->es + mgpu__epoch_stat_fields[i].offset));
+    }
+    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak);
+    mgpu__json_member(b, "rss_mb", mgpu__peak_rss_mb());
+    if (f->ddp) {   /* cumulative: all-reduce time and how much of it backward had to wait for */
+        mgpu_ddp_stats st;
+        mgpu_ddp_get_stats(f->ddp, &st);
+        mgpu__buf_printf(b, ",\"ddp_buckets\":%lld,\"ddp_bytes_per_step\":%.0f,", (long long)st.buckets, st.bytes_per_step);
+        mgpu__json_member(b, "ddp_allreduce_s", st.comm_s);
+        mgpu__buf_puts(b, ",");
+        mgpu__json_member(b, "ddp_exposed_s", st.exposed_s);
+    }
+}
+
+static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double test_acc) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_epoch_record rec;
+    mgpu__buf extra;
+    mgpu_result r;
+    double sums[2];   /* loss sum and samples over all ranks */
+    double train_loss;
+    sums[0] = f->es.loss_sum; sums[1] = (double)f->es.samples;
+    if (f->t->comm && (r = mgpu_comm_allreduce_f64(f->t->comm, sums, 2, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    train_loss = sums[1] > 0 ? sums[0] / sums[1] : NAN;
+    memset(&rec, 0, sizeof rec);
+    mgpu__buf_init(&extra);
+    mgpu__fit_extra_json(f, &extra);
+    rec.epoch = f->epoch + 1; rec.step = f->step;
+    rec.train_loss = train_loss; rec.test_loss = test_loss; rec.test_accuracy = test_acc;
+    rec.lr = mgpu_optimizer_lr(f->opt);
+    rec.epoch_time_s = f->es.time_s;
+    rec.samples_per_s = f->es.time_s > 0 ? sums[1] / f->es.time_s : 0;   /* all ranks together */
+    rec.world_size = f->t->world_size; rec.global_batch = o->batch_size * o->grad_accum_steps * f->t->world_size;
+    rec.amp = o->amp ? o->amp : "off";
+    rec.extra_json = extra.data;
+    if (f->t->rank == 0) {
+        printf("epoch %lld/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  lr %.3g  %.2f s  %.0f samples/s\n",
+               (long long)rec.epoch, o->epochs, train_loss, test_loss, test_acc, rec.lr, rec.epoch_time_s, rec.samples_per_s);
+        fflush(stdout);
+    }
+    if (f->history.len) mgpu__buf_puts(&f->history, ",");
+    mgpu__epoch_record_json(&f->history, &rec);
+    r = extra.failed || f->history.failed ? MGPU_ERR_OOM_HOST : mgpu_metrics_write_epoch(f->metrics, &rec);
+    mgpu__buf_free(&extra);
+    return r;
+}
+
+/* Evaluation, the metrics line, then the next epoch (and an epoch checkpoint when due). */
+static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
+    const mgpu_train_opts *o = f->t->opts;
+    double test_loss = NAN, test_acc = NAN;
+    mgpu_result r;
+    int last = f->epoch + 1 == o->epochs;
+    if (test && (last || f->stop || (o->eval_frequency > 0 && (f->epoch + 1) % o->eval_frequency == 0))) {
+        r = mgpu_evaluate(f->t->ctx, f->model, f->forward, f->user, test, 1000, &test_loss, &test_acc);
+        if (r != MGPU_OK) return r;
+    }
+    if ((r = mgpu__fit_report_epoch(f, test_loss, test_acc)) != MGPU_OK) return r;
+    s->final_train_loss = f->es.samples ? f->es.loss_sum / (double)f->es.samples : NAN;
+    s->final_test_loss = test_loss; s->final_test_accuracy = test_acc;
+    f->epoch++;
+    f->batch = 0;
+    memset(&f->es, 0, sizeof f->es);
+    if (f->ckpt && o->checkpoint_every_epochs > 0 && f->epoch % o->checkpoint_every_epochs == 0) {
+        f->clock = mgpu_time_s();
+        r = mgpu__fit_checkpoint(f, 0);
+        memset(&f->es, 0, sizeof f->es); /* its time belongs to no epoch's training */
+    }
+    return r;
+}
+
+static mgpu_result mgpu__fit_run(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
+    mgpu_result r = MGPU_OK;
+    /* stopped exactly at an epoch boundary (resumed at --max-steps): nothing left to report */
+    while (f->epoch < f->t->opts->epochs && !(f->stop && f->batch == 0)) {
+        if ((r = mgpu__fit_epoch(f)) != MGPU_OK || f->signal) break;
+        if ((r = mgpu__fit_end_epoch(f, test, s)) != MGPU_OK || f->stop) break;
+    }
+    s->steps = f->step;
+    s->samples_per_s = f->run_time > 0 ? f->run_samples / f->run_time : 0;
+    return r;
+}
+
+static mgpu_result mgpu__fit_save(const mgpu_train_opts *o, const mgpu_model *model) {
+    char path[MGPU__CKPT_PATH_MAX];
+    mgpu_result r;
+    if (!o->save_dir || !o->save_dir[0]) return MGPU_OK;
+    if ((r = mgpu__mkdirs(o->save_dir)) != MGPU_OK) return r;
+    if ((r = mgpu__path_join(path, o->save_dir, "model.safetensors")) != MGPU_OK) return r;
+    if ((r = mgpu_model_save(model, path)) == MGPU_OK) printf("saved %s\n", path);
+    return r;
+}
+
+static mgpu_result mgpu__fit_final_metrics(mgpu__fit *f, const mgpu_train_summary *s) {
+    char extra[256];
+    snprintf(extra, sizeof extra, "\"step\":%lld,\"test_accuracy\":%.6f,\"test_loss\":%.6f,\"samples_per_s\":%.1f",
+             (long long)s->steps, s->final_test_accuracy == s->final_test_accuracy ? s->final_test_accuracy : -1.0,
+             s->final_test_loss == s->final_test_loss ? s->final_test_loss : -1.0, s->samples_per_s);
+    return mgpu_metrics_write_final(f->metrics, extra);
+}
+
+/* The end of a run: the final metrics and model, or (stopped by a signal) just the word. */
+static mgpu_result mgpu__fit_finish(mgpu__fit *f, const mgpu_train_summary *s) {
+    char name[40];
+    mgpu_result r;
+    if (f->signal) {
+        mgpu__ckpt_dir_name(name, sizeof name, f->step);
+        printf("stopped by signal %d after step %lld; checkpoint saved to %s/%s; run again with --resume auto to continue\n",
+               (int)f->signal, (long long)f->step, f->t->opts->save_dir, name);
+        fflush(stdout);
+        return MGPU_OK;
+    }
+    if ((r = mgpu__fit_final_metrics(f, s)) != MGPU_OK) return r;
+    return f->t->rank == 0 ? mgpu__fit_save(f->t->opts, f->model) : MGPU_OK;
+}
+
+static mgpu_ddp *mgpu__ddp_from_opts(mgpu_model *model, mgpu_comm *comm, const mgpu_train_opts *o) {
+    mgpu_ddp_desc dd;
+    memset(&dd, 0, sizeof dd);
+    dd.bucket_cap_mb = o->bucket_cap_mb;
+    dd.sync_batchnorm = o->sync_batchnorm;
+    if (o->grad_compression && strcmp(o->grad_compression, "fp16") == 0) dd.compress = MGPU_F16;
+    if (o->grad_compression && strcmp(o->grad_compression, "bf16") == 0) dd.compress = MGPU_BF16;
+    return mgpu_ddp_create(model, comm, &dd);
+}
+
+/* Loader, schedule, optimizer, DDP, scaler and checkpointer from the options. */
+static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_loader_desc ld;
+    float lr;
+    memset(&ld, 0, sizeof ld);
+    ld.batch_size = o->batch_size; ld.shuffle = 1; ld.seed = o->seed; ld.num_workers = o->num_workers; ld.ctx = f->t->ctx;
+    ld.rank = f->t->rank; ld.world_size = f->t->world_size;
+    if (!(f->loader = mgpu_loader_create(train, &ld))) return mgpu_last_result();
+    f->batches_per_epoch = mgpu_loader_num_batches(f->loader);
+    lr = mgpu_lr_scale(o->lr, f->t->world_size, o->grad_accum_steps, o->scale_lr);
+    f->schedule = mgpu__schedule_from_opts(o, lr, (f->batches_per_epoch + o->grad_accum_steps - 1) / o->grad_accum_steps);
+    if (!(f->opt = mgpu__optimizer_from_opts(f->model, o, lr))) return mgpu_last_result();
+    if (f->t->comm && !(f->ddp = mgpu__ddp_from_opts(f->model, f->t->comm, o))) return mgpu_last_result();
+    mgpu_context_set_autocast(f->t->ctx, f->t->amp);
+    mgpu_grad_scaler_init(&f->scaler, f->t->amp == MGPU_AMP_FP16);
+    f->saved_time = mgpu_time_s();
+    if (o->save_dir && o->save_dir[0] && f->t->rank == 0) {
+        mgpu_checkpoint_desc cd;
+        memset(&cd, 0, sizeof cd);
+        cd.dir = o->save_dir; cd.keep_last = o->keep_last; cd.background = 1;
+        if (!(f->ckpt = mgpu_checkpointer_create(&cd))) return mgpu_last_result();
+    }
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                      const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
+    const mgpu_train_opts *o;
+    mgpu__fit f;
+    mgpu__signals sig;
+    mgpu_train_summary s;
+    mgpu_result r, w;
+    if (!t || !model || !forward || !train)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_trainer_fit: trainer, model, forward and the training set are required");
+    o = t->opts;
+    if (o->grad_accum_steps < 1) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grad-accum-steps must be >= 1");
+    memset(&f, 0, sizeof f);
+    memset(&s, 0, sizeof s);
+    memset(&sig, 0, sizeof sig);
+    s.final_train_loss = s.final_test_loss = s.final_test_accuracy = NAN;
+    f.t = t; f.model = model; f.forward = forward; f.user = user;
+    mgpu__buf_init(&f.history);
+    if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
+        !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
+        r = mgpu_last_result();
+    if (r == MGPU_OK) {
+        if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
+        if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);
+        mgpu__signals_restore(&sig);
+    }
+    /* a background checkpoint still being written must land (or its failure be told) */
+    if (f.ckpt && (w = mgpu_checkpointer_wait(f.ckpt)) != MGPU_OK && r == MGPU_OK) r = w;
+    mgpu_checkpointer_destroy(f.ckpt);
+    mgpu_ddp_destroy(f.ddp);
+    mgpu_context_set_autocast(t->ctx, MGPU_AMP_OFF);
+    mgpu__buf_free(&f.history);
+    mgpu_metrics_close(f.metrics);
+    mgpu_optimizer_destroy(f.opt);
+    mgpu_loader_destroy(f.loader);
+    if (summary) *summary = s;
+    return r;
+}
 
 #endif /* MGPU_IMPLEMENTATION */
 

@@ -1,5 +1,5 @@
 // mgpu_kernels.cu - every CUDA kernel of mgpu, with the extern "C" launchers declared in
-// parts/cuda_api.h. Compile with nvcc; never calls exit; maps cudaError_t / cublasStatus_t to
+// mgpu.h (section "CUDA declarations"). Compile with nvcc; never calls exit; maps cudaError_t / cublasStatus_t to
 // mgpu_result with the failing call named. MIT license (see mgpu.h).
 //
 // Determinism: no float atomics anywhere. Every reduction uses a partition that depends on the
@@ -9,7 +9,6 @@
 #define MGPU_CUDA
 #endif
 #include "mgpu.h"
-#include "parts/cuda_api.h"
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -24,7 +23,7 @@
    Errors
    ====================================================================================== */
 
-// Weak fallback so objects linked without parts/cuda.h still link; parts/cuda.h defines the
+// Weak fallback so objects linked without the implementation still link; mgpu.h defines the
 // real one (it routes the sentence to mgpu_last_error()).
 extern "C" __attribute__((weak)) void mgpu__set_error_from_cuda(int code, const char *msg) {
     (void)code; (void)msg;
@@ -151,7 +150,7 @@ __device__ float mgpu__sigmoid_d(float x) {
 __device__ float mgpu__gelu_tanh_d(float x) {
     return 0.5f * x * (1.0f + tanhf(MGPU__SQRT_2_OVER_PI_F * (x + MGPU__GELU_TANH_K_F * x * x * x)));
 }
-// The same formulas as the CPU (parts/ops_basic.h), so results agree to rounding.
+// The same formulas as the CPU (mgpu.h), so results agree to rounding.
 __device__ float mgpu__unary_f(int kind, float a, float x) {
     switch (kind) {
     case MGPU_CUDA_RELU: return x > 0 ? x : 0.0f;

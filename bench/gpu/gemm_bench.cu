@@ -10,7 +10,6 @@
 #define MGPU_CUDA
 #endif
 #include "mgpu.h"
-#include "parts/cuda_api.h"
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -6,7 +6,6 @@
    Build: see tests/run_gpu.sh (cc -DMGPU_CUDA ... mgpu_kernels.o -lcudart -lcublas -lcublasLt). */
 #define MGPU_IMPLEMENTATION
 #include "mgpu.h"
-#include "parts/cuda.h"
 #include "mgpu_test.h"
 #include <cuda_runtime_api.h>
 
