@@ -1101,6 +1101,14 @@ MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t);
    all come from the options. */
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary);
+/* Builds the layers of a model into `user` (user_size bytes, zeroed, owned by the trainer) and
+   returns 1, or 0 on failure. Called once per replica, so DataParallel can build several. */
+typedef int (*mgpu_build_fn)(mgpu_model *model, void *user);
+/* Builds the model with `build` and trains it as mgpu_trainer_fit does; with --multi-gpu dp it
+   builds one replica per entry of --gpu-ids, each on its own thread and context, kept in sync by
+   an in-process gradient all-reduce (DDP over threads), each replica taking --batch-size samples. */
+MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size_t user_size, mgpu_forward_fn forward,
+                                      const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary);
 /* Mean cross-entropy and accuracy of the model on a dataset (eval mode, no grad). */
 MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                    const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy);
@@ -12483,12 +12491,19 @@ struct mgpu_trainer {
     int rank, world_size;      /* checkpoints, metrics and the final model come from rank 0 only */
     mgpu_comm *comm;           /* DDP's communicator when world_size > 1 */
     mgpu_amp_mode amp;
+    int dp_replicas;           /* --multi-gpu dp: replicas (threads) in this process; 0 otherwise */
 };
 
-/* Options whose machinery is not in the trainer yet are refused by name rather than ignored. */
-static mgpu_result mgpu__trainer_check_supported(const mgpu_train_opts *o) {
-    if ((o->multi_gpu && strcmp(o->multi_gpu, "dp") == 0) || (o->gpu_ids && o->gpu_ids[0]))
-        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "--multi-gpu dp / --gpu-ids: DataParallel exists in the API (mgpu_dp_run) but is not wired into the trainer yet; use mgpurun (DDP) instead");
+/* --multi-gpu dp: one replica per --gpu-ids entry. A CPU build runs CPU replicas (testable DP). */
+static mgpu_result mgpu__trainer_dp_replicas(const mgpu_train_opts *o, int world_size, int *replicas) {
+    const char *p;
+    *replicas = 0;
+    if (!o->multi_gpu || strcmp(o->multi_gpu, "dp") != 0) return MGPU_OK;
+    if (world_size > 1)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp runs in one process; under mgpurun (WORLD_SIZE=%d) use DDP (--multi-gpu ddp or none)", world_size);
+    if (!o->gpu_ids || !o->gpu_ids[0])
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp needs --gpu-ids (e.g. --gpu-ids 0,1): one replica per id");
+    for (*replicas = 1, p = o->gpu_ids; *p; p++) *replicas += *p == ',';
     return MGPU_OK;
 }
 
@@ -12522,7 +12537,6 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     mgpu_context_desc cd;
     mgpu_amp_mode amp = MGPU_AMP_OFF;
     if (!opts) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_trainer_create: opts is NULL");
-    if (mgpu__trainer_check_supported(opts) != MGPU_OK) return NULL;
     if (mgpu_amp_parse(opts->amp ? opts->amp : "off", &amp) != MGPU_OK) return NULL;
     memset(&cd, 0, sizeof cd);
     if (mgpu_device_parse(opts->device ? opts->device : "auto", &cd.device) != MGPU_OK) return NULL;
@@ -12531,7 +12545,8 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     if (!t) return NULL;
     t->opts = opts;
     t->amp = amp;
-    if (mgpu__trainer_read_env(t) != MGPU_OK || !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
+    if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_dp_replicas(opts, t->world_size, &t->dp_replicas) != MGPU_OK ||
+        !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
     }
@@ -13284,6 +13299,67 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     mgpu_optimizer_destroy(f.opt);
     mgpu_loader_destroy(f.loader);
     if (summary) *summary = s;
+    return r;
+}
+
+/* One model built by the user's builder, in memory the trainer owns. */
+typedef struct mgpu__built { mgpu_model *model; void *user; } mgpu__built;
+static mgpu_result mgpu__build(mgpu_context *ctx, mgpu_build_fn build, size_t user_size, mgpu__built *b) {
+    b->user = mgpu__calloc(user_size ? user_size : 1, "the model's layer table");
+    b->model = b->user ? mgpu_model_create(ctx) : NULL;
+    if (!b->model) return mgpu_last_result();
+    if (!build(b->model, b->user))
+        return mgpu_last_result() ? mgpu_last_result() : mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_trainer_run: the build function failed");
+    return MGPU_OK;
+}
+static void mgpu__unbuild(mgpu__built *b) { mgpu_model_destroy(b->model); mgpu_free(b->user); }
+
+/* DataParallel: each replica is a rank of an in-process communicator with its own context and
+   model, trained by the same loop as DDP (rank 0 prints, writes metrics and checkpoints). */
+typedef struct mgpu__dp_job {
+    const mgpu_trainer *parent;
+    mgpu_build_fn build; size_t user_size; mgpu_forward_fn forward;
+    const mgpu_dataset *train, *test;
+    mgpu_train_summary summary;   /* rank 0's */
+} mgpu__dp_job;
+
+static mgpu_result mgpu__dp_train_replica(int rank, mgpu_comm *comm, void *arg) {
+    mgpu__dp_job *job = (mgpu__dp_job *)arg;
+    mgpu_trainer rt = *job->parent;
+    mgpu_context_desc cd;
+    mgpu__built b;
+    mgpu_result r;
+    memset(&cd, 0, sizeof cd);
+    memset(&b, 0, sizeof b);
+    cd.device = job->parent->ctx->device;
+    cd.seed = job->parent->opts->seed;
+    cd.num_threads = MGPU__MAX(1, mgpu_context_num_threads(job->parent->ctx) / job->parent->dp_replicas);
+    rt.rank = rank; rt.world_size = job->parent->dp_replicas; rt.comm = comm; rt.dp_replicas = 0;
+    if (!(rt.ctx = mgpu_context_create(&cd))) return mgpu_last_result();
+    if ((r = mgpu__build(rt.ctx, job->build, job->user_size, &b)) == MGPU_OK)
+        r = mgpu_trainer_fit(&rt, b.model, job->forward, b.user, job->train, job->test, rank == 0 ? &job->summary : NULL);
+    mgpu__unbuild(&b);
+    mgpu_context_destroy(rt.ctx);
+    return r;
+}
+
+MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size_t user_size, mgpu_forward_fn forward,
+                                      const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
+    mgpu__built b;
+    mgpu_result r;
+    if (!t || !build || !forward || !train)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_trainer_run: trainer, build, forward and the training set are required");
+    if (t->dp_replicas > 1) {
+        mgpu__dp_job job;
+        memset(&job, 0, sizeof job);
+        job.parent = t; job.build = build; job.user_size = user_size; job.forward = forward; job.train = train; job.test = test;
+        r = mgpu_dp_run(t->dp_replicas, mgpu__dp_train_replica, &job);
+        if (summary) *summary = job.summary;
+        return r;
+    }
+    memset(&b, 0, sizeof b);
+    if ((r = mgpu__build(t->ctx, build, user_size, &b)) == MGPU_OK) r = mgpu_trainer_fit(t, b.model, forward, b.user, train, test, summary);
+    mgpu__unbuild(&b);
     return r;
 }
 

@@ -31,7 +31,9 @@ static mgpu_tensor *cnn_forward(mgpu_context *ctx, mgpu_tensor *x, void *user) {
     return mgpu_linear_forward(ctx, m->fc2, h);                     // (B, 10) logits
 }
 
-static int cnn_build(mgpu_model *model, cnn *m) {
+/* Called once per model replica (one, or one per device under --multi-gpu dp). */
+static int cnn_build(mgpu_model *model, void *user) {
+    cnn *m = (cnn *)user;
     return (m->conv1 = mgpu_conv2d_create(model, "conv1", 1, 32, 3, 1, 1, 1)) &&
            (m->bn1 = mgpu_batchnorm2d_create(model, "bn1", 32)) &&
            (m->conv2 = mgpu_conv2d_create(model, "conv2", 32, 64, 3, 1, 1, 1)) &&
@@ -43,11 +45,9 @@ static int cnn_build(mgpu_model *model, cnn *m) {
 
 int main(int argc, char **argv) {
     mgpu_train_opts opts;
-    mgpu_trainer *trainer = NULL;
-    mgpu_model *model = NULL;
+    mgpu_trainer *trainer;
     mgpu_dataset *train_set = NULL, *test_set = NULL;
     mgpu_train_summary summary;
-    cnn net;
     mgpu_result r = MGPU_ERR_STATE;
 
     mgpu_train_opts_default(&opts);
@@ -55,15 +55,11 @@ int main(int argc, char **argv) {
     if (opts.help) return 0;
 
     trainer = mgpu_trainer_create(&opts);
-    if (trainer) model = mgpu_model_create(mgpu_trainer_context(trainer));
-    if (model && cnn_build(model, &net)) {
-        train_set = mgpu_dataset_fashion_mnist(opts.data_dir, 1);
-        test_set = train_set ? mgpu_dataset_fashion_mnist(opts.data_dir, 0) : NULL;
-        if (test_set) r = mgpu_trainer_fit(trainer, model, cnn_forward, &net, train_set, test_set, &summary);
-        if (r == MGPU_OK) printf("final test accuracy %.4f\n", summary.final_test_accuracy);
-    }
-    if (r != MGPU_OK) fprintf(stderr, "fashion_cnn: error: %s\n", mgpu_last_error());
-    mgpu_model_destroy(model);
+    if (trainer) train_set = mgpu_dataset_fashion_mnist(opts.data_dir, 1);
+    if (train_set) test_set = mgpu_dataset_fashion_mnist(opts.data_dir, 0);
+    if (test_set) r = mgpu_trainer_run(trainer, cnn_build, sizeof(cnn), cnn_forward, train_set, test_set, &summary);
+    if (r == MGPU_OK) printf("final test accuracy %.4f\n", summary.final_test_accuracy);
+    else fprintf(stderr, "fashion_cnn: error: %s\n", mgpu_last_error());
     mgpu_dataset_destroy(test_set);
     mgpu_dataset_destroy(train_set);
     mgpu_trainer_destroy(trainer);

@@ -20,13 +20,19 @@ static mgpu_tensor *mlp_forward(mgpu_context *ctx, mgpu_tensor *x, void *user) {
     return mgpu_linear_forward(ctx, m->fc3, h);                    // (B, 10) logits
 }
 
+/* Called once per model replica (one, or one per device under --multi-gpu dp). */
+static int mlp_build(mgpu_model *model, void *user) {
+    mlp *m = (mlp *)user;
+    return (m->fc1 = mgpu_linear_create(model, "fc1", 784, 256, 1)) &&
+           (m->fc2 = mgpu_linear_create(model, "fc2", 256, 128, 1)) &&
+           (m->fc3 = mgpu_linear_create(model, "fc3", 128, 10, 1));
+}
+
 int main(int argc, char **argv) {
     mgpu_train_opts opts;
     mgpu_trainer *trainer = NULL;
-    mgpu_model *model = NULL;
     mgpu_dataset *train = NULL, *test = NULL;
     mgpu_train_summary summary;
-    mlp net;
     mgpu_result r = MGPU_ERR_STATE;
 
     mgpu_train_opts_default(&opts);
@@ -35,16 +41,11 @@ int main(int argc, char **argv) {
 
     if ((trainer = mgpu_trainer_create(&opts)) &&
         (train = mgpu_dataset_fashion_mnist(opts.data_dir, 1)) &&
-        (test = mgpu_dataset_fashion_mnist(opts.data_dir, 0)) &&
-        (model = mgpu_model_create(mgpu_trainer_context(trainer))) &&
-        (net.fc1 = mgpu_linear_create(model, "fc1", 784, 256, 1)) &&
-        (net.fc2 = mgpu_linear_create(model, "fc2", 256, 128, 1)) &&
-        (net.fc3 = mgpu_linear_create(model, "fc3", 128, 10, 1))) {
-        r = mgpu_trainer_fit(trainer, model, mlp_forward, &net, train, test, &summary);
+        (test = mgpu_dataset_fashion_mnist(opts.data_dir, 0))) {
+        r = mgpu_trainer_run(trainer, mlp_build, sizeof(mlp), mlp_forward, train, test, &summary);
         if (r == MGPU_OK) printf("final test accuracy %.4f\n", summary.final_test_accuracy);
     }
     if (r != MGPU_OK) fprintf(stderr, "fashion_mlp: error: %s\n", mgpu_last_error());
-    mgpu_model_destroy(model);
     mgpu_dataset_destroy(test);
     mgpu_dataset_destroy(train);
     mgpu_trainer_destroy(trainer);

@@ -43,6 +43,14 @@ same "cnn + SyncBatchNorm + dropout: 4 x 16 == 1 x 64" cnn1 cnn4
 run acc2 2 fashion_mlp --batch-size 32 --grad-accum-steps 2
 same "mlp: 2 processes x 2 micro-batches x 32 == 1 x 128" mlp1 acc2
 
+# DataParallel: one process, 2 replicas on threads (CPU build), each at batch 64 == 1 x 128
+MGPU_NUM_THREADS=2 timeout 300 build/fashion_mlp "${COMMON[@]}" --batch-size 64 --multi-gpu dp --gpu-ids 0,1 --save-dir "$T_TMP/dp2" > "$T_TMP/dp2.log" 2>&1
+same "mlp: --multi-gpu dp with 2 replicas x 64 == 1 x 128" mlp1 dp2
+MGPU_NUM_THREADS=2 timeout 300 build/fashion_cnn "${COMMON[@]}" "${CNN[@]}" --batch-size 32 --multi-gpu dp --gpu-ids 0,1 --sync-batchnorm 1 --save-dir "$T_TMP/dpc" > "$T_TMP/dpc.log" 2>&1
+same "cnn: --multi-gpu dp with 2 replicas x 32 (SyncBatchNorm) == 1 x 64" cnn1 dpc
+out=$(timeout 60 build/fashion_mlp "${COMMON[@]}" --multi-gpu dp 2>&1); rc=$?
+expect "--multi-gpu dp without --gpu-ids: exit 1 naming --gpu-ids" bash -c "[ $rc -eq 1 ] && grep -q -- '--gpu-ids' <<<'$out'"
+
 # metrics from rank 0 carry world size, global batch and DDP timings
 run met 2 fashion_mlp --batch-size 64 --metrics "$T_TMP/met.jsonl"
 expect "metrics: world_size 2, global_batch 128, DDP timings" \
