@@ -1986,6 +1986,10 @@ static MGPU__UNUSED mgpu__node *mgpu__record(mgpu_context *ctx, const char *name
 #define MGPU__RECORD(ctx, name, bw, out, n, ins, node_var) \
     do { int mgpu__failed_; node_var = mgpu__record((ctx), (name), (bw), (out), (n), (ins), &mgpu__failed_); \
          if (mgpu__failed_) return NULL; } while (0)
+/* For ops whose backward needs nothing saved on the node. */
+#define MGPU__RECORD_PLAIN(ctx, name, bw, out, n, ins) \
+    do { int mgpu__failed_; mgpu__record((ctx), (name), (bw), (out), (n), (ins), &mgpu__failed_); \
+         if (mgpu__failed_) return NULL; } while (0)
 
 /* The F32 gradient buffer of t for accumulation, allocated zeroed on first use (persistent for
    leaves, arena for activations); NULL when t does not require grad. */
@@ -3175,7 +3179,6 @@ static mgpu_result mgpu__mse_backward(mgpu_context *ctx, mgpu__node *node) {
 MGPU_API mgpu_tensor *mgpu_op_mse_loss(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
     const char *op = "mgpu_op_mse_loss";
     mgpu_tensor *out, *ins[2];
-    mgpu__node *node;
     mgpu__mse_arg m;
     if (!mgpu__check_input(ctx, op, "a", a, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
     if (!mgpu_tensor_same_shape(a, b))
@@ -3186,8 +3189,7 @@ MGPU_API mgpu_tensor *mgpu_op_mse_loss(mgpu_context *ctx, mgpu_tensor *a, mgpu_t
     m.a = (const float *)a->data; m.b = (const float *)b->data;
     ((float *)out->data)[0] = (float)(mgpu__det_sum(ctx, a->numel, 4096, 1, mgpu__mse_partial, &m) / (double)a->numel);
     ins[0] = a; ins[1] = b;
-    MGPU__RECORD(ctx, op, mgpu__mse_backward, out, 2, ins, node);
-    (void)node;
+    MGPU__RECORD_PLAIN(ctx, op, mgpu__mse_backward, out, 2, ins);
     return out;
 }
 
@@ -3350,8 +3352,8 @@ MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim
     const char *op = "mgpu_op_max_dim";
     int64_t shape[MGPU_MAX_DIMS], outer = 0;
     mgpu_tensor *out;
-    mgpu__node *node;
     mgpu__max_arg m;
+    mgpu__node *node;
     int d, ndim;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     if ((d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
@@ -3390,10 +3392,8 @@ static mgpu_result mgpu__passthrough_backward(mgpu_context *ctx, mgpu__node *nod
 
 static mgpu_tensor *mgpu__view(mgpu_context *ctx, const char *op, mgpu_tensor *x, int ndim, const int64_t *shape) {
     mgpu_tensor *out = mgpu__new_view(ctx, x, ndim, shape);
-    mgpu__node *node;
     if (!out) return NULL;
-    MGPU__RECORD(ctx, op, mgpu__passthrough_backward, out, 1, &x, node);
-    (void)node;
+    MGPU__RECORD_PLAIN(ctx, op, mgpu__passthrough_backward, out, 1, &x);
     return out;
 }
 
@@ -3648,7 +3648,6 @@ static void mgpu__cast_range(void *p, int64_t begin, int64_t end) {
 MGPU_API mgpu_tensor *mgpu_op_cast(mgpu_context *ctx, mgpu_tensor *x, mgpu_dtype dtype) {
     const char *op = "mgpu_op_cast";
     mgpu_tensor *out;
-    mgpu__node *node;
     mgpu__cast_arg c;
     if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
     if (!mgpu__dtype_valid(dtype) || !mgpu__dtype_is_float(dtype) || !mgpu__dtype_is_float(x->dtype))
@@ -3659,8 +3658,7 @@ MGPU_API mgpu_tensor *mgpu_op_cast(mgpu_context *ctx, mgpu_tensor *x, mgpu_dtype
     if (!out) return NULL;
     c.src = x->data; c.dst = out->data; c.from = x->dtype; c.to = dtype;
     mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__cast_range, &c);
-    MGPU__RECORD(ctx, op, mgpu__passthrough_backward, out, 1, &x, node);
-    (void)node;
+    MGPU__RECORD_PLAIN(ctx, op, mgpu__passthrough_backward, out, 1, &x);
     return out;
 }
 /* ======================================================================================
