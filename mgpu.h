@@ -13142,11 +13142,14 @@ static void mgpu__fit_count_comm(mgpu__fit *f) {
     f->ddp_exposed_s = st.exposed_s;
 }
 
-/* Every rank must stop at the same step: a signal may reach the ranks at different steps. */
+/* Every rank must stop at the same step: a signal may reach the ranks at different steps.
+   Without --save-dir no stop handler is installed, so there is nothing to agree on (and no
+   collective is added to every step). */
 static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal) {
+    const mgpu_train_opts *o = f->t->opts;
     double v = (double)*signal;
     mgpu_result r;
-    if (!f->t->comm) return MGPU_OK;
+    if (!f->t->comm || !o->save_dir || !o->save_dir[0]) return MGPU_OK;
     if ((r = mgpu_comm_allreduce_f64(f->t->comm, &v, 1, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
     if (v > 0 && !*signal) *signal = SIGTERM;
     return MGPU_OK;
@@ -13180,7 +13183,7 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
 /* After each optimizer step: stop conditions, then a checkpoint if one is due. */
 static mgpu_result mgpu__fit_after_step(mgpu__fit *f) {
     const mgpu_train_opts *o = f->t->opts;
-    int signal = o->save_dir && o->save_dir[0] ? (int)mgpu__stop_signal : 0;
+    int signal = o->save_dir && o->save_dir[0] ? (int)mgpu__stop_signal : 0;   /* handled only with a checkpoint to save */
     mgpu_result r;
     if (o->max_steps > 0 && f->step >= o->max_steps) f->stop = 1;
     if ((r = mgpu__fit_agree_stop(f, &signal)) != MGPU_OK) return r;
