@@ -10,12 +10,13 @@ LDLIBS  += -lm -lpthread
 BUILD   := build
 
 HDR     := mgpu.h
+PARTS   := $(sort $(wildcard src/[0-9]*.h src/[0-9]*.c))
 
 EXAMPLES := $(patsubst examples/%.c,%,$(wildcard examples/*.c))
 TOOLS    := $(patsubst tools/%.c,%,$(wildcard tools/*.c))
 TESTS    := $(patsubst tests/%.c,%,$(filter-out tests/impl.c tests/fuzz_%.c,$(wildcard tests/*.c)))
 
-.PHONY: all help test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench
+.PHONY: all help check-amalgamation test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench
 all: $(addprefix $(BUILD)/,$(EXAMPLES) $(TOOLS)) $(addprefix $(BUILD)/tests/,$(TESTS))
 
 help:
@@ -26,6 +27,13 @@ help:
 	@echo "make cuda       build the CUDA variants into build/cuda/"
 	@echo "make test-gpu   GPU test suite (skips cleanly without a GPU)"
 	@echo "make bench      CPU benchmark against PyTorch (bench/RESULTS.md)"
+
+# mgpu.h is assembled from the parts under src/ (edit those); the script rewrites it only when
+# its content changes.
+$(HDR): $(PARTS) tools/amalgamate.sh
+	@sh tools/amalgamate.sh
+check-amalgamation:
+	@sh tools/amalgamate.sh --check && echo "mgpu.h matches src/"
 
 $(BUILD) $(BUILD)/tests $(BUILD)/cuda $(BUILD)/asan $(BUILD)/fuzz:
 	@mkdir -p $@
@@ -93,7 +101,10 @@ check-cuda:
 	  echo "CUDA path compiled and linked with $(NVCC)"; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
-test: all check-headers asan fuzz
+# The committed header is checked against src/ before anything regenerates it.
+test:
+	@sh tools/amalgamate.sh --check
+	@$(MAKE) --no-print-directory all check-headers asan fuzz
 	@$(MAKE) --no-print-directory check-cuda > $(BUILD)/check-cuda.log 2>&1; echo $$? > $(BUILD)/check-cuda.rc
 	@bash tests/run.sh
 

@@ -8,6 +8,7 @@
 #ifndef MGPU_CUDA
 #define MGPU_CUDA
 #endif
+#define MGPU__INTERNAL /* the twin seam: argument structs and launcher declarations */
 #include "mgpu.h"
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -52,7 +53,13 @@ static mgpu_result mgpu__cu_invalid(const char *fn, const char *what) {
 
 #define MGPU__CU(call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) return mgpu__cu_error(e_, __func__, #call); } while (0)
 #define MGPU__CUBLAS(call) do { cublasStatus_t s_ = (call); if (s_ != CUBLAS_STATUS_SUCCESS) return mgpu__cublas_error(s_, __func__, #call); } while (0)
-// After a <<<>>> launch: configuration errors surface here, execution errors at the next sync.
+// Every kernel launch goes through MGPU__LAUNCH so the file has one launch syntax for nvcc and for the
+// CPU emulation under tests/emu (which defines its own MGPU__LAUNCH before including this file).
+#ifndef MGPU__LAUNCH
+#define MGPU__LAUNCH(kernel, grid, block, smem, stream, ...) \
+    kernel<<<(grid), (block), (smem), (cudaStream_t)(stream)>>>(__VA_ARGS__)
+#endif
+// After a launch: configuration errors surface here, execution errors at the next sync.
 #define MGPU__LAUNCHED(name) do { cudaError_t e_ = cudaGetLastError(); if (e_ != cudaSuccess) return mgpu__cu_error(e_, __func__, "launch of " name); } while (0)
 #define MGPU__REQUIRE(cond, what) do { if (!(cond)) return mgpu__cu_invalid(__func__, what); } while (0)
 
@@ -198,7 +205,7 @@ extern "C" mgpu_result mgpu_cuda_unary_forward(int kind, float param, const floa
     MGPU__REQUIRE(mgpu__unary_kind_ok(kind), "kind is not an mgpu_cuda_unary value");
     MGPU__REQUIRE(n >= 0 && (n == 0 || (x && y)), "x and y must be device pointers and n >= 0");
     if (n == 0) return MGPU_OK;
-    mgpu__unary_fwd_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(kind, param, x, y, n);
+    MGPU__LAUNCH(mgpu__unary_fwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, kind, param, x, y, n);
     MGPU__LAUNCHED("mgpu__unary_fwd_k");
     return MGPU_OK;
 }
@@ -208,7 +215,7 @@ extern "C" mgpu_result mgpu_cuda_unary_backward(int kind, float param, const flo
     MGPU__REQUIRE(n >= 0 && (n == 0 || (x && dy && dx)), "x, dy and dx must be device pointers and n >= 0");
     MGPU__REQUIRE(n == 0 || y || (kind != MGPU_CUDA_TANH && kind != MGPU_CUDA_SIGMOID), "tanh and sigmoid backward need y");
     if (n == 0) return MGPU_OK;
-    mgpu__unary_bwd_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(kind, param, x, y, dy, dx, n);
+    MGPU__LAUNCH(mgpu__unary_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, kind, param, x, y, dy, dx, n);
     MGPU__LAUNCHED("mgpu__unary_bwd_k");
     return MGPU_OK;
 }
@@ -307,10 +314,10 @@ static mgpu_result mgpu__binary_bwd_one(int op, int own_is_a, const mgpu_cuda_bc
     int64_t own_n = own_is_a ? g->a_numel : g->b_numel, reps = g->numel / (own_n ? own_n : 1);
     if (own_n == 0) return MGPU_OK;
     if (reps >= 1024 && own_n <= 65536) {
-        mgpu__binary_bwd_block_k<<<mgpu__grid(own_n, 1), 256, 0, MGPU__STREAM(stream)>>>(op, own_is_a, *g, other, dy, dst);
+        MGPU__LAUNCH(mgpu__binary_bwd_block_k, mgpu__grid(own_n, 1), 256, 0, stream, op, own_is_a, *g, other, dy, dst);
         MGPU__LAUNCHED("mgpu__binary_bwd_block_k");
     } else {
-        mgpu__binary_bwd_k<<<mgpu__grid(own_n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(op, own_is_a, *g, other, dy, dst);
+        MGPU__LAUNCH(mgpu__binary_bwd_k, mgpu__grid(own_n, MGPU__THREADS), MGPU__THREADS, 0, stream, op, own_is_a, *g, other, dy, dst);
         MGPU__LAUNCHED("mgpu__binary_bwd_k");
     }
     return MGPU_OK;
@@ -320,7 +327,7 @@ extern "C" mgpu_result mgpu_cuda_binary_forward(int op, const mgpu_cuda_bcast *g
     MGPU__REQUIRE(g && op >= MGPU_CUDA_ADD && op <= MGPU_CUDA_MUL, "g is NULL or op is not an mgpu_cuda_binary value");
     MGPU__REQUIRE(g->numel == 0 || (a && b && out), "a, b and out must be device pointers");
     if (g->numel == 0) return MGPU_OK;
-    mgpu__binary_fwd_k<<<mgpu__grid(g->numel, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(op, *g, a, b, out);
+    MGPU__LAUNCH(mgpu__binary_fwd_k, mgpu__grid(g->numel, MGPU__THREADS), MGPU__THREADS, 0, stream, op, *g, a, b, out);
     MGPU__LAUNCHED("mgpu__binary_fwd_k");
     return MGPU_OK;
 }
@@ -339,7 +346,7 @@ __global__ void mgpu__fill_k(float *x, int64_t n, float v) { MGPU__FOR(i, n) x[i
 extern "C" mgpu_result mgpu_cuda_fill(float *x, int64_t n, float value, void *stream) {
     MGPU__REQUIRE(n >= 0 && (n == 0 || x), "x must be a device pointer and n >= 0");
     if (n == 0) return MGPU_OK;
-    mgpu__fill_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(x, n, value);
+    MGPU__LAUNCH(mgpu__fill_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, n, value);
     MGPU__LAUNCHED("mgpu__fill_k");
     return MGPU_OK;
 }
@@ -379,7 +386,7 @@ static mgpu_result mgpu__colsum(const float *dy, const float *x, const float *me
                                 float *dw, float *db, void *stream) {
     int64_t blocks = (cols + 31) / 32;
     MGPU__REQUIRE(blocks <= 2147483647LL, "too many columns");
-    mgpu__colsum_k<<<(unsigned)blocks, dim3(32, MGPU__COL_Y), 0, MGPU__STREAM(stream)>>>(dy, x, mean, rstd, rows, cols, dw, db);
+    MGPU__LAUNCH(mgpu__colsum_k, (unsigned)blocks, dim3(32, MGPU__COL_Y), 0, stream, dy, x, mean, rstd, rows, cols, dw, db);
     MGPU__LAUNCHED("mgpu__colsum_k");
     return MGPU_OK;
 }
@@ -387,7 +394,7 @@ static mgpu_result mgpu__colsum(const float *dy, const float *x, const float *me
 extern "C" mgpu_result mgpu_cuda_bias_add_forward(const float *x, const float *b, float *y, int64_t rows, int64_t cols, void *stream) {
     MGPU__REQUIRE(rows >= 0 && cols >= 0 && (rows * cols == 0 || (x && b && y)), "x, b, y must be device pointers; rows, cols >= 0");
     if (rows * cols == 0) return MGPU_OK;
-    mgpu__bias_add_k<<<mgpu__grid(rows * cols, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(x, b, y, rows, cols);
+    MGPU__LAUNCH(mgpu__bias_add_k, mgpu__grid(rows * cols, MGPU__THREADS), MGPU__THREADS, 0, stream, x, b, y, rows, cols);
     MGPU__LAUNCHED("mgpu__bias_add_k");
     return MGPU_OK;
 }
@@ -472,8 +479,8 @@ static mgpu_result mgpu__softmax_rows(const float *x, float *y, int64_t rows, in
     unsigned grid;
     bool block = dim > MGPU__ROW_SMALL;
     MGPU__REQUIRE(mgpu__row_blocks(rows, block, &grid), "too many rows");
-    if (block) mgpu__softmax_rows_k<true><<<grid, 256, 0, MGPU__STREAM(stream)>>>(x, y, rows, dim, log, causal_tq);
-    else mgpu__softmax_rows_k<false><<<grid, 256, 0, MGPU__STREAM(stream)>>>(x, y, rows, dim, log, causal_tq);
+    if (block) MGPU__LAUNCH(mgpu__softmax_rows_k<true>, grid, 256, 0, stream, x, y, rows, dim, log, causal_tq);
+    else MGPU__LAUNCH(mgpu__softmax_rows_k<false>, grid, 256, 0, stream, x, y, rows, dim, log, causal_tq);
     MGPU__LAUNCHED("mgpu__softmax_rows_k");
     return MGPU_OK;
 }
@@ -482,8 +489,8 @@ static mgpu_result mgpu__softmax_bwd_rows(const float *y, const float *dy, float
     unsigned grid;
     bool block = dim > MGPU__ROW_SMALL;
     MGPU__REQUIRE(mgpu__row_blocks(rows, block, &grid), "too many rows");
-    if (block) mgpu__softmax_bwd_rows_k<true><<<grid, 256, 0, MGPU__STREAM(stream)>>>(y, dy, dx, rows, dim, log, scale, accumulate);
-    else mgpu__softmax_bwd_rows_k<false><<<grid, 256, 0, MGPU__STREAM(stream)>>>(y, dy, dx, rows, dim, log, scale, accumulate);
+    if (block) MGPU__LAUNCH(mgpu__softmax_bwd_rows_k<true>, grid, 256, 0, stream, y, dy, dx, rows, dim, log, scale, accumulate);
+    else MGPU__LAUNCH(mgpu__softmax_bwd_rows_k<false>, grid, 256, 0, stream, y, dy, dx, rows, dim, log, scale, accumulate);
     MGPU__LAUNCHED("mgpu__softmax_bwd_rows_k");
     return MGPU_OK;
 }
@@ -493,7 +500,7 @@ extern "C" mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64
     MGPU__REQUIRE(outer * dim * inner == 0 || (x && y), "x and y must be device pointers");
     if (outer * dim * inner == 0) return MGPU_OK;
     if (inner == 1) return mgpu__softmax_rows(x, y, outer, dim, log, 0, stream);
-    mgpu__softmax_lines_k<<<mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(x, y, outer, dim, inner, log);
+    MGPU__LAUNCH(mgpu__softmax_lines_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, dim, inner, log);
     MGPU__LAUNCHED("mgpu__softmax_lines_k");
     return MGPU_OK;
 }
@@ -503,7 +510,7 @@ extern "C" mgpu_result mgpu_cuda_softmax_backward(const float *y, const float *d
     MGPU__REQUIRE(outer * dim * inner == 0 || (y && dy && dx), "y, dy and dx must be device pointers");
     if (outer * dim * inner == 0) return MGPU_OK;
     if (inner == 1) return mgpu__softmax_bwd_rows(y, dy, dx, outer, dim, log, 1.0f, 1, stream);
-    mgpu__softmax_bwd_lines_k<<<mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(y, dy, dx, outer, dim,
+    MGPU__LAUNCH(mgpu__softmax_bwd_lines_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, y, dy, dx, outer, dim,
                                                                                                                    inner, log);
     MGPU__LAUNCHED("mgpu__softmax_bwd_lines_k");
     return MGPU_OK;
@@ -578,11 +585,11 @@ extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const float *logits, cons
     bool block = c > MGPU__ROW_SMALL;
     if (n > 0) {
         MGPU__REQUIRE(mgpu__row_blocks(n, block, &grid), "too many rows");
-        if (block) mgpu__lse_rows_k<true><<<grid, 256, 0, MGPU__STREAM(stream)>>>(logits, lse, n, c);
-        else mgpu__lse_rows_k<false><<<grid, 256, 0, MGPU__STREAM(stream)>>>(logits, lse, n, c);
+        if (block) MGPU__LAUNCH(mgpu__lse_rows_k<true>, grid, 256, 0, stream, logits, lse, n, c);
+        else MGPU__LAUNCH(mgpu__lse_rows_k<false>, grid, 256, 0, stream, logits, lse, n, c);
         MGPU__LAUNCHED("mgpu__lse_rows_k");
     }
-    mgpu__class_loss_k<<<1, 1024, 0, MGPU__STREAM(stream)>>>(logits, lse, target, target_i64, n, c, loss, valid);
+    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, logits, lse, target, target_i64, n, c, loss, valid);
     MGPU__LAUNCHED("mgpu__class_loss_k");
     return MGPU_OK;
 }
@@ -592,7 +599,7 @@ extern "C" mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, con
     MGPU__REQUIRE(n >= 0 && c > 0, "n must be >= 0 and c > 0");
     MGPU__REQUIRE(n == 0 || (logits && target && lse && dloss && valid && dx), "bad pointers");
     if (n == 0) return MGPU_OK;
-    mgpu__ce_bwd_k<<<mgpu__grid(n * c, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(logits, target, target_i64, lse, dloss,
+    MGPU__LAUNCH(mgpu__ce_bwd_k, mgpu__grid(n * c, MGPU__THREADS), MGPU__THREADS, 0, stream, logits, target, target_i64, lse, dloss,
                                                                                                valid, dx, n, c);
     MGPU__LAUNCHED("mgpu__ce_bwd_k");
     return MGPU_OK;
@@ -600,7 +607,7 @@ extern "C" mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, con
 extern "C" mgpu_result mgpu_cuda_nll_forward(const float *logp, const void *target, int target_i64, int64_t n, int64_t c, float *loss,
                                              float *valid, void *stream) {
     MGPU__REQUIRE(n >= 0 && c > 0 && loss && valid && (n == 0 || (logp && target)), "bad pointers or sizes");
-    mgpu__class_loss_k<<<1, 1024, 0, MGPU__STREAM(stream)>>>(logp, NULL, target, target_i64, n, c, loss, valid);
+    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, logp, NULL, target, target_i64, n, c, loss, valid);
     MGPU__LAUNCHED("mgpu__class_loss_k");
     return MGPU_OK;
 }
@@ -608,7 +615,7 @@ extern "C" mgpu_result mgpu_cuda_nll_backward(const void *target, int target_i64
                                               int64_t n, int64_t c, void *stream) {
     MGPU__REQUIRE(n >= 0 && c > 0 && (n == 0 || (target && dloss && valid && dx)), "bad pointers or sizes");
     if (n == 0) return MGPU_OK;
-    mgpu__nll_bwd_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(target, target_i64, dloss, valid, dx, n, c);
+    MGPU__LAUNCH(mgpu__nll_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, target, target_i64, dloss, valid, dx, n, c);
     MGPU__LAUNCHED("mgpu__nll_bwd_k");
     return MGPU_OK;
 }
@@ -639,12 +646,12 @@ __global__ void mgpu__reduce_final_k(const float *partials, int64_t n, float sca
     if (threadIdx.x == 0) out[0] = root ? (float)sqrt(s * (double)scale) : (float)(s * (double)scale);
 }
 static mgpu_result mgpu__reduce_partials(int mode, const float *x, const float *y, int64_t n, float *partials, void *stream) {
-    mgpu__reduce_partials_k<<<MGPU_CUDA_REDUCE_PARTIALS, 256, 0, MGPU__STREAM(stream)>>>(mode, x, y, n, partials);
+    MGPU__LAUNCH(mgpu__reduce_partials_k, MGPU_CUDA_REDUCE_PARTIALS, 256, 0, stream, mode, x, y, n, partials);
     MGPU__LAUNCHED("mgpu__reduce_partials_k");
     return MGPU_OK;
 }
 static mgpu_result mgpu__reduce_final(const float *partials, int64_t n, float scale, int root, float *out, void *stream) {
-    mgpu__reduce_final_k<<<1, 1024, 0, MGPU__STREAM(stream)>>>(partials, n, scale, root, out);
+    MGPU__LAUNCH(mgpu__reduce_final_k, 1, 1024, 0, stream, partials, n, scale, root, out);
     MGPU__LAUNCHED("mgpu__reduce_final_k");
     return MGPU_OK;
 }
@@ -673,14 +680,14 @@ __global__ void mgpu__mse_bwd_k(const float *a, const float *b, const float *dlo
 }
 extern "C" mgpu_result mgpu_cuda_mse_forward(const float *a, const float *b, int64_t n, float *loss, void *stream) {
     MGPU__REQUIRE(n > 0 && a && b && loss, "a, b, loss must be device pointers and n > 0");
-    mgpu__mse_k<<<1, 1024, 0, MGPU__STREAM(stream)>>>(a, b, n, loss);
+    MGPU__LAUNCH(mgpu__mse_k, 1, 1024, 0, stream, a, b, n, loss);
     MGPU__LAUNCHED("mgpu__mse_k");
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, const float *dloss, float *da, float *db, int64_t n, void *stream) {
     MGPU__REQUIRE(n > 0 && a && b && dloss, "a, b, dloss must be device pointers and n > 0");
     if (!da && !db) return MGPU_OK;
-    mgpu__mse_bwd_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(a, b, dloss, da, db, n);
+    MGPU__LAUNCH(mgpu__mse_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, a, b, dloss, da, db, n);
     MGPU__LAUNCHED("mgpu__mse_bwd_k");
     return MGPU_OK;
 }
@@ -703,14 +710,14 @@ extern "C" mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p,
     MGPU__REQUIRE(p >= 0.0f && p <= 1.0f, "p must be in [0, 1]");
     MGPU__REQUIRE(n >= 0 && (n == 0 || (src && dst)), "src and dst must be device pointers and n >= 0");
     if (n == 0) return MGPU_OK;
-    mgpu__dropout_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(seed, first, p, scale, src, dst, n, accumulate);
+    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, seed, first, p, scale, src, dst, n, accumulate);
     MGPU__LAUNCHED("mgpu__dropout_k");
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_random_u32(uint64_t seed, uint64_t first, uint32_t *out, int64_t n, void *stream) {
     MGPU__REQUIRE(n >= 0 && (n == 0 || out), "out must be a device pointer and n >= 0");
     if (n == 0) return MGPU_OK;
-    mgpu__random_u32_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(seed, first, out, n);
+    MGPU__LAUNCH(mgpu__random_u32_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, seed, first, out, n);
     MGPU__LAUNCHED("mgpu__random_u32_k");
     return MGPU_OK;
 }
@@ -771,8 +778,8 @@ extern "C" mgpu_result mgpu_cuda_layer_norm_forward(const float *x, const float 
     unsigned grid;
     bool block = C > MGPU__ROW_SMALL;
     MGPU__REQUIRE(mgpu__row_blocks(R, block, &grid), "too many rows");
-    if (block) mgpu__ln_fwd_k<true><<<grid, 256, 0, MGPU__STREAM(stream)>>>(x, w, b, y, mean, rstd, R, C, eps);
-    else mgpu__ln_fwd_k<false><<<grid, 256, 0, MGPU__STREAM(stream)>>>(x, w, b, y, mean, rstd, R, C, eps);
+    if (block) MGPU__LAUNCH(mgpu__ln_fwd_k<true>, grid, 256, 0, stream, x, w, b, y, mean, rstd, R, C, eps);
+    else MGPU__LAUNCH(mgpu__ln_fwd_k<false>, grid, 256, 0, stream, x, w, b, y, mean, rstd, R, C, eps);
     MGPU__LAUNCHED("mgpu__ln_fwd_k");
     return MGPU_OK;
 }
@@ -785,8 +792,8 @@ extern "C" mgpu_result mgpu_cuda_layer_norm_backward(const float *x, const float
         unsigned grid;
         bool block = C > MGPU__ROW_SMALL;
         MGPU__REQUIRE(mgpu__row_blocks(R, block, &grid), "too many rows");
-        if (block) mgpu__ln_bwd_k<true><<<grid, 256, 0, MGPU__STREAM(stream)>>>(x, w, dy, mean, rstd, dx, R, C);
-        else mgpu__ln_bwd_k<false><<<grid, 256, 0, MGPU__STREAM(stream)>>>(x, w, dy, mean, rstd, dx, R, C);
+        if (block) MGPU__LAUNCH(mgpu__ln_bwd_k<true>, grid, 256, 0, stream, x, w, dy, mean, rstd, dx, R, C);
+        else MGPU__LAUNCH(mgpu__ln_bwd_k<false>, grid, 256, 0, stream, x, w, dy, mean, rstd, dx, R, C);
         MGPU__LAUNCHED("mgpu__ln_bwd_k");
     }
     if (dw || db) return mgpu__colsum(dy, dw ? x : NULL, mean, rstd, R, C, dw, db, stream);
@@ -855,7 +862,7 @@ extern "C" mgpu_result mgpu_cuda_batch_norm_forward(const float *x, const float 
     MGPU__REQUIRE(training || running_mean, "eval needs the running statistics");
     MGPU__REQUIRE(!training || N * S > 1, "training needs more than one value per channel");
     MGPU__REQUIRE(x && y && mean && rstd, "x, y, mean, rstd must be device pointers");
-    mgpu__bn_fwd_k<<<(unsigned)C, 256, 0, MGPU__STREAM(stream)>>>(x, w, b, running_mean, running_var, y, mean, rstd, N, C, S, training,
+    MGPU__LAUNCH(mgpu__bn_fwd_k, (unsigned)C, 256, 0, stream, x, w, b, running_mean, running_var, y, mean, rstd, N, C, S, training,
                                                                 momentum, eps);
     MGPU__LAUNCHED("mgpu__bn_fwd_k");
     return MGPU_OK;
@@ -866,7 +873,7 @@ extern "C" mgpu_result mgpu_cuda_batch_norm_backward(const float *x, const float
     MGPU__REQUIRE(N >= 0 && C > 0 && S >= 0 && C <= 2147483647LL, "need N, S >= 0 and C > 0");
     MGPU__REQUIRE(x && dy && mean && rstd, "x, dy, mean, rstd must be device pointers");
     if (!dx && !dw && !db) return MGPU_OK;
-    mgpu__bn_bwd_k<<<(unsigned)C, 256, 0, MGPU__STREAM(stream)>>>(x, w, dy, mean, rstd, dx, dw, db, N, C, S, training);
+    MGPU__LAUNCH(mgpu__bn_bwd_k, (unsigned)C, 256, 0, stream, x, w, dy, mean, rstd, dx, dw, db, N, C, S, training);
     MGPU__LAUNCHED("mgpu__bn_bwd_k");
     return MGPU_OK;
 }
@@ -897,7 +904,7 @@ extern "C" mgpu_result mgpu_cuda_embedding_forward(const float *weight, const vo
                                                    int64_t D, void *stream) {
     MGPU__REQUIRE(n >= 0 && V > 0 && D > 0 && (n == 0 || (weight && idx && out)), "bad pointers or sizes");
     if (n == 0) return MGPU_OK;
-    mgpu__emb_fwd_k<<<mgpu__grid(n * D, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(weight, idx, idx_i64, out, n, V, D);
+    MGPU__LAUNCH(mgpu__emb_fwd_k, mgpu__grid(n * D, MGPU__THREADS), MGPU__THREADS, 0, stream, weight, idx, idx_i64, out, n, V, D);
     MGPU__LAUNCHED("mgpu__emb_fwd_k");
     return MGPU_OK;
 }
@@ -905,7 +912,7 @@ extern "C" mgpu_result mgpu_cuda_embedding_backward(const void *idx, int idx_i64
                                                     int64_t D, void *stream) {
     MGPU__REQUIRE(n >= 0 && V > 0 && D > 0 && (n == 0 || (idx && dy && dweight)), "bad pointers or sizes");
     if (n == 0) return MGPU_OK;
-    mgpu__emb_bwd_k<<<mgpu__grid(D * MGPU__EMB_PARTS, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(idx, idx_i64, dy, dweight,
+    MGPU__LAUNCH(mgpu__emb_bwd_k, mgpu__grid(D * MGPU__EMB_PARTS, MGPU__THREADS), MGPU__THREADS, 0, stream, idx, idx_i64, dy, dweight,
                                                                                                              n, V, D);
     MGPU__LAUNCHED("mgpu__emb_bwd_k");
     return MGPU_OK;
@@ -997,7 +1004,7 @@ extern "C" mgpu_result mgpu_cuda_im2col(const mgpu_cuda_conv_geom *g, const floa
     MGPU__REQUIRE(g->N == 0 || (x && cols), "x and cols must be device pointers");
     if (g->N == 0) return MGPU_OK;
     int64_t total = g->N * g->C * g->kernel * g->kernel * g->OH * g->OW;
-    mgpu__im2col_k<<<mgpu__grid(total, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(*g, x, cols);
+    MGPU__LAUNCH(mgpu__im2col_k, mgpu__grid(total, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, x, cols);
     MGPU__LAUNCHED("mgpu__im2col_k");
     return MGPU_OK;
 }
@@ -1005,7 +1012,7 @@ extern "C" mgpu_result mgpu_cuda_col2im(const mgpu_cuda_conv_geom *g, const floa
     MGPU__REQUIRE(mgpu__geom_ok(g), "inconsistent convolution geometry");
     MGPU__REQUIRE(g->N == 0 || (dcols && dx), "dcols and dx must be device pointers");
     if (g->N == 0) return MGPU_OK;
-    mgpu__col2im_k<<<mgpu__grid(g->N * g->C * g->H * g->W, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(*g, dcols, dx);
+    MGPU__LAUNCH(mgpu__col2im_k, mgpu__grid(g->N * g->C * g->H * g->W, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, dcols, dx);
     MGPU__LAUNCHED("mgpu__col2im_k");
     return MGPU_OK;
 }
@@ -1014,7 +1021,7 @@ extern "C" mgpu_result mgpu_cuda_pool_forward(const mgpu_cuda_conv_geom *g, int 
     MGPU__REQUIRE(mgpu__geom_ok(g) && g->H * g->W <= 2147483647LL, "inconsistent pooling geometry");
     MGPU__REQUIRE(g->N == 0 || (x && y), "x and y must be device pointers");
     if (g->N == 0) return MGPU_OK;
-    mgpu__pool_fwd_k<<<mgpu__grid(g->N * g->C * g->OH * g->OW, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(*g, is_max, x, y,
+    MGPU__LAUNCH(mgpu__pool_fwd_k, mgpu__grid(g->N * g->C * g->OH * g->OW, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, is_max, x, y,
                                                                                                                      argmax);
     MGPU__LAUNCHED("mgpu__pool_fwd_k");
     return MGPU_OK;
@@ -1024,7 +1031,7 @@ extern "C" mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int
     MGPU__REQUIRE(mgpu__geom_ok(g), "inconsistent pooling geometry");
     MGPU__REQUIRE(g->N == 0 || (dy && dx && (!is_max || argmax)), "dy, dx (and argmax for max pooling) must be device pointers");
     if (g->N == 0) return MGPU_OK;
-    mgpu__pool_bwd_k<<<mgpu__grid(g->N * g->C * g->H * g->W, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(*g, is_max, argmax,
+    MGPU__LAUNCH(mgpu__pool_bwd_k, mgpu__grid(g->N * g->C * g->H * g->W, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, is_max, argmax,
                                                                                                                    dy, dx);
     MGPU__LAUNCHED("mgpu__pool_bwd_k");
     return MGPU_OK;
@@ -1051,7 +1058,7 @@ extern "C" mgpu_result mgpu_cuda_transpose(const float *x, float *y, int64_t out
     int64_t n = outer * d0 * mid * d1 * inner;
     MGPU__REQUIRE(n == 0 || (x && y), "x and y must be device pointers");
     if (n == 0) return MGPU_OK;
-    mgpu__transpose_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(x, y, outer, d0, mid, d1, inner, accumulate);
+    MGPU__LAUNCH(mgpu__transpose_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, d0, mid, d1, inner, accumulate);
     MGPU__LAUNCHED("mgpu__transpose_k");
     return MGPU_OK;
 }
@@ -1070,7 +1077,7 @@ extern "C" mgpu_result mgpu_cuda_copy_rows(const float *src, int64_t src_row, in
                   "a row block reaches outside its row");
     MGPU__REQUIRE(rows * len == 0 || (src && dst), "src and dst must be device pointers");
     if (rows * len == 0) return MGPU_OK;
-    mgpu__copy_rows_k<<<mgpu__grid(rows * len, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(src, src_row, src_off, dst, dst_row,
+    MGPU__LAUNCH(mgpu__copy_rows_k, mgpu__grid(rows * len, MGPU__THREADS), MGPU__THREADS, 0, stream, src, src_row, src_off, dst, dst_row,
                                                                                                        dst_off, rows, len, accumulate);
     MGPU__LAUNCHED("mgpu__copy_rows_k");
     return MGPU_OK;
@@ -1109,7 +1116,7 @@ __global__ void mgpu__max_dim_bwd_k(const int32_t *argmax, const float *dy, floa
 extern "C" mgpu_result mgpu_cuda_sum_dim(const float *x, float *y, int64_t outer, int64_t D, int64_t inner, float scale, void *stream) {
     MGPU__REQUIRE(outer >= 0 && D >= 0 && inner >= 0 && (outer * inner == 0 || (y && (D == 0 || x))), "bad pointers or sizes");
     if (outer * inner == 0) return MGPU_OK;
-    mgpu__sum_dim_k<<<mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(x, y, outer, D, inner, scale);
+    MGPU__LAUNCH(mgpu__sum_dim_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, D, inner, scale);
     MGPU__LAUNCHED("mgpu__sum_dim_k");
     return MGPU_OK;
 }
@@ -1117,7 +1124,7 @@ extern "C" mgpu_result mgpu_cuda_sum_dim_backward(const float *dy, float *dx, in
                                                   void *stream) {
     MGPU__REQUIRE(outer >= 0 && D >= 0 && inner >= 0 && (outer * D * inner == 0 || (dy && dx)), "bad pointers or sizes");
     if (outer * D * inner == 0) return MGPU_OK;
-    mgpu__sum_dim_bwd_k<<<mgpu__grid(outer * D * inner, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(dy, dx, outer, D, inner,
+    MGPU__LAUNCH(mgpu__sum_dim_bwd_k, mgpu__grid(outer * D * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, dy, dx, outer, D, inner,
                                                                                                                  scale);
     MGPU__LAUNCHED("mgpu__sum_dim_bwd_k");
     return MGPU_OK;
@@ -1126,7 +1133,7 @@ extern "C" mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argm
     MGPU__REQUIRE(outer >= 0 && D > 0 && D <= 2147483647LL && inner >= 0, "need D in [1, 2^31)");
     MGPU__REQUIRE(outer * inner == 0 || (x && y), "x and y must be device pointers");
     if (outer * inner == 0) return MGPU_OK;
-    mgpu__max_dim_k<<<mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(x, y, argmax, outer, D, inner);
+    MGPU__LAUNCH(mgpu__max_dim_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, argmax, outer, D, inner);
     MGPU__LAUNCHED("mgpu__max_dim_k");
     return MGPU_OK;
 }
@@ -1134,7 +1141,7 @@ extern "C" mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const f
                                                   void *stream) {
     MGPU__REQUIRE(outer >= 0 && D > 0 && inner >= 0 && (outer * inner == 0 || (argmax && dy && dx)), "bad pointers or sizes");
     if (outer * inner == 0) return MGPU_OK;
-    mgpu__max_dim_bwd_k<<<mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(argmax, dy, dx, outer, D, inner);
+    MGPU__LAUNCH(mgpu__max_dim_bwd_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, argmax, dy, dx, outer, D, inner);
     MGPU__LAUNCHED("mgpu__max_dim_bwd_k");
     return MGPU_OK;
 }
@@ -1161,7 +1168,7 @@ extern "C" mgpu_result mgpu_cuda_cast(const void *src, int src_dtype, void *dst,
     MGPU__REQUIRE(mgpu__float_dtype(src_dtype) && mgpu__float_dtype(dst_dtype), "casts are between F32, F16 and BF16");
     MGPU__REQUIRE(n >= 0 && (n == 0 || (src && dst)), "src and dst must be device pointers and n >= 0");
     if (n == 0) return MGPU_OK;
-    mgpu__cast_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(src, src_dtype, dst, dst_dtype, n);
+    MGPU__LAUNCH(mgpu__cast_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, src, src_dtype, dst, dst_dtype, n);
     MGPU__LAUNCHED("mgpu__cast_k");
     return MGPU_OK;
 }
@@ -1218,12 +1225,12 @@ __global__ void mgpu__sgd_k(mgpu__mt_list L, mgpu_cuda_sgd_args a) {
 
 typedef mgpu_result (*mgpu__mt_launch_fn)(const mgpu__mt_list *L, const void *args, void *stream);
 static mgpu_result mgpu__adam_launch(const mgpu__mt_list *L, const void *args, void *stream) {
-    mgpu__adam_k<<<(unsigned)L->blocks, MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(*L, *(const mgpu_cuda_adam_args *)args);
+    MGPU__LAUNCH(mgpu__adam_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, *(const mgpu_cuda_adam_args *)args);
     MGPU__LAUNCHED("mgpu__adam_k");
     return MGPU_OK;
 }
 static mgpu_result mgpu__sgd_launch(const mgpu__mt_list *L, const void *args, void *stream) {
-    mgpu__sgd_k<<<(unsigned)L->blocks, MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(*L, *(const mgpu_cuda_sgd_args *)args);
+    MGPU__LAUNCH(mgpu__sgd_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, *(const mgpu_cuda_sgd_args *)args);
     MGPU__LAUNCHED("mgpu__sgd_k");
     return MGPU_OK;
 }
@@ -1299,21 +1306,21 @@ __global__ void mgpu__check_finite_k(const float *x, int64_t n, int32_t *found) 
 }
 extern "C" mgpu_result mgpu_cuda_clip_coef(const float *norm, float max_norm, float *coef, void *stream) {
     MGPU__REQUIRE(norm && coef && max_norm >= 0.0f, "norm and coef must be device pointers, max_norm >= 0");
-    mgpu__clip_coef_k<<<1, 1, 0, MGPU__STREAM(stream)>>>(norm, max_norm, coef);
+    MGPU__LAUNCH(mgpu__clip_coef_k, 1, 1, 0, stream, norm, max_norm, coef);
     MGPU__LAUNCHED("mgpu__clip_coef_k");
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_scale_by(float *x, int64_t n, const float *s, void *stream) {
     MGPU__REQUIRE(n >= 0 && s && (n == 0 || x), "x and s must be device pointers");
     if (n == 0) return MGPU_OK;
-    mgpu__scale_by_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(x, n, s);
+    MGPU__LAUNCH(mgpu__scale_by_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, n, s);
     MGPU__LAUNCHED("mgpu__scale_by_k");
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_check_finite(const float *x, int64_t n, int32_t *found, void *stream) {
     MGPU__REQUIRE(n >= 0 && found && (n == 0 || x), "x and found must be device pointers");
     if (n == 0) return MGPU_OK;
-    mgpu__check_finite_k<<<mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, MGPU__STREAM(stream)>>>(x, n, found);
+    MGPU__LAUNCH(mgpu__check_finite_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, n, found);
     MGPU__LAUNCHED("mgpu__check_finite_k");
     return MGPU_OK;
 }
@@ -1488,7 +1495,7 @@ static mgpu_result mgpu__gemm_fallback(mgpu__blas *b, const mgpu__gemm_key *k, f
                                   a, mgpu__cuda_type(k->dtype), (int)k->lda, &beta, c, CUDA_R_32F, (int)k->ldc,
                                   mgpu__compute_type(k->dtype, k->tf32), CUBLAS_GEMM_DEFAULT));
     if (k->epi != MGPU_CUDA_EPI_NONE) {
-        mgpu__bias_act_k<<<mgpu__grid(k->m * k->n, MGPU__THREADS), MGPU__THREADS, 0, b->stream>>>(c, k->m, k->n, k->ldc, bias, k->epi);
+        MGPU__LAUNCH(mgpu__bias_act_k, mgpu__grid(k->m * k->n, MGPU__THREADS), MGPU__THREADS, 0, b->stream, c, k->m, k->n, k->ldc, bias, k->epi);
         MGPU__LAUNCHED("mgpu__bias_act_k");
     }
     return MGPU_OK;

@@ -9,6 +9,7 @@
 #ifndef MGPU_CUDA
 #define MGPU_CUDA
 #endif
+#define MGPU__INTERNAL /* the twin seam: argument structs and launcher declarations */
 #include "mgpu.h"
 #include <cublas_v2.h>
 #include <cuda_bf16.h>

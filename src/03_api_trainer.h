@@ -1,0 +1,39 @@
+/* ======================================================================================
+   Trainer: the training loop every example shares, composed from the options
+   ====================================================================================== */
+
+/* Builds logits (B, classes) from a batch x; the trainer adds the cross-entropy loss. */
+typedef mgpu_tensor *(*mgpu_forward_fn)(mgpu_context *ctx, mgpu_tensor *x, void *user);
+typedef struct mgpu_trainer mgpu_trainer;
+typedef struct mgpu_train_summary {
+    double final_train_loss, final_test_loss, final_test_accuracy;
+    double samples_per_s;          /* training samples per second over the run (per process) */
+    int64_t steps;                 /* optimizer steps taken */
+} mgpu_train_summary;
+/* Creates the context from opts (device, seed, threads). opts is kept by pointer. */
+MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts);
+MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t);
+/* Train `model` (built on mgpu_trainer_context) with cross-entropy on train, evaluating on test
+   (may be NULL) every --eval-frequency epochs and after the last; optimizer, LR schedule and
+   scaling, gradient accumulation, clipping, metrics JSONL, progress and --save-dir/model.safetensors
+   all come from the options. */
+MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                      const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary);
+/* Builds the layers of a model into `user` (user_size bytes, zeroed, owned by the trainer) and
+   returns 1, or 0 on failure. Called once per replica, so DataParallel can build several. */
+typedef int (*mgpu_build_fn)(mgpu_model *model, void *user);
+/* Builds the model with `build` and trains it as mgpu_trainer_fit does; with --multi-gpu dp it
+   builds one replica per entry of --gpu-ids, each on its own thread and context, kept in sync by
+   an in-process gradient all-reduce (DDP over threads), each replica taking --batch-size samples. */
+MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size_t user_size, mgpu_forward_fn forward,
+                                      const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary);
+/* Mean cross-entropy and accuracy of the model on a dataset (eval mode, no grad). */
+MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy);
+MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MGPU_H */
+

@@ -1,0 +1,272 @@
+/* CUDA host side: host side of the CUDA backend (compiled only under MGPU_CUDA): the error bridge
+   used by mgpu_kernels.cu, a caching device allocator with statistics, pinned host buffers, async
+   copies, per-device stream + cuBLAS resources, and CUDA Graph capture of a training step.
+   Kernels live in mgpu_kernels.cu. */
+#ifndef MGPU__CUDA_HOST_H
+#define MGPU__CUDA_HOST_H
+#ifdef MGPU_CUDA
+#if defined(MGPU_IMPLEMENTATION)
+#include <cuda_runtime_api.h>
+#include <pthread.h>
+
+/* Kernels report failures as a code and a finished sentence; this files it as this thread's error. */
+void mgpu__set_error_from_cuda(int code, const char *msg) { mgpu__fail((mgpu_result)code, "%s", msg); }
+
+static mgpu_result mgpu__cuda_fail(cudaError_t e, const char *fn, const char *call) {
+    return mgpu__fail(e == cudaErrorMemoryAllocation ? MGPU_ERR_OOM_DEVICE : MGPU_ERR_CUDA, "%s: %s failed: %s (%s)", fn, call,
+                      cudaGetErrorString(e), cudaGetErrorName(e));
+}
+#define MGPU__CUDA_TRY(fn, call) do { cudaError_t e_ = (call); if (e_ != cudaSuccess) return mgpu__cuda_fail(e_, fn, #call); } while (0)
+
+/* --------------------------------------------------------------------------------------
+   Caching device allocator. Requests are rounded to a size class (512 B steps below 1 MiB, 2 MiB
+   steps above), freed blocks stay reserved and are handed out again best-fit (at most 25% larger),
+   so a training loop stops calling cudaMalloc/cudaFree after its first step. One lock for all
+   devices: allocation is rare next to kernel launches.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__CUDA_MAX_DEVICES 64
+typedef struct mgpu__cuda_block { void *ptr; size_t size; int in_use; } mgpu__cuda_block;
+typedef struct mgpu__cuda_pool { mgpu__cuda_block *blocks; int n, cap; int64_t allocated, reserved, peak; } mgpu__cuda_pool;
+static mgpu__cuda_pool mgpu__cuda_pools[MGPU__CUDA_MAX_DEVICES];
+static pthread_mutex_t mgpu__cuda_pool_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static size_t mgpu__cuda_size_class(size_t bytes) {
+    const size_t small = 512, large = (size_t)2 << 20;
+    if (bytes == 0) bytes = 1;
+    return bytes < ((size_t)1 << 20) ? (bytes + small - 1) / small * small : (bytes + large - 1) / large * large;
+}
+
+static int mgpu__cuda_device_ok(int device, const char *fn) {
+    if (device < 0 || device >= MGPU__CUDA_MAX_DEVICES || device >= mgpu_cuda_device_count()) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: device %d is not a visible CUDA device (%d visible)", fn, device, mgpu_cuda_device_count());
+        return 0;
+    }
+    return 1;
+}
+
+/* Best-fit free block of at least `size` and at most 25% larger; -1 if none. Caller holds the lock. */
+static int mgpu__cuda_pool_find(const mgpu__cuda_pool *p, size_t size) {
+    int i, best = -1;
+    for (i = 0; i < p->n; i++) {
+        const mgpu__cuda_block *b = &p->blocks[i];
+        if (b->in_use || b->size < size || b->size > size + size / 4) continue;
+        if (best < 0 || b->size < p->blocks[best].size) best = i;
+    }
+    return best;
+}
+
+/* Returns cached blocks of one device to the driver. Caller holds the lock and has set the device. */
+static void mgpu__cuda_pool_release_free(mgpu__cuda_pool *p) {
+    int i, kept = 0;
+    for (i = 0; i < p->n; i++) {
+        if (p->blocks[i].in_use) { p->blocks[kept++] = p->blocks[i]; continue; }
+        cudaFree(p->blocks[i].ptr);
+        p->reserved -= (int64_t)p->blocks[i].size;
+    }
+    p->n = kept;
+}
+
+static int mgpu__cuda_pool_push(mgpu__cuda_pool *p, void *ptr, size_t size) {
+    if (p->n == p->cap) {
+        int cap = p->cap ? 2 * p->cap : 64;
+        mgpu__cuda_block *nb = (mgpu__cuda_block *)realloc(p->blocks, sizeof(mgpu__cuda_block) * (size_t)cap);
+        if (!nb) return 0;
+        p->blocks = nb; p->cap = cap;
+    }
+    p->blocks[p->n].ptr = ptr; p->blocks[p->n].size = size; p->blocks[p->n].in_use = 1;
+    p->n++;
+    return 1;
+}
+
+static void mgpu__cuda_pool_account(mgpu__cuda_pool *p, int64_t delta) {
+    p->allocated += delta;
+    if (p->allocated > p->peak) p->peak = p->allocated;
+}
+
+/* cudaMalloc on a miss; on OOM the cache is emptied once and the call retried. Caller holds the lock. */
+static void *mgpu__cuda_pool_grow(mgpu__cuda_pool *p, int device, size_t size) {
+    void *ptr = NULL;
+    cudaError_t e = cudaMalloc(&ptr, size);
+    if (e == cudaErrorMemoryAllocation) {
+        cudaGetLastError();   /* clear the sticky-free error before retrying */
+        mgpu__cuda_pool_release_free(p);
+        e = cudaMalloc(&ptr, size);
+    }
+    if (e != cudaSuccess) {
+        mgpu__fail(e == cudaErrorMemoryAllocation ? MGPU_ERR_OOM_DEVICE : MGPU_ERR_CUDA,
+                   "mgpu_cuda_malloc: cudaMalloc of %zu bytes on cuda:%d failed: %s (allocated %lld, reserved %lld bytes)", size, device,
+                   cudaGetErrorString(e), (long long)p->allocated, (long long)p->reserved);
+        return NULL;
+    }
+    if (!mgpu__cuda_pool_push(p, ptr, size)) {
+        cudaFree(ptr);
+        mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_cuda_malloc: no host memory for the allocator's block table");
+        return NULL;
+    }
+    p->reserved += (int64_t)size;
+    return ptr;
+}
+
+MGPU_API void *mgpu_cuda_malloc(int device, size_t bytes) {
+    mgpu__cuda_pool *p;
+    size_t size = mgpu__cuda_size_class(bytes);
+    void *ptr = NULL;
+    int prev = 0, hit;
+    if (!mgpu__cuda_device_ok(device, "mgpu_cuda_malloc")) return NULL;
+    if (cudaGetDevice(&prev) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+        mgpu__fail(MGPU_ERR_CUDA, "mgpu_cuda_malloc: cudaSetDevice(%d) failed", device);
+        return NULL;
+    }
+    pthread_mutex_lock(&mgpu__cuda_pool_mu);
+    p = &mgpu__cuda_pools[device];
+    hit = mgpu__cuda_pool_find(p, size);
+    if (hit >= 0) { p->blocks[hit].in_use = 1; ptr = p->blocks[hit].ptr; size = p->blocks[hit].size; }
+    else ptr = mgpu__cuda_pool_grow(p, device, size);
+    if (ptr) mgpu__cuda_pool_account(p, (int64_t)size);
+    pthread_mutex_unlock(&mgpu__cuda_pool_mu);
+    cudaSetDevice(prev);
+    return ptr;
+}
+
+/* The block goes back to the cache, not to the driver. Work still queued on it must be ordered
+   before its next user: the context uses one stream per device, so stream order guarantees it. */
+MGPU_API void mgpu_cuda_free(int device, void *ptr) {
+    mgpu__cuda_pool *p;
+    int i, found = 0;
+    if (!ptr) return;
+    if (!mgpu__cuda_device_ok(device, "mgpu_cuda_free")) return;
+    pthread_mutex_lock(&mgpu__cuda_pool_mu);
+    p = &mgpu__cuda_pools[device];
+    for (i = 0; i < p->n; i++)
+        if (p->blocks[i].ptr == ptr && p->blocks[i].in_use) {
+            p->blocks[i].in_use = 0;
+            mgpu__cuda_pool_account(p, -(int64_t)p->blocks[i].size);
+            found = 1;
+            break;
+        }
+    pthread_mutex_unlock(&mgpu__cuda_pool_mu);
+    if (!found) mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_cuda_free: %p was not allocated by mgpu_cuda_malloc on cuda:%d (or freed twice)", ptr, device);
+}
+
+MGPU_API mgpu_result mgpu_cuda_empty_cache(int device) {
+    int prev = 0;
+    if (!mgpu__cuda_device_ok(device, "mgpu_cuda_empty_cache")) return MGPU_ERR_INVALID_ARG;
+    MGPU__CUDA_TRY("mgpu_cuda_empty_cache", cudaGetDevice(&prev));
+    MGPU__CUDA_TRY("mgpu_cuda_empty_cache", cudaSetDevice(device));
+    MGPU__CUDA_TRY("mgpu_cuda_empty_cache", cudaDeviceSynchronize());   /* no kernel may still use a cached block */
+    pthread_mutex_lock(&mgpu__cuda_pool_mu);
+    mgpu__cuda_pool_release_free(&mgpu__cuda_pools[device]);
+    pthread_mutex_unlock(&mgpu__cuda_pool_mu);
+    MGPU__CUDA_TRY("mgpu_cuda_empty_cache", cudaSetDevice(prev));
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_memory_stats_get(int device, mgpu_memory_stats *out) {
+    const mgpu__cuda_pool *p;
+    if (!out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_memory_stats_get: out is NULL");
+    memset(out, 0, sizeof *out);
+    if (!mgpu__cuda_device_ok(device, "mgpu_memory_stats_get")) return MGPU_ERR_INVALID_ARG;
+    pthread_mutex_lock(&mgpu__cuda_pool_mu);
+    p = &mgpu__cuda_pools[device];
+    out->allocated = p->allocated; out->reserved = p->reserved; out->peak = p->peak;
+    pthread_mutex_unlock(&mgpu__cuda_pool_mu);
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   Pinned host memory and async copies
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API void *mgpu_cuda_host_alloc(size_t bytes) {
+    void *p = NULL;
+    cudaError_t e = cudaMallocHost(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_cuda_host_alloc: cudaMallocHost of %zu bytes failed: %s", bytes, cudaGetErrorString(e));
+        return NULL;
+    }
+    return p;
+}
+MGPU_API void mgpu_cuda_host_free(void *ptr) { if (ptr) cudaFreeHost(ptr); }
+
+static mgpu_result mgpu__cuda_copy_async(const char *fn, void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind, void *stream) {
+    if (bytes == 0) return MGPU_OK;
+    if (!dst || !src) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: dst and src must not be NULL", fn);
+    MGPU__CUDA_TRY(fn, cudaMemcpyAsync(dst, src, bytes, kind, (cudaStream_t)stream));
+    return MGPU_OK;
+}
+MGPU_API mgpu_result mgpu_cuda_copy_h2d_async(void *dst, const void *src, size_t bytes, void *stream) {
+    return mgpu__cuda_copy_async("mgpu_cuda_copy_h2d_async", dst, src, bytes, cudaMemcpyHostToDevice, stream);
+}
+MGPU_API mgpu_result mgpu_cuda_copy_d2h_async(void *dst, const void *src, size_t bytes, void *stream) {
+    return mgpu__cuda_copy_async("mgpu_cuda_copy_d2h_async", dst, src, bytes, cudaMemcpyDeviceToHost, stream);
+}
+MGPU_API mgpu_result mgpu_cuda_copy_d2d_async(void *dst, const void *src, size_t bytes, void *stream) {
+    return mgpu__cuda_copy_async("mgpu_cuda_copy_d2d_async", dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
+}
+
+/* --------------------------------------------------------------------------------------
+   Per-device resources of a context
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API mgpu_result mgpu_cuda_device_ctx_init(mgpu_cuda_device_ctx *d, int device) {
+    cudaStream_t s = NULL;
+    mgpu_result r;
+    if (!d) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_cuda_device_ctx_init: d is NULL");
+    memset(d, 0, sizeof *d);
+    if (!mgpu__cuda_device_ok(device, "mgpu_cuda_device_ctx_init")) return MGPU_ERR_INVALID_ARG;
+    MGPU__CUDA_TRY("mgpu_cuda_device_ctx_init", cudaSetDevice(device));
+    /* non-blocking: the legacy default stream must not serialise against the step */
+    MGPU__CUDA_TRY("mgpu_cuda_device_ctx_init", cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    d->device = device; d->stream = (void *)s;
+    r = mgpu_cuda_blas_create(&d->blas, d->stream, 0);
+    if (r != MGPU_OK) { mgpu_cuda_device_ctx_release(d); return r; }
+    return MGPU_OK;
+}
+MGPU_API void mgpu_cuda_device_ctx_release(mgpu_cuda_device_ctx *d) {
+    if (!d) return;
+    if (d->stream) cudaStreamSynchronize((cudaStream_t)d->stream);
+    mgpu_cuda_blas_destroy(d->blas);
+    if (d->stream) cudaStreamDestroy((cudaStream_t)d->stream);
+    memset(d, 0, sizeof *d);
+}
+
+/* --------------------------------------------------------------------------------------
+   CUDA Graphs: capture one step (forward, backward, optimizer) and replay it with one launch.
+   Everything captured must use fixed device addresses (arena, cached blocks) and no host sync.
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API mgpu_result mgpu_cuda_graph_begin(mgpu_cuda_graph *g, void *stream) {
+    if (!g || !stream) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_cuda_graph_begin: g and stream must not be NULL (the legacy stream cannot be captured)");
+    mgpu_cuda_graph_destroy(g);
+    MGPU__CUDA_TRY("mgpu_cuda_graph_begin", cudaStreamBeginCapture((cudaStream_t)stream, cudaStreamCaptureModeThreadLocal));
+    return MGPU_OK;
+}
+MGPU_API mgpu_result mgpu_cuda_graph_end(mgpu_cuda_graph *g, void *stream) {
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    if (!g || !stream) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_cuda_graph_end: g and stream must not be NULL");
+    MGPU__CUDA_TRY("mgpu_cuda_graph_end", cudaStreamEndCapture((cudaStream_t)stream, &graph));
+    cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    if (e != cudaSuccess) {
+        cudaGraphDestroy(graph);
+        return mgpu__cuda_fail(e, "mgpu_cuda_graph_end", "cudaGraphInstantiate");
+    }
+    g->graph = (void *)graph; g->exec = (void *)exec; g->captured = 1;
+    return MGPU_OK;
+}
+MGPU_API mgpu_result mgpu_cuda_graph_launch(mgpu_cuda_graph *g, void *stream) {
+    if (!g || !g->captured) return mgpu__fail(MGPU_ERR_STATE, "mgpu_cuda_graph_launch: no graph captured (call mgpu_cuda_graph_begin/end first)");
+    MGPU__CUDA_TRY("mgpu_cuda_graph_launch", cudaGraphLaunch((cudaGraphExec_t)g->exec, (cudaStream_t)stream));
+    return MGPU_OK;
+}
+MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g) {
+    if (!g) return;
+    if (g->exec) cudaGraphExecDestroy((cudaGraphExec_t)g->exec);
+    if (g->graph) cudaGraphDestroy((cudaGraph_t)g->graph);
+    g->graph = g->exec = NULL; g->captured = 0;
+}
+
+#endif /* MGPU_IMPLEMENTATION */
+#endif /* MGPU_CUDA */
+#endif /* MGPU__CUDA_HOST_H */

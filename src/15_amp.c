@@ -1,0 +1,107 @@
+/* ======================================================================================
+   Mixed precision: autocast
+   ====================================================================================== */
+
+/* Autocast on the CPU emulates half precision by rounding f32 storage to the nearest value the
+   half format can hold: a matmul-like op runs as y = round(op(round(x), round(w), round(b))) with
+   f32 accumulation inside, and the gradients crossing those roundings are rounded the same way,
+   so fp16 underflow and overflow of gradients happen as they would on a GPU. */
+
+MGPU_API mgpu_result mgpu_amp_parse(const char *text, mgpu_amp_mode *out) {
+    if (!text || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_amp_parse: text and out must not be NULL");
+    if (strcmp(text, "off") == 0) *out = MGPU_AMP_OFF;
+    else if (strcmp(text, "fp16") == 0) *out = MGPU_AMP_FP16;
+    else if (strcmp(text, "bf16") == 0) *out = MGPU_AMP_BF16;
+    else return mgpu__fail(MGPU_ERR_INVALID_ARG, "amp mode '%s': expected off, fp16 or bf16", text);
+    return MGPU_OK;
+}
+
+static int mgpu__amp_mode_valid(int mode) { return mode == MGPU_AMP_OFF || mode == MGPU_AMP_FP16 || mode == MGPU_AMP_BF16; }
+
+MGPU_API void mgpu_context_set_autocast(mgpu_context *ctx, mgpu_amp_mode mode) {
+    if (!ctx) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_context_set_autocast: ctx is NULL"); return; }
+    if (!mgpu__amp_mode_valid((int)mode)) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_context_set_autocast: mode %d is not an mgpu_amp_mode (autocast left unchanged)", (int)mode);
+        return;
+    }
+    ctx->autocast = (int)mode;
+}
+MGPU_API mgpu_amp_mode mgpu_context_autocast(const mgpu_context *ctx) { return ctx ? (mgpu_amp_mode)ctx->autocast : MGPU_AMP_OFF; }
+
+/* --------------------------------------------------------------------------------------
+   The "autocast round" op: F32 -> F32 holding values representable in the half format
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__AMP_PAR_MIN 32768 /* elements per chunk before rounding loops go to the thread pool */
+
+static float mgpu__amp_round_value(float v, int mode) {
+    return mode == MGPU_AMP_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(v)) : mgpu_f16_to_f32(mgpu_f32_to_f16(v));
+}
+
+/* dst[i] (+)= round(src[i]) over a range; accumulate for backward, overwrite for forward */
+typedef struct mgpu__amp_round_job { const float *src; float *dst; int mode, accumulate; } mgpu__amp_round_job;
+static void mgpu__amp_round_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__amp_round_job *j = (const mgpu__amp_round_job *)arg;
+    int64_t i;
+    if (j->accumulate) for (i = begin; i < end; i++) j->dst[i] += mgpu__amp_round_value(j->src[i], j->mode);
+    else for (i = begin; i < end; i++) j->dst[i] = mgpu__amp_round_value(j->src[i], j->mode);
+}
+static void mgpu__amp_round_array(mgpu_context *ctx, const float *src, float *dst, int64_t n, int mode, int accumulate) {
+    mgpu__amp_round_job j;
+    j.src = src; j.dst = dst; j.mode = mode; j.accumulate = accumulate;
+    mgpu_parallel_for(ctx, n, MGPU__AMP_PAR_MIN, mgpu__amp_round_range, &j);
+}
+
+/* iarg[0] = mode; the gradient is rounded like the value (what a half-precision cast does) */
+static mgpu_result mgpu__amp_round_backward(mgpu_context *ctx, mgpu__node *node) {
+    float *dx;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    mgpu__amp_round_array(ctx, (const float *)node->out->grad->data, dx, node->out->numel, (int)node->iarg[0], 1);
+    return MGPU_OK;
+}
+
+/* x rounded to the half format `mode` as a new activation, recorded on the tape. */
+static mgpu_tensor *mgpu__amp_round(mgpu_context *ctx, mgpu_tensor *x, int mode) {
+    mgpu_tensor *y;
+    mgpu__node *node = NULL;
+    if (!mgpu__check_input(ctx, "autocast", "input", x, 1)) return NULL;
+    y = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
+    if (!y) return NULL;
+    mgpu__amp_round_array(ctx, (const float *)x->data, (float *)y->data, x->numel, mode, 0);
+    MGPU__RECORD(ctx, "autocast_round", mgpu__amp_round_backward, y, 1, &x, node);
+    if (node) node->iarg[0] = mode;
+    return y;
+}
+
+/* --------------------------------------------------------------------------------------
+   Autocast around a matmul-like op. The op's public entry point does:
+       if (mgpu__autocast_active(ctx)) {
+           mode = mgpu__autocast_begin(ctx, in, n);   // rounds in[], suspends autocast
+           if (mode < 0) return NULL;
+           return mgpu__autocast_end(ctx, mode, op(ctx, in...));  // resumes, rounds the output
+       }
+   Suspending autocast for the inner call keeps ops built from other ops from rounding twice.
+   -------------------------------------------------------------------------------------- */
+
+static MGPU__UNUSED int mgpu__autocast_active(const mgpu_context *ctx) { return ctx && ctx->autocast != MGPU_AMP_OFF; }
+
+/* Rounds each usable input in place in `in` (NULL, non-F32 and foreign-device inputs pass through
+   untouched so the op itself reports them under its own name). Returns the mode with autocast
+   suspended, or -1 (autocast unchanged) when rounding failed. */
+static MGPU__UNUSED int mgpu__autocast_begin(mgpu_context *ctx, mgpu_tensor **in, int n) {
+    int i, mode = ctx->autocast;
+    for (i = 0; i < n; i++) {
+        mgpu_tensor *t = in[i];
+        if (!t || t->dtype != MGPU_F32 || t->device.type != ctx->device.type || t->device.index != ctx->device.index) continue;
+        in[i] = mgpu__amp_round(ctx, t, mode);
+        if (!in[i]) return -1;
+    }
+    ctx->autocast = MGPU_AMP_OFF;
+    return mode;
+}
+/* Restores autocast and rounds the op's output (NULL passes through). */
+static MGPU__UNUSED mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode, mgpu_tensor *out) {
+    ctx->autocast = mode;
+    return out ? mgpu__amp_round(ctx, out, mode) : NULL;
+}
+

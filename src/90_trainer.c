@@ -1,0 +1,895 @@
+   Trainer
+   ======================================================================================-- the training loop shared by the examples.
+
+   One run is a sequence of optimizer steps; checkpoints are taken only between steps, and hold
+   everything the loop depends on (weights, optimizer moments and step counts, RNG, loss scaler,
+   position in the epoch, the epoch's running sums, metrics so far), so a run interrupted at any
+   moment and resumed with --resume auto ends with the same weights, bit for bit on the CPU, as
+   one that never stopped. Steps skipped by the fp16 loss scaler still count as steps (for the
+   LR schedule, --max-steps and checkpoint names), as the LR scheduler steps on in PyTorch's AMP
+   recipe and the Hugging Face Trainer's global_step counts them. */
+
+struct mgpu_trainer {
+    const mgpu_train_opts *opts;
+    mgpu_context *ctx;
+    int rank, world_size;      /* checkpoints, metrics and the final model come from rank 0 only */
+    mgpu_comm *comm;           /* DDP's communicator when world_size > 1 */
+    mgpu_amp_mode amp;
+    int dp_replicas;           /* --multi-gpu dp: replicas (threads) in this process; 0 otherwise */
+};
+
+/* --multi-gpu dp: one replica per --gpu-ids entry. A CPU build runs CPU replicas (testable DP). */
+static mgpu_result mgpu__trainer_dp_replicas(const mgpu_train_opts *o, int world_size, int *replicas) {
+    const char *p;
+    *replicas = 0;
+    if (!o->multi_gpu || strcmp(o->multi_gpu, "dp") != 0) return MGPU_OK;
+    if (world_size > 1)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp runs in one process; under mgpurun (WORLD_SIZE=%d) use DDP (--multi-gpu ddp or none)", world_size);
+    if (!o->gpu_ids || !o->gpu_ids[0])
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp needs --gpu-ids (e.g. --gpu-ids 0,1): one replica per id");
+    for (*replicas = 1, p = o->gpu_ids; *p; p++) *replicas += *p == ',';
+    return MGPU_OK;
+}
+
+/* Under mgpurun (WORLD_SIZE > 1) DDP is chosen automatically: one communicator per process,
+   shared memory between the processes of the host (CPU tensors). */
+static mgpu_result mgpu__trainer_connect(mgpu_trainer *t) {
+    mgpu_comm_desc cd;
+    if (t->world_size <= 1) return MGPU_OK;
+    memset(&cd, 0, sizeof cd);
+    cd.backend = t->ctx->device.type == MGPU_DEVICE_CUDA ? MGPU_COMM_NCCL : MGPU_COMM_SHM;
+    t->comm = mgpu_comm_create(&cd);
+    return t->comm ? MGPU_OK : mgpu_last_result();
+}
+
+/* rank and world size from the environment; a build without the distributed layer is one process. */
+static mgpu_result mgpu__trainer_read_env(mgpu_trainer *t) {
+    mgpu_dist_env env;
+    mgpu_result r;
+    memset(&env, 0, sizeof env);
+    t->rank = 0; t->world_size = 1;
+    r = mgpu_dist_env_read(&env);
+    if (r == MGPU_ERR_UNSUPPORTED) { mgpu_clear_error(); return MGPU_OK; }
+    if (r != MGPU_OK) return r;
+    t->rank = env.rank;
+    t->world_size = env.world_size > 0 ? env.world_size : 1;
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
+    mgpu_trainer *t;
+    mgpu_context_desc cd;
+    mgpu_amp_mode amp = MGPU_AMP_OFF;
+    if (!opts) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_trainer_create: opts is NULL");
+    if (mgpu_amp_parse(opts->amp ? opts->amp : "off", &amp) != MGPU_OK) return NULL;
+    memset(&cd, 0, sizeof cd);
+    if (mgpu_device_parse(opts->device ? opts->device : "auto", &cd.device) != MGPU_OK) return NULL;
+    cd.seed = opts->seed;
+    t = (mgpu_trainer *)mgpu__calloc(sizeof *t, "the trainer");
+    if (!t) return NULL;
+    t->opts = opts;
+    t->amp = amp;
+    if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_dp_replicas(opts, t->world_size, &t->dp_replicas) != MGPU_OK ||
+        !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
+        mgpu_trainer_destroy(t);
+        return NULL;
+    }
+    return t;
+}
+MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t) { return t ? t->ctx : NULL; }
+MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t) {
+    if (!t) return;
+    mgpu_comm_destroy(t->comm);
+    mgpu_context_destroy(t->ctx);
+    mgpu_free(t);
+}
+
+MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+    mgpu_loader_desc ld;
+    mgpu_loader *loader;
+    mgpu_batch b;
+    mgpu_result r;
+    double loss_sum = 0;
+    int64_t correct = 0, seen = 0;
+    int was_training, grad_was_on;
+    if (!ctx || !model || !forward || !ds || batch_size < 1)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    memset(&ld, 0, sizeof ld);
+    ld.batch_size = batch_size; ld.ctx = ctx;
+    loader = mgpu_loader_create(ds, &ld);
+    if (!loader) return mgpu_last_result();
+    was_training = mgpu_model_is_training(model);
+    grad_was_on = mgpu_set_grad_enabled(ctx, 0);
+    mgpu_model_train(model, 0);
+    r = mgpu_loader_set_epoch(loader, 0, 0);
+    while (r == MGPU_OK && (r = mgpu_loader_next(loader, &b)) == MGPU_OK && b.size > 0) {
+        mgpu_tensor *logits = forward(ctx, b.x, user);
+        mgpu_tensor *l = mgpu_op_cross_entropy(ctx, logits, b.y);
+        if (!l) { r = mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE; break; }
+        loss_sum += mgpu_tensor_item(l) * (double)b.size;
+        correct += mgpu_count_correct(logits, b.y);
+        seen += b.size;
+        mgpu_context_end_step(ctx);
+    }
+    mgpu_context_end_step(ctx);
+    mgpu_model_train(model, was_training);
+    mgpu_set_grad_enabled(ctx, grad_was_on);
+    mgpu_loader_destroy(loader);
+    if (r != MGPU_OK) return r;
+    if (loss) *loss = seen ? loss_sum / (double)seen : NAN;
+    if (accuracy) *accuracy = seen ? (double)correct / (double)seen : NAN;
+    return MGPU_OK;
+}
+
+/* The LR schedule in optimizer steps, from the epoch-based options. */
+static mgpu_lr_schedule mgpu__schedule_from_opts(const mgpu_train_opts *o, float lr, int64_t steps_per_epoch) {
+    mgpu_lr_schedule s;
+    double spe = (double)steps_per_epoch;
+    memset(&s, 0, sizeof s);
+    s.type = o->schedule;
+    s.base_lr = lr;
+    s.warmup_steps = (int64_t)(o->warmup_epochs * spe + 0.5);
+    s.total_steps = (int64_t)o->epochs * steps_per_epoch;
+    if (o->max_steps > 0 && o->max_steps < s.total_steps) s.total_steps = o->max_steps;
+    s.t_0 = (int64_t)((o->t0_epochs > 0 ? o->t0_epochs : 1.0) * spe + 0.5);
+    if (s.t_0 < 1) s.t_0 = 1;
+    s.t_mult = o->t_mult > 0 ? o->t_mult : 1;
+    s.eta_min = o->eta_min;
+    s.step_size = (int64_t)((o->step_size_epochs > 0 ? o->step_size_epochs : 1.0) * spe + 0.5);
+    if (s.step_size < 1) s.step_size = 1;
+    s.gamma = o->gamma > 0 ? o->gamma : 0.1f;
+    return s;
+}
+
+static mgpu_optimizer *mgpu__optimizer_from_opts(mgpu_model *model, const mgpu_train_opts *o, float lr) {
+    mgpu_optimizer_desc od = mgpu_optimizer_desc_default(o->optimizer);
+    od.lr = lr;
+    od.weight_decay = o->weight_decay;
+    if (o->optimizer == MGPU_OPTIM_SGD) od.momentum = o->momentum;
+    return mgpu_optimizer_create(model, &od);
+}
+
+/* --------------------------------------------------------------------------------------
+   Pre-emption: SIGTERM (SLURM before a time limit or scancel, Kubernetes) and SIGUSR1
+   (`sbatch --signal=USR1@120`). The handler only records the signal; the loop saves a checkpoint
+   after the current optimizer step and fit returns MGPU_OK, so the program exits 0 and a requeued
+   job (`scontrol requeue`, `sbatch --requeue`) continues with --resume auto. The flag is process
+   state by nature, so it is the one global the trainer keeps.
+   -------------------------------------------------------------------------------------- */
+
+static volatile sig_atomic_t mgpu__stop_signal = 0;
+static void mgpu__on_stop_signal(int sig) { mgpu__stop_signal = sig; }
+
+typedef struct mgpu__signals { struct sigaction term, usr1; int installed; } mgpu__signals;
+
+static void mgpu__signals_install(mgpu__signals *s) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = mgpu__on_stop_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    mgpu__stop_signal = 0;
+    s->installed = sigaction(SIGTERM, &sa, &s->term) == 0 && sigaction(SIGUSR1, &sa, &s->usr1) == 0;
+}
+static void mgpu__signals_restore(mgpu__signals *s) {
+    if (!s->installed) return;
+    sigaction(SIGTERM, &s->term, NULL);
+    sigaction(SIGUSR1, &s->usr1, NULL);
+    s->installed = 0;
+}
+
+/* --------------------------------------------------------------------------------------
+   The loop's state
+   -------------------------------------------------------------------------------------- */
+
+/* Running sums of the epoch in progress, saved in checkpoints so a resumed epoch reports what an
+   uninterrupted one would. Times are seconds on the training thread. */
+typedef struct mgpu__epoch_stats {
+    double loss_sum; int64_t samples;
+    double time_s, data_wait_s, compute_s, optimizer_s, checkpoint_s, comm_s;
+} mgpu__epoch_stats;
+
+/* The double members of mgpu__epoch_stats by name: one table for writing and reading them. */
+typedef struct mgpu__stat_field { const char *key; size_t offset; } mgpu__stat_field;
+static const mgpu__stat_field mgpu__epoch_stat_fields[] = {
+    {"loss_sum", offsetof(mgpu__epoch_stats, loss_sum)}, {"time_s", offsetof(mgpu__epoch_stats, time_s)},
+    {"data_wait_s", offsetof(mgpu__epoch_stats, data_wait_s)}, {"compute_s", offsetof(mgpu__epoch_stats, compute_s)},
+    {"optimizer_s", offsetof(mgpu__epoch_stats, optimizer_s)}, {"checkpoint_s", offsetof(mgpu__epoch_stats, checkpoint_s)},
+    {"comm_s", offsetof(mgpu__epoch_stats, comm_s)}};
+#define MGPU__N_EPOCH_STATS ((int)(sizeof mgpu__epoch_stat_fields / sizeof mgpu__epoch_stat_fields[0]))
+
+/* State of one fit() call, so the loop body stays small. */
+typedef struct mgpu__fit {
+    mgpu_trainer *t;
+    mgpu_model *model; mgpu_forward_fn forward; void *user;
+    mgpu_loader *loader; mgpu_optimizer *opt; mgpu_metrics *metrics;
+    mgpu_checkpointer *ckpt;          /* NULL without --save-dir and on ranks other than 0 */
+    mgpu_ddp *ddp;                    /* gradient all-reduce across ranks (world_size > 1) */
+    double ddp_exposed_s;             /* DDP's exposed communication time already counted */
+    mgpu_lr_schedule schedule;
+    mgpu_grad_scaler scaler;
+    int64_t step, micro, batches_per_epoch;
+    int64_t epoch, batch;             /* where the run stands: the epoch in progress and its next batch */
+    mgpu__epoch_stats es;
+    double clock;                     /* when es.time_s was last brought up to date */
+    mgpu__buf history;                /* metrics records so far: JSON objects joined by commas */
+    double saved_time;                /* when the last checkpoint was taken (or the run began) */
+    double run_time, run_samples;     /* this process's share, for samples_per_s */
+    int stop;                         /* --max-steps reached or a stop signal */
+    int signal;                       /* the stop signal, 0 if none */
+} mgpu__fit;
+
+static void mgpu__fit_clock(mgpu__fit *f) {
+    double now = mgpu_time_s();
+    f->es.time_s += now - f->clock;
+    f->clock = now;
+}
+
+/* Peak resident memory (VmHWM) in MiB, NaN where /proc is missing. */
+static double mgpu__peak_rss_mb(void) {
+    char line[256];
+    double kb = NAN;
+    FILE *fp = fopen("/proc/self/status", "r");
+    if (!fp) return NAN;
+    while (fgets(line, sizeof line, fp))
+        if (strncmp(line, "VmHWM:", 6) == 0) { kb = strtod(line + 6, NULL); break; }
+    fclose(fp);
+    return kb / 1024.0;
+}
+
+/* --------------------------------------------------------------------------------------
+   trainer_state.json
+   -------------------------------------------------------------------------------------- */
+
+/* A parsed JSON value written back as text (numbers keep their source spelling). */
+static void mgpu__json_write(mgpu__buf *b, const mgpu_json *v) {
+    const mgpu_json *c;
+    switch (v->type) {
+    case MGPU_JSON_NULL: mgpu__buf_puts(b, "null"); return;
+    case MGPU_JSON_BOOL: mgpu__buf_puts(b, v->boolean ? "true" : "false"); return;
+    case MGPU_JSON_NUMBER: mgpu__buf_append(b, v->raw, v->raw_len); return;
+    case MGPU_JSON_STRING: mgpu__buf_json_string(b, v->string); return;
+    case MGPU_JSON_ARRAY: case MGPU_JSON_OBJECT:
+        mgpu__buf_puts(b, v->type == MGPU_JSON_ARRAY ? "[" : "{");
+        for (c = v->child; c; c = c->next) {
+            if (c != v->child) mgpu__buf_puts(b, ",");
+            if (v->type == MGPU_JSON_OBJECT) { mgpu__buf_json_string(b, c->key); mgpu__buf_puts(b, ":"); }
+            mgpu__json_write(b, c);
+        }
+        mgpu__buf_puts(b, v->type == MGPU_JSON_ARRAY ? "]" : "}");
+        return;
+    }
+}
+
+static void mgpu__json_member(mgpu__buf *b, const char *key, double v) {
+    mgpu__buf_printf(b, "\"%s\":", key);
+    mgpu__buf_json_number(b, v);
+}
+
+/* Every option under its flag name: numbers as numbers, the rest as strings (unset: null). */
+static void mgpu__options_json(mgpu__buf *b, const mgpu_train_opts *o) {
+    char text[64];
+    int i;
+    mgpu__buf_puts(b, "{");
+    for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
+        const mgpu__opt *s = &mgpu__train_opts_table[i];
+        const char *v = mgpu__opt_value_text(o, s, text, sizeof text);
+        int numeric = s->kind == MGPU__OPT_INT || s->kind == MGPU__OPT_I64 || s->kind == MGPU__OPT_U64 || s->kind == MGPU__OPT_FLOAT;
+        if (i) mgpu__buf_puts(b, ",");
+        mgpu__buf_json_string(b, s->flag);
+        mgpu__buf_puts(b, ":");
+        if (!v) mgpu__buf_puts(b, "null");
+        else if (numeric) mgpu__buf_puts(b, v);
+        else mgpu__buf_json_string(b, v);
+    }
+    mgpu__buf_puts(b, "}");
+}
+
+static void mgpu__schedule_json(mgpu__buf *b, const mgpu_lr_schedule *s) {
+    static const char *const names[] = {"constant", "linear", "cosine", "cosine-restarts", "step"};
+    mgpu__buf_printf(b, "{\"type\":\"%s\",", (int)s->type >= 0 && (int)s->type < 5 ? names[s->type] : "?");
+    mgpu__json_member(b, "base_lr", s->base_lr);
+    mgpu__buf_printf(b, ",\"warmup_steps\":%lld,\"total_steps\":%lld,\"t_0\":%lld,\"t_mult\":%lld,", (long long)s->warmup_steps,
+                     (long long)s->total_steps, (long long)s->t_0, (long long)s->t_mult);
+    mgpu__json_member(b, "eta_min", s->eta_min);
+    mgpu__buf_printf(b, ",\"step_size\":%lld,", (long long)s->step_size);
+    mgpu__json_member(b, "gamma", s->gamma);
+    mgpu__buf_puts(b, "}");
+}
+
+static void mgpu__epoch_stats_json(mgpu__buf *b, const mgpu__epoch_stats *es) {
+    int i;
+    mgpu__buf_printf(b, "{\"samples\":%lld", (long long)es->samples);
+    for (i = 0; i < MGPU__N_EPOCH_STATS; i++) {
+        mgpu__buf_puts(b, ",");
+        mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)es + mgpu__epoch_stat_fields[i].offset));
+    }
+    mgpu__buf_puts(b, "}");
+}
+
+/* The whole state at a step boundary (see the Checkpoints section header). */
+static int mgpu__fit_state_json(const mgpu__fit *f, mgpu__buf *b) {
+    uint64_t seed = 0, offset = 0;
+    mgpu_context_rng_state(f->t->ctx, &seed, &offset);
+    mgpu__buf_printf(b, "{\"format_version\":%d,\"step\":%lld,\"epoch\":%lld,\"batch_in_epoch\":%lld,\"world_size\":%d,\"optimizer_steps\":%lld,",
+                     MGPU__CKPT_FORMAT_VERSION, (long long)f->step, (long long)f->epoch, (long long)f->batch, f->t->world_size,
+                     (long long)mgpu_optimizer_step_count(f->opt));
+    mgpu__json_member(b, "lr", mgpu_optimizer_lr(f->opt));
+    mgpu__buf_printf(b, ",\n\"rng\":{\"seed\":%llu,\"offset\":%llu},\n\"scaler\":{\"enabled\":%d,", (unsigned long long)seed,
+                     (unsigned long long)offset, f->scaler.enabled);
+    mgpu__json_member(b, "scale", f->scaler.scale);
+    mgpu__buf_printf(b, ",\"growth_tracker\":%lld},\n\"schedule\":", (long long)f->scaler.growth_tracker);
+    mgpu__schedule_json(b, &f->schedule);
+    mgpu__buf_puts(b, ",\n\"epoch_stats\":");
+    mgpu__epoch_stats_json(b, &f->es);
+    mgpu__buf_puts(b, ",\n\"metrics\":[");
+    if (f->history.len) mgpu__buf_append(b, f->history.data, f->history.len);
+    mgpu__buf_puts(b, "],\n\"options\":");
+    mgpu__options_json(b, f->t->opts);
+    mgpu__buf_puts(b, "}\n");
+    return !b->failed;
+}
+
+/* A checkpoint now (at a step boundary); wait: block until it is on disk (stop signals). */
+static mgpu_result mgpu__fit_checkpoint(mgpu__fit *f, int wait) {
+    double t0 = mgpu_time_s();
+    mgpu__buf state;
+    mgpu_result r;
+    mgpu__fit_clock(f);
+    mgpu__buf_init(&state);
+    r = mgpu__fit_state_json(f, &state) ? mgpu_checkpointer_save(f->ckpt, f->step, f->model, f->opt, state.data) : MGPU_ERR_OOM_HOST;
+    if (r == MGPU_OK && wait) r = mgpu_checkpointer_wait(f->ckpt);
+    mgpu__buf_free(&state);
+    f->saved_time = mgpu_time_s();
+    f->es.checkpoint_s += f->saved_time - t0;
+    return r;
+}
+
+static int mgpu__fit_checkpoint_due(const mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    if (!f->ckpt) return 0;
+    if (f->signal) return 1;
+    if (o->checkpoint_every_steps > 0 && f->step % o->checkpoint_every_steps == 0) return 1;
+    return o->checkpoint_interval_min > 0 && mgpu_time_s() - f->saved_time >= 60.0 * o->checkpoint_interval_min;
+}
+
+/* --------------------------------------------------------------------------------------
+   Resuming
+   -------------------------------------------------------------------------------------- */
+
+/* The checkpoint --resume names: 1 with its path, 0 when auto finds none (a fresh start). */
+static mgpu_result mgpu__fit_resume_path(const mgpu__fit *f, char *path, size_t size, int *found) {
+    const mgpu_train_opts *o = f->t->opts;
+    char file[MGPU__CKPT_PATH_MAX];
+    const char *dir = o->resume;
+    *found = 0;
+    if (strcmp(o->resume, "auto") == 0) {
+        if (!o->save_dir || !o->save_dir[0]) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--resume auto looks in --save-dir, which is not set");
+        dir = o->save_dir;
+        if (f->t->rank == 0) mgpu__ckpt_remove_stale(dir);
+        if (!mgpu__is_dir(dir) || !mgpu__ckpt_any(dir)) {
+            mgpu_log(MGPU_LOG_INFO, "--resume auto: no checkpoint in '%s' yet; starting from scratch", dir);
+            return MGPU_OK;
+        }
+    } else if (mgpu__path_join(file, dir, MGPU__CKPT_STATE) == MGPU_OK && access(file, F_OK) == 0) {
+        /* a step directory itself */
+        if (strlen(dir) >= size) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--resume %s: path too long", dir);
+        memcpy(path, dir, strlen(dir) + 1);
+        *found = 1;
+        return MGPU_OK;
+    }
+    /* a save directory: its latest valid checkpoint */
+    if (mgpu_checkpoint_find(dir, path, size) != MGPU_OK) return mgpu_last_result();
+    *found = 1;
+    return MGPU_OK;
+}
+
+/* Options that change the data order, the schedule or the numerics: resuming with other values
+   works, but is no longer the same run, which deserves a warning. */
+static void mgpu__fit_warn_changed_options(const mgpu__fit *f, const mgpu_json *state) {
+    static const char *const keys[] = {"batch-size", "grad-accum-steps", "seed", "lr", "optimizer", "schedule", "epochs",
+                                       "max-steps", "warmup-epochs", "amp", "weight-decay", "clip-grad-norm"};
+    const mgpu_json *saved = mgpu_json_get(state, "options");
+    char text[64];
+    size_t i;
+    int64_t world = 1;
+    for (i = 0; saved && i < sizeof keys / sizeof keys[0]; i++) {
+        const mgpu__opt *s = mgpu__opt_find(keys[i], strlen(keys[i]));
+        const mgpu_json *v = mgpu_json_get(saved, keys[i]);
+        const char *now = s ? mgpu__opt_value_text(f->t->opts, s, text, sizeof text) : NULL;
+        const char *then = !v ? NULL : v->type == MGPU_JSON_STRING ? v->string : v->type == MGPU_JSON_NUMBER ? v->raw : NULL;
+        size_t then_len = !then ? 0 : v->type == MGPU_JSON_NUMBER ? v->raw_len : strlen(then);
+        if (now && then && (strlen(now) != then_len || strncmp(now, then, then_len) != 0))
+            mgpu_log(MGPU_LOG_WARN, "resuming with --%s %s, but the checkpoint was written with %.*s: the run will differ from an uninterrupted one",
+                     keys[i], now, (int)then_len, then);
+    }
+    if (mgpu_json_int64(mgpu_json_get(state, "world_size"), &world) && world != f->t->world_size)
+        mgpu_log(MGPU_LOG_WARN, "resuming at world size %d from a checkpoint written at world size %lld: the data order changes",
+                 f->t->world_size, (long long)world);
+}
+
+/* What the trainer needs beyond what every checkpoint holds; checked before anything is loaded. */
+static mgpu_result mgpu__fit_check_state(const mgpu__fit *f, const mgpu_json *state, const char *path) {
+    static const mgpu__jfield need[] = {{"epoch", MGPU__J_INT, 1, 0}, {"batch_in_epoch", MGPU__J_INT, 1, 0}, {"rng", MGPU__J_OBJECT, 1, 0},
+                                        {"epoch_stats", MGPU__J_OBJECT, 1, 0}, {"metrics", MGPU__J_ARRAY, 1, 0}};
+    static const mgpu__jfield stats[] = {{"samples", MGPU__J_INT, 1, 0}, {"loss_sum", MGPU__J_NUMBER, 1, 0}};
+    char label[MGPU__CKPT_PATH_MAX + 32];
+    int64_t batch = 0;
+    snprintf(label, sizeof label, "%s/" MGPU__CKPT_STATE, path);
+    if (mgpu__json_check_fields(state, label, "", need, 5) != MGPU_OK ||
+        mgpu__json_check_fields(mgpu_json_get(state, "epoch_stats"), label, "epoch_stats.", stats, 2) != MGPU_OK)
+        return MGPU_ERR_FORMAT;
+    mgpu_json_int64(mgpu_json_get(state, "batch_in_epoch"), &batch);
+    if (batch > f->batches_per_epoch)
+        return mgpu__fail(MGPU_ERR_FORMAT, "%s: batch_in_epoch %lld is past the %lld batches of an epoch of this run (was --batch-size changed?)",
+                          label, (long long)batch, (long long)f->batches_per_epoch);
+    return MGPU_OK;
+}
+
+static double mgpu__json_number_or_nan(const mgpu_json *j) { return j && j->type == MGPU_JSON_NUMBER ? j->number : NAN; }
+
+/* Position, sums, RNG, scaler and history from a checked state. */
+static void mgpu__fit_restore(mgpu__fit *f, const mgpu_json *state) {
+    const mgpu_json *rng = mgpu_json_get(state, "rng"), *scaler = mgpu_json_get(state, "scaler");
+    const mgpu_json *stats = mgpu_json_get(state, "epoch_stats"), *m;
+    uint64_t seed = 0, offset = 0;
+    int i;
+    mgpu_json_int64(mgpu_json_get(state, "step"), &f->step);
+    mgpu_json_int64(mgpu_json_get(state, "epoch"), &f->epoch);
+    mgpu_json_int64(mgpu_json_get(state, "batch_in_epoch"), &f->batch);
+    mgpu__json_u64(mgpu_json_get(rng, "seed"), &seed);
+    mgpu__json_u64(mgpu_json_get(rng, "offset"), &offset);
+    mgpu_context_set_rng_state(f->t->ctx, seed, offset);
+    if (scaler && f->scaler.enabled) {
+        f->scaler.scale = (float)mgpu_json_get(scaler, "scale")->number;
+        mgpu_json_int64(mgpu_json_get(scaler, "growth_tracker"), &f->scaler.growth_tracker);
+    }
+    memset(&f->es, 0, sizeof f->es);
+    mgpu_json_int64(mgpu_json_get(stats, "samples"), &f->es.samples);
+    for (i = 0; i < MGPU__N_EPOCH_STATS; i++)
+        *(double *)(void *)((char *)&f->es + mgpu__epoch_stat_fields[i].offset) = mgpu__json_number_or_nan(mgpu_json_get(stats, mgpu__epoch_stat_fields[i].key));
+    if (!(f->es.time_s >= 0)) f->es.time_s = 0;
+    for (m = mgpu_json_get(state, "metrics")->child; m; m = m->next) {
+        if (f->history.len) mgpu__buf_puts(&f->history, ",");
+        mgpu__json_write(&f->history, m);
+    }
+    /* the LR of the last step taken, as an uninterrupted run would report it */
+    if (f->step > 0) mgpu_optimizer_set_lr(f->opt, mgpu_lr_at(&f->schedule, f->step - 1));
+    if (f->t->opts->max_steps > 0 && f->step >= f->t->opts->max_steps) f->stop = 1;
+}
+
+/* The metrics file becomes the checkpoint's records, so epochs logged after the checkpoint (and
+   logged again as the run repeats them) are not duplicated. */
+static mgpu_result mgpu__fit_rewrite_metrics(const mgpu__fit *f, const mgpu_json *state) {
+    const mgpu_train_opts *o = f->t->opts;
+    const mgpu_json *m;
+    mgpu__buf text;
+    mgpu_result r;
+    if (!o->metrics || f->t->rank != 0) return MGPU_OK;
+    mgpu__buf_init(&text);
+    mgpu__buf_puts(&text, ""); /* a valid pointer even with no records */
+    for (m = mgpu_json_get(state, "metrics")->child; m; m = m->next) {
+        mgpu__json_write(&text, m);
+        mgpu__buf_puts(&text, "\n");
+    }
+    r = text.failed ? MGPU_ERR_OOM_HOST : mgpu_write_file_atomic(o->metrics, text.data, text.len);
+    mgpu__buf_free(&text);
+    return r;
+}
+
+static mgpu_result mgpu__fit_resume(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    char path[MGPU__CKPT_PATH_MAX];
+    mgpu_json *state;
+    mgpu_result r;
+    int found = 0;
+    if (!o->resume || strcmp(o->resume, "none") == 0) return MGPU_OK;
+    if ((r = mgpu__fit_resume_path(f, path, sizeof path, &found)) != MGPU_OK || !found) return r;
+    /* the trainer's fields first, then the checkpoint's full validation and load: a bad
+       checkpoint leaves the freshly initialised model as it was */
+    if (!(state = mgpu__ckpt_read_state(path))) return mgpu_last_result();
+    if ((r = mgpu__fit_check_state(f, state, path)) == MGPU_OK && (r = mgpu_checkpoint_load(path, f->model, f->opt, NULL)) == MGPU_OK) {
+        mgpu__fit_warn_changed_options(f, state);
+        mgpu__fit_restore(f, state);
+        r = f->history.failed ? MGPU_ERR_OOM_HOST : mgpu__fit_rewrite_metrics(f, state);
+    }
+    mgpu_json_free(state);
+    if (r == MGPU_OK) {
+        printf("resumed from %s: step %lld, epoch %lld, batch %lld\n", path, (long long)f->step, (long long)f->epoch + 1, (long long)f->batch);
+        fflush(stdout);
+    }
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   The loop
+   -------------------------------------------------------------------------------------- */
+
+/* Unscale (fp16), clip, step (skipped by the scaler on inf/NaN), zero the grads. */
+static mgpu_result mgpu__fit_optimizer_step(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    double t0 = mgpu_time_s();
+    mgpu_result r = MGPU_OK;
+    int stepped = 1;
+    mgpu_optimizer_set_lr(f->opt, mgpu_lr_at(&f->schedule, f->step));
+    if (f->t->amp != MGPU_AMP_OFF && o->clip_grad_norm > 0) r = mgpu_grad_scaler_unscale(&f->scaler, f->model);
+    if (r == MGPU_OK && o->clip_grad_norm > 0) r = mgpu_clip_grad_norm(f->model, o->clip_grad_norm, NULL);
+    if (r == MGPU_OK) {
+        if (f->t->amp != MGPU_AMP_OFF) {
+            if ((r = mgpu_grad_scaler_step(&f->scaler, f->opt, f->model, &stepped)) == MGPU_OK) mgpu_grad_scaler_update(&f->scaler);
+        } else {
+            r = mgpu_optimizer_step(f->opt);
+        }
+    }
+    if (r == MGPU_OK) r = mgpu_optimizer_zero_grad(f->opt);
+    f->step++;
+    f->micro = 0;
+    f->es.optimizer_s += mgpu_time_s() - t0;
+    return r;
+}
+
+/* Time backward spent waiting for DDP's all-reduces is communication, not compute. */
+static void mgpu__fit_count_comm(mgpu__fit *f) {
+    mgpu_ddp_stats st;
+    if (!f->ddp) return;
+    mgpu_ddp_get_stats(f->ddp, &st);
+    f->es.comm_s += st.exposed_s - f->ddp_exposed_s;
+    f->es.compute_s -= st.exposed_s - f->ddp_exposed_s;
+    f->ddp_exposed_s = st.exposed_s;
+}
+
+/* Every rank must stop at the same step: a signal may reach the ranks at different steps.
+   Without --save-dir no stop handler is installed, so there is nothing to agree on (and no
+   collective is added to every step). */
+static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal) {
+    const mgpu_train_opts *o = f->t->opts;
+    double v = (double)*signal;
+    mgpu_result r;
+    if (!f->t->comm || !o->save_dir || !o->save_dir[0]) return MGPU_OK;
+    if ((r = mgpu_comm_allreduce_f64(f->t->comm, &v, 1, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    if (v > 0 && !*signal) *signal = SIGTERM;
+    return MGPU_OK;
+}
+
+/* One micro-batch: forward, loss, backward (accumulating); an optimizer step every
+   grad_accum_steps micro-batches and at the end of the epoch (*stepped tells). */
+static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepped) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_context *ctx = f->t->ctx;
+    double t0 = mgpu_time_s();
+    mgpu_tensor *loss = mgpu_op_cross_entropy(ctx, f->forward(ctx, b->x, f->user), b->y);
+    mgpu_tensor *obj = o->grad_accum_steps > 1 ? mgpu_op_scale(ctx, loss, 1.0f / (float)o->grad_accum_steps) : loss;
+    mgpu_result r;
+    if (f->scaler.enabled) obj = mgpu_grad_scaler_scale(ctx, &f->scaler, obj);
+    if (!obj) return mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE;
+    f->es.loss_sum += mgpu_tensor_item(loss) * (double)b->size;
+    f->es.samples += b->size;
+    *stepped = f->micro + 1 == o->grad_accum_steps || b->index + 1 == f->batches_per_epoch;
+    if (f->ddp) mgpu_ddp_set_sync(f->ddp, *stepped);   /* no_sync for accumulation micro-steps */
+    r = mgpu_backward(ctx, obj);
+    f->es.compute_s += mgpu_time_s() - t0;
+    mgpu__fit_count_comm(f);
+    if (r != MGPU_OK) return r;
+    f->micro++;
+    if (*stepped) r = mgpu__fit_optimizer_step(f);
+    mgpu_context_end_step(ctx);
+    return r;
+}
+
+/* After each optimizer step: stop conditions, then a checkpoint if one is due. */
+static mgpu_result mgpu__fit_after_step(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    int signal = o->save_dir && o->save_dir[0] ? (int)mgpu__stop_signal : 0;   /* handled only with a checkpoint to save */
+    mgpu_result r;
+    if (o->max_steps > 0 && f->step >= o->max_steps) f->stop = 1;
+    if ((r = mgpu__fit_agree_stop(f, &signal)) != MGPU_OK) return r;
+    if (signal) { f->stop = 1; f->signal = signal; }
+    return mgpu__fit_checkpoint_due(f) ? mgpu__fit_checkpoint(f, f->signal != 0) : MGPU_OK;
+}
+
+/* The rest of the epoch in progress, from batch f->batch. */
+static mgpu_result mgpu__fit_epoch(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    char label[64];
+    mgpu_progress *bar;
+    mgpu_batch b;
+    mgpu_result r;
+    double t_start = mgpu_time_s();
+    int64_t seen = f->es.samples;
+    mgpu_model_train(f->model, 1);
+    if ((r = mgpu_loader_set_epoch(f->loader, f->epoch, f->batch)) != MGPU_OK) return r;
+    snprintf(label, sizeof label, "epoch %lld/%d", (long long)f->epoch + 1, o->epochs);
+    bar = f->t->rank == 0 ? mgpu_progress_begin(label, f->batches_per_epoch, o->log_every) : NULL;
+    f->clock = t_start;
+    while (!f->stop) {
+        double t0 = mgpu_time_s();
+        int stepped = 0;
+        r = mgpu_loader_next(f->loader, &b);
+        f->es.data_wait_s += mgpu_time_s() - t0;
+        if (r != MGPU_OK || b.size == 0) break;
+        if ((r = mgpu__fit_batch(f, &b, &stepped)) != MGPU_OK) break;
+        f->batch = b.index + 1;
+        mgpu_progress_update(bar, f->batch, f->es.loss_sum / (double)f->es.samples);
+        if (stepped && (r = mgpu__fit_after_step(f)) != MGPU_OK) break;
+    }
+    mgpu_progress_end(bar);
+    mgpu__fit_clock(f);
+    f->run_time += mgpu_time_s() - t_start;
+    f->run_samples += (double)(f->es.samples - seen);
+    return r;
+}
+
+static void mgpu__epoch_record_json(mgpu__buf *b, const mgpu_epoch_record *r) {
+    mgpu__buf_printf(b, "{\"epoch\":%lld,\"step\":%lld,", (long long)r->epoch, (long long)r->step);
+    mgpu__json_member(b, "train_loss", r->train_loss); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "test_loss", r->test_loss); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "test_accuracy", r->test_accuracy); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "lr", r->lr); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "epoch_time_s", r->epoch_time_s); mgpu__buf_puts(b, ",");
+    mgpu__json_member(b, "samples_per_s", r->samples_per_s);
+    mgpu__buf_printf(b, ",\"world_size\":%d,\"global_batch\":%lld,\"amp\":", r->world_size, (long long)r->global_batch);
+    mgpu__buf_json_string(b, r->amp ? r->amp : "off");
+    if (r->extra_json && r->extra_json[0]) mgpu__buf_printf(b, ",%s", r->extra_json);
+    mgpu__buf_puts(b, "}");
+}
+
+/* Where the epoch's time went, and memory, as extra metrics members. */
+static void mgpu__fit_extra_json(const mgpu__fit *f, mgpu__buf *b) {
+    int i;
+    for (i = 2; i < MGPU__N_EPOCH_STATS; i++) { /* after loss_sum and time_s (the record has those) */
+        if (i > 2) mgpu__buf_puts(b, ",");
+        mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)&f->es + mgpu__epoch_stat_fields[i].offset));
+    }
+    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak);
+    mgpu__json_member(b, "rss_mb", mgpu__peak_rss_mb());
+    if (f->ddp) {   /* cumulative: all-reduce time and how much of it backward had to wait for */
+        mgpu_ddp_stats st;
+        mgpu_ddp_get_stats(f->ddp, &st);
+        mgpu__buf_printf(b, ",\"ddp_buckets\":%lld,\"ddp_bytes_per_step\":%.0f,", (long long)st.buckets, st.bytes_per_step);
+        mgpu__json_member(b, "ddp_allreduce_s", st.comm_s);
+        mgpu__buf_puts(b, ",");
+        mgpu__json_member(b, "ddp_exposed_s", st.exposed_s);
+    }
+}
+
+static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double test_acc) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_epoch_record rec;
+    mgpu__buf extra;
+    mgpu_result r;
+    double sums[2];   /* loss sum and samples over all ranks */
+    double train_loss;
+    sums[0] = f->es.loss_sum; sums[1] = (double)f->es.samples;
+    if (f->t->comm && (r = mgpu_comm_allreduce_f64(f->t->comm, sums, 2, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    train_loss = sums[1] > 0 ? sums[0] / sums[1] : NAN;
+    memset(&rec, 0, sizeof rec);
+    mgpu__buf_init(&extra);
+    mgpu__fit_extra_json(f, &extra);
+    rec.epoch = f->epoch + 1; rec.step = f->step;
+    rec.train_loss = train_loss; rec.test_loss = test_loss; rec.test_accuracy = test_acc;
+    rec.lr = mgpu_optimizer_lr(f->opt);
+    rec.epoch_time_s = f->es.time_s;
+    rec.samples_per_s = f->es.time_s > 0 ? sums[1] / f->es.time_s : 0;   /* all ranks together */
+    rec.world_size = f->t->world_size; rec.global_batch = o->batch_size * o->grad_accum_steps * f->t->world_size;
+    rec.amp = o->amp ? o->amp : "off";
+    rec.extra_json = extra.data;
+    if (f->t->rank == 0) {
+        printf("epoch %lld/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  lr %.3g  %.2f s  %.0f samples/s\n",
+               (long long)rec.epoch, o->epochs, train_loss, test_loss, test_acc, rec.lr, rec.epoch_time_s, rec.samples_per_s);
+        fflush(stdout);
+    }
+    if (f->history.len) mgpu__buf_puts(&f->history, ",");
+    mgpu__epoch_record_json(&f->history, &rec);
+    r = extra.failed || f->history.failed ? MGPU_ERR_OOM_HOST : mgpu_metrics_write_epoch(f->metrics, &rec);
+    mgpu__buf_free(&extra);
+    return r;
+}
+
+/* Evaluation, the metrics line, then the next epoch (and an epoch checkpoint when due). */
+static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
+    const mgpu_train_opts *o = f->t->opts;
+    double test_loss = NAN, test_acc = NAN;
+    mgpu_result r;
+    int last = f->epoch + 1 == o->epochs;
+    if (test && (last || f->stop || (o->eval_frequency > 0 && (f->epoch + 1) % o->eval_frequency == 0))) {
+        r = mgpu_evaluate(f->t->ctx, f->model, f->forward, f->user, test, 1000, &test_loss, &test_acc);
+        if (r != MGPU_OK) return r;
+    }
+    if ((r = mgpu__fit_report_epoch(f, test_loss, test_acc)) != MGPU_OK) return r;
+    s->final_train_loss = f->es.samples ? f->es.loss_sum / (double)f->es.samples : NAN;
+    s->final_test_loss = test_loss; s->final_test_accuracy = test_acc;
+    f->epoch++;
+    f->batch = 0;
+    memset(&f->es, 0, sizeof f->es);
+    if (f->ckpt && o->checkpoint_every_epochs > 0 && f->epoch % o->checkpoint_every_epochs == 0) {
+        f->clock = mgpu_time_s();
+        r = mgpu__fit_checkpoint(f, 0);
+        memset(&f->es, 0, sizeof f->es); /* its time belongs to no epoch's training */
+    }
+    return r;
+}
+
+static mgpu_result mgpu__fit_run(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
+    mgpu_result r = MGPU_OK;
+    /* stopped exactly at an epoch boundary (resumed at --max-steps): nothing left to report */
+    while (f->epoch < f->t->opts->epochs && !(f->stop && f->batch == 0)) {
+        if ((r = mgpu__fit_epoch(f)) != MGPU_OK || f->signal) break;
+        if ((r = mgpu__fit_end_epoch(f, test, s)) != MGPU_OK || f->stop) break;
+    }
+    s->steps = f->step;
+    s->samples_per_s = f->run_time > 0 ? f->run_samples / f->run_time : 0;
+    return r;
+}
+
+static mgpu_result mgpu__fit_save(const mgpu_train_opts *o, const mgpu_model *model) {
+    char path[MGPU__CKPT_PATH_MAX];
+    mgpu_result r;
+    if (!o->save_dir || !o->save_dir[0]) return MGPU_OK;
+    if ((r = mgpu__mkdirs(o->save_dir)) != MGPU_OK) return r;
+    if ((r = mgpu__path_join(path, o->save_dir, "model.safetensors")) != MGPU_OK) return r;
+    if ((r = mgpu_model_save(model, path)) == MGPU_OK) printf("saved %s\n", path);
+    return r;
+}
+
+static mgpu_result mgpu__fit_final_metrics(mgpu__fit *f, const mgpu_train_summary *s) {
+    char extra[256];
+    snprintf(extra, sizeof extra, "\"step\":%lld,\"test_accuracy\":%.6f,\"test_loss\":%.6f,\"samples_per_s\":%.1f",
+             (long long)s->steps, s->final_test_accuracy == s->final_test_accuracy ? s->final_test_accuracy : -1.0,
+             s->final_test_loss == s->final_test_loss ? s->final_test_loss : -1.0, s->samples_per_s);
+    return mgpu_metrics_write_final(f->metrics, extra);
+}
+
+/* The end of a run: the final metrics and model, or (stopped by a signal) just the word. */
+static mgpu_result mgpu__fit_finish(mgpu__fit *f, const mgpu_train_summary *s) {
+    char name[40];
+    mgpu_result r;
+    if (f->signal) {
+        mgpu__ckpt_dir_name(name, sizeof name, f->step);
+        printf("stopped by signal %d after step %lld; checkpoint saved to %s/%s; run again with --resume auto to continue\n",
+               (int)f->signal, (long long)f->step, f->t->opts->save_dir, name);
+        fflush(stdout);
+        return MGPU_OK;
+    }
+    if ((r = mgpu__fit_final_metrics(f, s)) != MGPU_OK) return r;
+    return f->t->rank == 0 ? mgpu__fit_save(f->t->opts, f->model) : MGPU_OK;
+}
+
+static mgpu_ddp *mgpu__ddp_from_opts(mgpu_model *model, mgpu_comm *comm, const mgpu_train_opts *o) {
+    mgpu_ddp_desc dd;
+    memset(&dd, 0, sizeof dd);
+    dd.bucket_cap_mb = o->bucket_cap_mb;
+    dd.sync_batchnorm = o->sync_batchnorm;
+    if (o->grad_compression && strcmp(o->grad_compression, "fp16") == 0) dd.compress = MGPU_F16;
+    if (o->grad_compression && strcmp(o->grad_compression, "bf16") == 0) dd.compress = MGPU_BF16;
+    return mgpu_ddp_create(model, comm, &dd);
+}
+
+/* Loader, schedule, optimizer, DDP, scaler and checkpointer from the options. */
+static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_loader_desc ld;
+    float lr;
+    mgpu_result r;
+    memset(&ld, 0, sizeof ld);
+    ld.batch_size = o->batch_size; ld.shuffle = 1; ld.seed = o->seed; ld.num_workers = o->num_workers; ld.ctx = f->t->ctx;
+    ld.rank = f->t->rank; ld.world_size = f->t->world_size;
+    if (!(f->loader = mgpu_loader_create(train, &ld))) return mgpu_last_result();
+    f->batches_per_epoch = mgpu_loader_num_batches(f->loader);
+    lr = mgpu_lr_scale(o->lr, f->t->world_size, o->grad_accum_steps, o->scale_lr);
+    f->schedule = mgpu__schedule_from_opts(o, lr, (f->batches_per_epoch + o->grad_accum_steps - 1) / o->grad_accum_steps);
+    if (!(f->opt = mgpu__optimizer_from_opts(f->model, o, lr))) return mgpu_last_result();
+    if (f->t->comm && !(f->ddp = mgpu__ddp_from_opts(f->model, f->t->comm, o))) return mgpu_last_result();
+    mgpu_context_set_autocast(f->t->ctx, f->t->amp);
+    mgpu_grad_scaler_init(&f->scaler, f->t->amp == MGPU_AMP_FP16);
+    f->saved_time = mgpu_time_s();
+    if (o->save_dir && o->save_dir[0] && f->t->rank == 0) {
+        mgpu_checkpoint_desc cd;
+        memset(&cd, 0, sizeof cd);
+        cd.dir = o->save_dir; cd.keep_last = o->keep_last; cd.background = 1;
+        if (!(f->ckpt = mgpu_checkpointer_create(&cd))) return mgpu_last_result();
+        /* fault the snapshot buffer in on the writer thread now, so the first save stalls no more than later ones */
+        if ((r = mgpu__checkpointer_reserve(f->ckpt, f->model, f->opt)) != MGPU_OK) return r;
+    }
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                      const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
+    const mgpu_train_opts *o;
+    mgpu__fit f;
+    mgpu__signals sig;
+    mgpu_train_summary s;
+    mgpu_result r, w;
+    if (!t || !model || !forward || !train)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_trainer_fit: trainer, model, forward and the training set are required");
+    o = t->opts;
+    if (o->grad_accum_steps < 1) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grad-accum-steps must be >= 1");
+    memset(&f, 0, sizeof f);
+    memset(&s, 0, sizeof s);
+    memset(&sig, 0, sizeof sig);
+    s.final_train_loss = s.final_test_loss = s.final_test_accuracy = NAN;
+    f.t = t; f.model = model; f.forward = forward; f.user = user;
+    mgpu__buf_init(&f.history);
+    if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
+        !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
+        r = mgpu_last_result();
+    if (r == MGPU_OK) {
+        if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
+        if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);
+        mgpu__signals_restore(&sig);
+    }
+    /* a background checkpoint still being written must land (or its failure be told) */
+    if (f.ckpt && (w = mgpu_checkpointer_wait(f.ckpt)) != MGPU_OK && r == MGPU_OK) r = w;
+    mgpu_checkpointer_destroy(f.ckpt);
+    mgpu_ddp_destroy(f.ddp);
+    mgpu_context_set_autocast(t->ctx, MGPU_AMP_OFF);
+    mgpu__buf_free(&f.history);
+    mgpu_metrics_close(f.metrics);
+    mgpu_optimizer_destroy(f.opt);
+    mgpu_loader_destroy(f.loader);
+    if (summary) *summary = s;
+    return r;
+}
+
+/* One model built by the user's builder, in memory the trainer owns. */
+typedef struct mgpu__built { mgpu_model *model; void *user; } mgpu__built;
+static mgpu_result mgpu__build(mgpu_context *ctx, mgpu_build_fn build, size_t user_size, mgpu__built *b) {
+    b->user = mgpu__calloc(user_size ? user_size : 1, "the model's layer table");
+    b->model = b->user ? mgpu_model_create(ctx) : NULL;
+    if (!b->model) return mgpu_last_result();
+    if (!build(b->model, b->user))
+        return mgpu_last_result() ? mgpu_last_result() : mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_trainer_run: the build function failed");
+    return MGPU_OK;
+}
+static void mgpu__unbuild(mgpu__built *b) { mgpu_model_destroy(b->model); mgpu_free(b->user); }
+
+/* DataParallel: each replica is a rank of an in-process communicator with its own context and
+   model, trained by the same loop as DDP (rank 0 prints, writes metrics and checkpoints). */
+typedef struct mgpu__dp_job {
+    const mgpu_trainer *parent;
+    mgpu_build_fn build; size_t user_size; mgpu_forward_fn forward;
+    const mgpu_dataset *train, *test;
+    mgpu_train_summary summary;   /* rank 0's */
+} mgpu__dp_job;
+
+static mgpu_result mgpu__dp_train_replica(int rank, mgpu_comm *comm, void *arg) {
+    mgpu__dp_job *job = (mgpu__dp_job *)arg;
+    mgpu_trainer rt = *job->parent;
+    mgpu_context_desc cd;
+    mgpu__built b;
+    mgpu_result r;
+    memset(&cd, 0, sizeof cd);
+    memset(&b, 0, sizeof b);
+    cd.device = job->parent->ctx->device;
+    cd.seed = job->parent->opts->seed;
+    cd.num_threads = MGPU__MAX(1, mgpu_context_num_threads(job->parent->ctx) / job->parent->dp_replicas);
+    rt.rank = rank; rt.world_size = job->parent->dp_replicas; rt.comm = comm; rt.dp_replicas = 0;
+    if (!(rt.ctx = mgpu_context_create(&cd))) return mgpu_last_result();
+    if ((r = mgpu__build(rt.ctx, job->build, job->user_size, &b)) == MGPU_OK)
+        r = mgpu_trainer_fit(&rt, b.model, job->forward, b.user, job->train, job->test, rank == 0 ? &job->summary : NULL);
+    mgpu__unbuild(&b);
+    mgpu_context_destroy(rt.ctx);
+    return r;
+}
+
+MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size_t user_size, mgpu_forward_fn forward,
+                                      const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
+    mgpu__built b;
+    mgpu_result r;
+    if (!t || !build || !forward || !train)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_trainer_run: trainer, build, forward and the training set are required");
+    if (t->dp_replicas > 1) {
+        mgpu__dp_job job;
+        memset(&job, 0, sizeof job);
+        job.parent = t; job.build = build; job.user_size = user_size; job.forward = forward; job.train = train; job.test = test;
+        r = mgpu_dp_run(t->dp_replicas, mgpu__dp_train_replica, &job);
+        if (summary) *summary = job.summary;
+        return r;
+    }
+    memset(&b, 0, sizeof b);
+    if ((r = mgpu__build(t->ctx, build, user_size, &b)) == MGPU_OK) r = mgpu_trainer_fit(t, b.model, forward, b.user, train, test, summary);
+    mgpu__unbuild(&b);
+    return r;
+}
+
