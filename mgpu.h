@@ -955,22 +955,30 @@ extern "C" {
 /* Number of visible CUDA devices. Defined in mgpu_kernels.cu. */
 int mgpu__cuda_device_count(void);
 
-#ifdef MGPU_CUDA
+/* Each op's twins share one argument struct below, named mgpu__<stem>_args; the CPU twin is
+   `static void mgpu__cpu_<stem>(const mgpu__<stem>_args *)` in the implementation and the CUDA twin
+   `mgpu_result mgpu_cuda_<stem>(const mgpu__<stem>_args *, void *stream)` in mgpu_kernels.cu.
+   Fronts call them through MGPU__TWIN(ctx, stem, &args) (section "Helpers for op authors").
+   The launcher declarations need no CUDA header, so they are visible in every build. */
 
 /* ---- error bridge: kernels report through the library's thread-local error ---- */
 void mgpu__set_error_from_cuda(int code, const char *msg);
 
 /* ---- elementwise ---- */
-/* Same order as the CPU's unary kinds. */
-typedef enum mgpu_cuda_unary {
-    MGPU_CUDA_RELU, MGPU_CUDA_GELU, MGPU_CUDA_GELU_TANH, MGPU_CUDA_ELU, MGPU_CUDA_TANH, MGPU_CUDA_SIGMOID,
-    MGPU_CUDA_SCALE, MGPU_CUDA_ADD_SCALAR
-} mgpu_cuda_unary;
-/* y = f(x) (param: alpha for ELU, s for scale/add_scalar) */
-mgpu_result mgpu_cuda_unary_forward(int kind, float param, const float *x, float *y, int64_t n, void *stream);
-/* dx += dy * f'(x); y is the forward output (tanh and sigmoid read it) */
-mgpu_result mgpu_cuda_unary_backward(int kind, float param, const float *x, const float *y, const float *dy, float *dx,
-                                     int64_t n, void *stream);
+/* unary (n): forward out = f(x); backward out += dy * f'(x), where tanh and sigmoid read y, the
+   forward output; param is ELU's alpha or the scalar of scale/add_scalar */
+typedef enum mgpu__unary_kind {
+    MGPU__UN_RELU, MGPU__UN_GELU, MGPU__UN_GELU_TANH, MGPU__UN_ELU, MGPU__UN_TANH, MGPU__UN_SIGMOID,
+    MGPU__UN_SCALE, MGPU__UN_ADD_SCALAR
+} mgpu__unary_kind;
+typedef struct mgpu__unary_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    mgpu__unary_kind kind; float param;
+    const float *x, *y, *dy; float *out;
+    int64_t n;
+} mgpu__unary_args;
+mgpu_result mgpu_cuda_unary_forward(const mgpu__unary_args *a, void *stream);
+mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void *stream);
 
 typedef enum mgpu_cuda_binary { MGPU_CUDA_ADD, MGPU_CUDA_SUB, MGPU_CUDA_MUL } mgpu_cuda_binary;
 /* Broadcast geometry: out shape and the element strides of a and b against it (0 where broadcast). */
@@ -1130,7 +1138,6 @@ mgpu_result mgpu_cuda_gemm(void *blas, int trans_a, int trans_b, int64_t m, int6
 mgpu_result mgpu_cuda_synchronize(void *stream);
 mgpu_result mgpu_cuda_fill(float *x, int64_t n, float value, void *stream);
 
-#endif /* MGPU_CUDA */
 
 #ifdef __cplusplus
 }
@@ -1633,6 +1640,7 @@ struct mgpu_context {
     mgpu__node **tape; int64_t tape_len, tape_cap;
     mgpu_backward_end_fn backward_end; void *backward_end_user;
     int row_rank, row_world;           /* DDP sharding (rank, world; 0 = 1): dropout draws row j's mask at global row rank + world * j */
+    void *cuda_stream;                 /* the stream every CUDA twin of this context runs on (NULL on the CPU) */
 };
 
 MGPU_API mgpu_context *mgpu_context_create(const mgpu_context_desc *desc) {
@@ -1916,6 +1924,15 @@ static MGPU__UNUSED const char *mgpu__shape_str(const mgpu_tensor *t) {
     mgpu_shape_string(t->ndim, t->shape, b, 96);
     return b;
 }
+
+/* The device seam: one call into an op's twin pair (see "Internal: the seam between the CPU and
+   CUDA twins"). Evaluates to an mgpu_result; CPU twins cannot fail once the front has validated. */
+#ifdef MGPU_CUDA
+#define MGPU__TWIN(ctx, stem, args) \
+    ((ctx)->device.type == MGPU_DEVICE_CUDA ? mgpu_cuda_##stem((args), (ctx)->cuda_stream) : (mgpu__cpu_##stem(args), MGPU_OK))
+#else
+#define MGPU__TWIN(ctx, stem, args) (mgpu__cpu_##stem(args), MGPU_OK)
+#endif
 
 /* Input check for ops: NULL input -> NULL quietly (the first error stays); wrong context or
    dtype -> an error naming op and argument. Returns 1 if fine. */
@@ -2898,14 +2915,6 @@ MGPU_API mgpu_tensor *mgpu_op_bias_add(mgpu_context *ctx, mgpu_tensor *x, mgpu_t
    Unary elementwise ops and activations
    -------------------------------------------------------------------------------------- */
 
-typedef enum mgpu__unary_kind {
-    MGPU__UN_RELU, MGPU__UN_GELU, MGPU__UN_GELU_TANH, MGPU__UN_ELU, MGPU__UN_TANH, MGPU__UN_SIGMOID,
-    MGPU__UN_SCALE, MGPU__UN_ADD_SCALAR
-} mgpu__unary_kind;
-typedef struct mgpu__unary_arg {
-    mgpu__unary_kind kind; float param;
-    const float *x, *y, *dy; float *out; /* forward writes out = f(x); backward adds dy * f'(x) into out */
-} mgpu__unary_arg;
 
 #define MGPU__INV_SQRT2 0.70710678118654752f
 #define MGPU__INV_SQRT_2PI 0.39894228040143268f
@@ -2919,7 +2928,7 @@ static float mgpu__sigmoidf(float x) {
 }
 
 static void mgpu__unary_forward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__unary_arg *u = (const mgpu__unary_arg *)p;
+    const mgpu__unary_args *u = (const mgpu__unary_args *)p;
     const float *x = u->x;
     float *y = u->out, a = u->param;
     int64_t i;
@@ -2939,7 +2948,7 @@ static void mgpu__unary_forward_range(void *p, int64_t begin, int64_t end) {
 }
 
 static void mgpu__unary_backward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__unary_arg *u = (const mgpu__unary_arg *)p;
+    const mgpu__unary_args *u = (const mgpu__unary_args *)p;
     const float *x = u->x, *y = u->y, *dy = u->dy;
     float *dx = u->out, a = u->param;
     int64_t i;
@@ -2968,28 +2977,34 @@ static void mgpu__unary_backward_range(void *p, int64_t begin, int64_t end) {
     }
 }
 
+static void mgpu__cpu_unary_forward(const mgpu__unary_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, MGPU__GRAIN, mgpu__unary_forward_range, (void *)a);
+}
+static void mgpu__cpu_unary_backward(const mgpu__unary_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, MGPU__GRAIN, mgpu__unary_backward_range, (void *)a);
+}
+
 static mgpu_result mgpu__unary_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__unary_arg u;
+    mgpu__unary_args u;
     float *dx;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
     MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    u.kind = (mgpu__unary_kind)node->iarg[0]; u.param = node->farg[0];
+    u.ctx = ctx; u.kind = (mgpu__unary_kind)node->iarg[0]; u.param = node->farg[0];
     u.x = (const float *)node->in[0]->data; u.y = (const float *)node->out->data;
-    u.dy = (const float *)node->out->grad->data; u.out = dx;
-    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__unary_backward_range, &u);
-    return MGPU_OK;
+    u.dy = (const float *)node->out->grad->data; u.out = dx; u.n = node->out->numel;
+    return MGPU__TWIN(ctx, unary_backward, &u);
 }
 
 static mgpu_tensor *mgpu__unary(mgpu_context *ctx, const char *op, mgpu__unary_kind kind, float param, mgpu_tensor *x) {
     mgpu_tensor *out;
     mgpu__node *node;
-    mgpu__unary_arg u;
+    mgpu__unary_args u;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;
     memset(&u, 0, sizeof u);
-    u.kind = kind; u.param = param; u.x = (const float *)x->data; u.out = (float *)out->data;
-    mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__unary_forward_range, &u);
+    u.ctx = ctx; u.kind = kind; u.param = param; u.x = (const float *)x->data; u.out = (float *)out->data; u.n = x->numel;
+    if (MGPU__TWIN(ctx, unary_forward, &u) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__unary_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = kind; node->farg[0] = param; }
     return out;

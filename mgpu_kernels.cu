@@ -160,33 +160,33 @@ __device__ float mgpu__gelu_tanh_d(float x) {
 // The same formulas as the CPU (mgpu.h), so results agree to rounding.
 __device__ float mgpu__unary_f(int kind, float a, float x) {
     switch (kind) {
-    case MGPU_CUDA_RELU: return x > 0 ? x : 0.0f;
-    case MGPU_CUDA_GELU: return 0.5f * x * (1.0f + erff(x * MGPU__INV_SQRT2_F));
-    case MGPU_CUDA_GELU_TANH: return mgpu__gelu_tanh_d(x);
-    case MGPU_CUDA_ELU: return x > 0 ? x : a * expm1f(x);
-    case MGPU_CUDA_TANH: return tanhf(x);
-    case MGPU_CUDA_SIGMOID: return mgpu__sigmoid_d(x);
-    case MGPU_CUDA_SCALE: return x * a;
-    default: return x + a;   // MGPU_CUDA_ADD_SCALAR
+    case MGPU__UN_RELU: return x > 0 ? x : 0.0f;
+    case MGPU__UN_GELU: return 0.5f * x * (1.0f + erff(x * MGPU__INV_SQRT2_F));
+    case MGPU__UN_GELU_TANH: return mgpu__gelu_tanh_d(x);
+    case MGPU__UN_ELU: return x > 0 ? x : a * expm1f(x);
+    case MGPU__UN_TANH: return tanhf(x);
+    case MGPU__UN_SIGMOID: return mgpu__sigmoid_d(x);
+    case MGPU__UN_SCALE: return x * a;
+    default: return x + a;   // MGPU__UN_ADD_SCALAR
     }
 }
 __device__ float mgpu__unary_df(int kind, float a, float x, float y) {
     switch (kind) {
-    case MGPU_CUDA_RELU: return x > 0 ? 1.0f : 0.0f;
-    case MGPU_CUDA_GELU: {
+    case MGPU__UN_RELU: return x > 0 ? 1.0f : 0.0f;
+    case MGPU__UN_GELU: {
         float cdf = 0.5f * (1.0f + erff(x * MGPU__INV_SQRT2_F));
         return cdf + x * MGPU__INV_SQRT_2PI_F * expf(-0.5f * x * x);
     }
-    case MGPU_CUDA_GELU_TANH: {
+    case MGPU__UN_GELU_TANH: {
         float x2 = x * x;
         float t = tanhf(MGPU__SQRT_2_OVER_PI_F * x * (1.0f + MGPU__GELU_TANH_K_F * x2));
         float du = MGPU__SQRT_2_OVER_PI_F * (1.0f + 3.0f * MGPU__GELU_TANH_K_F * x2);
         return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
     }
-    case MGPU_CUDA_ELU: return x > 0 ? 1.0f : a * expf(x);
-    case MGPU_CUDA_TANH: return 1.0f - y * y;
-    case MGPU_CUDA_SIGMOID: return y * (1.0f - y);
-    case MGPU_CUDA_SCALE: return a;
+    case MGPU__UN_ELU: return x > 0 ? 1.0f : a * expf(x);
+    case MGPU__UN_TANH: return 1.0f - y * y;
+    case MGPU__UN_SIGMOID: return y * (1.0f - y);
+    case MGPU__UN_SCALE: return a;
     default: return 1.0f;
     }
 }
@@ -196,26 +196,26 @@ __global__ void mgpu__unary_fwd_k(int kind, float a, const float *x, float *y, i
 }
 __global__ void mgpu__unary_bwd_k(int kind, float a, const float *x, const float *y, const float *dy, float *dx, int64_t n) {
     // ReLU keeps the CPU's select (not a multiply) so -0 and NaN in dy behave the same
-    MGPU__FOR(i, n) dx[i] += kind == MGPU_CUDA_RELU ? (x[i] > 0 ? dy[i] : 0.0f) : dy[i] * mgpu__unary_df(kind, a, x[i], y ? y[i] : 0.0f);
+    MGPU__FOR(i, n) dx[i] += kind == MGPU__UN_RELU ? (x[i] > 0 ? dy[i] : 0.0f) : dy[i] * mgpu__unary_df(kind, a, x[i], y ? y[i] : 0.0f);
 }
 
-static int mgpu__unary_kind_ok(int kind) { return kind >= MGPU_CUDA_RELU && kind <= MGPU_CUDA_ADD_SCALAR; }
+static int mgpu__unary_kind_ok(int kind) { return kind >= MGPU__UN_RELU && kind <= MGPU__UN_ADD_SCALAR; }
 
-extern "C" mgpu_result mgpu_cuda_unary_forward(int kind, float param, const float *x, float *y, int64_t n, void *stream) {
-    MGPU__REQUIRE(mgpu__unary_kind_ok(kind), "kind is not an mgpu_cuda_unary value");
-    MGPU__REQUIRE(n >= 0 && (n == 0 || (x && y)), "x and y must be device pointers and n >= 0");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__unary_fwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, kind, param, x, y, n);
+extern "C" mgpu_result mgpu_cuda_unary_forward(const mgpu__unary_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__unary_kind_ok(a->kind), "kind is not an mgpu__unary_kind value");
+    MGPU__REQUIRE(a->n >= 0 && (a->n == 0 || (a->x && a->out)), "x and out must be device pointers and n >= 0");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__unary_fwd_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->kind, a->param, a->x, a->out, a->n);
     MGPU__LAUNCHED("mgpu__unary_fwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_unary_backward(int kind, float param, const float *x, const float *y, const float *dy, float *dx,
-                                                int64_t n, void *stream) {
-    MGPU__REQUIRE(mgpu__unary_kind_ok(kind), "kind is not an mgpu_cuda_unary value");
-    MGPU__REQUIRE(n >= 0 && (n == 0 || (x && dy && dx)), "x, dy and dx must be device pointers and n >= 0");
-    MGPU__REQUIRE(n == 0 || y || (kind != MGPU_CUDA_TANH && kind != MGPU_CUDA_SIGMOID), "tanh and sigmoid backward need y");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__unary_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, kind, param, x, y, dy, dx, n);
+extern "C" mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__unary_kind_ok(a->kind), "kind is not an mgpu__unary_kind value");
+    MGPU__REQUIRE(a->n >= 0 && (a->n == 0 || (a->x && a->dy && a->out)), "x, dy and out must be device pointers and n >= 0");
+    MGPU__REQUIRE(a->n == 0 || a->y || (a->kind != MGPU__UN_TANH && a->kind != MGPU__UN_SIGMOID), "tanh and sigmoid backward need y");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__unary_bwd_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->kind, a->param, a->x, a->y, a->dy,
+                 a->out, a->n);
     MGPU__LAUNCHED("mgpu__unary_bwd_k");
     return MGPU_OK;
 }

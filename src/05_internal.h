@@ -15,22 +15,30 @@ extern "C" {
 /* Number of visible CUDA devices. Defined in mgpu_kernels.cu. */
 int mgpu__cuda_device_count(void);
 
-#ifdef MGPU_CUDA
+/* Each op's twins share one argument struct below, named mgpu__<stem>_args; the CPU twin is
+   `static void mgpu__cpu_<stem>(const mgpu__<stem>_args *)` in the implementation and the CUDA twin
+   `mgpu_result mgpu_cuda_<stem>(const mgpu__<stem>_args *, void *stream)` in mgpu_kernels.cu.
+   Fronts call them through MGPU__TWIN(ctx, stem, &args) (section "Helpers for op authors").
+   The launcher declarations need no CUDA header, so they are visible in every build. */
 
 /* ---- error bridge: kernels report through the library's thread-local error ---- */
 void mgpu__set_error_from_cuda(int code, const char *msg);
 
 /* ---- elementwise ---- */
-/* Same order as the CPU's unary kinds. */
-typedef enum mgpu_cuda_unary {
-    MGPU_CUDA_RELU, MGPU_CUDA_GELU, MGPU_CUDA_GELU_TANH, MGPU_CUDA_ELU, MGPU_CUDA_TANH, MGPU_CUDA_SIGMOID,
-    MGPU_CUDA_SCALE, MGPU_CUDA_ADD_SCALAR
-} mgpu_cuda_unary;
-/* y = f(x) (param: alpha for ELU, s for scale/add_scalar) */
-mgpu_result mgpu_cuda_unary_forward(int kind, float param, const float *x, float *y, int64_t n, void *stream);
-/* dx += dy * f'(x); y is the forward output (tanh and sigmoid read it) */
-mgpu_result mgpu_cuda_unary_backward(int kind, float param, const float *x, const float *y, const float *dy, float *dx,
-                                     int64_t n, void *stream);
+/* unary (n): forward out = f(x); backward out += dy * f'(x), where tanh and sigmoid read y, the
+   forward output; param is ELU's alpha or the scalar of scale/add_scalar */
+typedef enum mgpu__unary_kind {
+    MGPU__UN_RELU, MGPU__UN_GELU, MGPU__UN_GELU_TANH, MGPU__UN_ELU, MGPU__UN_TANH, MGPU__UN_SIGMOID,
+    MGPU__UN_SCALE, MGPU__UN_ADD_SCALAR
+} mgpu__unary_kind;
+typedef struct mgpu__unary_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    mgpu__unary_kind kind; float param;
+    const float *x, *y, *dy; float *out;
+    int64_t n;
+} mgpu__unary_args;
+mgpu_result mgpu_cuda_unary_forward(const mgpu__unary_args *a, void *stream);
+mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void *stream);
 
 typedef enum mgpu_cuda_binary { MGPU_CUDA_ADD, MGPU_CUDA_SUB, MGPU_CUDA_MUL } mgpu_cuda_binary;
 /* Broadcast geometry: out shape and the element strides of a and b against it (0 where broadcast). */
@@ -190,7 +198,6 @@ mgpu_result mgpu_cuda_gemm(void *blas, int trans_a, int trans_b, int64_t m, int6
 mgpu_result mgpu_cuda_synchronize(void *stream);
 mgpu_result mgpu_cuda_fill(float *x, int64_t n, float value, void *stream);
 
-#endif /* MGPU_CUDA */
 
 #ifdef __cplusplus
 }

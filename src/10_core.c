@@ -495,6 +495,7 @@ struct mgpu_context {
     mgpu__node **tape; int64_t tape_len, tape_cap;
     mgpu_backward_end_fn backward_end; void *backward_end_user;
     int row_rank, row_world;           /* DDP sharding (rank, world; 0 = 1): dropout draws row j's mask at global row rank + world * j */
+    void *cuda_stream;                 /* the stream every CUDA twin of this context runs on (NULL on the CPU) */
 };
 
 MGPU_API mgpu_context *mgpu_context_create(const mgpu_context_desc *desc) {
@@ -778,6 +779,15 @@ static MGPU__UNUSED const char *mgpu__shape_str(const mgpu_tensor *t) {
     mgpu_shape_string(t->ndim, t->shape, b, 96);
     return b;
 }
+
+/* The device seam: one call into an op's twin pair (see "Internal: the seam between the CPU and
+   CUDA twins"). Evaluates to an mgpu_result; CPU twins cannot fail once the front has validated. */
+#ifdef MGPU_CUDA
+#define MGPU__TWIN(ctx, stem, args) \
+    ((ctx)->device.type == MGPU_DEVICE_CUDA ? mgpu_cuda_##stem((args), (ctx)->cuda_stream) : (mgpu__cpu_##stem(args), MGPU_OK))
+#else
+#define MGPU__TWIN(ctx, stem, args) (mgpu__cpu_##stem(args), MGPU_OK)
+#endif
 
 /* Input check for ops: NULL input -> NULL quietly (the first error stays); wrong context or
    dtype -> an error naming op and argument. Returns 1 if fine. */

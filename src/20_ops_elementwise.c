@@ -438,14 +438,6 @@ MGPU_API mgpu_tensor *mgpu_op_bias_add(mgpu_context *ctx, mgpu_tensor *x, mgpu_t
    Unary elementwise ops and activations
    -------------------------------------------------------------------------------------- */
 
-typedef enum mgpu__unary_kind {
-    MGPU__UN_RELU, MGPU__UN_GELU, MGPU__UN_GELU_TANH, MGPU__UN_ELU, MGPU__UN_TANH, MGPU__UN_SIGMOID,
-    MGPU__UN_SCALE, MGPU__UN_ADD_SCALAR
-} mgpu__unary_kind;
-typedef struct mgpu__unary_arg {
-    mgpu__unary_kind kind; float param;
-    const float *x, *y, *dy; float *out; /* forward writes out = f(x); backward adds dy * f'(x) into out */
-} mgpu__unary_arg;
 
 #define MGPU__INV_SQRT2 0.70710678118654752f
 #define MGPU__INV_SQRT_2PI 0.39894228040143268f
@@ -459,7 +451,7 @@ static float mgpu__sigmoidf(float x) {
 }
 
 static void mgpu__unary_forward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__unary_arg *u = (const mgpu__unary_arg *)p;
+    const mgpu__unary_args *u = (const mgpu__unary_args *)p;
     const float *x = u->x;
     float *y = u->out, a = u->param;
     int64_t i;
@@ -479,7 +471,7 @@ static void mgpu__unary_forward_range(void *p, int64_t begin, int64_t end) {
 }
 
 static void mgpu__unary_backward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__unary_arg *u = (const mgpu__unary_arg *)p;
+    const mgpu__unary_args *u = (const mgpu__unary_args *)p;
     const float *x = u->x, *y = u->y, *dy = u->dy;
     float *dx = u->out, a = u->param;
     int64_t i;
@@ -508,28 +500,34 @@ static void mgpu__unary_backward_range(void *p, int64_t begin, int64_t end) {
     }
 }
 
+static void mgpu__cpu_unary_forward(const mgpu__unary_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, MGPU__GRAIN, mgpu__unary_forward_range, (void *)a);
+}
+static void mgpu__cpu_unary_backward(const mgpu__unary_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, MGPU__GRAIN, mgpu__unary_backward_range, (void *)a);
+}
+
 static mgpu_result mgpu__unary_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__unary_arg u;
+    mgpu__unary_args u;
     float *dx;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
     MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    u.kind = (mgpu__unary_kind)node->iarg[0]; u.param = node->farg[0];
+    u.ctx = ctx; u.kind = (mgpu__unary_kind)node->iarg[0]; u.param = node->farg[0];
     u.x = (const float *)node->in[0]->data; u.y = (const float *)node->out->data;
-    u.dy = (const float *)node->out->grad->data; u.out = dx;
-    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__unary_backward_range, &u);
-    return MGPU_OK;
+    u.dy = (const float *)node->out->grad->data; u.out = dx; u.n = node->out->numel;
+    return MGPU__TWIN(ctx, unary_backward, &u);
 }
 
 static mgpu_tensor *mgpu__unary(mgpu_context *ctx, const char *op, mgpu__unary_kind kind, float param, mgpu_tensor *x) {
     mgpu_tensor *out;
     mgpu__node *node;
-    mgpu__unary_arg u;
+    mgpu__unary_args u;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;
     memset(&u, 0, sizeof u);
-    u.kind = kind; u.param = param; u.x = (const float *)x->data; u.out = (float *)out->data;
-    mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__unary_forward_range, &u);
+    u.ctx = ctx; u.kind = kind; u.param = param; u.x = (const float *)x->data; u.out = (float *)out->data; u.n = x->numel;
+    if (MGPU__TWIN(ctx, unary_forward, &u) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__unary_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = kind; node->farg[0] = param; }
     return out;

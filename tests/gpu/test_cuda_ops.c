@@ -98,6 +98,21 @@ static int64_t prod(int ndim, const int64_t *s) { int64_t p = 1; int i; for (i =
 /* ============================== elementwise ============================== */
 
 typedef mgpu_tensor *(*unary_op)(mgpu_context *, mgpu_tensor *);
+/* The unary twin's argument struct, filled as the op's front fills it. */
+static mgpu__unary_args unary_args(int kind, float param, const float *x, const float *y, const float *dy, float *out, int64_t n) {
+    mgpu__unary_args a;
+    memset(&a, 0, sizeof a);
+    a.kind = (mgpu__unary_kind)kind; a.param = param; a.x = x; a.y = y; a.dy = dy; a.out = out; a.n = n;
+    return a;
+}
+static mgpu_result unary_forward(int kind, float param, const float *x, float *y, int64_t n, void *stream) {
+    mgpu__unary_args a = unary_args(kind, param, x, NULL, NULL, y, n);
+    return mgpu_cuda_unary_forward(&a, stream);
+}
+static mgpu_result unary_backward(int kind, float param, const float *x, const float *y, const float *dy, float *dx, int64_t n) {
+    mgpu__unary_args a = unary_args(kind, param, x, y, dy, dx, n);
+    return mgpu_cuda_unary_backward(&a, NULL);
+}
 static mgpu_tensor *op_elu(mgpu_context *c, mgpu_tensor *x) { return mgpu_op_elu(c, x, 0.7f); }
 static mgpu_tensor *op_scale(mgpu_context *c, mgpu_tensor *x) { return mgpu_op_scale(c, x, -1.5f); }
 static mgpu_tensor *op_adds(mgpu_context *c, mgpu_tensor *x) { return mgpu_op_add_scalar(c, x, 0.25f); }
@@ -113,11 +128,11 @@ static void test_unary(void) {
             mgpu_tensor *x = rnd(1, &sizes[s], -4, 4), *y = ops[k](cpu, x);
             float *dx = dev_of(x), *dy_out = dev_nan(x->numel), *dgrad = dev_zeros(x->numel), *dy;
             snprintf(what, sizeof what, "unary kind %d n=%lld forward", k, (long long)sizes[s]);
-            expect_ok(mgpu_cuda_unary_forward(k, params[k], dx, dy_out, x->numel, NULL), what);
+            expect_ok(unary_forward(k, params[k], dx, dy_out, x->numel, NULL), what);
             expect_close(what, dy_out, (const float *)y->data, x->numel, F32_TOL);
             dy = cpu_backward(y);
             snprintf(what, sizeof what, "unary kind %d n=%lld backward", k, (long long)sizes[s]);
-            expect_ok(mgpu_cuda_unary_backward(k, params[k], dx, dy_out, dy, dgrad, x->numel, NULL), what);
+            expect_ok(unary_backward(k, params[k], dx, dy_out, dy, dgrad, x->numel), what);
             expect_close(what, dgrad, grad_of(x), x->numel, F32_TOL);
             case_end();
         }
@@ -131,7 +146,7 @@ static void test_unary_accumulates(void) {
     for (i = 0; i < n; i++) g[i] = 3.0f;
     dg = dev_copy(g, sizeof(float) * (size_t)n);
     for (i = 0; i < n; i++) g[i] = 3.0f + grad_of(x)[i];
-    expect_ok(mgpu_cuda_unary_backward(MGPU_CUDA_TANH, 0, dx, dyo, dy, dg, n, NULL), "tanh backward");
+    expect_ok(unary_backward(MGPU__UN_TANH, 0, dx, dyo, dy, dg, n), "tanh backward");
     expect_close("backward adds to an existing gradient", dg, g, n, F32_TOL);
     free(g);
     case_end();
@@ -803,8 +818,8 @@ static void test_graph_capture(void) {
     for (i = 0; i < n; i++) h[i] = (float)i;
     x = dev_copy(h, sizeof(float) * (size_t)n); y = dev_nan(n);
     expect_ok(mgpu_cuda_graph_begin(&g, dc.stream), "graph begin");
-    expect_ok(mgpu_cuda_unary_forward(MGPU_CUDA_SCALE, 2.0f, x, y, n, dc.stream), "captured scale");
-    expect_ok(mgpu_cuda_unary_forward(MGPU_CUDA_ADD_SCALAR, 1.0f, y, x, n, dc.stream), "captured add");
+    expect_ok(unary_forward(MGPU__UN_SCALE, 2.0f, x, y, n, dc.stream), "captured scale");
+    expect_ok(unary_forward(MGPU__UN_ADD_SCALAR, 1.0f, y, x, n, dc.stream), "captured add");
     expect_ok(mgpu_cuda_graph_end(&g, dc.stream), "graph end");
     for (i = 0; i < 3; i++) expect_ok(mgpu_cuda_graph_launch(&g, dc.stream), "graph launch");
     expect_ok(mgpu_cuda_synchronize(dc.stream), "sync");
@@ -819,7 +834,7 @@ static void test_graph_capture(void) {
 static void test_errors(void) {
     float *x = dev_zeros(4);
     mgpu_clear_error();
-    MT_CHECK(mgpu_cuda_unary_forward(99, 0, x, x, 4, NULL) == MGPU_ERR_INVALID_ARG, "a bad kind must be rejected");
+    MT_CHECK(unary_forward(99, 0, x, x, 4, NULL) == MGPU_ERR_INVALID_ARG, "a bad kind must be rejected");
     MT_CHECK(strstr(mgpu_last_error(), "mgpu_cuda_unary_forward") != NULL, "the error must name the launcher: '%s'", mgpu_last_error());
     MT_CHECK(mgpu_cuda_gemm(NULL, 0, 0, 1, 1, 1, 1, x, 1, x, 1, MGPU_F32, 0, x, 1, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "NULL blas");
     MT_CHECK(mgpu_cuda_gemm(blas, 0, 0, 4, 4, 4, 1, x, 2, x, 4, MGPU_F32, 0, x, 4, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "lda too small");
