@@ -1641,6 +1641,7 @@ struct mgpu_context {
     mgpu_backward_end_fn backward_end; void *backward_end_user;
     int row_rank, row_world;           /* DDP sharding (rank, world; 0 = 1): dropout draws row j's mask at global row rank + world * j */
     void *cuda_stream;                 /* the stream every CUDA twin of this context runs on (NULL on the CPU) */
+    void *cuda_blas;                   /* its cuBLAS/cuBLASLt bundle (mgpu_cuda_blas_create; NULL on the CPU) */
 };
 
 MGPU_API mgpu_context *mgpu_context_create(const mgpu_context_desc *desc) {
