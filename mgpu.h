@@ -958,7 +958,7 @@ int mgpu__cuda_device_count(void);
 /* Each op's twins share one argument struct below, named mgpu__<stem>_args; the CPU twin is
    `static void mgpu__cpu_<stem>(const mgpu__<stem>_args *)` in the implementation and the CUDA twin
    `mgpu_result mgpu_cuda_<stem>(const mgpu__<stem>_args *, void *stream)` in mgpu_kernels.cu.
-   Fronts call them through MGPU__TWIN(ctx, stem, &args) (section "Helpers for op authors").
+   Fronts call them through MGPU__TWIN(ctx, stem, &args) (section "The device seam").
    The launcher declarations need no CUDA header, so they are visible in every build. */
 
 /* ---- error bridge: kernels report through the library's thread-local error ---- */
@@ -1087,8 +1087,39 @@ mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argmax, int64_t
 mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner,
                                        void *stream);
 
-/* ---- casts F32 <-> F16/BF16 (round to nearest even), dtypes as mgpu_dtype ---- */
-mgpu_result mgpu_cuda_cast(const void *src, int src_dtype, void *dst, int dst_dtype, int64_t n, void *stream);
+/* ---- tensor-level fills, copies and casts; half-precision rounding ---- */
+/* fill (n elements of dtype): dst[i] = value as a C cast to the dtype would give it (F16/BF16
+   through F32, rounded to nearest even); a value of 0 (also -0.0) writes zero bytes */
+typedef struct mgpu__fill_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    void *dst; mgpu_dtype dtype; int64_t n;
+    double value;
+} mgpu__fill_args;
+mgpu_result mgpu_cuda_fill(const mgpu__fill_args *a, void *stream);
+/* copy (bytes): dst = src, byte for byte, within the context's device; only the CPU twin lets the
+   two overlap */
+typedef struct mgpu__copy_args { mgpu_context *ctx; const void *src; void *dst; size_t bytes; } mgpu__copy_args;
+mgpu_result mgpu_cuda_copy(const mgpu__copy_args *a, void *stream);
+/* cast (n): dst = src converted between F32, F16 and BF16 (round to nearest even, as
+   mgpu_f32_to_f16 / mgpu_f32_to_bf16); the front is mgpu_op_cast */
+typedef struct mgpu__cast_args {
+    mgpu_context *ctx;
+    const void *src; mgpu_dtype src_dtype;
+    void *dst; mgpu_dtype dst_dtype;
+    int64_t n;
+} mgpu__cast_args;
+mgpu_result mgpu_cuda_cast(const mgpu__cast_args *a, void *stream);
+/* round_half (n): dst = F32(half(src * scale)), or dst += it with accumulate, where half is F16 or
+   BF16 rounded to nearest even: autocast's emulated half precision (forward and backward) and DDP's
+   gradient compression; src and dst may be the same array */
+typedef struct mgpu__round_half_args {
+    mgpu_context *ctx;
+    mgpu_dtype half;                      /* MGPU_F16 or MGPU_BF16 */
+    float scale; int accumulate;
+    const float *src; float *dst;
+    int64_t n;
+} mgpu__round_half_args;
+mgpu_result mgpu_cuda_round_half(const mgpu__round_half_args *a, void *stream);
 
 /* ---- optimizers, clipping, loss scaling ---- */
 typedef struct mgpu_cuda_adam_args {
@@ -1136,7 +1167,6 @@ mgpu_result mgpu_cuda_gemm(void *blas, int trans_a, int trans_b, int64_t m, int6
 
 /* ---- runtime wrappers used by the CUDA host side (C files need no CUDA headers for these) ---- */
 mgpu_result mgpu_cuda_synchronize(void *stream);
-mgpu_result mgpu_cuda_fill(float *x, int64_t n, float value, void *stream);
 
 
 #ifdef __cplusplus
@@ -1719,6 +1749,19 @@ static MGPU__UNUSED void *mgpu__arena_alloc(mgpu_context *ctx, size_t bytes) {
 }
 
 /* --------------------------------------------------------------------------------------
+   The device seam (ahead of the tensors, whose fills and copies go through it)
+   -------------------------------------------------------------------------------------- */
+
+/* One call into an op's twin pair (see "Internal: the seam between the CPU and CUDA twins").
+   Evaluates to an mgpu_result; CPU twins cannot fail once the front has validated. */
+#ifdef MGPU_CUDA
+#define MGPU__TWIN(ctx, stem, args) \
+    ((ctx)->device.type == MGPU_DEVICE_CUDA ? mgpu_cuda_##stem((args), (ctx)->cuda_stream) : (mgpu__cpu_##stem(args), MGPU_OK))
+#else
+#define MGPU__TWIN(ctx, stem, args) (mgpu__cpu_##stem(args), MGPU_OK)
+#endif
+
+/* --------------------------------------------------------------------------------------
    Tensors
    -------------------------------------------------------------------------------------- */
 
@@ -1812,8 +1855,7 @@ static MGPU__UNUSED mgpu_tensor *mgpu__new_activation(mgpu_context *ctx, mgpu_dt
 }
 static MGPU__UNUSED mgpu_tensor *mgpu__new_activation_zeros(mgpu_context *ctx, mgpu_dtype dtype, int ndim, const int64_t *shape) {
     mgpu_tensor *t = mgpu__new_activation(ctx, dtype, ndim, shape);
-    if (t) memset(t->data, 0, mgpu_tensor_nbytes(t));
-    return t;
+    return t && mgpu_tensor_fill(t, 0.0) == MGPU_OK ? t : NULL;
 }
 /* An activation sharing x's data with a new shape (reshape/flatten views). */
 static MGPU__UNUSED mgpu_tensor *mgpu__new_view(mgpu_context *ctx, mgpu_tensor *x, int ndim, const int64_t *shape) {
@@ -1841,13 +1883,18 @@ MGPU_API mgpu_result mgpu_tensor_copy_from_host(mgpu_tensor *t, const void *src,
     memcpy(t->data, src, src_bytes);
     return MGPU_OK;
 }
+/* memmove: mgpu_tensor_wrap lets users hand in arrays of their own that may overlap */
+static void mgpu__cpu_copy(const mgpu__copy_args *a) { memmove(a->dst, a->src, a->bytes); }
+
 MGPU_API mgpu_result mgpu_tensor_copy(mgpu_tensor *dst, const mgpu_tensor *src) {
+    mgpu__copy_args a;
     if (!dst || !src) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_copy: dst and src must not be NULL");
     if (dst->dtype != src->dtype || dst->numel != src->numel)
         return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_tensor_copy: dst is %s x %lld, src is %s x %lld", mgpu_dtype_name(dst->dtype),
                           (long long)dst->numel, mgpu_dtype_name(src->dtype), (long long)src->numel);
-    if (dst->data != src->data) memmove(dst->data, src->data, mgpu_tensor_nbytes(src));
-    return MGPU_OK;
+    if (dst->data == src->data) return MGPU_OK;
+    a.ctx = dst->ctx; a.src = src->data; a.dst = dst->data; a.bytes = mgpu_tensor_nbytes(src);
+    return MGPU__TWIN(dst->ctx, copy, &a);
 }
 
 /* Element i of any dtype as double / stored from double (host tensors). */
@@ -1873,12 +1920,17 @@ static MGPU__UNUSED void mgpu__store(void *data, mgpu_dtype dt, int64_t i, doubl
     }
 }
 
-MGPU_API mgpu_result mgpu_tensor_fill(mgpu_tensor *t, double value) {
+static void mgpu__cpu_fill(const mgpu__fill_args *a) {
     int64_t i;
+    if (a->value == 0.0) { memset(a->dst, 0, (size_t)a->n * mgpu__dtype_sizes[a->dtype]); return; }
+    for (i = 0; i < a->n; i++) mgpu__store(a->dst, a->dtype, i, a->value);
+}
+
+MGPU_API mgpu_result mgpu_tensor_fill(mgpu_tensor *t, double value) {
+    mgpu__fill_args a;
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_fill: tensor is NULL");
-    if (value == 0.0) { memset(t->data, 0, mgpu_tensor_nbytes(t)); return MGPU_OK; }
-    for (i = 0; i < t->numel; i++) mgpu__store(t->data, t->dtype, i, value);
-    return MGPU_OK;
+    a.ctx = t->ctx; a.dst = t->data; a.dtype = t->dtype; a.n = t->numel; a.value = value;
+    return MGPU__TWIN(t->ctx, fill, &a);
 }
 MGPU_API double mgpu_tensor_item(const mgpu_tensor *t) {
     if (!t || t->numel < 1) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_item: tensor is NULL or empty"); return NAN; }
@@ -1902,8 +1954,7 @@ MGPU_API int mgpu_tensor_same_shape(const mgpu_tensor *a, const mgpu_tensor *b) 
 }
 MGPU_API mgpu_result mgpu_tensor_zero_grad(mgpu_tensor *t) {
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_zero_grad: tensor is NULL");
-    if (t->grad) memset(t->grad->data, 0, mgpu_tensor_nbytes(t->grad));
-    return MGPU_OK;
+    return t->grad ? mgpu_tensor_fill(t->grad, 0.0) : MGPU_OK;
 }
 MGPU_API mgpu_result mgpu_tensor_set_grad_hook(mgpu_tensor *t, mgpu_grad_hook hook, void *user) {
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_set_grad_hook: tensor is NULL");
@@ -1925,15 +1976,6 @@ static MGPU__UNUSED const char *mgpu__shape_str(const mgpu_tensor *t) {
     mgpu_shape_string(t->ndim, t->shape, b, 96);
     return b;
 }
-
-/* The device seam: one call into an op's twin pair (see "Internal: the seam between the CPU and
-   CUDA twins"). Evaluates to an mgpu_result; CPU twins cannot fail once the front has validated. */
-#ifdef MGPU_CUDA
-#define MGPU__TWIN(ctx, stem, args) \
-    ((ctx)->device.type == MGPU_DEVICE_CUDA ? mgpu_cuda_##stem((args), (ctx)->cuda_stream) : (mgpu__cpu_##stem(args), MGPU_OK))
-#else
-#define MGPU__TWIN(ctx, stem, args) (mgpu__cpu_##stem(args), MGPU_OK)
-#endif
 
 /* Input check for ops: NULL input -> NULL quietly (the first error stays); wrong context or
    dtype -> an error naming op and argument. Returns 1 if fine. */
@@ -2405,30 +2447,36 @@ MGPU_API mgpu_amp_mode mgpu_context_autocast(const mgpu_context *ctx) { return c
 
 #define MGPU__AMP_PAR_MIN 32768 /* elements per chunk before rounding loops go to the thread pool */
 
-static float mgpu__amp_round_value(float v, int mode) {
-    return mode == MGPU_AMP_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(v)) : mgpu_f16_to_f32(mgpu_f32_to_f16(v));
+static float mgpu__round_half_value(float v, mgpu_dtype half) {
+    return half == MGPU_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(v)) : mgpu_f16_to_f32(mgpu_f32_to_f16(v));
+}
+/* The CPU twin of round_half (also DDP's gradient compression): one pass, in place or not. */
+static void mgpu__round_half_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__round_half_args *a = (const mgpu__round_half_args *)arg;
+    const float *src = a->src, scale = a->scale;
+    const mgpu_dtype half = a->half;
+    float *dst = a->dst;
+    int64_t i;
+    if (a->accumulate) for (i = begin; i < end; i++) dst[i] += mgpu__round_half_value(src[i] * scale, half);
+    else for (i = begin; i < end; i++) dst[i] = mgpu__round_half_value(src[i] * scale, half);
+}
+static void mgpu__cpu_round_half(const mgpu__round_half_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, MGPU__AMP_PAR_MIN, mgpu__round_half_range, (void *)a);
 }
 
-/* dst[i] (+)= round(src[i]) over a range; accumulate for backward, overwrite for forward */
-typedef struct mgpu__amp_round_job { const float *src; float *dst; int mode, accumulate; } mgpu__amp_round_job;
-static void mgpu__amp_round_range(void *arg, int64_t begin, int64_t end) {
-    const mgpu__amp_round_job *j = (const mgpu__amp_round_job *)arg;
-    int64_t i;
-    if (j->accumulate) for (i = begin; i < end; i++) j->dst[i] += mgpu__amp_round_value(j->src[i], j->mode);
-    else for (i = begin; i < end; i++) j->dst[i] = mgpu__amp_round_value(j->src[i], j->mode);
-}
-static void mgpu__amp_round_array(mgpu_context *ctx, const float *src, float *dst, int64_t n, int mode, int accumulate) {
-    mgpu__amp_round_job j;
-    j.src = src; j.dst = dst; j.mode = mode; j.accumulate = accumulate;
-    mgpu_parallel_for(ctx, n, MGPU__AMP_PAR_MIN, mgpu__amp_round_range, &j);
+/* dst (+)= src rounded to the half format of autocast `mode`; accumulate for backward */
+static mgpu_result mgpu__amp_round_array(mgpu_context *ctx, const float *src, float *dst, int64_t n, int mode, int accumulate) {
+    mgpu__round_half_args a;
+    a.ctx = ctx; a.half = mode == MGPU_AMP_BF16 ? MGPU_BF16 : MGPU_F16; a.scale = 1.0f; a.accumulate = accumulate;
+    a.src = src; a.dst = dst; a.n = n;
+    return MGPU__TWIN(ctx, round_half, &a);
 }
 
 /* iarg[0] = mode; the gradient is rounded like the value (what a half-precision cast does) */
 static mgpu_result mgpu__amp_round_backward(mgpu_context *ctx, mgpu__node *node) {
     float *dx;
     MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    mgpu__amp_round_array(ctx, (const float *)node->out->grad->data, dx, node->out->numel, (int)node->iarg[0], 1);
-    return MGPU_OK;
+    return mgpu__amp_round_array(ctx, (const float *)node->out->grad->data, dx, node->out->numel, (int)node->iarg[0], 1);
 }
 
 /* x rounded to the half format `mode` as a new activation, recorded on the tape. */
@@ -2438,7 +2486,7 @@ static mgpu_tensor *mgpu__amp_round(mgpu_context *ctx, mgpu_tensor *x, int mode)
     if (!mgpu__check_input(ctx, "autocast", "input", x, 1)) return NULL;
     y = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!y) return NULL;
-    mgpu__amp_round_array(ctx, (const float *)x->data, (float *)y->data, x->numel, mode, 0);
+    if (mgpu__amp_round_array(ctx, (const float *)x->data, (float *)y->data, x->numel, mode, 0) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, "autocast_round", mgpu__amp_round_backward, y, 1, &x, node);
     if (node) node->iarg[0] = mode;
     return y;
@@ -12149,25 +12197,29 @@ struct mgpu_ddp {
 };
 
 /* --------------------------------------------------------------------------------------
-   Gradient compression: round the buffer to f16/bf16 values (kept in f32 storage), as the
-   gradients would travel in 16 bits.
+   Bucket contents, all through twins so buckets work the same on the device: gradients packed
+   and unpacked by copies, and under compression the bucket rounded to f16/bf16 values (kept in
+   f32 storage), as the gradients would travel in 16 bits.
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__ddp_round_arg { float *x; float scale; mgpu_dtype dtype; } mgpu__ddp_round_arg;
-
-static void mgpu__ddp_round_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__ddp_round_arg *a = (const mgpu__ddp_round_arg *)p;
-    int64_t i;
-    if (a->dtype == MGPU_F16)
-        for (i = begin; i < end; i++) a->x[i] = mgpu_f16_to_f32(mgpu_f32_to_f16(a->x[i] * a->scale));
-    else
-        for (i = begin; i < end; i++) a->x[i] = mgpu_bf16_to_f32(mgpu_f32_to_bf16(a->x[i] * a->scale));
+/* x = round(x * scale) in the compression format */
+static mgpu_result mgpu__ddp_round(mgpu_ddp *d, float *x, int64_t n, float scale) {
+    mgpu__round_half_args a;
+    a.ctx = d->ctx; a.half = d->compress; a.scale = scale; a.accumulate = 0;
+    a.src = x; a.dst = x; a.n = n;
+    return MGPU__TWIN(d->ctx, round_half, &a);
 }
 
-static void mgpu__ddp_round(mgpu_ddp *d, float *x, int64_t n, float scale) {
-    mgpu__ddp_round_arg a;
-    a.x = x; a.scale = scale; a.dtype = d->compress;
-    mgpu_parallel_for(d->ctx, n, MGPU__GRAIN, mgpu__ddp_round_range, &a);
+/* n floats from src to dst */
+static mgpu_result mgpu__ddp_copy(mgpu_ddp *d, float *dst, const float *src, int64_t n) {
+    mgpu__copy_args a;
+    a.ctx = d->ctx; a.src = src; a.dst = dst; a.bytes = sizeof(float) * (size_t)n;
+    return MGPU__TWIN(d->ctx, copy, &a);
+}
+static mgpu_result mgpu__ddp_zero(mgpu_ddp *d, float *dst, int64_t n) {
+    mgpu__fill_args a;
+    a.ctx = d->ctx; a.dst = dst; a.dtype = MGPU_F32; a.n = n; a.value = 0.0;
+    return MGPU__TWIN(d->ctx, fill, &a);
 }
 
 /* --------------------------------------------------------------------------------------
@@ -12196,14 +12248,15 @@ static void mgpu__ddp_begin_backward(mgpu_ddp *d) {
    find_unused_parameters) and issues its all-reduce. Under compression PyTorch's fp16/bf16 hooks
    divide by the world size before rounding (so the sum cannot overflow) and then sum. */
 static void mgpu__ddp_launch(mgpu_ddp *d, mgpu__ddp_bucket *b) {
+    mgpu_result r = MGPU_OK;
     int i;
-    for (i = b->first; i < b->first + b->count; i++) {
+    for (i = b->first; i < b->first + b->count && r == MGPU_OK; i++) {
         const mgpu__ddp_param *p = &d->params[i];
         float *dst = b->buf + p->offset;
-        if (p->t->grad) memcpy(dst, p->t->grad->data, sizeof(float) * (size_t)p->t->numel);
-        else memset(dst, 0, sizeof(float) * (size_t)p->t->numel);
+        r = p->t->grad ? mgpu__ddp_copy(d, dst, (const float *)p->t->grad->data, p->t->numel) : mgpu__ddp_zero(d, dst, p->t->numel);
     }
-    if (d->compress != MGPU_F32) mgpu__ddp_round(d, b->buf, b->numel, 1.0f / (float)d->world);
+    if (r == MGPU_OK && d->compress != MGPU_F32) r = mgpu__ddp_round(d, b->buf, b->numel, 1.0f / (float)d->world);
+    if (r != MGPU_OK) mgpu__ddp_record_error(d, r);   /* the all-reduce still goes out: every rank issues the same sequence */
     b->launch_s = mgpu_time_s();
     b->work = mgpu_comm_allreduce_f32_async(d->comm, b->buf, b->numel, d->compress != MGPU_F32 ? MGPU_REDUCE_SUM : MGPU_REDUCE_AVG);
     if (!b->work) mgpu__ddp_record_error(d, mgpu_last_result() != MGPU_OK ? mgpu_last_result() : MGPU_ERR_STATE);
@@ -12251,7 +12304,8 @@ static void mgpu__ddp_grad_ready(mgpu_tensor *t, void *user) {
 static mgpu_result mgpu__ddp_unpack(mgpu_ddp *d, mgpu__ddp_bucket *b) {
     int i;
     int64_t k;
-    if (d->compress != MGPU_F32) mgpu__ddp_round(d, b->buf, b->numel, 1.0f);
+    mgpu_result r;
+    if (d->compress != MGPU_F32 && (r = mgpu__ddp_round(d, b->buf, b->numel, 1.0f)) != MGPU_OK) return r;
     for (i = b->first; i < b->first + b->count; i++) {
         mgpu__ddp_param *p = &d->params[i];
         const float *src = b->buf + p->offset;
@@ -12260,7 +12314,7 @@ static mgpu_result mgpu__ddp_unpack(mgpu_ddp *d, mgpu__ddp_bucket *b) {
             if (k == p->t->numel) continue;
             if (!mgpu__grad_f32(d->ctx, p->t)) return mgpu_last_result();
         }
-        memcpy(p->t->grad->data, src, sizeof(float) * (size_t)p->t->numel);
+        if ((r = mgpu__ddp_copy(d, (float *)p->t->grad->data, src, p->t->numel)) != MGPU_OK) return r;
     }
     return MGPU_OK;
 }

@@ -342,15 +342,6 @@ extern "C" mgpu_result mgpu_cuda_binary_backward(int op, const mgpu_cuda_bcast *
     return r;
 }
 
-__global__ void mgpu__fill_k(float *x, int64_t n, float v) { MGPU__FOR(i, n) x[i] = v; }
-extern "C" mgpu_result mgpu_cuda_fill(float *x, int64_t n, float value, void *stream) {
-    MGPU__REQUIRE(n >= 0 && (n == 0 || x), "x must be a device pointer and n >= 0");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__fill_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, n, value);
-    MGPU__LAUNCHED("mgpu__fill_k");
-    return MGPU_OK;
-}
-
 /* ======================================================================================
    Bias add and fixed-order column sums (bias grad, layer-norm dw/db)
    ====================================================================================== */
@@ -1147,8 +1138,59 @@ extern "C" mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const f
 }
 
 /* ======================================================================================
-   Casts (round to nearest even, as mgpu_f32_to_f16 / mgpu_f32_to_bf16)
+   Tensor-level fills, copies and casts; half-precision rounding (round to nearest even, as
+   mgpu_f32_to_f16 / mgpu_f32_to_bf16)
    ====================================================================================== */
+
+static int mgpu__dtype_bytes(int dt) {
+    switch (dt) {
+    case MGPU_F16: case MGPU_BF16: return 2;
+    case MGPU_I64: return 8;
+    case MGPU_U8: return 1;
+    default: return 4;   // F32, I32
+    }
+}
+static int mgpu__dtype_ok(int dt) { return dt >= 0 && dt < MGPU_DTYPE_COUNT; }
+
+// The bytes of `value` in dtype dt, as the CPU twin stores it (a C cast; half formats through F32).
+template <typename T> static uint64_t mgpu__bits_of(T v) { uint64_t b = 0; memcpy(&b, &v, sizeof v); return b; }
+static uint64_t mgpu__fill_bits(int dt, double value) {
+    if (value == 0.0) return 0;   // as the CPU: zero fills are zero bytes, -0.0 included
+    switch (dt) {
+    case MGPU_F16: return mgpu__bits_of(__float2half_rn((float)value));
+    case MGPU_BF16: return mgpu__bits_of(__float2bfloat16_rn((float)value));
+    case MGPU_I32: return mgpu__bits_of((int32_t)value);
+    case MGPU_I64: return mgpu__bits_of((int64_t)value);
+    case MGPU_U8: return mgpu__bits_of((uint8_t)value);
+    default: return mgpu__bits_of((float)value);
+    }
+}
+template <typename T> __global__ void mgpu__fill_k(T *x, int64_t n, T v) { MGPU__FOR(i, n) x[i] = v; }
+// n elements of `bytes` bytes each set to the low bytes of bits
+static mgpu_result mgpu__fill_raw(void *x, int64_t n, int bytes, uint64_t bits, void *stream) {
+    if (n == 0) return MGPU_OK;
+    unsigned grid = mgpu__grid(n, MGPU__THREADS);
+    switch (bytes) {
+    case 1: MGPU__LAUNCH(mgpu__fill_k<uint8_t>, grid, MGPU__THREADS, 0, stream, (uint8_t *)x, n, (uint8_t)bits); break;
+    case 2: MGPU__LAUNCH(mgpu__fill_k<uint16_t>, grid, MGPU__THREADS, 0, stream, (uint16_t *)x, n, (uint16_t)bits); break;
+    case 8: MGPU__LAUNCH(mgpu__fill_k<uint64_t>, grid, MGPU__THREADS, 0, stream, (uint64_t *)x, n, bits); break;
+    default: MGPU__LAUNCH(mgpu__fill_k<uint32_t>, grid, MGPU__THREADS, 0, stream, (uint32_t *)x, n, (uint32_t)bits); break;
+    }
+    MGPU__LAUNCHED("mgpu__fill_k");
+    return MGPU_OK;
+}
+extern "C" mgpu_result mgpu_cuda_fill(const mgpu__fill_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__dtype_ok(a->dtype), "dtype is not an mgpu_dtype");
+    MGPU__REQUIRE(a->n >= 0 && (a->n == 0 || a->dst), "dst must be a device pointer and n >= 0");
+    return mgpu__fill_raw(a->dst, a->n, mgpu__dtype_bytes(a->dtype), mgpu__fill_bits(a->dtype, a->value), stream);
+}
+
+extern "C" mgpu_result mgpu_cuda_copy(const mgpu__copy_args *a, void *stream) {
+    MGPU__REQUIRE(a && (a->bytes == 0 || (a->src && a->dst)), "src and dst must be device pointers");
+    if (a->bytes == 0) return MGPU_OK;
+    MGPU__CU(cudaMemcpyAsync(a->dst, a->src, a->bytes, cudaMemcpyDeviceToDevice, MGPU__STREAM(stream)));
+    return MGPU_OK;
+}
 
 __device__ float mgpu__load_as_f32(const void *p, int dt, int64_t i) {
     if (dt == MGPU_F16) return __half2float(((const __half *)p)[i]);
@@ -1164,12 +1206,30 @@ __global__ void mgpu__cast_k(const void *src, int sdt, void *dst, int ddt, int64
     MGPU__FOR(i, n) mgpu__store_from_f32(dst, ddt, i, mgpu__load_as_f32(src, sdt, i));
 }
 static int mgpu__float_dtype(int dt) { return dt == MGPU_F32 || dt == MGPU_F16 || dt == MGPU_BF16; }
-extern "C" mgpu_result mgpu_cuda_cast(const void *src, int src_dtype, void *dst, int dst_dtype, int64_t n, void *stream) {
-    MGPU__REQUIRE(mgpu__float_dtype(src_dtype) && mgpu__float_dtype(dst_dtype), "casts are between F32, F16 and BF16");
-    MGPU__REQUIRE(n >= 0 && (n == 0 || (src && dst)), "src and dst must be device pointers and n >= 0");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__cast_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, src, src_dtype, dst, dst_dtype, n);
+extern "C" mgpu_result mgpu_cuda_cast(const mgpu__cast_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__float_dtype(a->src_dtype) && mgpu__float_dtype(a->dst_dtype), "casts are between F32, F16 and BF16");
+    MGPU__REQUIRE(a->n >= 0 && (a->n == 0 || (a->src && a->dst)), "src and dst must be device pointers and n >= 0");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__cast_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->src, (int)a->src_dtype, a->dst,
+                 (int)a->dst_dtype, a->n);
     MGPU__LAUNCHED("mgpu__cast_k");
+    return MGPU_OK;
+}
+
+// The cast kernel's conversions, to the half format and back in one go.
+__global__ void mgpu__round_half_k(const float *src, float *dst, int64_t n, int half, float scale, int acc) {
+    MGPU__FOR(i, n) {
+        float r = half == MGPU_BF16 ? __bfloat162float(__float2bfloat16_rn(src[i] * scale)) : __half2float(__float2half_rn(src[i] * scale));
+        dst[i] = acc ? dst[i] + r : r;
+    }
+}
+extern "C" mgpu_result mgpu_cuda_round_half(const mgpu__round_half_args *a, void *stream) {
+    MGPU__REQUIRE(a && (a->half == MGPU_F16 || a->half == MGPU_BF16), "half must be MGPU_F16 or MGPU_BF16");
+    MGPU__REQUIRE(a->n >= 0 && (a->n == 0 || (a->src && a->dst)), "src and dst must be device pointers and n >= 0");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__round_half_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->src, a->dst, a->n, (int)a->half,
+                 a->scale, a->accumulate);
+    MGPU__LAUNCHED("mgpu__round_half_k");
     return MGPU_OK;
 }
 
@@ -1293,7 +1353,7 @@ extern "C" mgpu_result mgpu_cuda_global_norm(int n_tensors, const float *const *
         mgpu_result r = mgpu__reduce_partials(MGPU__RED_SQ, xs[t], NULL, numel[t], scratch + (int64_t)t * MGPU_CUDA_REDUCE_PARTIALS, stream);
         if (r != MGPU_OK) return r;
     }
-    if (n_tensors == 0) return mgpu_cuda_fill(out, 1, 0.0f, stream);
+    if (n_tensors == 0) return mgpu__fill_raw(out, 1, 4, 0, stream);
     return mgpu__reduce_final(scratch, (int64_t)n_tensors * MGPU_CUDA_REDUCE_PARTIALS, 1.0f, 1, out, stream);
 }
 __global__ void mgpu__clip_coef_k(const float *norm, float max_norm, float *coef) {

@@ -18,7 +18,7 @@ int mgpu__cuda_device_count(void);
 /* Each op's twins share one argument struct below, named mgpu__<stem>_args; the CPU twin is
    `static void mgpu__cpu_<stem>(const mgpu__<stem>_args *)` in the implementation and the CUDA twin
    `mgpu_result mgpu_cuda_<stem>(const mgpu__<stem>_args *, void *stream)` in mgpu_kernels.cu.
-   Fronts call them through MGPU__TWIN(ctx, stem, &args) (section "Helpers for op authors").
+   Fronts call them through MGPU__TWIN(ctx, stem, &args) (section "The device seam").
    The launcher declarations need no CUDA header, so they are visible in every build. */
 
 /* ---- error bridge: kernels report through the library's thread-local error ---- */
@@ -147,8 +147,39 @@ mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argmax, int64_t
 mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner,
                                        void *stream);
 
-/* ---- casts F32 <-> F16/BF16 (round to nearest even), dtypes as mgpu_dtype ---- */
-mgpu_result mgpu_cuda_cast(const void *src, int src_dtype, void *dst, int dst_dtype, int64_t n, void *stream);
+/* ---- tensor-level fills, copies and casts; half-precision rounding ---- */
+/* fill (n elements of dtype): dst[i] = value as a C cast to the dtype would give it (F16/BF16
+   through F32, rounded to nearest even); a value of 0 (also -0.0) writes zero bytes */
+typedef struct mgpu__fill_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    void *dst; mgpu_dtype dtype; int64_t n;
+    double value;
+} mgpu__fill_args;
+mgpu_result mgpu_cuda_fill(const mgpu__fill_args *a, void *stream);
+/* copy (bytes): dst = src, byte for byte, within the context's device; only the CPU twin lets the
+   two overlap */
+typedef struct mgpu__copy_args { mgpu_context *ctx; const void *src; void *dst; size_t bytes; } mgpu__copy_args;
+mgpu_result mgpu_cuda_copy(const mgpu__copy_args *a, void *stream);
+/* cast (n): dst = src converted between F32, F16 and BF16 (round to nearest even, as
+   mgpu_f32_to_f16 / mgpu_f32_to_bf16); the front is mgpu_op_cast */
+typedef struct mgpu__cast_args {
+    mgpu_context *ctx;
+    const void *src; mgpu_dtype src_dtype;
+    void *dst; mgpu_dtype dst_dtype;
+    int64_t n;
+} mgpu__cast_args;
+mgpu_result mgpu_cuda_cast(const mgpu__cast_args *a, void *stream);
+/* round_half (n): dst = F32(half(src * scale)), or dst += it with accumulate, where half is F16 or
+   BF16 rounded to nearest even: autocast's emulated half precision (forward and backward) and DDP's
+   gradient compression; src and dst may be the same array */
+typedef struct mgpu__round_half_args {
+    mgpu_context *ctx;
+    mgpu_dtype half;                      /* MGPU_F16 or MGPU_BF16 */
+    float scale; int accumulate;
+    const float *src; float *dst;
+    int64_t n;
+} mgpu__round_half_args;
+mgpu_result mgpu_cuda_round_half(const mgpu__round_half_args *a, void *stream);
 
 /* ---- optimizers, clipping, loss scaling ---- */
 typedef struct mgpu_cuda_adam_args {
@@ -196,7 +227,6 @@ mgpu_result mgpu_cuda_gemm(void *blas, int trans_a, int trans_b, int64_t m, int6
 
 /* ---- runtime wrappers used by the CUDA host side (C files need no CUDA headers for these) ---- */
 mgpu_result mgpu_cuda_synchronize(void *stream);
-mgpu_result mgpu_cuda_fill(float *x, int64_t n, float value, void *stream);
 
 
 #ifdef __cplusplus

@@ -574,6 +574,19 @@ static MGPU__UNUSED void *mgpu__arena_alloc(mgpu_context *ctx, size_t bytes) {
 }
 
 /* --------------------------------------------------------------------------------------
+   The device seam (ahead of the tensors, whose fills and copies go through it)
+   -------------------------------------------------------------------------------------- */
+
+/* One call into an op's twin pair (see "Internal: the seam between the CPU and CUDA twins").
+   Evaluates to an mgpu_result; CPU twins cannot fail once the front has validated. */
+#ifdef MGPU_CUDA
+#define MGPU__TWIN(ctx, stem, args) \
+    ((ctx)->device.type == MGPU_DEVICE_CUDA ? mgpu_cuda_##stem((args), (ctx)->cuda_stream) : (mgpu__cpu_##stem(args), MGPU_OK))
+#else
+#define MGPU__TWIN(ctx, stem, args) (mgpu__cpu_##stem(args), MGPU_OK)
+#endif
+
+/* --------------------------------------------------------------------------------------
    Tensors
    -------------------------------------------------------------------------------------- */
 
@@ -667,8 +680,7 @@ static MGPU__UNUSED mgpu_tensor *mgpu__new_activation(mgpu_context *ctx, mgpu_dt
 }
 static MGPU__UNUSED mgpu_tensor *mgpu__new_activation_zeros(mgpu_context *ctx, mgpu_dtype dtype, int ndim, const int64_t *shape) {
     mgpu_tensor *t = mgpu__new_activation(ctx, dtype, ndim, shape);
-    if (t) memset(t->data, 0, mgpu_tensor_nbytes(t));
-    return t;
+    return t && mgpu_tensor_fill(t, 0.0) == MGPU_OK ? t : NULL;
 }
 /* An activation sharing x's data with a new shape (reshape/flatten views). */
 static MGPU__UNUSED mgpu_tensor *mgpu__new_view(mgpu_context *ctx, mgpu_tensor *x, int ndim, const int64_t *shape) {
@@ -696,13 +708,18 @@ MGPU_API mgpu_result mgpu_tensor_copy_from_host(mgpu_tensor *t, const void *src,
     memcpy(t->data, src, src_bytes);
     return MGPU_OK;
 }
+/* memmove: mgpu_tensor_wrap lets users hand in arrays of their own that may overlap */
+static void mgpu__cpu_copy(const mgpu__copy_args *a) { memmove(a->dst, a->src, a->bytes); }
+
 MGPU_API mgpu_result mgpu_tensor_copy(mgpu_tensor *dst, const mgpu_tensor *src) {
+    mgpu__copy_args a;
     if (!dst || !src) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_copy: dst and src must not be NULL");
     if (dst->dtype != src->dtype || dst->numel != src->numel)
         return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_tensor_copy: dst is %s x %lld, src is %s x %lld", mgpu_dtype_name(dst->dtype),
                           (long long)dst->numel, mgpu_dtype_name(src->dtype), (long long)src->numel);
-    if (dst->data != src->data) memmove(dst->data, src->data, mgpu_tensor_nbytes(src));
-    return MGPU_OK;
+    if (dst->data == src->data) return MGPU_OK;
+    a.ctx = dst->ctx; a.src = src->data; a.dst = dst->data; a.bytes = mgpu_tensor_nbytes(src);
+    return MGPU__TWIN(dst->ctx, copy, &a);
 }
 
 /* Element i of any dtype as double / stored from double (host tensors). */
@@ -728,12 +745,17 @@ static MGPU__UNUSED void mgpu__store(void *data, mgpu_dtype dt, int64_t i, doubl
     }
 }
 
-MGPU_API mgpu_result mgpu_tensor_fill(mgpu_tensor *t, double value) {
+static void mgpu__cpu_fill(const mgpu__fill_args *a) {
     int64_t i;
+    if (a->value == 0.0) { memset(a->dst, 0, (size_t)a->n * mgpu__dtype_sizes[a->dtype]); return; }
+    for (i = 0; i < a->n; i++) mgpu__store(a->dst, a->dtype, i, a->value);
+}
+
+MGPU_API mgpu_result mgpu_tensor_fill(mgpu_tensor *t, double value) {
+    mgpu__fill_args a;
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_fill: tensor is NULL");
-    if (value == 0.0) { memset(t->data, 0, mgpu_tensor_nbytes(t)); return MGPU_OK; }
-    for (i = 0; i < t->numel; i++) mgpu__store(t->data, t->dtype, i, value);
-    return MGPU_OK;
+    a.ctx = t->ctx; a.dst = t->data; a.dtype = t->dtype; a.n = t->numel; a.value = value;
+    return MGPU__TWIN(t->ctx, fill, &a);
 }
 MGPU_API double mgpu_tensor_item(const mgpu_tensor *t) {
     if (!t || t->numel < 1) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_item: tensor is NULL or empty"); return NAN; }
@@ -757,8 +779,7 @@ MGPU_API int mgpu_tensor_same_shape(const mgpu_tensor *a, const mgpu_tensor *b) 
 }
 MGPU_API mgpu_result mgpu_tensor_zero_grad(mgpu_tensor *t) {
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_zero_grad: tensor is NULL");
-    if (t->grad) memset(t->grad->data, 0, mgpu_tensor_nbytes(t->grad));
-    return MGPU_OK;
+    return t->grad ? mgpu_tensor_fill(t->grad, 0.0) : MGPU_OK;
 }
 MGPU_API mgpu_result mgpu_tensor_set_grad_hook(mgpu_tensor *t, mgpu_grad_hook hook, void *user) {
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_set_grad_hook: tensor is NULL");
@@ -780,15 +801,6 @@ static MGPU__UNUSED const char *mgpu__shape_str(const mgpu_tensor *t) {
     mgpu_shape_string(t->ndim, t->shape, b, 96);
     return b;
 }
-
-/* The device seam: one call into an op's twin pair (see "Internal: the seam between the CPU and
-   CUDA twins"). Evaluates to an mgpu_result; CPU twins cannot fail once the front has validated. */
-#ifdef MGPU_CUDA
-#define MGPU__TWIN(ctx, stem, args) \
-    ((ctx)->device.type == MGPU_DEVICE_CUDA ? mgpu_cuda_##stem((args), (ctx)->cuda_stream) : (mgpu__cpu_##stem(args), MGPU_OK))
-#else
-#define MGPU__TWIN(ctx, stem, args) (mgpu__cpu_##stem(args), MGPU_OK)
-#endif
 
 /* Input check for ops: NULL input -> NULL quietly (the first error stays); wrong context or
    dtype -> an error naming op and argument. Returns 1 if fine. */

@@ -34,30 +34,36 @@ MGPU_API mgpu_amp_mode mgpu_context_autocast(const mgpu_context *ctx) { return c
 
 #define MGPU__AMP_PAR_MIN 32768 /* elements per chunk before rounding loops go to the thread pool */
 
-static float mgpu__amp_round_value(float v, int mode) {
-    return mode == MGPU_AMP_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(v)) : mgpu_f16_to_f32(mgpu_f32_to_f16(v));
+static float mgpu__round_half_value(float v, mgpu_dtype half) {
+    return half == MGPU_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(v)) : mgpu_f16_to_f32(mgpu_f32_to_f16(v));
+}
+/* The CPU twin of round_half (also DDP's gradient compression): one pass, in place or not. */
+static void mgpu__round_half_range(void *arg, int64_t begin, int64_t end) {
+    const mgpu__round_half_args *a = (const mgpu__round_half_args *)arg;
+    const float *src = a->src, scale = a->scale;
+    const mgpu_dtype half = a->half;
+    float *dst = a->dst;
+    int64_t i;
+    if (a->accumulate) for (i = begin; i < end; i++) dst[i] += mgpu__round_half_value(src[i] * scale, half);
+    else for (i = begin; i < end; i++) dst[i] = mgpu__round_half_value(src[i] * scale, half);
+}
+static void mgpu__cpu_round_half(const mgpu__round_half_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, MGPU__AMP_PAR_MIN, mgpu__round_half_range, (void *)a);
 }
 
-/* dst[i] (+)= round(src[i]) over a range; accumulate for backward, overwrite for forward */
-typedef struct mgpu__amp_round_job { const float *src; float *dst; int mode, accumulate; } mgpu__amp_round_job;
-static void mgpu__amp_round_range(void *arg, int64_t begin, int64_t end) {
-    const mgpu__amp_round_job *j = (const mgpu__amp_round_job *)arg;
-    int64_t i;
-    if (j->accumulate) for (i = begin; i < end; i++) j->dst[i] += mgpu__amp_round_value(j->src[i], j->mode);
-    else for (i = begin; i < end; i++) j->dst[i] = mgpu__amp_round_value(j->src[i], j->mode);
-}
-static void mgpu__amp_round_array(mgpu_context *ctx, const float *src, float *dst, int64_t n, int mode, int accumulate) {
-    mgpu__amp_round_job j;
-    j.src = src; j.dst = dst; j.mode = mode; j.accumulate = accumulate;
-    mgpu_parallel_for(ctx, n, MGPU__AMP_PAR_MIN, mgpu__amp_round_range, &j);
+/* dst (+)= src rounded to the half format of autocast `mode`; accumulate for backward */
+static mgpu_result mgpu__amp_round_array(mgpu_context *ctx, const float *src, float *dst, int64_t n, int mode, int accumulate) {
+    mgpu__round_half_args a;
+    a.ctx = ctx; a.half = mode == MGPU_AMP_BF16 ? MGPU_BF16 : MGPU_F16; a.scale = 1.0f; a.accumulate = accumulate;
+    a.src = src; a.dst = dst; a.n = n;
+    return MGPU__TWIN(ctx, round_half, &a);
 }
 
 /* iarg[0] = mode; the gradient is rounded like the value (what a half-precision cast does) */
 static mgpu_result mgpu__amp_round_backward(mgpu_context *ctx, mgpu__node *node) {
     float *dx;
     MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    mgpu__amp_round_array(ctx, (const float *)node->out->grad->data, dx, node->out->numel, (int)node->iarg[0], 1);
-    return MGPU_OK;
+    return mgpu__amp_round_array(ctx, (const float *)node->out->grad->data, dx, node->out->numel, (int)node->iarg[0], 1);
 }
 
 /* x rounded to the half format `mode` as a new activation, recorded on the tape. */
@@ -67,7 +73,7 @@ static mgpu_tensor *mgpu__amp_round(mgpu_context *ctx, mgpu_tensor *x, int mode)
     if (!mgpu__check_input(ctx, "autocast", "input", x, 1)) return NULL;
     y = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!y) return NULL;
-    mgpu__amp_round_array(ctx, (const float *)x->data, (float *)y->data, x->numel, mode, 0);
+    if (mgpu__amp_round_array(ctx, (const float *)x->data, (float *)y->data, x->numel, mode, 0) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, "autocast_round", mgpu__amp_round_backward, y, 1, &x, node);
     if (node) node->iarg[0] = mode;
     return y;

@@ -75,25 +75,29 @@ struct mgpu_ddp {
 };
 
 /* --------------------------------------------------------------------------------------
-   Gradient compression: round the buffer to f16/bf16 values (kept in f32 storage), as the
-   gradients would travel in 16 bits.
+   Bucket contents, all through twins so buckets work the same on the device: gradients packed
+   and unpacked by copies, and under compression the bucket rounded to f16/bf16 values (kept in
+   f32 storage), as the gradients would travel in 16 bits.
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__ddp_round_arg { float *x; float scale; mgpu_dtype dtype; } mgpu__ddp_round_arg;
-
-static void mgpu__ddp_round_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__ddp_round_arg *a = (const mgpu__ddp_round_arg *)p;
-    int64_t i;
-    if (a->dtype == MGPU_F16)
-        for (i = begin; i < end; i++) a->x[i] = mgpu_f16_to_f32(mgpu_f32_to_f16(a->x[i] * a->scale));
-    else
-        for (i = begin; i < end; i++) a->x[i] = mgpu_bf16_to_f32(mgpu_f32_to_bf16(a->x[i] * a->scale));
+/* x = round(x * scale) in the compression format */
+static mgpu_result mgpu__ddp_round(mgpu_ddp *d, float *x, int64_t n, float scale) {
+    mgpu__round_half_args a;
+    a.ctx = d->ctx; a.half = d->compress; a.scale = scale; a.accumulate = 0;
+    a.src = x; a.dst = x; a.n = n;
+    return MGPU__TWIN(d->ctx, round_half, &a);
 }
 
-static void mgpu__ddp_round(mgpu_ddp *d, float *x, int64_t n, float scale) {
-    mgpu__ddp_round_arg a;
-    a.x = x; a.scale = scale; a.dtype = d->compress;
-    mgpu_parallel_for(d->ctx, n, MGPU__GRAIN, mgpu__ddp_round_range, &a);
+/* n floats from src to dst */
+static mgpu_result mgpu__ddp_copy(mgpu_ddp *d, float *dst, const float *src, int64_t n) {
+    mgpu__copy_args a;
+    a.ctx = d->ctx; a.src = src; a.dst = dst; a.bytes = sizeof(float) * (size_t)n;
+    return MGPU__TWIN(d->ctx, copy, &a);
+}
+static mgpu_result mgpu__ddp_zero(mgpu_ddp *d, float *dst, int64_t n) {
+    mgpu__fill_args a;
+    a.ctx = d->ctx; a.dst = dst; a.dtype = MGPU_F32; a.n = n; a.value = 0.0;
+    return MGPU__TWIN(d->ctx, fill, &a);
 }
 
 /* --------------------------------------------------------------------------------------
@@ -122,14 +126,15 @@ static void mgpu__ddp_begin_backward(mgpu_ddp *d) {
    find_unused_parameters) and issues its all-reduce. Under compression PyTorch's fp16/bf16 hooks
    divide by the world size before rounding (so the sum cannot overflow) and then sum. */
 static void mgpu__ddp_launch(mgpu_ddp *d, mgpu__ddp_bucket *b) {
+    mgpu_result r = MGPU_OK;
     int i;
-    for (i = b->first; i < b->first + b->count; i++) {
+    for (i = b->first; i < b->first + b->count && r == MGPU_OK; i++) {
         const mgpu__ddp_param *p = &d->params[i];
         float *dst = b->buf + p->offset;
-        if (p->t->grad) memcpy(dst, p->t->grad->data, sizeof(float) * (size_t)p->t->numel);
-        else memset(dst, 0, sizeof(float) * (size_t)p->t->numel);
+        r = p->t->grad ? mgpu__ddp_copy(d, dst, (const float *)p->t->grad->data, p->t->numel) : mgpu__ddp_zero(d, dst, p->t->numel);
     }
-    if (d->compress != MGPU_F32) mgpu__ddp_round(d, b->buf, b->numel, 1.0f / (float)d->world);
+    if (r == MGPU_OK && d->compress != MGPU_F32) r = mgpu__ddp_round(d, b->buf, b->numel, 1.0f / (float)d->world);
+    if (r != MGPU_OK) mgpu__ddp_record_error(d, r);   /* the all-reduce still goes out: every rank issues the same sequence */
     b->launch_s = mgpu_time_s();
     b->work = mgpu_comm_allreduce_f32_async(d->comm, b->buf, b->numel, d->compress != MGPU_F32 ? MGPU_REDUCE_SUM : MGPU_REDUCE_AVG);
     if (!b->work) mgpu__ddp_record_error(d, mgpu_last_result() != MGPU_OK ? mgpu_last_result() : MGPU_ERR_STATE);
@@ -177,7 +182,8 @@ static void mgpu__ddp_grad_ready(mgpu_tensor *t, void *user) {
 static mgpu_result mgpu__ddp_unpack(mgpu_ddp *d, mgpu__ddp_bucket *b) {
     int i;
     int64_t k;
-    if (d->compress != MGPU_F32) mgpu__ddp_round(d, b->buf, b->numel, 1.0f);
+    mgpu_result r;
+    if (d->compress != MGPU_F32 && (r = mgpu__ddp_round(d, b->buf, b->numel, 1.0f)) != MGPU_OK) return r;
     for (i = b->first; i < b->first + b->count; i++) {
         mgpu__ddp_param *p = &d->params[i];
         const float *src = b->buf + p->offset;
@@ -186,7 +192,7 @@ static mgpu_result mgpu__ddp_unpack(mgpu_ddp *d, mgpu__ddp_bucket *b) {
             if (k == p->t->numel) continue;
             if (!mgpu__grad_f32(d->ctx, p->t)) return mgpu_last_result();
         }
-        memcpy(p->t->grad->data, src, sizeof(float) * (size_t)p->t->numel);
+        if ((r = mgpu__ddp_copy(d, (float *)p->t->grad->data, src, p->t->numel)) != MGPU_OK) return r;
     }
     return MGPU_OK;
 }

@@ -590,6 +590,14 @@ static void test_linear_gemm(void) {
             }
 }
 
+/* The cast twin, its argument struct filled as a front fills it. */
+static mgpu_result cast(const void *src, int src_dtype, void *dst, int dst_dtype, int64_t n) {
+    mgpu__cast_args a;
+    memset(&a, 0, sizeof a);
+    a.src = src; a.src_dtype = (mgpu_dtype)src_dtype; a.dst = dst; a.dst_dtype = (mgpu_dtype)dst_dtype; a.n = n;
+    return mgpu_cuda_cast(&a, NULL);
+}
+
 /* bf16 GEMM with f32 accumulation against the CPU linear on bf16-rounded inputs. */
 static void test_gemm_bf16(void) {
     int64_t N = 64, I = 300, O = 96, xs[2] = { N, I }, ws[2] = { O, I }, i;
@@ -607,8 +615,8 @@ static void test_gemm_bf16(void) {
             *p = dt == MGPU_BF16 ? mgpu_bf16_to_f32(mgpu_f32_to_bf16(*p)) : mgpu_f16_to_f32(mgpu_f32_to_f16(*p));
         }
         y = mgpu_op_linear(cpu, x, w, NULL);
-        expect_ok(mgpu_cuda_cast(dx, MGPU_F32, hx, dt, x->numel, NULL), "cast x");
-        expect_ok(mgpu_cuda_cast(dw, MGPU_F32, hw, dt, w->numel, NULL), "cast w");
+        expect_ok(cast(dx, MGPU_F32, hx, dt, x->numel), "cast x");
+        expect_ok(cast(dw, MGPU_F32, hw, dt, w->numel), "cast w");
         expect_ok(mgpu_cuda_gemm(blas, 0, 1, N, O, I, 1.0f, hx, I, hw, I, dt, 0.0f, out, O, MGPU_CUDA_EPI_NONE, NULL, 1), "half gemm");
         expect_close(dt == MGPU_BF16 ? "bf16 gemm (f32 accumulate)" : "f16 gemm (f32 accumulate)", out, (const float *)y->data, y->numel, BF16_TOL);
         case_end();
@@ -628,6 +636,23 @@ static void test_gemm_plan_cache(void) {
     case_end();
 }
 
+/* The round_half twin on x (h on the host) against the CPU's conversions: written, then accumulated. */
+static void check_round_half(const float *x, const float *h, int64_t n, int dt) {
+    float *ref = (float *)malloc(sizeof(float) * (size_t)n), *out = dev_nan(n);
+    mgpu__round_half_args a;
+    int64_t i;
+    memset(&a, 0, sizeof a);
+    a.half = (mgpu_dtype)dt; a.scale = 0.375f; a.src = x; a.dst = out; a.n = n;
+    for (i = 0; i < n; i++) ref[i] = dt == MGPU_F16 ? mgpu_f16_to_f32(mgpu_f32_to_f16(h[i] * a.scale)) : mgpu_bf16_to_f32(mgpu_f32_to_bf16(h[i] * a.scale));
+    expect_ok(mgpu_cuda_round_half(&a, NULL), "round to half");
+    expect_close("round to half and back", out, ref, n, 0.0);
+    a.accumulate = 1;
+    for (i = 0; i < n; i++) ref[i] += ref[i];
+    expect_ok(mgpu_cuda_round_half(&a, NULL), "round to half, accumulating");
+    expect_close("round to half and back, accumulated", out, ref, n, 0.0);
+    free(ref);
+}
+
 static void test_casts(void) {
     int64_t n = 4099, i, bad = 0;
     float *h = (float *)malloc(sizeof(float) * (size_t)n), *d, *back;
@@ -640,16 +665,47 @@ static void test_casts(void) {
     for (dt = MGPU_F16; dt <= MGPU_BF16; dt++) {
         float *ref = (float *)malloc(sizeof(float) * (size_t)n);
         bad = 0;
-        expect_ok(mgpu_cuda_cast(d, MGPU_F32, half, dt, n, NULL), "cast to half");
+        expect_ok(cast(d, MGPU_F32, half, dt, n), "cast to half");
         cudaMemcpy(hb, half, 2 * (size_t)n, cudaMemcpyDeviceToHost);
         for (i = 0; i < n; i++) bad += hb[i] != (dt == MGPU_F16 ? mgpu_f32_to_f16(h[i]) : mgpu_f32_to_bf16(h[i]));
         MT_CHECK(bad == 0, "%lld of %lld %s values round differently from the CPU", (long long)bad, (long long)n, dt == MGPU_F16 ? "f16" : "bf16");
-        expect_ok(mgpu_cuda_cast(half, dt, back, MGPU_F32, n, NULL), "cast back");
+        expect_ok(cast(half, dt, back, MGPU_F32, n), "cast back");
         for (i = 0; i < n; i++) ref[i] = dt == MGPU_F16 ? mgpu_f16_to_f32(hb[i]) : mgpu_bf16_to_f32(hb[i]);
         expect_close("cast back to f32", back, ref, n, 0.0);
+        check_round_half(d, h, n, dt);
         free(ref);
     }
     free(h); free(hb);
+    case_end();
+}
+
+/* Fills of every dtype against mgpu_tensor_fill on the CPU, byte for byte, and a flat copy. */
+static void test_fills_and_copies(void) {
+    const double values[3] = { 2.7182818, -0.0, -3.0 };
+    int64_t n = 1001, i;
+    int dt, v;
+    float *h = (float *)malloc(sizeof(float) * (size_t)n), *src, *dst = dev_nan(n);
+    unsigned char *back = (unsigned char *)malloc(8 * (size_t)n);
+    mgpu__copy_args c;
+    for (dt = 0; dt < MGPU_DTYPE_COUNT; dt++)
+        for (v = 0; v < 3; v++) {
+            mgpu_tensor *ref = track(mgpu_tensor_create(cpu, (mgpu_dtype)dt, 1, &n));
+            void *d = dev_alloc(mgpu_tensor_nbytes(ref));
+            mgpu__fill_args a;
+            memset(&a, 0, sizeof a);
+            a.dst = d; a.dtype = (mgpu_dtype)dt; a.n = n; a.value = values[v];
+            expect_ok(mgpu_tensor_fill(ref, values[v]), "cpu fill");
+            expect_ok(mgpu_cuda_fill(&a, NULL), "fill");
+            cudaMemcpy(back, d, mgpu_tensor_nbytes(ref), cudaMemcpyDeviceToHost);
+            MT_CHECK(memcmp(back, ref->data, mgpu_tensor_nbytes(ref)) == 0, "fill of %s with %g differs from the CPU's bytes", mgpu_dtype_name((mgpu_dtype)dt), values[v]);
+        }
+    for (i = 0; i < n; i++) h[i] = (float)mt_uniform(-1, 1);
+    src = dev_copy(h, sizeof(float) * (size_t)n);
+    memset(&c, 0, sizeof c);
+    c.src = src; c.dst = dst; c.bytes = sizeof(float) * (size_t)n;
+    expect_ok(mgpu_cuda_copy(&c, NULL), "copy");
+    expect_close("copy", dst, h, n, 0.0);
+    free(h); free(back);
     case_end();
 }
 
@@ -875,6 +931,7 @@ int main(void) {
     MT_RUN(test_gemm_bf16);
     MT_RUN(test_gemm_plan_cache);
     MT_RUN(test_casts);
+    MT_RUN(test_fills_and_copies);
     MT_RUN(test_optimizers);
     MT_RUN(test_clip_and_finite);
     MT_RUN(test_determinism);
