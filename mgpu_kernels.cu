@@ -1234,8 +1234,9 @@ extern "C" mgpu_result mgpu_cuda_round_half(const mgpu__round_half_args *a, void
 }
 
 /* ======================================================================================
-   Multi-tensor optimizer updates: a launch covers up to 32 tensors; each block owns one chunk
-   of one tensor, found through a table passed by value in the kernel arguments.
+   Multi-tensor optimizer updates, clipping and unscaling: a launch covers up to 32 tensors;
+   each block owns one chunk of one tensor, found through a table passed by value in the kernel
+   arguments.
    ====================================================================================== */
 
 #define MGPU__MT_TENSORS 32
@@ -1249,17 +1250,25 @@ struct mgpu__mt_list {
     int32_t block_chunk[MGPU__MT_BLOCKS];
     int blocks;
 };
+// The tensor and element range [lo, hi) of this block.
+struct mgpu__mt_chunk { int t; int64_t lo, hi; };
+__device__ mgpu__mt_chunk mgpu__mt_chunk_of_block(const mgpu__mt_list &L) {
+    mgpu__mt_chunk c;
+    c.t = L.block_tensor[blockIdx.x];
+    c.lo = (int64_t)L.block_chunk[blockIdx.x] * MGPU__MT_CHUNK;
+    c.hi = c.lo + MGPU__MT_CHUNK < L.n[c.t] ? c.lo + MGPU__MT_CHUNK : L.n[c.t];
+    return c;
+}
 
-// The same arithmetic as the CPU's mgpu__adam_range, after multiplying the gradient by grad_scale.
-__global__ void mgpu__adam_k(mgpu__mt_list L, mgpu_cuda_adam_args a) {
-    int t = L.block_tensor[blockIdx.x];
-    int64_t lo = (int64_t)L.block_chunk[blockIdx.x] * MGPU__MT_CHUNK, hi = lo + MGPU__MT_CHUNK < L.n[t] ? lo + MGPU__MT_CHUNK : L.n[t];
-    float *P = L.p[t], *M = L.s1[t], *V = L.s2[t];
-    const float *G = L.g[t];
+// The same arithmetic as the CPU twin (mgpu__adam_range).
+__global__ void mgpu__adam_k(mgpu__mt_list L, mgpu__adam_args a) {
+    mgpu__mt_chunk c = mgpu__mt_chunk_of_block(L);
+    float *P = L.p[c.t], *M = L.s1[c.t], *V = L.s2[c.t];
+    const float *G = L.g[c.t];
     float omb1 = 1.0f - a.beta1, omb2 = 1.0f - a.beta2;
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    for (int64_t i = c.lo + threadIdx.x; i < c.hi; i += blockDim.x) {
         float p = P[i];
-        float g = G[i] * a.grad_scale + a.l2 * p;
+        float g = G[i] + a.l2 * p;
         float m = a.beta1 * M[i] + omb1 * g;
         float v = a.beta2 * V[i] + omb2 * g * g;
         float denom = sqrtf(v) / a.bc2_sqrt + a.eps;
@@ -1267,13 +1276,13 @@ __global__ void mgpu__adam_k(mgpu__mt_list L, mgpu_cuda_adam_args a) {
         P[i] = p * a.decay - a.step_size * m / denom;
     }
 }
-__global__ void mgpu__sgd_k(mgpu__mt_list L, mgpu_cuda_sgd_args a) {
-    int t = L.block_tensor[blockIdx.x];
-    int64_t lo = (int64_t)L.block_chunk[blockIdx.x] * MGPU__MT_CHUNK, hi = lo + MGPU__MT_CHUNK < L.n[t] ? lo + MGPU__MT_CHUNK : L.n[t];
-    float *P = L.p[t], *B = L.s1[t];
-    const float *G = L.g[t];
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        float d = G[i] * a.grad_scale + a.weight_decay * P[i];
+// The same arithmetic as the CPU twin (mgpu__sgd_range).
+__global__ void mgpu__sgd_k(mgpu__mt_list L, mgpu__sgd_args a) {
+    mgpu__mt_chunk c = mgpu__mt_chunk_of_block(L);
+    float *P = L.p[c.t], *B = L.s1[c.t];
+    const float *G = L.g[c.t];
+    for (int64_t i = c.lo + threadIdx.x; i < c.hi; i += blockDim.x) {
+        float d = G[i] + a.weight_decay * P[i];
         if (B) {
             float b = a.first ? d : a.momentum * B[i] + a.keep * d;
             B[i] = b;
@@ -1282,16 +1291,40 @@ __global__ void mgpu__sgd_k(mgpu__mt_list L, mgpu_cuda_sgd_args a) {
         P[i] -= a.lr * d;
     }
 }
+__global__ void mgpu__scale_list_k(mgpu__mt_list L, const float *s) {
+    mgpu__mt_chunk c = mgpu__mt_chunk_of_block(L);
+    for (int64_t i = c.lo + threadIdx.x; i < c.hi; i += blockDim.x) L.p[c.t][i] *= s[0];
+}
+__global__ void mgpu__unscale_k(mgpu__mt_list L, float inv, int32_t *found) {
+    mgpu__mt_chunk c = mgpu__mt_chunk_of_block(L);
+    float *X = L.p[c.t];
+    for (int64_t i = c.lo + threadIdx.x; i < c.hi; i += blockDim.x) {
+        if (!isfinite(X[i])) found[0] = 1;   // every writer stores the same value
+        X[i] *= inv;
+    }
+}
 
 typedef mgpu_result (*mgpu__mt_launch_fn)(const mgpu__mt_list *L, const void *args, void *stream);
 static mgpu_result mgpu__adam_launch(const mgpu__mt_list *L, const void *args, void *stream) {
-    MGPU__LAUNCH(mgpu__adam_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, *(const mgpu_cuda_adam_args *)args);
+    MGPU__LAUNCH(mgpu__adam_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, *(const mgpu__adam_args *)args);
     MGPU__LAUNCHED("mgpu__adam_k");
     return MGPU_OK;
 }
 static mgpu_result mgpu__sgd_launch(const mgpu__mt_list *L, const void *args, void *stream) {
-    MGPU__LAUNCH(mgpu__sgd_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, *(const mgpu_cuda_sgd_args *)args);
+    MGPU__LAUNCH(mgpu__sgd_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, *(const mgpu__sgd_args *)args);
     MGPU__LAUNCHED("mgpu__sgd_k");
+    return MGPU_OK;
+}
+// args: the device scalar to multiply by
+static mgpu_result mgpu__scale_list_launch(const mgpu__mt_list *L, const void *args, void *stream) {
+    MGPU__LAUNCH(mgpu__scale_list_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, (const float *)args);
+    MGPU__LAUNCHED("mgpu__scale_list_k");
+    return MGPU_OK;
+}
+static mgpu_result mgpu__unscale_launch(const mgpu__mt_list *L, const void *args, void *stream) {
+    const mgpu__unscale_args *a = (const mgpu__unscale_args *)args;
+    MGPU__LAUNCH(mgpu__unscale_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, a->inv_scale, a->found);
+    MGPU__LAUNCHED("mgpu__unscale_k");
     return MGPU_OK;
 }
 // Packs tensors into lists, launching whenever the tensor slots or the block table fill up.
@@ -1301,21 +1334,22 @@ static mgpu_result mgpu__mt_flush(mgpu__mt_list *L, int *used, mgpu__mt_launch_f
     *used = 0;
     return r;
 }
-static mgpu_result mgpu__multi_tensor_apply(int n_tensors, float *const *p, const float *const *g, float *const *s1, float *const *s2,
-                                            const int64_t *numel, mgpu__mt_launch_fn launch, const void *args, void *stream) {
+// x: the tensors (p in the kernels); g, s1, s2: arrays indexed like x, or NULL.
+static mgpu_result mgpu__multi_tensor_apply(const mgpu__tensor_list *x, const float *const *g, float *const *s1, float *const *s2,
+                                            mgpu__mt_launch_fn launch, const void *args, void *stream) {
     mgpu__mt_list L;
     int used = 0;
     mgpu_result r = MGPU_OK;
     memset(&L, 0, sizeof L);
-    for (int t = 0; t < n_tensors && r == MGPU_OK; t++) {
-        int64_t chunks = (numel[t] + MGPU__MT_CHUNK - 1) / MGPU__MT_CHUNK;
-        if (numel[t] <= 0) continue;
+    for (int t = 0; t < x->count && r == MGPU_OK; t++) {
+        int64_t chunks = (x->numel[t] + MGPU__MT_CHUNK - 1) / MGPU__MT_CHUNK;
+        if (x->numel[t] <= 0) continue;
         if (chunks > 2147483647LL) return mgpu__cu_invalid(__func__, "a tensor is too large");
         for (int64_t c = 0; c < chunks && r == MGPU_OK; c++) {
             if (L.blocks == MGPU__MT_BLOCKS || (c == 0 && used == MGPU__MT_TENSORS)) r = mgpu__mt_flush(&L, &used, launch, args, stream);
             if (c == 0 || used == 0) {   // (re)register tensor t in the current list
-                L.p[used] = p[t]; L.g[used] = g[t]; L.n[used] = numel[t];
-                L.s1[used] = s1 ? s1[t] : NULL; L.s2[used] = s2 ? s2[t] : NULL;
+                L.p[used] = x->data[t]; L.n[used] = x->numel[t];
+                L.g[used] = g ? g[t] : NULL; L.s1[used] = s1 ? s1[t] : NULL; L.s2[used] = s2 ? s2[t] : NULL;
                 used++;
             }
             L.block_tensor[L.blocks] = (int16_t)(used - 1);
@@ -1327,62 +1361,60 @@ static mgpu_result mgpu__multi_tensor_apply(int n_tensors, float *const *p, cons
     return mgpu__mt_flush(&L, &used, launch, args, stream);
 }
 
-static int mgpu__tensor_lists_ok(int n, float *const *p, const float *const *g, const int64_t *numel) {
-    if (n < 0 || (n > 0 && (!p || !g || !numel))) return 0;
-    for (int t = 0; t < n; t++) if (numel[t] < 0 || (numel[t] > 0 && (!p[t] || !g[t]))) return 0;
+// A well-formed list: host arrays, and a device pointer for every tensor that has elements.
+static int mgpu__tensor_list_ok(const mgpu__tensor_list *x) {
+    if (x->count < 0 || (x->count > 0 && (!x->data || !x->numel))) return 0;
+    for (int t = 0; t < x->count; t++) if (x->numel[t] < 0 || (x->numel[t] > 0 && !x->data[t])) return 0;
     return 1;
 }
-extern "C" mgpu_result mgpu_cuda_adam_update(int n_tensors, float *const *params, const float *const *grads, float *const *m,
-                                             float *const *v, const int64_t *numel, const mgpu_cuda_adam_args *a, void *stream) {
-    MGPU__REQUIRE(a && mgpu__tensor_lists_ok(n_tensors, params, grads, numel) && (n_tensors == 0 || (m && v)),
-                  "params, grads, m, v, numel and args must be given (host arrays of device pointers)");
-    for (int t = 0; t < n_tensors; t++) MGPU__REQUIRE(numel[t] == 0 || (m[t] && v[t]), "every tensor needs its m and v");
-    return mgpu__multi_tensor_apply(n_tensors, params, grads, m, v, numel, mgpu__adam_launch, a, stream);
+// arr (indexed like x) holds a device pointer for every tensor of x that has elements.
+template <typename T> static int mgpu__each_given(const mgpu__tensor_list *x, T *const *arr) {
+    if (x->count > 0 && !arr) return 0;
+    for (int t = 0; t < x->count; t++) if (x->numel[t] > 0 && !arr[t]) return 0;
+    return 1;
 }
-extern "C" mgpu_result mgpu_cuda_sgd_update(int n_tensors, float *const *params, const float *const *grads, float *const *buf,
-                                            const int64_t *numel, const mgpu_cuda_sgd_args *a, void *stream) {
-    MGPU__REQUIRE(a && mgpu__tensor_lists_ok(n_tensors, params, grads, numel), "params, grads, numel and args must be given");
-    return mgpu__multi_tensor_apply(n_tensors, params, grads, buf, NULL, numel, mgpu__sgd_launch, a, stream);
+extern "C" mgpu_result mgpu_cuda_adam(const mgpu__adam_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__tensor_list_ok(&a->params) && mgpu__each_given(&a->params, a->grads) &&
+                  mgpu__each_given(&a->params, a->exp_avg) && mgpu__each_given(&a->params, a->exp_avg_sq),
+                  "params, grads, exp_avg and exp_avg_sq must be host arrays of device pointers");
+    return mgpu__multi_tensor_apply(&a->params, a->grads, a->exp_avg, a->exp_avg_sq, mgpu__adam_launch, a, stream);
+}
+extern "C" mgpu_result mgpu_cuda_sgd(const mgpu__sgd_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__tensor_list_ok(&a->params) && mgpu__each_given(&a->params, a->grads) &&
+                  (!a->momentum_buffers || mgpu__each_given(&a->params, a->momentum_buffers)),
+                  "params, grads and momentum_buffers (or NULL) must be host arrays of device pointers");
+    return mgpu__multi_tensor_apply(&a->params, a->grads, a->momentum_buffers, NULL, mgpu__sgd_launch, a, stream);
 }
 
-extern "C" mgpu_result mgpu_cuda_global_norm(int n_tensors, const float *const *xs, const int64_t *numel, float *out, float *scratch,
-                                             void *stream) {
-    MGPU__REQUIRE(n_tensors >= 0 && out && scratch && (n_tensors == 0 || (xs && numel)), "bad pointers");
-    for (int t = 0; t < n_tensors; t++) {
-        MGPU__REQUIRE(numel[t] >= 0 && (numel[t] == 0 || xs[t]), "a tensor pointer is NULL");
-        mgpu_result r = mgpu__reduce_partials(MGPU__RED_SQ, xs[t], NULL, numel[t], scratch + (int64_t)t * MGPU_CUDA_REDUCE_PARTIALS, stream);
+// norm[0] = sqrt(sum over tensors of sum(x^2)); scratch: count * MGPU_CUDA_REDUCE_PARTIALS floats
+static mgpu_result mgpu__global_norm(const mgpu__tensor_list *x, float *norm, float *scratch, void *stream) {
+    for (int t = 0; t < x->count; t++) {
+        mgpu_result r = mgpu__reduce_partials(MGPU__RED_SQ, x->data[t], NULL, x->numel[t], scratch + (int64_t)t * MGPU_CUDA_REDUCE_PARTIALS, stream);
         if (r != MGPU_OK) return r;
     }
-    if (n_tensors == 0) return mgpu__fill_raw(out, 1, 4, 0, stream);
-    return mgpu__reduce_final(scratch, (int64_t)n_tensors * MGPU_CUDA_REDUCE_PARTIALS, 1.0f, 1, out, stream);
+    if (x->count == 0) return mgpu__fill_raw(norm, 1, 4, 0, stream);
+    return mgpu__reduce_final(scratch, (int64_t)x->count * MGPU_CUDA_REDUCE_PARTIALS, 1.0f, 1, norm, stream);
 }
+// As the CPU twin: the coefficient in double, and 1 (grads left alone) for an inf or NaN norm.
 __global__ void mgpu__clip_coef_k(const float *norm, float max_norm, float *coef) {
-    float c = max_norm / (norm[0] + 1e-6f);   // torch.nn.utils.clip_grad_norm_
-    coef[0] = c < 1.0f ? c : 1.0f;
+    double c = (double)max_norm / ((double)norm[0] + 1e-6);
+    coef[0] = isfinite(norm[0]) && c < 1.0 ? (float)c : 1.0f;
 }
-__global__ void mgpu__scale_by_k(float *x, int64_t n, const float *s) { MGPU__FOR(i, n) x[i] *= s[0]; }
-__global__ void mgpu__check_finite_k(const float *x, int64_t n, int32_t *found) {
-    MGPU__FOR(i, n) if (!isfinite(x[i])) found[0] = 1;   // every writer stores the same value
-}
-extern "C" mgpu_result mgpu_cuda_clip_coef(const float *norm, float max_norm, float *coef, void *stream) {
-    MGPU__REQUIRE(norm && coef && max_norm >= 0.0f, "norm and coef must be device pointers, max_norm >= 0");
-    MGPU__LAUNCH(mgpu__clip_coef_k, 1, 1, 0, stream, norm, max_norm, coef);
+extern "C" mgpu_result mgpu_cuda_clip_grad_norm(const mgpu__clip_grad_norm_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__tensor_list_ok(&a->grads) && a->norm && a->scratch && a->max_norm >= 0.0f,
+                  "grads must be host arrays of device pointers, norm and scratch device pointers, max_norm >= 0");
+    float *coef = a->scratch + (int64_t)a->grads.count * MGPU_CUDA_REDUCE_PARTIALS;
+    mgpu_result r = mgpu__global_norm(&a->grads, a->norm, a->scratch, stream);
+    if (r != MGPU_OK) return r;
+    MGPU__LAUNCH(mgpu__clip_coef_k, 1, 1, 0, stream, a->norm, a->max_norm, coef);
     MGPU__LAUNCHED("mgpu__clip_coef_k");
-    return MGPU_OK;
+    return mgpu__multi_tensor_apply(&a->grads, NULL, NULL, NULL, mgpu__scale_list_launch, coef, stream);
 }
-extern "C" mgpu_result mgpu_cuda_scale_by(float *x, int64_t n, const float *s, void *stream) {
-    MGPU__REQUIRE(n >= 0 && s && (n == 0 || x), "x and s must be device pointers");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__scale_by_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, n, s);
-    MGPU__LAUNCHED("mgpu__scale_by_k");
-    return MGPU_OK;
-}
-extern "C" mgpu_result mgpu_cuda_check_finite(const float *x, int64_t n, int32_t *found, void *stream) {
-    MGPU__REQUIRE(n >= 0 && found && (n == 0 || x), "x and found must be device pointers");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__check_finite_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, n, found);
-    MGPU__LAUNCHED("mgpu__check_finite_k");
-    return MGPU_OK;
+
+extern "C" mgpu_result mgpu_cuda_unscale(const mgpu__unscale_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__tensor_list_ok(&a->grads) && a->found, "grads must be host arrays of device pointers, found a device pointer");
+    mgpu_result r = mgpu__fill_raw(a->found, 1, 4, 0, stream);
+    return r != MGPU_OK ? r : mgpu__multi_tensor_apply(&a->grads, NULL, NULL, NULL, mgpu__unscale_launch, a, stream);
 }
 
 /* ======================================================================================

@@ -181,26 +181,61 @@ typedef struct mgpu__round_half_args {
 } mgpu__round_half_args;
 mgpu_result mgpu_cuda_round_half(const mgpu__round_half_args *a, void *stream);
 
-/* ---- optimizers, clipping, loss scaling ---- */
-typedef struct mgpu_cuda_adam_args {
-    float decay, l2, beta1, beta2, eps, step_size, bc2_sqrt;   /* as the CPU's mgpu__adam_job */
-    float grad_scale;                                          /* grads multiplied by this first (1: none) */
-} mgpu_cuda_adam_args;
-typedef struct mgpu_cuda_sgd_args { float lr, weight_decay, momentum, keep, grad_scale; int nesterov, first; } mgpu_cuda_sgd_args;
-/* One kernel launch per group of up to 32 tensors (a multi-tensor apply). m, v or buf may be NULL for SGD. */
-mgpu_result mgpu_cuda_adam_update(int n_tensors, float *const *params, const float *const *grads, float *const *m, float *const *v,
-                                  const int64_t *numel, const mgpu_cuda_adam_args *a, void *stream);
-mgpu_result mgpu_cuda_sgd_update(int n_tensors, float *const *params, const float *const *grads, float *const *buf,
-                                 const int64_t *numel, const mgpu_cuda_sgd_args *a, void *stream);
-/* out[0] = sqrt(sum over tensors of sum(x^2)); scratch: (n_tensors + 1) * MGPU_CUDA_REDUCE_PARTIALS floats */
-mgpu_result mgpu_cuda_global_norm(int n_tensors, const float *const *xs, const int64_t *numel, float *out, float *scratch,
-                                  void *stream);
-/* coef[0] = min(1, max_norm / (norm[0] + 1e-6)), on the device (no host sync), as clip_grad_norm_ */
-mgpu_result mgpu_cuda_clip_coef(const float *norm, float max_norm, float *coef, void *stream);
-/* x *= s[0] (s a device scalar, e.g. the clip coefficient or 1 / loss scale) */
-mgpu_result mgpu_cuda_scale_by(float *x, int64_t n, const float *s, void *stream);
-/* found[0] = 1 if any x is inf or NaN (never cleared here: zero it once per step) */
-mgpu_result mgpu_cuda_check_finite(const float *x, int64_t n, int32_t *found, void *stream);
+/* ---- optimizers, clipping, loss scaling: multi-tensor twins ----
+   One call covers a list of F32 tensors, given as host arrays indexed by tensor that hold pointers
+   into the context's device memory. The CPU twin updates the tensors one after another, each
+   split over the thread pool; the CUDA twin packs up to 32 tensors into each kernel launch, so a
+   whole model costs a few launches and no host sync. */
+typedef struct mgpu__tensor_list {
+    int count;
+    float *const *data;                   /* (count) */
+    const int64_t *numel;                 /* (count) elements of each; 0 is skipped */
+} mgpu__tensor_list;
+/* sgd: torch.optim.SGD on tensors that share their step count */
+typedef struct mgpu__sgd_args {
+    mgpu_context *ctx;
+    mgpu__tensor_list params;
+    const float *const *grads;            /* (count) */
+    float *const *momentum_buffers;       /* (count), or NULL without momentum */
+    float lr, weight_decay, momentum, keep;   /* keep = 1 - dampening */
+    int nesterov, first;                  /* first: the buffers start as the gradient, undampened */
+} mgpu__sgd_args;
+mgpu_result mgpu_cuda_sgd(const mgpu__sgd_args *a, void *stream);
+/* adam: torch.optim.Adam and AdamW on tensors that share their step count t */
+typedef struct mgpu__adam_args {
+    mgpu_context *ctx;
+    mgpu__tensor_list params;
+    const float *const *grads;            /* (count) */
+    float *const *exp_avg, *const *exp_avg_sq;   /* (count) each */
+    float decay;                          /* AdamW: 1 - lr * weight_decay (1 for Adam) */
+    float l2;                             /* Adam: weight_decay added to the gradient (0 for AdamW) */
+    float beta1, beta2, eps;
+    float step_size;                      /* lr / (1 - beta1^t) */
+    float bc2_sqrt;                       /* sqrt(1 - beta2^t) */
+} mgpu__adam_args;
+mgpu_result mgpu_cuda_adam(const mgpu__adam_args *a, void *stream);
+/* clip_grad_norm: norm[0] = the L2 norm of all the grads together; unless it is inf or NaN, every
+   grad is multiplied by max_norm / (norm + 1e-6) when that is below 1 (clip_grad_norm_). The CUDA
+   twin computes the coefficient on the device, so clipping needs no host sync. */
+typedef struct mgpu__clip_grad_norm_args {
+    mgpu_context *ctx;
+    mgpu__tensor_list grads;
+    float max_norm;
+    float *norm;                          /* (1) out, on the device */
+    float *scratch;                       /* MGPU__CLIP_SCRATCH_FLOATS(count) floats on the device for the
+                                             CUDA twin; NULL for the CPU twin, which needs none */
+} mgpu__clip_grad_norm_args;
+#define MGPU__CLIP_SCRATCH_FLOATS(count) ((int64_t)(count) * MGPU_CUDA_REDUCE_PARTIALS + 1)
+mgpu_result mgpu_cuda_clip_grad_norm(const mgpu__clip_grad_norm_args *a, void *stream);
+/* unscale: found[0] = 1 if any grad holds an inf or NaN, else 0; then every grad *= inv_scale
+   (GradScaler.unscale_) */
+typedef struct mgpu__unscale_args {
+    mgpu_context *ctx;
+    mgpu__tensor_list grads;
+    float inv_scale;
+    int32_t *found;                       /* (1) out, on the device */
+} mgpu__unscale_args;
+mgpu_result mgpu_cuda_unscale(const mgpu__unscale_args *a, void *stream);
 
 /* ---- attention (batched GEMM + row softmax); q (BH, Tq, D), k, v (BH, Tk, D) ----
    probs (BH, Tq, Tk) is written and kept for backward; dprobs the same size of scratch. */

@@ -600,18 +600,59 @@ MGPU_API mgpu_tensor *mgpu_transformer_layer_forward(mgpu_context *ctx, const mg
 /* Elementwise updates split across threads above this many elements (results do not depend on the split). */
 #define MGPU__OPT_CHUNK 32768
 
+/* --- multi-tensor CPU twins: each tensor of the list in turn, split over the thread pool --- */
+
+/* What a range function of a multi-tensor CPU twin sees: the twin's arguments and the tensor. */
+typedef struct mgpu__list_job { const void *args; int t; } mgpu__list_job;
+
+static void mgpu__cpu_for_each_tensor(mgpu_context *ctx, const mgpu__tensor_list *list, int64_t min_chunk, mgpu_range_fn fn,
+                                      const void *args) {
+    mgpu__list_job j;
+    j.args = args;
+    for (j.t = 0; j.t < list->count; j.t++) mgpu_parallel_for(ctx, list->numel[j.t], min_chunk, fn, &j);
+}
+
+/* The grads of m's parameters that have one, as the host arrays a multi-tensor twin reads;
+   release with mgpu__grad_list_free. */
+static mgpu_result mgpu__grad_list_make(const mgpu_model *m, mgpu__tensor_list *list) {
+    int i, n = 0;
+    float **data = (float **)mgpu__alloc((sizeof(float *) + sizeof(int64_t)) * (size_t)(m->params.count + 1), "the gradient list");
+    int64_t *numel;
+    if (!data) return mgpu_last_result();
+    numel = (int64_t *)(data + m->params.count + 1);
+    for (i = 0; i < m->params.count; i++) {
+        const mgpu_tensor *g = m->params.items[i].tensor->grad;
+        if (!g) continue;
+        data[n] = (float *)g->data; numel[n] = g->numel;
+        n++;
+    }
+    list->count = n; list->data = data; list->numel = numel;
+    return MGPU_OK;
+}
+static void mgpu__grad_list_free(mgpu__tensor_list *list) { mgpu_free((void *)list->data); }
+
 typedef struct mgpu__opt_param {
     mgpu_tensor *param;
     mgpu_tensor *exp_avg, *exp_avg_sq;   /* Adam/AdamW */
     mgpu_tensor *momentum_buffer;        /* SGD with momentum != 0 */
     int64_t steps;                       /* updates this parameter has had (PyTorch's per-parameter state["step"]) */
+    int due;                             /* still to be updated in the current step */
 } mgpu__opt_param;
+
+/* Host arrays (an entry per parameter) that the multi-tensor twins read, refilled for each call:
+   one block, params first, which mgpu_free releases. */
+typedef struct mgpu__opt_lists {
+    float **params, **state1, **state2;  /* state: momentum buffers (SGD) or exp_avg, exp_avg_sq */
+    const float **grads;
+    int64_t *numel;
+} mgpu__opt_lists;
 
 struct mgpu_optimizer {
     mgpu_model *model;
     mgpu_optimizer_desc desc;
     mgpu__opt_param *params; int n_params;
     mgpu__named *states; int n_states;   /* the state tensors under their checkpoint names (owned here) */
+    mgpu__opt_lists lists;
     int64_t step_count;
 };
 
@@ -670,7 +711,17 @@ MGPU_API void mgpu_optimizer_destroy(mgpu_optimizer *o) {
     for (i = 0; i < o->n_states; i++) { mgpu_tensor_free(o->states[i].tensor); mgpu_free(o->states[i].name); }
     mgpu_free(o->states);
     mgpu_free(o->params);
+    mgpu_free(o->lists.params);
     mgpu_free(o);
+}
+
+static int mgpu__opt_lists_alloc(mgpu__opt_lists *l, int n) {
+    float **block = (float **)mgpu__alloc((4 * sizeof(float *) + sizeof(int64_t)) * (size_t)n, "the optimizer's tensor lists");
+    if (!block) return 0;
+    l->params = block; l->state1 = block + n; l->state2 = block + 2 * n;
+    l->grads = (const float **)(block + 3 * n);
+    l->numel = (int64_t *)(block + 4 * n);
+    return 1;
 }
 
 /* State is allocated up front (zeros) so a checkpoint can be loaded into it before the first step;
@@ -694,7 +745,7 @@ MGPU_API mgpu_optimizer *mgpu_optimizer_create(mgpu_model *m, const mgpu_optimiz
     o->model = m; o->desc = *desc; o->n_params = n;
     o->params = (mgpu__opt_param *)mgpu__calloc(sizeof *o->params * (size_t)n, "the optimizer's parameter list");
     o->states = (mgpu__named *)mgpu__calloc(sizeof *o->states * (size_t)(n * per_param + 1), "the optimizer's state list");
-    if (!o->params || !o->states) { mgpu_optimizer_destroy(o); return NULL; }
+    if (!o->params || !o->states || !mgpu__opt_lists_alloc(&o->lists, n)) { mgpu_optimizer_destroy(o); return NULL; }
     for (i = 0; i < n && ok; i++) {
         o->params[i].param = m->params.items[i].tensor;
         if (per_param == 2) {
@@ -708,83 +759,100 @@ MGPU_API mgpu_optimizer *mgpu_optimizer_create(mgpu_model *m, const mgpu_optimiz
     return o;
 }
 
-typedef struct mgpu__sgd_job {
-    float *p, *buf; const float *g;
-    float lr, weight_decay, momentum, keep;   /* keep = 1 - dampening */
-    int nesterov, first;                      /* first: the buffer starts as the gradient, undampened */
-} mgpu__sgd_job;
-
 static void mgpu__sgd_range(void *arg, int64_t begin, int64_t end) {
-    const mgpu__sgd_job *j = (const mgpu__sgd_job *)arg;
+    const mgpu__list_job *j = (const mgpu__list_job *)arg;
+    const mgpu__sgd_args *a = (const mgpu__sgd_args *)j->args;
+    float *p = a->params.data[j->t], *buf = a->momentum_buffers ? a->momentum_buffers[j->t] : NULL;
+    const float *g = a->grads[j->t];
+    const float lr = a->lr, weight_decay = a->weight_decay, momentum = a->momentum, keep = a->keep;
     int64_t i;
     for (i = begin; i < end; i++) {
-        float d = j->g[i] + j->weight_decay * j->p[i];
-        if (j->buf) {
-            float b = j->first ? d : j->momentum * j->buf[i] + j->keep * d;
-            j->buf[i] = b;
-            d = j->nesterov ? d + j->momentum * b : b;
+        float d = g[i] + weight_decay * p[i];
+        if (buf) {
+            float b = a->first ? d : momentum * buf[i] + keep * d;
+            buf[i] = b;
+            d = a->nesterov ? d + momentum * b : b;
         }
-        j->p[i] -= j->lr * d;
+        p[i] -= lr * d;
     }
 }
-
-typedef struct mgpu__adam_job {
-    float *p, *m, *v; const float *g;
-    float decay;            /* AdamW: 1 - lr * weight_decay (1 for Adam) */
-    float l2;               /* Adam: weight_decay added to the gradient (0 for AdamW) */
-    float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-    float step_size;        /* lr / (1 - beta1^t) */
-    float bc2_sqrt;         /* sqrt(1 - beta2^t) */
-} mgpu__adam_job;
+static void mgpu__cpu_sgd(const mgpu__sgd_args *a) { mgpu__cpu_for_each_tensor(a->ctx, &a->params, MGPU__OPT_CHUNK, mgpu__sgd_range, a); }
 
 /* One pass per tensor reading p, g, m, v once. */
 static void mgpu__adam_range(void *arg, int64_t begin, int64_t end) {
-    const mgpu__adam_job *j = (const mgpu__adam_job *)arg;
+    const mgpu__list_job *j = (const mgpu__list_job *)arg;
+    const mgpu__adam_args *a = (const mgpu__adam_args *)j->args;
+    float *P = a->params.data[j->t], *M = a->exp_avg[j->t], *V = a->exp_avg_sq[j->t];
+    const float *G = a->grads[j->t];
+    const float decay = a->decay, l2 = a->l2, beta1 = a->beta1, beta2 = a->beta2, eps = a->eps;
+    const float one_minus_beta1 = 1.0f - beta1, one_minus_beta2 = 1.0f - beta2, step_size = a->step_size, bc2_sqrt = a->bc2_sqrt;
     int64_t i;
     for (i = begin; i < end; i++) {
-        float p = j->p[i];
-        float g = j->g[i] + j->l2 * p;
-        float m = j->beta1 * j->m[i] + j->one_minus_beta1 * g;
-        float v = j->beta2 * j->v[i] + j->one_minus_beta2 * g * g;
-        float denom = sqrtf(v) / j->bc2_sqrt + j->eps;
-        j->m[i] = m; j->v[i] = v;
-        j->p[i] = p * j->decay - j->step_size * m / denom;
+        float p = P[i];
+        float g = G[i] + l2 * p;
+        float m = beta1 * M[i] + one_minus_beta1 * g;
+        float v = beta2 * V[i] + one_minus_beta2 * g * g;
+        float denom = sqrtf(v) / bc2_sqrt + eps;
+        M[i] = m; V[i] = v;
+        P[i] = p * decay - step_size * m / denom;
+    }
+}
+static void mgpu__cpu_adam(const mgpu__adam_args *a) { mgpu__cpu_for_each_tensor(a->ctx, &a->params, MGPU__OPT_CHUNK, mgpu__adam_range, a); }
+
+/* One twin call updates the first `count` parameters of the lists, all at step count t. */
+static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t t) {
+    const mgpu_optimizer_desc *d = &o->desc;
+    mgpu_context *ctx = o->model->ctx;
+    mgpu__tensor_list params;
+    params.count = count; params.data = o->lists.params; params.numel = o->lists.numel;
+    if (d->type == MGPU_OPTIM_SGD) {
+        mgpu__sgd_args a;
+        a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
+        a.momentum_buffers = d->momentum != 0.0f ? o->lists.state1 : NULL;
+        a.lr = d->lr; a.weight_decay = d->weight_decay; a.momentum = d->momentum; a.keep = 1.0f - d->dampening;
+        a.nesterov = d->nesterov; a.first = t == 1;
+        return MGPU__TWIN(ctx, sgd, &a);
+    } else {
+        mgpu__adam_args a;
+        int adamw = d->type == MGPU_OPTIM_ADAMW;
+        a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
+        a.exp_avg = o->lists.state1; a.exp_avg_sq = o->lists.state2;
+        a.decay = adamw ? (float)(1.0 - (double)d->lr * d->weight_decay) : 1.0f;
+        a.l2 = adamw ? 0.0f : d->weight_decay;
+        a.beta1 = d->beta1; a.beta2 = d->beta2; a.eps = d->eps;
+        a.step_size = (float)((double)d->lr / (1.0 - pow((double)d->beta1, (double)t)));
+        a.bc2_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, (double)t));
+        return MGPU__TWIN(ctx, adam, &a);
     }
 }
 
-static void mgpu__optimizer_update(mgpu_optimizer *o, mgpu__opt_param *s) {
-    const mgpu_optimizer_desc *d = &o->desc;
-    mgpu_context *ctx = o->model->ctx;
-    mgpu_tensor *p = s->param;
-    s->steps++;
-    if (d->type == MGPU_OPTIM_SGD) {
-        mgpu__sgd_job j;
-        j.p = (float *)p->data; j.g = (const float *)p->grad->data;
-        j.buf = s->momentum_buffer ? (float *)s->momentum_buffer->data : NULL;
-        j.lr = d->lr; j.weight_decay = d->weight_decay; j.momentum = d->momentum; j.keep = 1.0f - d->dampening;
-        j.nesterov = d->nesterov; j.first = s->steps == 1;
-        mgpu_parallel_for(ctx, p->numel, MGPU__OPT_CHUNK, mgpu__sgd_range, &j);
-    } else {
-        mgpu__adam_job j;
-        double t = (double)s->steps;
-        int adamw = d->type == MGPU_OPTIM_ADAMW;
-        j.p = (float *)p->data; j.g = (const float *)p->grad->data;
-        j.m = (float *)s->exp_avg->data; j.v = (float *)s->exp_avg_sq->data;
-        j.decay = adamw ? (float)(1.0 - (double)d->lr * d->weight_decay) : 1.0f;
-        j.l2 = adamw ? 0.0f : d->weight_decay;
-        j.beta1 = d->beta1; j.one_minus_beta1 = 1.0f - d->beta1;
-        j.beta2 = d->beta2; j.one_minus_beta2 = 1.0f - d->beta2;
-        j.eps = d->eps;
-        j.step_size = (float)((double)d->lr / (1.0 - pow((double)d->beta1, t)));
-        j.bc2_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, t));
-        mgpu_parallel_for(ctx, p->numel, MGPU__OPT_CHUNK, mgpu__adam_range, &j);
+static float *mgpu__data_or_null(const mgpu_tensor *t) { return t ? (float *)t->data : NULL; }
+
+/* Updates, in one twin call, every parameter still due whose step count becomes t. */
+static mgpu_result mgpu__optimizer_update_at(mgpu_optimizer *o, int64_t t) {
+    mgpu__opt_lists *l = &o->lists;
+    int i, count = 0;
+    for (i = 0; i < o->n_params; i++) {
+        mgpu__opt_param *s = &o->params[i];
+        if (!s->due || s->steps + 1 != t) continue;
+        s->due = 0;
+        s->steps = t;
+        l->params[count] = (float *)s->param->data; l->grads[count] = (const float *)s->param->grad->data;
+        l->numel[count] = s->param->numel;
+        l->state1[count] = mgpu__data_or_null(s->exp_avg ? s->exp_avg : s->momentum_buffer);
+        l->state2[count] = mgpu__data_or_null(s->exp_avg_sq);
+        count++;
     }
+    return mgpu__optimizer_update(o, count, t);
 }
 
 /* Whether a parameter takes part in this step: like PyTorch, a parameter without a grad is skipped. */
 static int mgpu__opt_has_grad(const mgpu__opt_param *s) { return s->param->requires_grad && s->param->grad != NULL; }
 
+/* A parameter skipped for want of a grad lags behind the others in step count (bias correction,
+   momentum start), so each twin call covers the parameters that share one: normally all of them. */
 MGPU_API mgpu_result mgpu_optimizer_step(mgpu_optimizer *o) {
+    mgpu_result r;
     int i;
     if (!o) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_step: optimizer is NULL");
     /* validate every grad first so a bad one leaves all parameters untouched */
@@ -795,8 +863,9 @@ MGPU_API mgpu_result mgpu_optimizer_step(mgpu_optimizer *o) {
                               o->model->params.items[i].name, mgpu_dtype_name(s->param->grad->dtype), mgpu__shape_str(s->param->grad),
                               mgpu__shape_str(s->param));
     }
+    for (i = 0; i < o->n_params; i++) o->params[i].due = mgpu__opt_has_grad(&o->params[i]);
     for (i = 0; i < o->n_params; i++)
-        if (mgpu__opt_has_grad(&o->params[i])) mgpu__optimizer_update(o, &o->params[i]);
+        if (o->params[i].due && (r = mgpu__optimizer_update_at(o, o->params[i].steps + 1)) != MGPU_OK) return r;
     o->step_count++;
     return MGPU_OK;
 }
@@ -868,39 +937,53 @@ static double mgpu__sum_squares(mgpu_context *ctx, const float *x, int64_t n) {
     return total;
 }
 
-typedef struct mgpu__scale_job { float *x; float s; } mgpu__scale_job;
+typedef struct mgpu__scale_list_args { const mgpu__tensor_list *list; float s; } mgpu__scale_list_args;
 static void mgpu__scale_range(void *arg, int64_t begin, int64_t end) {
-    const mgpu__scale_job *j = (const mgpu__scale_job *)arg;
+    const mgpu__list_job *j = (const mgpu__list_job *)arg;
+    const mgpu__scale_list_args *a = (const mgpu__scale_list_args *)j->args;
+    float *x = a->list->data[j->t];
+    const float s = a->s;
     int64_t i;
-    for (i = begin; i < end; i++) j->x[i] *= j->s;
+    for (i = begin; i < end; i++) x[i] *= s;
+}
+
+/* The norm is summed in double and the coefficient taken from it in double, then applied as f32. */
+static void mgpu__cpu_clip_grad_norm(const mgpu__clip_grad_norm_args *a) {
+    mgpu__scale_list_args scale;
+    double sq = 0.0, norm, coef;
+    int t;
+    for (t = 0; t < a->grads.count; t++) sq += mgpu__sum_squares(a->ctx, a->grads.data[t], a->grads.numel[t]);
+    norm = sqrt(sq);
+    a->norm[0] = (float)norm;
+    coef = (double)a->max_norm / (norm + 1e-6);
+    if (!isfinite(norm) || coef >= 1.0) return;
+    scale.list = &a->grads; scale.s = (float)coef;
+    mgpu__cpu_for_each_tensor(a->ctx, &a->grads, MGPU__OPT_CHUNK, mgpu__scale_range, &scale);
 }
 
 /* A non-finite norm is reported as is and the grads are left alone (the step is normally skipped). */
 MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *total_norm) {
-    double sq = 0.0, norm, coef;
+    mgpu__clip_grad_norm_args a;
+    mgpu_tensor *norm;
+    mgpu_result r;
     int i;
     if (!m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: model is NULL");
     if (!(max_norm >= 0.0f) || !isfinite(max_norm)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: max_norm %g must be finite and >= 0", max_norm);
     for (i = 0; i < m->params.count; i++) {
         const mgpu_tensor *p = m->params.items[i].tensor, *g = p->grad;
-        if (!g) continue;
-        if (g->dtype != MGPU_F32 || g->numel != p->numel || !mgpu__on_host(g))
+        if (g && (g->dtype != MGPU_F32 || g->numel != p->numel || !mgpu__on_host(g)))
             return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_clip_grad_norm: the grad of parameter '%s' is %s %s, expected F32 %s on the cpu",
                               m->params.items[i].name, mgpu_dtype_name(g->dtype), mgpu__shape_str(g), mgpu__shape_str(p));
-        sq += mgpu__sum_squares(m->ctx, (const float *)g->data, g->numel);
     }
-    norm = sqrt(sq);
-    if (total_norm) *total_norm = (float)norm;
-    coef = (double)max_norm / (norm + 1e-6);
-    if (!isfinite(norm) || coef >= 1.0) return MGPU_OK;
-    for (i = 0; i < m->params.count; i++) {
-        mgpu_tensor *g = m->params.items[i].tensor->grad;
-        mgpu__scale_job j;
-        if (!g) continue;
-        j.x = (float *)g->data; j.s = (float)coef;
-        mgpu_parallel_for(m->ctx, g->numel, MGPU__OPT_CHUNK, mgpu__scale_range, &j);
-    }
-    return MGPU_OK;
+    norm = mgpu__new_activation(m->ctx, MGPU_F32, 0, NULL);   /* on the device: read back only when asked for */
+    if (!norm) return mgpu_last_result();
+    if ((r = mgpu__grad_list_make(m, &a.grads)) != MGPU_OK) return r;
+    a.ctx = m->ctx; a.max_norm = max_norm; a.norm = (float *)norm->data;
+    r = mgpu__cuda_scratch(m->ctx, MGPU__CLIP_SCRATCH_FLOATS(a.grads.count), &a.scratch);
+    if (r == MGPU_OK) r = MGPU__TWIN(m->ctx, clip_grad_norm, &a);
+    mgpu__grad_list_free(&a.grads);
+    if (r == MGPU_OK && total_norm) *total_norm = (float)mgpu_tensor_item(norm);
+    return r;
 }
 
 /* --------------------------------------------------------------------------------------

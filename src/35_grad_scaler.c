@@ -22,18 +22,24 @@ MGPU_API mgpu_tensor *mgpu_grad_scaler_scale(mgpu_context *ctx, mgpu_grad_scaler
     return s->enabled ? mgpu_op_scale(ctx, loss, s->scale) : loss;
 }
 
-/* g *= inv over a range, raising found_inf when an element is inf or NaN (checked before scaling, as PyTorch) */
-typedef struct mgpu__unscale_job { float *g; float inv; int found_inf; } mgpu__unscale_job;
+/* g *= inv over a range, raising found when an element is inf or NaN (checked before scaling, as PyTorch) */
 static void mgpu__unscale_range(void *arg, int64_t begin, int64_t end) {
-    mgpu__unscale_job *j = (mgpu__unscale_job *)arg;
+    const mgpu__list_job *j = (const mgpu__list_job *)arg;
+    const mgpu__unscale_args *a = (const mgpu__unscale_args *)j->args;
+    float *g = a->grads.data[j->t];
+    const float inv = a->inv_scale;
     int64_t i;
     int bad = 0;
     for (i = begin; i < end; i++) {
-        if (!isfinite(j->g[i])) bad = 1;
-        j->g[i] *= j->inv;
+        if (!isfinite(g[i])) bad = 1;
+        g[i] *= inv;
     }
     /* a flag only ever set to 1, so the order the chunks finish in cannot change the outcome */
-    if (bad) __atomic_store_n(&j->found_inf, 1, __ATOMIC_RELAXED);
+    if (bad) __atomic_store_n(a->found, 1, __ATOMIC_RELAXED);
+}
+static void mgpu__cpu_unscale(const mgpu__unscale_args *a) {
+    a->found[0] = 0;
+    mgpu__cpu_for_each_tensor(a->ctx, &a->grads, MGPU__AMP_PAR_MIN, mgpu__unscale_range, a);
 }
 
 /* Checks that every parameter gradient of m is an F32 host tensor the scaler can work on. */
@@ -53,9 +59,9 @@ static mgpu_result mgpu__scaler_check_grads(const char *fn, mgpu_model *m) {
 }
 
 MGPU_API mgpu_result mgpu_grad_scaler_unscale(mgpu_grad_scaler *s, mgpu_model *m) {
-    mgpu__unscale_job j;
+    mgpu__unscale_args a;
+    mgpu_tensor *found;
     mgpu_result r;
-    int i, n;
     if (!s || !m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_unscale: scaler and model must not be NULL");
     if (s->unscaled)
         return mgpu__fail(MGPU_ERR_STATE, "mgpu_grad_scaler_unscale: already called since the last mgpu_grad_scaler_update (the grads would be divided twice)");
@@ -63,16 +69,15 @@ MGPU_API mgpu_result mgpu_grad_scaler_unscale(mgpu_grad_scaler *s, mgpu_model *m
     if (!(s->scale > 0.0f) || !isfinite(s->scale))
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_unscale: scale %g must be positive and finite", (double)s->scale);
     if ((r = mgpu__scaler_check_grads("mgpu_grad_scaler_unscale", m)) != MGPU_OK) return r;
-    j.inv = (float)(1.0 / (double)s->scale);   /* as PyTorch: reciprocal in double, applied as f32 */
-    j.found_inf = 0;
-    n = mgpu_model_num_parameters(m);
-    for (i = 0; i < n; i++) {
-        mgpu_tensor *p = mgpu_model_parameter(m, i, NULL);
-        if (!p || !p->grad) continue;
-        j.g = (float *)p->grad->data;
-        mgpu_parallel_for(mgpu_model_context(m), p->grad->numel, MGPU__AMP_PAR_MIN, mgpu__unscale_range, &j);
-    }
-    s->found_inf = j.found_inf;
+    found = mgpu__new_activation(m->ctx, MGPU_I32, 0, NULL);   /* on the device: one read back per step, as PyTorch's */
+    if (!found) return mgpu_last_result();
+    if ((r = mgpu__grad_list_make(m, &a.grads)) != MGPU_OK) return r;
+    a.ctx = m->ctx; a.found = (int32_t *)found->data;
+    a.inv_scale = (float)(1.0 / (double)s->scale);   /* as PyTorch: reciprocal in double, applied as f32 */
+    r = MGPU__TWIN(m->ctx, unscale, &a);
+    mgpu__grad_list_free(&a.grads);
+    if (r != MGPU_OK) return r;
+    s->found_inf = mgpu_tensor_item(found) != 0.0;
     s->unscaled = 1;
     return MGPU_OK;
 }

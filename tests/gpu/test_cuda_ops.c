@@ -720,6 +720,7 @@ static void test_optimizers(void) {
         mgpu_optimizer *o;
         float *P[40], *G[40], *M[40], *V[40];
         int64_t numel[40];
+        mgpu__tensor_list params;
         int i, step;
         d.lr = 0.01f; d.weight_decay = 0.05f;
         if (type == MGPU_OPTIM_SGD) { d.momentum = 0.9f; d.nesterov = 1; }
@@ -735,24 +736,27 @@ static void test_optimizers(void) {
             P[i] = dev_of(p); G[i] = dev_of(p->grad); M[i] = dev_zeros(n); V[i] = dev_zeros(n); numel[i] = n;
         }
         o = mgpu_optimizer_create(m, &d);
+        params.count = 40; params.data = P; params.numel = numel;
         for (step = 1; step <= 3; step++) {
             expect_ok(mgpu_optimizer_step(o), "cpu optimizer step");
             if (type == MGPU_OPTIM_SGD) {
-                mgpu_cuda_sgd_args a;
+                mgpu__sgd_args a;
                 memset(&a, 0, sizeof a);
+                a.params = params; a.grads = (const float *const *)G; a.momentum_buffers = M;
                 a.lr = d.lr; a.weight_decay = d.weight_decay; a.momentum = d.momentum; a.keep = 1.0f - d.dampening;
-                a.nesterov = d.nesterov; a.first = step == 1; a.grad_scale = 1.0f;
-                expect_ok(mgpu_cuda_sgd_update(40, P, (const float *const *)G, M, numel, &a, NULL), "sgd update");
+                a.nesterov = d.nesterov; a.first = step == 1;
+                expect_ok(mgpu_cuda_sgd(&a, NULL), "sgd update");
             } else {
-                mgpu_cuda_adam_args a;
+                mgpu__adam_args a;
                 int adamw = type == MGPU_OPTIM_ADAMW;
+                memset(&a, 0, sizeof a);
+                a.params = params; a.grads = (const float *const *)G; a.exp_avg = M; a.exp_avg_sq = V;
                 a.decay = adamw ? (float)(1.0 - (double)d.lr * d.weight_decay) : 1.0f;
                 a.l2 = adamw ? 0.0f : d.weight_decay;
                 a.beta1 = d.beta1; a.beta2 = d.beta2; a.eps = d.eps;
                 a.step_size = (float)((double)d.lr / (1.0 - pow((double)d.beta1, step)));
                 a.bc2_sqrt = (float)sqrt(1.0 - pow((double)d.beta2, step));
-                a.grad_scale = 1.0f;
-                expect_ok(mgpu_cuda_adam_update(40, P, (const float *const *)G, M, V, numel, &a, NULL), "adam update");
+                expect_ok(mgpu_cuda_adam(&a, NULL), "adam update");
             }
         }
         for (i = 0; i < 40; i++) {
@@ -766,12 +770,30 @@ static void test_optimizers(void) {
     }
 }
 
+/* The CUDA twin's inf/NaN flag and unscaled grads against the CPU loss scaler's. */
+static void check_unscale(mgpu_model *m, mgpu_grad_scaler *sc, const mgpu__tensor_list *grads, int32_t *found, int want_found) {
+    mgpu__unscale_args u;
+    int32_t hf = -1;
+    int i;
+    memset(&u, 0, sizeof u);
+    u.grads = *grads; u.inv_scale = (float)(1.0 / (double)sc->scale); u.found = found;
+    expect_ok(mgpu_cuda_unscale(&u, NULL), "unscale");
+    expect_ok(mgpu_grad_scaler_unscale(sc, m), "cpu unscale");
+    cudaMemcpy(&hf, found, sizeof hf, cudaMemcpyDeviceToHost);
+    MT_CHECK(hf == want_found && sc->found_inf == want_found, "inf/NaN flag: cuda %d, cpu %d, expected %d", hf, sc->found_inf, want_found);
+    for (i = 0; i < grads->count; i++)
+        expect_close("unscaled gradient", grads->data[i], (const float *)mgpu_model_parameter(m, i, NULL)->grad->data, grads->numel[i], F32_TOL);
+    mgpu_grad_scaler_update(sc);
+}
+
 static void test_clip_and_finite(void) {
     mgpu_model *m = mgpu_model_create(cpu);
-    float *X[5], *scratch, *norm, *coef, total = 0;
+    float *X[5], *norm, total = 0;
     int64_t numel[5];
     int i;
-    int32_t *found, hf = -1;
+    mgpu__tensor_list grads;
+    mgpu__clip_grad_norm_args c;
+    mgpu_grad_scaler sc;
     for (i = 0; i < 5; i++) {
         char name[16];
         int64_t n = 1000 * i + 3, j;
@@ -782,25 +804,21 @@ static void test_clip_and_finite(void) {
         for (j = 0; j < n; j++) ((float *)p->grad->data)[j] = (float)mt_uniform(-1, 1);
         X[i] = dev_of(p->grad); numel[i] = n;
     }
-    scratch = dev_nan(6 * MGPU_CUDA_REDUCE_PARTIALS); norm = dev_nan(1); coef = dev_nan(1);
-    expect_ok(mgpu_cuda_global_norm(5, (const float *const *)X, numel, norm, scratch, NULL), "global norm");
+    grads.count = 5; grads.data = X; grads.numel = numel;
+    memset(&c, 0, sizeof c);
+    c.grads = grads; c.max_norm = 1.0f; c.norm = norm = dev_nan(1); c.scratch = dev_nan(MGPU__CLIP_SCRATCH_FLOATS(5));
+    expect_ok(mgpu_cuda_clip_grad_norm(&c, NULL), "clip grad norm");
     expect_ok(mgpu_clip_grad_norm(m, 1.0f, &total), "cpu clip");
     expect_close("global gradient norm", norm, &total, 1, F32_TOL);
-    expect_ok(mgpu_cuda_clip_coef(norm, 1.0f, coef, NULL), "clip coef");
-    for (i = 0; i < 5; i++) expect_ok(mgpu_cuda_scale_by(X[i], numel[i], coef, NULL), "scale");
     for (i = 0; i < 5; i++) expect_close("clipped gradient", X[i], (const float *)mgpu_model_parameter(m, i, NULL)->grad->data, numel[i], F32_TOL);
-    found = (int32_t *)dev_alloc(sizeof(int32_t));
-    cudaMemset(found, 0, sizeof(int32_t));
-    expect_ok(mgpu_cuda_check_finite(X[3], numel[3], found, NULL), "check finite");
-    cudaMemcpy(&hf, found, sizeof hf, cudaMemcpyDeviceToHost);
-    MT_CHECK(hf == 0, "finite gradients flagged (%d)", hf);
+    mgpu_grad_scaler_init(&sc, 1);
+    check_unscale(m, &sc, &grads, (int32_t *)dev_alloc(sizeof(int32_t)), 0);
     {
         float inf = INFINITY;
         cudaMemcpy(X[3] + 17, &inf, sizeof inf, cudaMemcpyHostToDevice);
+        ((float *)mgpu_model_parameter(m, 3, NULL)->grad->data)[17] = inf;
     }
-    expect_ok(mgpu_cuda_check_finite(X[3], numel[3], found, NULL), "check finite");
-    cudaMemcpy(&hf, found, sizeof hf, cudaMemcpyDeviceToHost);
-    MT_CHECK(hf == 1, "an inf was not flagged (%d)", hf);
+    check_unscale(m, &sc, &grads, (int32_t *)dev_alloc(sizeof(int32_t)), 1);
     mgpu_model_destroy(m);
     case_end();
 }
