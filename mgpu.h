@@ -980,24 +980,34 @@ typedef struct mgpu__unary_args {
 mgpu_result mgpu_cuda_unary_forward(const mgpu__unary_args *a, void *stream);
 mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void *stream);
 
-typedef enum mgpu_cuda_binary { MGPU_CUDA_ADD, MGPU_CUDA_SUB, MGPU_CUDA_MUL } mgpu_cuda_binary;
-/* Broadcast geometry: out shape and the element strides of a and b against it (0 where broadcast). */
-typedef struct mgpu_cuda_bcast {
+/* binary (NumPy broadcasting, right-aligned; bias_add is this op): forward out = a op b, a and b
+   read through their strides against out's shape (0 where broadcast); backward da += the sum of
+   dy * d out/d a over a's broadcast dims in a fixed order (likewise db); da or db may be NULL */
+typedef enum mgpu__binary_kind { MGPU__BIN_ADD, MGPU__BIN_SUB, MGPU__BIN_MUL } mgpu__binary_kind;
+typedef struct mgpu__bcast {
     int ndim;
     int64_t shape[MGPU_MAX_DIMS], a_stride[MGPU_MAX_DIMS], b_stride[MGPU_MAX_DIMS];
     int64_t numel, a_numel, b_numel;
-} mgpu_cuda_bcast;
-/* NumPy broadcasting of a and b (right-aligned); MGPU_ERR_SHAPE when they do not broadcast. */
-mgpu_result mgpu_cuda_bcast_make(int a_ndim, const int64_t *a_shape, int b_ndim, const int64_t *b_shape, mgpu_cuda_bcast *out);
-mgpu_result mgpu_cuda_binary_forward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, float *out, void *stream);
-/* da += reduce(dy * d out/d a) over a's broadcast dims (likewise db); da or db may be NULL. Deterministic. */
-mgpu_result mgpu_cuda_binary_backward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, const float *dy,
-                                      float *da, float *db, void *stream);
+} mgpu__bcast;
+typedef struct mgpu__binary_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    mgpu__binary_kind kind;
+    mgpu__bcast g;
+    const float *a, *b, *dy; float *out, *da, *db;
+} mgpu__binary_args;
+mgpu_result mgpu_cuda_binary_forward(const mgpu__binary_args *args, void *stream);
+mgpu_result mgpu_cuda_binary_backward(const mgpu__binary_args *args, void *stream);
 
-/* x (rows, cols) + b (cols) */
-mgpu_result mgpu_cuda_bias_add_forward(const float *x, const float *b, float *y, int64_t rows, int64_t cols, void *stream);
-/* db += column sums of dy (rows, cols): fixed-order, deterministic */
+/* db += column sums of dy (rows, cols): fixed-order, deterministic (linear's bias gradient) */
 mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream);
+
+/* accumulate (n): out += x (the backward of views and casts) */
+typedef struct mgpu__accumulate_args {
+    mgpu_context *ctx;
+    const float *x; float *out;
+    int64_t n;
+} mgpu__accumulate_args;
+mgpu_result mgpu_cuda_accumulate(const mgpu__accumulate_args *a, void *stream);
 
 /* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ---- */
 mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream);
@@ -2705,12 +2715,6 @@ static void mgpu__ew_apply(mgpu_context *ctx, mgpu__ew_kind kind, float c, int n
     mgpu__iter_parallel(ctx, &it, mgpu__ew_run, &e);
 }
 
-/* dst[i] += c * src[i] over n elements (gradients of views and casts). */
-static void mgpu__accumulate(mgpu_context *ctx, float *dst, const float *src, int64_t n, float c) {
-    int64_t one = 1;
-    mgpu__ew_apply(ctx, MGPU__EW_ACC, c, 1, &n, dst, src, &one, NULL, NULL);
-}
-
 /* --------------------------------------------------------------------------------------
    Reduction of a full index space onto a target that broadcasts over it:
        dst[t] (+)= scale * sum over the reduced dims of src[...] * other[...]
@@ -2838,9 +2842,12 @@ static void mgpu__reduce_into(mgpu_context *ctx, int ndim, const int64_t *shape,
    Binary ops with broadcasting: add, sub, mul, bias_add
    -------------------------------------------------------------------------------------- */
 
-/* Broadcast shape of a and b, or MGPU_ERR_SHAPE naming both shapes. */
-static int mgpu__broadcast_shape(const char *op, const mgpu_tensor *a, const mgpu_tensor *b, int *ndim, int64_t *shape) {
+/* Broadcast geometry of a and b (NumPy rules, right-aligned): out's shape, and the strides that read
+   a and b against it (mgpu__bcast_strides), or MGPU_ERR_SHAPE naming both shapes. */
+static int mgpu__bcast_make(const char *op, const mgpu_tensor *a, const mgpu_tensor *b, mgpu__bcast *g) {
     int n = MGPU__MAX(a->ndim, b->ndim), i;
+    memset(g, 0, sizeof *g);
+    g->numel = 1; g->a_numel = a->numel; g->b_numel = b->numel;
     for (i = 0; i < n; i++) {
         int ia = i - (n - a->ndim), ib = i - (n - b->ndim);
         int64_t da = ia >= 0 ? a->shape[ia] : 1, db = ib >= 0 ? b->shape[ib] : 1;
@@ -2849,59 +2856,71 @@ static int mgpu__broadcast_shape(const char *op, const mgpu_tensor *a, const mgp
                        mgpu__shape_str(a), mgpu__shape_str(b), i - n, (long long)da, (long long)db);
             return 0;
         }
-        shape[i] = da == 1 ? db : da;
+        g->shape[i] = da == 1 ? db : da;
+        g->numel *= g->shape[i];
     }
-    *ndim = n;
+    g->ndim = n;
+    mgpu__bcast_strides(n, a, g->a_stride);
+    mgpu__bcast_strides(n, b, g->b_stride);
     return 1;
 }
 
-static mgpu_result mgpu__binary_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *out = node->out;
-    mgpu__ew_kind kind = (mgpu__ew_kind)node->iarg[0];
-    const float *dy = (const float *)out->grad->data;
-    int i;
-    for (i = 0; i < 2; i++) {
-        mgpu_tensor *self = node->in[i], *other = node->in[1 - i];
-        int64_t self_st[MGPU_MAX_DIMS], other_st[MGPU_MAX_DIMS];
-        float *dx;
-        if (!mgpu__needs_grad(node, i)) continue;
-        MGPU__GRAD_OR_FAIL(dx, ctx, self);
-        mgpu__bcast_strides(out->ndim, self, self_st);
-        mgpu__bcast_strides(out->ndim, other, other_st);
-        if (kind == MGPU__EW_MUL) // d(a*b)/da = b
-            mgpu__reduce_into(ctx, out->ndim, out->shape, dy, self_st, (const float *)other->data, other_st, dx, 1.0f, 1);
-        else // d(a + c*b): 1 for a, c for b
-            mgpu__reduce_into(ctx, out->ndim, out->shape, dy, self_st, NULL, NULL, dx, i == 0 ? 1.0f : node->farg[0], 1);
-    }
-    return MGPU_OK;
+static void mgpu__cpu_binary_forward(const mgpu__binary_args *a) {
+    const mgpu__bcast *g = &a->g;
+    mgpu__ew_kind kind = a->kind == MGPU__BIN_MUL ? MGPU__EW_MUL : MGPU__EW_ADD;
+    float c = a->kind == MGPU__BIN_SUB ? -1.0f : 1.0f; /* add and sub are a + c * b */
+    mgpu__ew_apply(a->ctx, kind, c, g->ndim, g->shape, a->out, a->a, g->a_stride, a->b, g->b_stride);
 }
 
-static mgpu_tensor *mgpu__binary(mgpu_context *ctx, const char *op, mgpu__ew_kind kind, float c, mgpu_tensor *a, mgpu_tensor *b) {
-    int64_t shape[MGPU_MAX_DIMS], sa[MGPU_MAX_DIMS], sb[MGPU_MAX_DIMS];
+/* d(a * b) = dy * b for a, dy * a for b; d(a + c * b) = dy for a, c * dy for b. Each is reduced
+   onto the operand's own (broadcast) strides. */
+static void mgpu__cpu_binary_backward(const mgpu__binary_args *a) {
+    const mgpu__bcast *g = &a->g;
+    int mul = a->kind == MGPU__BIN_MUL;
+    if (a->da)
+        mgpu__reduce_into(a->ctx, g->ndim, g->shape, a->dy, g->a_stride, mul ? a->b : NULL, g->b_stride, a->da, 1.0f, 1);
+    if (a->db)
+        mgpu__reduce_into(a->ctx, g->ndim, g->shape, a->dy, g->b_stride, mul ? a->a : NULL, g->a_stride, a->db,
+                          a->kind == MGPU__BIN_SUB ? -1.0f : 1.0f, 1);
+}
+
+static mgpu_result mgpu__binary_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *in_a = node->in[0], *in_b = node->in[1];
+    mgpu__binary_args args;
+    memset(&args, 0, sizeof args);
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(args.da, ctx, in_a);
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(args.db, ctx, in_b);
+    mgpu__bcast_make(node->name, in_a, in_b, &args.g); /* the forward's geometry: cannot fail now */
+    args.ctx = ctx; args.kind = (mgpu__binary_kind)node->iarg[0];
+    args.a = (const float *)in_a->data; args.b = (const float *)in_b->data; args.dy = (const float *)node->out->grad->data;
+    return MGPU__TWIN(ctx, binary_backward, &args);
+}
+
+static mgpu_tensor *mgpu__binary(mgpu_context *ctx, const char *op, mgpu__binary_kind kind, mgpu_tensor *a, mgpu_tensor *b) {
     mgpu_tensor *out, *ins[2];
     mgpu__node *node;
-    int ndim = 0;
+    mgpu__binary_args args;
     if (!mgpu__check_input(ctx, op, "a", a, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
-    if (!mgpu__broadcast_shape(op, a, b, &ndim, shape)) return NULL;
-    out = mgpu__new_activation(ctx, MGPU_F32, ndim, shape);
+    memset(&args, 0, sizeof args);
+    if (!mgpu__bcast_make(op, a, b, &args.g)) return NULL;
+    out = mgpu__new_activation(ctx, MGPU_F32, args.g.ndim, args.g.shape);
     if (!out) return NULL;
-    mgpu__bcast_strides(ndim, a, sa);
-    mgpu__bcast_strides(ndim, b, sb);
-    mgpu__ew_apply(ctx, kind, c, ndim, shape, (float *)out->data, (const float *)a->data, sa, (const float *)b->data, sb);
+    args.ctx = ctx; args.kind = kind; args.a = (const float *)a->data; args.b = (const float *)b->data; args.out = (float *)out->data;
+    if (MGPU__TWIN(ctx, binary_forward, &args) != MGPU_OK) return NULL;
     ins[0] = a; ins[1] = b;
     MGPU__RECORD(ctx, op, mgpu__binary_backward, out, 2, ins, node);
-    if (node) { node->iarg[0] = kind; node->farg[0] = c; }
+    if (node) node->iarg[0] = kind;
     return out;
 }
 
 MGPU_API mgpu_tensor *mgpu_op_add(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
-    return mgpu__binary(ctx, "mgpu_op_add", MGPU__EW_ADD, 1.0f, a, b);
+    return mgpu__binary(ctx, "mgpu_op_add", MGPU__BIN_ADD, a, b);
 }
 MGPU_API mgpu_tensor *mgpu_op_sub(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
-    return mgpu__binary(ctx, "mgpu_op_sub", MGPU__EW_ADD, -1.0f, a, b);
+    return mgpu__binary(ctx, "mgpu_op_sub", MGPU__BIN_SUB, a, b);
 }
 MGPU_API mgpu_tensor *mgpu_op_mul(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
-    return mgpu__binary(ctx, "mgpu_op_mul", MGPU__EW_MUL, 1.0f, a, b);
+    return mgpu__binary(ctx, "mgpu_op_mul", MGPU__BIN_MUL, a, b);
 }
 // x (..., C) + b (C): broadcasting add, restricted so a wrong bias is an error, not a broadcast.
 MGPU_API mgpu_tensor *mgpu_op_bias_add(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *b) {
@@ -2909,7 +2928,7 @@ MGPU_API mgpu_tensor *mgpu_op_bias_add(mgpu_context *ctx, mgpu_tensor *x, mgpu_t
     if (!mgpu__check_input(ctx, op, "x", x, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
     if (x->ndim < 1 || b->ndim != 1 || b->shape[0] != x->shape[x->ndim - 1])
         MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: bias b %s must be (C,) with C the last dim of x %s", op, mgpu__shape_str(b), mgpu__shape_str(x));
-    return mgpu__binary(ctx, op, MGPU__EW_ADD, 1.0f, x, b);
+    return mgpu__binary(ctx, op, MGPU__BIN_ADD, x, b);
 }
 
 /* --------------------------------------------------------------------------------------
@@ -3511,13 +3530,17 @@ MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim
    Shape ops: reshape and flatten (views), transpose, concat, narrow (copies), cast
    -------------------------------------------------------------------------------------- */
 
+static void mgpu__cpu_accumulate(const mgpu__accumulate_args *a) {
+    int64_t one = 1, n = a->n;
+    mgpu__ew_apply(a->ctx, MGPU__EW_ACC, 1.0f, 1, &n, a->out, a->x, &one, NULL, NULL);
+}
 /* Backward of ops whose output holds x's elements in the same order (views, casts). */
 static mgpu_result mgpu__passthrough_backward(mgpu_context *ctx, mgpu__node *node) {
-    float *dx;
+    mgpu__accumulate_args a;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    mgpu__accumulate(ctx, dx, (const float *)node->out->grad->data, node->out->numel, 1.0f);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(a.out, ctx, node->in[0]);
+    a.ctx = ctx; a.x = (const float *)node->out->grad->data; a.n = node->out->numel;
+    return MGPU__TWIN(ctx, accumulate, &a);
 }
 
 static mgpu_tensor *mgpu__view(mgpu_context *ctx, const char *op, mgpu_tensor *x, int ndim, const int64_t *shape) {

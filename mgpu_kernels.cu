@@ -220,33 +220,7 @@ extern "C" mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void 
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_bcast_make(int a_ndim, const int64_t *a_shape, int b_ndim, const int64_t *b_shape, mgpu_cuda_bcast *out) {
-    MGPU__REQUIRE(out && a_ndim >= 0 && b_ndim >= 0 && a_ndim <= MGPU_MAX_DIMS && b_ndim <= MGPU_MAX_DIMS, "bad ndim or NULL out");
-    MGPU__REQUIRE((a_ndim == 0 || a_shape) && (b_ndim == 0 || b_shape), "shape arrays must not be NULL");
-    memset(out, 0, sizeof *out);
-    int nd = a_ndim > b_ndim ? a_ndim : b_ndim;
-    out->ndim = nd;
-    int64_t an = 1, bn = 1, on = 1;
-    for (int d = nd - 1; d >= 0; d--) {   // right-aligned, as NumPy
-        int ad = d - (nd - a_ndim), bd = d - (nd - b_ndim);
-        int64_t as = ad >= 0 ? a_shape[ad] : 1, bs = bd >= 0 ? b_shape[bd] : 1;
-        if (as < 0 || bs < 0 || (as != bs && as != 1 && bs != 1)) {
-            char what[160];
-            snprintf(what, sizeof what, "shapes do not broadcast: dim %d is %lld in a and %lld in b", d, (long long)as, (long long)bs);
-            mgpu__set_error_from_cuda((int)MGPU_ERR_SHAPE, what);
-            return MGPU_ERR_SHAPE;
-        }
-        int64_t os = as == 1 ? bs : as;
-        out->shape[d] = os;
-        out->a_stride[d] = (as == 1) ? 0 : an;
-        out->b_stride[d] = (bs == 1) ? 0 : bn;
-        an *= as; bn *= bs; on *= os;
-    }
-    out->numel = on; out->a_numel = an; out->b_numel = bn;
-    return MGPU_OK;
-}
-
-__global__ void mgpu__binary_fwd_k(int op, mgpu_cuda_bcast g, const float *a, const float *b, float *out) {
+__global__ void mgpu__binary_fwd_k(int op, mgpu__bcast g, const float *a, const float *b, float *out) {
     MGPU__FOR(i, g.numel) {
         int64_t rem = i, ao = 0, bo = 0;
         for (int d = g.ndim - 1; d >= 0; d--) {
@@ -255,12 +229,12 @@ __global__ void mgpu__binary_fwd_k(int op, mgpu_cuda_bcast g, const float *a, co
             ao += c * g.a_stride[d]; bo += c * g.b_stride[d];
         }
         float x = a[ao], y = b[bo];
-        out[i] = op == MGPU_CUDA_ADD ? x + y : op == MGPU_CUDA_SUB ? x - y : x * y;
+        out[i] = op == MGPU__BIN_ADD ? x + y : op == MGPU__BIN_SUB ? x - y : x * y;
     }
 }
 // Output offset (oo) and other-operand offset (to) of the r-th output position that read element j
 // of the operand `own` (the positions are enumerated in a fixed order over own's broadcast dims).
-__device__ void mgpu__bcast_offsets(const mgpu_cuda_bcast &g, const int64_t *s_own, const int64_t *s_oth, int64_t j, int64_t r,
+__device__ void mgpu__bcast_offsets(const mgpu__bcast &g, const int64_t *s_own, const int64_t *s_oth, int64_t j, int64_t r,
                                     int64_t *oo, int64_t *to) {
     int64_t ost = 1;
     *oo = 0; *to = 0;
@@ -273,14 +247,14 @@ __device__ void mgpu__bcast_offsets(const mgpu_cuda_bcast &g, const int64_t *s_o
     }
 }
 __device__ float mgpu__binary_grad_term(int op, const float *other, const float *dy, int64_t oo, int64_t to) {
-    return op == MGPU_CUDA_MUL ? dy[oo] * other[to] : dy[oo];
+    return op == MGPU__BIN_MUL ? dy[oo] * other[to] : dy[oo];
 }
 // One thread per element j of the operand `own` (a or b): it walks, in a fixed order, every output
 // position that read it, so broadcast reductions need no atomics. Used when few positions read each j.
-__global__ void mgpu__binary_bwd_k(int op, int own_is_a, mgpu_cuda_bcast g, const float *other, const float *dy, float *dst) {
+__global__ void mgpu__binary_bwd_k(int op, int own_is_a, mgpu__bcast g, const float *other, const float *dy, float *dst) {
     const int64_t *s_own = own_is_a ? g.a_stride : g.b_stride, *s_oth = own_is_a ? g.b_stride : g.a_stride;
     int64_t own_n = own_is_a ? g.a_numel : g.b_numel, reps = g.numel / (own_n ? own_n : 1);
-    float sign = (op == MGPU_CUDA_SUB && !own_is_a) ? -1.0f : 1.0f;
+    float sign = (op == MGPU__BIN_SUB && !own_is_a) ? -1.0f : 1.0f;
     MGPU__FOR(j, own_n) {
         double acc = 0;   // double, as the block variant, so both paths agree closely
         for (int64_t r = 0; r < reps; r++) {
@@ -293,11 +267,11 @@ __global__ void mgpu__binary_bwd_k(int op, int own_is_a, mgpu_cuda_bcast g, cons
 }
 // Long reductions (a bias broadcast over a batch): one block per element j, a fixed tree over its
 // positions.
-__global__ void mgpu__binary_bwd_block_k(int op, int own_is_a, mgpu_cuda_bcast g, const float *other, const float *dy, float *dst) {
+__global__ void mgpu__binary_bwd_block_k(int op, int own_is_a, mgpu__bcast g, const float *other, const float *dy, float *dst) {
     __shared__ double sh[32];
     const int64_t *s_own = own_is_a ? g.a_stride : g.b_stride, *s_oth = own_is_a ? g.b_stride : g.a_stride;
     int64_t own_n = own_is_a ? g.a_numel : g.b_numel, reps = g.numel / (own_n ? own_n : 1);
-    float sign = (op == MGPU_CUDA_SUB && !own_is_a) ? -1.0f : 1.0f;
+    float sign = (op == MGPU__BIN_SUB && !own_is_a) ? -1.0f : 1.0f;
     for (int64_t j = blockIdx.x; j < own_n; j += gridDim.x) {
         double acc = 0;
         for (int64_t r = threadIdx.x; r < reps; r += blockDim.x) {
@@ -309,7 +283,7 @@ __global__ void mgpu__binary_bwd_block_k(int op, int own_is_a, mgpu_cuda_bcast g
         if (threadIdx.x == 0) dst[j] += sign * (float)acc;
     }
 }
-static mgpu_result mgpu__binary_bwd_one(int op, int own_is_a, const mgpu_cuda_bcast *g, const float *other, const float *dy, float *dst,
+static mgpu_result mgpu__binary_bwd_one(int op, int own_is_a, const mgpu__bcast *g, const float *other, const float *dy, float *dst,
                                         void *stream) {
     int64_t own_n = own_is_a ? g->a_numel : g->b_numel, reps = g->numel / (own_n ? own_n : 1);
     if (own_n == 0) return MGPU_OK;
@@ -323,23 +297,37 @@ static mgpu_result mgpu__binary_bwd_one(int op, int own_is_a, const mgpu_cuda_bc
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_binary_forward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, float *out, void *stream) {
-    MGPU__REQUIRE(g && op >= MGPU_CUDA_ADD && op <= MGPU_CUDA_MUL, "g is NULL or op is not an mgpu_cuda_binary value");
-    MGPU__REQUIRE(g->numel == 0 || (a && b && out), "a, b and out must be device pointers");
+static int mgpu__binary_kind_ok(int kind) { return kind >= MGPU__BIN_ADD && kind <= MGPU__BIN_MUL; }
+
+extern "C" mgpu_result mgpu_cuda_binary_forward(const mgpu__binary_args *args, void *stream) {
+    MGPU__REQUIRE(args && mgpu__binary_kind_ok(args->kind), "kind is not an mgpu__binary_kind value");
+    const mgpu__bcast *g = &args->g;
+    MGPU__REQUIRE(g->numel == 0 || (args->a && args->b && args->out), "a, b and out must be device pointers");
     if (g->numel == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__binary_fwd_k, mgpu__grid(g->numel, MGPU__THREADS), MGPU__THREADS, 0, stream, op, *g, a, b, out);
+    MGPU__LAUNCH(mgpu__binary_fwd_k, mgpu__grid(g->numel, MGPU__THREADS), MGPU__THREADS, 0, stream, args->kind, *g, args->a, args->b,
+                 args->out);
     MGPU__LAUNCHED("mgpu__binary_fwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_binary_backward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, const float *dy,
-                                                 float *da, float *db, void *stream) {
-    MGPU__REQUIRE(g && op >= MGPU_CUDA_ADD && op <= MGPU_CUDA_MUL, "g is NULL or op is not an mgpu_cuda_binary value");
-    MGPU__REQUIRE(g->numel == 0 || dy, "dy must be a device pointer");
-    MGPU__REQUIRE(op != MGPU_CUDA_MUL || ((!da || b) && (!db || a)), "mul backward needs the other operand");
+extern "C" mgpu_result mgpu_cuda_binary_backward(const mgpu__binary_args *args, void *stream) {
+    MGPU__REQUIRE(args && mgpu__binary_kind_ok(args->kind), "kind is not an mgpu__binary_kind value");
+    const mgpu__bcast *g = &args->g;
+    MGPU__REQUIRE(g->numel == 0 || args->dy, "dy must be a device pointer");
+    MGPU__REQUIRE(args->kind != MGPU__BIN_MUL || ((!args->da || args->b) && (!args->db || args->a)), "mul backward needs the other operand");
     if (g->numel == 0) return MGPU_OK;
-    mgpu_result r = da ? mgpu__binary_bwd_one(op, 1, g, b, dy, da, stream) : MGPU_OK;
-    if (r == MGPU_OK && db) r = mgpu__binary_bwd_one(op, 0, g, a, dy, db, stream);
+    mgpu_result r = args->da ? mgpu__binary_bwd_one(args->kind, 1, g, args->b, args->dy, args->da, stream) : MGPU_OK;
+    if (r == MGPU_OK && args->db) r = mgpu__binary_bwd_one(args->kind, 0, g, args->a, args->dy, args->db, stream);
     return r;
+}
+
+// out += x: the backward of views and casts
+__global__ void mgpu__accumulate_k(const float *x, float *out, int64_t n) { MGPU__FOR(i, n) out[i] += x[i]; }
+extern "C" mgpu_result mgpu_cuda_accumulate(const mgpu__accumulate_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->n >= 0 && (a->n == 0 || (a->x && a->out)), "x and out must be device pointers and n >= 0");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__accumulate_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->n);
+    MGPU__LAUNCHED("mgpu__accumulate_k");
+    return MGPU_OK;
 }
 
 __global__ void mgpu__fill_k(float *x, int64_t n, float v) { MGPU__FOR(i, n) x[i] = v; }
@@ -352,12 +340,8 @@ extern "C" mgpu_result mgpu_cuda_fill(float *x, int64_t n, float value, void *st
 }
 
 /* ======================================================================================
-   Bias add and fixed-order column sums (bias grad, layer-norm dw/db)
+   Fixed-order column sums (linear's bias grad, layer-norm dw/db)
    ====================================================================================== */
-
-__global__ void mgpu__bias_add_k(const float *x, const float *b, float *y, int64_t rows, int64_t cols) {
-    MGPU__FOR(i, rows * cols) y[i] = x[i] + b[i % cols];
-}
 
 // Block (32, 8) owns 32 columns; thread row ty sums rows ty, ty + 8, ... in double, then the 8
 // partials are added in ty order. With x (and mean, rstd) it also sums dy * xhat into dw.
@@ -391,13 +375,6 @@ static mgpu_result mgpu__colsum(const float *dy, const float *x, const float *me
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_bias_add_forward(const float *x, const float *b, float *y, int64_t rows, int64_t cols, void *stream) {
-    MGPU__REQUIRE(rows >= 0 && cols >= 0 && (rows * cols == 0 || (x && b && y)), "x, b, y must be device pointers; rows, cols >= 0");
-    if (rows * cols == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__bias_add_k, mgpu__grid(rows * cols, MGPU__THREADS), MGPU__THREADS, 0, stream, x, b, y, rows, cols);
-    MGPU__LAUNCHED("mgpu__bias_add_k");
-    return MGPU_OK;
-}
 extern "C" mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream) {
     MGPU__REQUIRE(rows >= 0 && cols >= 0 && (cols == 0 || db) && (rows * cols == 0 || dy), "dy, db must be device pointers");
     if (cols == 0) return MGPU_OK;

@@ -40,24 +40,34 @@ typedef struct mgpu__unary_args {
 mgpu_result mgpu_cuda_unary_forward(const mgpu__unary_args *a, void *stream);
 mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void *stream);
 
-typedef enum mgpu_cuda_binary { MGPU_CUDA_ADD, MGPU_CUDA_SUB, MGPU_CUDA_MUL } mgpu_cuda_binary;
-/* Broadcast geometry: out shape and the element strides of a and b against it (0 where broadcast). */
-typedef struct mgpu_cuda_bcast {
+/* binary (NumPy broadcasting, right-aligned; bias_add is this op): forward out = a op b, a and b
+   read through their strides against out's shape (0 where broadcast); backward da += the sum of
+   dy * d out/d a over a's broadcast dims in a fixed order (likewise db); da or db may be NULL */
+typedef enum mgpu__binary_kind { MGPU__BIN_ADD, MGPU__BIN_SUB, MGPU__BIN_MUL } mgpu__binary_kind;
+typedef struct mgpu__bcast {
     int ndim;
     int64_t shape[MGPU_MAX_DIMS], a_stride[MGPU_MAX_DIMS], b_stride[MGPU_MAX_DIMS];
     int64_t numel, a_numel, b_numel;
-} mgpu_cuda_bcast;
-/* NumPy broadcasting of a and b (right-aligned); MGPU_ERR_SHAPE when they do not broadcast. */
-mgpu_result mgpu_cuda_bcast_make(int a_ndim, const int64_t *a_shape, int b_ndim, const int64_t *b_shape, mgpu_cuda_bcast *out);
-mgpu_result mgpu_cuda_binary_forward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, float *out, void *stream);
-/* da += reduce(dy * d out/d a) over a's broadcast dims (likewise db); da or db may be NULL. Deterministic. */
-mgpu_result mgpu_cuda_binary_backward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, const float *dy,
-                                      float *da, float *db, void *stream);
+} mgpu__bcast;
+typedef struct mgpu__binary_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    mgpu__binary_kind kind;
+    mgpu__bcast g;
+    const float *a, *b, *dy; float *out, *da, *db;
+} mgpu__binary_args;
+mgpu_result mgpu_cuda_binary_forward(const mgpu__binary_args *args, void *stream);
+mgpu_result mgpu_cuda_binary_backward(const mgpu__binary_args *args, void *stream);
 
-/* x (rows, cols) + b (cols) */
-mgpu_result mgpu_cuda_bias_add_forward(const float *x, const float *b, float *y, int64_t rows, int64_t cols, void *stream);
-/* db += column sums of dy (rows, cols): fixed-order, deterministic */
+/* db += column sums of dy (rows, cols): fixed-order, deterministic (linear's bias gradient) */
 mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream);
+
+/* accumulate (n): out += x (the backward of views and casts) */
+typedef struct mgpu__accumulate_args {
+    mgpu_context *ctx;
+    const float *x; float *out;
+    int64_t n;
+} mgpu__accumulate_args;
+mgpu_result mgpu_cuda_accumulate(const mgpu__accumulate_args *a, void *stream);
 
 /* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ---- */
 mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream);

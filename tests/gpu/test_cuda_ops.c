@@ -153,6 +153,22 @@ static void test_unary_accumulates(void) {
 }
 
 typedef mgpu_tensor *(*binary_op)(mgpu_context *, mgpu_tensor *, mgpu_tensor *);
+/* The binary twin's argument struct with the broadcast geometry of a and b, as the op's front fills it. */
+static mgpu__binary_args binary_args(int kind, const mgpu_tensor *a, const mgpu_tensor *b) {
+    mgpu__binary_args args;
+    memset(&args, 0, sizeof args);
+    args.kind = (mgpu__binary_kind)kind;
+    expect_ok(mgpu__bcast_make("test", a, b, &args.g) ? MGPU_OK : mgpu_last_result(), "broadcast geometry");
+    return args;
+}
+static mgpu_result binary_forward(mgpu__binary_args args, const float *a, const float *b, float *out) {
+    args.a = a; args.b = b; args.out = out;
+    return mgpu_cuda_binary_forward(&args, NULL);
+}
+static mgpu_result binary_backward(mgpu__binary_args args, const float *a, const float *b, const float *dy, float *da, float *db) {
+    args.a = a; args.b = b; args.dy = dy; args.da = da; args.db = db;
+    return mgpu_cuda_binary_backward(&args, NULL);
+}
 static void test_binary(void) {
     static const binary_op ops[3] = { mgpu_op_add, mgpu_op_sub, mgpu_op_mul };
     /* the last case reduces 2048 positions per element of b: the block-per-element path */
@@ -162,23 +178,24 @@ static void test_binary(void) {
     int op, c;
     for (op = 0; op < 3; op++)
         for (c = 0; c < 5; c++) {
-            mgpu_cuda_bcast g;
             mgpu_tensor *a = rnd(na[c], sa[c], -2, 2), *b = rnd(nb[c], sb[c], -2, 2), *y = ops[op](cpu, a, b);
             float *da = dev_of(a), *db = dev_of(b), *out = dev_nan(y->numel), *ga = dev_zeros(a->numel), *gb = dev_zeros(b->numel), *dy;
-            expect_ok(mgpu_cuda_bcast_make(a->ndim, a->shape, b->ndim, b->shape, &g), "bcast_make");
-            MT_CHECK(g.numel == y->numel, "broadcast numel %lld vs %lld", (long long)g.numel, (long long)y->numel);
-            expect_ok(mgpu_cuda_binary_forward(op, &g, da, db, out, NULL), "binary forward");
+            mgpu__binary_args args = binary_args(op, a, b);
+            MT_CHECK(args.g.numel == y->numel, "broadcast numel %lld vs %lld", (long long)args.g.numel, (long long)y->numel);
+            expect_ok(binary_forward(args, da, db, out), "binary forward");
             expect_close("binary forward", out, (const float *)y->data, y->numel, F32_TOL);
             dy = cpu_backward(y);
-            expect_ok(mgpu_cuda_binary_backward(op, &g, da, db, dy, ga, gb, NULL), "binary backward");
+            expect_ok(binary_backward(args, da, db, dy, ga, gb), "binary backward");
             expect_close("binary backward da", ga, grad_of(a), a->numel, F32_TOL);
             expect_close("binary backward db", gb, grad_of(b), b->numel, F32_TOL);
             case_end();
         }
-    {   /* shapes that do not broadcast are an error, not a crash */
-        int64_t s1[1] = { 3 }, s2[1] = { 4 };
-        mgpu_cuda_bcast g;
-        MT_CHECK(mgpu_cuda_bcast_make(1, s1, 1, s2, &g) == MGPU_ERR_SHAPE, "3 vs 4 must not broadcast");
+    {   /* a bad kind is an error, not a crash */
+        int64_t n = 4;
+        mgpu_tensor *a = rnd(1, &n, -1, 1);
+        float *d = dev_of(a);
+        MT_CHECK(binary_forward(binary_args(7, a, a), d, d, d) == MGPU_ERR_INVALID_ARG, "kind 7 must be rejected");
+        case_end();
     }
 }
 
@@ -189,12 +206,16 @@ static void test_bias(void) {
     for (c = 0; c < 3; c++) {
         int64_t C = shapes[c][nd[c] - 1], rows = prod(nd[c], shapes[c]) / C;
         mgpu_tensor *x = rnd(nd[c], shapes[c], -1, 1), *b = rnd(1, &C, -1, 1), *y = mgpu_op_bias_add(cpu, x, b);
-        float *dx = dev_of(x), *dbias = dev_of(b), *out = dev_nan(y->numel), *gb = dev_zeros(C), *dy;
-        expect_ok(mgpu_cuda_bias_add_forward(dx, dbias, out, rows, C, NULL), "bias_add");
+        float *dx = dev_of(x), *dbias = dev_of(b), *out = dev_nan(y->numel), *gx = dev_zeros(x->numel), *gb = dev_zeros(C), *gc = dev_zeros(C), *dy;
+        mgpu__binary_args args = binary_args(MGPU__BIN_ADD, x, b);   /* bias_add is a broadcast add */
+        expect_ok(binary_forward(args, dx, dbias, out), "bias_add");
         expect_close("bias_add forward", out, (const float *)y->data, y->numel, F32_TOL);
         dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_bias_grad(dy, gb, rows, C, NULL), "bias_grad");
-        expect_close("bias grad (column sums)", gb, grad_of(b), C, F32_TOL);
+        expect_ok(binary_backward(args, dx, dbias, dy, gx, gb), "bias_add backward");
+        expect_close("bias_add dx", gx, grad_of(x), x->numel, F32_TOL);
+        expect_close("bias_add db", gb, grad_of(b), C, F32_TOL);
+        expect_ok(mgpu_cuda_bias_grad(dy, gc, rows, C, NULL), "bias_grad");
+        expect_close("bias grad (column sums)", gc, grad_of(b), C, F32_TOL);
         case_end();
     }
 }
@@ -394,10 +415,9 @@ static void test_conv2d(void) {
                                      MGPU_CUDA_EPI_NONE, NULL, 1), "conv gemm");
         tmp = dev_nan(y->numel);   /* bias over channels: (N, O, P) + b via a broadcast add with b (O, 1) */
         {
-            mgpu_cuda_bcast bc;
             int64_t ysh[3] = { g.N, O, P }, bsh[2] = { O, 1 };
-            expect_ok(mgpu_cuda_bcast_make(3, ysh, 2, bsh, &bc), "bcast");
-            expect_ok(mgpu_cuda_binary_forward(MGPU_CUDA_ADD, &bc, out, db, tmp, NULL), "bias");
+            mgpu__binary_args bc = binary_args(MGPU__BIN_ADD, track(mgpu_tensor_create(cpu, MGPU_F32, 3, ysh)), track(mgpu_tensor_create(cpu, MGPU_F32, 2, bsh)));
+            expect_ok(binary_forward(bc, out, db, tmp), "bias");
             expect_close("conv2d forward (im2col + gemm)", tmp, (const float *)y->data, y->numel, F32_TOL);
             dy = cpu_backward(y);
             gx = dev_zeros(x->numel); gw = dev_zeros(w->numel); gb = dev_zeros(O); dcols = dev_nan(g.N * ckk * P);
@@ -409,7 +429,7 @@ static void test_conv2d(void) {
                                          MGPU_CUDA_EPI_NONE, NULL, 1), "conv dcols gemm");
             }
             expect_ok(mgpu_cuda_col2im(&g, dcols, gx, NULL), "col2im");
-            expect_ok(mgpu_cuda_binary_backward(MGPU_CUDA_ADD, &bc, out, db, dy, NULL, gb, NULL), "bias grad");
+            expect_ok(binary_backward(bc, out, db, dy, NULL, gb), "bias grad");
         }
         expect_close("conv2d dx (col2im)", gx, grad_of(x), x->numel, F32_TOL);
         expect_close("conv2d dw", gw, grad_of(w), w->numel, F32_TOL);
