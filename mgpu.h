@@ -1009,32 +1009,57 @@ typedef struct mgpu__accumulate_args {
 } mgpu__accumulate_args;
 mgpu_result mgpu_cuda_accumulate(const mgpu__accumulate_args *a, void *stream);
 
-/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ---- */
-mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream);
-/* dx += softmax' (y is the forward output; log selects log-softmax) */
-mgpu_result mgpu_cuda_softmax_backward(const float *y, const float *dy, float *dx, int64_t outer, int64_t dim, int64_t inner,
-                                       int log, void *stream);
+/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ----
+   forward out = softmax(x) (log: log_softmax); backward out += softmax'(y) dy, y the forward output */
+typedef struct mgpu__softmax_args {
+    mgpu_context *ctx;
+    int log;
+    const float *x, *y, *dy; float *out;
+    int64_t outer, dim, inner;
+} mgpu__softmax_args;
+mgpu_result mgpu_cuda_softmax_forward(const mgpu__softmax_args *a, void *stream);
+mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream);
 
-/* ---- losses: targets (n) I32 or I64 (target_i64), -100 ignored; other out-of-range targets give NaN
-   (validate them on the host first). Scalars (loss, valid) live in device memory. ---- */
-/* loss[0] = mean over counted rows of lse - x[t]; lse (n) kept for backward; valid[0] = counted rows */
-mgpu_result mgpu_cuda_cross_entropy_forward(const float *logits, const void *target, int target_i64, int64_t n, int64_t c,
-                                            float *lse, float *loss, float *valid, void *stream);
-/* dx += dloss / valid * (softmax - onehot) */
-mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, const void *target, int target_i64, const float *lse,
-                                             const float *dloss, const float *valid, float *dx, int64_t n, int64_t c, void *stream);
-mgpu_result mgpu_cuda_nll_forward(const float *logp, const void *target, int target_i64, int64_t n, int64_t c,
-                                  float *loss, float *valid, void *stream);
-mgpu_result mgpu_cuda_nll_backward(const void *target, int target_i64, const float *dloss, const float *valid, float *dx,
-                                   int64_t n, int64_t c, void *stream);
-/* loss[0] = mean((a - b)^2) */
-mgpu_result mgpu_cuda_mse_forward(const float *a, const float *b, int64_t n, float *loss, void *stream);
-mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, const float *dloss, float *da, float *db, int64_t n, void *stream);
+/* ---- classification losses, cross_entropy (x: logits, log-softmax fused in) and nll (x:
+   log-probabilities): x (n, c), target (n) I32 or I64 (target_i64), -100 ignored; the front
+   rejects other targets outside [0, c) (the CUDA twins would give NaN). Scalars live on the device.
+   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), valid[0] = counted rows,
+   lse (n) kept for backward (cross_entropy only); backward: dx += dloss[0] / valid[0] * (softmax(x) - onehot(t))
+   (nll: -onehot(t)) ---- */
+typedef struct mgpu__class_loss_args {
+    mgpu_context *ctx;
+    const float *x; const void *target; int target_i64;
+    int64_t n, c;
+    float *lse, *loss, *valid;
+    const float *dloss; float *dx;
+} mgpu__class_loss_args;
+mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream);
+/* mse (n): forward loss[0] = mean((a - b)^2); backward da += 2 dloss[0] / n * (a - b), db -= the
+   same (either may be NULL) */
+typedef struct mgpu__mse_args {
+    mgpu_context *ctx;
+    const float *a, *b; int64_t n;
+    float *loss;
+    const float *dloss; float *da, *db;
+} mgpu__mse_args;
+mgpu_result mgpu_cuda_mse_forward(const mgpu__mse_args *a, void *stream);
+mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *a, void *stream);
 
-/* ---- dropout: keep element i iff mgpu_random_uniform(seed, first + i) >= p (the CPU's exact mask).
-   dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward). ---- */
-mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n,
-                              int accumulate, void *stream);
+/* ---- dropout (n): dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward).
+   x is seen as rows of row_size; element c of local row j is kept iff mgpu_random_uniform(seed,
+   first + (rank + world * j) * row_size + c) >= p, so W DDP ranks draw the masks one process draws
+   for the combined batch (world 1: counter first + i). ---- */
+typedef struct mgpu__dropout_args {
+    mgpu_context *ctx;
+    uint64_t seed, first; float p, scale;
+    int64_t row_size, rank, world;
+    const float *src; float *dst; int64_t n;
+    int accumulate;
+} mgpu__dropout_args;
+mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *a, void *stream);
 /* Fills out[i] = mgpu_random_u32(seed, first + i) (tests compare it with the CPU bit for bit). */
 mgpu_result mgpu_cuda_random_u32(uint64_t seed, uint64_t first, uint32_t *out, int64_t n, void *stream);
 
@@ -3043,19 +3068,12 @@ MGPU_API mgpu_tensor *mgpu_op_sigmoid(mgpu_context *ctx, mgpu_tensor *x) { retur
    Softmax and log-softmax along any dim: x seen as (outer, D, inner), one line per (outer, inner)
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__lines {
-    int64_t dim, inner;       /* line length and element stride */
-    int log;                  /* log_softmax */
-    const float *x, *y, *dy;  /* backward reads y (the forward output) and dy */
-    float *out;               /* forward: y; backward: dx (accumulated) */
-} mgpu__lines;
-
-static int64_t mgpu__line_base(const mgpu__lines *l, int64_t line) {
+static int64_t mgpu__line_base(const mgpu__softmax_args *l, int64_t line) {
     return (line / l->inner) * l->dim * l->inner + line % l->inner;
 }
 
 static void mgpu__softmax_forward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__lines *l = (const mgpu__lines *)p;
+    const mgpu__softmax_args *l = (const mgpu__softmax_args *)p;
     int64_t line, j, s = l->inner;
     for (line = begin; line < end; line++) {
         const float *x = l->x + mgpu__line_base(l, line);
@@ -3076,7 +3094,7 @@ static void mgpu__softmax_forward_range(void *p, int64_t begin, int64_t end) {
 }
 
 static void mgpu__softmax_backward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__lines *l = (const mgpu__lines *)p;
+    const mgpu__softmax_args *l = (const mgpu__softmax_args *)p;
     int64_t line, j, s = l->inner;
     for (line = begin; line < end; line++) {
         int64_t base = mgpu__line_base(l, line);
@@ -3093,34 +3111,45 @@ static void mgpu__softmax_backward_range(void *p, int64_t begin, int64_t end) {
     }
 }
 
+/* One line per (outer, inner) pair; an empty dim leaves nothing to do. */
+static void mgpu__cpu_softmax_forward(const mgpu__softmax_args *a) {
+    if (a->dim > 0) mgpu_parallel_for(a->ctx, a->outer * a->inner, mgpu__grain_for(a->dim), mgpu__softmax_forward_range, (void *)a);
+}
+static void mgpu__cpu_softmax_backward(const mgpu__softmax_args *a) {
+    if (a->dim > 0) mgpu_parallel_for(a->ctx, a->outer * a->inner, mgpu__grain_for(a->dim), mgpu__softmax_backward_range, (void *)a);
+}
+
+/* x (outer, dim, inner) around its normalised dim d */
+static void mgpu__softmax_lines(mgpu_context *ctx, const mgpu_tensor *x, int d, int log, mgpu__softmax_args *a) {
+    memset(a, 0, sizeof *a);
+    a->ctx = ctx; a->log = log;
+    mgpu__split_at(x, d, &a->outer, &a->dim, &a->inner);
+}
+
 static mgpu_result mgpu__softmax_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__lines l;
+    mgpu__softmax_args a;
     float *dx;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
     MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    memset(&l, 0, sizeof l);
-    l.dim = node->iarg[0]; l.inner = node->iarg[1]; l.log = (int)node->iarg[2];
-    l.y = (const float *)node->out->data; l.dy = (const float *)node->out->grad->data; l.out = dx;
-    mgpu_parallel_for(ctx, node->out->numel / MGPU__MAX(l.dim, (int64_t)1), mgpu__grain_for(l.dim), mgpu__softmax_backward_range, &l);
-    return MGPU_OK;
+    mgpu__softmax_lines(ctx, node->in[0], (int)node->iarg[0], (int)node->iarg[1], &a);
+    a.y = (const float *)node->out->data; a.dy = (const float *)node->out->grad->data; a.out = dx;
+    return MGPU__TWIN(ctx, softmax_backward, &a);
 }
 
 static mgpu_tensor *mgpu__softmax(mgpu_context *ctx, const char *op, mgpu_tensor *x, int dim, int log) {
     mgpu_tensor *out;
     mgpu__node *node;
-    mgpu__lines l;
-    int64_t outer = 0;
+    mgpu__softmax_args a;
     int d;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     if ((d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;
-    memset(&l, 0, sizeof l);
-    mgpu__split_at(x, d, &outer, &l.dim, &l.inner);
-    l.log = log; l.x = (const float *)x->data; l.out = (float *)out->data;
-    if (l.dim > 0) mgpu_parallel_for(ctx, outer * l.inner, mgpu__grain_for(l.dim), mgpu__softmax_forward_range, &l);
+    mgpu__softmax_lines(ctx, x, d, log, &a);
+    a.x = (const float *)x->data; a.out = (float *)out->data;
+    if (MGPU__TWIN(ctx, softmax_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__softmax_backward, out, 1, &x, node);
-    if (node) { node->iarg[0] = l.dim; node->iarg[1] = l.inner; node->iarg[2] = log; }
+    if (node) { node->iarg[0] = d; node->iarg[1] = log; }
     return out;
 }
 
@@ -3143,73 +3172,60 @@ static int mgpu__check_class_inputs(mgpu_context *ctx, const char *op, const cha
     return 1;
 }
 
-/* Rows whose target counts (not ignore_index -100), or -1 with an error naming the first bad row. */
-static int64_t mgpu__count_valid_targets(const char *op, const mgpu_tensor *target, int64_t n, int64_t c) {
-    int64_t i, valid = 0;
+/* Every target is ignore_index (-100) or a class in [0, c); otherwise an error naming the first bad row. */
+static int mgpu__check_targets(const char *op, const mgpu_tensor *target, int64_t n, int64_t c) {
+    int64_t i;
     for (i = 0; i < n; i++) {
         int64_t t = mgpu__index_at(target, i);
-        if (t == MGPU__IGNORE_INDEX) continue;
-        if (t < 0 || t >= c) {
+        if (t != MGPU__IGNORE_INDEX && (t < 0 || t >= c)) {
             mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: target[%lld] = %lld is outside [0, %lld) (use -100 to ignore a row)", op,
                        (long long)i, (long long)t, (long long)c);
-            return -1;
+            return 0;
         }
-        valid++;
     }
-    return valid;
+    return 1;
 }
 
-static mgpu_result mgpu__nll_backward(mgpu_context *ctx, mgpu__node *node) {
-    const mgpu_tensor *target = node->in[1];
-    int64_t n = node->in[0]->shape[0], c = node->in[0]->shape[1], i;
-    float g = ((const float *)node->out->grad->data)[0] / (float)node->iarg[0];
-    float *dx;
-    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    for (i = 0; i < n; i++) {
-        int64_t t = mgpu__index_at(target, i);
-        if (t != MGPU__IGNORE_INDEX) dx[i * c + t] -= g;
-    }
-    return MGPU_OK;
+static int64_t mgpu__class_target(const mgpu__class_loss_args *a, int64_t i) {
+    return a->target_i64 ? ((const int64_t *)a->target)[i] : (int64_t)((const int32_t *)a->target)[i];
 }
 
-// logp (N, C), target (N) -> scalar
-MGPU_API mgpu_tensor *mgpu_op_nll_loss(mgpu_context *ctx, mgpu_tensor *logp, mgpu_tensor *target) {
-    const char *op = "mgpu_op_nll_loss";
-    mgpu_tensor *out, *ins[2];
-    mgpu__node *node;
-    int64_t n = 0, c = 0, valid, i;
+/* loss = total / counted rows (no counted row: NaN, as PyTorch); the count is kept for backward. */
+static void mgpu__class_loss_store(const mgpu__class_loss_args *a, double total) {
+    int64_t i, counted = 0;
+    for (i = 0; i < a->n; i++) counted += mgpu__class_target(a, i) != MGPU__IGNORE_INDEX;
+    a->valid[0] = (float)counted;
+    a->loss[0] = (float)(total / (double)counted);
+}
+
+static void mgpu__cpu_nll_forward(const mgpu__class_loss_args *a) {
     double sum = 0;
-    if (!mgpu__check_class_inputs(ctx, op, "logp", logp, target, &n, &c)) return NULL;
-    if ((valid = mgpu__count_valid_targets(op, target, n, c)) < 0) return NULL;
-    out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
-    if (!out) return NULL;
-    for (i = 0; i < n; i++) {
-        int64_t t = mgpu__index_at(target, i);
-        if (t != MGPU__IGNORE_INDEX) sum -= ((const float *)logp->data)[i * c + t];
+    int64_t i;
+    for (i = 0; i < a->n; i++) {
+        int64_t t = mgpu__class_target(a, i);
+        if (t != MGPU__IGNORE_INDEX) sum -= a->x[i * a->c + t];
     }
-    ((float *)out->data)[0] = (float)(sum / (double)valid); /* no valid row: NaN, as PyTorch */
-    ins[0] = logp; ins[1] = target;
-    MGPU__RECORD(ctx, op, mgpu__nll_backward, out, 2, ins, node);
-    if (node) node->iarg[0] = valid;
-    return out;
+    mgpu__class_loss_store(a, sum);
 }
 
-typedef struct mgpu__ce_arg {
-    const float *x; const mgpu_tensor *target; int64_t c;
-    float *lse;               /* (N) log-sum-exp per row, kept for backward */
-    float *dx; float g;       /* backward: dx += g * (softmax - onehot) */
-} mgpu__ce_arg;
+static void mgpu__cpu_nll_backward(const mgpu__class_loss_args *a) {
+    float g = a->dloss[0] / a->valid[0];
+    int64_t i;
+    for (i = 0; i < a->n; i++) {
+        int64_t t = mgpu__class_target(a, i);
+        if (t != MGPU__IGNORE_INDEX) a->dx[i * a->c + t] -= g;
+    }
+}
 
 static double mgpu__ce_forward_rows(void *p, int64_t begin, int64_t end) {
-    const mgpu__ce_arg *a = (const mgpu__ce_arg *)p;
+    const mgpu__class_loss_args *a = (const mgpu__class_loss_args *)p;
     double loss = 0;
     int64_t i, j, c = a->c;
     for (i = begin; i < end; i++) {
         const float *x = a->x + i * c;
         float mx = -INFINITY, lse;
         double sum = 0;
-        int64_t t = mgpu__index_at(a->target, i);
+        int64_t t = mgpu__class_target(a, i);
         for (j = 0; j < c; j++) mx = x[j] > mx ? x[j] : mx;
         if (mx == -INFINITY) mx = 0;
         for (j = 0; j < c; j++) sum += expf(x[j] - mx);
@@ -3221,52 +3237,69 @@ static double mgpu__ce_forward_rows(void *p, int64_t begin, int64_t end) {
 }
 
 static void mgpu__ce_backward_rows(void *p, int64_t begin, int64_t end) {
-    const mgpu__ce_arg *a = (const mgpu__ce_arg *)p;
+    const mgpu__class_loss_args *a = (const mgpu__class_loss_args *)p;
+    float g = a->dloss[0] / a->valid[0];
     int64_t i, j, c = a->c;
     for (i = begin; i < end; i++) {
         const float *x = a->x + i * c;
         float *dx = a->dx + i * c, lse = a->lse[i];
-        int64_t t = mgpu__index_at(a->target, i);
+        int64_t t = mgpu__class_target(a, i);
         if (t == MGPU__IGNORE_INDEX) continue;
-        for (j = 0; j < c; j++) dx[j] += a->g * expf(x[j] - lse);
-        dx[t] -= a->g;
+        for (j = 0; j < c; j++) dx[j] += g * expf(x[j] - lse);
+        dx[t] -= g;
     }
 }
 
-static mgpu_result mgpu__ce_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__ce_arg a;
-    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    memset(&a, 0, sizeof a);
-    MGPU__GRAD_OR_FAIL(a.dx, ctx, node->in[0]);
-    a.x = (const float *)node->in[0]->data; a.target = node->in[1]; a.c = node->in[0]->shape[1];
-    a.lse = (float *)node->extra;
-    a.g = ((const float *)node->out->grad->data)[0] / (float)node->iarg[0];
-    mgpu_parallel_for(ctx, node->in[0]->shape[0], mgpu__grain_for(a.c), mgpu__ce_backward_rows, &a);
-    return MGPU_OK;
+static void mgpu__cpu_cross_entropy_forward(const mgpu__class_loss_args *a) {
+    mgpu__class_loss_store(a, a->c > 0 ? mgpu__det_sum(a->ctx, a->n, 4096 / a->c, a->c, mgpu__ce_forward_rows, (void *)a) : 0);
+}
+static void mgpu__cpu_cross_entropy_backward(const mgpu__class_loss_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, mgpu__grain_for(a->c), mgpu__ce_backward_rows, (void *)a);
 }
 
-// logits (N, C), target (N) -> scalar mean of -log softmax(logits)[target] over counted rows
-MGPU_API mgpu_tensor *mgpu_op_cross_entropy(mgpu_context *ctx, mgpu_tensor *logits, mgpu_tensor *target) {
-    const char *op = "mgpu_op_cross_entropy";
+/* iarg[0]: 1 for cross_entropy, 0 for nll_loss; extra: the forward's arguments (lse, valid) */
+static mgpu_result mgpu__class_loss_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__class_loss_args a = *(const mgpu__class_loss_args *)node->extra;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(a.dx, ctx, node->in[0]);
+    a.dloss = (const float *)node->out->grad->data;
+    return node->iarg[0] ? MGPU__TWIN(ctx, cross_entropy_backward, &a) : MGPU__TWIN(ctx, nll_backward, &a);
+}
+
+/* The front of nll_loss (x: log-probabilities) and cross_entropy (fused: x are logits; keeps lse). */
+static mgpu_tensor *mgpu__class_loss(mgpu_context *ctx, const char *op, const char *name, mgpu_tensor *x, mgpu_tensor *target, int fused) {
     mgpu_tensor *out, *ins[2];
     mgpu__node *node;
-    mgpu__ce_arg a;
-    int64_t n = 0, c = 0, valid;
-    double total;
-    if (!mgpu__check_class_inputs(ctx, op, "logits", logits, target, &n, &c)) return NULL;
-    if ((valid = mgpu__count_valid_targets(op, target, n, c)) < 0) return NULL;
+    mgpu__class_loss_args a;
+    mgpu_result r;
+    memset(&a, 0, sizeof a);
+    if (!mgpu__check_class_inputs(ctx, op, name, x, target, &a.n, &a.c) || !mgpu__check_targets(op, target, a.n, a.c)) return NULL;
     out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
     if (!out) return NULL;
-    memset(&a, 0, sizeof a);
-    a.x = (const float *)logits->data; a.target = target; a.c = c;
-    a.lse = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)MGPU__MAX(n, (int64_t)1));
-    if (!a.lse) return NULL;
-    total = c > 0 ? mgpu__det_sum(ctx, n, 4096 / c, c, mgpu__ce_forward_rows, &a) : 0;
-    ((float *)out->data)[0] = (float)(total / (double)valid);
-    ins[0] = logits; ins[1] = target;
-    MGPU__RECORD(ctx, op, mgpu__ce_backward, out, 2, ins, node);
-    if (node) { node->iarg[0] = valid; node->extra = a.lse; }
+    a.ctx = ctx; a.x = (const float *)x->data; a.target = target->data; a.target_i64 = target->dtype == MGPU_I64;
+    a.loss = (float *)out->data;
+    if (!(a.valid = (float *)mgpu__arena_alloc(ctx, sizeof(float)))) return NULL;
+    if (fused && !(a.lse = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)MGPU__MAX(a.n, (int64_t)1)))) return NULL;
+    r = fused ? MGPU__TWIN(ctx, cross_entropy_forward, &a) : MGPU__TWIN(ctx, nll_forward, &a);
+    if (r != MGPU_OK) return NULL;
+    ins[0] = x; ins[1] = target;
+    MGPU__RECORD(ctx, op, mgpu__class_loss_backward, out, 2, ins, node);
+    if (node) {
+        mgpu__class_loss_args *saved = (mgpu__class_loss_args *)mgpu__arena_alloc(ctx, sizeof *saved);
+        if (!saved) return NULL;
+        *saved = a;
+        node->iarg[0] = fused; node->extra = saved;
+    }
     return out;
+}
+
+// logp (N, C), target (N) -> scalar mean of -logp[target] over counted rows
+MGPU_API mgpu_tensor *mgpu_op_nll_loss(mgpu_context *ctx, mgpu_tensor *logp, mgpu_tensor *target) {
+    return mgpu__class_loss(ctx, "mgpu_op_nll_loss", "logp", logp, target, 0);
+}
+// logits (N, C), target (N) -> scalar mean of -log softmax(logits)[target] over counted rows
+MGPU_API mgpu_tensor *mgpu_op_cross_entropy(mgpu_context *ctx, mgpu_tensor *logits, mgpu_tensor *target) {
+    return mgpu__class_loss(ctx, "mgpu_op_cross_entropy", "logits", logits, target, 1);
 }
 
 MGPU_API int64_t mgpu_count_correct(const mgpu_tensor *logits, const mgpu_tensor *target) {
@@ -3297,60 +3330,65 @@ MGPU_API int64_t mgpu_count_correct(const mgpu_tensor *logits, const mgpu_tensor
    MSE loss and dropout
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__mse_arg { const float *a, *b; float *da, *db; float g; } mgpu__mse_arg;
 static double mgpu__mse_partial(void *p, int64_t begin, int64_t end) {
-    const mgpu__mse_arg *m = (const mgpu__mse_arg *)p;
+    const mgpu__mse_args *m = (const mgpu__mse_args *)p;
     double s = 0;
     int64_t i;
     for (i = begin; i < end; i++) { double d = (double)m->a[i] - m->b[i]; s += d * d; }
     return s;
 }
 static void mgpu__mse_backward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__mse_arg *m = (const mgpu__mse_arg *)p;
+    const mgpu__mse_args *m = (const mgpu__mse_args *)p;
+    float g = 2.0f * m->dloss[0] / (float)m->n;
     int64_t i;
     for (i = begin; i < end; i++) {
-        float d = m->g * (m->a[i] - m->b[i]);
+        float d = g * (m->a[i] - m->b[i]);
         if (m->da) m->da[i] += d;
         if (m->db) m->db[i] -= d;
     }
 }
+static void mgpu__cpu_mse_forward(const mgpu__mse_args *m) {
+    m->loss[0] = (float)(mgpu__det_sum(m->ctx, m->n, 4096, 1, mgpu__mse_partial, (void *)m) / (double)m->n);
+}
+static void mgpu__cpu_mse_backward(const mgpu__mse_args *m) {
+    mgpu_parallel_for(m->ctx, m->n, MGPU__GRAIN, mgpu__mse_backward_range, (void *)m);
+}
+
+static void mgpu__mse_inputs(mgpu_context *ctx, const mgpu_tensor *a, const mgpu_tensor *b, mgpu__mse_args *m) {
+    memset(m, 0, sizeof *m);
+    m->ctx = ctx; m->a = (const float *)a->data; m->b = (const float *)b->data; m->n = a->numel;
+}
 static mgpu_result mgpu__mse_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__mse_arg m;
-    int64_t n = node->in[0]->numel;
-    memset(&m, 0, sizeof m);
+    mgpu__mse_args m;
+    mgpu__mse_inputs(ctx, node->in[0], node->in[1], &m);
     if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(m.da, ctx, node->in[0]);
     if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(m.db, ctx, node->in[1]);
-    m.a = (const float *)node->in[0]->data; m.b = (const float *)node->in[1]->data;
-    m.g = 2.0f * ((const float *)node->out->grad->data)[0] / (float)n;
-    mgpu_parallel_for(ctx, n, MGPU__GRAIN, mgpu__mse_backward_range, &m);
-    return MGPU_OK;
+    m.dloss = (const float *)node->out->grad->data;
+    return MGPU__TWIN(ctx, mse_backward, &m);
 }
 MGPU_API mgpu_tensor *mgpu_op_mse_loss(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
     const char *op = "mgpu_op_mse_loss";
     mgpu_tensor *out, *ins[2];
-    mgpu__mse_arg m;
+    mgpu__mse_args m;
     if (!mgpu__check_input(ctx, op, "a", a, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
     if (!mgpu_tensor_same_shape(a, b))
         MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: a %s and b %s must have the same shape", op, mgpu__shape_str(a), mgpu__shape_str(b));
     out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
     if (!out) return NULL;
-    memset(&m, 0, sizeof m);
-    m.a = (const float *)a->data; m.b = (const float *)b->data;
-    ((float *)out->data)[0] = (float)(mgpu__det_sum(ctx, a->numel, 4096, 1, mgpu__mse_partial, &m) / (double)a->numel);
+    mgpu__mse_inputs(ctx, a, b, &m);
+    m.loss = (float *)out->data;
+    if (MGPU__TWIN(ctx, mse_forward, &m) != MGPU_OK) return NULL;
     ins[0] = a; ins[1] = b;
     MGPU__RECORD_PLAIN(ctx, op, mgpu__mse_backward, out, 2, ins);
     return out;
 }
 
 /* The mask is never stored: element i is kept iff uniform(seed, counter(i)) >= p, so backward
-   recomputes it, and any thread count or a resumed run draws the same mask. x is viewed as
-   (N, row_size); under DDP (ctx->row_world W > 1) local row j is row rank + W * j of the combined
-   batch (DistributedSampler's sharding), so its counters are first + (rank + W * j) * row_size + c
-   and W ranks draw exactly the masks one process draws for the combined batch. W = 1: first + i. */
-typedef struct mgpu__dropout_arg { uint64_t seed, first; float p, scale; const float *src; float *dst; int accumulate;
-                                   int64_t row_size, rank, world; } mgpu__dropout_arg;
+   recomputes it, and any thread count or a resumed run draws the same mask. Under DDP
+   (ctx->row_world W > 1) local row j is row rank + W * j of the combined batch (DistributedSampler's
+   sharding); the counters are laid out in mgpu__dropout_args. */
 static void mgpu__dropout_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__dropout_arg *d = (const mgpu__dropout_arg *)p;
+    const mgpu__dropout_args *d = (const mgpu__dropout_args *)p;
     int64_t i = begin;
     while (i < end) {
         int64_t j = i / d->row_size, row_end = MGPU__MIN((j + 1) * d->row_size, end);
@@ -3361,20 +3399,22 @@ static void mgpu__dropout_range(void *p, int64_t begin, int64_t end) {
         }
     }
 }
+static void mgpu__cpu_dropout(const mgpu__dropout_args *d) {
+    mgpu_parallel_for(d->ctx, d->n, MGPU__GRAIN, mgpu__dropout_range, (void *)d);
+}
 static mgpu_result mgpu__dropout_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__dropout_arg d = *(const mgpu__dropout_arg *)node->extra;
+    mgpu__dropout_args d = *(const mgpu__dropout_args *)node->extra;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
     MGPU__GRAD_OR_FAIL(d.dst, ctx, node->in[0]);
     d.src = (const float *)node->out->grad->data;
     d.accumulate = 1;
-    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__dropout_range, &d);
-    return MGPU_OK;
+    return MGPU__TWIN(ctx, dropout, &d);
 }
 MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p, int training) {
     const char *op = "mgpu_op_dropout";
     mgpu_tensor *out;
     mgpu__node *node;
-    mgpu__dropout_arg d;
+    mgpu__dropout_args d;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     if (!(p >= 0.0f && p <= 1.0f)) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: p = %g must be in [0, 1]", op, (double)p);
     if (!training) return x; /* eval: identity, no RNG drawn (as nn.Dropout in eval mode) */
@@ -3389,12 +3429,12 @@ MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p
     if (p == 0.0f) return x;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;
-    d.p = p; d.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
-    d.src = (const float *)x->data; d.dst = (float *)out->data;
-    mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__dropout_range, &d);
+    d.ctx = ctx; d.p = p; d.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    d.src = (const float *)x->data; d.dst = (float *)out->data; d.n = x->numel;
+    if (MGPU__TWIN(ctx, dropout, &d) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__dropout_backward, out, 1, &x, node);
     if (node) {
-        mgpu__dropout_arg *saved = (mgpu__dropout_arg *)mgpu__arena_alloc(ctx, sizeof *saved);
+        mgpu__dropout_args *saved = (mgpu__dropout_args *)mgpu__arena_alloc(ctx, sizeof *saved);
         if (!saved) return NULL;
         *saved = d;
         node->extra = saved;

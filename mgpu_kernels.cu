@@ -472,23 +472,25 @@ static mgpu_result mgpu__softmax_bwd_rows(const float *y, const float *dy, float
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && dim >= 0 && inner >= 0, "sizes must be >= 0");
-    MGPU__REQUIRE(outer * dim * inner == 0 || (x && y), "x and y must be device pointers");
-    if (outer * dim * inner == 0) return MGPU_OK;
-    if (inner == 1) return mgpu__softmax_rows(x, y, outer, dim, log, 0, stream);
-    MGPU__LAUNCH(mgpu__softmax_lines_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, dim, inner, log);
+extern "C" mgpu_result mgpu_cuda_softmax_forward(const mgpu__softmax_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim >= 0 && a->inner >= 0, "sizes must be >= 0");
+    int64_t n = a->outer * a->dim * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->x && a->out), "x and out must be device pointers");
+    if (n == 0) return MGPU_OK;
+    if (a->inner == 1) return mgpu__softmax_rows(a->x, a->out, a->outer, a->dim, a->log, 0, stream);
+    MGPU__LAUNCH(mgpu__softmax_lines_k, mgpu__grid(a->outer * a->inner, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->outer,
+                 a->dim, a->inner, a->log);
     MGPU__LAUNCHED("mgpu__softmax_lines_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_softmax_backward(const float *y, const float *dy, float *dx, int64_t outer, int64_t dim, int64_t inner,
-                                                  int log, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && dim >= 0 && inner >= 0, "sizes must be >= 0");
-    MGPU__REQUIRE(outer * dim * inner == 0 || (y && dy && dx), "y, dy and dx must be device pointers");
-    if (outer * dim * inner == 0) return MGPU_OK;
-    if (inner == 1) return mgpu__softmax_bwd_rows(y, dy, dx, outer, dim, log, 1.0f, 1, stream);
-    MGPU__LAUNCH(mgpu__softmax_bwd_lines_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, y, dy, dx, outer, dim,
-                                                                                                                   inner, log);
+extern "C" mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim >= 0 && a->inner >= 0, "sizes must be >= 0");
+    int64_t n = a->outer * a->dim * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->y && a->dy && a->out), "y, dy and out must be device pointers");
+    if (n == 0) return MGPU_OK;
+    if (a->inner == 1) return mgpu__softmax_bwd_rows(a->y, a->dy, a->out, a->outer, a->dim, a->log, 1.0f, 1, stream);
+    MGPU__LAUNCH(mgpu__softmax_bwd_lines_k, mgpu__grid(a->outer * a->inner, MGPU__THREADS), MGPU__THREADS, 0, stream, a->y, a->dy, a->out,
+                 a->outer, a->dim, a->inner, a->log);
     MGPU__LAUNCHED("mgpu__softmax_bwd_lines_k");
     return MGPU_OK;
 }
@@ -555,44 +557,47 @@ __global__ void mgpu__nll_bwd_k(const void *target, int i64, const float *dloss,
     }
 }
 
-extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const float *logits, const void *target, int target_i64, int64_t n, int64_t c,
-                                                       float *lse, float *loss, float *valid, void *stream) {
-    MGPU__REQUIRE(n >= 0 && c > 0 && loss && valid && (n == 0 || (logits && target && lse)), "bad pointers or sizes");
+// Sizes and the pointers every class-loss twin of a direction uses (n == 0 reads no row).
+static bool mgpu__class_loss_ok(const mgpu__class_loss_args *a, bool backward) {
+    if (!a || a->n < 0 || a->c <= 0) return false;
+    if (backward) return a->n == 0 || (a->target && a->dloss && a->valid && a->dx);
+    return a->loss && a->valid && (a->n == 0 || (a->x && a->target));
+}
+
+extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, false) && (a->n == 0 || a->lse), "bad pointers or sizes");
     unsigned grid;
-    bool block = c > MGPU__ROW_SMALL;
-    if (n > 0) {
-        MGPU__REQUIRE(mgpu__row_blocks(n, block, &grid), "too many rows");
-        if (block) MGPU__LAUNCH(mgpu__lse_rows_k<true>, grid, 256, 0, stream, logits, lse, n, c);
-        else MGPU__LAUNCH(mgpu__lse_rows_k<false>, grid, 256, 0, stream, logits, lse, n, c);
+    bool block = a->c > MGPU__ROW_SMALL;
+    if (a->n > 0) {   // phase 1: lse per row; phase 2: the loss over rows in a fixed order
+        MGPU__REQUIRE(mgpu__row_blocks(a->n, block, &grid), "too many rows");
+        if (block) MGPU__LAUNCH(mgpu__lse_rows_k<true>, grid, 256, 0, stream, a->x, a->lse, a->n, a->c);
+        else MGPU__LAUNCH(mgpu__lse_rows_k<false>, grid, 256, 0, stream, a->x, a->lse, a->n, a->c);
         MGPU__LAUNCHED("mgpu__lse_rows_k");
     }
-    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, logits, lse, target, target_i64, n, c, loss, valid);
+    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, a->x, a->lse, a->target, a->target_i64, a->n, a->c, a->loss, a->valid);
     MGPU__LAUNCHED("mgpu__class_loss_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, const void *target, int target_i64, const float *lse,
-                                                        const float *dloss, const float *valid, float *dx, int64_t n, int64_t c,
-                                                        void *stream) {
-    MGPU__REQUIRE(n >= 0 && c > 0, "n must be >= 0 and c > 0");
-    MGPU__REQUIRE(n == 0 || (logits && target && lse && dloss && valid && dx), "bad pointers");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__ce_bwd_k, mgpu__grid(n * c, MGPU__THREADS), MGPU__THREADS, 0, stream, logits, target, target_i64, lse, dloss,
-                                                                                               valid, dx, n, c);
+extern "C" mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, true) && (a->n == 0 || (a->x && a->lse)), "bad pointers or sizes");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__ce_bwd_k, mgpu__grid(a->n * a->c, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->target, a->target_i64, a->lse,
+                 a->dloss, a->valid, a->dx, a->n, a->c);
     MGPU__LAUNCHED("mgpu__ce_bwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_nll_forward(const float *logp, const void *target, int target_i64, int64_t n, int64_t c, float *loss,
-                                             float *valid, void *stream) {
-    MGPU__REQUIRE(n >= 0 && c > 0 && loss && valid && (n == 0 || (logp && target)), "bad pointers or sizes");
-    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, logp, NULL, target, target_i64, n, c, loss, valid);
+extern "C" mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, false), "bad pointers or sizes");
+    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, a->x, (const float *)NULL, a->target, a->target_i64, a->n, a->c, a->loss,
+                 a->valid);
     MGPU__LAUNCHED("mgpu__class_loss_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_nll_backward(const void *target, int target_i64, const float *dloss, const float *valid, float *dx,
-                                              int64_t n, int64_t c, void *stream) {
-    MGPU__REQUIRE(n >= 0 && c > 0 && (n == 0 || (target && dloss && valid && dx)), "bad pointers or sizes");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__nll_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, target, target_i64, dloss, valid, dx, n, c);
+extern "C" mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, true), "bad pointers or sizes");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__nll_bwd_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->target, a->target_i64, a->dloss, a->valid,
+                 a->dx, a->n, a->c);
     MGPU__LAUNCHED("mgpu__nll_bwd_k");
     return MGPU_OK;
 }
@@ -655,16 +660,16 @@ __global__ void mgpu__mse_bwd_k(const float *a, const float *b, const float *dlo
         if (db) db[i] -= d;
     }
 }
-extern "C" mgpu_result mgpu_cuda_mse_forward(const float *a, const float *b, int64_t n, float *loss, void *stream) {
-    MGPU__REQUIRE(n > 0 && a && b && loss, "a, b, loss must be device pointers and n > 0");
-    MGPU__LAUNCH(mgpu__mse_k, 1, 1024, 0, stream, a, b, n, loss);
+extern "C" mgpu_result mgpu_cuda_mse_forward(const mgpu__mse_args *m, void *stream) {
+    MGPU__REQUIRE(m && m->n > 0 && m->a && m->b && m->loss, "a, b, loss must be device pointers and n > 0");
+    MGPU__LAUNCH(mgpu__mse_k, 1, 1024, 0, stream, m->a, m->b, m->n, m->loss);
     MGPU__LAUNCHED("mgpu__mse_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, const float *dloss, float *da, float *db, int64_t n, void *stream) {
-    MGPU__REQUIRE(n > 0 && a && b && dloss, "a, b, dloss must be device pointers and n > 0");
-    if (!da && !db) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__mse_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, a, b, dloss, da, db, n);
+extern "C" mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *m, void *stream) {
+    MGPU__REQUIRE(m && m->n > 0 && m->a && m->b && m->dloss, "a, b, dloss must be device pointers and n > 0");
+    if (!m->da && !m->db) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__mse_bwd_k, mgpu__grid(m->n, MGPU__THREADS), MGPU__THREADS, 0, stream, m->a, m->b, m->dloss, m->da, m->db, m->n);
     MGPU__LAUNCHED("mgpu__mse_bwd_k");
     return MGPU_OK;
 }
@@ -682,12 +687,14 @@ __global__ void mgpu__dropout_k(uint64_t seed, uint64_t first, float p, float sc
 __global__ void mgpu__random_u32_k(uint64_t seed, uint64_t first, uint32_t *out, int64_t n) {
     MGPU__FOR(i, n) out[i] = mgpu__random_bits(seed, first + (uint64_t)i);
 }
-extern "C" mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n,
-                                         int accumulate, void *stream) {
-    MGPU__REQUIRE(p >= 0.0f && p <= 1.0f, "p must be in [0, 1]");
-    MGPU__REQUIRE(n >= 0 && (n == 0 || (src && dst)), "src and dst must be device pointers and n >= 0");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, seed, first, p, scale, src, dst, n, accumulate);
+// Differs from the CPU twin under DDP row sharding (world > 1): the counter here is first + i, the
+// CPU's is row-interleaved (see mgpu__dropout_args); row_size, rank and world are not read yet.
+extern "C" mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *d, void *stream) {
+    MGPU__REQUIRE(d && d->p >= 0.0f && d->p <= 1.0f, "p must be in [0, 1]");
+    MGPU__REQUIRE(d->n >= 0 && (d->n == 0 || (d->src && d->dst)), "src and dst must be device pointers and n >= 0");
+    if (d->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(d->n, MGPU__THREADS), MGPU__THREADS, 0, stream, d->seed, d->first, d->p, d->scale, d->src,
+                 d->dst, d->n, d->accumulate);
     MGPU__LAUNCHED("mgpu__dropout_k");
     return MGPU_OK;
 }

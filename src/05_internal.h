@@ -69,32 +69,57 @@ typedef struct mgpu__accumulate_args {
 } mgpu__accumulate_args;
 mgpu_result mgpu_cuda_accumulate(const mgpu__accumulate_args *a, void *stream);
 
-/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ---- */
-mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream);
-/* dx += softmax' (y is the forward output; log selects log-softmax) */
-mgpu_result mgpu_cuda_softmax_backward(const float *y, const float *dy, float *dx, int64_t outer, int64_t dim, int64_t inner,
-                                       int log, void *stream);
+/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ----
+   forward out = softmax(x) (log: log_softmax); backward out += softmax'(y) dy, y the forward output */
+typedef struct mgpu__softmax_args {
+    mgpu_context *ctx;
+    int log;
+    const float *x, *y, *dy; float *out;
+    int64_t outer, dim, inner;
+} mgpu__softmax_args;
+mgpu_result mgpu_cuda_softmax_forward(const mgpu__softmax_args *a, void *stream);
+mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream);
 
-/* ---- losses: targets (n) I32 or I64 (target_i64), -100 ignored; other out-of-range targets give NaN
-   (validate them on the host first). Scalars (loss, valid) live in device memory. ---- */
-/* loss[0] = mean over counted rows of lse - x[t]; lse (n) kept for backward; valid[0] = counted rows */
-mgpu_result mgpu_cuda_cross_entropy_forward(const float *logits, const void *target, int target_i64, int64_t n, int64_t c,
-                                            float *lse, float *loss, float *valid, void *stream);
-/* dx += dloss / valid * (softmax - onehot) */
-mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, const void *target, int target_i64, const float *lse,
-                                             const float *dloss, const float *valid, float *dx, int64_t n, int64_t c, void *stream);
-mgpu_result mgpu_cuda_nll_forward(const float *logp, const void *target, int target_i64, int64_t n, int64_t c,
-                                  float *loss, float *valid, void *stream);
-mgpu_result mgpu_cuda_nll_backward(const void *target, int target_i64, const float *dloss, const float *valid, float *dx,
-                                   int64_t n, int64_t c, void *stream);
-/* loss[0] = mean((a - b)^2) */
-mgpu_result mgpu_cuda_mse_forward(const float *a, const float *b, int64_t n, float *loss, void *stream);
-mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, const float *dloss, float *da, float *db, int64_t n, void *stream);
+/* ---- classification losses, cross_entropy (x: logits, log-softmax fused in) and nll (x:
+   log-probabilities): x (n, c), target (n) I32 or I64 (target_i64), -100 ignored; the front
+   rejects other targets outside [0, c) (the CUDA twins would give NaN). Scalars live on the device.
+   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), valid[0] = counted rows,
+   lse (n) kept for backward (cross_entropy only); backward: dx += dloss[0] / valid[0] * (softmax(x) - onehot(t))
+   (nll: -onehot(t)) ---- */
+typedef struct mgpu__class_loss_args {
+    mgpu_context *ctx;
+    const float *x; const void *target; int target_i64;
+    int64_t n, c;
+    float *lse, *loss, *valid;
+    const float *dloss; float *dx;
+} mgpu__class_loss_args;
+mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream);
+/* mse (n): forward loss[0] = mean((a - b)^2); backward da += 2 dloss[0] / n * (a - b), db -= the
+   same (either may be NULL) */
+typedef struct mgpu__mse_args {
+    mgpu_context *ctx;
+    const float *a, *b; int64_t n;
+    float *loss;
+    const float *dloss; float *da, *db;
+} mgpu__mse_args;
+mgpu_result mgpu_cuda_mse_forward(const mgpu__mse_args *a, void *stream);
+mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *a, void *stream);
 
-/* ---- dropout: keep element i iff mgpu_random_uniform(seed, first + i) >= p (the CPU's exact mask).
-   dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward). ---- */
-mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n,
-                              int accumulate, void *stream);
+/* ---- dropout (n): dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward).
+   x is seen as rows of row_size; element c of local row j is kept iff mgpu_random_uniform(seed,
+   first + (rank + world * j) * row_size + c) >= p, so W DDP ranks draw the masks one process draws
+   for the combined batch (world 1: counter first + i). ---- */
+typedef struct mgpu__dropout_args {
+    mgpu_context *ctx;
+    uint64_t seed, first; float p, scale;
+    int64_t row_size, rank, world;
+    const float *src; float *dst; int64_t n;
+    int accumulate;
+} mgpu__dropout_args;
+mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *a, void *stream);
 /* Fills out[i] = mgpu_random_u32(seed, first + i) (tests compare it with the CPU bit for bit). */
 mgpu_result mgpu_cuda_random_u32(uint64_t seed, uint64_t first, uint32_t *out, int64_t n, void *stream);
 

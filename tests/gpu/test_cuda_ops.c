@@ -222,6 +222,12 @@ static void test_bias(void) {
 
 /* ============================== softmax and losses ============================== */
 
+static mgpu__softmax_args softmax_args(int log, int64_t outer, int64_t dim, int64_t inner) {
+    mgpu__softmax_args a;
+    memset(&a, 0, sizeof a);
+    a.log = log; a.outer = outer; a.dim = dim; a.inner = inner;
+    return a;
+}
 static void test_softmax(void) {
     static const int64_t shapes[4][3] = { {7, 10, 0}, {3, 2000, 0}, {4, 5, 6}, {33, 1, 0} };
     static const int nd[4] = { 2, 2, 3, 2 };
@@ -233,10 +239,13 @@ static void test_softmax(void) {
             mgpu_tensor *y = lg ? mgpu_op_log_softmax(cpu, x, dim) : mgpu_op_softmax(cpu, x, dim);
             int64_t outer = shapes[c][0], D = shapes[c][1], inner = x->numel / (outer * D);
             float *dx = dev_of(x), *out = dev_nan(x->numel), *g = dev_zeros(x->numel), *dy;
-            expect_ok(mgpu_cuda_softmax_forward(dx, out, outer, D, inner, lg, NULL), "softmax forward");
+            mgpu__softmax_args a = softmax_args(lg, outer, D, inner);
+            a.x = dx; a.out = out;
+            expect_ok(mgpu_cuda_softmax_forward(&a, NULL), "softmax forward");
             expect_close(lg ? "log_softmax forward" : "softmax forward", out, (const float *)y->data, x->numel, F32_TOL);
             dy = cpu_backward(y);
-            expect_ok(mgpu_cuda_softmax_backward(out, dy, g, outer, D, inner, lg, NULL), "softmax backward");
+            a.y = out; a.dy = dy; a.out = g;
+            expect_ok(mgpu_cuda_softmax_backward(&a, NULL), "softmax backward");
             expect_close(lg ? "log_softmax backward" : "softmax backward", g, grad_of(x), x->numel, F32_TOL);
             case_end();
         }
@@ -263,13 +272,17 @@ static void test_cross_entropy_and_nll(void) {
             mgpu_tensor *x = rnd(2, shape, -3, 3), *t = targets(n, C, i64);
             mgpu_tensor *loss = nll ? mgpu_op_nll_loss(cpu, x, t) : mgpu_op_cross_entropy(cpu, x, t);
             float *dx = dev_of(x), *dt = dev_of(t), *lse = dev_nan(n), *dl = dev_nan(1), *valid = dev_nan(1), *g = dev_zeros(x->numel), *dy;
+            mgpu__class_loss_args a;
             (void)one;
-            if (nll) expect_ok(mgpu_cuda_nll_forward(dx, dt, i64, n, C, dl, valid, NULL), "nll forward");
-            else expect_ok(mgpu_cuda_cross_entropy_forward(dx, dt, i64, n, C, lse, dl, valid, NULL), "cross_entropy forward");
+            memset(&a, 0, sizeof a);   /* filled as the op's front fills it; nll has no lse */
+            a.x = dx; a.target = dt; a.target_i64 = i64; a.n = n; a.c = C; a.lse = nll ? NULL : lse; a.loss = dl; a.valid = valid;
+            if (nll) expect_ok(mgpu_cuda_nll_forward(&a, NULL), "nll forward");
+            else expect_ok(mgpu_cuda_cross_entropy_forward(&a, NULL), "cross_entropy forward");
             expect_close(nll ? "nll loss" : "cross-entropy loss", dl, (const float *)loss->data, 1, F32_TOL);
             dy = cpu_backward(loss);
-            if (nll) expect_ok(mgpu_cuda_nll_backward(dt, i64, dy, valid, g, n, C, NULL), "nll backward");
-            else expect_ok(mgpu_cuda_cross_entropy_backward(dx, dt, i64, lse, dy, valid, g, n, C, NULL), "cross_entropy backward");
+            a.dloss = dy; a.dx = g;
+            if (nll) expect_ok(mgpu_cuda_nll_backward(&a, NULL), "nll backward");
+            else expect_ok(mgpu_cuda_cross_entropy_backward(&a, NULL), "cross_entropy backward");
             expect_close(nll ? "nll backward" : "cross-entropy backward", g, grad_of(x), x->numel, F32_TOL);
             case_end();
         }
@@ -279,10 +292,14 @@ static void test_mse(void) {
     int64_t shape[2] = { 13, 77 };
     mgpu_tensor *a = rnd(2, shape, -1, 1), *b = rnd(2, shape, -1, 1), *l = mgpu_op_mse_loss(cpu, a, b);
     float *da = dev_of(a), *db = dev_of(b), *dl = dev_nan(1), *ga = dev_zeros(a->numel), *gb = dev_zeros(b->numel), *dy;
-    expect_ok(mgpu_cuda_mse_forward(da, db, a->numel, dl, NULL), "mse forward");
+    mgpu__mse_args m;
+    memset(&m, 0, sizeof m);
+    m.a = da; m.b = db; m.n = a->numel; m.loss = dl;
+    expect_ok(mgpu_cuda_mse_forward(&m, NULL), "mse forward");
     expect_close("mse loss", dl, (const float *)l->data, 1, F32_TOL);
     dy = cpu_backward(l);
-    expect_ok(mgpu_cuda_mse_backward(da, db, dy, ga, gb, a->numel, NULL), "mse backward");
+    m.dloss = dy; m.da = ga; m.db = gb;
+    expect_ok(mgpu_cuda_mse_backward(&m, NULL), "mse backward");
     expect_close("mse backward a", ga, grad_of(a), a->numel, F32_TOL);
     expect_close("mse backward b", gb, grad_of(b), b->numel, F32_TOL);
     case_end();
@@ -302,6 +319,14 @@ static void test_rng_bits(void) {
     case_end();
 }
 
+/* The dropout twin's argument struct for one process (world 1), as the op's front fills it. */
+static mgpu_result dropout(uint64_t seed, uint64_t first, float p, const float *src, float *dst, int64_t n, int accumulate) {
+    mgpu__dropout_args d;
+    memset(&d, 0, sizeof d);
+    d.seed = seed; d.first = first; d.p = p; d.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    d.row_size = 1; d.world = 1; d.src = src; d.dst = dst; d.n = n; d.accumulate = accumulate;
+    return mgpu_cuda_dropout(&d, NULL);
+}
 static void test_dropout_matches_cpu(void) {
     int64_t shape[2] = { 37, 129 };
     float p = 0.3f;
@@ -311,11 +336,11 @@ static void test_dropout_matches_cpu(void) {
     mgpu_context_rng_state(cpu, &seed, &off);
     y = mgpu_op_dropout(cpu, x, p, 1);
     dx = dev_of(x); out = dev_nan(x->numel); g = dev_zeros(x->numel);
-    expect_ok(mgpu_cuda_dropout(seed, off, p, 1.0f / (1.0f - p), dx, out, x->numel, 0, NULL), "dropout forward");
+    expect_ok(dropout(seed, off, p, dx, out, x->numel, 0), "dropout forward");
     /* the mask must be identical: compare exactly (the kept values are the same product) */
     expect_close("dropout forward (same mask as the CPU)", out, (const float *)y->data, x->numel, 0.0);
     dy = cpu_backward(y);
-    expect_ok(mgpu_cuda_dropout(seed, off, p, 1.0f / (1.0f - p), dy, g, x->numel, 1, NULL), "dropout backward");
+    expect_ok(dropout(seed, off, p, dy, g, x->numel, 1), "dropout backward");
     expect_close("dropout backward", g, grad_of(x), x->numel, 0.0);
     case_end();
 }
@@ -858,7 +883,7 @@ static void test_errors(void) {
     MT_CHECK(strstr(mgpu_last_error(), "mgpu_cuda_unary_forward") != NULL, "the error must name the launcher: '%s'", mgpu_last_error());
     MT_CHECK(mgpu_cuda_gemm(NULL, 0, 0, 1, 1, 1, 1, x, 1, x, 1, MGPU_F32, 0, x, 1, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "NULL blas");
     MT_CHECK(mgpu_cuda_gemm(blas, 0, 0, 4, 4, 4, 1, x, 2, x, 4, MGPU_F32, 0, x, 4, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "lda too small");
-    MT_CHECK(mgpu_cuda_dropout(1, 0, 1.5f, 1, x, x, 4, 0, NULL) == MGPU_ERR_INVALID_ARG, "p > 1");
+    MT_CHECK(dropout(1, 0, 1.5f, x, x, 4, 0) == MGPU_ERR_INVALID_ARG, "p > 1");
     case_end();
 }
 
