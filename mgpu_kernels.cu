@@ -638,8 +638,8 @@ static mgpu_result mgpu__reduce_final(const float *partials, int64_t n, float sc
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_sum(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream) {
-    MGPU__REQUIRE(n >= 0 && out && scratch && (n == 0 || x), "x, out and scratch must be device pointers");
+// out[0] = scale * sum(x); scratch: MGPU_CUDA_REDUCE_PARTIALS floats
+static mgpu_result mgpu__sum_all(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream) {
     mgpu_result r = mgpu__reduce_partials(MGPU__RED_SUM, x, NULL, n, scratch, stream);
     return r != MGPU_OK ? r : mgpu__reduce_final(scratch, MGPU_CUDA_REDUCE_PARTIALS, scale, 0, out, stream);
 }
@@ -1025,6 +1025,9 @@ extern "C" mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int
    Copies: transpose, row blocks (concat / narrow)
    ====================================================================================== */
 
+// The copy kernels move 4-byte elements (F32, or the bits of I32): wider or narrower dtypes are refused.
+#define MGPU__COPY_ESIZE_OK(esize) MGPU__REQUIRE((esize) == sizeof(float), "the CUDA copies move 4-byte elements only")
+
 __global__ void mgpu__transpose_k(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner, int acc) {
     MGPU__FOR(q, outer * d1 * mid * d0 * inner) {
         // q indexes y (outer, d1, mid, d0, inner)
@@ -1036,33 +1039,32 @@ __global__ void mgpu__transpose_k(const float *x, float *y, int64_t outer, int64
         y[q] = acc ? y[q] + v : v;
     }
 }
-extern "C" mgpu_result mgpu_cuda_transpose(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner,
-                                           int accumulate, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && d0 >= 0 && mid >= 0 && d1 >= 0 && inner >= 0, "sizes must be >= 0");
-    int64_t n = outer * d0 * mid * d1 * inner;
-    MGPU__REQUIRE(n == 0 || (x && y), "x and y must be device pointers");
+extern "C" mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->d0 >= 0 && a->mid >= 0 && a->d1 >= 0 && a->inner >= 0, "sizes must be >= 0");
+    MGPU__COPY_ESIZE_OK(a->esize);
+    int64_t n = a->outer * a->d0 * a->mid * a->d1 * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->x && a->out), "x and out must be device pointers");
     if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__transpose_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, d0, mid, d1, inner, accumulate);
+    MGPU__LAUNCH(mgpu__transpose_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, (const float *)a->x, (float *)a->out, a->outer,
+                 a->d0, a->mid, a->d1, a->inner, a->accumulate);
     MGPU__LAUNCHED("mgpu__transpose_k");
     return MGPU_OK;
 }
-__global__ void mgpu__copy_rows_k(const float *src, int64_t src_row, int64_t src_off, float *dst, int64_t dst_row, int64_t dst_off,
-                                  int64_t rows, int64_t len, int acc) {
+__global__ void mgpu__copy_rows_k(const float *src, int64_t src_pitch, float *dst, int64_t dst_pitch, int64_t rows, int64_t len, int acc) {
     MGPU__FOR(q, rows * len) {
         int64_t r = q / len, j = q % len;
-        float v = src[r * src_row + src_off + j];
-        float *d = dst + r * dst_row + dst_off + j;
+        float v = src[r * src_pitch + j];
+        float *d = dst + r * dst_pitch + j;
         *d = acc ? *d + v : v;
     }
 }
-extern "C" mgpu_result mgpu_cuda_copy_rows(const float *src, int64_t src_row, int64_t src_off, float *dst, int64_t dst_row, int64_t dst_off,
-                                           int64_t rows, int64_t len, int accumulate, void *stream) {
-    MGPU__REQUIRE(rows >= 0 && len >= 0 && src_off >= 0 && dst_off >= 0 && src_off + len <= src_row && dst_off + len <= dst_row,
-                  "a row block reaches outside its row");
-    MGPU__REQUIRE(rows * len == 0 || (src && dst), "src and dst must be device pointers");
-    if (rows * len == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__copy_rows_k, mgpu__grid(rows * len, MGPU__THREADS), MGPU__THREADS, 0, stream, src, src_row, src_off, dst, dst_row,
-                                                                                                       dst_off, rows, len, accumulate);
+extern "C" mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->rows >= 0 && a->len >= 0 && a->len <= a->src_pitch && a->len <= a->dst_pitch, "a row block reaches outside its row");
+    MGPU__COPY_ESIZE_OK(a->esize);
+    MGPU__REQUIRE(a->rows * a->len == 0 || (a->src && a->dst), "src and dst must be device pointers");
+    if (a->rows * a->len == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__copy_rows_k, mgpu__grid(a->rows * a->len, MGPU__THREADS), MGPU__THREADS, 0, stream, (const float *)a->src, a->src_pitch,
+                 (float *)a->dst, a->dst_pitch, a->rows, a->len, a->accumulate);
     MGPU__LAUNCHED("mgpu__copy_rows_k");
     return MGPU_OK;
 }
@@ -1082,7 +1084,7 @@ __global__ void mgpu__sum_dim_k(const float *x, float *y, int64_t outer, int64_t
 __global__ void mgpu__sum_dim_bwd_k(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale) {
     MGPU__FOR(q, outer * D * inner) dx[q] += scale * dy[(q / (D * inner)) * inner + q % inner];
 }
-__global__ void mgpu__max_dim_k(const float *x, float *y, int32_t *argmax, int64_t outer, int64_t D, int64_t inner) {
+__global__ void mgpu__max_dim_k(const float *x, float *y, int64_t *argmax, int64_t outer, int64_t D, int64_t inner) {
     MGPU__FOR(q, outer * inner) {
         const float *xp = x + (q / inner) * D * inner + q % inner;
         float m = xp[0];
@@ -1090,42 +1092,54 @@ __global__ void mgpu__max_dim_k(const float *x, float *y, int32_t *argmax, int64
         for (int64_t d = 1; d < D && m == m; d++)
             if (xp[d * inner] > m || xp[d * inner] != xp[d * inner]) { m = xp[d * inner]; best = d; }
         y[q] = m;
-        if (argmax) argmax[q] = (int32_t)best;
+        argmax[q] = best;
     }
 }
-__global__ void mgpu__max_dim_bwd_k(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner) {
-    MGPU__FOR(q, outer * inner) dx[(q / inner) * D * inner + (int64_t)argmax[q] * inner + q % inner] += dy[q];
+__global__ void mgpu__max_dim_bwd_k(const int64_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner) {
+    MGPU__FOR(q, outer * inner) dx[(q / inner) * D * inner + argmax[q] * inner + q % inner] += dy[q];
 }
 
-extern "C" mgpu_result mgpu_cuda_sum_dim(const float *x, float *y, int64_t outer, int64_t D, int64_t inner, float scale, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && D >= 0 && inner >= 0 && (outer * inner == 0 || (y && (D == 0 || x))), "bad pointers or sizes");
-    if (outer * inner == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__sum_dim_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, D, inner, scale);
+// A single output (outer = inner = 1) goes through the two-phase tree; otherwise a thread per output.
+extern "C" mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim >= 0 && a->inner >= 0, "sizes must be >= 0");
+    int64_t n_out = a->outer * a->inner;
+    MGPU__REQUIRE(n_out == 0 || (a->out && (a->dim == 0 || a->x)), "x and out must be device pointers");
+    if (n_out == 0) return MGPU_OK;
+    if (n_out == 1) {
+        MGPU__REQUIRE(a->scratch, "a single-output sum needs scratch (MGPU_CUDA_REDUCE_PARTIALS floats)");
+        return mgpu__sum_all(a->x, a->dim, a->scale, a->out, a->scratch, stream);
+    }
+    MGPU__LAUNCH(mgpu__sum_dim_k, mgpu__grid(n_out, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->outer, a->dim, a->inner, a->scale);
     MGPU__LAUNCHED("mgpu__sum_dim_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_sum_dim_backward(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale,
-                                                  void *stream) {
-    MGPU__REQUIRE(outer >= 0 && D >= 0 && inner >= 0 && (outer * D * inner == 0 || (dy && dx)), "bad pointers or sizes");
-    if (outer * D * inner == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__sum_dim_bwd_k, mgpu__grid(outer * D * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, dy, dx, outer, D, inner,
-                                                                                                                 scale);
+extern "C" mgpu_result mgpu_cuda_sum_backward(const mgpu__sum_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim >= 0 && a->inner >= 0, "sizes must be >= 0");
+    int64_t n = a->outer * a->dim * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->dy && a->out), "dy and out must be device pointers");
+    if (n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__sum_dim_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->dy, a->out, a->outer, a->dim, a->inner,
+                 a->scale);
     MGPU__LAUNCHED("mgpu__sum_dim_bwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argmax, int64_t outer, int64_t D, int64_t inner, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && D > 0 && D <= 2147483647LL && inner >= 0, "need D in [1, 2^31)");
-    MGPU__REQUIRE(outer * inner == 0 || (x && y), "x and y must be device pointers");
-    if (outer * inner == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__max_dim_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, argmax, outer, D, inner);
+extern "C" mgpu_result mgpu_cuda_max_dim_forward(const mgpu__max_dim_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim > 0 && a->inner >= 0, "need dim >= 1 and sizes >= 0");
+    int64_t n_out = a->outer * a->inner;
+    MGPU__REQUIRE(n_out == 0 || (a->x && a->out && a->argmax), "x, out and argmax must be device pointers");
+    if (n_out == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__max_dim_k, mgpu__grid(n_out, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->argmax, a->outer, a->dim,
+                 a->inner);
     MGPU__LAUNCHED("mgpu__max_dim_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner,
-                                                  void *stream) {
-    MGPU__REQUIRE(outer >= 0 && D > 0 && inner >= 0 && (outer * inner == 0 || (argmax && dy && dx)), "bad pointers or sizes");
-    if (outer * inner == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__max_dim_bwd_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, argmax, dy, dx, outer, D, inner);
+extern "C" mgpu_result mgpu_cuda_max_dim_backward(const mgpu__max_dim_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim > 0 && a->inner >= 0, "need dim >= 1 and sizes >= 0");
+    int64_t n_out = a->outer * a->inner;
+    MGPU__REQUIRE(n_out == 0 || (a->argmax && a->dy && a->out), "argmax, dy and out must be device pointers");
+    if (n_out == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__max_dim_bwd_k, mgpu__grid(n_out, MGPU__THREADS), MGPU__THREADS, 0, stream, (const int64_t *)a->argmax, a->dy, a->out,
+                 a->outer, a->dim, a->inner);
     MGPU__LAUNCHED("mgpu__max_dim_bwd_k");
     return MGPU_OK;
 }

@@ -159,28 +159,50 @@ mgpu_result mgpu_cuda_pool_forward(const mgpu_cuda_conv_geom *g, int is_max, con
 mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int is_max, const int32_t *argmax, const float *dy, float *dx,
                                     void *stream);
 
-/* ---- copies ---- */
-/* x (outer, d0, mid, d1, inner) -> y (outer, d1, mid, d0, inner); accumulate: y += */
-mgpu_result mgpu_cuda_transpose(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner,
-                                int accumulate, void *stream);
-/* Row-block copy for concat/narrow and their backwards: for r < rows,
-   dst[r * dst_row + dst_off + j] (=|+=) src[r * src_row + src_off + j], j < len. */
-mgpu_result mgpu_cuda_copy_rows(const float *src, int64_t src_row, int64_t src_off, float *dst, int64_t dst_row, int64_t dst_off,
-                                int64_t rows, int64_t len, int accumulate, void *stream);
+/* ---- copies: elements of esize bytes (the CUDA twins move 4-byte ones); accumulate (backward,
+   F32): dst += instead ---- */
+/* transpose: x (outer, d0, mid, d1, inner) -> out (outer, d1, mid, d0, inner) */
+typedef struct mgpu__transpose_args {
+    mgpu_context *ctx;
+    const void *x; void *out;
+    int64_t outer, d0, mid, d1, inner;
+    size_t esize; int accumulate;
+} mgpu__transpose_args;
+mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream);
+/* copy_rows, the row blocks of concat and narrow: dst[r * dst_pitch + j] = src[r * src_pitch + j]
+   for r < rows, j < len (pitches in elements, >= len) */
+typedef struct mgpu__copy_rows_args {
+    mgpu_context *ctx;
+    const void *src; void *dst;
+    int64_t rows, len, src_pitch, dst_pitch;
+    size_t esize; int accumulate;
+} mgpu__copy_rows_args;
+mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream);
 
-/* ---- reductions (fixed partition and tree: deterministic for a given n) ---- */
+/* ---- reductions, in an order fixed by the shapes alone (deterministic); x seen as (outer, dim, inner) ---- */
 #define MGPU_CUDA_REDUCE_PARTIALS 1024
-/* out[0] = scale * sum(x); scratch: MGPU_CUDA_REDUCE_PARTIALS floats of device memory */
-mgpu_result mgpu_cuda_sum(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream);
-/* x (outer, D, inner) -> y (outer, inner) = scale * sum over D */
-mgpu_result mgpu_cuda_sum_dim(const float *x, float *y, int64_t outer, int64_t D, int64_t inner, float scale, void *stream);
-/* dx (outer, D, inner) += scale * dy (outer, inner); a full sum is outer = inner = 1, D = n,
-   with dy a device scalar */
-mgpu_result mgpu_cuda_sum_dim_backward(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale, void *stream);
-/* y, argmax (outer, inner): first maximum along D (NaN wins) */
-mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argmax, int64_t outer, int64_t D, int64_t inner, void *stream);
-mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner,
-                                       void *stream);
+/* sum: forward out (outer, inner) = scale * sum over dim (a full sum: outer = inner = 1);
+   backward out += scale * dy broadcast along dim. scratch (forward with outer * inner == 1):
+   MGPU_CUDA_REDUCE_PARTIALS floats of workspace for the CUDA twin's two-phase sum; the CPU twin ignores it */
+typedef struct mgpu__sum_args {
+    mgpu_context *ctx;
+    const float *x, *dy; float *out;
+    int64_t outer, dim, inner;
+    float scale;
+    float *scratch;
+} mgpu__sum_args;
+mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stream);
+mgpu_result mgpu_cuda_sum_backward(const mgpu__sum_args *a, void *stream);
+/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim (NaN wins)
+   and its index; backward out += dy at argmax */
+typedef struct mgpu__max_dim_args {
+    mgpu_context *ctx;
+    const float *x, *dy; float *out;
+    int64_t *argmax;
+    int64_t outer, dim, inner;
+} mgpu__max_dim_args;
+mgpu_result mgpu_cuda_max_dim_forward(const mgpu__max_dim_args *a, void *stream);
+mgpu_result mgpu_cuda_max_dim_backward(const mgpu__max_dim_args *a, void *stream);
 
 /* ---- casts F32 <-> F16/BF16 (round to nearest even), dtypes as mgpu_dtype ---- */
 mgpu_result mgpu_cuda_cast(const void *src, int src_dtype, void *dst, int dst_dtype, int64_t n, void *stream);

@@ -933,25 +933,37 @@ MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p
    Reductions: sum, mean, sum_dim, mean_dim, max_dim
    -------------------------------------------------------------------------------------- */
 
-/* Strides of the sum over dim d (d < 0: over everything) read against x's shape: 0 on the
-   summed dims. Forward reduces x onto them; backward broadcasts the gradient back through them. */
-static void mgpu__reduce_strides(const mgpu_tensor *x, int d, int64_t *target_st) {
-    int64_t kshape[MGPU_MAX_DIMS];
-    int i;
-    for (i = 0; i < x->ndim; i++) kshape[i] = (d < 0 || i == d) ? 1 : x->shape[i];
-    mgpu__contig_strides(x->ndim, kshape, target_st);
-    for (i = 0; i < x->ndim; i++) if (kshape[i] == 1) target_st[i] = 0;
+/* Seen as (outer, dim, inner), a sum reduces dim onto out (outer, inner): its strides against x are
+   (inner, 0, 1). Backward broadcasts dy back through the same strides. */
+static void mgpu__cpu_sum_forward(const mgpu__sum_args *a) {
+    int64_t shape[3], out_st[3];
+    shape[0] = a->outer; shape[1] = a->dim; shape[2] = a->inner;
+    out_st[0] = a->inner; out_st[1] = 0; out_st[2] = 1;
+    if (a->outer * a->inner > 0) mgpu__reduce_into(a->ctx, 3, shape, a->x, out_st, NULL, NULL, a->out, a->scale, 0);
+}
+static void mgpu__cpu_sum_backward(const mgpu__sum_args *a) {
+    int64_t shape[3], dy_st[3];
+    shape[0] = a->outer; shape[1] = a->dim; shape[2] = a->inner;
+    dy_st[0] = a->inner; dy_st[1] = 0; dy_st[2] = 1;
+    mgpu__ew_apply(a->ctx, MGPU__EW_ACC, a->scale, 3, shape, a->out, a->dy, dy_st, NULL, NULL);
+}
+
+/* x as (outer, dim, inner) around dim d (d < 0: everything summed, outer = inner = 1) */
+static void mgpu__sum_lines(mgpu_context *ctx, const mgpu_tensor *x, int d, float scale, mgpu__sum_args *a) {
+    memset(a, 0, sizeof *a);
+    a->ctx = ctx; a->scale = scale;
+    if (d >= 0) mgpu__split_at(x, d, &a->outer, &a->dim, &a->inner);
+    else { a->outer = 1; a->dim = x->numel; a->inner = 1; }
 }
 
 static mgpu_result mgpu__sum_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *x = node->in[0];
-    int64_t st[MGPU_MAX_DIMS];
+    mgpu__sum_args a;
     float *dx;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, x);
-    mgpu__reduce_strides(x, (int)node->iarg[0], st);
-    mgpu__ew_apply(ctx, MGPU__EW_ACC, node->farg[0], x->ndim, x->shape, dx, (const float *)node->out->grad->data, st, NULL, NULL);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    mgpu__sum_lines(ctx, node->in[0], (int)node->iarg[0], node->farg[0], &a);
+    a.dy = (const float *)node->out->grad->data; a.out = dx;
+    return MGPU__TWIN(ctx, sum_backward, &a);
 }
 
 /* Shape of x with dim d removed (or kept as 1); d < 0: a scalar. */
@@ -966,9 +978,10 @@ static int mgpu__reduced_shape(const mgpu_tensor *x, int d, int keepdim, int64_t
 }
 
 static mgpu_tensor *mgpu__sum_mean(mgpu_context *ctx, const char *op, mgpu_tensor *x, int dim, int all, int keepdim, int mean) {
-    int64_t shape[MGPU_MAX_DIMS], st[MGPU_MAX_DIMS];
+    int64_t shape[MGPU_MAX_DIMS];
     mgpu_tensor *out;
     mgpu__node *node;
+    mgpu__sum_args a;
     int d = -1, ndim;
     float scale;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
@@ -978,9 +991,10 @@ static mgpu_tensor *mgpu__sum_mean(mgpu_context *ctx, const char *op, mgpu_tenso
     if (!out) return NULL;
     /* mean over nothing is 0 * inf = NaN, as PyTorch */
     scale = mean ? 1.0f / (float)(all ? x->numel : x->shape[d]) : 1.0f;
-    mgpu__reduce_strides(x, d, st);
-    if (out->numel > 0)
-        mgpu__reduce_into(ctx, x->ndim, x->shape, (const float *)x->data, st, NULL, NULL, (float *)out->data, scale, 0);
+    mgpu__sum_lines(ctx, x, d, scale, &a);
+    a.x = (const float *)x->data; a.out = (float *)out->data;
+    if (a.outer * a.inner == 1 && !(a.scratch = (float *)mgpu__arena_alloc(ctx, sizeof(float) * MGPU_CUDA_REDUCE_PARTIALS))) return NULL;
+    if (MGPU__TWIN(ctx, sum_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__sum_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d; node->farg[0] = scale; }
     return out;
@@ -995,9 +1009,8 @@ MGPU_API mgpu_tensor *mgpu_op_mean_dim(mgpu_context *ctx, mgpu_tensor *x, int di
     return mgpu__sum_mean(ctx, "mgpu_op_mean_dim", x, dim, 0, keepdim, 1);
 }
 
-typedef struct mgpu__max_arg { const float *x; float *y; const float *dy; float *dx; int64_t *arg, dim, inner; } mgpu__max_arg;
 static void mgpu__max_forward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__max_arg *m = (const mgpu__max_arg *)p;
+    const mgpu__max_dim_args *m = (const mgpu__max_dim_args *)p;
     int64_t line, j;
     for (line = begin; line < end; line++) {
         const float *x = m->x + (line / m->inner) * m->dim * m->inner + line % m->inner;
@@ -1006,29 +1019,35 @@ static void mgpu__max_forward_range(void *p, int64_t begin, int64_t end) {
             float v = x[j * m->inner], b = x[best * m->inner];
             if (v > b || (v != v && b == b)) best = j; /* first max; NaN wins, as torch.max */
         }
-        m->arg[line] = best;
-        m->y[line] = x[best * m->inner];
+        m->argmax[line] = best;
+        m->out[line] = x[best * m->inner];
     }
 }
 static void mgpu__max_backward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__max_arg *m = (const mgpu__max_arg *)p;
+    const mgpu__max_dim_args *m = (const mgpu__max_dim_args *)p;
     int64_t line;
     for (line = begin; line < end; line++)
-        m->dx[(line / m->inner) * m->dim * m->inner + line % m->inner + m->arg[line] * m->inner] += m->dy[line];
+        m->out[(line / m->inner) * m->dim * m->inner + line % m->inner + m->argmax[line] * m->inner] += m->dy[line];
 }
+static void mgpu__cpu_max_dim_forward(const mgpu__max_dim_args *m) {
+    mgpu_parallel_for(m->ctx, m->outer * m->inner, mgpu__grain_for(m->dim), mgpu__max_forward_range, (void *)m);
+}
+static void mgpu__cpu_max_dim_backward(const mgpu__max_dim_args *m) {
+    mgpu_parallel_for(m->ctx, m->outer * m->inner, MGPU__GRAIN, mgpu__max_backward_range, (void *)m);
+}
+/* extra: the forward's arguments (argmax) */
 static mgpu_result mgpu__max_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__max_arg m = *(const mgpu__max_arg *)node->extra;
+    mgpu__max_dim_args m = *(const mgpu__max_dim_args *)node->extra;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(m.dx, ctx, node->in[0]);
+    MGPU__GRAD_OR_FAIL(m.out, ctx, node->in[0]);
     m.dy = (const float *)node->out->grad->data;
-    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__max_backward_range, &m);
-    return MGPU_OK;
+    return MGPU__TWIN(ctx, max_dim_backward, &m);
 }
 MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim, int keepdim) {
     const char *op = "mgpu_op_max_dim";
-    int64_t shape[MGPU_MAX_DIMS], outer = 0;
+    int64_t shape[MGPU_MAX_DIMS];
     mgpu_tensor *out;
-    mgpu__max_arg m;
+    mgpu__max_dim_args m;
     mgpu__node *node;
     int d, ndim;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
@@ -1038,14 +1057,15 @@ MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim
     out = mgpu__new_activation(ctx, MGPU_F32, ndim, shape);
     if (!out) return NULL;
     memset(&m, 0, sizeof m);
-    mgpu__split_at(x, d, &outer, &m.dim, &m.inner);
-    m.x = (const float *)x->data; m.y = (float *)out->data;
-    m.arg = (int64_t *)mgpu__arena_alloc(ctx, sizeof(int64_t) * (size_t)MGPU__MAX(out->numel, (int64_t)1));
-    if (!m.arg) return NULL;
-    mgpu_parallel_for(ctx, out->numel, mgpu__grain_for(m.dim), mgpu__max_forward_range, &m);
+    m.ctx = ctx;
+    mgpu__split_at(x, d, &m.outer, &m.dim, &m.inner);
+    m.x = (const float *)x->data; m.out = (float *)out->data;
+    m.argmax = (int64_t *)mgpu__arena_alloc(ctx, sizeof(int64_t) * (size_t)MGPU__MAX(out->numel, (int64_t)1));
+    if (!m.argmax) return NULL;
+    if (MGPU__TWIN(ctx, max_dim_forward, &m) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__max_backward, out, 1, &x, node);
     if (node) {
-        mgpu__max_arg *saved = (mgpu__max_arg *)mgpu__arena_alloc(ctx, sizeof *saved);
+        mgpu__max_dim_args *saved = (mgpu__max_dim_args *)mgpu__arena_alloc(ctx, sizeof *saved);
         if (!saved) return NULL;
         *saved = m;
         node->extra = saved;
@@ -1145,13 +1165,6 @@ static void mgpu__copy_run(void *p, const int64_t *off, const int64_t *st, int64
 #undef MGPU__COPY_AS
 }
 
-/* x's strides with dims d0 and d1 swapped: reading x through them walks the transpose. */
-static void mgpu__swapped_strides(const mgpu_tensor *x, int d0, int d1, int64_t *st) {
-    int64_t t;
-    mgpu__contig_strides(x->ndim, x->shape, st);
-    t = st[d0]; st[d0] = st[d1]; st[d1] = t;
-}
-
 static void mgpu__copy_strided(mgpu_context *ctx, int ndim, const int64_t *shape, void *dst, const int64_t *dst_st,
                                const void *src, const int64_t *src_st, size_t esize, int accumulate) {
     mgpu__iter it;
@@ -1164,77 +1177,124 @@ static void mgpu__copy_strided(mgpu_context *ctx, int ndim, const int64_t *shape
     mgpu__iter_parallel(ctx, &it, mgpu__copy_run, &c);
 }
 
+/* out (outer, d1, mid, d0, inner) is written in order while x (outer, d0, mid, d1, inner) is read
+   through its own strides taken in out's dim order. */
+static void mgpu__cpu_transpose(const mgpu__transpose_args *a) {
+    int64_t shape[5], out_st[5], x_st[5];
+    shape[0] = a->outer; shape[1] = a->d1; shape[2] = a->mid; shape[3] = a->d0; shape[4] = a->inner;
+    x_st[4] = 1; x_st[1] = a->inner; x_st[2] = a->d1 * a->inner; x_st[3] = a->mid * x_st[2]; x_st[0] = a->d0 * x_st[3];
+    mgpu__contig_strides(5, shape, out_st);
+    mgpu__copy_strided(a->ctx, 5, shape, a->out, out_st, a->x, x_st, a->esize, a->accumulate);
+}
+
+/* x seen as (outer, d0, mid, d1, inner) around its dims lo <= hi (lo == hi: a plain copy). */
+static void mgpu__transpose_view(mgpu_context *ctx, const mgpu_tensor *x, int lo, int hi, mgpu__transpose_args *a) {
+    int i;
+    memset(a, 0, sizeof *a);
+    a->ctx = ctx; a->esize = mgpu_dtype_size(x->dtype);
+    a->outer = a->mid = a->inner = 1;
+    a->d0 = x->shape[lo]; a->d1 = lo == hi ? 1 : x->shape[hi];
+    for (i = 0; i < lo; i++) a->outer *= x->shape[i];
+    for (i = lo + 1; i < hi; i++) a->mid *= x->shape[i];
+    for (i = hi + 1; i < x->ndim; i++) a->inner *= x->shape[i];
+}
+
+/* iarg = {lo, hi}: the gradient goes back through the same transpose, accumulated. */
 static mgpu_result mgpu__transpose_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *x = node->in[0], *out = node->out;
-    int64_t xst[MGPU_MAX_DIMS], ost[MGPU_MAX_DIMS];
+    mgpu__transpose_args a;
     float *dx;
+    int64_t t;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, x);
-    mgpu__swapped_strides(x, (int)node->iarg[0], (int)node->iarg[1], xst);
-    mgpu__contig_strides(out->ndim, out->shape, ost);
-    mgpu__copy_strided(ctx, out->ndim, out->shape, dx, xst, out->grad->data, ost, sizeof(float), 1);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    mgpu__transpose_view(ctx, node->in[0], (int)node->iarg[0], (int)node->iarg[1], &a);
+    t = a.d0; a.d0 = a.d1; a.d1 = t; /* dy is (outer, d1, mid, d0, inner) */
+    a.x = node->out->grad->data; a.out = dx; a.esize = sizeof(float); a.accumulate = 1;
+    return MGPU__TWIN(ctx, transpose, &a);
 }
 
 MGPU_API mgpu_tensor *mgpu_op_transpose(mgpu_context *ctx, mgpu_tensor *x, int dim0, int dim1) {
     const char *op = "mgpu_op_transpose";
-    int64_t shape[MGPU_MAX_DIMS], xst[MGPU_MAX_DIMS], ost[MGPU_MAX_DIMS], t;
+    int64_t shape[MGPU_MAX_DIMS], t;
     mgpu_tensor *out;
     mgpu__node *node;
+    mgpu__transpose_args a;
     int d0, d1;
     if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
     if ((d0 = mgpu__norm_dim(op, dim0, x->ndim)) < 0 || (d1 = mgpu__norm_dim(op, dim1, x->ndim)) < 0) return NULL;
+    if (d0 > d1) { int s = d0; d0 = d1; d1 = s; } /* transpose(x, a, b) is transpose(x, b, a) */
     memcpy(shape, x->shape, sizeof shape);
     t = shape[d0]; shape[d0] = shape[d1]; shape[d1] = t;
     out = mgpu__new_activation(ctx, x->dtype, x->ndim, shape);
     if (!out) return NULL;
-    mgpu__swapped_strides(x, d0, d1, xst);
-    mgpu__contig_strides(out->ndim, shape, ost);
-    mgpu__copy_strided(ctx, out->ndim, shape, out->data, ost, x->data, xst, mgpu_dtype_size(x->dtype), 0);
+    mgpu__transpose_view(ctx, x, d0, d1, &a);
+    a.x = x->data; a.out = out->data;
+    if (MGPU__TWIN(ctx, transpose, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__transpose_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d0; node->iarg[1] = d1; }
     return out;
 }
 
-/* Copies `rows` rows of `len` elements between arrays with the given row pitches (elements). */
-static void mgpu__copy_rows(int64_t rows, int64_t len, const void *src, int64_t src_pitch, void *dst, int64_t dst_pitch,
-                            size_t esize, int accumulate) {
+static void mgpu__copy_rows_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__copy_rows_args *a = (const mgpu__copy_rows_args *)p;
     int64_t r, j;
-    for (r = 0; r < rows; r++) {
-        if (accumulate) {
-            const float *s = (const float *)src + r * src_pitch;
-            float *d = (float *)dst + r * dst_pitch;
-            for (j = 0; j < len; j++) d[j] += s[j];
-        } else if (len > 0) {
-            memcpy((char *)dst + (size_t)(r * dst_pitch) * esize, (const char *)src + (size_t)(r * src_pitch) * esize, (size_t)len * esize);
+    for (r = begin; r < end; r++) {
+        if (a->accumulate) {
+            const float *s = (const float *)a->src + r * a->src_pitch;
+            float *d = (float *)a->dst + r * a->dst_pitch;
+            for (j = 0; j < a->len; j++) d[j] += s[j];
+        } else if (a->len > 0) {
+            memcpy((char *)a->dst + (size_t)(r * a->dst_pitch) * a->esize, (const char *)a->src + (size_t)(r * a->src_pitch) * a->esize,
+                   (size_t)a->len * a->esize);
         }
     }
 }
+/* Rows are disjoint in dst, so they can go to different threads. */
+static void mgpu__cpu_copy_rows(const mgpu__copy_rows_args *a) {
+    mgpu_parallel_for(a->ctx, a->rows, mgpu__grain_for(a->len), mgpu__copy_rows_range, (void *)a);
+}
 
+/* Copies the slice [start, start + len) of dim d of a tensor shaped like `like`, held in `whole`,
+   to or from `part`, where the slice is contiguous: into the whole (into_whole: concat, narrow's
+   backward) or out of it. Gradients (grad) are F32 and accumulate. */
+static mgpu_result mgpu__copy_slice(mgpu_context *ctx, const mgpu_tensor *like, int d, int64_t start, int64_t len, void *whole, void *part,
+                                    int into_whole, int grad) {
+    mgpu__copy_rows_args a;
+    int64_t outer = 0, size = 0, inner = 0;
+    char *slice;
+    mgpu__split_at(like, d, &outer, &size, &inner);
+    a.ctx = ctx;
+    a.esize = grad ? sizeof(float) : mgpu_dtype_size(like->dtype);
+    a.accumulate = grad;
+    a.rows = outer; a.len = len * inner;
+    slice = (char *)whole + (size_t)(start * inner) * a.esize;
+    a.src = into_whole ? part : slice; a.src_pitch = into_whole ? a.len : size * inner;
+    a.dst = into_whole ? (void *)slice : part; a.dst_pitch = into_whole ? size * inner : a.len;
+    return MGPU__TWIN(ctx, copy_rows, &a);
+}
+
+/* iarg[0] = dim; one row-block copy per input that needs a gradient */
 static mgpu_result mgpu__concat_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *out = node->out;
     int d = (int)node->iarg[0], k;
-    int64_t outer = 0, total = 0, inner = 0, offset = 0;
-    mgpu__split_at(out, d, &outer, &total, &inner);
+    int64_t offset = 0;
     for (k = 0; k < node->n_in; k++) {
         int64_t len = node->in[k]->shape[d];
         float *dx;
         if (mgpu__needs_grad(node, k)) {
+            mgpu_result r;
             MGPU__GRAD_OR_FAIL(dx, ctx, node->in[k]);
-            mgpu__copy_rows(outer, len * inner, (const float *)out->grad->data + offset * inner, total * inner, dx, len * inner, sizeof(float), 1);
+            if ((r = mgpu__copy_slice(ctx, node->out, d, offset, len, node->out->grad->data, dx, 0, 1)) != MGPU_OK) return r;
         }
         offset += len;
     }
     return MGPU_OK;
 }
 
-// xs[k] (..., D_k, ...) -> (..., sum D_k, ...)
+// xs[k] (..., D_k, ...) -> (..., sum D_k, ...): one row-block copy per input
 MGPU_API mgpu_tensor *mgpu_op_concat(mgpu_context *ctx, mgpu_tensor *const *xs, int n, int dim) {
     const char *op = "mgpu_op_concat";
-    int64_t shape[MGPU_MAX_DIMS], outer = 0, total = 0, inner = 0, offset = 0;
+    int64_t shape[MGPU_MAX_DIMS], offset = 0;
     mgpu_tensor *out;
     mgpu__node *node;
-    size_t esize;
     int d, k, i;
     if (!ctx) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: ctx is NULL", op);
     if (!xs || n < 1) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: need n >= 1 tensors in xs (got n = %d%s)", op, n, xs ? "" : ", xs NULL");
@@ -1256,39 +1316,32 @@ MGPU_API mgpu_tensor *mgpu_op_concat(mgpu_context *ctx, mgpu_tensor *const *xs, 
     }
     out = mgpu__new_activation(ctx, xs[0]->dtype, xs[0]->ndim, shape);
     if (!out) return NULL;
-    esize = mgpu_dtype_size(out->dtype);
-    mgpu__split_at(out, d, &outer, &total, &inner);
     for (k = 0; k < n; k++) {
-        int64_t len = xs[k]->shape[d];
-        mgpu__copy_rows(outer, len * inner, xs[k]->data, len * inner, (char *)out->data + (size_t)(offset * inner) * esize, total * inner, esize, 0);
-        offset += len;
+        if (mgpu__copy_slice(ctx, out, d, offset, xs[k]->shape[d], out->data, xs[k]->data, 1, 0) != MGPU_OK) return NULL;
+        offset += xs[k]->shape[d];
     }
     MGPU__RECORD(ctx, op, mgpu__concat_backward, out, n, xs, node);
     if (node) node->iarg[0] = d;
     return out;
 }
 
+/* iarg = {dim, start, length} */
 static mgpu_result mgpu__narrow_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *x = node->in[0];
-    int64_t outer = 0, dim = 0, inner = 0, len = node->iarg[2];
     float *dx;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, x);
-    mgpu__split_at(x, (int)node->iarg[0], &outer, &dim, &inner);
-    mgpu__copy_rows(outer, len * inner, node->out->grad->data, len * inner, dx + node->iarg[1] * inner, dim * inner, sizeof(float), 1);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    return mgpu__copy_slice(ctx, node->in[0], (int)node->iarg[0], node->iarg[1], node->iarg[2], dx, node->out->grad->data, 1, 1);
 }
 
 MGPU_API mgpu_tensor *mgpu_op_narrow(mgpu_context *ctx, mgpu_tensor *x, int dim, int64_t start, int64_t length) {
     const char *op = "mgpu_op_narrow";
-    int64_t shape[MGPU_MAX_DIMS], outer = 0, size = 0, inner = 0;
+    int64_t shape[MGPU_MAX_DIMS], size;
     mgpu_tensor *out;
     mgpu__node *node;
-    size_t esize;
     int d;
     if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
     if ((d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
-    mgpu__split_at(x, d, &outer, &size, &inner);
+    size = x->shape[d];
     if (start < 0) start += size; /* as torch.narrow: a negative start counts from the end */
     if (start < 0 || start > size || length < 0 || length > size - start)
         MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: start %lld, length %lld do not fit in dim %d of size %lld of x %s", op,
@@ -1297,8 +1350,7 @@ MGPU_API mgpu_tensor *mgpu_op_narrow(mgpu_context *ctx, mgpu_tensor *x, int dim,
     shape[d] = length;
     out = mgpu__new_activation(ctx, x->dtype, x->ndim, shape);
     if (!out) return NULL;
-    esize = mgpu_dtype_size(x->dtype);
-    mgpu__copy_rows(outer, length * inner, (const char *)x->data + (size_t)(start * inner) * esize, size * inner, out->data, length * inner, esize, 0);
+    if (mgpu__copy_slice(ctx, x, d, start, length, x->data, out->data, 0, 0) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__narrow_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d; node->iarg[1] = start; node->iarg[2] = length; }
     return out;

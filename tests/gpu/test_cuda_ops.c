@@ -489,15 +489,30 @@ static void test_pool(void) {
 
 /* ============================== copies and reductions ============================== */
 
+/* The copy twins' argument structs with the old positional parameters (F32 elements). */
+static mgpu_result transpose(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner, int accumulate) {
+    mgpu__transpose_args a;
+    memset(&a, 0, sizeof a);
+    a.x = x; a.out = y; a.outer = outer; a.d0 = d0; a.mid = mid; a.d1 = d1; a.inner = inner; a.esize = sizeof(float); a.accumulate = accumulate;
+    return mgpu_cuda_transpose(&a, NULL);
+}
+static mgpu_result copy_rows(const float *src, int64_t src_pitch, int64_t src_off, float *dst, int64_t dst_pitch, int64_t dst_off, int64_t rows,
+                             int64_t len, int accumulate) {
+    mgpu__copy_rows_args a;
+    memset(&a, 0, sizeof a);
+    a.src = src + src_off; a.src_pitch = src_pitch; a.dst = dst + dst_off; a.dst_pitch = dst_pitch;
+    a.rows = rows; a.len = len; a.esize = sizeof(float); a.accumulate = accumulate;
+    return mgpu_cuda_copy_rows(&a, NULL);
+}
 static void test_transpose(void) {
     int64_t xs[4] = { 2, 3, 4, 5 };
     mgpu_tensor *x = rnd(4, xs, -1, 1), *y = mgpu_op_transpose(cpu, x, 1, 3);
     float *dx = dev_of(x), *out = dev_nan(x->numel), *g = dev_zeros(x->numel), *dy;
     /* (2, 3, 4, 5) -> (2, 5, 4, 3): outer 2, d0 3, mid 4, d1 5, inner 1 */
-    expect_ok(mgpu_cuda_transpose(dx, out, 2, 3, 4, 5, 1, 0, NULL), "transpose");
+    expect_ok(transpose(dx, out, 2, 3, 4, 5, 1, 0), "transpose");
     expect_close("transpose forward", out, (const float *)y->data, y->numel, 0.0);
     dy = cpu_backward(y);
-    expect_ok(mgpu_cuda_transpose(dy, g, 2, 5, 4, 3, 1, 1, NULL), "transpose backward");
+    expect_ok(transpose(dy, g, 2, 5, 4, 3, 1, 1), "transpose backward");
     expect_close("transpose backward", g, grad_of(x), x->numel, 0.0);
     case_end();
 }
@@ -509,26 +524,43 @@ static void test_concat_narrow(void) {
     xs[0] = a; xs[1] = b;
     y = mgpu_op_concat(cpu, xs, 2, 1);   // (2, 8, 4): rows of 8 * 4, a at 0, b at 12
     da = dev_of(a); db = dev_of(b); out = dev_nan(y->numel); ga = dev_zeros(a->numel); gb = dev_zeros(b->numel);
-    expect_ok(mgpu_cuda_copy_rows(da, 12, 0, out, 32, 0, 2, 12, 0, NULL), "concat a");
-    expect_ok(mgpu_cuda_copy_rows(db, 20, 0, out, 32, 12, 2, 20, 0, NULL), "concat b");
+    expect_ok(copy_rows(da, 12, 0, out, 32, 0, 2, 12, 0), "concat a");
+    expect_ok(copy_rows(db, 20, 0, out, 32, 12, 2, 20, 0), "concat b");
     expect_close("concat forward", out, (const float *)y->data, y->numel, 0.0);
     dy = cpu_backward(y);
-    expect_ok(mgpu_cuda_copy_rows(dy, 32, 0, ga, 12, 0, 2, 12, 1, NULL), "concat backward a");
-    expect_ok(mgpu_cuda_copy_rows(dy, 32, 12, gb, 20, 0, 2, 20, 1, NULL), "concat backward b");
+    expect_ok(copy_rows(dy, 32, 0, ga, 12, 0, 2, 12, 1), "concat backward a");
+    expect_ok(copy_rows(dy, 32, 12, gb, 20, 0, 2, 20, 1), "concat backward b");
     expect_close("concat backward a", ga, grad_of(a), a->numel, 0.0);
     expect_close("concat backward b", gb, grad_of(b), b->numel, 0.0);
     case_end();
     b = rnd(3, s2, -1, 1);
     nr = mgpu_op_narrow(cpu, b, 1, 1, 3);   // (2, 3, 4) from rows [1, 4) of dim 1
     db = dev_of(b); nout = dev_nan(nr->numel); gn = dev_zeros(b->numel);
-    expect_ok(mgpu_cuda_copy_rows(db, 20, 4, nout, 12, 0, 2, 12, 0, NULL), "narrow");
+    expect_ok(copy_rows(db, 20, 4, nout, 12, 0, 2, 12, 0), "narrow");
     expect_close("narrow forward", nout, (const float *)nr->data, nr->numel, 0.0);
     dny = cpu_backward(nr);
-    expect_ok(mgpu_cuda_copy_rows(dny, 12, 0, gn, 20, 4, 2, 12, 1, NULL), "narrow backward");
+    expect_ok(copy_rows(dny, 12, 0, gn, 20, 4, 2, 12, 1), "narrow backward");
     expect_close("narrow backward", gn, grad_of(b), b->numel, 0.0);
     case_end();
 }
 
+/* The sum and max_dim twins' argument structs for x (outer, D, inner). */
+static mgpu__sum_args sum_args(int64_t outer, int64_t D, int64_t inner, float scale) {
+    mgpu__sum_args a;
+    memset(&a, 0, sizeof a);
+    a.outer = outer; a.dim = D; a.inner = inner; a.scale = scale;
+    return a;
+}
+static mgpu_result sum_forward(const float *x, float *out, int64_t outer, int64_t D, int64_t inner, float scale, float *scratch) {
+    mgpu__sum_args a = sum_args(outer, D, inner, scale);
+    a.x = x; a.out = out; a.scratch = scratch;
+    return mgpu_cuda_sum_forward(&a, NULL);
+}
+static mgpu_result sum_backward(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale) {
+    mgpu__sum_args a = sum_args(outer, D, inner, scale);
+    a.dy = dy; a.out = dx;
+    return mgpu_cuda_sum_backward(&a, NULL);
+}
 static void test_reductions(void) {
     int64_t xs[3] = { 4, 37, 5 }, n = quick ? 100003 : 3000017;
     int mean;
@@ -536,30 +568,33 @@ static void test_reductions(void) {
         mgpu_tensor *x = rnd(3, xs, -1, 1), *y = mean ? mgpu_op_mean(cpu, x) : mgpu_op_sum(cpu, x);
         float scale = mean ? 1.0f / (float)x->numel : 1.0f;
         float *dx = dev_of(x), *out = dev_nan(1), *scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS), *g = dev_zeros(x->numel), *dy;
-        expect_ok(mgpu_cuda_sum(dx, x->numel, scale, out, scratch, NULL), "sum");
+        expect_ok(sum_forward(dx, out, 1, x->numel, 1, scale, scratch), "sum");
         expect_close(mean ? "mean" : "sum", out, (const float *)y->data, 1, F32_TOL);
         dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_sum_dim_backward(dy, g, 1, x->numel, 1, scale, NULL), "sum backward");
+        expect_ok(sum_backward(dy, g, 1, x->numel, 1, scale), "sum backward");
         expect_close(mean ? "mean backward" : "sum backward", g, grad_of(x), x->numel, F32_TOL);
         case_end();
         x = rnd(3, xs, -1, 1); y = mean ? mgpu_op_mean_dim(cpu, x, 1, 0) : mgpu_op_sum_dim(cpu, x, 1, 0);
         dx = dev_of(x); out = dev_nan(y->numel); g = dev_zeros(x->numel);
         scale = mean ? 1.0f / 37.0f : 1.0f;
-        expect_ok(mgpu_cuda_sum_dim(dx, out, 4, 37, 5, scale, NULL), "sum_dim");
+        expect_ok(sum_forward(dx, out, 4, 37, 5, scale, NULL), "sum_dim");
         expect_close(mean ? "mean_dim" : "sum_dim", out, (const float *)y->data, y->numel, F32_TOL);
         dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_sum_dim_backward(dy, g, 4, 37, 5, scale, NULL), "sum_dim backward");
+        expect_ok(sum_backward(dy, g, 4, 37, 5, scale), "sum_dim backward");
         expect_close(mean ? "mean_dim backward" : "sum_dim backward", g, grad_of(x), x->numel, F32_TOL);
         case_end();
     }
     {
         mgpu_tensor *x = rnd(3, xs, -1, 1), *y = mgpu_op_max_dim(cpu, x, 1, 0);
         float *dx = dev_of(x), *out = dev_nan(y->numel), *g = dev_zeros(x->numel), *dy;
-        int32_t *am = (int32_t *)dev_alloc(sizeof(int32_t) * (size_t)y->numel);
-        expect_ok(mgpu_cuda_max_dim(dx, out, am, 4, 37, 5, NULL), "max_dim");
+        mgpu__max_dim_args m;
+        memset(&m, 0, sizeof m);
+        m.x = dx; m.out = out; m.argmax = (int64_t *)dev_alloc(sizeof(int64_t) * (size_t)y->numel); m.outer = 4; m.dim = 37; m.inner = 5;
+        expect_ok(mgpu_cuda_max_dim_forward(&m, NULL), "max_dim");
         expect_close("max_dim", out, (const float *)y->data, y->numel, 0.0);
         dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_max_dim_backward(am, dy, g, 4, 37, 5, NULL), "max_dim backward");
+        m.dy = dy; m.out = g;
+        expect_ok(mgpu_cuda_max_dim_backward(&m, NULL), "max_dim backward");
         expect_close("max_dim backward", g, grad_of(x), x->numel, 0.0);
         case_end();
     }
@@ -570,7 +605,7 @@ static void test_reductions(void) {
         for (i = 0; i < n; i++) { h[i] = (float)mt_uniform(-1, 1); s += h[i]; }
         ref = (float)s;
         dx = dev_copy(h, sizeof(float) * (size_t)n); out = dev_nan(1); scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS);
-        expect_ok(mgpu_cuda_sum(dx, n, 1.0f, out, scratch, NULL), "long sum");
+        expect_ok(sum_forward(dx, out, 1, n, 1, 1.0f, scratch), "long sum");
         expect_close("sum of 3M floats", out, &ref, 1, 1e-4);
         free(h);
         case_end();
@@ -822,7 +857,7 @@ static void test_determinism(void) {
         expect_ok(mgpu_cuda_layer_norm_forward(dx, NULL, NULL, y, mean, rstd, R, C, 1e-5f, NULL), "ln");
         expect_ok(mgpu_cuda_layer_norm_backward(dx, NULL, dy, mean, rstd, run[r][0], run[r][1], NULL, R, C, NULL), "ln bwd");
         expect_ok(mgpu_cuda_embedding_backward(didx, 0, demb, run[r][2], n, V, 256, NULL), "emb bwd");
-        expect_ok(mgpu_cuda_sum(dx, R * C, 1.0f, run[r][2] + V * 256, scratch, NULL), "sum");
+        expect_ok(sum_forward(dx, run[r][2] + V * 256, 1, R * C, 1, 1.0f, scratch), "sum");
     }
     MT_CHECK(same_bits(run[0][0], run[1][0], R * C), "layer_norm dx differs between two identical runs");
     MT_CHECK(same_bits(run[0][1], run[1][1], C), "layer_norm dw differs between two identical runs");
