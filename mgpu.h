@@ -980,51 +980,86 @@ typedef struct mgpu__unary_args {
 mgpu_result mgpu_cuda_unary_forward(const mgpu__unary_args *a, void *stream);
 mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void *stream);
 
-typedef enum mgpu_cuda_binary { MGPU_CUDA_ADD, MGPU_CUDA_SUB, MGPU_CUDA_MUL } mgpu_cuda_binary;
-/* Broadcast geometry: out shape and the element strides of a and b against it (0 where broadcast). */
-typedef struct mgpu_cuda_bcast {
+/* binary (NumPy broadcasting, right-aligned; bias_add is this op): forward out = a op b, a and b
+   read through their strides against out's shape (0 where broadcast); backward da += the sum of
+   dy * d out/d a over a's broadcast dims in a fixed order (likewise db); da or db may be NULL */
+typedef enum mgpu__binary_kind { MGPU__BIN_ADD, MGPU__BIN_SUB, MGPU__BIN_MUL } mgpu__binary_kind;
+typedef struct mgpu__bcast {
     int ndim;
     int64_t shape[MGPU_MAX_DIMS], a_stride[MGPU_MAX_DIMS], b_stride[MGPU_MAX_DIMS];
     int64_t numel, a_numel, b_numel;
-} mgpu_cuda_bcast;
-/* NumPy broadcasting of a and b (right-aligned); MGPU_ERR_SHAPE when they do not broadcast. */
-mgpu_result mgpu_cuda_bcast_make(int a_ndim, const int64_t *a_shape, int b_ndim, const int64_t *b_shape, mgpu_cuda_bcast *out);
-mgpu_result mgpu_cuda_binary_forward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, float *out, void *stream);
-/* da += reduce(dy * d out/d a) over a's broadcast dims (likewise db); da or db may be NULL. Deterministic. */
-mgpu_result mgpu_cuda_binary_backward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, const float *dy,
-                                      float *da, float *db, void *stream);
+} mgpu__bcast;
+typedef struct mgpu__binary_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    mgpu__binary_kind kind;
+    mgpu__bcast g;
+    const float *a, *b, *dy; float *out, *da, *db;
+} mgpu__binary_args;
+mgpu_result mgpu_cuda_binary_forward(const mgpu__binary_args *args, void *stream);
+mgpu_result mgpu_cuda_binary_backward(const mgpu__binary_args *args, void *stream);
 
-/* x (rows, cols) + b (cols) */
-mgpu_result mgpu_cuda_bias_add_forward(const float *x, const float *b, float *y, int64_t rows, int64_t cols, void *stream);
-/* db += column sums of dy (rows, cols): fixed-order, deterministic */
+/* db += column sums of dy (rows, cols): fixed-order, deterministic (linear's bias gradient) */
 mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream);
 
-/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ---- */
-mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream);
-/* dx += softmax' (y is the forward output; log selects log-softmax) */
-mgpu_result mgpu_cuda_softmax_backward(const float *y, const float *dy, float *dx, int64_t outer, int64_t dim, int64_t inner,
-                                       int log, void *stream);
+/* accumulate (n): out += x (the backward of views and casts) */
+typedef struct mgpu__accumulate_args {
+    mgpu_context *ctx;
+    const float *x; float *out;
+    int64_t n;
+} mgpu__accumulate_args;
+mgpu_result mgpu_cuda_accumulate(const mgpu__accumulate_args *a, void *stream);
 
-/* ---- losses: targets (n) I32 or I64 (target_i64), -100 ignored; other out-of-range targets give NaN
-   (validate them on the host first). Scalars (loss, valid) live in device memory. ---- */
-/* loss[0] = mean over counted rows of lse - x[t]; lse (n) kept for backward; valid[0] = counted rows */
-mgpu_result mgpu_cuda_cross_entropy_forward(const float *logits, const void *target, int target_i64, int64_t n, int64_t c,
-                                            float *lse, float *loss, float *valid, void *stream);
-/* dx += dloss / valid * (softmax - onehot) */
-mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, const void *target, int target_i64, const float *lse,
-                                             const float *dloss, const float *valid, float *dx, int64_t n, int64_t c, void *stream);
-mgpu_result mgpu_cuda_nll_forward(const float *logp, const void *target, int target_i64, int64_t n, int64_t c,
-                                  float *loss, float *valid, void *stream);
-mgpu_result mgpu_cuda_nll_backward(const void *target, int target_i64, const float *dloss, const float *valid, float *dx,
-                                   int64_t n, int64_t c, void *stream);
-/* loss[0] = mean((a - b)^2) */
-mgpu_result mgpu_cuda_mse_forward(const float *a, const float *b, int64_t n, float *loss, void *stream);
-mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, const float *dloss, float *da, float *db, int64_t n, void *stream);
+/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ----
+   forward out = softmax(x) (log: log_softmax); backward out += softmax'(y) dy, y the forward output */
+typedef struct mgpu__softmax_args {
+    mgpu_context *ctx;
+    int log;
+    const float *x, *y, *dy; float *out;
+    int64_t outer, dim, inner;
+} mgpu__softmax_args;
+mgpu_result mgpu_cuda_softmax_forward(const mgpu__softmax_args *a, void *stream);
+mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream);
 
-/* ---- dropout: keep element i iff mgpu_random_uniform(seed, first + i) >= p (the CPU's exact mask).
-   dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward). ---- */
-mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n,
-                              int accumulate, void *stream);
+/* ---- classification losses, cross_entropy (x: logits, log-softmax fused in) and nll (x:
+   log-probabilities): x (n, c), target (n) I32 or I64 (target_i64), -100 ignored; the front
+   rejects other targets outside [0, c) (the CUDA twins would give NaN). Scalars live on the device.
+   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), valid[0] = counted rows,
+   lse (n) kept for backward (cross_entropy only); backward: dx += dloss[0] / valid[0] * (softmax(x) - onehot(t))
+   (nll: -onehot(t)) ---- */
+typedef struct mgpu__class_loss_args {
+    mgpu_context *ctx;
+    const float *x; const void *target; int target_i64;
+    int64_t n, c;
+    float *lse, *loss, *valid;
+    const float *dloss; float *dx;
+} mgpu__class_loss_args;
+mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream);
+/* mse (n): forward loss[0] = mean((a - b)^2); backward da += 2 dloss[0] / n * (a - b), db -= the
+   same (either may be NULL) */
+typedef struct mgpu__mse_args {
+    mgpu_context *ctx;
+    const float *a, *b; int64_t n;
+    float *loss;
+    const float *dloss; float *da, *db;
+} mgpu__mse_args;
+mgpu_result mgpu_cuda_mse_forward(const mgpu__mse_args *a, void *stream);
+mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *a, void *stream);
+
+/* ---- dropout (n): dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward).
+   x is seen as rows of row_size; element c of local row j is kept iff mgpu_random_uniform(seed,
+   first + (rank + world * j) * row_size + c) >= p, so W DDP ranks draw the masks one process draws
+   for the combined batch (world 1: counter first + i). ---- */
+typedef struct mgpu__dropout_args {
+    mgpu_context *ctx;
+    uint64_t seed, first; float p, scale;
+    int64_t row_size, rank, world;
+    const float *src; float *dst; int64_t n;
+    int accumulate;
+} mgpu__dropout_args;
+mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *a, void *stream);
 /* Fills out[i] = mgpu_random_u32(seed, first + i) (tests compare it with the CPU bit for bit). */
 mgpu_result mgpu_cuda_random_u32(uint64_t seed, uint64_t first, uint32_t *out, int64_t n, void *stream);
 
@@ -1064,28 +1099,50 @@ mgpu_result mgpu_cuda_pool_forward(const mgpu_cuda_conv_geom *g, int is_max, con
 mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int is_max, const int32_t *argmax, const float *dy, float *dx,
                                     void *stream);
 
-/* ---- copies ---- */
-/* x (outer, d0, mid, d1, inner) -> y (outer, d1, mid, d0, inner); accumulate: y += */
-mgpu_result mgpu_cuda_transpose(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner,
-                                int accumulate, void *stream);
-/* Row-block copy for concat/narrow and their backwards: for r < rows,
-   dst[r * dst_row + dst_off + j] (=|+=) src[r * src_row + src_off + j], j < len. */
-mgpu_result mgpu_cuda_copy_rows(const float *src, int64_t src_row, int64_t src_off, float *dst, int64_t dst_row, int64_t dst_off,
-                                int64_t rows, int64_t len, int accumulate, void *stream);
+/* ---- copies: elements of esize bytes (the CUDA twins move 4-byte ones); accumulate (backward,
+   F32): dst += instead ---- */
+/* transpose: x (outer, d0, mid, d1, inner) -> out (outer, d1, mid, d0, inner) */
+typedef struct mgpu__transpose_args {
+    mgpu_context *ctx;
+    const void *x; void *out;
+    int64_t outer, d0, mid, d1, inner;
+    size_t esize; int accumulate;
+} mgpu__transpose_args;
+mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream);
+/* copy_rows, the row blocks of concat and narrow: dst[r * dst_pitch + j] = src[r * src_pitch + j]
+   for r < rows, j < len (pitches in elements, >= len) */
+typedef struct mgpu__copy_rows_args {
+    mgpu_context *ctx;
+    const void *src; void *dst;
+    int64_t rows, len, src_pitch, dst_pitch;
+    size_t esize; int accumulate;
+} mgpu__copy_rows_args;
+mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream);
 
-/* ---- reductions (fixed partition and tree: deterministic for a given n) ---- */
+/* ---- reductions, in an order fixed by the shapes alone (deterministic); x seen as (outer, dim, inner) ---- */
 #define MGPU_CUDA_REDUCE_PARTIALS 1024
-/* out[0] = scale * sum(x); scratch: MGPU_CUDA_REDUCE_PARTIALS floats of device memory */
-mgpu_result mgpu_cuda_sum(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream);
-/* x (outer, D, inner) -> y (outer, inner) = scale * sum over D */
-mgpu_result mgpu_cuda_sum_dim(const float *x, float *y, int64_t outer, int64_t D, int64_t inner, float scale, void *stream);
-/* dx (outer, D, inner) += scale * dy (outer, inner); a full sum is outer = inner = 1, D = n,
-   with dy a device scalar */
-mgpu_result mgpu_cuda_sum_dim_backward(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale, void *stream);
-/* y, argmax (outer, inner): first maximum along D (NaN wins) */
-mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argmax, int64_t outer, int64_t D, int64_t inner, void *stream);
-mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner,
-                                       void *stream);
+/* sum: forward out (outer, inner) = scale * sum over dim (a full sum: outer = inner = 1);
+   backward out += scale * dy broadcast along dim. scratch (forward with outer * inner == 1):
+   MGPU_CUDA_REDUCE_PARTIALS floats of workspace for the CUDA twin's two-phase sum; the CPU twin ignores it */
+typedef struct mgpu__sum_args {
+    mgpu_context *ctx;
+    const float *x, *dy; float *out;
+    int64_t outer, dim, inner;
+    float scale;
+    float *scratch;
+} mgpu__sum_args;
+mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stream);
+mgpu_result mgpu_cuda_sum_backward(const mgpu__sum_args *a, void *stream);
+/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim (NaN wins)
+   and its index; backward out += dy at argmax */
+typedef struct mgpu__max_dim_args {
+    mgpu_context *ctx;
+    const float *x, *dy; float *out;
+    int64_t *argmax;
+    int64_t outer, dim, inner;
+} mgpu__max_dim_args;
+mgpu_result mgpu_cuda_max_dim_forward(const mgpu__max_dim_args *a, void *stream);
+mgpu_result mgpu_cuda_max_dim_backward(const mgpu__max_dim_args *a, void *stream);
 
 /* ---- tensor-level fills, copies and casts; half-precision rounding ---- */
 /* fill (n elements of dtype): dst[i] = value as a C cast to the dtype would give it (F16/BF16
@@ -2799,12 +2856,6 @@ static void mgpu__ew_apply(mgpu_context *ctx, mgpu__ew_kind kind, float c, int n
     mgpu__iter_parallel(ctx, &it, mgpu__ew_run, &e);
 }
 
-/* dst[i] += c * src[i] over n elements (gradients of views and casts). */
-static void mgpu__accumulate(mgpu_context *ctx, float *dst, const float *src, int64_t n, float c) {
-    int64_t one = 1;
-    mgpu__ew_apply(ctx, MGPU__EW_ACC, c, 1, &n, dst, src, &one, NULL, NULL);
-}
-
 /* --------------------------------------------------------------------------------------
    Reduction of a full index space onto a target that broadcasts over it:
        dst[t] (+)= scale * sum over the reduced dims of src[...] * other[...]
@@ -2932,9 +2983,12 @@ static void mgpu__reduce_into(mgpu_context *ctx, int ndim, const int64_t *shape,
    Binary ops with broadcasting: add, sub, mul, bias_add
    -------------------------------------------------------------------------------------- */
 
-/* Broadcast shape of a and b, or MGPU_ERR_SHAPE naming both shapes. */
-static int mgpu__broadcast_shape(const char *op, const mgpu_tensor *a, const mgpu_tensor *b, int *ndim, int64_t *shape) {
+/* Broadcast geometry of a and b (NumPy rules, right-aligned): out's shape, and the strides that read
+   a and b against it (mgpu__bcast_strides), or MGPU_ERR_SHAPE naming both shapes. */
+static int mgpu__bcast_make(const char *op, const mgpu_tensor *a, const mgpu_tensor *b, mgpu__bcast *g) {
     int n = MGPU__MAX(a->ndim, b->ndim), i;
+    memset(g, 0, sizeof *g);
+    g->numel = 1; g->a_numel = a->numel; g->b_numel = b->numel;
     for (i = 0; i < n; i++) {
         int ia = i - (n - a->ndim), ib = i - (n - b->ndim);
         int64_t da = ia >= 0 ? a->shape[ia] : 1, db = ib >= 0 ? b->shape[ib] : 1;
@@ -2943,59 +2997,71 @@ static int mgpu__broadcast_shape(const char *op, const mgpu_tensor *a, const mgp
                        mgpu__shape_str(a), mgpu__shape_str(b), i - n, (long long)da, (long long)db);
             return 0;
         }
-        shape[i] = da == 1 ? db : da;
+        g->shape[i] = da == 1 ? db : da;
+        g->numel *= g->shape[i];
     }
-    *ndim = n;
+    g->ndim = n;
+    mgpu__bcast_strides(n, a, g->a_stride);
+    mgpu__bcast_strides(n, b, g->b_stride);
     return 1;
 }
 
-static mgpu_result mgpu__binary_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *out = node->out;
-    mgpu__ew_kind kind = (mgpu__ew_kind)node->iarg[0];
-    const float *dy = (const float *)out->grad->data;
-    int i;
-    for (i = 0; i < 2; i++) {
-        mgpu_tensor *self = node->in[i], *other = node->in[1 - i];
-        int64_t self_st[MGPU_MAX_DIMS], other_st[MGPU_MAX_DIMS];
-        float *dx;
-        if (!mgpu__needs_grad(node, i)) continue;
-        MGPU__GRAD_OR_FAIL(dx, ctx, self);
-        mgpu__bcast_strides(out->ndim, self, self_st);
-        mgpu__bcast_strides(out->ndim, other, other_st);
-        if (kind == MGPU__EW_MUL) // d(a*b)/da = b
-            mgpu__reduce_into(ctx, out->ndim, out->shape, dy, self_st, (const float *)other->data, other_st, dx, 1.0f, 1);
-        else // d(a + c*b): 1 for a, c for b
-            mgpu__reduce_into(ctx, out->ndim, out->shape, dy, self_st, NULL, NULL, dx, i == 0 ? 1.0f : node->farg[0], 1);
-    }
-    return MGPU_OK;
+static void mgpu__cpu_binary_forward(const mgpu__binary_args *a) {
+    const mgpu__bcast *g = &a->g;
+    mgpu__ew_kind kind = a->kind == MGPU__BIN_MUL ? MGPU__EW_MUL : MGPU__EW_ADD;
+    float c = a->kind == MGPU__BIN_SUB ? -1.0f : 1.0f; /* add and sub are a + c * b */
+    mgpu__ew_apply(a->ctx, kind, c, g->ndim, g->shape, a->out, a->a, g->a_stride, a->b, g->b_stride);
 }
 
-static mgpu_tensor *mgpu__binary(mgpu_context *ctx, const char *op, mgpu__ew_kind kind, float c, mgpu_tensor *a, mgpu_tensor *b) {
-    int64_t shape[MGPU_MAX_DIMS], sa[MGPU_MAX_DIMS], sb[MGPU_MAX_DIMS];
+/* d(a * b) = dy * b for a, dy * a for b; d(a + c * b) = dy for a, c * dy for b. Each is reduced
+   onto the operand's own (broadcast) strides. */
+static void mgpu__cpu_binary_backward(const mgpu__binary_args *a) {
+    const mgpu__bcast *g = &a->g;
+    int mul = a->kind == MGPU__BIN_MUL;
+    if (a->da)
+        mgpu__reduce_into(a->ctx, g->ndim, g->shape, a->dy, g->a_stride, mul ? a->b : NULL, g->b_stride, a->da, 1.0f, 1);
+    if (a->db)
+        mgpu__reduce_into(a->ctx, g->ndim, g->shape, a->dy, g->b_stride, mul ? a->a : NULL, g->a_stride, a->db,
+                          a->kind == MGPU__BIN_SUB ? -1.0f : 1.0f, 1);
+}
+
+static mgpu_result mgpu__binary_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu_tensor *in_a = node->in[0], *in_b = node->in[1];
+    mgpu__binary_args args;
+    memset(&args, 0, sizeof args);
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(args.da, ctx, in_a);
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(args.db, ctx, in_b);
+    mgpu__bcast_make(node->name, in_a, in_b, &args.g); /* the forward's geometry: cannot fail now */
+    args.ctx = ctx; args.kind = (mgpu__binary_kind)node->iarg[0];
+    args.a = (const float *)in_a->data; args.b = (const float *)in_b->data; args.dy = (const float *)node->out->grad->data;
+    return MGPU__TWIN(ctx, binary_backward, &args);
+}
+
+static mgpu_tensor *mgpu__binary(mgpu_context *ctx, const char *op, mgpu__binary_kind kind, mgpu_tensor *a, mgpu_tensor *b) {
     mgpu_tensor *out, *ins[2];
     mgpu__node *node;
-    int ndim = 0;
+    mgpu__binary_args args;
     if (!mgpu__check_input(ctx, op, "a", a, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
-    if (!mgpu__broadcast_shape(op, a, b, &ndim, shape)) return NULL;
-    out = mgpu__new_activation(ctx, MGPU_F32, ndim, shape);
+    memset(&args, 0, sizeof args);
+    if (!mgpu__bcast_make(op, a, b, &args.g)) return NULL;
+    out = mgpu__new_activation(ctx, MGPU_F32, args.g.ndim, args.g.shape);
     if (!out) return NULL;
-    mgpu__bcast_strides(ndim, a, sa);
-    mgpu__bcast_strides(ndim, b, sb);
-    mgpu__ew_apply(ctx, kind, c, ndim, shape, (float *)out->data, (const float *)a->data, sa, (const float *)b->data, sb);
+    args.ctx = ctx; args.kind = kind; args.a = (const float *)a->data; args.b = (const float *)b->data; args.out = (float *)out->data;
+    if (MGPU__TWIN(ctx, binary_forward, &args) != MGPU_OK) return NULL;
     ins[0] = a; ins[1] = b;
     MGPU__RECORD(ctx, op, mgpu__binary_backward, out, 2, ins, node);
-    if (node) { node->iarg[0] = kind; node->farg[0] = c; }
+    if (node) node->iarg[0] = kind;
     return out;
 }
 
 MGPU_API mgpu_tensor *mgpu_op_add(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
-    return mgpu__binary(ctx, "mgpu_op_add", MGPU__EW_ADD, 1.0f, a, b);
+    return mgpu__binary(ctx, "mgpu_op_add", MGPU__BIN_ADD, a, b);
 }
 MGPU_API mgpu_tensor *mgpu_op_sub(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
-    return mgpu__binary(ctx, "mgpu_op_sub", MGPU__EW_ADD, -1.0f, a, b);
+    return mgpu__binary(ctx, "mgpu_op_sub", MGPU__BIN_SUB, a, b);
 }
 MGPU_API mgpu_tensor *mgpu_op_mul(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
-    return mgpu__binary(ctx, "mgpu_op_mul", MGPU__EW_MUL, 1.0f, a, b);
+    return mgpu__binary(ctx, "mgpu_op_mul", MGPU__BIN_MUL, a, b);
 }
 // x (..., C) + b (C): broadcasting add, restricted so a wrong bias is an error, not a broadcast.
 MGPU_API mgpu_tensor *mgpu_op_bias_add(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *b) {
@@ -3003,7 +3069,7 @@ MGPU_API mgpu_tensor *mgpu_op_bias_add(mgpu_context *ctx, mgpu_tensor *x, mgpu_t
     if (!mgpu__check_input(ctx, op, "x", x, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
     if (x->ndim < 1 || b->ndim != 1 || b->shape[0] != x->shape[x->ndim - 1])
         MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: bias b %s must be (C,) with C the last dim of x %s", op, mgpu__shape_str(b), mgpu__shape_str(x));
-    return mgpu__binary(ctx, op, MGPU__EW_ADD, 1.0f, x, b);
+    return mgpu__binary(ctx, op, MGPU__BIN_ADD, x, b);
 }
 
 /* --------------------------------------------------------------------------------------
@@ -3118,19 +3184,12 @@ MGPU_API mgpu_tensor *mgpu_op_sigmoid(mgpu_context *ctx, mgpu_tensor *x) { retur
    Softmax and log-softmax along any dim: x seen as (outer, D, inner), one line per (outer, inner)
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__lines {
-    int64_t dim, inner;       /* line length and element stride */
-    int log;                  /* log_softmax */
-    const float *x, *y, *dy;  /* backward reads y (the forward output) and dy */
-    float *out;               /* forward: y; backward: dx (accumulated) */
-} mgpu__lines;
-
-static int64_t mgpu__line_base(const mgpu__lines *l, int64_t line) {
+static int64_t mgpu__line_base(const mgpu__softmax_args *l, int64_t line) {
     return (line / l->inner) * l->dim * l->inner + line % l->inner;
 }
 
 static void mgpu__softmax_forward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__lines *l = (const mgpu__lines *)p;
+    const mgpu__softmax_args *l = (const mgpu__softmax_args *)p;
     int64_t line, j, s = l->inner;
     for (line = begin; line < end; line++) {
         const float *x = l->x + mgpu__line_base(l, line);
@@ -3151,7 +3210,7 @@ static void mgpu__softmax_forward_range(void *p, int64_t begin, int64_t end) {
 }
 
 static void mgpu__softmax_backward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__lines *l = (const mgpu__lines *)p;
+    const mgpu__softmax_args *l = (const mgpu__softmax_args *)p;
     int64_t line, j, s = l->inner;
     for (line = begin; line < end; line++) {
         int64_t base = mgpu__line_base(l, line);
@@ -3168,34 +3227,45 @@ static void mgpu__softmax_backward_range(void *p, int64_t begin, int64_t end) {
     }
 }
 
+/* One line per (outer, inner) pair; an empty dim leaves nothing to do. */
+static void mgpu__cpu_softmax_forward(const mgpu__softmax_args *a) {
+    if (a->dim > 0) mgpu_parallel_for(a->ctx, a->outer * a->inner, mgpu__grain_for(a->dim), mgpu__softmax_forward_range, (void *)a);
+}
+static void mgpu__cpu_softmax_backward(const mgpu__softmax_args *a) {
+    if (a->dim > 0) mgpu_parallel_for(a->ctx, a->outer * a->inner, mgpu__grain_for(a->dim), mgpu__softmax_backward_range, (void *)a);
+}
+
+/* x (outer, dim, inner) around its normalised dim d */
+static void mgpu__softmax_lines(mgpu_context *ctx, const mgpu_tensor *x, int d, int log, mgpu__softmax_args *a) {
+    memset(a, 0, sizeof *a);
+    a->ctx = ctx; a->log = log;
+    mgpu__split_at(x, d, &a->outer, &a->dim, &a->inner);
+}
+
 static mgpu_result mgpu__softmax_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__lines l;
+    mgpu__softmax_args a;
     float *dx;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
     MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    memset(&l, 0, sizeof l);
-    l.dim = node->iarg[0]; l.inner = node->iarg[1]; l.log = (int)node->iarg[2];
-    l.y = (const float *)node->out->data; l.dy = (const float *)node->out->grad->data; l.out = dx;
-    mgpu_parallel_for(ctx, node->out->numel / MGPU__MAX(l.dim, (int64_t)1), mgpu__grain_for(l.dim), mgpu__softmax_backward_range, &l);
-    return MGPU_OK;
+    mgpu__softmax_lines(ctx, node->in[0], (int)node->iarg[0], (int)node->iarg[1], &a);
+    a.y = (const float *)node->out->data; a.dy = (const float *)node->out->grad->data; a.out = dx;
+    return MGPU__TWIN(ctx, softmax_backward, &a);
 }
 
 static mgpu_tensor *mgpu__softmax(mgpu_context *ctx, const char *op, mgpu_tensor *x, int dim, int log) {
     mgpu_tensor *out;
     mgpu__node *node;
-    mgpu__lines l;
-    int64_t outer = 0;
+    mgpu__softmax_args a;
     int d;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     if ((d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;
-    memset(&l, 0, sizeof l);
-    mgpu__split_at(x, d, &outer, &l.dim, &l.inner);
-    l.log = log; l.x = (const float *)x->data; l.out = (float *)out->data;
-    if (l.dim > 0) mgpu_parallel_for(ctx, outer * l.inner, mgpu__grain_for(l.dim), mgpu__softmax_forward_range, &l);
+    mgpu__softmax_lines(ctx, x, d, log, &a);
+    a.x = (const float *)x->data; a.out = (float *)out->data;
+    if (MGPU__TWIN(ctx, softmax_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__softmax_backward, out, 1, &x, node);
-    if (node) { node->iarg[0] = l.dim; node->iarg[1] = l.inner; node->iarg[2] = log; }
+    if (node) { node->iarg[0] = d; node->iarg[1] = log; }
     return out;
 }
 
@@ -3218,73 +3288,60 @@ static int mgpu__check_class_inputs(mgpu_context *ctx, const char *op, const cha
     return 1;
 }
 
-/* Rows whose target counts (not ignore_index -100), or -1 with an error naming the first bad row. */
-static int64_t mgpu__count_valid_targets(const char *op, const mgpu_tensor *target, int64_t n, int64_t c) {
-    int64_t i, valid = 0;
+/* Every target is ignore_index (-100) or a class in [0, c); otherwise an error naming the first bad row. */
+static int mgpu__check_targets(const char *op, const mgpu_tensor *target, int64_t n, int64_t c) {
+    int64_t i;
     for (i = 0; i < n; i++) {
         int64_t t = mgpu__index_at(target, i);
-        if (t == MGPU__IGNORE_INDEX) continue;
-        if (t < 0 || t >= c) {
+        if (t != MGPU__IGNORE_INDEX && (t < 0 || t >= c)) {
             mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: target[%lld] = %lld is outside [0, %lld) (use -100 to ignore a row)", op,
                        (long long)i, (long long)t, (long long)c);
-            return -1;
+            return 0;
         }
-        valid++;
     }
-    return valid;
+    return 1;
 }
 
-static mgpu_result mgpu__nll_backward(mgpu_context *ctx, mgpu__node *node) {
-    const mgpu_tensor *target = node->in[1];
-    int64_t n = node->in[0]->shape[0], c = node->in[0]->shape[1], i;
-    float g = ((const float *)node->out->grad->data)[0] / (float)node->iarg[0];
-    float *dx;
-    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    for (i = 0; i < n; i++) {
-        int64_t t = mgpu__index_at(target, i);
-        if (t != MGPU__IGNORE_INDEX) dx[i * c + t] -= g;
-    }
-    return MGPU_OK;
+static int64_t mgpu__class_target(const mgpu__class_loss_args *a, int64_t i) {
+    return a->target_i64 ? ((const int64_t *)a->target)[i] : (int64_t)((const int32_t *)a->target)[i];
 }
 
-// logp (N, C), target (N) -> scalar
-MGPU_API mgpu_tensor *mgpu_op_nll_loss(mgpu_context *ctx, mgpu_tensor *logp, mgpu_tensor *target) {
-    const char *op = "mgpu_op_nll_loss";
-    mgpu_tensor *out, *ins[2];
-    mgpu__node *node;
-    int64_t n = 0, c = 0, valid, i;
+/* loss = total / counted rows (no counted row: NaN, as PyTorch); the count is kept for backward. */
+static void mgpu__class_loss_store(const mgpu__class_loss_args *a, double total) {
+    int64_t i, counted = 0;
+    for (i = 0; i < a->n; i++) counted += mgpu__class_target(a, i) != MGPU__IGNORE_INDEX;
+    a->valid[0] = (float)counted;
+    a->loss[0] = (float)(total / (double)counted);
+}
+
+static void mgpu__cpu_nll_forward(const mgpu__class_loss_args *a) {
     double sum = 0;
-    if (!mgpu__check_class_inputs(ctx, op, "logp", logp, target, &n, &c)) return NULL;
-    if ((valid = mgpu__count_valid_targets(op, target, n, c)) < 0) return NULL;
-    out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
-    if (!out) return NULL;
-    for (i = 0; i < n; i++) {
-        int64_t t = mgpu__index_at(target, i);
-        if (t != MGPU__IGNORE_INDEX) sum -= ((const float *)logp->data)[i * c + t];
+    int64_t i;
+    for (i = 0; i < a->n; i++) {
+        int64_t t = mgpu__class_target(a, i);
+        if (t != MGPU__IGNORE_INDEX) sum -= a->x[i * a->c + t];
     }
-    ((float *)out->data)[0] = (float)(sum / (double)valid); /* no valid row: NaN, as PyTorch */
-    ins[0] = logp; ins[1] = target;
-    MGPU__RECORD(ctx, op, mgpu__nll_backward, out, 2, ins, node);
-    if (node) node->iarg[0] = valid;
-    return out;
+    mgpu__class_loss_store(a, sum);
 }
 
-typedef struct mgpu__ce_arg {
-    const float *x; const mgpu_tensor *target; int64_t c;
-    float *lse;               /* (N) log-sum-exp per row, kept for backward */
-    float *dx; float g;       /* backward: dx += g * (softmax - onehot) */
-} mgpu__ce_arg;
+static void mgpu__cpu_nll_backward(const mgpu__class_loss_args *a) {
+    float g = a->dloss[0] / a->valid[0];
+    int64_t i;
+    for (i = 0; i < a->n; i++) {
+        int64_t t = mgpu__class_target(a, i);
+        if (t != MGPU__IGNORE_INDEX) a->dx[i * a->c + t] -= g;
+    }
+}
 
 static double mgpu__ce_forward_rows(void *p, int64_t begin, int64_t end) {
-    const mgpu__ce_arg *a = (const mgpu__ce_arg *)p;
+    const mgpu__class_loss_args *a = (const mgpu__class_loss_args *)p;
     double loss = 0;
     int64_t i, j, c = a->c;
     for (i = begin; i < end; i++) {
         const float *x = a->x + i * c;
         float mx = -INFINITY, lse;
         double sum = 0;
-        int64_t t = mgpu__index_at(a->target, i);
+        int64_t t = mgpu__class_target(a, i);
         for (j = 0; j < c; j++) mx = x[j] > mx ? x[j] : mx;
         if (mx == -INFINITY) mx = 0;
         for (j = 0; j < c; j++) sum += expf(x[j] - mx);
@@ -3296,52 +3353,69 @@ static double mgpu__ce_forward_rows(void *p, int64_t begin, int64_t end) {
 }
 
 static void mgpu__ce_backward_rows(void *p, int64_t begin, int64_t end) {
-    const mgpu__ce_arg *a = (const mgpu__ce_arg *)p;
+    const mgpu__class_loss_args *a = (const mgpu__class_loss_args *)p;
+    float g = a->dloss[0] / a->valid[0];
     int64_t i, j, c = a->c;
     for (i = begin; i < end; i++) {
         const float *x = a->x + i * c;
         float *dx = a->dx + i * c, lse = a->lse[i];
-        int64_t t = mgpu__index_at(a->target, i);
+        int64_t t = mgpu__class_target(a, i);
         if (t == MGPU__IGNORE_INDEX) continue;
-        for (j = 0; j < c; j++) dx[j] += a->g * expf(x[j] - lse);
-        dx[t] -= a->g;
+        for (j = 0; j < c; j++) dx[j] += g * expf(x[j] - lse);
+        dx[t] -= g;
     }
 }
 
-static mgpu_result mgpu__ce_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__ce_arg a;
-    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    memset(&a, 0, sizeof a);
-    MGPU__GRAD_OR_FAIL(a.dx, ctx, node->in[0]);
-    a.x = (const float *)node->in[0]->data; a.target = node->in[1]; a.c = node->in[0]->shape[1];
-    a.lse = (float *)node->extra;
-    a.g = ((const float *)node->out->grad->data)[0] / (float)node->iarg[0];
-    mgpu_parallel_for(ctx, node->in[0]->shape[0], mgpu__grain_for(a.c), mgpu__ce_backward_rows, &a);
-    return MGPU_OK;
+static void mgpu__cpu_cross_entropy_forward(const mgpu__class_loss_args *a) {
+    mgpu__class_loss_store(a, a->c > 0 ? mgpu__det_sum(a->ctx, a->n, 4096 / a->c, a->c, mgpu__ce_forward_rows, (void *)a) : 0);
+}
+static void mgpu__cpu_cross_entropy_backward(const mgpu__class_loss_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, mgpu__grain_for(a->c), mgpu__ce_backward_rows, (void *)a);
 }
 
-// logits (N, C), target (N) -> scalar mean of -log softmax(logits)[target] over counted rows
-MGPU_API mgpu_tensor *mgpu_op_cross_entropy(mgpu_context *ctx, mgpu_tensor *logits, mgpu_tensor *target) {
-    const char *op = "mgpu_op_cross_entropy";
+/* iarg[0]: 1 for cross_entropy, 0 for nll_loss; extra: the forward's arguments (lse, valid) */
+static mgpu_result mgpu__class_loss_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__class_loss_args a = *(const mgpu__class_loss_args *)node->extra;
+    if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(a.dx, ctx, node->in[0]);
+    a.dloss = (const float *)node->out->grad->data;
+    return node->iarg[0] ? MGPU__TWIN(ctx, cross_entropy_backward, &a) : MGPU__TWIN(ctx, nll_backward, &a);
+}
+
+/* The front of nll_loss (x: log-probabilities) and cross_entropy (fused: x are logits; keeps lse). */
+static mgpu_tensor *mgpu__class_loss(mgpu_context *ctx, const char *op, const char *name, mgpu_tensor *x, mgpu_tensor *target, int fused) {
     mgpu_tensor *out, *ins[2];
     mgpu__node *node;
-    mgpu__ce_arg a;
-    int64_t n = 0, c = 0, valid;
-    double total;
-    if (!mgpu__check_class_inputs(ctx, op, "logits", logits, target, &n, &c)) return NULL;
-    if ((valid = mgpu__count_valid_targets(op, target, n, c)) < 0) return NULL;
+    mgpu__class_loss_args a;
+    mgpu_result r;
+    memset(&a, 0, sizeof a);
+    if (!mgpu__check_class_inputs(ctx, op, name, x, target, &a.n, &a.c) || !mgpu__check_targets(op, target, a.n, a.c)) return NULL;
     out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
     if (!out) return NULL;
-    memset(&a, 0, sizeof a);
-    a.x = (const float *)logits->data; a.target = target; a.c = c;
-    a.lse = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)MGPU__MAX(n, (int64_t)1));
-    if (!a.lse) return NULL;
-    total = c > 0 ? mgpu__det_sum(ctx, n, 4096 / c, c, mgpu__ce_forward_rows, &a) : 0;
-    ((float *)out->data)[0] = (float)(total / (double)valid);
-    ins[0] = logits; ins[1] = target;
-    MGPU__RECORD(ctx, op, mgpu__ce_backward, out, 2, ins, node);
-    if (node) { node->iarg[0] = valid; node->extra = a.lse; }
+    a.ctx = ctx; a.x = (const float *)x->data; a.target = target->data; a.target_i64 = target->dtype == MGPU_I64;
+    a.loss = (float *)out->data;
+    if (!(a.valid = (float *)mgpu__arena_alloc(ctx, sizeof(float)))) return NULL;
+    if (fused && !(a.lse = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)MGPU__MAX(a.n, (int64_t)1)))) return NULL;
+    r = fused ? MGPU__TWIN(ctx, cross_entropy_forward, &a) : MGPU__TWIN(ctx, nll_forward, &a);
+    if (r != MGPU_OK) return NULL;
+    ins[0] = x; ins[1] = target;
+    MGPU__RECORD(ctx, op, mgpu__class_loss_backward, out, 2, ins, node);
+    if (node) {
+        mgpu__class_loss_args *saved = (mgpu__class_loss_args *)mgpu__arena_alloc(ctx, sizeof *saved);
+        if (!saved) return NULL;
+        *saved = a;
+        node->iarg[0] = fused; node->extra = saved;
+    }
     return out;
+}
+
+// logp (N, C), target (N) -> scalar mean of -logp[target] over counted rows
+MGPU_API mgpu_tensor *mgpu_op_nll_loss(mgpu_context *ctx, mgpu_tensor *logp, mgpu_tensor *target) {
+    return mgpu__class_loss(ctx, "mgpu_op_nll_loss", "logp", logp, target, 0);
+}
+// logits (N, C), target (N) -> scalar mean of -log softmax(logits)[target] over counted rows
+MGPU_API mgpu_tensor *mgpu_op_cross_entropy(mgpu_context *ctx, mgpu_tensor *logits, mgpu_tensor *target) {
+    return mgpu__class_loss(ctx, "mgpu_op_cross_entropy", "logits", logits, target, 1);
 }
 
 MGPU_API int64_t mgpu_count_correct(const mgpu_tensor *logits, const mgpu_tensor *target) {
@@ -3372,60 +3446,65 @@ MGPU_API int64_t mgpu_count_correct(const mgpu_tensor *logits, const mgpu_tensor
    MSE loss and dropout
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__mse_arg { const float *a, *b; float *da, *db; float g; } mgpu__mse_arg;
 static double mgpu__mse_partial(void *p, int64_t begin, int64_t end) {
-    const mgpu__mse_arg *m = (const mgpu__mse_arg *)p;
+    const mgpu__mse_args *m = (const mgpu__mse_args *)p;
     double s = 0;
     int64_t i;
     for (i = begin; i < end; i++) { double d = (double)m->a[i] - m->b[i]; s += d * d; }
     return s;
 }
 static void mgpu__mse_backward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__mse_arg *m = (const mgpu__mse_arg *)p;
+    const mgpu__mse_args *m = (const mgpu__mse_args *)p;
+    float g = 2.0f * m->dloss[0] / (float)m->n;
     int64_t i;
     for (i = begin; i < end; i++) {
-        float d = m->g * (m->a[i] - m->b[i]);
+        float d = g * (m->a[i] - m->b[i]);
         if (m->da) m->da[i] += d;
         if (m->db) m->db[i] -= d;
     }
 }
+static void mgpu__cpu_mse_forward(const mgpu__mse_args *m) {
+    m->loss[0] = (float)(mgpu__det_sum(m->ctx, m->n, 4096, 1, mgpu__mse_partial, (void *)m) / (double)m->n);
+}
+static void mgpu__cpu_mse_backward(const mgpu__mse_args *m) {
+    mgpu_parallel_for(m->ctx, m->n, MGPU__GRAIN, mgpu__mse_backward_range, (void *)m);
+}
+
+static void mgpu__mse_inputs(mgpu_context *ctx, const mgpu_tensor *a, const mgpu_tensor *b, mgpu__mse_args *m) {
+    memset(m, 0, sizeof *m);
+    m->ctx = ctx; m->a = (const float *)a->data; m->b = (const float *)b->data; m->n = a->numel;
+}
 static mgpu_result mgpu__mse_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__mse_arg m;
-    int64_t n = node->in[0]->numel;
-    memset(&m, 0, sizeof m);
+    mgpu__mse_args m;
+    mgpu__mse_inputs(ctx, node->in[0], node->in[1], &m);
     if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(m.da, ctx, node->in[0]);
     if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(m.db, ctx, node->in[1]);
-    m.a = (const float *)node->in[0]->data; m.b = (const float *)node->in[1]->data;
-    m.g = 2.0f * ((const float *)node->out->grad->data)[0] / (float)n;
-    mgpu_parallel_for(ctx, n, MGPU__GRAIN, mgpu__mse_backward_range, &m);
-    return MGPU_OK;
+    m.dloss = (const float *)node->out->grad->data;
+    return MGPU__TWIN(ctx, mse_backward, &m);
 }
 MGPU_API mgpu_tensor *mgpu_op_mse_loss(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b) {
     const char *op = "mgpu_op_mse_loss";
     mgpu_tensor *out, *ins[2];
-    mgpu__mse_arg m;
+    mgpu__mse_args m;
     if (!mgpu__check_input(ctx, op, "a", a, 1) || !mgpu__check_input(ctx, op, "b", b, 1)) return NULL;
     if (!mgpu_tensor_same_shape(a, b))
         MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: a %s and b %s must have the same shape", op, mgpu__shape_str(a), mgpu__shape_str(b));
     out = mgpu__new_activation(ctx, MGPU_F32, 0, NULL);
     if (!out) return NULL;
-    memset(&m, 0, sizeof m);
-    m.a = (const float *)a->data; m.b = (const float *)b->data;
-    ((float *)out->data)[0] = (float)(mgpu__det_sum(ctx, a->numel, 4096, 1, mgpu__mse_partial, &m) / (double)a->numel);
+    mgpu__mse_inputs(ctx, a, b, &m);
+    m.loss = (float *)out->data;
+    if (MGPU__TWIN(ctx, mse_forward, &m) != MGPU_OK) return NULL;
     ins[0] = a; ins[1] = b;
     MGPU__RECORD_PLAIN(ctx, op, mgpu__mse_backward, out, 2, ins);
     return out;
 }
 
 /* The mask is never stored: element i is kept iff uniform(seed, counter(i)) >= p, so backward
-   recomputes it, and any thread count or a resumed run draws the same mask. x is viewed as
-   (N, row_size); under DDP (ctx->row_world W > 1) local row j is row rank + W * j of the combined
-   batch (DistributedSampler's sharding), so its counters are first + (rank + W * j) * row_size + c
-   and W ranks draw exactly the masks one process draws for the combined batch. W = 1: first + i. */
-typedef struct mgpu__dropout_arg { uint64_t seed, first; float p, scale; const float *src; float *dst; int accumulate;
-                                   int64_t row_size, rank, world; } mgpu__dropout_arg;
+   recomputes it, and any thread count or a resumed run draws the same mask. Under DDP
+   (ctx->row_world W > 1) local row j is row rank + W * j of the combined batch (DistributedSampler's
+   sharding); the counters are laid out in mgpu__dropout_args. */
 static void mgpu__dropout_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__dropout_arg *d = (const mgpu__dropout_arg *)p;
+    const mgpu__dropout_args *d = (const mgpu__dropout_args *)p;
     int64_t i = begin;
     while (i < end) {
         int64_t j = i / d->row_size, row_end = MGPU__MIN((j + 1) * d->row_size, end);
@@ -3436,20 +3515,22 @@ static void mgpu__dropout_range(void *p, int64_t begin, int64_t end) {
         }
     }
 }
+static void mgpu__cpu_dropout(const mgpu__dropout_args *d) {
+    mgpu_parallel_for(d->ctx, d->n, MGPU__GRAIN, mgpu__dropout_range, (void *)d);
+}
 static mgpu_result mgpu__dropout_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__dropout_arg d = *(const mgpu__dropout_arg *)node->extra;
+    mgpu__dropout_args d = *(const mgpu__dropout_args *)node->extra;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
     MGPU__GRAD_OR_FAIL(d.dst, ctx, node->in[0]);
     d.src = (const float *)node->out->grad->data;
     d.accumulate = 1;
-    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__dropout_range, &d);
-    return MGPU_OK;
+    return MGPU__TWIN(ctx, dropout, &d);
 }
 MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p, int training) {
     const char *op = "mgpu_op_dropout";
     mgpu_tensor *out;
     mgpu__node *node;
-    mgpu__dropout_arg d;
+    mgpu__dropout_args d;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     if (!(p >= 0.0f && p <= 1.0f)) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: p = %g must be in [0, 1]", op, (double)p);
     if (!training) return x; /* eval: identity, no RNG drawn (as nn.Dropout in eval mode) */
@@ -3464,12 +3545,12 @@ MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p
     if (p == 0.0f) return x;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;
-    d.p = p; d.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
-    d.src = (const float *)x->data; d.dst = (float *)out->data;
-    mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__dropout_range, &d);
+    d.ctx = ctx; d.p = p; d.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    d.src = (const float *)x->data; d.dst = (float *)out->data; d.n = x->numel;
+    if (MGPU__TWIN(ctx, dropout, &d) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__dropout_backward, out, 1, &x, node);
     if (node) {
-        mgpu__dropout_arg *saved = (mgpu__dropout_arg *)mgpu__arena_alloc(ctx, sizeof *saved);
+        mgpu__dropout_args *saved = (mgpu__dropout_args *)mgpu__arena_alloc(ctx, sizeof *saved);
         if (!saved) return NULL;
         *saved = d;
         node->extra = saved;
@@ -3481,25 +3562,37 @@ MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p
    Reductions: sum, mean, sum_dim, mean_dim, max_dim
    -------------------------------------------------------------------------------------- */
 
-/* Strides of the sum over dim d (d < 0: over everything) read against x's shape: 0 on the
-   summed dims. Forward reduces x onto them; backward broadcasts the gradient back through them. */
-static void mgpu__reduce_strides(const mgpu_tensor *x, int d, int64_t *target_st) {
-    int64_t kshape[MGPU_MAX_DIMS];
-    int i;
-    for (i = 0; i < x->ndim; i++) kshape[i] = (d < 0 || i == d) ? 1 : x->shape[i];
-    mgpu__contig_strides(x->ndim, kshape, target_st);
-    for (i = 0; i < x->ndim; i++) if (kshape[i] == 1) target_st[i] = 0;
+/* Seen as (outer, dim, inner), a sum reduces dim onto out (outer, inner): its strides against x are
+   (inner, 0, 1). Backward broadcasts dy back through the same strides. */
+static void mgpu__cpu_sum_forward(const mgpu__sum_args *a) {
+    int64_t shape[3], out_st[3];
+    shape[0] = a->outer; shape[1] = a->dim; shape[2] = a->inner;
+    out_st[0] = a->inner; out_st[1] = 0; out_st[2] = 1;
+    if (a->outer * a->inner > 0) mgpu__reduce_into(a->ctx, 3, shape, a->x, out_st, NULL, NULL, a->out, a->scale, 0);
+}
+static void mgpu__cpu_sum_backward(const mgpu__sum_args *a) {
+    int64_t shape[3], dy_st[3];
+    shape[0] = a->outer; shape[1] = a->dim; shape[2] = a->inner;
+    dy_st[0] = a->inner; dy_st[1] = 0; dy_st[2] = 1;
+    mgpu__ew_apply(a->ctx, MGPU__EW_ACC, a->scale, 3, shape, a->out, a->dy, dy_st, NULL, NULL);
+}
+
+/* x as (outer, dim, inner) around dim d (d < 0: everything summed, outer = inner = 1) */
+static void mgpu__sum_lines(mgpu_context *ctx, const mgpu_tensor *x, int d, float scale, mgpu__sum_args *a) {
+    memset(a, 0, sizeof *a);
+    a->ctx = ctx; a->scale = scale;
+    if (d >= 0) mgpu__split_at(x, d, &a->outer, &a->dim, &a->inner);
+    else { a->outer = 1; a->dim = x->numel; a->inner = 1; }
 }
 
 static mgpu_result mgpu__sum_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *x = node->in[0];
-    int64_t st[MGPU_MAX_DIMS];
+    mgpu__sum_args a;
     float *dx;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, x);
-    mgpu__reduce_strides(x, (int)node->iarg[0], st);
-    mgpu__ew_apply(ctx, MGPU__EW_ACC, node->farg[0], x->ndim, x->shape, dx, (const float *)node->out->grad->data, st, NULL, NULL);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    mgpu__sum_lines(ctx, node->in[0], (int)node->iarg[0], node->farg[0], &a);
+    a.dy = (const float *)node->out->grad->data; a.out = dx;
+    return MGPU__TWIN(ctx, sum_backward, &a);
 }
 
 /* Shape of x with dim d removed (or kept as 1); d < 0: a scalar. */
@@ -3514,9 +3607,10 @@ static int mgpu__reduced_shape(const mgpu_tensor *x, int d, int keepdim, int64_t
 }
 
 static mgpu_tensor *mgpu__sum_mean(mgpu_context *ctx, const char *op, mgpu_tensor *x, int dim, int all, int keepdim, int mean) {
-    int64_t shape[MGPU_MAX_DIMS], st[MGPU_MAX_DIMS];
+    int64_t shape[MGPU_MAX_DIMS];
     mgpu_tensor *out;
     mgpu__node *node;
+    mgpu__sum_args a;
     int d = -1, ndim;
     float scale;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
@@ -3526,9 +3620,10 @@ static mgpu_tensor *mgpu__sum_mean(mgpu_context *ctx, const char *op, mgpu_tenso
     if (!out) return NULL;
     /* mean over nothing is 0 * inf = NaN, as PyTorch */
     scale = mean ? 1.0f / (float)(all ? x->numel : x->shape[d]) : 1.0f;
-    mgpu__reduce_strides(x, d, st);
-    if (out->numel > 0)
-        mgpu__reduce_into(ctx, x->ndim, x->shape, (const float *)x->data, st, NULL, NULL, (float *)out->data, scale, 0);
+    mgpu__sum_lines(ctx, x, d, scale, &a);
+    a.x = (const float *)x->data; a.out = (float *)out->data;
+    if (a.outer * a.inner == 1 && !(a.scratch = (float *)mgpu__arena_alloc(ctx, sizeof(float) * MGPU_CUDA_REDUCE_PARTIALS))) return NULL;
+    if (MGPU__TWIN(ctx, sum_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__sum_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d; node->farg[0] = scale; }
     return out;
@@ -3543,9 +3638,8 @@ MGPU_API mgpu_tensor *mgpu_op_mean_dim(mgpu_context *ctx, mgpu_tensor *x, int di
     return mgpu__sum_mean(ctx, "mgpu_op_mean_dim", x, dim, 0, keepdim, 1);
 }
 
-typedef struct mgpu__max_arg { const float *x; float *y; const float *dy; float *dx; int64_t *arg, dim, inner; } mgpu__max_arg;
 static void mgpu__max_forward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__max_arg *m = (const mgpu__max_arg *)p;
+    const mgpu__max_dim_args *m = (const mgpu__max_dim_args *)p;
     int64_t line, j;
     for (line = begin; line < end; line++) {
         const float *x = m->x + (line / m->inner) * m->dim * m->inner + line % m->inner;
@@ -3554,29 +3648,35 @@ static void mgpu__max_forward_range(void *p, int64_t begin, int64_t end) {
             float v = x[j * m->inner], b = x[best * m->inner];
             if (v > b || (v != v && b == b)) best = j; /* first max; NaN wins, as torch.max */
         }
-        m->arg[line] = best;
-        m->y[line] = x[best * m->inner];
+        m->argmax[line] = best;
+        m->out[line] = x[best * m->inner];
     }
 }
 static void mgpu__max_backward_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__max_arg *m = (const mgpu__max_arg *)p;
+    const mgpu__max_dim_args *m = (const mgpu__max_dim_args *)p;
     int64_t line;
     for (line = begin; line < end; line++)
-        m->dx[(line / m->inner) * m->dim * m->inner + line % m->inner + m->arg[line] * m->inner] += m->dy[line];
+        m->out[(line / m->inner) * m->dim * m->inner + line % m->inner + m->argmax[line] * m->inner] += m->dy[line];
 }
+static void mgpu__cpu_max_dim_forward(const mgpu__max_dim_args *m) {
+    mgpu_parallel_for(m->ctx, m->outer * m->inner, mgpu__grain_for(m->dim), mgpu__max_forward_range, (void *)m);
+}
+static void mgpu__cpu_max_dim_backward(const mgpu__max_dim_args *m) {
+    mgpu_parallel_for(m->ctx, m->outer * m->inner, MGPU__GRAIN, mgpu__max_backward_range, (void *)m);
+}
+/* extra: the forward's arguments (argmax) */
 static mgpu_result mgpu__max_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__max_arg m = *(const mgpu__max_arg *)node->extra;
+    mgpu__max_dim_args m = *(const mgpu__max_dim_args *)node->extra;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(m.dx, ctx, node->in[0]);
+    MGPU__GRAD_OR_FAIL(m.out, ctx, node->in[0]);
     m.dy = (const float *)node->out->grad->data;
-    mgpu_parallel_for(ctx, node->out->numel, MGPU__GRAIN, mgpu__max_backward_range, &m);
-    return MGPU_OK;
+    return MGPU__TWIN(ctx, max_dim_backward, &m);
 }
 MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim, int keepdim) {
     const char *op = "mgpu_op_max_dim";
-    int64_t shape[MGPU_MAX_DIMS], outer = 0;
+    int64_t shape[MGPU_MAX_DIMS];
     mgpu_tensor *out;
-    mgpu__max_arg m;
+    mgpu__max_dim_args m;
     mgpu__node *node;
     int d, ndim;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
@@ -3586,14 +3686,15 @@ MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim
     out = mgpu__new_activation(ctx, MGPU_F32, ndim, shape);
     if (!out) return NULL;
     memset(&m, 0, sizeof m);
-    mgpu__split_at(x, d, &outer, &m.dim, &m.inner);
-    m.x = (const float *)x->data; m.y = (float *)out->data;
-    m.arg = (int64_t *)mgpu__arena_alloc(ctx, sizeof(int64_t) * (size_t)MGPU__MAX(out->numel, (int64_t)1));
-    if (!m.arg) return NULL;
-    mgpu_parallel_for(ctx, out->numel, mgpu__grain_for(m.dim), mgpu__max_forward_range, &m);
+    m.ctx = ctx;
+    mgpu__split_at(x, d, &m.outer, &m.dim, &m.inner);
+    m.x = (const float *)x->data; m.out = (float *)out->data;
+    m.argmax = (int64_t *)mgpu__arena_alloc(ctx, sizeof(int64_t) * (size_t)MGPU__MAX(out->numel, (int64_t)1));
+    if (!m.argmax) return NULL;
+    if (MGPU__TWIN(ctx, max_dim_forward, &m) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__max_backward, out, 1, &x, node);
     if (node) {
-        mgpu__max_arg *saved = (mgpu__max_arg *)mgpu__arena_alloc(ctx, sizeof *saved);
+        mgpu__max_dim_args *saved = (mgpu__max_dim_args *)mgpu__arena_alloc(ctx, sizeof *saved);
         if (!saved) return NULL;
         *saved = m;
         node->extra = saved;
@@ -3605,13 +3706,17 @@ MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim
    Shape ops: reshape and flatten (views), transpose, concat, narrow (copies), cast
    -------------------------------------------------------------------------------------- */
 
+static void mgpu__cpu_accumulate(const mgpu__accumulate_args *a) {
+    int64_t one = 1, n = a->n;
+    mgpu__ew_apply(a->ctx, MGPU__EW_ACC, 1.0f, 1, &n, a->out, a->x, &one, NULL, NULL);
+}
 /* Backward of ops whose output holds x's elements in the same order (views, casts). */
 static mgpu_result mgpu__passthrough_backward(mgpu_context *ctx, mgpu__node *node) {
-    float *dx;
+    mgpu__accumulate_args a;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    mgpu__accumulate(ctx, dx, (const float *)node->out->grad->data, node->out->numel, 1.0f);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(a.out, ctx, node->in[0]);
+    a.ctx = ctx; a.x = (const float *)node->out->grad->data; a.n = node->out->numel;
+    return MGPU__TWIN(ctx, accumulate, &a);
 }
 
 static mgpu_tensor *mgpu__view(mgpu_context *ctx, const char *op, mgpu_tensor *x, int ndim, const int64_t *shape) {
@@ -3689,13 +3794,6 @@ static void mgpu__copy_run(void *p, const int64_t *off, const int64_t *st, int64
 #undef MGPU__COPY_AS
 }
 
-/* x's strides with dims d0 and d1 swapped: reading x through them walks the transpose. */
-static void mgpu__swapped_strides(const mgpu_tensor *x, int d0, int d1, int64_t *st) {
-    int64_t t;
-    mgpu__contig_strides(x->ndim, x->shape, st);
-    t = st[d0]; st[d0] = st[d1]; st[d1] = t;
-}
-
 static void mgpu__copy_strided(mgpu_context *ctx, int ndim, const int64_t *shape, void *dst, const int64_t *dst_st,
                                const void *src, const int64_t *src_st, size_t esize, int accumulate) {
     mgpu__iter it;
@@ -3708,77 +3806,124 @@ static void mgpu__copy_strided(mgpu_context *ctx, int ndim, const int64_t *shape
     mgpu__iter_parallel(ctx, &it, mgpu__copy_run, &c);
 }
 
+/* out (outer, d1, mid, d0, inner) is written in order while x (outer, d0, mid, d1, inner) is read
+   through its own strides taken in out's dim order. */
+static void mgpu__cpu_transpose(const mgpu__transpose_args *a) {
+    int64_t shape[5], out_st[5], x_st[5];
+    shape[0] = a->outer; shape[1] = a->d1; shape[2] = a->mid; shape[3] = a->d0; shape[4] = a->inner;
+    x_st[4] = 1; x_st[1] = a->inner; x_st[2] = a->d1 * a->inner; x_st[3] = a->mid * x_st[2]; x_st[0] = a->d0 * x_st[3];
+    mgpu__contig_strides(5, shape, out_st);
+    mgpu__copy_strided(a->ctx, 5, shape, a->out, out_st, a->x, x_st, a->esize, a->accumulate);
+}
+
+/* x seen as (outer, d0, mid, d1, inner) around its dims lo <= hi (lo == hi: a plain copy). */
+static void mgpu__transpose_view(mgpu_context *ctx, const mgpu_tensor *x, int lo, int hi, mgpu__transpose_args *a) {
+    int i;
+    memset(a, 0, sizeof *a);
+    a->ctx = ctx; a->esize = mgpu_dtype_size(x->dtype);
+    a->outer = a->mid = a->inner = 1;
+    a->d0 = x->shape[lo]; a->d1 = lo == hi ? 1 : x->shape[hi];
+    for (i = 0; i < lo; i++) a->outer *= x->shape[i];
+    for (i = lo + 1; i < hi; i++) a->mid *= x->shape[i];
+    for (i = hi + 1; i < x->ndim; i++) a->inner *= x->shape[i];
+}
+
+/* iarg = {lo, hi}: the gradient goes back through the same transpose, accumulated. */
 static mgpu_result mgpu__transpose_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *x = node->in[0], *out = node->out;
-    int64_t xst[MGPU_MAX_DIMS], ost[MGPU_MAX_DIMS];
+    mgpu__transpose_args a;
     float *dx;
+    int64_t t;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, x);
-    mgpu__swapped_strides(x, (int)node->iarg[0], (int)node->iarg[1], xst);
-    mgpu__contig_strides(out->ndim, out->shape, ost);
-    mgpu__copy_strided(ctx, out->ndim, out->shape, dx, xst, out->grad->data, ost, sizeof(float), 1);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    mgpu__transpose_view(ctx, node->in[0], (int)node->iarg[0], (int)node->iarg[1], &a);
+    t = a.d0; a.d0 = a.d1; a.d1 = t; /* dy is (outer, d1, mid, d0, inner) */
+    a.x = node->out->grad->data; a.out = dx; a.esize = sizeof(float); a.accumulate = 1;
+    return MGPU__TWIN(ctx, transpose, &a);
 }
 
 MGPU_API mgpu_tensor *mgpu_op_transpose(mgpu_context *ctx, mgpu_tensor *x, int dim0, int dim1) {
     const char *op = "mgpu_op_transpose";
-    int64_t shape[MGPU_MAX_DIMS], xst[MGPU_MAX_DIMS], ost[MGPU_MAX_DIMS], t;
+    int64_t shape[MGPU_MAX_DIMS], t;
     mgpu_tensor *out;
     mgpu__node *node;
+    mgpu__transpose_args a;
     int d0, d1;
     if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
     if ((d0 = mgpu__norm_dim(op, dim0, x->ndim)) < 0 || (d1 = mgpu__norm_dim(op, dim1, x->ndim)) < 0) return NULL;
+    if (d0 > d1) { int s = d0; d0 = d1; d1 = s; } /* transpose(x, a, b) is transpose(x, b, a) */
     memcpy(shape, x->shape, sizeof shape);
     t = shape[d0]; shape[d0] = shape[d1]; shape[d1] = t;
     out = mgpu__new_activation(ctx, x->dtype, x->ndim, shape);
     if (!out) return NULL;
-    mgpu__swapped_strides(x, d0, d1, xst);
-    mgpu__contig_strides(out->ndim, shape, ost);
-    mgpu__copy_strided(ctx, out->ndim, shape, out->data, ost, x->data, xst, mgpu_dtype_size(x->dtype), 0);
+    mgpu__transpose_view(ctx, x, d0, d1, &a);
+    a.x = x->data; a.out = out->data;
+    if (MGPU__TWIN(ctx, transpose, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__transpose_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d0; node->iarg[1] = d1; }
     return out;
 }
 
-/* Copies `rows` rows of `len` elements between arrays with the given row pitches (elements). */
-static void mgpu__copy_rows(int64_t rows, int64_t len, const void *src, int64_t src_pitch, void *dst, int64_t dst_pitch,
-                            size_t esize, int accumulate) {
+static void mgpu__copy_rows_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__copy_rows_args *a = (const mgpu__copy_rows_args *)p;
     int64_t r, j;
-    for (r = 0; r < rows; r++) {
-        if (accumulate) {
-            const float *s = (const float *)src + r * src_pitch;
-            float *d = (float *)dst + r * dst_pitch;
-            for (j = 0; j < len; j++) d[j] += s[j];
-        } else if (len > 0) {
-            memcpy((char *)dst + (size_t)(r * dst_pitch) * esize, (const char *)src + (size_t)(r * src_pitch) * esize, (size_t)len * esize);
+    for (r = begin; r < end; r++) {
+        if (a->accumulate) {
+            const float *s = (const float *)a->src + r * a->src_pitch;
+            float *d = (float *)a->dst + r * a->dst_pitch;
+            for (j = 0; j < a->len; j++) d[j] += s[j];
+        } else if (a->len > 0) {
+            memcpy((char *)a->dst + (size_t)(r * a->dst_pitch) * a->esize, (const char *)a->src + (size_t)(r * a->src_pitch) * a->esize,
+                   (size_t)a->len * a->esize);
         }
     }
 }
+/* Rows are disjoint in dst, so they can go to different threads. */
+static void mgpu__cpu_copy_rows(const mgpu__copy_rows_args *a) {
+    mgpu_parallel_for(a->ctx, a->rows, mgpu__grain_for(a->len), mgpu__copy_rows_range, (void *)a);
+}
 
+/* Copies the slice [start, start + len) of dim d of a tensor shaped like `like`, held in `whole`,
+   to or from `part`, where the slice is contiguous: into the whole (into_whole: concat, narrow's
+   backward) or out of it. Gradients (grad) are F32 and accumulate. */
+static mgpu_result mgpu__copy_slice(mgpu_context *ctx, const mgpu_tensor *like, int d, int64_t start, int64_t len, void *whole, void *part,
+                                    int into_whole, int grad) {
+    mgpu__copy_rows_args a;
+    int64_t outer = 0, size = 0, inner = 0;
+    char *slice;
+    mgpu__split_at(like, d, &outer, &size, &inner);
+    a.ctx = ctx;
+    a.esize = grad ? sizeof(float) : mgpu_dtype_size(like->dtype);
+    a.accumulate = grad;
+    a.rows = outer; a.len = len * inner;
+    slice = (char *)whole + (size_t)(start * inner) * a.esize;
+    a.src = into_whole ? part : slice; a.src_pitch = into_whole ? a.len : size * inner;
+    a.dst = into_whole ? (void *)slice : part; a.dst_pitch = into_whole ? size * inner : a.len;
+    return MGPU__TWIN(ctx, copy_rows, &a);
+}
+
+/* iarg[0] = dim; one row-block copy per input that needs a gradient */
 static mgpu_result mgpu__concat_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *out = node->out;
     int d = (int)node->iarg[0], k;
-    int64_t outer = 0, total = 0, inner = 0, offset = 0;
-    mgpu__split_at(out, d, &outer, &total, &inner);
+    int64_t offset = 0;
     for (k = 0; k < node->n_in; k++) {
         int64_t len = node->in[k]->shape[d];
         float *dx;
         if (mgpu__needs_grad(node, k)) {
+            mgpu_result r;
             MGPU__GRAD_OR_FAIL(dx, ctx, node->in[k]);
-            mgpu__copy_rows(outer, len * inner, (const float *)out->grad->data + offset * inner, total * inner, dx, len * inner, sizeof(float), 1);
+            if ((r = mgpu__copy_slice(ctx, node->out, d, offset, len, node->out->grad->data, dx, 0, 1)) != MGPU_OK) return r;
         }
         offset += len;
     }
     return MGPU_OK;
 }
 
-// xs[k] (..., D_k, ...) -> (..., sum D_k, ...)
+// xs[k] (..., D_k, ...) -> (..., sum D_k, ...): one row-block copy per input
 MGPU_API mgpu_tensor *mgpu_op_concat(mgpu_context *ctx, mgpu_tensor *const *xs, int n, int dim) {
     const char *op = "mgpu_op_concat";
-    int64_t shape[MGPU_MAX_DIMS], outer = 0, total = 0, inner = 0, offset = 0;
+    int64_t shape[MGPU_MAX_DIMS], offset = 0;
     mgpu_tensor *out;
     mgpu__node *node;
-    size_t esize;
     int d, k, i;
     if (!ctx) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: ctx is NULL", op);
     if (!xs || n < 1) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: need n >= 1 tensors in xs (got n = %d%s)", op, n, xs ? "" : ", xs NULL");
@@ -3800,39 +3945,32 @@ MGPU_API mgpu_tensor *mgpu_op_concat(mgpu_context *ctx, mgpu_tensor *const *xs, 
     }
     out = mgpu__new_activation(ctx, xs[0]->dtype, xs[0]->ndim, shape);
     if (!out) return NULL;
-    esize = mgpu_dtype_size(out->dtype);
-    mgpu__split_at(out, d, &outer, &total, &inner);
     for (k = 0; k < n; k++) {
-        int64_t len = xs[k]->shape[d];
-        mgpu__copy_rows(outer, len * inner, xs[k]->data, len * inner, (char *)out->data + (size_t)(offset * inner) * esize, total * inner, esize, 0);
-        offset += len;
+        if (mgpu__copy_slice(ctx, out, d, offset, xs[k]->shape[d], out->data, xs[k]->data, 1, 0) != MGPU_OK) return NULL;
+        offset += xs[k]->shape[d];
     }
     MGPU__RECORD(ctx, op, mgpu__concat_backward, out, n, xs, node);
     if (node) node->iarg[0] = d;
     return out;
 }
 
+/* iarg = {dim, start, length} */
 static mgpu_result mgpu__narrow_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu_tensor *x = node->in[0];
-    int64_t outer = 0, dim = 0, inner = 0, len = node->iarg[2];
     float *dx;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    MGPU__GRAD_OR_FAIL(dx, ctx, x);
-    mgpu__split_at(x, (int)node->iarg[0], &outer, &dim, &inner);
-    mgpu__copy_rows(outer, len * inner, node->out->grad->data, len * inner, dx + node->iarg[1] * inner, dim * inner, sizeof(float), 1);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
+    return mgpu__copy_slice(ctx, node->in[0], (int)node->iarg[0], node->iarg[1], node->iarg[2], dx, node->out->grad->data, 1, 1);
 }
 
 MGPU_API mgpu_tensor *mgpu_op_narrow(mgpu_context *ctx, mgpu_tensor *x, int dim, int64_t start, int64_t length) {
     const char *op = "mgpu_op_narrow";
-    int64_t shape[MGPU_MAX_DIMS], outer = 0, size = 0, inner = 0;
+    int64_t shape[MGPU_MAX_DIMS], size;
     mgpu_tensor *out;
     mgpu__node *node;
-    size_t esize;
     int d;
     if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
     if ((d = mgpu__norm_dim(op, dim, x->ndim)) < 0) return NULL;
-    mgpu__split_at(x, d, &outer, &size, &inner);
+    size = x->shape[d];
     if (start < 0) start += size; /* as torch.narrow: a negative start counts from the end */
     if (start < 0 || start > size || length < 0 || length > size - start)
         MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: start %lld, length %lld do not fit in dim %d of size %lld of x %s", op,
@@ -3841,38 +3979,37 @@ MGPU_API mgpu_tensor *mgpu_op_narrow(mgpu_context *ctx, mgpu_tensor *x, int dim,
     shape[d] = length;
     out = mgpu__new_activation(ctx, x->dtype, x->ndim, shape);
     if (!out) return NULL;
-    esize = mgpu_dtype_size(x->dtype);
-    mgpu__copy_rows(outer, length * inner, (const char *)x->data + (size_t)(start * inner) * esize, size * inner, out->data, length * inner, esize, 0);
+    if (mgpu__copy_slice(ctx, x, d, start, length, x->data, out->data, 0, 0) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__narrow_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d; node->iarg[1] = start; node->iarg[2] = length; }
     return out;
 }
 
 /* Float conversion through F32 in stack-sized pieces; rounding to half is round-to-nearest-even. */
-typedef struct mgpu__cast_arg { const void *src; void *dst; mgpu_dtype from, to; } mgpu__cast_arg;
 static void mgpu__cast_range(void *p, int64_t begin, int64_t end) {
-    const mgpu__cast_arg *c = (const mgpu__cast_arg *)p;
+    const mgpu__cast_args *c = (const mgpu__cast_args *)p;
     float buf[256];
     int64_t i0, i, n;
     for (i0 = begin; i0 < end; i0 += n) {
         n = MGPU__MIN((int64_t)256, end - i0);
-        switch (c->from) {
+        switch (c->src_dtype) {
         case MGPU_F16: for (i = 0; i < n; i++) buf[i] = mgpu_f16_to_f32(((const uint16_t *)c->src)[i0 + i]); break;
         case MGPU_BF16: for (i = 0; i < n; i++) buf[i] = mgpu_bf16_to_f32(((const uint16_t *)c->src)[i0 + i]); break;
         default: memcpy(buf, (const float *)c->src + i0, sizeof(float) * (size_t)n); break;
         }
-        switch (c->to) {
+        switch (c->dst_dtype) {
         case MGPU_F16: for (i = 0; i < n; i++) ((uint16_t *)c->dst)[i0 + i] = mgpu_f32_to_f16(buf[i]); break;
         case MGPU_BF16: for (i = 0; i < n; i++) ((uint16_t *)c->dst)[i0 + i] = mgpu_f32_to_bf16(buf[i]); break;
         default: memcpy((float *)c->dst + i0, buf, sizeof(float) * (size_t)n); break;
         }
     }
 }
+static void mgpu__cpu_cast(const mgpu__cast_args *a) { mgpu_parallel_for(a->ctx, a->n, MGPU__GRAIN, mgpu__cast_range, (void *)a); }
 
 MGPU_API mgpu_tensor *mgpu_op_cast(mgpu_context *ctx, mgpu_tensor *x, mgpu_dtype dtype) {
     const char *op = "mgpu_op_cast";
     mgpu_tensor *out;
-    mgpu__cast_arg c;
+    mgpu__cast_args c;
     if (!mgpu__check_input(ctx, op, "x", x, 0)) return NULL;
     if (!mgpu__dtype_valid(dtype) || !mgpu__dtype_is_float(dtype) || !mgpu__dtype_is_float(x->dtype))
         MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "%s: casts go between F32, F16 and BF16; asked %s -> %s", op,
@@ -3880,8 +4017,8 @@ MGPU_API mgpu_tensor *mgpu_op_cast(mgpu_context *ctx, mgpu_tensor *x, mgpu_dtype
     if (dtype == x->dtype) return x; /* as tensor.to(same dtype): no copy */
     out = mgpu__new_activation(ctx, dtype, x->ndim, x->shape);
     if (!out) return NULL;
-    c.src = x->data; c.dst = out->data; c.from = x->dtype; c.to = dtype;
-    mgpu_parallel_for(ctx, x->numel, MGPU__GRAIN, mgpu__cast_range, &c);
+    c.ctx = ctx; c.src = x->data; c.src_dtype = x->dtype; c.dst = out->data; c.dst_dtype = dtype; c.n = x->numel;
+    if (MGPU__TWIN(ctx, cast, &c) != MGPU_OK) return NULL;
     MGPU__RECORD_PLAIN(ctx, op, mgpu__passthrough_backward, out, 1, &x);
     return out;
 }

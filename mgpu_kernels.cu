@@ -220,33 +220,7 @@ extern "C" mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void 
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_bcast_make(int a_ndim, const int64_t *a_shape, int b_ndim, const int64_t *b_shape, mgpu_cuda_bcast *out) {
-    MGPU__REQUIRE(out && a_ndim >= 0 && b_ndim >= 0 && a_ndim <= MGPU_MAX_DIMS && b_ndim <= MGPU_MAX_DIMS, "bad ndim or NULL out");
-    MGPU__REQUIRE((a_ndim == 0 || a_shape) && (b_ndim == 0 || b_shape), "shape arrays must not be NULL");
-    memset(out, 0, sizeof *out);
-    int nd = a_ndim > b_ndim ? a_ndim : b_ndim;
-    out->ndim = nd;
-    int64_t an = 1, bn = 1, on = 1;
-    for (int d = nd - 1; d >= 0; d--) {   // right-aligned, as NumPy
-        int ad = d - (nd - a_ndim), bd = d - (nd - b_ndim);
-        int64_t as = ad >= 0 ? a_shape[ad] : 1, bs = bd >= 0 ? b_shape[bd] : 1;
-        if (as < 0 || bs < 0 || (as != bs && as != 1 && bs != 1)) {
-            char what[160];
-            snprintf(what, sizeof what, "shapes do not broadcast: dim %d is %lld in a and %lld in b", d, (long long)as, (long long)bs);
-            mgpu__set_error_from_cuda((int)MGPU_ERR_SHAPE, what);
-            return MGPU_ERR_SHAPE;
-        }
-        int64_t os = as == 1 ? bs : as;
-        out->shape[d] = os;
-        out->a_stride[d] = (as == 1) ? 0 : an;
-        out->b_stride[d] = (bs == 1) ? 0 : bn;
-        an *= as; bn *= bs; on *= os;
-    }
-    out->numel = on; out->a_numel = an; out->b_numel = bn;
-    return MGPU_OK;
-}
-
-__global__ void mgpu__binary_fwd_k(int op, mgpu_cuda_bcast g, const float *a, const float *b, float *out) {
+__global__ void mgpu__binary_fwd_k(int op, mgpu__bcast g, const float *a, const float *b, float *out) {
     MGPU__FOR(i, g.numel) {
         int64_t rem = i, ao = 0, bo = 0;
         for (int d = g.ndim - 1; d >= 0; d--) {
@@ -255,12 +229,12 @@ __global__ void mgpu__binary_fwd_k(int op, mgpu_cuda_bcast g, const float *a, co
             ao += c * g.a_stride[d]; bo += c * g.b_stride[d];
         }
         float x = a[ao], y = b[bo];
-        out[i] = op == MGPU_CUDA_ADD ? x + y : op == MGPU_CUDA_SUB ? x - y : x * y;
+        out[i] = op == MGPU__BIN_ADD ? x + y : op == MGPU__BIN_SUB ? x - y : x * y;
     }
 }
 // Output offset (oo) and other-operand offset (to) of the r-th output position that read element j
 // of the operand `own` (the positions are enumerated in a fixed order over own's broadcast dims).
-__device__ void mgpu__bcast_offsets(const mgpu_cuda_bcast &g, const int64_t *s_own, const int64_t *s_oth, int64_t j, int64_t r,
+__device__ void mgpu__bcast_offsets(const mgpu__bcast &g, const int64_t *s_own, const int64_t *s_oth, int64_t j, int64_t r,
                                     int64_t *oo, int64_t *to) {
     int64_t ost = 1;
     *oo = 0; *to = 0;
@@ -273,14 +247,14 @@ __device__ void mgpu__bcast_offsets(const mgpu_cuda_bcast &g, const int64_t *s_o
     }
 }
 __device__ float mgpu__binary_grad_term(int op, const float *other, const float *dy, int64_t oo, int64_t to) {
-    return op == MGPU_CUDA_MUL ? dy[oo] * other[to] : dy[oo];
+    return op == MGPU__BIN_MUL ? dy[oo] * other[to] : dy[oo];
 }
 // One thread per element j of the operand `own` (a or b): it walks, in a fixed order, every output
 // position that read it, so broadcast reductions need no atomics. Used when few positions read each j.
-__global__ void mgpu__binary_bwd_k(int op, int own_is_a, mgpu_cuda_bcast g, const float *other, const float *dy, float *dst) {
+__global__ void mgpu__binary_bwd_k(int op, int own_is_a, mgpu__bcast g, const float *other, const float *dy, float *dst) {
     const int64_t *s_own = own_is_a ? g.a_stride : g.b_stride, *s_oth = own_is_a ? g.b_stride : g.a_stride;
     int64_t own_n = own_is_a ? g.a_numel : g.b_numel, reps = g.numel / (own_n ? own_n : 1);
-    float sign = (op == MGPU_CUDA_SUB && !own_is_a) ? -1.0f : 1.0f;
+    float sign = (op == MGPU__BIN_SUB && !own_is_a) ? -1.0f : 1.0f;
     MGPU__FOR(j, own_n) {
         double acc = 0;   // double, as the block variant, so both paths agree closely
         for (int64_t r = 0; r < reps; r++) {
@@ -293,11 +267,11 @@ __global__ void mgpu__binary_bwd_k(int op, int own_is_a, mgpu_cuda_bcast g, cons
 }
 // Long reductions (a bias broadcast over a batch): one block per element j, a fixed tree over its
 // positions.
-__global__ void mgpu__binary_bwd_block_k(int op, int own_is_a, mgpu_cuda_bcast g, const float *other, const float *dy, float *dst) {
+__global__ void mgpu__binary_bwd_block_k(int op, int own_is_a, mgpu__bcast g, const float *other, const float *dy, float *dst) {
     __shared__ double sh[32];
     const int64_t *s_own = own_is_a ? g.a_stride : g.b_stride, *s_oth = own_is_a ? g.b_stride : g.a_stride;
     int64_t own_n = own_is_a ? g.a_numel : g.b_numel, reps = g.numel / (own_n ? own_n : 1);
-    float sign = (op == MGPU_CUDA_SUB && !own_is_a) ? -1.0f : 1.0f;
+    float sign = (op == MGPU__BIN_SUB && !own_is_a) ? -1.0f : 1.0f;
     for (int64_t j = blockIdx.x; j < own_n; j += gridDim.x) {
         double acc = 0;
         for (int64_t r = threadIdx.x; r < reps; r += blockDim.x) {
@@ -309,7 +283,7 @@ __global__ void mgpu__binary_bwd_block_k(int op, int own_is_a, mgpu_cuda_bcast g
         if (threadIdx.x == 0) dst[j] += sign * (float)acc;
     }
 }
-static mgpu_result mgpu__binary_bwd_one(int op, int own_is_a, const mgpu_cuda_bcast *g, const float *other, const float *dy, float *dst,
+static mgpu_result mgpu__binary_bwd_one(int op, int own_is_a, const mgpu__bcast *g, const float *other, const float *dy, float *dst,
                                         void *stream) {
     int64_t own_n = own_is_a ? g->a_numel : g->b_numel, reps = g->numel / (own_n ? own_n : 1);
     if (own_n == 0) return MGPU_OK;
@@ -323,32 +297,42 @@ static mgpu_result mgpu__binary_bwd_one(int op, int own_is_a, const mgpu_cuda_bc
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_binary_forward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, float *out, void *stream) {
-    MGPU__REQUIRE(g && op >= MGPU_CUDA_ADD && op <= MGPU_CUDA_MUL, "g is NULL or op is not an mgpu_cuda_binary value");
-    MGPU__REQUIRE(g->numel == 0 || (a && b && out), "a, b and out must be device pointers");
+static int mgpu__binary_kind_ok(int kind) { return kind >= MGPU__BIN_ADD && kind <= MGPU__BIN_MUL; }
+
+extern "C" mgpu_result mgpu_cuda_binary_forward(const mgpu__binary_args *args, void *stream) {
+    MGPU__REQUIRE(args && mgpu__binary_kind_ok(args->kind), "kind is not an mgpu__binary_kind value");
+    const mgpu__bcast *g = &args->g;
+    MGPU__REQUIRE(g->numel == 0 || (args->a && args->b && args->out), "a, b and out must be device pointers");
     if (g->numel == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__binary_fwd_k, mgpu__grid(g->numel, MGPU__THREADS), MGPU__THREADS, 0, stream, op, *g, a, b, out);
+    MGPU__LAUNCH(mgpu__binary_fwd_k, mgpu__grid(g->numel, MGPU__THREADS), MGPU__THREADS, 0, stream, args->kind, *g, args->a, args->b,
+                 args->out);
     MGPU__LAUNCHED("mgpu__binary_fwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_binary_backward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, const float *dy,
-                                                 float *da, float *db, void *stream) {
-    MGPU__REQUIRE(g && op >= MGPU_CUDA_ADD && op <= MGPU_CUDA_MUL, "g is NULL or op is not an mgpu_cuda_binary value");
-    MGPU__REQUIRE(g->numel == 0 || dy, "dy must be a device pointer");
-    MGPU__REQUIRE(op != MGPU_CUDA_MUL || ((!da || b) && (!db || a)), "mul backward needs the other operand");
+extern "C" mgpu_result mgpu_cuda_binary_backward(const mgpu__binary_args *args, void *stream) {
+    MGPU__REQUIRE(args && mgpu__binary_kind_ok(args->kind), "kind is not an mgpu__binary_kind value");
+    const mgpu__bcast *g = &args->g;
+    MGPU__REQUIRE(g->numel == 0 || args->dy, "dy must be a device pointer");
+    MGPU__REQUIRE(args->kind != MGPU__BIN_MUL || ((!args->da || args->b) && (!args->db || args->a)), "mul backward needs the other operand");
     if (g->numel == 0) return MGPU_OK;
-    mgpu_result r = da ? mgpu__binary_bwd_one(op, 1, g, b, dy, da, stream) : MGPU_OK;
-    if (r == MGPU_OK && db) r = mgpu__binary_bwd_one(op, 0, g, a, dy, db, stream);
+    mgpu_result r = args->da ? mgpu__binary_bwd_one(args->kind, 1, g, args->b, args->dy, args->da, stream) : MGPU_OK;
+    if (r == MGPU_OK && args->db) r = mgpu__binary_bwd_one(args->kind, 0, g, args->a, args->dy, args->db, stream);
     return r;
 }
 
-/* ======================================================================================
-   Bias add and fixed-order column sums (bias grad, layer-norm dw/db)
-   ====================================================================================== */
-
-__global__ void mgpu__bias_add_k(const float *x, const float *b, float *y, int64_t rows, int64_t cols) {
-    MGPU__FOR(i, rows * cols) y[i] = x[i] + b[i % cols];
+// out += x: the backward of views and casts
+__global__ void mgpu__accumulate_k(const float *x, float *out, int64_t n) { MGPU__FOR(i, n) out[i] += x[i]; }
+extern "C" mgpu_result mgpu_cuda_accumulate(const mgpu__accumulate_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->n >= 0 && (a->n == 0 || (a->x && a->out)), "x and out must be device pointers and n >= 0");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__accumulate_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->n);
+    MGPU__LAUNCHED("mgpu__accumulate_k");
+    return MGPU_OK;
 }
+
+/* ======================================================================================
+   Fixed-order column sums (linear's bias grad, layer-norm dw/db)
+   ====================================================================================== */
 
 // Block (32, 8) owns 32 columns; thread row ty sums rows ty, ty + 8, ... in double, then the 8
 // partials are added in ty order. With x (and mean, rstd) it also sums dy * xhat into dw.
@@ -382,13 +366,6 @@ static mgpu_result mgpu__colsum(const float *dy, const float *x, const float *me
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_bias_add_forward(const float *x, const float *b, float *y, int64_t rows, int64_t cols, void *stream) {
-    MGPU__REQUIRE(rows >= 0 && cols >= 0 && (rows * cols == 0 || (x && b && y)), "x, b, y must be device pointers; rows, cols >= 0");
-    if (rows * cols == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__bias_add_k, mgpu__grid(rows * cols, MGPU__THREADS), MGPU__THREADS, 0, stream, x, b, y, rows, cols);
-    MGPU__LAUNCHED("mgpu__bias_add_k");
-    return MGPU_OK;
-}
 extern "C" mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream) {
     MGPU__REQUIRE(rows >= 0 && cols >= 0 && (cols == 0 || db) && (rows * cols == 0 || dy), "dy, db must be device pointers");
     if (cols == 0) return MGPU_OK;
@@ -486,23 +463,25 @@ static mgpu_result mgpu__softmax_bwd_rows(const float *y, const float *dy, float
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && dim >= 0 && inner >= 0, "sizes must be >= 0");
-    MGPU__REQUIRE(outer * dim * inner == 0 || (x && y), "x and y must be device pointers");
-    if (outer * dim * inner == 0) return MGPU_OK;
-    if (inner == 1) return mgpu__softmax_rows(x, y, outer, dim, log, 0, stream);
-    MGPU__LAUNCH(mgpu__softmax_lines_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, dim, inner, log);
+extern "C" mgpu_result mgpu_cuda_softmax_forward(const mgpu__softmax_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim >= 0 && a->inner >= 0, "sizes must be >= 0");
+    int64_t n = a->outer * a->dim * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->x && a->out), "x and out must be device pointers");
+    if (n == 0) return MGPU_OK;
+    if (a->inner == 1) return mgpu__softmax_rows(a->x, a->out, a->outer, a->dim, a->log, 0, stream);
+    MGPU__LAUNCH(mgpu__softmax_lines_k, mgpu__grid(a->outer * a->inner, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->outer,
+                 a->dim, a->inner, a->log);
     MGPU__LAUNCHED("mgpu__softmax_lines_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_softmax_backward(const float *y, const float *dy, float *dx, int64_t outer, int64_t dim, int64_t inner,
-                                                  int log, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && dim >= 0 && inner >= 0, "sizes must be >= 0");
-    MGPU__REQUIRE(outer * dim * inner == 0 || (y && dy && dx), "y, dy and dx must be device pointers");
-    if (outer * dim * inner == 0) return MGPU_OK;
-    if (inner == 1) return mgpu__softmax_bwd_rows(y, dy, dx, outer, dim, log, 1.0f, 1, stream);
-    MGPU__LAUNCH(mgpu__softmax_bwd_lines_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, y, dy, dx, outer, dim,
-                                                                                                                   inner, log);
+extern "C" mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim >= 0 && a->inner >= 0, "sizes must be >= 0");
+    int64_t n = a->outer * a->dim * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->y && a->dy && a->out), "y, dy and out must be device pointers");
+    if (n == 0) return MGPU_OK;
+    if (a->inner == 1) return mgpu__softmax_bwd_rows(a->y, a->dy, a->out, a->outer, a->dim, a->log, 1.0f, 1, stream);
+    MGPU__LAUNCH(mgpu__softmax_bwd_lines_k, mgpu__grid(a->outer * a->inner, MGPU__THREADS), MGPU__THREADS, 0, stream, a->y, a->dy, a->out,
+                 a->outer, a->dim, a->inner, a->log);
     MGPU__LAUNCHED("mgpu__softmax_bwd_lines_k");
     return MGPU_OK;
 }
@@ -569,44 +548,47 @@ __global__ void mgpu__nll_bwd_k(const void *target, int i64, const float *dloss,
     }
 }
 
-extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const float *logits, const void *target, int target_i64, int64_t n, int64_t c,
-                                                       float *lse, float *loss, float *valid, void *stream) {
-    MGPU__REQUIRE(n >= 0 && c > 0 && loss && valid && (n == 0 || (logits && target && lse)), "bad pointers or sizes");
+// Sizes and the pointers every class-loss twin of a direction uses (n == 0 reads no row).
+static bool mgpu__class_loss_ok(const mgpu__class_loss_args *a, bool backward) {
+    if (!a || a->n < 0 || a->c <= 0) return false;
+    if (backward) return a->n == 0 || (a->target && a->dloss && a->valid && a->dx);
+    return a->loss && a->valid && (a->n == 0 || (a->x && a->target));
+}
+
+extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, false) && (a->n == 0 || a->lse), "bad pointers or sizes");
     unsigned grid;
-    bool block = c > MGPU__ROW_SMALL;
-    if (n > 0) {
-        MGPU__REQUIRE(mgpu__row_blocks(n, block, &grid), "too many rows");
-        if (block) MGPU__LAUNCH(mgpu__lse_rows_k<true>, grid, 256, 0, stream, logits, lse, n, c);
-        else MGPU__LAUNCH(mgpu__lse_rows_k<false>, grid, 256, 0, stream, logits, lse, n, c);
+    bool block = a->c > MGPU__ROW_SMALL;
+    if (a->n > 0) {   // phase 1: lse per row; phase 2: the loss over rows in a fixed order
+        MGPU__REQUIRE(mgpu__row_blocks(a->n, block, &grid), "too many rows");
+        if (block) MGPU__LAUNCH(mgpu__lse_rows_k<true>, grid, 256, 0, stream, a->x, a->lse, a->n, a->c);
+        else MGPU__LAUNCH(mgpu__lse_rows_k<false>, grid, 256, 0, stream, a->x, a->lse, a->n, a->c);
         MGPU__LAUNCHED("mgpu__lse_rows_k");
     }
-    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, logits, lse, target, target_i64, n, c, loss, valid);
+    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, a->x, a->lse, a->target, a->target_i64, a->n, a->c, a->loss, a->valid);
     MGPU__LAUNCHED("mgpu__class_loss_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, const void *target, int target_i64, const float *lse,
-                                                        const float *dloss, const float *valid, float *dx, int64_t n, int64_t c,
-                                                        void *stream) {
-    MGPU__REQUIRE(n >= 0 && c > 0, "n must be >= 0 and c > 0");
-    MGPU__REQUIRE(n == 0 || (logits && target && lse && dloss && valid && dx), "bad pointers");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__ce_bwd_k, mgpu__grid(n * c, MGPU__THREADS), MGPU__THREADS, 0, stream, logits, target, target_i64, lse, dloss,
-                                                                                               valid, dx, n, c);
+extern "C" mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, true) && (a->n == 0 || (a->x && a->lse)), "bad pointers or sizes");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__ce_bwd_k, mgpu__grid(a->n * a->c, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->target, a->target_i64, a->lse,
+                 a->dloss, a->valid, a->dx, a->n, a->c);
     MGPU__LAUNCHED("mgpu__ce_bwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_nll_forward(const float *logp, const void *target, int target_i64, int64_t n, int64_t c, float *loss,
-                                             float *valid, void *stream) {
-    MGPU__REQUIRE(n >= 0 && c > 0 && loss && valid && (n == 0 || (logp && target)), "bad pointers or sizes");
-    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, logp, NULL, target, target_i64, n, c, loss, valid);
+extern "C" mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, false), "bad pointers or sizes");
+    MGPU__LAUNCH(mgpu__class_loss_k, 1, 1024, 0, stream, a->x, (const float *)NULL, a->target, a->target_i64, a->n, a->c, a->loss,
+                 a->valid);
     MGPU__LAUNCHED("mgpu__class_loss_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_nll_backward(const void *target, int target_i64, const float *dloss, const float *valid, float *dx,
-                                              int64_t n, int64_t c, void *stream) {
-    MGPU__REQUIRE(n >= 0 && c > 0 && (n == 0 || (target && dloss && valid && dx)), "bad pointers or sizes");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__nll_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, target, target_i64, dloss, valid, dx, n, c);
+extern "C" mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, true), "bad pointers or sizes");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__nll_bwd_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->target, a->target_i64, a->dloss, a->valid,
+                 a->dx, a->n, a->c);
     MGPU__LAUNCHED("mgpu__nll_bwd_k");
     return MGPU_OK;
 }
@@ -647,8 +629,8 @@ static mgpu_result mgpu__reduce_final(const float *partials, int64_t n, float sc
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_sum(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream) {
-    MGPU__REQUIRE(n >= 0 && out && scratch && (n == 0 || x), "x, out and scratch must be device pointers");
+// out[0] = scale * sum(x); scratch: MGPU_CUDA_REDUCE_PARTIALS floats
+static mgpu_result mgpu__sum_all(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream) {
     mgpu_result r = mgpu__reduce_partials(MGPU__RED_SUM, x, NULL, n, scratch, stream);
     return r != MGPU_OK ? r : mgpu__reduce_final(scratch, MGPU_CUDA_REDUCE_PARTIALS, scale, 0, out, stream);
 }
@@ -669,16 +651,16 @@ __global__ void mgpu__mse_bwd_k(const float *a, const float *b, const float *dlo
         if (db) db[i] -= d;
     }
 }
-extern "C" mgpu_result mgpu_cuda_mse_forward(const float *a, const float *b, int64_t n, float *loss, void *stream) {
-    MGPU__REQUIRE(n > 0 && a && b && loss, "a, b, loss must be device pointers and n > 0");
-    MGPU__LAUNCH(mgpu__mse_k, 1, 1024, 0, stream, a, b, n, loss);
+extern "C" mgpu_result mgpu_cuda_mse_forward(const mgpu__mse_args *m, void *stream) {
+    MGPU__REQUIRE(m && m->n > 0 && m->a && m->b && m->loss, "a, b, loss must be device pointers and n > 0");
+    MGPU__LAUNCH(mgpu__mse_k, 1, 1024, 0, stream, m->a, m->b, m->n, m->loss);
     MGPU__LAUNCHED("mgpu__mse_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, const float *dloss, float *da, float *db, int64_t n, void *stream) {
-    MGPU__REQUIRE(n > 0 && a && b && dloss, "a, b, dloss must be device pointers and n > 0");
-    if (!da && !db) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__mse_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, a, b, dloss, da, db, n);
+extern "C" mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *m, void *stream) {
+    MGPU__REQUIRE(m && m->n > 0 && m->a && m->b && m->dloss, "a, b, dloss must be device pointers and n > 0");
+    if (!m->da && !m->db) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__mse_bwd_k, mgpu__grid(m->n, MGPU__THREADS), MGPU__THREADS, 0, stream, m->a, m->b, m->dloss, m->da, m->db, m->n);
     MGPU__LAUNCHED("mgpu__mse_bwd_k");
     return MGPU_OK;
 }
@@ -696,12 +678,14 @@ __global__ void mgpu__dropout_k(uint64_t seed, uint64_t first, float p, float sc
 __global__ void mgpu__random_u32_k(uint64_t seed, uint64_t first, uint32_t *out, int64_t n) {
     MGPU__FOR(i, n) out[i] = mgpu__random_bits(seed, first + (uint64_t)i);
 }
-extern "C" mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n,
-                                         int accumulate, void *stream) {
-    MGPU__REQUIRE(p >= 0.0f && p <= 1.0f, "p must be in [0, 1]");
-    MGPU__REQUIRE(n >= 0 && (n == 0 || (src && dst)), "src and dst must be device pointers and n >= 0");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, seed, first, p, scale, src, dst, n, accumulate);
+// Differs from the CPU twin under DDP row sharding (world > 1): the counter here is first + i, the
+// CPU's is row-interleaved (see mgpu__dropout_args); row_size, rank and world are not read yet.
+extern "C" mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *d, void *stream) {
+    MGPU__REQUIRE(d && d->p >= 0.0f && d->p <= 1.0f, "p must be in [0, 1]");
+    MGPU__REQUIRE(d->n >= 0 && (d->n == 0 || (d->src && d->dst)), "src and dst must be device pointers and n >= 0");
+    if (d->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(d->n, MGPU__THREADS), MGPU__THREADS, 0, stream, d->seed, d->first, d->p, d->scale, d->src,
+                 d->dst, d->n, d->accumulate);
     MGPU__LAUNCHED("mgpu__dropout_k");
     return MGPU_OK;
 }
@@ -1032,6 +1016,9 @@ extern "C" mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int
    Copies: transpose, row blocks (concat / narrow)
    ====================================================================================== */
 
+// The copy kernels move 4-byte elements (F32, or the bits of I32): wider or narrower dtypes are refused.
+#define MGPU__COPY_ESIZE_OK(esize) MGPU__REQUIRE((esize) == sizeof(float), "the CUDA copies move 4-byte elements only")
+
 __global__ void mgpu__transpose_k(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner, int acc) {
     MGPU__FOR(q, outer * d1 * mid * d0 * inner) {
         // q indexes y (outer, d1, mid, d0, inner)
@@ -1043,33 +1030,32 @@ __global__ void mgpu__transpose_k(const float *x, float *y, int64_t outer, int64
         y[q] = acc ? y[q] + v : v;
     }
 }
-extern "C" mgpu_result mgpu_cuda_transpose(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner,
-                                           int accumulate, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && d0 >= 0 && mid >= 0 && d1 >= 0 && inner >= 0, "sizes must be >= 0");
-    int64_t n = outer * d0 * mid * d1 * inner;
-    MGPU__REQUIRE(n == 0 || (x && y), "x and y must be device pointers");
+extern "C" mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->d0 >= 0 && a->mid >= 0 && a->d1 >= 0 && a->inner >= 0, "sizes must be >= 0");
+    MGPU__COPY_ESIZE_OK(a->esize);
+    int64_t n = a->outer * a->d0 * a->mid * a->d1 * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->x && a->out), "x and out must be device pointers");
     if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__transpose_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, d0, mid, d1, inner, accumulate);
+    MGPU__LAUNCH(mgpu__transpose_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, (const float *)a->x, (float *)a->out, a->outer,
+                 a->d0, a->mid, a->d1, a->inner, a->accumulate);
     MGPU__LAUNCHED("mgpu__transpose_k");
     return MGPU_OK;
 }
-__global__ void mgpu__copy_rows_k(const float *src, int64_t src_row, int64_t src_off, float *dst, int64_t dst_row, int64_t dst_off,
-                                  int64_t rows, int64_t len, int acc) {
+__global__ void mgpu__copy_rows_k(const float *src, int64_t src_pitch, float *dst, int64_t dst_pitch, int64_t rows, int64_t len, int acc) {
     MGPU__FOR(q, rows * len) {
         int64_t r = q / len, j = q % len;
-        float v = src[r * src_row + src_off + j];
-        float *d = dst + r * dst_row + dst_off + j;
+        float v = src[r * src_pitch + j];
+        float *d = dst + r * dst_pitch + j;
         *d = acc ? *d + v : v;
     }
 }
-extern "C" mgpu_result mgpu_cuda_copy_rows(const float *src, int64_t src_row, int64_t src_off, float *dst, int64_t dst_row, int64_t dst_off,
-                                           int64_t rows, int64_t len, int accumulate, void *stream) {
-    MGPU__REQUIRE(rows >= 0 && len >= 0 && src_off >= 0 && dst_off >= 0 && src_off + len <= src_row && dst_off + len <= dst_row,
-                  "a row block reaches outside its row");
-    MGPU__REQUIRE(rows * len == 0 || (src && dst), "src and dst must be device pointers");
-    if (rows * len == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__copy_rows_k, mgpu__grid(rows * len, MGPU__THREADS), MGPU__THREADS, 0, stream, src, src_row, src_off, dst, dst_row,
-                                                                                                       dst_off, rows, len, accumulate);
+extern "C" mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->rows >= 0 && a->len >= 0 && a->len <= a->src_pitch && a->len <= a->dst_pitch, "a row block reaches outside its row");
+    MGPU__COPY_ESIZE_OK(a->esize);
+    MGPU__REQUIRE(a->rows * a->len == 0 || (a->src && a->dst), "src and dst must be device pointers");
+    if (a->rows * a->len == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__copy_rows_k, mgpu__grid(a->rows * a->len, MGPU__THREADS), MGPU__THREADS, 0, stream, (const float *)a->src, a->src_pitch,
+                 (float *)a->dst, a->dst_pitch, a->rows, a->len, a->accumulate);
     MGPU__LAUNCHED("mgpu__copy_rows_k");
     return MGPU_OK;
 }
@@ -1089,7 +1075,7 @@ __global__ void mgpu__sum_dim_k(const float *x, float *y, int64_t outer, int64_t
 __global__ void mgpu__sum_dim_bwd_k(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale) {
     MGPU__FOR(q, outer * D * inner) dx[q] += scale * dy[(q / (D * inner)) * inner + q % inner];
 }
-__global__ void mgpu__max_dim_k(const float *x, float *y, int32_t *argmax, int64_t outer, int64_t D, int64_t inner) {
+__global__ void mgpu__max_dim_k(const float *x, float *y, int64_t *argmax, int64_t outer, int64_t D, int64_t inner) {
     MGPU__FOR(q, outer * inner) {
         const float *xp = x + (q / inner) * D * inner + q % inner;
         float m = xp[0];
@@ -1097,42 +1083,54 @@ __global__ void mgpu__max_dim_k(const float *x, float *y, int32_t *argmax, int64
         for (int64_t d = 1; d < D && m == m; d++)
             if (xp[d * inner] > m || xp[d * inner] != xp[d * inner]) { m = xp[d * inner]; best = d; }
         y[q] = m;
-        if (argmax) argmax[q] = (int32_t)best;
+        argmax[q] = best;
     }
 }
-__global__ void mgpu__max_dim_bwd_k(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner) {
-    MGPU__FOR(q, outer * inner) dx[(q / inner) * D * inner + (int64_t)argmax[q] * inner + q % inner] += dy[q];
+__global__ void mgpu__max_dim_bwd_k(const int64_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner) {
+    MGPU__FOR(q, outer * inner) dx[(q / inner) * D * inner + argmax[q] * inner + q % inner] += dy[q];
 }
 
-extern "C" mgpu_result mgpu_cuda_sum_dim(const float *x, float *y, int64_t outer, int64_t D, int64_t inner, float scale, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && D >= 0 && inner >= 0 && (outer * inner == 0 || (y && (D == 0 || x))), "bad pointers or sizes");
-    if (outer * inner == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__sum_dim_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, outer, D, inner, scale);
+// A single output (outer = inner = 1) goes through the two-phase tree; otherwise a thread per output.
+extern "C" mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim >= 0 && a->inner >= 0, "sizes must be >= 0");
+    int64_t n_out = a->outer * a->inner;
+    MGPU__REQUIRE(n_out == 0 || (a->out && (a->dim == 0 || a->x)), "x and out must be device pointers");
+    if (n_out == 0) return MGPU_OK;
+    if (n_out == 1) {
+        MGPU__REQUIRE(a->scratch, "a single-output sum needs scratch (MGPU_CUDA_REDUCE_PARTIALS floats)");
+        return mgpu__sum_all(a->x, a->dim, a->scale, a->out, a->scratch, stream);
+    }
+    MGPU__LAUNCH(mgpu__sum_dim_k, mgpu__grid(n_out, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->outer, a->dim, a->inner, a->scale);
     MGPU__LAUNCHED("mgpu__sum_dim_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_sum_dim_backward(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale,
-                                                  void *stream) {
-    MGPU__REQUIRE(outer >= 0 && D >= 0 && inner >= 0 && (outer * D * inner == 0 || (dy && dx)), "bad pointers or sizes");
-    if (outer * D * inner == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__sum_dim_bwd_k, mgpu__grid(outer * D * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, dy, dx, outer, D, inner,
-                                                                                                                 scale);
+extern "C" mgpu_result mgpu_cuda_sum_backward(const mgpu__sum_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim >= 0 && a->inner >= 0, "sizes must be >= 0");
+    int64_t n = a->outer * a->dim * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->dy && a->out), "dy and out must be device pointers");
+    if (n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__sum_dim_bwd_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->dy, a->out, a->outer, a->dim, a->inner,
+                 a->scale);
     MGPU__LAUNCHED("mgpu__sum_dim_bwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argmax, int64_t outer, int64_t D, int64_t inner, void *stream) {
-    MGPU__REQUIRE(outer >= 0 && D > 0 && D <= 2147483647LL && inner >= 0, "need D in [1, 2^31)");
-    MGPU__REQUIRE(outer * inner == 0 || (x && y), "x and y must be device pointers");
-    if (outer * inner == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__max_dim_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, x, y, argmax, outer, D, inner);
+extern "C" mgpu_result mgpu_cuda_max_dim_forward(const mgpu__max_dim_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim > 0 && a->inner >= 0, "need dim >= 1 and sizes >= 0");
+    int64_t n_out = a->outer * a->inner;
+    MGPU__REQUIRE(n_out == 0 || (a->x && a->out && a->argmax), "x, out and argmax must be device pointers");
+    if (n_out == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__max_dim_k, mgpu__grid(n_out, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->argmax, a->outer, a->dim,
+                 a->inner);
     MGPU__LAUNCHED("mgpu__max_dim_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner,
-                                                  void *stream) {
-    MGPU__REQUIRE(outer >= 0 && D > 0 && inner >= 0 && (outer * inner == 0 || (argmax && dy && dx)), "bad pointers or sizes");
-    if (outer * inner == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__max_dim_bwd_k, mgpu__grid(outer * inner, MGPU__THREADS), MGPU__THREADS, 0, stream, argmax, dy, dx, outer, D, inner);
+extern "C" mgpu_result mgpu_cuda_max_dim_backward(const mgpu__max_dim_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->dim > 0 && a->inner >= 0, "need dim >= 1 and sizes >= 0");
+    int64_t n_out = a->outer * a->inner;
+    MGPU__REQUIRE(n_out == 0 || (a->argmax && a->dy && a->out), "argmax, dy and out must be device pointers");
+    if (n_out == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__max_dim_bwd_k, mgpu__grid(n_out, MGPU__THREADS), MGPU__THREADS, 0, stream, (const int64_t *)a->argmax, a->dy, a->out,
+                 a->outer, a->dim, a->inner);
     MGPU__LAUNCHED("mgpu__max_dim_bwd_k");
     return MGPU_OK;
 }

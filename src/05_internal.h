@@ -40,51 +40,86 @@ typedef struct mgpu__unary_args {
 mgpu_result mgpu_cuda_unary_forward(const mgpu__unary_args *a, void *stream);
 mgpu_result mgpu_cuda_unary_backward(const mgpu__unary_args *a, void *stream);
 
-typedef enum mgpu_cuda_binary { MGPU_CUDA_ADD, MGPU_CUDA_SUB, MGPU_CUDA_MUL } mgpu_cuda_binary;
-/* Broadcast geometry: out shape and the element strides of a and b against it (0 where broadcast). */
-typedef struct mgpu_cuda_bcast {
+/* binary (NumPy broadcasting, right-aligned; bias_add is this op): forward out = a op b, a and b
+   read through their strides against out's shape (0 where broadcast); backward da += the sum of
+   dy * d out/d a over a's broadcast dims in a fixed order (likewise db); da or db may be NULL */
+typedef enum mgpu__binary_kind { MGPU__BIN_ADD, MGPU__BIN_SUB, MGPU__BIN_MUL } mgpu__binary_kind;
+typedef struct mgpu__bcast {
     int ndim;
     int64_t shape[MGPU_MAX_DIMS], a_stride[MGPU_MAX_DIMS], b_stride[MGPU_MAX_DIMS];
     int64_t numel, a_numel, b_numel;
-} mgpu_cuda_bcast;
-/* NumPy broadcasting of a and b (right-aligned); MGPU_ERR_SHAPE when they do not broadcast. */
-mgpu_result mgpu_cuda_bcast_make(int a_ndim, const int64_t *a_shape, int b_ndim, const int64_t *b_shape, mgpu_cuda_bcast *out);
-mgpu_result mgpu_cuda_binary_forward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, float *out, void *stream);
-/* da += reduce(dy * d out/d a) over a's broadcast dims (likewise db); da or db may be NULL. Deterministic. */
-mgpu_result mgpu_cuda_binary_backward(int op, const mgpu_cuda_bcast *g, const float *a, const float *b, const float *dy,
-                                      float *da, float *db, void *stream);
+} mgpu__bcast;
+typedef struct mgpu__binary_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    mgpu__binary_kind kind;
+    mgpu__bcast g;
+    const float *a, *b, *dy; float *out, *da, *db;
+} mgpu__binary_args;
+mgpu_result mgpu_cuda_binary_forward(const mgpu__binary_args *args, void *stream);
+mgpu_result mgpu_cuda_binary_backward(const mgpu__binary_args *args, void *stream);
 
-/* x (rows, cols) + b (cols) */
-mgpu_result mgpu_cuda_bias_add_forward(const float *x, const float *b, float *y, int64_t rows, int64_t cols, void *stream);
-/* db += column sums of dy (rows, cols): fixed-order, deterministic */
+/* db += column sums of dy (rows, cols): fixed-order, deterministic (linear's bias gradient) */
 mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream);
 
-/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ---- */
-mgpu_result mgpu_cuda_softmax_forward(const float *x, float *y, int64_t outer, int64_t dim, int64_t inner, int log, void *stream);
-/* dx += softmax' (y is the forward output; log selects log-softmax) */
-mgpu_result mgpu_cuda_softmax_backward(const float *y, const float *dy, float *dx, int64_t outer, int64_t dim, int64_t inner,
-                                       int log, void *stream);
+/* accumulate (n): out += x (the backward of views and casts) */
+typedef struct mgpu__accumulate_args {
+    mgpu_context *ctx;
+    const float *x; float *out;
+    int64_t n;
+} mgpu__accumulate_args;
+mgpu_result mgpu_cuda_accumulate(const mgpu__accumulate_args *a, void *stream);
 
-/* ---- losses: targets (n) I32 or I64 (target_i64), -100 ignored; other out-of-range targets give NaN
-   (validate them on the host first). Scalars (loss, valid) live in device memory. ---- */
-/* loss[0] = mean over counted rows of lse - x[t]; lse (n) kept for backward; valid[0] = counted rows */
-mgpu_result mgpu_cuda_cross_entropy_forward(const float *logits, const void *target, int target_i64, int64_t n, int64_t c,
-                                            float *lse, float *loss, float *valid, void *stream);
-/* dx += dloss / valid * (softmax - onehot) */
-mgpu_result mgpu_cuda_cross_entropy_backward(const float *logits, const void *target, int target_i64, const float *lse,
-                                             const float *dloss, const float *valid, float *dx, int64_t n, int64_t c, void *stream);
-mgpu_result mgpu_cuda_nll_forward(const float *logp, const void *target, int target_i64, int64_t n, int64_t c,
-                                  float *loss, float *valid, void *stream);
-mgpu_result mgpu_cuda_nll_backward(const void *target, int target_i64, const float *dloss, const float *valid, float *dx,
-                                   int64_t n, int64_t c, void *stream);
-/* loss[0] = mean((a - b)^2) */
-mgpu_result mgpu_cuda_mse_forward(const float *a, const float *b, int64_t n, float *loss, void *stream);
-mgpu_result mgpu_cuda_mse_backward(const float *a, const float *b, const float *dloss, float *da, float *db, int64_t n, void *stream);
+/* ---- softmax family: x seen as (outer, dim, inner), normalised along dim ----
+   forward out = softmax(x) (log: log_softmax); backward out += softmax'(y) dy, y the forward output */
+typedef struct mgpu__softmax_args {
+    mgpu_context *ctx;
+    int log;
+    const float *x, *y, *dy; float *out;
+    int64_t outer, dim, inner;
+} mgpu__softmax_args;
+mgpu_result mgpu_cuda_softmax_forward(const mgpu__softmax_args *a, void *stream);
+mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream);
 
-/* ---- dropout: keep element i iff mgpu_random_uniform(seed, first + i) >= p (the CPU's exact mask).
-   dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward). ---- */
-mgpu_result mgpu_cuda_dropout(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n,
-                              int accumulate, void *stream);
+/* ---- classification losses, cross_entropy (x: logits, log-softmax fused in) and nll (x:
+   log-probabilities): x (n, c), target (n) I32 or I64 (target_i64), -100 ignored; the front
+   rejects other targets outside [0, c) (the CUDA twins would give NaN). Scalars live on the device.
+   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), valid[0] = counted rows,
+   lse (n) kept for backward (cross_entropy only); backward: dx += dloss[0] / valid[0] * (softmax(x) - onehot(t))
+   (nll: -onehot(t)) ---- */
+typedef struct mgpu__class_loss_args {
+    mgpu_context *ctx;
+    const float *x; const void *target; int target_i64;
+    int64_t n, c;
+    float *lse, *loss, *valid;
+    const float *dloss; float *dx;
+} mgpu__class_loss_args;
+mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream);
+mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream);
+/* mse (n): forward loss[0] = mean((a - b)^2); backward da += 2 dloss[0] / n * (a - b), db -= the
+   same (either may be NULL) */
+typedef struct mgpu__mse_args {
+    mgpu_context *ctx;
+    const float *a, *b; int64_t n;
+    float *loss;
+    const float *dloss; float *da, *db;
+} mgpu__mse_args;
+mgpu_result mgpu_cuda_mse_forward(const mgpu__mse_args *a, void *stream);
+mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *a, void *stream);
+
+/* ---- dropout (n): dst = src * scale where kept, 0 elsewhere; accumulate: dst += instead (backward).
+   x is seen as rows of row_size; element c of local row j is kept iff mgpu_random_uniform(seed,
+   first + (rank + world * j) * row_size + c) >= p, so W DDP ranks draw the masks one process draws
+   for the combined batch (world 1: counter first + i). ---- */
+typedef struct mgpu__dropout_args {
+    mgpu_context *ctx;
+    uint64_t seed, first; float p, scale;
+    int64_t row_size, rank, world;
+    const float *src; float *dst; int64_t n;
+    int accumulate;
+} mgpu__dropout_args;
+mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *a, void *stream);
 /* Fills out[i] = mgpu_random_u32(seed, first + i) (tests compare it with the CPU bit for bit). */
 mgpu_result mgpu_cuda_random_u32(uint64_t seed, uint64_t first, uint32_t *out, int64_t n, void *stream);
 
@@ -124,28 +159,50 @@ mgpu_result mgpu_cuda_pool_forward(const mgpu_cuda_conv_geom *g, int is_max, con
 mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int is_max, const int32_t *argmax, const float *dy, float *dx,
                                     void *stream);
 
-/* ---- copies ---- */
-/* x (outer, d0, mid, d1, inner) -> y (outer, d1, mid, d0, inner); accumulate: y += */
-mgpu_result mgpu_cuda_transpose(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner,
-                                int accumulate, void *stream);
-/* Row-block copy for concat/narrow and their backwards: for r < rows,
-   dst[r * dst_row + dst_off + j] (=|+=) src[r * src_row + src_off + j], j < len. */
-mgpu_result mgpu_cuda_copy_rows(const float *src, int64_t src_row, int64_t src_off, float *dst, int64_t dst_row, int64_t dst_off,
-                                int64_t rows, int64_t len, int accumulate, void *stream);
+/* ---- copies: elements of esize bytes (the CUDA twins move 4-byte ones); accumulate (backward,
+   F32): dst += instead ---- */
+/* transpose: x (outer, d0, mid, d1, inner) -> out (outer, d1, mid, d0, inner) */
+typedef struct mgpu__transpose_args {
+    mgpu_context *ctx;
+    const void *x; void *out;
+    int64_t outer, d0, mid, d1, inner;
+    size_t esize; int accumulate;
+} mgpu__transpose_args;
+mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream);
+/* copy_rows, the row blocks of concat and narrow: dst[r * dst_pitch + j] = src[r * src_pitch + j]
+   for r < rows, j < len (pitches in elements, >= len) */
+typedef struct mgpu__copy_rows_args {
+    mgpu_context *ctx;
+    const void *src; void *dst;
+    int64_t rows, len, src_pitch, dst_pitch;
+    size_t esize; int accumulate;
+} mgpu__copy_rows_args;
+mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream);
 
-/* ---- reductions (fixed partition and tree: deterministic for a given n) ---- */
+/* ---- reductions, in an order fixed by the shapes alone (deterministic); x seen as (outer, dim, inner) ---- */
 #define MGPU_CUDA_REDUCE_PARTIALS 1024
-/* out[0] = scale * sum(x); scratch: MGPU_CUDA_REDUCE_PARTIALS floats of device memory */
-mgpu_result mgpu_cuda_sum(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream);
-/* x (outer, D, inner) -> y (outer, inner) = scale * sum over D */
-mgpu_result mgpu_cuda_sum_dim(const float *x, float *y, int64_t outer, int64_t D, int64_t inner, float scale, void *stream);
-/* dx (outer, D, inner) += scale * dy (outer, inner); a full sum is outer = inner = 1, D = n,
-   with dy a device scalar */
-mgpu_result mgpu_cuda_sum_dim_backward(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale, void *stream);
-/* y, argmax (outer, inner): first maximum along D (NaN wins) */
-mgpu_result mgpu_cuda_max_dim(const float *x, float *y, int32_t *argmax, int64_t outer, int64_t D, int64_t inner, void *stream);
-mgpu_result mgpu_cuda_max_dim_backward(const int32_t *argmax, const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner,
-                                       void *stream);
+/* sum: forward out (outer, inner) = scale * sum over dim (a full sum: outer = inner = 1);
+   backward out += scale * dy broadcast along dim. scratch (forward with outer * inner == 1):
+   MGPU_CUDA_REDUCE_PARTIALS floats of workspace for the CUDA twin's two-phase sum; the CPU twin ignores it */
+typedef struct mgpu__sum_args {
+    mgpu_context *ctx;
+    const float *x, *dy; float *out;
+    int64_t outer, dim, inner;
+    float scale;
+    float *scratch;
+} mgpu__sum_args;
+mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stream);
+mgpu_result mgpu_cuda_sum_backward(const mgpu__sum_args *a, void *stream);
+/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim (NaN wins)
+   and its index; backward out += dy at argmax */
+typedef struct mgpu__max_dim_args {
+    mgpu_context *ctx;
+    const float *x, *dy; float *out;
+    int64_t *argmax;
+    int64_t outer, dim, inner;
+} mgpu__max_dim_args;
+mgpu_result mgpu_cuda_max_dim_forward(const mgpu__max_dim_args *a, void *stream);
+mgpu_result mgpu_cuda_max_dim_backward(const mgpu__max_dim_args *a, void *stream);
 
 /* ---- tensor-level fills, copies and casts; half-precision rounding ---- */
 /* fill (n elements of dtype): dst[i] = value as a C cast to the dtype would give it (F16/BF16

@@ -153,6 +153,22 @@ static void test_unary_accumulates(void) {
 }
 
 typedef mgpu_tensor *(*binary_op)(mgpu_context *, mgpu_tensor *, mgpu_tensor *);
+/* The binary twin's argument struct with the broadcast geometry of a and b, as the op's front fills it. */
+static mgpu__binary_args binary_args(int kind, const mgpu_tensor *a, const mgpu_tensor *b) {
+    mgpu__binary_args args;
+    memset(&args, 0, sizeof args);
+    args.kind = (mgpu__binary_kind)kind;
+    expect_ok(mgpu__bcast_make("test", a, b, &args.g) ? MGPU_OK : mgpu_last_result(), "broadcast geometry");
+    return args;
+}
+static mgpu_result binary_forward(mgpu__binary_args args, const float *a, const float *b, float *out) {
+    args.a = a; args.b = b; args.out = out;
+    return mgpu_cuda_binary_forward(&args, NULL);
+}
+static mgpu_result binary_backward(mgpu__binary_args args, const float *a, const float *b, const float *dy, float *da, float *db) {
+    args.a = a; args.b = b; args.dy = dy; args.da = da; args.db = db;
+    return mgpu_cuda_binary_backward(&args, NULL);
+}
 static void test_binary(void) {
     static const binary_op ops[3] = { mgpu_op_add, mgpu_op_sub, mgpu_op_mul };
     /* the last case reduces 2048 positions per element of b: the block-per-element path */
@@ -162,23 +178,24 @@ static void test_binary(void) {
     int op, c;
     for (op = 0; op < 3; op++)
         for (c = 0; c < 5; c++) {
-            mgpu_cuda_bcast g;
             mgpu_tensor *a = rnd(na[c], sa[c], -2, 2), *b = rnd(nb[c], sb[c], -2, 2), *y = ops[op](cpu, a, b);
             float *da = dev_of(a), *db = dev_of(b), *out = dev_nan(y->numel), *ga = dev_zeros(a->numel), *gb = dev_zeros(b->numel), *dy;
-            expect_ok(mgpu_cuda_bcast_make(a->ndim, a->shape, b->ndim, b->shape, &g), "bcast_make");
-            MT_CHECK(g.numel == y->numel, "broadcast numel %lld vs %lld", (long long)g.numel, (long long)y->numel);
-            expect_ok(mgpu_cuda_binary_forward(op, &g, da, db, out, NULL), "binary forward");
+            mgpu__binary_args args = binary_args(op, a, b);
+            MT_CHECK(args.g.numel == y->numel, "broadcast numel %lld vs %lld", (long long)args.g.numel, (long long)y->numel);
+            expect_ok(binary_forward(args, da, db, out), "binary forward");
             expect_close("binary forward", out, (const float *)y->data, y->numel, F32_TOL);
             dy = cpu_backward(y);
-            expect_ok(mgpu_cuda_binary_backward(op, &g, da, db, dy, ga, gb, NULL), "binary backward");
+            expect_ok(binary_backward(args, da, db, dy, ga, gb), "binary backward");
             expect_close("binary backward da", ga, grad_of(a), a->numel, F32_TOL);
             expect_close("binary backward db", gb, grad_of(b), b->numel, F32_TOL);
             case_end();
         }
-    {   /* shapes that do not broadcast are an error, not a crash */
-        int64_t s1[1] = { 3 }, s2[1] = { 4 };
-        mgpu_cuda_bcast g;
-        MT_CHECK(mgpu_cuda_bcast_make(1, s1, 1, s2, &g) == MGPU_ERR_SHAPE, "3 vs 4 must not broadcast");
+    {   /* a bad kind is an error, not a crash */
+        int64_t n = 4;
+        mgpu_tensor *a = rnd(1, &n, -1, 1);
+        float *d = dev_of(a);
+        MT_CHECK(binary_forward(binary_args(7, a, a), d, d, d) == MGPU_ERR_INVALID_ARG, "kind 7 must be rejected");
+        case_end();
     }
 }
 
@@ -189,18 +206,28 @@ static void test_bias(void) {
     for (c = 0; c < 3; c++) {
         int64_t C = shapes[c][nd[c] - 1], rows = prod(nd[c], shapes[c]) / C;
         mgpu_tensor *x = rnd(nd[c], shapes[c], -1, 1), *b = rnd(1, &C, -1, 1), *y = mgpu_op_bias_add(cpu, x, b);
-        float *dx = dev_of(x), *dbias = dev_of(b), *out = dev_nan(y->numel), *gb = dev_zeros(C), *dy;
-        expect_ok(mgpu_cuda_bias_add_forward(dx, dbias, out, rows, C, NULL), "bias_add");
+        float *dx = dev_of(x), *dbias = dev_of(b), *out = dev_nan(y->numel), *gx = dev_zeros(x->numel), *gb = dev_zeros(C), *gc = dev_zeros(C), *dy;
+        mgpu__binary_args args = binary_args(MGPU__BIN_ADD, x, b);   /* bias_add is a broadcast add */
+        expect_ok(binary_forward(args, dx, dbias, out), "bias_add");
         expect_close("bias_add forward", out, (const float *)y->data, y->numel, F32_TOL);
         dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_bias_grad(dy, gb, rows, C, NULL), "bias_grad");
-        expect_close("bias grad (column sums)", gb, grad_of(b), C, F32_TOL);
+        expect_ok(binary_backward(args, dx, dbias, dy, gx, gb), "bias_add backward");
+        expect_close("bias_add dx", gx, grad_of(x), x->numel, F32_TOL);
+        expect_close("bias_add db", gb, grad_of(b), C, F32_TOL);
+        expect_ok(mgpu_cuda_bias_grad(dy, gc, rows, C, NULL), "bias_grad");
+        expect_close("bias grad (column sums)", gc, grad_of(b), C, F32_TOL);
         case_end();
     }
 }
 
 /* ============================== softmax and losses ============================== */
 
+static mgpu__softmax_args softmax_args(int log, int64_t outer, int64_t dim, int64_t inner) {
+    mgpu__softmax_args a;
+    memset(&a, 0, sizeof a);
+    a.log = log; a.outer = outer; a.dim = dim; a.inner = inner;
+    return a;
+}
 static void test_softmax(void) {
     static const int64_t shapes[4][3] = { {7, 10, 0}, {3, 2000, 0}, {4, 5, 6}, {33, 1, 0} };
     static const int nd[4] = { 2, 2, 3, 2 };
@@ -212,10 +239,13 @@ static void test_softmax(void) {
             mgpu_tensor *y = lg ? mgpu_op_log_softmax(cpu, x, dim) : mgpu_op_softmax(cpu, x, dim);
             int64_t outer = shapes[c][0], D = shapes[c][1], inner = x->numel / (outer * D);
             float *dx = dev_of(x), *out = dev_nan(x->numel), *g = dev_zeros(x->numel), *dy;
-            expect_ok(mgpu_cuda_softmax_forward(dx, out, outer, D, inner, lg, NULL), "softmax forward");
+            mgpu__softmax_args a = softmax_args(lg, outer, D, inner);
+            a.x = dx; a.out = out;
+            expect_ok(mgpu_cuda_softmax_forward(&a, NULL), "softmax forward");
             expect_close(lg ? "log_softmax forward" : "softmax forward", out, (const float *)y->data, x->numel, F32_TOL);
             dy = cpu_backward(y);
-            expect_ok(mgpu_cuda_softmax_backward(out, dy, g, outer, D, inner, lg, NULL), "softmax backward");
+            a.y = out; a.dy = dy; a.out = g;
+            expect_ok(mgpu_cuda_softmax_backward(&a, NULL), "softmax backward");
             expect_close(lg ? "log_softmax backward" : "softmax backward", g, grad_of(x), x->numel, F32_TOL);
             case_end();
         }
@@ -242,13 +272,17 @@ static void test_cross_entropy_and_nll(void) {
             mgpu_tensor *x = rnd(2, shape, -3, 3), *t = targets(n, C, i64);
             mgpu_tensor *loss = nll ? mgpu_op_nll_loss(cpu, x, t) : mgpu_op_cross_entropy(cpu, x, t);
             float *dx = dev_of(x), *dt = dev_of(t), *lse = dev_nan(n), *dl = dev_nan(1), *valid = dev_nan(1), *g = dev_zeros(x->numel), *dy;
+            mgpu__class_loss_args a;
             (void)one;
-            if (nll) expect_ok(mgpu_cuda_nll_forward(dx, dt, i64, n, C, dl, valid, NULL), "nll forward");
-            else expect_ok(mgpu_cuda_cross_entropy_forward(dx, dt, i64, n, C, lse, dl, valid, NULL), "cross_entropy forward");
+            memset(&a, 0, sizeof a);   /* filled as the op's front fills it; nll has no lse */
+            a.x = dx; a.target = dt; a.target_i64 = i64; a.n = n; a.c = C; a.lse = nll ? NULL : lse; a.loss = dl; a.valid = valid;
+            if (nll) expect_ok(mgpu_cuda_nll_forward(&a, NULL), "nll forward");
+            else expect_ok(mgpu_cuda_cross_entropy_forward(&a, NULL), "cross_entropy forward");
             expect_close(nll ? "nll loss" : "cross-entropy loss", dl, (const float *)loss->data, 1, F32_TOL);
             dy = cpu_backward(loss);
-            if (nll) expect_ok(mgpu_cuda_nll_backward(dt, i64, dy, valid, g, n, C, NULL), "nll backward");
-            else expect_ok(mgpu_cuda_cross_entropy_backward(dx, dt, i64, lse, dy, valid, g, n, C, NULL), "cross_entropy backward");
+            a.dloss = dy; a.dx = g;
+            if (nll) expect_ok(mgpu_cuda_nll_backward(&a, NULL), "nll backward");
+            else expect_ok(mgpu_cuda_cross_entropy_backward(&a, NULL), "cross_entropy backward");
             expect_close(nll ? "nll backward" : "cross-entropy backward", g, grad_of(x), x->numel, F32_TOL);
             case_end();
         }
@@ -258,10 +292,14 @@ static void test_mse(void) {
     int64_t shape[2] = { 13, 77 };
     mgpu_tensor *a = rnd(2, shape, -1, 1), *b = rnd(2, shape, -1, 1), *l = mgpu_op_mse_loss(cpu, a, b);
     float *da = dev_of(a), *db = dev_of(b), *dl = dev_nan(1), *ga = dev_zeros(a->numel), *gb = dev_zeros(b->numel), *dy;
-    expect_ok(mgpu_cuda_mse_forward(da, db, a->numel, dl, NULL), "mse forward");
+    mgpu__mse_args m;
+    memset(&m, 0, sizeof m);
+    m.a = da; m.b = db; m.n = a->numel; m.loss = dl;
+    expect_ok(mgpu_cuda_mse_forward(&m, NULL), "mse forward");
     expect_close("mse loss", dl, (const float *)l->data, 1, F32_TOL);
     dy = cpu_backward(l);
-    expect_ok(mgpu_cuda_mse_backward(da, db, dy, ga, gb, a->numel, NULL), "mse backward");
+    m.dloss = dy; m.da = ga; m.db = gb;
+    expect_ok(mgpu_cuda_mse_backward(&m, NULL), "mse backward");
     expect_close("mse backward a", ga, grad_of(a), a->numel, F32_TOL);
     expect_close("mse backward b", gb, grad_of(b), b->numel, F32_TOL);
     case_end();
@@ -281,6 +319,14 @@ static void test_rng_bits(void) {
     case_end();
 }
 
+/* The dropout twin's argument struct for one process (world 1), as the op's front fills it. */
+static mgpu_result dropout(uint64_t seed, uint64_t first, float p, const float *src, float *dst, int64_t n, int accumulate) {
+    mgpu__dropout_args d;
+    memset(&d, 0, sizeof d);
+    d.seed = seed; d.first = first; d.p = p; d.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    d.row_size = 1; d.world = 1; d.src = src; d.dst = dst; d.n = n; d.accumulate = accumulate;
+    return mgpu_cuda_dropout(&d, NULL);
+}
 static void test_dropout_matches_cpu(void) {
     int64_t shape[2] = { 37, 129 };
     float p = 0.3f;
@@ -290,11 +336,11 @@ static void test_dropout_matches_cpu(void) {
     mgpu_context_rng_state(cpu, &seed, &off);
     y = mgpu_op_dropout(cpu, x, p, 1);
     dx = dev_of(x); out = dev_nan(x->numel); g = dev_zeros(x->numel);
-    expect_ok(mgpu_cuda_dropout(seed, off, p, 1.0f / (1.0f - p), dx, out, x->numel, 0, NULL), "dropout forward");
+    expect_ok(dropout(seed, off, p, dx, out, x->numel, 0), "dropout forward");
     /* the mask must be identical: compare exactly (the kept values are the same product) */
     expect_close("dropout forward (same mask as the CPU)", out, (const float *)y->data, x->numel, 0.0);
     dy = cpu_backward(y);
-    expect_ok(mgpu_cuda_dropout(seed, off, p, 1.0f / (1.0f - p), dy, g, x->numel, 1, NULL), "dropout backward");
+    expect_ok(dropout(seed, off, p, dy, g, x->numel, 1), "dropout backward");
     expect_close("dropout backward", g, grad_of(x), x->numel, 0.0);
     case_end();
 }
@@ -394,10 +440,9 @@ static void test_conv2d(void) {
                                      MGPU_CUDA_EPI_NONE, NULL, 1), "conv gemm");
         tmp = dev_nan(y->numel);   /* bias over channels: (N, O, P) + b via a broadcast add with b (O, 1) */
         {
-            mgpu_cuda_bcast bc;
             int64_t ysh[3] = { g.N, O, P }, bsh[2] = { O, 1 };
-            expect_ok(mgpu_cuda_bcast_make(3, ysh, 2, bsh, &bc), "bcast");
-            expect_ok(mgpu_cuda_binary_forward(MGPU_CUDA_ADD, &bc, out, db, tmp, NULL), "bias");
+            mgpu__binary_args bc = binary_args(MGPU__BIN_ADD, track(mgpu_tensor_create(cpu, MGPU_F32, 3, ysh)), track(mgpu_tensor_create(cpu, MGPU_F32, 2, bsh)));
+            expect_ok(binary_forward(bc, out, db, tmp), "bias");
             expect_close("conv2d forward (im2col + gemm)", tmp, (const float *)y->data, y->numel, F32_TOL);
             dy = cpu_backward(y);
             gx = dev_zeros(x->numel); gw = dev_zeros(w->numel); gb = dev_zeros(O); dcols = dev_nan(g.N * ckk * P);
@@ -409,7 +454,7 @@ static void test_conv2d(void) {
                                          MGPU_CUDA_EPI_NONE, NULL, 1), "conv dcols gemm");
             }
             expect_ok(mgpu_cuda_col2im(&g, dcols, gx, NULL), "col2im");
-            expect_ok(mgpu_cuda_binary_backward(MGPU_CUDA_ADD, &bc, out, db, dy, NULL, gb, NULL), "bias grad");
+            expect_ok(binary_backward(bc, out, db, dy, NULL, gb), "bias grad");
         }
         expect_close("conv2d dx (col2im)", gx, grad_of(x), x->numel, F32_TOL);
         expect_close("conv2d dw", gw, grad_of(w), w->numel, F32_TOL);
@@ -444,15 +489,30 @@ static void test_pool(void) {
 
 /* ============================== copies and reductions ============================== */
 
+/* The copy twins' argument structs with the old positional parameters (F32 elements). */
+static mgpu_result transpose(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner, int accumulate) {
+    mgpu__transpose_args a;
+    memset(&a, 0, sizeof a);
+    a.x = x; a.out = y; a.outer = outer; a.d0 = d0; a.mid = mid; a.d1 = d1; a.inner = inner; a.esize = sizeof(float); a.accumulate = accumulate;
+    return mgpu_cuda_transpose(&a, NULL);
+}
+static mgpu_result copy_rows(const float *src, int64_t src_pitch, int64_t src_off, float *dst, int64_t dst_pitch, int64_t dst_off, int64_t rows,
+                             int64_t len, int accumulate) {
+    mgpu__copy_rows_args a;
+    memset(&a, 0, sizeof a);
+    a.src = src + src_off; a.src_pitch = src_pitch; a.dst = dst + dst_off; a.dst_pitch = dst_pitch;
+    a.rows = rows; a.len = len; a.esize = sizeof(float); a.accumulate = accumulate;
+    return mgpu_cuda_copy_rows(&a, NULL);
+}
 static void test_transpose(void) {
     int64_t xs[4] = { 2, 3, 4, 5 };
     mgpu_tensor *x = rnd(4, xs, -1, 1), *y = mgpu_op_transpose(cpu, x, 1, 3);
     float *dx = dev_of(x), *out = dev_nan(x->numel), *g = dev_zeros(x->numel), *dy;
     /* (2, 3, 4, 5) -> (2, 5, 4, 3): outer 2, d0 3, mid 4, d1 5, inner 1 */
-    expect_ok(mgpu_cuda_transpose(dx, out, 2, 3, 4, 5, 1, 0, NULL), "transpose");
+    expect_ok(transpose(dx, out, 2, 3, 4, 5, 1, 0), "transpose");
     expect_close("transpose forward", out, (const float *)y->data, y->numel, 0.0);
     dy = cpu_backward(y);
-    expect_ok(mgpu_cuda_transpose(dy, g, 2, 5, 4, 3, 1, 1, NULL), "transpose backward");
+    expect_ok(transpose(dy, g, 2, 5, 4, 3, 1, 1), "transpose backward");
     expect_close("transpose backward", g, grad_of(x), x->numel, 0.0);
     case_end();
 }
@@ -464,26 +524,43 @@ static void test_concat_narrow(void) {
     xs[0] = a; xs[1] = b;
     y = mgpu_op_concat(cpu, xs, 2, 1);   // (2, 8, 4): rows of 8 * 4, a at 0, b at 12
     da = dev_of(a); db = dev_of(b); out = dev_nan(y->numel); ga = dev_zeros(a->numel); gb = dev_zeros(b->numel);
-    expect_ok(mgpu_cuda_copy_rows(da, 12, 0, out, 32, 0, 2, 12, 0, NULL), "concat a");
-    expect_ok(mgpu_cuda_copy_rows(db, 20, 0, out, 32, 12, 2, 20, 0, NULL), "concat b");
+    expect_ok(copy_rows(da, 12, 0, out, 32, 0, 2, 12, 0), "concat a");
+    expect_ok(copy_rows(db, 20, 0, out, 32, 12, 2, 20, 0), "concat b");
     expect_close("concat forward", out, (const float *)y->data, y->numel, 0.0);
     dy = cpu_backward(y);
-    expect_ok(mgpu_cuda_copy_rows(dy, 32, 0, ga, 12, 0, 2, 12, 1, NULL), "concat backward a");
-    expect_ok(mgpu_cuda_copy_rows(dy, 32, 12, gb, 20, 0, 2, 20, 1, NULL), "concat backward b");
+    expect_ok(copy_rows(dy, 32, 0, ga, 12, 0, 2, 12, 1), "concat backward a");
+    expect_ok(copy_rows(dy, 32, 12, gb, 20, 0, 2, 20, 1), "concat backward b");
     expect_close("concat backward a", ga, grad_of(a), a->numel, 0.0);
     expect_close("concat backward b", gb, grad_of(b), b->numel, 0.0);
     case_end();
     b = rnd(3, s2, -1, 1);
     nr = mgpu_op_narrow(cpu, b, 1, 1, 3);   // (2, 3, 4) from rows [1, 4) of dim 1
     db = dev_of(b); nout = dev_nan(nr->numel); gn = dev_zeros(b->numel);
-    expect_ok(mgpu_cuda_copy_rows(db, 20, 4, nout, 12, 0, 2, 12, 0, NULL), "narrow");
+    expect_ok(copy_rows(db, 20, 4, nout, 12, 0, 2, 12, 0), "narrow");
     expect_close("narrow forward", nout, (const float *)nr->data, nr->numel, 0.0);
     dny = cpu_backward(nr);
-    expect_ok(mgpu_cuda_copy_rows(dny, 12, 0, gn, 20, 4, 2, 12, 1, NULL), "narrow backward");
+    expect_ok(copy_rows(dny, 12, 0, gn, 20, 4, 2, 12, 1), "narrow backward");
     expect_close("narrow backward", gn, grad_of(b), b->numel, 0.0);
     case_end();
 }
 
+/* The sum and max_dim twins' argument structs for x (outer, D, inner). */
+static mgpu__sum_args sum_args(int64_t outer, int64_t D, int64_t inner, float scale) {
+    mgpu__sum_args a;
+    memset(&a, 0, sizeof a);
+    a.outer = outer; a.dim = D; a.inner = inner; a.scale = scale;
+    return a;
+}
+static mgpu_result sum_forward(const float *x, float *out, int64_t outer, int64_t D, int64_t inner, float scale, float *scratch) {
+    mgpu__sum_args a = sum_args(outer, D, inner, scale);
+    a.x = x; a.out = out; a.scratch = scratch;
+    return mgpu_cuda_sum_forward(&a, NULL);
+}
+static mgpu_result sum_backward(const float *dy, float *dx, int64_t outer, int64_t D, int64_t inner, float scale) {
+    mgpu__sum_args a = sum_args(outer, D, inner, scale);
+    a.dy = dy; a.out = dx;
+    return mgpu_cuda_sum_backward(&a, NULL);
+}
 static void test_reductions(void) {
     int64_t xs[3] = { 4, 37, 5 }, n = quick ? 100003 : 3000017;
     int mean;
@@ -491,30 +568,33 @@ static void test_reductions(void) {
         mgpu_tensor *x = rnd(3, xs, -1, 1), *y = mean ? mgpu_op_mean(cpu, x) : mgpu_op_sum(cpu, x);
         float scale = mean ? 1.0f / (float)x->numel : 1.0f;
         float *dx = dev_of(x), *out = dev_nan(1), *scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS), *g = dev_zeros(x->numel), *dy;
-        expect_ok(mgpu_cuda_sum(dx, x->numel, scale, out, scratch, NULL), "sum");
+        expect_ok(sum_forward(dx, out, 1, x->numel, 1, scale, scratch), "sum");
         expect_close(mean ? "mean" : "sum", out, (const float *)y->data, 1, F32_TOL);
         dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_sum_dim_backward(dy, g, 1, x->numel, 1, scale, NULL), "sum backward");
+        expect_ok(sum_backward(dy, g, 1, x->numel, 1, scale), "sum backward");
         expect_close(mean ? "mean backward" : "sum backward", g, grad_of(x), x->numel, F32_TOL);
         case_end();
         x = rnd(3, xs, -1, 1); y = mean ? mgpu_op_mean_dim(cpu, x, 1, 0) : mgpu_op_sum_dim(cpu, x, 1, 0);
         dx = dev_of(x); out = dev_nan(y->numel); g = dev_zeros(x->numel);
         scale = mean ? 1.0f / 37.0f : 1.0f;
-        expect_ok(mgpu_cuda_sum_dim(dx, out, 4, 37, 5, scale, NULL), "sum_dim");
+        expect_ok(sum_forward(dx, out, 4, 37, 5, scale, NULL), "sum_dim");
         expect_close(mean ? "mean_dim" : "sum_dim", out, (const float *)y->data, y->numel, F32_TOL);
         dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_sum_dim_backward(dy, g, 4, 37, 5, scale, NULL), "sum_dim backward");
+        expect_ok(sum_backward(dy, g, 4, 37, 5, scale), "sum_dim backward");
         expect_close(mean ? "mean_dim backward" : "sum_dim backward", g, grad_of(x), x->numel, F32_TOL);
         case_end();
     }
     {
         mgpu_tensor *x = rnd(3, xs, -1, 1), *y = mgpu_op_max_dim(cpu, x, 1, 0);
         float *dx = dev_of(x), *out = dev_nan(y->numel), *g = dev_zeros(x->numel), *dy;
-        int32_t *am = (int32_t *)dev_alloc(sizeof(int32_t) * (size_t)y->numel);
-        expect_ok(mgpu_cuda_max_dim(dx, out, am, 4, 37, 5, NULL), "max_dim");
+        mgpu__max_dim_args m;
+        memset(&m, 0, sizeof m);
+        m.x = dx; m.out = out; m.argmax = (int64_t *)dev_alloc(sizeof(int64_t) * (size_t)y->numel); m.outer = 4; m.dim = 37; m.inner = 5;
+        expect_ok(mgpu_cuda_max_dim_forward(&m, NULL), "max_dim");
         expect_close("max_dim", out, (const float *)y->data, y->numel, 0.0);
         dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_max_dim_backward(am, dy, g, 4, 37, 5, NULL), "max_dim backward");
+        m.dy = dy; m.out = g;
+        expect_ok(mgpu_cuda_max_dim_backward(&m, NULL), "max_dim backward");
         expect_close("max_dim backward", g, grad_of(x), x->numel, 0.0);
         case_end();
     }
@@ -525,7 +605,7 @@ static void test_reductions(void) {
         for (i = 0; i < n; i++) { h[i] = (float)mt_uniform(-1, 1); s += h[i]; }
         ref = (float)s;
         dx = dev_copy(h, sizeof(float) * (size_t)n); out = dev_nan(1); scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS);
-        expect_ok(mgpu_cuda_sum(dx, n, 1.0f, out, scratch, NULL), "long sum");
+        expect_ok(sum_forward(dx, out, 1, n, 1, 1.0f, scratch), "long sum");
         expect_close("sum of 3M floats", out, &ref, 1, 1e-4);
         free(h);
         case_end();
@@ -851,7 +931,7 @@ static void test_determinism(void) {
         expect_ok(mgpu_cuda_layer_norm_forward(dx, NULL, NULL, y, mean, rstd, R, C, 1e-5f, NULL), "ln");
         expect_ok(mgpu_cuda_layer_norm_backward(dx, NULL, dy, mean, rstd, run[r][0], run[r][1], NULL, R, C, NULL), "ln bwd");
         expect_ok(mgpu_cuda_embedding_backward(didx, 0, demb, run[r][2], n, V, 256, NULL), "emb bwd");
-        expect_ok(mgpu_cuda_sum(dx, R * C, 1.0f, run[r][2] + V * 256, scratch, NULL), "sum");
+        expect_ok(sum_forward(dx, run[r][2] + V * 256, 1, R * C, 1, 1.0f, scratch), "sum");
     }
     MT_CHECK(same_bits(run[0][0], run[1][0], R * C), "layer_norm dx differs between two identical runs");
     MT_CHECK(same_bits(run[0][1], run[1][1], C), "layer_norm dw differs between two identical runs");
@@ -912,7 +992,7 @@ static void test_errors(void) {
     MT_CHECK(strstr(mgpu_last_error(), "mgpu_cuda_unary_forward") != NULL, "the error must name the launcher: '%s'", mgpu_last_error());
     MT_CHECK(mgpu_cuda_gemm(NULL, 0, 0, 1, 1, 1, 1, x, 1, x, 1, MGPU_F32, 0, x, 1, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "NULL blas");
     MT_CHECK(mgpu_cuda_gemm(blas, 0, 0, 4, 4, 4, 1, x, 2, x, 4, MGPU_F32, 0, x, 4, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "lda too small");
-    MT_CHECK(mgpu_cuda_dropout(1, 0, 1.5f, 1, x, x, 4, 0, NULL) == MGPU_ERR_INVALID_ARG, "p > 1");
+    MT_CHECK(dropout(1, 0, 1.5f, x, x, 4, 0) == MGPU_ERR_INVALID_ARG, "p > 1");
     case_end();
 }
 
