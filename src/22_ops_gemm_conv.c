@@ -287,43 +287,66 @@ typedef struct mgpu__gemm_job {
     float alpha, beta;
     int64_t gm, gn, mt, nt;   /* C is cut into gm x gn tiles of mt rows and nt columns per batch item */
     int64_t kc;               /* K block (mgpu__gemm_kc) */
-    int failed;
 } mgpu__gemm_job;
 
-/* One tile of C: the full K loop, packing B once per KC block and A once per MC x KC block. */
-static void mgpu__gemm_tile(mgpu__gemm_job *j, int64_t task) {
+/* Where a tile packs its panels: this thread's scratch, with room for all nb columns of B and MC
+   rows of A per K block, or (out of memory) two micro-panels on the stack. The micro-kernel sees
+   the same packed values either way, so the fallback only costs speed, never bits. */
+typedef struct mgpu__gemm_panels { float *bp, *ap; int64_t nb, mb; } mgpu__gemm_panels;
+
+/* One tile of C: the full K loop, packing B once per KC x nb block and A once per mb x KC block. */
+static void mgpu__gemm_tile_in(const mgpu__gemm_job *j, int64_t task, const mgpu__gemm_panels *pn) {
     int64_t per_batch = j->gm * j->gn, bi = task / per_batch, t = task % per_batch;
     int64_t m0 = (t / j->gn) * j->mt, n0 = (t % j->gn) * j->nt;
     int64_t m1 = MGPU__MIN(j->m, m0 + j->mt), n1 = MGPU__MIN(j->n, n0 + j->nt);
-    int64_t nw = n1 - n0, pc, ic, jp, ip;
-    size_t bfloats = (size_t)(((nw + MGPU__NR - 1) / MGPU__NR) * MGPU__NR * MGPU__KC);
-    float *bp = mgpu__scratch(MGPU__SCRATCH_PACK, bfloats + (size_t)MGPU__MC * MGPU__KC), *ap;
+    int64_t pc, jc, ic, jp, ip;
     const float *abase = j->a.p + bi * j->a.batch_stride, *bbase = j->b.p + bi * j->b.batch_stride;
     float *cbase = j->c + bi * j->c_batch_stride;
-    if (!bp) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return; }
-    ap = bp + bfloats;
     for (pc = 0; pc < j->k; pc += j->kc) {
         int64_t kc = MGPU__MIN(j->kc, j->k - pc);
         float beta = pc == 0 ? j->beta : 1.0f;   /* later K blocks accumulate */
-        mgpu__pack(bp, MGPU__NR, &j->b, bbase, n0, nw, pc, kc);
-        for (ic = m0; ic < m1; ic += MGPU__MC) {
-            int64_t mc = MGPU__MIN((int64_t)MGPU__MC, m1 - ic);
-            mgpu__pack(ap, MGPU__MR, &j->a, abase, ic, mc, pc, kc);
-            for (jp = 0; jp * MGPU__NR < nw; jp++) {
-                int nr = (int)MGPU__MIN((int64_t)MGPU__NR, nw - jp * MGPU__NR);
-                for (ip = 0; ip * MGPU__MR < mc; ip++) {
-                    int mr = (int)MGPU__MIN((int64_t)MGPU__MR, mc - ip * MGPU__MR);
-                    mgpu__gemm_kernel(kc, ap + ip * kc * MGPU__MR, bp + jp * kc * MGPU__NR,
-                                      cbase + (ic + ip * MGPU__MR) * j->ldc + n0 + jp * MGPU__NR, j->ldc, mr, nr, j->alpha, beta);
+        for (jc = n0; jc < n1; jc += pn->nb) {
+            int64_t nw = MGPU__MIN(pn->nb, n1 - jc);
+            mgpu__pack(pn->bp, MGPU__NR, &j->b, bbase, jc, nw, pc, kc);
+            for (ic = m0; ic < m1; ic += pn->mb) {
+                int64_t mc = MGPU__MIN(pn->mb, m1 - ic);
+                mgpu__pack(pn->ap, MGPU__MR, &j->a, abase, ic, mc, pc, kc);
+                for (jp = 0; jp * MGPU__NR < nw; jp++) {
+                    int nr = (int)MGPU__MIN((int64_t)MGPU__NR, nw - jp * MGPU__NR);
+                    for (ip = 0; ip * MGPU__MR < mc; ip++) {
+                        int mr = (int)MGPU__MIN((int64_t)MGPU__MR, mc - ip * MGPU__MR);
+                        mgpu__gemm_kernel(kc, pn->ap + ip * kc * MGPU__MR, pn->bp + jp * kc * MGPU__NR,
+                                          cbase + (ic + ip * MGPU__MR) * j->ldc + jc + jp * MGPU__NR, j->ldc, mr, nr, j->alpha, beta);
+                    }
                 }
             }
         }
     }
 }
 
+/* Out of memory for the scratch: micro-panels on the stack, in a frame of their own so the usual
+   path stays small; 64-byte aligned by hand, as the micro-kernel's aligned loads need. */
+static void mgpu__gemm_tile_on_stack(const mgpu__gemm_job *j, int64_t task) {
+    float buf[(MGPU__NR + MGPU__MR) * MGPU__KC + 16];
+    mgpu__gemm_panels pn;
+    pn.bp = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    pn.ap = pn.bp + MGPU__NR * MGPU__KC;   /* NR * KC floats: a multiple of 64 bytes */
+    pn.nb = MGPU__NR; pn.mb = MGPU__MR;
+    mgpu__gemm_tile_in(j, task, &pn);
+}
+
+static void mgpu__gemm_tile(const mgpu__gemm_job *j, int64_t task) {
+    size_t bfloats = (size_t)(j->nt * MGPU__KC);   /* nt is a multiple of NR */
+    mgpu__gemm_panels pn;
+    pn.bp = mgpu__scratch(MGPU__SCRATCH_PACK, bfloats + (size_t)MGPU__MC * MGPU__KC);
+    if (!pn.bp) { mgpu__gemm_tile_on_stack(j, task); return; }
+    pn.ap = pn.bp + bfloats; pn.nb = j->nt; pn.mb = MGPU__MC;
+    mgpu__gemm_tile_in(j, task, &pn);
+}
+
 static void mgpu__gemm_tiles(void *arg, int64_t begin, int64_t end) {
     int64_t t;
-    for (t = begin; t < end; t++) mgpu__gemm_tile((mgpu__gemm_job *)arg, t);
+    for (t = begin; t < end; t++) mgpu__gemm_tile((const mgpu__gemm_job *)arg, t);
 }
 
 static int64_t mgpu__round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
@@ -398,8 +421,6 @@ static mgpu_result mgpu__gemm(mgpu_context *ctx, int64_t batch, int64_t m, int64
     j.kc = mgpu__gemm_kc(k);
     mgpu__gemm_plan(&j, batch, ctx ? mgpu_context_num_threads(ctx) : 1);
     mgpu_parallel_for(ctx, batch * j.gm * j.gn, 1, mgpu__gemm_tiles, &j);
-    if (j.failed) return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_gemm_f32: out of host memory for the packing buffers (%lld x %lld x %lld)",
-                                    (long long)m, (long long)n, (long long)k);
     return MGPU_OK;
 }
 
