@@ -1350,7 +1350,9 @@ extern "C" mgpu_result mgpu_cuda_check_finite(const float *x, int64_t n, int32_t
    ====================================================================================== */
 
 #define MGPU__PLAN_CACHE 64
-struct mgpu__gemm_key { int64_t m, n, k, lda, ldb, ldc; int ta, tb, dtype, epi, tf32; };
+// align_*: the alignment of a, b and c (largest power of two dividing the address, at most 256), so a
+// misaligned view (a matrix starting inside a buffer) gets a plan whose algorithm allows it.
+struct mgpu__gemm_key { int64_t m, n, k, lda, ldb, ldc; int ta, tb, dtype, epi, tf32; uint32_t align_a, align_b, align_c; };
 struct mgpu__gemm_plan {
     mgpu__gemm_key key;
     int used, ok;   // ok 0: no Lt algorithm for this shape, use the fallback
@@ -1483,6 +1485,11 @@ static mgpu_result mgpu__plan_build(mgpu__blas *b, mgpu__gemm_plan *p, const mgp
     MGPU__CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
     cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &b->workspace_bytes,
                                                             sizeof b->workspace_bytes);
+    // Lt's A is our B and its B our A (the column-major swap); C and D are both our c
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &k->align_b, sizeof k->align_b);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &k->align_a, sizeof k->align_a);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &k->align_c, sizeof k->align_c);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &k->align_c, sizeof k->align_c);
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
     memset(&res, 0, sizeof res);
@@ -1528,6 +1535,13 @@ __global__ void mgpu__bias_act_k(float *c, int64_t batch, int64_t m, int64_t n, 
 
 static int64_t mgpu__gemm_batch(const mgpu__gemm_args *a) { return a->batch > 0 ? a->batch : 1; }
 
+// Largest power of two dividing the address, at most 256 (cuBLASLt's default assumption).
+static uint32_t mgpu__alignment(const void *p) {
+    uint32_t align = 256;
+    while (align > 1 && ((uintptr_t)p & (align - 1)) != 0) align >>= 1;
+    return align;
+}
+
 // Plain cuBLAS, strided-batched (row-major C = op(A) op(B) as column-major C^T = op(B)^T op(A)^T).
 static mgpu_result mgpu__gemm_cublas(mgpu__blas *b, const mgpu__gemm_args *a) {
     cublasOperation_t opb = a->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, opa = a->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -1555,6 +1569,7 @@ static mgpu_result mgpu__gemm_lt(mgpu__blas *b, const mgpu__gemm_args *a) {
     memset(&key, 0, sizeof key);   // padding too: the key is compared with memcmp
     key.m = a->m; key.n = a->n; key.k = a->k; key.lda = a->lda; key.ldb = a->ldb; key.ldc = a->ldc;
     key.ta = a->trans_a != 0; key.tb = a->trans_b != 0; key.dtype = a->ab_dtype; key.epi = a->epilogue; key.tf32 = b->tf32;
+    key.align_a = mgpu__alignment(a->a); key.align_b = mgpu__alignment(a->b); key.align_c = mgpu__alignment(a->c);
     mgpu__gemm_plan *p = NULL;
     mgpu_result r = mgpu__plan_get(b, &key, &p);
     if (r != MGPU_OK) return r;
@@ -1566,11 +1581,13 @@ static mgpu_result mgpu__gemm_lt(mgpu__blas *b, const mgpu__gemm_args *a) {
     return MGPU_OK;
 }
 
-// A validated product on the bundle's stream: Lt for single products, cuBLAS for batches, K = 0
-// (C = beta * C) and when the caller asks for it.
+// A validated product on the bundle's stream: Lt for single products; cuBLAS for batches, K = 0
+// (C = beta * C), when the caller asks for it, and for a bias that is not 16-byte aligned (Lt takes
+// no alignment preference for the bias, so such a view goes where any alignment is fine).
 static mgpu_result mgpu__gemm_run(mgpu__blas *b, const mgpu__gemm_args *a) {
+    int odd_bias = a->epilogue != MGPU__EPI_NONE && mgpu__alignment(a->bias) < 16;
     if (a->m == 0 || a->n == 0) return MGPU_OK;
-    if (mgpu__gemm_batch(a) > 1 || a->k == 0 || a->no_lt) return mgpu__gemm_cublas(b, a);
+    if (mgpu__gemm_batch(a) > 1 || a->k == 0 || a->no_lt || odd_bias) return mgpu__gemm_cublas(b, a);
     return mgpu__gemm_lt(b, a);
 }
 

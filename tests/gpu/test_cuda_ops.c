@@ -690,6 +690,36 @@ static void test_gemm_plan_cache(void) {
     case_end();
 }
 
+/* Views that start one float into their buffers (4-byte aligned) get a cuBLASLt plan of their own,
+   valid for that alignment; a bias view takes the cuBLAS path. */
+static void test_gemm_misaligned(void) {
+    int64_t m = 37, n = 64, k = 48, i;
+    float *ha = (float *)malloc(sizeof(float) * (size_t)(m * k)), *hb = (float *)malloc(sizeof(float) * (size_t)(k * n));
+    float *hbias = (float *)malloc(sizeof(float) * (size_t)n), *ref = (float *)malloc(sizeof(float) * (size_t)(m * n));
+    float *ref_bias = (float *)malloc(sizeof(float) * (size_t)(m * n)), *a, *b, *bias, *c;
+    int off, plans;
+    for (i = 0; i < m * k; i++) ha[i] = (float)mt_uniform(-1, 1);
+    for (i = 0; i < k * n; i++) hb[i] = (float)mt_uniform(-1, 1);
+    for (i = 0; i < n; i++) hbias[i] = (float)mt_uniform(-1, 1);
+    mgpu_gemm_f32(NULL, 0, 0, m, n, k, 1.0f, ha, k, hb, n, 0.0f, ref, n);
+    for (i = 0; i < m * n; i++) ref_bias[i] = ref[i] + hbias[i % n];
+    for (off = 0; off < 2; off++) {
+        a = dev_nan(m * k + 1) + off; b = dev_nan(k * n + 1) + off; bias = dev_nan(n + 1) + off; c = dev_nan(m * n + 1) + off;
+        cudaMemcpy(a, ha, sizeof(float) * (size_t)(m * k), cudaMemcpyHostToDevice);
+        cudaMemcpy(b, hb, sizeof(float) * (size_t)(k * n), cudaMemcpyHostToDevice);
+        cudaMemcpy(bias, hbias, sizeof(float) * (size_t)n, cudaMemcpyHostToDevice);
+        plans = mgpu_cuda_blas_plan_count(blas);
+        expect_ok(gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU__EPI_NONE, NULL, 1), "gemm");
+        expect_close(off ? "gemm on 4-byte aligned views" : "gemm on aligned buffers", c, ref, m * n, F32_TOL);
+        MT_CHECK(mgpu_cuda_blas_plan_count(blas) == plans + 1 || plans == 64, "one new plan for the %s operands (%d -> %d)",
+                 off ? "misaligned" : "aligned", plans, mgpu_cuda_blas_plan_count(blas));
+        expect_ok(gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU__EPI_BIAS, bias, 1), "gemm + bias");
+        expect_close(off ? "gemm + bias on 4-byte aligned views" : "gemm + bias on aligned buffers", c, ref_bias, m * n, F32_TOL);
+        case_end();
+    }
+    free(ha); free(hb); free(hbias); free(ref); free(ref_bias);
+}
+
 static void test_casts(void) {
     int64_t n = 4099, i, bad = 0;
     float *h = (float *)malloc(sizeof(float) * (size_t)n), *d, *back;
@@ -941,6 +971,7 @@ int main(void) {
     MT_RUN(test_gemm_bf16);
     MT_RUN(test_matmul_batched);
     MT_RUN(test_gemm_plan_cache);
+    MT_RUN(test_gemm_misaligned);
     MT_RUN(test_casts);
     MT_RUN(test_optimizers);
     MT_RUN(test_clip_and_finite);
