@@ -1063,41 +1063,96 @@ mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *a, void *stream);
 /* Fills out[i] = mgpu_random_u32(seed, first + i) (tests compare it with the CPU bit for bit). */
 mgpu_result mgpu_cuda_random_u32(uint64_t seed, uint64_t first, uint32_t *out, int64_t n, void *stream);
 
-/* ---- normalisation ---- */
-/* x (R, C) over the last dim; w, b (C) or NULL; mean, rstd (R) saved for backward */
-mgpu_result mgpu_cuda_layer_norm_forward(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd,
-                                         int64_t R, int64_t C, float eps, void *stream);
-/* dx, dw, db accumulate (any may be NULL); dw/db by a fixed-order column reduction */
-mgpu_result mgpu_cuda_layer_norm_backward(const float *x, const float *w, const float *dy, const float *mean, const float *rstd,
-                                          float *dx, float *dw, float *db, int64_t R, int64_t C, void *stream);
-/* x (N, C, S). training: batch mean and biased variance normalise; running stats (may be NULL) get
-   (1 - momentum) * old + momentum * (mean, unbiased variance). Eval: running stats. mean, rstd (C) saved. */
-mgpu_result mgpu_cuda_batch_norm_forward(const float *x, const float *w, const float *b, float *running_mean, float *running_var,
-                                         float *y, float *mean, float *rstd, int64_t N, int64_t C, int64_t S, int training,
-                                         float momentum, float eps, void *stream);
-mgpu_result mgpu_cuda_batch_norm_backward(const float *x, const float *w, const float *dy, const float *mean, const float *rstd,
-                                          float *dx, float *dw, float *db, int64_t N, int64_t C, int64_t S, int training,
-                                          void *stream);
+/* ---- normalisation ----
+   Twins that need scratch find their own. A CPU twin that runs out of host memory for it records
+   the error and sets *status (the front points status at an mgpu_result set to MGPU_OK); the CUDA
+   twin returns its result instead. */
+/* layer norm over the last dim of x (R, C), as PyTorch (biased variance, eps inside the sqrt):
+   forward y = (x - mean) * rstd * w + b (w, b may be NULL), keeping mean, rstd (R) for the backward;
+   backward dx, dw, db += (each may be NULL), dw and db by fixed-order reductions */
+typedef struct mgpu__layer_norm_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool and arena; the CUDA twin ignores it */
+    mgpu_result *status;                  /* the CPU backward's failure (see above) */
+    const float *x, *w, *b, *dy;
+    float *y, *mean, *rstd;
+    float *dx, *dw, *db;
+    int64_t R, C;
+    float eps;
+} mgpu__layer_norm_args;
+mgpu_result mgpu_cuda_layer_norm_forward(const mgpu__layer_norm_args *a, void *stream);
+mgpu_result mgpu_cuda_layer_norm_backward(const mgpu__layer_norm_args *a, void *stream);
+/* batch norm over x (N, C, S), statistics per channel. Phases, so SyncBatchNorm can all-reduce sums
+   between them (the front does):
+     stats      (training forward) sums = [sum x (C), sum x^2 (C), N * S]
+     forward    mean, rstd from sums (training: count = sums[2C]; running stats <- (1 - momentum) * old
+                + momentum * (mean, unbiased variance)) or from the running stats (eval);
+                scale = rstd * w; y = (x - mean) * scale + b
+     grad_sums  sums = [sum dy (C), sum dy * (x - mean) (C)]; dw += sums[C + c] * rstd, db += sums[c]
+     backward   dx += scale * (dy - k1 - (x - mean) * k2) with, training, k1 = sum dy / count and
+                k2 = sum dy (x - mean) / count * rstd^2 (count = *count), eval k1 = k2 = 0; coef (2C)
+                is room for k1, k2 (the CPU twin needs it)
+   w, b, dw, db may be NULL; mean, rstd, scale (C) are written by the forward and kept for the backward. */
+typedef struct mgpu__batch_norm_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    int64_t N, C, S;
+    int training; float momentum, eps;
+    const float *x, *w, *b, *dy;
+    float *running_mean, *running_var;    /* both or neither */
+    double *sums;                         /* (2C + 1) in the forward, (2C) in the backward */
+    const double *count;                  /* elements per channel over all ranks: the forward's sums[2C] */
+    float *y, *mean, *rstd, *scale, *coef;
+    float *dx, *dw, *db;
+} mgpu__batch_norm_args;
+mgpu_result mgpu_cuda_batch_norm_stats(const mgpu__batch_norm_args *a, void *stream);
+mgpu_result mgpu_cuda_batch_norm_forward(const mgpu__batch_norm_args *a, void *stream);
+mgpu_result mgpu_cuda_batch_norm_grad_sums(const mgpu__batch_norm_args *a, void *stream);
+mgpu_result mgpu_cuda_batch_norm_backward(const mgpu__batch_norm_args *a, void *stream);
 
-/* ---- embedding: weight (V, D), idx (n) ---- */
-mgpu_result mgpu_cuda_embedding_forward(const float *weight, const void *idx, int idx_i64, float *out, int64_t n, int64_t V,
-                                        int64_t D, void *stream);
-/* dweight += scatter of dy (n, D): sort-free and deterministic (each (row, column) owned by one thread,
-   indices visited in order); costs n reads per thread, fine for the token counts of one step. */
-mgpu_result mgpu_cuda_embedding_backward(const void *idx, int idx_i64, const float *dy, float *dweight, int64_t n, int64_t V,
-                                         int64_t D, void *stream);
+/* ---- embedding: forward out (n, D) = rows idx of weight (V, D); backward dweight += the rows of
+   dy (n, D) scattered back, deterministically. idx (n) is I32 or I64 (idx_i64), each in [0, V): the
+   front checks them. ---- */
+typedef struct mgpu__embedding_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    const void *idx; int idx_i64;
+    const float *weight, *dy;
+    float *out, *dweight;
+    int64_t n, V, D;
+} mgpu__embedding_args;
+mgpu_result mgpu_cuda_embedding_forward(const mgpu__embedding_args *a, void *stream);
+mgpu_result mgpu_cuda_embedding_backward(const mgpu__embedding_args *a, void *stream);
 
-/* ---- convolution helpers and pooling: x (N, C, H, W) ---- */
-typedef struct mgpu_cuda_conv_geom { int64_t N, C, H, W, OH, OW; int kernel, stride, padding; } mgpu_cuda_conv_geom;
-/* cols (N, C*k*k, OH*OW) */
-mgpu_result mgpu_cuda_im2col(const mgpu_cuda_conv_geom *g, const float *x, float *cols, void *stream);
-/* dx += col2im(dcols): gathered per input element, no atomics */
-mgpu_result mgpu_cuda_col2im(const mgpu_cuda_conv_geom *g, const float *dcols, float *dx, void *stream);
-/* y (N, C, OH, OW); argmax (N, C, OH, OW) index into the H*W plane (max only, may be NULL). Average
-   pooling divides by k*k (count_include_pad, as the CPU and PyTorch's default). */
-mgpu_result mgpu_cuda_pool_forward(const mgpu_cuda_conv_geom *g, int is_max, const float *x, float *y, int32_t *argmax, void *stream);
-mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int is_max, const int32_t *argmax, const float *dy, float *dx,
-                                    void *stream);
+/* ---- conv2d (im2col + GEMM) and pooling: a square window sliding over x (N, C, H, W) ---- */
+/* ks: the window's side; p = oh * ow output positions per image; conv2d only: o output channels and
+   ckk = c * ks * ks rows of an image's column matrix (pooling leaves o, p, ckk at 0) */
+typedef struct mgpu__conv_geom {
+    int64_t n, c, h, w, o, oh, ow, ks, stride, pad;
+    int64_t p, ckk;
+} mgpu__conv_geom;
+/* conv2d: forward y (N, O, OH, OW) = w (O, C, KS, KS) * x + b (O, or NULL); backward dx, dw, db +=
+   (each may be NULL). The twins find their own column buffers (status: see normalisation). */
+typedef struct mgpu__conv2d_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool and arena; the CUDA twin ignores it */
+    mgpu_result *status;                  /* the CPU twin's failure */
+    void *blas;                           /* the CUDA twin's cuBLAS bundle: its GEMMs and scratch */
+    const mgpu__conv_geom *g;
+    const float *x, *w, *b, *dy;
+    float *y, *dx, *dw, *db;
+} mgpu__conv2d_args;
+mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void *stream);
+mgpu_result mgpu_cuda_conv2d_backward(const mgpu__conv2d_args *a, void *stream);
+/* max or average pooling: forward y (N, C, OH, OW), argmax (max only, may be NULL) the index of each
+   output's input in its H*W plane; backward dx += the window's share of dy (average: dy / (ks * ks),
+   count_include_pad as PyTorch's default). */
+typedef struct mgpu__pool2d_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    const mgpu__conv_geom *g;
+    int is_max;
+    const float *x, *dy;
+    float *y, *dx;
+    int32_t *argmax;
+} mgpu__pool2d_args;
+mgpu_result mgpu_cuda_pool2d_forward(const mgpu__pool2d_args *a, void *stream);
+mgpu_result mgpu_cuda_pool2d_backward(const mgpu__pool2d_args *a, void *stream);
 
 /* ---- copies: elements of esize bytes (the CUDA twins move 4-byte ones); accumulate (backward,
    F32): dst += instead ---- */
@@ -1234,28 +1289,60 @@ typedef struct mgpu__unscale_args {
 } mgpu__unscale_args;
 mgpu_result mgpu_cuda_unscale(const mgpu__unscale_args *a, void *stream);
 
-/* ---- attention (batched GEMM + row softmax); q (BH, Tq, D), k, v (BH, Tk, D) ----
-   probs (BH, Tq, Tk) is written and kept for backward; dprobs the same size of scratch. */
-mgpu_result mgpu_cuda_attention_forward(void *blas, const float *q, const float *k, const float *v, float *out, float *probs,
-                                        int64_t BH, int64_t Tq, int64_t Tk, int64_t D, int causal, void *stream);
-mgpu_result mgpu_cuda_attention_backward(void *blas, const float *q, const float *k, const float *v, const float *probs,
-                                         const float *dout, float *dq, float *dk, float *dv, float *dprobs, int64_t BH,
-                                         int64_t Tq, int64_t Tk, int64_t D, int causal, void *stream);
+/* ---- attention, per (batch, head) pair: S = scale * Q K^T, causal: S[i, j] = -inf for j > i;
+   P = softmax(S); out = P V. q (BH, Tq, D), k, v (BH, Tk, D). prob (BH, Tq, Tk) is written by the
+   forward and read by the backward; NULL in a forward no backward follows (the twins then find
+   their own room). Backward dq, dk, dv += (each may be NULL; status: see normalisation). ---- */
+typedef struct mgpu__attention_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool and arena; the CUDA twin ignores it */
+    mgpu_result *status;                  /* the CPU twin's failure */
+    void *blas;                           /* the CUDA twin's cuBLAS bundle: its GEMMs and scratch */
+    const float *q, *k, *v, *dout;
+    float *out, *prob, *dq, *dk, *dv;
+    int64_t BH, Tq, Tk, D;
+    float scale;                          /* 1 / sqrt(D) */
+    int causal;
+} mgpu__attention_args;
+mgpu_result mgpu_cuda_attention_forward(const mgpu__attention_args *a, void *stream);
+mgpu_result mgpu_cuda_attention_backward(const mgpu__attention_args *a, void *stream);
 
-/* ---- GEMM through cuBLASLt with a plan cache; falls back to cublasSgemm/GemmEx ---- */
-typedef enum mgpu_cuda_epilogue { MGPU_CUDA_EPI_NONE, MGPU_CUDA_EPI_BIAS, MGPU_CUDA_EPI_BIAS_RELU, MGPU_CUDA_EPI_BIAS_GELU } mgpu_cuda_epilogue;
-/* blas: handles + workspace + plan cache, bound to one device and stream. workspace_bytes 0: 32 MiB. */
+/* ---- GEMM: every matrix product (matmul, linear, conv2d, attention) ----
+   Row-major, for each of `batch` items (0 means 1): C (m, n) = alpha * op(A) @ op(B) + beta * C
+   [+ bias (n) on every row] [then ReLU or GELU (tanh)]. op(A) (m, k): A is (m, k) with lda, or (k, m)
+   when trans_a; op(B) (k, n): B is (k, n) with ldb, or (n, k) when trans_b. Items lie stride_a,
+   stride_b, stride_c elements apart (0: one matrix shared by every item). A and B are ab_dtype
+   (F32; F16 or BF16 on CUDA only, with f32 accumulation); C and bias are F32. CUDA: cuBLASLt with a
+   plan cache for single products, cuBLAS for batches and where Lt has no algorithm. */
+typedef enum mgpu__gemm_epilogue { MGPU__EPI_NONE, MGPU__EPI_BIAS, MGPU__EPI_BIAS_RELU, MGPU__EPI_BIAS_GELU } mgpu__gemm_epilogue;
+typedef struct mgpu__gemm_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool (NULL: the calling thread); the CUDA twin ignores it */
+    void *blas;                           /* the CUDA twin's cuBLAS(Lt) bundle (the context's cuda_blas); the CPU twin ignores it */
+    int trans_a, trans_b;
+    int64_t m, n, k, batch;
+    float alpha, beta;
+    const void *a, *b; int64_t lda, ldb, stride_a, stride_b;
+    mgpu_dtype ab_dtype;
+    float *c; int64_t ldc, stride_c;
+    mgpu__gemm_epilogue epilogue; const float *bias;
+    int no_lt;                            /* CUDA: 1 skips cuBLASLt for plain cuBLAS (tests compare the two) */
+} mgpu__gemm_args;
+mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream);
+/* blas: handles + workspace + plan cache + scratch for the twins that compose GEMMs, bound to one
+   device and stream. workspace_bytes 0: 32 MiB. */
 mgpu_result mgpu_cuda_blas_create(void **blas, void *stream, size_t workspace_bytes);
 void mgpu_cuda_blas_destroy(void *blas);
 mgpu_result mgpu_cuda_blas_set_stream(void *blas, void *stream);
 /* 1: allow TF32 for F32 GEMMs (off by default so F32 matches the CPU to 1e-5) */
 void mgpu_cuda_blas_set_tf32(void *blas, int allow);
 int mgpu_cuda_blas_plan_count(const void *blas);   /* cached cuBLASLt plans (tests check reuse) */
-/* Row-major C (m, n) = alpha * op(A) @ op(B) + beta * C [+ bias (n)] [then ReLU/GELU-tanh]; op(A) (m, k).
-   A, B dtype: F32, F16 or BF16 (both the same); C always F32, f32 accumulation. use_lt 0 forces cublasGemmEx. */
-mgpu_result mgpu_cuda_gemm(void *blas, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha, const void *a,
-                           int64_t lda, const void *b, int64_t ldb, int ab_dtype, float beta, float *c, int64_t ldc, int epilogue,
-                           const float *bias, int use_lt);
+
+/* linear's bias gradient: db (cols) += column sums of dy (rows, cols), in a fixed order */
+typedef struct mgpu__linear_bias_grad_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    const float *dy; float *db;
+    int64_t rows, cols;
+} mgpu__linear_bias_grad_args;
+mgpu_result mgpu_cuda_linear_bias_grad(const mgpu__linear_bias_grad_args *a, void *stream);
 
 /* ---- runtime wrappers used by the CUDA host side (C files need no CUDA headers for these) ---- */
 mgpu_result mgpu_cuda_synchronize(void *stream);
@@ -4311,43 +4398,66 @@ typedef struct mgpu__gemm_job {
     float alpha, beta;
     int64_t gm, gn, mt, nt;   /* C is cut into gm x gn tiles of mt rows and nt columns per batch item */
     int64_t kc;               /* K block (mgpu__gemm_kc) */
-    int failed;
 } mgpu__gemm_job;
 
-/* One tile of C: the full K loop, packing B once per KC block and A once per MC x KC block. */
-static void mgpu__gemm_tile(mgpu__gemm_job *j, int64_t task) {
+/* Where a tile packs its panels: this thread's scratch, with room for all nb columns of B and MC
+   rows of A per K block, or (out of memory) two micro-panels on the stack. The micro-kernel sees
+   the same packed values either way, so the fallback only costs speed, never bits. */
+typedef struct mgpu__gemm_panels { float *bp, *ap; int64_t nb, mb; } mgpu__gemm_panels;
+
+/* One tile of C: the full K loop, packing B once per KC x nb block and A once per mb x KC block. */
+static void mgpu__gemm_tile_in(const mgpu__gemm_job *j, int64_t task, const mgpu__gemm_panels *pn) {
     int64_t per_batch = j->gm * j->gn, bi = task / per_batch, t = task % per_batch;
     int64_t m0 = (t / j->gn) * j->mt, n0 = (t % j->gn) * j->nt;
     int64_t m1 = MGPU__MIN(j->m, m0 + j->mt), n1 = MGPU__MIN(j->n, n0 + j->nt);
-    int64_t nw = n1 - n0, pc, ic, jp, ip;
-    size_t bfloats = (size_t)(((nw + MGPU__NR - 1) / MGPU__NR) * MGPU__NR * MGPU__KC);
-    float *bp = mgpu__scratch(MGPU__SCRATCH_PACK, bfloats + (size_t)MGPU__MC * MGPU__KC), *ap;
+    int64_t pc, jc, ic, jp, ip;
     const float *abase = j->a.p + bi * j->a.batch_stride, *bbase = j->b.p + bi * j->b.batch_stride;
     float *cbase = j->c + bi * j->c_batch_stride;
-    if (!bp) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return; }
-    ap = bp + bfloats;
     for (pc = 0; pc < j->k; pc += j->kc) {
         int64_t kc = MGPU__MIN(j->kc, j->k - pc);
         float beta = pc == 0 ? j->beta : 1.0f;   /* later K blocks accumulate */
-        mgpu__pack(bp, MGPU__NR, &j->b, bbase, n0, nw, pc, kc);
-        for (ic = m0; ic < m1; ic += MGPU__MC) {
-            int64_t mc = MGPU__MIN((int64_t)MGPU__MC, m1 - ic);
-            mgpu__pack(ap, MGPU__MR, &j->a, abase, ic, mc, pc, kc);
-            for (jp = 0; jp * MGPU__NR < nw; jp++) {
-                int nr = (int)MGPU__MIN((int64_t)MGPU__NR, nw - jp * MGPU__NR);
-                for (ip = 0; ip * MGPU__MR < mc; ip++) {
-                    int mr = (int)MGPU__MIN((int64_t)MGPU__MR, mc - ip * MGPU__MR);
-                    mgpu__gemm_kernel(kc, ap + ip * kc * MGPU__MR, bp + jp * kc * MGPU__NR,
-                                      cbase + (ic + ip * MGPU__MR) * j->ldc + n0 + jp * MGPU__NR, j->ldc, mr, nr, j->alpha, beta);
+        for (jc = n0; jc < n1; jc += pn->nb) {
+            int64_t nw = MGPU__MIN(pn->nb, n1 - jc);
+            mgpu__pack(pn->bp, MGPU__NR, &j->b, bbase, jc, nw, pc, kc);
+            for (ic = m0; ic < m1; ic += pn->mb) {
+                int64_t mc = MGPU__MIN(pn->mb, m1 - ic);
+                mgpu__pack(pn->ap, MGPU__MR, &j->a, abase, ic, mc, pc, kc);
+                for (jp = 0; jp * MGPU__NR < nw; jp++) {
+                    int nr = (int)MGPU__MIN((int64_t)MGPU__NR, nw - jp * MGPU__NR);
+                    for (ip = 0; ip * MGPU__MR < mc; ip++) {
+                        int mr = (int)MGPU__MIN((int64_t)MGPU__MR, mc - ip * MGPU__MR);
+                        mgpu__gemm_kernel(kc, pn->ap + ip * kc * MGPU__MR, pn->bp + jp * kc * MGPU__NR,
+                                          cbase + (ic + ip * MGPU__MR) * j->ldc + jc + jp * MGPU__NR, j->ldc, mr, nr, j->alpha, beta);
+                    }
                 }
             }
         }
     }
 }
 
+/* Out of memory for the scratch: micro-panels on the stack, in a frame of their own so the usual
+   path stays small; 64-byte aligned by hand, as the micro-kernel's aligned loads need. */
+static void mgpu__gemm_tile_on_stack(const mgpu__gemm_job *j, int64_t task) {
+    float buf[(MGPU__NR + MGPU__MR) * MGPU__KC + 16];
+    mgpu__gemm_panels pn;
+    pn.bp = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    pn.ap = pn.bp + MGPU__NR * MGPU__KC;   /* NR * KC floats: a multiple of 64 bytes */
+    pn.nb = MGPU__NR; pn.mb = MGPU__MR;
+    mgpu__gemm_tile_in(j, task, &pn);
+}
+
+static void mgpu__gemm_tile(const mgpu__gemm_job *j, int64_t task) {
+    size_t bfloats = (size_t)(j->nt * MGPU__KC);   /* nt is a multiple of NR */
+    mgpu__gemm_panels pn;
+    pn.bp = mgpu__scratch(MGPU__SCRATCH_PACK, bfloats + (size_t)MGPU__MC * MGPU__KC);
+    if (!pn.bp) { mgpu__gemm_tile_on_stack(j, task); return; }
+    pn.ap = pn.bp + bfloats; pn.nb = j->nt; pn.mb = MGPU__MC;
+    mgpu__gemm_tile_in(j, task, &pn);
+}
+
 static void mgpu__gemm_tiles(void *arg, int64_t begin, int64_t end) {
     int64_t t;
-    for (t = begin; t < end; t++) mgpu__gemm_tile((mgpu__gemm_job *)arg, t);
+    for (t = begin; t < end; t++) mgpu__gemm_tile((const mgpu__gemm_job *)arg, t);
 }
 
 static int64_t mgpu__round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
@@ -4405,16 +4515,16 @@ static int mgpu__gemm_cblas(int64_t batch, int64_t m, int64_t n, int64_t k, floa
 }
 #endif
 
-/* Strided-batched GEMM behind every product in the library: for each batch item,
+/* Strided-batched GEMM behind every CPU product: for each batch item,
    C (M, N) = alpha * op(A) (M, K) @ op(B) (K, N) + beta * C. ctx NULL runs on the calling thread. */
-static mgpu_result mgpu__gemm(mgpu_context *ctx, int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
-                              const mgpu__gemm_operand *a, const mgpu__gemm_operand *b, float beta,
-                              float *c, int64_t ldc, int64_t c_batch_stride) {
+static void mgpu__gemm_run(mgpu_context *ctx, int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                           const mgpu__gemm_operand *a, const mgpu__gemm_operand *b, float beta,
+                           float *c, int64_t ldc, int64_t c_batch_stride) {
     mgpu__gemm_job j;
-    if (batch <= 0 || m <= 0 || n <= 0) return MGPU_OK;
-    if (k <= 0 || alpha == 0.0f) { mgpu__gemm_scale_c(batch, m, n, beta, c, ldc, c_batch_stride); return MGPU_OK; }
+    if (batch <= 0 || m <= 0 || n <= 0) return;
+    if (k <= 0 || alpha == 0.0f) { mgpu__gemm_scale_c(batch, m, n, beta, c, ldc, c_batch_stride); return; }
 #ifdef MGPU_USE_CBLAS
-    if (mgpu__gemm_cblas(batch, m, n, k, alpha, a, b, beta, c, ldc, c_batch_stride)) return MGPU_OK;
+    if (mgpu__gemm_cblas(batch, m, n, k, alpha, a, b, beta, c, ldc, c_batch_stride)) return;
 #endif
     memset(&j, 0, sizeof j);
     j.a = *a; j.b = *b; j.c = c; j.ldc = ldc; j.c_batch_stride = c_batch_stride;
@@ -4422,16 +4532,67 @@ static mgpu_result mgpu__gemm(mgpu_context *ctx, int64_t batch, int64_t m, int64
     j.kc = mgpu__gemm_kc(k);
     mgpu__gemm_plan(&j, batch, ctx ? mgpu_context_num_threads(ctx) : 1);
     mgpu_parallel_for(ctx, batch * j.gm * j.gn, 1, mgpu__gemm_tiles, &j);
-    if (j.failed) return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_gemm_f32: out of host memory for the packing buffers (%lld x %lld x %lld)",
-                                    (long long)m, (long long)n, (long long)k);
-    return MGPU_OK;
 }
 
+/* Bias epilogue, before the product: every row of C := beta * row + bias, so the product then
+   accumulates onto it (beta 0 copies the bias, exactly as the product would add it). */
+static void mgpu__gemm_add_bias(const mgpu__gemm_args *a, int64_t batch) {
+    int64_t bi, i, jj;
+    for (bi = 0; bi < batch; bi++)
+        for (i = 0; i < a->m; i++) {
+            float *r = a->c + bi * a->stride_c + i * a->ldc;
+            if (a->beta == 0.0f) memcpy(r, a->bias, sizeof(float) * (size_t)a->n);
+            else for (jj = 0; jj < a->n; jj++) r[jj] = a->beta * r[jj] + a->bias[jj];
+        }
+}
+
+/* Activation epilogue, after the product: ReLU or GELU (tanh) on every row of C, as the unary ops. */
+static void mgpu__gemm_activate(const mgpu__gemm_args *a, int64_t batch) {
+    mgpu__unary_args u;
+    int64_t bi, i;
+    memset(&u, 0, sizeof u);
+    u.kind = a->epilogue == MGPU__EPI_BIAS_RELU ? MGPU__UN_RELU : MGPU__UN_GELU_TANH;
+    u.n = a->n;
+    for (bi = 0; bi < batch; bi++)
+        for (i = 0; i < a->m; i++) {
+            u.out = a->c + bi * a->stride_c + i * a->ldc;
+            u.x = u.out;
+            mgpu__cpu_unary_forward(&u);
+        }
+}
+
+/* The gemm twin on the CPU: f32 operands only (AMP on the CPU rounds its inputs, then runs in f32). */
+static void mgpu__cpu_gemm(const mgpu__gemm_args *a) {
+    int64_t batch = a->batch > 0 ? a->batch : 1;
+    mgpu__gemm_operand oa = mgpu__gemm_a((const float *)a->a, a->trans_a != 0, a->lda);
+    mgpu__gemm_operand ob = mgpu__gemm_b((const float *)a->b, a->trans_b != 0, a->ldb);
+    float beta = a->beta;
+    MGPU_ASSERT(a->ab_dtype == MGPU_F32);
+    oa.batch_stride = a->stride_a; ob.batch_stride = a->stride_b;
+    if (a->epilogue != MGPU__EPI_NONE) { mgpu__gemm_add_bias(a, batch); beta = 1.0f; }
+    mgpu__gemm_run(a->ctx, batch, a->m, a->n, a->k, a->alpha, &oa, &ob, beta, a->c, a->ldc, a->stride_c);
+    if (a->epilogue == MGPU__EPI_BIAS_RELU || a->epilogue == MGPU__EPI_BIAS_GELU) mgpu__gemm_activate(a, batch);
+}
+
+/* The gemm twin's arguments for one f32 product C = alpha * op(A) @ op(B) + beta * C on ctx's
+   device (batch, strides and epilogue left at none). */
+static mgpu__gemm_args mgpu__gemm_args_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                                           const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+    mgpu__gemm_args g;
+    memset(&g, 0, sizeof g);
+    g.ctx = ctx; g.blas = ctx ? ctx->cuda_blas : NULL;
+    g.trans_a = trans_a; g.trans_b = trans_b; g.m = m; g.n = n; g.k = k;
+    g.alpha = alpha; g.a = a; g.lda = lda; g.b = b; g.ldb = ldb; g.beta = beta; g.c = c; g.ldc = ldc;
+    g.ab_dtype = MGPU_F32;
+    return g;
+}
+
+/* The public GEMM takes host pointers by contract, so it calls the CPU twin directly. */
 MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
                             float alpha, const float *a, int64_t lda, const float *b, int64_t ldb,
                             float beta, float *c, int64_t ldc) {
     int64_t a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
-    mgpu__gemm_operand oa, ob;
+    mgpu__gemm_args g;
     if (m < 0 || n < 0 || k < 0) {
         mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_gemm_f32: m, n, k must be >= 0 (got %lld, %lld, %lld)", (long long)m, (long long)n, (long long)k);
         return;
@@ -4446,41 +4607,13 @@ MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t
                    (long long)lda, (long long)a_cols, (long long)ldb, (long long)b_cols, (long long)ldc, (long long)n);
         return;
     }
-    oa = mgpu__gemm_a(a, trans_a != 0, lda);
-    ob = mgpu__gemm_b(b, trans_b != 0, ldb);
-    mgpu__gemm(ctx, 1, m, n, k, alpha, &oa, &ob, beta, c, ldc, 0);
+    g = mgpu__gemm_args_f32(ctx, trans_a != 0, trans_b != 0, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    mgpu__cpu_gemm(&g);
 }
 
-/* --------------------------------------------------------------------------------------
-   Shared helpers for the ops below
-   -------------------------------------------------------------------------------------- */
-
-/* Column sums of g (rows, cols) added into out (cols); each column sums rows in order. */
-typedef struct { const float *g; float *out; int64_t rows, cols; } mgpu__colsum_arg;
-static void mgpu__colsum_range(void *arg, int64_t j0, int64_t j1) {
-    mgpu__colsum_arg *s = (mgpu__colsum_arg *)arg;
-    float acc[256];
-    int64_t r, jb, j;
-    for (jb = j0; jb < j1; jb += 256) {   /* a strip of columns at a time keeps the loop vectorised */
-        int64_t w = MGPU__MIN((int64_t)256, j1 - jb);
-        for (j = 0; j < w; j++) acc[j] = 0.0f;
-        for (r = 0; r < s->rows; r++) {
-            const float *row = s->g + r * s->cols + jb;
-            for (j = 0; j < w; j++) acc[j] += row[j];
-        }
-        for (j = 0; j < w; j++) s->out[jb + j] += acc[j];
-    }
-}
-static void mgpu__add_column_sums(mgpu_context *ctx, const float *g, int64_t rows, int64_t cols, float *out) {
-    mgpu__colsum_arg s;
-    s.g = g; s.out = out; s.rows = rows; s.cols = cols;
-    mgpu_parallel_for(ctx, cols, MGPU__MAX((int64_t)16, (int64_t)32768 / MGPU__MAX(rows, (int64_t)1)), mgpu__colsum_range, &s);
-}
-
-/* Each row of y (rows, cols) := v (cols): the bias, before a GEMM accumulates with beta = 1. */
-static void mgpu__fill_rows(float *y, int64_t rows, int64_t cols, const float *v) {
-    int64_t r;
-    for (r = 0; r < rows; r++) memcpy(y + r * cols, v, sizeof(float) * (size_t)cols);
+/* Makes g a strided batch of `batch` products whose items lie sa, sb, sc elements apart. */
+static void mgpu__gemm_set_batch(mgpu__gemm_args *g, int64_t batch, int64_t sa, int64_t sb, int64_t sc) {
+    g->batch = batch; g->stride_a = sa; g->stride_b = sb; g->stride_c = sc;
 }
 
 /* Autocast (see "Mixed precision"): matmul, linear and conv2d round their inputs and output to the half
@@ -4495,21 +4628,21 @@ static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *a = node->in[0], *b = node->in[1];
     int64_t batch = node->iarg[0], m = node->iarg[1], k = node->iarg[2], n = node->iarg[3];
     const float *dc = (const float *)node->out->grad->data;   // (B, M, N)
+    mgpu__gemm_args g;
     mgpu_result r = MGPU_OK;
     if (mgpu__needs_grad(node, 0)) {   // dA (B, M, K) += dC @ B^T
         float *da;
-        mgpu__gemm_operand oa = mgpu__gemm_a(dc, 0, n), ob = mgpu__gemm_b((const float *)b->data, 1, n);
         MGPU__GRAD_OR_FAIL(da, ctx, a);
-        oa.batch_stride = m * n; ob.batch_stride = k * n;
-        r = mgpu__gemm(ctx, batch, m, k, n, 1.0f, &oa, &ob, 1.0f, da, k, m * k);
-        if (r != MGPU_OK) return r;
+        g = mgpu__gemm_args_f32(ctx, 0, 1, m, k, n, 1.0f, dc, n, (const float *)b->data, n, 1.0f, da, k);
+        mgpu__gemm_set_batch(&g, batch, m * n, k * n, m * k);
+        if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     if (mgpu__needs_grad(node, 1)) {   // dB (B, K, N) += A^T @ dC
         float *db;
-        mgpu__gemm_operand oa = mgpu__gemm_a((const float *)a->data, 1, k), ob = mgpu__gemm_b(dc, 0, n);
         MGPU__GRAD_OR_FAIL(db, ctx, b);
-        oa.batch_stride = m * k; ob.batch_stride = m * n;
-        r = mgpu__gemm(ctx, batch, k, n, m, 1.0f, &oa, &ob, 1.0f, db, n, k * n);
+        g = mgpu__gemm_args_f32(ctx, 1, 0, k, n, m, 1.0f, (const float *)a->data, k, dc, n, 1.0f, db, n);
+        mgpu__gemm_set_batch(&g, batch, m * k, m * n, k * n);
+        r = MGPU__TWIN(ctx, gemm, &g);
     }
     return r;
 }
@@ -4518,7 +4651,7 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
     int64_t shape[3], batch, m, k, n;
     mgpu_tensor *out, *ins[2];
     mgpu__node *node = NULL;
-    mgpu__gemm_operand oa, ob;
+    mgpu__gemm_args g;
     int nd;
     if (mgpu__autocast_active(ctx)) {
         int mode;
@@ -4536,9 +4669,9 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
     shape[0] = batch; shape[nd - 2] = m; shape[nd - 1] = n;
     out = mgpu__new_activation(ctx, MGPU_F32, nd, shape);   // (B, M, N)
     if (!out) return NULL;
-    oa = mgpu__gemm_a((const float *)a->data, 0, k); oa.batch_stride = m * k;
-    ob = mgpu__gemm_b((const float *)b->data, 0, n); ob.batch_stride = k * n;
-    if (mgpu__gemm(ctx, batch, m, n, k, 1.0f, &oa, &ob, 0.0f, (float *)out->data, n, m * n) != MGPU_OK) return NULL;
+    g = mgpu__gemm_args_f32(ctx, 0, 0, m, n, k, 1.0f, (const float *)a->data, k, (const float *)b->data, n, 0.0f, (float *)out->data, n);
+    mgpu__gemm_set_batch(&g, batch, m * k, k * n, m * n);
+    if (MGPU__TWIN(ctx, gemm, &g) != MGPU_OK) return NULL;
     ins[0] = a; ins[1] = b;
     MGPU__RECORD(ctx, "matmul", mgpu__matmul_backward, out, 2, ins, node);
     if (node) { node->iarg[0] = batch; node->iarg[1] = m; node->iarg[2] = k; node->iarg[3] = n; }
@@ -4549,30 +4682,52 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
    linear: y = x @ w^T + b
    -------------------------------------------------------------------------------------- */
 
+/* The bias gradient twin: db (cols) += column sums of dy (rows, cols), each column summing its
+   rows in order (deterministic, whatever the threads). */
+static void mgpu__linear_bias_grad_range(void *arg, int64_t j0, int64_t j1) {
+    const mgpu__linear_bias_grad_args *a = (const mgpu__linear_bias_grad_args *)arg;
+    float acc[256];
+    int64_t r, jb, j;
+    for (jb = j0; jb < j1; jb += 256) {   /* a strip of columns at a time keeps the loop vectorised */
+        int64_t w = MGPU__MIN((int64_t)256, j1 - jb);
+        for (j = 0; j < w; j++) acc[j] = 0.0f;
+        for (r = 0; r < a->rows; r++) {
+            const float *row = a->dy + r * a->cols + jb;
+            for (j = 0; j < w; j++) acc[j] += row[j];
+        }
+        for (j = 0; j < w; j++) a->db[jb + j] += acc[j];
+    }
+}
+static void mgpu__cpu_linear_bias_grad(const mgpu__linear_bias_grad_args *a) {
+    mgpu_parallel_for(a->ctx, a->cols, MGPU__MAX((int64_t)16, (int64_t)32768 / MGPU__MAX(a->rows, (int64_t)1)),
+                      mgpu__linear_bias_grad_range, (void *)a);
+}
+
 /* iarg = {rows, in, out} */
 static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->n_in > 2 ? node->in[2] : NULL;
     int64_t rows = node->iarg[0], in = node->iarg[1], outf = node->iarg[2];
     const float *dy = (const float *)node->out->grad->data;   // (rows, out)
+    mgpu__gemm_args g;
     mgpu_result r;
     if (mgpu__needs_grad(node, 1)) {   // dW (out, in) += dY^T @ X
         float *dw;
-        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 1, outf), ob = mgpu__gemm_b((const float *)x->data, 0, in);
         MGPU__GRAD_OR_FAIL(dw, ctx, w);
-        r = mgpu__gemm(ctx, 1, outf, in, rows, 1.0f, &oa, &ob, 1.0f, dw, in, 0);
-        if (r != MGPU_OK) return r;
+        g = mgpu__gemm_args_f32(ctx, 1, 0, outf, in, rows, 1.0f, dy, outf, (const float *)x->data, in, 1.0f, dw, in);
+        if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     if (b && mgpu__needs_grad(node, 2)) {   // db (out) += column sums of dY
+        mgpu__linear_bias_grad_args s;
         float *db;
         MGPU__GRAD_OR_FAIL(db, ctx, b);
-        mgpu__add_column_sums(ctx, dy, rows, outf, db);
+        s.ctx = ctx; s.dy = dy; s.db = db; s.rows = rows; s.cols = outf;
+        if ((r = MGPU__TWIN(ctx, linear_bias_grad, &s)) != MGPU_OK) return r;
     }
     if (mgpu__needs_grad(node, 0)) {   // dX (rows, in) += dY @ W; skipped for a first layer
         float *dx;
-        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 0, outf), ob = mgpu__gemm_b((const float *)w->data, 0, in);
         MGPU__GRAD_OR_FAIL(dx, ctx, x);
-        r = mgpu__gemm(ctx, 1, rows, in, outf, 1.0f, &oa, &ob, 1.0f, dx, in, 0);
-        if (r != MGPU_OK) return r;
+        g = mgpu__gemm_args_f32(ctx, 0, 0, rows, in, outf, 1.0f, dy, outf, (const float *)w->data, in, 1.0f, dx, in);
+        if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     return MGPU_OK;
 }
@@ -4583,7 +4738,7 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     int i;
     mgpu_tensor *y, *ins[3];
     mgpu__node *node = NULL;
-    mgpu__gemm_operand ox, ow;
+    mgpu__gemm_args g;
     if (mgpu__autocast_active(ctx)) {   /* the bias is cast too, as under torch.autocast */
         int mode;
         ins[0] = x; ins[1] = w; ins[2] = b;
@@ -4603,10 +4758,10 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     shape[x->ndim - 1] = outf;
     y = mgpu__new_activation(ctx, MGPU_F32, x->ndim, shape);   // (..., out)
     if (!y) return NULL;
-    if (b) mgpu__fill_rows((float *)y->data, rows, outf, (const float *)b->data);
-    ox = mgpu__gemm_a((const float *)x->data, 0, in);
-    ow = mgpu__gemm_b((const float *)w->data, 1, in);
-    if (mgpu__gemm(ctx, 1, rows, outf, in, 1.0f, &ox, &ow, b ? 1.0f : 0.0f, (float *)y->data, outf, 0) != MGPU_OK) return NULL;
+    g = mgpu__gemm_args_f32(ctx, 0, 1, rows, outf, in, 1.0f, (const float *)x->data, in, (const float *)w->data, in, 0.0f,
+                            (float *)y->data, outf);
+    if (b) { g.epilogue = MGPU__EPI_BIAS; g.bias = (const float *)b->data; }
+    if (MGPU__TWIN(ctx, gemm, &g) != MGPU_OK) return NULL;
     ins[0] = x; ins[1] = w; ins[2] = b;
     MGPU__RECORD(ctx, "linear", mgpu__linear_backward, y, b ? 3 : 2, ins, node);
     if (node) { node->iarg[0] = rows; node->iarg[1] = in; node->iarg[2] = outf; }
@@ -4625,10 +4780,12 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
 #define MGPU__CONV_PAR_BATCH 8
 #define MGPU__CONV_CHUNK 4
 
-typedef struct mgpu__conv_geom {
-    int64_t n, c, h, w, o, oh, ow, ks, stride, pad;
-    int64_t p, ckk;     /* output positions per image, rows of an image's column matrix */
-} mgpu__conv_geom;
+/* One f32 product on the CPU, for the CPU twins built from GEMMs (conv2d, attention). */
+static void mgpu__cpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                               const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+    mgpu__gemm_args g = mgpu__gemm_args_f32(ctx, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    mgpu__cpu_gemm(&g);
+}
 
 /* 1x1, stride 1, no padding: an image's column matrix is the image itself */
 static int mgpu__conv_is_pointwise(const mgpu__conv_geom *g) { return g->ks == 1 && g->stride == 1 && g->pad == 0; }
@@ -4666,83 +4823,78 @@ static void mgpu__im2col_image(const mgpu__conv_geom *g, float *img, float *cols
             }
 }
 
-/* One conv2d call's tensors; the per-image steps below read what they need. */
+/* One run of a conv2d CPU twin; the per-image steps below read what they need. */
 typedef struct mgpu__conv_job {
-    const mgpu__conv_geom *g;
+    const mgpu__conv2d_args *a;
     mgpu_context *gemm_ctx;   /* threads for the GEMMs: the context, or NULL inside a per-image task */
-    float *x, *y;             /* (N, C, H, W), (N, O, P) */
-    const float *w, *b;       /* (O, CKK), (O) or NULL */
-    const float *dy;          /* (N, O, P) */
-    float *dx, *dw;           /* dx (N, C, H, W) or NULL; dw (O, CKK) target (a partial sum or the grad) or NULL */
-    int failed;
+    float *dw;                /* dw target (O, CKK): a chunk's partial sum or the grad itself, or NULL */
+    int failed;               /* a thread found no memory for its column buffers */
 } mgpu__conv_job;
 
-/* Image i's column matrix: the image itself when pointwise, else im2col into this thread's scratch. */
-static float *mgpu__conv_columns(const mgpu__conv_job *j, int64_t i) {
-    const mgpu__conv_geom *g = j->g;
-    float *img = j->x + i * g->c * g->h * g->w, *cols;
+/* Image i's column matrix: the image itself when pointwise, else im2col into this thread's scratch
+   (NULL when out of memory). */
+static const float *mgpu__conv_columns(const mgpu__conv_job *j, int64_t i) {
+    const mgpu__conv_geom *g = j->a->g;
+    float *img = (float *)(j->a->x + i * g->c * g->h * g->w), *cols;   /* the gather only reads the image */
     if (mgpu__conv_is_pointwise(g)) return img;
     cols = mgpu__scratch(MGPU__SCRATCH_COLS, (size_t)(g->ckk * g->p));
     if (cols) mgpu__im2col_image(g, img, cols, 0);
     return cols;
 }
 
-/* y_i (O, P) = W (O, CKK) @ cols_i (CKK, P) + b */
-static mgpu_result mgpu__conv_forward_image(const mgpu__conv_job *j, int64_t i) {
-    const mgpu__conv_geom *g = j->g;
-    float *y = j->y + i * g->o * g->p;
+/* y_i (O, P) = W (O, CKK) @ cols_i (CKK, P) + b; 0 when out of memory */
+static int mgpu__conv_forward_image(const mgpu__conv_job *j, int64_t i) {
+    const mgpu__conv2d_args *a = j->a;
+    const mgpu__conv_geom *g = a->g;
+    float *y = a->y + i * g->o * g->p;
     const float *cols = mgpu__conv_columns(j, i);
-    mgpu__gemm_operand ow = mgpu__gemm_a(j->w, 0, g->ckk), oc = mgpu__gemm_b(cols, 0, g->p);
     int64_t o, q;
-    if (!cols) return MGPU_ERR_OOM_HOST;
-    if (j->b)
+    if (!cols) return 0;
+    if (a->b)
         for (o = 0; o < g->o; o++)
-            for (q = 0; q < g->p; q++) y[o * g->p + q] = j->b[o];
-    return mgpu__gemm(j->gemm_ctx, 1, g->o, g->p, g->ckk, 1.0f, &ow, &oc, j->b ? 1.0f : 0.0f, y, g->p, 0);
+            for (q = 0; q < g->p; q++) y[o * g->p + q] = a->b[o];
+    mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 0, g->o, g->p, g->ckk, 1.0f, a->w, g->ckk, cols, g->p, a->b ? 1.0f : 0.0f, y, g->p);
+    return 1;
 }
 
-/* dW (O, CKK) = beta * dW + dY_i (O, P) @ cols_i^T, then dX_i += col2im(W^T @ dY_i) */
-static mgpu_result mgpu__conv_backward_image(const mgpu__conv_job *j, int64_t i, float dw_beta) {
-    const mgpu__conv_geom *g = j->g;
-    const float *dy = j->dy + i * g->o * g->p;
-    mgpu_result r;
+/* dW (O, CKK) = dw_beta * dW + dY_i (O, P) @ cols_i^T, then dX_i += col2im(W^T @ dY_i); 0 when out of memory */
+static int mgpu__conv_backward_image(const mgpu__conv_job *j, int64_t i, float dw_beta) {
+    const mgpu__conv2d_args *a = j->a;
+    const mgpu__conv_geom *g = a->g;
+    const float *dy = a->dy + i * g->o * g->p;
     if (j->dw) {
         const float *cols = mgpu__conv_columns(j, i);
-        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 0, g->p), ob = mgpu__gemm_b(cols, 1, g->p);
-        if (!cols) return MGPU_ERR_OOM_HOST;
-        r = mgpu__gemm(j->gemm_ctx, 1, g->o, g->ckk, g->p, 1.0f, &oa, &ob, dw_beta, j->dw, g->ckk, 0);
-        if (r != MGPU_OK) return r;
+        if (!cols) return 0;
+        mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 1, g->o, g->ckk, g->p, 1.0f, dy, g->p, cols, g->p, dw_beta, j->dw, g->ckk);
     }
-    if (j->dx) {
-        float *dxi = j->dx + i * g->c * g->h * g->w, *dcols = dxi;
+    if (a->dx) {
+        float *dxi = a->dx + i * g->c * g->h * g->w, *dcols = dxi;
         int pointwise = mgpu__conv_is_pointwise(g);
-        mgpu__gemm_operand oa = mgpu__gemm_a(j->w, 1, g->ckk), ob = mgpu__gemm_b(dy, 0, g->p);
-        if (!pointwise && !(dcols = mgpu__scratch(MGPU__SCRATCH_DCOLS, (size_t)(g->ckk * g->p)))) return MGPU_ERR_OOM_HOST;
+        if (!pointwise && !(dcols = mgpu__scratch(MGPU__SCRATCH_DCOLS, (size_t)(g->ckk * g->p)))) return 0;
         /* pointwise: dX_i is dcols, so accumulate straight into it */
-        r = mgpu__gemm(j->gemm_ctx, 1, g->ckk, g->p, g->o, 1.0f, &oa, &ob, pointwise ? 1.0f : 0.0f, dcols, g->p, 0);
-        if (r != MGPU_OK) return r;
+        mgpu__cpu_gemm_f32(j->gemm_ctx, 1, 0, g->ckk, g->p, g->o, 1.0f, a->w, g->ckk, dy, g->p, pointwise ? 1.0f : 0.0f, dcols, g->p);
         if (!pointwise) mgpu__im2col_image(g, dxi, dcols, 1);
     }
-    return MGPU_OK;
+    return 1;
 }
 
 static void mgpu__conv_forward_range(void *arg, int64_t i0, int64_t i1) {
     mgpu__conv_job *j = (mgpu__conv_job *)arg;
     int64_t i;
     for (i = i0; i < i1; i++)
-        if (mgpu__conv_forward_image(j, i) != MGPU_OK) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        if (!mgpu__conv_forward_image(j, i)) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
 }
 
 /* Chunk c: images [c * CHUNK, ...) into the chunk's own dW partial (j->dw + c * O * CKK). */
 static void mgpu__conv_backward_range(void *arg, int64_t c0, int64_t c1) {
-    const mgpu__conv_job *j = (const mgpu__conv_job *)arg;
+    mgpu__conv_job *j = (mgpu__conv_job *)arg;
     mgpu__conv_job jc = *j;
+    const mgpu__conv_geom *g = j->a->g;
     int64_t c, i;
     for (c = c0; c < c1; c++) {
-        jc.dw = j->dw ? j->dw + c * j->g->o * j->g->ckk : NULL;
-        for (i = c * MGPU__CONV_CHUNK; i < MGPU__MIN(j->g->n, (c + 1) * MGPU__CONV_CHUNK); i++)
-            if (mgpu__conv_backward_image(&jc, i, i == c * MGPU__CONV_CHUNK ? 0.0f : 1.0f) != MGPU_OK)
-                __atomic_store_n((int *)&j->failed, 1, __ATOMIC_RELAXED);
+        jc.dw = j->dw ? j->dw + c * g->o * g->ckk : NULL;
+        for (i = c * MGPU__CONV_CHUNK; i < MGPU__MIN(g->n, (c + 1) * MGPU__CONV_CHUNK); i++)
+            if (!mgpu__conv_backward_image(&jc, i, i == c * MGPU__CONV_CHUNK ? 0.0f : 1.0f)) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
     }
 }
 
@@ -4757,10 +4909,9 @@ static void mgpu__partsum_range(void *arg, int64_t e0, int64_t e1) {
 
 /* db[o] += sum of dY (N, O, P) over images and positions: strips of positions are summed across
    images as vectors, then the strip totals in order (deterministic, and it vectorises). */
-typedef struct { const float *dy; float *db; const mgpu__conv_geom *g; } mgpu__chansum_arg;
 static void mgpu__chansum_range(void *arg, int64_t o0, int64_t o1) {
-    mgpu__chansum_arg *s = (mgpu__chansum_arg *)arg;
-    const mgpu__conv_geom *g = s->g;
+    const mgpu__conv2d_args *a = (const mgpu__conv2d_args *)arg;
+    const mgpu__conv_geom *g = a->g;
     float strip[256];
     int64_t o, i, q0, q;
     for (o = o0; o < o1; o++) {
@@ -4769,12 +4920,12 @@ static void mgpu__chansum_range(void *arg, int64_t o0, int64_t o1) {
             int64_t w = MGPU__MIN((int64_t)256, g->p - q0);
             for (q = 0; q < w; q++) strip[q] = 0.0f;
             for (i = 0; i < g->n; i++) {
-                const float *r = s->dy + (i * g->o + o) * g->p + q0;
+                const float *r = a->dy + (i * g->o + o) * g->p + q0;
                 for (q = 0; q < w; q++) strip[q] += r[q];
             }
             for (q = 0; q < w; q++) total += strip[q];
         }
-        s->db[o] += total;
+        a->db[o] += total;
     }
 }
 
@@ -4783,39 +4934,68 @@ static mgpu_result mgpu__conv_oom(const mgpu__conv_geom *g) {
                       (long long)g->ckk, (long long)g->p);
 }
 
+/* The conv2d twins on the CPU. Small batches go image by image with threaded GEMMs; larger ones
+   give whole images to threads (see above). */
+static void mgpu__cpu_conv2d_forward(const mgpu__conv2d_args *a) {
+    mgpu__conv_job j;
+    int64_t i;
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    if (a->g->n >= MGPU__CONV_PAR_BATCH) {
+        mgpu_parallel_for(a->ctx, a->g->n, 1, mgpu__conv_forward_range, &j);
+    } else {
+        j.gemm_ctx = a->ctx;
+        for (i = 0; i < a->g->n && !j.failed; i++) j.failed = !mgpu__conv_forward_image(&j, i);
+    }
+    if (j.failed) *a->status = mgpu__conv_oom(a->g);
+}
+
+/* dW through per-chunk partials added in chunk order; 0 when out of memory */
+static mgpu_result mgpu__conv_backward_batch(mgpu__conv_job *j) {
+    const mgpu__conv2d_args *a = j->a;
+    const mgpu__conv_geom *g = a->g;
+    int64_t chunks = (g->n + MGPU__CONV_CHUNK - 1) / MGPU__CONV_CHUNK;
+    mgpu__partsum_arg ps;
+    if (a->dw && !(j->dw = (float *)mgpu__arena_alloc(a->ctx, sizeof(float) * (size_t)(chunks * g->o * g->ckk)))) return MGPU_ERR_OOM_HOST;
+    mgpu_parallel_for(a->ctx, chunks, 1, mgpu__conv_backward_range, j);
+    if (j->failed) return mgpu__conv_oom(g);
+    ps.part = j->dw; ps.dw = a->dw; ps.chunks = chunks; ps.size = g->o * g->ckk;
+    if (a->dw) mgpu_parallel_for(a->ctx, ps.size, 4096, mgpu__partsum_range, &ps);
+    return MGPU_OK;
+}
+
+static void mgpu__cpu_conv2d_backward(const mgpu__conv2d_args *a) {
+    const mgpu__conv_geom *g = a->g;
+    mgpu__conv_job j;
+    int64_t i;
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    if (g->n >= MGPU__CONV_PAR_BATCH) {
+        if ((*a->status = mgpu__conv_backward_batch(&j)) != MGPU_OK) return;
+    } else {
+        j.gemm_ctx = a->ctx; j.dw = a->dw;
+        for (i = 0; i < g->n; i++)
+            if (!mgpu__conv_backward_image(&j, i, 1.0f)) { *a->status = mgpu__conv_oom(g); return; }
+    }
+    if (a->db)   /* db (O) += sum over images and positions of dY */
+        mgpu_parallel_for(a->ctx, g->o, MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->n * g->p, (int64_t)1)), mgpu__chansum_range,
+                          (void *)a);
+}
+
 /* node: in = {x, w, b}, extra = geometry */
 static mgpu_result mgpu__conv2d_backward(mgpu_context *ctx, mgpu__node *node) {
-    const mgpu__conv_geom *g = (const mgpu__conv_geom *)node->extra;
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
-    mgpu__conv_job j;
-    float *dw = NULL;
-    int64_t i;
-    mgpu_result r;
-    memset(&j, 0, sizeof j);
-    j.g = g; j.x = (float *)x->data; j.w = (const float *)w->data; j.dy = (const float *)node->out->grad->data;
-    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(j.dx, ctx, x);
-    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(dw, ctx, w);
-    if (g->n >= MGPU__CONV_PAR_BATCH) {
-        mgpu__partsum_arg ps;
-        int64_t chunks = (g->n + MGPU__CONV_CHUNK - 1) / MGPU__CONV_CHUNK;
-        if (dw && !(j.dw = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)(chunks * g->o * g->ckk)))) return mgpu_last_result();
-        mgpu_parallel_for(ctx, chunks, 1, mgpu__conv_backward_range, &j);
-        if (j.failed) return mgpu__conv_oom(g);
-        ps.part = j.dw; ps.dw = dw; ps.chunks = chunks; ps.size = g->o * g->ckk;
-        if (dw) mgpu_parallel_for(ctx, ps.size, 4096, mgpu__partsum_range, &ps);
-    } else {
-        j.gemm_ctx = ctx; j.dw = dw;
-        for (i = 0; i < g->n; i++)
-            if ((r = mgpu__conv_backward_image(&j, i, 1.0f)) != MGPU_OK) return r == MGPU_ERR_OOM_HOST ? mgpu__conv_oom(g) : r;
-    }
-    if (b && mgpu__needs_grad(node, 2)) {   // db (O) += sum over images and positions of dY
-        mgpu__chansum_arg s;
-        float *db;
-        MGPU__GRAD_OR_FAIL(db, ctx, b);
-        s.dy = j.dy; s.db = db; s.g = g;
-        mgpu_parallel_for(ctx, g->o, MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->n * g->p, (int64_t)1)), mgpu__chansum_range, &s);
-    }
-    return MGPU_OK;
+    mgpu__conv2d_args a;
+    mgpu_result r, status = MGPU_OK;
+    memset(&a, 0, sizeof a);
+    a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas;
+    a.g = (const mgpu__conv_geom *)node->extra;
+    a.x = (const float *)x->data; a.w = (const float *)w->data; a.dy = (const float *)node->out->grad->data;
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(a.dw, ctx, w);
+    if (b && mgpu__needs_grad(node, 2)) MGPU__GRAD_OR_FAIL(a.db, ctx, b);
+    r = MGPU__TWIN(ctx, conv2d_backward, &a);
+    return r != MGPU_OK ? r : status;
 }
 
 /* Validates conv2d's arguments and fills the geometry; 1 if fine. */
@@ -4855,8 +5035,9 @@ static int mgpu__conv_setup(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, m
 
 MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, int stride, int padding) {
     mgpu__conv_geom g, *gsaved;
-    mgpu__conv_job j;
-    int64_t shape[4], i;
+    mgpu__conv2d_args a;
+    mgpu_result status = MGPU_OK;
+    int64_t shape[4];
     mgpu_tensor *y, *ins[3];
     mgpu__node *node = NULL;
     if (mgpu__autocast_active(ctx)) {
@@ -4869,19 +5050,10 @@ MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     shape[0] = g.n; shape[1] = g.o; shape[2] = g.oh; shape[3] = g.ow;
     y = mgpu__new_activation(ctx, MGPU_F32, 4, shape);   // (N, O, OH, OW)
     if (!y) return NULL;
-    memset(&j, 0, sizeof j);
-    j.g = &g; j.x = (float *)x->data; j.y = (float *)y->data; j.w = (const float *)w->data;
-    j.b = b ? (const float *)b->data : NULL;
-    if (g.n >= MGPU__CONV_PAR_BATCH) {
-        mgpu_parallel_for(ctx, g.n, 1, mgpu__conv_forward_range, &j);
-        if (j.failed) { mgpu__conv_oom(&g); return NULL; }
-    } else {
-        j.gemm_ctx = ctx;
-        for (i = 0; i < g.n; i++) {
-            mgpu_result r = mgpu__conv_forward_image(&j, i);
-            if (r != MGPU_OK) { if (r == MGPU_ERR_OOM_HOST) mgpu__conv_oom(&g); return NULL; }
-        }
-    }
+    memset(&a, 0, sizeof a);
+    a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas; a.g = &g;
+    a.x = (const float *)x->data; a.w = (const float *)w->data; a.b = b ? (const float *)b->data : NULL; a.y = (float *)y->data;
+    if (MGPU__TWIN(ctx, conv2d_forward, &a) != MGPU_OK || status != MGPU_OK) return NULL;
     ins[0] = x; ins[1] = w; ins[2] = b;
     MGPU__RECORD(ctx, "conv2d", mgpu__conv2d_backward, y, 3, ins, node);
     if (node) {
@@ -4896,12 +5068,9 @@ MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
    Pooling over (N, C, H, W) planes, PyTorch's output size floor((H + 2p - k) / s) + 1
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__pool_geom {
-    int64_t planes, h, w, oh, ow, k, stride, pad;
-} mgpu__pool_geom;
-
-/* Validates kernel/stride/padding for a pooling op and fills the geometry (stride 0 -> kernel). */
-static int mgpu__pool_setup(mgpu_context *ctx, const char *op, mgpu_tensor *x, int kernel, int stride, int padding, mgpu__pool_geom *g) {
+/* Validates kernel/stride/padding for a pooling op and fills the geometry (stride 0 -> kernel;
+   o, p and ckk stay 0: they are conv2d's). */
+static int mgpu__pool_setup(mgpu_context *ctx, const char *op, mgpu_tensor *x, int kernel, int stride, int padding, mgpu__conv_geom *g) {
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return 0;
     if (x->ndim != 4) { mgpu__fail(MGPU_ERR_SHAPE, "%s: x must be (N, C, H, W), got %s", op, mgpu__shape_str(x)); return 0; }
     if (kernel < 1 || stride < 0 || padding < 0) {
@@ -4913,40 +5082,33 @@ static int mgpu__pool_setup(mgpu_context *ctx, const char *op, mgpu_tensor *x, i
         return 0;
     }
     memset(g, 0, sizeof *g);
-    g->planes = x->shape[0] * x->shape[1]; g->h = x->shape[2]; g->w = x->shape[3];
-    g->k = kernel; g->stride = stride ? stride : kernel; g->pad = padding;
-    if (g->h + 2 * g->pad < g->k || g->w + 2 * g->pad < g->k) {
+    g->n = x->shape[0]; g->c = x->shape[1]; g->h = x->shape[2]; g->w = x->shape[3];
+    g->ks = kernel; g->stride = stride ? stride : kernel; g->pad = padding;
+    if (g->h + 2 * g->pad < g->ks || g->w + 2 * g->pad < g->ks) {
         mgpu__fail(MGPU_ERR_SHAPE, "%s: x %s with padding %d is smaller than the kernel %d", op, mgpu__shape_str(x), padding, kernel);
         return 0;
     }
-    g->oh = (g->h + 2 * g->pad - g->k) / g->stride + 1;
-    g->ow = (g->w + 2 * g->pad - g->k) / g->stride + 1;
+    g->oh = (g->h + 2 * g->pad - g->ks) / g->stride + 1;
+    g->ow = (g->w + 2 * g->pad - g->ks) / g->stride + 1;
     return 1;
 }
 
 /* Window of output (oy, ox) clipped to the image: rows [y0, y1), columns [x0, x1). */
-static void mgpu__pool_window(const mgpu__pool_geom *g, int64_t oy, int64_t ox, int64_t *y0, int64_t *y1, int64_t *x0, int64_t *x1) {
+static void mgpu__pool_window(const mgpu__conv_geom *g, int64_t oy, int64_t ox, int64_t *y0, int64_t *y1, int64_t *x0, int64_t *x1) {
     int64_t ys = oy * g->stride - g->pad, xs = ox * g->stride - g->pad;
-    *y0 = MGPU__MAX(ys, (int64_t)0); *y1 = MGPU__MIN(ys + g->k, g->h);
-    *x0 = MGPU__MAX(xs, (int64_t)0); *x1 = MGPU__MIN(xs + g->k, g->w);
+    *y0 = MGPU__MAX(ys, (int64_t)0); *y1 = MGPU__MIN(ys + g->ks, g->h);
+    *x0 = MGPU__MAX(xs, (int64_t)0); *x1 = MGPU__MIN(xs + g->ks, g->w);
 }
 
-typedef struct mgpu__pool_arg {
-    const mgpu__pool_geom *g;
-    const float *x; float *y; int32_t *idx;   /* forward: x -> y (+ argmax) */
-    const float *dy; float *dx;               /* backward: dy -> dx */
-    int is_max;
-} mgpu__pool_arg;
-
 static void mgpu__pool_forward_range(void *arg, int64_t p0, int64_t p1) {
-    mgpu__pool_arg *s = (mgpu__pool_arg *)arg;
-    const mgpu__pool_geom *g = s->g;
-    float inv = 1.0f / (float)(g->k * g->k);   /* count_include_pad: the window is always k * k */
+    const mgpu__pool2d_args *s = (const mgpu__pool2d_args *)arg;
+    const mgpu__conv_geom *g = s->g;
+    float inv = 1.0f / (float)(g->ks * g->ks);   /* count_include_pad: the window is always k * k */
     int64_t pl, oy, ox, yy, xx, y0, y1, x0, x1;
     for (pl = p0; pl < p1; pl++) {
         const float *xp = s->x + pl * g->h * g->w;
         float *yp = s->y + pl * g->oh * g->ow;
-        int32_t *ip = s->idx ? s->idx + pl * g->oh * g->ow : NULL;
+        int32_t *ip = s->argmax ? s->argmax + pl * g->oh * g->ow : NULL;
         for (oy = 0; oy < g->oh; oy++)
             for (ox = 0; ox < g->ow; ox++) {
                 float acc = s->is_max ? -INFINITY : 0.0f;
@@ -4966,15 +5128,15 @@ static void mgpu__pool_forward_range(void *arg, int64_t p0, int64_t p1) {
 }
 
 static void mgpu__pool_backward_range(void *arg, int64_t p0, int64_t p1) {
-    mgpu__pool_arg *s = (mgpu__pool_arg *)arg;
-    const mgpu__pool_geom *g = s->g;
-    float inv = 1.0f / (float)(g->k * g->k);
+    const mgpu__pool2d_args *s = (const mgpu__pool2d_args *)arg;
+    const mgpu__conv_geom *g = s->g;
+    float inv = 1.0f / (float)(g->ks * g->ks);
     int64_t pl, q, oy, ox, yy, xx, y0, y1, x0, x1;
     for (pl = p0; pl < p1; pl++) {
         const float *dyp = s->dy + pl * g->oh * g->ow;
         float *dxp = s->dx + pl * g->h * g->w;
         if (s->is_max) {
-            const int32_t *ip = s->idx + pl * g->oh * g->ow;
+            const int32_t *ip = s->argmax + pl * g->oh * g->ow;
             for (q = 0; q < g->oh * g->ow; q++) if (ip[q] >= 0) dxp[ip[q]] += dyp[q];
             continue;
         }
@@ -4988,27 +5150,33 @@ static void mgpu__pool_backward_range(void *arg, int64_t p0, int64_t p1) {
     }
 }
 
-static int64_t mgpu__pool_min_chunk(const mgpu__pool_geom *g) {
+/* The pooling twins on the CPU: planes (one (H, W) image of one channel) split across threads. */
+static int64_t mgpu__pool_min_chunk(const mgpu__conv_geom *g) {
     return MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->h * g->w, (int64_t)1));
+}
+static void mgpu__cpu_pool2d_forward(const mgpu__pool2d_args *a) {
+    mgpu_parallel_for(a->ctx, a->g->n * a->g->c, mgpu__pool_min_chunk(a->g), mgpu__pool_forward_range, (void *)a);
+}
+static void mgpu__cpu_pool2d_backward(const mgpu__pool2d_args *a) {
+    mgpu_parallel_for(a->ctx, a->g->n * a->g->c, mgpu__pool_min_chunk(a->g), mgpu__pool_backward_range, (void *)a);
 }
 
 /* node: extra = geometry; saved[0] = argmax per output (I32 index into the plane), max pooling only */
 static mgpu_result mgpu__pool_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__pool_arg s;
-    float *dx;
-    memset(&s, 0, sizeof s);
-    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    s.g = (const mgpu__pool_geom *)node->extra;
-    s.dy = (const float *)node->out->grad->data; s.dx = dx;
-    s.is_max = node->saved[0] != NULL;
-    s.idx = s.is_max ? (int32_t *)node->saved[0]->data : NULL;
-    mgpu_parallel_for(ctx, s.g->planes, mgpu__pool_min_chunk(s.g), mgpu__pool_backward_range, &s);
-    return MGPU_OK;
+    mgpu__pool2d_args a;
+    memset(&a, 0, sizeof a);
+    MGPU__GRAD_OR_FAIL(a.dx, ctx, node->in[0]);
+    a.ctx = ctx;
+    a.g = (const mgpu__conv_geom *)node->extra;
+    a.dy = (const float *)node->out->grad->data;
+    a.is_max = node->saved[0] != NULL;
+    a.argmax = a.is_max ? (int32_t *)node->saved[0]->data : NULL;
+    return MGPU__TWIN(ctx, pool2d_backward, &a);
 }
 
 static mgpu_tensor *mgpu__pool2d(mgpu_context *ctx, const char *op, mgpu_tensor *x, int kernel, int stride, int padding, int is_max) {
-    mgpu__pool_geom g, *gs;
-    mgpu__pool_arg s;
+    mgpu__conv_geom g, *gs;
+    mgpu__pool2d_args a;
     mgpu_tensor *y, *idx = NULL;
     mgpu__node *node = NULL;
     int64_t shape[4];
@@ -5018,12 +5186,12 @@ static mgpu_tensor *mgpu__pool2d(mgpu_context *ctx, const char *op, mgpu_tensor 
     if (!y) return NULL;
     MGPU__RECORD(ctx, is_max ? "max_pool2d" : "avg_pool2d", mgpu__pool_backward, y, 1, &x, node);
     if (node && is_max && !(idx = mgpu__new_activation(ctx, MGPU_I32, 4, shape))) return NULL;
-    memset(&s, 0, sizeof s);
-    s.g = &g; s.x = (const float *)x->data; s.y = (float *)y->data; s.is_max = is_max;
-    s.idx = idx ? (int32_t *)idx->data : NULL;
-    mgpu_parallel_for(ctx, g.planes, mgpu__pool_min_chunk(&g), mgpu__pool_forward_range, &s);
+    memset(&a, 0, sizeof a);
+    a.ctx = ctx; a.g = &g; a.is_max = is_max;
+    a.x = (const float *)x->data; a.y = (float *)y->data; a.argmax = idx ? (int32_t *)idx->data : NULL;
+    if (MGPU__TWIN(ctx, pool2d_forward, &a) != MGPU_OK) return NULL;
     if (node) {
-        if (!(gs = (mgpu__pool_geom *)mgpu__arena_alloc(ctx, sizeof *gs))) return NULL;
+        if (!(gs = (mgpu__conv_geom *)mgpu__arena_alloc(ctx, sizeof *gs))) return NULL;
         *gs = g;
         node->extra = gs;
         node->saved[0] = idx;
@@ -5116,23 +5284,13 @@ static void mgpu__norm_add_sums(float *grad, const double *sums, int64_t n) {
    eps inside the sqrt, as PyTorch. x is viewed as R rows of C.
    ====================================================================================== */
 
-typedef struct mgpu__ln_args {
-    const float *x, *w, *b, *dy;   /* x, dy (R, C); w, b (C) or NULL */
-    float *out, *dx;               /* (R, C) */
-    const float *mean, *rstd;      /* (R) */
-    float *mean_out, *rstd_out;    /* (R), written by the forward */
-    double *partial;               /* (blocks, 2, C) partial dw, db of the backward, or NULL */
-    int64_t R, C;
-    float eps;
-} mgpu__ln_args;
-
 /* One pass for the row's statistics (double sums), one for the output. */
 static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
-    const mgpu__ln_args *a = (const mgpu__ln_args *)arg;
+    const mgpu__layer_norm_args *a = (const mgpu__layer_norm_args *)arg;
     int64_t r, c, C = a->C;
     for (r = r0; r < r1; r++) {
         const float *xr = a->x + r * C;
-        float *yr = a->out + r * C;
+        float *yr = a->y + r * C;
         double sum, sumsq, mean, var;
         float m, rs;
         mgpu__norm_moments(xr, NULL, xr, 0.0f, C, &sum, &sumsq);
@@ -5140,8 +5298,8 @@ static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
         var = sumsq / (double)C - mean * mean;
         m = (float)mean;
         rs = (float)(1.0 / sqrt((var > 0 ? var : 0) + (double)a->eps));
-        a->mean_out[r] = m;
-        a->rstd_out[r] = rs;
+        a->mean[r] = m;
+        a->rstd[r] = rs;
         for (c = 0; c < C; c++) {
             float v = (xr[c] - m) * rs;
             if (a->w) v *= a->w[c];
@@ -5151,10 +5309,17 @@ static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
     }
 }
 
+static void mgpu__cpu_layer_norm_forward(const mgpu__layer_norm_args *a) {
+    mgpu_parallel_for(a->ctx, a->R, mgpu__norm_min_chunk(a->C), mgpu__ln_forward_rows, (void *)a);
+}
+
+/* The backward's blocks of rows and their partial dw, db: (blocks, 2, C) doubles, or NULL. */
+typedef struct mgpu__ln_job { const mgpu__layer_norm_args *a; double *partial; } mgpu__ln_job;
+
 /* Backward of one row: dx += rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w
    (when dx is wanted), and the row's dy * xhat and dy added into the partial sums pw, pb
    (when given). */
-static void mgpu__ln_backward_row(const mgpu__ln_args *a, int64_t r, double *pw, double *pb) {
+static void mgpu__ln_backward_row(const mgpu__layer_norm_args *a, int64_t r, double *pw, double *pb) {
     int64_t c, C = a->C;
     const float *xr = a->x + r * C, *dyr = a->dy + r * C;
     float m = a->mean[r], rs = a->rstd[r], g_mean = 0, gx_mean = 0;
@@ -5181,10 +5346,11 @@ static void mgpu__ln_backward_row(const mgpu__ln_args *a, int64_t r, double *pw,
 static int64_t mgpu__ln_block_rows(int64_t C) { return MGPU__MAX((int64_t)1, 4 * MGPU__NORM_GRAIN / C); }
 
 static void mgpu__ln_backward_blocks(void *arg, int64_t k0, int64_t k1) {
-    const mgpu__ln_args *a = (const mgpu__ln_args *)arg;
+    const mgpu__ln_job *j = (const mgpu__ln_job *)arg;
+    const mgpu__layer_norm_args *a = j->a;
     int64_t k, r, c, rows = mgpu__ln_block_rows(a->C);
     for (k = k0; k < k1; k++) {
-        double *pw = a->partial ? a->partial + 2 * k * a->C : NULL, *pb = pw ? pw + a->C : NULL;
+        double *pw = j->partial ? j->partial + 2 * k * a->C : NULL, *pb = pw ? pw + a->C : NULL;
         if (pw) for (c = 0; c < 2 * a->C; c++) pw[c] = 0;
         for (r = k * rows; r < MGPU__MIN(a->R, (k + 1) * rows); r++) mgpu__ln_backward_row(a, r, pw, pb);
     }
@@ -5200,37 +5366,34 @@ static void mgpu__ln_add_partials(float *grad, const double *partial, int64_t bl
     }
 }
 
+static void mgpu__cpu_layer_norm_backward(const mgpu__layer_norm_args *a) {
+    int64_t blocks = (a->R + mgpu__ln_block_rows(a->C) - 1) / mgpu__ln_block_rows(a->C);
+    mgpu__ln_job j;
+    j.a = a; j.partial = NULL;
+    if ((a->dw || a->db) && !(j.partial = mgpu__norm_doubles(a->ctx, 2 * blocks * a->C))) { *a->status = MGPU_ERR_OOM_HOST; return; }
+    mgpu_parallel_for(a->ctx, blocks, 1, mgpu__ln_backward_blocks, &j);
+    if (a->dw) mgpu__ln_add_partials(a->dw, j.partial, blocks, a->C, 0);
+    if (a->db) mgpu__ln_add_partials(a->db, j.partial, blocks, a->C, a->C);
+}
+
 /* node: in = {x, w, b}; extra = mean (R) then rstd (R); iarg = {R, C}. */
 static mgpu_result mgpu__ln_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
-    int need_w = mgpu__needs_grad(node, 1), need_b = mgpu__needs_grad(node, 2);
-    int64_t blocks;
-    mgpu__ln_args a;
+    mgpu__layer_norm_args a;
+    mgpu_result r, status = MGPU_OK;
     memset(&a, 0, sizeof a);
+    a.ctx = ctx; a.status = &status;
     a.R = node->iarg[0]; a.C = node->iarg[1];
     a.x = (const float *)x->data;
     a.w = w ? (const float *)w->data : NULL;
     a.dy = (const float *)node->out->grad->data;
-    a.mean = (const float *)node->extra;
+    a.mean = (float *)node->extra;
     a.rstd = a.mean + a.R;
-    blocks = (a.R + mgpu__ln_block_rows(a.C) - 1) / mgpu__ln_block_rows(a.C);
     if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
-    if (need_w || need_b) {
-        a.partial = mgpu__norm_doubles(ctx, 2 * blocks * a.C);
-        if (!a.partial) return MGPU_ERR_OOM_HOST;
-    }
-    mgpu_parallel_for(ctx, blocks, 1, mgpu__ln_backward_blocks, &a);
-    if (need_w) {
-        float *gw;
-        MGPU__GRAD_OR_FAIL(gw, ctx, w);
-        mgpu__ln_add_partials(gw, a.partial, blocks, a.C, 0);
-    }
-    if (need_b) {
-        float *gb;
-        MGPU__GRAD_OR_FAIL(gb, ctx, b);
-        mgpu__ln_add_partials(gb, a.partial, blocks, a.C, a.C);
-    }
-    return MGPU_OK;
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(a.dw, ctx, w);
+    if (mgpu__needs_grad(node, 2)) MGPU__GRAD_OR_FAIL(a.db, ctx, b);
+    r = MGPU__TWIN(ctx, layer_norm_backward, &a);
+    return r != MGPU_OK ? r : status;
 }
 
 MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, float eps) {
@@ -5238,7 +5401,7 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
     mgpu_tensor *in[3];
     mgpu_tensor *out;
     mgpu__node *node = NULL;
-    mgpu__ln_args a;
+    mgpu__layer_norm_args a;
     float *stats;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     if (x->ndim < 1 || x->shape[x->ndim - 1] < 1)
@@ -5251,14 +5414,15 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     stats = mgpu__norm_floats(ctx, 2 * a.R);   /* mean (R), rstd (R) */
     if (!out || !stats) return NULL;
+    a.ctx = ctx;
     a.x = (const float *)x->data;
     a.w = w ? (const float *)w->data : NULL;
     a.b = b ? (const float *)b->data : NULL;
-    a.out = (float *)out->data;
-    a.mean_out = stats;
-    a.rstd_out = stats + a.R;
+    a.y = (float *)out->data;
+    a.mean = stats;
+    a.rstd = stats + a.R;
     a.eps = eps;
-    mgpu_parallel_for(ctx, a.R, mgpu__norm_min_chunk(a.C), mgpu__ln_forward_rows, &a);
+    if (MGPU__TWIN(ctx, layer_norm_forward, &a) != MGPU_OK) return NULL;
     in[0] = x; in[1] = w; in[2] = b;
     MGPU__RECORD(ctx, "layer_norm", mgpu__ln_backward, out, 3, in, node);
     if (node) {
@@ -5272,10 +5436,10 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
 /* ======================================================================================
    Batch norm: x (N, C, *) viewed as (N, C, S); statistics per channel over N and S.
 
-   SyncBatchNorm seam. Every cross-sample quantity goes through mgpu__bn_channel_sums, which
-   fills a buffer of per-channel double sums; the normalisation and the input gradient use
-   only that buffer. Between the two, mgpu__batch_norm calls sync->reduce (when set) to sum
-   the buffer over the ranks:
+   SyncBatchNorm seam. Every cross-sample quantity is a buffer of per-channel double sums,
+   filled by a twin (batch_norm_stats, batch_norm_grad_sums); the normalisation and the input
+   gradient (batch_norm_forward, batch_norm_backward) use only that buffer. Between the two,
+   mgpu__batch_norm calls sync->reduce (when set) to sum the buffer over the ranks:
      forward : 2C + 1 doubles = sum x (C), sum x^2 (C), element count per channel
      backward: 2C doubles     = sum dy (C), sum dy * (x - mean) (C); weight/bias grads are
                taken from the local sums BEFORE the reduce (DDP averages them as usual).
@@ -5289,77 +5453,143 @@ static MGPU__UNUSED mgpu_result mgpu__bn_reduce_over_comm(void *user, double *va
     return mgpu_comm_allreduce_f64((mgpu_comm *)user, values, n, MGPU_REDUCE_SUM);
 }
 
-typedef struct mgpu__bn_args {
+/* One pass of a batch norm CPU twin over (N, C, S). */
+typedef struct mgpu__bn_job {
+    const mgpu__batch_norm_args *a;
     const float *p, *q, *center;   /* sums: sum p and sum p * (q - center[c]); center NULL = 0 */
-    double *sum_p, *sum_pq;        /* (C) */
-    const float *x, *dy;           /* (N, C, S) */
-    float *out, *dx;               /* (N, C, S) */
-    const float *mean, *scale, *shift; /* (C): y = (x - mean) * scale + shift */
     const float *k1, *k2;          /* (C): dx += scale * (dy - k1 - (x - mean) * k2) */
-    int64_t N, C, S;
-} mgpu__bn_args;
+} mgpu__bn_job;
 
 /* Per-segment kernels: one (n, c) run of S contiguous elements starting at off. */
-typedef void (*mgpu__bn_segment_fn)(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S);
+typedef void (*mgpu__bn_segment_fn)(const mgpu__bn_job *j, int64_t off, int64_t c, int64_t S);
 
 /* Channels [c0, c1) segment by segment, n outer so memory is read in order. The S == 1 branch
    passes a literal 1: once the kernel is inlined the loop over channels vectorises, which
    matters for (N, C) inputs. Each channel sees its segments in n order on one thread. */
-static inline void mgpu__bn_each_segment(const mgpu__bn_args *a, int64_t c0, int64_t c1, mgpu__bn_segment_fn seg) {
+static inline void mgpu__bn_each_segment(const mgpu__bn_job *j, int64_t c0, int64_t c1, mgpu__bn_segment_fn seg) {
+    const mgpu__batch_norm_args *a = j->a;
     int64_t n, c;
     for (n = 0; n < a->N; n++) {
-        if (a->S == 1) for (c = c0; c < c1; c++) seg(a, n * a->C + c, c, 1);
-        else for (c = c0; c < c1; c++) seg(a, (n * a->C + c) * a->S, c, a->S);
+        if (a->S == 1) for (c = c0; c < c1; c++) seg(j, n * a->C + c, c, 1);
+        else for (c = c0; c < c1; c++) seg(j, (n * a->C + c) * a->S, c, a->S);
     }
 }
 
-/* sum_p[c] += sum p, sum_pq[c] += sum p * (q - center[c]) over the segment. */
-static inline void mgpu__bn_sums_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
-    float center = a->center ? a->center[c] : 0.0f;
+/* sums[c] += sum p, sums[C + c] += sum p * (q - center[c]) over the segment. */
+static inline void mgpu__bn_sums_segment(const mgpu__bn_job *j, int64_t off, int64_t c, int64_t S) {
+    float center = j->center ? j->center[c] : 0.0f;
     double sp, spq;
-    if (S == 1) { sp = a->p[off]; spq = sp * (double)(a->q[off] - center); }
-    else mgpu__norm_moments(a->p + off, NULL, a->q + off, center, S, &sp, &spq);
-    a->sum_p[c] += sp;
-    a->sum_pq[c] += spq;
+    if (S == 1) { sp = j->p[off]; spq = sp * (double)(j->q[off] - center); }
+    else mgpu__norm_moments(j->p + off, NULL, j->q + off, center, S, &sp, &spq);
+    j->a->sums[c] += sp;
+    j->a->sums[j->a->C + c] += spq;
 }
-static inline void mgpu__bn_affine_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
-    float m = a->mean[c], sc = a->scale[c], sh = a->shift[c];
+static inline void mgpu__bn_affine_segment(const mgpu__bn_job *j, int64_t off, int64_t c, int64_t S) {
+    const mgpu__batch_norm_args *a = j->a;
+    float m = a->mean[c], sc = a->scale[c], sh = a->b ? a->b[c] : 0.0f;
     int64_t s;
-    for (s = off; s < off + S; s++) a->out[s] = (a->x[s] - m) * sc + sh;
+    for (s = off; s < off + S; s++) a->y[s] = (a->x[s] - m) * sc + sh;
 }
-static inline void mgpu__bn_input_grad_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
-    float m = a->mean[c], sc = a->scale[c], k1 = a->k1[c], k2 = a->k2[c];
+static inline void mgpu__bn_input_grad_segment(const mgpu__bn_job *j, int64_t off, int64_t c, int64_t S) {
+    const mgpu__batch_norm_args *a = j->a;
+    float m = a->mean[c], sc = a->scale[c], k1 = j->k1[c], k2 = j->k2[c];
     int64_t s;
     for (s = off; s < off + S; s++) a->dx[s] += sc * (a->dy[s] - k1 - (a->x[s] - m) * k2);
 }
 
 static void mgpu__bn_sums_range(void *arg, int64_t c0, int64_t c1) {
-    const mgpu__bn_args *a = (const mgpu__bn_args *)arg;
+    const mgpu__bn_job *j = (const mgpu__bn_job *)arg;
     int64_t c;
-    for (c = c0; c < c1; c++) { a->sum_p[c] = 0; a->sum_pq[c] = 0; }
-    mgpu__bn_each_segment(a, c0, c1, mgpu__bn_sums_segment);
+    for (c = c0; c < c1; c++) { j->a->sums[c] = 0; j->a->sums[j->a->C + c] = 0; }
+    mgpu__bn_each_segment(j, c0, c1, mgpu__bn_sums_segment);
 }
 static void mgpu__bn_affine_range(void *arg, int64_t c0, int64_t c1) {
-    mgpu__bn_each_segment((const mgpu__bn_args *)arg, c0, c1, mgpu__bn_affine_segment);
+    mgpu__bn_each_segment((const mgpu__bn_job *)arg, c0, c1, mgpu__bn_affine_segment);
 }
 static void mgpu__bn_input_grad_range(void *arg, int64_t c0, int64_t c1) {
-    mgpu__bn_each_segment((const mgpu__bn_args *)arg, c0, c1, mgpu__bn_input_grad_segment);
+    mgpu__bn_each_segment((const mgpu__bn_job *)arg, c0, c1, mgpu__bn_input_grad_segment);
 }
 
 /* One contiguous block of channels per thread: with n outer, each thread then streams the
    widest possible slice of every sample (small slices of an (N, C) row defeat prefetching). */
-static void mgpu__bn_for_channels(mgpu_context *ctx, mgpu__bn_args *a, mgpu_range_fn fn) {
-    int64_t threads = mgpu_context_num_threads(ctx);
+static void mgpu__bn_for_channels(const mgpu__bn_job *j, mgpu_range_fn fn) {
+    const mgpu__batch_norm_args *a = j->a;
+    int64_t threads = mgpu_context_num_threads(a->ctx);
     int64_t per_thread = (a->C + threads - 1) / threads;
-    mgpu_parallel_for(ctx, a->C, MGPU__MAX(mgpu__norm_min_chunk(a->N * a->S), per_thread), fn, a);
+    mgpu_parallel_for(a->ctx, a->C, MGPU__MAX(mgpu__norm_min_chunk(a->N * a->S), per_thread), fn, (void *)j);
 }
 
 /* sums[0, C) = sum p, sums[C, 2C) = sum p * (q - center) per channel (local to this process). */
-static void mgpu__bn_channel_sums(mgpu_context *ctx, mgpu__bn_args *a, const float *p, const float *q,
-                                  const float *center, double *sums) {
-    a->p = p; a->q = q; a->center = center;
-    a->sum_p = sums; a->sum_pq = sums + a->C;
-    mgpu__bn_for_channels(ctx, a, mgpu__bn_sums_range);
+static void mgpu__bn_channel_sums(const mgpu__batch_norm_args *a, const float *p, const float *q, const float *center) {
+    mgpu__bn_job j;
+    memset(&j, 0, sizeof j);
+    j.a = a; j.p = p; j.q = q; j.center = center;
+    mgpu__bn_for_channels(&j, mgpu__bn_sums_range);
+}
+
+/* The batch norm twins on the CPU (see "Internal: the seam"). */
+static void mgpu__cpu_batch_norm_stats(const mgpu__batch_norm_args *a) {
+    mgpu__bn_channel_sums(a, a->x, a->x, NULL);   /* sum x, sum x^2 */
+    a->sums[2 * a->C] = (double)(a->N * a->S);
+}
+
+/* Batch mean/rstd from the (reduced) sums and the running-stat update with the unbiased
+   variance, as PyTorch: running = (1 - momentum) * running + momentum * batch. */
+static void mgpu__bn_batch_stats(const mgpu__batch_norm_args *a) {
+    int64_t c, C = a->C;
+    double count = a->sums[2 * C];
+    for (c = 0; c < C; c++) {
+        double m = a->sums[c] / count, var = a->sums[C + c] / count - m * m;
+        if (var < 0) var = 0;
+        a->mean[c] = (float)m;
+        a->rstd[c] = (float)(1.0 / sqrt(var + (double)a->eps));
+        if (a->running_mean) a->running_mean[c] = (float)((1.0 - a->momentum) * a->running_mean[c] + (double)a->momentum * m);
+        if (a->running_var)
+            a->running_var[c] = (float)((1.0 - a->momentum) * a->running_var[c] + (double)a->momentum * var * count / (count - 1.0));
+    }
+}
+
+static void mgpu__cpu_batch_norm_forward(const mgpu__batch_norm_args *a) {
+    mgpu__bn_job j;
+    int64_t c;
+    if (a->training) {
+        mgpu__bn_batch_stats(a);
+    } else {
+        for (c = 0; c < a->C; c++) {
+            a->mean[c] = a->running_mean[c];
+            a->rstd[c] = (float)(1.0 / sqrt((double)a->running_var[c] + (double)a->eps));
+        }
+    }
+    for (c = 0; c < a->C; c++) a->scale[c] = a->w ? a->rstd[c] * a->w[c] : a->rstd[c];
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    mgpu__bn_for_channels(&j, mgpu__bn_affine_range);
+}
+
+static void mgpu__cpu_batch_norm_grad_sums(const mgpu__batch_norm_args *a) {
+    int64_t c, C = a->C;
+    mgpu__bn_channel_sums(a, a->dy, a->x, a->mean);   /* sum dy, sum dy * (x - mean) */
+    if (a->dw) for (c = 0; c < C; c++) a->dw[c] += (float)(a->sums[C + c] * a->rstd[c]);
+    if (a->db) mgpu__norm_add_sums(a->db, a->sums, C);
+}
+
+static void mgpu__cpu_batch_norm_backward(const mgpu__batch_norm_args *a) {
+    mgpu__bn_job j;
+    int64_t c, C = a->C;
+    float *k = a->coef;
+    if (a->training) {
+        /* the batch statistics depend on x: mean of dy and its projection on xhat */
+        double count = *a->count;
+        for (c = 0; c < C; c++) {
+            k[c] = (float)(a->sums[c] / count);
+            k[C + c] = (float)(a->sums[C + c] / count * a->rstd[c] * a->rstd[c]);
+        }
+    } else {
+        memset(k, 0, sizeof(float) * (size_t)(2 * C));   /* eval: a plain per-channel affine */
+    }
+    memset(&j, 0, sizeof j);
+    j.a = a; j.k1 = k; j.k2 = k + C;
+    mgpu__bn_for_channels(&j, mgpu__bn_input_grad_range);
 }
 
 /* The SyncBatchNorm all-reduce point (see above); a no-op without sync. */
@@ -5377,72 +5607,35 @@ static int mgpu__bn_reduce_sums(const mgpu__bn_sync *sync, double *sums, int64_t
 /* What the backward needs (arena). */
 typedef struct mgpu__bn_saved {
     float *mean, *rstd, *scale;    /* (C) */
-    double count;                  /* elements per channel over all ranks */
+    const double *count;           /* elements per channel over all ranks (training; in the forward's sums) */
     int training;
     mgpu__bn_sync sync;
 } mgpu__bn_saved;
-
-/* Batch mean/rstd from the (reduced) sums and the running-stat update with the unbiased
-   variance, as PyTorch: running = (1 - momentum) * running + momentum * batch. */
-static void mgpu__bn_batch_stats(const double *sums, int64_t C, double count, float eps, float momentum,
-                                 float *mean, float *rstd, float *running_mean, float *running_var) {
-    int64_t c;
-    for (c = 0; c < C; c++) {
-        double m = sums[c] / count, var = sums[C + c] / count - m * m;
-        if (var < 0) var = 0;
-        mean[c] = (float)m;
-        rstd[c] = (float)(1.0 / sqrt(var + (double)eps));
-        if (running_mean) running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + (double)momentum * m);
-        if (running_var) running_var[c] = (float)((1.0 - momentum) * running_var[c] + (double)momentum * var * count / (count - 1.0));
-    }
-}
 
 static mgpu_result mgpu__bn_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
     const mgpu__bn_saved *sv = (const mgpu__bn_saved *)node->extra;
     int need_x = mgpu__needs_grad(node, 0), need_w = mgpu__needs_grad(node, 1), need_b = mgpu__needs_grad(node, 2);
-    mgpu__bn_args a;
-    double *sums = NULL;
-    float *k;
-    int64_t c, C;
+    mgpu__batch_norm_args a;
+    mgpu_result r;
     memset(&a, 0, sizeof a);
-    a.N = node->iarg[0]; a.C = C = node->iarg[1]; a.S = node->iarg[2];
+    a.ctx = ctx;
+    a.N = node->iarg[0]; a.C = node->iarg[1]; a.S = node->iarg[2];
+    a.training = sv->training;
     a.x = (const float *)x->data;
     a.dy = (const float *)node->out->grad->data;
-    a.mean = sv->mean;
-    a.scale = sv->scale;
+    a.mean = sv->mean; a.rstd = sv->rstd; a.scale = sv->scale; a.count = sv->count;
     if ((need_x && sv->training) || need_w || need_b) {
-        sums = mgpu__norm_doubles(ctx, 2 * C);
-        if (!sums) return MGPU_ERR_OOM_HOST;
-        mgpu__bn_channel_sums(ctx, &a, a.dy, a.x, sv->mean, sums);   /* sum dy, sum dy * (x - mean) */
-    }
-    if (need_w) {
-        float *gw;
-        MGPU__GRAD_OR_FAIL(gw, ctx, w);
-        for (c = 0; c < C; c++) gw[c] += (float)(sums[C + c] * sv->rstd[c]);
-    }
-    if (need_b) {
-        float *gb;
-        MGPU__GRAD_OR_FAIL(gb, ctx, b);
-        mgpu__norm_add_sums(gb, sums, C);
+        if (!(a.sums = mgpu__norm_doubles(ctx, 2 * a.C))) return MGPU_ERR_OOM_HOST;
+        if (need_w) MGPU__GRAD_OR_FAIL(a.dw, ctx, w);
+        if (need_b) MGPU__GRAD_OR_FAIL(a.db, ctx, b);
+        if ((r = MGPU__TWIN(ctx, batch_norm_grad_sums, &a)) != MGPU_OK) return r;
     }
     if (!need_x) return MGPU_OK;
-    k = mgpu__norm_floats(ctx, 2 * C);
-    if (!k) return MGPU_ERR_OOM_HOST;
-    a.k1 = k; a.k2 = k + C;
-    if (sv->training) {
-        /* the batch statistics depend on x: mean of dy and its projection on xhat */
-        if (!mgpu__bn_reduce_sums(&sv->sync, sums, 2 * C)) return mgpu_last_result();
-        for (c = 0; c < C; c++) {
-            k[c] = (float)(sums[c] / sv->count);
-            k[C + c] = (float)(sums[C + c] / sv->count * sv->rstd[c] * sv->rstd[c]);
-        }
-    } else {
-        memset(k, 0, sizeof(float) * (size_t)(2 * C));   /* eval: a plain per-channel affine */
-    }
+    if (sv->training && !mgpu__bn_reduce_sums(&sv->sync, a.sums, 2 * a.C)) return mgpu_last_result();
+    if (!(a.coef = mgpu__norm_floats(ctx, 2 * a.C))) return MGPU_ERR_OOM_HOST;
     MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
-    mgpu__bn_for_channels(ctx, &a, mgpu__bn_input_grad_range);
-    return MGPU_OK;
+    return MGPU__TWIN(ctx, batch_norm_backward, &a);
 }
 
 static int mgpu__bn_validate(mgpu_context *ctx, const char *op, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b,
@@ -5485,44 +5678,37 @@ static mgpu_tensor *mgpu__batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     mgpu_tensor *in[3];
     mgpu_tensor *out;
     mgpu__node *node = NULL;
-    mgpu__bn_args a;
+    mgpu__batch_norm_args a;
     mgpu__bn_saved *sv;
-    float *shift;
-    int64_t c, C;
+    float *stats;
+    int64_t C;
     if (!mgpu__bn_validate(ctx, op, x, w, b, running_mean, running_var, training, momentum, eps)) return NULL;
     memset(&a, 0, sizeof a);
+    a.ctx = ctx;
     a.N = x->shape[0]; a.C = C = x->shape[1];
     a.S = a.N ? x->numel / (a.N * C) : 0;
+    a.training = training != 0; a.momentum = momentum; a.eps = eps;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     sv = (mgpu__bn_saved *)mgpu__arena_alloc(ctx, sizeof *sv);
-    shift = mgpu__norm_floats(ctx, 4 * C);   /* shift, mean, rstd, scale: (C) each */
-    if (!out || !sv || !shift) return NULL;
+    stats = mgpu__norm_floats(ctx, 3 * C);   /* mean, rstd, scale: (C) each */
+    if (!out || !sv || !stats) return NULL;
     memset(sv, 0, sizeof *sv);
-    sv->mean = shift + C; sv->rstd = shift + 2 * C; sv->scale = shift + 3 * C;
-    sv->training = training != 0;
+    sv->mean = a.mean = stats; sv->rstd = a.rstd = stats + C; sv->scale = a.scale = stats + 2 * C;
+    sv->training = a.training;
     if (sync) sv->sync = *sync;
     a.x = (const float *)x->data;
+    a.w = w ? (const float *)w->data : NULL;
+    a.b = b ? (const float *)b->data : NULL;
+    a.running_mean = running_mean ? (float *)running_mean->data : NULL;
+    a.running_var = running_var ? (float *)running_var->data : NULL;
+    a.y = (float *)out->data;
     if (training) {
-        double *sums = mgpu__norm_doubles(ctx, 2 * C + 1);
-        if (!sums) return NULL;
-        mgpu__bn_channel_sums(ctx, &a, a.x, a.x, NULL, sums);          /* sum x, sum x^2 */
-        sums[2 * C] = (double)(a.N * a.S);
-        if (!mgpu__bn_reduce_sums(sync, sums, 2 * C + 1)) return NULL;
-        sv->count = sums[2 * C];
-        mgpu__bn_batch_stats(sums, C, sv->count, eps, momentum, sv->mean, sv->rstd,
-                             running_mean ? (float *)running_mean->data : NULL,
-                             running_var ? (float *)running_var->data : NULL);
-    } else {
-        const float *rm = (const float *)running_mean->data, *rv = (const float *)running_var->data;
-        for (c = 0; c < C; c++) { sv->mean[c] = rm[c]; sv->rstd[c] = (float)(1.0 / sqrt((double)rv[c] + (double)eps)); }
+        if (!(a.sums = mgpu__norm_doubles(ctx, 2 * C + 1))) return NULL;
+        if (MGPU__TWIN(ctx, batch_norm_stats, &a) != MGPU_OK) return NULL;   /* sum x, sum x^2, count */
+        if (!mgpu__bn_reduce_sums(sync, a.sums, 2 * C + 1)) return NULL;
+        sv->count = a.sums + 2 * C;
     }
-    for (c = 0; c < C; c++) {
-        sv->scale[c] = w ? sv->rstd[c] * ((const float *)w->data)[c] : sv->rstd[c];
-        shift[c] = b ? ((const float *)b->data)[c] : 0.0f;
-    }
-    a.out = (float *)out->data;
-    a.mean = sv->mean; a.scale = sv->scale; a.shift = shift;
-    mgpu__bn_for_channels(ctx, &a, mgpu__bn_affine_range);
+    if (MGPU__TWIN(ctx, batch_norm_forward, &a) != MGPU_OK) return NULL;
     in[0] = x; in[1] = w; in[2] = b;
     MGPU__RECORD(ctx, "batch_norm", mgpu__bn_backward, out, 3, in, node);
     if (node) {
@@ -5543,42 +5729,54 @@ MGPU_API mgpu_tensor *mgpu_op_batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
    grad, split across threads by columns so repeated indices never race.
    ====================================================================================== */
 
-typedef struct mgpu__emb_args {
-    const mgpu_tensor *idx;
-    const float *w, *dy;   /* (V, D), (n, D) */
-    float *out, *gw;       /* (n, D), (V, D) */
-    int64_t n, D;
-} mgpu__emb_args;
+/* Row of weight that output row i reads. */
+static int64_t mgpu__emb_row(const mgpu__embedding_args *a, int64_t i) {
+    return a->idx_i64 ? ((const int64_t *)a->idx)[i] : ((const int32_t *)a->idx)[i];
+}
 
 static void mgpu__emb_gather_rows(void *arg, int64_t i0, int64_t i1) {
-    const mgpu__emb_args *a = (const mgpu__emb_args *)arg;
+    const mgpu__embedding_args *a = (const mgpu__embedding_args *)arg;
     int64_t i;
     for (i = i0; i < i1; i++)
-        memcpy(a->out + i * a->D, a->w + mgpu__index_at(a->idx, i) * a->D, sizeof(float) * (size_t)a->D);
+        memcpy(a->out + i * a->D, a->weight + mgpu__emb_row(a, i) * a->D, sizeof(float) * (size_t)a->D);
 }
 
 /* Each column's updates happen in index order on one thread: deterministic. */
 static void mgpu__emb_scatter_cols(void *arg, int64_t d0, int64_t d1) {
-    const mgpu__emb_args *a = (const mgpu__emb_args *)arg;
+    const mgpu__embedding_args *a = (const mgpu__embedding_args *)arg;
     int64_t i, d;
     for (i = 0; i < a->n; i++) {
-        float *g = a->gw + mgpu__index_at(a->idx, i) * a->D;
+        float *g = a->dweight + mgpu__emb_row(a, i) * a->D;
         const float *dy = a->dy + i * a->D;
         for (d = d0; d < d1; d++) g[d] += dy[d];
     }
 }
 
-static mgpu_result mgpu__emb_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__emb_args a;
+static void mgpu__cpu_embedding_forward(const mgpu__embedding_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, mgpu__norm_min_chunk(a->D), mgpu__emb_gather_rows, (void *)a);
+}
+static void mgpu__cpu_embedding_backward(const mgpu__embedding_args *a) {
+    mgpu_parallel_for(a->ctx, a->D, mgpu__norm_min_chunk(a->n), mgpu__emb_scatter_cols, (void *)a);
+}
+
+/* The twins' view of the indices and the weight. */
+static mgpu__embedding_args mgpu__emb_args(mgpu_context *ctx, const mgpu_tensor *weight, const mgpu_tensor *idx) {
+    mgpu__embedding_args a;
     memset(&a, 0, sizeof a);
+    a.ctx = ctx;
+    a.idx = idx->data; a.idx_i64 = idx->dtype == MGPU_I64;
+    a.n = idx->numel; a.V = weight->shape[0]; a.D = weight->shape[1];
+    return a;
+}
+
+/* node: in = {weight}; saved[0] = idx */
+static mgpu_result mgpu__emb_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__embedding_args a;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    a.idx = node->saved[0];
+    a = mgpu__emb_args(ctx, node->in[0], node->saved[0]);
     a.dy = (const float *)node->out->grad->data;
-    a.n = a.idx->numel;
-    a.D = node->iarg[0];
-    MGPU__GRAD_OR_FAIL(a.gw, ctx, node->in[0]);
-    mgpu_parallel_for(ctx, a.D, mgpu__norm_min_chunk(a.n), mgpu__emb_scatter_cols, &a);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(a.dweight, ctx, node->in[0]);
+    return MGPU__TWIN(ctx, embedding_backward, &a);
 }
 
 /* Every index in [0, V); else an error naming the first bad value and its position. */
@@ -5603,7 +5801,7 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
     int64_t shape[MGPU_MAX_DIMS];
     mgpu_tensor *out;
     mgpu__node *node = NULL;
-    mgpu__emb_args a;
+    mgpu__embedding_args a;
     if (!mgpu__check_input(ctx, op, "weight", weight, 1) || !mgpu__check_index(ctx, op, "idx", idx)) return NULL;
     if (weight->ndim != 2) MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: weight has shape %s, need (V, D)", op, mgpu__shape_str(weight));
     if (idx->ndim >= MGPU_MAX_DIMS)
@@ -5613,15 +5811,11 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
     shape[idx->ndim] = weight->shape[1];
     out = mgpu__new_activation(ctx, MGPU_F32, idx->ndim + 1, shape);   /* (..., D) */
     if (!out) return NULL;
-    memset(&a, 0, sizeof a);
-    a.idx = idx; a.w = (const float *)weight->data; a.out = (float *)out->data;
-    a.n = idx->numel; a.D = weight->shape[1];
-    mgpu_parallel_for(ctx, a.n, mgpu__norm_min_chunk(a.D), mgpu__emb_gather_rows, &a);
+    a = mgpu__emb_args(ctx, weight, idx);
+    a.weight = (const float *)weight->data; a.out = (float *)out->data;
+    if (MGPU__TWIN(ctx, embedding_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, "embedding", mgpu__emb_backward, out, 1, &weight, node);
-    if (node) {
-        node->saved[0] = idx;
-        node->iarg[0] = a.D;
-    }
+    if (node) node->saved[0] = idx;
     return out;
 }
 
@@ -5635,27 +5829,24 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
    one after the other with the threaded GEMM.
    ====================================================================================== */
 
-typedef struct mgpu__attn_args mgpu__attn_args;
-typedef void (*mgpu__attn_pair_fn)(const mgpu__attn_args *a, int64_t pair, float *scratch);
-struct mgpu__attn_args {
+typedef struct mgpu__attn_job mgpu__attn_job;
+typedef void (*mgpu__attn_pair_fn)(const mgpu__attn_job *j, int64_t pair, float *scratch);
+/* One run of an attention CPU twin over its pairs. */
+struct mgpu__attn_job {
+    const mgpu__attention_args *a;
     mgpu_context *gemm_ctx;        /* ctx when pairs run one after the other, NULL inside the pool */
-    const float *q, *k, *v, *dout; /* (P, Tq, D), (P, Tk, D), (P, Tk, D), (P, Tq, D) */
-    float *out, *prob;             /* (P, Tq, D), (P, Tq, Tk) or NULL when no backward will need it */
-    float *dq, *dk, *dv;           /* like q, k, v; NULL when not needed */
     float *scratch;                /* (n_parts, Tq, Tk): dP in the backward, P in a forward without grad */
-    int64_t n_pairs, n_parts, Tq, Tk, D;
-    float scale;
-    int causal;
+    int64_t n_parts;
     mgpu__attn_pair_fn pair_fn;
 };
 
 /* Keys visible to query row i. */
-static int64_t mgpu__attn_row_len(const mgpu__attn_args *a, int64_t i) {
+static int64_t mgpu__attn_row_len(const mgpu__attention_args *a, int64_t i) {
     return a->causal ? MGPU__MIN(i + 1, a->Tk) : a->Tk;
 }
 
 /* Row-wise softmax of the scores in place, masked entries set to 0. */
-static void mgpu__attn_softmax_rows(const mgpu__attn_args *a, float *s) {
+static void mgpu__attn_softmax_rows(const mgpu__attention_args *a, float *s) {
     int64_t i, j;
     for (i = 0; i < a->Tq; i++) {
         float *row = s + i * a->Tk, mx = -FLT_MAX, inv;
@@ -5670,7 +5861,7 @@ static void mgpu__attn_softmax_rows(const mgpu__attn_args *a, float *s) {
 }
 
 /* dP -> dS = P * (dP - rowsum(dP * P)) in place (masked entries have P = 0). */
-static void mgpu__attn_softmax_grad_rows(const mgpu__attn_args *a, const float *p, float *dp) {
+static void mgpu__attn_softmax_grad_rows(const mgpu__attention_args *a, const float *p, float *dp) {
     int64_t i, j;
     for (i = 0; i < a->Tq; i++) {
         const float *pr = p + i * a->Tk;
@@ -5682,65 +5873,75 @@ static void mgpu__attn_softmax_grad_rows(const mgpu__attn_args *a, const float *
     }
 }
 
-static void mgpu__attn_forward_pair(const mgpu__attn_args *a, int64_t pair, float *scratch) {
+static void mgpu__attn_forward_pair(const mgpu__attn_job *j, int64_t pair, float *scratch) {
+    const mgpu__attention_args *a = j->a;
     int64_t Tq = a->Tq, Tk = a->Tk, D = a->D;
     const float *q = a->q + pair * Tq * D, *k = a->k + pair * Tk * D, *v = a->v + pair * Tk * D;
     float *p = a->prob ? a->prob + pair * Tq * Tk : scratch, *o = a->out + pair * Tq * D;
     /* zeroed so a GEMM that reads C even with beta = 0 cannot pick up arena garbage (NaN) */
     memset(p, 0, sizeof(float) * (size_t)(Tq * Tk));
     memset(o, 0, sizeof(float) * (size_t)(Tq * D));
-    mgpu_gemm_f32(a->gemm_ctx, 0, 1, Tq, Tk, D, a->scale, q, D, k, D, 0.0f, p, Tk);  /* (Tq, Tk) scores */
+    mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 1, Tq, Tk, D, a->scale, q, D, k, D, 0.0f, p, Tk);  /* (Tq, Tk) scores */
     mgpu__attn_softmax_rows(a, p);
-    mgpu_gemm_f32(a->gemm_ctx, 0, 0, Tq, D, Tk, 1.0f, p, Tk, v, D, 0.0f, o, D);      /* (Tq, D) */
+    mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 0, Tq, D, Tk, 1.0f, p, Tk, v, D, 0.0f, o, D);      /* (Tq, D) */
 }
 
-static void mgpu__attn_backward_pair(const mgpu__attn_args *a, int64_t pair, float *ds) {
+static void mgpu__attn_backward_pair(const mgpu__attn_job *j, int64_t pair, float *ds) {
+    const mgpu__attention_args *a = j->a;
     int64_t Tq = a->Tq, Tk = a->Tk, D = a->D;
     int64_t qo = pair * Tq * D, ko = pair * Tk * D;
     const float *p = a->prob + pair * Tq * Tk, *dout = a->dout + qo;
-    if (a->dv) mgpu_gemm_f32(a->gemm_ctx, 1, 0, Tk, D, Tq, 1.0f, p, Tk, dout, D, 1.0f, a->dv + ko, D);  /* += P^T dO */
+    if (a->dv) mgpu__cpu_gemm_f32(j->gemm_ctx, 1, 0, Tk, D, Tq, 1.0f, p, Tk, dout, D, 1.0f, a->dv + ko, D);  /* += P^T dO */
     if (!a->dq && !a->dk) return;
     memset(ds, 0, sizeof(float) * (size_t)(Tq * Tk));
-    mgpu_gemm_f32(a->gemm_ctx, 0, 1, Tq, Tk, D, 1.0f, dout, D, a->v + ko, D, 0.0f, ds, Tk);            /* dP = dO V^T */
+    mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 1, Tq, Tk, D, 1.0f, dout, D, a->v + ko, D, 0.0f, ds, Tk);            /* dP = dO V^T */
     mgpu__attn_softmax_grad_rows(a, p, ds);
-    if (a->dq) mgpu_gemm_f32(a->gemm_ctx, 0, 0, Tq, D, Tk, a->scale, ds, Tk, a->k + ko, D, 1.0f, a->dq + qo, D);
-    if (a->dk) mgpu_gemm_f32(a->gemm_ctx, 1, 0, Tk, D, Tq, a->scale, ds, Tk, a->q + qo, D, 1.0f, a->dk + ko, D);
+    if (a->dq) mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 0, Tq, D, Tk, a->scale, ds, Tk, a->k + ko, D, 1.0f, a->dq + qo, D);
+    if (a->dk) mgpu__cpu_gemm_f32(j->gemm_ctx, 1, 0, Tk, D, Tq, a->scale, ds, Tk, a->q + qo, D, 1.0f, a->dk + ko, D);
 }
 
 /* Part `part` owns pairs [part * P / parts, (part + 1) * P / parts) and one scratch slot. */
 static void mgpu__attn_parts_range(void *arg, int64_t p0, int64_t p1) {
-    const mgpu__attn_args *a = (const mgpu__attn_args *)arg;
-    int64_t part, pair;
+    const mgpu__attn_job *j = (const mgpu__attn_job *)arg;
+    int64_t part, pair, pairs = j->a->BH;
     for (part = p0; part < p1; part++) {
-        float *scratch = a->scratch ? a->scratch + part * a->Tq * a->Tk : NULL;
-        for (pair = part * a->n_pairs / a->n_parts; pair < (part + 1) * a->n_pairs / a->n_parts; pair++)
-            a->pair_fn(a, pair, scratch);
+        float *scratch = j->scratch ? j->scratch + part * j->a->Tq * j->a->Tk : NULL;
+        for (pair = part * pairs / j->n_parts; pair < (part + 1) * pairs / j->n_parts; pair++) j->pair_fn(j, pair, scratch);
     }
 }
 
-/* Runs pair_fn over every (b, h) pair; 0 (with an error) if scratch cannot be had. */
-static int mgpu__attn_run(mgpu_context *ctx, mgpu__attn_args *a, mgpu__attn_pair_fn pair_fn, int need_scratch) {
-    int threads = mgpu_context_num_threads(ctx);
-    int64_t work = a->n_pairs * a->Tq * a->Tk * a->D;
-    int parallel = threads > 1 && a->n_pairs >= threads && work >= MGPU__NORM_GRAIN;
-    a->pair_fn = pair_fn;
-    a->n_parts = parallel ? MGPU__MIN(a->n_pairs, 4 * (int64_t)threads) : 1;
-    a->gemm_ctx = parallel ? NULL : ctx;
-    a->scratch = NULL;
-    if (need_scratch) {
-        a->scratch = mgpu__norm_floats(ctx, a->n_parts * a->Tq * a->Tk);
-        if (!a->scratch) return 0;
-    }
-    if (parallel) mgpu_parallel_for(ctx, a->n_parts, 1, mgpu__attn_parts_range, a);
-    else mgpu__attn_parts_range(a, 0, 1);
-    return 1;
+/* Runs pair_fn over every (b, h) pair; sets *status if its scratch cannot be had. */
+static void mgpu__attn_run(const mgpu__attention_args *a, mgpu__attn_pair_fn pair_fn, int need_scratch) {
+    mgpu__attn_job j;
+    int threads = mgpu_context_num_threads(a->ctx);
+    int64_t work = a->BH * a->Tq * a->Tk * a->D;
+    int parallel = threads > 1 && a->BH >= threads && work >= MGPU__NORM_GRAIN;
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    j.pair_fn = pair_fn;
+    j.n_parts = parallel ? MGPU__MIN(a->BH, 4 * (int64_t)threads) : 1;
+    j.gemm_ctx = parallel ? NULL : a->ctx;
+    if (need_scratch && !(j.scratch = mgpu__norm_floats(a->ctx, j.n_parts * a->Tq * a->Tk))) { *a->status = MGPU_ERR_OOM_HOST; return; }
+    if (parallel) mgpu_parallel_for(a->ctx, j.n_parts, 1, mgpu__attn_parts_range, &j);
+    else mgpu__attn_parts_range(&j, 0, 1);
+}
+
+/* The attention twins on the CPU: the forward needs a P slot per part only when P is not kept,
+   the backward a dP slot per part when dq or dk is wanted. */
+static void mgpu__cpu_attention_forward(const mgpu__attention_args *a) {
+    mgpu__attn_run(a, mgpu__attn_forward_pair, a->prob == NULL);
+}
+static void mgpu__cpu_attention_backward(const mgpu__attention_args *a) {
+    mgpu__attn_run(a, mgpu__attn_backward_pair, a->dq || a->dk);
 }
 
 /* node: in = {q, k, v}; extra = P; iarg = {pairs, Tq, Tk, D, causal}; farg[0] = scale. */
 static mgpu_result mgpu__attn_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__attn_args a;
+    mgpu__attention_args a;
+    mgpu_result r, status = MGPU_OK;
     memset(&a, 0, sizeof a);
-    a.n_pairs = node->iarg[0]; a.Tq = node->iarg[1]; a.Tk = node->iarg[2]; a.D = node->iarg[3];
+    a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas;
+    a.BH = node->iarg[0]; a.Tq = node->iarg[1]; a.Tk = node->iarg[2]; a.D = node->iarg[3];
     a.causal = (int)node->iarg[4];
     a.scale = node->farg[0];
     a.q = (const float *)node->in[0]->data;
@@ -5751,8 +5952,8 @@ static mgpu_result mgpu__attn_backward(mgpu_context *ctx, mgpu__node *node) {
     if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dq, ctx, node->in[0]);
     if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(a.dk, ctx, node->in[1]);
     if (mgpu__needs_grad(node, 2)) MGPU__GRAD_OR_FAIL(a.dv, ctx, node->in[2]);
-    if (!mgpu__attn_run(ctx, &a, mgpu__attn_backward_pair, a.dq || a.dk)) return mgpu_last_result();
-    return MGPU_OK;
+    r = MGPU__TWIN(ctx, attention_backward, &a);
+    return r != MGPU_OK ? r : status;
 }
 
 static int mgpu__attn_validate(mgpu_context *ctx, const char *op, const mgpu_tensor *q, const mgpu_tensor *k, const mgpu_tensor *v) {
@@ -5774,7 +5975,8 @@ MGPU_API mgpu_tensor *mgpu_op_attention(mgpu_context *ctx, mgpu_tensor *q, mgpu_
     mgpu_tensor *in[3];
     mgpu_tensor *out;
     mgpu__node *node = NULL;
-    mgpu__attn_args a;
+    mgpu__attention_args a;
+    mgpu_result status = MGPU_OK;
     int keep_prob;
     if (mgpu__autocast_active(ctx)) {
         int mode;
@@ -5783,24 +5985,25 @@ MGPU_API mgpu_tensor *mgpu_op_attention(mgpu_context *ctx, mgpu_tensor *q, mgpu_
         return mgpu__autocast_end(ctx, mode, mgpu_op_attention(ctx, in[0], in[1], in[2], causal));
     }
     if (!mgpu__attn_validate(ctx, op, q, k, v)) return NULL;
-    /* P for all pairs only when a backward may follow; otherwise a slot per part suffices */
+    /* P for all pairs only when a backward may follow; otherwise the twins find their own room */
     keep_prob = mgpu_is_grad_enabled(ctx) && (q->requires_grad || k->requires_grad || v->requires_grad);
     memset(&a, 0, sizeof a);
-    a.n_pairs = q->shape[0] * q->shape[1];
+    a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas;
+    a.BH = q->shape[0] * q->shape[1];
     a.Tq = q->shape[2]; a.Tk = k->shape[2]; a.D = q->shape[3];
     a.scale = (float)(1.0 / sqrt((double)a.D));
     a.causal = causal != 0;
     a.q = (const float *)q->data; a.k = (const float *)k->data; a.v = (const float *)v->data;
     out = mgpu__new_activation(ctx, MGPU_F32, 4, q->shape);                   /* (B, H, Tq, D) */
-    a.prob = keep_prob ? mgpu__norm_floats(ctx, a.n_pairs * a.Tq * a.Tk) : NULL;  /* (B, H, Tq, Tk) */
+    a.prob = keep_prob ? mgpu__norm_floats(ctx, a.BH * a.Tq * a.Tk) : NULL;  /* (B, H, Tq, Tk) */
     if (!out || (keep_prob && !a.prob)) return NULL;
     a.out = (float *)out->data;
-    if (!mgpu__attn_run(ctx, &a, mgpu__attn_forward_pair, !keep_prob)) return NULL;
+    if (MGPU__TWIN(ctx, attention_forward, &a) != MGPU_OK || status != MGPU_OK) return NULL;
     in[0] = q; in[1] = k; in[2] = v;
     MGPU__RECORD(ctx, "attention", mgpu__attn_backward, out, 3, in, node);
     if (node) {
         node->extra = a.prob;
-        node->iarg[0] = a.n_pairs; node->iarg[1] = a.Tq; node->iarg[2] = a.Tk; node->iarg[3] = a.D;
+        node->iarg[0] = a.BH; node->iarg[1] = a.Tq; node->iarg[2] = a.Tk; node->iarg[3] = a.D;
         node->iarg[4] = a.causal;
         node->farg[0] = a.scale;
     }

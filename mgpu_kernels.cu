@@ -745,110 +745,134 @@ __global__ void mgpu__ln_bwd_k(const float *x, const float *w, const float *dy, 
     }
 }
 
-extern "C" mgpu_result mgpu_cuda_layer_norm_forward(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd,
-                                                    int64_t R, int64_t C, float eps, void *stream) {
-    MGPU__REQUIRE(R >= 0 && C > 0 && eps >= 0.0f, "need R >= 0, C > 0, eps >= 0");
-    MGPU__REQUIRE(R == 0 || (x && y && mean && rstd), "x, y, mean, rstd must be device pointers");
-    if (R == 0) return MGPU_OK;
+static int mgpu__ln_sizes_ok(const mgpu__layer_norm_args *a) { return a && a->R >= 0 && a->C > 0; }
+extern "C" mgpu_result mgpu_cuda_layer_norm_forward(const mgpu__layer_norm_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__ln_sizes_ok(a) && a->eps >= 0.0f, "need R >= 0, C > 0, eps >= 0");
+    MGPU__REQUIRE(a->R == 0 || (a->x && a->y && a->mean && a->rstd), "x, y, mean, rstd must be device pointers");
+    if (a->R == 0) return MGPU_OK;
     unsigned grid;
-    bool block = C > MGPU__ROW_SMALL;
-    MGPU__REQUIRE(mgpu__row_blocks(R, block, &grid), "too many rows");
-    if (block) MGPU__LAUNCH(mgpu__ln_fwd_k<true>, grid, 256, 0, stream, x, w, b, y, mean, rstd, R, C, eps);
-    else MGPU__LAUNCH(mgpu__ln_fwd_k<false>, grid, 256, 0, stream, x, w, b, y, mean, rstd, R, C, eps);
+    bool block = a->C > MGPU__ROW_SMALL;
+    MGPU__REQUIRE(mgpu__row_blocks(a->R, block, &grid), "too many rows");
+    if (block) MGPU__LAUNCH(mgpu__ln_fwd_k<true>, grid, 256, 0, stream, a->x, a->w, a->b, a->y, a->mean, a->rstd, a->R, a->C, a->eps);
+    else MGPU__LAUNCH(mgpu__ln_fwd_k<false>, grid, 256, 0, stream, a->x, a->w, a->b, a->y, a->mean, a->rstd, a->R, a->C, a->eps);
     MGPU__LAUNCHED("mgpu__ln_fwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_layer_norm_backward(const float *x, const float *w, const float *dy, const float *mean, const float *rstd,
-                                                     float *dx, float *dw, float *db, int64_t R, int64_t C, void *stream) {
-    MGPU__REQUIRE(R >= 0 && C > 0, "need R >= 0 and C > 0");
-    MGPU__REQUIRE(R == 0 || (x && dy && mean && rstd), "x, dy, mean, rstd must be device pointers");
-    if (R == 0) return MGPU_OK;
-    if (dx) {
+extern "C" mgpu_result mgpu_cuda_layer_norm_backward(const mgpu__layer_norm_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__ln_sizes_ok(a), "need R >= 0 and C > 0");
+    MGPU__REQUIRE(a->R == 0 || (a->x && a->dy && a->mean && a->rstd), "x, dy, mean, rstd must be device pointers");
+    if (a->R == 0) return MGPU_OK;
+    if (a->dx) {
         unsigned grid;
-        bool block = C > MGPU__ROW_SMALL;
-        MGPU__REQUIRE(mgpu__row_blocks(R, block, &grid), "too many rows");
-        if (block) MGPU__LAUNCH(mgpu__ln_bwd_k<true>, grid, 256, 0, stream, x, w, dy, mean, rstd, dx, R, C);
-        else MGPU__LAUNCH(mgpu__ln_bwd_k<false>, grid, 256, 0, stream, x, w, dy, mean, rstd, dx, R, C);
+        bool block = a->C > MGPU__ROW_SMALL;
+        MGPU__REQUIRE(mgpu__row_blocks(a->R, block, &grid), "too many rows");
+        if (block) MGPU__LAUNCH(mgpu__ln_bwd_k<true>, grid, 256, 0, stream, a->x, a->w, a->dy, a->mean, a->rstd, a->dx, a->R, a->C);
+        else MGPU__LAUNCH(mgpu__ln_bwd_k<false>, grid, 256, 0, stream, a->x, a->w, a->dy, a->mean, a->rstd, a->dx, a->R, a->C);
         MGPU__LAUNCHED("mgpu__ln_bwd_k");
     }
-    if (dw || db) return mgpu__colsum(dy, dw ? x : NULL, mean, rstd, R, C, dw, db, stream);
+    if (a->dw || a->db) return mgpu__colsum(a->dy, a->dw ? a->x : NULL, a->mean, a->rstd, a->R, a->C, a->dw, a->db, stream);
     return MGPU_OK;
 }
 
 // Element q of channel c in x (N, C, S): the (n, s) pairs in n-major order.
 __device__ int64_t mgpu__bn_at(int64_t q, int64_t c, int64_t C, int64_t S) { return (q / S) * C * S + c * S + q % S; }
 
-__global__ void mgpu__bn_fwd_k(const float *x, const float *w, const float *b, float *rm, float *rv, float *y, float *mean, float *rstd,
-                               int64_t N, int64_t C, int64_t S, int training, float momentum, float eps) {
+// Block c: sp = sum p, spq = sum p * (q - center[c]) over channel c of (N, C, S), in double by a fixed
+// tree; q NULL: sp only. Then, each where given: sums[c] = sp, sums[C + c] = spq (and sums[2C] = N * S
+// when count), dw[c] += spq * rstd[c], db[c] += sp.
+__global__ void mgpu__channel_sums_k(const float *p, const float *q, const float *center, int64_t N, int64_t C, int64_t S, double *sums,
+                                     int count, float *dw, const float *rstd, float *db) {
     __shared__ double sh[32];
     int64_t c = blockIdx.x, cnt = N * S;
-    float fm, rs;
-    if (training) {
-        double s = 0, v = 0;
-        for (int64_t q = threadIdx.x; q < cnt; q += blockDim.x) s += x[mgpu__bn_at(q, c, C, S)];
-        double mu = mgpu__group_sum<true, double>(s, sh) / (double)cnt;
-        for (int64_t q = threadIdx.x; q < cnt; q += blockDim.x) { double d = x[mgpu__bn_at(q, c, C, S)] - mu; v += d * d; }
-        v = mgpu__group_sum<true, double>(v, sh);
-        fm = (float)mu; rs = (float)(1.0 / sqrt(v / (double)cnt + (double)eps));
-        if (threadIdx.x == 0 && rm) {
-            rm[c] = (float)((1.0 - momentum) * rm[c] + momentum * mu);
-            rv[c] = (float)((1.0 - momentum) * rv[c] + momentum * (v / (double)(cnt - 1)));   // unbiased, as PyTorch
-        }
-    } else {
-        fm = rm[c]; rs = (float)(1.0 / sqrt((double)rv[c] + (double)eps));
+    float ctr = center ? center[c] : 0.0f;
+    double sp = 0, spq = 0;
+    for (int64_t i = threadIdx.x; i < cnt; i += blockDim.x) {
+        int64_t at = mgpu__bn_at(i, c, C, S);
+        sp += p[at];
+        if (q) spq += (double)p[at] * (double)(q[at] - ctr);
     }
-    float scale = w ? rs * w[c] : rs, shift = b ? b[c] : 0.0f;
-    for (int64_t q = threadIdx.x; q < cnt; q += blockDim.x) {
-        int64_t at = mgpu__bn_at(q, c, C, S);
-        y[at] = (x[at] - fm) * scale + shift;
-    }
-    if (threadIdx.x == 0) { mean[c] = fm; rstd[c] = rs; }
+    sp = mgpu__group_sum<true, double>(sp, sh);
+    spq = mgpu__group_sum<true, double>(spq, sh);
+    if (threadIdx.x != 0) return;
+    if (sums) { sums[c] = sp; sums[C + c] = spq; }
+    if (sums && count && c == 0) sums[2 * C] = (double)cnt;
+    if (dw) dw[c] += (float)(spq * rstd[c]);
+    if (db) db[c] += (float)sp;
 }
-__global__ void mgpu__bn_bwd_k(const float *x, const float *w, const float *dy, const float *mean, const float *rstd, float *dx, float *dw,
-                               float *db, int64_t N, int64_t C, int64_t S, int training) {
-    __shared__ double sh[32];
-    int64_t c = blockIdx.x, cnt = N * S;
-    float mu = mean[c], rs = rstd[c];
-    double sg = 0, sgh = 0;
-    for (int64_t q = threadIdx.x; q < cnt; q += blockDim.x) {
-        int64_t at = mgpu__bn_at(q, c, C, S);
-        sg += dy[at]; sgh += (double)dy[at] * ((x[at] - mu) * rs);
-    }
-    sg = mgpu__group_sum<true, double>(sg, sh);
-    sgh = mgpu__group_sum<true, double>(sgh, sh);
+static mgpu_result mgpu__channel_sums(const float *p, const float *q, const float *center, int64_t N, int64_t C, int64_t S, double *sums,
+                                      int count, float *dw, const float *rstd, float *db, void *stream) {
+    MGPU__LAUNCH(mgpu__channel_sums_k, (unsigned)C, 256, 0, stream, p, q, center, N, C, S, sums, count, dw, rstd, db);
+    MGPU__LAUNCHED("mgpu__channel_sums_k");
+    return MGPU_OK;
+}
+
+// Block c: the channel's statistics (thread 0, the CPU's formulas), then its affine map.
+__global__ void mgpu__bn_fwd_k(mgpu__batch_norm_args a) {
+    __shared__ float m_sc[2];
+    int64_t c = blockIdx.x, C = a.C;
     if (threadIdx.x == 0) {
-        if (dw) dw[c] += (float)sgh;
-        if (db) db[c] += (float)sg;
+        float m, rs;
+        if (a.training) {
+            double count = a.sums[2 * C], mu = a.sums[c] / count, var = a.sums[C + c] / count - mu * mu;
+            if (var < 0) var = 0;
+            m = (float)mu; rs = (float)(1.0 / sqrt(var + (double)a.eps));
+            if (a.running_mean) a.running_mean[c] = (float)((1.0 - a.momentum) * a.running_mean[c] + (double)a.momentum * mu);
+            if (a.running_var) a.running_var[c] = (float)((1.0 - a.momentum) * a.running_var[c] + (double)a.momentum * var * count / (count - 1.0));
+        } else {
+            m = a.running_mean[c]; rs = (float)(1.0 / sqrt((double)a.running_var[c] + (double)a.eps));
+        }
+        a.mean[c] = m; a.rstd[c] = rs; a.scale[c] = a.w ? rs * a.w[c] : rs;
+        m_sc[0] = m; m_sc[1] = a.scale[c];
     }
-    if (!dx) return;
-    float scale = w ? rs * w[c] : rs;
-    float k1 = training ? (float)(sg / (double)cnt) : 0.0f, k2 = training ? (float)(sgh / (double)cnt) : 0.0f;
-    for (int64_t q = threadIdx.x; q < cnt; q += blockDim.x) {
-        int64_t at = mgpu__bn_at(q, c, C, S);
-        dx[at] += scale * (dy[at] - k1 - (x[at] - mu) * rs * k2);
+    __syncthreads();
+    float m = m_sc[0], sc = m_sc[1], sh = a.b ? a.b[c] : 0.0f;
+    for (int64_t i = threadIdx.x; i < a.N * a.S; i += blockDim.x) {
+        int64_t at = mgpu__bn_at(i, c, C, a.S);
+        a.y[at] = (a.x[at] - m) * sc + sh;
+    }
+}
+// Block c: dx += scale * (dy - k1 - (x - mean) * k2), the coefficients from the (reduced) sums.
+__global__ void mgpu__bn_bwd_k(mgpu__batch_norm_args a) {
+    int64_t c = blockIdx.x, C = a.C;
+    float m = a.mean[c], sc = a.scale[c], k1 = 0.0f, k2 = 0.0f;
+    if (a.training) {
+        double count = *a.count;
+        k1 = (float)(a.sums[c] / count);
+        k2 = (float)(a.sums[C + c] / count * a.rstd[c] * a.rstd[c]);
+    }
+    for (int64_t i = threadIdx.x; i < a.N * a.S; i += blockDim.x) {
+        int64_t at = mgpu__bn_at(i, c, C, a.S);
+        a.dx[at] += sc * (a.dy[at] - k1 - (a.x[at] - m) * k2);
     }
 }
 
-extern "C" mgpu_result mgpu_cuda_batch_norm_forward(const float *x, const float *w, const float *b, float *running_mean, float *running_var,
-                                                    float *y, float *mean, float *rstd, int64_t N, int64_t C, int64_t S, int training,
-                                                    float momentum, float eps, void *stream) {
-    MGPU__REQUIRE(N >= 0 && C > 0 && S >= 0 && C <= 2147483647LL && eps >= 0.0f, "need N, S >= 0, C > 0 and eps >= 0");
-    MGPU__REQUIRE((running_mean == NULL) == (running_var == NULL), "running_mean and running_var go together");
-    MGPU__REQUIRE(training || running_mean, "eval needs the running statistics");
-    MGPU__REQUIRE(!training || N * S > 1, "training needs more than one value per channel");
-    MGPU__REQUIRE(x && y && mean && rstd, "x, y, mean, rstd must be device pointers");
-    MGPU__LAUNCH(mgpu__bn_fwd_k, (unsigned)C, 256, 0, stream, x, w, b, running_mean, running_var, y, mean, rstd, N, C, S, training,
-                                                                momentum, eps);
+static int mgpu__bn_sizes_ok(const mgpu__batch_norm_args *a) {
+    return a && a->N >= 0 && a->C > 0 && a->S >= 0 && a->C <= 2147483647LL;
+}
+extern "C" mgpu_result mgpu_cuda_batch_norm_stats(const mgpu__batch_norm_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__bn_sizes_ok(a), "need N, S >= 0 and 0 < C < 2^31");
+    MGPU__REQUIRE(a->x && a->sums, "x and sums must be device pointers");
+    return mgpu__channel_sums(a->x, a->x, NULL, a->N, a->C, a->S, a->sums, 1, NULL, NULL, NULL, stream);
+}
+extern "C" mgpu_result mgpu_cuda_batch_norm_forward(const mgpu__batch_norm_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__bn_sizes_ok(a) && a->eps >= 0.0f, "need N, S >= 0, 0 < C < 2^31 and eps >= 0");
+    MGPU__REQUIRE((a->running_mean == NULL) == (a->running_var == NULL), "running_mean and running_var go together");
+    MGPU__REQUIRE(a->training ? a->sums != NULL : a->running_mean != NULL, "training needs the sums, eval the running statistics");
+    MGPU__REQUIRE(a->x && a->y && a->mean && a->rstd && a->scale, "x, y, mean, rstd, scale must be device pointers");
+    MGPU__LAUNCH(mgpu__bn_fwd_k, (unsigned)a->C, 256, 0, stream, *a);
     MGPU__LAUNCHED("mgpu__bn_fwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_batch_norm_backward(const float *x, const float *w, const float *dy, const float *mean, const float *rstd,
-                                                     float *dx, float *dw, float *db, int64_t N, int64_t C, int64_t S, int training,
-                                                     void *stream) {
-    MGPU__REQUIRE(N >= 0 && C > 0 && S >= 0 && C <= 2147483647LL, "need N, S >= 0 and C > 0");
-    MGPU__REQUIRE(x && dy && mean && rstd, "x, dy, mean, rstd must be device pointers");
-    if (!dx && !dw && !db) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__bn_bwd_k, (unsigned)C, 256, 0, stream, x, w, dy, mean, rstd, dx, dw, db, N, C, S, training);
+extern "C" mgpu_result mgpu_cuda_batch_norm_grad_sums(const mgpu__batch_norm_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__bn_sizes_ok(a), "need N, S >= 0 and 0 < C < 2^31");
+    MGPU__REQUIRE(a->x && a->dy && a->mean && a->rstd && a->sums, "x, dy, mean, rstd, sums must be device pointers");
+    return mgpu__channel_sums(a->dy, a->x, a->mean, a->N, a->C, a->S, a->sums, 0, a->dw, a->rstd, a->db, stream);
+}
+extern "C" mgpu_result mgpu_cuda_batch_norm_backward(const mgpu__batch_norm_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__bn_sizes_ok(a), "need N, S >= 0 and 0 < C < 2^31");
+    MGPU__REQUIRE(a->x && a->dy && a->mean && a->rstd && a->scale && a->dx, "x, dy, mean, rstd, scale, dx must be device pointers");
+    MGPU__REQUIRE(!a->training || (a->sums && a->count), "training needs the reduced sums and the count");
+    MGPU__LAUNCH(mgpu__bn_bwd_k, (unsigned)a->C, 256, 0, stream, *a);
     MGPU__LAUNCHED("mgpu__bn_bwd_k");
     return MGPU_OK;
 }
@@ -875,20 +899,20 @@ __global__ void mgpu__emb_bwd_k(const void *idx, int i64, const float *dy, float
         }
     }
 }
-extern "C" mgpu_result mgpu_cuda_embedding_forward(const float *weight, const void *idx, int idx_i64, float *out, int64_t n, int64_t V,
-                                                   int64_t D, void *stream) {
-    MGPU__REQUIRE(n >= 0 && V > 0 && D > 0 && (n == 0 || (weight && idx && out)), "bad pointers or sizes");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__emb_fwd_k, mgpu__grid(n * D, MGPU__THREADS), MGPU__THREADS, 0, stream, weight, idx, idx_i64, out, n, V, D);
+static int mgpu__emb_sizes_ok(const mgpu__embedding_args *a) { return a && a->n >= 0 && a->V > 0 && a->D > 0; }
+extern "C" mgpu_result mgpu_cuda_embedding_forward(const mgpu__embedding_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__emb_sizes_ok(a) && (a->n == 0 || (a->weight && a->idx && a->out)), "bad pointers or sizes");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__emb_fwd_k, mgpu__grid(a->n * a->D, MGPU__THREADS), MGPU__THREADS, 0, stream, a->weight, a->idx, a->idx_i64, a->out,
+                 a->n, a->V, a->D);
     MGPU__LAUNCHED("mgpu__emb_fwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_embedding_backward(const void *idx, int idx_i64, const float *dy, float *dweight, int64_t n, int64_t V,
-                                                    int64_t D, void *stream) {
-    MGPU__REQUIRE(n >= 0 && V > 0 && D > 0 && (n == 0 || (idx && dy && dweight)), "bad pointers or sizes");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__emb_bwd_k, mgpu__grid(D * MGPU__EMB_PARTS, MGPU__THREADS), MGPU__THREADS, 0, stream, idx, idx_i64, dy, dweight,
-                                                                                                             n, V, D);
+extern "C" mgpu_result mgpu_cuda_embedding_backward(const mgpu__embedding_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__emb_sizes_ok(a) && (a->n == 0 || (a->idx && a->dy && a->dweight)), "bad pointers or sizes");
+    if (a->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__emb_bwd_k, mgpu__grid(a->D * MGPU__EMB_PARTS, MGPU__THREADS), MGPU__THREADS, 0, stream, a->idx, a->idx_i64, a->dy,
+                 a->dweight, a->n, a->V, a->D);
     MGPU__LAUNCHED("mgpu__emb_bwd_k");
     return MGPU_OK;
 }
@@ -897,18 +921,19 @@ extern "C" mgpu_result mgpu_cuda_embedding_backward(const void *idx, int idx_i64
    im2col / col2im and pooling, x (N, C, H, W)
    ====================================================================================== */
 
-static int mgpu__geom_ok(const mgpu_cuda_conv_geom *g) {
-    return g && g->N >= 0 && g->C > 0 && g->H > 0 && g->W > 0 && g->OH > 0 && g->OW > 0 && g->kernel > 0 && g->stride > 0 &&
-           g->padding >= 0 && (g->OH - 1) * g->stride - g->padding < g->H && (g->OW - 1) * g->stride - g->padding < g->W;
+static int mgpu__geom_ok(const mgpu__conv_geom *g) {
+    return g && g->n >= 0 && g->c > 0 && g->h > 0 && g->w > 0 && g->oh > 0 && g->ow > 0 && g->ks > 0 && g->stride > 0 &&
+           g->pad >= 0 && (g->oh - 1) * g->stride - g->pad < g->h && (g->ow - 1) * g->stride - g->pad < g->w;
 }
 
-__global__ void mgpu__im2col_k(mgpu_cuda_conv_geom g, const float *x, float *cols) {
-    int64_t k = g.kernel, P = g.OH * g.OW, ckk = g.C * k * k;
-    MGPU__FOR(q, g.N * ckk * P) {
+// cols (N, C*KS*KS, OH*OW) of x (N, C, H, W)
+__global__ void mgpu__im2col_k(mgpu__conv_geom g, const float *x, float *cols) {
+    int64_t k = g.ks, P = g.oh * g.ow, ckk = g.c * k * k;
+    MGPU__FOR(q, g.n * ckk * P) {
         int64_t p = q % P, r = (q / P) % ckk, n = q / (P * ckk);
         int64_t c = r / (k * k), ky = (r / k) % k, kx = r % k;
-        int64_t iy = (p / g.OW) * g.stride - g.padding + ky, ix = (p % g.OW) * g.stride - g.padding + kx;
-        cols[q] = (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) ? x[((n * g.C + c) * g.H + iy) * g.W + ix] : 0.0f;
+        int64_t iy = (p / g.ow) * g.stride - g.pad + ky, ix = (p % g.ow) * g.stride - g.pad + kx;
+        cols[q] = (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) ? x[((n * g.c + c) * g.h + iy) * g.w + ix] : 0.0f;
     }
 }
 // Output positions whose window covers input coordinate i along one axis: [lo, hi).
@@ -918,96 +943,90 @@ __device__ void mgpu__covering(int64_t i, int64_t pad, int64_t k, int64_t s, int
     *hi = (i + pad) / s + 1;
     if (*hi > out) *hi = out;
 }
-__global__ void mgpu__col2im_k(mgpu_cuda_conv_geom g, const float *dcols, float *dx) {
-    int64_t k = g.kernel, P = g.OH * g.OW, ckk = g.C * k * k;
-    MGPU__FOR(q, g.N * g.C * g.H * g.W) {
-        int64_t ix = q % g.W, iy = (q / g.W) % g.H, c = (q / (g.W * g.H)) % g.C, n = q / (g.W * g.H * g.C);
+// dx += col2im(dcols): gathered per input element, no atomics
+__global__ void mgpu__col2im_k(mgpu__conv_geom g, const float *dcols, float *dx) {
+    int64_t k = g.ks, P = g.oh * g.ow, ckk = g.c * k * k;
+    MGPU__FOR(q, g.n * g.c * g.h * g.w) {
+        int64_t ix = q % g.w, iy = (q / g.w) % g.h, c = (q / (g.w * g.h)) % g.c, n = q / (g.w * g.h * g.c);
         int64_t y0, y1, x0, x1;
-        mgpu__covering(iy, g.padding, k, g.stride, g.OH, &y0, &y1);
-        mgpu__covering(ix, g.padding, k, g.stride, g.OW, &x0, &x1);
+        mgpu__covering(iy, g.pad, k, g.stride, g.oh, &y0, &y1);
+        mgpu__covering(ix, g.pad, k, g.stride, g.ow, &x0, &x1);
         float acc = 0.0f;
         for (int64_t oy = y0; oy < y1; oy++)
             for (int64_t ox = x0; ox < x1; ox++) {
-                int64_t ky = iy + g.padding - oy * g.stride, kx = ix + g.padding - ox * g.stride;
-                acc += dcols[(n * ckk + (c * k + ky) * k + kx) * P + oy * g.OW + ox];
+                int64_t ky = iy + g.pad - oy * g.stride, kx = ix + g.pad - ox * g.stride;
+                acc += dcols[(n * ckk + (c * k + ky) * k + kx) * P + oy * g.ow + ox];
             }
         dx[q] += acc;
     }
 }
-__global__ void mgpu__pool_fwd_k(mgpu_cuda_conv_geom g, int is_max, const float *x, float *y, int32_t *argmax) {
-    float inv = 1.0f / (float)(g.kernel * g.kernel);
-    MGPU__FOR(q, g.N * g.C * g.OH * g.OW) {
-        int64_t ox = q % g.OW, oy = (q / g.OW) % g.OH, plane = q / (g.OW * g.OH);
-        const float *xp = x + plane * g.H * g.W;
-        int64_t ys = oy * g.stride - g.padding, xs = ox * g.stride - g.padding;
-        int64_t y0 = ys > 0 ? ys : 0, y1 = ys + g.kernel < g.H ? ys + g.kernel : g.H;
-        int64_t x0 = xs > 0 ? xs : 0, x1 = xs + g.kernel < g.W ? xs + g.kernel : g.W;
+__global__ void mgpu__pool_fwd_k(mgpu__conv_geom g, int is_max, const float *x, float *y, int32_t *argmax) {
+    float inv = 1.0f / (float)(g.ks * g.ks);
+    MGPU__FOR(q, g.n * g.c * g.oh * g.ow) {
+        int64_t ox = q % g.ow, oy = (q / g.ow) % g.oh, plane = q / (g.ow * g.oh);
+        const float *xp = x + plane * g.h * g.w;
+        int64_t ys = oy * g.stride - g.pad, xs = ox * g.stride - g.pad;
+        int64_t y0 = ys > 0 ? ys : 0, y1 = ys + g.ks < g.h ? ys + g.ks : g.h;
+        int64_t x0 = xs > 0 ? xs : 0, x1 = xs + g.ks < g.w ? xs + g.ks : g.w;
         float acc = is_max ? -INFINITY : 0.0f;
-        int64_t best = y0 * g.W + x0;
+        int64_t best = y0 * g.w + x0;
         for (int64_t yy = y0; yy < y1; yy++)
             for (int64_t xx = x0; xx < x1; xx++) {
-                float v = xp[yy * g.W + xx];
+                float v = xp[yy * g.w + xx];
                 if (!is_max) acc += v;
-                else if (v > acc || v != v) { acc = v; best = yy * g.W + xx; }   // NaN wins, as on the CPU
+                else if (v > acc || v != v) { acc = v; best = yy * g.w + xx; }   // NaN wins, as on the CPU
             }
         y[q] = is_max ? acc : acc * inv;
         if (argmax) argmax[q] = (int32_t)best;
     }
 }
-__global__ void mgpu__pool_bwd_k(mgpu_cuda_conv_geom g, int is_max, const int32_t *argmax, const float *dy, float *dx) {
-    float inv = 1.0f / (float)(g.kernel * g.kernel);
-    MGPU__FOR(q, g.N * g.C * g.H * g.W) {
-        int64_t ix = q % g.W, iy = (q / g.W) % g.H, plane = q / (g.W * g.H);
+__global__ void mgpu__pool_bwd_k(mgpu__conv_geom g, int is_max, const int32_t *argmax, const float *dy, float *dx) {
+    float inv = 1.0f / (float)(g.ks * g.ks);
+    MGPU__FOR(q, g.n * g.c * g.h * g.w) {
+        int64_t ix = q % g.w, iy = (q / g.w) % g.h, plane = q / (g.w * g.h);
         int64_t y0, y1, x0, x1;
-        mgpu__covering(iy, g.padding, g.kernel, g.stride, g.OH, &y0, &y1);
-        mgpu__covering(ix, g.padding, g.kernel, g.stride, g.OW, &x0, &x1);
-        const float *dyp = dy + plane * g.OH * g.OW;
-        const int32_t *ap = is_max ? argmax + plane * g.OH * g.OW : NULL;
+        mgpu__covering(iy, g.pad, g.ks, g.stride, g.oh, &y0, &y1);
+        mgpu__covering(ix, g.pad, g.ks, g.stride, g.ow, &x0, &x1);
+        const float *dyp = dy + plane * g.oh * g.ow;
+        const int32_t *ap = is_max ? argmax + plane * g.oh * g.ow : NULL;
         float acc = 0.0f;
         for (int64_t oy = y0; oy < y1; oy++)
             for (int64_t ox = x0; ox < x1; ox++) {
-                int64_t o = oy * g.OW + ox;
+                int64_t o = oy * g.ow + ox;
                 if (!is_max) acc += dyp[o] * inv;
-                else if (ap[o] == iy * g.W + ix) acc += dyp[o];
+                else if (ap[o] == iy * g.w + ix) acc += dyp[o];
             }
         dx[q] += acc;
     }
 }
 
-extern "C" mgpu_result mgpu_cuda_im2col(const mgpu_cuda_conv_geom *g, const float *x, float *cols, void *stream) {
-    MGPU__REQUIRE(mgpu__geom_ok(g), "inconsistent convolution geometry");
-    MGPU__REQUIRE(g->N == 0 || (x && cols), "x and cols must be device pointers");
-    if (g->N == 0) return MGPU_OK;
-    int64_t total = g->N * g->C * g->kernel * g->kernel * g->OH * g->OW;
-    MGPU__LAUNCH(mgpu__im2col_k, mgpu__grid(total, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, x, cols);
+static mgpu_result mgpu__im2col(const mgpu__conv_geom *g, const float *x, float *cols, void *stream) {
+    MGPU__LAUNCH(mgpu__im2col_k, mgpu__grid(g->n * g->ckk * g->p, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, x, cols);
     MGPU__LAUNCHED("mgpu__im2col_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_col2im(const mgpu_cuda_conv_geom *g, const float *dcols, float *dx, void *stream) {
-    MGPU__REQUIRE(mgpu__geom_ok(g), "inconsistent convolution geometry");
-    MGPU__REQUIRE(g->N == 0 || (dcols && dx), "dcols and dx must be device pointers");
-    if (g->N == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__col2im_k, mgpu__grid(g->N * g->C * g->H * g->W, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, dcols, dx);
+static mgpu_result mgpu__col2im(const mgpu__conv_geom *g, const float *dcols, float *dx, void *stream) {
+    MGPU__LAUNCH(mgpu__col2im_k, mgpu__grid(g->n * g->c * g->h * g->w, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, dcols, dx);
     MGPU__LAUNCHED("mgpu__col2im_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_pool_forward(const mgpu_cuda_conv_geom *g, int is_max, const float *x, float *y, int32_t *argmax,
-                                              void *stream) {
-    MGPU__REQUIRE(mgpu__geom_ok(g) && g->H * g->W <= 2147483647LL, "inconsistent pooling geometry");
-    MGPU__REQUIRE(g->N == 0 || (x && y), "x and y must be device pointers");
-    if (g->N == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__pool_fwd_k, mgpu__grid(g->N * g->C * g->OH * g->OW, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, is_max, x, y,
-                                                                                                                     argmax);
+extern "C" mgpu_result mgpu_cuda_pool2d_forward(const mgpu__pool2d_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__geom_ok(a->g) && a->g->h * a->g->w <= 2147483647LL, "inconsistent pooling geometry");
+    const mgpu__conv_geom *g = a->g;
+    MGPU__REQUIRE(g->n == 0 || (a->x && a->y), "x and y must be device pointers");
+    if (g->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__pool_fwd_k, mgpu__grid(g->n * g->c * g->oh * g->ow, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, a->is_max, a->x,
+                 a->y, a->argmax);
     MGPU__LAUNCHED("mgpu__pool_fwd_k");
     return MGPU_OK;
 }
-extern "C" mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int is_max, const int32_t *argmax, const float *dy, float *dx,
-                                               void *stream) {
-    MGPU__REQUIRE(mgpu__geom_ok(g), "inconsistent pooling geometry");
-    MGPU__REQUIRE(g->N == 0 || (dy && dx && (!is_max || argmax)), "dy, dx (and argmax for max pooling) must be device pointers");
-    if (g->N == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__pool_bwd_k, mgpu__grid(g->N * g->C * g->H * g->W, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, is_max, argmax,
-                                                                                                                   dy, dx);
+extern "C" mgpu_result mgpu_cuda_pool2d_backward(const mgpu__pool2d_args *a, void *stream) {
+    MGPU__REQUIRE(a && mgpu__geom_ok(a->g), "inconsistent pooling geometry");
+    const mgpu__conv_geom *g = a->g;
+    MGPU__REQUIRE(g->n == 0 || (a->dy && a->dx && (!a->is_max || a->argmax)), "dy, dx (and argmax for max pooling) must be device pointers");
+    if (g->n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__pool_bwd_k, mgpu__grid(g->n * g->c * g->h * g->w, MGPU__THREADS), MGPU__THREADS, 0, stream, *g, a->is_max, a->argmax,
+                 a->dy, a->dx);
     MGPU__LAUNCHED("mgpu__pool_bwd_k");
     return MGPU_OK;
 }
@@ -1421,7 +1440,9 @@ extern "C" mgpu_result mgpu_cuda_unscale(const mgpu__unscale_args *a, void *stre
    ====================================================================================== */
 
 #define MGPU__PLAN_CACHE 64
-struct mgpu__gemm_key { int64_t m, n, k, lda, ldb, ldc; int ta, tb, dtype, epi, tf32; };
+// align_*: the alignment of a, b and c (largest power of two dividing the address, at most 256), so a
+// misaligned view (a matrix starting inside a buffer) gets a plan whose algorithm allows it.
+struct mgpu__gemm_key { int64_t m, n, k, lda, ldb, ldc; int ta, tb, dtype, epi, tf32; uint32_t align_a, align_b, align_c; };
 struct mgpu__gemm_plan {
     mgpu__gemm_key key;
     int used, ok;   // ok 0: no Lt algorithm for this shape, use the fallback
@@ -1435,6 +1456,8 @@ struct mgpu__blas {
     cudaStream_t stream;
     void *workspace;
     size_t workspace_bytes;
+    void *scratch;            // the twins' own buffers (im2col columns, attention probabilities), grown on demand
+    size_t scratch_bytes;
     int tf32, next_victim;
     mgpu__gemm_plan plans[MGPU__PLAN_CACHE];
 };
@@ -1453,6 +1476,7 @@ extern "C" void mgpu_cuda_blas_destroy(void *blas) {
     if (!b) return;
     for (int i = 0; i < MGPU__PLAN_CACHE; i++) mgpu__plan_release(&b->plans[i]);
     if (b->workspace) cudaFree(b->workspace);
+    if (b->scratch) cudaFree(b->scratch);
     if (b->lt) cublasLtDestroy(b->lt);
     if (b->handle) cublasDestroy(b->handle);
     free(b);
@@ -1500,6 +1524,24 @@ extern "C" int mgpu_cuda_blas_plan_count(const void *blas) {
     return n;
 }
 
+// A twin runs on the stream it is given: the bundle follows (nothing to do when already bound there).
+static mgpu_result mgpu__blas_on(mgpu__blas *b, void *stream) {
+    return b->stream == MGPU__STREAM(stream) ? MGPU_OK : mgpu_cuda_blas_set_stream(b, stream);
+}
+// The bundle's scratch with room for `bytes`. Growing it first waits for the stream (queued work
+// may still read the old buffer); a steady training step finds it large enough and allocates nothing.
+static mgpu_result mgpu__blas_scratch(mgpu__blas *b, size_t bytes, float **out) {
+    if (b->scratch_bytes < bytes) {
+        MGPU__CU(cudaStreamSynchronize(b->stream));
+        if (b->scratch) cudaFree(b->scratch);
+        b->scratch = NULL; b->scratch_bytes = 0;
+        MGPU__CU(cudaMalloc(&b->scratch, bytes));
+        b->scratch_bytes = bytes;
+    }
+    *out = (float *)b->scratch;
+    return MGPU_OK;
+}
+
 static cudaDataType_t mgpu__cuda_type(int dt) {
     return dt == MGPU_F16 ? CUDA_R_16F : dt == MGPU_BF16 ? CUDA_R_16BF : CUDA_R_32F;
 }
@@ -1508,9 +1550,9 @@ static cublasComputeType_t mgpu__compute_type(int dt, int tf32) {
 }
 static cublasLtEpilogue_t mgpu__lt_epilogue(int epi) {
     switch (epi) {
-    case MGPU_CUDA_EPI_BIAS: return CUBLASLT_EPILOGUE_BIAS;
-    case MGPU_CUDA_EPI_BIAS_RELU: return CUBLASLT_EPILOGUE_RELU_BIAS;
-    case MGPU_CUDA_EPI_BIAS_GELU: return CUBLASLT_EPILOGUE_GELU_BIAS;   // tanh approximation
+    case MGPU__EPI_BIAS: return CUBLASLT_EPILOGUE_BIAS;
+    case MGPU__EPI_BIAS_RELU: return CUBLASLT_EPILOGUE_RELU_BIAS;
+    case MGPU__EPI_BIAS_GELU: return CUBLASLT_EPILOGUE_GELU_BIAS;   // tanh approximation
     default: return CUBLASLT_EPILOGUE_DEFAULT;
     }
 }
@@ -1533,6 +1575,11 @@ static mgpu_result mgpu__plan_build(mgpu__blas *b, mgpu__gemm_plan *p, const mgp
     MGPU__CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
     cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &b->workspace_bytes,
                                                             sizeof b->workspace_bytes);
+    // Lt's A is our B and its B our A (the column-major swap); C and D are both our c
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &k->align_b, sizeof k->align_b);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &k->align_a, sizeof k->align_a);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &k->align_c, sizeof k->align_c);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &k->align_c, sizeof k->align_c);
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
     memset(&res, 0, sizeof res);
@@ -1540,7 +1587,7 @@ static mgpu_result mgpu__plan_build(mgpu__blas *b, mgpu__gemm_plan *p, const mgp
         s = cublasLtMatmulAlgoGetHeuristic(b->lt, p->desc, p->la, p->lb, p->lc, p->lc, pref, 1, &res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (s == CUBLAS_STATUS_SUCCESS && found > 0 && res.state == CUBLAS_STATUS_SUCCESS) { p->algo = res.algo; p->ok = 1; }
-    return MGPU_OK;   // no algorithm is not an error: the caller falls back to cublasGemmEx
+    return MGPU_OK;   // no algorithm is not an error: the caller falls back to cuBLAS
 }
 
 static mgpu__gemm_plan *mgpu__plan_find(mgpu__blas *b, const mgpu__gemm_key *k) {
@@ -1564,109 +1611,255 @@ static mgpu_result mgpu__plan_get(mgpu__blas *b, const mgpu__gemm_key *k, mgpu__
     return MGPU_OK;
 }
 
-__global__ void mgpu__bias_act_k(float *c, int64_t m, int64_t n, int64_t ldc, const float *bias, int epi) {
-    MGPU__FOR(q, m * n) {
-        int64_t i = q / n, j = q % n;
-        float v = c[i * ldc + j] + bias[j];
-        if (epi == MGPU_CUDA_EPI_BIAS_RELU) v = v > 0 ? v : 0.0f;
-        else if (epi == MGPU_CUDA_EPI_BIAS_GELU) v = mgpu__gelu_tanh_d(v);
-        c[i * ldc + j] = v;
+// The epilogue cuBLAS lacks: c += bias (per column), then ReLU or GELU (tanh), on every batch item.
+__global__ void mgpu__bias_act_k(float *c, int64_t batch, int64_t m, int64_t n, int64_t ldc, int64_t stride_c, const float *bias, int epi) {
+    MGPU__FOR(q, batch * m * n) {
+        int64_t bi = q / (m * n), i = (q / n) % m, j = q % n;
+        float *at = c + bi * stride_c + i * ldc + j;
+        float v = *at + bias[j];
+        if (epi == MGPU__EPI_BIAS_RELU) v = v > 0 ? v : 0.0f;
+        else if (epi == MGPU__EPI_BIAS_GELU) v = mgpu__gelu_tanh_d(v);
+        *at = v;
     }
 }
 
-static mgpu_result mgpu__gemm_fallback(mgpu__blas *b, const mgpu__gemm_key *k, float alpha, const void *a, const void *bm, float beta,
-                                       float *c, const float *bias) {
-    cublasOperation_t opa = k->tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = k->ta ? CUBLAS_OP_T : CUBLAS_OP_N;
-    if (k->dtype == MGPU_F32 && !k->tf32)
-        MGPU__CUBLAS(cublasSgemm(b->handle, opa, opb, (int)k->n, (int)k->m, (int)k->k, &alpha, (const float *)bm, (int)k->ldb,
-                                 (const float *)a, (int)k->lda, &beta, c, (int)k->ldc));
+static int64_t mgpu__gemm_batch(const mgpu__gemm_args *a) { return a->batch > 0 ? a->batch : 1; }
+
+// Largest power of two dividing the address, at most 256 (cuBLASLt's default assumption).
+static uint32_t mgpu__alignment(const void *p) {
+    uint32_t align = 256;
+    while (align > 1 && ((uintptr_t)p & (align - 1)) != 0) align >>= 1;
+    return align;
+}
+
+// Plain cuBLAS, strided-batched (row-major C = op(A) op(B) as column-major C^T = op(B)^T op(A)^T).
+static mgpu_result mgpu__gemm_cublas(mgpu__blas *b, const mgpu__gemm_args *a) {
+    cublasOperation_t opb = a->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, opa = a->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    int batch = (int)mgpu__gemm_batch(a);
+    if (a->ab_dtype == MGPU_F32 && !b->tf32)
+        MGPU__CUBLAS(cublasSgemmStridedBatched(b->handle, opb, opa, (int)a->n, (int)a->m, (int)a->k, &a->alpha, (const float *)a->b,
+                                               (int)a->ldb, a->stride_b, (const float *)a->a, (int)a->lda, a->stride_a, &a->beta, a->c,
+                                               (int)a->ldc, a->stride_c, batch));
     else
-        MGPU__CUBLAS(cublasGemmEx(b->handle, opa, opb, (int)k->n, (int)k->m, (int)k->k, &alpha, bm, mgpu__cuda_type(k->dtype), (int)k->ldb,
-                                  a, mgpu__cuda_type(k->dtype), (int)k->lda, &beta, c, CUDA_R_32F, (int)k->ldc,
-                                  mgpu__compute_type(k->dtype, k->tf32), CUBLAS_GEMM_DEFAULT));
-    if (k->epi != MGPU_CUDA_EPI_NONE) {
-        MGPU__LAUNCH(mgpu__bias_act_k, mgpu__grid(k->m * k->n, MGPU__THREADS), MGPU__THREADS, 0, b->stream, c, k->m, k->n, k->ldc, bias, k->epi);
+        MGPU__CUBLAS(cublasGemmStridedBatchedEx(b->handle, opb, opa, (int)a->n, (int)a->m, (int)a->k, &a->alpha, a->b,
+                                                mgpu__cuda_type(a->ab_dtype), (int)a->ldb, a->stride_b, a->a, mgpu__cuda_type(a->ab_dtype),
+                                                (int)a->lda, a->stride_a, &a->beta, a->c, CUDA_R_32F, (int)a->ldc, a->stride_c, batch,
+                                                mgpu__compute_type(a->ab_dtype, b->tf32), CUBLAS_GEMM_DEFAULT));
+    if (a->epilogue != MGPU__EPI_NONE) {
+        MGPU__LAUNCH(mgpu__bias_act_k, mgpu__grid(batch * a->m * a->n, MGPU__THREADS), MGPU__THREADS, 0, b->stream, a->c, (int64_t)batch,
+                     a->m, a->n, a->ldc, a->stride_c, a->bias, (int)a->epilogue);
         MGPU__LAUNCHED("mgpu__bias_act_k");
     }
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_gemm(void *blas, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha, const void *a,
-                                      int64_t lda, const void *b, int64_t ldb, int ab_dtype, float beta, float *c, int64_t ldc,
-                                      int epilogue, const float *bias, int use_lt) {
-    mgpu__blas *bl = (mgpu__blas *)blas;
-    MGPU__REQUIRE(bl, "blas is NULL (create it with mgpu_cuda_blas_create)");
-    MGPU__REQUIRE(mgpu__float_dtype(ab_dtype), "ab_dtype must be F32, F16 or BF16");
-    MGPU__REQUIRE(m >= 0 && n >= 0 && k >= 0 && m <= 2147483647LL && n <= 2147483647LL && k <= 2147483647LL, "sizes must fit in int");
-    MGPU__REQUIRE(epilogue >= MGPU_CUDA_EPI_NONE && epilogue <= MGPU_CUDA_EPI_BIAS_GELU && (epilogue == MGPU_CUDA_EPI_NONE || bias),
-                  "bad epilogue or missing bias");
-    MGPU__REQUIRE(lda >= (trans_a ? m : k) && ldb >= (trans_b ? k : n) && ldc >= n && lda > 0 && ldb > 0 && ldc > 0,
-                  "leading dimensions are too small for the row-major operands");
-    if (m == 0 || n == 0) return MGPU_OK;
-    MGPU__REQUIRE(a && b && c, "a, b and c must be device pointers");
+// One product through cuBLASLt and the plan cache; cuBLAS where Lt has no algorithm for it.
+static mgpu_result mgpu__gemm_lt(mgpu__blas *b, const mgpu__gemm_args *a) {
     mgpu__gemm_key key;
     memset(&key, 0, sizeof key);   // padding too: the key is compared with memcmp
-    key.m = m; key.n = n; key.k = k; key.lda = lda; key.ldb = ldb; key.ldc = ldc;
-    key.ta = trans_a != 0; key.tb = trans_b != 0; key.dtype = ab_dtype; key.epi = epilogue; key.tf32 = bl->tf32;
-    if (k == 0 || !use_lt) return mgpu__gemm_fallback(bl, &key, alpha, a, b, beta, c, bias);
+    key.m = a->m; key.n = a->n; key.k = a->k; key.lda = a->lda; key.ldb = a->ldb; key.ldc = a->ldc;
+    key.ta = a->trans_a != 0; key.tb = a->trans_b != 0; key.dtype = a->ab_dtype; key.epi = a->epilogue; key.tf32 = b->tf32;
+    key.align_a = mgpu__alignment(a->a); key.align_b = mgpu__alignment(a->b); key.align_c = mgpu__alignment(a->c);
     mgpu__gemm_plan *p = NULL;
-    mgpu_result r = mgpu__plan_get(bl, &key, &p);
+    mgpu_result r = mgpu__plan_get(b, &key, &p);
     if (r != MGPU_OK) return r;
-    if (!p->ok) return mgpu__gemm_fallback(bl, &key, alpha, a, b, beta, c, bias);
-    if (epilogue != MGPU_CUDA_EPI_NONE)
-        MGPU__CUBLAS(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
-    MGPU__CUBLAS(cublasLtMatmul(bl->lt, p->desc, &alpha, b, p->la, a, p->lb, &beta, c, p->lc, c, p->lc, &p->algo, bl->workspace,
-                                bl->workspace_bytes, bl->stream));
+    if (!p->ok) return mgpu__gemm_cublas(b, a);
+    if (a->epilogue != MGPU__EPI_NONE)
+        MGPU__CUBLAS(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &a->bias, sizeof a->bias));
+    MGPU__CUBLAS(cublasLtMatmul(b->lt, p->desc, &a->alpha, a->b, p->la, a->a, p->lb, &a->beta, a->c, p->lc, a->c, p->lc, &p->algo,
+                                b->workspace, b->workspace_bytes, b->stream));
     return MGPU_OK;
+}
+
+// A validated product on the bundle's stream: Lt for single products; cuBLAS for batches, K = 0
+// (C = beta * C), when the caller asks for it, and for a bias that is not 16-byte aligned (Lt takes
+// no alignment preference for the bias, so such a view goes where any alignment is fine).
+static mgpu_result mgpu__gemm_run(mgpu__blas *b, const mgpu__gemm_args *a) {
+    int odd_bias = a->epilogue != MGPU__EPI_NONE && mgpu__alignment(a->bias) < 16;
+    if (a->m == 0 || a->n == 0) return MGPU_OK;
+    if (mgpu__gemm_batch(a) > 1 || a->k == 0 || a->no_lt || odd_bias) return mgpu__gemm_cublas(b, a);
+    return mgpu__gemm_lt(b, a);
+}
+
+extern "C" mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream) {
+    const int64_t lim = 2147483647LL;
+    MGPU__REQUIRE(a && a->blas, "blas is NULL (create it with mgpu_cuda_blas_create)");
+    MGPU__REQUIRE(mgpu__float_dtype(a->ab_dtype), "ab_dtype must be F32, F16 or BF16");
+    MGPU__REQUIRE(a->m >= 0 && a->n >= 0 && a->k >= 0 && a->batch >= 0 && a->m <= lim && a->n <= lim && a->k <= lim && a->batch <= lim,
+                  "sizes must be >= 0 and fit in int");
+    MGPU__REQUIRE(a->epilogue >= MGPU__EPI_NONE && a->epilogue <= MGPU__EPI_BIAS_GELU && (a->epilogue == MGPU__EPI_NONE || a->bias),
+                  "bad epilogue or missing bias");
+    MGPU__REQUIRE(a->lda >= (a->trans_a ? a->m : a->k) && a->ldb >= (a->trans_b ? a->k : a->n) && a->ldc >= a->n && a->lda > 0 &&
+                  a->ldb > 0 && a->ldc > 0, "leading dimensions are too small for the row-major operands");
+    MGPU__REQUIRE(a->stride_a >= 0 && a->stride_b >= 0 && a->stride_c >= 0, "batch strides must be >= 0");
+    if (a->m == 0 || a->n == 0) return MGPU_OK;
+    MGPU__REQUIRE(a->a && a->b && a->c, "a, b and c must be device pointers");
+    mgpu__blas *b = (mgpu__blas *)a->blas;
+    mgpu_result r = mgpu__blas_on(b, stream);
+    return r != MGPU_OK ? r : mgpu__gemm_run(b, a);
+}
+
+// The twins built from GEMMs (conv2d, attention) describe their f32 products with this.
+static mgpu__gemm_args mgpu__gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda,
+                                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+    mgpu__gemm_args g;
+    memset(&g, 0, sizeof g);
+    g.trans_a = ta; g.trans_b = tb; g.m = m; g.n = n; g.k = k; g.alpha = alpha; g.beta = beta;
+    g.a = A; g.lda = lda; g.b = B; g.ldb = ldb; g.c = C; g.ldc = ldc;
+    return g;
+}
+// ... and make them strided batches of `batch` items sa, sb, sc elements apart.
+static mgpu__gemm_args mgpu__batched(mgpu__gemm_args g, int64_t batch, int64_t sa, int64_t sb, int64_t sc) {
+    g.batch = batch; g.stride_a = sa; g.stride_b = sb; g.stride_c = sc;
+    return g;
+}
+
+/* ======================================================================================
+   linear's bias gradient: fixed-order column sums
+   ====================================================================================== */
+
+extern "C" mgpu_result mgpu_cuda_linear_bias_grad(const mgpu__linear_bias_grad_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->rows >= 0 && a->cols >= 0 && (a->cols == 0 || a->db) && (a->rows * a->cols == 0 || a->dy),
+                  "dy, db must be device pointers; rows, cols >= 0");
+    if (a->cols == 0) return MGPU_OK;
+    return mgpu__colsum(a->dy, NULL, NULL, NULL, a->rows, a->cols, NULL, a->db, stream);
+}
+
+/* ======================================================================================
+   conv2d: im2col of the whole batch into the bundle's scratch, then one strided-batched GEMM
+   with the weight shared by every image; the backward through GEMMs and col2im
+   ====================================================================================== */
+
+// 1x1, stride 1, no padding: an image's column matrix is the image itself
+static int mgpu__conv_pointwise(const mgpu__conv_geom *g) { return g->ks == 1 && g->stride == 1 && g->pad == 0; }
+
+// Both conv2d twins start here (fn names the twin; `out` is y or dy, whichever it needs): the
+// checks, then the bundle follows the stream.
+static mgpu_result mgpu__conv_begin(const char *fn, const mgpu__conv2d_args *a, const float *out, void *stream) {
+    const int64_t lim = 2147483647LL;   // the GEMM sizes and the batch count are ints for cuBLAS
+    const mgpu__conv_geom *g = a->g;
+    if (!a->blas || !mgpu__geom_ok(g) || g->o <= 0 || g->p != g->oh * g->ow || g->ckk != g->c * g->ks * g->ks || g->n > lim || g->o > lim ||
+        g->p > lim || g->ckk > lim)
+        return mgpu__cu_invalid(fn, "blas is NULL or the convolution geometry is inconsistent");
+    if (g->n > 0 && !(a->x && a->w && out)) return mgpu__cu_invalid(fn, "x, w and y (dy for the backward) must be device pointers");
+    return mgpu__blas_on((mgpu__blas *)a->blas, stream);
+}
+
+__global__ void mgpu__channel_fill_k(float *y, const float *b, int64_t n, int64_t o, int64_t p) {
+    MGPU__FOR(q, n * o * p) y[q] = b[(q / p) % o];
+}
+
+extern "C" mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->g, "a and its geometry must be given");
+    mgpu_result r = mgpu__conv_begin(__func__, a, a->y, stream);
+    const mgpu__conv_geom *g = a->g;
+    mgpu__blas *b = (mgpu__blas *)a->blas;
+    const float *cols = a->x;   // pointwise: the columns are the images themselves
+    if (r != MGPU_OK || g->n == 0) return r;
+    if (!mgpu__conv_pointwise(g)) {
+        float *ws = NULL;
+        r = mgpu__blas_scratch(b, sizeof(float) * (size_t)(g->n * g->ckk * g->p), &ws);
+        if (r == MGPU_OK) r = mgpu__im2col(g, a->x, ws, stream);
+        cols = ws;
+    }
+    if (r == MGPU_OK && a->b) {   // y starts as the bias; the GEMM adds onto it
+        MGPU__LAUNCH(mgpu__channel_fill_k, mgpu__grid(g->n * g->o * g->p, MGPU__THREADS), MGPU__THREADS, 0, stream, a->y, a->b, g->n, g->o, g->p);
+        MGPU__LAUNCHED("mgpu__channel_fill_k");
+    }
+    if (r != MGPU_OK) return r;
+    // y_i (O, P) = W (O, CKK) @ cols_i (CKK, P) [+ y_i]
+    mgpu__gemm_args gm = mgpu__batched(mgpu__gemm_f32(0, 0, g->o, g->p, g->ckk, 1.0f, a->w, g->ckk, cols, g->p, a->b ? 1.0f : 0.0f, a->y, g->p),
+                                       g->n, 0, g->ckk * g->p, g->o * g->p);
+    return mgpu__gemm_run(b, &gm);
+}
+
+// dW += dY_i (O, P) @ cols_i^T, image after image (a fixed order: deterministic).
+static mgpu_result mgpu__conv_weight_grad(mgpu__blas *b, const mgpu__conv2d_args *a, const float *cols) {
+    const mgpu__conv_geom *g = a->g;
+    mgpu_result r = MGPU_OK;
+    for (int64_t i = 0; i < g->n && r == MGPU_OK; i++) {
+        mgpu__gemm_args gm = mgpu__gemm_f32(0, 1, g->o, g->ckk, g->p, 1.0f, a->dy + i * g->o * g->p, g->p, cols + i * g->ckk * g->p, g->p,
+                                            1.0f, a->dw, g->ckk);
+        r = mgpu__gemm_run(b, &gm);
+    }
+    return r;
+}
+
+// dX += col2im(W^T @ dY_i) for every image (pointwise: straight into dX).
+static mgpu_result mgpu__conv_input_grad(mgpu__blas *b, const mgpu__conv2d_args *a, float *dcols, void *stream) {
+    const mgpu__conv_geom *g = a->g;
+    int pointwise = mgpu__conv_pointwise(g);
+    float *dst = pointwise ? a->dx : dcols;
+    mgpu__gemm_args gm = mgpu__batched(mgpu__gemm_f32(1, 0, g->ckk, g->p, g->o, 1.0f, a->w, g->ckk, a->dy, g->p, pointwise ? 1.0f : 0.0f, dst, g->p),
+                                       g->n, 0, g->o * g->p, g->ckk * g->p);
+    mgpu_result r = mgpu__gemm_run(b, &gm);
+    return r != MGPU_OK || pointwise ? r : mgpu__col2im(g, dcols, a->dx, stream);
+}
+
+extern "C" mgpu_result mgpu_cuda_conv2d_backward(const mgpu__conv2d_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->g, "a and its geometry must be given");
+    mgpu_result r = mgpu__conv_begin(__func__, a, a->dy, stream);
+    if (r != MGPU_OK || a->g->n == 0) return r;
+    const mgpu__conv_geom *g = a->g;
+    int64_t batch_cols = g->n * g->ckk * g->p;
+    float *cols = (float *)a->x, *dcols = NULL;   // pointwise: the columns are the images themselves
+    mgpu__blas *b = (mgpu__blas *)a->blas;
+    if (!mgpu__conv_pointwise(g)) {   // cols for dW, then dcols for dX
+        r = mgpu__blas_scratch(b, sizeof(float) * (size_t)(2 * batch_cols), &cols);
+        dcols = cols + batch_cols;
+        if (r == MGPU_OK && a->dw) r = mgpu__im2col(g, a->x, cols, stream);
+    }
+    if (r == MGPU_OK && a->dw) r = mgpu__conv_weight_grad(b, a, cols);
+    if (r == MGPU_OK && a->dx) r = mgpu__conv_input_grad(b, a, dcols, stream);
+    if (r == MGPU_OK && a->db) r = mgpu__channel_sums(a->dy, NULL, NULL, g->n, g->o, g->p, NULL, 0, NULL, NULL, a->db, stream);
+    return r;
 }
 
 /* ======================================================================================
    Attention: S = scale * Q K^T (batched GEMM), P = masked softmax(S), O = P V
    ====================================================================================== */
 
-// Row-major batched C = alpha * op(A) op(B) + beta * C through the column-major swap.
-static mgpu_result mgpu__gemm_batched(mgpu__blas *b, int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                                      int64_t lda, int64_t sa, const float *B, int64_t ldb, int64_t sb, float beta, float *C, int64_t ldc,
-                                      int64_t sc, int64_t batch) {
-    MGPU__CUBLAS(cublasSgemmStridedBatched(b->handle, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, (int)N, (int)M, (int)K,
-                                           &alpha, B, (int)ldb, sb, A, (int)lda, sa, &beta, C, (int)ldc, sc, (int)batch));
-    return MGPU_OK;
-}
-static int mgpu__attn_sizes_ok(int64_t BH, int64_t Tq, int64_t Tk, int64_t D) {
+static int mgpu__attn_args_ok(const mgpu__attention_args *a) {
     const int64_t lim = 2147483647LL;
-    return BH > 0 && Tq > 0 && Tk > 0 && D > 0 && BH <= lim && Tq <= lim && Tk <= lim && D <= lim;
+    return a && a->blas && a->BH > 0 && a->Tq > 0 && a->Tk > 0 && a->D > 0 && a->BH <= lim && a->Tq <= lim && a->Tk <= lim && a->D <= lim;
 }
 
-extern "C" mgpu_result mgpu_cuda_attention_forward(void *blas, const float *q, const float *k, const float *v, float *out, float *probs,
-                                                   int64_t BH, int64_t Tq, int64_t Tk, int64_t D, int causal, void *stream) {
-    mgpu__blas *b = (mgpu__blas *)blas;
-    MGPU__REQUIRE(b && q && k && v && out && probs, "blas, q, k, v, out and probs must be given");
-    MGPU__REQUIRE(mgpu__attn_sizes_ok(BH, Tq, Tk, D), "sizes must be positive and fit in int");
-    mgpu_result r = mgpu_cuda_blas_set_stream(b, stream);
+extern "C" mgpu_result mgpu_cuda_attention_forward(const mgpu__attention_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__attn_args_ok(a), "blas must be given and the sizes be positive and fit in int");
+    MGPU__REQUIRE(a->q && a->k && a->v && a->out, "q, k, v and out must be device pointers");
+    int64_t BH = a->BH, Tq = a->Tq, Tk = a->Tk, D = a->D;
+    mgpu__blas *b = (mgpu__blas *)a->blas;
+    float *probs = a->prob;
+    mgpu_result r = mgpu__blas_on(b, stream);
+    if (r == MGPU_OK && !probs) r = mgpu__blas_scratch(b, sizeof(float) * (size_t)(BH * Tq * Tk), &probs);
     if (r != MGPU_OK) return r;
-    float scale = (float)(1.0 / sqrt((double)D));
-    r = mgpu__gemm_batched(b, 0, 1, Tq, Tk, D, scale, q, D, Tq * D, k, D, Tk * D, 0.0f, probs, Tk, Tq * Tk, BH);
-    if (r == MGPU_OK) r = mgpu__softmax_rows(probs, probs, BH * Tq, Tk, 0, causal ? Tq : 0, stream);
-    if (r == MGPU_OK) r = mgpu__gemm_batched(b, 0, 0, Tq, D, Tk, 1.0f, probs, Tk, Tq * Tk, v, D, Tk * D, 0.0f, out, D, Tq * D, BH);
+    mgpu__gemm_args scores = mgpu__batched(mgpu__gemm_f32(0, 1, Tq, Tk, D, a->scale, a->q, D, a->k, D, 0.0f, probs, Tk), BH, Tq * D, Tk * D, Tq * Tk);
+    mgpu__gemm_args mix = mgpu__batched(mgpu__gemm_f32(0, 0, Tq, D, Tk, 1.0f, probs, Tk, a->v, D, 0.0f, a->out, D), BH, Tq * Tk, Tk * D, Tq * D);
+    r = mgpu__gemm_run(b, &scores);
+    if (r == MGPU_OK) r = mgpu__softmax_rows(probs, probs, BH * Tq, Tk, 0, a->causal ? Tq : 0, stream);
+    if (r == MGPU_OK) r = mgpu__gemm_run(b, &mix);
     return r;
 }
-extern "C" mgpu_result mgpu_cuda_attention_backward(void *blas, const float *q, const float *k, const float *v, const float *probs,
-                                                    const float *dout, float *dq, float *dk, float *dv, float *dprobs, int64_t BH,
-                                                    int64_t Tq, int64_t Tk, int64_t D, int causal, void *stream) {
-    mgpu__blas *b = (mgpu__blas *)blas;
-    (void)causal;   // masked entries have probability 0, so their gradient is 0 already
-    MGPU__REQUIRE(b && q && k && v && probs && dout && dprobs, "blas, q, k, v, probs, dout and dprobs must be given");
-    MGPU__REQUIRE(mgpu__attn_sizes_ok(BH, Tq, Tk, D), "sizes must be positive and fit in int");
-    mgpu_result r = mgpu_cuda_blas_set_stream(b, stream);
-    float scale = (float)(1.0 / sqrt((double)D));
+extern "C" mgpu_result mgpu_cuda_attention_backward(const mgpu__attention_args *a, void *stream) {
+    MGPU__REQUIRE(mgpu__attn_args_ok(a), "blas must be given and the sizes be positive and fit in int");
+    MGPU__REQUIRE(a->q && a->k && a->v && a->prob && a->dout, "q, k, v, prob and dout must be device pointers");
+    int64_t BH = a->BH, Tq = a->Tq, Tk = a->Tk, D = a->D;
+    mgpu__blas *b = (mgpu__blas *)a->blas;
+    float *dprobs = NULL;
+    mgpu_result r = mgpu__blas_on(b, stream);
     // dV += P^T dO
-    if (r == MGPU_OK && dv) r = mgpu__gemm_batched(b, 1, 0, Tk, D, Tq, 1.0f, probs, Tk, Tq * Tk, dout, D, Tq * D, 1.0f, dv, D, Tk * D, BH);
-    if (r != MGPU_OK || (!dq && !dk)) return r;
-    // dP = dO V^T, then dS = scale * softmax'(P) dP in place
-    r = mgpu__gemm_batched(b, 0, 1, Tq, Tk, D, 1.0f, dout, D, Tq * D, v, D, Tk * D, 0.0f, dprobs, Tk, Tq * Tk, BH);
-    if (r == MGPU_OK) r = mgpu__softmax_bwd_rows(probs, dprobs, dprobs, BH * Tq, Tk, 0, scale, 0, stream);
+    mgpu__gemm_args dv = mgpu__batched(mgpu__gemm_f32(1, 0, Tk, D, Tq, 1.0f, a->prob, Tk, a->dout, D, 1.0f, a->dv, D), BH, Tq * Tk, Tq * D, Tk * D);
+    if (r == MGPU_OK && a->dv) r = mgpu__gemm_run(b, &dv);
+    if (r != MGPU_OK || (!a->dq && !a->dk)) return r;
+    // dP = dO V^T, then dS = scale * softmax'(P) dP in place (masked entries have P = 0, so dS = 0 there)
+    if ((r = mgpu__blas_scratch(b, sizeof(float) * (size_t)(BH * Tq * Tk), &dprobs)) != MGPU_OK) return r;
+    mgpu__gemm_args dp = mgpu__batched(mgpu__gemm_f32(0, 1, Tq, Tk, D, 1.0f, a->dout, D, a->v, D, 0.0f, dprobs, Tk), BH, Tq * D, Tk * D, Tq * Tk);
+    r = mgpu__gemm_run(b, &dp);
+    if (r == MGPU_OK) r = mgpu__softmax_bwd_rows(a->prob, dprobs, dprobs, BH * Tq, Tk, 0, a->scale, 0, stream);
     // dQ += dS K, dK += dS^T Q
-    if (r == MGPU_OK && dq) r = mgpu__gemm_batched(b, 0, 0, Tq, D, Tk, 1.0f, dprobs, Tk, Tq * Tk, k, D, Tk * D, 1.0f, dq, D, Tq * D, BH);
-    if (r == MGPU_OK && dk) r = mgpu__gemm_batched(b, 1, 0, Tk, D, Tq, 1.0f, dprobs, Tk, Tq * Tk, q, D, Tq * D, 1.0f, dk, D, Tk * D, BH);
+    mgpu__gemm_args dq = mgpu__batched(mgpu__gemm_f32(0, 0, Tq, D, Tk, 1.0f, dprobs, Tk, a->k, D, 1.0f, a->dq, D), BH, Tq * Tk, Tk * D, Tq * D);
+    mgpu__gemm_args dk = mgpu__batched(mgpu__gemm_f32(1, 0, Tk, D, Tq, 1.0f, dprobs, Tk, a->q, D, 1.0f, a->dk, D), BH, Tq * Tk, Tq * D, Tk * D);
+    if (r == MGPU_OK && a->dq) r = mgpu__gemm_run(b, &dq);
+    if (r == MGPU_OK && a->dk) r = mgpu__gemm_run(b, &dk);
     return r;
 }

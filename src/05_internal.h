@@ -123,41 +123,96 @@ mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *a, void *stream);
 /* Fills out[i] = mgpu_random_u32(seed, first + i) (tests compare it with the CPU bit for bit). */
 mgpu_result mgpu_cuda_random_u32(uint64_t seed, uint64_t first, uint32_t *out, int64_t n, void *stream);
 
-/* ---- normalisation ---- */
-/* x (R, C) over the last dim; w, b (C) or NULL; mean, rstd (R) saved for backward */
-mgpu_result mgpu_cuda_layer_norm_forward(const float *x, const float *w, const float *b, float *y, float *mean, float *rstd,
-                                         int64_t R, int64_t C, float eps, void *stream);
-/* dx, dw, db accumulate (any may be NULL); dw/db by a fixed-order column reduction */
-mgpu_result mgpu_cuda_layer_norm_backward(const float *x, const float *w, const float *dy, const float *mean, const float *rstd,
-                                          float *dx, float *dw, float *db, int64_t R, int64_t C, void *stream);
-/* x (N, C, S). training: batch mean and biased variance normalise; running stats (may be NULL) get
-   (1 - momentum) * old + momentum * (mean, unbiased variance). Eval: running stats. mean, rstd (C) saved. */
-mgpu_result mgpu_cuda_batch_norm_forward(const float *x, const float *w, const float *b, float *running_mean, float *running_var,
-                                         float *y, float *mean, float *rstd, int64_t N, int64_t C, int64_t S, int training,
-                                         float momentum, float eps, void *stream);
-mgpu_result mgpu_cuda_batch_norm_backward(const float *x, const float *w, const float *dy, const float *mean, const float *rstd,
-                                          float *dx, float *dw, float *db, int64_t N, int64_t C, int64_t S, int training,
-                                          void *stream);
+/* ---- normalisation ----
+   Twins that need scratch find their own. A CPU twin that runs out of host memory for it records
+   the error and sets *status (the front points status at an mgpu_result set to MGPU_OK); the CUDA
+   twin returns its result instead. */
+/* layer norm over the last dim of x (R, C), as PyTorch (biased variance, eps inside the sqrt):
+   forward y = (x - mean) * rstd * w + b (w, b may be NULL), keeping mean, rstd (R) for the backward;
+   backward dx, dw, db += (each may be NULL), dw and db by fixed-order reductions */
+typedef struct mgpu__layer_norm_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool and arena; the CUDA twin ignores it */
+    mgpu_result *status;                  /* the CPU backward's failure (see above) */
+    const float *x, *w, *b, *dy;
+    float *y, *mean, *rstd;
+    float *dx, *dw, *db;
+    int64_t R, C;
+    float eps;
+} mgpu__layer_norm_args;
+mgpu_result mgpu_cuda_layer_norm_forward(const mgpu__layer_norm_args *a, void *stream);
+mgpu_result mgpu_cuda_layer_norm_backward(const mgpu__layer_norm_args *a, void *stream);
+/* batch norm over x (N, C, S), statistics per channel. Phases, so SyncBatchNorm can all-reduce sums
+   between them (the front does):
+     stats      (training forward) sums = [sum x (C), sum x^2 (C), N * S]
+     forward    mean, rstd from sums (training: count = sums[2C]; running stats <- (1 - momentum) * old
+                + momentum * (mean, unbiased variance)) or from the running stats (eval);
+                scale = rstd * w; y = (x - mean) * scale + b
+     grad_sums  sums = [sum dy (C), sum dy * (x - mean) (C)]; dw += sums[C + c] * rstd, db += sums[c]
+     backward   dx += scale * (dy - k1 - (x - mean) * k2) with, training, k1 = sum dy / count and
+                k2 = sum dy (x - mean) / count * rstd^2 (count = *count), eval k1 = k2 = 0; coef (2C)
+                is room for k1, k2 (the CPU twin needs it)
+   w, b, dw, db may be NULL; mean, rstd, scale (C) are written by the forward and kept for the backward. */
+typedef struct mgpu__batch_norm_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    int64_t N, C, S;
+    int training; float momentum, eps;
+    const float *x, *w, *b, *dy;
+    float *running_mean, *running_var;    /* both or neither */
+    double *sums;                         /* (2C + 1) in the forward, (2C) in the backward */
+    const double *count;                  /* elements per channel over all ranks: the forward's sums[2C] */
+    float *y, *mean, *rstd, *scale, *coef;
+    float *dx, *dw, *db;
+} mgpu__batch_norm_args;
+mgpu_result mgpu_cuda_batch_norm_stats(const mgpu__batch_norm_args *a, void *stream);
+mgpu_result mgpu_cuda_batch_norm_forward(const mgpu__batch_norm_args *a, void *stream);
+mgpu_result mgpu_cuda_batch_norm_grad_sums(const mgpu__batch_norm_args *a, void *stream);
+mgpu_result mgpu_cuda_batch_norm_backward(const mgpu__batch_norm_args *a, void *stream);
 
-/* ---- embedding: weight (V, D), idx (n) ---- */
-mgpu_result mgpu_cuda_embedding_forward(const float *weight, const void *idx, int idx_i64, float *out, int64_t n, int64_t V,
-                                        int64_t D, void *stream);
-/* dweight += scatter of dy (n, D): sort-free and deterministic (each (row, column) owned by one thread,
-   indices visited in order); costs n reads per thread, fine for the token counts of one step. */
-mgpu_result mgpu_cuda_embedding_backward(const void *idx, int idx_i64, const float *dy, float *dweight, int64_t n, int64_t V,
-                                         int64_t D, void *stream);
+/* ---- embedding: forward out (n, D) = rows idx of weight (V, D); backward dweight += the rows of
+   dy (n, D) scattered back, deterministically. idx (n) is I32 or I64 (idx_i64), each in [0, V): the
+   front checks them. ---- */
+typedef struct mgpu__embedding_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    const void *idx; int idx_i64;
+    const float *weight, *dy;
+    float *out, *dweight;
+    int64_t n, V, D;
+} mgpu__embedding_args;
+mgpu_result mgpu_cuda_embedding_forward(const mgpu__embedding_args *a, void *stream);
+mgpu_result mgpu_cuda_embedding_backward(const mgpu__embedding_args *a, void *stream);
 
-/* ---- convolution helpers and pooling: x (N, C, H, W) ---- */
-typedef struct mgpu_cuda_conv_geom { int64_t N, C, H, W, OH, OW; int kernel, stride, padding; } mgpu_cuda_conv_geom;
-/* cols (N, C*k*k, OH*OW) */
-mgpu_result mgpu_cuda_im2col(const mgpu_cuda_conv_geom *g, const float *x, float *cols, void *stream);
-/* dx += col2im(dcols): gathered per input element, no atomics */
-mgpu_result mgpu_cuda_col2im(const mgpu_cuda_conv_geom *g, const float *dcols, float *dx, void *stream);
-/* y (N, C, OH, OW); argmax (N, C, OH, OW) index into the H*W plane (max only, may be NULL). Average
-   pooling divides by k*k (count_include_pad, as the CPU and PyTorch's default). */
-mgpu_result mgpu_cuda_pool_forward(const mgpu_cuda_conv_geom *g, int is_max, const float *x, float *y, int32_t *argmax, void *stream);
-mgpu_result mgpu_cuda_pool_backward(const mgpu_cuda_conv_geom *g, int is_max, const int32_t *argmax, const float *dy, float *dx,
-                                    void *stream);
+/* ---- conv2d (im2col + GEMM) and pooling: a square window sliding over x (N, C, H, W) ---- */
+/* ks: the window's side; p = oh * ow output positions per image; conv2d only: o output channels and
+   ckk = c * ks * ks rows of an image's column matrix (pooling leaves o, p, ckk at 0) */
+typedef struct mgpu__conv_geom {
+    int64_t n, c, h, w, o, oh, ow, ks, stride, pad;
+    int64_t p, ckk;
+} mgpu__conv_geom;
+/* conv2d: forward y (N, O, OH, OW) = w (O, C, KS, KS) * x + b (O, or NULL); backward dx, dw, db +=
+   (each may be NULL). The twins find their own column buffers (status: see normalisation). */
+typedef struct mgpu__conv2d_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool and arena; the CUDA twin ignores it */
+    mgpu_result *status;                  /* the CPU twin's failure */
+    void *blas;                           /* the CUDA twin's cuBLAS bundle: its GEMMs and scratch */
+    const mgpu__conv_geom *g;
+    const float *x, *w, *b, *dy;
+    float *y, *dx, *dw, *db;
+} mgpu__conv2d_args;
+mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void *stream);
+mgpu_result mgpu_cuda_conv2d_backward(const mgpu__conv2d_args *a, void *stream);
+/* max or average pooling: forward y (N, C, OH, OW), argmax (max only, may be NULL) the index of each
+   output's input in its H*W plane; backward dx += the window's share of dy (average: dy / (ks * ks),
+   count_include_pad as PyTorch's default). */
+typedef struct mgpu__pool2d_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    const mgpu__conv_geom *g;
+    int is_max;
+    const float *x, *dy;
+    float *y, *dx;
+    int32_t *argmax;
+} mgpu__pool2d_args;
+mgpu_result mgpu_cuda_pool2d_forward(const mgpu__pool2d_args *a, void *stream);
+mgpu_result mgpu_cuda_pool2d_backward(const mgpu__pool2d_args *a, void *stream);
 
 /* ---- copies: elements of esize bytes (the CUDA twins move 4-byte ones); accumulate (backward,
    F32): dst += instead ---- */
@@ -294,28 +349,60 @@ typedef struct mgpu__unscale_args {
 } mgpu__unscale_args;
 mgpu_result mgpu_cuda_unscale(const mgpu__unscale_args *a, void *stream);
 
-/* ---- attention (batched GEMM + row softmax); q (BH, Tq, D), k, v (BH, Tk, D) ----
-   probs (BH, Tq, Tk) is written and kept for backward; dprobs the same size of scratch. */
-mgpu_result mgpu_cuda_attention_forward(void *blas, const float *q, const float *k, const float *v, float *out, float *probs,
-                                        int64_t BH, int64_t Tq, int64_t Tk, int64_t D, int causal, void *stream);
-mgpu_result mgpu_cuda_attention_backward(void *blas, const float *q, const float *k, const float *v, const float *probs,
-                                         const float *dout, float *dq, float *dk, float *dv, float *dprobs, int64_t BH,
-                                         int64_t Tq, int64_t Tk, int64_t D, int causal, void *stream);
+/* ---- attention, per (batch, head) pair: S = scale * Q K^T, causal: S[i, j] = -inf for j > i;
+   P = softmax(S); out = P V. q (BH, Tq, D), k, v (BH, Tk, D). prob (BH, Tq, Tk) is written by the
+   forward and read by the backward; NULL in a forward no backward follows (the twins then find
+   their own room). Backward dq, dk, dv += (each may be NULL; status: see normalisation). ---- */
+typedef struct mgpu__attention_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool and arena; the CUDA twin ignores it */
+    mgpu_result *status;                  /* the CPU twin's failure */
+    void *blas;                           /* the CUDA twin's cuBLAS bundle: its GEMMs and scratch */
+    const float *q, *k, *v, *dout;
+    float *out, *prob, *dq, *dk, *dv;
+    int64_t BH, Tq, Tk, D;
+    float scale;                          /* 1 / sqrt(D) */
+    int causal;
+} mgpu__attention_args;
+mgpu_result mgpu_cuda_attention_forward(const mgpu__attention_args *a, void *stream);
+mgpu_result mgpu_cuda_attention_backward(const mgpu__attention_args *a, void *stream);
 
-/* ---- GEMM through cuBLASLt with a plan cache; falls back to cublasSgemm/GemmEx ---- */
-typedef enum mgpu_cuda_epilogue { MGPU_CUDA_EPI_NONE, MGPU_CUDA_EPI_BIAS, MGPU_CUDA_EPI_BIAS_RELU, MGPU_CUDA_EPI_BIAS_GELU } mgpu_cuda_epilogue;
-/* blas: handles + workspace + plan cache, bound to one device and stream. workspace_bytes 0: 32 MiB. */
+/* ---- GEMM: every matrix product (matmul, linear, conv2d, attention) ----
+   Row-major, for each of `batch` items (0 means 1): C (m, n) = alpha * op(A) @ op(B) + beta * C
+   [+ bias (n) on every row] [then ReLU or GELU (tanh)]. op(A) (m, k): A is (m, k) with lda, or (k, m)
+   when trans_a; op(B) (k, n): B is (k, n) with ldb, or (n, k) when trans_b. Items lie stride_a,
+   stride_b, stride_c elements apart (0: one matrix shared by every item). A and B are ab_dtype
+   (F32; F16 or BF16 on CUDA only, with f32 accumulation); C and bias are F32. CUDA: cuBLASLt with a
+   plan cache for single products, cuBLAS for batches and where Lt has no algorithm. */
+typedef enum mgpu__gemm_epilogue { MGPU__EPI_NONE, MGPU__EPI_BIAS, MGPU__EPI_BIAS_RELU, MGPU__EPI_BIAS_GELU } mgpu__gemm_epilogue;
+typedef struct mgpu__gemm_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool (NULL: the calling thread); the CUDA twin ignores it */
+    void *blas;                           /* the CUDA twin's cuBLAS(Lt) bundle (the context's cuda_blas); the CPU twin ignores it */
+    int trans_a, trans_b;
+    int64_t m, n, k, batch;
+    float alpha, beta;
+    const void *a, *b; int64_t lda, ldb, stride_a, stride_b;
+    mgpu_dtype ab_dtype;
+    float *c; int64_t ldc, stride_c;
+    mgpu__gemm_epilogue epilogue; const float *bias;
+    int no_lt;                            /* CUDA: 1 skips cuBLASLt for plain cuBLAS (tests compare the two) */
+} mgpu__gemm_args;
+mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream);
+/* blas: handles + workspace + plan cache + scratch for the twins that compose GEMMs, bound to one
+   device and stream. workspace_bytes 0: 32 MiB. */
 mgpu_result mgpu_cuda_blas_create(void **blas, void *stream, size_t workspace_bytes);
 void mgpu_cuda_blas_destroy(void *blas);
 mgpu_result mgpu_cuda_blas_set_stream(void *blas, void *stream);
 /* 1: allow TF32 for F32 GEMMs (off by default so F32 matches the CPU to 1e-5) */
 void mgpu_cuda_blas_set_tf32(void *blas, int allow);
 int mgpu_cuda_blas_plan_count(const void *blas);   /* cached cuBLASLt plans (tests check reuse) */
-/* Row-major C (m, n) = alpha * op(A) @ op(B) + beta * C [+ bias (n)] [then ReLU/GELU-tanh]; op(A) (m, k).
-   A, B dtype: F32, F16 or BF16 (both the same); C always F32, f32 accumulation. use_lt 0 forces cublasGemmEx. */
-mgpu_result mgpu_cuda_gemm(void *blas, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha, const void *a,
-                           int64_t lda, const void *b, int64_t ldb, int ab_dtype, float beta, float *c, int64_t ldc, int epilogue,
-                           const float *bias, int use_lt);
+
+/* linear's bias gradient: db (cols) += column sums of dy (rows, cols), in a fixed order */
+typedef struct mgpu__linear_bias_grad_args {
+    mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
+    const float *dy; float *db;
+    int64_t rows, cols;
+} mgpu__linear_bias_grad_args;
+mgpu_result mgpu_cuda_linear_bias_grad(const mgpu__linear_bias_grad_args *a, void *stream);
 
 /* ---- runtime wrappers used by the CUDA host side (C files need no CUDA headers for these) ---- */
 mgpu_result mgpu_cuda_synchronize(void *stream);

@@ -287,43 +287,66 @@ typedef struct mgpu__gemm_job {
     float alpha, beta;
     int64_t gm, gn, mt, nt;   /* C is cut into gm x gn tiles of mt rows and nt columns per batch item */
     int64_t kc;               /* K block (mgpu__gemm_kc) */
-    int failed;
 } mgpu__gemm_job;
 
-/* One tile of C: the full K loop, packing B once per KC block and A once per MC x KC block. */
-static void mgpu__gemm_tile(mgpu__gemm_job *j, int64_t task) {
+/* Where a tile packs its panels: this thread's scratch, with room for all nb columns of B and MC
+   rows of A per K block, or (out of memory) two micro-panels on the stack. The micro-kernel sees
+   the same packed values either way, so the fallback only costs speed, never bits. */
+typedef struct mgpu__gemm_panels { float *bp, *ap; int64_t nb, mb; } mgpu__gemm_panels;
+
+/* One tile of C: the full K loop, packing B once per KC x nb block and A once per mb x KC block. */
+static void mgpu__gemm_tile_in(const mgpu__gemm_job *j, int64_t task, const mgpu__gemm_panels *pn) {
     int64_t per_batch = j->gm * j->gn, bi = task / per_batch, t = task % per_batch;
     int64_t m0 = (t / j->gn) * j->mt, n0 = (t % j->gn) * j->nt;
     int64_t m1 = MGPU__MIN(j->m, m0 + j->mt), n1 = MGPU__MIN(j->n, n0 + j->nt);
-    int64_t nw = n1 - n0, pc, ic, jp, ip;
-    size_t bfloats = (size_t)(((nw + MGPU__NR - 1) / MGPU__NR) * MGPU__NR * MGPU__KC);
-    float *bp = mgpu__scratch(MGPU__SCRATCH_PACK, bfloats + (size_t)MGPU__MC * MGPU__KC), *ap;
+    int64_t pc, jc, ic, jp, ip;
     const float *abase = j->a.p + bi * j->a.batch_stride, *bbase = j->b.p + bi * j->b.batch_stride;
     float *cbase = j->c + bi * j->c_batch_stride;
-    if (!bp) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return; }
-    ap = bp + bfloats;
     for (pc = 0; pc < j->k; pc += j->kc) {
         int64_t kc = MGPU__MIN(j->kc, j->k - pc);
         float beta = pc == 0 ? j->beta : 1.0f;   /* later K blocks accumulate */
-        mgpu__pack(bp, MGPU__NR, &j->b, bbase, n0, nw, pc, kc);
-        for (ic = m0; ic < m1; ic += MGPU__MC) {
-            int64_t mc = MGPU__MIN((int64_t)MGPU__MC, m1 - ic);
-            mgpu__pack(ap, MGPU__MR, &j->a, abase, ic, mc, pc, kc);
-            for (jp = 0; jp * MGPU__NR < nw; jp++) {
-                int nr = (int)MGPU__MIN((int64_t)MGPU__NR, nw - jp * MGPU__NR);
-                for (ip = 0; ip * MGPU__MR < mc; ip++) {
-                    int mr = (int)MGPU__MIN((int64_t)MGPU__MR, mc - ip * MGPU__MR);
-                    mgpu__gemm_kernel(kc, ap + ip * kc * MGPU__MR, bp + jp * kc * MGPU__NR,
-                                      cbase + (ic + ip * MGPU__MR) * j->ldc + n0 + jp * MGPU__NR, j->ldc, mr, nr, j->alpha, beta);
+        for (jc = n0; jc < n1; jc += pn->nb) {
+            int64_t nw = MGPU__MIN(pn->nb, n1 - jc);
+            mgpu__pack(pn->bp, MGPU__NR, &j->b, bbase, jc, nw, pc, kc);
+            for (ic = m0; ic < m1; ic += pn->mb) {
+                int64_t mc = MGPU__MIN(pn->mb, m1 - ic);
+                mgpu__pack(pn->ap, MGPU__MR, &j->a, abase, ic, mc, pc, kc);
+                for (jp = 0; jp * MGPU__NR < nw; jp++) {
+                    int nr = (int)MGPU__MIN((int64_t)MGPU__NR, nw - jp * MGPU__NR);
+                    for (ip = 0; ip * MGPU__MR < mc; ip++) {
+                        int mr = (int)MGPU__MIN((int64_t)MGPU__MR, mc - ip * MGPU__MR);
+                        mgpu__gemm_kernel(kc, pn->ap + ip * kc * MGPU__MR, pn->bp + jp * kc * MGPU__NR,
+                                          cbase + (ic + ip * MGPU__MR) * j->ldc + jc + jp * MGPU__NR, j->ldc, mr, nr, j->alpha, beta);
+                    }
                 }
             }
         }
     }
 }
 
+/* Out of memory for the scratch: micro-panels on the stack, in a frame of their own so the usual
+   path stays small; 64-byte aligned by hand, as the micro-kernel's aligned loads need. */
+static void mgpu__gemm_tile_on_stack(const mgpu__gemm_job *j, int64_t task) {
+    float buf[(MGPU__NR + MGPU__MR) * MGPU__KC + 16];
+    mgpu__gemm_panels pn;
+    pn.bp = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    pn.ap = pn.bp + MGPU__NR * MGPU__KC;   /* NR * KC floats: a multiple of 64 bytes */
+    pn.nb = MGPU__NR; pn.mb = MGPU__MR;
+    mgpu__gemm_tile_in(j, task, &pn);
+}
+
+static void mgpu__gemm_tile(const mgpu__gemm_job *j, int64_t task) {
+    size_t bfloats = (size_t)(j->nt * MGPU__KC);   /* nt is a multiple of NR */
+    mgpu__gemm_panels pn;
+    pn.bp = mgpu__scratch(MGPU__SCRATCH_PACK, bfloats + (size_t)MGPU__MC * MGPU__KC);
+    if (!pn.bp) { mgpu__gemm_tile_on_stack(j, task); return; }
+    pn.ap = pn.bp + bfloats; pn.nb = j->nt; pn.mb = MGPU__MC;
+    mgpu__gemm_tile_in(j, task, &pn);
+}
+
 static void mgpu__gemm_tiles(void *arg, int64_t begin, int64_t end) {
     int64_t t;
-    for (t = begin; t < end; t++) mgpu__gemm_tile((mgpu__gemm_job *)arg, t);
+    for (t = begin; t < end; t++) mgpu__gemm_tile((const mgpu__gemm_job *)arg, t);
 }
 
 static int64_t mgpu__round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
@@ -381,16 +404,16 @@ static int mgpu__gemm_cblas(int64_t batch, int64_t m, int64_t n, int64_t k, floa
 }
 #endif
 
-/* Strided-batched GEMM behind every product in the library: for each batch item,
+/* Strided-batched GEMM behind every CPU product: for each batch item,
    C (M, N) = alpha * op(A) (M, K) @ op(B) (K, N) + beta * C. ctx NULL runs on the calling thread. */
-static mgpu_result mgpu__gemm(mgpu_context *ctx, int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
-                              const mgpu__gemm_operand *a, const mgpu__gemm_operand *b, float beta,
-                              float *c, int64_t ldc, int64_t c_batch_stride) {
+static void mgpu__gemm_run(mgpu_context *ctx, int64_t batch, int64_t m, int64_t n, int64_t k, float alpha,
+                           const mgpu__gemm_operand *a, const mgpu__gemm_operand *b, float beta,
+                           float *c, int64_t ldc, int64_t c_batch_stride) {
     mgpu__gemm_job j;
-    if (batch <= 0 || m <= 0 || n <= 0) return MGPU_OK;
-    if (k <= 0 || alpha == 0.0f) { mgpu__gemm_scale_c(batch, m, n, beta, c, ldc, c_batch_stride); return MGPU_OK; }
+    if (batch <= 0 || m <= 0 || n <= 0) return;
+    if (k <= 0 || alpha == 0.0f) { mgpu__gemm_scale_c(batch, m, n, beta, c, ldc, c_batch_stride); return; }
 #ifdef MGPU_USE_CBLAS
-    if (mgpu__gemm_cblas(batch, m, n, k, alpha, a, b, beta, c, ldc, c_batch_stride)) return MGPU_OK;
+    if (mgpu__gemm_cblas(batch, m, n, k, alpha, a, b, beta, c, ldc, c_batch_stride)) return;
 #endif
     memset(&j, 0, sizeof j);
     j.a = *a; j.b = *b; j.c = c; j.ldc = ldc; j.c_batch_stride = c_batch_stride;
@@ -398,16 +421,67 @@ static mgpu_result mgpu__gemm(mgpu_context *ctx, int64_t batch, int64_t m, int64
     j.kc = mgpu__gemm_kc(k);
     mgpu__gemm_plan(&j, batch, ctx ? mgpu_context_num_threads(ctx) : 1);
     mgpu_parallel_for(ctx, batch * j.gm * j.gn, 1, mgpu__gemm_tiles, &j);
-    if (j.failed) return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_gemm_f32: out of host memory for the packing buffers (%lld x %lld x %lld)",
-                                    (long long)m, (long long)n, (long long)k);
-    return MGPU_OK;
 }
 
+/* Bias epilogue, before the product: every row of C := beta * row + bias, so the product then
+   accumulates onto it (beta 0 copies the bias, exactly as the product would add it). */
+static void mgpu__gemm_add_bias(const mgpu__gemm_args *a, int64_t batch) {
+    int64_t bi, i, jj;
+    for (bi = 0; bi < batch; bi++)
+        for (i = 0; i < a->m; i++) {
+            float *r = a->c + bi * a->stride_c + i * a->ldc;
+            if (a->beta == 0.0f) memcpy(r, a->bias, sizeof(float) * (size_t)a->n);
+            else for (jj = 0; jj < a->n; jj++) r[jj] = a->beta * r[jj] + a->bias[jj];
+        }
+}
+
+/* Activation epilogue, after the product: ReLU or GELU (tanh) on every row of C, as the unary ops. */
+static void mgpu__gemm_activate(const mgpu__gemm_args *a, int64_t batch) {
+    mgpu__unary_args u;
+    int64_t bi, i;
+    memset(&u, 0, sizeof u);
+    u.kind = a->epilogue == MGPU__EPI_BIAS_RELU ? MGPU__UN_RELU : MGPU__UN_GELU_TANH;
+    u.n = a->n;
+    for (bi = 0; bi < batch; bi++)
+        for (i = 0; i < a->m; i++) {
+            u.out = a->c + bi * a->stride_c + i * a->ldc;
+            u.x = u.out;
+            mgpu__cpu_unary_forward(&u);
+        }
+}
+
+/* The gemm twin on the CPU: f32 operands only (AMP on the CPU rounds its inputs, then runs in f32). */
+static void mgpu__cpu_gemm(const mgpu__gemm_args *a) {
+    int64_t batch = a->batch > 0 ? a->batch : 1;
+    mgpu__gemm_operand oa = mgpu__gemm_a((const float *)a->a, a->trans_a != 0, a->lda);
+    mgpu__gemm_operand ob = mgpu__gemm_b((const float *)a->b, a->trans_b != 0, a->ldb);
+    float beta = a->beta;
+    MGPU_ASSERT(a->ab_dtype == MGPU_F32);
+    oa.batch_stride = a->stride_a; ob.batch_stride = a->stride_b;
+    if (a->epilogue != MGPU__EPI_NONE) { mgpu__gemm_add_bias(a, batch); beta = 1.0f; }
+    mgpu__gemm_run(a->ctx, batch, a->m, a->n, a->k, a->alpha, &oa, &ob, beta, a->c, a->ldc, a->stride_c);
+    if (a->epilogue == MGPU__EPI_BIAS_RELU || a->epilogue == MGPU__EPI_BIAS_GELU) mgpu__gemm_activate(a, batch);
+}
+
+/* The gemm twin's arguments for one f32 product C = alpha * op(A) @ op(B) + beta * C on ctx's
+   device (batch, strides and epilogue left at none). */
+static mgpu__gemm_args mgpu__gemm_args_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                                           const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+    mgpu__gemm_args g;
+    memset(&g, 0, sizeof g);
+    g.ctx = ctx; g.blas = ctx ? ctx->cuda_blas : NULL;
+    g.trans_a = trans_a; g.trans_b = trans_b; g.m = m; g.n = n; g.k = k;
+    g.alpha = alpha; g.a = a; g.lda = lda; g.b = b; g.ldb = ldb; g.beta = beta; g.c = c; g.ldc = ldc;
+    g.ab_dtype = MGPU_F32;
+    return g;
+}
+
+/* The public GEMM takes host pointers by contract, so it calls the CPU twin directly. */
 MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
                             float alpha, const float *a, int64_t lda, const float *b, int64_t ldb,
                             float beta, float *c, int64_t ldc) {
     int64_t a_cols = trans_a ? m : k, b_cols = trans_b ? k : n;
-    mgpu__gemm_operand oa, ob;
+    mgpu__gemm_args g;
     if (m < 0 || n < 0 || k < 0) {
         mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_gemm_f32: m, n, k must be >= 0 (got %lld, %lld, %lld)", (long long)m, (long long)n, (long long)k);
         return;
@@ -422,41 +496,13 @@ MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t
                    (long long)lda, (long long)a_cols, (long long)ldb, (long long)b_cols, (long long)ldc, (long long)n);
         return;
     }
-    oa = mgpu__gemm_a(a, trans_a != 0, lda);
-    ob = mgpu__gemm_b(b, trans_b != 0, ldb);
-    mgpu__gemm(ctx, 1, m, n, k, alpha, &oa, &ob, beta, c, ldc, 0);
+    g = mgpu__gemm_args_f32(ctx, trans_a != 0, trans_b != 0, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    mgpu__cpu_gemm(&g);
 }
 
-/* --------------------------------------------------------------------------------------
-   Shared helpers for the ops below
-   -------------------------------------------------------------------------------------- */
-
-/* Column sums of g (rows, cols) added into out (cols); each column sums rows in order. */
-typedef struct { const float *g; float *out; int64_t rows, cols; } mgpu__colsum_arg;
-static void mgpu__colsum_range(void *arg, int64_t j0, int64_t j1) {
-    mgpu__colsum_arg *s = (mgpu__colsum_arg *)arg;
-    float acc[256];
-    int64_t r, jb, j;
-    for (jb = j0; jb < j1; jb += 256) {   /* a strip of columns at a time keeps the loop vectorised */
-        int64_t w = MGPU__MIN((int64_t)256, j1 - jb);
-        for (j = 0; j < w; j++) acc[j] = 0.0f;
-        for (r = 0; r < s->rows; r++) {
-            const float *row = s->g + r * s->cols + jb;
-            for (j = 0; j < w; j++) acc[j] += row[j];
-        }
-        for (j = 0; j < w; j++) s->out[jb + j] += acc[j];
-    }
-}
-static void mgpu__add_column_sums(mgpu_context *ctx, const float *g, int64_t rows, int64_t cols, float *out) {
-    mgpu__colsum_arg s;
-    s.g = g; s.out = out; s.rows = rows; s.cols = cols;
-    mgpu_parallel_for(ctx, cols, MGPU__MAX((int64_t)16, (int64_t)32768 / MGPU__MAX(rows, (int64_t)1)), mgpu__colsum_range, &s);
-}
-
-/* Each row of y (rows, cols) := v (cols): the bias, before a GEMM accumulates with beta = 1. */
-static void mgpu__fill_rows(float *y, int64_t rows, int64_t cols, const float *v) {
-    int64_t r;
-    for (r = 0; r < rows; r++) memcpy(y + r * cols, v, sizeof(float) * (size_t)cols);
+/* Makes g a strided batch of `batch` products whose items lie sa, sb, sc elements apart. */
+static void mgpu__gemm_set_batch(mgpu__gemm_args *g, int64_t batch, int64_t sa, int64_t sb, int64_t sc) {
+    g->batch = batch; g->stride_a = sa; g->stride_b = sb; g->stride_c = sc;
 }
 
 /* Autocast (see "Mixed precision"): matmul, linear and conv2d round their inputs and output to the half
@@ -471,21 +517,21 @@ static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *a = node->in[0], *b = node->in[1];
     int64_t batch = node->iarg[0], m = node->iarg[1], k = node->iarg[2], n = node->iarg[3];
     const float *dc = (const float *)node->out->grad->data;   // (B, M, N)
+    mgpu__gemm_args g;
     mgpu_result r = MGPU_OK;
     if (mgpu__needs_grad(node, 0)) {   // dA (B, M, K) += dC @ B^T
         float *da;
-        mgpu__gemm_operand oa = mgpu__gemm_a(dc, 0, n), ob = mgpu__gemm_b((const float *)b->data, 1, n);
         MGPU__GRAD_OR_FAIL(da, ctx, a);
-        oa.batch_stride = m * n; ob.batch_stride = k * n;
-        r = mgpu__gemm(ctx, batch, m, k, n, 1.0f, &oa, &ob, 1.0f, da, k, m * k);
-        if (r != MGPU_OK) return r;
+        g = mgpu__gemm_args_f32(ctx, 0, 1, m, k, n, 1.0f, dc, n, (const float *)b->data, n, 1.0f, da, k);
+        mgpu__gemm_set_batch(&g, batch, m * n, k * n, m * k);
+        if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     if (mgpu__needs_grad(node, 1)) {   // dB (B, K, N) += A^T @ dC
         float *db;
-        mgpu__gemm_operand oa = mgpu__gemm_a((const float *)a->data, 1, k), ob = mgpu__gemm_b(dc, 0, n);
         MGPU__GRAD_OR_FAIL(db, ctx, b);
-        oa.batch_stride = m * k; ob.batch_stride = m * n;
-        r = mgpu__gemm(ctx, batch, k, n, m, 1.0f, &oa, &ob, 1.0f, db, n, k * n);
+        g = mgpu__gemm_args_f32(ctx, 1, 0, k, n, m, 1.0f, (const float *)a->data, k, dc, n, 1.0f, db, n);
+        mgpu__gemm_set_batch(&g, batch, m * k, m * n, k * n);
+        r = MGPU__TWIN(ctx, gemm, &g);
     }
     return r;
 }
@@ -494,7 +540,7 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
     int64_t shape[3], batch, m, k, n;
     mgpu_tensor *out, *ins[2];
     mgpu__node *node = NULL;
-    mgpu__gemm_operand oa, ob;
+    mgpu__gemm_args g;
     int nd;
     if (mgpu__autocast_active(ctx)) {
         int mode;
@@ -512,9 +558,9 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
     shape[0] = batch; shape[nd - 2] = m; shape[nd - 1] = n;
     out = mgpu__new_activation(ctx, MGPU_F32, nd, shape);   // (B, M, N)
     if (!out) return NULL;
-    oa = mgpu__gemm_a((const float *)a->data, 0, k); oa.batch_stride = m * k;
-    ob = mgpu__gemm_b((const float *)b->data, 0, n); ob.batch_stride = k * n;
-    if (mgpu__gemm(ctx, batch, m, n, k, 1.0f, &oa, &ob, 0.0f, (float *)out->data, n, m * n) != MGPU_OK) return NULL;
+    g = mgpu__gemm_args_f32(ctx, 0, 0, m, n, k, 1.0f, (const float *)a->data, k, (const float *)b->data, n, 0.0f, (float *)out->data, n);
+    mgpu__gemm_set_batch(&g, batch, m * k, k * n, m * n);
+    if (MGPU__TWIN(ctx, gemm, &g) != MGPU_OK) return NULL;
     ins[0] = a; ins[1] = b;
     MGPU__RECORD(ctx, "matmul", mgpu__matmul_backward, out, 2, ins, node);
     if (node) { node->iarg[0] = batch; node->iarg[1] = m; node->iarg[2] = k; node->iarg[3] = n; }
@@ -525,30 +571,52 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
    linear: y = x @ w^T + b
    -------------------------------------------------------------------------------------- */
 
+/* The bias gradient twin: db (cols) += column sums of dy (rows, cols), each column summing its
+   rows in order (deterministic, whatever the threads). */
+static void mgpu__linear_bias_grad_range(void *arg, int64_t j0, int64_t j1) {
+    const mgpu__linear_bias_grad_args *a = (const mgpu__linear_bias_grad_args *)arg;
+    float acc[256];
+    int64_t r, jb, j;
+    for (jb = j0; jb < j1; jb += 256) {   /* a strip of columns at a time keeps the loop vectorised */
+        int64_t w = MGPU__MIN((int64_t)256, j1 - jb);
+        for (j = 0; j < w; j++) acc[j] = 0.0f;
+        for (r = 0; r < a->rows; r++) {
+            const float *row = a->dy + r * a->cols + jb;
+            for (j = 0; j < w; j++) acc[j] += row[j];
+        }
+        for (j = 0; j < w; j++) a->db[jb + j] += acc[j];
+    }
+}
+static void mgpu__cpu_linear_bias_grad(const mgpu__linear_bias_grad_args *a) {
+    mgpu_parallel_for(a->ctx, a->cols, MGPU__MAX((int64_t)16, (int64_t)32768 / MGPU__MAX(a->rows, (int64_t)1)),
+                      mgpu__linear_bias_grad_range, (void *)a);
+}
+
 /* iarg = {rows, in, out} */
 static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->n_in > 2 ? node->in[2] : NULL;
     int64_t rows = node->iarg[0], in = node->iarg[1], outf = node->iarg[2];
     const float *dy = (const float *)node->out->grad->data;   // (rows, out)
+    mgpu__gemm_args g;
     mgpu_result r;
     if (mgpu__needs_grad(node, 1)) {   // dW (out, in) += dY^T @ X
         float *dw;
-        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 1, outf), ob = mgpu__gemm_b((const float *)x->data, 0, in);
         MGPU__GRAD_OR_FAIL(dw, ctx, w);
-        r = mgpu__gemm(ctx, 1, outf, in, rows, 1.0f, &oa, &ob, 1.0f, dw, in, 0);
-        if (r != MGPU_OK) return r;
+        g = mgpu__gemm_args_f32(ctx, 1, 0, outf, in, rows, 1.0f, dy, outf, (const float *)x->data, in, 1.0f, dw, in);
+        if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     if (b && mgpu__needs_grad(node, 2)) {   // db (out) += column sums of dY
+        mgpu__linear_bias_grad_args s;
         float *db;
         MGPU__GRAD_OR_FAIL(db, ctx, b);
-        mgpu__add_column_sums(ctx, dy, rows, outf, db);
+        s.ctx = ctx; s.dy = dy; s.db = db; s.rows = rows; s.cols = outf;
+        if ((r = MGPU__TWIN(ctx, linear_bias_grad, &s)) != MGPU_OK) return r;
     }
     if (mgpu__needs_grad(node, 0)) {   // dX (rows, in) += dY @ W; skipped for a first layer
         float *dx;
-        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 0, outf), ob = mgpu__gemm_b((const float *)w->data, 0, in);
         MGPU__GRAD_OR_FAIL(dx, ctx, x);
-        r = mgpu__gemm(ctx, 1, rows, in, outf, 1.0f, &oa, &ob, 1.0f, dx, in, 0);
-        if (r != MGPU_OK) return r;
+        g = mgpu__gemm_args_f32(ctx, 0, 0, rows, in, outf, 1.0f, dy, outf, (const float *)w->data, in, 1.0f, dx, in);
+        if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     return MGPU_OK;
 }
@@ -559,7 +627,7 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     int i;
     mgpu_tensor *y, *ins[3];
     mgpu__node *node = NULL;
-    mgpu__gemm_operand ox, ow;
+    mgpu__gemm_args g;
     if (mgpu__autocast_active(ctx)) {   /* the bias is cast too, as under torch.autocast */
         int mode;
         ins[0] = x; ins[1] = w; ins[2] = b;
@@ -579,10 +647,10 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     shape[x->ndim - 1] = outf;
     y = mgpu__new_activation(ctx, MGPU_F32, x->ndim, shape);   // (..., out)
     if (!y) return NULL;
-    if (b) mgpu__fill_rows((float *)y->data, rows, outf, (const float *)b->data);
-    ox = mgpu__gemm_a((const float *)x->data, 0, in);
-    ow = mgpu__gemm_b((const float *)w->data, 1, in);
-    if (mgpu__gemm(ctx, 1, rows, outf, in, 1.0f, &ox, &ow, b ? 1.0f : 0.0f, (float *)y->data, outf, 0) != MGPU_OK) return NULL;
+    g = mgpu__gemm_args_f32(ctx, 0, 1, rows, outf, in, 1.0f, (const float *)x->data, in, (const float *)w->data, in, 0.0f,
+                            (float *)y->data, outf);
+    if (b) { g.epilogue = MGPU__EPI_BIAS; g.bias = (const float *)b->data; }
+    if (MGPU__TWIN(ctx, gemm, &g) != MGPU_OK) return NULL;
     ins[0] = x; ins[1] = w; ins[2] = b;
     MGPU__RECORD(ctx, "linear", mgpu__linear_backward, y, b ? 3 : 2, ins, node);
     if (node) { node->iarg[0] = rows; node->iarg[1] = in; node->iarg[2] = outf; }
@@ -601,10 +669,12 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
 #define MGPU__CONV_PAR_BATCH 8
 #define MGPU__CONV_CHUNK 4
 
-typedef struct mgpu__conv_geom {
-    int64_t n, c, h, w, o, oh, ow, ks, stride, pad;
-    int64_t p, ckk;     /* output positions per image, rows of an image's column matrix */
-} mgpu__conv_geom;
+/* One f32 product on the CPU, for the CPU twins built from GEMMs (conv2d, attention). */
+static void mgpu__cpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                               const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+    mgpu__gemm_args g = mgpu__gemm_args_f32(ctx, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    mgpu__cpu_gemm(&g);
+}
 
 /* 1x1, stride 1, no padding: an image's column matrix is the image itself */
 static int mgpu__conv_is_pointwise(const mgpu__conv_geom *g) { return g->ks == 1 && g->stride == 1 && g->pad == 0; }
@@ -642,83 +712,78 @@ static void mgpu__im2col_image(const mgpu__conv_geom *g, float *img, float *cols
             }
 }
 
-/* One conv2d call's tensors; the per-image steps below read what they need. */
+/* One run of a conv2d CPU twin; the per-image steps below read what they need. */
 typedef struct mgpu__conv_job {
-    const mgpu__conv_geom *g;
+    const mgpu__conv2d_args *a;
     mgpu_context *gemm_ctx;   /* threads for the GEMMs: the context, or NULL inside a per-image task */
-    float *x, *y;             /* (N, C, H, W), (N, O, P) */
-    const float *w, *b;       /* (O, CKK), (O) or NULL */
-    const float *dy;          /* (N, O, P) */
-    float *dx, *dw;           /* dx (N, C, H, W) or NULL; dw (O, CKK) target (a partial sum or the grad) or NULL */
-    int failed;
+    float *dw;                /* dw target (O, CKK): a chunk's partial sum or the grad itself, or NULL */
+    int failed;               /* a thread found no memory for its column buffers */
 } mgpu__conv_job;
 
-/* Image i's column matrix: the image itself when pointwise, else im2col into this thread's scratch. */
-static float *mgpu__conv_columns(const mgpu__conv_job *j, int64_t i) {
-    const mgpu__conv_geom *g = j->g;
-    float *img = j->x + i * g->c * g->h * g->w, *cols;
+/* Image i's column matrix: the image itself when pointwise, else im2col into this thread's scratch
+   (NULL when out of memory). */
+static const float *mgpu__conv_columns(const mgpu__conv_job *j, int64_t i) {
+    const mgpu__conv_geom *g = j->a->g;
+    float *img = (float *)(j->a->x + i * g->c * g->h * g->w), *cols;   /* the gather only reads the image */
     if (mgpu__conv_is_pointwise(g)) return img;
     cols = mgpu__scratch(MGPU__SCRATCH_COLS, (size_t)(g->ckk * g->p));
     if (cols) mgpu__im2col_image(g, img, cols, 0);
     return cols;
 }
 
-/* y_i (O, P) = W (O, CKK) @ cols_i (CKK, P) + b */
-static mgpu_result mgpu__conv_forward_image(const mgpu__conv_job *j, int64_t i) {
-    const mgpu__conv_geom *g = j->g;
-    float *y = j->y + i * g->o * g->p;
+/* y_i (O, P) = W (O, CKK) @ cols_i (CKK, P) + b; 0 when out of memory */
+static int mgpu__conv_forward_image(const mgpu__conv_job *j, int64_t i) {
+    const mgpu__conv2d_args *a = j->a;
+    const mgpu__conv_geom *g = a->g;
+    float *y = a->y + i * g->o * g->p;
     const float *cols = mgpu__conv_columns(j, i);
-    mgpu__gemm_operand ow = mgpu__gemm_a(j->w, 0, g->ckk), oc = mgpu__gemm_b(cols, 0, g->p);
     int64_t o, q;
-    if (!cols) return MGPU_ERR_OOM_HOST;
-    if (j->b)
+    if (!cols) return 0;
+    if (a->b)
         for (o = 0; o < g->o; o++)
-            for (q = 0; q < g->p; q++) y[o * g->p + q] = j->b[o];
-    return mgpu__gemm(j->gemm_ctx, 1, g->o, g->p, g->ckk, 1.0f, &ow, &oc, j->b ? 1.0f : 0.0f, y, g->p, 0);
+            for (q = 0; q < g->p; q++) y[o * g->p + q] = a->b[o];
+    mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 0, g->o, g->p, g->ckk, 1.0f, a->w, g->ckk, cols, g->p, a->b ? 1.0f : 0.0f, y, g->p);
+    return 1;
 }
 
-/* dW (O, CKK) = beta * dW + dY_i (O, P) @ cols_i^T, then dX_i += col2im(W^T @ dY_i) */
-static mgpu_result mgpu__conv_backward_image(const mgpu__conv_job *j, int64_t i, float dw_beta) {
-    const mgpu__conv_geom *g = j->g;
-    const float *dy = j->dy + i * g->o * g->p;
-    mgpu_result r;
+/* dW (O, CKK) = dw_beta * dW + dY_i (O, P) @ cols_i^T, then dX_i += col2im(W^T @ dY_i); 0 when out of memory */
+static int mgpu__conv_backward_image(const mgpu__conv_job *j, int64_t i, float dw_beta) {
+    const mgpu__conv2d_args *a = j->a;
+    const mgpu__conv_geom *g = a->g;
+    const float *dy = a->dy + i * g->o * g->p;
     if (j->dw) {
         const float *cols = mgpu__conv_columns(j, i);
-        mgpu__gemm_operand oa = mgpu__gemm_a(dy, 0, g->p), ob = mgpu__gemm_b(cols, 1, g->p);
-        if (!cols) return MGPU_ERR_OOM_HOST;
-        r = mgpu__gemm(j->gemm_ctx, 1, g->o, g->ckk, g->p, 1.0f, &oa, &ob, dw_beta, j->dw, g->ckk, 0);
-        if (r != MGPU_OK) return r;
+        if (!cols) return 0;
+        mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 1, g->o, g->ckk, g->p, 1.0f, dy, g->p, cols, g->p, dw_beta, j->dw, g->ckk);
     }
-    if (j->dx) {
-        float *dxi = j->dx + i * g->c * g->h * g->w, *dcols = dxi;
+    if (a->dx) {
+        float *dxi = a->dx + i * g->c * g->h * g->w, *dcols = dxi;
         int pointwise = mgpu__conv_is_pointwise(g);
-        mgpu__gemm_operand oa = mgpu__gemm_a(j->w, 1, g->ckk), ob = mgpu__gemm_b(dy, 0, g->p);
-        if (!pointwise && !(dcols = mgpu__scratch(MGPU__SCRATCH_DCOLS, (size_t)(g->ckk * g->p)))) return MGPU_ERR_OOM_HOST;
+        if (!pointwise && !(dcols = mgpu__scratch(MGPU__SCRATCH_DCOLS, (size_t)(g->ckk * g->p)))) return 0;
         /* pointwise: dX_i is dcols, so accumulate straight into it */
-        r = mgpu__gemm(j->gemm_ctx, 1, g->ckk, g->p, g->o, 1.0f, &oa, &ob, pointwise ? 1.0f : 0.0f, dcols, g->p, 0);
-        if (r != MGPU_OK) return r;
+        mgpu__cpu_gemm_f32(j->gemm_ctx, 1, 0, g->ckk, g->p, g->o, 1.0f, a->w, g->ckk, dy, g->p, pointwise ? 1.0f : 0.0f, dcols, g->p);
         if (!pointwise) mgpu__im2col_image(g, dxi, dcols, 1);
     }
-    return MGPU_OK;
+    return 1;
 }
 
 static void mgpu__conv_forward_range(void *arg, int64_t i0, int64_t i1) {
     mgpu__conv_job *j = (mgpu__conv_job *)arg;
     int64_t i;
     for (i = i0; i < i1; i++)
-        if (mgpu__conv_forward_image(j, i) != MGPU_OK) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        if (!mgpu__conv_forward_image(j, i)) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
 }
 
 /* Chunk c: images [c * CHUNK, ...) into the chunk's own dW partial (j->dw + c * O * CKK). */
 static void mgpu__conv_backward_range(void *arg, int64_t c0, int64_t c1) {
-    const mgpu__conv_job *j = (const mgpu__conv_job *)arg;
+    mgpu__conv_job *j = (mgpu__conv_job *)arg;
     mgpu__conv_job jc = *j;
+    const mgpu__conv_geom *g = j->a->g;
     int64_t c, i;
     for (c = c0; c < c1; c++) {
-        jc.dw = j->dw ? j->dw + c * j->g->o * j->g->ckk : NULL;
-        for (i = c * MGPU__CONV_CHUNK; i < MGPU__MIN(j->g->n, (c + 1) * MGPU__CONV_CHUNK); i++)
-            if (mgpu__conv_backward_image(&jc, i, i == c * MGPU__CONV_CHUNK ? 0.0f : 1.0f) != MGPU_OK)
-                __atomic_store_n((int *)&j->failed, 1, __ATOMIC_RELAXED);
+        jc.dw = j->dw ? j->dw + c * g->o * g->ckk : NULL;
+        for (i = c * MGPU__CONV_CHUNK; i < MGPU__MIN(g->n, (c + 1) * MGPU__CONV_CHUNK); i++)
+            if (!mgpu__conv_backward_image(&jc, i, i == c * MGPU__CONV_CHUNK ? 0.0f : 1.0f)) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
     }
 }
 
@@ -733,10 +798,9 @@ static void mgpu__partsum_range(void *arg, int64_t e0, int64_t e1) {
 
 /* db[o] += sum of dY (N, O, P) over images and positions: strips of positions are summed across
    images as vectors, then the strip totals in order (deterministic, and it vectorises). */
-typedef struct { const float *dy; float *db; const mgpu__conv_geom *g; } mgpu__chansum_arg;
 static void mgpu__chansum_range(void *arg, int64_t o0, int64_t o1) {
-    mgpu__chansum_arg *s = (mgpu__chansum_arg *)arg;
-    const mgpu__conv_geom *g = s->g;
+    const mgpu__conv2d_args *a = (const mgpu__conv2d_args *)arg;
+    const mgpu__conv_geom *g = a->g;
     float strip[256];
     int64_t o, i, q0, q;
     for (o = o0; o < o1; o++) {
@@ -745,12 +809,12 @@ static void mgpu__chansum_range(void *arg, int64_t o0, int64_t o1) {
             int64_t w = MGPU__MIN((int64_t)256, g->p - q0);
             for (q = 0; q < w; q++) strip[q] = 0.0f;
             for (i = 0; i < g->n; i++) {
-                const float *r = s->dy + (i * g->o + o) * g->p + q0;
+                const float *r = a->dy + (i * g->o + o) * g->p + q0;
                 for (q = 0; q < w; q++) strip[q] += r[q];
             }
             for (q = 0; q < w; q++) total += strip[q];
         }
-        s->db[o] += total;
+        a->db[o] += total;
     }
 }
 
@@ -759,39 +823,68 @@ static mgpu_result mgpu__conv_oom(const mgpu__conv_geom *g) {
                       (long long)g->ckk, (long long)g->p);
 }
 
+/* The conv2d twins on the CPU. Small batches go image by image with threaded GEMMs; larger ones
+   give whole images to threads (see above). */
+static void mgpu__cpu_conv2d_forward(const mgpu__conv2d_args *a) {
+    mgpu__conv_job j;
+    int64_t i;
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    if (a->g->n >= MGPU__CONV_PAR_BATCH) {
+        mgpu_parallel_for(a->ctx, a->g->n, 1, mgpu__conv_forward_range, &j);
+    } else {
+        j.gemm_ctx = a->ctx;
+        for (i = 0; i < a->g->n && !j.failed; i++) j.failed = !mgpu__conv_forward_image(&j, i);
+    }
+    if (j.failed) *a->status = mgpu__conv_oom(a->g);
+}
+
+/* dW through per-chunk partials added in chunk order; 0 when out of memory */
+static mgpu_result mgpu__conv_backward_batch(mgpu__conv_job *j) {
+    const mgpu__conv2d_args *a = j->a;
+    const mgpu__conv_geom *g = a->g;
+    int64_t chunks = (g->n + MGPU__CONV_CHUNK - 1) / MGPU__CONV_CHUNK;
+    mgpu__partsum_arg ps;
+    if (a->dw && !(j->dw = (float *)mgpu__arena_alloc(a->ctx, sizeof(float) * (size_t)(chunks * g->o * g->ckk)))) return MGPU_ERR_OOM_HOST;
+    mgpu_parallel_for(a->ctx, chunks, 1, mgpu__conv_backward_range, j);
+    if (j->failed) return mgpu__conv_oom(g);
+    ps.part = j->dw; ps.dw = a->dw; ps.chunks = chunks; ps.size = g->o * g->ckk;
+    if (a->dw) mgpu_parallel_for(a->ctx, ps.size, 4096, mgpu__partsum_range, &ps);
+    return MGPU_OK;
+}
+
+static void mgpu__cpu_conv2d_backward(const mgpu__conv2d_args *a) {
+    const mgpu__conv_geom *g = a->g;
+    mgpu__conv_job j;
+    int64_t i;
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    if (g->n >= MGPU__CONV_PAR_BATCH) {
+        if ((*a->status = mgpu__conv_backward_batch(&j)) != MGPU_OK) return;
+    } else {
+        j.gemm_ctx = a->ctx; j.dw = a->dw;
+        for (i = 0; i < g->n; i++)
+            if (!mgpu__conv_backward_image(&j, i, 1.0f)) { *a->status = mgpu__conv_oom(g); return; }
+    }
+    if (a->db)   /* db (O) += sum over images and positions of dY */
+        mgpu_parallel_for(a->ctx, g->o, MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->n * g->p, (int64_t)1)), mgpu__chansum_range,
+                          (void *)a);
+}
+
 /* node: in = {x, w, b}, extra = geometry */
 static mgpu_result mgpu__conv2d_backward(mgpu_context *ctx, mgpu__node *node) {
-    const mgpu__conv_geom *g = (const mgpu__conv_geom *)node->extra;
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
-    mgpu__conv_job j;
-    float *dw = NULL;
-    int64_t i;
-    mgpu_result r;
-    memset(&j, 0, sizeof j);
-    j.g = g; j.x = (float *)x->data; j.w = (const float *)w->data; j.dy = (const float *)node->out->grad->data;
-    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(j.dx, ctx, x);
-    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(dw, ctx, w);
-    if (g->n >= MGPU__CONV_PAR_BATCH) {
-        mgpu__partsum_arg ps;
-        int64_t chunks = (g->n + MGPU__CONV_CHUNK - 1) / MGPU__CONV_CHUNK;
-        if (dw && !(j.dw = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)(chunks * g->o * g->ckk)))) return mgpu_last_result();
-        mgpu_parallel_for(ctx, chunks, 1, mgpu__conv_backward_range, &j);
-        if (j.failed) return mgpu__conv_oom(g);
-        ps.part = j.dw; ps.dw = dw; ps.chunks = chunks; ps.size = g->o * g->ckk;
-        if (dw) mgpu_parallel_for(ctx, ps.size, 4096, mgpu__partsum_range, &ps);
-    } else {
-        j.gemm_ctx = ctx; j.dw = dw;
-        for (i = 0; i < g->n; i++)
-            if ((r = mgpu__conv_backward_image(&j, i, 1.0f)) != MGPU_OK) return r == MGPU_ERR_OOM_HOST ? mgpu__conv_oom(g) : r;
-    }
-    if (b && mgpu__needs_grad(node, 2)) {   // db (O) += sum over images and positions of dY
-        mgpu__chansum_arg s;
-        float *db;
-        MGPU__GRAD_OR_FAIL(db, ctx, b);
-        s.dy = j.dy; s.db = db; s.g = g;
-        mgpu_parallel_for(ctx, g->o, MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->n * g->p, (int64_t)1)), mgpu__chansum_range, &s);
-    }
-    return MGPU_OK;
+    mgpu__conv2d_args a;
+    mgpu_result r, status = MGPU_OK;
+    memset(&a, 0, sizeof a);
+    a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas;
+    a.g = (const mgpu__conv_geom *)node->extra;
+    a.x = (const float *)x->data; a.w = (const float *)w->data; a.dy = (const float *)node->out->grad->data;
+    if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(a.dw, ctx, w);
+    if (b && mgpu__needs_grad(node, 2)) MGPU__GRAD_OR_FAIL(a.db, ctx, b);
+    r = MGPU__TWIN(ctx, conv2d_backward, &a);
+    return r != MGPU_OK ? r : status;
 }
 
 /* Validates conv2d's arguments and fills the geometry; 1 if fine. */
@@ -831,8 +924,9 @@ static int mgpu__conv_setup(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, m
 
 MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, int stride, int padding) {
     mgpu__conv_geom g, *gsaved;
-    mgpu__conv_job j;
-    int64_t shape[4], i;
+    mgpu__conv2d_args a;
+    mgpu_result status = MGPU_OK;
+    int64_t shape[4];
     mgpu_tensor *y, *ins[3];
     mgpu__node *node = NULL;
     if (mgpu__autocast_active(ctx)) {
@@ -845,19 +939,10 @@ MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     shape[0] = g.n; shape[1] = g.o; shape[2] = g.oh; shape[3] = g.ow;
     y = mgpu__new_activation(ctx, MGPU_F32, 4, shape);   // (N, O, OH, OW)
     if (!y) return NULL;
-    memset(&j, 0, sizeof j);
-    j.g = &g; j.x = (float *)x->data; j.y = (float *)y->data; j.w = (const float *)w->data;
-    j.b = b ? (const float *)b->data : NULL;
-    if (g.n >= MGPU__CONV_PAR_BATCH) {
-        mgpu_parallel_for(ctx, g.n, 1, mgpu__conv_forward_range, &j);
-        if (j.failed) { mgpu__conv_oom(&g); return NULL; }
-    } else {
-        j.gemm_ctx = ctx;
-        for (i = 0; i < g.n; i++) {
-            mgpu_result r = mgpu__conv_forward_image(&j, i);
-            if (r != MGPU_OK) { if (r == MGPU_ERR_OOM_HOST) mgpu__conv_oom(&g); return NULL; }
-        }
-    }
+    memset(&a, 0, sizeof a);
+    a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas; a.g = &g;
+    a.x = (const float *)x->data; a.w = (const float *)w->data; a.b = b ? (const float *)b->data : NULL; a.y = (float *)y->data;
+    if (MGPU__TWIN(ctx, conv2d_forward, &a) != MGPU_OK || status != MGPU_OK) return NULL;
     ins[0] = x; ins[1] = w; ins[2] = b;
     MGPU__RECORD(ctx, "conv2d", mgpu__conv2d_backward, y, 3, ins, node);
     if (node) {
@@ -872,12 +957,9 @@ MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
    Pooling over (N, C, H, W) planes, PyTorch's output size floor((H + 2p - k) / s) + 1
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__pool_geom {
-    int64_t planes, h, w, oh, ow, k, stride, pad;
-} mgpu__pool_geom;
-
-/* Validates kernel/stride/padding for a pooling op and fills the geometry (stride 0 -> kernel). */
-static int mgpu__pool_setup(mgpu_context *ctx, const char *op, mgpu_tensor *x, int kernel, int stride, int padding, mgpu__pool_geom *g) {
+/* Validates kernel/stride/padding for a pooling op and fills the geometry (stride 0 -> kernel;
+   o, p and ckk stay 0: they are conv2d's). */
+static int mgpu__pool_setup(mgpu_context *ctx, const char *op, mgpu_tensor *x, int kernel, int stride, int padding, mgpu__conv_geom *g) {
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return 0;
     if (x->ndim != 4) { mgpu__fail(MGPU_ERR_SHAPE, "%s: x must be (N, C, H, W), got %s", op, mgpu__shape_str(x)); return 0; }
     if (kernel < 1 || stride < 0 || padding < 0) {
@@ -889,40 +971,33 @@ static int mgpu__pool_setup(mgpu_context *ctx, const char *op, mgpu_tensor *x, i
         return 0;
     }
     memset(g, 0, sizeof *g);
-    g->planes = x->shape[0] * x->shape[1]; g->h = x->shape[2]; g->w = x->shape[3];
-    g->k = kernel; g->stride = stride ? stride : kernel; g->pad = padding;
-    if (g->h + 2 * g->pad < g->k || g->w + 2 * g->pad < g->k) {
+    g->n = x->shape[0]; g->c = x->shape[1]; g->h = x->shape[2]; g->w = x->shape[3];
+    g->ks = kernel; g->stride = stride ? stride : kernel; g->pad = padding;
+    if (g->h + 2 * g->pad < g->ks || g->w + 2 * g->pad < g->ks) {
         mgpu__fail(MGPU_ERR_SHAPE, "%s: x %s with padding %d is smaller than the kernel %d", op, mgpu__shape_str(x), padding, kernel);
         return 0;
     }
-    g->oh = (g->h + 2 * g->pad - g->k) / g->stride + 1;
-    g->ow = (g->w + 2 * g->pad - g->k) / g->stride + 1;
+    g->oh = (g->h + 2 * g->pad - g->ks) / g->stride + 1;
+    g->ow = (g->w + 2 * g->pad - g->ks) / g->stride + 1;
     return 1;
 }
 
 /* Window of output (oy, ox) clipped to the image: rows [y0, y1), columns [x0, x1). */
-static void mgpu__pool_window(const mgpu__pool_geom *g, int64_t oy, int64_t ox, int64_t *y0, int64_t *y1, int64_t *x0, int64_t *x1) {
+static void mgpu__pool_window(const mgpu__conv_geom *g, int64_t oy, int64_t ox, int64_t *y0, int64_t *y1, int64_t *x0, int64_t *x1) {
     int64_t ys = oy * g->stride - g->pad, xs = ox * g->stride - g->pad;
-    *y0 = MGPU__MAX(ys, (int64_t)0); *y1 = MGPU__MIN(ys + g->k, g->h);
-    *x0 = MGPU__MAX(xs, (int64_t)0); *x1 = MGPU__MIN(xs + g->k, g->w);
+    *y0 = MGPU__MAX(ys, (int64_t)0); *y1 = MGPU__MIN(ys + g->ks, g->h);
+    *x0 = MGPU__MAX(xs, (int64_t)0); *x1 = MGPU__MIN(xs + g->ks, g->w);
 }
 
-typedef struct mgpu__pool_arg {
-    const mgpu__pool_geom *g;
-    const float *x; float *y; int32_t *idx;   /* forward: x -> y (+ argmax) */
-    const float *dy; float *dx;               /* backward: dy -> dx */
-    int is_max;
-} mgpu__pool_arg;
-
 static void mgpu__pool_forward_range(void *arg, int64_t p0, int64_t p1) {
-    mgpu__pool_arg *s = (mgpu__pool_arg *)arg;
-    const mgpu__pool_geom *g = s->g;
-    float inv = 1.0f / (float)(g->k * g->k);   /* count_include_pad: the window is always k * k */
+    const mgpu__pool2d_args *s = (const mgpu__pool2d_args *)arg;
+    const mgpu__conv_geom *g = s->g;
+    float inv = 1.0f / (float)(g->ks * g->ks);   /* count_include_pad: the window is always k * k */
     int64_t pl, oy, ox, yy, xx, y0, y1, x0, x1;
     for (pl = p0; pl < p1; pl++) {
         const float *xp = s->x + pl * g->h * g->w;
         float *yp = s->y + pl * g->oh * g->ow;
-        int32_t *ip = s->idx ? s->idx + pl * g->oh * g->ow : NULL;
+        int32_t *ip = s->argmax ? s->argmax + pl * g->oh * g->ow : NULL;
         for (oy = 0; oy < g->oh; oy++)
             for (ox = 0; ox < g->ow; ox++) {
                 float acc = s->is_max ? -INFINITY : 0.0f;
@@ -942,15 +1017,15 @@ static void mgpu__pool_forward_range(void *arg, int64_t p0, int64_t p1) {
 }
 
 static void mgpu__pool_backward_range(void *arg, int64_t p0, int64_t p1) {
-    mgpu__pool_arg *s = (mgpu__pool_arg *)arg;
-    const mgpu__pool_geom *g = s->g;
-    float inv = 1.0f / (float)(g->k * g->k);
+    const mgpu__pool2d_args *s = (const mgpu__pool2d_args *)arg;
+    const mgpu__conv_geom *g = s->g;
+    float inv = 1.0f / (float)(g->ks * g->ks);
     int64_t pl, q, oy, ox, yy, xx, y0, y1, x0, x1;
     for (pl = p0; pl < p1; pl++) {
         const float *dyp = s->dy + pl * g->oh * g->ow;
         float *dxp = s->dx + pl * g->h * g->w;
         if (s->is_max) {
-            const int32_t *ip = s->idx + pl * g->oh * g->ow;
+            const int32_t *ip = s->argmax + pl * g->oh * g->ow;
             for (q = 0; q < g->oh * g->ow; q++) if (ip[q] >= 0) dxp[ip[q]] += dyp[q];
             continue;
         }
@@ -964,27 +1039,33 @@ static void mgpu__pool_backward_range(void *arg, int64_t p0, int64_t p1) {
     }
 }
 
-static int64_t mgpu__pool_min_chunk(const mgpu__pool_geom *g) {
+/* The pooling twins on the CPU: planes (one (H, W) image of one channel) split across threads. */
+static int64_t mgpu__pool_min_chunk(const mgpu__conv_geom *g) {
     return MGPU__MAX((int64_t)1, (int64_t)32768 / MGPU__MAX(g->h * g->w, (int64_t)1));
+}
+static void mgpu__cpu_pool2d_forward(const mgpu__pool2d_args *a) {
+    mgpu_parallel_for(a->ctx, a->g->n * a->g->c, mgpu__pool_min_chunk(a->g), mgpu__pool_forward_range, (void *)a);
+}
+static void mgpu__cpu_pool2d_backward(const mgpu__pool2d_args *a) {
+    mgpu_parallel_for(a->ctx, a->g->n * a->g->c, mgpu__pool_min_chunk(a->g), mgpu__pool_backward_range, (void *)a);
 }
 
 /* node: extra = geometry; saved[0] = argmax per output (I32 index into the plane), max pooling only */
 static mgpu_result mgpu__pool_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__pool_arg s;
-    float *dx;
-    memset(&s, 0, sizeof s);
-    MGPU__GRAD_OR_FAIL(dx, ctx, node->in[0]);
-    s.g = (const mgpu__pool_geom *)node->extra;
-    s.dy = (const float *)node->out->grad->data; s.dx = dx;
-    s.is_max = node->saved[0] != NULL;
-    s.idx = s.is_max ? (int32_t *)node->saved[0]->data : NULL;
-    mgpu_parallel_for(ctx, s.g->planes, mgpu__pool_min_chunk(s.g), mgpu__pool_backward_range, &s);
-    return MGPU_OK;
+    mgpu__pool2d_args a;
+    memset(&a, 0, sizeof a);
+    MGPU__GRAD_OR_FAIL(a.dx, ctx, node->in[0]);
+    a.ctx = ctx;
+    a.g = (const mgpu__conv_geom *)node->extra;
+    a.dy = (const float *)node->out->grad->data;
+    a.is_max = node->saved[0] != NULL;
+    a.argmax = a.is_max ? (int32_t *)node->saved[0]->data : NULL;
+    return MGPU__TWIN(ctx, pool2d_backward, &a);
 }
 
 static mgpu_tensor *mgpu__pool2d(mgpu_context *ctx, const char *op, mgpu_tensor *x, int kernel, int stride, int padding, int is_max) {
-    mgpu__pool_geom g, *gs;
-    mgpu__pool_arg s;
+    mgpu__conv_geom g, *gs;
+    mgpu__pool2d_args a;
     mgpu_tensor *y, *idx = NULL;
     mgpu__node *node = NULL;
     int64_t shape[4];
@@ -994,12 +1075,12 @@ static mgpu_tensor *mgpu__pool2d(mgpu_context *ctx, const char *op, mgpu_tensor 
     if (!y) return NULL;
     MGPU__RECORD(ctx, is_max ? "max_pool2d" : "avg_pool2d", mgpu__pool_backward, y, 1, &x, node);
     if (node && is_max && !(idx = mgpu__new_activation(ctx, MGPU_I32, 4, shape))) return NULL;
-    memset(&s, 0, sizeof s);
-    s.g = &g; s.x = (const float *)x->data; s.y = (float *)y->data; s.is_max = is_max;
-    s.idx = idx ? (int32_t *)idx->data : NULL;
-    mgpu_parallel_for(ctx, g.planes, mgpu__pool_min_chunk(&g), mgpu__pool_forward_range, &s);
+    memset(&a, 0, sizeof a);
+    a.ctx = ctx; a.g = &g; a.is_max = is_max;
+    a.x = (const float *)x->data; a.y = (float *)y->data; a.argmax = idx ? (int32_t *)idx->data : NULL;
+    if (MGPU__TWIN(ctx, pool2d_forward, &a) != MGPU_OK) return NULL;
     if (node) {
-        if (!(gs = (mgpu__pool_geom *)mgpu__arena_alloc(ctx, sizeof *gs))) return NULL;
+        if (!(gs = (mgpu__conv_geom *)mgpu__arena_alloc(ctx, sizeof *gs))) return NULL;
         *gs = g;
         node->extra = gs;
         node->saved[0] = idx;

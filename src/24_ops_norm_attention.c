@@ -77,23 +77,13 @@ static void mgpu__norm_add_sums(float *grad, const double *sums, int64_t n) {
    eps inside the sqrt, as PyTorch. x is viewed as R rows of C.
    ====================================================================================== */
 
-typedef struct mgpu__ln_args {
-    const float *x, *w, *b, *dy;   /* x, dy (R, C); w, b (C) or NULL */
-    float *out, *dx;               /* (R, C) */
-    const float *mean, *rstd;      /* (R) */
-    float *mean_out, *rstd_out;    /* (R), written by the forward */
-    double *partial;               /* (blocks, 2, C) partial dw, db of the backward, or NULL */
-    int64_t R, C;
-    float eps;
-} mgpu__ln_args;
-
 /* One pass for the row's statistics (double sums), one for the output. */
 static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
-    const mgpu__ln_args *a = (const mgpu__ln_args *)arg;
+    const mgpu__layer_norm_args *a = (const mgpu__layer_norm_args *)arg;
     int64_t r, c, C = a->C;
     for (r = r0; r < r1; r++) {
         const float *xr = a->x + r * C;
-        float *yr = a->out + r * C;
+        float *yr = a->y + r * C;
         double sum, sumsq, mean, var;
         float m, rs;
         mgpu__norm_moments(xr, NULL, xr, 0.0f, C, &sum, &sumsq);
@@ -101,8 +91,8 @@ static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
         var = sumsq / (double)C - mean * mean;
         m = (float)mean;
         rs = (float)(1.0 / sqrt((var > 0 ? var : 0) + (double)a->eps));
-        a->mean_out[r] = m;
-        a->rstd_out[r] = rs;
+        a->mean[r] = m;
+        a->rstd[r] = rs;
         for (c = 0; c < C; c++) {
             float v = (xr[c] - m) * rs;
             if (a->w) v *= a->w[c];
@@ -112,10 +102,17 @@ static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
     }
 }
 
+static void mgpu__cpu_layer_norm_forward(const mgpu__layer_norm_args *a) {
+    mgpu_parallel_for(a->ctx, a->R, mgpu__norm_min_chunk(a->C), mgpu__ln_forward_rows, (void *)a);
+}
+
+/* The backward's blocks of rows and their partial dw, db: (blocks, 2, C) doubles, or NULL. */
+typedef struct mgpu__ln_job { const mgpu__layer_norm_args *a; double *partial; } mgpu__ln_job;
+
 /* Backward of one row: dx += rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w
    (when dx is wanted), and the row's dy * xhat and dy added into the partial sums pw, pb
    (when given). */
-static void mgpu__ln_backward_row(const mgpu__ln_args *a, int64_t r, double *pw, double *pb) {
+static void mgpu__ln_backward_row(const mgpu__layer_norm_args *a, int64_t r, double *pw, double *pb) {
     int64_t c, C = a->C;
     const float *xr = a->x + r * C, *dyr = a->dy + r * C;
     float m = a->mean[r], rs = a->rstd[r], g_mean = 0, gx_mean = 0;
@@ -142,10 +139,11 @@ static void mgpu__ln_backward_row(const mgpu__ln_args *a, int64_t r, double *pw,
 static int64_t mgpu__ln_block_rows(int64_t C) { return MGPU__MAX((int64_t)1, 4 * MGPU__NORM_GRAIN / C); }
 
 static void mgpu__ln_backward_blocks(void *arg, int64_t k0, int64_t k1) {
-    const mgpu__ln_args *a = (const mgpu__ln_args *)arg;
+    const mgpu__ln_job *j = (const mgpu__ln_job *)arg;
+    const mgpu__layer_norm_args *a = j->a;
     int64_t k, r, c, rows = mgpu__ln_block_rows(a->C);
     for (k = k0; k < k1; k++) {
-        double *pw = a->partial ? a->partial + 2 * k * a->C : NULL, *pb = pw ? pw + a->C : NULL;
+        double *pw = j->partial ? j->partial + 2 * k * a->C : NULL, *pb = pw ? pw + a->C : NULL;
         if (pw) for (c = 0; c < 2 * a->C; c++) pw[c] = 0;
         for (r = k * rows; r < MGPU__MIN(a->R, (k + 1) * rows); r++) mgpu__ln_backward_row(a, r, pw, pb);
     }
@@ -161,37 +159,34 @@ static void mgpu__ln_add_partials(float *grad, const double *partial, int64_t bl
     }
 }
 
+static void mgpu__cpu_layer_norm_backward(const mgpu__layer_norm_args *a) {
+    int64_t blocks = (a->R + mgpu__ln_block_rows(a->C) - 1) / mgpu__ln_block_rows(a->C);
+    mgpu__ln_job j;
+    j.a = a; j.partial = NULL;
+    if ((a->dw || a->db) && !(j.partial = mgpu__norm_doubles(a->ctx, 2 * blocks * a->C))) { *a->status = MGPU_ERR_OOM_HOST; return; }
+    mgpu_parallel_for(a->ctx, blocks, 1, mgpu__ln_backward_blocks, &j);
+    if (a->dw) mgpu__ln_add_partials(a->dw, j.partial, blocks, a->C, 0);
+    if (a->db) mgpu__ln_add_partials(a->db, j.partial, blocks, a->C, a->C);
+}
+
 /* node: in = {x, w, b}; extra = mean (R) then rstd (R); iarg = {R, C}. */
 static mgpu_result mgpu__ln_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
-    int need_w = mgpu__needs_grad(node, 1), need_b = mgpu__needs_grad(node, 2);
-    int64_t blocks;
-    mgpu__ln_args a;
+    mgpu__layer_norm_args a;
+    mgpu_result r, status = MGPU_OK;
     memset(&a, 0, sizeof a);
+    a.ctx = ctx; a.status = &status;
     a.R = node->iarg[0]; a.C = node->iarg[1];
     a.x = (const float *)x->data;
     a.w = w ? (const float *)w->data : NULL;
     a.dy = (const float *)node->out->grad->data;
-    a.mean = (const float *)node->extra;
+    a.mean = (float *)node->extra;
     a.rstd = a.mean + a.R;
-    blocks = (a.R + mgpu__ln_block_rows(a.C) - 1) / mgpu__ln_block_rows(a.C);
     if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
-    if (need_w || need_b) {
-        a.partial = mgpu__norm_doubles(ctx, 2 * blocks * a.C);
-        if (!a.partial) return MGPU_ERR_OOM_HOST;
-    }
-    mgpu_parallel_for(ctx, blocks, 1, mgpu__ln_backward_blocks, &a);
-    if (need_w) {
-        float *gw;
-        MGPU__GRAD_OR_FAIL(gw, ctx, w);
-        mgpu__ln_add_partials(gw, a.partial, blocks, a.C, 0);
-    }
-    if (need_b) {
-        float *gb;
-        MGPU__GRAD_OR_FAIL(gb, ctx, b);
-        mgpu__ln_add_partials(gb, a.partial, blocks, a.C, a.C);
-    }
-    return MGPU_OK;
+    if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(a.dw, ctx, w);
+    if (mgpu__needs_grad(node, 2)) MGPU__GRAD_OR_FAIL(a.db, ctx, b);
+    r = MGPU__TWIN(ctx, layer_norm_backward, &a);
+    return r != MGPU_OK ? r : status;
 }
 
 MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b, float eps) {
@@ -199,7 +194,7 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
     mgpu_tensor *in[3];
     mgpu_tensor *out;
     mgpu__node *node = NULL;
-    mgpu__ln_args a;
+    mgpu__layer_norm_args a;
     float *stats;
     if (!mgpu__check_input(ctx, op, "x", x, 1)) return NULL;
     if (x->ndim < 1 || x->shape[x->ndim - 1] < 1)
@@ -212,14 +207,15 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     stats = mgpu__norm_floats(ctx, 2 * a.R);   /* mean (R), rstd (R) */
     if (!out || !stats) return NULL;
+    a.ctx = ctx;
     a.x = (const float *)x->data;
     a.w = w ? (const float *)w->data : NULL;
     a.b = b ? (const float *)b->data : NULL;
-    a.out = (float *)out->data;
-    a.mean_out = stats;
-    a.rstd_out = stats + a.R;
+    a.y = (float *)out->data;
+    a.mean = stats;
+    a.rstd = stats + a.R;
     a.eps = eps;
-    mgpu_parallel_for(ctx, a.R, mgpu__norm_min_chunk(a.C), mgpu__ln_forward_rows, &a);
+    if (MGPU__TWIN(ctx, layer_norm_forward, &a) != MGPU_OK) return NULL;
     in[0] = x; in[1] = w; in[2] = b;
     MGPU__RECORD(ctx, "layer_norm", mgpu__ln_backward, out, 3, in, node);
     if (node) {
@@ -233,10 +229,10 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
 /* ======================================================================================
    Batch norm: x (N, C, *) viewed as (N, C, S); statistics per channel over N and S.
 
-   SyncBatchNorm seam. Every cross-sample quantity goes through mgpu__bn_channel_sums, which
-   fills a buffer of per-channel double sums; the normalisation and the input gradient use
-   only that buffer. Between the two, mgpu__batch_norm calls sync->reduce (when set) to sum
-   the buffer over the ranks:
+   SyncBatchNorm seam. Every cross-sample quantity is a buffer of per-channel double sums,
+   filled by a twin (batch_norm_stats, batch_norm_grad_sums); the normalisation and the input
+   gradient (batch_norm_forward, batch_norm_backward) use only that buffer. Between the two,
+   mgpu__batch_norm calls sync->reduce (when set) to sum the buffer over the ranks:
      forward : 2C + 1 doubles = sum x (C), sum x^2 (C), element count per channel
      backward: 2C doubles     = sum dy (C), sum dy * (x - mean) (C); weight/bias grads are
                taken from the local sums BEFORE the reduce (DDP averages them as usual).
@@ -250,77 +246,143 @@ static MGPU__UNUSED mgpu_result mgpu__bn_reduce_over_comm(void *user, double *va
     return mgpu_comm_allreduce_f64((mgpu_comm *)user, values, n, MGPU_REDUCE_SUM);
 }
 
-typedef struct mgpu__bn_args {
+/* One pass of a batch norm CPU twin over (N, C, S). */
+typedef struct mgpu__bn_job {
+    const mgpu__batch_norm_args *a;
     const float *p, *q, *center;   /* sums: sum p and sum p * (q - center[c]); center NULL = 0 */
-    double *sum_p, *sum_pq;        /* (C) */
-    const float *x, *dy;           /* (N, C, S) */
-    float *out, *dx;               /* (N, C, S) */
-    const float *mean, *scale, *shift; /* (C): y = (x - mean) * scale + shift */
     const float *k1, *k2;          /* (C): dx += scale * (dy - k1 - (x - mean) * k2) */
-    int64_t N, C, S;
-} mgpu__bn_args;
+} mgpu__bn_job;
 
 /* Per-segment kernels: one (n, c) run of S contiguous elements starting at off. */
-typedef void (*mgpu__bn_segment_fn)(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S);
+typedef void (*mgpu__bn_segment_fn)(const mgpu__bn_job *j, int64_t off, int64_t c, int64_t S);
 
 /* Channels [c0, c1) segment by segment, n outer so memory is read in order. The S == 1 branch
    passes a literal 1: once the kernel is inlined the loop over channels vectorises, which
    matters for (N, C) inputs. Each channel sees its segments in n order on one thread. */
-static inline void mgpu__bn_each_segment(const mgpu__bn_args *a, int64_t c0, int64_t c1, mgpu__bn_segment_fn seg) {
+static inline void mgpu__bn_each_segment(const mgpu__bn_job *j, int64_t c0, int64_t c1, mgpu__bn_segment_fn seg) {
+    const mgpu__batch_norm_args *a = j->a;
     int64_t n, c;
     for (n = 0; n < a->N; n++) {
-        if (a->S == 1) for (c = c0; c < c1; c++) seg(a, n * a->C + c, c, 1);
-        else for (c = c0; c < c1; c++) seg(a, (n * a->C + c) * a->S, c, a->S);
+        if (a->S == 1) for (c = c0; c < c1; c++) seg(j, n * a->C + c, c, 1);
+        else for (c = c0; c < c1; c++) seg(j, (n * a->C + c) * a->S, c, a->S);
     }
 }
 
-/* sum_p[c] += sum p, sum_pq[c] += sum p * (q - center[c]) over the segment. */
-static inline void mgpu__bn_sums_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
-    float center = a->center ? a->center[c] : 0.0f;
+/* sums[c] += sum p, sums[C + c] += sum p * (q - center[c]) over the segment. */
+static inline void mgpu__bn_sums_segment(const mgpu__bn_job *j, int64_t off, int64_t c, int64_t S) {
+    float center = j->center ? j->center[c] : 0.0f;
     double sp, spq;
-    if (S == 1) { sp = a->p[off]; spq = sp * (double)(a->q[off] - center); }
-    else mgpu__norm_moments(a->p + off, NULL, a->q + off, center, S, &sp, &spq);
-    a->sum_p[c] += sp;
-    a->sum_pq[c] += spq;
+    if (S == 1) { sp = j->p[off]; spq = sp * (double)(j->q[off] - center); }
+    else mgpu__norm_moments(j->p + off, NULL, j->q + off, center, S, &sp, &spq);
+    j->a->sums[c] += sp;
+    j->a->sums[j->a->C + c] += spq;
 }
-static inline void mgpu__bn_affine_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
-    float m = a->mean[c], sc = a->scale[c], sh = a->shift[c];
+static inline void mgpu__bn_affine_segment(const mgpu__bn_job *j, int64_t off, int64_t c, int64_t S) {
+    const mgpu__batch_norm_args *a = j->a;
+    float m = a->mean[c], sc = a->scale[c], sh = a->b ? a->b[c] : 0.0f;
     int64_t s;
-    for (s = off; s < off + S; s++) a->out[s] = (a->x[s] - m) * sc + sh;
+    for (s = off; s < off + S; s++) a->y[s] = (a->x[s] - m) * sc + sh;
 }
-static inline void mgpu__bn_input_grad_segment(const mgpu__bn_args *a, int64_t off, int64_t c, int64_t S) {
-    float m = a->mean[c], sc = a->scale[c], k1 = a->k1[c], k2 = a->k2[c];
+static inline void mgpu__bn_input_grad_segment(const mgpu__bn_job *j, int64_t off, int64_t c, int64_t S) {
+    const mgpu__batch_norm_args *a = j->a;
+    float m = a->mean[c], sc = a->scale[c], k1 = j->k1[c], k2 = j->k2[c];
     int64_t s;
     for (s = off; s < off + S; s++) a->dx[s] += sc * (a->dy[s] - k1 - (a->x[s] - m) * k2);
 }
 
 static void mgpu__bn_sums_range(void *arg, int64_t c0, int64_t c1) {
-    const mgpu__bn_args *a = (const mgpu__bn_args *)arg;
+    const mgpu__bn_job *j = (const mgpu__bn_job *)arg;
     int64_t c;
-    for (c = c0; c < c1; c++) { a->sum_p[c] = 0; a->sum_pq[c] = 0; }
-    mgpu__bn_each_segment(a, c0, c1, mgpu__bn_sums_segment);
+    for (c = c0; c < c1; c++) { j->a->sums[c] = 0; j->a->sums[j->a->C + c] = 0; }
+    mgpu__bn_each_segment(j, c0, c1, mgpu__bn_sums_segment);
 }
 static void mgpu__bn_affine_range(void *arg, int64_t c0, int64_t c1) {
-    mgpu__bn_each_segment((const mgpu__bn_args *)arg, c0, c1, mgpu__bn_affine_segment);
+    mgpu__bn_each_segment((const mgpu__bn_job *)arg, c0, c1, mgpu__bn_affine_segment);
 }
 static void mgpu__bn_input_grad_range(void *arg, int64_t c0, int64_t c1) {
-    mgpu__bn_each_segment((const mgpu__bn_args *)arg, c0, c1, mgpu__bn_input_grad_segment);
+    mgpu__bn_each_segment((const mgpu__bn_job *)arg, c0, c1, mgpu__bn_input_grad_segment);
 }
 
 /* One contiguous block of channels per thread: with n outer, each thread then streams the
    widest possible slice of every sample (small slices of an (N, C) row defeat prefetching). */
-static void mgpu__bn_for_channels(mgpu_context *ctx, mgpu__bn_args *a, mgpu_range_fn fn) {
-    int64_t threads = mgpu_context_num_threads(ctx);
+static void mgpu__bn_for_channels(const mgpu__bn_job *j, mgpu_range_fn fn) {
+    const mgpu__batch_norm_args *a = j->a;
+    int64_t threads = mgpu_context_num_threads(a->ctx);
     int64_t per_thread = (a->C + threads - 1) / threads;
-    mgpu_parallel_for(ctx, a->C, MGPU__MAX(mgpu__norm_min_chunk(a->N * a->S), per_thread), fn, a);
+    mgpu_parallel_for(a->ctx, a->C, MGPU__MAX(mgpu__norm_min_chunk(a->N * a->S), per_thread), fn, (void *)j);
 }
 
 /* sums[0, C) = sum p, sums[C, 2C) = sum p * (q - center) per channel (local to this process). */
-static void mgpu__bn_channel_sums(mgpu_context *ctx, mgpu__bn_args *a, const float *p, const float *q,
-                                  const float *center, double *sums) {
-    a->p = p; a->q = q; a->center = center;
-    a->sum_p = sums; a->sum_pq = sums + a->C;
-    mgpu__bn_for_channels(ctx, a, mgpu__bn_sums_range);
+static void mgpu__bn_channel_sums(const mgpu__batch_norm_args *a, const float *p, const float *q, const float *center) {
+    mgpu__bn_job j;
+    memset(&j, 0, sizeof j);
+    j.a = a; j.p = p; j.q = q; j.center = center;
+    mgpu__bn_for_channels(&j, mgpu__bn_sums_range);
+}
+
+/* The batch norm twins on the CPU (see "Internal: the seam"). */
+static void mgpu__cpu_batch_norm_stats(const mgpu__batch_norm_args *a) {
+    mgpu__bn_channel_sums(a, a->x, a->x, NULL);   /* sum x, sum x^2 */
+    a->sums[2 * a->C] = (double)(a->N * a->S);
+}
+
+/* Batch mean/rstd from the (reduced) sums and the running-stat update with the unbiased
+   variance, as PyTorch: running = (1 - momentum) * running + momentum * batch. */
+static void mgpu__bn_batch_stats(const mgpu__batch_norm_args *a) {
+    int64_t c, C = a->C;
+    double count = a->sums[2 * C];
+    for (c = 0; c < C; c++) {
+        double m = a->sums[c] / count, var = a->sums[C + c] / count - m * m;
+        if (var < 0) var = 0;
+        a->mean[c] = (float)m;
+        a->rstd[c] = (float)(1.0 / sqrt(var + (double)a->eps));
+        if (a->running_mean) a->running_mean[c] = (float)((1.0 - a->momentum) * a->running_mean[c] + (double)a->momentum * m);
+        if (a->running_var)
+            a->running_var[c] = (float)((1.0 - a->momentum) * a->running_var[c] + (double)a->momentum * var * count / (count - 1.0));
+    }
+}
+
+static void mgpu__cpu_batch_norm_forward(const mgpu__batch_norm_args *a) {
+    mgpu__bn_job j;
+    int64_t c;
+    if (a->training) {
+        mgpu__bn_batch_stats(a);
+    } else {
+        for (c = 0; c < a->C; c++) {
+            a->mean[c] = a->running_mean[c];
+            a->rstd[c] = (float)(1.0 / sqrt((double)a->running_var[c] + (double)a->eps));
+        }
+    }
+    for (c = 0; c < a->C; c++) a->scale[c] = a->w ? a->rstd[c] * a->w[c] : a->rstd[c];
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    mgpu__bn_for_channels(&j, mgpu__bn_affine_range);
+}
+
+static void mgpu__cpu_batch_norm_grad_sums(const mgpu__batch_norm_args *a) {
+    int64_t c, C = a->C;
+    mgpu__bn_channel_sums(a, a->dy, a->x, a->mean);   /* sum dy, sum dy * (x - mean) */
+    if (a->dw) for (c = 0; c < C; c++) a->dw[c] += (float)(a->sums[C + c] * a->rstd[c]);
+    if (a->db) mgpu__norm_add_sums(a->db, a->sums, C);
+}
+
+static void mgpu__cpu_batch_norm_backward(const mgpu__batch_norm_args *a) {
+    mgpu__bn_job j;
+    int64_t c, C = a->C;
+    float *k = a->coef;
+    if (a->training) {
+        /* the batch statistics depend on x: mean of dy and its projection on xhat */
+        double count = *a->count;
+        for (c = 0; c < C; c++) {
+            k[c] = (float)(a->sums[c] / count);
+            k[C + c] = (float)(a->sums[C + c] / count * a->rstd[c] * a->rstd[c]);
+        }
+    } else {
+        memset(k, 0, sizeof(float) * (size_t)(2 * C));   /* eval: a plain per-channel affine */
+    }
+    memset(&j, 0, sizeof j);
+    j.a = a; j.k1 = k; j.k2 = k + C;
+    mgpu__bn_for_channels(&j, mgpu__bn_input_grad_range);
 }
 
 /* The SyncBatchNorm all-reduce point (see above); a no-op without sync. */
@@ -338,72 +400,35 @@ static int mgpu__bn_reduce_sums(const mgpu__bn_sync *sync, double *sums, int64_t
 /* What the backward needs (arena). */
 typedef struct mgpu__bn_saved {
     float *mean, *rstd, *scale;    /* (C) */
-    double count;                  /* elements per channel over all ranks */
+    const double *count;           /* elements per channel over all ranks (training; in the forward's sums) */
     int training;
     mgpu__bn_sync sync;
 } mgpu__bn_saved;
-
-/* Batch mean/rstd from the (reduced) sums and the running-stat update with the unbiased
-   variance, as PyTorch: running = (1 - momentum) * running + momentum * batch. */
-static void mgpu__bn_batch_stats(const double *sums, int64_t C, double count, float eps, float momentum,
-                                 float *mean, float *rstd, float *running_mean, float *running_var) {
-    int64_t c;
-    for (c = 0; c < C; c++) {
-        double m = sums[c] / count, var = sums[C + c] / count - m * m;
-        if (var < 0) var = 0;
-        mean[c] = (float)m;
-        rstd[c] = (float)(1.0 / sqrt(var + (double)eps));
-        if (running_mean) running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + (double)momentum * m);
-        if (running_var) running_var[c] = (float)((1.0 - momentum) * running_var[c] + (double)momentum * var * count / (count - 1.0));
-    }
-}
 
 static mgpu_result mgpu__bn_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->in[2];
     const mgpu__bn_saved *sv = (const mgpu__bn_saved *)node->extra;
     int need_x = mgpu__needs_grad(node, 0), need_w = mgpu__needs_grad(node, 1), need_b = mgpu__needs_grad(node, 2);
-    mgpu__bn_args a;
-    double *sums = NULL;
-    float *k;
-    int64_t c, C;
+    mgpu__batch_norm_args a;
+    mgpu_result r;
     memset(&a, 0, sizeof a);
-    a.N = node->iarg[0]; a.C = C = node->iarg[1]; a.S = node->iarg[2];
+    a.ctx = ctx;
+    a.N = node->iarg[0]; a.C = node->iarg[1]; a.S = node->iarg[2];
+    a.training = sv->training;
     a.x = (const float *)x->data;
     a.dy = (const float *)node->out->grad->data;
-    a.mean = sv->mean;
-    a.scale = sv->scale;
+    a.mean = sv->mean; a.rstd = sv->rstd; a.scale = sv->scale; a.count = sv->count;
     if ((need_x && sv->training) || need_w || need_b) {
-        sums = mgpu__norm_doubles(ctx, 2 * C);
-        if (!sums) return MGPU_ERR_OOM_HOST;
-        mgpu__bn_channel_sums(ctx, &a, a.dy, a.x, sv->mean, sums);   /* sum dy, sum dy * (x - mean) */
-    }
-    if (need_w) {
-        float *gw;
-        MGPU__GRAD_OR_FAIL(gw, ctx, w);
-        for (c = 0; c < C; c++) gw[c] += (float)(sums[C + c] * sv->rstd[c]);
-    }
-    if (need_b) {
-        float *gb;
-        MGPU__GRAD_OR_FAIL(gb, ctx, b);
-        mgpu__norm_add_sums(gb, sums, C);
+        if (!(a.sums = mgpu__norm_doubles(ctx, 2 * a.C))) return MGPU_ERR_OOM_HOST;
+        if (need_w) MGPU__GRAD_OR_FAIL(a.dw, ctx, w);
+        if (need_b) MGPU__GRAD_OR_FAIL(a.db, ctx, b);
+        if ((r = MGPU__TWIN(ctx, batch_norm_grad_sums, &a)) != MGPU_OK) return r;
     }
     if (!need_x) return MGPU_OK;
-    k = mgpu__norm_floats(ctx, 2 * C);
-    if (!k) return MGPU_ERR_OOM_HOST;
-    a.k1 = k; a.k2 = k + C;
-    if (sv->training) {
-        /* the batch statistics depend on x: mean of dy and its projection on xhat */
-        if (!mgpu__bn_reduce_sums(&sv->sync, sums, 2 * C)) return mgpu_last_result();
-        for (c = 0; c < C; c++) {
-            k[c] = (float)(sums[c] / sv->count);
-            k[C + c] = (float)(sums[C + c] / sv->count * sv->rstd[c] * sv->rstd[c]);
-        }
-    } else {
-        memset(k, 0, sizeof(float) * (size_t)(2 * C));   /* eval: a plain per-channel affine */
-    }
+    if (sv->training && !mgpu__bn_reduce_sums(&sv->sync, a.sums, 2 * a.C)) return mgpu_last_result();
+    if (!(a.coef = mgpu__norm_floats(ctx, 2 * a.C))) return MGPU_ERR_OOM_HOST;
     MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
-    mgpu__bn_for_channels(ctx, &a, mgpu__bn_input_grad_range);
-    return MGPU_OK;
+    return MGPU__TWIN(ctx, batch_norm_backward, &a);
 }
 
 static int mgpu__bn_validate(mgpu_context *ctx, const char *op, mgpu_tensor *x, mgpu_tensor *w, mgpu_tensor *b,
@@ -446,44 +471,37 @@ static mgpu_tensor *mgpu__batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     mgpu_tensor *in[3];
     mgpu_tensor *out;
     mgpu__node *node = NULL;
-    mgpu__bn_args a;
+    mgpu__batch_norm_args a;
     mgpu__bn_saved *sv;
-    float *shift;
-    int64_t c, C;
+    float *stats;
+    int64_t C;
     if (!mgpu__bn_validate(ctx, op, x, w, b, running_mean, running_var, training, momentum, eps)) return NULL;
     memset(&a, 0, sizeof a);
+    a.ctx = ctx;
     a.N = x->shape[0]; a.C = C = x->shape[1];
     a.S = a.N ? x->numel / (a.N * C) : 0;
+    a.training = training != 0; a.momentum = momentum; a.eps = eps;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     sv = (mgpu__bn_saved *)mgpu__arena_alloc(ctx, sizeof *sv);
-    shift = mgpu__norm_floats(ctx, 4 * C);   /* shift, mean, rstd, scale: (C) each */
-    if (!out || !sv || !shift) return NULL;
+    stats = mgpu__norm_floats(ctx, 3 * C);   /* mean, rstd, scale: (C) each */
+    if (!out || !sv || !stats) return NULL;
     memset(sv, 0, sizeof *sv);
-    sv->mean = shift + C; sv->rstd = shift + 2 * C; sv->scale = shift + 3 * C;
-    sv->training = training != 0;
+    sv->mean = a.mean = stats; sv->rstd = a.rstd = stats + C; sv->scale = a.scale = stats + 2 * C;
+    sv->training = a.training;
     if (sync) sv->sync = *sync;
     a.x = (const float *)x->data;
+    a.w = w ? (const float *)w->data : NULL;
+    a.b = b ? (const float *)b->data : NULL;
+    a.running_mean = running_mean ? (float *)running_mean->data : NULL;
+    a.running_var = running_var ? (float *)running_var->data : NULL;
+    a.y = (float *)out->data;
     if (training) {
-        double *sums = mgpu__norm_doubles(ctx, 2 * C + 1);
-        if (!sums) return NULL;
-        mgpu__bn_channel_sums(ctx, &a, a.x, a.x, NULL, sums);          /* sum x, sum x^2 */
-        sums[2 * C] = (double)(a.N * a.S);
-        if (!mgpu__bn_reduce_sums(sync, sums, 2 * C + 1)) return NULL;
-        sv->count = sums[2 * C];
-        mgpu__bn_batch_stats(sums, C, sv->count, eps, momentum, sv->mean, sv->rstd,
-                             running_mean ? (float *)running_mean->data : NULL,
-                             running_var ? (float *)running_var->data : NULL);
-    } else {
-        const float *rm = (const float *)running_mean->data, *rv = (const float *)running_var->data;
-        for (c = 0; c < C; c++) { sv->mean[c] = rm[c]; sv->rstd[c] = (float)(1.0 / sqrt((double)rv[c] + (double)eps)); }
+        if (!(a.sums = mgpu__norm_doubles(ctx, 2 * C + 1))) return NULL;
+        if (MGPU__TWIN(ctx, batch_norm_stats, &a) != MGPU_OK) return NULL;   /* sum x, sum x^2, count */
+        if (!mgpu__bn_reduce_sums(sync, a.sums, 2 * C + 1)) return NULL;
+        sv->count = a.sums + 2 * C;
     }
-    for (c = 0; c < C; c++) {
-        sv->scale[c] = w ? sv->rstd[c] * ((const float *)w->data)[c] : sv->rstd[c];
-        shift[c] = b ? ((const float *)b->data)[c] : 0.0f;
-    }
-    a.out = (float *)out->data;
-    a.mean = sv->mean; a.scale = sv->scale; a.shift = shift;
-    mgpu__bn_for_channels(ctx, &a, mgpu__bn_affine_range);
+    if (MGPU__TWIN(ctx, batch_norm_forward, &a) != MGPU_OK) return NULL;
     in[0] = x; in[1] = w; in[2] = b;
     MGPU__RECORD(ctx, "batch_norm", mgpu__bn_backward, out, 3, in, node);
     if (node) {
@@ -504,42 +522,54 @@ MGPU_API mgpu_tensor *mgpu_op_batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
    grad, split across threads by columns so repeated indices never race.
    ====================================================================================== */
 
-typedef struct mgpu__emb_args {
-    const mgpu_tensor *idx;
-    const float *w, *dy;   /* (V, D), (n, D) */
-    float *out, *gw;       /* (n, D), (V, D) */
-    int64_t n, D;
-} mgpu__emb_args;
+/* Row of weight that output row i reads. */
+static int64_t mgpu__emb_row(const mgpu__embedding_args *a, int64_t i) {
+    return a->idx_i64 ? ((const int64_t *)a->idx)[i] : ((const int32_t *)a->idx)[i];
+}
 
 static void mgpu__emb_gather_rows(void *arg, int64_t i0, int64_t i1) {
-    const mgpu__emb_args *a = (const mgpu__emb_args *)arg;
+    const mgpu__embedding_args *a = (const mgpu__embedding_args *)arg;
     int64_t i;
     for (i = i0; i < i1; i++)
-        memcpy(a->out + i * a->D, a->w + mgpu__index_at(a->idx, i) * a->D, sizeof(float) * (size_t)a->D);
+        memcpy(a->out + i * a->D, a->weight + mgpu__emb_row(a, i) * a->D, sizeof(float) * (size_t)a->D);
 }
 
 /* Each column's updates happen in index order on one thread: deterministic. */
 static void mgpu__emb_scatter_cols(void *arg, int64_t d0, int64_t d1) {
-    const mgpu__emb_args *a = (const mgpu__emb_args *)arg;
+    const mgpu__embedding_args *a = (const mgpu__embedding_args *)arg;
     int64_t i, d;
     for (i = 0; i < a->n; i++) {
-        float *g = a->gw + mgpu__index_at(a->idx, i) * a->D;
+        float *g = a->dweight + mgpu__emb_row(a, i) * a->D;
         const float *dy = a->dy + i * a->D;
         for (d = d0; d < d1; d++) g[d] += dy[d];
     }
 }
 
-static mgpu_result mgpu__emb_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__emb_args a;
+static void mgpu__cpu_embedding_forward(const mgpu__embedding_args *a) {
+    mgpu_parallel_for(a->ctx, a->n, mgpu__norm_min_chunk(a->D), mgpu__emb_gather_rows, (void *)a);
+}
+static void mgpu__cpu_embedding_backward(const mgpu__embedding_args *a) {
+    mgpu_parallel_for(a->ctx, a->D, mgpu__norm_min_chunk(a->n), mgpu__emb_scatter_cols, (void *)a);
+}
+
+/* The twins' view of the indices and the weight. */
+static mgpu__embedding_args mgpu__emb_args(mgpu_context *ctx, const mgpu_tensor *weight, const mgpu_tensor *idx) {
+    mgpu__embedding_args a;
     memset(&a, 0, sizeof a);
+    a.ctx = ctx;
+    a.idx = idx->data; a.idx_i64 = idx->dtype == MGPU_I64;
+    a.n = idx->numel; a.V = weight->shape[0]; a.D = weight->shape[1];
+    return a;
+}
+
+/* node: in = {weight}; saved[0] = idx */
+static mgpu_result mgpu__emb_backward(mgpu_context *ctx, mgpu__node *node) {
+    mgpu__embedding_args a;
     if (!mgpu__needs_grad(node, 0)) return MGPU_OK;
-    a.idx = node->saved[0];
+    a = mgpu__emb_args(ctx, node->in[0], node->saved[0]);
     a.dy = (const float *)node->out->grad->data;
-    a.n = a.idx->numel;
-    a.D = node->iarg[0];
-    MGPU__GRAD_OR_FAIL(a.gw, ctx, node->in[0]);
-    mgpu_parallel_for(ctx, a.D, mgpu__norm_min_chunk(a.n), mgpu__emb_scatter_cols, &a);
-    return MGPU_OK;
+    MGPU__GRAD_OR_FAIL(a.dweight, ctx, node->in[0]);
+    return MGPU__TWIN(ctx, embedding_backward, &a);
 }
 
 /* Every index in [0, V); else an error naming the first bad value and its position. */
@@ -564,7 +594,7 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
     int64_t shape[MGPU_MAX_DIMS];
     mgpu_tensor *out;
     mgpu__node *node = NULL;
-    mgpu__emb_args a;
+    mgpu__embedding_args a;
     if (!mgpu__check_input(ctx, op, "weight", weight, 1) || !mgpu__check_index(ctx, op, "idx", idx)) return NULL;
     if (weight->ndim != 2) MGPU__FAIL_NULL(MGPU_ERR_SHAPE, "%s: weight has shape %s, need (V, D)", op, mgpu__shape_str(weight));
     if (idx->ndim >= MGPU_MAX_DIMS)
@@ -574,15 +604,11 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
     shape[idx->ndim] = weight->shape[1];
     out = mgpu__new_activation(ctx, MGPU_F32, idx->ndim + 1, shape);   /* (..., D) */
     if (!out) return NULL;
-    memset(&a, 0, sizeof a);
-    a.idx = idx; a.w = (const float *)weight->data; a.out = (float *)out->data;
-    a.n = idx->numel; a.D = weight->shape[1];
-    mgpu_parallel_for(ctx, a.n, mgpu__norm_min_chunk(a.D), mgpu__emb_gather_rows, &a);
+    a = mgpu__emb_args(ctx, weight, idx);
+    a.weight = (const float *)weight->data; a.out = (float *)out->data;
+    if (MGPU__TWIN(ctx, embedding_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, "embedding", mgpu__emb_backward, out, 1, &weight, node);
-    if (node) {
-        node->saved[0] = idx;
-        node->iarg[0] = a.D;
-    }
+    if (node) node->saved[0] = idx;
     return out;
 }
 
@@ -596,27 +622,24 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
    one after the other with the threaded GEMM.
    ====================================================================================== */
 
-typedef struct mgpu__attn_args mgpu__attn_args;
-typedef void (*mgpu__attn_pair_fn)(const mgpu__attn_args *a, int64_t pair, float *scratch);
-struct mgpu__attn_args {
+typedef struct mgpu__attn_job mgpu__attn_job;
+typedef void (*mgpu__attn_pair_fn)(const mgpu__attn_job *j, int64_t pair, float *scratch);
+/* One run of an attention CPU twin over its pairs. */
+struct mgpu__attn_job {
+    const mgpu__attention_args *a;
     mgpu_context *gemm_ctx;        /* ctx when pairs run one after the other, NULL inside the pool */
-    const float *q, *k, *v, *dout; /* (P, Tq, D), (P, Tk, D), (P, Tk, D), (P, Tq, D) */
-    float *out, *prob;             /* (P, Tq, D), (P, Tq, Tk) or NULL when no backward will need it */
-    float *dq, *dk, *dv;           /* like q, k, v; NULL when not needed */
     float *scratch;                /* (n_parts, Tq, Tk): dP in the backward, P in a forward without grad */
-    int64_t n_pairs, n_parts, Tq, Tk, D;
-    float scale;
-    int causal;
+    int64_t n_parts;
     mgpu__attn_pair_fn pair_fn;
 };
 
 /* Keys visible to query row i. */
-static int64_t mgpu__attn_row_len(const mgpu__attn_args *a, int64_t i) {
+static int64_t mgpu__attn_row_len(const mgpu__attention_args *a, int64_t i) {
     return a->causal ? MGPU__MIN(i + 1, a->Tk) : a->Tk;
 }
 
 /* Row-wise softmax of the scores in place, masked entries set to 0. */
-static void mgpu__attn_softmax_rows(const mgpu__attn_args *a, float *s) {
+static void mgpu__attn_softmax_rows(const mgpu__attention_args *a, float *s) {
     int64_t i, j;
     for (i = 0; i < a->Tq; i++) {
         float *row = s + i * a->Tk, mx = -FLT_MAX, inv;
@@ -631,7 +654,7 @@ static void mgpu__attn_softmax_rows(const mgpu__attn_args *a, float *s) {
 }
 
 /* dP -> dS = P * (dP - rowsum(dP * P)) in place (masked entries have P = 0). */
-static void mgpu__attn_softmax_grad_rows(const mgpu__attn_args *a, const float *p, float *dp) {
+static void mgpu__attn_softmax_grad_rows(const mgpu__attention_args *a, const float *p, float *dp) {
     int64_t i, j;
     for (i = 0; i < a->Tq; i++) {
         const float *pr = p + i * a->Tk;
@@ -643,65 +666,75 @@ static void mgpu__attn_softmax_grad_rows(const mgpu__attn_args *a, const float *
     }
 }
 
-static void mgpu__attn_forward_pair(const mgpu__attn_args *a, int64_t pair, float *scratch) {
+static void mgpu__attn_forward_pair(const mgpu__attn_job *j, int64_t pair, float *scratch) {
+    const mgpu__attention_args *a = j->a;
     int64_t Tq = a->Tq, Tk = a->Tk, D = a->D;
     const float *q = a->q + pair * Tq * D, *k = a->k + pair * Tk * D, *v = a->v + pair * Tk * D;
     float *p = a->prob ? a->prob + pair * Tq * Tk : scratch, *o = a->out + pair * Tq * D;
     /* zeroed so a GEMM that reads C even with beta = 0 cannot pick up arena garbage (NaN) */
     memset(p, 0, sizeof(float) * (size_t)(Tq * Tk));
     memset(o, 0, sizeof(float) * (size_t)(Tq * D));
-    mgpu_gemm_f32(a->gemm_ctx, 0, 1, Tq, Tk, D, a->scale, q, D, k, D, 0.0f, p, Tk);  /* (Tq, Tk) scores */
+    mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 1, Tq, Tk, D, a->scale, q, D, k, D, 0.0f, p, Tk);  /* (Tq, Tk) scores */
     mgpu__attn_softmax_rows(a, p);
-    mgpu_gemm_f32(a->gemm_ctx, 0, 0, Tq, D, Tk, 1.0f, p, Tk, v, D, 0.0f, o, D);      /* (Tq, D) */
+    mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 0, Tq, D, Tk, 1.0f, p, Tk, v, D, 0.0f, o, D);      /* (Tq, D) */
 }
 
-static void mgpu__attn_backward_pair(const mgpu__attn_args *a, int64_t pair, float *ds) {
+static void mgpu__attn_backward_pair(const mgpu__attn_job *j, int64_t pair, float *ds) {
+    const mgpu__attention_args *a = j->a;
     int64_t Tq = a->Tq, Tk = a->Tk, D = a->D;
     int64_t qo = pair * Tq * D, ko = pair * Tk * D;
     const float *p = a->prob + pair * Tq * Tk, *dout = a->dout + qo;
-    if (a->dv) mgpu_gemm_f32(a->gemm_ctx, 1, 0, Tk, D, Tq, 1.0f, p, Tk, dout, D, 1.0f, a->dv + ko, D);  /* += P^T dO */
+    if (a->dv) mgpu__cpu_gemm_f32(j->gemm_ctx, 1, 0, Tk, D, Tq, 1.0f, p, Tk, dout, D, 1.0f, a->dv + ko, D);  /* += P^T dO */
     if (!a->dq && !a->dk) return;
     memset(ds, 0, sizeof(float) * (size_t)(Tq * Tk));
-    mgpu_gemm_f32(a->gemm_ctx, 0, 1, Tq, Tk, D, 1.0f, dout, D, a->v + ko, D, 0.0f, ds, Tk);            /* dP = dO V^T */
+    mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 1, Tq, Tk, D, 1.0f, dout, D, a->v + ko, D, 0.0f, ds, Tk);            /* dP = dO V^T */
     mgpu__attn_softmax_grad_rows(a, p, ds);
-    if (a->dq) mgpu_gemm_f32(a->gemm_ctx, 0, 0, Tq, D, Tk, a->scale, ds, Tk, a->k + ko, D, 1.0f, a->dq + qo, D);
-    if (a->dk) mgpu_gemm_f32(a->gemm_ctx, 1, 0, Tk, D, Tq, a->scale, ds, Tk, a->q + qo, D, 1.0f, a->dk + ko, D);
+    if (a->dq) mgpu__cpu_gemm_f32(j->gemm_ctx, 0, 0, Tq, D, Tk, a->scale, ds, Tk, a->k + ko, D, 1.0f, a->dq + qo, D);
+    if (a->dk) mgpu__cpu_gemm_f32(j->gemm_ctx, 1, 0, Tk, D, Tq, a->scale, ds, Tk, a->q + qo, D, 1.0f, a->dk + ko, D);
 }
 
 /* Part `part` owns pairs [part * P / parts, (part + 1) * P / parts) and one scratch slot. */
 static void mgpu__attn_parts_range(void *arg, int64_t p0, int64_t p1) {
-    const mgpu__attn_args *a = (const mgpu__attn_args *)arg;
-    int64_t part, pair;
+    const mgpu__attn_job *j = (const mgpu__attn_job *)arg;
+    int64_t part, pair, pairs = j->a->BH;
     for (part = p0; part < p1; part++) {
-        float *scratch = a->scratch ? a->scratch + part * a->Tq * a->Tk : NULL;
-        for (pair = part * a->n_pairs / a->n_parts; pair < (part + 1) * a->n_pairs / a->n_parts; pair++)
-            a->pair_fn(a, pair, scratch);
+        float *scratch = j->scratch ? j->scratch + part * j->a->Tq * j->a->Tk : NULL;
+        for (pair = part * pairs / j->n_parts; pair < (part + 1) * pairs / j->n_parts; pair++) j->pair_fn(j, pair, scratch);
     }
 }
 
-/* Runs pair_fn over every (b, h) pair; 0 (with an error) if scratch cannot be had. */
-static int mgpu__attn_run(mgpu_context *ctx, mgpu__attn_args *a, mgpu__attn_pair_fn pair_fn, int need_scratch) {
-    int threads = mgpu_context_num_threads(ctx);
-    int64_t work = a->n_pairs * a->Tq * a->Tk * a->D;
-    int parallel = threads > 1 && a->n_pairs >= threads && work >= MGPU__NORM_GRAIN;
-    a->pair_fn = pair_fn;
-    a->n_parts = parallel ? MGPU__MIN(a->n_pairs, 4 * (int64_t)threads) : 1;
-    a->gemm_ctx = parallel ? NULL : ctx;
-    a->scratch = NULL;
-    if (need_scratch) {
-        a->scratch = mgpu__norm_floats(ctx, a->n_parts * a->Tq * a->Tk);
-        if (!a->scratch) return 0;
-    }
-    if (parallel) mgpu_parallel_for(ctx, a->n_parts, 1, mgpu__attn_parts_range, a);
-    else mgpu__attn_parts_range(a, 0, 1);
-    return 1;
+/* Runs pair_fn over every (b, h) pair; sets *status if its scratch cannot be had. */
+static void mgpu__attn_run(const mgpu__attention_args *a, mgpu__attn_pair_fn pair_fn, int need_scratch) {
+    mgpu__attn_job j;
+    int threads = mgpu_context_num_threads(a->ctx);
+    int64_t work = a->BH * a->Tq * a->Tk * a->D;
+    int parallel = threads > 1 && a->BH >= threads && work >= MGPU__NORM_GRAIN;
+    memset(&j, 0, sizeof j);
+    j.a = a;
+    j.pair_fn = pair_fn;
+    j.n_parts = parallel ? MGPU__MIN(a->BH, 4 * (int64_t)threads) : 1;
+    j.gemm_ctx = parallel ? NULL : a->ctx;
+    if (need_scratch && !(j.scratch = mgpu__norm_floats(a->ctx, j.n_parts * a->Tq * a->Tk))) { *a->status = MGPU_ERR_OOM_HOST; return; }
+    if (parallel) mgpu_parallel_for(a->ctx, j.n_parts, 1, mgpu__attn_parts_range, &j);
+    else mgpu__attn_parts_range(&j, 0, 1);
+}
+
+/* The attention twins on the CPU: the forward needs a P slot per part only when P is not kept,
+   the backward a dP slot per part when dq or dk is wanted. */
+static void mgpu__cpu_attention_forward(const mgpu__attention_args *a) {
+    mgpu__attn_run(a, mgpu__attn_forward_pair, a->prob == NULL);
+}
+static void mgpu__cpu_attention_backward(const mgpu__attention_args *a) {
+    mgpu__attn_run(a, mgpu__attn_backward_pair, a->dq || a->dk);
 }
 
 /* node: in = {q, k, v}; extra = P; iarg = {pairs, Tq, Tk, D, causal}; farg[0] = scale. */
 static mgpu_result mgpu__attn_backward(mgpu_context *ctx, mgpu__node *node) {
-    mgpu__attn_args a;
+    mgpu__attention_args a;
+    mgpu_result r, status = MGPU_OK;
     memset(&a, 0, sizeof a);
-    a.n_pairs = node->iarg[0]; a.Tq = node->iarg[1]; a.Tk = node->iarg[2]; a.D = node->iarg[3];
+    a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas;
+    a.BH = node->iarg[0]; a.Tq = node->iarg[1]; a.Tk = node->iarg[2]; a.D = node->iarg[3];
     a.causal = (int)node->iarg[4];
     a.scale = node->farg[0];
     a.q = (const float *)node->in[0]->data;
@@ -712,8 +745,8 @@ static mgpu_result mgpu__attn_backward(mgpu_context *ctx, mgpu__node *node) {
     if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dq, ctx, node->in[0]);
     if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(a.dk, ctx, node->in[1]);
     if (mgpu__needs_grad(node, 2)) MGPU__GRAD_OR_FAIL(a.dv, ctx, node->in[2]);
-    if (!mgpu__attn_run(ctx, &a, mgpu__attn_backward_pair, a.dq || a.dk)) return mgpu_last_result();
-    return MGPU_OK;
+    r = MGPU__TWIN(ctx, attention_backward, &a);
+    return r != MGPU_OK ? r : status;
 }
 
 static int mgpu__attn_validate(mgpu_context *ctx, const char *op, const mgpu_tensor *q, const mgpu_tensor *k, const mgpu_tensor *v) {
@@ -735,7 +768,8 @@ MGPU_API mgpu_tensor *mgpu_op_attention(mgpu_context *ctx, mgpu_tensor *q, mgpu_
     mgpu_tensor *in[3];
     mgpu_tensor *out;
     mgpu__node *node = NULL;
-    mgpu__attn_args a;
+    mgpu__attention_args a;
+    mgpu_result status = MGPU_OK;
     int keep_prob;
     if (mgpu__autocast_active(ctx)) {
         int mode;
@@ -744,24 +778,25 @@ MGPU_API mgpu_tensor *mgpu_op_attention(mgpu_context *ctx, mgpu_tensor *q, mgpu_
         return mgpu__autocast_end(ctx, mode, mgpu_op_attention(ctx, in[0], in[1], in[2], causal));
     }
     if (!mgpu__attn_validate(ctx, op, q, k, v)) return NULL;
-    /* P for all pairs only when a backward may follow; otherwise a slot per part suffices */
+    /* P for all pairs only when a backward may follow; otherwise the twins find their own room */
     keep_prob = mgpu_is_grad_enabled(ctx) && (q->requires_grad || k->requires_grad || v->requires_grad);
     memset(&a, 0, sizeof a);
-    a.n_pairs = q->shape[0] * q->shape[1];
+    a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas;
+    a.BH = q->shape[0] * q->shape[1];
     a.Tq = q->shape[2]; a.Tk = k->shape[2]; a.D = q->shape[3];
     a.scale = (float)(1.0 / sqrt((double)a.D));
     a.causal = causal != 0;
     a.q = (const float *)q->data; a.k = (const float *)k->data; a.v = (const float *)v->data;
     out = mgpu__new_activation(ctx, MGPU_F32, 4, q->shape);                   /* (B, H, Tq, D) */
-    a.prob = keep_prob ? mgpu__norm_floats(ctx, a.n_pairs * a.Tq * a.Tk) : NULL;  /* (B, H, Tq, Tk) */
+    a.prob = keep_prob ? mgpu__norm_floats(ctx, a.BH * a.Tq * a.Tk) : NULL;  /* (B, H, Tq, Tk) */
     if (!out || (keep_prob && !a.prob)) return NULL;
     a.out = (float *)out->data;
-    if (!mgpu__attn_run(ctx, &a, mgpu__attn_forward_pair, !keep_prob)) return NULL;
+    if (MGPU__TWIN(ctx, attention_forward, &a) != MGPU_OK || status != MGPU_OK) return NULL;
     in[0] = q; in[1] = k; in[2] = v;
     MGPU__RECORD(ctx, "attention", mgpu__attn_backward, out, 3, in, node);
     if (node) {
         node->extra = a.prob;
-        node->iarg[0] = a.n_pairs; node->iarg[1] = a.Tq; node->iarg[2] = a.Tk; node->iarg[3] = a.D;
+        node->iarg[0] = a.BH; node->iarg[1] = a.Tq; node->iarg[2] = a.Tk; node->iarg[3] = a.D;
         node->iarg[4] = a.causal;
         node->farg[0] = a.scale;
     }

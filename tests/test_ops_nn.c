@@ -1,6 +1,7 @@
 /* GEMM, matmul, linear, conv2d and pooling: values against naive double-precision references and
    hand-computed numbers, finite-difference gradients, thread-count determinism, error cases. */
 #include "mgpu_test.h"
+#include <pthread.h>
 
 static int quick(void) { return getenv("MGPU_TEST_QUICK") != NULL; }
 
@@ -137,6 +138,38 @@ static void test_gemm_thread_determinism(void) {
                 free(a); free(b); free(r1); free(r2); free(r3);
             }
     mgpu_context_destroy(c1); mgpu_context_destroy(c2); mgpu_context_destroy(c3);
+}
+
+/* A thread that gets no memory for its packing buffers packs micro-panels on its stack instead:
+   slower, but the same bits, and the GEMM cannot fail. */
+typedef struct { int64_t m, n, k; int ta, tb; const float *a, *b; float *c; } gemm_job;
+static void *no_memory(size_t bytes, void *user) { (void)bytes; (void)user; return NULL; }
+static void free_default(void *p, void *user) { (void)user; free(p); }
+static void *gemm_on_new_thread(void *arg) {   /* a new thread has no packing buffers yet */
+    gemm_job *j = (gemm_job *)arg;
+    mgpu_gemm_f32(NULL, j->ta, j->tb, j->m, j->n, j->k, 0.9f, j->a, j->ta ? j->m : j->k, j->b, j->tb ? j->k : j->n, 0.3f, j->c, j->n);
+    return NULL;
+}
+static void test_gemm_without_scratch(void) {
+    mgpu_allocator failing = {no_memory, free_default, NULL};
+    int64_t m = 301, n = 177, k = 300, i;
+    int t;
+    float *a = (float *)malloc(sizeof(float) * (size_t)(m * k)), *b = (float *)malloc(sizeof(float) * (size_t)(k * n));
+    float *ref = (float *)malloc(sizeof(float) * (size_t)(m * n)), *got = (float *)malloc(sizeof(float) * (size_t)(m * n));
+    for (i = 0; i < m * k; i++) a[i] = (float)mt_uniform(-1, 1);
+    for (i = 0; i < k * n; i++) b[i] = (float)mt_uniform(-1, 1);
+    for (t = 0; t < 4; t++) {
+        gemm_job j = {m, n, k, t & 1, t >> 1, a, b, got};
+        pthread_t th;
+        for (i = 0; i < m * n; i++) ref[i] = got[i] = (float)i * 1e-3f;
+        mgpu_gemm_f32(NULL, j.ta, j.tb, m, n, k, 0.9f, a, j.ta ? m : k, b, j.tb ? k : n, 0.3f, ref, n);
+        mgpu_set_allocator(&failing);
+        pthread_create(&th, NULL, gemm_on_new_thread, &j);
+        pthread_join(th, NULL);
+        mgpu_set_allocator(NULL);
+        MT_CHECK(memcmp(ref, got, sizeof(float) * (size_t)(m * n)) == 0, "stack panels differ from the packed path: ta=%d tb=%d", j.ta, j.tb);
+    }
+    free(a); free(b); free(ref); free(got);
 }
 
 /* ---------------------------------------------------------------- matmul / linear */
@@ -639,6 +672,7 @@ int main(void) {
     MT_RUN(test_gemm_values);
     MT_RUN(test_gemm_degenerate);
     MT_RUN(test_gemm_thread_determinism);
+    MT_RUN(test_gemm_without_scratch);
     MT_RUN(test_matmul_values_and_grads);
     MT_RUN(test_linear);
     MT_RUN(test_conv2d_hand_values);

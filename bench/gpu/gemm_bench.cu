@@ -47,8 +47,11 @@ struct ctx_t {
 
 static int run_mgpu(void *u) {
     ctx_t *c = (ctx_t *)u;
-    return mgpu_cuda_gemm(c->blas, 0, 0, c->n, c->n, c->n, 1.0f, c->a, c->n, c->b, c->n, c->dtype, 0.0f, c->c, c->n, MGPU_CUDA_EPI_NONE,
-                          NULL, 1) == MGPU_OK ? 0 : 1;
+    mgpu__gemm_args g;
+    memset(&g, 0, sizeof g);
+    g.blas = c->blas; g.m = c->n; g.n = c->n; g.k = c->n; g.alpha = 1.0f;
+    g.a = c->a; g.lda = c->n; g.b = c->b; g.ldb = c->n; g.ab_dtype = (mgpu_dtype)c->dtype; g.c = c->c; g.ldc = c->n;
+    return mgpu_cuda_gemm(&g, NULL) == MGPU_OK ? 0 : 1;
 }
 // Column-major C^T = B^T A^T: the same row-major product mgpu computes.
 static int run_cublas(void *u) {

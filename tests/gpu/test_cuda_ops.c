@@ -347,6 +347,14 @@ static void test_dropout_matches_cpu(void) {
 
 /* ============================== normalisation ============================== */
 
+/* The layer norm twins' argument struct, filled as the op's front fills it. */
+static mgpu__layer_norm_args ln_args(const float *x, const float *w, const float *b, float *mean, float *rstd, int64_t R, int64_t C) {
+    mgpu__layer_norm_args a;
+    memset(&a, 0, sizeof a);
+    a.x = x; a.w = w; a.b = b; a.mean = mean; a.rstd = rstd; a.R = R; a.C = C; a.eps = 1e-5f;
+    return a;
+}
+
 static void test_layer_norm(void) {
     static const int64_t cases[3][2] = { {6, 33}, {3, 1500}, {65, 8} };
     int c, affine;
@@ -356,16 +364,34 @@ static void test_layer_norm(void) {
             mgpu_tensor *x = rnd(2, shape, -2, 3), *w = affine ? rnd(1, &C, 0.5, 1.5) : NULL, *b = affine ? rnd(1, &C, -1, 1) : NULL;
             mgpu_tensor *y = mgpu_op_layer_norm(cpu, x, w, b, 1e-5f);
             float *dx = dev_of(x), *dw = w ? dev_of(w) : NULL, *db = b ? dev_of(b) : NULL, *out = dev_nan(x->numel);
-            float *mean = dev_nan(R), *rstd = dev_nan(R), *gx = dev_zeros(x->numel), *gw = dev_zeros(C), *gb = dev_zeros(C), *dy;
-            expect_ok(mgpu_cuda_layer_norm_forward(dx, dw, db, out, mean, rstd, R, C, 1e-5f, NULL), "layer_norm forward");
+            float *mean = dev_nan(R), *rstd = dev_nan(R), *gx = dev_zeros(x->numel), *gw = dev_zeros(C), *gb = dev_zeros(C);
+            mgpu__layer_norm_args a = ln_args(dx, dw, db, mean, rstd, R, C);
+            a.y = out;
+            expect_ok(mgpu_cuda_layer_norm_forward(&a, NULL), "layer_norm forward");
             expect_close("layer_norm forward", out, (const float *)y->data, x->numel, F32_TOL);
-            dy = cpu_backward(y);
-            expect_ok(mgpu_cuda_layer_norm_backward(dx, dw, dy, mean, rstd, gx, w ? gw : NULL, b ? gb : NULL, R, C, NULL), "layer_norm backward");
+            a.dy = cpu_backward(y); a.dx = gx; a.dw = w ? gw : NULL; a.db = b ? gb : NULL;
+            expect_ok(mgpu_cuda_layer_norm_backward(&a, NULL), "layer_norm backward");
             expect_close("layer_norm dx", gx, grad_of(x), x->numel, F32_TOL);
             if (w) expect_close("layer_norm dw", gw, grad_of(w), C, F32_TOL);
             if (b) expect_close("layer_norm db", gb, grad_of(b), C, F32_TOL);
             case_end();
         }
+}
+
+/* Batch norm through its twins in the order the op's front calls them (no cross-rank reduce here). */
+static void bn_forward(mgpu__batch_norm_args *a) {
+    if (a->training) {
+        a->sums = (double *)dev_alloc(sizeof(double) * (size_t)(2 * a->C + 1));
+        expect_ok(mgpu_cuda_batch_norm_stats(a, NULL), "bn stats");
+        a->count = a->sums + 2 * a->C;
+    }
+    expect_ok(mgpu_cuda_batch_norm_forward(a, NULL), "bn forward");
+}
+static void bn_backward(mgpu__batch_norm_args *a) {
+    a->sums = (double *)dev_alloc(sizeof(double) * (size_t)(2 * a->C));   /* the forward's sums keep the count */
+    a->coef = dev_nan(2 * a->C);
+    expect_ok(mgpu_cuda_batch_norm_grad_sums(a, NULL), "bn grad sums");
+    expect_ok(mgpu_cuda_batch_norm_backward(a, NULL), "bn backward");
 }
 
 static void test_batch_norm(void) {
@@ -377,15 +403,19 @@ static void test_batch_norm(void) {
             int64_t C = shapes[c][1], N = shapes[c][0], S = prod(nd[c], shapes[c]) / (N * C);
             mgpu_tensor *x = rnd(nd[c], shapes[c], -2, 3), *w = rnd(1, &C, 0.5, 1.5), *b = rnd(1, &C, -1, 1);
             mgpu_tensor *rm = track(mt_rand(cpu, 1, &C, -0.5, 0.5, 0)), *rv = track(mt_rand(cpu, 1, &C, 0.5, 2, 0));
-            float *drm = dev_of(rm), *drv = dev_of(rv), *dx = dev_of(x), *dw = dev_of(w), *db = dev_of(b), *out = dev_nan(x->numel);
-            float *mean = dev_nan(C), *rstd = dev_nan(C), *gx = dev_zeros(x->numel), *gw = dev_zeros(C), *gb = dev_zeros(C), *dy;
+            float *drm = dev_of(rm), *drv = dev_of(rv), *out = dev_nan(x->numel), *gx = dev_zeros(x->numel), *gw = dev_zeros(C), *gb = dev_zeros(C);
             mgpu_tensor *y = mgpu_op_batch_norm(cpu, x, w, b, rm, rv, training, 0.1f, 1e-5f);
-            expect_ok(mgpu_cuda_batch_norm_forward(dx, dw, db, drm, drv, out, mean, rstd, N, C, S, training, 0.1f, 1e-5f, NULL), "bn forward");
+            mgpu__batch_norm_args a;
+            memset(&a, 0, sizeof a);
+            a.N = N; a.C = C; a.S = S; a.training = training; a.momentum = 0.1f; a.eps = 1e-5f;
+            a.x = dev_of(x); a.w = dev_of(w); a.b = dev_of(b); a.running_mean = drm; a.running_var = drv;
+            a.y = out; a.mean = dev_nan(C); a.rstd = dev_nan(C); a.scale = dev_nan(C);
+            bn_forward(&a);
             expect_close(training ? "batch_norm forward (train)" : "batch_norm forward (eval)", out, (const float *)y->data, x->numel, F32_TOL);
             expect_close("batch_norm running_mean", drm, (const float *)rm->data, C, F32_TOL);
             expect_close("batch_norm running_var", drv, (const float *)rv->data, C, F32_TOL);
-            dy = cpu_backward(y);
-            expect_ok(mgpu_cuda_batch_norm_backward(dx, dw, dy, mean, rstd, gx, gw, gb, N, C, S, training, NULL), "bn backward");
+            a.dy = cpu_backward(y); a.dx = gx; a.dw = gw; a.db = gb;
+            bn_backward(&a);
             expect_close("batch_norm dx", gx, grad_of(x), x->numel, F32_TOL);
             expect_close("batch_norm dw", gw, grad_of(w), C, F32_TOL);
             expect_close("batch_norm db", gb, grad_of(b), C, F32_TOL);
@@ -393,22 +423,33 @@ static void test_batch_norm(void) {
         }
 }
 
+/* The embedding twins' argument struct, filled as the op's front fills it. */
+static mgpu__embedding_args emb_args(const void *idx, int i64, int64_t n, int64_t V, int64_t D) {
+    mgpu__embedding_args a;
+    memset(&a, 0, sizeof a);
+    a.idx = idx; a.idx_i64 = i64; a.n = n; a.V = V; a.D = D;
+    return a;
+}
+
 static void test_embedding(void) {
     int i64;
     for (i64 = 0; i64 < 2; i64++) {
         int64_t wshape[2] = { 50, 17 }, n = 40, V = 50, D = 17, i;
         mgpu_tensor *w = rnd(2, wshape, -1, 1), *idx = track(mgpu_tensor_create(cpu, i64 ? MGPU_I64 : MGPU_I32, 1, &n)), *y;
-        float *dw, *didx, *out, *g, *dy;
+        float *dw, *didx, *out, *g;
+        mgpu__embedding_args a;
         for (i = 0; i < n; i++) {   /* repeated rows exercise the deterministic scatter */
             int64_t v = (i * 7) % 13;
             if (i64) ((int64_t *)idx->data)[i] = v; else ((int32_t *)idx->data)[i] = (int32_t)v;
         }
         y = mgpu_op_embedding(cpu, w, idx);
         dw = dev_of(w); didx = dev_of(idx); out = dev_nan(y->numel); g = dev_zeros(w->numel);
-        expect_ok(mgpu_cuda_embedding_forward(dw, didx, i64, out, n, V, D, NULL), "embedding forward");
+        a = emb_args(didx, i64, n, V, D);
+        a.weight = dw; a.out = out;
+        expect_ok(mgpu_cuda_embedding_forward(&a, NULL), "embedding forward");
         expect_close("embedding forward", out, (const float *)y->data, y->numel, 0.0);
-        dy = cpu_backward(y);
-        expect_ok(mgpu_cuda_embedding_backward(didx, i64, dy, g, n, V, D, NULL), "embedding backward");
+        a.dy = cpu_backward(y); a.dweight = g;
+        expect_ok(mgpu_cuda_embedding_backward(&a, NULL), "embedding backward");
         expect_close("embedding backward", g, grad_of(w), w->numel, F32_TOL);
         case_end();
     }
@@ -416,49 +457,39 @@ static void test_embedding(void) {
 
 /* ============================== convolution, pooling ============================== */
 
-/* conv2d through im2col + GEMM per image, and its backward through GEMMs + col2im. */
+/* Geometry of a (N, C, H, W) input whose window of side ks gave an output y (N, O, OH, OW). */
+static mgpu__conv_geom geom_of(const mgpu_tensor *x, const mgpu_tensor *y, int ks, int stride, int pad, int conv) {
+    mgpu__conv_geom g;
+    memset(&g, 0, sizeof g);
+    g.n = x->shape[0]; g.c = x->shape[1]; g.h = x->shape[2]; g.w = x->shape[3];
+    g.oh = y->shape[2]; g.ow = y->shape[3]; g.ks = ks; g.stride = stride; g.pad = pad;
+    if (conv) { g.o = y->shape[1]; g.p = g.oh * g.ow; g.ckk = g.c * ks * ks; }
+    return g;
+}
+
+/* conv2d (im2col + one batched GEMM) and its backward (GEMMs + col2im), pointwise included. */
 static void test_conv2d(void) {
     static const int cfg[3][3] = { {3, 2, 1}, {3, 1, 0}, {1, 1, 0} };   /* kernel, stride, padding */
     int c;
     for (c = 0; c < 3; c++) {
         int k = cfg[c][0], s = cfg[c][1], pad = cfg[c][2];
-        int64_t xs[4] = { 2, 3, 9, 8 }, O = 4, ws[4] = { 4, 3, k, k }, n;
+        int64_t xs[4] = { 2, 3, 9, 8 }, O = 4, ws[4] = { 4, 3, k, k };
         mgpu_tensor *x = rnd(4, xs, -1, 1), *w = rnd(4, ws, -1, 1), *b = rnd(1, &O, -1, 1);
         mgpu_tensor *y = mgpu_op_conv2d(cpu, x, w, b, s, pad);
-        mgpu_cuda_conv_geom g;
-        int64_t P, ckk;
-        float *dx, *dw, *db, *cols, *out, *dy, *gx, *gw, *gb, *dcols, *tmp;
+        mgpu__conv_geom g;
+        mgpu__conv2d_args a;
         if (!y) { MT_CHECK(y != NULL, "cpu conv2d failed: %s", mgpu_last_error()); case_end(); continue; }
-        memset(&g, 0, sizeof g);
-        g.N = 2; g.C = 3; g.H = 9; g.W = 8; g.OH = y->shape[2]; g.OW = y->shape[3]; g.kernel = k; g.stride = s; g.padding = pad;
-        P = g.OH * g.OW; ckk = g.C * k * k;
-        dx = dev_of(x); dw = dev_of(w); db = dev_of(b);
-        cols = dev_nan(g.N * ckk * P); out = dev_nan(y->numel);
-        expect_ok(mgpu_cuda_im2col(&g, dx, cols, NULL), "im2col");
-        for (n = 0; n < g.N; n++)   /* y[n] (O, P) = W (O, CKK) @ cols[n] (CKK, P), then + bias per row */
-            expect_ok(mgpu_cuda_gemm(blas, 0, 0, O, P, ckk, 1.0f, dw, ckk, cols + n * ckk * P, P, MGPU_F32, 0.0f, out + n * O * P, P,
-                                     MGPU_CUDA_EPI_NONE, NULL, 1), "conv gemm");
-        tmp = dev_nan(y->numel);   /* bias over channels: (N, O, P) + b via a broadcast add with b (O, 1) */
-        {
-            int64_t ysh[3] = { g.N, O, P }, bsh[2] = { O, 1 };
-            mgpu__binary_args bc = binary_args(MGPU__BIN_ADD, track(mgpu_tensor_create(cpu, MGPU_F32, 3, ysh)), track(mgpu_tensor_create(cpu, MGPU_F32, 2, bsh)));
-            expect_ok(binary_forward(bc, out, db, tmp), "bias");
-            expect_close("conv2d forward (im2col + gemm)", tmp, (const float *)y->data, y->numel, F32_TOL);
-            dy = cpu_backward(y);
-            gx = dev_zeros(x->numel); gw = dev_zeros(w->numel); gb = dev_zeros(O); dcols = dev_nan(g.N * ckk * P);
-            for (n = 0; n < g.N; n++) {
-                /* dW += dy[n] (O, P) @ cols[n]^T (P, CKK); dcols[n] = W^T (CKK, O) @ dy[n] (O, P) */
-                expect_ok(mgpu_cuda_gemm(blas, 0, 1, O, ckk, P, 1.0f, dy + n * O * P, P, cols + n * ckk * P, P, MGPU_F32, 1.0f, gw, ckk,
-                                         MGPU_CUDA_EPI_NONE, NULL, 1), "conv dW gemm");
-                expect_ok(mgpu_cuda_gemm(blas, 1, 0, ckk, P, O, 1.0f, dw, ckk, dy + n * O * P, P, MGPU_F32, 0.0f, dcols + n * ckk * P, P,
-                                         MGPU_CUDA_EPI_NONE, NULL, 1), "conv dcols gemm");
-            }
-            expect_ok(mgpu_cuda_col2im(&g, dcols, gx, NULL), "col2im");
-            expect_ok(binary_backward(bc, out, db, dy, NULL, gb), "bias grad");
-        }
-        expect_close("conv2d dx (col2im)", gx, grad_of(x), x->numel, F32_TOL);
-        expect_close("conv2d dw", gw, grad_of(w), w->numel, F32_TOL);
-        expect_close("conv2d db", gb, grad_of(b), O, F32_TOL);
+        g = geom_of(x, y, k, s, pad, 1);
+        memset(&a, 0, sizeof a);
+        a.blas = blas; a.g = &g;
+        a.x = dev_of(x); a.w = dev_of(w); a.b = dev_of(b); a.y = dev_nan(y->numel);
+        expect_ok(mgpu_cuda_conv2d_forward(&a, NULL), "conv2d forward");
+        expect_close("conv2d forward (im2col + gemm)", a.y, (const float *)y->data, y->numel, F32_TOL);
+        a.dy = cpu_backward(y); a.dx = dev_zeros(x->numel); a.dw = dev_zeros(w->numel); a.db = dev_zeros(O);
+        expect_ok(mgpu_cuda_conv2d_backward(&a, NULL), "conv2d backward");
+        expect_close("conv2d dx (col2im)", a.dx, grad_of(x), x->numel, F32_TOL);
+        expect_close("conv2d dw", a.dw, grad_of(w), w->numel, F32_TOL);
+        expect_close("conv2d db", a.db, grad_of(b), O, F32_TOL);
         case_end();
     }
 }
@@ -471,18 +502,17 @@ static void test_pool(void) {
             int64_t xs[4] = { 2, 3, 9, 7 };
             mgpu_tensor *x = rnd(4, xs, -1, 1);
             mgpu_tensor *y = is_max ? mgpu_op_max_pool2d(cpu, x, cfg[c][0], cfg[c][1], cfg[c][2]) : mgpu_op_avg_pool2d(cpu, x, cfg[c][0], cfg[c][1], cfg[c][2]);
-            mgpu_cuda_conv_geom g;
-            float *dx, *out, *gx, *dy;
-            int32_t *am;
-            memset(&g, 0, sizeof g);
-            g.N = 2; g.C = 3; g.H = 9; g.W = 7; g.OH = y->shape[2]; g.OW = y->shape[3]; g.kernel = cfg[c][0]; g.stride = cfg[c][1]; g.padding = cfg[c][2];
-            dx = dev_of(x); out = dev_nan(y->numel); gx = dev_zeros(x->numel);
-            am = (int32_t *)dev_alloc(sizeof(int32_t) * (size_t)y->numel);
-            expect_ok(mgpu_cuda_pool_forward(&g, is_max, dx, out, is_max ? am : NULL, NULL), "pool forward");
-            expect_close(is_max ? "max_pool2d forward" : "avg_pool2d forward", out, (const float *)y->data, y->numel, F32_TOL);
-            dy = cpu_backward(y);
-            expect_ok(mgpu_cuda_pool_backward(&g, is_max, is_max ? am : NULL, dy, gx, NULL), "pool backward");
-            expect_close(is_max ? "max_pool2d backward" : "avg_pool2d backward", gx, grad_of(x), x->numel, F32_TOL);
+            mgpu__conv_geom g = geom_of(x, y, cfg[c][0], cfg[c][1], cfg[c][2], 0);
+            mgpu__pool2d_args a;
+            memset(&a, 0, sizeof a);
+            a.g = &g; a.is_max = is_max;
+            a.x = dev_of(x); a.y = dev_nan(y->numel); a.dx = dev_zeros(x->numel);
+            a.argmax = is_max ? (int32_t *)dev_alloc(sizeof(int32_t) * (size_t)y->numel) : NULL;
+            expect_ok(mgpu_cuda_pool2d_forward(&a, NULL), "pool forward");
+            expect_close(is_max ? "max_pool2d forward" : "avg_pool2d forward", a.y, (const float *)y->data, y->numel, F32_TOL);
+            a.dy = cpu_backward(y);
+            expect_ok(mgpu_cuda_pool2d_backward(&a, NULL), "pool backward");
+            expect_close(is_max ? "max_pool2d backward" : "avg_pool2d backward", a.dx, grad_of(x), x->numel, F32_TOL);
             case_end();
         }
 }
@@ -614,6 +644,7 @@ static void test_reductions(void) {
 
 /* ============================== attention ============================== */
 
+/* The forward runs twice: without prob (no backward follows: the twin finds its own room) and with it. */
 static void test_attention(void) {
     static const int64_t cfg[3][3] = { {5, 7, 8}, {6, 6, 16}, {33, 40, 64} };   /* Tq, Tk, D */
     int c, causal;
@@ -622,47 +653,65 @@ static void test_attention(void) {
             int64_t Tq = cfg[c][0], Tk = causal ? cfg[c][0] : cfg[c][1], D = cfg[c][2], BH = 6;
             int64_t qs[4] = { 2, 3, Tq, D }, ks[4] = { 2, 3, Tk, D };
             mgpu_tensor *q = rnd(4, qs, -1, 1), *k = rnd(4, ks, -1, 1), *v = rnd(4, ks, -1, 1), *y = mgpu_op_attention(cpu, q, k, v, causal);
-            float *dq = dev_of(q), *dk = dev_of(k), *dv = dev_of(v), *out = dev_nan(y->numel), *probs = dev_nan(BH * Tq * Tk);
-            float *dprobs = dev_nan(BH * Tq * Tk), *gq = dev_zeros(q->numel), *gk = dev_zeros(k->numel), *gv = dev_zeros(v->numel), *dy;
-            expect_ok(mgpu_cuda_attention_forward(blas, dq, dk, dv, out, probs, BH, Tq, Tk, D, causal, NULL), "attention forward");
-            expect_close(causal ? "causal attention forward" : "attention forward", out, (const float *)y->data, y->numel, F32_TOL);
-            dy = cpu_backward(y);
-            expect_ok(mgpu_cuda_attention_backward(blas, dq, dk, dv, probs, dy, gq, gk, gv, dprobs, BH, Tq, Tk, D, causal, NULL), "attention backward");
-            expect_close("attention dq", gq, grad_of(q), q->numel, F32_TOL);
-            expect_close("attention dk", gk, grad_of(k), k->numel, F32_TOL);
-            expect_close("attention dv", gv, grad_of(v), v->numel, F32_TOL);
+            mgpu__attention_args a;
+            memset(&a, 0, sizeof a);
+            a.blas = blas; a.BH = BH; a.Tq = Tq; a.Tk = Tk; a.D = D; a.scale = (float)(1.0 / sqrt((double)D)); a.causal = causal;
+            a.q = dev_of(q); a.k = dev_of(k); a.v = dev_of(v); a.out = dev_nan(y->numel);
+            expect_ok(mgpu_cuda_attention_forward(&a, NULL), "attention forward without prob");
+            expect_close(causal ? "causal attention forward, no prob kept" : "attention forward, no prob kept", a.out, (const float *)y->data, y->numel, F32_TOL);
+            a.out = dev_nan(y->numel); a.prob = dev_nan(BH * Tq * Tk);
+            expect_ok(mgpu_cuda_attention_forward(&a, NULL), "attention forward");
+            expect_close(causal ? "causal attention forward" : "attention forward", a.out, (const float *)y->data, y->numel, F32_TOL);
+            a.dout = cpu_backward(y); a.dq = dev_zeros(q->numel); a.dk = dev_zeros(k->numel); a.dv = dev_zeros(v->numel);
+            expect_ok(mgpu_cuda_attention_backward(&a, NULL), "attention backward");
+            expect_close("attention dq", a.dq, grad_of(q), q->numel, F32_TOL);
+            expect_close("attention dk", a.dk, grad_of(k), k->numel, F32_TOL);
+            expect_close("attention dv", a.dv, grad_of(v), v->numel, F32_TOL);
             case_end();
         }
 }
 
 /* ============================== GEMM / linear ============================== */
 
+/* One row-major product through the gemm twin (no_lt: plain cuBLAS). */
+static mgpu_result gemm(void *bl, int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const void *a, int64_t lda, const void *b,
+                        int64_t ldb, int dtype, float beta, float *c, int64_t ldc, int epilogue, const float *bias, int lt) {
+    mgpu__gemm_args g;
+    memset(&g, 0, sizeof g);
+    g.blas = bl; g.trans_a = ta; g.trans_b = tb; g.m = m; g.n = n; g.k = k; g.alpha = alpha; g.beta = beta;
+    g.a = a; g.lda = lda; g.b = b; g.ldb = ldb; g.ab_dtype = (mgpu_dtype)dtype; g.c = c; g.ldc = ldc;
+    g.epilogue = (mgpu__gemm_epilogue)epilogue; g.bias = bias; g.no_lt = !lt;
+    return mgpu_cuda_gemm(&g, NULL);
+}
+
 static void test_linear_gemm(void) {
     static const int64_t cfg[3][3] = { {17, 33, 9}, {128, 784, 256}, {1, 5, 3} };   /* N, in, out */
-    static const int epis[4] = { MGPU_CUDA_EPI_BIAS, MGPU_CUDA_EPI_BIAS_RELU, MGPU_CUDA_EPI_BIAS_GELU, MGPU_CUDA_EPI_NONE };
+    static const int epis[4] = { MGPU__EPI_BIAS, MGPU__EPI_BIAS_RELU, MGPU__EPI_BIAS_GELU, MGPU__EPI_NONE };
     int c, e, lt;
     for (lt = 0; lt < 2; lt++)
         for (c = 0; c < 3; c++)
             for (e = 0; e < 4; e++) {
                 int64_t N = cfg[c][0], I = cfg[c][1], O = cfg[c][2], xs[2] = { N, I }, ws[2] = { O, I };
                 mgpu_tensor *x = rnd(2, xs, -1, 1), *w = rnd(2, ws, -1, 1), *b = rnd(1, &O, -1, 1);
-                mgpu_tensor *lin = mgpu_op_linear(cpu, x, w, epis[e] == MGPU_CUDA_EPI_NONE ? NULL : b);
-                mgpu_tensor *y = epis[e] == MGPU_CUDA_EPI_BIAS_RELU ? mgpu_op_relu(cpu, lin)
-                               : epis[e] == MGPU_CUDA_EPI_BIAS_GELU ? mgpu_op_gelu_tanh(cpu, lin) : lin;
+                mgpu_tensor *lin = mgpu_op_linear(cpu, x, w, epis[e] == MGPU__EPI_NONE ? NULL : b);
+                mgpu_tensor *y = epis[e] == MGPU__EPI_BIAS_RELU ? mgpu_op_relu(cpu, lin)
+                               : epis[e] == MGPU__EPI_BIAS_GELU ? mgpu_op_gelu_tanh(cpu, lin) : lin;
                 float *dx = dev_of(x), *dw = dev_of(w), *db = dev_of(b), *out = dev_nan(y->numel), *gx, *gw, *gb, *dy;
+                mgpu__linear_bias_grad_args bg;
                 char what[96];
                 snprintf(what, sizeof what, "linear N=%lld in=%lld out=%lld epilogue %d %s", (long long)N, (long long)I, (long long)O, epis[e],
                          lt ? "cuBLASLt" : "cuBLAS");
-                expect_ok(mgpu_cuda_gemm(blas, 0, 1, N, O, I, 1.0f, dx, I, dw, I, MGPU_F32, 0.0f, out, O, epis[e], db, lt), what);
+                expect_ok(gemm(blas, 0, 1, N, O, I, 1.0f, dx, I, dw, I, MGPU_F32, 0.0f, out, O, epis[e], db, lt), what);
                 /* cuBLASLt's GELU epilogue uses its own tanh: allow 1e-4 there */
-                expect_close(what, out, (const float *)y->data, y->numel, epis[e] == MGPU_CUDA_EPI_BIAS_GELU ? 1e-4 : F32_TOL);
-                if (epis[e] != MGPU_CUDA_EPI_BIAS) { case_end(); continue; }
+                expect_close(what, out, (const float *)y->data, y->numel, epis[e] == MGPU__EPI_BIAS_GELU ? 1e-4 : F32_TOL);
+                if (epis[e] != MGPU__EPI_BIAS) { case_end(); continue; }
                 dy = cpu_backward(y);
                 gx = dev_zeros(x->numel); gw = dev_zeros(w->numel); gb = dev_zeros(O);
                 /* dx += dy (N, O) @ W (O, I); dW += dy^T (O, N) @ x (N, I); db += column sums */
-                expect_ok(mgpu_cuda_gemm(blas, 0, 0, N, I, O, 1.0f, dy, O, dw, I, MGPU_F32, 1.0f, gx, I, MGPU_CUDA_EPI_NONE, NULL, lt), "dx gemm");
-                expect_ok(mgpu_cuda_gemm(blas, 1, 0, O, I, N, 1.0f, dy, O, dx, I, MGPU_F32, 1.0f, gw, I, MGPU_CUDA_EPI_NONE, NULL, lt), "dw gemm");
-                expect_ok(mgpu_cuda_bias_grad(dy, gb, N, O, NULL), "db");
+                expect_ok(gemm(blas, 0, 0, N, I, O, 1.0f, dy, O, dw, I, MGPU_F32, 1.0f, gx, I, MGPU__EPI_NONE, NULL, lt), "dx gemm");
+                expect_ok(gemm(blas, 1, 0, O, I, N, 1.0f, dy, O, dx, I, MGPU_F32, 1.0f, gw, I, MGPU__EPI_NONE, NULL, lt), "dw gemm");
+                bg.ctx = NULL; bg.dy = dy; bg.db = gb; bg.rows = N; bg.cols = O;
+                expect_ok(mgpu_cuda_linear_bias_grad(&bg, NULL), "db");
                 expect_close("linear dx", gx, grad_of(x), x->numel, F32_TOL);
                 expect_close("linear dw", gw, grad_of(w), w->numel, F32_TOL);
                 expect_close("linear db", gb, grad_of(b), O, F32_TOL);
@@ -697,20 +746,34 @@ static void test_gemm_bf16(void) {
         y = mgpu_op_linear(cpu, x, w, NULL);
         expect_ok(cast(dx, MGPU_F32, hx, dt, x->numel), "cast x");
         expect_ok(cast(dw, MGPU_F32, hw, dt, w->numel), "cast w");
-        expect_ok(mgpu_cuda_gemm(blas, 0, 1, N, O, I, 1.0f, hx, I, hw, I, dt, 0.0f, out, O, MGPU_CUDA_EPI_NONE, NULL, 1), "half gemm");
+        expect_ok(gemm(blas, 0, 1, N, O, I, 1.0f, hx, I, hw, I, dt, 0.0f, out, O, MGPU__EPI_NONE, NULL, 1), "half gemm");
         expect_close(dt == MGPU_BF16 ? "bf16 gemm (f32 accumulate)" : "f16 gemm (f32 accumulate)", out, (const float *)y->data, y->numel, BF16_TOL);
         case_end();
     }
+}
+
+/* A strided batch of products (matmul on (B, M, K) @ (B, K, N)) goes through cuBLAS's batched GEMM. */
+static void test_matmul_batched(void) {
+    int64_t B = 5, M = 17, K = 33, N = 12, as[3] = { B, M, K }, bs[3] = { B, K, N };
+    mgpu_tensor *a = rnd(3, as, -1, 1), *b = rnd(3, bs, -1, 1), *y = mgpu_op_matmul(cpu, a, b);
+    mgpu__gemm_args g;
+    memset(&g, 0, sizeof g);
+    g.blas = blas; g.m = M; g.n = N; g.k = K; g.alpha = 1.0f; g.batch = B;
+    g.a = dev_of(a); g.lda = K; g.stride_a = M * K; g.b = dev_of(b); g.ldb = N; g.stride_b = K * N;
+    g.c = dev_nan(y->numel); g.ldc = N; g.stride_c = M * N;
+    expect_ok(mgpu_cuda_gemm(&g, NULL), "batched gemm");
+    expect_close("batched matmul", g.c, (const float *)y->data, y->numel, F32_TOL);
+    case_end();
 }
 
 static void test_gemm_plan_cache(void) {
     int64_t m = 31, n = 29, k = 27;
     float *a = dev_zeros(m * k), *b = dev_zeros(k * n), *c = dev_zeros(m * n);
     int before, after, i;
-    expect_ok(mgpu_cuda_gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU_CUDA_EPI_NONE, NULL, 1), "gemm");
+    expect_ok(gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU__EPI_NONE, NULL, 1), "gemm");
     before = mgpu_cuda_blas_plan_count(blas);
     for (i = 0; i < 10; i++)
-        expect_ok(mgpu_cuda_gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU_CUDA_EPI_NONE, NULL, 1), "gemm");
+        expect_ok(gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU__EPI_NONE, NULL, 1), "gemm");
     after = mgpu_cuda_blas_plan_count(blas);
     MT_CHECK(before == after && before >= 1, "the plan cache grew from %d to %d for one repeated shape", before, after);
     case_end();
@@ -731,6 +794,36 @@ static void check_round_half(const float *x, const float *h, int64_t n, int dt) 
     expect_ok(mgpu_cuda_round_half(&a, NULL), "round to half, accumulating");
     expect_close("round to half and back, accumulated", out, ref, n, 0.0);
     free(ref);
+}
+
+/* Views that start one float into their buffers (4-byte aligned) get a cuBLASLt plan of their own,
+   valid for that alignment; a bias view takes the cuBLAS path. */
+static void test_gemm_misaligned(void) {
+    int64_t m = 37, n = 64, k = 48, i;
+    float *ha = (float *)malloc(sizeof(float) * (size_t)(m * k)), *hb = (float *)malloc(sizeof(float) * (size_t)(k * n));
+    float *hbias = (float *)malloc(sizeof(float) * (size_t)n), *ref = (float *)malloc(sizeof(float) * (size_t)(m * n));
+    float *ref_bias = (float *)malloc(sizeof(float) * (size_t)(m * n)), *a, *b, *bias, *c;
+    int off, plans;
+    for (i = 0; i < m * k; i++) ha[i] = (float)mt_uniform(-1, 1);
+    for (i = 0; i < k * n; i++) hb[i] = (float)mt_uniform(-1, 1);
+    for (i = 0; i < n; i++) hbias[i] = (float)mt_uniform(-1, 1);
+    mgpu_gemm_f32(NULL, 0, 0, m, n, k, 1.0f, ha, k, hb, n, 0.0f, ref, n);
+    for (i = 0; i < m * n; i++) ref_bias[i] = ref[i] + hbias[i % n];
+    for (off = 0; off < 2; off++) {
+        a = dev_nan(m * k + 1) + off; b = dev_nan(k * n + 1) + off; bias = dev_nan(n + 1) + off; c = dev_nan(m * n + 1) + off;
+        cudaMemcpy(a, ha, sizeof(float) * (size_t)(m * k), cudaMemcpyHostToDevice);
+        cudaMemcpy(b, hb, sizeof(float) * (size_t)(k * n), cudaMemcpyHostToDevice);
+        cudaMemcpy(bias, hbias, sizeof(float) * (size_t)n, cudaMemcpyHostToDevice);
+        plans = mgpu_cuda_blas_plan_count(blas);
+        expect_ok(gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU__EPI_NONE, NULL, 1), "gemm");
+        expect_close(off ? "gemm on 4-byte aligned views" : "gemm on aligned buffers", c, ref, m * n, F32_TOL);
+        MT_CHECK(mgpu_cuda_blas_plan_count(blas) == plans + 1 || plans == 64, "one new plan for the %s operands (%d -> %d)",
+                 off ? "misaligned" : "aligned", plans, mgpu_cuda_blas_plan_count(blas));
+        expect_ok(gemm(blas, 0, 0, m, n, k, 1.0f, a, k, b, n, MGPU_F32, 0.0f, c, n, MGPU__EPI_BIAS, bias, 1), "gemm + bias");
+        expect_close(off ? "gemm + bias on 4-byte aligned views" : "gemm + bias on aligned buffers", c, ref_bias, m * n, F32_TOL);
+        case_end();
+    }
+    free(ha); free(hb); free(hbias); free(ref); free(ref_bias);
 }
 
 static void test_casts(void) {
@@ -928,9 +1021,13 @@ static void test_determinism(void) {
     didx = dev_copy(hidx, sizeof(int32_t) * (size_t)n);
     for (r = 0; r < 2; r++) {
         run[r][0] = dev_zeros(R * C); run[r][1] = dev_zeros(C); run[r][2] = dev_zeros(V * 256 + 1);
-        expect_ok(mgpu_cuda_layer_norm_forward(dx, NULL, NULL, y, mean, rstd, R, C, 1e-5f, NULL), "ln");
-        expect_ok(mgpu_cuda_layer_norm_backward(dx, NULL, dy, mean, rstd, run[r][0], run[r][1], NULL, R, C, NULL), "ln bwd");
-        expect_ok(mgpu_cuda_embedding_backward(didx, 0, demb, run[r][2], n, V, 256, NULL), "emb bwd");
+        mgpu__layer_norm_args ln = ln_args(dx, NULL, NULL, mean, rstd, R, C);
+        mgpu__embedding_args emb = emb_args(didx, 0, n, V, 256);
+        ln.y = y; ln.dy = dy; ln.dx = run[r][0]; ln.dw = run[r][1];
+        emb.dy = demb; emb.dweight = run[r][2];
+        expect_ok(mgpu_cuda_layer_norm_forward(&ln, NULL), "ln");
+        expect_ok(mgpu_cuda_layer_norm_backward(&ln, NULL), "ln bwd");
+        expect_ok(mgpu_cuda_embedding_backward(&emb, NULL), "emb bwd");
         expect_ok(sum_forward(dx, run[r][2] + V * 256, 1, R * C, 1, 1.0f, scratch), "sum");
     }
     MT_CHECK(same_bits(run[0][0], run[1][0], R * C), "layer_norm dx differs between two identical runs");
@@ -990,8 +1087,8 @@ static void test_errors(void) {
     mgpu_clear_error();
     MT_CHECK(unary_forward(99, 0, x, x, 4, NULL) == MGPU_ERR_INVALID_ARG, "a bad kind must be rejected");
     MT_CHECK(strstr(mgpu_last_error(), "mgpu_cuda_unary_forward") != NULL, "the error must name the launcher: '%s'", mgpu_last_error());
-    MT_CHECK(mgpu_cuda_gemm(NULL, 0, 0, 1, 1, 1, 1, x, 1, x, 1, MGPU_F32, 0, x, 1, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "NULL blas");
-    MT_CHECK(mgpu_cuda_gemm(blas, 0, 0, 4, 4, 4, 1, x, 2, x, 4, MGPU_F32, 0, x, 4, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "lda too small");
+    MT_CHECK(gemm(NULL, 0, 0, 1, 1, 1, 1, x, 1, x, 1, MGPU_F32, 0, x, 1, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "NULL blas");
+    MT_CHECK(gemm(blas, 0, 0, 4, 4, 4, 1, x, 2, x, 4, MGPU_F32, 0, x, 4, 0, NULL, 1) == MGPU_ERR_INVALID_ARG, "lda too small");
     MT_CHECK(dropout(1, 0, 1.5f, x, x, 4, 0) == MGPU_ERR_INVALID_ARG, "p > 1");
     case_end();
 }
@@ -1027,7 +1124,9 @@ int main(void) {
     MT_RUN(test_attention);
     MT_RUN(test_linear_gemm);
     MT_RUN(test_gemm_bf16);
+    MT_RUN(test_matmul_batched);
     MT_RUN(test_gemm_plan_cache);
+    MT_RUN(test_gemm_misaligned);
     MT_RUN(test_casts);
     MT_RUN(test_fills_and_copies);
     MT_RUN(test_optimizers);
