@@ -106,6 +106,8 @@ extern "C" {
    Results, errors, logging, allocation
    ====================================================================================== */
 
+/* */
+
 typedef enum mgpu_result {
     MGPU_OK = 0,
     MGPU_ERR_INVALID_ARG = -1,   /* a NULL pointer, a value out of range, a bad flag */
@@ -151,6 +153,8 @@ MGPU_API void mgpu_set_allocator(const mgpu_allocator *a); /* NULL restores the 
    Devices, dtypes, half-precision conversion
    ====================================================================================== */
 
+/* */
+
 typedef enum mgpu_device_type { MGPU_DEVICE_CPU = 0, MGPU_DEVICE_CUDA = 1 } mgpu_device_type;
 typedef struct mgpu_device { mgpu_device_type type; int index; } mgpu_device;
 
@@ -174,6 +178,8 @@ MGPU_API float mgpu_bf16_to_f32(uint16_t h);
 /* ======================================================================================
    Context: device, threads, RNG, activation arena, autograd tape
    ====================================================================================== */
+
+/* */
 
 typedef struct mgpu_context mgpu_context;
 typedef struct mgpu_context_desc {
@@ -228,6 +234,8 @@ MGPU_API void mgpu_parallel_for(mgpu_context *ctx, int64_t n, int64_t min_chunk,
    Tensors
    ====================================================================================== */
 
+/* */
+
 typedef struct mgpu_tensor mgpu_tensor;
 typedef void (*mgpu_grad_hook)(mgpu_tensor *param, void *user);
 struct mgpu_tensor {
@@ -276,6 +284,8 @@ MGPU_API mgpu_result mgpu_tensor_set_grad_hook(mgpu_tensor *t, mgpu_grad_hook ho
    Autograd
    ====================================================================================== */
 
+/* */
+
 /* Reverse-mode pass from a scalar loss (seed 1) through the context's tape, ACCUMULATING into
    leaf .grad (call several times before a step for gradient accumulation). The tape stays until
    mgpu_context_end_step. */
@@ -291,6 +301,8 @@ MGPU_API void mgpu_context_set_backward_end_hook(mgpu_context *ctx, mgpu_backwar
    Ops (differentiable; outputs live in the activation arena). Shapes in comments.
    All float ops take F32 (F16/BF16 where noted); index inputs take I32 or I64.
    ====================================================================================== */
+
+/* */
 
 /* Elementwise with NumPy/PyTorch broadcasting. */
 MGPU_API mgpu_tensor *mgpu_op_add(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b);
@@ -378,6 +390,8 @@ MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t
    Models and layers (parameter names, shapes and default init match PyTorch)
    ====================================================================================== */
 
+/* */
+
 typedef struct mgpu_model mgpu_model;
 MGPU_API mgpu_model *mgpu_model_create(mgpu_context *ctx);
 MGPU_API void mgpu_model_destroy(mgpu_model *m);
@@ -449,6 +463,8 @@ MGPU_API mgpu_result mgpu_init_normal(mgpu_context *ctx, mgpu_tensor *t, float m
    Optimizers, clipping, LR schedules
    ====================================================================================== */
 
+/* */
+
 typedef enum mgpu_optimizer_type { MGPU_OPTIM_SGD = 0, MGPU_OPTIM_ADAM = 1, MGPU_OPTIM_ADAMW = 2 } mgpu_optimizer_type;
 typedef struct mgpu_optimizer_desc {
     mgpu_optimizer_type type;
@@ -499,6 +515,8 @@ MGPU_API float mgpu_lr_scale(float lr, int world_size, int grad_accum_steps, mgp
 /* ======================================================================================
    Data: datasets, sampler, loader
    ====================================================================================== */
+
+/* */
 
 /* A dataset yields sample i as x (x_shape, x_dtype) and y (y_shape, y_dtype; ndim 0 = scalar). */
 typedef struct mgpu_dataset mgpu_dataset;
@@ -558,6 +576,8 @@ MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l);
    Files: safetensors, JSON
    ====================================================================================== */
 
+/* */
+
 /* Writes atomically (tmp file, fsync, rename). metadata: n_meta key/value pairs (may be 0). */
 MGPU_API mgpu_result mgpu_safetensors_save(const char *path, int n, const char *const *names, const mgpu_tensor *const *tensors,
                                            int n_meta, const char *const *meta_keys, const char *const *meta_values);
@@ -611,6 +631,8 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
 /* ======================================================================================
    Programs: common options, metrics, progress
    ====================================================================================== */
+
+/* */
 
 typedef struct mgpu_train_opts {
     const char *data_dir;          /* --data */
@@ -682,6 +704,8 @@ MGPU_API double mgpu_time_s(void);
    Mixed precision: autocast and the loss scaler
    ====================================================================================== */
 
+/* */
+
 typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
 MGPU_API mgpu_result mgpu_amp_parse(const char *text, mgpu_amp_mode *out);   /* off|fp16|bf16 */
 /* Autocast for the ops of this context: matmul, linear, conv2d and attention take their inputs in
@@ -711,6 +735,8 @@ MGPU_API void mgpu_grad_scaler_update(mgpu_grad_scaler *s);
 /* ======================================================================================
    Checkpoints: DIR/step-00001234/{model,optimizer}.safetensors + trainer_state.json, DIR/latest
    ====================================================================================== */
+
+/* */
 
 typedef struct mgpu_checkpoint_desc {
     const char *dir;          /* the --save-dir */
@@ -753,6 +779,8 @@ MGPU_API mgpu_result mgpu_checkpoint_load_bytes(const mgpu_checkpoint_bytes *fil
 /* ======================================================================================
    Distributed: environment, communicators (shm, threads, nccl)
    ====================================================================================== */
+
+/* */
 
 /* The process's place in a job, read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), falling back to SLURM_PROCID/SLURM_NTASKS/
@@ -816,6 +844,8 @@ MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w);
    DistributedDataParallel and DataParallel
    ====================================================================================== */
 
+/* */
+
 typedef struct mgpu_ddp_desc {
     double bucket_cap_mb;        /* 0: 25 */
     double first_bucket_mb;      /* 0: 1 */
@@ -871,6 +901,8 @@ MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main
 /* ======================================================================================
    CUDA host side (only with MGPU_CUDA): device memory, pinned buffers, streams, graphs
    ====================================================================================== */
+
+/* */
 #ifdef MGPU_CUDA
 typedef struct mgpu_memory_stats { int64_t allocated, reserved, peak; } mgpu_memory_stats;
 MGPU_API mgpu_result mgpu_memory_stats_get(int device, mgpu_memory_stats *out);
@@ -902,6 +934,8 @@ MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g);
 /* ======================================================================================
    Trainer: the training loop every example shares, composed from the options
    ====================================================================================== */
+
+/* */
 
 /* Builds logits (B, classes) from a batch x; the trainer adds the cross-entropy loss. */
 typedef mgpu_tensor *(*mgpu_forward_fn)(mgpu_context *ctx, mgpu_tensor *x, void *user);
@@ -1357,6 +1391,8 @@ mgpu_result mgpu_cuda_synchronize(void *stream);
    IMPLEMENTATION
    ======================================================================================
    ====================================================================================== */
+
+/* */
 #if defined(MGPU_IMPLEMENTATION) && !defined(MGPU__IMPLEMENTED)
 #define MGPU__IMPLEMENTED
 
@@ -1374,6 +1410,33 @@ mgpu_result mgpu_cuda_synchronize(void *stream);
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <limits.h>
+#include <dirent.h>
+#include <poll.h>
+#include <netdb.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <linux/futex.h>
+#endif
+/* GEMM micro-kernels; nvcc parses the implementation only for the header check, so the fast paths
+   are for the host C compiler. */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#define MGPU__GEMM_AVX2 1
+#endif
+#ifdef MGPU_CUDA
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#if NCCL_VERSION_CODE < 21400
+#error "mgpu's nccl backend needs NCCL 2.14 or newer (non-blocking communicators)"
+#endif
+#endif
 
 #ifndef MGPU_ASSERT
 #include <assert.h>
@@ -2337,8 +2400,6 @@ MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss) {
 #define MGPU__CUDA_HOST_H
 #ifdef MGPU_CUDA
 #if defined(MGPU_IMPLEMENTATION)
-#include <cuda_runtime_api.h>
-#include <pthread.h>
 
 /* Kernels report failures as a code and a finished sentence; this files it as this thread's error. */
 void mgpu__set_error_from_cuda(int code, const char *msg) { mgpu__fail((mgpu_result)code, "%s", msg); }
@@ -2605,6 +2666,8 @@ MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g) {
    Mixed precision: autocast
    ====================================================================================== */
 
+/* */
+
 /* Autocast on the CPU emulates half precision by rounding f32 storage to the nearest value the
    half format can hold: a matmul-like op runs as y = round(op(round(x), round(w), round(b))) with
    f32 accumulation inside, and the gradients crossing those roundings are rounded the same way,
@@ -2716,7 +2779,9 @@ static MGPU__UNUSED mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode,
 
 /* ======================================================================================
    Ops: elementwise, losses, reductions, shapes
-   ======================================================================================Elementwise, activation, loss, reduction and shape ops: CPU reference implementations with
+   ====================================================================================== */
+
+/* Elementwise, activation, loss, reduction and shape ops: CPU reference implementations with
    forward and backward. Every reduction adds in an order fixed by the shapes alone, so results
    are bit-identical whatever the thread count. */
 
@@ -4111,7 +4176,9 @@ MGPU_API mgpu_tensor *mgpu_op_cast(mgpu_context *ctx, mgpu_tensor *x, mgpu_dtype
 }
 /* ======================================================================================
    Ops: GEMM, matmul, linear, conv2d, pooling
-   ======================================================================================The CPU GEMM and the ops built on it: matmul, linear, conv2d (im2col + GEMM), max/avg pooling. */
+   ====================================================================================== */
+
+/* The CPU GEMM and the ops built on it: matmul, linear, conv2d (im2col + GEMM), max/avg pooling. */
 
 /* --------------------------------------------------------------------------------------
    GEMM: C = alpha * op(A) @ op(B) + beta * C (row-major), Goto/BLIS style.
@@ -4130,14 +4197,7 @@ MGPU_API mgpu_tensor *mgpu_op_cast(mgpu_context *ctx, mgpu_tensor *x, mgpu_dtype
 /* below this many multiply-adds a GEMM runs on the calling thread: waking workers costs more */
 #define MGPU__GEMM_SERIAL_MACS ((int64_t)1 << 20)
 
-/* nvcc parses this file only for the header check; the fast paths are for the host C compiler */
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
-#include <immintrin.h>
-#define MGPU__GEMM_AVX2 1
-#endif
-
 #ifdef MGPU_USE_CBLAS
-#include <limits.h>
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -5207,7 +5267,9 @@ MGPU_API mgpu_tensor *mgpu_op_avg_pool2d(mgpu_context *ctx, mgpu_tensor *x, int 
 }
 /* ======================================================================================
    Ops: norms, embedding, attention
-   ======================================================================================Layer norm, batch norm, embedding and scaled dot-product attention: CPU forward + backward.
+   ====================================================================================== */
+
+/* Layer norm, batch norm, embedding and scaled dot-product attention: CPU forward + backward.
    Every reduction runs in a fixed order over a fixed partition, so results are bit-identical
    whatever the thread count. */
 
@@ -5283,6 +5345,8 @@ static void mgpu__norm_add_sums(float *grad, const double *sums, int64_t n) {
    Layer norm over the last dim: y = (x - mean) * rstd * w + b with the biased variance and
    eps inside the sqrt, as PyTorch. x is viewed as R rows of C.
    ====================================================================================== */
+
+/* */
 
 /* One pass for the row's statistics (double sums), one for the output. */
 static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
@@ -5445,6 +5509,8 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
                taken from the local sums BEFORE the reduce (DDP averages them as usual).
    The public op passes sync = NULL (this process only).
    ====================================================================================== */
+
+/* */
 
 typedef mgpu_result (*mgpu__bn_reduce_fn)(void *user, double *values, int64_t n);
 typedef struct mgpu__bn_sync { mgpu__bn_reduce_fn reduce; void *user; } mgpu__bn_sync;
@@ -5729,6 +5795,8 @@ MGPU_API mgpu_tensor *mgpu_op_batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
    grad, split across threads by columns so repeated indices never race.
    ====================================================================================== */
 
+/* */
+
 /* Row of weight that output row i reads. */
 static int64_t mgpu__emb_row(const mgpu__embedding_args *a, int64_t i) {
     return a->idx_i64 ? ((const int64_t *)a->idx)[i] : ((const int32_t *)a->idx)[i];
@@ -5828,6 +5896,8 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
    Pairs run in parallel (each GEMM single-threaded) when there are enough of them, else
    one after the other with the threaded GEMM.
    ====================================================================================== */
+
+/* */
 
 typedef struct mgpu__attn_job mgpu__attn_job;
 typedef void (*mgpu__attn_pair_fn)(const mgpu__attn_job *j, int64_t pair, float *scratch);
@@ -6011,7 +6081,9 @@ MGPU_API mgpu_tensor *mgpu_op_attention(mgpu_context *ctx, mgpu_tensor *q, mgpu_
 }
 /* ======================================================================================
    Models, layers, optimizers, schedules
-   ======================================================================================Models (named parameters and buffers), layers with PyTorch's names, shapes and default
+   ====================================================================================== */
+
+/* Models (named parameters and buffers), layers with PyTorch's names, shapes and default
    initialisation, initialisers, optimizers (SGD, Adam, AdamW), gradient clipping, LR schedules. */
 
 /* --------------------------------------------------------------------------------------
@@ -7093,6 +7165,8 @@ MGPU_API float mgpu_lr_scale(float lr, int world_size, int grad_accum_steps, mgp
    Mixed precision: the loss scaler
    ====================================================================================== */
 
+/* */
+
 /* --------------------------------------------------------------------------------------
    Loss scaler (torch.cuda.amp.GradScaler)
    -------------------------------------------------------------------------------------- */
@@ -7204,6 +7278,8 @@ MGPU_API void mgpu_grad_scaler_update(mgpu_grad_scaler *s) {
 /* ======================================================================================
    Data
    ====================================================================================== */
+
+/* */
 
 /* --------------------------------------------------------------------------------------
    Datasets held in memory. Both the array dataset and the IDX dataset keep one block per
@@ -7952,11 +8028,12 @@ MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l) {
 }
 /* ======================================================================================
    Files, JSON, safetensors, options, metrics, progress
-   ======================================================================================Files (atomic writes, whole-file reads), a strict JSON parser plus writer helpers, safetensors,
-   model save/load, the common training options, the metrics JSONL writer and the progress bar. */
+   ====================================================================================== */
 
-#include <limits.h>
-#include <sys/ioctl.h>
+/* */
+
+/* Files (atomic writes, whole-file reads), a strict JSON parser plus writer helpers, safetensors,
+   model save/load, the common training options, the metrics JSONL writer and the progress bar. */
 
 /* safetensors stores little-endian data and tensors are copied byte for byte. */
 #if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -9620,7 +9697,9 @@ MGPU_API void mgpu_progress_end(mgpu_progress *p) {
 }
 /* ======================================================================================
    Checkpoints
-   ======================================================================================Training checkpoints laid out like the Hugging Face Trainer's, with safetensors files:
+   ====================================================================================== */
+
+/* Training checkpoints laid out like the Hugging Face Trainer's, with safetensors files:
        DIR/step-00001234/model.safetensors       parameters and buffers under state_dict names
        DIR/step-00001234/optimizer.safetensors   "<param>.exp_avg", ... and "<param>.step" (I64 scalars)
        DIR/step-00001234/trainer_state.json      position, schedule, scaler, RNG, metrics, options
@@ -9628,9 +9707,6 @@ MGPU_API void mgpu_progress_end(mgpu_progress *p) {
    A checkpoint is written into step-00001234.tmp/ (each file fsynced), renamed into place, and only
    then named by `latest` (itself replaced atomically): a crash at any moment leaves the previous
    checkpoint whole. Loading validates every file before anything is modified. */
-
-#include <dirent.h>
-#include <sys/mman.h>
 
 #define MGPU__CKPT_FORMAT_VERSION 1
 #define MGPU__CKPT_PATH_MAX 4096
@@ -10535,6 +10611,8 @@ static mgpu_json *mgpu__ckpt_read_state(const char *path) {
 /* ======================================================================================
    Communicators
    ====================================================================================== */
+
+/* */
 /* ======================================================================================
    Distributed: environment, TCP rendezvous store, communicators (shm, threads, nccl)
 
@@ -10548,25 +10626,7 @@ static mgpu_json *mgpu__ckpt_read_state(const char *path) {
    The nccl backend (MGPU_CUDA) bootstraps through the same TCP store and runs NCCL on its own stream.
    ====================================================================================== */
 
-#include <limits.h>
-#include <poll.h>
-#include <netdb.h>
-#include <sched.h>
-#include <sys/mman.h>
-#include <sys/socket.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <linux/futex.h>
-#endif
-#ifdef MGPU_CUDA
-#include <cuda_runtime_api.h>
-#include <nccl.h>
-#if NCCL_VERSION_CODE < 21400
-#error "mgpu's nccl backend needs NCCL 2.14 or newer (non-blocking communicators)"
-#endif
-#endif
+/* */
 
 #define MGPU__COMM_MAX_RANKS 1024            /* ranks of one shm or threads group */
 #define MGPU__COMM_MAX_JOB_RANKS (1 << 20)   /* ranks of a job */
@@ -12595,7 +12655,9 @@ static mgpu_result mgpu__nccl_run(mgpu_comm *c, const char *fn, const mgpu__coll
 #endif /* MGPU_CUDA */
 /* ======================================================================================
    DDP and DP
-   ======================================================================================DistributedDataParallel: parameters broadcast from rank 0, gradients bucketed in reverse
+   ====================================================================================== */
+
+/* DistributedDataParallel: parameters broadcast from rank 0, gradients bucketed in reverse
    registration order (the order backward makes them ready) and all-reduced asynchronously while
    backward goes on; SyncBatchNorm; dropout masks of the combined batch. DataParallel: the same
    DDP over a `threads` communicator, one replica per thread. */
@@ -13153,7 +13215,9 @@ MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main
 }
 /* ======================================================================================
    Trainer
-   ======================================================================================-- the training loop shared by the examples.
+   ====================================================================================== */
+
+/* -- the training loop shared by the examples.
 
    One run is a sequence of optimizer steps; checkpoints are taken only between steps, and hold
    everything the loop depends on (weights, optimizer moments and step counts, RNG, loss scaler,

@@ -34,6 +34,8 @@ extern "C" {
    Results, errors, logging, allocation
    ====================================================================================== */
 
+/* */
+
 typedef enum mgpu_result {
     MGPU_OK = 0,
     MGPU_ERR_INVALID_ARG = -1,   /* a NULL pointer, a value out of range, a bad flag */
@@ -79,6 +81,8 @@ MGPU_API void mgpu_set_allocator(const mgpu_allocator *a); /* NULL restores the 
    Devices, dtypes, half-precision conversion
    ====================================================================================== */
 
+/* */
+
 typedef enum mgpu_device_type { MGPU_DEVICE_CPU = 0, MGPU_DEVICE_CUDA = 1 } mgpu_device_type;
 typedef struct mgpu_device { mgpu_device_type type; int index; } mgpu_device;
 
@@ -102,6 +106,8 @@ MGPU_API float mgpu_bf16_to_f32(uint16_t h);
 /* ======================================================================================
    Context: device, threads, RNG, activation arena, autograd tape
    ====================================================================================== */
+
+/* */
 
 typedef struct mgpu_context mgpu_context;
 typedef struct mgpu_context_desc {
@@ -156,6 +162,8 @@ MGPU_API void mgpu_parallel_for(mgpu_context *ctx, int64_t n, int64_t min_chunk,
    Tensors
    ====================================================================================== */
 
+/* */
+
 typedef struct mgpu_tensor mgpu_tensor;
 typedef void (*mgpu_grad_hook)(mgpu_tensor *param, void *user);
 struct mgpu_tensor {
@@ -204,6 +212,8 @@ MGPU_API mgpu_result mgpu_tensor_set_grad_hook(mgpu_tensor *t, mgpu_grad_hook ho
    Autograd
    ====================================================================================== */
 
+/* */
+
 /* Reverse-mode pass from a scalar loss (seed 1) through the context's tape, ACCUMULATING into
    leaf .grad (call several times before a step for gradient accumulation). The tape stays until
    mgpu_context_end_step. */
@@ -219,6 +229,8 @@ MGPU_API void mgpu_context_set_backward_end_hook(mgpu_context *ctx, mgpu_backwar
    Ops (differentiable; outputs live in the activation arena). Shapes in comments.
    All float ops take F32 (F16/BF16 where noted); index inputs take I32 or I64.
    ====================================================================================== */
+
+/* */
 
 /* Elementwise with NumPy/PyTorch broadcasting. */
 MGPU_API mgpu_tensor *mgpu_op_add(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b);
@@ -306,6 +318,8 @@ MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t
    Models and layers (parameter names, shapes and default init match PyTorch)
    ====================================================================================== */
 
+/* */
+
 typedef struct mgpu_model mgpu_model;
 MGPU_API mgpu_model *mgpu_model_create(mgpu_context *ctx);
 MGPU_API void mgpu_model_destroy(mgpu_model *m);
@@ -377,6 +391,8 @@ MGPU_API mgpu_result mgpu_init_normal(mgpu_context *ctx, mgpu_tensor *t, float m
    Optimizers, clipping, LR schedules
    ====================================================================================== */
 
+/* */
+
 typedef enum mgpu_optimizer_type { MGPU_OPTIM_SGD = 0, MGPU_OPTIM_ADAM = 1, MGPU_OPTIM_ADAMW = 2 } mgpu_optimizer_type;
 typedef struct mgpu_optimizer_desc {
     mgpu_optimizer_type type;
@@ -427,6 +443,8 @@ MGPU_API float mgpu_lr_scale(float lr, int world_size, int grad_accum_steps, mgp
 /* ======================================================================================
    Data: datasets, sampler, loader
    ====================================================================================== */
+
+/* */
 
 /* A dataset yields sample i as x (x_shape, x_dtype) and y (y_shape, y_dtype; ndim 0 = scalar). */
 typedef struct mgpu_dataset mgpu_dataset;
@@ -486,6 +504,8 @@ MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l);
    Files: safetensors, JSON
    ====================================================================================== */
 
+/* */
+
 /* Writes atomically (tmp file, fsync, rename). metadata: n_meta key/value pairs (may be 0). */
 MGPU_API mgpu_result mgpu_safetensors_save(const char *path, int n, const char *const *names, const mgpu_tensor *const *tensors,
                                            int n_meta, const char *const *meta_keys, const char *const *meta_values);
@@ -539,6 +559,8 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
 /* ======================================================================================
    Programs: common options, metrics, progress
    ====================================================================================== */
+
+/* */
 
 typedef struct mgpu_train_opts {
     const char *data_dir;          /* --data */
@@ -610,6 +632,8 @@ MGPU_API double mgpu_time_s(void);
    Mixed precision: autocast and the loss scaler
    ====================================================================================== */
 
+/* */
+
 typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
 MGPU_API mgpu_result mgpu_amp_parse(const char *text, mgpu_amp_mode *out);   /* off|fp16|bf16 */
 /* Autocast for the ops of this context: matmul, linear, conv2d and attention take their inputs in
@@ -639,6 +663,8 @@ MGPU_API void mgpu_grad_scaler_update(mgpu_grad_scaler *s);
 /* ======================================================================================
    Checkpoints: DIR/step-00001234/{model,optimizer}.safetensors + trainer_state.json, DIR/latest
    ====================================================================================== */
+
+/* */
 
 typedef struct mgpu_checkpoint_desc {
     const char *dir;          /* the --save-dir */
@@ -681,6 +707,8 @@ MGPU_API mgpu_result mgpu_checkpoint_load_bytes(const mgpu_checkpoint_bytes *fil
 /* ======================================================================================
    Distributed: environment, communicators (shm, threads, nccl)
    ====================================================================================== */
+
+/* */
 
 /* The process's place in a job, read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), falling back to SLURM_PROCID/SLURM_NTASKS/
@@ -743,6 +771,8 @@ MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w);
 /* ======================================================================================
    DistributedDataParallel and DataParallel
    ====================================================================================== */
+
+/* */
 
 typedef struct mgpu_ddp_desc {
     double bucket_cap_mb;        /* 0: 25 */

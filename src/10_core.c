@@ -3,6 +3,8 @@
    IMPLEMENTATION
    ======================================================================================
    ====================================================================================== */
+
+/* */
 #if defined(MGPU_IMPLEMENTATION) && !defined(MGPU__IMPLEMENTED)
 #define MGPU__IMPLEMENTED
 
@@ -20,6 +22,33 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <limits.h>
+#include <dirent.h>
+#include <poll.h>
+#include <netdb.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <linux/futex.h>
+#endif
+/* GEMM micro-kernels; nvcc parses the implementation only for the header check, so the fast paths
+   are for the host C compiler. */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#define MGPU__GEMM_AVX2 1
+#endif
+#ifdef MGPU_CUDA
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#if NCCL_VERSION_CODE < 21400
+#error "mgpu's nccl backend needs NCCL 2.14 or newer (non-blocking communicators)"
+#endif
+#endif
 
 #ifndef MGPU_ASSERT
 #include <assert.h>

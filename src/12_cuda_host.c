@@ -6,8 +6,6 @@
 #define MGPU__CUDA_HOST_H
 #ifdef MGPU_CUDA
 #if defined(MGPU_IMPLEMENTATION)
-#include <cuda_runtime_api.h>
-#include <pthread.h>
 
 /* Kernels report failures as a code and a finished sentence; this files it as this thread's error. */
 void mgpu__set_error_from_cuda(int code, const char *msg) { mgpu__fail((mgpu_result)code, "%s", msg); }

@@ -1,6 +1,8 @@
 /* ======================================================================================
    Ops: elementwise, losses, reductions, shapes
-   ======================================================================================Elementwise, activation, loss, reduction and shape ops: CPU reference implementations with
+   ====================================================================================== */
+
+/* Elementwise, activation, loss, reduction and shape ops: CPU reference implementations with
    forward and backward. Every reduction adds in an order fixed by the shapes alone, so results
    are bit-identical whatever the thread count. */
 

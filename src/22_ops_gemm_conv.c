@@ -1,6 +1,8 @@
 /* ======================================================================================
    Ops: GEMM, matmul, linear, conv2d, pooling
-   ======================================================================================The CPU GEMM and the ops built on it: matmul, linear, conv2d (im2col + GEMM), max/avg pooling. */
+   ====================================================================================== */
+
+/* The CPU GEMM and the ops built on it: matmul, linear, conv2d (im2col + GEMM), max/avg pooling. */
 
 /* --------------------------------------------------------------------------------------
    GEMM: C = alpha * op(A) @ op(B) + beta * C (row-major), Goto/BLIS style.
@@ -19,14 +21,7 @@
 /* below this many multiply-adds a GEMM runs on the calling thread: waking workers costs more */
 #define MGPU__GEMM_SERIAL_MACS ((int64_t)1 << 20)
 
-/* nvcc parses this file only for the header check; the fast paths are for the host C compiler */
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__CUDACC__)
-#include <immintrin.h>
-#define MGPU__GEMM_AVX2 1
-#endif
-
 #ifdef MGPU_USE_CBLAS
-#include <limits.h>
 #ifdef __cplusplus
 extern "C" {
 #endif

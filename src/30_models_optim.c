@@ -1,6 +1,8 @@
 /* ======================================================================================
    Models, layers, optimizers, schedules
-   ======================================================================================Models (named parameters and buffers), layers with PyTorch's names, shapes and default
+   ====================================================================================== */
+
+/* Models (named parameters and buffers), layers with PyTorch's names, shapes and default
    initialisation, initialisers, optimizers (SGD, Adam, AdamW), gradient clipping, LR schedules. */
 
 /* --------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
    Data
    ====================================================================================== */
 
+/* */
+
 /* --------------------------------------------------------------------------------------
    Datasets held in memory. Both the array dataset and the IDX dataset keep one block per
    side (x, y) and differ only in how get() turns a stored sample into the output layout.
@@ -747,4 +749,3 @@ MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l) {
     if (!l) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_num_batches: loader is NULL"); return -1; }
     return l->n_batches;
 }
-/* ======================================================================================

@@ -1,9 +1,11 @@
+/* ======================================================================================
    Files, JSON, safetensors, options, metrics, progress
-   ======================================================================================Files (atomic writes, whole-file reads), a strict JSON parser plus writer helpers, safetensors,
-   model save/load, the common training options, the metrics JSONL writer and the progress bar. */
+   ====================================================================================== */
 
-#include <limits.h>
-#include <sys/ioctl.h>
+/* */
+
+/* Files (atomic writes, whole-file reads), a strict JSON parser plus writer helpers, safetensors,
+   model save/load, the common training options, the metrics JSONL writer and the progress bar. */
 
 /* safetensors stores little-endian data and tensors are copied byte for byte. */
 #if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__

@@ -1,6 +1,8 @@
 /* ======================================================================================
    Checkpoints
-   ======================================================================================Training checkpoints laid out like the Hugging Face Trainer's, with safetensors files:
+   ====================================================================================== */
+
+/* Training checkpoints laid out like the Hugging Face Trainer's, with safetensors files:
        DIR/step-00001234/model.safetensors       parameters and buffers under state_dict names
        DIR/step-00001234/optimizer.safetensors   "<param>.exp_avg", ... and "<param>.step" (I64 scalars)
        DIR/step-00001234/trainer_state.json      position, schedule, scaler, RNG, metrics, options
@@ -8,9 +10,6 @@
    A checkpoint is written into step-00001234.tmp/ (each file fsynced), renamed into place, and only
    then named by `latest` (itself replaced atomically): a crash at any moment leaves the previous
    checkpoint whole. Loading validates every file before anything is modified. */
-
-#include <dirent.h>
-#include <sys/mman.h>
 
 #define MGPU__CKPT_FORMAT_VERSION 1
 #define MGPU__CKPT_PATH_MAX 4096

@@ -1,6 +1,8 @@
 /* ======================================================================================
    Communicators
    ====================================================================================== */
+
+/* */
 /* ======================================================================================
    Distributed: environment, TCP rendezvous store, communicators (shm, threads, nccl)
 
@@ -14,25 +16,7 @@
    The nccl backend (MGPU_CUDA) bootstraps through the same TCP store and runs NCCL on its own stream.
    ====================================================================================== */
 
-#include <limits.h>
-#include <poll.h>
-#include <netdb.h>
-#include <sched.h>
-#include <sys/mman.h>
-#include <sys/socket.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <linux/futex.h>
-#endif
-#ifdef MGPU_CUDA
-#include <cuda_runtime_api.h>
-#include <nccl.h>
-#if NCCL_VERSION_CODE < 21400
-#error "mgpu's nccl backend needs NCCL 2.14 or newer (non-blocking communicators)"
-#endif
-#endif
+/* */
 
 #define MGPU__COMM_MAX_RANKS 1024            /* ranks of one shm or threads group */
 #define MGPU__COMM_MAX_JOB_RANKS (1 << 20)   /* ranks of a job */
@@ -2059,4 +2043,3 @@ static mgpu_result mgpu__nccl_run(mgpu_comm *c, const char *fn, const mgpu__coll
 }
 
 #endif /* MGPU_CUDA */
-/* ======================================================================================

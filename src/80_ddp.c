@@ -1,5 +1,8 @@
+/* ======================================================================================
    DDP and DP
-   ======================================================================================DistributedDataParallel: parameters broadcast from rank 0, gradients bucketed in reverse
+   ====================================================================================== */
+
+/* DistributedDataParallel: parameters broadcast from rank 0, gradients bucketed in reverse
    registration order (the order backward makes them ready) and all-reduced asynchronously while
    backward goes on; SyncBatchNorm; dropout masks of the combined batch. DataParallel: the same
    DDP over a `threads` communicator, one replica per thread. */
@@ -555,4 +558,3 @@ MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main
     mgpu_free(reps); mgpu_free(comms); mgpu_free(threads);
     return r;
 }
-/* ======================================================================================

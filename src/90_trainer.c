@@ -1,5 +1,8 @@
+/* ======================================================================================
    Trainer
-   ======================================================================================-- the training loop shared by the examples.
+   ====================================================================================== */
+
+/* -- the training loop shared by the examples.
 
    One run is a sequence of optimizer steps; checkpoints are taken only between steps, and hold
    everything the loop depends on (weights, optimizer moments and step counts, RNG, loss scaler,
