@@ -16,7 +16,7 @@ EXAMPLES := $(patsubst examples/%.c,%,$(wildcard examples/*.c))
 TOOLS    := $(patsubst tools/%.c,%,$(wildcard tools/*.c))
 TESTS    := $(patsubst tests/%.c,%,$(filter-out tests/impl.c tests/fuzz_%.c,$(wildcard tests/*.c)))
 
-.PHONY: all help check-amalgamation test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench
+.PHONY: all help check-amalgamation test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench emu
 all: $(addprefix $(BUILD)/,$(EXAMPLES) $(TOOLS)) $(addprefix $(BUILD)/tests/,$(TESTS))
 
 help:
@@ -25,6 +25,7 @@ help:
 	@echo "make demo       install what is missing, build, train Fashion-MNIST on the best device"
 	@echo "make data       fill data/fashion-mnist from Debian's dataset-fashion-mnist"
 	@echo "make cuda       build the CUDA variants into build/cuda/"
+	@echo "make emu        build every CUDA program against the CPU emulation (tests/emu) into build/emu/"
 	@echo "make test-gpu   GPU test suite (skips cleanly without a GPU)"
 	@echo "make bench      CPU benchmark against PyTorch (bench/RESULTS.md)"
 
@@ -100,6 +101,58 @@ check-cuda:
 	  $(NVCC) -std=c++17 -I. -DMGPU_CUDA -Xcompiler -Wall,-Wextra -x cu -c $(BUILD)/hdr_cpp.cpp -o $(BUILD)/cuda/hdr_nvcc.o && \
 	  echo "CUDA path compiled and linked with $(NVCC)"; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
+
+# CUDA emulation (tests/emu, never vendored): every CUDA program built against a CPU emulation of
+# the CUDA runtime, cuBLAS(Lt) and NCCL, kernels compiled unchanged as C++ and run as fibers, with
+# a stream-order checker. tests/emu_test.sh runs it in `make test`; `make emu` builds it.
+EMU       := $(BUILD)/emu
+EMU_INC   := -Itests/emu/include
+EMU_CXX   := $(CXX) -std=c++17 -g -ffp-contract=off -Wall -Wextra
+EMU_CU    := -x c++ -include tests/emu/cuda_emu.h $(EMU_INC) -Itests/emu -I.
+EMU_LIBS  := -lstdc++ -lm -lpthread -lrt
+EMU_SAN   := -O1 -fsanitize=address,undefined -fno-omit-frame-pointer
+EMU_DEPS  := $(wildcard tests/emu/*.h tests/emu/include/*.h) tests/emu/dynsmem.sh
+EMU_RT    := $(patsubst tests/emu/%.cc,%,$(wildcard tests/emu/*.cc))
+# variant: $(EMU) (optimised) or $(EMU)/asan (AddressSanitizer + UBSan)
+emu_opt    = $(if $(findstring /asan/,$@),$(EMU_SAN),-O2)
+$(EMU)/obj/%.o $(EMU)/asan/obj/%.o: tests/emu/%.cc $(EMU_DEPS)
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(emu_opt) $(EMU_INC) -Itests/emu -c $< -o $@
+$(EMU)/libcudaemu.a: $(addprefix $(EMU)/obj/,$(addsuffix .o,$(EMU_RT)))
+	ar rcs $@ $^
+$(EMU)/asan/libcudaemu.a: $(addprefix $(EMU)/asan/obj/,$(addsuffix .o,$(EMU_RT)))
+	ar rcs $@ $^
+# kernels: the .cu as C++, plus the thread-local buffer its `extern __shared__` arrays alias
+$(EMU)/%.ko $(EMU)/asan/%.ko: %.cu $(HDR) $(EMU_DEPS)
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(emu_opt) $(EMU_CU) -c $< -o $@.tmp.o
+	sh tests/emu/dynsmem.sh $@.tmp.o > $@.s && as $@.s -o $@.smem.o && ld -r $@.tmp.o $@.smem.o -o $@ && rm -f $@.tmp.o $@.smem.o $@.s
+$(EMU)/tests/%.ko $(EMU)/asan/tests/%.ko: tests/emu/%.cu $(EMU_DEPS)
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(emu_opt) $(EMU_CU) -c $< -o $@.tmp.o
+	sh tests/emu/dynsmem.sh $@.tmp.o > $@.s && as $@.s -o $@.smem.o && ld -r $@.tmp.o $@.smem.o -o $@ && rm -f $@.tmp.o $@.smem.o $@.s
+EMU_LINK = $(CC) $(CPPFLAGS) -Itests -DMGPU_CUDA $(EMU_INC)
+$(EMU)/tests/%: tests/gpu/%.c tests/mgpu_test.h $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
+	@mkdir -p $(@D)
+	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+$(EMU)/asan/tests/%: tests/gpu/%.c tests/mgpu_test.h $(EMU)/asan/mgpu_kernels.ko $(EMU)/asan/libcudaemu.a $(HDR)
+	@mkdir -p $(@D)
+	$(EMU_LINK) -std=c11 -g $(EMU_SAN) $< $(EMU)/asan/mgpu_kernels.ko $(EMU)/asan/libcudaemu.a -o $@ $(EMU_LIBS)
+$(EMU)/tests/%: tests/emu/%.c tests/mgpu_test.h $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
+	@mkdir -p $(@D)
+	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+$(EMU)/tests/%: $(EMU)/tests/%.ko $(EMU)/libcudaemu.a
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+$(EMU)/asan/tests/%: $(EMU)/asan/tests/%.ko $(EMU)/asan/libcudaemu.a
+	$(CXX) $(EMU_SAN) $^ -o $@ $(EMU_LIBS)
+$(EMU)/%: examples/%.c $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
+	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+$(EMU)/%: tools/%.c $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
+	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+.PRECIOUS: $(EMU)/%.ko $(EMU)/asan/%.ko $(EMU)/tests/%.ko $(EMU)/asan/tests/%.ko
+EMU_TESTS := $(patsubst tests/emu/%.c,%,$(wildcard tests/emu/*.c)) $(patsubst tests/emu/%.cu,%,$(wildcard tests/emu/*.cu))
+emu: $(addprefix $(EMU)/tests/,$(GPU_TESTS) $(EMU_TESTS)) $(addprefix $(EMU)/,$(EXAMPLES) $(TOOLS)) \
+     $(addprefix $(EMU)/asan/tests/,$(GPU_TESTS) $(patsubst tests/emu/%.cu,%,$(wildcard tests/emu/*.cu)))
 
 # The committed header is checked against src/ before anything regenerates it.
 test:
