@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <pthread.h>
 #include <unistd.h>
 #if MGPU_EMU_ASAN
 #include <sanitizer/asan_interface.h>
@@ -107,7 +108,7 @@ struct fiber {
 
 struct sched {
     std::vector<fiber> f;
-    std::vector<char *> regions;
+    std::vector<std::pair<char *, size_t>> regions;
     void *main_sp;
 #if !defined(__x86_64__)
     ucontext_t main_uc;
@@ -124,7 +125,6 @@ struct sched {
     int failed;            /* a fault was reported: abandon the launch */
 };
 static __thread sched *tls_sched;
-static __thread char *sig_stack;
 
 static const char *kind_name(int k) {
     switch (k) {
@@ -138,6 +138,9 @@ static const char *kind_name(int k) {
     default: return "__syncwarp";
     }
 }
+
+#if !MGPU_EMU_ASAN
+static __thread char *sig_stack;
 
 /* A crash inside a kernel (a wild pointer, a fiber stack overflow) names the kernel and thread. */
 static void on_segv(int sig) {
@@ -155,7 +158,6 @@ static void on_segv(int sig) {
 }
 
 static void install_signal_stack() {
-#if !MGPU_EMU_ASAN
     if (sig_stack) return;
     size_t sz = 64 << 10;
     sig_stack = (char *)malloc(sz);
@@ -173,12 +175,26 @@ static void install_signal_stack() {
         sigaction(SIGSEGV, &sa, NULL);
         sigaction(SIGBUS, &sa, NULL);
     });
-#endif
 }
+#else
+static void install_signal_stack() {}   /* AddressSanitizer reports crashes itself */
+#endif
+
+/* A thread that launched kernels ends: its fiber stacks go. */
+static void free_sched(void *p) {
+    sched *s = (sched *)p;
+    for (auto &r : s->regions) munmap(r.first, r.second);
+    delete s;
+    if (tls_sched == s) tls_sched = NULL;
+}
+static pthread_key_t sched_key;
+static std::once_flag sched_key_once;
 
 static sched *get_sched() {
     if (!tls_sched) {
+        std::call_once(sched_key_once, [] { pthread_key_create(&sched_key, free_sched); });
         tls_sched = new sched();
+        pthread_setspecific(sched_key, tls_sched);
         install_signal_stack();
     }
     return tls_sched;
@@ -192,7 +208,7 @@ static void ensure_fibers(sched *s, int want) {
     size_t count = (size_t)(want - have), bytes = slot * count;
     char *m = (char *)mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) { fprintf(stderr, "mgpu-emu: cannot map %zu bytes of fiber stacks\n", bytes); abort(); }
-    s->regions.push_back(m);
+    s->regions.push_back(std::make_pair(m, bytes));
     s->f.resize((size_t)want);
     for (size_t i = 0; i < count; i++) {
         mprotect(m + i * slot, page, PROT_NONE);

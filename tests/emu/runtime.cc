@@ -169,12 +169,14 @@ struct device_state { size_t used; stream *legacy; };
 static std::recursive_mutex g_mu;
 std::recursive_mutex &lock() { return g_mu; }
 
-static std::vector<device_state> g_dev;
-static std::map<uintptr_t, allocation *> g_allocs;   /* by base address */
-static std::vector<stream *> g_streams;              /* by id; never freed, so records can name them */
-static std::unordered_set<const void *> g_handles;   /* live streams, events, graphs, execs */
-static std::map<const void *, int> g_func_smem;      /* cudaFuncAttributeMaxDynamicSharedMemorySize */
-static vclock g_host;
+/* Never destroyed: code may still call CUDA from atexit handlers, and LeakSanitizer (which runs
+   after static destructors) then sees every live object as reachable. */
+static std::vector<device_state> &g_dev = *new std::vector<device_state>();
+static std::map<uintptr_t, allocation *> &g_allocs = *new std::map<uintptr_t, allocation *>();   /* by base address */
+static std::vector<stream *> &g_streams = *new std::vector<stream *>();   /* by id; never freed, so records can name them */
+static std::unordered_set<const void *> &g_handles = *new std::unordered_set<const void *>();   /* live streams, events, graphs */
+static std::map<const void *, int> &g_func_smem = *new std::map<const void *, int>();   /* cudaFuncAttributeMaxDynamicSharedMemorySize */
+static vclock &g_host = *new vclock();
 static uint64_t g_serial;
 static int g_inited, g_global_captures;
 static thread_local int t_dev;
