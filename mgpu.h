@@ -157,7 +157,10 @@ typedef struct mgpu_device { mgpu_device_type type; int index; } mgpu_device;
 /* "cpu", "cuda", "cuda:1", "auto" (CUDA when built with it and a GPU is present, else CPU). */
 MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out);
 MGPU_API void mgpu_device_name(mgpu_device d, char *buf, size_t size);
-MGPU_API int mgpu_cuda_device_count(void); /* 0 in a CPU build or without a GPU */
+/* Visible CUDA devices: 0 in a CPU build or without a GPU or driver; a negative mgpu_result when
+   CUDA is installed but fails (mgpu_last_error() says how), so a broken GPU machine is never taken
+   for a CPU-only one. */
+MGPU_API int mgpu_cuda_device_count(void);
 
 typedef enum mgpu_dtype {
     MGPU_F32 = 0, MGPU_F16 = 1, MGPU_BF16 = 2, MGPU_I32 = 3, MGPU_I64 = 4, MGPU_U8 = 5
@@ -952,7 +955,9 @@ MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t);
 extern "C" {
 #endif
 
-/* Number of visible CUDA devices. Defined in mgpu_kernels.cu. */
+/* Number of visible CUDA devices; 0 when there is no device or no driver (cudaErrorNoDevice,
+   cudaErrorInsufficientDriver, a stub driver); any other CUDA failure is a negative mgpu_result with
+   the error recorded (mgpu_last_error). Defined in mgpu_kernels.cu. */
 int mgpu__cuda_device_count(void);
 
 /* Each op's twins share one argument struct below, named mgpu__<stem>_args; the CPU twin is
@@ -1315,7 +1320,7 @@ MGPU_API double mgpu_time_s(void) {
 
 MGPU_API int mgpu_cuda_device_count(void) {
 #ifdef MGPU_CUDA
-    return mgpu__cuda_device_count();
+    return mgpu__cuda_device_count();   /* < 0: CUDA failed, the error is recorded */
 #else
     return 0;
 #endif
@@ -1327,7 +1332,9 @@ MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out) {
     if (!text || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_device_parse: text and out must not be NULL");
     if (strcmp(text, "cpu") == 0) { out->type = MGPU_DEVICE_CPU; out->index = 0; return MGPU_OK; }
     if (strcmp(text, "auto") == 0) {
-        out->type = MGPU__CUDA_BACKEND_READY && mgpu_cuda_device_count() > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
+        int n = MGPU__CUDA_BACKEND_READY ? mgpu_cuda_device_count() : 0;
+        if (n < 0) return (mgpu_result)n;   /* a failing GPU setup is an error, not a reason to pick the CPU */
+        out->type = n > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
         out->index = 0;
         return MGPU_OK;
     }
@@ -1342,8 +1349,11 @@ MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out) {
 #ifndef MGPU_CUDA
         return mgpu__fail(MGPU_ERR_UNSUPPORTED, "device '%s': this build has no CUDA support (rebuild with -DMGPU_CUDA, e.g. `make cuda`)", text);
 #else
-        if (idx >= mgpu_cuda_device_count())
-            return mgpu__fail(MGPU_ERR_INVALID_ARG, "device '%s': only %d CUDA device(s) visible", text, mgpu_cuda_device_count());
+        {
+            int n = mgpu_cuda_device_count();
+            if (n < 0) return (mgpu_result)n;
+            if (idx >= n) return mgpu__fail(MGPU_ERR_INVALID_ARG, "device '%s': only %d CUDA device(s) visible", text, n);
+        }
         out->type = MGPU_DEVICE_CUDA; out->index = (int)idx;
         return MGPU_OK;
 #endif
@@ -2137,8 +2147,10 @@ static size_t mgpu__cuda_size_class(size_t bytes) {
 }
 
 static int mgpu__cuda_device_ok(int device, const char *fn) {
-    if (device < 0 || device >= MGPU__CUDA_MAX_DEVICES || device >= mgpu_cuda_device_count()) {
-        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: device %d is not a visible CUDA device (%d visible)", fn, device, mgpu_cuda_device_count());
+    int n = mgpu_cuda_device_count();
+    if (n < 0) return 0;   /* CUDA itself failed: that error stands */
+    if (device < 0 || device >= MGPU__CUDA_MAX_DEVICES || device >= n) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: device %d is not a visible CUDA device (%d visible)", fn, device, n);
         return 0;
     }
     return 1;

@@ -846,7 +846,12 @@ static void test_errors(void) {
 
 int main(void) {
     int ndev = mgpu_cuda_device_count();
-    if (ndev <= 0) {
+    if (ndev < 0) {   /* CUDA is there but fails: never a skip */
+        fprintf(stderr, "CUDA failed: %s\n", mgpu_last_error());
+        printf("RESULT %s: 0 passed, 1 failed\n", __FILE__);
+        return 1;
+    }
+    if (ndev == 0) {
         printf("SKIPPED: no CUDA device visible (cudaGetDeviceCount returned 0); nothing was run\n");
         printf("RESULT %s: 0 passed, 0 failed\n", __FILE__);
         return 0;
