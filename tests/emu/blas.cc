@@ -502,7 +502,8 @@ extern "C" cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cub
     memset(&results[0], 0, sizeof results[0]);
     uint64_t *a = results[0].algo.data;
     a[0] = ALGO_MAGIC;
-    for (int i = 0; i < 4; i++) a[1 + i] = pref && pref->align[i] ? pref->align[i] : 16;
+    for (int i = 0; i < 4; i++)   /* low half: the alignment assumed; high half: 1 when the preference said so */
+        a[1 + i] = pref && pref->align[i] ? ((uint64_t)1 << 32) | pref->align[i] : 16;
     a[5] = (uint64_t)m; a[6] = (uint64_t)n; a[7] = (uint64_t)k;
     results[0].workspaceSize = 0;
     results[0].state = CUBLAS_STATUS_SUCCESS;
@@ -523,7 +524,7 @@ extern "C" cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_
     if (s != CUBLAS_STATUS_SUCCESS) return s;
     if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
     if (d->pointer_mode != 0) return CUBLAS_STATUS_NOT_SUPPORTED;
-    uint32_t need[4] = {16, 16, 16, 16};
+    uint32_t need[4] = {16, 16, 16, 16}, declared[4] = {0, 0, 0, 0};
     if (algo) {
         const uint64_t *a = algo->data;
         if (a[0] != ALGO_MAGIC) {
@@ -535,7 +536,7 @@ extern "C" cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_
                    (long long)a[6], (long long)a[7], (long long)m, (long long)n, (long long)k);
             return CUBLAS_STATUS_INVALID_VALUE;
         }
-        for (int i = 0; i < 4; i++) need[i] = (uint32_t)a[1 + i];
+        for (int i = 0; i < 4; i++) { need[i] = (uint32_t)a[1 + i]; declared[i] = (uint32_t)(a[1 + i] >> 32); }
     }
     const void *ptrs[4] = {Ap, Bp, Cp, Dp};
     static const char *names[4] = {"A", "B", "C", "D"};
@@ -548,9 +549,9 @@ extern "C" cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_
             uint32_t have = 1;
             while (have < 256 && u % (have * 2) == 0) have *= 2;
             report("alignment",
-                   "%s: %s (%p) is only %u-byte aligned, but the algorithm from cublasLtMatmulAlgoGetHeuristic assumes %u bytes (%s%s); "
+                   "%s: %s (%p) is only %u-byte aligned, but the algorithm from cublasLtMatmulAlgoGetHeuristic assumes %u bytes (%s %s); "
                    "give the preference the pointers' real alignment, or align the buffers", api, names[i], ptrs[i], have, need[i], attrs[i],
-                   need[i] == 16 ? " was not set, and cuBLASLt may then assume at least 16" : "");
+                   declared[i] ? "says so" : "was not set, and cuBLASLt may then assume at least 16");
             return CUBLAS_STATUS_INVALID_VALUE;
         }
     }

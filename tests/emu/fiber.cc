@@ -10,8 +10,9 @@
 
    A barrier releases when every thread of the block has reached it; a warp operation when every
    lane its mask names has reached one with the same kind and mask. Anything else that leaves no
-   fiber able to run (threads that exited or wait at another barrier) is a deadlock, reported
-   with the kernel's name, the block and where its threads are. A shuffle whose mask names an
+   fiber able to run (threads that exited before a barrier, lanes waiting at a shuffle for lanes
+   that wait at a barrier) is a deadlock, reported with the kernel's name, the block and where its
+   threads are. A shuffle whose mask names an
    exited or missing lane, or that reads a lane outside the mask, is reported when it is called.
 
    Context switches are a few instructions of hand-written assembly on x86-64 (ucontext elsewhere),
@@ -484,12 +485,15 @@ static void diagnose_deadlock(sched *s) {
             else if (h.state == F_DONE) gone |= 1u << l;
             else elsewhere |= 1u << l;
         }
-        snprintf(b, sizeof b, ": warp deadlock: warp %d, lanes %s wait at %s with mask 0x%08x; lanes %s wait at __syncthreads instead%s%s "
-                 "(%d threads at barriers, %d at warp operations, %d exited)", g.warp, lane_list(waiting).c_str(), kind_name(g.wkind), g.wmask,
-                 elsewhere ? lane_list(elsewhere).c_str() : "none", gone ? ", exited: " : "", gone ? lane_list(gone).c_str() : "", at_bar,
-                 at_warp, exited);
+        if (gone)
+            snprintf(b, sizeof b, ", warp %d: lanes %s wait at %s with mask 0x%08x, which names lanes %s, which have exited (every lane the "
+                     "mask names must reach it)", g.warp, lane_list(waiting).c_str(), kind_name(g.wkind), g.wmask, lane_list(gone).c_str());
+        else
+            snprintf(b, sizeof b, ": warp deadlock: warp %d, lanes %s wait at %s with mask 0x%08x while lanes %s wait at __syncthreads "
+                     "(%d threads at barriers, %d at warp operations)", g.warp, lane_list(waiting).c_str(), kind_name(g.wkind), g.wmask,
+                     lane_list(elsewhere).c_str(), at_bar, at_warp);
     } else snprintf(b, sizeof b, ": deadlock with %d threads exited", exited);
-    fault(s, NULL, "barrier deadlock", where(s) + b);
+    fault(s, NULL, at_warp ? "warp" : "barrier deadlock", where(s) + b);
 }
 
 static void run_block(sched *s) {
