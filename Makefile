@@ -120,22 +120,33 @@ emu_opt    = $(if $(findstring /asan/,$@),$(EMU_SAN),-O2)
 # kernels: no null check either, GCC 12's UBSan tests a thread-local's address with flags that a
 # lea did not set (false reports on threadIdx); a null kernel pointer still faults under ASan
 emu_kopt   = $(if $(findstring /asan/,$@),$(EMU_SAN) -fno-sanitize=null,-O2)
-$(EMU)/obj/%.o $(EMU)/asan/obj/%.o: tests/emu/%.cc $(EMU_DEPS)
+# (one rule per variant: a pattern rule with two targets would be one recipe making both)
+define EMU_CC_RECIPE
 	@mkdir -p $(@D)
 	$(EMU_CXX) $(emu_opt) $(EMU_INC) -Itests/emu -c $< -o $@
+endef
+$(EMU)/obj/%.o: tests/emu/%.cc $(EMU_DEPS)
+	$(EMU_CC_RECIPE)
+$(EMU)/asan/obj/%.o: tests/emu/%.cc $(EMU_DEPS)
+	$(EMU_CC_RECIPE)
 $(EMU)/libcudaemu.a: $(addprefix $(EMU)/obj/,$(addsuffix .o,$(EMU_RT)))
 	ar rcs $@ $^
 $(EMU)/asan/libcudaemu.a: $(addprefix $(EMU)/asan/obj/,$(addsuffix .o,$(EMU_RT)))
 	ar rcs $@ $^
-# kernels: the .cu as C++, plus the thread-local buffer its `extern __shared__` arrays alias
-$(EMU)/%.ko $(EMU)/asan/%.ko: %.cu $(HDR) $(EMU_DEPS)
+# kernels: a .cu as C++, plus the thread-local buffer its `extern __shared__` arrays alias
+define EMU_KO_RECIPE
 	@mkdir -p $(@D)
 	$(EMU_CXX) $(emu_kopt) $(EMU_CU) -c $< -o $@.tmp.o
 	sh tests/emu/dynsmem.sh $@.tmp.o > $@.s && as $@.s -o $@.smem.o && ld -r $@.tmp.o $@.smem.o -o $@ && rm -f $@.tmp.o $@.smem.o $@.s
-$(EMU)/tests/%.ko $(EMU)/asan/tests/%.ko: tests/emu/%.cu $(EMU_DEPS)
-	@mkdir -p $(@D)
-	$(EMU_CXX) $(emu_kopt) $(EMU_CU) -c $< -o $@.tmp.o
-	sh tests/emu/dynsmem.sh $@.tmp.o > $@.s && as $@.s -o $@.smem.o && ld -r $@.tmp.o $@.smem.o -o $@ && rm -f $@.tmp.o $@.smem.o $@.s
+endef
+$(EMU)/%.ko: %.cu $(HDR) $(EMU_DEPS)
+	$(EMU_KO_RECIPE)
+$(EMU)/asan/%.ko: %.cu $(HDR) $(EMU_DEPS)
+	$(EMU_KO_RECIPE)
+$(EMU)/tests/%.ko: tests/emu/%.cu $(EMU_DEPS)
+	$(EMU_KO_RECIPE)
+$(EMU)/asan/tests/%.ko: tests/emu/%.cu $(EMU_DEPS)
+	$(EMU_KO_RECIPE)
 EMU_LINK = $(CC) $(CPPFLAGS) -Itests -DMGPU_CUDA $(EMU_INC)
 $(EMU)/tests/%: tests/gpu/%.c tests/mgpu_test.h $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
 	@mkdir -p $(@D)

@@ -72,6 +72,20 @@ static int oob_write(void) {
     return 0;
 }
 
+// ---- an out-of-bounds read (seen by AddressSanitizer in the sanitizer build: guard zones are poisoned) ----
+__global__ void sum_one_past_k(const float *x, int n, float *out) {
+    if (threadIdx.x == 0) { float s = 0; for (int i = 0; i <= n; i++) s += x[i]; out[0] = s; }   // should be i < n
+}
+static int oob_read(void) {
+    float *x, *out;
+    CK(cudaMalloc(&x, 1000 * sizeof(float)));
+    CK(cudaMalloc(&out, sizeof(float)));
+    CK(cudaMemset(x, 0, 1000 * sizeof(float)));
+    MGPU__LAUNCH(sum_one_past_k, 1, 32, 0, 0, x, 1000, out);
+    CK(cudaDeviceSynchronize());
+    return 0;
+}
+
 // ---- barriers and warps ----
 __global__ void half_barrier_k(float *x) {
     if (threadIdx.x < 128) {   // the other half of the block never arrives
@@ -297,7 +311,7 @@ static int lt_declared_ok(void) { return lt(1, 4); }
 static int lt_aligned_ok(void) { return lt(0, 0); }
 static const scenario scenarios[] = {
     {"reduction-ok", r_ok}, {"reduction-no-sync-after-write", r_no_sync_after}, {"reduction-no-sync-before-write", r_no_sync_before},
-    {"oob-write", oob_write}, {"barrier-not-reached", half_barrier}, {"shuffle-exited-lanes", shfl_exited},
+    {"oob-write", oob_write}, {"oob-read", oob_read}, {"barrier-not-reached", half_barrier}, {"shuffle-exited-lanes", shfl_exited},
     {"shuffle-vs-barrier", shfl_barrier}, {"too-many-threads", too_many_threads}, {"dynamic-smem-ok", dyn_ok},
     {"dynamic-smem-too-big", dyn_too_big}, {"dynamic-smem-raised-ok", dyn_raised_ok}, {"missing-event-wait", race},
     {"missing-event-wait-ok", race_ok}, {"nccl-legacy-event", nccl_bug}, {"nccl-legacy-event-ok", nccl_ok},
