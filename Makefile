@@ -165,15 +165,19 @@ $(EMU)/%: examples/%.c $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
 	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
 $(EMU)/%: tools/%.c $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
 	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+# the benchmark launches with the chevron syntax, which C++ lacks: rewritten to the emulation's launcher
+$(EMU)/gemm_bench: bench/gpu/gemm_bench.cu $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR) $(EMU_DEPS)
+	sed -E 's/([A-Za-z_][A-Za-z0-9_]*)<<<([^>]*)>>>\(/::mgpu_emu::make_launcher(\1, "\1", \2)(/g' $< > $@.cc
+	$(EMU_CXX) -O2 $(EMU_CU) $@.cc -x none $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
 .PRECIOUS: $(EMU)/%.ko $(EMU)/asan/%.ko $(EMU)/tests/%.ko $(EMU)/asan/tests/%.ko
 EMU_TESTS := $(patsubst tests/emu/%.c,%,$(wildcard tests/emu/*.c)) $(patsubst tests/emu/%.cu,%,$(wildcard tests/emu/*.cu))
-emu: $(addprefix $(EMU)/tests/,$(GPU_TESTS) $(EMU_TESTS)) $(addprefix $(EMU)/,$(EXAMPLES) $(TOOLS)) \
+emu: $(addprefix $(EMU)/tests/,$(GPU_TESTS) $(EMU_TESTS)) $(addprefix $(EMU)/,$(EXAMPLES) $(TOOLS)) $(EMU)/gemm_bench \
      $(addprefix $(EMU)/asan/tests/,$(GPU_TESTS) $(patsubst tests/emu/%.cu,%,$(wildcard tests/emu/*.cu)))
 
 # The committed header is checked against src/ before anything regenerates it.
 test:
 	@sh tools/amalgamate.sh --check
-	@$(MAKE) --no-print-directory all check-headers asan fuzz
+	@$(MAKE) --no-print-directory all check-headers asan fuzz emu
 	@$(MAKE) --no-print-directory check-cuda > $(BUILD)/check-cuda.log 2>&1; echo $$? > $(BUILD)/check-cuda.rc
 	@bash tests/run.sh
 

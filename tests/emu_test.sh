@@ -95,6 +95,8 @@ for x in $E/fashion_mlp $E/fashion_cnn $E/mgpu-ckpt $E/mgpurun; do
   [ -x "$x" ] || continue
   if "$x" --help > "$T_TMP/help.log" 2>&1; then ok "$x --help (built with -DMGPU_CUDA against the emulation)"; else fail "$x --help" "$(tail -n 5 "$T_TMP/help.log")"; fi
 done
+out=$($E/gemm_bench 64 2 2>&1); rc=$?
+expect "gemm_bench (chevron launches, cuBLASLt f32/TF32/bf16 and cublasGemmEx) runs under the emulation" [ "$rc" -eq 0 -a "$(grep -c '^mode=' <<<"$out")" -eq 3 ]
 out=$($E/fashion_mlp --device cuda --epochs 1 --max-steps 1 --data /nonexistent 2>&1)
 if grep -q "not implemented yet" <<<"$out"; then echo "  note fashion_mlp --device cuda: the CUDA backend is not implemented yet, so no training run is compared"
 elif grep -q "/nonexistent" <<<"$out"; then ok "fashion_mlp --device cuda gets past context creation to its data"
