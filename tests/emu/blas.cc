@@ -17,6 +17,7 @@
 #include "include/cuda_bf16.h"
 #include "include/cuda_fp16.h"
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <memory>
@@ -63,15 +64,14 @@ size_t type_size(cudaDataType_t t) {
     default: return 0;
     }
 }
+/* element i of a matrix of type t, as f32 (and back, rounded to nearest even) */
 inline float load(const void *p, cudaDataType_t t, size_t i) {
-    if (t == CUDA_R_16F) return mgpu_emu_f16_bits_to_f32(((const uint16_t *)p)[i]);
-    if (t == CUDA_R_16BF) return mgpu_emu_bf16_bits_to_f32(((const uint16_t *)p)[i]);
-    return ((const float *)p)[i];
+    const uint16_t *h = (const uint16_t *)p;
+    return t == CUDA_R_32F ? ((const float *)p)[i] : t == CUDA_R_16F ? mgpu_emu_f16_bits_to_f32(h[i]) : mgpu_emu_bf16_bits_to_f32(h[i]);
 }
 inline void store(void *p, cudaDataType_t t, size_t i, float v) {
-    if (t == CUDA_R_16F) ((uint16_t *)p)[i] = mgpu_emu_f32_to_f16_bits(v);
-    else if (t == CUDA_R_16BF) ((uint16_t *)p)[i] = mgpu_emu_f32_to_bf16_bits(v);
-    else ((float *)p)[i] = v;
+    if (t == CUDA_R_32F) { ((float *)p)[i] = v; return; }
+    ((uint16_t *)p)[i] = t == CUDA_R_16F ? mgpu_emu_f32_to_f16_bits(v) : mgpu_emu_f32_to_bf16_bits(v);
 }
 /* round to TF32 (10 mantissa bits), nearest even */
 inline float tf32(float x) {
@@ -215,15 +215,16 @@ extern "C" cublasStatus_t cublasDestroy(cublasHandle_t h) {
     delete h;
     return CUBLAS_STATUS_SUCCESS;
 }
-extern "C" cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
-    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-    h->stream = s;
-    return CUBLAS_STATUS_SUCCESS;
-}
-extern "C" cublasStatus_t cublasGetStream(cublasHandle_t h, cudaStream_t *s) {
-    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (s) *s = h->stream;
-    return CUBLAS_STATUS_SUCCESS;
+/* plain handle settings: a setter and a getter each */
+#define HANDLE_FIELD(setter, getter, type, member) \
+    extern "C" cublasStatus_t setter(cublasHandle_t h, type v) { return h ? (h->member = v, CUBLAS_STATUS_SUCCESS) : CUBLAS_STATUS_NOT_INITIALIZED; } \
+    extern "C" cublasStatus_t getter(cublasHandle_t h, type *v) { return h ? ((v ? *v = h->member : h->member), CUBLAS_STATUS_SUCCESS) : CUBLAS_STATUS_NOT_INITIALIZED; }
+HANDLE_FIELD(cublasSetStream, cublasGetStream, cudaStream_t, stream)
+HANDLE_FIELD(cublasSetMathMode, cublasGetMathMode, cublasMath_t, math)
+HANDLE_FIELD(mgpu_emu_cublas_set_pointer_mode, cublasGetPointerMode, cublasPointerMode_t, pointer_mode)
+#undef HANDLE_FIELD
+extern "C" cublasStatus_t cublasSetPointerMode(cublasHandle_t h, cublasPointerMode_t mode) {   /* device scalars are not emulated */
+    return h && mode != CUBLAS_POINTER_MODE_HOST ? CUBLAS_STATUS_NOT_SUPPORTED : mgpu_emu_cublas_set_pointer_mode(h, mode);
 }
 extern "C" cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void *ws, size_t bytes) {
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
@@ -234,57 +235,19 @@ extern "C" cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void *ws, size_t 
     h->workspace = ws; h->workspace_bytes = bytes;
     return CUBLAS_STATUS_SUCCESS;
 }
-extern "C" cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t mode) {
-    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-    h->math = mode;
-    return CUBLAS_STATUS_SUCCESS;
-}
-extern "C" cublasStatus_t cublasGetMathMode(cublasHandle_t h, cublasMath_t *mode) {
-    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (mode) *mode = h->math;
-    return CUBLAS_STATUS_SUCCESS;
-}
-extern "C" cublasStatus_t cublasSetPointerMode(cublasHandle_t h, cublasPointerMode_t mode) {
-    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (mode != CUBLAS_POINTER_MODE_HOST) return CUBLAS_STATUS_NOT_SUPPORTED;   /* device scalars are not emulated */
-    h->pointer_mode = mode;
-    return CUBLAS_STATUS_SUCCESS;
-}
-extern "C" cublasStatus_t cublasGetPointerMode(cublasHandle_t h, cublasPointerMode_t *mode) {
-    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (mode) *mode = h->pointer_mode;
-    return CUBLAS_STATUS_SUCCESS;
-}
-extern "C" const char *cublasGetStatusName(cublasStatus_t s) {
-    switch (s) {
-    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
-    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
-    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
-    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
-    }
-    return "CUBLAS_STATUS_UNKNOWN";
-}
-extern "C" const char *cublasGetStatusString(cublasStatus_t s) {
-    switch (s) {
-    case CUBLAS_STATUS_SUCCESS: return "success";
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "the library was not initialized";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "the resource allocation failed";
-    case CUBLAS_STATUS_INVALID_VALUE: return "an invalid numeric value was used as an argument";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "an absent device architectural feature is required";
-    case CUBLAS_STATUS_MAPPING_ERROR: return "an access to GPU memory space failed";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "the GPU program failed to execute";
-    case CUBLAS_STATUS_INTERNAL_ERROR: return "an internal operation failed";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "the functionality requested is not supported";
-    case CUBLAS_STATUS_LICENSE_ERROR: return "licensing error";
-    }
-    return "unknown error";
-}
+static const code_text cublas_status[] = {
+#define E(code, text) {code, #code, text}
+    E(CUBLAS_STATUS_SUCCESS, "success"), E(CUBLAS_STATUS_NOT_INITIALIZED, "the library was not initialized"),
+    E(CUBLAS_STATUS_ALLOC_FAILED, "the resource allocation failed"),
+    E(CUBLAS_STATUS_INVALID_VALUE, "an invalid numeric value was used as an argument"),
+    E(CUBLAS_STATUS_ARCH_MISMATCH, "an absent device architectural feature is required"),
+    E(CUBLAS_STATUS_MAPPING_ERROR, "an access to GPU memory space failed"),
+    E(CUBLAS_STATUS_EXECUTION_FAILED, "the GPU program failed to execute"), E(CUBLAS_STATUS_INTERNAL_ERROR, "an internal operation failed"),
+    E(CUBLAS_STATUS_NOT_SUPPORTED, "the functionality requested is not supported"), E(CUBLAS_STATUS_LICENSE_ERROR, "licensing error"),
+#undef E
+};
+extern "C" const char *cublasGetStatusName(cublasStatus_t s) { return code_lookup(cublas_status, s, 1, "CUBLAS_STATUS_UNKNOWN"); }
+extern "C" const char *cublasGetStatusString(cublasStatus_t s) { return code_lookup(cublas_status, s, 0, "unknown error"); }
 
 static cublasStatus_t gemm_ex(const char *api, cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                               const void *alpha, const void *A, cudaDataType_t at, int lda, long long sa, const void *B, cudaDataType_t bt,
@@ -368,43 +331,53 @@ extern "C" cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
     delete d;
     return CUBLAS_STATUS_SUCCESS;
 }
-template <class T> static cublasStatus_t set_exact(T *dst, const void *buf, size_t size) {
-    if (!buf || size != sizeof(T)) return CUBLAS_STATUS_INVALID_VALUE;
-    memcpy(dst, buf, sizeof(T));
+/* An attribute is a field of exactly its size; tables map each attribute to its field. */
+struct attr_field { int attr; size_t offset, size; };
+#define FIELD(attr, type, member) {attr, offsetof(type, member), sizeof(((type *)0)->member)}
+template <size_t N> static const attr_field *find_field(const attr_field (&t)[N], int attr) {
+    for (size_t i = 0; i < N; i++) if (t[i].attr == attr) return &t[i];
+    return NULL;
+}
+template <size_t N> static cublasStatus_t set_field(void *obj, const attr_field (&t)[N], int attr, const void *buf, size_t size) {
+    const attr_field *f = find_field(t, attr);
+    if (!f) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!buf || size != f->size) return CUBLAS_STATUS_INVALID_VALUE;
+    memcpy((char *)obj + f->offset, buf, size);
     return CUBLAS_STATUS_SUCCESS;
 }
+static const attr_field desc_fields[] = {
+    FIELD(CUBLASLT_MATMUL_DESC_COMPUTE_TYPE, mgpu_emu_lt_desc, compute), FIELD(CUBLASLT_MATMUL_DESC_SCALE_TYPE, mgpu_emu_lt_desc, scale),
+    FIELD(CUBLASLT_MATMUL_DESC_POINTER_MODE, mgpu_emu_lt_desc, pointer_mode), FIELD(CUBLASLT_MATMUL_DESC_TRANSA, mgpu_emu_lt_desc, transa),
+    FIELD(CUBLASLT_MATMUL_DESC_TRANSB, mgpu_emu_lt_desc, transb), FIELD(CUBLASLT_MATMUL_DESC_EPILOGUE, mgpu_emu_lt_desc, epilogue),
+    FIELD(CUBLASLT_MATMUL_DESC_BIAS_POINTER, mgpu_emu_lt_desc, bias), FIELD(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, mgpu_emu_lt_desc, bias_type),
+};
+static const attr_field layout_fields[] = {
+    FIELD(CUBLASLT_MATRIX_LAYOUT_TYPE, mgpu_emu_lt_layout, type), FIELD(CUBLASLT_MATRIX_LAYOUT_ORDER, mgpu_emu_lt_layout, order),
+    FIELD(CUBLASLT_MATRIX_LAYOUT_ROWS, mgpu_emu_lt_layout, rows), FIELD(CUBLASLT_MATRIX_LAYOUT_COLS, mgpu_emu_lt_layout, cols),
+    FIELD(CUBLASLT_MATRIX_LAYOUT_LD, mgpu_emu_lt_layout, ld), FIELD(CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, mgpu_emu_lt_layout, batch),
+    FIELD(CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, mgpu_emu_lt_layout, stride),
+};
+static const attr_field pref_fields[] = {
+    FIELD(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, mgpu_emu_lt_pref, max_workspace),
+    FIELD(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, mgpu_emu_lt_pref, align[0]),
+    FIELD(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, mgpu_emu_lt_pref, align[1]),
+    FIELD(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, mgpu_emu_lt_pref, align[2]),
+    FIELD(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, mgpu_emu_lt_pref, align[3]),
+};
+#undef FIELD
 extern "C" cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, const void *buf,
                                                          size_t size) {
-    if (!d) return CUBLAS_STATUS_INVALID_VALUE;
-    switch (attr) {
-    case CUBLASLT_MATMUL_DESC_COMPUTE_TYPE: return set_exact(&d->compute, buf, size);
-    case CUBLASLT_MATMUL_DESC_SCALE_TYPE: return set_exact(&d->scale, buf, size);
-    case CUBLASLT_MATMUL_DESC_POINTER_MODE: return set_exact(&d->pointer_mode, buf, size);
-    case CUBLASLT_MATMUL_DESC_TRANSA: return set_exact(&d->transa, buf, size);
-    case CUBLASLT_MATMUL_DESC_TRANSB: return set_exact(&d->transb, buf, size);
-    case CUBLASLT_MATMUL_DESC_EPILOGUE: return set_exact(&d->epilogue, buf, size);
-    case CUBLASLT_MATMUL_DESC_BIAS_POINTER: return set_exact(&d->bias, buf, size);
-    case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE: return set_exact(&d->bias_type, buf, size);
-    default: return CUBLAS_STATUS_NOT_SUPPORTED;
-    }
+    return d ? set_field(d, desc_fields, attr, buf, size) : CUBLAS_STATUS_INVALID_VALUE;
 }
 extern "C" cublasStatus_t cublasLtMatmulDescGetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, void *buf, size_t size,
                                                          size_t *written) {
+    const attr_field *f = d ? find_field(desc_fields, attr) : NULL;
     if (!d) return CUBLAS_STATUS_INVALID_VALUE;
-    const void *src;
-    size_t n;
-    switch (attr) {
-    case CUBLASLT_MATMUL_DESC_TRANSA: src = &d->transa; n = sizeof d->transa; break;
-    case CUBLASLT_MATMUL_DESC_TRANSB: src = &d->transb; n = sizeof d->transb; break;
-    case CUBLASLT_MATMUL_DESC_EPILOGUE: src = &d->epilogue; n = sizeof d->epilogue; break;
-    case CUBLASLT_MATMUL_DESC_BIAS_POINTER: src = &d->bias; n = sizeof d->bias; break;
-    case CUBLASLT_MATMUL_DESC_COMPUTE_TYPE: src = &d->compute; n = sizeof d->compute; break;
-    default: return CUBLAS_STATUS_NOT_SUPPORTED;
-    }
-    if (written) *written = n;
+    if (!f) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (written) *written = f->size;
     if (!buf) return size == 0 ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
-    if (size < n) return CUBLAS_STATUS_INVALID_VALUE;
-    memcpy(buf, src, n);
+    if (size < f->size) return CUBLAS_STATUS_INVALID_VALUE;
+    memcpy(buf, (const char *)d + f->offset, f->size);
     return CUBLAS_STATUS_SUCCESS;
 }
 extern "C" cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType_t type, uint64_t rows, uint64_t cols, int64_t ld) {
@@ -420,17 +393,7 @@ extern "C" cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) 
 }
 extern "C" cublasStatus_t cublasLtMatrixLayoutSetAttribute(cublasLtMatrixLayout_t l, cublasLtMatrixLayoutAttribute_t attr, const void *buf,
                                                            size_t size) {
-    if (!l) return CUBLAS_STATUS_INVALID_VALUE;
-    switch (attr) {
-    case CUBLASLT_MATRIX_LAYOUT_TYPE: return set_exact(&l->type, buf, size);
-    case CUBLASLT_MATRIX_LAYOUT_ORDER: return set_exact(&l->order, buf, size);
-    case CUBLASLT_MATRIX_LAYOUT_ROWS: return set_exact(&l->rows, buf, size);
-    case CUBLASLT_MATRIX_LAYOUT_COLS: return set_exact(&l->cols, buf, size);
-    case CUBLASLT_MATRIX_LAYOUT_LD: return set_exact(&l->ld, buf, size);
-    case CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT: return set_exact(&l->batch, buf, size);
-    case CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET: return set_exact(&l->stride, buf, size);
-    default: return CUBLAS_STATUS_NOT_SUPPORTED;
-    }
+    return l ? set_field(l, layout_fields, attr, buf, size) : CUBLAS_STATUS_INVALID_VALUE;
 }
 extern "C" cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
     if (!p) return CUBLAS_STATUS_INVALID_VALUE;
@@ -445,16 +408,10 @@ extern "C" cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreferen
 extern "C" cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t attr,
                                                                const void *buf, size_t size) {
     if (!p) return CUBLAS_STATUS_INVALID_VALUE;
-    switch (attr) {
-    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES: return set_exact(&p->max_workspace, buf, size);
-    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES: return set_exact(&p->align[0], buf, size);
-    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES: return set_exact(&p->align[1], buf, size);
-    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES: return set_exact(&p->align[2], buf, size);
-    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES: return set_exact(&p->align[3], buf, size);
-    case CUBLASLT_MATMUL_PREF_SEARCH_MODE: case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK: case CUBLASLT_MATMUL_PREF_MAX_WAVES_COUNT:
-    case CUBLASLT_MATMUL_PREF_IMPL_MASK: return buf && size ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
-    default: return CUBLAS_STATUS_NOT_SUPPORTED;
-    }
+    if (attr == CUBLASLT_MATMUL_PREF_SEARCH_MODE || attr == CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK ||
+        attr == CUBLASLT_MATMUL_PREF_MAX_WAVES_COUNT || attr == CUBLASLT_MATMUL_PREF_IMPL_MASK)   /* accepted, no effect here */
+        return buf && size ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_INVALID_VALUE;
+    return set_field(p, pref_fields, attr, buf, size);
 }
 
 /* The problem (m, n, k, batch) a desc and layouts describe; INVALID_VALUE / NOT_SUPPORTED otherwise. */

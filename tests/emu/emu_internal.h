@@ -50,6 +50,13 @@ void report(const char *what, const char *fmt, ...) __attribute__((format(printf
 cudaError_t set_error(cudaError_t e);   /* the thread's last error; returns e */
 void set_sticky(cudaError_t e);         /* a device fault: every later synchronising call returns it */
 
+/* ---- names and sentences of error codes, as tables ---- */
+struct code_text { int code; const char *name; const char *text; };
+template <size_t N> static inline const char *code_lookup(const code_text (&t)[N], int code, int want_name, const char *fallback) {
+    for (size_t i = 0; i < N; i++) if (t[i].code == code) return want_name ? t[i].name : t[i].text;
+    return fallback;
+}
+
 /* ---- the runtime lock: tables, clocks and access records ---- */
 std::recursive_mutex &lock();
 

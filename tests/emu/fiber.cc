@@ -257,40 +257,34 @@ static void fiber_prepare(fiber *f) {
 #endif
 }
 
-/* scheduler -> fiber */
-static void switch_to(sched *s, fiber *f) {
-    s->cur = f;
-    mgpu_emu_thread_idx = f->tid;
+/* Scheduler -> fiber (to_fiber) or fiber -> scheduler (`final`: the fiber never runs again), with
+   AddressSanitizer told which stack comes next. */
+static void jump(sched *s, fiber *f, int to_fiber, int final) {
 #if MGPU_EMU_ASAN
-    __sanitizer_start_switch_fiber(&s->main_fake, f->stack, f->stack_size);
-#endif
-#if defined(__x86_64__)
-    mgpu_emu_swap(&s->main_sp, f->sp);
-#else
-    swapcontext(&s->main_uc, &f->uc);
-#endif
-#if MGPU_EMU_ASAN
-    __sanitizer_finish_switch_fiber(s->main_fake, NULL, NULL);
-#endif
-    s->cur = NULL;
-}
-
-/* fiber -> scheduler; `final` when the fiber will never run again */
-static void yield(sched *s, fiber *f, int final) {
-#if MGPU_EMU_ASAN
-    __sanitizer_start_switch_fiber(final ? NULL : &f->fake_stack, s->main_bottom, s->main_size);
+    if (to_fiber) __sanitizer_start_switch_fiber(&s->main_fake, f->stack, f->stack_size);
+    else __sanitizer_start_switch_fiber(final ? NULL : &f->fake_stack, s->main_bottom, s->main_size);
 #else
     (void)final;
 #endif
 #if defined(__x86_64__)
-    mgpu_emu_swap(&f->sp, s->main_sp);
+    if (to_fiber) mgpu_emu_swap(&s->main_sp, f->sp);
+    else mgpu_emu_swap(&f->sp, s->main_sp);
 #else
-    swapcontext(&f->uc, &s->main_uc);
+    if (to_fiber) swapcontext(&s->main_uc, &f->uc);
+    else swapcontext(&f->uc, &s->main_uc);
 #endif
 #if MGPU_EMU_ASAN
-    __sanitizer_finish_switch_fiber(f->fake_stack, &s->main_bottom, &s->main_size);
+    if (to_fiber) __sanitizer_finish_switch_fiber(s->main_fake, NULL, NULL);
+    else __sanitizer_finish_switch_fiber(f->fake_stack, &s->main_bottom, &s->main_size);
 #endif
 }
+static void switch_to(sched *s, fiber *f) {
+    s->cur = f;
+    mgpu_emu_thread_idx = f->tid;
+    jump(s, f, 1, 0);
+    s->cur = NULL;
+}
+static void yield(sched *s, fiber *f, int final) { jump(s, f, 0, final); }
 
 static void fiber_main(void *arg) {
     fiber *f = (fiber *)arg;

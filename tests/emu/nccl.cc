@@ -564,34 +564,27 @@ extern "C" ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *err
     *err = comm->async_error;
     return ncclSuccess;
 }
-extern "C" ncclResult_t ncclCommCount(const ncclComm_t comm, int *count) {
-    if (!comm || !count) return ncclInvalidArgument;
-    *count = comm->nranks;
+static ncclResult_t comm_int(const ncclComm_t comm, int *out, int value) {
+    if (!comm || !out) return ncclInvalidArgument;
+    *out = value;
     return ncclSuccess;
 }
-extern "C" ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device) {
-    if (!comm || !device) return ncclInvalidArgument;
-    *device = comm->device;
-    return ncclSuccess;
-}
-extern "C" ncclResult_t ncclCommUserRank(const ncclComm_t comm, int *rank) {
-    if (!comm || !rank) return ncclInvalidArgument;
-    *rank = comm->rank;
-    return ncclSuccess;
-}
-extern "C" const char *ncclGetErrorString(ncclResult_t r) {
-    switch (r) {
-    case ncclSuccess: return "no error";
-    case ncclUnhandledCudaError: return "unhandled cuda error (run with NCCL_DEBUG=INFO for details)";
-    case ncclSystemError: return "unhandled system error (run with NCCL_DEBUG=INFO for details)";
-    case ncclInternalError: return "internal error - please report this issue to the NCCL developers";
-    case ncclInvalidArgument: return "invalid argument (run with NCCL_DEBUG=WARN for details)";
-    case ncclInvalidUsage: return "invalid usage (run with NCCL_DEBUG=WARN for details)";
-    case ncclRemoteError: return "remote process exited or there was a network error";
-    case ncclInProgress: return "NCCL operation in progress";
-    default: return "unknown result code";
-    }
-}
+extern "C" ncclResult_t ncclCommCount(const ncclComm_t comm, int *count) { return comm_int(comm, count, comm ? comm->nranks : 0); }
+extern "C" ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device) { return comm_int(comm, device, comm ? comm->device : 0); }
+extern "C" ncclResult_t ncclCommUserRank(const ncclComm_t comm, int *rank) { return comm_int(comm, rank, comm ? comm->rank : 0); }
+static const code_text nccl_results[] = {
+#define E(code, text) {code, #code, text}
+    E(ncclSuccess, "no error"),
+    E(ncclUnhandledCudaError, "unhandled cuda error (run with NCCL_DEBUG=INFO for details)"),
+    E(ncclSystemError, "unhandled system error (run with NCCL_DEBUG=INFO for details)"),
+    E(ncclInternalError, "internal error - please report this issue to the NCCL developers"),
+    E(ncclInvalidArgument, "invalid argument (run with NCCL_DEBUG=WARN for details)"),
+    E(ncclInvalidUsage, "invalid usage (run with NCCL_DEBUG=WARN for details)"),
+    E(ncclRemoteError, "remote process exited or there was a network error"),
+    E(ncclInProgress, "NCCL operation in progress"),
+#undef E
+};
+extern "C" const char *ncclGetErrorString(ncclResult_t r) { return code_lookup(nccl_results, r, 0, "unknown result code"); }
 extern "C" const char *ncclGetLastError(ncclComm_t comm) { return comm ? comm->last_error : ""; }
 
 extern "C" ncclResult_t ncclAllReduce(const void *send, void *recv, size_t count, ncclDataType_t dt, ncclRedOp_t op, ncclComm_t comm,

@@ -215,6 +215,8 @@ static cudaError_t init() {
 }
 
 #define EMU_INIT() do { cudaError_t ie_ = init(); if (ie_ != cudaSuccess) return set_error(ie_); } while (0)
+/* stream *VAR from handle H, or return the error */
+#define EMU_STREAM(var, h) stream *var; do { cudaError_t se_; var = resolve_stream((h), &se_); if (!var) return set_error(se_); } while (0)
 
 int current_device() { return t_dev; }
 
@@ -391,9 +393,7 @@ cudaError_t enqueue(cudaStream_t h, const char *op, std::vector<mem_access> acc,
     {
         std::lock_guard<std::recursive_mutex> g(g_mu);
         EMU_INIT();
-        cudaError_t e;
-        stream *s = resolve_stream(h, &e);
-        if (!s) return set_error(e);
+        EMU_STREAM(s, h);
         if (g_sticky) return set_error(g_sticky);
         if (s->capture) { note_node(s->capture, op, NODE_WORK, std::move(acc), std::move(run), NULL); return cudaSuccess; }
         if (s->legacy)   /* the legacy stream synchronises with blocking streams: not while one of them is captured */
@@ -597,50 +597,38 @@ extern "C" cudaError_t cudaGetLastError(void) {
 }
 extern "C" cudaError_t cudaPeekAtLastError(void) { return g_sticky ? g_sticky : t_last; }
 
-extern "C" const char *cudaGetErrorName(cudaError_t e) {
-    switch (e) {
-#define N(x) case x: return #x;
-    N(cudaSuccess) N(cudaErrorInvalidValue) N(cudaErrorMemoryAllocation) N(cudaErrorInitializationError)
-    N(cudaErrorInvalidConfiguration) N(cudaErrorInvalidDevicePointer) N(cudaErrorInvalidMemcpyDirection) N(cudaErrorStubLibrary)
-    N(cudaErrorInsufficientDriver) N(cudaErrorInvalidDeviceFunction) N(cudaErrorNoDevice) N(cudaErrorInvalidDevice)
-    N(cudaErrorInvalidResourceHandle) N(cudaErrorIllegalState) N(cudaErrorNotReady) N(cudaErrorIllegalAddress)
-    N(cudaErrorLaunchOutOfResources) N(cudaErrorMisalignedAddress) N(cudaErrorLaunchFailure) N(cudaErrorNotSupported)
-    N(cudaErrorStreamCaptureUnsupported) N(cudaErrorStreamCaptureInvalidated) N(cudaErrorStreamCaptureUnmatched)
-    N(cudaErrorStreamCaptureImplicit) N(cudaErrorStreamCaptureWrongThread) N(cudaErrorUnknown)
-#undef N
-    }
-    return "cudaErrorUnknown";
-}
-extern "C" const char *cudaGetErrorString(cudaError_t e) {
-    switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    case cudaErrorInitializationError: return "initialization error";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
-    case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
-    case cudaErrorStubLibrary: return "CUDA driver is a stub library";
-    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
-    case cudaErrorInvalidDeviceFunction: return "invalid device function";
-    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
-    case cudaErrorIllegalState: return "the operation cannot be performed in the present state";
-    case cudaErrorNotReady: return "device not ready";
-    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
-    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
-    case cudaErrorMisalignedAddress: return "misaligned address";
-    case cudaErrorLaunchFailure: return "unspecified launch failure";
-    case cudaErrorNotSupported: return "operation not supported";
-    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
-    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
-    case cudaErrorStreamCaptureUnmatched: return "capture was not ended in the same stream as it began";
-    case cudaErrorStreamCaptureImplicit: return "operation would make the legacy stream depend on a capturing blocking stream";
-    case cudaErrorStreamCaptureWrongThread: return "attempt to terminate a thread-local capture sequence from another thread";
-    default: return "unknown error";
-    }
-}
+static const code_text cuda_errors[] = {
+#define E(code, text) {code, #code, text}
+    E(cudaSuccess, "no error"),
+    E(cudaErrorInvalidValue, "invalid argument"),
+    E(cudaErrorMemoryAllocation, "out of memory"),
+    E(cudaErrorInitializationError, "initialization error"),
+    E(cudaErrorInvalidConfiguration, "invalid configuration argument"),
+    E(cudaErrorInvalidDevicePointer, "invalid device pointer"),
+    E(cudaErrorInvalidMemcpyDirection, "invalid copy direction for memcpy"),
+    E(cudaErrorStubLibrary, "CUDA driver is a stub library"),
+    E(cudaErrorInsufficientDriver, "CUDA driver version is insufficient for CUDA runtime version"),
+    E(cudaErrorInvalidDeviceFunction, "invalid device function"),
+    E(cudaErrorNoDevice, "no CUDA-capable device is detected"),
+    E(cudaErrorInvalidDevice, "invalid device ordinal"),
+    E(cudaErrorInvalidResourceHandle, "invalid resource handle"),
+    E(cudaErrorIllegalState, "the operation cannot be performed in the present state"),
+    E(cudaErrorNotReady, "device not ready"),
+    E(cudaErrorIllegalAddress, "an illegal memory access was encountered"),
+    E(cudaErrorLaunchOutOfResources, "too many resources requested for launch"),
+    E(cudaErrorMisalignedAddress, "misaligned address"),
+    E(cudaErrorLaunchFailure, "unspecified launch failure"),
+    E(cudaErrorNotSupported, "operation not supported"),
+    E(cudaErrorStreamCaptureUnsupported, "operation not permitted when stream is capturing"),
+    E(cudaErrorStreamCaptureInvalidated, "operation failed due to a previous error during capture"),
+    E(cudaErrorStreamCaptureUnmatched, "capture was not ended in the same stream as it began"),
+    E(cudaErrorStreamCaptureImplicit, "operation would make the legacy stream depend on a capturing blocking stream"),
+    E(cudaErrorStreamCaptureWrongThread, "attempt to terminate a thread-local capture sequence from another thread"),
+    E(cudaErrorUnknown, "unknown error"),
+#undef E
+};
+extern "C" const char *cudaGetErrorName(cudaError_t e) { return code_lookup(cuda_errors, e, 1, "cudaErrorUnknown"); }
+extern "C" const char *cudaGetErrorString(cudaError_t e) { return code_lookup(cuda_errors, e, 0, "unknown error"); }
 
 /* ====================================================================================
    Memory
@@ -688,14 +676,12 @@ extern "C" cudaError_t cudaFree(void *ptr) {
 extern "C" cudaError_t cudaMallocAsync(void **ptr, size_t size, cudaStream_t s) {
     LOCKED;
     EMU_INIT();
-    cudaError_t e;
-    stream *st = resolve_stream(s, &e);
-    if (!st) return set_error(e);
+    EMU_STREAM(st, s);
     int saved = t_dev;
     t_dev = st->device;
     int tc = t_captures, gc = g_global_captures;
     t_captures = 0; g_global_captures = 0;   /* stream-ordered allocation is legal during capture */
-    e = cudaMalloc(ptr, size);
+    cudaError_t e = cudaMalloc(ptr, size);
     t_captures = tc; g_global_captures = gc;
     t_dev = saved;
     return e;
@@ -874,9 +860,7 @@ extern "C" cudaError_t cudaStreamDestroy(cudaStream_t h) {
     LOCKED;
     EMU_INIT();
     if (h == NULL || h == cudaStreamLegacy || h == cudaStreamPerThread) return set_error(cudaErrorInvalidResourceHandle);
-    cudaError_t e;
-    stream *s = resolve_stream(h, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, h);
     if (s->capture) { s->capture_invalid = 1; return set_error(cudaErrorStreamCaptureUnsupported); }
     s->destroyed = 1;
     g_handles.erase(s);   /* its clock stays: work still queued on it is waited for by the legacy stream */
@@ -885,9 +869,7 @@ extern "C" cudaError_t cudaStreamDestroy(cudaStream_t h) {
 extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t h) {
     LOCKED;
     EMU_INIT();
-    cudaError_t e;
-    stream *s = resolve_stream(h, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, h);
     if (s->capture) { s->capture_invalid = 1; return set_error(cudaErrorStreamCaptureUnsupported); }
     EMU_NOT_IN_CAPTURE("cudaStreamSynchronize");
     host_knows(s->clock);
@@ -896,9 +878,7 @@ extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t h) {
 extern "C" cudaError_t cudaStreamQuery(cudaStream_t h) {
     LOCKED;
     EMU_INIT();
-    cudaError_t e;
-    stream *s = resolve_stream(h, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, h);
     if (s->capture) { s->capture_invalid = 1; return set_error(cudaErrorStreamCaptureUnsupported); }
     host_knows(s->clock);   /* everything on it has run: the host now knows it finished */
     return g_sticky ? set_error(g_sticky) : cudaSuccess;
@@ -906,9 +886,7 @@ extern "C" cudaError_t cudaStreamQuery(cudaStream_t h) {
 extern "C" cudaError_t cudaStreamGetFlags(cudaStream_t h, unsigned int *flags) {
     LOCKED;
     EMU_INIT();
-    cudaError_t e;
-    stream *s = resolve_stream(h, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, h);
     if (flags) *flags = s->flags;
     return cudaSuccess;
 }
@@ -955,9 +933,7 @@ extern "C" cudaError_t cudaEventRecord(cudaEvent_t h, cudaStream_t sh) {
     EMU_INIT();
     event *ev = resolve_event(h);
     if (!ev) return set_error(cudaErrorInvalidResourceHandle);
-    cudaError_t e;
-    stream *s = resolve_stream(sh, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, sh);
     if (ev->device != s->device) return set_error(cudaErrorInvalidResourceHandle);
     if (g_sticky) return set_error(g_sticky);
     if (s->capture) {
@@ -974,9 +950,7 @@ extern "C" cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t h, unsig
     EMU_INIT();
     event *ev = resolve_event(h);
     if (!ev) return set_error(cudaErrorInvalidResourceHandle);
-    cudaError_t e;
-    stream *s = resolve_stream(sh, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, sh);
     if (s->capture) { note_node(s->capture, "cudaStreamWaitEvent", NODE_WAIT, {}, {}, h); return cudaSuccess; }
     if (ev->in_capture) {
         report("unsupported", "cudaStreamWaitEvent: %s waits for an event recorded during a stream capture (joining a capture from "
@@ -986,25 +960,19 @@ extern "C" cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t h, unsig
     wait_on(s, ev);
     return cudaSuccess;
 }
-extern "C" cudaError_t cudaEventQuery(cudaEvent_t h) {
+/* A successful query or synchronisation: the host now knows the event's work is done. */
+static cudaError_t event_done(cudaEvent_t h, int sync) {
     LOCKED;
     EMU_INIT();
     event *ev = resolve_event(h);
     if (!ev) return set_error(cudaErrorInvalidResourceHandle);
     if (ev->in_capture) return set_error(cudaErrorStreamCaptureUnsupported);
+    if (sync) EMU_NOT_IN_CAPTURE("cudaEventSynchronize");
     if (ev->recorded) host_knows(ev->clock);
     return g_sticky ? set_error(g_sticky) : cudaSuccess;
 }
-extern "C" cudaError_t cudaEventSynchronize(cudaEvent_t h) {
-    LOCKED;
-    EMU_INIT();
-    event *ev = resolve_event(h);
-    if (!ev) return set_error(cudaErrorInvalidResourceHandle);
-    if (ev->in_capture) return set_error(cudaErrorStreamCaptureUnsupported);
-    EMU_NOT_IN_CAPTURE("cudaEventSynchronize");
-    if (ev->recorded) host_knows(ev->clock);
-    return g_sticky ? set_error(g_sticky) : cudaSuccess;
-}
+extern "C" cudaError_t cudaEventQuery(cudaEvent_t h) { return event_done(h, 0); }
+extern "C" cudaError_t cudaEventSynchronize(cudaEvent_t h) { return event_done(h, 1); }
 extern "C" cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
     LOCKED;
     EMU_INIT();
@@ -1023,9 +991,7 @@ extern "C" cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_
 extern "C" cudaError_t cudaStreamBeginCapture(cudaStream_t h, enum cudaStreamCaptureMode mode) {
     LOCKED;
     EMU_INIT();
-    cudaError_t e;
-    stream *s = resolve_stream(h, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, h);
     if (s->legacy) return set_error(cudaErrorStreamCaptureUnsupported);
     if (s->capture) return set_error(cudaErrorIllegalState);
     s->capture = new graph();
@@ -1038,9 +1004,7 @@ extern "C" cudaError_t cudaStreamBeginCapture(cudaStream_t h, enum cudaStreamCap
 extern "C" cudaError_t cudaStreamEndCapture(cudaStream_t h, cudaGraph_t *out) {
     LOCKED;
     EMU_INIT();
-    cudaError_t e;
-    stream *s = resolve_stream(h, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, h);
     if (!s->capture) return set_error(cudaErrorIllegalState);
     if (s->capture_mode != cudaStreamCaptureModeRelaxed && !pthread_equal(s->capture_thread, pthread_self()))
         return set_error(cudaErrorStreamCaptureWrongThread);
@@ -1063,9 +1027,7 @@ extern "C" cudaError_t cudaStreamEndCapture(cudaStream_t h, cudaGraph_t *out) {
 extern "C" cudaError_t cudaStreamIsCapturing(cudaStream_t h, enum cudaStreamCaptureStatus *status) {
     LOCKED;
     EMU_INIT();
-    cudaError_t e;
-    stream *s = resolve_stream(h, &e);
-    if (!s) return set_error(e);
+    EMU_STREAM(s, h);
     if (!status) return set_error(cudaErrorInvalidValue);
     *status = !s->capture ? cudaStreamCaptureStatusNone : s->capture_invalid ? cudaStreamCaptureStatusInvalidated : cudaStreamCaptureStatusActive;
     return cudaSuccess;
@@ -1095,9 +1057,7 @@ extern "C" cudaError_t cudaGraphLaunch(cudaGraphExec_t h, cudaStream_t sh) {
         LOCKED;
         EMU_INIT();
         if (!h || !g_handles.count((const void *)h)) return set_error(cudaErrorInvalidValue);
-        cudaError_t e;
-        stream *s = resolve_stream(sh, &e);
-        if (!s) return set_error(e);
+        EMU_STREAM(s, sh);
         if (s->capture) {   /* a graph launched into a capture becomes part of it */
             for (const node &n : ((graph_exec *)h)->nodes) s->capture->nodes.push_back(n);
             return cudaSuccess;
@@ -1113,20 +1073,15 @@ extern "C" cudaError_t cudaGraphLaunch(cudaGraphExec_t h, cudaStream_t sh) {
     }
     return cudaSuccess;
 }
-extern "C" cudaError_t cudaGraphDestroy(cudaGraph_t h) {
+template <class T> static cudaError_t destroy_handle(const void *h) {
     LOCKED;
-    if (!h || !g_handles.count((const void *)h)) return set_error(cudaErrorInvalidValue);
-    g_handles.erase((const void *)h);
-    delete (graph *)h;
+    if (!h || !g_handles.count(h)) return set_error(cudaErrorInvalidValue);
+    g_handles.erase(h);
+    delete (T *)h;
     return cudaSuccess;
 }
-extern "C" cudaError_t cudaGraphExecDestroy(cudaGraphExec_t h) {
-    LOCKED;
-    if (!h || !g_handles.count((const void *)h)) return set_error(cudaErrorInvalidValue);
-    g_handles.erase((const void *)h);
-    delete (graph_exec *)h;
-    return cudaSuccess;
-}
+extern "C" cudaError_t cudaGraphDestroy(cudaGraph_t h) { return destroy_handle<graph>(h); }
+extern "C" cudaError_t cudaGraphExecDestroy(cudaGraphExec_t h) { return destroy_handle<graph_exec>(h); }
 
 extern "C" cudaError_t cudaFuncSetAttribute(const void *func, enum cudaFuncAttribute attr, int value) {
     LOCKED;

@@ -20,22 +20,9 @@ static inline float mgpu_emu_bf16_bits_to_f32(uint16_t b) {
     return f;
 }
 
-#ifdef __cplusplus
-struct __nv_bfloat16 {
-    uint16_t __x;
-    __nv_bfloat16() = default;
-    __nv_bfloat16(float f) : __x(mgpu_emu_f32_to_bf16_bits(f)) {}
-    __nv_bfloat16(double f) : __x(mgpu_emu_f32_to_bf16_bits((float)f)) {}
-    operator float() const { return mgpu_emu_bf16_bits_to_f32(__x); }
-};
-#else
-typedef struct __nv_bfloat16 { uint16_t __x; } __nv_bfloat16;
-#endif
+MGPU_EMU_HALF_TYPE(__nv_bfloat16, mgpu_emu_f32_to_bf16_bits, mgpu_emu_bf16_bits_to_f32)
 typedef struct __nv_bfloat16 nv_bfloat16;
 
-static inline __nv_bfloat16 __float2bfloat16_rn(float f) { __nv_bfloat16 b; b.__x = mgpu_emu_f32_to_bf16_bits(f); return b; }
-static inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
-static inline float __bfloat162float(__nv_bfloat16 b) { return mgpu_emu_bf16_bits_to_f32(b.__x); }
-static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
-static inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { __nv_bfloat16 b; b.__x = u; return b; }
+MGPU_EMU_HALF_FUNCS(__nv_bfloat16, __float2bfloat16_rn, __float2bfloat16, __bfloat162float, __bfloat16_as_ushort, __ushort_as_bfloat16,
+                    mgpu_emu_f32_to_bf16_bits, mgpu_emu_bf16_bits_to_f32)
 #endif

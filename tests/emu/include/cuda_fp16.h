@@ -33,24 +33,31 @@ static inline float mgpu_emu_f16_bits_to_f32(uint16_t h) {
     return f;
 }
 
+/* A 16-bit float type: its bits, with host conversions from and to float in C++ (also used by
+   cuda_bf16.h). */
 #ifdef __cplusplus
-struct __half {
-    uint16_t __x;
-    __half() = default;
-    __half(float f) : __x(mgpu_emu_f32_to_f16_bits(f)) {}
-    __half(double f) : __x(mgpu_emu_f32_to_f16_bits((float)f)) {}
-    operator float() const { return mgpu_emu_f16_bits_to_f32(__x); }
-};
+#define MGPU_EMU_HALF_TYPE(T, to_bits, from_bits) \
+    struct T { \
+        uint16_t __x; \
+        T() = default; \
+        T(float f) : __x(to_bits(f)) {} \
+        T(double f) : __x(to_bits((float)f)) {} \
+        operator float() const { return from_bits(__x); } \
+    };
 #else
-typedef struct __half { uint16_t __x; } __half;
+#define MGPU_EMU_HALF_TYPE(T, to_bits, from_bits) typedef struct T { uint16_t __x; } T;
 #endif
+/* CUDA's conversion functions of such a type */
+#define MGPU_EMU_HALF_FUNCS(T, from_float_rn, from_float, to_float, as_ushort, from_ushort, to_bits, from_bits) \
+    static inline T from_float_rn(float f) { T h; h.__x = to_bits(f); return h; } \
+    static inline T from_float(float f) { return from_float_rn(f); } \
+    static inline float to_float(T h) { return from_bits(h.__x); } \
+    static inline unsigned short as_ushort(T h) { return h.__x; } \
+    static inline T from_ushort(unsigned short u) { T h; h.__x = u; return h; }
+MGPU_EMU_HALF_TYPE(__half, mgpu_emu_f32_to_f16_bits, mgpu_emu_f16_bits_to_f32)
 typedef struct __half half;
-
-static inline __half __float2half_rn(float f) { __half h; h.__x = mgpu_emu_f32_to_f16_bits(f); return h; }
-static inline __half __float2half(float f) { return __float2half_rn(f); }
-static inline float __half2float(__half h) { return mgpu_emu_f16_bits_to_f32(h.__x); }
-static inline unsigned short __half_as_ushort(__half h) { return h.__x; }
-static inline __half __ushort_as_half(unsigned short u) { __half h; h.__x = u; return h; }
+MGPU_EMU_HALF_FUNCS(__half, __float2half_rn, __float2half, __half2float, __half_as_ushort, __ushort_as_half, mgpu_emu_f32_to_f16_bits,
+                    mgpu_emu_f16_bits_to_f32)
 #ifdef __cplusplus
 static inline __half __hadd(__half a, __half b) { return __float2half_rn(__half2float(a) + __half2float(b)); }
 static inline __half __hmul(__half a, __half b) { return __float2half_rn(__half2float(a) * __half2float(b)); }
