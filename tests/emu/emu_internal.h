@@ -99,7 +99,6 @@ cudaError_t enqueue(cudaStream_t s, const char *op, std::vector<mem_access> acc,
 stream *resolve_stream(cudaStream_t s, cudaError_t *err);
 int stream_device(stream *s);
 int current_device();
-/* Called from ncclGroupEnd/collectives after their work: nothing for now. */
 
 /* ---- kernels (fiber.cc) ---- */
 /* Runs every block of the grid on fibers of the calling OS thread. Returns cudaSuccess, or the
