@@ -16,7 +16,7 @@ EXAMPLES := $(patsubst examples/%.c,%,$(wildcard examples/*.c))
 TOOLS    := $(patsubst tools/%.c,%,$(wildcard tools/*.c))
 TESTS    := $(patsubst tests/%.c,%,$(filter-out tests/impl.c tests/fuzz_%.c,$(wildcard tests/*.c)))
 
-.PHONY: all help check-amalgamation test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench
+.PHONY: all help check-amalgamation test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench emu
 all: $(addprefix $(BUILD)/,$(EXAMPLES) $(TOOLS)) $(addprefix $(BUILD)/tests/,$(TESTS))
 
 help:
@@ -25,6 +25,7 @@ help:
 	@echo "make demo       install what is missing, build, train Fashion-MNIST on the best device"
 	@echo "make data       fill data/fashion-mnist from Debian's dataset-fashion-mnist"
 	@echo "make cuda       build the CUDA variants into build/cuda/"
+	@echo "make emu        build every CUDA program against the CPU emulation (tests/emu) into build/emu/"
 	@echo "make test-gpu   GPU test suite (skips cleanly without a GPU)"
 	@echo "make bench      CPU benchmark against PyTorch (bench/RESULTS.md)"
 
@@ -101,10 +102,82 @@ check-cuda:
 	  echo "CUDA path compiled and linked with $(NVCC)"; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
+# CUDA emulation (tests/emu, never vendored): every CUDA program built against a CPU emulation of
+# the CUDA runtime, cuBLAS(Lt) and NCCL, kernels compiled unchanged as C++ and run as fibers, with
+# a stream-order checker. tests/emu_test.sh runs it in `make test`; `make emu` builds it.
+EMU       := $(BUILD)/emu
+EMU_INC   := -Itests/emu/include
+EMU_CXX   := $(CXX) -std=c++17 -g -ffp-contract=off -Wall -Wextra
+# local-exec: the built-in variables (threadIdx, ...) are thread-locals of the executable
+EMU_CU    := -x c++ -include tests/emu/cuda_emu.h -ftls-model=local-exec $(EMU_INC) -Itests/emu -I.
+EMU_LIBS  := -lstdc++ -lm -lpthread -lrt
+# no enum check: the argument structs are C, where an enum may hold any int (tests pass bad kinds)
+EMU_SAN   := -O1 -fsanitize=address,undefined -fno-sanitize=enum -fno-omit-frame-pointer
+EMU_DEPS  := $(wildcard tests/emu/*.h tests/emu/include/*.h) tests/emu/dynsmem.sh
+EMU_RT    := $(patsubst tests/emu/%.cc,%,$(wildcard tests/emu/*.cc))
+# variant: $(EMU) (optimised) or $(EMU)/asan (AddressSanitizer + UBSan)
+emu_opt    = $(if $(findstring /asan/,$@),$(EMU_SAN),-O2)
+# kernels: no null check either, GCC 12's UBSan tests a thread-local's address with flags that a
+# lea did not set (false reports on threadIdx); a null kernel pointer still faults under ASan
+emu_kopt   = $(if $(findstring /asan/,$@),$(EMU_SAN) -fno-sanitize=null,-O2)
+# (one rule per variant: a pattern rule with two targets would be one recipe making both)
+define EMU_CC_RECIPE
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(emu_opt) $(EMU_INC) -Itests/emu -c $< -o $@
+endef
+$(EMU)/obj/%.o: tests/emu/%.cc $(EMU_DEPS)
+	$(EMU_CC_RECIPE)
+$(EMU)/asan/obj/%.o: tests/emu/%.cc $(EMU_DEPS)
+	$(EMU_CC_RECIPE)
+$(EMU)/libcudaemu.a: $(addprefix $(EMU)/obj/,$(addsuffix .o,$(EMU_RT)))
+	ar rcs $@ $^
+$(EMU)/asan/libcudaemu.a: $(addprefix $(EMU)/asan/obj/,$(addsuffix .o,$(EMU_RT)))
+	ar rcs $@ $^
+# kernels: a .cu as C++, plus the thread-local buffer its `extern __shared__` arrays alias
+define EMU_KO_RECIPE
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(emu_kopt) $(EMU_CU) -c $< -o $@.tmp.o
+	sh tests/emu/dynsmem.sh $@.tmp.o > $@.s && as $@.s -o $@.smem.o && ld -r $@.tmp.o $@.smem.o -o $@ && rm -f $@.tmp.o $@.smem.o $@.s
+endef
+$(EMU)/%.ko: %.cu $(HDR) $(EMU_DEPS)
+	$(EMU_KO_RECIPE)
+$(EMU)/asan/%.ko: %.cu $(HDR) $(EMU_DEPS)
+	$(EMU_KO_RECIPE)
+$(EMU)/tests/%.ko: tests/emu/%.cu $(EMU_DEPS)
+	$(EMU_KO_RECIPE)
+$(EMU)/asan/tests/%.ko: tests/emu/%.cu $(EMU_DEPS)
+	$(EMU_KO_RECIPE)
+EMU_LINK = $(CC) $(CPPFLAGS) -Itests -DMGPU_CUDA $(EMU_INC)
+$(EMU)/tests/%: tests/gpu/%.c tests/mgpu_test.h $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
+	@mkdir -p $(@D)
+	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+$(EMU)/asan/tests/%: tests/gpu/%.c tests/mgpu_test.h $(EMU)/asan/mgpu_kernels.ko $(EMU)/asan/libcudaemu.a $(HDR)
+	@mkdir -p $(@D)
+	$(EMU_LINK) -std=c11 -g $(EMU_SAN) $< $(EMU)/asan/mgpu_kernels.ko $(EMU)/asan/libcudaemu.a -o $@ $(EMU_LIBS)
+$(EMU)/tests/%: tests/emu/%.c tests/mgpu_test.h $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
+	@mkdir -p $(@D)
+	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+$(EMU)/tests/%: $(EMU)/tests/%.ko $(EMU)/libcudaemu.a
+	$(CXX) $^ -o $@ $(EMU_LIBS)
+$(EMU)/asan/tests/%: $(EMU)/asan/tests/%.ko $(EMU)/asan/libcudaemu.a
+	$(CXX) $(EMU_SAN) $^ -o $@ $(EMU_LIBS)
+$(EMU)/%: examples/%.c $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
+	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+$(EMU)/%: tools/%.c $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
+	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+# the benchmark launches with the chevron syntax, which C++ lacks: rewritten to the emulation's launcher
+$(EMU)/gemm_bench: bench/gpu/gemm_bench.cu $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR) $(EMU_DEPS)
+	sed -E 's/([A-Za-z_][A-Za-z0-9_]*)<<<([^>]*)>>>\(/::mgpu_emu::make_launcher(\1, "\1", \2)(/g' $< > $@.cc
+	$(EMU_CXX) -O2 $(EMU_CU) $@.cc -x none $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
+.PRECIOUS: $(EMU)/%.ko $(EMU)/asan/%.ko $(EMU)/tests/%.ko $(EMU)/asan/tests/%.ko
+EMU_TESTS := $(patsubst tests/emu/%.c,%,$(wildcard tests/emu/*.c)) $(patsubst tests/emu/%.cu,%,$(wildcard tests/emu/*.cu))
+emu: $(addprefix $(EMU)/tests/,$(GPU_TESTS) $(EMU_TESTS)) $(addprefix $(EMU)/,$(EXAMPLES) $(TOOLS)) $(EMU)/gemm_bench \
+     $(addprefix $(EMU)/asan/tests/,$(GPU_TESTS) $(patsubst tests/emu/%.cu,%,$(wildcard tests/emu/*.cu)))
+
 # The committed header is checked against src/ before anything regenerates it.
 test:
 	@sh tools/amalgamate.sh --check
-	@$(MAKE) --no-print-directory all check-headers asan fuzz
+	@$(MAKE) --no-print-directory all check-headers asan fuzz emu
 	@$(MAKE) --no-print-directory check-cuda > $(BUILD)/check-cuda.log 2>&1; echo $$? > $(BUILD)/check-cuda.rc
 	@bash tests/run.sh
 

@@ -161,7 +161,10 @@ typedef struct mgpu_device { mgpu_device_type type; int index; } mgpu_device;
 /* "cpu", "cuda", "cuda:1", "auto" (CUDA when built with it and a GPU is present, else CPU). */
 MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out);
 MGPU_API void mgpu_device_name(mgpu_device d, char *buf, size_t size);
-MGPU_API int mgpu_cuda_device_count(void); /* 0 in a CPU build or without a GPU */
+/* Visible CUDA devices: 0 in a CPU build or without a GPU or driver; a negative mgpu_result when
+   CUDA is installed but fails (mgpu_last_error() says how), so a broken GPU machine is never taken
+   for a CPU-only one. */
+MGPU_API int mgpu_cuda_device_count(void);
 
 typedef enum mgpu_dtype {
     MGPU_F32 = 0, MGPU_F16 = 1, MGPU_BF16 = 2, MGPU_I32 = 3, MGPU_I64 = 4, MGPU_U8 = 5
@@ -986,7 +989,9 @@ MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t);
 extern "C" {
 #endif
 
-/* Number of visible CUDA devices. Defined in mgpu_kernels.cu. */
+/* Number of visible CUDA devices; 0 when there is no device or no driver (cudaErrorNoDevice,
+   cudaErrorInsufficientDriver, a stub driver); any other CUDA failure is a negative mgpu_result with
+   the error recorded (mgpu_last_error). Defined in mgpu_kernels.cu. */
 int mgpu__cuda_device_count(void);
 
 /* Each op's twins share one argument struct below, named mgpu__<stem>_args; the CPU twin is
@@ -1587,7 +1592,7 @@ MGPU_API double mgpu_time_s(void) {
 
 MGPU_API int mgpu_cuda_device_count(void) {
 #ifdef MGPU_CUDA
-    return mgpu__cuda_device_count();
+    return mgpu__cuda_device_count();   /* < 0: CUDA failed, the error is recorded */
 #else
     return 0;
 #endif
@@ -1599,7 +1604,9 @@ MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out) {
     if (!text || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_device_parse: text and out must not be NULL");
     if (strcmp(text, "cpu") == 0) { out->type = MGPU_DEVICE_CPU; out->index = 0; return MGPU_OK; }
     if (strcmp(text, "auto") == 0) {
-        out->type = MGPU__CUDA_BACKEND_READY && mgpu_cuda_device_count() > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
+        int n = MGPU__CUDA_BACKEND_READY ? mgpu_cuda_device_count() : 0;
+        if (n < 0) return (mgpu_result)n;   /* a failing GPU setup is an error, not a reason to pick the CPU */
+        out->type = n > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
         out->index = 0;
         return MGPU_OK;
     }
@@ -1614,8 +1621,11 @@ MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out) {
 #ifndef MGPU_CUDA
         return mgpu__fail(MGPU_ERR_UNSUPPORTED, "device '%s': this build has no CUDA support (rebuild with -DMGPU_CUDA, e.g. `make cuda`)", text);
 #else
-        if (idx >= mgpu_cuda_device_count())
-            return mgpu__fail(MGPU_ERR_INVALID_ARG, "device '%s': only %d CUDA device(s) visible", text, mgpu_cuda_device_count());
+        {
+            int n = mgpu_cuda_device_count();
+            if (n < 0) return (mgpu_result)n;
+            if (idx >= n) return mgpu__fail(MGPU_ERR_INVALID_ARG, "device '%s': only %d CUDA device(s) visible", text, n);
+        }
         out->type = MGPU_DEVICE_CUDA; out->index = (int)idx;
         return MGPU_OK;
 #endif
@@ -2430,8 +2440,10 @@ static size_t mgpu__cuda_size_class(size_t bytes) {
 }
 
 static int mgpu__cuda_device_ok(int device, const char *fn) {
-    if (device < 0 || device >= MGPU__CUDA_MAX_DEVICES || device >= mgpu_cuda_device_count()) {
-        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: device %d is not a visible CUDA device (%d visible)", fn, device, mgpu_cuda_device_count());
+    int n = mgpu_cuda_device_count();
+    if (n < 0) return 0;   /* CUDA itself failed: that error stands */
+    if (device < 0 || device >= MGPU__CUDA_MAX_DEVICES || device >= n) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: device %d is not a visible CUDA device (%d visible)", fn, device, n);
         return 0;
     }
     return 1;
@@ -12132,11 +12144,13 @@ typedef struct mgpu__coll {
     int64_t count;               /* allreduce: elements; broadcast: bytes; allgather: bytes per rank;
                                     reduce_scatter: elements of out */
     int dtype, avg, root;
+    void *stream;                /* the stream whose queued work produced in (nccl): a CUDA tensor's context
+                                    stream; NULL, the legacy default stream, for raw device pointers */
 } mgpu__coll;
 
 static mgpu__coll mgpu__make_coll(int kind, const void *in, void *out, int64_t count, int dtype, int avg, int root) {
     mgpu__coll k;
-    k.kind = kind; k.in = in; k.out = out; k.count = count; k.dtype = dtype; k.avg = avg; k.root = root;
+    k.kind = kind; k.in = in; k.out = out; k.count = count; k.dtype = dtype; k.avg = avg; k.root = root; k.stream = NULL;
     return k;
 }
 
@@ -12231,12 +12245,24 @@ static mgpu_result mgpu__comm_check_buffer(const char *fn, const char *arg, cons
 
 /* ---- host memory of a tensor during a collective ---- */
 
+/* The stream a tensor's producers and consumers run on: its context's (NULL: the legacy stream). */
+static void *mgpu__comm_tensor_stream(const mgpu_tensor *t) {
+#ifdef MGPU_CUDA
+    if (t && t->device.type == MGPU_DEVICE_CUDA && t->ctx) return t->ctx->cuda_stream;
+#endif
+    (void)t;
+    return NULL;
+}
+
 /* t->data, or for a CUDA tensor under shm/threads a pinned staging buffer (one of two), filled
-   from the device when load (nccl takes device memory directly). NULL on failure. */
+   from the device when load (nccl takes device memory directly). NULL on failure. The copies run
+   on the tensor's stream, in order after the work that produced it (a blocking cudaMemcpy would run
+   on the legacy stream, which does not wait for a non-blocking stream). */
 static void *mgpu__comm_host_begin(mgpu_comm *c, const mgpu_tensor *t, int which, int load, const char *fn) {
 #ifdef MGPU_CUDA
     if (t->device.type == MGPU_DEVICE_CUDA && c->backend != MGPU_COMM_NCCL) {
         size_t bytes = mgpu_tensor_nbytes(t);
+        cudaStream_t s = (cudaStream_t)mgpu__comm_tensor_stream(t);
         if (cudaSetDevice(t->device.index) != cudaSuccess) { mgpu__fail(MGPU_ERR_CUDA, "%s: cannot select cuda:%d", fn, t->device.index); return NULL; }
         if (bytes > c->pinned_bytes[which]) {
             if (c->pinned[which]) cudaFreeHost(c->pinned[which]);
@@ -12247,7 +12273,8 @@ static void *mgpu__comm_host_begin(mgpu_comm *c, const mgpu_tensor *t, int which
             }
             c->pinned_bytes[which] = bytes;
         }
-        if (load && bytes && cudaMemcpy(c->pinned[which], t->data, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        if (load && bytes && (cudaMemcpyAsync(c->pinned[which], t->data, bytes, cudaMemcpyDeviceToHost, s) != cudaSuccess ||
+                              cudaStreamSynchronize(s) != cudaSuccess)) {
             mgpu__fail(MGPU_ERR_CUDA, "%s: copying %zu bytes from cuda:%d to host failed", fn, bytes, t->device.index);
             return NULL;
         }
@@ -12258,11 +12285,13 @@ static void *mgpu__comm_host_begin(mgpu_comm *c, const mgpu_tensor *t, int which
     return t->data;
 }
 
-/* Copies a staged result back to the device (store) and passes r through. */
+/* Copies a staged result back to the device (store), on the tensor's stream and waited for (the
+   staging buffer is reused), and passes r through. */
 static mgpu_result mgpu__comm_host_end(const mgpu_tensor *t, void *host, int store, mgpu_result r, const char *fn) {
 #ifdef MGPU_CUDA
+    cudaStream_t s = (cudaStream_t)mgpu__comm_tensor_stream(t);
     if (r == MGPU_OK && store && host != t->data && mgpu_tensor_nbytes(t) &&
-        cudaMemcpy(t->data, host, mgpu_tensor_nbytes(t), cudaMemcpyHostToDevice) != cudaSuccess)
+        (cudaMemcpyAsync(t->data, host, mgpu_tensor_nbytes(t), cudaMemcpyHostToDevice, s) != cudaSuccess || cudaStreamSynchronize(s) != cudaSuccess))
         return mgpu__fail(MGPU_ERR_CUDA, "%s: copying %zu bytes back to cuda:%d failed", fn, mgpu_tensor_nbytes(t), t->device.index);
 #endif
     (void)t; (void)host; (void)store; (void)fn;
@@ -12282,6 +12311,7 @@ MGPU_API mgpu_result mgpu_comm_allreduce(mgpu_comm *c, mgpu_tensor *t, mgpu_redu
         (r = mgpu__check_reduce_op(fn, op)) != MGPU_OK) return r;
     if (!(host = mgpu__comm_host_begin(c, t, 0, 1, fn))) return mgpu_last_result();
     k = mgpu__make_coll(MGPU__COLL_ALLREDUCE, host, host, t->numel, MGPU_F32, op == MGPU_REDUCE_AVG, -1);
+    k.stream = mgpu__comm_tensor_stream(t);
     return mgpu__comm_host_end(t, host, 1, mgpu__comm_collective(c, fn, &k), fn);
 }
 
@@ -12294,6 +12324,7 @@ MGPU_API mgpu_result mgpu_comm_broadcast(mgpu_comm *c, mgpu_tensor *t, int root)
     if (root < 0 || root >= c->world) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: root %d is out of range for world size %d", fn, root, c->world);
     if (!(host = mgpu__comm_host_begin(c, t, 0, c->rank == root, fn))) return mgpu_last_result();
     k = mgpu__make_coll(MGPU__COLL_BROADCAST, host, host, (int64_t)mgpu_tensor_nbytes(t), (int)t->dtype, 0, root);
+    k.stream = mgpu__comm_tensor_stream(t);
     return mgpu__comm_host_end(t, host, c->rank != root, mgpu__comm_collective(c, fn, &k), fn);
 }
 
@@ -12309,6 +12340,7 @@ MGPU_API mgpu_result mgpu_comm_allgather(mgpu_comm *c, const mgpu_tensor *in, mg
                           mgpu_dtype_name(out->dtype), (long long)out->numel, mgpu_dtype_name(in->dtype), c->world, (long long)in->numel);
     if (!(hin = mgpu__comm_host_begin(c, in, 0, 1, fn)) || !(hout = mgpu__comm_host_begin(c, out, 1, 0, fn))) return mgpu_last_result();
     k = mgpu__make_coll(MGPU__COLL_ALLGATHER, hin, hout, (int64_t)mgpu_tensor_nbytes(in), (int)in->dtype, 0, -1);
+    k.stream = mgpu__comm_tensor_stream(in);
     return mgpu__comm_host_end(out, hout, 1, mgpu__comm_collective(c, fn, &k), fn);
 }
 
@@ -12325,6 +12357,7 @@ MGPU_API mgpu_result mgpu_comm_reduce_scatter(mgpu_comm *c, const mgpu_tensor *i
     if (in->data == out->data && out->numel > 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: in and out must not share memory", fn);
     if (!(hin = mgpu__comm_host_begin(c, in, 0, 1, fn)) || !(hout = mgpu__comm_host_begin(c, out, 1, 0, fn))) return mgpu_last_result();
     k = mgpu__make_coll(MGPU__COLL_REDUCE_SCATTER, hin, hout, out->numel, MGPU_F32, op == MGPU_REDUCE_AVG, -1);
+    k.stream = mgpu__comm_tensor_stream(in);
     return mgpu__comm_host_end(out, hout, 1, mgpu__comm_collective(c, fn, &k), fn);
 }
 
@@ -12453,7 +12486,8 @@ MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w) {
 
 /* --------------------------------------------------------------------------------------
    nccl backend (MGPU_CUDA): a non-blocking NCCL communicator, its own stream ordered after the
-   default stream with events, and waits that poll the event and NCCL's asynchronous error until
+   stream that produced the data (a tensor's context stream) with an event, and waits that poll
+   the completion event and NCCL's asynchronous error until
    the timeout, aborting the communicator on failure. Host buffers are staged through device memory.
    -------------------------------------------------------------------------------------- */
 #ifdef MGPU_CUDA
@@ -12640,8 +12674,9 @@ static mgpu_result mgpu__nccl_run(mgpu_comm *c, const char *fn, const mgpu__coll
     if ((r = mgpu__nccl_scratch(c, in_stage + out_stage, fn)) != MGPU_OK) return r;
     din = in_dev ? k->in : c->dev_scratch;
     dout = inplace ? (void *)din : out_dev ? k->out : (void *)((char *)c->dev_scratch + in_stage);
-    /* after the work already queued on the default stream (the producers of the data) */
-    if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_ready, 0), fn, "cudaEventRecord")) != MGPU_OK ||
+    /* after the work already queued on the stream that produced the data (a tensor's context stream; the
+       legacy stream would not wait for a non-blocking one) */
+    if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_ready, (cudaStream_t)k->stream), fn, "cudaEventRecord")) != MGPU_OK ||
         (r = mgpu__comm_cuda_check(c, cudaStreamWaitEvent(c->stream, c->ev_ready, 0), fn, "cudaStreamWaitEvent")) != MGPU_OK) return r;
     if (!in_dev && in_bytes && (r = mgpu__comm_cuda_check(c, cudaMemcpyAsync((void *)din, k->in, in_bytes, cudaMemcpyHostToDevice, c->stream), fn, "staging to the device")) != MGPU_OK) return r;
     if ((r = mgpu__nccl_settle(c, mgpu__nccl_issue(c, k, din, dout), mgpu_time_s() + c->timeout_s, fn, what)) != MGPU_OK) return r;

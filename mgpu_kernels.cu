@@ -75,10 +75,15 @@ static unsigned mgpu__grid(int64_t n, int threads) {
 }
 #define MGPU__FOR(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
 
+// No device and no (real) driver mean 0 devices; any other failure is an error, never a silent 0:
+// a GPU machine whose CUDA setup is broken must not look like a CPU-only machine.
 extern "C" int mgpu__cuda_device_count(void) {
     int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
-    return n;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e == cudaSuccess) return n;
+    cudaGetLastError();
+    if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver || e == cudaErrorStubLibrary) return 0;
+    return (int)mgpu__cu_error(e, __func__, "cudaGetDeviceCount(&n)");
 }
 
 extern "C" mgpu_result mgpu_cuda_synchronize(void *stream) {

@@ -89,7 +89,10 @@ typedef struct mgpu_device { mgpu_device_type type; int index; } mgpu_device;
 /* "cpu", "cuda", "cuda:1", "auto" (CUDA when built with it and a GPU is present, else CPU). */
 MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out);
 MGPU_API void mgpu_device_name(mgpu_device d, char *buf, size_t size);
-MGPU_API int mgpu_cuda_device_count(void); /* 0 in a CPU build or without a GPU */
+/* Visible CUDA devices: 0 in a CPU build or without a GPU or driver; a negative mgpu_result when
+   CUDA is installed but fails (mgpu_last_error() says how), so a broken GPU machine is never taken
+   for a CPU-only one. */
+MGPU_API int mgpu_cuda_device_count(void);
 
 typedef enum mgpu_dtype {
     MGPU_F32 = 0, MGPU_F16 = 1, MGPU_BF16 = 2, MGPU_I32 = 3, MGPU_I64 = 4, MGPU_U8 = 5

@@ -12,7 +12,9 @@
 extern "C" {
 #endif
 
-/* Number of visible CUDA devices. Defined in mgpu_kernels.cu. */
+/* Number of visible CUDA devices; 0 when there is no device or no driver (cudaErrorNoDevice,
+   cudaErrorInsufficientDriver, a stub driver); any other CUDA failure is a negative mgpu_result with
+   the error recorded (mgpu_last_error). Defined in mgpu_kernels.cu. */
 int mgpu__cuda_device_count(void);
 
 /* Each op's twins share one argument struct below, named mgpu__<stem>_args; the CPU twin is

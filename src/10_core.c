@@ -199,7 +199,7 @@ MGPU_API double mgpu_time_s(void) {
 
 MGPU_API int mgpu_cuda_device_count(void) {
 #ifdef MGPU_CUDA
-    return mgpu__cuda_device_count();
+    return mgpu__cuda_device_count();   /* < 0: CUDA failed, the error is recorded */
 #else
     return 0;
 #endif
@@ -211,7 +211,9 @@ MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out) {
     if (!text || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_device_parse: text and out must not be NULL");
     if (strcmp(text, "cpu") == 0) { out->type = MGPU_DEVICE_CPU; out->index = 0; return MGPU_OK; }
     if (strcmp(text, "auto") == 0) {
-        out->type = MGPU__CUDA_BACKEND_READY && mgpu_cuda_device_count() > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
+        int n = MGPU__CUDA_BACKEND_READY ? mgpu_cuda_device_count() : 0;
+        if (n < 0) return (mgpu_result)n;   /* a failing GPU setup is an error, not a reason to pick the CPU */
+        out->type = n > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
         out->index = 0;
         return MGPU_OK;
     }
@@ -226,8 +228,11 @@ MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out) {
 #ifndef MGPU_CUDA
         return mgpu__fail(MGPU_ERR_UNSUPPORTED, "device '%s': this build has no CUDA support (rebuild with -DMGPU_CUDA, e.g. `make cuda`)", text);
 #else
-        if (idx >= mgpu_cuda_device_count())
-            return mgpu__fail(MGPU_ERR_INVALID_ARG, "device '%s': only %d CUDA device(s) visible", text, mgpu_cuda_device_count());
+        {
+            int n = mgpu_cuda_device_count();
+            if (n < 0) return (mgpu_result)n;
+            if (idx >= n) return mgpu__fail(MGPU_ERR_INVALID_ARG, "device '%s': only %d CUDA device(s) visible", text, n);
+        }
         out->type = MGPU_DEVICE_CUDA; out->index = (int)idx;
         return MGPU_OK;
 #endif

@@ -36,8 +36,10 @@ static size_t mgpu__cuda_size_class(size_t bytes) {
 }
 
 static int mgpu__cuda_device_ok(int device, const char *fn) {
-    if (device < 0 || device >= MGPU__CUDA_MAX_DEVICES || device >= mgpu_cuda_device_count()) {
-        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: device %d is not a visible CUDA device (%d visible)", fn, device, mgpu_cuda_device_count());
+    int n = mgpu_cuda_device_count();
+    if (n < 0) return 0;   /* CUDA itself failed: that error stands */
+    if (device < 0 || device >= MGPU__CUDA_MAX_DEVICES || device >= n) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: device %d is not a visible CUDA device (%d visible)", fn, device, n);
         return 0;
     }
     return 1;

@@ -1522,11 +1522,13 @@ typedef struct mgpu__coll {
     int64_t count;               /* allreduce: elements; broadcast: bytes; allgather: bytes per rank;
                                     reduce_scatter: elements of out */
     int dtype, avg, root;
+    void *stream;                /* the stream whose queued work produced in (nccl): a CUDA tensor's context
+                                    stream; NULL, the legacy default stream, for raw device pointers */
 } mgpu__coll;
 
 static mgpu__coll mgpu__make_coll(int kind, const void *in, void *out, int64_t count, int dtype, int avg, int root) {
     mgpu__coll k;
-    k.kind = kind; k.in = in; k.out = out; k.count = count; k.dtype = dtype; k.avg = avg; k.root = root;
+    k.kind = kind; k.in = in; k.out = out; k.count = count; k.dtype = dtype; k.avg = avg; k.root = root; k.stream = NULL;
     return k;
 }
 
@@ -1621,12 +1623,24 @@ static mgpu_result mgpu__comm_check_buffer(const char *fn, const char *arg, cons
 
 /* ---- host memory of a tensor during a collective ---- */
 
+/* The stream a tensor's producers and consumers run on: its context's (NULL: the legacy stream). */
+static void *mgpu__comm_tensor_stream(const mgpu_tensor *t) {
+#ifdef MGPU_CUDA
+    if (t && t->device.type == MGPU_DEVICE_CUDA && t->ctx) return t->ctx->cuda_stream;
+#endif
+    (void)t;
+    return NULL;
+}
+
 /* t->data, or for a CUDA tensor under shm/threads a pinned staging buffer (one of two), filled
-   from the device when load (nccl takes device memory directly). NULL on failure. */
+   from the device when load (nccl takes device memory directly). NULL on failure. The copies run
+   on the tensor's stream, in order after the work that produced it (a blocking cudaMemcpy would run
+   on the legacy stream, which does not wait for a non-blocking stream). */
 static void *mgpu__comm_host_begin(mgpu_comm *c, const mgpu_tensor *t, int which, int load, const char *fn) {
 #ifdef MGPU_CUDA
     if (t->device.type == MGPU_DEVICE_CUDA && c->backend != MGPU_COMM_NCCL) {
         size_t bytes = mgpu_tensor_nbytes(t);
+        cudaStream_t s = (cudaStream_t)mgpu__comm_tensor_stream(t);
         if (cudaSetDevice(t->device.index) != cudaSuccess) { mgpu__fail(MGPU_ERR_CUDA, "%s: cannot select cuda:%d", fn, t->device.index); return NULL; }
         if (bytes > c->pinned_bytes[which]) {
             if (c->pinned[which]) cudaFreeHost(c->pinned[which]);
@@ -1637,7 +1651,8 @@ static void *mgpu__comm_host_begin(mgpu_comm *c, const mgpu_tensor *t, int which
             }
             c->pinned_bytes[which] = bytes;
         }
-        if (load && bytes && cudaMemcpy(c->pinned[which], t->data, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        if (load && bytes && (cudaMemcpyAsync(c->pinned[which], t->data, bytes, cudaMemcpyDeviceToHost, s) != cudaSuccess ||
+                              cudaStreamSynchronize(s) != cudaSuccess)) {
             mgpu__fail(MGPU_ERR_CUDA, "%s: copying %zu bytes from cuda:%d to host failed", fn, bytes, t->device.index);
             return NULL;
         }
@@ -1648,11 +1663,13 @@ static void *mgpu__comm_host_begin(mgpu_comm *c, const mgpu_tensor *t, int which
     return t->data;
 }
 
-/* Copies a staged result back to the device (store) and passes r through. */
+/* Copies a staged result back to the device (store), on the tensor's stream and waited for (the
+   staging buffer is reused), and passes r through. */
 static mgpu_result mgpu__comm_host_end(const mgpu_tensor *t, void *host, int store, mgpu_result r, const char *fn) {
 #ifdef MGPU_CUDA
+    cudaStream_t s = (cudaStream_t)mgpu__comm_tensor_stream(t);
     if (r == MGPU_OK && store && host != t->data && mgpu_tensor_nbytes(t) &&
-        cudaMemcpy(t->data, host, mgpu_tensor_nbytes(t), cudaMemcpyHostToDevice) != cudaSuccess)
+        (cudaMemcpyAsync(t->data, host, mgpu_tensor_nbytes(t), cudaMemcpyHostToDevice, s) != cudaSuccess || cudaStreamSynchronize(s) != cudaSuccess))
         return mgpu__fail(MGPU_ERR_CUDA, "%s: copying %zu bytes back to cuda:%d failed", fn, mgpu_tensor_nbytes(t), t->device.index);
 #endif
     (void)t; (void)host; (void)store; (void)fn;
@@ -1672,6 +1689,7 @@ MGPU_API mgpu_result mgpu_comm_allreduce(mgpu_comm *c, mgpu_tensor *t, mgpu_redu
         (r = mgpu__check_reduce_op(fn, op)) != MGPU_OK) return r;
     if (!(host = mgpu__comm_host_begin(c, t, 0, 1, fn))) return mgpu_last_result();
     k = mgpu__make_coll(MGPU__COLL_ALLREDUCE, host, host, t->numel, MGPU_F32, op == MGPU_REDUCE_AVG, -1);
+    k.stream = mgpu__comm_tensor_stream(t);
     return mgpu__comm_host_end(t, host, 1, mgpu__comm_collective(c, fn, &k), fn);
 }
 
@@ -1684,6 +1702,7 @@ MGPU_API mgpu_result mgpu_comm_broadcast(mgpu_comm *c, mgpu_tensor *t, int root)
     if (root < 0 || root >= c->world) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: root %d is out of range for world size %d", fn, root, c->world);
     if (!(host = mgpu__comm_host_begin(c, t, 0, c->rank == root, fn))) return mgpu_last_result();
     k = mgpu__make_coll(MGPU__COLL_BROADCAST, host, host, (int64_t)mgpu_tensor_nbytes(t), (int)t->dtype, 0, root);
+    k.stream = mgpu__comm_tensor_stream(t);
     return mgpu__comm_host_end(t, host, c->rank != root, mgpu__comm_collective(c, fn, &k), fn);
 }
 
@@ -1699,6 +1718,7 @@ MGPU_API mgpu_result mgpu_comm_allgather(mgpu_comm *c, const mgpu_tensor *in, mg
                           mgpu_dtype_name(out->dtype), (long long)out->numel, mgpu_dtype_name(in->dtype), c->world, (long long)in->numel);
     if (!(hin = mgpu__comm_host_begin(c, in, 0, 1, fn)) || !(hout = mgpu__comm_host_begin(c, out, 1, 0, fn))) return mgpu_last_result();
     k = mgpu__make_coll(MGPU__COLL_ALLGATHER, hin, hout, (int64_t)mgpu_tensor_nbytes(in), (int)in->dtype, 0, -1);
+    k.stream = mgpu__comm_tensor_stream(in);
     return mgpu__comm_host_end(out, hout, 1, mgpu__comm_collective(c, fn, &k), fn);
 }
 
@@ -1715,6 +1735,7 @@ MGPU_API mgpu_result mgpu_comm_reduce_scatter(mgpu_comm *c, const mgpu_tensor *i
     if (in->data == out->data && out->numel > 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: in and out must not share memory", fn);
     if (!(hin = mgpu__comm_host_begin(c, in, 0, 1, fn)) || !(hout = mgpu__comm_host_begin(c, out, 1, 0, fn))) return mgpu_last_result();
     k = mgpu__make_coll(MGPU__COLL_REDUCE_SCATTER, hin, hout, out->numel, MGPU_F32, op == MGPU_REDUCE_AVG, -1);
+    k.stream = mgpu__comm_tensor_stream(in);
     return mgpu__comm_host_end(out, hout, 1, mgpu__comm_collective(c, fn, &k), fn);
 }
 
@@ -1843,7 +1864,8 @@ MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w) {
 
 /* --------------------------------------------------------------------------------------
    nccl backend (MGPU_CUDA): a non-blocking NCCL communicator, its own stream ordered after the
-   default stream with events, and waits that poll the event and NCCL's asynchronous error until
+   stream that produced the data (a tensor's context stream) with an event, and waits that poll
+   the completion event and NCCL's asynchronous error until
    the timeout, aborting the communicator on failure. Host buffers are staged through device memory.
    -------------------------------------------------------------------------------------- */
 #ifdef MGPU_CUDA
@@ -2030,8 +2052,9 @@ static mgpu_result mgpu__nccl_run(mgpu_comm *c, const char *fn, const mgpu__coll
     if ((r = mgpu__nccl_scratch(c, in_stage + out_stage, fn)) != MGPU_OK) return r;
     din = in_dev ? k->in : c->dev_scratch;
     dout = inplace ? (void *)din : out_dev ? k->out : (void *)((char *)c->dev_scratch + in_stage);
-    /* after the work already queued on the default stream (the producers of the data) */
-    if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_ready, 0), fn, "cudaEventRecord")) != MGPU_OK ||
+    /* after the work already queued on the stream that produced the data (a tensor's context stream; the
+       legacy stream would not wait for a non-blocking one) */
+    if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_ready, (cudaStream_t)k->stream), fn, "cudaEventRecord")) != MGPU_OK ||
         (r = mgpu__comm_cuda_check(c, cudaStreamWaitEvent(c->stream, c->ev_ready, 0), fn, "cudaStreamWaitEvent")) != MGPU_OK) return r;
     if (!in_dev && in_bytes && (r = mgpu__comm_cuda_check(c, cudaMemcpyAsync((void *)din, k->in, in_bytes, cudaMemcpyHostToDevice, c->stream), fn, "staging to the device")) != MGPU_OK) return r;
     if ((r = mgpu__nccl_settle(c, mgpu__nccl_issue(c, k, din, dout), mgpu_time_s() + c->timeout_s, fn, what)) != MGPU_OK) return r;

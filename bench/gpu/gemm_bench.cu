@@ -87,7 +87,9 @@ int main(int argc, char **argv) {
     float *a = NULL, *b = NULL, *c = NULL;
     void *ah = NULL, *bh = NULL;
     ctx_t cx;
-    if (mgpu__cuda_device_count() <= 0) { printf("SKIPPED: no CUDA device\n"); return 0; }
+    int devices = mgpu__cuda_device_count();
+    if (devices < 0) { fprintf(stderr, "gemm_bench: CUDA is installed but failed (see above)\n"); return 1; }
+    if (devices == 0) { printf("SKIPPED: no CUDA device\n"); return 0; }
     CHECK(cudaMalloc(&a, nn * 4)); CHECK(cudaMalloc(&b, nn * 4)); CHECK(cudaMalloc(&c, nn * 4));
     CHECK(cudaMalloc(&ah, nn * 2)); CHECK(cudaMalloc(&bh, nn * 2));
     fill_k<<<1024, 256>>>(a, nn, 1u); fill_k<<<1024, 256>>>(b, nn, 2u);

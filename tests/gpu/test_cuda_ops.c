@@ -1068,6 +1068,8 @@ static void test_graph_capture(void) {
     expect_ok(mgpu_cuda_device_ctx_init(&dc, 0), "device ctx");
     for (i = 0; i < n; i++) h[i] = (float)i;
     x = dev_copy(h, sizeof(float) * (size_t)n); y = dev_nan(n);
+    /* the inputs were written on the legacy stream, which the non-blocking capture stream does not wait for */
+    expect_ok(cudaDeviceSynchronize() == cudaSuccess ? MGPU_OK : MGPU_ERR_CUDA, "sync before capture");
     expect_ok(mgpu_cuda_graph_begin(&g, dc.stream), "graph begin");
     expect_ok(unary_forward(MGPU__UN_SCALE, 2.0f, x, y, n, dc.stream), "captured scale");
     expect_ok(unary_forward(MGPU__UN_ADD_SCALAR, 1.0f, y, x, n, dc.stream), "captured add");
@@ -1095,7 +1097,12 @@ static void test_errors(void) {
 
 int main(void) {
     int ndev = mgpu_cuda_device_count();
-    if (ndev <= 0) {
+    if (ndev < 0) {   /* CUDA is there but fails: never a skip */
+        fprintf(stderr, "CUDA failed: %s\n", mgpu_last_error());
+        printf("RESULT %s: 0 passed, 1 failed\n", __FILE__);
+        return 1;
+    }
+    if (ndev == 0) {
         printf("SKIPPED: no CUDA device visible (cudaGetDeviceCount returned 0); nothing was run\n");
         printf("RESULT %s: 0 passed, 0 failed\n", __FILE__);
         return 0;
