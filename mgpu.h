@@ -972,10 +972,10 @@ typedef struct mgpu_spawn_desc {
     char *const *argv;          /* NULL-terminated; argv[0] is looked up in PATH */
     const char *const *env;     /* "NAME=value" to set, "NAME" to unset, NULL-terminated; the rest is inherited */
     int stdout_fd, stderr_fd;   /* where the child's output goes; 0: inherited */
-    const char *label;          /* names the child in the exec failure message ("rank 3"); NULL: "child" */
+    const char *label;          /* starts the exec failure message, "LABEL: cannot run PROG: why" (NULL: "mgpu") */
 } mgpu_spawn_desc;
 MGPU_API mgpu_result mgpu_spawn(const mgpu_spawn_desc *desc, int *pid);
-MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(-pid), else kill(pid); 0 or -1 */
+MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(-pid, sig): the child's whole group; 0 or -1 */
 /* The self-pipe trick for a poll loop: each listed signal writes its number as one byte to the
    returned read end (non-blocking, close-on-exec). SIGHUP stays ignored if it is (nohup), and
    SIGPIPE is ignored so a closed terminal cannot kill a supervisor. Process-wide: one pipe at a
@@ -13869,7 +13869,7 @@ static void mgpu__spawn_child(const mgpu_spawn_desc *d, char **envp, pid_t paren
     execvp(d->argv[0], d->argv);
     {
         char msg[512];
-        int n = snprintf(msg, sizeof msg, "mgpu: %s: cannot run %s: %s\n", d->label ? d->label : "child", d->argv[0], strerror(errno));
+        int n = snprintf(msg, sizeof msg, "%s: cannot run %s: %s\n", d->label ? d->label : "mgpu", d->argv[0], strerror(errno));
         if (n > 0 && write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1) < 0) _exit(127);
     }
     _exit(127);
@@ -13896,11 +13896,8 @@ MGPU_API mgpu_result mgpu_spawn(const mgpu_spawn_desc *d, int *pid_out) {
     return MGPU_OK;
 }
 
-MGPU_API int mgpu_kill_group(int pid, int sig) {
-    if (pid <= 0) return -1;
-    if (kill(-(pid_t)pid, sig) == 0) return 0;
-    return kill((pid_t)pid, sig);
-}
+/* The group only: after the leader was reaped its pid may belong to someone else. */
+MGPU_API int mgpu_kill_group(int pid, int sig) { return pid > 0 ? kill(-(pid_t)pid, sig) : -1; }
 
 /* --------------------------------------------------------------------------------------
    Signals into a poll loop
@@ -15093,7 +15090,7 @@ static void mgpu__sweep_launch(mgpu__sweep *sw, mgpu__sweep_slot *s, int64_t poi
     sd.argv = argv;
     sd.env = env;
     sd.stdout_fd = sd.stderr_fd = log_fd;
-    sd.label = s->id;
+    sd.label = "mgpu-sweep";
     if (mgpu_spawn(&sd, &s->pid) != MGPU_OK) {
         close(log_fd);
         mgpu__sweep_free_argv(argv);

@@ -31,10 +31,10 @@ typedef struct mgpu_spawn_desc {
     char *const *argv;          /* NULL-terminated; argv[0] is looked up in PATH */
     const char *const *env;     /* "NAME=value" to set, "NAME" to unset, NULL-terminated; the rest is inherited */
     int stdout_fd, stderr_fd;   /* where the child's output goes; 0: inherited */
-    const char *label;          /* names the child in the exec failure message ("rank 3"); NULL: "child" */
+    const char *label;          /* starts the exec failure message, "LABEL: cannot run PROG: why" (NULL: "mgpu") */
 } mgpu_spawn_desc;
 MGPU_API mgpu_result mgpu_spawn(const mgpu_spawn_desc *desc, int *pid);
-MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(-pid), else kill(pid); 0 or -1 */
+MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(-pid, sig): the child's whole group; 0 or -1 */
 /* The self-pipe trick for a poll loop: each listed signal writes its number as one byte to the
    returned read end (non-blocking, close-on-exec). SIGHUP stays ignored if it is (nohup), and
    SIGPIPE is ignored so a closed terminal cannot kill a supervisor. Process-wide: one pipe at a

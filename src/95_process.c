@@ -174,7 +174,7 @@ static void mgpu__spawn_child(const mgpu_spawn_desc *d, char **envp, pid_t paren
     execvp(d->argv[0], d->argv);
     {
         char msg[512];
-        int n = snprintf(msg, sizeof msg, "mgpu: %s: cannot run %s: %s\n", d->label ? d->label : "child", d->argv[0], strerror(errno));
+        int n = snprintf(msg, sizeof msg, "%s: cannot run %s: %s\n", d->label ? d->label : "mgpu", d->argv[0], strerror(errno));
         if (n > 0 && write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1) < 0) _exit(127);
     }
     _exit(127);
@@ -201,11 +201,8 @@ MGPU_API mgpu_result mgpu_spawn(const mgpu_spawn_desc *d, int *pid_out) {
     return MGPU_OK;
 }
 
-MGPU_API int mgpu_kill_group(int pid, int sig) {
-    if (pid <= 0) return -1;
-    if (kill(-(pid_t)pid, sig) == 0) return 0;
-    return kill((pid_t)pid, sig);
-}
+/* The group only: after the leader was reaped its pid may belong to someone else. */
+MGPU_API int mgpu_kill_group(int pid, int sig) { return pid > 0 ? kill(-(pid_t)pid, sig) : -1; }
 
 /* --------------------------------------------------------------------------------------
    Signals into a poll loop

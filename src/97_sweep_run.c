@@ -377,7 +377,7 @@ static void mgpu__sweep_launch(mgpu__sweep *sw, mgpu__sweep_slot *s, int64_t poi
     sd.argv = argv;
     sd.env = env;
     sd.stdout_fd = sd.stderr_fd = log_fd;
-    sd.label = s->id;
+    sd.label = "mgpu-sweep";
     if (mgpu_spawn(&sd, &s->pid) != MGPU_OK) {
         close(log_fd);
         mgpu__sweep_free_argv(argv);

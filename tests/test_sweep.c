@@ -300,10 +300,16 @@ static void test_metrics_env_default(void) {
     MT_CHECK(o.metrics == NULL, "unset: no metrics");
 }
 
-int main(void) {
+/* A scratch directory for the test's files, removed at exit. */
+static void remove_tmpdir(void) {
     char cmd[128];
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/mgpu_test_sweep_XXXXXX");
-    if (!mkdtemp(tmpdir)) { perror("mkdtemp"); return 1; }
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+    if (tmpdir[0] && system(cmd) != 0) printf("  note: could not remove %s\n", tmpdir);
+}
+
+int main(void) {
+    strcpy(tmpdir, "/tmp/mgpu_test_sweep_XXXXXX");
+    if (!mkdtemp(tmpdir) || atexit(remove_tmpdir) != 0) return perror("mkdtemp"), 1;
     MT_RUN(test_grid);
     MT_RUN(test_grid_errors);
     MT_RUN(test_substitute);
@@ -314,7 +320,5 @@ int main(void) {
     MT_RUN(test_file_tail);
     MT_RUN(test_spawn);
     MT_RUN(test_metrics_env_default);
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    if (system(cmd) != 0) printf("  note: could not remove %s\n", tmpdir);
     return MT_END();
 }

@@ -17,15 +17,8 @@
 #define EXIT_USAGE 2
 #define MAX_GPUS 1024
 
-static void say(const char *fmt, ...) MGPU__PRINTF(1, 2);
-static void say(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("mgpu-sweep: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
+/* One line on stderr with the program's name: say("bad %s", x). */
+#define say(...) (fputs("mgpu-sweep: ", stderr), fprintf(stderr, __VA_ARGS__), fputc('\n', stderr))
 
 static void print_help(FILE *f) {
     fputs(
@@ -85,30 +78,18 @@ static const char *flag_name(const char *arg, char *buf, size_t size, const char
     return buf;
 }
 
-static int parse_count(const char *flag, const char *text, int lo, int hi, int *out) {
-    char *end = NULL;
-    long v;
-    errno = 0;
-    v = strtol(text, &end, 10);
-    if (!text[0] || *end || errno || v < lo || v > hi) {
-        say("%s expects an integer in [%d, %d], got '%s'", flag, lo, hi, text);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
-}
-
-static int parse_positive(const char *flag, const char *text, double *out) {
+/* A number in [lo, hi], an integer when `integral`; -1 after a message naming the flag. */
+static int parse_number(const char *flag, const char *text, double lo, double hi, int integral, double *out) {
     char *end = NULL;
     double v;
     errno = 0;
-    v = strtod(text, &end);
-    if (!text[0] || *end || errno || !(v > 0 && v < 1e7)) {
-        say("%s expects a positive number, got '%s'", flag, text);
-        return -1;
+    v = integral ? (double)strtol(text, &end, 10) : strtod(text, &end);
+    if (text[0] && !*end && !errno && v >= lo && v <= hi) {
+        *out = v;
+        return 0;
     }
-    *out = v;
-    return 0;
+    say("%s expects %s in [%g, %g], got '%s'", flag, integral ? "an integer" : "a number", lo, hi, text);
+    return -1;
 }
 
 /* "a,b,c" into a NULL-terminated array of copies (at most max items); the count, or -1. */
@@ -214,13 +195,21 @@ static int parse_sweep_args(cli *c, int argc, char **argv) {
         } else if (strcmp(name, "--results") == 0) c->d.results = value;
         else if (strcmp(name, "--run-dir") == 0) c->d.run_dir = value;
         else if (strcmp(name, "--gpus") == 0) c->gpus_text = value;
-        else if (strcmp(name, "--slots-per-gpu") == 0) { if (parse_count(name, value, 1, 1024, &c->d.slots_per_gpu)) return -1; }
-        else if (strcmp(name, "--cpu-slots") == 0) { if (parse_count(name, value, 0, 4096, &c->d.cpu_slots)) return -1; }
-        else if (strcmp(name, "--retries") == 0) { if (parse_count(name, value, 0, 1000, &c->d.retries)) return -1; }
-        else if (strcmp(name, "--num-threads") == 0) { if (parse_count(name, value, 1, 4096, &c->d.num_threads)) return -1; }
-        else if (strcmp(name, "--timeout-min") == 0) { if (parse_positive(name, value, &c->timeout_min)) return -1; }
-        else if (strcmp(name, "--grace-period-s") == 0) { if (parse_positive(name, value, &c->d.grace_s)) return -1; }
-        else { say("unknown flag %s (see mgpu-sweep --help)", name); return -1; }
+        else {
+            /* the numeric flags: range, and where each goes (a count or a number) */
+            const struct { const char *name; double lo, hi; int *count; double *number; } nums[] = {
+                {"--slots-per-gpu", 1, 1024, &c->d.slots_per_gpu, NULL}, {"--cpu-slots", 0, 4096, &c->d.cpu_slots, NULL},
+                {"--retries", 0, 1000, &c->d.retries, NULL}, {"--num-threads", 1, 4096, &c->d.num_threads, NULL},
+                {"--timeout-min", 1e-3, 1e7, NULL, &c->timeout_min}, {"--grace-period-s", 1e-3, 86400, NULL, &c->d.grace_s},
+            };
+            double v;
+            int k, n = (int)(sizeof nums / sizeof nums[0]);
+            for (k = 0; k < n && strcmp(name, nums[k].name) != 0; k++) {}
+            if (k == n) { say("unknown flag %s (see mgpu-sweep --help)", name); return -1; }
+            if (parse_number(name, value, nums[k].lo, nums[k].hi, nums[k].count != NULL, &v) != 0) return -1;
+            if (nums[k].count) *nums[k].count = (int)v;
+            else *nums[k].number = v;
+        }
     }
     if (mgpu_sweep_grid_axes(c->grid) == 0) { say("no grid: give at least one --grid NAME=VALUES"); return -1; }
     if (!c->d.results) { say("no results file: give --results FILE"); return -1; }
