@@ -14443,20 +14443,53 @@ static int mgpu__sweep_cmp_groups(const void *pa, const void *pb) {
     return 0;
 }
 
-/* The latest record of each run (params compared as a whole), in file order of those records. */
-static int mgpu__sweep_is_latest(const mgpu_sweep_results *r, int64_t i) {
-    const mgpu_json *params = mgpu_json_get(r->records[i], "params"), *p;
+/* A record's run key with its line; sorted by key, then line, the last entry of a key is the
+   run's latest record. */
+typedef struct mgpu__sweep_key { char *key; int64_t line; } mgpu__sweep_key;
+
+static int mgpu__sweep_cmp_keys(const void *pa, const void *pb) {
+    const mgpu__sweep_key *a = (const mgpu__sweep_key *)pa, *b = (const mgpu__sweep_key *)pb;
+    int c = strcmp(a->key, b->key);
+    return c ? c : (a->line > b->line) - (a->line < b->line);
+}
+
+static void mgpu__sweep_keys_free(mgpu__sweep_key *keys, int64_t n) {
+    int64_t i;
+    for (i = 0; keys && i < n; i++) mgpu_free(keys[i].key);
+    mgpu_free(keys);
+}
+
+/* A record's params as one key, names sorted ("alpha=0.1,seed=3" whatever the order in the file). */
+static char *mgpu__sweep_params_key(const mgpu_json *record) {
+    const mgpu_json *p, *sorted[MGPU__SWEEP_MAX_AXES];
     const char *names[MGPU__SWEEP_MAX_AXES], *values[MGPU__SWEEP_MAX_AXES];
-    char bufs[MGPU__SWEEP_MAX_AXES][128];
-    int n = 0;
-    int64_t k;
-    for (p = params->child; p && n < MGPU__SWEEP_MAX_AXES; p = p->next, n++) {
-        names[n] = p->key;
-        if (!(values[n] = mgpu__json_scalar_text(p, bufs[n], sizeof bufs[n]))) values[n] = "";
+    char bufs[MGPU__SWEEP_MAX_AXES][128], id[MGPU__SWEEP_ID_MAX];
+    int n = 0, i, k;
+    for (p = mgpu_json_get(record, "params")->child; p && n < MGPU__SWEEP_MAX_AXES; p = p->next) {
+        for (k = n++; k > 0 && strcmp(sorted[k - 1]->key, p->key) > 0; k--) sorted[k] = sorted[k - 1];
+        sorted[k] = p;
     }
-    for (k = i + 1; k < r->n; k++)
-        if (mgpu__sweep_record_is(r->records[k], n, names, values)) return 0;
-    return 1;
+    for (i = 0; i < n; i++) {
+        names[i] = sorted[i]->key;
+        if (!(values[i] = mgpu__json_scalar_text(sorted[i], bufs[i], sizeof bufs[i]))) values[i] = "";
+    }
+    if (n == 0) return mgpu__strdup("");
+    return mgpu_sweep_run_id(n, names, values, id, sizeof id) == MGPU_OK ? mgpu__strdup(id) : NULL;
+}
+
+/* latest[i] = 1 when record i is the last one of its run. */
+static mgpu_result mgpu__sweep_latest(const mgpu_sweep_results *r, char *latest) {
+    mgpu__sweep_key *keys = (mgpu__sweep_key *)mgpu__calloc((size_t)r->n * sizeof *keys + 1, "run keys");
+    int64_t i;
+    if (!keys) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < r->n; i++) {
+        keys[i].line = i;
+        if (!(keys[i].key = mgpu__sweep_params_key(r->records[i]))) { mgpu__sweep_keys_free(keys, r->n); return MGPU_ERR_OOM_HOST; }
+    }
+    qsort(keys, (size_t)r->n, sizeof *keys, mgpu__sweep_cmp_keys);
+    for (i = 0; i < r->n; i++) latest[keys[i].line] = i + 1 == r->n || strcmp(keys[i].key, keys[i + 1].key) != 0;
+    mgpu__sweep_keys_free(keys, r->n);
+    return MGPU_OK;
 }
 
 /* Metric names when none are given: every number of the final metrics lines, first seen first. */
@@ -14513,14 +14546,16 @@ static mgpu__sweep_group *mgpu__sweep_group_of(mgpu__sweep_summary *s, char **ke
 }
 
 static mgpu_result mgpu__sweep_collect(const mgpu_sweep_results *r, mgpu__sweep_summary *s) {
+    char *latest = (char *)mgpu__alloc((size_t)r->n + 1, "latest records");
+    mgpu_result res = latest ? mgpu__sweep_latest(r, latest) : MGPU_ERR_OOM_HOST;
     int64_t i;
     int k;
-    for (i = 0; i < r->n; i++) {
+    for (i = 0; i < r->n && res == MGPU_OK; i++) {
         const mgpu_json *rec = r->records[i], *status = mgpu_json_get(rec, "status");
         char bufs[MGPU__SWEEP_MAX_AXES][128], *keys[MGPU__SWEEP_MAX_AXES];
         mgpu__sweep_group *g;
         int missing = 0;
-        if (!mgpu__sweep_is_latest(r, i)) continue;
+        if (!latest[i]) continue;
         if (!status || status->type != MGPU_JSON_STRING || strcmp(status->string, "ok") != 0) {
             if (status && status->type == MGPU_JSON_STRING && strcmp(status->string, "failed") == 0) s->left_out_failed++;
             else s->left_out_other++;
@@ -14533,7 +14568,7 @@ static mgpu_result mgpu__sweep_collect(const mgpu_sweep_results *r, mgpu__sweep_
             keys[k] = bufs[k];
         }
         if (missing) { s->missing_key++; continue; }
-        if (!(g = mgpu__sweep_group_of(s, keys))) return MGPU_ERR_OOM_HOST;
+        if (!(g = mgpu__sweep_group_of(s, keys))) { res = MGPU_ERR_OOM_HOST; break; }
         g->n++;
         for (k = 0; k < s->n_metrics; k++) {
             double v, dv;
@@ -14545,7 +14580,8 @@ static mgpu_result mgpu__sweep_collect(const mgpu_sweep_results *r, mgpu__sweep_
             g->count[k]++;
         }
     }
-    return MGPU_OK;
+    mgpu_free(latest);
+    return res;
 }
 
 static void mgpu__sweep_stats_of(const mgpu__sweep_group *g, int k, double *mean, double *std) {
@@ -14898,13 +14934,6 @@ static mgpu_result mgpu__sweep_open_results(mgpu__sweep *sw) {
     return MGPU_OK;
 }
 
-typedef struct mgpu__sweep_done { char id[MGPU__SWEEP_ID_MAX]; int64_t line; int failed; } mgpu__sweep_done;
-static int mgpu__sweep_cmp_done(const void *pa, const void *pb) {
-    const mgpu__sweep_done *a = (const mgpu__sweep_done *)pa, *b = (const mgpu__sweep_done *)pb;
-    int c = strcmp(a->id, b->id);
-    return c ? c : (a->line > b->line) - (a->line < b->line);
-}
-
 /* The run id of a record in this grid's axis order, or 0 if its params are not exactly the axes. */
 static int mgpu__sweep_record_id(const mgpu__sweep *sw, const mgpu_json *rec, char *id, size_t size) {
     char bufs[MGPU__SWEEP_MAX_AXES][128];
@@ -14917,48 +14946,55 @@ static int mgpu__sweep_record_id(const mgpu__sweep *sw, const mgpu_json *rec, ch
     return mgpu_sweep_run_id(sw->n_axes, sw->names, values, id, size) == MGPU_OK;
 }
 
+/* "ok", "failed" or anything else: 0, 1, 2. */
+static int mgpu__sweep_record_state(const mgpu_json *record) {
+    const mgpu_json *st = mgpu_json_get(record, "status");
+    if (!st || st->type != MGPU_JSON_STRING) return 2;
+    return strcmp(st->string, "ok") == 0 ? 0 : strcmp(st->string, "failed") == 0 ? 1 : 2;
+}
+
 /* Finished runs (the latest record of each: "ok", or "failed" unless rerun_failed) are skipped;
    the other points, in grid order, make the queue. */
 static mgpu_result mgpu__sweep_plan(mgpu__sweep *sw) {
     mgpu_sweep_results *res = mgpu_sweep_results_load(sw->d->results);
-    mgpu__sweep_done *done = NULL, key;
+    mgpu__sweep_key *done = NULL;
     int64_t n_done = 0, i, total = mgpu_sweep_grid_size(sw->g);
+    char id[MGPU__SWEEP_ID_MAX];
+    mgpu_result r = MGPU_OK;
     if (!res) return mgpu_last_result();
-    if (res->n) done = (mgpu__sweep_done *)mgpu__alloc((size_t)res->n * sizeof *done, "finished runs");
-    if (res->n && !done) { mgpu_sweep_results_destroy(res); return MGPU_ERR_OOM_HOST; }
-    for (i = 0; i < res->n; i++) {
-        const mgpu_json *st = mgpu_json_get(res->records[i], "status");
-        if (!mgpu__sweep_record_id(sw, res->records[i], done[n_done].id, sizeof done[n_done].id)) continue;
-        done[n_done].line = i;
-        done[n_done].failed = !st || st->type != MGPU_JSON_STRING ? 2 : strcmp(st->string, "ok") == 0 ? 0 : strcmp(st->string, "failed") == 0 ? 1 : 2;
-        n_done++;
-    }
-    mgpu_sweep_results_destroy(res);
-    if (n_done) qsort(done, (size_t)n_done, sizeof *done, mgpu__sweep_cmp_done);
+    done = (mgpu__sweep_key *)mgpu__calloc((size_t)res->n * sizeof *done + 1, "finished runs");
     sw->queue = (int64_t *)mgpu__alloc((size_t)total * sizeof(int64_t), "the sweep queue");
-    if (!sw->queue) { mgpu_free(done); return MGPU_ERR_OOM_HOST; }
+    if (!done || !sw->queue) r = MGPU_ERR_OOM_HOST;
+    for (i = 0; i < res->n && r == MGPU_OK; i++) {
+        if (!mgpu__sweep_record_id(sw, res->records[i], id, sizeof id)) continue; /* another grid's run */
+        done[n_done].line = i;
+        if (!(done[n_done++].key = mgpu__strdup(id))) r = MGPU_ERR_OOM_HOST;
+    }
+    if (n_done) qsort(done, (size_t)n_done, sizeof *done, mgpu__sweep_cmp_keys);
     sw->stats->total = total;
-    for (i = 0; i < total; i++) {
+    for (i = 0; i < total && r == MGPU_OK; i++) {
         const char *values[MGPU__SWEEP_MAX_AXES];
-        int64_t lo = 0, hi = n_done, latest = -1;
+        int64_t lo = 0, hi = n_done;
+        int state;
         mgpu_sweep_grid_point(sw->g, i, values);
-        mgpu_sweep_run_id(sw->n_axes, sw->names, values, key.id, sizeof key.id);
-        while (lo < hi) { /* the last entry with this id: first entry past it, minus one */
+        mgpu_sweep_run_id(sw->n_axes, sw->names, values, id, sizeof id);
+        while (lo < hi) { /* the first entry past this id; the one before it is its latest record */
             int64_t mid = (lo + hi) / 2;
-            if (strcmp(done[mid].id, key.id) <= 0) lo = mid + 1; else hi = mid;
+            if (strcmp(done[mid].key, id) <= 0) lo = mid + 1; else hi = mid;
         }
-        if (lo > 0 && strcmp(done[lo - 1].id, key.id) == 0) latest = lo - 1;
-        if (latest >= 0 && (done[latest].failed == 0 || (done[latest].failed == 1 && !sw->d->rerun_failed))) {
+        state = lo > 0 && strcmp(done[lo - 1].key, id) == 0 ? mgpu__sweep_record_state(res->records[done[lo - 1].line]) : 2;
+        if (state == 0 || (state == 1 && !sw->d->rerun_failed)) {
             sw->done_before++;
-            sw->failed_before += done[latest].failed;
-            continue;
+            sw->failed_before += state;
+        } else {
+            sw->queue[sw->q_len++] = i;
         }
-        sw->queue[sw->q_len++] = i;
     }
     sw->stats->skipped = sw->done_before;
     sw->stats->skipped_failed = sw->failed_before;
-    mgpu_free(done);
-    return MGPU_OK;
+    mgpu__sweep_keys_free(done, n_done);
+    mgpu_sweep_results_destroy(res);
+    return r;
 }
 
 /* ---- one run ---- */
@@ -15217,7 +15253,8 @@ static void mgpu__sweep_finish(mgpu__sweep *sw, mgpu__sweep_slot *s, int wait_st
         if (status == MGPU_SWEEP_OK) sw->stats->ok++;
         else { sw->stats->failed++; sw->failed_now++; }
     }
-    if (status == MGPU_SWEEP_OK) mgpu__sweep_say(sw, 1, "ok %s in %.1f s", s->id, wall);
+    if (status == MGPU_SWEEP_OK && sw->tty) mgpu__sweep_draw(sw); /* on a terminal the bar alone tells */
+    else if (status == MGPU_SWEEP_OK) mgpu__sweep_say(sw, 1, "ok %s in %.1f s", s->id, wall);
     else if (status == MGPU_SWEEP_FAILED) mgpu__sweep_say(sw, 1, "FAILED %s: %s after %.1f s; log %s", s->id, how, wall, s->log_path);
     else mgpu__sweep_say(sw, 0, "interrupted %s after %.1f s (it runs again on resume)", s->id, wall);
     info.record = line.data;

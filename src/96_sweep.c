@@ -477,20 +477,53 @@ static int mgpu__sweep_cmp_groups(const void *pa, const void *pb) {
     return 0;
 }
 
-/* The latest record of each run (params compared as a whole), in file order of those records. */
-static int mgpu__sweep_is_latest(const mgpu_sweep_results *r, int64_t i) {
-    const mgpu_json *params = mgpu_json_get(r->records[i], "params"), *p;
+/* A record's run key with its line; sorted by key, then line, the last entry of a key is the
+   run's latest record. */
+typedef struct mgpu__sweep_key { char *key; int64_t line; } mgpu__sweep_key;
+
+static int mgpu__sweep_cmp_keys(const void *pa, const void *pb) {
+    const mgpu__sweep_key *a = (const mgpu__sweep_key *)pa, *b = (const mgpu__sweep_key *)pb;
+    int c = strcmp(a->key, b->key);
+    return c ? c : (a->line > b->line) - (a->line < b->line);
+}
+
+static void mgpu__sweep_keys_free(mgpu__sweep_key *keys, int64_t n) {
+    int64_t i;
+    for (i = 0; keys && i < n; i++) mgpu_free(keys[i].key);
+    mgpu_free(keys);
+}
+
+/* A record's params as one key, names sorted ("alpha=0.1,seed=3" whatever the order in the file). */
+static char *mgpu__sweep_params_key(const mgpu_json *record) {
+    const mgpu_json *p, *sorted[MGPU__SWEEP_MAX_AXES];
     const char *names[MGPU__SWEEP_MAX_AXES], *values[MGPU__SWEEP_MAX_AXES];
-    char bufs[MGPU__SWEEP_MAX_AXES][128];
-    int n = 0;
-    int64_t k;
-    for (p = params->child; p && n < MGPU__SWEEP_MAX_AXES; p = p->next, n++) {
-        names[n] = p->key;
-        if (!(values[n] = mgpu__json_scalar_text(p, bufs[n], sizeof bufs[n]))) values[n] = "";
+    char bufs[MGPU__SWEEP_MAX_AXES][128], id[MGPU__SWEEP_ID_MAX];
+    int n = 0, i, k;
+    for (p = mgpu_json_get(record, "params")->child; p && n < MGPU__SWEEP_MAX_AXES; p = p->next) {
+        for (k = n++; k > 0 && strcmp(sorted[k - 1]->key, p->key) > 0; k--) sorted[k] = sorted[k - 1];
+        sorted[k] = p;
     }
-    for (k = i + 1; k < r->n; k++)
-        if (mgpu__sweep_record_is(r->records[k], n, names, values)) return 0;
-    return 1;
+    for (i = 0; i < n; i++) {
+        names[i] = sorted[i]->key;
+        if (!(values[i] = mgpu__json_scalar_text(sorted[i], bufs[i], sizeof bufs[i]))) values[i] = "";
+    }
+    if (n == 0) return mgpu__strdup("");
+    return mgpu_sweep_run_id(n, names, values, id, sizeof id) == MGPU_OK ? mgpu__strdup(id) : NULL;
+}
+
+/* latest[i] = 1 when record i is the last one of its run. */
+static mgpu_result mgpu__sweep_latest(const mgpu_sweep_results *r, char *latest) {
+    mgpu__sweep_key *keys = (mgpu__sweep_key *)mgpu__calloc((size_t)r->n * sizeof *keys + 1, "run keys");
+    int64_t i;
+    if (!keys) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < r->n; i++) {
+        keys[i].line = i;
+        if (!(keys[i].key = mgpu__sweep_params_key(r->records[i]))) { mgpu__sweep_keys_free(keys, r->n); return MGPU_ERR_OOM_HOST; }
+    }
+    qsort(keys, (size_t)r->n, sizeof *keys, mgpu__sweep_cmp_keys);
+    for (i = 0; i < r->n; i++) latest[keys[i].line] = i + 1 == r->n || strcmp(keys[i].key, keys[i + 1].key) != 0;
+    mgpu__sweep_keys_free(keys, r->n);
+    return MGPU_OK;
 }
 
 /* Metric names when none are given: every number of the final metrics lines, first seen first. */
@@ -547,14 +580,16 @@ static mgpu__sweep_group *mgpu__sweep_group_of(mgpu__sweep_summary *s, char **ke
 }
 
 static mgpu_result mgpu__sweep_collect(const mgpu_sweep_results *r, mgpu__sweep_summary *s) {
+    char *latest = (char *)mgpu__alloc((size_t)r->n + 1, "latest records");
+    mgpu_result res = latest ? mgpu__sweep_latest(r, latest) : MGPU_ERR_OOM_HOST;
     int64_t i;
     int k;
-    for (i = 0; i < r->n; i++) {
+    for (i = 0; i < r->n && res == MGPU_OK; i++) {
         const mgpu_json *rec = r->records[i], *status = mgpu_json_get(rec, "status");
         char bufs[MGPU__SWEEP_MAX_AXES][128], *keys[MGPU__SWEEP_MAX_AXES];
         mgpu__sweep_group *g;
         int missing = 0;
-        if (!mgpu__sweep_is_latest(r, i)) continue;
+        if (!latest[i]) continue;
         if (!status || status->type != MGPU_JSON_STRING || strcmp(status->string, "ok") != 0) {
             if (status && status->type == MGPU_JSON_STRING && strcmp(status->string, "failed") == 0) s->left_out_failed++;
             else s->left_out_other++;
@@ -567,7 +602,7 @@ static mgpu_result mgpu__sweep_collect(const mgpu_sweep_results *r, mgpu__sweep_
             keys[k] = bufs[k];
         }
         if (missing) { s->missing_key++; continue; }
-        if (!(g = mgpu__sweep_group_of(s, keys))) return MGPU_ERR_OOM_HOST;
+        if (!(g = mgpu__sweep_group_of(s, keys))) { res = MGPU_ERR_OOM_HOST; break; }
         g->n++;
         for (k = 0; k < s->n_metrics; k++) {
             double v, dv;
@@ -579,7 +614,8 @@ static mgpu_result mgpu__sweep_collect(const mgpu_sweep_results *r, mgpu__sweep_
             g->count[k]++;
         }
     }
-    return MGPU_OK;
+    mgpu_free(latest);
+    return res;
 }
 
 static void mgpu__sweep_stats_of(const mgpu__sweep_group *g, int k, double *mean, double *std) {

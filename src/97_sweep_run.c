@@ -185,13 +185,6 @@ static mgpu_result mgpu__sweep_open_results(mgpu__sweep *sw) {
     return MGPU_OK;
 }
 
-typedef struct mgpu__sweep_done { char id[MGPU__SWEEP_ID_MAX]; int64_t line; int failed; } mgpu__sweep_done;
-static int mgpu__sweep_cmp_done(const void *pa, const void *pb) {
-    const mgpu__sweep_done *a = (const mgpu__sweep_done *)pa, *b = (const mgpu__sweep_done *)pb;
-    int c = strcmp(a->id, b->id);
-    return c ? c : (a->line > b->line) - (a->line < b->line);
-}
-
 /* The run id of a record in this grid's axis order, or 0 if its params are not exactly the axes. */
 static int mgpu__sweep_record_id(const mgpu__sweep *sw, const mgpu_json *rec, char *id, size_t size) {
     char bufs[MGPU__SWEEP_MAX_AXES][128];
@@ -204,48 +197,55 @@ static int mgpu__sweep_record_id(const mgpu__sweep *sw, const mgpu_json *rec, ch
     return mgpu_sweep_run_id(sw->n_axes, sw->names, values, id, size) == MGPU_OK;
 }
 
+/* "ok", "failed" or anything else: 0, 1, 2. */
+static int mgpu__sweep_record_state(const mgpu_json *record) {
+    const mgpu_json *st = mgpu_json_get(record, "status");
+    if (!st || st->type != MGPU_JSON_STRING) return 2;
+    return strcmp(st->string, "ok") == 0 ? 0 : strcmp(st->string, "failed") == 0 ? 1 : 2;
+}
+
 /* Finished runs (the latest record of each: "ok", or "failed" unless rerun_failed) are skipped;
    the other points, in grid order, make the queue. */
 static mgpu_result mgpu__sweep_plan(mgpu__sweep *sw) {
     mgpu_sweep_results *res = mgpu_sweep_results_load(sw->d->results);
-    mgpu__sweep_done *done = NULL, key;
+    mgpu__sweep_key *done = NULL;
     int64_t n_done = 0, i, total = mgpu_sweep_grid_size(sw->g);
+    char id[MGPU__SWEEP_ID_MAX];
+    mgpu_result r = MGPU_OK;
     if (!res) return mgpu_last_result();
-    if (res->n) done = (mgpu__sweep_done *)mgpu__alloc((size_t)res->n * sizeof *done, "finished runs");
-    if (res->n && !done) { mgpu_sweep_results_destroy(res); return MGPU_ERR_OOM_HOST; }
-    for (i = 0; i < res->n; i++) {
-        const mgpu_json *st = mgpu_json_get(res->records[i], "status");
-        if (!mgpu__sweep_record_id(sw, res->records[i], done[n_done].id, sizeof done[n_done].id)) continue;
-        done[n_done].line = i;
-        done[n_done].failed = !st || st->type != MGPU_JSON_STRING ? 2 : strcmp(st->string, "ok") == 0 ? 0 : strcmp(st->string, "failed") == 0 ? 1 : 2;
-        n_done++;
-    }
-    mgpu_sweep_results_destroy(res);
-    if (n_done) qsort(done, (size_t)n_done, sizeof *done, mgpu__sweep_cmp_done);
+    done = (mgpu__sweep_key *)mgpu__calloc((size_t)res->n * sizeof *done + 1, "finished runs");
     sw->queue = (int64_t *)mgpu__alloc((size_t)total * sizeof(int64_t), "the sweep queue");
-    if (!sw->queue) { mgpu_free(done); return MGPU_ERR_OOM_HOST; }
+    if (!done || !sw->queue) r = MGPU_ERR_OOM_HOST;
+    for (i = 0; i < res->n && r == MGPU_OK; i++) {
+        if (!mgpu__sweep_record_id(sw, res->records[i], id, sizeof id)) continue; /* another grid's run */
+        done[n_done].line = i;
+        if (!(done[n_done++].key = mgpu__strdup(id))) r = MGPU_ERR_OOM_HOST;
+    }
+    if (n_done) qsort(done, (size_t)n_done, sizeof *done, mgpu__sweep_cmp_keys);
     sw->stats->total = total;
-    for (i = 0; i < total; i++) {
+    for (i = 0; i < total && r == MGPU_OK; i++) {
         const char *values[MGPU__SWEEP_MAX_AXES];
-        int64_t lo = 0, hi = n_done, latest = -1;
+        int64_t lo = 0, hi = n_done;
+        int state;
         mgpu_sweep_grid_point(sw->g, i, values);
-        mgpu_sweep_run_id(sw->n_axes, sw->names, values, key.id, sizeof key.id);
-        while (lo < hi) { /* the last entry with this id: first entry past it, minus one */
+        mgpu_sweep_run_id(sw->n_axes, sw->names, values, id, sizeof id);
+        while (lo < hi) { /* the first entry past this id; the one before it is its latest record */
             int64_t mid = (lo + hi) / 2;
-            if (strcmp(done[mid].id, key.id) <= 0) lo = mid + 1; else hi = mid;
+            if (strcmp(done[mid].key, id) <= 0) lo = mid + 1; else hi = mid;
         }
-        if (lo > 0 && strcmp(done[lo - 1].id, key.id) == 0) latest = lo - 1;
-        if (latest >= 0 && (done[latest].failed == 0 || (done[latest].failed == 1 && !sw->d->rerun_failed))) {
+        state = lo > 0 && strcmp(done[lo - 1].key, id) == 0 ? mgpu__sweep_record_state(res->records[done[lo - 1].line]) : 2;
+        if (state == 0 || (state == 1 && !sw->d->rerun_failed)) {
             sw->done_before++;
-            sw->failed_before += done[latest].failed;
-            continue;
+            sw->failed_before += state;
+        } else {
+            sw->queue[sw->q_len++] = i;
         }
-        sw->queue[sw->q_len++] = i;
     }
     sw->stats->skipped = sw->done_before;
     sw->stats->skipped_failed = sw->failed_before;
-    mgpu_free(done);
-    return MGPU_OK;
+    mgpu__sweep_keys_free(done, n_done);
+    mgpu_sweep_results_destroy(res);
+    return r;
 }
 
 /* ---- one run ---- */
@@ -504,7 +504,8 @@ static void mgpu__sweep_finish(mgpu__sweep *sw, mgpu__sweep_slot *s, int wait_st
         if (status == MGPU_SWEEP_OK) sw->stats->ok++;
         else { sw->stats->failed++; sw->failed_now++; }
     }
-    if (status == MGPU_SWEEP_OK) mgpu__sweep_say(sw, 1, "ok %s in %.1f s", s->id, wall);
+    if (status == MGPU_SWEEP_OK && sw->tty) mgpu__sweep_draw(sw); /* on a terminal the bar alone tells */
+    else if (status == MGPU_SWEEP_OK) mgpu__sweep_say(sw, 1, "ok %s in %.1f s", s->id, wall);
     else if (status == MGPU_SWEEP_FAILED) mgpu__sweep_say(sw, 1, "FAILED %s: %s after %.1f s; log %s", s->id, how, wall, s->log_path);
     else mgpu__sweep_say(sw, 0, "interrupted %s after %.1f s (it runs again on resume)", s->id, wall);
     info.record = line.data;
