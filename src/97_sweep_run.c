@@ -419,6 +419,17 @@ static char *mgpu__sweep_final_line(const char *path, int64_t from) {
     return found;
 }
 
+/* Bytes that are not UTF-8 (binary output, a character cut by the tail) become '?', so the
+   record stays JSON that strict readers accept. */
+static void mgpu__utf8_repair(char *s) {
+    size_t n = strlen(s), i = 0;
+    while (i < n) {
+        size_t k = mgpu__utf8_seq_len((const unsigned char *)s + i, n - i);
+        if (!k) { s[i] = '?'; k = 1; }
+        i += k;
+    }
+}
+
 static void mgpu__sweep_record(const mgpu__sweep *sw, const mgpu__sweep_slot *s, mgpu__buf *b, const char *status, int wait_status,
                                double wall_s, const char *final_line, const char *error) {
     int a;
@@ -453,6 +464,7 @@ static void mgpu__sweep_record(const mgpu__sweep *sw, const mgpu__sweep_slot *s,
     if (strcmp(status, "failed") == 0) {
         char tail[MGPU__SWEEP_TAIL_BYTES];
         mgpu_file_tail(s->log_path, s->log_start, sw->d->tail_lines > 0 ? sw->d->tail_lines : 20, tail, sizeof tail);
+        mgpu__utf8_repair(tail);
         mgpu__buf_puts(b, ",\"log_tail\":");
         mgpu__buf_json_string(b, tail);
     }
