@@ -469,18 +469,14 @@ static void worker_env(const job *j, const worker *w, char buf[N_WORKER_ENV][300
         {"RANK", w->rank}, {"LOCAL_RANK", w->local_rank}, {"WORLD_SIZE", j->world_size}, {"LOCAL_WORLD_SIZE", j->n},
         {"GROUP_RANK", o->node_rank}, {"GROUP_WORLD_SIZE", o->nnodes}, {"ROLE_RANK", w->rank},
         {"ROLE_WORLD_SIZE", j->world_size}, {"MASTER_PORT", j->port}, {"TORCHELASTIC_RESTART_COUNT", j->attempt},
-        {"TORCHELASTIC_MAX_RESTARTS", o->max_restarts}, {"MGPU_NUM_THREADS", j->num_threads},
+        {"TORCHELASTIC_MAX_RESTARTS", o->max_restarts},
     };
-    int i, n = 0;
-    for (i = 0; i < (int)(sizeof vars / sizeof vars[0]); i++) {
-        if (strcmp(vars[i].name, "MGPU_NUM_THREADS") == 0 && j->num_threads <= 0) continue;   /* inherited */
-        snprintf(buf[n], sizeof buf[n], "%s=%ld", vars[i].name, vars[i].value);
-        env[n] = buf[n];
-        n++;
-    }
-    snprintf(buf[n], sizeof buf[n], "MASTER_ADDR=%s", o->master_addr);
-    env[n] = buf[n];
-    env[n + 1] = NULL;
+    int n;
+    for (n = 0; n < (int)(sizeof vars / sizeof vars[0]); n++) snprintf(buf[n], sizeof buf[n], "%s=%ld", vars[n].name, vars[n].value);
+    snprintf(buf[n++], sizeof buf[0], "MASTER_ADDR=%s", o->master_addr);
+    if (j->num_threads > 0) snprintf(buf[n++], sizeof buf[0], "MGPU_NUM_THREADS=%d", j->num_threads); /* else inherited */
+    env[n] = NULL;
+    while (n-- > 0) env[n] = buf[n];
 }
 
 /* Where the worker's stdout/stderr go: its log file, or pipes the launcher relays. */
@@ -810,6 +806,7 @@ int main(int argc, char **argv) {
     r = parse_args(&o, argc, argv);
     if (r == 1) return 0;
     if (r != 0) return EXIT_USAGE;
+    /* checked once up front: a typo is a usage error, not every rank (and restart) failing with 127 */
     if (!mgpu_program_exists(o.prog_argv[0])) {
         say("PROGRAM %s was not found or is not executable", o.prog_argv[0]);
         return EXIT_USAGE;
