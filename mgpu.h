@@ -673,7 +673,8 @@ typedef struct mgpu_train_opts {
     int sync_batchnorm; float bucket_cap_mb; const char *grad_compression;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
-   accum 1, amp off, device auto, workers 0, eval every epoch, keep_last 3, resume none, seed 0. */
+   accum 1, amp off, device auto, workers 0, eval every epoch, keep_last 3, resume none, seed 0,
+   metrics $MGPU_METRICS (unset: none). */
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o);
 /* Parses argv (strings are kept by pointer). --help prints usage to stdout and sets o->help.
    An unknown flag or a bad value is MGPU_ERR_INVALID_ARG naming the flag (also printed to stderr). */
@@ -975,6 +976,177 @@ MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t);
 #endif
 #endif /* MGPU_H */
 
+
+/* ======================================================================================
+   Processes and sweeps: child processes for supervisors (mgpurun, mgpu-sweep), and many
+   independent runs (a grid x seeds) spread over device slots, resumable from a results file
+   ====================================================================================== */
+#ifndef MGPU_SWEEP_H
+#define MGPU_SWEEP_H
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- processes (POSIX) ---- */
+
+MGPU_API const char *mgpu_signal_name(int sig);                         /* "SIGKILL"; "unknown signal" */
+/* A waitpid status in words: "exited with code 3", "was killed by signal 9 (SIGKILL)". */
+MGPU_API void mgpu_wait_status_describe(int status, char *buf, size_t size);
+MGPU_API int mgpu_wait_status_code(int status);                         /* exit code, or 128 + signal (the shell's) */
+MGPU_API int mgpu_cpu_count(void);                                      /* cores this process may run on, >= 1 */
+MGPU_API mgpu_result mgpu_make_dirs(const char *path);                  /* mkdir -p; an existing non-directory fails */
+MGPU_API int mgpu_program_exists(const char *program);                  /* 1 if execvp would find it (PATH lookup) */
+/* The last max_lines lines of path written after byte offset `from`, into buf (NUL-terminated, no
+   final newline; older lines dropped to fit). Returns the length, 0 for an empty or unreadable file. */
+MGPU_API size_t mgpu_file_tail(const char *path, int64_t from, int max_lines, char *buf, size_t size);
+
+/* A child in a process group of its own (pid = group id, so mgpu_kill_group reaches whatever it
+   spawns), stdin from /dev/null, and on Linux killed with the calling thread (PR_SET_PDEATHSIG),
+   even when that is SIGKILLed: a supervisor that dies leaves no orphan. Signals are blocked across
+   fork and the child resets caught ones before exec, so a signal meant for the parent never runs
+   the parent's handler in the child; ignored signals stay ignored (nohup), except SIGPIPE. */
+typedef struct mgpu_spawn_desc {
+    char *const *argv;          /* NULL-terminated; argv[0] is looked up in PATH */
+    const char *const *env;     /* "NAME=value" to set, "NAME" to unset, NULL-terminated; the rest is inherited */
+    int stdout_fd, stderr_fd;   /* where the child's output goes; 0: inherited */
+    const char *label;          /* starts the exec failure message, "LABEL: cannot run PROG: why" (NULL: "mgpu") */
+} mgpu_spawn_desc;
+MGPU_API mgpu_result mgpu_spawn(const mgpu_spawn_desc *desc, int *pid);
+MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(-pid, sig): the child's whole group; 0 or -1 */
+/* The self-pipe trick for a poll loop: each listed signal writes its number as one byte to the
+   returned read end (non-blocking, close-on-exec). SIGHUP stays ignored if it is (nohup), and
+   SIGPIPE is ignored so a closed terminal cannot kill a supervisor. Process-wide: one pipe at a
+   time; mgpu_signal_pipe_close restores the previous handlers. -1 on failure. */
+MGPU_API int mgpu_signal_pipe_open(const int *signals, int n);
+MGPU_API void mgpu_signal_pipe_close(void);
+
+/* ---- the grid ---- */
+
+/* Axes named like C identifiers (letters, digits, _), each with a list of values; a point takes one
+   value per axis. Points are numbered 0 .. size-1 with the first axis varying slowest. */
+typedef struct mgpu_sweep_grid mgpu_sweep_grid;
+MGPU_API mgpu_sweep_grid *mgpu_sweep_grid_create(void);
+MGPU_API void mgpu_sweep_grid_destroy(mgpu_sweep_grid *g);
+/* Adds an axis from "name=v1,v2,..."; an item lo..hi (integers) expands to lo, lo+1, ..., hi, and
+   lo..hi:step to every step-th. A missing '=', a bad or reserved name, a repeated name or value, an
+   empty value or a bad range is MGPU_ERR_INVALID_ARG quoting the spec. */
+MGPU_API mgpu_result mgpu_sweep_grid_add(mgpu_sweep_grid *g, const char *spec);
+MGPU_API int mgpu_sweep_grid_axes(const mgpu_sweep_grid *g);
+MGPU_API const char *mgpu_sweep_grid_name(const mgpu_sweep_grid *g, int axis);
+MGPU_API int mgpu_sweep_grid_count(const mgpu_sweep_grid *g, int axis);            /* values on the axis */
+MGPU_API const char *mgpu_sweep_grid_value(const mgpu_sweep_grid *g, int axis, int i);
+MGPU_API int64_t mgpu_sweep_grid_size(const mgpu_sweep_grid *g);                  /* points (0 without axes) */
+/* values[a] = the value of axis a at point `index` (pointers into the grid). */
+MGPU_API mgpu_result mgpu_sweep_grid_point(const mgpu_sweep_grid *g, int64_t index, const char **values);
+
+/* ---- templates and run ids ---- */
+
+/* Replaces every {name} of tmpl by its value ({{ and }} stand for braces; braces around anything
+   that is not a name stay as they are). An unknown {name} is an error (NULL, MGPU_ERR_INVALID_ARG)
+   that lists the known names. Free the result with mgpu_free. */
+MGPU_API char *mgpu_sweep_substitute(const char *tmpl, int n, const char *const *names, const char *const *values);
+/* A run's id from its grid values, usable as a file name: "seed=3,alpha=0.1" (bytes other than
+   [A-Za-z0-9._+-] in values as %XX; ids over 120 characters shortened with a hash). */
+MGPU_API mgpu_result mgpu_sweep_run_id(int n, const char *const *names, const char *const *values, char *buf, size_t size);
+
+/* ---- the results file: one JSON object per finished run ----
+   {"run_id":"seed=3,alpha=0.1","params":{"seed":3,"alpha":0.1},"status":"ok"|"failed"|"interrupted",
+    "exit_code":0,"signal":null,"error":null,"attempts":1,"wall_s":12.3,"slot":0,"devices":"0",
+    "started_at":"2026-01-01T12:00:00Z","log":"...","metrics":"...","final":{the run's "event":"final"
+    metrics line}|null} plus "log_tail" for a failure. Params that read as JSON numbers are numbers. */
+typedef struct mgpu_sweep_results mgpu_sweep_results;
+/* A missing file is an empty result set; lines that are not JSON objects with a "params" object
+   (a torn last line after a crash) are skipped with a warning. */
+MGPU_API mgpu_sweep_results *mgpu_sweep_results_load(const char *path);
+MGPU_API void mgpu_sweep_results_destroy(mgpu_sweep_results *r);
+MGPU_API int64_t mgpu_sweep_results_count(const mgpu_sweep_results *r);
+MGPU_API const mgpu_json *mgpu_sweep_results_get(const mgpu_sweep_results *r, int64_t i);
+/* The last record whose params are exactly these names and values, or NULL. */
+MGPU_API const mgpu_json *mgpu_sweep_results_find(const mgpu_sweep_results *r, int n, const char *const *names,
+                                                  const char *const *values);
+/* A param's value as text (numbers as written), NULL if absent. */
+MGPU_API const char *mgpu_sweep_record_param(const mgpu_json *record, const char *name, char *buf, size_t size);
+/* A metric of a record: a top-level number ("wall_s"), "final.NAME" or "final_NAME" (NAME in the
+   final metrics line). 1 if found and finite. */
+MGPU_API int mgpu_sweep_record_metric(const mgpu_json *record, const char *name, double *value);
+/* Appends text plus a newline to path with one write() on an O_APPEND descriptor, then fsync: lines
+   of concurrent writers never interleave and a crash leaves at most a torn last line. */
+MGPU_API mgpu_result mgpu_append_line(const char *path, const char *text);
+
+/* ---- summary: mean +- sample std and n of metrics per configuration ---- */
+
+typedef enum mgpu_sweep_format { MGPU_SWEEP_TABLE = 0, MGPU_SWEEP_CSV, MGPU_SWEEP_MARKDOWN } mgpu_sweep_format;
+typedef struct mgpu_sweep_summary_desc {
+    const char *const *by; int n_by;              /* group by these params (0: one group of all) */
+    const char *const *metrics; int n_metrics;    /* 0: every number of the final metrics lines */
+    mgpu_sweep_format format;
+} mgpu_sweep_summary_desc;
+/* Only runs whose latest record is "ok" count (one per run id). Groups are sorted by their values
+   (numerically where both are numbers); CSV has NAME_mean, NAME_std, NAME_n columns. */
+MGPU_API mgpu_result mgpu_sweep_summary_print(const mgpu_sweep_results *r, const mgpu_sweep_summary_desc *desc, FILE *out);
+
+/* ---- the scheduler ---- */
+
+typedef enum mgpu_sweep_status { MGPU_SWEEP_OK = 0, MGPU_SWEEP_FAILED, MGPU_SWEEP_INTERRUPTED } mgpu_sweep_status;
+/* One run, as the callbacks see it. */
+typedef struct mgpu_sweep_run_info {
+    int64_t index;                 /* grid point */
+    const char *id;                /* mgpu_sweep_run_id */
+    const char *const *values;     /* one per grid axis */
+    int slot;
+    const char *devices;           /* the slot's CUDA_VISIBLE_DEVICES ("" on a CPU slot) */
+    int attempt;                   /* 1, then 2.. for --retries */
+    int pid;
+    const char *log_path, *metrics_path;
+    /* on_finish only */
+    mgpu_sweep_status status;
+    int exit_code;                 /* -1 when killed by a signal */
+    int signal;                    /* 0 unless killed by a signal */
+    double wall_s;
+    const char *record;            /* the JSON line appended to the results file (NULL before a retry) */
+} mgpu_sweep_run_info;
+typedef struct mgpu_sweep_desc {
+    const mgpu_sweep_grid *grid;
+    const char *const *command;    /* argv template, NULL-terminated: {axis} and the built-ins {metrics},
+                                      {log}, {run_id}, {run_dir} (created when used), {slot}, {attempt} */
+    const char *results;           /* JSONL results file (created; locked against a second sweep) */
+    const char *run_dir;           /* logs and metrics files; NULL: the results path minus ".jsonl", plus ".d" */
+    int cpu_slots;                 /* slots with CUDA_VISIBLE_DEVICES="" */
+    const char *const *gpus; int n_gpus; /* one CUDA_VISIBLE_DEVICES value per GPU */
+    int slots_per_gpu;             /* 0: 1 */
+    int retries;                   /* reruns of a failed run before it is recorded failed */
+    int rerun_failed;              /* runs recorded failed run again (else they count as finished) */
+    double run_timeout_s;          /* 0: none; a run over it is stopped and recorded failed */
+    double grace_s;                /* SIGTERM -> SIGKILL when stopping runs; 0: 5 */
+    int tail_lines;                /* log lines kept for a failure; 0: 20 */
+    int num_threads;               /* MGPU_NUM_THREADS of each run; 0: inherited if set, else cores / slots */
+    int dry_run;                   /* print the commands of the runs left, run nothing */
+    int quiet;                     /* no progress output (callbacks still run) */
+    int no_signal_handlers;        /* leave SIGINT/SIGTERM/SIGHUP alone (the caller stops nothing then) */
+    void (*on_start)(const mgpu_sweep_run_info *run, void *user);
+    void (*on_finish)(const mgpu_sweep_run_info *run, void *user);
+    void *user;
+} mgpu_sweep_desc;
+typedef struct mgpu_sweep_stats {
+    int64_t total;                 /* grid points */
+    int64_t skipped;               /* already finished in the results file */
+    int64_t skipped_failed;        /* of those, recorded "failed" (not rerun without rerun_failed) */
+    int64_t ok, failed, interrupted; /* recorded by this call */
+    int stop_signal;               /* the signal that stopped the sweep, 0 if none */
+} mgpu_sweep_stats;
+/* Runs every grid point not yet finished in desc->results, one process per slot, appending one
+   record per run. Failures are recorded and never stop the sweep; SIGINT/SIGTERM/SIGHUP stop the
+   runs in flight (SIGTERM to their groups, SIGKILL after grace_s; a second signal kills at once)
+   and record them "interrupted", to run again on resume. Returns MGPU_OK when the loop ran (see
+   stats), or an error before any run started: a bad template, an unwritable results file or run
+   directory, no slots, or another sweep holding the lock. Call from a single-threaded process
+   (the children are tied to the calling thread's life). */
+MGPU_API mgpu_result mgpu_sweep_run(const mgpu_sweep_desc *desc, mgpu_sweep_stats *stats);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MGPU_SWEEP_H */
 
 /* ======================================================================================
    Internal: the seam between the CPU and CUDA twins of every op
@@ -9265,7 +9437,7 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
     {"resume", MGPU__OPT_STRING, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint path"},
     {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
-    {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: off)"},
+    {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: $MGPU_METRICS, else off)"},
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
     {"max-steps", MGPU__OPT_I64, MGPU__OF(max_steps), 0, -1, 0, NULL, "N", "stop after N optimizer steps (0: no limit)"},
     {"checkpoint-every-steps", MGPU__OPT_I64, MGPU__OF(checkpoint_every_steps), 0, -1, 0, NULL, "N", "checkpoint every N optimizer steps (0: off)"},
@@ -9291,6 +9463,8 @@ MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
     o->amp = "off"; o->device = "auto"; o->multi_gpu = "none"; o->resume = "none"; o->grad_compression = "none";
     o->eval_frequency = 1; o->keep_last = 3; o->log_every = 100;
     o->t0_epochs = 1; o->t_mult = 2; o->eta_min = 0; o->step_size_epochs = 30; o->gamma = 0.1f;
+    /* the default --metrics: how mgpu-sweep (or a batch script) gives each run its own file */
+    if (getenv("MGPU_METRICS") && getenv("MGPU_METRICS")[0]) o->metrics = getenv("MGPU_METRICS");
 }
 
 /* Index of value in "a|b|c", or -1. */
@@ -14146,6 +14320,1768 @@ MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size
     return r;
 }
 
+
+/* ======================================================================================
+   Processes: wait statuses, child processes in groups of their own, signals through a pipe,
+   log tails. What the supervisors (tools/mgpurun, mgpu-sweep) share.
+   ====================================================================================== */
+
+#include <poll.h>
+#include <sched.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+MGPU_API const char *mgpu_signal_name(int sig) {
+    static const struct { int sig; const char *name; } table[] = {
+        {SIGHUP, "SIGHUP"}, {SIGINT, "SIGINT"}, {SIGQUIT, "SIGQUIT"}, {SIGILL, "SIGILL"},
+        {SIGTRAP, "SIGTRAP"}, {SIGABRT, "SIGABRT"}, {SIGBUS, "SIGBUS"}, {SIGFPE, "SIGFPE"},
+        {SIGKILL, "SIGKILL"}, {SIGUSR1, "SIGUSR1"}, {SIGSEGV, "SIGSEGV"}, {SIGUSR2, "SIGUSR2"},
+        {SIGPIPE, "SIGPIPE"}, {SIGALRM, "SIGALRM"}, {SIGTERM, "SIGTERM"}, {SIGCHLD, "SIGCHLD"},
+        {SIGXCPU, "SIGXCPU"}, {SIGXFSZ, "SIGXFSZ"}, {SIGSYS, "SIGSYS"},
+    };
+    size_t i;
+    for (i = 0; i < sizeof table / sizeof table[0]; i++)
+        if (table[i].sig == sig) return table[i].name;
+    return "unknown signal";
+}
+
+MGPU_API void mgpu_wait_status_describe(int status, char *buf, size_t size) {
+    if (!buf || size == 0) return;
+    if (WIFEXITED(status))
+        snprintf(buf, size, "exited with code %d", WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        snprintf(buf, size, "was killed by signal %d (%s)%s", WTERMSIG(status), mgpu_signal_name(WTERMSIG(status)),
+                 WCOREDUMP(status) ? ", core dumped" : "");
+    else
+        snprintf(buf, size, "ended with wait status %d", status);
+}
+
+MGPU_API int mgpu_wait_status_code(int status) {
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return 1;
+}
+
+MGPU_API int mgpu_cpu_count(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        return n > 0 ? (int)n : 1;
+    }
+}
+
+MGPU_API mgpu_result mgpu_make_dirs(const char *path) {
+    mgpu_result r;
+    if (!path) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_make_dirs: path is NULL");
+    if ((r = mgpu__mkdirs(path)) != MGPU_OK) return r;
+    if (!mgpu__is_dir(path)) return mgpu__fail(MGPU_ERR_IO, "cannot create directory '%s': a file of that name exists", path);
+    return MGPU_OK;
+}
+
+MGPU_API int mgpu_program_exists(const char *program) {
+    const char *path = getenv("PATH");
+    char buf[PATH_MAX];
+    if (!program || !program[0]) return 0;
+    if (strchr(program, '/')) return access(program, X_OK) == 0;
+    if (!path) path = "/usr/bin:/bin";
+    while (*path) {
+        size_t len = strcspn(path, ":");
+        int n = snprintf(buf, sizeof buf, "%.*s%s%s", (int)len, path, len ? "/" : "", program);
+        struct stat st;
+        if (n > 0 && (size_t)n < sizeof buf && stat(buf, &st) == 0 && S_ISREG(st.st_mode) && access(buf, X_OK) == 0) return 1;
+        path += len;
+        if (*path == ':') path++;
+    }
+    return 0;
+}
+
+MGPU_API size_t mgpu_file_tail(const char *path, int64_t from, int max_lines, char *buf, size_t size) {
+    struct stat st;
+    int64_t start;
+    size_t n = 0, begin, lines = 0;
+    int fd;
+    if (!buf || size == 0) return 0;
+    buf[0] = 0;
+    if (!path || max_lines <= 0 || (fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) return 0;
+    if (fstat(fd, &st) == 0 && (int64_t)st.st_size > from) {
+        start = MGPU__MAX(from, (int64_t)st.st_size - (int64_t)(size - 1));
+        while (n < size - 1) {
+            ssize_t got = pread(fd, buf + n, size - 1 - n, (off_t)(start + (int64_t)n));
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) break;
+            n += (size_t)got;
+        }
+        /* the read began mid-line: that piece is not a line of its own */
+        if (start > from && start > 0) {
+            char before = 0;
+            if (pread(fd, &before, 1, (off_t)(start - 1)) == 1 && before != '\n') {
+                size_t skip = 0;
+                while (skip < n && buf[skip] != '\n') skip++;
+                skip = skip < n ? skip + 1 : n;
+                memmove(buf, buf + skip, n - skip);
+                n -= skip;
+            }
+        }
+    }
+    close(fd);
+    if (n > 0 && buf[n - 1] == '\n') n--; /* the final newline ends the last line, it starts none */
+    for (begin = n; begin > 0; begin--)
+        if (buf[begin - 1] == '\n' && ++lines == (size_t)max_lines) break;
+    memmove(buf, buf + begin, n - begin);
+    n -= begin;
+    buf[n] = 0;
+    return n;
+}
+
+/* --------------------------------------------------------------------------------------
+   Child processes
+   -------------------------------------------------------------------------------------- */
+
+#ifndef NSIG
+#define NSIG 65
+#endif
+
+/* The parent's environment with desc->env applied, built before fork (the child must not allocate). */
+static char **mgpu__spawn_environment(const char *const *env) {
+    char **out;
+    size_t n_parent = 0, n_env = 0, k = 0, i, j;
+    while (environ && environ[n_parent]) n_parent++;
+    while (env[n_env]) n_env++;
+    out = (char **)mgpu__alloc((n_parent + n_env + 1) * sizeof *out, "a child's environment");
+    if (!out) return NULL;
+    for (i = 0; i < n_parent; i++) {
+        size_t name_len = strcspn(environ[i], "=");
+        int replaced = 0;
+        for (j = 0; j < n_env && !replaced; j++)
+            replaced = strncmp(env[j], environ[i], name_len) == 0 && (env[j][name_len] == '=' || env[j][name_len] == 0);
+        if (!replaced) out[k++] = environ[i];
+    }
+    for (j = 0; j < n_env; j++)
+        if (strchr(env[j], '=')) out[k++] = (char *)env[j];
+    out[k] = NULL;
+    return out;
+}
+
+/* Between fork and exec, in the child: async-signal-safe calls only. */
+static void mgpu__spawn_child(const mgpu_spawn_desc *d, char **envp, pid_t parent) {
+    sigset_t none;
+    int sig, devnull;
+    setpgid(0, 0);
+#ifdef __linux__
+    /* die with the parent; the check closes the race where it died before the prctl */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(1);
+#else
+    (void)parent;
+#endif
+    for (sig = 1; sig < NSIG; sig++) {
+        struct sigaction sa;
+        int caught;
+        if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &sa) != 0) continue;
+        caught = (sa.sa_flags & SA_SIGINFO) || (sa.sa_handler != SIG_IGN && sa.sa_handler != SIG_DFL);
+        if (caught || sig == SIGPIPE) signal(sig, SIG_DFL);
+    }
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    devnull = open("/dev/null", O_RDONLY);
+    if (devnull >= 0 && devnull != 0) { dup2(devnull, 0); close(devnull); }
+    if (d->stdout_fd > 0 && d->stdout_fd != 1) dup2(d->stdout_fd, 1);
+    if (d->stderr_fd > 0 && d->stderr_fd != 2) dup2(d->stderr_fd, 2);
+    if (envp) environ = envp;
+    execvp(d->argv[0], d->argv);
+    {
+        char msg[512];
+        int n = snprintf(msg, sizeof msg, "%s: cannot run %s: %s\n", d->label ? d->label : "mgpu", d->argv[0], strerror(errno));
+        if (n > 0 && write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1) < 0) _exit(127);
+    }
+    _exit(127);
+}
+
+MGPU_API mgpu_result mgpu_spawn(const mgpu_spawn_desc *d, int *pid_out) {
+    char **envp = NULL;
+    sigset_t all, old;
+    pid_t parent = getpid(), pid;
+    int err;
+    if (!d || !d->argv || !d->argv[0] || !pid_out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_spawn: desc, argv[0] and pid must not be NULL");
+    *pid_out = -1;
+    if (d->env && !(envp = mgpu__spawn_environment(d->env))) return MGPU_ERR_OOM_HOST;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    pid = fork();
+    if (pid == 0) mgpu__spawn_child(d, envp, parent);
+    err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    mgpu_free(envp);
+    if (pid < 0) return mgpu__fail(MGPU_ERR_IO, "cannot start %s (%s): fork: %s", d->label ? d->label : "a child", d->argv[0], strerror(err));
+    setpgid(pid, pid); /* also here, so the group exists before the caller may signal it */
+    *pid_out = (int)pid;
+    return MGPU_OK;
+}
+
+/* The group only: after the leader was reaped its pid may belong to someone else. */
+MGPU_API int mgpu_kill_group(int pid, int sig) { return pid > 0 ? kill(-(pid_t)pid, sig) : -1; }
+
+/* --------------------------------------------------------------------------------------
+   Signals into a poll loop
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__MAX_PIPED_SIGNALS 16
+static int mgpu__sigpipe_fds[2] = {-1, -1};
+static int mgpu__sigpipe_n;
+static int mgpu__sigpipe_signals[MGPU__MAX_PIPED_SIGNALS + 1];
+static struct sigaction mgpu__sigpipe_saved[MGPU__MAX_PIPED_SIGNALS + 1];
+
+static void mgpu__sigpipe_handler(int sig) {
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    ssize_t n = write(mgpu__sigpipe_fds[1], &b, 1); /* a full pipe drops it: one pending byte is enough */
+    (void)n;
+    errno = saved;
+}
+
+static int mgpu__fd_flags(int fd, int nonblock) {
+    int fl = fcntl(fd, F_GETFD);
+    if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) != 0) return -1;
+    if (!nonblock) return 0;
+    fl = fcntl(fd, F_GETFL);
+    return fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0 ? -1 : 0;
+}
+
+MGPU_API int mgpu_signal_pipe_open(const int *signals, int n) {
+    struct sigaction sa;
+    int i;
+    if (mgpu__sigpipe_fds[0] >= 0) { mgpu__fail(MGPU_ERR_STATE, "mgpu_signal_pipe_open: a signal pipe is already open"); return -1; }
+    if (n < 0 || n > MGPU__MAX_PIPED_SIGNALS || (n > 0 && !signals)) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_signal_pipe_open: 0 to %d signals expected, got %d", MGPU__MAX_PIPED_SIGNALS, n);
+        return -1;
+    }
+    if (pipe(mgpu__sigpipe_fds) != 0 || mgpu__fd_flags(mgpu__sigpipe_fds[0], 1) != 0 || mgpu__fd_flags(mgpu__sigpipe_fds[1], 1) != 0) {
+        mgpu__fail(MGPU_ERR_IO, "mgpu_signal_pipe_open: pipe: %s", strerror(errno));
+        mgpu_signal_pipe_close();
+        return -1;
+    }
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = mgpu__sigpipe_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+    mgpu__sigpipe_n = 0;
+    for (i = 0; i <= n; i++) {
+        int sig = i < n ? signals[i] : SIGPIPE;
+        struct sigaction *saved = &mgpu__sigpipe_saved[mgpu__sigpipe_n];
+        if (sigaction(sig, NULL, saved) != 0) continue;
+        if (sig == SIGPIPE) signal(SIGPIPE, SIG_IGN);
+        else if (sig == SIGHUP && saved->sa_handler == SIG_IGN) continue; /* nohup: keep ignoring */
+        else sigaction(sig, &sa, NULL);
+        mgpu__sigpipe_signals[mgpu__sigpipe_n++] = sig;
+    }
+    return mgpu__sigpipe_fds[0];
+}
+
+MGPU_API void mgpu_signal_pipe_close(void) {
+    int i;
+    for (i = mgpu__sigpipe_n - 1; i >= 0; i--) sigaction(mgpu__sigpipe_signals[i], &mgpu__sigpipe_saved[i], NULL);
+    mgpu__sigpipe_n = 0;
+    for (i = 0; i < 2; i++) {
+        if (mgpu__sigpipe_fds[i] >= 0) close(mgpu__sigpipe_fds[i]);
+        mgpu__sigpipe_fds[i] = -1;
+    }
+}
+
+/* ======================================================================================
+   Sweeps: a grid of independent runs spread over device slots, one process per slot, each
+   finished run appended to a results JSONL that makes the sweep resumable
+   ====================================================================================== */
+
+#include <sys/file.h>
+
+#define MGPU__SWEEP_MAX_AXES 32
+#define MGPU__SWEEP_MAX_VALUES 1000000
+#define MGPU__SWEEP_MAX_POINTS 10000000
+#define MGPU__SWEEP_ID_MAX 160
+#define MGPU__SWEEP_TAIL_BYTES 4096
+
+/* Names every command template knows besides the grid axes (reserved: no axis may take them). */
+static const char *const mgpu__sweep_builtins[] = {"metrics", "log", "run_id", "run_dir", "slot", "attempt"};
+#define MGPU__SWEEP_N_BUILTINS 6
+
+/* --------------------------------------------------------------------------------------
+   Grid
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__sweep_axis { char *name; int n, cap; char **values; } mgpu__sweep_axis;
+struct mgpu_sweep_grid { int n_axes; int64_t size; mgpu__sweep_axis axes[MGPU__SWEEP_MAX_AXES]; };
+
+static int mgpu__is_name_start(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
+
+/* A C identifier of at most 64 characters. */
+static int mgpu__sweep_name_ok(const char *s, size_t n) {
+    size_t i;
+    if (n == 0 || n > 64 || !mgpu__is_name_start(s[0])) return 0;
+    for (i = 1; i < n; i++)
+        if (!mgpu__is_name_start(s[i]) && !mgpu__is_digit(s[i])) return 0;
+    return 1;
+}
+
+static int mgpu__sweep_builtin_index(const char *s, size_t n) {
+    int i;
+    for (i = 0; i < MGPU__SWEEP_N_BUILTINS; i++)
+        if (strlen(mgpu__sweep_builtins[i]) == n && strncmp(mgpu__sweep_builtins[i], s, n) == 0) return i;
+    return -1;
+}
+
+MGPU_API mgpu_sweep_grid *mgpu_sweep_grid_create(void) {
+    return (mgpu_sweep_grid *)mgpu__calloc(sizeof(mgpu_sweep_grid), "a sweep grid");
+}
+
+static void mgpu__sweep_axis_free(mgpu__sweep_axis *a) {
+    int i;
+    for (i = 0; i < a->n; i++) mgpu_free(a->values[i]);
+    mgpu_free(a->values);
+    mgpu_free(a->name);
+    memset(a, 0, sizeof *a);
+}
+
+MGPU_API void mgpu_sweep_grid_destroy(mgpu_sweep_grid *g) {
+    int i;
+    if (!g) return;
+    for (i = 0; i < g->n_axes; i++) mgpu__sweep_axis_free(&g->axes[i]);
+    mgpu_free(g);
+}
+
+static int mgpu__sweep_axis_push(mgpu__sweep_axis *a, const char *v, size_t n) {
+    char *copy;
+    if (a->n == a->cap) {
+        int cap = a->cap ? 2 * a->cap : 16;
+        char **grown = (char **)mgpu__alloc((size_t)cap * sizeof *grown, "grid values");
+        if (!grown) return 0;
+        if (a->n) memcpy(grown, a->values, (size_t)a->n * sizeof *grown);
+        mgpu_free(a->values);
+        a->values = grown; a->cap = cap;
+    }
+    if (!(copy = (char *)mgpu__alloc(n + 1, "a grid value"))) return 0;
+    memcpy(copy, v, n);
+    copy[n] = 0;
+    a->values[a->n++] = copy;
+    return 1;
+}
+
+/* "lo..hi" or "lo..hi:step" (integers) into lo, hi, step; 0 if item is not such a range. */
+static int mgpu__sweep_parse_range(const char *item, long long *lo, long long *hi, long long *step) {
+    char text[96], *dots, *colon, *end;
+    if (strlen(item) >= sizeof text) return 0;
+    strcpy(text, item);
+    if (!(dots = strstr(text, ".."))) return 0;
+    *dots = 0;
+    if ((colon = strchr(dots + 2, ':')) != NULL) *colon = 0;
+    errno = 0;
+    *lo = strtoll(text, &end, 10);
+    if (!text[0] || *end || errno) return 0;
+    *hi = strtoll(dots + 2, &end, 10);
+    if (!dots[2] || *end || errno) return 0;
+    *step = 1;
+    if (colon) {
+        *step = strtoll(colon + 1, &end, 10);
+        if (!colon[1] || *end || errno || *step < 1) return 0;
+    }
+    return *lo <= *hi;
+}
+
+static int mgpu__cmp_strp(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* The items of "v1,v2,lo..hi" onto the axis (spaces around items ignored). */
+static mgpu_result mgpu__sweep_axis_parse(mgpu__sweep_axis *a, const char *list, const char *spec) {
+    const char *p = list;
+    for (;;) {
+        size_t len = strcspn(p, ",");
+        const char *s = p, *e = p + len;
+        char item[96];
+        long long lo, hi, step, v;
+        while (s < e && *s == ' ') s++;
+        while (e > s && e[-1] == ' ') e--;
+        if (s == e) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': empty value (expected NAME=V1,V2,... or NAME=LO..HI)", spec);
+        snprintf(item, sizeof item, "%.*s", (int)(e - s), s);
+        if (strstr(item, "..")) {
+            if (!mgpu__sweep_parse_range(item, &lo, &hi, &step))
+                return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': bad range '%s' (expected LO..HI or LO..HI:STEP with integers LO <= HI, STEP >= 1)", spec, item);
+            if ((hi - lo) / step >= MGPU__SWEEP_MAX_VALUES)
+                return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': range '%s' has more than %d values", spec, item, MGPU__SWEEP_MAX_VALUES);
+            for (v = lo; v <= hi; v += step) {
+                char text[32];
+                int n = snprintf(text, sizeof text, "%lld", v);
+                if (!mgpu__sweep_axis_push(a, text, (size_t)n)) return MGPU_ERR_OOM_HOST;
+                if (hi - v < step) break; /* no overflow past hi */
+            }
+        } else if (!mgpu__sweep_axis_push(a, s, (size_t)(e - s))) {
+            return MGPU_ERR_OOM_HOST;
+        }
+        if (a->n > MGPU__SWEEP_MAX_VALUES) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': more than %d values", spec, MGPU__SWEEP_MAX_VALUES);
+        if (!p[len]) break;
+        p += len + 1;
+    }
+    {   /* a repeated value would make two runs with one id */
+        char **sorted = (char **)mgpu__alloc((size_t)a->n * sizeof *sorted, "grid values");
+        int i, dup = -1;
+        if (!sorted) return MGPU_ERR_OOM_HOST;
+        memcpy(sorted, a->values, (size_t)a->n * sizeof *sorted);
+        qsort(sorted, (size_t)a->n, sizeof *sorted, mgpu__cmp_strp);
+        for (i = 1; i < a->n && dup < 0; i++)
+            if (strcmp(sorted[i - 1], sorted[i]) == 0) dup = i;
+        if (dup >= 0) mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': the value '%s' appears twice", spec, sorted[dup]);
+        mgpu_free(sorted);
+        return dup >= 0 ? MGPU_ERR_INVALID_ARG : MGPU_OK;
+    }
+}
+
+MGPU_API mgpu_result mgpu_sweep_grid_add(mgpu_sweep_grid *g, const char *spec) {
+    const char *eq;
+    mgpu__sweep_axis a;
+    mgpu_result r;
+    int i;
+    if (!g || !spec) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_sweep_grid_add: grid and spec must not be NULL");
+    if (!(eq = strchr(spec, '='))) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': expected NAME=V1,V2,... or NAME=LO..HI (no '=')", spec);
+    if (!mgpu__sweep_name_ok(spec, (size_t)(eq - spec)))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': the name '%.*s' must be letters, digits and _ (not starting with a digit)", spec, (int)(eq - spec), spec);
+    if (mgpu__sweep_builtin_index(spec, (size_t)(eq - spec)) >= 0)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': '%.*s' is reserved for the command template (metrics, log, run_id, run_dir, slot, attempt)", spec, (int)(eq - spec), spec);
+    for (i = 0; i < g->n_axes; i++)
+        if (strlen(g->axes[i].name) == (size_t)(eq - spec) && strncmp(g->axes[i].name, spec, (size_t)(eq - spec)) == 0)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': the name '%s' is given twice", spec, g->axes[i].name);
+    if (g->n_axes == MGPU__SWEEP_MAX_AXES) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': at most %d axes", spec, MGPU__SWEEP_MAX_AXES);
+    memset(&a, 0, sizeof a);
+    if (!(a.name = (char *)mgpu__alloc((size_t)(eq - spec) + 1, "a grid name"))) return MGPU_ERR_OOM_HOST;
+    memcpy(a.name, spec, (size_t)(eq - spec));
+    a.name[eq - spec] = 0;
+    if ((r = mgpu__sweep_axis_parse(&a, eq + 1, spec)) == MGPU_OK) {
+        int64_t size = g->n_axes ? g->size : 1;
+        if (size * a.n > MGPU__SWEEP_MAX_POINTS)
+            r = mgpu__fail(MGPU_ERR_INVALID_ARG, "--grid '%s': the grid would have %lld points (at most %d)", spec, (long long)(size * a.n), MGPU__SWEEP_MAX_POINTS);
+        else { g->axes[g->n_axes++] = a; g->size = size * a.n; return MGPU_OK; }
+    }
+    mgpu__sweep_axis_free(&a);
+    return r;
+}
+
+MGPU_API int mgpu_sweep_grid_axes(const mgpu_sweep_grid *g) { return g ? g->n_axes : 0; }
+MGPU_API const char *mgpu_sweep_grid_name(const mgpu_sweep_grid *g, int axis) {
+    return g && axis >= 0 && axis < g->n_axes ? g->axes[axis].name : NULL;
+}
+MGPU_API int mgpu_sweep_grid_count(const mgpu_sweep_grid *g, int axis) {
+    return g && axis >= 0 && axis < g->n_axes ? g->axes[axis].n : 0;
+}
+MGPU_API const char *mgpu_sweep_grid_value(const mgpu_sweep_grid *g, int axis, int i) {
+    return g && axis >= 0 && axis < g->n_axes && i >= 0 && i < g->axes[axis].n ? g->axes[axis].values[i] : NULL;
+}
+MGPU_API int64_t mgpu_sweep_grid_size(const mgpu_sweep_grid *g) { return g && g->n_axes ? g->size : 0; }
+
+MGPU_API mgpu_result mgpu_sweep_grid_point(const mgpu_sweep_grid *g, int64_t index, const char **values) {
+    int a;
+    if (!g || !values || index < 0 || index >= mgpu_sweep_grid_size(g))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_sweep_grid_point: point %lld is outside the grid of %lld", (long long)index,
+                          (long long)mgpu_sweep_grid_size(g));
+    for (a = g->n_axes - 1; a >= 0; a--) {
+        values[a] = g->axes[a].values[index % g->axes[a].n];
+        index /= g->axes[a].n;
+    }
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   Templates and run ids
+   -------------------------------------------------------------------------------------- */
+
+static mgpu_result mgpu__sweep_unknown_key(const char *tmpl, const char *key, size_t len, int n, const char *const *names) {
+    char known[512];
+    size_t pos = 0;
+    int i;
+    known[0] = 0;
+    for (i = 0; i < n && pos + 2 < sizeof known; i++)
+        pos += (size_t)snprintf(known + pos, sizeof known - pos, "%s{%s}", i ? ", " : "", names[i]);
+    return mgpu__fail(MGPU_ERR_INVALID_ARG, "unknown key {%.*s} in the command argument '%s' (known: %s)", (int)len, key, tmpl, known);
+}
+
+MGPU_API char *mgpu_sweep_substitute(const char *tmpl, int n, const char *const *names, const char *const *values) {
+    mgpu__buf b;
+    const char *p;
+    if (!tmpl || n < 0 || (n > 0 && (!names || !values)))
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_sweep_substitute: tmpl, names and values must not be NULL");
+    mgpu__buf_init(&b);
+    mgpu__buf_puts(&b, "");
+    for (p = tmpl; *p;) {
+        const char *close;
+        if ((p[0] == '{' && p[1] == '{') || (p[0] == '}' && p[1] == '}')) {
+            mgpu__buf_append(&b, p, 1);
+            p += 2;
+            continue;
+        }
+        if (p[0] == '{' && (close = strchr(p + 1, '}')) != NULL && mgpu__sweep_name_ok(p + 1, (size_t)(close - p - 1))) {
+            size_t len = (size_t)(close - p - 1);
+            int i, found = -1;
+            for (i = 0; i < n && found < 0; i++)
+                if (strlen(names[i]) == len && strncmp(names[i], p + 1, len) == 0) found = i;
+            if (found < 0) {
+                mgpu__sweep_unknown_key(tmpl, p + 1, len, n, names);
+                mgpu__buf_free(&b);
+                return NULL;
+            }
+            mgpu__buf_puts(&b, values[found] ? values[found] : "");
+            p = close + 1;
+            continue;
+        }
+        mgpu__buf_append(&b, p, 1);
+        p++;
+    }
+    if (b.failed) { mgpu__buf_free(&b); return NULL; }
+    return b.data;
+}
+
+static int mgpu__sweep_id_char_ok(unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '+' || c == '-';
+}
+
+MGPU_API mgpu_result mgpu_sweep_run_id(int n, const char *const *names, const char *const *values, char *buf, size_t size) {
+    mgpu__buf b;
+    int i;
+    if (n < 1 || !names || !values || !buf || size == 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_sweep_run_id: needs n >= 1 names and values and a buffer");
+    mgpu__buf_init(&b);
+    for (i = 0; i < n; i++) {
+        const unsigned char *v = (const unsigned char *)(values[i] ? values[i] : "");
+        mgpu__buf_printf(&b, "%s%s=", i ? "," : "", names[i]);
+        for (; *v; v++) {
+            if (mgpu__sweep_id_char_ok(*v)) mgpu__buf_append(&b, v, 1);
+            else mgpu__buf_printf(&b, "%%%02X", (unsigned)*v);
+        }
+    }
+    if (b.failed) { mgpu__buf_free(&b); return MGPU_ERR_OOM_HOST; }
+    if (b.len > 120) { /* file names have limits: keep a readable head and make it unique with a hash */
+        mgpu__hash64 h;
+        mgpu__hash64_init(&h);
+        mgpu__hash64_update(&h, b.data, b.len);
+        snprintf(b.data + 100, b.cap - 100, "-%016llx", (unsigned long long)mgpu__hash64_final(&h));
+        b.len = strlen(b.data);
+    }
+    if (b.len >= size) {
+        mgpu__buf_free(&b);
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_sweep_run_id: the buffer of %zu bytes is too small", size);
+    }
+    memcpy(buf, b.data, b.len + 1);
+    mgpu__buf_free(&b);
+    return MGPU_OK;
+}
+
+/* --------------------------------------------------------------------------------------
+   Results file
+   -------------------------------------------------------------------------------------- */
+
+struct mgpu_sweep_results { int64_t n, cap; mgpu_json **records; };
+
+/* RFC 8259's number grammar: such a value is written as a JSON number, anything else as a string. */
+static int mgpu__is_json_number(const char *s) {
+    if (*s == '-') s++;
+    if (*s == '0') s++;
+    else if (*s >= '1' && *s <= '9') while (mgpu__is_digit(*s)) s++;
+    else return 0;
+    if (*s == '.') {
+        if (!mgpu__is_digit(*++s)) return 0;
+        while (mgpu__is_digit(*s)) s++;
+    }
+    if (*s == 'e' || *s == 'E') {
+        s++;
+        if (*s == '+' || *s == '-') s++;
+        if (!mgpu__is_digit(*s)) return 0;
+        while (mgpu__is_digit(*s)) s++;
+    }
+    return *s == 0;
+}
+
+static void mgpu__buf_json_param(mgpu__buf *b, const char *value) {
+    if (mgpu__is_json_number(value)) mgpu__buf_puts(b, value);
+    else mgpu__buf_json_string(b, value);
+}
+
+/* A JSON scalar as the text it stands for (numbers exactly as written); NULL for containers. */
+static const char *mgpu__json_scalar_text(const mgpu_json *v, char *buf, size_t size) {
+    if (!v) return NULL;
+    switch (v->type) {
+    case MGPU_JSON_NUMBER:
+        snprintf(buf, size, "%.*s", (int)v->raw_len, v->raw ? v->raw : "");
+        return buf;
+    case MGPU_JSON_STRING: return v->string;
+    case MGPU_JSON_BOOL: return v->boolean ? "true" : "false";
+    case MGPU_JSON_NULL: return "null";
+    default: return NULL;
+    }
+}
+
+MGPU_API mgpu_sweep_results *mgpu_sweep_results_load(const char *path) {
+    mgpu_sweep_results *r;
+    char *text = NULL, label[PATH_MAX + 32];
+    size_t len = 0, start = 0;
+    int64_t line = 0;
+    struct stat st;
+    if (!path) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_sweep_results_load: path is NULL");
+    if (!(r = (mgpu_sweep_results *)mgpu__calloc(sizeof *r, "sweep results"))) return NULL;
+    if (stat(path, &st) != 0 && errno == ENOENT) return r;
+    if (mgpu_read_file(path, (void **)&text, &len) != MGPU_OK) { mgpu_free(r); return NULL; }
+    while (start < len) {
+        size_t end = start;
+        mgpu_json *j;
+        while (end < len && text[end] != '\n') end++;
+        line++;
+        snprintf(label, sizeof label, "%s line %lld", path, (long long)line);
+        if (end > start) {
+            j = mgpu_json_parse(text + start, end - start, label);
+            if (!j || j->type != MGPU_JSON_OBJECT || !mgpu_json_get(j, "params") || mgpu_json_get(j, "params")->type != MGPU_JSON_OBJECT) {
+                mgpu_log(MGPU_LOG_WARN, "%s: skipped (not a sweep record%s%s)", label, j ? "" : ": ", j ? "" : mgpu_last_error());
+                mgpu_json_free(j);
+            } else {
+                if (r->n == r->cap) {
+                    int64_t cap = r->cap ? 2 * r->cap : 64;
+                    mgpu_json **grown = (mgpu_json **)mgpu__alloc((size_t)cap * sizeof *grown, "sweep results");
+                    if (!grown) { mgpu_json_free(j); mgpu_free(text); mgpu_sweep_results_destroy(r); return NULL; }
+                    if (r->n) memcpy(grown, r->records, (size_t)r->n * sizeof *grown);
+                    mgpu_free(r->records);
+                    r->records = grown; r->cap = cap;
+                }
+                r->records[r->n++] = j;
+            }
+        }
+        start = end + 1;
+    }
+    mgpu_free(text);
+    return r;
+}
+
+MGPU_API void mgpu_sweep_results_destroy(mgpu_sweep_results *r) {
+    int64_t i;
+    if (!r) return;
+    for (i = 0; i < r->n; i++) mgpu_json_free(r->records[i]);
+    mgpu_free(r->records);
+    mgpu_free(r);
+}
+
+MGPU_API int64_t mgpu_sweep_results_count(const mgpu_sweep_results *r) { return r ? r->n : 0; }
+MGPU_API const mgpu_json *mgpu_sweep_results_get(const mgpu_sweep_results *r, int64_t i) {
+    return r && i >= 0 && i < r->n ? r->records[i] : NULL;
+}
+
+MGPU_API const char *mgpu_sweep_record_param(const mgpu_json *record, const char *name, char *buf, size_t size) {
+    return mgpu__json_scalar_text(mgpu_json_get(mgpu_json_get(record, "params"), name), buf, size);
+}
+
+/* 1 if the record's params are exactly these names with these values. */
+static int mgpu__sweep_record_is(const mgpu_json *record, int n, const char *const *names, const char *const *values) {
+    const mgpu_json *params = mgpu_json_get(record, "params");
+    char buf[128];
+    int i;
+    if (!params || params->count != n) return 0;
+    for (i = 0; i < n; i++) {
+        const char *v = mgpu_sweep_record_param(record, names[i], buf, sizeof buf);
+        if (!v || strcmp(v, values[i]) != 0) return 0;
+    }
+    return 1;
+}
+
+MGPU_API const mgpu_json *mgpu_sweep_results_find(const mgpu_sweep_results *r, int n, const char *const *names, const char *const *values) {
+    int64_t i;
+    if (!r || n < 1 || !names || !values) return NULL;
+    for (i = r->n - 1; i >= 0; i--)
+        if (mgpu__sweep_record_is(r->records[i], n, names, values)) return r->records[i];
+    return NULL;
+}
+
+MGPU_API int mgpu_sweep_record_metric(const mgpu_json *record, const char *name, double *value) {
+    const mgpu_json *v;
+    if (!record || !name) return 0;
+    v = mgpu_json_get(record, name);
+    if ((!v || v->type != MGPU_JSON_NUMBER) && strncmp(name, "final", 5) == 0 && (name[5] == '.' || name[5] == '_'))
+        v = mgpu_json_get(mgpu_json_get(record, "final"), name + 6);
+    if (!v || v->type != MGPU_JSON_NUMBER || !isfinite(v->number)) return 0;
+    if (value) *value = v->number;
+    return 1;
+}
+
+/* The whole line in one write() on an O_APPEND descriptor (atomic against other appenders), then fsync. */
+static mgpu_result mgpu__append_fd(int fd, const char *path, const char *data, size_t len) {
+    ssize_t w;
+    do w = write(fd, data, len); while (w < 0 && errno == EINTR);
+    if (w < 0) return mgpu__fail(MGPU_ERR_IO, "cannot append to '%s': %s", path, strerror(errno));
+    if ((size_t)w != len) return mgpu__fail(MGPU_ERR_IO, "cannot append to '%s': only %zd of %zu bytes written (disk full?)", path, w, len);
+    if (fsync(fd) != 0) return mgpu__fail(MGPU_ERR_IO, "cannot append to '%s': fsync: %s", path, strerror(errno));
+    return MGPU_OK;
+}
+
+MGPU_API mgpu_result mgpu_append_line(const char *path, const char *text) {
+    mgpu__buf b;
+    mgpu_result r;
+    int fd;
+    if (!path || !text) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_append_line: path and text must not be NULL");
+    mgpu__buf_init(&b);
+    mgpu__buf_puts(&b, text);
+    mgpu__buf_puts(&b, "\n");
+    if (b.failed) return MGPU_ERR_OOM_HOST;
+    if ((fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644)) < 0) {
+        r = mgpu__fail(MGPU_ERR_IO, "cannot open '%s' for appending: %s", path, strerror(errno));
+    } else {
+        r = mgpu__append_fd(fd, path, b.data, b.len);
+        close(fd);
+    }
+    mgpu__buf_free(&b);
+    return r;
+}
+
+/* --------------------------------------------------------------------------------------
+   Summary
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__sweep_group {
+    int n_keys;
+    char **keys;            /* values of the --by params */
+    int64_t n;              /* runs */
+    double *sum, *sumsq;    /* per metric (sumsq about the first value, for a stable variance) */
+    double *first;
+    int64_t *count;
+} mgpu__sweep_group;
+
+typedef struct mgpu__sweep_summary {
+    const mgpu_sweep_summary_desc *d;
+    const char **metrics; int n_metrics;
+    mgpu__sweep_group *groups; int64_t n_groups;
+    int64_t left_out_failed, left_out_other, missing_key;
+} mgpu__sweep_summary;
+
+/* Numeric order where both are numbers, text order otherwise. */
+static int mgpu__sweep_cmp_values(const char *a, const char *b) {
+    char *ea, *eb;
+    double x = strtod(a, &ea), y = strtod(b, &eb);
+    if (ea != a && !*ea && eb != b && !*eb && x != y) return x < y ? -1 : 1;
+    return strcmp(a, b);
+}
+
+static int mgpu__sweep_cmp_groups(const void *pa, const void *pb) {
+    const mgpu__sweep_group *a = (const mgpu__sweep_group *)pa, *b = (const mgpu__sweep_group *)pb;
+    int i, c;
+    for (i = 0; i < a->n_keys; i++)
+        if ((c = mgpu__sweep_cmp_values(a->keys[i], b->keys[i])) != 0) return c;
+    return 0;
+}
+
+/* A record's run key with its line; sorted by key, then line, the last entry of a key is the
+   run's latest record. */
+typedef struct mgpu__sweep_key { char *key; int64_t line; } mgpu__sweep_key;
+
+static int mgpu__sweep_cmp_keys(const void *pa, const void *pb) {
+    const mgpu__sweep_key *a = (const mgpu__sweep_key *)pa, *b = (const mgpu__sweep_key *)pb;
+    int c = strcmp(a->key, b->key);
+    return c ? c : (a->line > b->line) - (a->line < b->line);
+}
+
+static void mgpu__sweep_keys_free(mgpu__sweep_key *keys, int64_t n) {
+    int64_t i;
+    for (i = 0; keys && i < n; i++) mgpu_free(keys[i].key);
+    mgpu_free(keys);
+}
+
+/* A record's params as one key, names sorted ("alpha=0.1,seed=3" whatever the order in the file). */
+static char *mgpu__sweep_params_key(const mgpu_json *record) {
+    const mgpu_json *p, *sorted[MGPU__SWEEP_MAX_AXES];
+    const char *names[MGPU__SWEEP_MAX_AXES], *values[MGPU__SWEEP_MAX_AXES];
+    char bufs[MGPU__SWEEP_MAX_AXES][128], id[MGPU__SWEEP_ID_MAX];
+    int n = 0, i, k;
+    for (p = mgpu_json_get(record, "params")->child; p && n < MGPU__SWEEP_MAX_AXES; p = p->next) {
+        for (k = n++; k > 0 && strcmp(sorted[k - 1]->key, p->key) > 0; k--) sorted[k] = sorted[k - 1];
+        sorted[k] = p;
+    }
+    for (i = 0; i < n; i++) {
+        names[i] = sorted[i]->key;
+        if (!(values[i] = mgpu__json_scalar_text(sorted[i], bufs[i], sizeof bufs[i]))) values[i] = "";
+    }
+    if (n == 0) return mgpu__strdup("");
+    return mgpu_sweep_run_id(n, names, values, id, sizeof id) == MGPU_OK ? mgpu__strdup(id) : NULL;
+}
+
+/* latest[i] = 1 when record i is the last one of its run. */
+static mgpu_result mgpu__sweep_latest(const mgpu_sweep_results *r, char *latest) {
+    mgpu__sweep_key *keys = (mgpu__sweep_key *)mgpu__calloc((size_t)r->n * sizeof *keys + 1, "run keys");
+    int64_t i;
+    if (!keys) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < r->n; i++) {
+        keys[i].line = i;
+        if (!(keys[i].key = mgpu__sweep_params_key(r->records[i]))) { mgpu__sweep_keys_free(keys, r->n); return MGPU_ERR_OOM_HOST; }
+    }
+    qsort(keys, (size_t)r->n, sizeof *keys, mgpu__sweep_cmp_keys);
+    for (i = 0; i < r->n; i++) latest[keys[i].line] = i + 1 == r->n || strcmp(keys[i].key, keys[i + 1].key) != 0;
+    mgpu__sweep_keys_free(keys, r->n);
+    return MGPU_OK;
+}
+
+/* Metric names when none are given: every number of the final metrics lines, first seen first. */
+static mgpu_result mgpu__sweep_default_metrics(const mgpu_sweep_results *r, mgpu__sweep_summary *s) {
+    int64_t i;
+    s->metrics = (const char **)mgpu__calloc(64 * sizeof(char *), "metric names");
+    if (!s->metrics) return MGPU_ERR_OOM_HOST;
+    for (i = 0; i < r->n; i++) {
+        const mgpu_json *fin = mgpu_json_get(r->records[i], "final"), *m;
+        if (!fin || fin->type != MGPU_JSON_OBJECT) continue;
+        for (m = fin->child; m; m = m->next) {
+            size_t size = m->key ? strlen(m->key) + 7 : 0;
+            char *name;
+            int k, seen = 0;
+            if (m->type != MGPU_JSON_NUMBER || !m->key) continue;
+            for (k = 0; k < s->n_metrics && !seen; k++) seen = strcmp(s->metrics[k] + 6, m->key) == 0;
+            if (seen || s->n_metrics == 64) continue;
+            if (!(name = (char *)mgpu__alloc(size, "a metric name"))) return MGPU_ERR_OOM_HOST;
+            snprintf(name, size, "final_%s", m->key);
+            s->metrics[s->n_metrics++] = name;
+        }
+    }
+    if (s->n_metrics == 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "no run has final metrics: name the metrics to summarise (e.g. wall_s)");
+    return MGPU_OK;
+}
+
+static mgpu__sweep_group *mgpu__sweep_group_of(mgpu__sweep_summary *s, char **keys) {
+    int64_t g;
+    int i, same;
+    mgpu__sweep_group *grp;
+    for (g = 0; g < s->n_groups; g++) {
+        for (i = 0, same = 1; i < s->d->n_by && same; i++) same = strcmp(s->groups[g].keys[i], keys[i]) == 0;
+        if (same) return &s->groups[g];
+    }
+    if (s->n_groups % 64 == 0) {
+        mgpu__sweep_group *grown = (mgpu__sweep_group *)mgpu__calloc((size_t)(s->n_groups + 64) * sizeof *grown, "summary groups");
+        if (!grown) return NULL;
+        if (s->n_groups) memcpy(grown, s->groups, (size_t)s->n_groups * sizeof *grown);
+        mgpu_free(s->groups);
+        s->groups = grown;
+    }
+    grp = &s->groups[s->n_groups];
+    grp->keys = (char **)mgpu__calloc((size_t)(s->d->n_by + 1) * sizeof(char *), "group keys");
+    grp->sum = (double *)mgpu__calloc((size_t)s->n_metrics * 4 * sizeof(double), "group sums");
+    grp->count = (int64_t *)mgpu__calloc((size_t)s->n_metrics * sizeof(int64_t), "group counts");
+    if (!grp->keys || !grp->sum || !grp->count) return NULL;
+    grp->n_keys = s->d->n_by;
+    grp->sumsq = grp->sum + s->n_metrics;
+    grp->first = grp->sum + 2 * s->n_metrics;
+    for (i = 0; i < s->d->n_by; i++)
+        if (!(grp->keys[i] = mgpu__strdup(keys[i]))) return NULL;
+    s->n_groups++;
+    return grp;
+}
+
+static mgpu_result mgpu__sweep_collect(const mgpu_sweep_results *r, mgpu__sweep_summary *s) {
+    char *latest = (char *)mgpu__alloc((size_t)r->n + 1, "latest records");
+    mgpu_result res = latest ? mgpu__sweep_latest(r, latest) : MGPU_ERR_OOM_HOST;
+    int64_t i;
+    int k;
+    for (i = 0; i < r->n && res == MGPU_OK; i++) {
+        const mgpu_json *rec = r->records[i], *status = mgpu_json_get(rec, "status");
+        char bufs[MGPU__SWEEP_MAX_AXES][128], *keys[MGPU__SWEEP_MAX_AXES];
+        mgpu__sweep_group *g;
+        int missing = 0;
+        if (!latest[i]) continue;
+        if (!status || status->type != MGPU_JSON_STRING || strcmp(status->string, "ok") != 0) {
+            if (status && status->type == MGPU_JSON_STRING && strcmp(status->string, "failed") == 0) s->left_out_failed++;
+            else s->left_out_other++;
+            continue;
+        }
+        for (k = 0; k < s->d->n_by; k++) {
+            const char *v = mgpu_sweep_record_param(rec, s->d->by[k], bufs[k], sizeof bufs[k]);
+            if (!v) { missing = 1; break; }
+            if (v != bufs[k]) snprintf(bufs[k], sizeof bufs[k], "%s", v);
+            keys[k] = bufs[k];
+        }
+        if (missing) { s->missing_key++; continue; }
+        if (!(g = mgpu__sweep_group_of(s, keys))) { res = MGPU_ERR_OOM_HOST; break; }
+        g->n++;
+        for (k = 0; k < s->n_metrics; k++) {
+            double v, dv;
+            if (!mgpu_sweep_record_metric(rec, s->metrics[k], &v)) continue;
+            if (g->count[k] == 0) g->first[k] = v;
+            dv = v - g->first[k];
+            g->sum[k] += dv;
+            g->sumsq[k] += dv * dv;
+            g->count[k]++;
+        }
+    }
+    mgpu_free(latest);
+    return res;
+}
+
+static void mgpu__sweep_stats_of(const mgpu__sweep_group *g, int k, double *mean, double *std) {
+    double n = (double)g->count[k], m = g->sum[k] / n;
+    *mean = g->first[k] + m;
+    *std = g->count[k] > 1 ? sqrt(fmax(0.0, (g->sumsq[k] - n * m * m) / (n - 1))) : NAN;
+}
+
+/* Four decimals for everyday magnitudes, significant digits otherwise. */
+static void mgpu__sweep_format_number(double v, char *buf, size_t size) {
+    double a = fabs(v);
+    if (v != v) snprintf(buf, size, "n/a");
+    else if (a == 0 || (a >= 1e-3 && a < 1e7)) snprintf(buf, size, "%.4f", v);
+    else snprintf(buf, size, "%.4g", v);
+}
+
+/* Cell (row, col) of the table/markdown output: row -1 is the header. */
+static void mgpu__sweep_cell(const mgpu__sweep_summary *s, int64_t row, int col, char *buf, size_t size) {
+    const mgpu__sweep_group *g = row >= 0 ? &s->groups[row] : NULL;
+    int n_by = s->d->n_by, k = col - n_by - 1;
+    char a[48], b[48];
+    double mean, std;
+    if (col < n_by) { snprintf(buf, size, "%s", g ? g->keys[col] : s->d->by[col]); return; }
+    if (col == n_by) { if (g) snprintf(buf, size, "%lld", (long long)g->n); else snprintf(buf, size, "n"); return; }
+    if (!g) { snprintf(buf, size, "%s", s->metrics[k]); return; }
+    if (g->count[k] == 0) { snprintf(buf, size, "-"); return; }
+    mgpu__sweep_stats_of(g, k, &mean, &std);
+    mgpu__sweep_format_number(mean, a, sizeof a);
+    mgpu__sweep_format_number(std, b, sizeof b);
+    if (g->count[k] == g->n) snprintf(buf, size, "%s \xc2\xb1 %s", a, b);
+    else snprintf(buf, size, "%s \xc2\xb1 %s (n=%lld)", a, b, (long long)g->count[k]);
+}
+
+static size_t mgpu__utf8_width(const char *s) {
+    size_t n = 0;
+    for (; *s; s++) n += ((unsigned char)*s & 0xC0) != 0x80;
+    return n;
+}
+
+static void mgpu__csv_field(FILE *out, const char *s) {
+    if (!strpbrk(s, ",\"\n\r")) { fputs(s, out); return; }
+    fputc('"', out);
+    for (; *s; s++) {
+        if (*s == '"') fputc('"', out);
+        fputc(*s, out);
+    }
+    fputc('"', out);
+}
+
+static void mgpu__sweep_print_csv(const mgpu__sweep_summary *s, FILE *out) {
+    int64_t g;
+    int k;
+    for (k = 0; k < s->d->n_by; k++) { mgpu__csv_field(out, s->d->by[k]); fputc(',', out); }
+    fputs("n", out);
+    for (k = 0; k < s->n_metrics; k++) fprintf(out, ",%s_mean,%s_std,%s_n", s->metrics[k], s->metrics[k], s->metrics[k]);
+    fputc('\n', out);
+    for (g = 0; g < s->n_groups; g++) {
+        const mgpu__sweep_group *grp = &s->groups[g];
+        for (k = 0; k < s->d->n_by; k++) { mgpu__csv_field(out, grp->keys[k]); fputc(',', out); }
+        fprintf(out, "%lld", (long long)grp->n);
+        for (k = 0; k < s->n_metrics; k++) {
+            double mean, std;
+            if (grp->count[k] == 0) { fputs(",,,0", out); continue; }
+            mgpu__sweep_stats_of(grp, k, &mean, &std);
+            fprintf(out, ",%.10g,", mean);
+            if (std == std) fprintf(out, "%.10g", std);
+            fprintf(out, ",%lld", (long long)grp->count[k]);
+        }
+        fputc('\n', out);
+    }
+}
+
+static void mgpu__sweep_print_table(const mgpu__sweep_summary *s, FILE *out, int markdown) {
+    int n_cols = s->d->n_by + 1 + s->n_metrics, c;
+    size_t *width = (size_t *)mgpu__calloc((size_t)n_cols * sizeof(size_t), "column widths");
+    char cell[256];
+    int64_t row;
+    if (!width) return;
+    for (c = 0; c < n_cols && markdown; c++) width[c] = 3; /* a delimiter cell needs a hyphen besides its colon */
+    for (row = -1; row < s->n_groups; row++)
+        for (c = 0; c < n_cols; c++) {
+            mgpu__sweep_cell(s, row, c, cell, sizeof cell);
+            width[c] = MGPU__MAX(width[c], mgpu__utf8_width(cell));
+        }
+    for (row = -1; row < s->n_groups; row++) {
+        for (c = 0; c < n_cols; c++) {
+            size_t w;
+            mgpu__sweep_cell(s, row, c, cell, sizeof cell);
+            fputs(markdown ? (c ? " | " : "| ") : (c ? "  " : ""), out);
+            fputs(cell, out);
+            if (markdown || c + 1 < n_cols)
+                for (w = mgpu__utf8_width(cell); w < width[c]; w++) fputc(' ', out);
+        }
+        fputs(markdown ? " |\n" : "\n", out);
+        if (row == -1 && markdown) {
+            for (c = 0; c < n_cols; c++) {
+                size_t w;
+                fputs(c ? " | " : "| ", out);
+                for (w = 1; w < width[c]; w++) fputc('-', out);
+                fputc(c < s->d->n_by ? '-' : ':', out); /* numbers right-aligned when rendered */
+            }
+            fputs(" |\n", out);
+        }
+    }
+    mgpu_free(width);
+}
+
+MGPU_API mgpu_result mgpu_sweep_summary_print(const mgpu_sweep_results *r, const mgpu_sweep_summary_desc *d, FILE *out) {
+    mgpu__sweep_summary s;
+    mgpu_result res;
+    int64_t g;
+    int k, own_metrics = 0;
+    if (!r || !d || !out || d->n_by < 0 || d->n_by > MGPU__SWEEP_MAX_AXES || (d->n_by && !d->by) || d->n_metrics < 0 || (d->n_metrics && !d->metrics))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_sweep_summary_print: results, desc (0 to %d --by keys, metrics) and out must be valid", MGPU__SWEEP_MAX_AXES);
+    memset(&s, 0, sizeof s);
+    s.d = d;
+    if (d->n_metrics) {
+        s.metrics = (const char **)d->metrics;
+        s.n_metrics = d->n_metrics;
+    } else {
+        own_metrics = 1;
+        res = mgpu__sweep_default_metrics(r, &s);
+        if (res != MGPU_OK) goto done;
+    }
+    for (k = 0; k < d->n_by; k++) {
+        int64_t i;
+        char buf[8];
+        for (i = 0; i < r->n && !mgpu_sweep_record_param(r->records[i], d->by[k], buf, sizeof buf); i++) {}
+        if (i == r->n) {
+            res = mgpu__fail(MGPU_ERR_INVALID_ARG, "--by %s: no run has that param%s", d->by[k], r->n ? " (see \"params\" in the results file)" : " (the results file is empty)");
+            goto done;
+        }
+    }
+    if ((res = mgpu__sweep_collect(r, &s)) != MGPU_OK) goto done;
+    if (s.n_groups == 0) {
+        res = mgpu__fail(MGPU_ERR_INVALID_ARG, "no successful run to summarise (%lld failed, %lld interrupted or unknown, %lld without a --by key)",
+                         (long long)s.left_out_failed, (long long)s.left_out_other, (long long)s.missing_key);
+        goto done;
+    }
+    for (k = 0; k < s.n_metrics; k++) {
+        int64_t found = 0;
+        for (g = 0; g < s.n_groups; g++) found += s.groups[g].count[k];
+        if (!found) { res = mgpu__fail(MGPU_ERR_INVALID_ARG, "no finished run has the metric '%s' (a number in the record, or final_NAME from its final metrics line)", s.metrics[k]); goto done; }
+    }
+    qsort(s.groups, (size_t)s.n_groups, sizeof *s.groups, mgpu__sweep_cmp_groups);
+    if (d->format == MGPU_SWEEP_CSV) mgpu__sweep_print_csv(&s, out);
+    else mgpu__sweep_print_table(&s, out, d->format == MGPU_SWEEP_MARKDOWN);
+    if (d->format == MGPU_SWEEP_TABLE && (s.left_out_failed || s.left_out_other || s.missing_key))
+        fprintf(out, "(left out: %lld failed, %lld interrupted or unknown, %lld without a --by key)\n", (long long)s.left_out_failed,
+                (long long)s.left_out_other, (long long)s.missing_key);
+    res = MGPU_OK;
+done:
+    for (g = 0; g < s.n_groups; g++) {
+        for (k = 0; k < d->n_by; k++) mgpu_free(s.groups[g].keys[k]);
+        mgpu_free(s.groups[g].keys);
+        mgpu_free(s.groups[g].sum);
+        mgpu_free(s.groups[g].count);
+    }
+    mgpu_free(s.groups);
+    if (own_metrics) {
+        for (k = 0; k < s.n_metrics; k++) mgpu_free((void *)s.metrics[k]);
+        mgpu_free((void *)s.metrics);
+    }
+    return res;
+}
+
+/* --------------------------------------------------------------------------------------
+   Sweep scheduler: one single-threaded poll loop. Signals (SIGCHLD included) arrive through
+   the self-pipe; each slot runs one process group at a time; a run's output goes to its own
+   log file, so nothing but signals needs watching.
+   -------------------------------------------------------------------------------------- */
+
+/* room for the run directory plus a run id and a suffix */
+#define MGPU__SWEEP_PATH_MAX (PATH_MAX + MGPU__SWEEP_ID_MAX + 32)
+
+typedef struct mgpu__sweep_slot {
+    char devices[32];
+    int busy, pid, attempt;
+    int stopped;                  /* the sweep sent it SIGTERM (stop or timeout) */
+    int timed_out;
+    int64_t point;
+    double t_start, deadline, kill_at; /* kill_at: SIGKILL due (0: none) */
+    int64_t log_start, metrics_start;
+    char started_at[32];
+    char id[MGPU__SWEEP_ID_MAX];
+    char log_path[MGPU__SWEEP_PATH_MAX], metrics_path[MGPU__SWEEP_PATH_MAX];
+    const char *values[MGPU__SWEEP_MAX_AXES];
+} mgpu__sweep_slot;
+
+typedef struct mgpu__sweep {
+    const mgpu_sweep_desc *d;
+    const mgpu_sweep_grid *g;
+    mgpu_sweep_stats *stats;
+    const char *names[MGPU__SWEEP_MAX_AXES + MGPU__SWEEP_N_BUILTINS]; /* the axes, then the built-ins */
+    int n_axes, uses_run_dir;
+    char run_dir[PATH_MAX], lock_path[PATH_MAX + 8];
+    int results_fd, lock_fd, sig_fd;
+    int64_t *queue, q_head, q_len;  /* grid points left, in order */
+    mgpu__sweep_slot *slots;
+    int n_slots;
+    int64_t done_before, failed_before, finished_now, failed_now;
+    double t0, grace;
+    int stop_sig, io_error, tty;
+    double t_drawn;
+    char threads[16];               /* MGPU_NUM_THREADS for every run; "" to inherit */
+} mgpu__sweep;
+
+/* ---- output: event lines, and one progress line (redrawn on a terminal) ---- */
+
+static int mgpu__sweep_running(const mgpu__sweep *sw) {
+    int i, n = 0;
+    for (i = 0; i < sw->n_slots; i++) n += sw->slots[i].busy;
+    return n;
+}
+
+static void mgpu__sweep_progress_text(const mgpu__sweep *sw, char *buf, size_t size, int bar) {
+    int64_t total = sw->stats->total, done = sw->done_before + sw->finished_now, running = mgpu__sweep_running(sw);
+    int64_t left = MGPU__MAX(total - done - running, 0);
+    double hours = (mgpu_time_s() - sw->t0) / 3600.0, rate = hours > 0 ? (double)sw->finished_now / hours : 0;
+    size_t pos = 0;
+    char eta[32];
+    if (bar) {
+        int i, filled = total ? (int)(20 * done / total) : 0;
+        pos += (size_t)snprintf(buf, size, "[");
+        for (i = 0; i < 20 && pos + 2 < size; i++) buf[pos++] = i < filled ? '#' : '.';
+        pos += (size_t)snprintf(buf + pos, size - pos, "] ");
+    }
+    pos += (size_t)snprintf(buf + pos, pos < size ? size - pos : 0, "%lld/%lld done, %lld failed, %lld running, %lld left", (long long)done,
+                            (long long)total, (long long)(sw->failed_before + sw->failed_now), (long long)running, (long long)left);
+    if (pos < size && sw->finished_now > 0) {
+        mgpu__format_duration((double)(left + running) / rate * 3600.0, eta, sizeof eta);
+        snprintf(buf + pos, size - pos, " | %.1f runs/h | ETA %s", rate, eta);
+    }
+}
+
+static void mgpu__sweep_draw(mgpu__sweep *sw) {
+    char line[256];
+    if (sw->d->quiet || !sw->tty) return;
+    mgpu__sweep_progress_text(sw, line, sizeof line, 1);
+    fprintf(stderr, "\r%s\x1b[K", line);
+    fflush(stderr);
+    sw->t_drawn = mgpu_time_s();
+}
+
+/* An event line; with with_progress, the progress text is added (plain) or redrawn (terminal). */
+static void mgpu__sweep_say(mgpu__sweep *sw, int with_progress, const char *fmt, ...) MGPU__PRINTF(3, 4);
+static void mgpu__sweep_say(mgpu__sweep *sw, int with_progress, const char *fmt, ...) {
+    char msg[1024], progress[256];
+    va_list ap;
+    if (sw->d->quiet) return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (sw->tty) {
+        fprintf(stderr, "\r\x1b[Kmgpu-sweep: %s\n", msg);
+        if (with_progress) mgpu__sweep_draw(sw);
+    } else if (with_progress) {
+        mgpu__sweep_progress_text(sw, progress, sizeof progress, 0);
+        fprintf(stderr, "mgpu-sweep: %s [%s]\n", msg, progress);
+    } else {
+        fprintf(stderr, "mgpu-sweep: %s\n", msg);
+    }
+    fflush(stderr);
+}
+
+/* ---- setup: checks, lock, results file, the runs left ---- */
+
+static mgpu_result mgpu__sweep_check(mgpu__sweep *sw) {
+    const mgpu_sweep_desc *d = sw->d;
+    const char *values[MGPU__SWEEP_MAX_AXES + MGPU__SWEEP_N_BUILTINS];
+    int i, n;
+    if (!d->grid || mgpu_sweep_grid_size(d->grid) < 1) return mgpu__fail(MGPU_ERR_INVALID_ARG, "the grid is empty (give at least one --grid NAME=VALUES)");
+    if (!d->command || !d->command[0] || !d->command[0][0]) return mgpu__fail(MGPU_ERR_INVALID_ARG, "no command to run (give it after --)");
+    if (!d->results || !d->results[0]) return mgpu__fail(MGPU_ERR_INVALID_ARG, "no results file (--results FILE)");
+    if (d->cpu_slots < 0 || d->n_gpus < 0 || d->slots_per_gpu < 0 || d->retries < 0 || (d->n_gpus > 0 && !d->gpus))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "slot counts and retries must be >= 0");
+    if (d->cpu_slots + d->n_gpus == 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "no slots to run on (give --gpus or --cpu-slots N)");
+    for (i = 0; i < d->n_gpus; i++)
+        if (!d->gpus[i] || !d->gpus[i][0] || strlen(d->gpus[i]) >= sizeof sw->slots[0].devices)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "GPU %d has an empty or too long CUDA_VISIBLE_DEVICES value", i);
+    sw->g = d->grid;
+    sw->n_axes = mgpu_sweep_grid_axes(d->grid);
+    for (i = 0; i < sw->n_axes; i++) sw->names[i] = mgpu_sweep_grid_name(d->grid, i);
+    for (i = 0; i < MGPU__SWEEP_N_BUILTINS; i++) sw->names[sw->n_axes + i] = mgpu__sweep_builtins[i];
+    /* every argument substitutes (unknown keys are caught before anything runs) */
+    mgpu_sweep_grid_point(d->grid, 0, values);
+    for (i = 0; i < MGPU__SWEEP_N_BUILTINS; i++) values[sw->n_axes + i] = "x";
+    n = sw->n_axes + MGPU__SWEEP_N_BUILTINS;
+    for (i = 0; d->command[i]; i++) {
+        char *arg = mgpu_sweep_substitute(d->command[i], n, sw->names, values);
+        if (!arg) return MGPU_ERR_INVALID_ARG;
+        mgpu_free(arg);
+        if (strstr(d->command[i], "{run_dir}")) sw->uses_run_dir = 1;
+    }
+    if (!strchr(d->command[0], '{') && !mgpu_program_exists(d->command[0]))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "the command '%s' was not found or is not executable", d->command[0]);
+    if (d->run_dir) {
+        snprintf(sw->run_dir, sizeof sw->run_dir, "%s", d->run_dir);
+    } else {
+        size_t len = strlen(d->results);
+        if (len > 6 && strcmp(d->results + len - 6, ".jsonl") == 0) len -= 6;
+        snprintf(sw->run_dir, sizeof sw->run_dir, "%.*s.d", (int)len, d->results);
+    }
+    snprintf(sw->lock_path, sizeof sw->lock_path, "%s.lock", d->results);
+    return MGPU_OK;
+}
+
+/* flock on RESULTS.lock, held until the sweep ends (or dies: the kernel drops it). */
+static mgpu_result mgpu__sweep_lock(mgpu__sweep *sw) {
+    char pid[32] = "";
+    ssize_t n;
+    const char *slash = strrchr(sw->d->results, '/');
+    if (slash && slash != sw->d->results) { /* the results file's folder, like the run directory, is made */
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof dir, "%.*s", (int)(slash - sw->d->results), sw->d->results);
+        if (mgpu_make_dirs(dir) != MGPU_OK) return mgpu__fail(MGPU_ERR_IO, "cannot write the results file '%s': %.400s", sw->d->results, mgpu_last_error());
+    }
+    sw->lock_fd = open(sw->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (sw->lock_fd < 0) return mgpu__fail(MGPU_ERR_IO, "cannot create the lock file '%s': %s", sw->lock_path, strerror(errno));
+    if (flock(sw->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        int err = errno;
+        n = pread(sw->lock_fd, pid, sizeof pid - 1, 0);
+        pid[n > 0 ? n : 0] = 0;
+        pid[strcspn(pid, "\n")] = 0;
+        if (err == EWOULDBLOCK)
+            return mgpu__fail(MGPU_ERR_STATE, "another sweep%s%s%s is writing '%s' (it holds '%s'); wait for it to end or stop it first",
+                              pid[0] ? " (pid " : "", pid, pid[0] ? ")" : "", sw->d->results, sw->lock_path);
+        return mgpu__fail(MGPU_ERR_IO, "cannot lock '%s': %s", sw->lock_path, strerror(err));
+    }
+    n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(sw->lock_fd, 0) != 0 || pwrite(sw->lock_fd, pid, (size_t)n, 0) != n) { /* the pid is only for the message */ }
+    return MGPU_OK;
+}
+
+/* Opens the results file for appending (so an unwritable path fails before any run) and ends a
+   torn last line, so the next record starts on a line of its own. */
+static mgpu_result mgpu__sweep_open_results(mgpu__sweep *sw) {
+    struct stat st;
+    char last = '\n';
+    sw->results_fd = open(sw->d->results, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (sw->results_fd < 0) return mgpu__fail(MGPU_ERR_IO, "cannot write the results file '%s': %s", sw->d->results, strerror(errno));
+    if (fstat(sw->results_fd, &st) == 0 && st.st_size > 0 && pread(sw->results_fd, &last, 1, st.st_size - 1) == 1 && last != '\n') {
+        mgpu_result r;
+        mgpu_log(MGPU_LOG_WARN, "sweep: '%s' ends with a torn line (a crash while writing?); it is skipped", sw->d->results);
+        if ((r = mgpu__append_fd(sw->results_fd, sw->d->results, "\n", 1)) != MGPU_OK) return r;
+    }
+    if (mgpu_make_dirs(sw->run_dir) != MGPU_OK) return mgpu__fail(MGPU_ERR_IO, "cannot create the run directory: %.400s", mgpu_last_error());
+    if (access(sw->run_dir, W_OK) != 0)
+        return mgpu__fail(MGPU_ERR_IO, "cannot write the run directory '%s' (logs and metrics): %s", sw->run_dir, strerror(errno));
+    return MGPU_OK;
+}
+
+/* The run id of a record in this grid's axis order, or 0 if its params are not exactly the axes. */
+static int mgpu__sweep_record_id(const mgpu__sweep *sw, const mgpu_json *rec, char *id, size_t size) {
+    char bufs[MGPU__SWEEP_MAX_AXES][128];
+    const char *values[MGPU__SWEEP_MAX_AXES];
+    const mgpu_json *params = mgpu_json_get(rec, "params");
+    int a;
+    if (!params || params->count != sw->n_axes) return 0;
+    for (a = 0; a < sw->n_axes; a++)
+        if (!(values[a] = mgpu_sweep_record_param(rec, sw->names[a], bufs[a], sizeof bufs[a]))) return 0;
+    return mgpu_sweep_run_id(sw->n_axes, sw->names, values, id, size) == MGPU_OK;
+}
+
+/* "ok", "failed" or anything else: 0, 1, 2. */
+static int mgpu__sweep_record_state(const mgpu_json *record) {
+    const mgpu_json *st = mgpu_json_get(record, "status");
+    if (!st || st->type != MGPU_JSON_STRING) return 2;
+    return strcmp(st->string, "ok") == 0 ? 0 : strcmp(st->string, "failed") == 0 ? 1 : 2;
+}
+
+/* Finished runs (the latest record of each: "ok", or "failed" unless rerun_failed) are skipped;
+   the other points, in grid order, make the queue. */
+static mgpu_result mgpu__sweep_plan(mgpu__sweep *sw) {
+    mgpu_sweep_results *res = mgpu_sweep_results_load(sw->d->results);
+    mgpu__sweep_key *done = NULL;
+    int64_t n_done = 0, i, total = mgpu_sweep_grid_size(sw->g);
+    char id[MGPU__SWEEP_ID_MAX];
+    mgpu_result r = MGPU_OK;
+    if (!res) return mgpu_last_result();
+    done = (mgpu__sweep_key *)mgpu__calloc((size_t)res->n * sizeof *done + 1, "finished runs");
+    sw->queue = (int64_t *)mgpu__alloc((size_t)total * sizeof(int64_t), "the sweep queue");
+    if (!done || !sw->queue) r = MGPU_ERR_OOM_HOST;
+    for (i = 0; i < res->n && r == MGPU_OK; i++) {
+        if (!mgpu__sweep_record_id(sw, res->records[i], id, sizeof id)) continue; /* another grid's run */
+        done[n_done].line = i;
+        if (!(done[n_done++].key = mgpu__strdup(id))) r = MGPU_ERR_OOM_HOST;
+    }
+    if (n_done) qsort(done, (size_t)n_done, sizeof *done, mgpu__sweep_cmp_keys);
+    sw->stats->total = total;
+    for (i = 0; i < total && r == MGPU_OK; i++) {
+        const char *values[MGPU__SWEEP_MAX_AXES];
+        int64_t lo = 0, hi = n_done;
+        int state;
+        mgpu_sweep_grid_point(sw->g, i, values);
+        mgpu_sweep_run_id(sw->n_axes, sw->names, values, id, sizeof id);
+        while (lo < hi) { /* the first entry past this id; the one before it is its latest record */
+            int64_t mid = (lo + hi) / 2;
+            if (strcmp(done[mid].key, id) <= 0) lo = mid + 1; else hi = mid;
+        }
+        state = lo > 0 && strcmp(done[lo - 1].key, id) == 0 ? mgpu__sweep_record_state(res->records[done[lo - 1].line]) : 2;
+        if (state == 0 || (state == 1 && !sw->d->rerun_failed)) {
+            sw->done_before++;
+            sw->failed_before += state;
+        } else {
+            sw->queue[sw->q_len++] = i;
+        }
+    }
+    sw->stats->skipped = sw->done_before;
+    sw->stats->skipped_failed = sw->failed_before;
+    mgpu__sweep_keys_free(done, n_done);
+    mgpu_sweep_results_destroy(res);
+    return r;
+}
+
+/* ---- one run ---- */
+
+static void mgpu__sweep_info(const mgpu__sweep *sw, const mgpu__sweep_slot *s, mgpu_sweep_run_info *info) {
+    memset(info, 0, sizeof *info);
+    info->index = s->point; info->id = s->id; info->values = s->values;
+    info->slot = (int)(s - sw->slots); info->devices = s->devices;
+    info->attempt = s->attempt; info->pid = s->pid;
+    info->log_path = s->log_path; info->metrics_path = s->metrics_path;
+}
+
+/* The command of a run with every {key} filled in (NULL-terminated; free with mgpu__sweep_free_argv). */
+static char **mgpu__sweep_argv(const mgpu__sweep *sw, const mgpu__sweep_slot *s, const char *run_dir) {
+    const char *values[MGPU__SWEEP_MAX_AXES + MGPU__SWEEP_N_BUILTINS];
+    char slot[16], attempt[16];
+    int n = 0, i;
+    char **argv;
+    while (sw->d->command[n]) n++;
+    if (!(argv = (char **)mgpu__calloc((size_t)(n + 1) * sizeof *argv, "a command line"))) return NULL;
+    snprintf(slot, sizeof slot, "%d", (int)(s - sw->slots));
+    snprintf(attempt, sizeof attempt, "%d", s->attempt);
+    for (i = 0; i < sw->n_axes; i++) values[i] = s->values[i];
+    values[sw->n_axes + 0] = s->metrics_path; /* order of mgpu__sweep_builtins */
+    values[sw->n_axes + 1] = s->log_path;
+    values[sw->n_axes + 2] = s->id;
+    values[sw->n_axes + 3] = run_dir;
+    values[sw->n_axes + 4] = slot;
+    values[sw->n_axes + 5] = attempt;
+    for (i = 0; i < n; i++) {
+        if (!(argv[i] = mgpu_sweep_substitute(sw->d->command[i], sw->n_axes + MGPU__SWEEP_N_BUILTINS, sw->names, values))) {
+            while (i > 0) mgpu_free(argv[--i]);
+            mgpu_free(argv);
+            return NULL;
+        }
+    }
+    return argv;
+}
+
+static void mgpu__sweep_free_argv(char **argv) {
+    int i;
+    for (i = 0; argv && argv[i]; i++) mgpu_free(argv[i]);
+    mgpu_free(argv);
+}
+
+/* The command as a shell would read it back (for logs and --dry-run). */
+static void mgpu__sweep_quote_argv(char *const *argv, mgpu__buf *b) {
+    int i;
+    for (i = 0; argv[i]; i++) {
+        const char *a = argv[i];
+        if (i) mgpu__buf_puts(b, " ");
+        if (a[0] && !a[strspn(a, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+-=.,/:@%")]) { mgpu__buf_puts(b, a); continue; }
+        mgpu__buf_puts(b, "'");
+        for (; *a; a++) {
+            if (*a == '\'') mgpu__buf_puts(b, "'\\''");
+            else mgpu__buf_append(b, a, 1);
+        }
+        mgpu__buf_puts(b, "'");
+    }
+}
+
+static void mgpu__sweep_set_paths(const mgpu__sweep *sw, mgpu__sweep_slot *s, int64_t point) {
+    s->point = point;
+    mgpu_sweep_grid_point(sw->g, point, s->values);
+    mgpu_sweep_run_id(sw->n_axes, sw->names, s->values, s->id, sizeof s->id);
+    snprintf(s->log_path, sizeof s->log_path, "%s/%s.log", sw->run_dir, s->id);
+    snprintf(s->metrics_path, sizeof s->metrics_path, "%s/%s.metrics.jsonl", sw->run_dir, s->id);
+}
+
+/* The run's log (appended: attempts and resumed runs keep what came before), headed by the command. */
+static int mgpu__sweep_open_log(mgpu__sweep_slot *s, int slot, char *const *argv) {
+    mgpu__buf head;
+    time_t now = time(NULL);
+    struct tm tm;
+    int fd = open(s->log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        mgpu__fail(MGPU_ERR_IO, "cannot open the log '%s': %s", s->log_path, strerror(errno));
+        return -1;
+    }
+    gmtime_r(&now, &tm);
+    strftime(s->started_at, sizeof s->started_at, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    mgpu__buf_init(&head);
+    mgpu__buf_printf(&head, "=== mgpu-sweep: run %s, attempt %d, slot %d (CUDA_VISIBLE_DEVICES=%s), %s ===\n$ ", s->id, s->attempt, slot,
+                     s->devices, s->started_at);
+    mgpu__sweep_quote_argv(argv, &head);
+    mgpu__buf_puts(&head, "\n");
+    if (!head.failed && write(fd, head.data, head.len) < 0) { /* a log header is not worth failing the run */ }
+    mgpu__buf_free(&head);
+    s->log_start = (int64_t)lseek(fd, 0, SEEK_END);
+    return fd;
+}
+
+static void mgpu__sweep_finish(mgpu__sweep *sw, mgpu__sweep_slot *s, int wait_status, const char *error);
+
+static void mgpu__sweep_launch(mgpu__sweep *sw, mgpu__sweep_slot *s, int64_t point, int attempt) {
+    char run_dir[MGPU__SWEEP_PATH_MAX], e_cvd[64], e_id[MGPU__SWEEP_ID_MAX + 32], e_metrics[MGPU__SWEEP_PATH_MAX + 16], e_slot[32], e_attempt[32], e_threads[48];
+    const char *env[8];
+    char **argv = NULL;
+    mgpu_spawn_desc sd;
+    struct stat st;
+    int slot = (int)(s - sw->slots), log_fd = -1, n_env = 0;
+    mgpu_sweep_run_info info;
+    s->busy = 1; s->attempt = attempt; s->pid = -1;
+    s->stopped = s->timed_out = 0;
+    s->kill_at = 0;
+    s->t_start = mgpu_time_s();
+    s->deadline = sw->d->run_timeout_s > 0 ? s->t_start + sw->d->run_timeout_s : 0;
+    mgpu__sweep_set_paths(sw, s, point);
+    snprintf(run_dir, sizeof run_dir, "%s/%s", sw->run_dir, s->id);
+    s->metrics_start = stat(s->metrics_path, &st) == 0 ? (int64_t)st.st_size : 0;
+    if (!(argv = mgpu__sweep_argv(sw, s, run_dir)) || (sw->uses_run_dir && mgpu_make_dirs(run_dir) != MGPU_OK) ||
+        (log_fd = mgpu__sweep_open_log(s, slot, argv)) < 0) {
+        mgpu__sweep_free_argv(argv);
+        mgpu__sweep_finish(sw, s, -1, mgpu_last_error());
+        return;
+    }
+    snprintf(e_cvd, sizeof e_cvd, "CUDA_VISIBLE_DEVICES=%s", s->devices);
+    snprintf(e_id, sizeof e_id, "MGPU_SWEEP_RUN_ID=%s", s->id);
+    snprintf(e_metrics, sizeof e_metrics, "MGPU_METRICS=%s", s->metrics_path);
+    snprintf(e_slot, sizeof e_slot, "MGPU_SWEEP_SLOT=%d", slot);
+    snprintf(e_attempt, sizeof e_attempt, "MGPU_SWEEP_ATTEMPT=%d", attempt);
+    env[n_env++] = e_cvd; env[n_env++] = e_id; env[n_env++] = e_metrics; env[n_env++] = e_slot; env[n_env++] = e_attempt;
+    if (sw->threads[0]) {
+        snprintf(e_threads, sizeof e_threads, "MGPU_NUM_THREADS=%s", sw->threads);
+        env[n_env++] = e_threads;
+    }
+    env[n_env] = NULL;
+    memset(&sd, 0, sizeof sd);
+    sd.argv = argv;
+    sd.env = env;
+    sd.stdout_fd = sd.stderr_fd = log_fd;
+    sd.label = "mgpu-sweep";
+    if (mgpu_spawn(&sd, &s->pid) != MGPU_OK) {
+        close(log_fd);
+        mgpu__sweep_free_argv(argv);
+        mgpu__sweep_finish(sw, s, -1, mgpu_last_error());
+        return;
+    }
+    close(log_fd);
+    mgpu__sweep_free_argv(argv);
+    if (sw->d->on_start) {
+        mgpu__sweep_info(sw, s, &info);
+        sw->d->on_start(&info, sw->d->user);
+    }
+}
+
+/* The last {"event":"final",...} line the run wrote to its metrics file in this attempt, or NULL. */
+static char *mgpu__sweep_final_line(const char *path, int64_t from) {
+    char *text = NULL, *found = NULL;
+    size_t len = 0, start;
+    struct stat st;
+    if (stat(path, &st) != 0 || (int64_t)st.st_size <= from || mgpu_read_file(path, (void **)&text, &len) != MGPU_OK) return NULL;
+    for (start = (size_t)MGPU__MIN((int64_t)len, from); start < len;) {
+        size_t end = start;
+        while (end < len && text[end] != '\n') end++;
+        if (end > start && memmem(text + start, end - start, "\"final\"", 7)) {
+            mgpu_json *j = mgpu_json_parse(text + start, end - start, path);
+            const mgpu_json *ev = mgpu_json_get(j, "event");
+            if (j && j->type == MGPU_JSON_OBJECT && ev && ev->type == MGPU_JSON_STRING && strcmp(ev->string, "final") == 0) {
+                mgpu_free(found);
+                if ((found = (char *)mgpu__alloc(end - start + 1, "a metrics line")) != NULL) {
+                    memcpy(found, text + start, end - start);
+                    found[end - start] = 0;
+                }
+            }
+            mgpu_json_free(j);
+        }
+        start = end + 1;
+    }
+    mgpu_free(text);
+    return found;
+}
+
+/* Bytes that are not UTF-8 (binary output, a character cut by the tail) become '?', so the
+   record stays JSON that strict readers accept. */
+static void mgpu__utf8_repair(char *s) {
+    size_t n = strlen(s), i = 0;
+    while (i < n) {
+        size_t k = mgpu__utf8_seq_len((const unsigned char *)s + i, n - i);
+        if (!k) { s[i] = '?'; k = 1; }
+        i += k;
+    }
+}
+
+static void mgpu__sweep_record(const mgpu__sweep *sw, const mgpu__sweep_slot *s, mgpu__buf *b, const char *status, int wait_status,
+                               double wall_s, const char *final_line, const char *error) {
+    int a;
+    mgpu__buf_puts(b, "{\"run_id\":");
+    mgpu__buf_json_string(b, s->id);
+    mgpu__buf_puts(b, ",\"params\":{");
+    for (a = 0; a < sw->n_axes; a++) {
+        if (a) mgpu__buf_puts(b, ",");
+        mgpu__buf_json_string(b, sw->names[a]);
+        mgpu__buf_puts(b, ":");
+        mgpu__buf_json_param(b, s->values[a]);
+    }
+    mgpu__buf_printf(b, "},\"status\":\"%s\",\"exit_code\":", status);
+    if (wait_status != -1 && WIFEXITED(wait_status)) mgpu__buf_printf(b, "%d", WEXITSTATUS(wait_status));
+    else mgpu__buf_puts(b, "null");
+    mgpu__buf_puts(b, ",\"signal\":");
+    if (wait_status != -1 && WIFSIGNALED(wait_status)) mgpu__buf_printf(b, "\"%s\"", mgpu_signal_name(WTERMSIG(wait_status)));
+    else mgpu__buf_puts(b, "null");
+    mgpu__buf_puts(b, ",\"error\":");
+    if (error) mgpu__buf_json_string(b, error);
+    else mgpu__buf_puts(b, "null");
+    mgpu__buf_printf(b, ",\"attempts\":%d", s->attempt);
+    mgpu__buf_json_member_number(b, "wall_s", floor(wall_s * 1000.0 + 0.5) / 1000.0);
+    mgpu__buf_printf(b, ",\"slot\":%d,\"devices\":", (int)(s - sw->slots));
+    mgpu__buf_json_string(b, s->devices);
+    mgpu__buf_printf(b, ",\"started_at\":\"%s\",\"log\":", s->started_at);
+    mgpu__buf_json_string(b, s->log_path);
+    mgpu__buf_puts(b, ",\"metrics\":");
+    mgpu__buf_json_string(b, s->metrics_path);
+    mgpu__buf_puts(b, ",\"final\":");
+    mgpu__buf_puts(b, final_line ? final_line : "null");
+    if (strcmp(status, "failed") == 0) {
+        char tail[MGPU__SWEEP_TAIL_BYTES];
+        mgpu_file_tail(s->log_path, s->log_start, sw->d->tail_lines > 0 ? sw->d->tail_lines : 20, tail, sizeof tail);
+        mgpu__utf8_repair(tail);
+        mgpu__buf_puts(b, ",\"log_tail\":");
+        mgpu__buf_json_string(b, tail);
+    }
+    mgpu__buf_puts(b, "}\n");
+}
+
+/* A run ended (wait_status -1: it never started; error says why). Records it, or starts it again
+   while --retries allow. */
+static void mgpu__sweep_finish(mgpu__sweep *sw, mgpu__sweep_slot *s, int wait_status, const char *error) {
+    double wall = mgpu_time_s() - s->t_start;
+    char *final_line = mgpu__sweep_final_line(s->metrics_path, s->metrics_start), how[160];
+    int ok = wait_status != -1 && WIFEXITED(wait_status) && WEXITSTATUS(wait_status) == 0;
+    mgpu_sweep_status status;
+    mgpu_sweep_run_info info;
+    mgpu__buf line;
+    /* a run the sweep stopped is interrupted, whatever it exits with, unless it did finish */
+    if (s->stopped && !s->timed_out) status = ok && final_line ? MGPU_SWEEP_OK : MGPU_SWEEP_INTERRUPTED;
+    else status = ok ? MGPU_SWEEP_OK : MGPU_SWEEP_FAILED;
+    if (error) snprintf(how, sizeof how, "%s", error);
+    else if (s->timed_out) snprintf(how, sizeof how, "timed out after %g s", sw->d->run_timeout_s);
+    else if (status == MGPU_SWEEP_INTERRUPTED) snprintf(how, sizeof how, "stopped by %s to the sweep", mgpu_signal_name(sw->stop_sig));
+    else mgpu_wait_status_describe(wait_status, how, sizeof how);
+    mgpu__sweep_info(sw, s, &info);
+    info.status = status;
+    info.exit_code = wait_status != -1 && WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : -1;
+    info.signal = wait_status != -1 && WIFSIGNALED(wait_status) ? WTERMSIG(wait_status) : 0;
+    info.wall_s = wall;
+    s->busy = 0;
+    if (status == MGPU_SWEEP_FAILED && s->attempt <= sw->d->retries && !sw->stop_sig) {
+        mgpu__sweep_say(sw, 0, "%s %s after %.1f s; retrying (attempt %d of %d); log %s", s->id, how, wall, s->attempt + 1,
+                        sw->d->retries + 1, s->log_path);
+        mgpu_free(final_line);
+        if (sw->d->on_finish) sw->d->on_finish(&info, sw->d->user);
+        mgpu__sweep_launch(sw, s, s->point, s->attempt + 1);
+        return;
+    }
+    mgpu__buf_init(&line);
+    mgpu__sweep_record(sw, s, &line, status == MGPU_SWEEP_OK ? "ok" : status == MGPU_SWEEP_FAILED ? "failed" : "interrupted",
+                       wait_status, wall, final_line, status == MGPU_SWEEP_OK ? NULL : how);
+    mgpu_free(final_line);
+    if (line.failed || mgpu__append_fd(sw->results_fd, sw->d->results, line.data, line.len) != MGPU_OK) {
+        if (!sw->io_error) mgpu__sweep_say(sw, 0, "cannot record %s, stopping the sweep: %s", s->id, line.failed ? "out of memory" : mgpu_last_error());
+        sw->io_error = 1;
+    }
+    if (status == MGPU_SWEEP_INTERRUPTED) {
+        sw->stats->interrupted++;
+    } else {
+        sw->finished_now++;
+        if (status == MGPU_SWEEP_OK) sw->stats->ok++;
+        else { sw->stats->failed++; sw->failed_now++; }
+    }
+    if (status == MGPU_SWEEP_OK && sw->tty) mgpu__sweep_draw(sw); /* on a terminal the bar alone tells */
+    else if (status == MGPU_SWEEP_OK) mgpu__sweep_say(sw, 1, "ok %s in %.1f s", s->id, wall);
+    else if (status == MGPU_SWEEP_FAILED) mgpu__sweep_say(sw, 1, "FAILED %s: %s after %.1f s; log %s", s->id, how, wall, s->log_path);
+    else mgpu__sweep_say(sw, 0, "interrupted %s after %.1f s (it runs again on resume)", s->id, wall);
+    info.record = line.data;
+    if (sw->d->on_finish) sw->d->on_finish(&info, sw->d->user);
+    mgpu__buf_free(&line);
+}
+
+/* ---- the loop ---- */
+
+static void mgpu__sweep_fill(mgpu__sweep *sw) {
+    int i;
+    for (i = 0; i < sw->n_slots && sw->q_len > 0 && !sw->stop_sig && !sw->io_error; i++) {
+        if (sw->slots[i].busy) continue;
+        sw->q_len--;
+        mgpu__sweep_launch(sw, &sw->slots[i], sw->queue[sw->q_head++], 1);
+    }
+}
+
+static void mgpu__sweep_reap(mgpu__sweep *sw) {
+    int i;
+    for (i = 0; i < sw->n_slots; i++) {
+        mgpu__sweep_slot *s = &sw->slots[i];
+        int status = 0, pid = s->pid;
+        pid_t r;
+        if (!s->busy || pid <= 0) continue;
+        do r = waitpid((pid_t)pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
+        if (r == 0) continue;
+        mgpu_kill_group(pid, SIGKILL); /* whatever the run left behind in its group */
+        if (r < 0) mgpu__sweep_finish(sw, s, -1, "its process was reaped elsewhere (is SIGCHLD ignored?)");
+        else mgpu__sweep_finish(sw, s, status, NULL);
+    }
+}
+
+static void mgpu__sweep_stop_slot(mgpu__sweep *sw, mgpu__sweep_slot *s, double now) {
+    if (!s->busy || s->stopped) return;
+    s->stopped = 1;
+    s->kill_at = now + sw->grace;
+    mgpu_kill_group(s->pid, SIGTERM);
+}
+
+static void mgpu__sweep_on_signal(mgpu__sweep *sw, int sig) {
+    int i, running = mgpu__sweep_running(sw);
+    if (sig == SIGCHLD) return;
+    if (!sw->stop_sig) {
+        sw->stop_sig = sig;
+        mgpu__sweep_say(sw, 0, "got %s: stopping %d running run%s (SIGTERM, SIGKILL after %g s); they run again on resume", mgpu_signal_name(sig),
+                        running, running == 1 ? "" : "s", sw->grace);
+        for (i = 0; i < sw->n_slots; i++) mgpu__sweep_stop_slot(sw, &sw->slots[i], mgpu_time_s());
+        return;
+    }
+    mgpu__sweep_say(sw, 0, "got %s again: killing the %d run%s left now", mgpu_signal_name(sig), running, running == 1 ? "" : "s");
+    for (i = 0; i < sw->n_slots; i++)
+        if (sw->slots[i].busy) { mgpu_kill_group(sw->slots[i].pid, SIGKILL); sw->slots[i].kill_at = 0; }
+}
+
+/* Timeouts and SIGKILL deadlines due now; returns the milliseconds until the next one (-1: none). */
+static int mgpu__sweep_timers(mgpu__sweep *sw) {
+    double now = mgpu_time_s(), next = -1;
+    int i;
+    for (i = 0; i < sw->n_slots; i++) {
+        mgpu__sweep_slot *s = &sw->slots[i];
+        if (!s->busy) continue;
+        if (s->deadline > 0 && !s->stopped && now >= s->deadline) {
+            s->timed_out = 1;
+            mgpu__sweep_stop_slot(sw, s, now);
+        }
+        if (s->kill_at > 0 && now >= s->kill_at) {
+            mgpu_kill_group(s->pid, SIGKILL);
+            s->kill_at = 0;
+        }
+        if (s->deadline > 0 && !s->stopped && (next < 0 || s->deadline < next)) next = s->deadline;
+        if (s->kill_at > 0 && (next < 0 || s->kill_at < next)) next = s->kill_at;
+    }
+    if (sw->tty && !sw->d->quiet && (next < 0 || next > now + 1.0)) next = now + 1.0; /* redraw: ETA and rate move */
+    return next < 0 ? -1 : (int)((next - now) * 1000.0) + 1;
+}
+
+static void mgpu__sweep_wait(mgpu__sweep *sw, int timeout_ms) {
+    struct pollfd pfd;
+    unsigned char buf[64];
+    ssize_t n, i;
+    pfd.fd = sw->sig_fd;
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    if (poll(&pfd, 1, timeout_ms) <= 0) return;
+    while ((n = read(sw->sig_fd, buf, sizeof buf)) > 0)
+        for (i = 0; i < n; i++) mgpu__sweep_on_signal(sw, buf[i]);
+}
+
+static void mgpu__sweep_dry_run(mgpu__sweep *sw) {
+    int64_t k;
+    mgpu__sweep_slot s;
+    memset(&s, 0, sizeof s);
+    s.attempt = 1;
+    for (k = 0; k < sw->q_len; k++) {
+        char run_dir[MGPU__SWEEP_PATH_MAX], **argv;
+        mgpu__buf b;
+        mgpu__sweep_set_paths(sw, &s, sw->queue[k]);
+        snprintf(run_dir, sizeof run_dir, "%s/%s", sw->run_dir, s.id);
+        if (!(argv = mgpu__sweep_argv(sw, &s, run_dir))) return;
+        mgpu__buf_init(&b);
+        mgpu__sweep_quote_argv(argv, &b);
+        printf("%s: %s\n", s.id, b.failed ? "(out of memory)" : b.data);
+        mgpu__buf_free(&b);
+        mgpu__sweep_free_argv(argv);
+    }
+    fflush(stdout);
+}
+
+static mgpu_result mgpu__sweep_setup(mgpu__sweep *sw) {
+    const mgpu_sweep_desc *d = sw->d;
+    int i, k;
+    mgpu_result r;
+    if ((r = mgpu__sweep_check(sw)) != MGPU_OK) return r;
+    sw->n_slots = d->cpu_slots + d->n_gpus * (d->slots_per_gpu > 0 ? d->slots_per_gpu : 1);
+    if (!(sw->slots = (mgpu__sweep_slot *)mgpu__calloc((size_t)sw->n_slots * sizeof *sw->slots, "sweep slots"))) return MGPU_ERR_OOM_HOST;
+    /* GPU slots first, interleaved over the GPUs (slot 0 on GPU 0, slot 1 on GPU 1, ...) */
+    for (i = 0, k = 0; k < d->n_gpus * (d->slots_per_gpu > 0 ? d->slots_per_gpu : 1); k++, i++)
+        snprintf(sw->slots[i].devices, sizeof sw->slots[i].devices, "%s", d->gpus[k % d->n_gpus]);
+    if (d->num_threads > 0) snprintf(sw->threads, sizeof sw->threads, "%d", d->num_threads);
+    else if (!getenv("MGPU_NUM_THREADS")) snprintf(sw->threads, sizeof sw->threads, "%d", MGPU__MAX(1, mgpu_cpu_count() / sw->n_slots));
+    if (d->dry_run) return mgpu__sweep_plan(sw);
+    if ((r = mgpu__sweep_lock(sw)) != MGPU_OK || (r = mgpu__sweep_open_results(sw)) != MGPU_OK) return r;
+    return mgpu__sweep_plan(sw);
+}
+
+static void mgpu__sweep_teardown(mgpu__sweep *sw) {
+    if (sw->sig_fd >= 0) mgpu_signal_pipe_close();
+    if (sw->results_fd >= 0) close(sw->results_fd);
+    if (sw->lock_fd >= 0) close(sw->lock_fd); /* releases the flock */
+    mgpu_free(sw->slots);
+    mgpu_free(sw->queue);
+}
+
+MGPU_API mgpu_result mgpu_sweep_run(const mgpu_sweep_desc *desc, mgpu_sweep_stats *stats) {
+    static const int stop_signals[] = {SIGCHLD, SIGINT, SIGTERM, SIGHUP};
+    mgpu__sweep sw;
+    mgpu_sweep_stats local;
+    mgpu_result r;
+    char took[32];
+    if (!desc) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_sweep_run: desc is NULL");
+    memset(&sw, 0, sizeof sw);
+    sw.d = desc;
+    sw.stats = stats ? stats : &local;
+    memset(sw.stats, 0, sizeof *sw.stats);
+    sw.results_fd = sw.lock_fd = sw.sig_fd = -1;
+    sw.grace = desc->grace_s > 0 ? desc->grace_s : 5.0;
+    sw.tty = isatty(STDERR_FILENO);
+    if ((r = mgpu__sweep_setup(&sw)) != MGPU_OK || desc->dry_run) {
+        if (r == MGPU_OK) mgpu__sweep_dry_run(&sw);
+        mgpu__sweep_teardown(&sw);
+        return r;
+    }
+    /* SIGCHLD alone when the caller keeps its signals: it still wakes the loop */
+    if ((sw.sig_fd = mgpu_signal_pipe_open(stop_signals, desc->no_signal_handlers ? 1 : 4)) < 0) {
+        r = mgpu_last_result();
+        mgpu__sweep_teardown(&sw);
+        return r;
+    }
+    sw.t0 = mgpu_time_s();
+    mgpu__sweep_say(&sw, 0, "%lld runs in the grid, %lld already in %s, %lld to run on %d slot%s; logs in %s/", (long long)sw.stats->total,
+                    (long long)sw.done_before, desc->results, (long long)sw.q_len, sw.n_slots, sw.n_slots == 1 ? "" : "s", sw.run_dir);
+    for (;;) {
+        int timeout_ms;
+        mgpu__sweep_fill(&sw);
+        mgpu__sweep_reap(&sw);
+        if (mgpu__sweep_running(&sw) == 0) {
+            if (sw.stop_sig || sw.io_error || sw.q_len == 0) break;
+            continue;
+        }
+        timeout_ms = mgpu__sweep_timers(&sw);
+        mgpu__sweep_wait(&sw, timeout_ms);
+        if (sw.tty && mgpu_time_s() - sw.t_drawn >= 1.0) mgpu__sweep_draw(&sw);
+    }
+    mgpu__format_duration(mgpu_time_s() - sw.t0, took, sizeof took);
+    if (sw.stop_sig) {
+        sw.stats->stop_signal = sw.stop_sig;
+        mgpu__sweep_say(&sw, 0, "stopped by %s after %s: %lld ok, %lld failed, %lld interrupted, %lld not started; run the same command to resume",
+                        mgpu_signal_name(sw.stop_sig), took, (long long)sw.stats->ok, (long long)sw.stats->failed,
+                        (long long)sw.stats->interrupted, (long long)sw.q_len);
+    } else {
+        mgpu__sweep_say(&sw, 0, "done in %s: %lld ok, %lld failed (%lld run%s finished before); results in %s", took, (long long)sw.stats->ok,
+                        (long long)sw.stats->failed, (long long)sw.done_before, sw.done_before == 1 ? "" : "s", desc->results);
+    }
+    r = sw.io_error ? MGPU_ERR_IO : MGPU_OK;
+    mgpu__sweep_teardown(&sw);
+    return r;
+}
 #endif /* MGPU_IMPLEMENTATION */
 
 /*

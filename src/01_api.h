@@ -601,7 +601,8 @@ typedef struct mgpu_train_opts {
     int sync_batchnorm; float bucket_cap_mb; const char *grad_compression;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
-   accum 1, amp off, device auto, workers 0, eval every epoch, keep_last 3, resume none, seed 0. */
+   accum 1, amp off, device auto, workers 0, eval every epoch, keep_last 3, resume none, seed 0,
+   metrics $MGPU_METRICS (unset: none). */
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o);
 /* Parses argv (strings are kept by pointer). --help prints usage to stdout and sets o->help.
    An unknown flag or a bad value is MGPU_ERR_INVALID_ARG naming the flag (also printed to stderr). */

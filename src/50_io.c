@@ -1225,7 +1225,7 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
     {"resume", MGPU__OPT_STRING, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint path"},
     {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
-    {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: off)"},
+    {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: $MGPU_METRICS, else off)"},
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
     {"max-steps", MGPU__OPT_I64, MGPU__OF(max_steps), 0, -1, 0, NULL, "N", "stop after N optimizer steps (0: no limit)"},
     {"checkpoint-every-steps", MGPU__OPT_I64, MGPU__OF(checkpoint_every_steps), 0, -1, 0, NULL, "N", "checkpoint every N optimizer steps (0: off)"},
@@ -1251,6 +1251,8 @@ MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
     o->amp = "off"; o->device = "auto"; o->multi_gpu = "none"; o->resume = "none"; o->grad_compression = "none";
     o->eval_frequency = 1; o->keep_last = 3; o->log_every = 100;
     o->t0_epochs = 1; o->t_mult = 2; o->eta_min = 0; o->step_size_epochs = 30; o->gamma = 0.1f;
+    /* the default --metrics: how mgpu-sweep (or a batch script) gives each run its own file */
+    if (getenv("MGPU_METRICS") && getenv("MGPU_METRICS")[0]) o->metrics = getenv("MGPU_METRICS");
 }
 
 /* Index of value in "a|b|c", or -1. */

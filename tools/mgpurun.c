@@ -8,16 +8,15 @@
    worker output reaches it through pipes (prefixed "[rank r] ") unless --log-dir sends it to
    files. Every worker leads its own process group, so stopping a worker also stops whatever it
    spawned, and on Linux every worker dies with the launcher (PR_SET_PDEATHSIG), even on SIGKILL.
-   Standalone POSIX C11: it does not need mgpu.h. */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
+   Processes, signals and wait statuses go through mgpu.h's helpers, shared with mgpu-sweep. */
+#define MGPU_IMPLEMENTATION
+#include "mgpu.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <netdb.h>
 #include <poll.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -29,9 +28,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/prctl.h>
-#endif
 
 #define EXIT_USAGE 2
 #define DEFAULT_MULTINODE_PORT 29500 /* torchrun's default when several nodes must agree */
@@ -50,38 +46,6 @@ static void say(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
-}
-
-static const char *signal_name(int sig) {
-    static const struct { int sig; const char *name; } table[] = {
-        {SIGHUP, "SIGHUP"}, {SIGINT, "SIGINT"}, {SIGQUIT, "SIGQUIT"}, {SIGILL, "SIGILL"},
-        {SIGTRAP, "SIGTRAP"}, {SIGABRT, "SIGABRT"}, {SIGBUS, "SIGBUS"}, {SIGFPE, "SIGFPE"},
-        {SIGKILL, "SIGKILL"}, {SIGUSR1, "SIGUSR1"}, {SIGSEGV, "SIGSEGV"}, {SIGUSR2, "SIGUSR2"},
-        {SIGPIPE, "SIGPIPE"}, {SIGALRM, "SIGALRM"}, {SIGTERM, "SIGTERM"}, {SIGCHLD, "SIGCHLD"},
-        {SIGXCPU, "SIGXCPU"}, {SIGXFSZ, "SIGXFSZ"}, {SIGSYS, "SIGSYS"},
-    };
-    size_t i;
-    for (i = 0; i < sizeof table / sizeof table[0]; i++)
-        if (table[i].sig == sig) return table[i].name;
-    return "unknown signal";
-}
-
-/* "exited with code 3" / "was killed by signal 9 (SIGKILL)", from a waitpid status. */
-static void describe_status(int status, char *buf, size_t cap) {
-    if (WIFEXITED(status))
-        snprintf(buf, cap, "exited with code %d", WEXITSTATUS(status));
-    else if (WIFSIGNALED(status))
-        snprintf(buf, cap, "was killed by signal %d (%s)%s", WTERMSIG(status),
-                 signal_name(WTERMSIG(status)), WCOREDUMP(status) ? ", core dumped" : "");
-    else
-        snprintf(buf, cap, "ended with wait status %d", status);
-}
-
-/* The shell convention: the exit code, or 128 + the signal. */
-static int status_exit_code(int status) {
-    if (WIFEXITED(status)) return WEXITSTATUS(status);
-    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-    return 1;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -232,19 +196,6 @@ static int apply_flag(launch_opts *o, const flag_spec *f, const char *value) {
     return 0;
 }
 
-/* Cores this process may run on (its affinity mask), at least 1. */
-static int available_cores(void) {
-#ifdef __linux__
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
-#endif
-    {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
-        return n > 0 ? (int)n : 1;
-    }
-}
-
 /* GPUs visible to the workers: CUDA_VISIBLE_DEVICES when set (entries up to the first invalid
    one, as CUDA reads it), else the "GPU i: ..." lines of nvidia-smi -L. *source says which. */
 static int count_visible_gpus(const char **source) {
@@ -294,7 +245,7 @@ static int resolve_nproc(launch_opts *o) {
         say("--nproc-per-node auto: no GPU visible (checked %s), starting 1 worker", source);
         return 0;
     }
-    if (strcmp(t, "cpu") == 0) { o->nproc = available_cores(); return 0; }
+    if (strcmp(t, "cpu") == 0) { o->nproc = mgpu_cpu_count(); return 0; }
     return parse_int_flag("--nproc-per-node", t, 1, MAX_PROCS, &o->nproc);
 }
 
@@ -358,28 +309,8 @@ static int parse_args(launch_opts *o, int argc, char **argv) {
     return resolve_options(o);
 }
 
-/* Whether execvp would find PROGRAM: checked once up front so that a typo is a clear usage error
-   instead of every rank (and every restart) failing with 127. */
-static int program_is_runnable(const char *prog) {
-    const char *path = getenv("PATH");
-    char buf[PATH_MAX];
-    if (strchr(prog, '/')) return access(prog, X_OK) == 0;
-    if (!path) path = "/usr/bin:/bin";
-    while (*path) {
-        size_t len = strcspn(path, ":");
-        int n = snprintf(buf, sizeof buf, "%.*s%s%s", (int)len, path, len ? "/" : "", prog);
-        struct stat st;
-        if (n > 0 && (size_t)n < sizeof buf && stat(buf, &st) == 0 && S_ISREG(st.st_mode) &&
-            access(buf, X_OK) == 0)
-            return 1;
-        path += len;
-        if (*path == ':') path++;
-    }
-    return 0;
-}
-
 /* ---------------------------------------------------------------------------------------------
-   Ports and directories
+   Ports
    --------------------------------------------------------------------------------------------- */
 
 /* Binds port 0 on addr and reads back the port the kernel chose; -1 (message printed) on error.
@@ -412,77 +343,23 @@ static int pick_free_port(const char *addr) {
     return port > 0 ? port : -1;
 }
 
-/* mkdir -p */
-static int make_dirs(const char *dir) {
-    char buf[PATH_MAX];
-    size_t i, n = strlen(dir);
-    if (n == 0 || n >= sizeof buf) return -1;
-    memcpy(buf, dir, n + 1);
-    for (i = 1; i <= n; i++) {
-        if (buf[i] != '/' && buf[i] != '\0') continue;
-        buf[i] = '\0';
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST) return -1;
-        buf[i] = dir[i];
-    }
-    {
-        struct stat st;
-        return stat(dir, &st) == 0 && S_ISDIR(st.st_mode) ? 0 : -1;
-    }
-}
-
 /* ---------------------------------------------------------------------------------------------
-   Time and signals
+   Signals
    --------------------------------------------------------------------------------------------- */
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int g_signal_pipe[2] = {-1, -1};
+/* Signals reach the poll loop through this pipe (mgpu_signal_pipe_open): one byte per signal. */
+static int g_signal_fd = -1;
 static const int g_caught_signals[] = {SIGCHLD, SIGINT, SIGTERM, SIGHUP};
-static int g_hup_ignored;   /* started under nohup: the job keeps ignoring hangups */
 
-/* Async-signal-safe: the poll loop reads the signal number from the pipe. */
-static void on_signal(int sig) {
-    int saved = errno;
-    unsigned char b = (unsigned char)sig;
-    ssize_t n = write(g_signal_pipe[1], &b, 1);   /* a full pipe drops it: one pending byte is enough */
-    (void)n;
-    errno = saved;
-}
-
-static int set_cloexec_nonblock(int fd, int nonblock) {
-    int fl = fcntl(fd, F_GETFD);
-    if (fl < 0 || fcntl(fd, F_SETFD, fl | FD_CLOEXEC) != 0) return -1;
-    if (nonblock) {
-        fl = fcntl(fd, F_GETFL);
-        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) return -1;
-    }
-    return 0;
-}
-
-static int install_signal_handlers(void) {
-    struct sigaction sa;
-    size_t i;
-    if (pipe(g_signal_pipe) != 0 || set_cloexec_nonblock(g_signal_pipe[0], 1) != 0 ||
-        set_cloexec_nonblock(g_signal_pipe[1], 1) != 0)
-        return -1;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
-    {
-        struct sigaction old;
-        g_hup_ignored = sigaction(SIGHUP, NULL, &old) == 0 && old.sa_handler == SIG_IGN;
-    }
-    for (i = 0; i < sizeof g_caught_signals / sizeof g_caught_signals[0]; i++) {
-        if (g_caught_signals[i] == SIGHUP && g_hup_ignored) continue;
-        if (sigaction(g_caught_signals[i], &sa, NULL) != 0) return -1;
-    }
-    signal(SIGPIPE, SIG_IGN);   /* a closed terminal must not kill the launcher and orphan the job */
-    return 0;
+/* A pipe for a worker's output: both ends close-on-exec (the worker's dup2 onto 1 or 2 clears it
+   there), the read end non-blocking. */
+static int output_pipe(int fds[2]) {
+    int fl;
+    if (pipe2(fds, O_CLOEXEC) != 0) return -1;
+    if ((fl = fcntl(fds[0], F_GETFL)) >= 0 && fcntl(fds[0], F_SETFL, fl | O_NONBLOCK) == 0) return 0;
+    close(fds[0]);
+    close(fds[1]);
+    return -1;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -557,7 +434,7 @@ static void pump_stream(out_stream *s) {
 
 typedef struct worker {
     int rank, local_rank;
-    pid_t pid;           /* also its process group id; 0 before launch */
+    int pid;             /* also its process group id; 0 before launch */
     int running;
     int status;          /* waitpid status once it ended */
     long log_start;      /* byte offset in its log where this attempt began */
@@ -584,57 +461,22 @@ static void log_path(const job *j, int rank, char *buf, size_t cap) {
     snprintf(buf, cap, "%s/rank-%d.log", j->o->log_dir, rank);
 }
 
-static void set_env_int(const char *name, long v) {
-    char buf[32];
-    snprintf(buf, sizeof buf, "%ld", v);
-    setenv(name, buf, 1);
-}
-
-/* In the child between fork and exec. The launcher is single-threaded, so setenv is safe here. */
-static void exec_worker(const job *j, const worker *w, pid_t launcher, int out_fd, int err_fd) {
-    static const int reset[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGCHLD};
+/* torchrun's environment of one worker, as "NAME=value" entries in buf (NULL-terminated). */
+#define N_WORKER_ENV 14
+static void worker_env(const job *j, const worker *w, char buf[N_WORKER_ENV][300], const char *env[N_WORKER_ENV + 1]) {
     const launch_opts *o = j->o;
-    sigset_t none;
-    size_t i;
-    int devnull;
-    setpgid(0, 0);
-#ifdef __linux__
-    /* Die with the launcher, even when it is SIGKILLed; the check closes the race where it died
-       before the prctl. */
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != launcher) _exit(1);
-#else
-    (void)launcher;
-#endif
-    for (i = 0; i < sizeof reset / sizeof reset[0]; i++)
-        if (!(reset[i] == SIGHUP && g_hup_ignored)) signal(reset[i], SIG_DFL);
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    devnull = open("/dev/null", O_RDONLY);
-    if (devnull >= 0) { dup2(devnull, 0); if (devnull != 0) close(devnull); }
-    dup2(out_fd, 1);
-    dup2(err_fd, 2);
-    set_env_int("RANK", w->rank);
-    set_env_int("LOCAL_RANK", w->local_rank);
-    set_env_int("WORLD_SIZE", j->world_size);
-    set_env_int("LOCAL_WORLD_SIZE", j->n);
-    set_env_int("GROUP_RANK", o->node_rank);
-    set_env_int("GROUP_WORLD_SIZE", o->nnodes);
-    set_env_int("ROLE_RANK", w->rank);
-    set_env_int("ROLE_WORLD_SIZE", j->world_size);
-    setenv("MASTER_ADDR", o->master_addr, 1);
-    set_env_int("MASTER_PORT", j->port);
-    set_env_int("TORCHELASTIC_RESTART_COUNT", j->attempt);
-    set_env_int("TORCHELASTIC_MAX_RESTARTS", o->max_restarts);
-    if (j->num_threads > 0) set_env_int("MGPU_NUM_THREADS", j->num_threads);
-    execvp(o->prog_argv[0], o->prog_argv);
-    {
-        char msg[512];
-        int n = snprintf(msg, sizeof msg, "mgpurun: rank %d: cannot run %s: %s\n", w->rank,
-                         o->prog_argv[0], strerror(errno));
-        if (n > 0) write_all(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
-    }
-    _exit(127);
+    const struct { const char *name; long value; } vars[] = {
+        {"RANK", w->rank}, {"LOCAL_RANK", w->local_rank}, {"WORLD_SIZE", j->world_size}, {"LOCAL_WORLD_SIZE", j->n},
+        {"GROUP_RANK", o->node_rank}, {"GROUP_WORLD_SIZE", o->nnodes}, {"ROLE_RANK", w->rank},
+        {"ROLE_WORLD_SIZE", j->world_size}, {"MASTER_PORT", j->port}, {"TORCHELASTIC_RESTART_COUNT", j->attempt},
+        {"TORCHELASTIC_MAX_RESTARTS", o->max_restarts},
+    };
+    int n;
+    for (n = 0; n < (int)(sizeof vars / sizeof vars[0]); n++) snprintf(buf[n], sizeof buf[n], "%s=%ld", vars[n].name, vars[n].value);
+    snprintf(buf[n++], sizeof buf[0], "MASTER_ADDR=%s", o->master_addr);
+    if (j->num_threads > 0) snprintf(buf[n++], sizeof buf[0], "MGPU_NUM_THREADS=%d", j->num_threads); /* else inherited */
+    env[n] = NULL;
+    while (n-- > 0) env[n] = buf[n];
 }
 
 /* Where the worker's stdout/stderr go: its log file, or pipes the launcher relays. */
@@ -660,12 +502,8 @@ static int open_worker_output(const job *j, worker *w, int *out_fd, int *err_fd)
     }
     {
         int po[2], pe[2];
-        if (pipe(po) != 0) return -1;
-        if (pipe(pe) != 0) { close(po[0]); close(po[1]); return -1; }
-        set_cloexec_nonblock(po[0], 1);
-        set_cloexec_nonblock(pe[0], 1);
-        set_cloexec_nonblock(po[1], 0);
-        set_cloexec_nonblock(pe[1], 0);
+        if (output_pipe(po) != 0) return -1;
+        if (output_pipe(pe) != 0) { close(po[0]); close(po[1]); return -1; }
         w->out.fd = po[0]; w->out.dest = 1; w->out.rank = w->rank; w->out.len = 0;
         w->err.fd = pe[0]; w->err.dest = 2; w->err.rank = w->rank; w->err.len = 0;
         *out_fd = po[1];
@@ -674,33 +512,29 @@ static int open_worker_output(const job *j, worker *w, int *out_fd, int *err_fd)
     }
 }
 
-/* The caught signals are blocked across fork: a signal forwarded to a child that has not yet
-   reset its handlers would otherwise run the launcher's handler in the child and be lost. */
-static void block_caught_signals(int block, sigset_t *old) {
-    sigset_t set;
-    size_t i;
-    if (!block) { sigprocmask(SIG_SETMASK, old, NULL); return; }
-    sigemptyset(&set);
-    for (i = 0; i < sizeof g_caught_signals / sizeof g_caught_signals[0]; i++) sigaddset(&set, g_caught_signals[i]);
-    sigprocmask(SIG_BLOCK, &set, old);
-}
-
+/* The worker leads its own process group and dies with the launcher (mgpu_spawn). */
 static int launch_worker(const job *j, worker *w) {
-    int out_fd = -1, err_fd = -1;
-    pid_t launcher = getpid(), pid;
-    sigset_t old;
+    char env_buf[N_WORKER_ENV][300], label[32];
+    const char *env[N_WORKER_ENV + 1];
+    mgpu_spawn_desc d;
+    int out_fd = -1, err_fd = -1, pid = -1;
+    mgpu_result r;
     if (open_worker_output(j, w, &out_fd, &err_fd) != 0) return -1;
-    block_caught_signals(1, &old);
-    pid = fork();
-    if (pid == 0) exec_worker(j, w, launcher, out_fd, err_fd);   /* unblocks after resetting */
-    block_caught_signals(0, &old);
+    worker_env(j, w, env_buf, env);
+    snprintf(label, sizeof label, "mgpurun: rank %d", w->rank);
+    memset(&d, 0, sizeof d);
+    d.argv = j->o->prog_argv;
+    d.env = env;
+    d.stdout_fd = out_fd;
+    d.stderr_fd = err_fd;
+    d.label = label;
+    r = mgpu_spawn(&d, &pid);
     close(out_fd);
     if (err_fd != out_fd) close(err_fd);
-    if (pid < 0) {
-        say("cannot start rank %d: fork: %s", w->rank, strerror(errno));
+    if (r != MGPU_OK) {
+        say("cannot start rank %d: %s", w->rank, mgpu_last_error());
         return -1;
     }
-    setpgid(pid, pid);   /* also here, so the group exists before we might signal it */
     w->pid = pid;
     w->running = 1;
     return 0;
@@ -713,7 +547,7 @@ static void signal_workers(job *j, int sig) {
     for (i = 0; i < j->n; i++) {
         worker *w = &j->w[i];
         if (w->pid <= 0) continue;
-        if (kill(-w->pid, sig) != 0 && w->running) kill(w->pid, sig);
+        if (mgpu_kill_group(w->pid, sig) != 0 && w->running) kill(w->pid, sig);
     }
 }
 
@@ -725,7 +559,7 @@ static int count_running(const job *j) {
 
 static void begin_stop(job *j, int sig) {
     j->stopping = 1;
-    j->kill_at = now_s() + j->o->grace_s;
+    j->kill_at = mgpu_time_s() + j->o->grace_s;
     signal_workers(j, sig);
 }
 
@@ -737,7 +571,7 @@ static void escalate_to_kill(job *j) {
 static void on_worker_failed(job *j, int idx) {
     char how[128];
     int others = count_running(j);
-    describe_status(j->w[idx].status, how, sizeof how);
+    mgpu_wait_status_describe(j->w[idx].status, how, sizeof how);
     j->failed = idx;
     if (others > 0)
         say("rank %d %s [pid %d]; stopping the other %d worker%s (SIGTERM, SIGKILL after %.3g s)",
@@ -753,7 +587,7 @@ static void reap_workers(job *j) {
     for (i = 0; i < j->n; i++) {
         worker *w = &j->w[i];
         int status = 0;
-        pid_t r;
+        int r;
         if (!w->running) continue;
         do r = waitpid(w->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
         if (r == 0) continue;
@@ -768,12 +602,12 @@ static void on_launcher_signal(job *j, int sig) {
     if (!j->interrupt_sig) j->interrupt_sig = sig;
     if (j->stopping) {
         if (!j->killed) {
-            say("got %s while stopping: sending SIGKILL now", signal_name(sig));
+            say("got %s while stopping: sending SIGKILL now", mgpu_signal_name(sig));
             escalate_to_kill(j);
         }
         return;
     }
-    say("got %s: forwarding it to the %d running worker%s (SIGKILL after %.3g s)", signal_name(sig),
+    say("got %s: forwarding it to the %d running worker%s (SIGKILL after %.3g s)", mgpu_signal_name(sig),
         count_running(j), count_running(j) == 1 ? "" : "s", j->o->grace_s);
     begin_stop(j, sig);
 }
@@ -781,7 +615,7 @@ static void on_launcher_signal(job *j, int sig) {
 static void drain_signal_pipe(job *j) {
     unsigned char buf[64];
     for (;;) {
-        ssize_t n = read(g_signal_pipe[0], buf, sizeof buf);
+        ssize_t n = read(g_signal_fd, buf, sizeof buf);
         ssize_t i;
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) return;
@@ -792,7 +626,7 @@ static void drain_signal_pipe(job *j) {
 /* Waits for one event (a signal, worker output, or the kill deadline) and handles it. */
 static void poll_once(job *j, struct pollfd *fds, out_stream **streams) {
     int nfds = 1, i, timeout_ms = -1, r;
-    fds[0].fd = g_signal_pipe[0];
+    fds[0].fd = g_signal_fd;
     fds[0].events = POLLIN;
     for (i = 0; i < j->n; i++) {
         out_stream *s2[2];
@@ -808,7 +642,7 @@ static void poll_once(job *j, struct pollfd *fds, out_stream **streams) {
         }
     }
     if (j->stopping && !j->killed) {
-        double left = j->kill_at - now_s();
+        double left = j->kill_at - mgpu_time_s();
         timeout_ms = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
     }
     r = poll(fds, (nfds_t)nfds, timeout_ms);
@@ -817,7 +651,7 @@ static void poll_once(job *j, struct pollfd *fds, out_stream **streams) {
         for (i = 1; i < nfds; i++)
             if (fds[i].revents) pump_stream(streams[i]);
     }
-    if (j->stopping && !j->killed && now_s() >= j->kill_at) {
+    if (j->stopping && !j->killed && mgpu_time_s() >= j->kill_at) {
         int left = count_running(j);
         if (left > 0)
             say("%d worker%s still running %.3g s after the stop signal: sending SIGKILL", left,
@@ -843,31 +677,13 @@ static void drain_outputs(job *j) {
 static void print_log_tail(const job *j, const worker *w) {
     char path[PATH_MAX];
     static char buf[65536];
-    FILE *f;
-    long end, from;
-    size_t n, i, start;
-    int lines = 0;
+    size_t i, n;
     log_path(j, w->rank, path, sizeof path);
-    f = fopen(path, "rb");
-    if (!f) return;
-    fseek(f, 0, SEEK_END);
-    end = ftell(f);
-    from = end - (long)sizeof buf > w->log_start ? end - (long)sizeof buf : w->log_start;
-    fseek(f, from, SEEK_SET);
-    n = fread(buf, 1, sizeof buf, f);
-    fclose(f);
-    if (n > 0 && buf[n - 1] == '\n') n--;   /* the final newline does not start a line */
-    for (start = n; start > 0; start--) {
-        if (buf[start - 1] == '\n' && ++lines == LOG_TAIL_LINES) break;
-    }
-    if (start == 0 && from > w->log_start) {   /* the buffer began mid-line: skip that piece */
-        while (start < n && buf[start] != '\n') start++;
-        if (start < n) start++;
-    }
+    n = mgpu_file_tail(path, w->log_start, LOG_TAIL_LINES, buf, sizeof buf);
     say("last lines of %s:", path);
     if (n == 0) { fputs("  | (empty)\n", stderr); return; }
     fputs("  | ", stderr);
-    for (i = start; i < n; i++) {
+    for (i = 0; i < n; i++) {
         fputc(buf[i], stderr);
         if (buf[i] == '\n') fputs("  | ", stderr);
     }
@@ -935,7 +751,7 @@ static enum attempt_outcome run_attempt(job *j) {
 static int threads_per_worker(int nproc) {
     int t;
     if (getenv("MGPU_NUM_THREADS")) return 0;
-    t = available_cores() / nproc;
+    t = mgpu_cpu_count() / nproc;
     return t < 1 ? 1 : t;
 }
 
@@ -958,12 +774,12 @@ static int run_job(const launch_opts *o) {
         if (r == ATTEMPT_OK) { free(j.w); return 0; }
         if (r == ATTEMPT_LAUNCH_ERROR) { free(j.w); return 1; }
         if (r == ATTEMPT_INTERRUPTED) {
-            say("stopped by %s; all workers ended", signal_name(j.interrupt_sig));
+            say("stopped by %s; all workers ended", mgpu_signal_name(j.interrupt_sig));
             free(j.w);
             return 128 + j.interrupt_sig;
         }
-        describe_status(j.w[j.failed].status, how, sizeof how);
-        code = status_exit_code(j.w[j.failed].status);
+        mgpu_wait_status_describe(j.w[j.failed].status, how, sizeof how);
+        code = mgpu_wait_status_code(j.w[j.failed].status);
         if (j.attempt < o->max_restarts) {
             say("restarting the group (restart %d of %d) after rank %d %s", j.attempt + 1,
                 o->max_restarts, j.w[j.failed].rank, how);
@@ -990,15 +806,16 @@ int main(int argc, char **argv) {
     r = parse_args(&o, argc, argv);
     if (r == 1) return 0;
     if (r != 0) return EXIT_USAGE;
-    if (!program_is_runnable(o.prog_argv[0])) {
+    /* checked once up front: a typo is a usage error, not every rank (and restart) failing with 127 */
+    if (!mgpu_program_exists(o.prog_argv[0])) {
         say("PROGRAM %s was not found or is not executable", o.prog_argv[0]);
         return EXIT_USAGE;
     }
-    if (o.log_dir && make_dirs(o.log_dir) != 0) {
-        say("cannot create --log-dir %s: %s", o.log_dir, strerror(errno));
+    if (o.log_dir && mgpu_make_dirs(o.log_dir) != MGPU_OK) {
+        say("cannot create --log-dir %s: %s", o.log_dir, mgpu_last_error());
         return 1;
     }
-    if (install_signal_handlers() != 0) {
+    if ((g_signal_fd = mgpu_signal_pipe_open(g_caught_signals, (int)(sizeof g_caught_signals / sizeof g_caught_signals[0]))) < 0) {
         say("cannot install signal handlers: %s", strerror(errno));
         return 1;
     }
