@@ -540,9 +540,26 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
    Programs: common options, metrics, progress
    ====================================================================================== */
 
+/* Mixed precision mode (--amp); see the Mixed precision section. */
+typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
+/* --device: auto picks a GPU when the CUDA backend is built in and one is visible, else the CPU. */
+typedef enum mgpu_device_kind { MGPU_DEVICE_KIND_AUTO = 0, MGPU_DEVICE_KIND_CPU = 1, MGPU_DEVICE_KIND_CUDA = 2 } mgpu_device_kind;
+/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE > 1) and one process otherwise; none is one
+   process (an error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in
+   this process; ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style
+   variables, srun): WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
+typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE = 1, MGPU_MULTI_GPU_DP = 2, MGPU_MULTI_GPU_DDP = 3 } mgpu_multi_gpu_mode;
+/* --grad-compression: DDP gradients travel rounded to this format. */
+typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
+/* --resume: none, auto (the latest checkpoint in --save-dir), or a path (resume_path). */
+typedef enum mgpu_resume_mode { MGPU_RESUME_NONE = 0, MGPU_RESUME_AUTO = 1, MGPU_RESUME_PATH = 2 } mgpu_resume_mode;
+#define MGPU_MAX_GPU_IDS 64
+
+/* Every string flag is parsed once, by mgpu_train_opts_parse, into the typed fields below; code
+   that fills the struct by hand sets the same fields (text fields are kept by pointer). */
 typedef struct mgpu_train_opts {
     const char *data_dir;          /* --data */
-    int epochs;                    /* --epochs */
+    int epochs;                    /* --epochs (alias --num-epochs) */
     int64_t batch_size;            /* --batch-size (per process) */
     float lr;                      /* --lr */
     mgpu_optimizer_type optimizer; /* --optimizer sgd|adam|adamw */
@@ -553,17 +570,20 @@ typedef struct mgpu_train_opts {
     mgpu_lr_scaling scale_lr;      /* --scale-lr none|linear|sqrt */
     int grad_accum_steps;          /* --grad-accum-steps */
     float clip_grad_norm;          /* --clip-grad-norm (0: off) */
-    const char *amp;               /* --amp off|fp16|bf16 */
-    const char *device;            /* --device cpu|cuda|cuda:N|auto */
-    const char *gpu_ids;           /* --gpu-ids 0,1,3 */
-    const char *multi_gpu;         /* --multi-gpu none|dp|ddp */
+    mgpu_amp_mode amp;             /* --amp off|fp16|bf16 */
+    mgpu_device_kind device;       /* --device cpu|cuda|cuda:N|auto */
+    int device_index;              /* N of --device cuda:N; -1: plain "cuda" (device 0) */
+    int num_gpu_ids;               /* --gpu-ids 0,1,3: how many ids (0: unset) */
+    int gpu_ids[MGPU_MAX_GPU_IDS]; /* the ids, in the order given */
+    mgpu_multi_gpu_mode multi_gpu; /* --multi-gpu auto|none|dp|ddp */
     int num_workers;               /* --num-workers */
     int eval_frequency;            /* --eval-frequency (epochs) */
     const char *save_dir;          /* --save-dir */
     int checkpoint_every_epochs;   /* --checkpoint-every-epochs */
     float checkpoint_interval_min; /* --checkpoint-interval-min */
     int keep_last;                 /* --keep-last */
-    const char *resume;            /* --resume auto|none|PATH */
+    mgpu_resume_mode resume;       /* --resume auto|none|PATH */
+    const char *resume_path;       /* PATH of --resume PATH (a step directory or a save directory) */
     uint64_t seed;                 /* --seed */
     const char *metrics;           /* --metrics FILE */
     int log_every;                 /* --log-every (steps) */
@@ -573,13 +593,16 @@ typedef struct mgpu_train_opts {
     /* restart-schedule extras (--t0-epochs, --t-mult, --eta-min, --step-size-epochs, --gamma) */
     float t0_epochs; int t_mult; float eta_min; float step_size_epochs; float gamma;
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
-    int sync_batchnorm; float bucket_cap_mb; const char *grad_compression;
+    int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
-   accum 1, amp off, device auto, workers 0, eval every epoch, keep_last 3, resume none, seed 0. */
+   accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
+   resume none, seed 0. */
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o);
-/* Parses argv (strings are kept by pointer). --help prints usage to stdout and sets o->help.
-   An unknown flag or a bad value is MGPU_ERR_INVALID_ARG naming the flag (also printed to stderr). */
+/* Parses argv (strings are kept by pointer). Every flag is also accepted as --flag=value and with
+   underscores (--batch_size); --num-epochs is --epochs. --help prints usage to stdout and sets
+   o->help. An unknown flag or a bad value is MGPU_ERR_INVALID_ARG naming the flag (an unknown one
+   with "did you mean --x?" when a flag is close), also printed to stderr. */
 MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **argv);
 MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program);
 
@@ -610,7 +633,7 @@ MGPU_API double mgpu_time_s(void);
    Mixed precision: autocast and the loss scaler
    ====================================================================================== */
 
-typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
+/* mgpu_amp_mode (off|fp16|bf16) is declared with the training options above. */
 MGPU_API mgpu_result mgpu_amp_parse(const char *text, mgpu_amp_mode *out);   /* off|fp16|bf16 */
 /* Autocast for the ops of this context: matmul, linear, conv2d and attention take their inputs in
    half precision and produce half-precision outputs (accumulating in f32), gradients flowing back
