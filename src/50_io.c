@@ -1417,14 +1417,20 @@ static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *val
     return 0;
 }
 
+/* name (len bytes, without "--") with underscores read as dashes, into norm (64 bytes); 0 if too long. */
+static int mgpu__opt_normalize(const char *name, size_t len, char norm[64]) {
+    size_t k;
+    if (len >= 64) return 0;
+    for (k = 0; k < len; k++) norm[k] = name[k] == '_' ? '-' : name[k];
+    norm[len] = 0;
+    return 1;
+}
+
 /* The flag spelt name (len bytes, without "--"): underscores read as dashes, aliases resolved. */
 static const mgpu__opt *mgpu__opt_find(const char *name, size_t len) {
     char norm[64];
-    size_t k;
     int i;
-    if (len >= sizeof norm) return NULL;
-    for (k = 0; k < len; k++) norm[k] = name[k] == '_' ? '-' : name[k];
-    norm[len] = 0;
+    if (!mgpu__opt_normalize(name, len, norm)) return NULL;
     for (i = 0; i < MGPU__N_TRAIN_OPT_ALIASES; i++)
         if (strcmp(norm, mgpu__train_opts_aliases[i][0]) == 0) return mgpu__opt_find(mgpu__train_opts_aliases[i][1], strlen(mgpu__train_opts_aliases[i][1]));
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++)
@@ -1456,10 +1462,7 @@ static const char *mgpu__opt_suggest(const char *name, size_t len) {
     char norm[64];
     const char *best = NULL, *prefix = NULL;
     int i, d, best_d = 64, prefixes = 0, limit;
-    size_t k;
-    if (len == 0 || len >= sizeof norm) return NULL;
-    for (k = 0; k < len; k++) norm[k] = name[k] == '_' ? '-' : name[k];
-    norm[len] = 0;
+    if (len == 0 || !mgpu__opt_normalize(name, len, norm)) return NULL;
     for (i = 0; i < MGPU__N_TRAIN_OPTS + MGPU__N_TRAIN_OPT_ALIASES; i++) {
         const char *flag = i < MGPU__N_TRAIN_OPTS ? mgpu__train_opts_table[i].flag : mgpu__train_opts_aliases[i - MGPU__N_TRAIN_OPTS][0];
         if ((d = mgpu__edit_distance(norm, flag)) < best_d) { best_d = d; best = flag; }
