@@ -2,6 +2,8 @@
 # tools/deps.sh, the one list of Debian packages, checked without touching the system: fake
 # dpkg-query and apt-get on PATH say what is installed and record what would be run.
 source "$(dirname "$0")/lib.sh"
+# run under `make test`: the parent make's flags (jobserver, -j, directory messages) stay out of ours
+unset MAKEFLAGS MFLAGS MAKELEVEL
 fake=$T_TMP/bin; mkdir -p "$fake" "$T_TMP/empty"
 cat > "$fake/dpkg-query" <<'SH'
 #!/bin/sh

@@ -38,15 +38,15 @@ a=$(build/fashion_mlp --data "$DATA" --epochs 1 --max-steps 20 --seed 7 --batch-
 b=$(build/fashion_mlp --data "$DATA" --num_epochs 1 --max_steps=20 --seed 7 --batch_size 64 --eval_frequency 1 --num_workers 2 2>/dev/null | grep '^epoch')
 expect "--num_epochs/--batch_size/--max_steps/--num_workers train as the dashed flags do" test -n "$a" -a "$(cut -d' ' -f1-8 <<<"$a")" = "$(cut -d' ' -f1-8 <<<"$b")"
 out=$(build/fashion_mlp --epochs zero 2>&1); rc=$?
-expect "bad value: exit 2 naming --epochs" bash -c "[ $rc -eq 2 ] && grep -q -- '--epochs' <<<'$out'"
+expect "bad value: exit 2 naming --epochs" bash -c "[ $rc -eq 2 ] && grep -q -- '--epochs' <<<\"\$0\"" "$out"
 out=$(build/fashion_mlp --data "$T_TMP/nowhere" 2>&1); rc=$?
 expect "missing data: exit 1" test "$rc" -eq 1
 expect "missing data: message names the path" grep -q "$T_TMP/nowhere" <<<"$out"
 mkdir -p "$T_TMP/bad"; head -c 1000 /dev/urandom > "$T_TMP/bad/train-images-idx3-ubyte"; cp "$T_TMP/bad/train-images-idx3-ubyte" "$T_TMP/bad/train-labels-idx1-ubyte"
 out=$(build/fashion_mlp --data "$T_TMP/bad" 2>&1); rc=$?
-expect "corrupt data: exit 1 naming the file" bash -c "[ $rc -eq 1 ] && grep -q 'train-' <<<'$out'"
+expect "corrupt data: exit 1 naming the file" bash -c "[ $rc -eq 1 ] && grep -q 'train-' <<<\"\$0\"" "$out"
 out=$(build/fashion_mlp --help 2>&1); rc=$?
-expect "--help exits 0 and lists --batch-size" bash -c "[ $rc -eq 0 ] && grep -q -- '--batch-size' <<<'$out'"
+expect "--help exits 0 and lists --batch-size" bash -c "[ $rc -eq 0 ] && grep -q -- '--batch-size' <<<\"\$0\"" "$out"
 out=$(build/fashion_mlp --device cuda --data "$DATA" 2>&1); rc=$?
-expect "--device cuda in a CPU build: clear error" bash -c "[ $rc -eq 1 ] && grep -qi 'cuda' <<<'$out'"
+expect "--device cuda in a CPU build: clear error" bash -c "[ $rc -eq 1 ] && grep -qi 'cuda' <<<\"\$0\"" "$out"
 finish

@@ -3,6 +3,8 @@
 # CFLAGS and reach the sanitizer build, nvcc targets Hopper unless NVCC_ARCH says otherwise, and
 # check-cuda needs nothing another target made.
 source "$(dirname "$0")/lib.sh"
+# run under `make test`: the parent make's flags (jobserver, -j, directory messages) stay out of ours
+unset MAKEFLAGS MFLAGS MAKELEVEL
 b=$T_TMP/build   # a build directory no other target has touched
 has() { grep -qF -- "$1" <<<"$2"; }
 
