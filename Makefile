@@ -4,7 +4,11 @@ CXX     ?= c++
 NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 OPT     ?= -O3 -march=native
-CFLAGS  ?= $(OPT) -std=c11 -Wall -Wextra -pedantic -g
+CFLAGS  ?= $(OPT) -g
+# The language standard and warnings are not part of CFLAGS, so a CFLAGS from the environment
+# (CFLAGS=-O0 make) changes optimisation and debug flags but never drops them.
+CSTD    := -std=c11
+WARN    := -Wall -Wextra -pedantic
 CPPFLAGS += -I.
 LDLIBS  += -lm -lpthread
 BUILD   := build
@@ -23,6 +27,8 @@ help:
 	@echo "make            build CPU examples, tools and tests into build/"
 	@echo "make test       run the whole CPU test suite (ends with 'N passed, N failed')"
 	@echo "make demo       install what is missing, build, train Fashion-MNIST on the best device"
+	@echo "                (make test and make demo install missing Debian packages as root, else print the"
+	@echo "                 sudo apt-get line: tools/deps.sh lists them)"
 	@echo "make data       fill data/fashion-mnist from Debian's dataset-fashion-mnist"
 	@echo "make cuda       build the CUDA variants into build/cuda/"
 	@echo "make emu        build every CUDA program against the CPU emulation (tests/emu) into build/emu/"
@@ -41,23 +47,25 @@ $(BUILD) $(BUILD)/tests $(BUILD)/cuda $(BUILD)/asan $(BUILD)/fuzz:
 
 # Examples are single-file programs that define MGPU_IMPLEMENTATION themselves (STB style).
 $(BUILD)/%: examples/%.c $(HDR) | $(BUILD)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $< -o $@ $(LDLIBS)
+	$(CC) $(CPPFLAGS) $(CSTD) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 $(BUILD)/%: tools/%.c $(HDR) | $(BUILD)
-	$(CC) $(CPPFLAGS) $(CFLAGS) $< -o $@ $(LDLIBS)
+	$(CC) $(CPPFLAGS) $(CSTD) $(WARN) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # Tests share one implementation object.
 $(BUILD)/mgpu_impl.o: tests/impl.c $(HDR) | $(BUILD)
-	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
+	$(CC) $(CPPFLAGS) $(CSTD) $(WARN) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/tests/%: tests/%.c tests/mgpu_test.h $(BUILD)/mgpu_impl.o | $(BUILD)/tests
-	$(CC) $(CPPFLAGS) -Itests $(CFLAGS) $< $(BUILD)/mgpu_impl.o -o $@ $(LDLIBS)
+	$(CC) $(CPPFLAGS) -Itests $(CSTD) $(WARN) $(CFLAGS) $< $(BUILD)/mgpu_impl.o -o $@ $(LDLIBS)
 
-# Sanitizer build of the whole suite.
+# Sanitizer build of the whole suite (with the same warnings: the sanitizers see more code paths
+# at -O1, and the warnings catch what they cannot).
+ASAN_FLAGS := $(CSTD) $(WARN) -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
 $(BUILD)/asan/mgpu_impl.o: tests/impl.c $(HDR) | $(BUILD)/asan
-	$(CC) $(CPPFLAGS) -std=c11 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -c $< -o $@
+	$(CC) $(CPPFLAGS) $(ASAN_FLAGS) -c $< -o $@
 $(BUILD)/asan/%: tests/%.c tests/mgpu_test.h $(BUILD)/asan/mgpu_impl.o | $(BUILD)/asan
-	$(CC) $(CPPFLAGS) -Itests -std=c11 -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer $< $(BUILD)/asan/mgpu_impl.o -o $@ $(LDLIBS)
+	$(CC) $(CPPFLAGS) -Itests $(ASAN_FLAGS) $< $(BUILD)/asan/mgpu_impl.o -o $@ $(LDLIBS)
 asan: $(addprefix $(BUILD)/asan/,$(TESTS))
 
 # Fuzz targets (libFuzzer through clang when present; otherwise a replay driver over the corpus).
@@ -83,22 +91,26 @@ check-headers: | $(BUILD)
 CUDA_INC := -I$(CUDA_HOME)/include
 CUDA_LIB := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib -Wl,-rpath,$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib
 CUDA_LIBS := -lcudart -lcublas -lcublasLt -lnccl
-NVCC_ARCH ?= $(if $(shell nvidia-smi -L 2>/dev/null),-arch=native,)
+# Hopper: real sm_90 code plus compute_90 PTX that newer GPUs JIT-compile, whether or not a GPU
+# is visible at build time (NVCC_ARCH=... overrides, e.g. NVCC_ARCH=-arch=native).
+NVCC_ARCH ?= -gencode 'arch=compute_90,code=[sm_90,compute_90]'
 GPU_TESTS := $(patsubst tests/gpu/%.c,%,$(wildcard tests/gpu/*.c))
 $(BUILD)/cuda/mgpu_kernels.o: mgpu_kernels.cu $(HDR) | $(BUILD)/cuda
 	$(NVCC) -O3 -std=c++17 -I. $(NVCC_ARCH) -Xcompiler -Wall,-Wextra -c $< -o $@
 $(BUILD)/cuda/tests/%: tests/gpu/%.c tests/mgpu_test.h $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
 	@mkdir -p $(@D)
-	$(CC) $(CPPFLAGS) -Itests $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
+	$(CC) $(CPPFLAGS) -Itests $(CSTD) $(WARN) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
 $(BUILD)/cuda/gemm_bench: bench/gpu/gemm_bench.cu $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
 	$(NVCC) -O3 -std=c++17 -I. $(NVCC_ARCH) -Xcompiler -Wall,-Wextra $< $(BUILD)/cuda/mgpu_kernels.o -o $@ -L$(CUDA_HOME)/lib64 -Xlinker -rpath,$(CUDA_HOME)/lib64 -lcublas -lcublasLt
 cuda-tests: $(addprefix $(BUILD)/cuda/tests/,$(GPU_TESTS)) $(BUILD)/cuda/gemm_bench
 $(BUILD)/cuda/%: examples/%.c $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
-	$(CC) $(CPPFLAGS) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
+	$(CC) $(CPPFLAGS) $(CSTD) $(WARN) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
 cuda: $(addprefix $(BUILD)/cuda/,$(EXAMPLES))
-check-cuda:
+# Standalone: writes its own translation unit (the header with its implementation, under nvcc).
+check-cuda: | $(BUILD)/cuda
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda cuda-tests && \
-	  $(NVCC) -std=c++17 -I. -DMGPU_CUDA -Xcompiler -Wall,-Wextra -x cu -c $(BUILD)/hdr_cpp.cpp -o $(BUILD)/cuda/hdr_nvcc.o && \
+	  printf '#define MGPU_IMPLEMENTATION\n#include "mgpu.h"\nint main(void){return 0;}\n' > $(BUILD)/cuda/hdr_nvcc.cu && \
+	  $(NVCC) -std=c++17 -I. -DMGPU_CUDA $(NVCC_ARCH) -Xcompiler -Wall,-Wextra -c $(BUILD)/cuda/hdr_nvcc.cu -o $(BUILD)/cuda/hdr_nvcc.o && \
 	  echo "CUDA path compiled and linked with $(NVCC)"; \
 	else echo "nvcc not found: CUDA compile check skipped"; fi
 
@@ -147,7 +159,7 @@ $(EMU)/tests/%.ko: tests/emu/%.cu $(EMU_DEPS)
 	$(EMU_KO_RECIPE)
 $(EMU)/asan/tests/%.ko: tests/emu/%.cu $(EMU_DEPS)
 	$(EMU_KO_RECIPE)
-EMU_LINK = $(CC) $(CPPFLAGS) -Itests -DMGPU_CUDA $(EMU_INC)
+EMU_LINK = $(CC) $(CPPFLAGS) -Itests $(CSTD) $(WARN) -DMGPU_CUDA $(EMU_INC)
 $(EMU)/tests/%: tests/gpu/%.c tests/mgpu_test.h $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
 	@mkdir -p $(@D)
 	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
@@ -174,8 +186,10 @@ EMU_TESTS := $(patsubst tests/emu/%.c,%,$(wildcard tests/emu/*.c)) $(patsubst te
 emu: $(addprefix $(EMU)/tests/,$(GPU_TESTS) $(EMU_TESTS)) $(addprefix $(EMU)/,$(EXAMPLES) $(TOOLS)) $(EMU)/gemm_bench \
      $(addprefix $(EMU)/asan/tests/,$(GPU_TESTS) $(patsubst tests/emu/%.cu,%,$(wildcard tests/emu/*.cu)))
 
-# The committed header is checked against src/ before anything regenerates it.
+# Missing Debian packages first (tools/deps.sh: installed as root, else the sudo line and a stop);
+# the committed header is checked against src/ before anything regenerates it.
 test:
+	@sh tools/deps.sh test
 	@sh tools/amalgamate.sh --check
 	@$(MAKE) --no-print-directory all check-headers asan fuzz emu
 	@$(MAKE) --no-print-directory check-cuda > $(BUILD)/check-cuda.log 2>&1; echo $$? > $(BUILD)/check-cuda.rc
@@ -189,6 +203,7 @@ data:
 
 # Trains on the best available device: --device auto picks a GPU once the CUDA backend is built in.
 demo:
+	@sh tools/deps.sh demo
 	@bash tools/setup_data.sh
 	@$(MAKE) --no-print-directory all
 	$(BUILD)/fashion_mlp --device auto --data data/fashion-mnist --metrics $(BUILD)/demo_metrics.jsonl --save-dir $(BUILD)/demo

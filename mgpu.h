@@ -106,8 +106,6 @@ extern "C" {
    Results, errors, logging, allocation
    ====================================================================================== */
 
-/* */
-
 typedef enum mgpu_result {
     MGPU_OK = 0,
     MGPU_ERR_INVALID_ARG = -1,   /* a NULL pointer, a value out of range, a bad flag */
@@ -153,8 +151,6 @@ MGPU_API void mgpu_set_allocator(const mgpu_allocator *a); /* NULL restores the 
    Devices, dtypes, half-precision conversion
    ====================================================================================== */
 
-/* */
-
 typedef enum mgpu_device_type { MGPU_DEVICE_CPU = 0, MGPU_DEVICE_CUDA = 1 } mgpu_device_type;
 typedef struct mgpu_device { mgpu_device_type type; int index; } mgpu_device;
 
@@ -181,8 +177,6 @@ MGPU_API float mgpu_bf16_to_f32(uint16_t h);
 /* ======================================================================================
    Context: device, threads, RNG, activation arena, autograd tape
    ====================================================================================== */
-
-/* */
 
 typedef struct mgpu_context mgpu_context;
 typedef struct mgpu_context_desc {
@@ -237,8 +231,6 @@ MGPU_API void mgpu_parallel_for(mgpu_context *ctx, int64_t n, int64_t min_chunk,
    Tensors
    ====================================================================================== */
 
-/* */
-
 typedef struct mgpu_tensor mgpu_tensor;
 typedef void (*mgpu_grad_hook)(mgpu_tensor *param, void *user);
 struct mgpu_tensor {
@@ -287,8 +279,6 @@ MGPU_API mgpu_result mgpu_tensor_set_grad_hook(mgpu_tensor *t, mgpu_grad_hook ho
    Autograd
    ====================================================================================== */
 
-/* */
-
 /* Reverse-mode pass from a scalar loss (seed 1) through the context's tape, ACCUMULATING into
    leaf .grad (call several times before a step for gradient accumulation). The tape stays until
    mgpu_context_end_step. */
@@ -304,8 +294,6 @@ MGPU_API void mgpu_context_set_backward_end_hook(mgpu_context *ctx, mgpu_backwar
    Ops (differentiable; outputs live in the activation arena). Shapes in comments.
    All float ops take F32 (F16/BF16 where noted); index inputs take I32 or I64.
    ====================================================================================== */
-
-/* */
 
 /* Elementwise with NumPy/PyTorch broadcasting. */
 MGPU_API mgpu_tensor *mgpu_op_add(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b);
@@ -393,8 +381,6 @@ MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t
    Models and layers (parameter names, shapes and default init match PyTorch)
    ====================================================================================== */
 
-/* */
-
 typedef struct mgpu_model mgpu_model;
 MGPU_API mgpu_model *mgpu_model_create(mgpu_context *ctx);
 MGPU_API void mgpu_model_destroy(mgpu_model *m);
@@ -466,8 +452,6 @@ MGPU_API mgpu_result mgpu_init_normal(mgpu_context *ctx, mgpu_tensor *t, float m
    Optimizers, clipping, LR schedules
    ====================================================================================== */
 
-/* */
-
 typedef enum mgpu_optimizer_type { MGPU_OPTIM_SGD = 0, MGPU_OPTIM_ADAM = 1, MGPU_OPTIM_ADAMW = 2 } mgpu_optimizer_type;
 typedef struct mgpu_optimizer_desc {
     mgpu_optimizer_type type;
@@ -518,8 +502,6 @@ MGPU_API float mgpu_lr_scale(float lr, int world_size, int grad_accum_steps, mgp
 /* ======================================================================================
    Data: datasets, sampler, loader
    ====================================================================================== */
-
-/* */
 
 /* A dataset yields sample i as x (x_shape, x_dtype) and y (y_shape, y_dtype; ndim 0 = scalar). */
 typedef struct mgpu_dataset mgpu_dataset;
@@ -579,8 +561,6 @@ MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l);
    Files: safetensors, JSON
    ====================================================================================== */
 
-/* */
-
 /* Writes atomically (tmp file, fsync, rename). metadata: n_meta key/value pairs (may be 0). */
 MGPU_API mgpu_result mgpu_safetensors_save(const char *path, int n, const char *const *names, const mgpu_tensor *const *tensors,
                                            int n_meta, const char *const *meta_keys, const char *const *meta_values);
@@ -635,11 +615,26 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
    Programs: common options, metrics, progress
    ====================================================================================== */
 
-/* */
+/* Mixed precision mode (--amp); see the Mixed precision section. */
+typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
+/* --device: auto picks a GPU when the CUDA backend is built in and one is visible, else the CPU. */
+typedef enum mgpu_device_kind { MGPU_DEVICE_KIND_AUTO = 0, MGPU_DEVICE_KIND_CPU = 1, MGPU_DEVICE_KIND_CUDA = 2 } mgpu_device_kind;
+/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE > 1) and one process otherwise; none is one
+   process (an error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in
+   this process; ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style
+   variables, srun): WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
+typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE = 1, MGPU_MULTI_GPU_DP = 2, MGPU_MULTI_GPU_DDP = 3 } mgpu_multi_gpu_mode;
+/* --grad-compression: DDP gradients travel rounded to this format. */
+typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
+/* --resume: none, auto (the latest checkpoint in --save-dir), or a path (resume_path). */
+typedef enum mgpu_resume_mode { MGPU_RESUME_NONE = 0, MGPU_RESUME_AUTO = 1, MGPU_RESUME_PATH = 2 } mgpu_resume_mode;
+#define MGPU_MAX_GPU_IDS 64
 
+/* Every string flag is parsed once, by mgpu_train_opts_parse, into the typed fields below; code
+   that fills the struct by hand sets the same fields (text fields are kept by pointer). */
 typedef struct mgpu_train_opts {
     const char *data_dir;          /* --data */
-    int epochs;                    /* --epochs */
+    int epochs;                    /* --epochs (alias --num-epochs) */
     int64_t batch_size;            /* --batch-size (per process) */
     float lr;                      /* --lr */
     mgpu_optimizer_type optimizer; /* --optimizer sgd|adam|adamw */
@@ -650,17 +645,20 @@ typedef struct mgpu_train_opts {
     mgpu_lr_scaling scale_lr;      /* --scale-lr none|linear|sqrt */
     int grad_accum_steps;          /* --grad-accum-steps */
     float clip_grad_norm;          /* --clip-grad-norm (0: off) */
-    const char *amp;               /* --amp off|fp16|bf16 */
-    const char *device;            /* --device cpu|cuda|cuda:N|auto */
-    const char *gpu_ids;           /* --gpu-ids 0,1,3 */
-    const char *multi_gpu;         /* --multi-gpu none|dp|ddp */
+    mgpu_amp_mode amp;             /* --amp off|fp16|bf16 */
+    mgpu_device_kind device;       /* --device cpu|cuda|cuda:N|auto */
+    int device_index;              /* N of --device cuda:N; -1: plain "cuda" (device 0) */
+    int num_gpu_ids;               /* --gpu-ids 0,1,3: how many ids (0: unset) */
+    int gpu_ids[MGPU_MAX_GPU_IDS]; /* the ids, in the order given */
+    mgpu_multi_gpu_mode multi_gpu; /* --multi-gpu auto|none|dp|ddp */
     int num_workers;               /* --num-workers */
     int eval_frequency;            /* --eval-frequency (epochs) */
     const char *save_dir;          /* --save-dir */
     int checkpoint_every_epochs;   /* --checkpoint-every-epochs */
     float checkpoint_interval_min; /* --checkpoint-interval-min */
     int keep_last;                 /* --keep-last */
-    const char *resume;            /* --resume auto|none|PATH */
+    mgpu_resume_mode resume;       /* --resume auto|none|PATH */
+    const char *resume_path;       /* PATH of --resume PATH (a step directory or a save directory) */
     uint64_t seed;                 /* --seed */
     const char *metrics;           /* --metrics FILE */
     int log_every;                 /* --log-every (steps) */
@@ -670,14 +668,16 @@ typedef struct mgpu_train_opts {
     /* restart-schedule extras (--t0-epochs, --t-mult, --eta-min, --step-size-epochs, --gamma) */
     float t0_epochs; int t_mult; float eta_min; float step_size_epochs; float gamma;
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
-    int sync_batchnorm; float bucket_cap_mb; const char *grad_compression;
+    int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
-   accum 1, amp off, device auto, workers 0, eval every epoch, keep_last 3, resume none, seed 0,
-   metrics $MGPU_METRICS (unset: none). */
+   accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
+   resume none, seed 0, metrics $MGPU_METRICS (unset: none). */
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o);
-/* Parses argv (strings are kept by pointer). --help prints usage to stdout and sets o->help.
-   An unknown flag or a bad value is MGPU_ERR_INVALID_ARG naming the flag (also printed to stderr). */
+/* Parses argv (strings are kept by pointer). Every flag is also accepted as --flag=value and with
+   underscores (--batch_size); --num-epochs is --epochs. --help prints usage to stdout and sets
+   o->help. An unknown flag or a bad value is MGPU_ERR_INVALID_ARG naming the flag (an unknown one
+   with "did you mean --x?" when a flag is close), also printed to stderr. */
 MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **argv);
 MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program);
 
@@ -708,9 +708,7 @@ MGPU_API double mgpu_time_s(void);
    Mixed precision: autocast and the loss scaler
    ====================================================================================== */
 
-/* */
-
-typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
+/* mgpu_amp_mode (off|fp16|bf16) is declared with the training options above. */
 MGPU_API mgpu_result mgpu_amp_parse(const char *text, mgpu_amp_mode *out);   /* off|fp16|bf16 */
 /* Autocast for the ops of this context: matmul, linear, conv2d and attention take their inputs in
    half precision and produce half-precision outputs (accumulating in f32), gradients flowing back
@@ -739,8 +737,6 @@ MGPU_API void mgpu_grad_scaler_update(mgpu_grad_scaler *s);
 /* ======================================================================================
    Checkpoints: DIR/step-00001234/{model,optimizer}.safetensors + trainer_state.json, DIR/latest
    ====================================================================================== */
-
-/* */
 
 typedef struct mgpu_checkpoint_desc {
     const char *dir;          /* the --save-dir */
@@ -783,8 +779,6 @@ MGPU_API mgpu_result mgpu_checkpoint_load_bytes(const mgpu_checkpoint_bytes *fil
 /* ======================================================================================
    Distributed: environment, communicators (shm, threads, nccl)
    ====================================================================================== */
-
-/* */
 
 /* The process's place in a job, read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), falling back to SLURM_PROCID/SLURM_NTASKS/
@@ -848,8 +842,6 @@ MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w);
    DistributedDataParallel and DataParallel
    ====================================================================================== */
 
-/* */
-
 typedef struct mgpu_ddp_desc {
     double bucket_cap_mb;        /* 0: 25 */
     double first_bucket_mb;      /* 0: 1 */
@@ -905,8 +897,6 @@ MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main
 /* ======================================================================================
    CUDA host side (only with MGPU_CUDA): device memory, pinned buffers, streams, graphs
    ====================================================================================== */
-
-/* */
 #ifdef MGPU_CUDA
 typedef struct mgpu_memory_stats { int64_t allocated, reserved, peak; } mgpu_memory_stats;
 MGPU_API mgpu_result mgpu_memory_stats_get(int device, mgpu_memory_stats *out);
@@ -938,8 +928,6 @@ MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g);
 /* ======================================================================================
    Trainer: the training loop every example shares, composed from the options
    ====================================================================================== */
-
-/* */
 
 /* Builds logits (B, classes) from a batch x; the trainer adds the cross-entropy loss. */
 typedef mgpu_tensor *(*mgpu_forward_fn)(mgpu_context *ctx, mgpu_tensor *x, void *user);
@@ -1568,8 +1556,6 @@ mgpu_result mgpu_cuda_synchronize(void *stream);
    IMPLEMENTATION
    ======================================================================================
    ====================================================================================== */
-
-/* */
 #if defined(MGPU_IMPLEMENTATION) && !defined(MGPU__IMPLEMENTED)
 #define MGPU__IMPLEMENTED
 
@@ -2849,8 +2835,6 @@ MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g) {
 /* ======================================================================================
    Mixed precision: autocast
    ====================================================================================== */
-
-/* */
 
 /* Autocast on the CPU emulates half precision by rounding f32 storage to the nearest value the
    half format can hold: a matmul-like op runs as y = round(op(round(x), round(w), round(b))) with
@@ -5530,8 +5514,6 @@ static void mgpu__norm_add_sums(float *grad, const double *sums, int64_t n) {
    eps inside the sqrt, as PyTorch. x is viewed as R rows of C.
    ====================================================================================== */
 
-/* */
-
 /* One pass for the row's statistics (double sums), one for the output. */
 static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
     const mgpu__layer_norm_args *a = (const mgpu__layer_norm_args *)arg;
@@ -5693,8 +5675,6 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
                taken from the local sums BEFORE the reduce (DDP averages them as usual).
    The public op passes sync = NULL (this process only).
    ====================================================================================== */
-
-/* */
 
 typedef mgpu_result (*mgpu__bn_reduce_fn)(void *user, double *values, int64_t n);
 typedef struct mgpu__bn_sync { mgpu__bn_reduce_fn reduce; void *user; } mgpu__bn_sync;
@@ -5979,8 +5959,6 @@ MGPU_API mgpu_tensor *mgpu_op_batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
    grad, split across threads by columns so repeated indices never race.
    ====================================================================================== */
 
-/* */
-
 /* Row of weight that output row i reads. */
 static int64_t mgpu__emb_row(const mgpu__embedding_args *a, int64_t i) {
     return a->idx_i64 ? ((const int64_t *)a->idx)[i] : ((const int32_t *)a->idx)[i];
@@ -6080,8 +6058,6 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
    Pairs run in parallel (each GEMM single-threaded) when there are enough of them, else
    one after the other with the threaded GEMM.
    ====================================================================================== */
-
-/* */
 
 typedef struct mgpu__attn_job mgpu__attn_job;
 typedef void (*mgpu__attn_pair_fn)(const mgpu__attn_job *j, int64_t pair, float *scratch);
@@ -7349,8 +7325,6 @@ MGPU_API float mgpu_lr_scale(float lr, int world_size, int grad_accum_steps, mgp
    Mixed precision: the loss scaler
    ====================================================================================== */
 
-/* */
-
 /* --------------------------------------------------------------------------------------
    Loss scaler (torch.cuda.amp.GradScaler)
    -------------------------------------------------------------------------------------- */
@@ -7462,8 +7436,6 @@ MGPU_API void mgpu_grad_scaler_update(mgpu_grad_scaler *s) {
 /* ======================================================================================
    Data
    ====================================================================================== */
-
-/* */
 
 /* --------------------------------------------------------------------------------------
    Datasets held in memory. Both the array dataset and the IDX dataset keep one block per
@@ -7941,7 +7913,7 @@ static void mgpu__loader_fill(mgpu_loader *l, mgpu__loader_slot *s, int64_t k) {
         r = l->ds->get(l->ds, index, s->x_host + (size_t)i * l->x_bytes, s->y_host + (size_t)i * l->y_bytes);
         if (r != MGPU_OK) {
             s->result = r;
-            snprintf(s->error, sizeof s->error, "mgpu_loader_next: sample %lld (batch %lld of epoch %lld): %s", (long long)index,
+            snprintf(s->error, sizeof s->error, "mgpu_loader_next: sample %lld (batch %lld of epoch %lld): %.900s", (long long)index,
                      (long long)k, (long long)l->epoch, mgpu_last_result() != MGPU_OK ? mgpu_last_error() : mgpu_result_string(r));
             return;
         }
@@ -8213,8 +8185,6 @@ MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l) {
 /* ======================================================================================
    Files, JSON, safetensors, options, metrics, progress
    ====================================================================================== */
-
-/* */
 
 /* Files (atomic writes, whole-file reads), a strict JSON parser plus writer helpers, safetensors,
    model save/load, the common training options, the metrics JSONL writer and the progress bar. */
@@ -9383,16 +9353,16 @@ MGPU_API mgpu_result mgpu_model_load(mgpu_model *m, const char *path) {
 }
 
 /* --------------------------------------------------------------------------------------
-   Common training options
+   Common training options: every string is parsed here, once, into typed fields
    -------------------------------------------------------------------------------------- */
 
 typedef enum mgpu__opt_kind {
     MGPU__OPT_STRING,   /* non-empty text, kept by pointer */
-    MGPU__OPT_CHOICE,   /* one of `choices`, kept by pointer */
     MGPU__OPT_ENUM,     /* one of `choices`, stored as its index in an enum field */
     MGPU__OPT_SCHEDULE, /* mgpu_schedule_parse */
-    MGPU__OPT_DEVICE,   /* cpu|cuda|cuda:N|auto, syntax only: a CPU build must still parse "cuda" */
-    MGPU__OPT_GPU_IDS,  /* comma-separated device indices */
+    MGPU__OPT_DEVICE,   /* cpu|cuda|cuda:N|auto into device and device_index (a CPU build still parses "cuda") */
+    MGPU__OPT_GPU_IDS,  /* comma-separated device indices into gpu_ids and num_gpu_ids */
+    MGPU__OPT_RESUME,   /* none|auto|PATH into resume and resume_path */
     MGPU__OPT_INT, MGPU__OPT_I64, MGPU__OPT_U64, MGPU__OPT_FLOAT
 } mgpu__opt_kind;
 
@@ -9402,19 +9372,25 @@ typedef struct mgpu__opt {
     size_t offset;        /* of the field in mgpu_train_opts */
     double lo, hi;        /* numeric range; no upper bound when hi < lo */
     int lo_open;          /* lo itself excluded */
-    const char *choices;  /* "a|b|c" for CHOICE, ENUM and SCHEDULE */
+    const char *choices;  /* "a|b|c" for ENUM and SCHEDULE, in the order of the enum's values */
     const char *metavar;
     const char *help;
 } mgpu__opt;
 
-/* ENUM fields are written through an int pointer. */
+/* ENUM fields are written through an int pointer, the choice's index being the enum's value. */
 typedef char mgpu__enum_fields_are_int[(sizeof(mgpu_optimizer_type) == sizeof(int) && sizeof(mgpu_lr_scaling) == sizeof(int) &&
-                                        sizeof(mgpu_schedule_type) == sizeof(int)) ? 1 : -1];
+                                        sizeof(mgpu_schedule_type) == sizeof(int) && sizeof(mgpu_amp_mode) == sizeof(int) &&
+                                        sizeof(mgpu_multi_gpu_mode) == sizeof(int) && sizeof(mgpu_grad_compression) == sizeof(int)) ? 1 : -1];
+typedef char mgpu__enum_choice_order[(MGPU_OPTIM_SGD == 0 && MGPU_OPTIM_ADAM == 1 && MGPU_OPTIM_ADAMW == 2 && MGPU_LR_SCALE_NONE == 0 &&
+                                      MGPU_LR_SCALE_LINEAR == 1 && MGPU_LR_SCALE_SQRT == 2 && MGPU_AMP_OFF == 0 && MGPU_AMP_FP16 == 1 &&
+                                      MGPU_AMP_BF16 == 2 && MGPU_MULTI_GPU_AUTO == 0 && MGPU_MULTI_GPU_NONE == 1 && MGPU_MULTI_GPU_DP == 2 &&
+                                      MGPU_MULTI_GPU_DDP == 3 && MGPU_GRAD_COMPRESSION_NONE == 0 && MGPU_GRAD_COMPRESSION_FP16 == 1 &&
+                                      MGPU_GRAD_COMPRESSION_BF16 == 2) ? 1 : -1];
 
 #define MGPU__OF(field) offsetof(mgpu_train_opts, field)
 static const mgpu__opt mgpu__train_opts_table[] = {
     {"data", MGPU__OPT_STRING, MGPU__OF(data_dir), 0, -1, 0, NULL, "DIR", "dataset directory (unset: $MGPU_DATA, then data/fashion-mnist)"},
-    {"epochs", MGPU__OPT_INT, MGPU__OF(epochs), 1, -1, 0, NULL, "N", "passes over the training set"},
+    {"epochs", MGPU__OPT_INT, MGPU__OF(epochs), 1, -1, 0, NULL, "N", "passes over the training set (also --num-epochs)"},
     {"batch-size", MGPU__OPT_I64, MGPU__OF(batch_size), 1, -1, 0, NULL, "N", "samples per step, per process"},
     {"lr", MGPU__OPT_FLOAT, MGPU__OF(lr), 0, -1, 1, NULL, "LR", "base learning rate (before --scale-lr)"},
     {"optimizer", MGPU__OPT_ENUM, MGPU__OF(optimizer), 0, 0, 0, "sgd|adam|adamw", "NAME", "optimizer"},
@@ -9425,17 +9401,23 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"scale-lr", MGPU__OPT_ENUM, MGPU__OF(scale_lr), 0, 0, 0, "none|linear|sqrt", "RULE", "scale the LR by world size x accumulation steps"},
     {"grad-accum-steps", MGPU__OPT_INT, MGPU__OF(grad_accum_steps), 1, -1, 0, NULL, "N", "micro-batches per optimizer step"},
     {"clip-grad-norm", MGPU__OPT_FLOAT, MGPU__OF(clip_grad_norm), 0, -1, 0, NULL, "NORM", "clip the global gradient norm (0: off)"},
-    {"amp", MGPU__OPT_CHOICE, MGPU__OF(amp), 0, 0, 0, "off|fp16|bf16", "MODE", "mixed precision"},
-    {"device", MGPU__OPT_DEVICE, MGPU__OF(device), 0, 0, 0, NULL, "DEV", "device: cpu, cuda, cuda:N or auto"},
-    {"gpu-ids", MGPU__OPT_GPU_IDS, MGPU__OF(gpu_ids), 0, 0, 0, NULL, "LIST", "devices for --multi-gpu dp, e.g. 0,1,3 (unset: all)"},
-    {"multi-gpu", MGPU__OPT_CHOICE, MGPU__OF(multi_gpu), 0, 0, 0, "none|dp|ddp", "MODE", "multi-device mode (DDP is chosen under mgpurun)"},
+    {"amp", MGPU__OPT_ENUM, MGPU__OF(amp), 0, 0, 0, "off|fp16|bf16", "MODE", "mixed precision"},
+    {"device", MGPU__OPT_DEVICE, MGPU__OF(device), 0, 0, 0, NULL, "DEV",
+     "cpu, cuda (cuda:0), cuda:N or auto\nauto: a GPU when this build's CUDA backend sees one, else the CPU"},
+    {"gpu-ids", MGPU__OPT_GPU_IDS, MGPU__OF(gpu_ids), 0, 0, 0, NULL, "LIST",
+     "--multi-gpu dp: one model replica per id, e.g. 0,1,3\nrequired with dp (no default); in this version every replica runs on --device"},
+    {"multi-gpu", MGPU__OPT_ENUM, MGPU__OF(multi_gpu), 0, 0, 0, "auto|none|dp|ddp", "MODE",
+     "how to use several processes or devices\n"
+     "auto: DDP under a launcher (WORLD_SIZE > 1), else one process; none: one process (an error\n"
+     "under a launcher with WORLD_SIZE > 1); dp: one replica per --gpu-ids entry, on threads of this\n"
+     "process; ddp: DDP, needs a launcher that sets WORLD_SIZE (mgpurun, srun; WORLD_SIZE=1: world size 1)"},
     {"num-workers", MGPU__OPT_INT, MGPU__OF(num_workers), 0, 256, 0, NULL, "N", "data loader threads (0: load on the training thread)"},
     {"eval-frequency", MGPU__OPT_INT, MGPU__OF(eval_frequency), 0, -1, 0, NULL, "N", "evaluate every N epochs (0: only after the last)"},
     {"save-dir", MGPU__OPT_STRING, MGPU__OF(save_dir), 0, -1, 0, NULL, "DIR", "checkpoint and final model directory (unset: no saving)"},
     {"checkpoint-every-epochs", MGPU__OPT_INT, MGPU__OF(checkpoint_every_epochs), 0, -1, 0, NULL, "N", "checkpoint every N epochs (0: off)"},
     {"checkpoint-interval-min", MGPU__OPT_FLOAT, MGPU__OF(checkpoint_interval_min), 0, -1, 0, NULL, "MIN", "checkpoint every MIN minutes of wall time (0: off)"},
     {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
-    {"resume", MGPU__OPT_STRING, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint path"},
+    {"resume", MGPU__OPT_RESUME, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint or save directory"},
     {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
     {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: $MGPU_METRICS, else off)"},
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
@@ -9443,7 +9425,7 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"checkpoint-every-steps", MGPU__OPT_I64, MGPU__OF(checkpoint_every_steps), 0, -1, 0, NULL, "N", "checkpoint every N optimizer steps (0: off)"},
     {"sync-batchnorm", MGPU__OPT_INT, MGPU__OF(sync_batchnorm), 0, 1, 0, NULL, "0|1", "DDP: batch-norm statistics over all ranks (SyncBatchNorm)"},
     {"bucket-cap-mb", MGPU__OPT_FLOAT, MGPU__OF(bucket_cap_mb), 0, -1, 0, NULL, "MB", "DDP: gradient bucket size (0: 25)"},
-    {"grad-compression", MGPU__OPT_CHOICE, MGPU__OF(grad_compression), 0, 0, 0, "none|fp16|bf16", "MODE", "DDP: round gradients for the all-reduce"},
+    {"grad-compression", MGPU__OPT_ENUM, MGPU__OF(grad_compression), 0, 0, 0, "none|fp16|bf16", "MODE", "DDP: round gradients for the all-reduce"},
     {"t0-epochs", MGPU__OPT_FLOAT, MGPU__OF(t0_epochs), 0, -1, 1, NULL, "E", "cosine-restarts: first period, in epochs"},
     {"t-mult", MGPU__OPT_INT, MGPU__OF(t_mult), 1, -1, 0, NULL, "N", "cosine-restarts: period multiplier"},
     {"eta-min", MGPU__OPT_FLOAT, MGPU__OF(eta_min), 0, -1, 0, NULL, "LR", "lowest LR of linear/cosine schedules"},
@@ -9452,6 +9434,11 @@ static const mgpu__opt mgpu__train_opts_table[] = {
 };
 #undef MGPU__OF
 #define MGPU__N_TRAIN_OPTS ((int)(sizeof mgpu__train_opts_table / sizeof mgpu__train_opts_table[0]))
+/* Other spellings PyTorch scripts use for a flag (underscores are accepted for every flag). */
+static const char *const mgpu__train_opts_aliases[][2] = {{"num-epochs", "epochs"}};
+#define MGPU__N_TRAIN_OPT_ALIASES ((int)(sizeof mgpu__train_opts_aliases / sizeof mgpu__train_opts_aliases[0]))
+/* Room for any option's value as text (the longest: 64 gpu ids). */
+#define MGPU__OPT_TEXT_MAX 512
 
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
     if (!o) return;
@@ -9460,7 +9447,8 @@ MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
     o->optimizer = MGPU_OPTIM_ADAMW; o->weight_decay = 1e-4f; o->momentum = 0.9f;
     o->schedule = MGPU_SCHEDULE_CONSTANT; o->scale_lr = MGPU_LR_SCALE_NONE;
     o->grad_accum_steps = 1;
-    o->amp = "off"; o->device = "auto"; o->multi_gpu = "none"; o->resume = "none"; o->grad_compression = "none";
+    o->amp = MGPU_AMP_OFF; o->device = MGPU_DEVICE_KIND_AUTO; o->device_index = -1; o->multi_gpu = MGPU_MULTI_GPU_AUTO;
+    o->resume = MGPU_RESUME_NONE; o->grad_compression = MGPU_GRAD_COMPRESSION_NONE;
     o->eval_frequency = 1; o->keep_last = 3; o->log_every = 100;
     o->t0_epochs = 1; o->t_mult = 2; o->eta_min = 0; o->step_size_epochs = 30; o->gamma = 0.1f;
     /* the default --metrics: how mgpu-sweep (or a batch script) gives each run its own file */
@@ -9486,25 +9474,39 @@ static const char *mgpu__choice_name(const char *choices, int index, char *buf, 
     const char *c = choices;
     int i;
     for (i = 0; i < index && c; i++) { c = strchr(c, '|'); if (c) c++; }
-    if (!c) return "?";
+    if (!c || index < 0) return "?";
     snprintf(buf, size, "%.*s", (int)(strchr(c, '|') ? (size_t)(strchr(c, '|') - c) : strlen(c)), c);
     return buf;
 }
+/* "off", "fp16" or "bf16" (metrics records name the mode). */
+static const char *mgpu__amp_mode_name(mgpu_amp_mode mode) {
+    return mode == MGPU_AMP_FP16 ? "fp16" : mode == MGPU_AMP_BF16 ? "bf16" : "off";
+}
 
-static int mgpu__device_syntax_ok(const char *v) {
+/* cpu|cuda|cuda:N|auto, syntax only: a CPU build must still parse "cuda" (the trainer says it has no CUDA). */
+static int mgpu__device_opt_parse(const char *v, mgpu_device_kind *kind, int *index) {
     const char *d;
-    if (strcmp(v, "cpu") == 0 || strcmp(v, "auto") == 0 || strcmp(v, "cuda") == 0) return 1;
+    int n = 0;
+    if (strcmp(v, "cpu") == 0) { *kind = MGPU_DEVICE_KIND_CPU; *index = -1; return 1; }
+    if (strcmp(v, "auto") == 0) { *kind = MGPU_DEVICE_KIND_AUTO; *index = -1; return 1; }
+    if (strcmp(v, "cuda") == 0) { *kind = MGPU_DEVICE_KIND_CUDA; *index = -1; return 1; }
     if (strncmp(v, "cuda:", 5) != 0 || !v[5] || strlen(v + 5) > 4) return 0;
-    for (d = v + 5; *d; d++) if (!mgpu__is_digit(*d)) return 0;
+    for (d = v + 5; *d; d++) {
+        if (!mgpu__is_digit(*d)) return 0;
+        n = n * 10 + (*d - '0');
+    }
+    *kind = MGPU_DEVICE_KIND_CUDA; *index = n;
     return 1;
 }
-static int mgpu__gpu_ids_ok(const char *v) {
-    int digits = 0;
+/* "0,1,3": at most MGPU_MAX_GPU_IDS indices of at most 4 digits each. */
+static int mgpu__gpu_ids_parse(const char *v, int *ids, int *count) {
+    int digits = 0, n = 0, value = 0;
     for (;; v++) {
-        if (mgpu__is_digit(*v)) { if (++digits > 4) return 0; continue; }
-        if (digits == 0 || (*v != ',' && *v != 0)) return 0;
-        if (*v == 0) return 1;
-        digits = 0;
+        if (mgpu__is_digit(*v)) { if (++digits > 4) return 0; value = value * 10 + (*v - '0'); continue; }
+        if (digits == 0 || (*v != ',' && *v != 0) || n == MGPU_MAX_GPU_IDS) return 0;
+        ids[n++] = value;
+        if (*v == 0) { *count = n; return 1; }
+        digits = 0; value = 0;
     }
 }
 
@@ -9533,24 +9535,26 @@ static void mgpu__opt_expected(const mgpu__opt *s, char *buf, size_t size) {
     const char *what = s->kind == MGPU__OPT_FLOAT ? "a number" : "an integer";
     if (s->choices) snprintf(buf, size, "one of %s", s->choices);
     else if (s->kind == MGPU__OPT_DEVICE) snprintf(buf, size, "cpu, cuda, cuda:N or auto");
-    else if (s->kind == MGPU__OPT_GPU_IDS) snprintf(buf, size, "comma-separated device indices such as 0,1,3");
+    else if (s->kind == MGPU__OPT_GPU_IDS) snprintf(buf, size, "comma-separated device indices such as 0,1,3 (at most %d)", MGPU_MAX_GPU_IDS);
+    else if (s->kind == MGPU__OPT_RESUME) snprintf(buf, size, "auto, none or a checkpoint path");
     else if (s->kind == MGPU__OPT_STRING) snprintf(buf, size, "a non-empty value");
     else if (s->hi >= s->lo) snprintf(buf, size, "%s in [%g, %g]", what, s->lo, s->hi);
     else snprintf(buf, size, "%s %s %g", what, s->lo_open ? ">" : ">=", s->lo);
 }
 
-/* Parses value into the field of spec; 0 if the value is bad. */
+/* Parses value into the field(s) of spec; 0 if the value is bad (the options are then unchanged). */
 static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *value) {
     void *field = (char *)o + s->offset;
     long long iv = 0;
     double dv = 0;
-    int idx;
+    int idx, ids[MGPU_MAX_GPU_IDS], n = 0;
+    mgpu_device_kind kind = MGPU_DEVICE_KIND_AUTO;
     mgpu_schedule_type sched = MGPU_SCHEDULE_CONSTANT;
     switch (s->kind) {
-    case MGPU__OPT_STRING: if (!value[0]) return 0; break;
-    case MGPU__OPT_CHOICE: if (mgpu__choice_index(s->choices, value) < 0) return 0; break;
-    case MGPU__OPT_DEVICE: if (!mgpu__device_syntax_ok(value)) return 0; break;
-    case MGPU__OPT_GPU_IDS: if (!mgpu__gpu_ids_ok(value)) return 0; break;
+    case MGPU__OPT_STRING:
+        if (!value[0]) return 0;
+        *(const char **)field = value;   /* argv's pointer */
+        return 1;
     case MGPU__OPT_ENUM:
         if ((idx = mgpu__choice_index(s->choices, value)) < 0) return 0;
         *(int *)field = idx;
@@ -9558,6 +9562,20 @@ static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *val
     case MGPU__OPT_SCHEDULE:
         if (mgpu_schedule_parse(value, &sched) != MGPU_OK) return 0;
         *(mgpu_schedule_type *)field = sched;
+        return 1;
+    case MGPU__OPT_DEVICE:
+        if (!mgpu__device_opt_parse(value, &kind, &idx)) return 0;
+        o->device = kind; o->device_index = idx;
+        return 1;
+    case MGPU__OPT_GPU_IDS:
+        if (!mgpu__gpu_ids_parse(value, ids, &n)) return 0;
+        memcpy(o->gpu_ids, ids, sizeof(int) * (size_t)n);
+        o->num_gpu_ids = n;
+        return 1;
+    case MGPU__OPT_RESUME:
+        if (!value[0]) return 0;
+        o->resume = strcmp(value, "none") == 0 ? MGPU_RESUME_NONE : strcmp(value, "auto") == 0 ? MGPU_RESUME_AUTO : MGPU_RESUME_PATH;
+        o->resume_path = o->resume == MGPU_RESUME_PATH ? value : NULL;
         return 1;
     case MGPU__OPT_INT:
         if (!mgpu__parse_ll(value, &iv) || iv < INT_MIN || iv > INT_MAX || !mgpu__opt_in_range(s, (double)iv)) return 0;
@@ -9582,16 +9600,64 @@ static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *val
         *(float *)field = (float)dv;
         return 1;
     }
-    *(const char **)field = value; /* text kinds keep argv's pointer */
+    return 0;
+}
+
+/* name (len bytes, without "--") with underscores read as dashes, into norm (64 bytes); 0 if too long. */
+static int mgpu__opt_normalize(const char *name, size_t len, char norm[64]) {
+    size_t k;
+    if (len >= 64) return 0;
+    for (k = 0; k < len; k++) norm[k] = name[k] == '_' ? '-' : name[k];
+    norm[len] = 0;
     return 1;
 }
 
+/* The flag spelt name (len bytes, without "--"): underscores read as dashes, aliases resolved. */
 static const mgpu__opt *mgpu__opt_find(const char *name, size_t len) {
+    char norm[64];
     int i;
+    if (!mgpu__opt_normalize(name, len, norm)) return NULL;
+    for (i = 0; i < MGPU__N_TRAIN_OPT_ALIASES; i++)
+        if (strcmp(norm, mgpu__train_opts_aliases[i][0]) == 0) return mgpu__opt_find(mgpu__train_opts_aliases[i][1], strlen(mgpu__train_opts_aliases[i][1]));
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++)
-        if (strlen(mgpu__train_opts_table[i].flag) == len && strncmp(mgpu__train_opts_table[i].flag, name, len) == 0)
-            return &mgpu__train_opts_table[i];
+        if (strcmp(mgpu__train_opts_table[i].flag, norm) == 0) return &mgpu__train_opts_table[i];
     return NULL;
+}
+
+/* Levenshtein distance of two short strings (at most 63 bytes each, longer ones are far apart). */
+static int mgpu__edit_distance(const char *a, const char *b) {
+    int row[64], la = (int)strlen(a), lb = (int)strlen(b), i, j;
+    if (la > 63 || lb > 63) return 64;
+    for (j = 0; j <= lb; j++) row[j] = j;
+    for (i = 1; i <= la; i++) {
+        int diag = row[0];
+        row[0] = i;
+        for (j = 1; j <= lb; j++) {
+            int up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            diag = up;
+            row[j] = best;
+        }
+    }
+    return row[lb];
+}
+/* The flag (or alias) closest to an unknown one, or NULL when none is close: within 1 edit, one
+   more per 6 characters (at most 3), or the only flag the name begins. */
+static const char *mgpu__opt_suggest(const char *name, size_t len) {
+    char norm[64];
+    const char *best = NULL, *prefix = NULL;
+    int i, d, best_d = 64, prefixes = 0, limit;
+    if (len == 0 || !mgpu__opt_normalize(name, len, norm)) return NULL;
+    for (i = 0; i < MGPU__N_TRAIN_OPTS + MGPU__N_TRAIN_OPT_ALIASES; i++) {
+        const char *flag = i < MGPU__N_TRAIN_OPTS ? mgpu__train_opts_table[i].flag : mgpu__train_opts_aliases[i - MGPU__N_TRAIN_OPTS][0];
+        if ((d = mgpu__edit_distance(norm, flag)) < best_d) { best_d = d; best = flag; }
+        if (len >= 3 && strncmp(flag, norm, len) == 0) { prefixes++; prefix = flag; }
+    }
+    limit = 1 + (int)len / 6;
+    if (limit > 3) limit = 3;
+    if (best_d <= limit && best_d < (int)len) return best;
+    return prefixes == 1 ? prefix : NULL;
 }
 
 /* Records the error and prints it as "program: error: ..." (the API promises the print). */
@@ -9620,9 +9686,10 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
     if (!o || argc < 0 || (argc > 0 && !argv)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_train_opts_parse: o and argv must not be NULL");
     prog = mgpu__program_name(argc, argv);
     for (i = 1; i < argc; i++) {
-        const char *arg = argv[i] ? argv[i] : "", *eq, *value;
+        const char *arg = argv[i] ? argv[i] : "", *eq, *value, *hint;
         const mgpu__opt *s;
         char expected[160];
+        size_t name_len;
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             o->help = 1;
             mgpu_train_opts_usage(stdout, prog);
@@ -9630,8 +9697,12 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
         }
         if (strncmp(arg, "--", 2) != 0) return mgpu__opt_error(prog, "unexpected argument '%s' (options start with --)", arg);
         eq = strchr(arg, '=');
-        s = mgpu__opt_find(arg + 2, eq ? (size_t)(eq - arg - 2) : strlen(arg + 2));
-        if (!s) return mgpu__opt_error(prog, "unknown option '%.*s'", eq ? (int)(eq - arg) : (int)strlen(arg), arg);
+        name_len = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
+        if (!(s = mgpu__opt_find(arg + 2, name_len))) {
+            if ((hint = mgpu__opt_suggest(arg + 2, name_len)) != NULL)
+                return mgpu__opt_error(prog, "unknown option '%.*s'; did you mean --%s?", (int)name_len + 2, arg, hint);
+            return mgpu__opt_error(prog, "unknown option '%.*s'", (int)name_len + 2, arg);
+        }
         if (eq) value = eq + 1;
         else if (i + 1 < argc && argv[i + 1] && strncmp(argv[i + 1], "--", 2) != 0) value = argv[++i];
         else return mgpu__opt_error(prog, "option --%s needs a value", s->flag);
@@ -9643,38 +9714,60 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
     return MGPU_OK;
 }
 
-/* A field's current value as text, for the defaults in the usage (NULL: unset). */
+/* A field's current value as text (buf: MGPU__OPT_TEXT_MAX bytes), for the usage's defaults and
+   the options saved with a checkpoint; NULL: unset. */
 static const char *mgpu__opt_value_text(const mgpu_train_opts *o, const mgpu__opt *s, char *buf, size_t size) {
     const void *field = (const char *)o + s->offset;
-    const char *text;
+    size_t at;
+    int i;
     switch (s->kind) {
     case MGPU__OPT_ENUM: case MGPU__OPT_SCHEDULE: return mgpu__choice_name(s->choices, *(const int *)field, buf, size);
     case MGPU__OPT_INT: snprintf(buf, size, "%d", *(const int *)field); return buf;
     case MGPU__OPT_I64: snprintf(buf, size, "%lld", (long long)*(const int64_t *)field); return buf;
     case MGPU__OPT_U64: snprintf(buf, size, "%llu", (unsigned long long)*(const uint64_t *)field); return buf;
     case MGPU__OPT_FLOAT: snprintf(buf, size, "%g", (double)*(const float *)field); return buf;
-    default:
-        text = *(const char *const *)field;
-        return text;
+    case MGPU__OPT_STRING: return *(const char *const *)field;
+    case MGPU__OPT_DEVICE:
+        if (o->device == MGPU_DEVICE_KIND_CPU) return "cpu";
+        if (o->device != MGPU_DEVICE_KIND_CUDA) return "auto";
+        if (o->device_index < 0) return "cuda";
+        snprintf(buf, size, "cuda:%d", o->device_index);
+        return buf;
+    case MGPU__OPT_GPU_IDS:
+        if (o->num_gpu_ids <= 0 || size == 0) return NULL;
+        buf[0] = 0;
+        for (i = 0, at = 0; i < o->num_gpu_ids && i < MGPU_MAX_GPU_IDS && at < size; i++)
+            at += (size_t)snprintf(buf + at, size - at, i ? ",%d" : "%d", o->gpu_ids[i]);
+        return buf;
+    case MGPU__OPT_RESUME:
+        return o->resume == MGPU_RESUME_AUTO ? "auto" : o->resume == MGPU_RESUME_PATH ? o->resume_path : "none";
     }
+    return NULL;
 }
 
 MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
     mgpu_train_opts d;
-    char flag[64], value[64];
+    char flag[64], value[MGPU__OPT_TEXT_MAX];
     int i;
     if (!out) return;
     mgpu_train_opts_default(&d);
-    fprintf(out, "usage: %s [options]\n\noptions (each also accepted as --flag=value):\n", program ? program : "mgpu");
+    fprintf(out, "usage: %s [options]\n\noptions (each also accepted as --flag=value, and with underscores: --batch_size):\n",
+            program ? program : "mgpu");
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
         const mgpu__opt *s = &mgpu__train_opts_table[i];
         const char *def = mgpu__opt_value_text(&d, s, value, sizeof value);
+        const char *more = strchr(s->help, '\n');   /* lines after the first: details, indented */
         snprintf(flag, sizeof flag, "--%s %s", s->flag, s->metavar);
-        fprintf(out, "  %-30s %s", flag, s->help);
+        fprintf(out, "  %-30s %.*s", flag, more ? (int)(more - s->help) : (int)strlen(s->help), s->help);
         if (s->choices) fprintf(out, ": %s", s->choices);
         /* unset text options explain their fallback in the help itself */
         if (def) fprintf(out, " (default: %s)", def);
         fputc('\n', out);
+        while (more) {
+            const char *next = strchr(more + 1, '\n');
+            fprintf(out, "  %-30s %.*s\n", "", next ? (int)(next - more - 1) : (int)strlen(more + 1), more + 1);
+            more = next;
+        }
     }
     fprintf(out, "  %-30s %s\n", "--help", "show this help and exit");
 }
@@ -10797,8 +10890,6 @@ static mgpu_json *mgpu__ckpt_read_state(const char *path) {
 /* ======================================================================================
    Communicators
    ====================================================================================== */
-
-/* */
 /* ======================================================================================
    Distributed: environment, TCP rendezvous store, communicators (shm, threads, nccl)
 
@@ -10811,8 +10902,6 @@ static mgpu_json *mgpu__ckpt_read_state(const char *path) {
    on every rank, reproducible, and the reduction work is split across the ranks.
    The nccl backend (MGPU_CUDA) bootstraps through the same TCP store and runs NCCL on its own stream.
    ====================================================================================== */
-
-/* */
 
 #define MGPU__COMM_MAX_RANKS 1024            /* ranks of one shm or threads group */
 #define MGPU__COMM_MAX_JOB_RANKS (1 << 20)   /* ranks of a job */
@@ -13440,29 +13529,48 @@ struct mgpu_trainer {
     const mgpu_train_opts *opts;
     mgpu_context *ctx;
     int rank, world_size;      /* checkpoints, metrics and the final model come from rank 0 only */
-    mgpu_comm *comm;           /* DDP's communicator when world_size > 1 */
+    mgpu_comm *comm;           /* DDP's communicator: world_size > 1, or --multi-gpu ddp at world size 1 */
     mgpu_amp_mode amp;
+    int launched;              /* a launcher's variables are set (WORLD_SIZE, SLURM_PROCID, OMPI_...) */
     int dp_replicas;           /* --multi-gpu dp: replicas (threads) in this process; 0 otherwise */
 };
 
-/* --multi-gpu dp: one replica per --gpu-ids entry. A CPU build runs CPU replicas (testable DP). */
-static mgpu_result mgpu__trainer_dp_replicas(const mgpu_train_opts *o, int world_size, int *replicas) {
-    const char *p;
+/* --multi-gpu against the environment, before anything is built: dp runs one process with one
+   replica per --gpu-ids entry (a CPU build runs CPU replicas: testable DP); ddp needs a launcher,
+   as torch.distributed's env:// initialisation does (WORLD_SIZE=1 is DDP at world size 1, as
+   torchrun --nproc-per-node 1 gives); none under a launcher would have every process train alone
+   on the whole dataset, which is never what was meant. */
+static mgpu_result mgpu__trainer_check_mode(const mgpu_train_opts *o, const mgpu_trainer *t, int *replicas) {
     *replicas = 0;
-    if (!o->multi_gpu || strcmp(o->multi_gpu, "dp") != 0) return MGPU_OK;
-    if (world_size > 1)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp runs in one process; under mgpurun (WORLD_SIZE=%d) use DDP (--multi-gpu ddp or none)", world_size);
-    if (!o->gpu_ids || !o->gpu_ids[0])
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp needs --gpu-ids (e.g. --gpu-ids 0,1): one replica per id");
-    for (*replicas = 1, p = o->gpu_ids; *p; p++) *replicas += *p == ',';
-    return MGPU_OK;
+    switch (o->multi_gpu) {
+    case MGPU_MULTI_GPU_AUTO: return MGPU_OK;
+    case MGPU_MULTI_GPU_NONE:
+        if (t->world_size > 1)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu none trains in one process, but a launcher started %d (WORLD_SIZE=%d): "
+                              "each would train alone on the whole dataset; use --multi-gpu ddp (or auto), or start one process", t->world_size, t->world_size);
+        return MGPU_OK;
+    case MGPU_MULTI_GPU_DDP:
+        if (!t->launched)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu ddp needs a launcher that sets WORLD_SIZE and RANK (none is set): "
+                              "run under `mgpurun --nproc-per-node N` (or torchrun-style variables, srun); for one process use --multi-gpu auto or none");
+        return MGPU_OK;
+    case MGPU_MULTI_GPU_DP:
+        if (t->world_size > 1)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp runs in one process; under a launcher (WORLD_SIZE=%d) use DDP (--multi-gpu ddp or auto)", t->world_size);
+        if (o->num_gpu_ids < 1)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp needs --gpu-ids (e.g. --gpu-ids 0,1): one replica per id");
+        *replicas = o->num_gpu_ids;
+        return MGPU_OK;
+    }
+    return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu: mode %d is not auto, none, dp or ddp", (int)o->multi_gpu);
 }
 
-/* Under mgpurun (WORLD_SIZE > 1) DDP is chosen automatically: one communicator per process,
-   shared memory between the processes of the host (CPU tensors). */
+/* Under a launcher (WORLD_SIZE > 1) DDP is chosen automatically, and --multi-gpu ddp asks for it
+   at any world size: one communicator per process, shared memory between the processes of the
+   host (CPU tensors). */
 static mgpu_result mgpu__trainer_connect(mgpu_trainer *t) {
     mgpu_comm_desc cd;
-    if (t->world_size <= 1) return MGPU_OK;
+    if (t->world_size <= 1 && t->opts->multi_gpu != MGPU_MULTI_GPU_DDP) return MGPU_OK;
     memset(&cd, 0, sizeof cd);
     cd.backend = t->ctx->device.type == MGPU_DEVICE_CUDA ? MGPU_COMM_NCCL : MGPU_COMM_SHM;
     t->comm = mgpu_comm_create(&cd);
@@ -13480,23 +13588,41 @@ static mgpu_result mgpu__trainer_read_env(mgpu_trainer *t) {
     if (r != MGPU_OK) return r;
     t->rank = env.rank;
     t->world_size = env.world_size > 0 ? env.world_size : 1;
+    t->launched = env.source && strcmp(env.source, "single") != 0;
     return MGPU_OK;
+}
+
+/* --device as a device: the checks (CUDA in this build, the index visible) and their messages
+   are mgpu_device_parse's. */
+static mgpu_result mgpu__trainer_device(const mgpu_train_opts *o, mgpu_device *out) {
+    char text[32];
+    switch (o->device) {
+    case MGPU_DEVICE_KIND_AUTO: return mgpu_device_parse("auto", out);
+    case MGPU_DEVICE_KIND_CPU: return mgpu_device_parse("cpu", out);
+    case MGPU_DEVICE_KIND_CUDA:
+        if (o->device_index < 0) return mgpu_device_parse("cuda", out);
+        snprintf(text, sizeof text, "cuda:%d", o->device_index);
+        return mgpu_device_parse(text, out);
+    }
+    return mgpu__fail(MGPU_ERR_INVALID_ARG, "--device: kind %d is not auto, cpu or cuda", (int)o->device);
 }
 
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     mgpu_trainer *t;
     mgpu_context_desc cd;
-    mgpu_amp_mode amp = MGPU_AMP_OFF;
     if (!opts) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_trainer_create: opts is NULL");
-    if (mgpu_amp_parse(opts->amp ? opts->amp : "off", &amp) != MGPU_OK) return NULL;
+    if (opts->amp != MGPU_AMP_OFF && opts->amp != MGPU_AMP_FP16 && opts->amp != MGPU_AMP_BF16)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "--amp: mode %d is not off, fp16 or bf16", (int)opts->amp);
+    if (opts->resume == MGPU_RESUME_PATH && (!opts->resume_path || !opts->resume_path[0]))
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "--resume: a path was asked for (MGPU_RESUME_PATH) but resume_path is empty");
     memset(&cd, 0, sizeof cd);
-    if (mgpu_device_parse(opts->device ? opts->device : "auto", &cd.device) != MGPU_OK) return NULL;
+    if (mgpu__trainer_device(opts, &cd.device) != MGPU_OK) return NULL;
     cd.seed = opts->seed;
     t = (mgpu_trainer *)mgpu__calloc(sizeof *t, "the trainer");
     if (!t) return NULL;
     t->opts = opts;
-    t->amp = amp;
-    if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_dp_replicas(opts, t->world_size, &t->dp_replicas) != MGPU_OK ||
+    t->amp = opts->amp;
+    if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_check_mode(opts, t, &t->dp_replicas) != MGPU_OK ||
         !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
@@ -13696,7 +13822,7 @@ static void mgpu__json_member(mgpu__buf *b, const char *key, double v) {
 
 /* Every option under its flag name: numbers as numbers, the rest as strings (unset: null). */
 static void mgpu__options_json(mgpu__buf *b, const mgpu_train_opts *o) {
-    char text[64];
+    char text[MGPU__OPT_TEXT_MAX];
     int i;
     mgpu__buf_puts(b, "{");
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
@@ -13789,9 +13915,9 @@ static int mgpu__fit_checkpoint_due(const mgpu__fit *f) {
 static mgpu_result mgpu__fit_resume_path(const mgpu__fit *f, char *path, size_t size, int *found) {
     const mgpu_train_opts *o = f->t->opts;
     char file[MGPU__CKPT_PATH_MAX];
-    const char *dir = o->resume;
+    const char *dir = o->resume_path;
     *found = 0;
-    if (strcmp(o->resume, "auto") == 0) {
+    if (o->resume == MGPU_RESUME_AUTO) {
         if (!o->save_dir || !o->save_dir[0]) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--resume auto looks in --save-dir, which is not set");
         dir = o->save_dir;
         if (f->t->rank == 0) mgpu__ckpt_remove_stale(dir);
@@ -13818,7 +13944,7 @@ static void mgpu__fit_warn_changed_options(const mgpu__fit *f, const mgpu_json *
     static const char *const keys[] = {"batch-size", "grad-accum-steps", "seed", "lr", "optimizer", "schedule", "epochs",
                                        "max-steps", "warmup-epochs", "amp", "weight-decay", "clip-grad-norm"};
     const mgpu_json *saved = mgpu_json_get(state, "options");
-    char text[64];
+    char text[MGPU__OPT_TEXT_MAX];
     size_t i;
     int64_t world = 1;
     for (i = 0; saved && i < sizeof keys / sizeof keys[0]; i++) {
@@ -13911,7 +14037,7 @@ static mgpu_result mgpu__fit_resume(mgpu__fit *f) {
     mgpu_json *state;
     mgpu_result r;
     int found = 0;
-    if (!o->resume || strcmp(o->resume, "none") == 0) return MGPU_OK;
+    if (o->resume == MGPU_RESUME_NONE) return MGPU_OK;
     if ((r = mgpu__fit_resume_path(f, path, sizeof path, &found)) != MGPU_OK || !found) return r;
     /* the trainer's fields first, then the checkpoint's full validation and load: a bad
        checkpoint leaves the freshly initialised model as it was */
@@ -14099,7 +14225,7 @@ static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double
     rec.epoch_time_s = f->es.time_s;
     rec.samples_per_s = f->es.time_s > 0 ? sums[1] / f->es.time_s : 0;   /* all ranks together */
     rec.world_size = f->t->world_size; rec.global_batch = o->batch_size * o->grad_accum_steps * f->t->world_size;
-    rec.amp = o->amp ? o->amp : "off";
+    rec.amp = mgpu__amp_mode_name(o->amp);
     rec.extra_json = extra.data;
     if (f->t->rank == 0) {
         printf("epoch %lld/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  lr %.3g  %.2f s  %.0f samples/s\n",
@@ -14187,8 +14313,7 @@ static mgpu_ddp *mgpu__ddp_from_opts(mgpu_model *model, mgpu_comm *comm, const m
     memset(&dd, 0, sizeof dd);
     dd.bucket_cap_mb = o->bucket_cap_mb;
     dd.sync_batchnorm = o->sync_batchnorm;
-    if (o->grad_compression && strcmp(o->grad_compression, "fp16") == 0) dd.compress = MGPU_F16;
-    if (o->grad_compression && strcmp(o->grad_compression, "bf16") == 0) dd.compress = MGPU_BF16;
+    dd.compress = o->grad_compression == MGPU_GRAD_COMPRESSION_FP16 ? MGPU_F16 : o->grad_compression == MGPU_GRAD_COMPRESSION_BF16 ? MGPU_BF16 : MGPU_F32;
     return mgpu_ddp_create(model, comm, &dd);
 }
 

@@ -34,8 +34,6 @@ extern "C" {
    Results, errors, logging, allocation
    ====================================================================================== */
 
-/* */
-
 typedef enum mgpu_result {
     MGPU_OK = 0,
     MGPU_ERR_INVALID_ARG = -1,   /* a NULL pointer, a value out of range, a bad flag */
@@ -81,8 +79,6 @@ MGPU_API void mgpu_set_allocator(const mgpu_allocator *a); /* NULL restores the 
    Devices, dtypes, half-precision conversion
    ====================================================================================== */
 
-/* */
-
 typedef enum mgpu_device_type { MGPU_DEVICE_CPU = 0, MGPU_DEVICE_CUDA = 1 } mgpu_device_type;
 typedef struct mgpu_device { mgpu_device_type type; int index; } mgpu_device;
 
@@ -109,8 +105,6 @@ MGPU_API float mgpu_bf16_to_f32(uint16_t h);
 /* ======================================================================================
    Context: device, threads, RNG, activation arena, autograd tape
    ====================================================================================== */
-
-/* */
 
 typedef struct mgpu_context mgpu_context;
 typedef struct mgpu_context_desc {
@@ -165,8 +159,6 @@ MGPU_API void mgpu_parallel_for(mgpu_context *ctx, int64_t n, int64_t min_chunk,
    Tensors
    ====================================================================================== */
 
-/* */
-
 typedef struct mgpu_tensor mgpu_tensor;
 typedef void (*mgpu_grad_hook)(mgpu_tensor *param, void *user);
 struct mgpu_tensor {
@@ -215,8 +207,6 @@ MGPU_API mgpu_result mgpu_tensor_set_grad_hook(mgpu_tensor *t, mgpu_grad_hook ho
    Autograd
    ====================================================================================== */
 
-/* */
-
 /* Reverse-mode pass from a scalar loss (seed 1) through the context's tape, ACCUMULATING into
    leaf .grad (call several times before a step for gradient accumulation). The tape stays until
    mgpu_context_end_step. */
@@ -232,8 +222,6 @@ MGPU_API void mgpu_context_set_backward_end_hook(mgpu_context *ctx, mgpu_backwar
    Ops (differentiable; outputs live in the activation arena). Shapes in comments.
    All float ops take F32 (F16/BF16 where noted); index inputs take I32 or I64.
    ====================================================================================== */
-
-/* */
 
 /* Elementwise with NumPy/PyTorch broadcasting. */
 MGPU_API mgpu_tensor *mgpu_op_add(mgpu_context *ctx, mgpu_tensor *a, mgpu_tensor *b);
@@ -321,8 +309,6 @@ MGPU_API void mgpu_gemm_f32(mgpu_context *ctx, int trans_a, int trans_b, int64_t
    Models and layers (parameter names, shapes and default init match PyTorch)
    ====================================================================================== */
 
-/* */
-
 typedef struct mgpu_model mgpu_model;
 MGPU_API mgpu_model *mgpu_model_create(mgpu_context *ctx);
 MGPU_API void mgpu_model_destroy(mgpu_model *m);
@@ -394,8 +380,6 @@ MGPU_API mgpu_result mgpu_init_normal(mgpu_context *ctx, mgpu_tensor *t, float m
    Optimizers, clipping, LR schedules
    ====================================================================================== */
 
-/* */
-
 typedef enum mgpu_optimizer_type { MGPU_OPTIM_SGD = 0, MGPU_OPTIM_ADAM = 1, MGPU_OPTIM_ADAMW = 2 } mgpu_optimizer_type;
 typedef struct mgpu_optimizer_desc {
     mgpu_optimizer_type type;
@@ -446,8 +430,6 @@ MGPU_API float mgpu_lr_scale(float lr, int world_size, int grad_accum_steps, mgp
 /* ======================================================================================
    Data: datasets, sampler, loader
    ====================================================================================== */
-
-/* */
 
 /* A dataset yields sample i as x (x_shape, x_dtype) and y (y_shape, y_dtype; ndim 0 = scalar). */
 typedef struct mgpu_dataset mgpu_dataset;
@@ -507,8 +489,6 @@ MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l);
    Files: safetensors, JSON
    ====================================================================================== */
 
-/* */
-
 /* Writes atomically (tmp file, fsync, rename). metadata: n_meta key/value pairs (may be 0). */
 MGPU_API mgpu_result mgpu_safetensors_save(const char *path, int n, const char *const *names, const mgpu_tensor *const *tensors,
                                            int n_meta, const char *const *meta_keys, const char *const *meta_values);
@@ -563,11 +543,26 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
    Programs: common options, metrics, progress
    ====================================================================================== */
 
-/* */
+/* Mixed precision mode (--amp); see the Mixed precision section. */
+typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
+/* --device: auto picks a GPU when the CUDA backend is built in and one is visible, else the CPU. */
+typedef enum mgpu_device_kind { MGPU_DEVICE_KIND_AUTO = 0, MGPU_DEVICE_KIND_CPU = 1, MGPU_DEVICE_KIND_CUDA = 2 } mgpu_device_kind;
+/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE > 1) and one process otherwise; none is one
+   process (an error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in
+   this process; ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style
+   variables, srun): WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
+typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE = 1, MGPU_MULTI_GPU_DP = 2, MGPU_MULTI_GPU_DDP = 3 } mgpu_multi_gpu_mode;
+/* --grad-compression: DDP gradients travel rounded to this format. */
+typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
+/* --resume: none, auto (the latest checkpoint in --save-dir), or a path (resume_path). */
+typedef enum mgpu_resume_mode { MGPU_RESUME_NONE = 0, MGPU_RESUME_AUTO = 1, MGPU_RESUME_PATH = 2 } mgpu_resume_mode;
+#define MGPU_MAX_GPU_IDS 64
 
+/* Every string flag is parsed once, by mgpu_train_opts_parse, into the typed fields below; code
+   that fills the struct by hand sets the same fields (text fields are kept by pointer). */
 typedef struct mgpu_train_opts {
     const char *data_dir;          /* --data */
-    int epochs;                    /* --epochs */
+    int epochs;                    /* --epochs (alias --num-epochs) */
     int64_t batch_size;            /* --batch-size (per process) */
     float lr;                      /* --lr */
     mgpu_optimizer_type optimizer; /* --optimizer sgd|adam|adamw */
@@ -578,17 +573,20 @@ typedef struct mgpu_train_opts {
     mgpu_lr_scaling scale_lr;      /* --scale-lr none|linear|sqrt */
     int grad_accum_steps;          /* --grad-accum-steps */
     float clip_grad_norm;          /* --clip-grad-norm (0: off) */
-    const char *amp;               /* --amp off|fp16|bf16 */
-    const char *device;            /* --device cpu|cuda|cuda:N|auto */
-    const char *gpu_ids;           /* --gpu-ids 0,1,3 */
-    const char *multi_gpu;         /* --multi-gpu none|dp|ddp */
+    mgpu_amp_mode amp;             /* --amp off|fp16|bf16 */
+    mgpu_device_kind device;       /* --device cpu|cuda|cuda:N|auto */
+    int device_index;              /* N of --device cuda:N; -1: plain "cuda" (device 0) */
+    int num_gpu_ids;               /* --gpu-ids 0,1,3: how many ids (0: unset) */
+    int gpu_ids[MGPU_MAX_GPU_IDS]; /* the ids, in the order given */
+    mgpu_multi_gpu_mode multi_gpu; /* --multi-gpu auto|none|dp|ddp */
     int num_workers;               /* --num-workers */
     int eval_frequency;            /* --eval-frequency (epochs) */
     const char *save_dir;          /* --save-dir */
     int checkpoint_every_epochs;   /* --checkpoint-every-epochs */
     float checkpoint_interval_min; /* --checkpoint-interval-min */
     int keep_last;                 /* --keep-last */
-    const char *resume;            /* --resume auto|none|PATH */
+    mgpu_resume_mode resume;       /* --resume auto|none|PATH */
+    const char *resume_path;       /* PATH of --resume PATH (a step directory or a save directory) */
     uint64_t seed;                 /* --seed */
     const char *metrics;           /* --metrics FILE */
     int log_every;                 /* --log-every (steps) */
@@ -598,14 +596,16 @@ typedef struct mgpu_train_opts {
     /* restart-schedule extras (--t0-epochs, --t-mult, --eta-min, --step-size-epochs, --gamma) */
     float t0_epochs; int t_mult; float eta_min; float step_size_epochs; float gamma;
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
-    int sync_batchnorm; float bucket_cap_mb; const char *grad_compression;
+    int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
-   accum 1, amp off, device auto, workers 0, eval every epoch, keep_last 3, resume none, seed 0,
-   metrics $MGPU_METRICS (unset: none). */
+   accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
+   resume none, seed 0, metrics $MGPU_METRICS (unset: none). */
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o);
-/* Parses argv (strings are kept by pointer). --help prints usage to stdout and sets o->help.
-   An unknown flag or a bad value is MGPU_ERR_INVALID_ARG naming the flag (also printed to stderr). */
+/* Parses argv (strings are kept by pointer). Every flag is also accepted as --flag=value and with
+   underscores (--batch_size); --num-epochs is --epochs. --help prints usage to stdout and sets
+   o->help. An unknown flag or a bad value is MGPU_ERR_INVALID_ARG naming the flag (an unknown one
+   with "did you mean --x?" when a flag is close), also printed to stderr. */
 MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **argv);
 MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program);
 
@@ -636,9 +636,7 @@ MGPU_API double mgpu_time_s(void);
    Mixed precision: autocast and the loss scaler
    ====================================================================================== */
 
-/* */
-
-typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
+/* mgpu_amp_mode (off|fp16|bf16) is declared with the training options above. */
 MGPU_API mgpu_result mgpu_amp_parse(const char *text, mgpu_amp_mode *out);   /* off|fp16|bf16 */
 /* Autocast for the ops of this context: matmul, linear, conv2d and attention take their inputs in
    half precision and produce half-precision outputs (accumulating in f32), gradients flowing back
@@ -667,8 +665,6 @@ MGPU_API void mgpu_grad_scaler_update(mgpu_grad_scaler *s);
 /* ======================================================================================
    Checkpoints: DIR/step-00001234/{model,optimizer}.safetensors + trainer_state.json, DIR/latest
    ====================================================================================== */
-
-/* */
 
 typedef struct mgpu_checkpoint_desc {
     const char *dir;          /* the --save-dir */
@@ -711,8 +707,6 @@ MGPU_API mgpu_result mgpu_checkpoint_load_bytes(const mgpu_checkpoint_bytes *fil
 /* ======================================================================================
    Distributed: environment, communicators (shm, threads, nccl)
    ====================================================================================== */
-
-/* */
 
 /* The process's place in a job, read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), falling back to SLURM_PROCID/SLURM_NTASKS/
@@ -775,8 +769,6 @@ MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w);
 /* ======================================================================================
    DistributedDataParallel and DataParallel
    ====================================================================================== */
-
-/* */
 
 typedef struct mgpu_ddp_desc {
     double bucket_cap_mb;        /* 0: 25 */

@@ -1,8 +1,6 @@
 /* ======================================================================================
    CUDA host side (only with MGPU_CUDA): device memory, pinned buffers, streams, graphs
    ====================================================================================== */
-
-/* */
 #ifdef MGPU_CUDA
 typedef struct mgpu_memory_stats { int64_t allocated, reserved, peak; } mgpu_memory_stats;
 MGPU_API mgpu_result mgpu_memory_stats_get(int device, mgpu_memory_stats *out);

@@ -2,8 +2,6 @@
    Trainer: the training loop every example shares, composed from the options
    ====================================================================================== */
 
-/* */
-
 /* Builds logits (B, classes) from a batch x; the trainer adds the cross-entropy loss. */
 typedef mgpu_tensor *(*mgpu_forward_fn)(mgpu_context *ctx, mgpu_tensor *x, void *user);
 typedef struct mgpu_trainer mgpu_trainer;

@@ -2,8 +2,6 @@
    Mixed precision: autocast
    ====================================================================================== */
 
-/* */
-
 /* Autocast on the CPU emulates half precision by rounding f32 storage to the nearest value the
    half format can hold: a matmul-like op runs as y = round(op(round(x), round(w), round(b))) with
    f32 accumulation inside, and the gradients crossing those roundings are rounded the same way,

@@ -79,8 +79,6 @@ static void mgpu__norm_add_sums(float *grad, const double *sums, int64_t n) {
    eps inside the sqrt, as PyTorch. x is viewed as R rows of C.
    ====================================================================================== */
 
-/* */
-
 /* One pass for the row's statistics (double sums), one for the output. */
 static void mgpu__ln_forward_rows(void *arg, int64_t r0, int64_t r1) {
     const mgpu__layer_norm_args *a = (const mgpu__layer_norm_args *)arg;
@@ -242,8 +240,6 @@ MGPU_API mgpu_tensor *mgpu_op_layer_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
                taken from the local sums BEFORE the reduce (DDP averages them as usual).
    The public op passes sync = NULL (this process only).
    ====================================================================================== */
-
-/* */
 
 typedef mgpu_result (*mgpu__bn_reduce_fn)(void *user, double *values, int64_t n);
 typedef struct mgpu__bn_sync { mgpu__bn_reduce_fn reduce; void *user; } mgpu__bn_sync;
@@ -528,8 +524,6 @@ MGPU_API mgpu_tensor *mgpu_op_batch_norm(mgpu_context *ctx, mgpu_tensor *x, mgpu
    grad, split across threads by columns so repeated indices never race.
    ====================================================================================== */
 
-/* */
-
 /* Row of weight that output row i reads. */
 static int64_t mgpu__emb_row(const mgpu__embedding_args *a, int64_t i) {
     return a->idx_i64 ? ((const int64_t *)a->idx)[i] : ((const int32_t *)a->idx)[i];
@@ -629,8 +623,6 @@ MGPU_API mgpu_tensor *mgpu_op_embedding(mgpu_context *ctx, mgpu_tensor *weight, 
    Pairs run in parallel (each GEMM single-threaded) when there are enough of them, else
    one after the other with the threaded GEMM.
    ====================================================================================== */
-
-/* */
 
 typedef struct mgpu__attn_job mgpu__attn_job;
 typedef void (*mgpu__attn_pair_fn)(const mgpu__attn_job *j, int64_t pair, float *scratch);

@@ -2,8 +2,6 @@
    Data
    ====================================================================================== */
 
-/* */
-
 /* --------------------------------------------------------------------------------------
    Datasets held in memory. Both the array dataset and the IDX dataset keep one block per
    side (x, y) and differ only in how get() turns a stored sample into the output layout.
@@ -480,7 +478,7 @@ static void mgpu__loader_fill(mgpu_loader *l, mgpu__loader_slot *s, int64_t k) {
         r = l->ds->get(l->ds, index, s->x_host + (size_t)i * l->x_bytes, s->y_host + (size_t)i * l->y_bytes);
         if (r != MGPU_OK) {
             s->result = r;
-            snprintf(s->error, sizeof s->error, "mgpu_loader_next: sample %lld (batch %lld of epoch %lld): %s", (long long)index,
+            snprintf(s->error, sizeof s->error, "mgpu_loader_next: sample %lld (batch %lld of epoch %lld): %.900s", (long long)index,
                      (long long)k, (long long)l->epoch, mgpu_last_result() != MGPU_OK ? mgpu_last_error() : mgpu_result_string(r));
             return;
         }

@@ -2,8 +2,6 @@
    Files, JSON, safetensors, options, metrics, progress
    ====================================================================================== */
 
-/* */
-
 /* Files (atomic writes, whole-file reads), a strict JSON parser plus writer helpers, safetensors,
    model save/load, the common training options, the metrics JSONL writer and the progress bar. */
 
@@ -1171,16 +1169,16 @@ MGPU_API mgpu_result mgpu_model_load(mgpu_model *m, const char *path) {
 }
 
 /* --------------------------------------------------------------------------------------
-   Common training options
+   Common training options: every string is parsed here, once, into typed fields
    -------------------------------------------------------------------------------------- */
 
 typedef enum mgpu__opt_kind {
     MGPU__OPT_STRING,   /* non-empty text, kept by pointer */
-    MGPU__OPT_CHOICE,   /* one of `choices`, kept by pointer */
     MGPU__OPT_ENUM,     /* one of `choices`, stored as its index in an enum field */
     MGPU__OPT_SCHEDULE, /* mgpu_schedule_parse */
-    MGPU__OPT_DEVICE,   /* cpu|cuda|cuda:N|auto, syntax only: a CPU build must still parse "cuda" */
-    MGPU__OPT_GPU_IDS,  /* comma-separated device indices */
+    MGPU__OPT_DEVICE,   /* cpu|cuda|cuda:N|auto into device and device_index (a CPU build still parses "cuda") */
+    MGPU__OPT_GPU_IDS,  /* comma-separated device indices into gpu_ids and num_gpu_ids */
+    MGPU__OPT_RESUME,   /* none|auto|PATH into resume and resume_path */
     MGPU__OPT_INT, MGPU__OPT_I64, MGPU__OPT_U64, MGPU__OPT_FLOAT
 } mgpu__opt_kind;
 
@@ -1190,19 +1188,25 @@ typedef struct mgpu__opt {
     size_t offset;        /* of the field in mgpu_train_opts */
     double lo, hi;        /* numeric range; no upper bound when hi < lo */
     int lo_open;          /* lo itself excluded */
-    const char *choices;  /* "a|b|c" for CHOICE, ENUM and SCHEDULE */
+    const char *choices;  /* "a|b|c" for ENUM and SCHEDULE, in the order of the enum's values */
     const char *metavar;
     const char *help;
 } mgpu__opt;
 
-/* ENUM fields are written through an int pointer. */
+/* ENUM fields are written through an int pointer, the choice's index being the enum's value. */
 typedef char mgpu__enum_fields_are_int[(sizeof(mgpu_optimizer_type) == sizeof(int) && sizeof(mgpu_lr_scaling) == sizeof(int) &&
-                                        sizeof(mgpu_schedule_type) == sizeof(int)) ? 1 : -1];
+                                        sizeof(mgpu_schedule_type) == sizeof(int) && sizeof(mgpu_amp_mode) == sizeof(int) &&
+                                        sizeof(mgpu_multi_gpu_mode) == sizeof(int) && sizeof(mgpu_grad_compression) == sizeof(int)) ? 1 : -1];
+typedef char mgpu__enum_choice_order[(MGPU_OPTIM_SGD == 0 && MGPU_OPTIM_ADAM == 1 && MGPU_OPTIM_ADAMW == 2 && MGPU_LR_SCALE_NONE == 0 &&
+                                      MGPU_LR_SCALE_LINEAR == 1 && MGPU_LR_SCALE_SQRT == 2 && MGPU_AMP_OFF == 0 && MGPU_AMP_FP16 == 1 &&
+                                      MGPU_AMP_BF16 == 2 && MGPU_MULTI_GPU_AUTO == 0 && MGPU_MULTI_GPU_NONE == 1 && MGPU_MULTI_GPU_DP == 2 &&
+                                      MGPU_MULTI_GPU_DDP == 3 && MGPU_GRAD_COMPRESSION_NONE == 0 && MGPU_GRAD_COMPRESSION_FP16 == 1 &&
+                                      MGPU_GRAD_COMPRESSION_BF16 == 2) ? 1 : -1];
 
 #define MGPU__OF(field) offsetof(mgpu_train_opts, field)
 static const mgpu__opt mgpu__train_opts_table[] = {
     {"data", MGPU__OPT_STRING, MGPU__OF(data_dir), 0, -1, 0, NULL, "DIR", "dataset directory (unset: $MGPU_DATA, then data/fashion-mnist)"},
-    {"epochs", MGPU__OPT_INT, MGPU__OF(epochs), 1, -1, 0, NULL, "N", "passes over the training set"},
+    {"epochs", MGPU__OPT_INT, MGPU__OF(epochs), 1, -1, 0, NULL, "N", "passes over the training set (also --num-epochs)"},
     {"batch-size", MGPU__OPT_I64, MGPU__OF(batch_size), 1, -1, 0, NULL, "N", "samples per step, per process"},
     {"lr", MGPU__OPT_FLOAT, MGPU__OF(lr), 0, -1, 1, NULL, "LR", "base learning rate (before --scale-lr)"},
     {"optimizer", MGPU__OPT_ENUM, MGPU__OF(optimizer), 0, 0, 0, "sgd|adam|adamw", "NAME", "optimizer"},
@@ -1213,17 +1217,23 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"scale-lr", MGPU__OPT_ENUM, MGPU__OF(scale_lr), 0, 0, 0, "none|linear|sqrt", "RULE", "scale the LR by world size x accumulation steps"},
     {"grad-accum-steps", MGPU__OPT_INT, MGPU__OF(grad_accum_steps), 1, -1, 0, NULL, "N", "micro-batches per optimizer step"},
     {"clip-grad-norm", MGPU__OPT_FLOAT, MGPU__OF(clip_grad_norm), 0, -1, 0, NULL, "NORM", "clip the global gradient norm (0: off)"},
-    {"amp", MGPU__OPT_CHOICE, MGPU__OF(amp), 0, 0, 0, "off|fp16|bf16", "MODE", "mixed precision"},
-    {"device", MGPU__OPT_DEVICE, MGPU__OF(device), 0, 0, 0, NULL, "DEV", "device: cpu, cuda, cuda:N or auto"},
-    {"gpu-ids", MGPU__OPT_GPU_IDS, MGPU__OF(gpu_ids), 0, 0, 0, NULL, "LIST", "devices for --multi-gpu dp, e.g. 0,1,3 (unset: all)"},
-    {"multi-gpu", MGPU__OPT_CHOICE, MGPU__OF(multi_gpu), 0, 0, 0, "none|dp|ddp", "MODE", "multi-device mode (DDP is chosen under mgpurun)"},
+    {"amp", MGPU__OPT_ENUM, MGPU__OF(amp), 0, 0, 0, "off|fp16|bf16", "MODE", "mixed precision"},
+    {"device", MGPU__OPT_DEVICE, MGPU__OF(device), 0, 0, 0, NULL, "DEV",
+     "cpu, cuda (cuda:0), cuda:N or auto\nauto: a GPU when this build's CUDA backend sees one, else the CPU"},
+    {"gpu-ids", MGPU__OPT_GPU_IDS, MGPU__OF(gpu_ids), 0, 0, 0, NULL, "LIST",
+     "--multi-gpu dp: one model replica per id, e.g. 0,1,3\nrequired with dp (no default); in this version every replica runs on --device"},
+    {"multi-gpu", MGPU__OPT_ENUM, MGPU__OF(multi_gpu), 0, 0, 0, "auto|none|dp|ddp", "MODE",
+     "how to use several processes or devices\n"
+     "auto: DDP under a launcher (WORLD_SIZE > 1), else one process; none: one process (an error\n"
+     "under a launcher with WORLD_SIZE > 1); dp: one replica per --gpu-ids entry, on threads of this\n"
+     "process; ddp: DDP, needs a launcher that sets WORLD_SIZE (mgpurun, srun; WORLD_SIZE=1: world size 1)"},
     {"num-workers", MGPU__OPT_INT, MGPU__OF(num_workers), 0, 256, 0, NULL, "N", "data loader threads (0: load on the training thread)"},
     {"eval-frequency", MGPU__OPT_INT, MGPU__OF(eval_frequency), 0, -1, 0, NULL, "N", "evaluate every N epochs (0: only after the last)"},
     {"save-dir", MGPU__OPT_STRING, MGPU__OF(save_dir), 0, -1, 0, NULL, "DIR", "checkpoint and final model directory (unset: no saving)"},
     {"checkpoint-every-epochs", MGPU__OPT_INT, MGPU__OF(checkpoint_every_epochs), 0, -1, 0, NULL, "N", "checkpoint every N epochs (0: off)"},
     {"checkpoint-interval-min", MGPU__OPT_FLOAT, MGPU__OF(checkpoint_interval_min), 0, -1, 0, NULL, "MIN", "checkpoint every MIN minutes of wall time (0: off)"},
     {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
-    {"resume", MGPU__OPT_STRING, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint path"},
+    {"resume", MGPU__OPT_RESUME, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint or save directory"},
     {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
     {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: $MGPU_METRICS, else off)"},
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
@@ -1231,7 +1241,7 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"checkpoint-every-steps", MGPU__OPT_I64, MGPU__OF(checkpoint_every_steps), 0, -1, 0, NULL, "N", "checkpoint every N optimizer steps (0: off)"},
     {"sync-batchnorm", MGPU__OPT_INT, MGPU__OF(sync_batchnorm), 0, 1, 0, NULL, "0|1", "DDP: batch-norm statistics over all ranks (SyncBatchNorm)"},
     {"bucket-cap-mb", MGPU__OPT_FLOAT, MGPU__OF(bucket_cap_mb), 0, -1, 0, NULL, "MB", "DDP: gradient bucket size (0: 25)"},
-    {"grad-compression", MGPU__OPT_CHOICE, MGPU__OF(grad_compression), 0, 0, 0, "none|fp16|bf16", "MODE", "DDP: round gradients for the all-reduce"},
+    {"grad-compression", MGPU__OPT_ENUM, MGPU__OF(grad_compression), 0, 0, 0, "none|fp16|bf16", "MODE", "DDP: round gradients for the all-reduce"},
     {"t0-epochs", MGPU__OPT_FLOAT, MGPU__OF(t0_epochs), 0, -1, 1, NULL, "E", "cosine-restarts: first period, in epochs"},
     {"t-mult", MGPU__OPT_INT, MGPU__OF(t_mult), 1, -1, 0, NULL, "N", "cosine-restarts: period multiplier"},
     {"eta-min", MGPU__OPT_FLOAT, MGPU__OF(eta_min), 0, -1, 0, NULL, "LR", "lowest LR of linear/cosine schedules"},
@@ -1240,6 +1250,11 @@ static const mgpu__opt mgpu__train_opts_table[] = {
 };
 #undef MGPU__OF
 #define MGPU__N_TRAIN_OPTS ((int)(sizeof mgpu__train_opts_table / sizeof mgpu__train_opts_table[0]))
+/* Other spellings PyTorch scripts use for a flag (underscores are accepted for every flag). */
+static const char *const mgpu__train_opts_aliases[][2] = {{"num-epochs", "epochs"}};
+#define MGPU__N_TRAIN_OPT_ALIASES ((int)(sizeof mgpu__train_opts_aliases / sizeof mgpu__train_opts_aliases[0]))
+/* Room for any option's value as text (the longest: 64 gpu ids). */
+#define MGPU__OPT_TEXT_MAX 512
 
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
     if (!o) return;
@@ -1248,7 +1263,8 @@ MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
     o->optimizer = MGPU_OPTIM_ADAMW; o->weight_decay = 1e-4f; o->momentum = 0.9f;
     o->schedule = MGPU_SCHEDULE_CONSTANT; o->scale_lr = MGPU_LR_SCALE_NONE;
     o->grad_accum_steps = 1;
-    o->amp = "off"; o->device = "auto"; o->multi_gpu = "none"; o->resume = "none"; o->grad_compression = "none";
+    o->amp = MGPU_AMP_OFF; o->device = MGPU_DEVICE_KIND_AUTO; o->device_index = -1; o->multi_gpu = MGPU_MULTI_GPU_AUTO;
+    o->resume = MGPU_RESUME_NONE; o->grad_compression = MGPU_GRAD_COMPRESSION_NONE;
     o->eval_frequency = 1; o->keep_last = 3; o->log_every = 100;
     o->t0_epochs = 1; o->t_mult = 2; o->eta_min = 0; o->step_size_epochs = 30; o->gamma = 0.1f;
     /* the default --metrics: how mgpu-sweep (or a batch script) gives each run its own file */
@@ -1274,25 +1290,39 @@ static const char *mgpu__choice_name(const char *choices, int index, char *buf, 
     const char *c = choices;
     int i;
     for (i = 0; i < index && c; i++) { c = strchr(c, '|'); if (c) c++; }
-    if (!c) return "?";
+    if (!c || index < 0) return "?";
     snprintf(buf, size, "%.*s", (int)(strchr(c, '|') ? (size_t)(strchr(c, '|') - c) : strlen(c)), c);
     return buf;
 }
+/* "off", "fp16" or "bf16" (metrics records name the mode). */
+static const char *mgpu__amp_mode_name(mgpu_amp_mode mode) {
+    return mode == MGPU_AMP_FP16 ? "fp16" : mode == MGPU_AMP_BF16 ? "bf16" : "off";
+}
 
-static int mgpu__device_syntax_ok(const char *v) {
+/* cpu|cuda|cuda:N|auto, syntax only: a CPU build must still parse "cuda" (the trainer says it has no CUDA). */
+static int mgpu__device_opt_parse(const char *v, mgpu_device_kind *kind, int *index) {
     const char *d;
-    if (strcmp(v, "cpu") == 0 || strcmp(v, "auto") == 0 || strcmp(v, "cuda") == 0) return 1;
+    int n = 0;
+    if (strcmp(v, "cpu") == 0) { *kind = MGPU_DEVICE_KIND_CPU; *index = -1; return 1; }
+    if (strcmp(v, "auto") == 0) { *kind = MGPU_DEVICE_KIND_AUTO; *index = -1; return 1; }
+    if (strcmp(v, "cuda") == 0) { *kind = MGPU_DEVICE_KIND_CUDA; *index = -1; return 1; }
     if (strncmp(v, "cuda:", 5) != 0 || !v[5] || strlen(v + 5) > 4) return 0;
-    for (d = v + 5; *d; d++) if (!mgpu__is_digit(*d)) return 0;
+    for (d = v + 5; *d; d++) {
+        if (!mgpu__is_digit(*d)) return 0;
+        n = n * 10 + (*d - '0');
+    }
+    *kind = MGPU_DEVICE_KIND_CUDA; *index = n;
     return 1;
 }
-static int mgpu__gpu_ids_ok(const char *v) {
-    int digits = 0;
+/* "0,1,3": at most MGPU_MAX_GPU_IDS indices of at most 4 digits each. */
+static int mgpu__gpu_ids_parse(const char *v, int *ids, int *count) {
+    int digits = 0, n = 0, value = 0;
     for (;; v++) {
-        if (mgpu__is_digit(*v)) { if (++digits > 4) return 0; continue; }
-        if (digits == 0 || (*v != ',' && *v != 0)) return 0;
-        if (*v == 0) return 1;
-        digits = 0;
+        if (mgpu__is_digit(*v)) { if (++digits > 4) return 0; value = value * 10 + (*v - '0'); continue; }
+        if (digits == 0 || (*v != ',' && *v != 0) || n == MGPU_MAX_GPU_IDS) return 0;
+        ids[n++] = value;
+        if (*v == 0) { *count = n; return 1; }
+        digits = 0; value = 0;
     }
 }
 
@@ -1321,24 +1351,26 @@ static void mgpu__opt_expected(const mgpu__opt *s, char *buf, size_t size) {
     const char *what = s->kind == MGPU__OPT_FLOAT ? "a number" : "an integer";
     if (s->choices) snprintf(buf, size, "one of %s", s->choices);
     else if (s->kind == MGPU__OPT_DEVICE) snprintf(buf, size, "cpu, cuda, cuda:N or auto");
-    else if (s->kind == MGPU__OPT_GPU_IDS) snprintf(buf, size, "comma-separated device indices such as 0,1,3");
+    else if (s->kind == MGPU__OPT_GPU_IDS) snprintf(buf, size, "comma-separated device indices such as 0,1,3 (at most %d)", MGPU_MAX_GPU_IDS);
+    else if (s->kind == MGPU__OPT_RESUME) snprintf(buf, size, "auto, none or a checkpoint path");
     else if (s->kind == MGPU__OPT_STRING) snprintf(buf, size, "a non-empty value");
     else if (s->hi >= s->lo) snprintf(buf, size, "%s in [%g, %g]", what, s->lo, s->hi);
     else snprintf(buf, size, "%s %s %g", what, s->lo_open ? ">" : ">=", s->lo);
 }
 
-/* Parses value into the field of spec; 0 if the value is bad. */
+/* Parses value into the field(s) of spec; 0 if the value is bad (the options are then unchanged). */
 static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *value) {
     void *field = (char *)o + s->offset;
     long long iv = 0;
     double dv = 0;
-    int idx;
+    int idx, ids[MGPU_MAX_GPU_IDS], n = 0;
+    mgpu_device_kind kind = MGPU_DEVICE_KIND_AUTO;
     mgpu_schedule_type sched = MGPU_SCHEDULE_CONSTANT;
     switch (s->kind) {
-    case MGPU__OPT_STRING: if (!value[0]) return 0; break;
-    case MGPU__OPT_CHOICE: if (mgpu__choice_index(s->choices, value) < 0) return 0; break;
-    case MGPU__OPT_DEVICE: if (!mgpu__device_syntax_ok(value)) return 0; break;
-    case MGPU__OPT_GPU_IDS: if (!mgpu__gpu_ids_ok(value)) return 0; break;
+    case MGPU__OPT_STRING:
+        if (!value[0]) return 0;
+        *(const char **)field = value;   /* argv's pointer */
+        return 1;
     case MGPU__OPT_ENUM:
         if ((idx = mgpu__choice_index(s->choices, value)) < 0) return 0;
         *(int *)field = idx;
@@ -1346,6 +1378,20 @@ static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *val
     case MGPU__OPT_SCHEDULE:
         if (mgpu_schedule_parse(value, &sched) != MGPU_OK) return 0;
         *(mgpu_schedule_type *)field = sched;
+        return 1;
+    case MGPU__OPT_DEVICE:
+        if (!mgpu__device_opt_parse(value, &kind, &idx)) return 0;
+        o->device = kind; o->device_index = idx;
+        return 1;
+    case MGPU__OPT_GPU_IDS:
+        if (!mgpu__gpu_ids_parse(value, ids, &n)) return 0;
+        memcpy(o->gpu_ids, ids, sizeof(int) * (size_t)n);
+        o->num_gpu_ids = n;
+        return 1;
+    case MGPU__OPT_RESUME:
+        if (!value[0]) return 0;
+        o->resume = strcmp(value, "none") == 0 ? MGPU_RESUME_NONE : strcmp(value, "auto") == 0 ? MGPU_RESUME_AUTO : MGPU_RESUME_PATH;
+        o->resume_path = o->resume == MGPU_RESUME_PATH ? value : NULL;
         return 1;
     case MGPU__OPT_INT:
         if (!mgpu__parse_ll(value, &iv) || iv < INT_MIN || iv > INT_MAX || !mgpu__opt_in_range(s, (double)iv)) return 0;
@@ -1370,16 +1416,64 @@ static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *val
         *(float *)field = (float)dv;
         return 1;
     }
-    *(const char **)field = value; /* text kinds keep argv's pointer */
+    return 0;
+}
+
+/* name (len bytes, without "--") with underscores read as dashes, into norm (64 bytes); 0 if too long. */
+static int mgpu__opt_normalize(const char *name, size_t len, char norm[64]) {
+    size_t k;
+    if (len >= 64) return 0;
+    for (k = 0; k < len; k++) norm[k] = name[k] == '_' ? '-' : name[k];
+    norm[len] = 0;
     return 1;
 }
 
+/* The flag spelt name (len bytes, without "--"): underscores read as dashes, aliases resolved. */
 static const mgpu__opt *mgpu__opt_find(const char *name, size_t len) {
+    char norm[64];
     int i;
+    if (!mgpu__opt_normalize(name, len, norm)) return NULL;
+    for (i = 0; i < MGPU__N_TRAIN_OPT_ALIASES; i++)
+        if (strcmp(norm, mgpu__train_opts_aliases[i][0]) == 0) return mgpu__opt_find(mgpu__train_opts_aliases[i][1], strlen(mgpu__train_opts_aliases[i][1]));
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++)
-        if (strlen(mgpu__train_opts_table[i].flag) == len && strncmp(mgpu__train_opts_table[i].flag, name, len) == 0)
-            return &mgpu__train_opts_table[i];
+        if (strcmp(mgpu__train_opts_table[i].flag, norm) == 0) return &mgpu__train_opts_table[i];
     return NULL;
+}
+
+/* Levenshtein distance of two short strings (at most 63 bytes each, longer ones are far apart). */
+static int mgpu__edit_distance(const char *a, const char *b) {
+    int row[64], la = (int)strlen(a), lb = (int)strlen(b), i, j;
+    if (la > 63 || lb > 63) return 64;
+    for (j = 0; j <= lb; j++) row[j] = j;
+    for (i = 1; i <= la; i++) {
+        int diag = row[0];
+        row[0] = i;
+        for (j = 1; j <= lb; j++) {
+            int up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            diag = up;
+            row[j] = best;
+        }
+    }
+    return row[lb];
+}
+/* The flag (or alias) closest to an unknown one, or NULL when none is close: within 1 edit, one
+   more per 6 characters (at most 3), or the only flag the name begins. */
+static const char *mgpu__opt_suggest(const char *name, size_t len) {
+    char norm[64];
+    const char *best = NULL, *prefix = NULL;
+    int i, d, best_d = 64, prefixes = 0, limit;
+    if (len == 0 || !mgpu__opt_normalize(name, len, norm)) return NULL;
+    for (i = 0; i < MGPU__N_TRAIN_OPTS + MGPU__N_TRAIN_OPT_ALIASES; i++) {
+        const char *flag = i < MGPU__N_TRAIN_OPTS ? mgpu__train_opts_table[i].flag : mgpu__train_opts_aliases[i - MGPU__N_TRAIN_OPTS][0];
+        if ((d = mgpu__edit_distance(norm, flag)) < best_d) { best_d = d; best = flag; }
+        if (len >= 3 && strncmp(flag, norm, len) == 0) { prefixes++; prefix = flag; }
+    }
+    limit = 1 + (int)len / 6;
+    if (limit > 3) limit = 3;
+    if (best_d <= limit && best_d < (int)len) return best;
+    return prefixes == 1 ? prefix : NULL;
 }
 
 /* Records the error and prints it as "program: error: ..." (the API promises the print). */
@@ -1408,9 +1502,10 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
     if (!o || argc < 0 || (argc > 0 && !argv)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_train_opts_parse: o and argv must not be NULL");
     prog = mgpu__program_name(argc, argv);
     for (i = 1; i < argc; i++) {
-        const char *arg = argv[i] ? argv[i] : "", *eq, *value;
+        const char *arg = argv[i] ? argv[i] : "", *eq, *value, *hint;
         const mgpu__opt *s;
         char expected[160];
+        size_t name_len;
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             o->help = 1;
             mgpu_train_opts_usage(stdout, prog);
@@ -1418,8 +1513,12 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
         }
         if (strncmp(arg, "--", 2) != 0) return mgpu__opt_error(prog, "unexpected argument '%s' (options start with --)", arg);
         eq = strchr(arg, '=');
-        s = mgpu__opt_find(arg + 2, eq ? (size_t)(eq - arg - 2) : strlen(arg + 2));
-        if (!s) return mgpu__opt_error(prog, "unknown option '%.*s'", eq ? (int)(eq - arg) : (int)strlen(arg), arg);
+        name_len = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
+        if (!(s = mgpu__opt_find(arg + 2, name_len))) {
+            if ((hint = mgpu__opt_suggest(arg + 2, name_len)) != NULL)
+                return mgpu__opt_error(prog, "unknown option '%.*s'; did you mean --%s?", (int)name_len + 2, arg, hint);
+            return mgpu__opt_error(prog, "unknown option '%.*s'", (int)name_len + 2, arg);
+        }
         if (eq) value = eq + 1;
         else if (i + 1 < argc && argv[i + 1] && strncmp(argv[i + 1], "--", 2) != 0) value = argv[++i];
         else return mgpu__opt_error(prog, "option --%s needs a value", s->flag);
@@ -1431,38 +1530,60 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
     return MGPU_OK;
 }
 
-/* A field's current value as text, for the defaults in the usage (NULL: unset). */
+/* A field's current value as text (buf: MGPU__OPT_TEXT_MAX bytes), for the usage's defaults and
+   the options saved with a checkpoint; NULL: unset. */
 static const char *mgpu__opt_value_text(const mgpu_train_opts *o, const mgpu__opt *s, char *buf, size_t size) {
     const void *field = (const char *)o + s->offset;
-    const char *text;
+    size_t at;
+    int i;
     switch (s->kind) {
     case MGPU__OPT_ENUM: case MGPU__OPT_SCHEDULE: return mgpu__choice_name(s->choices, *(const int *)field, buf, size);
     case MGPU__OPT_INT: snprintf(buf, size, "%d", *(const int *)field); return buf;
     case MGPU__OPT_I64: snprintf(buf, size, "%lld", (long long)*(const int64_t *)field); return buf;
     case MGPU__OPT_U64: snprintf(buf, size, "%llu", (unsigned long long)*(const uint64_t *)field); return buf;
     case MGPU__OPT_FLOAT: snprintf(buf, size, "%g", (double)*(const float *)field); return buf;
-    default:
-        text = *(const char *const *)field;
-        return text;
+    case MGPU__OPT_STRING: return *(const char *const *)field;
+    case MGPU__OPT_DEVICE:
+        if (o->device == MGPU_DEVICE_KIND_CPU) return "cpu";
+        if (o->device != MGPU_DEVICE_KIND_CUDA) return "auto";
+        if (o->device_index < 0) return "cuda";
+        snprintf(buf, size, "cuda:%d", o->device_index);
+        return buf;
+    case MGPU__OPT_GPU_IDS:
+        if (o->num_gpu_ids <= 0 || size == 0) return NULL;
+        buf[0] = 0;
+        for (i = 0, at = 0; i < o->num_gpu_ids && i < MGPU_MAX_GPU_IDS && at < size; i++)
+            at += (size_t)snprintf(buf + at, size - at, i ? ",%d" : "%d", o->gpu_ids[i]);
+        return buf;
+    case MGPU__OPT_RESUME:
+        return o->resume == MGPU_RESUME_AUTO ? "auto" : o->resume == MGPU_RESUME_PATH ? o->resume_path : "none";
     }
+    return NULL;
 }
 
 MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
     mgpu_train_opts d;
-    char flag[64], value[64];
+    char flag[64], value[MGPU__OPT_TEXT_MAX];
     int i;
     if (!out) return;
     mgpu_train_opts_default(&d);
-    fprintf(out, "usage: %s [options]\n\noptions (each also accepted as --flag=value):\n", program ? program : "mgpu");
+    fprintf(out, "usage: %s [options]\n\noptions (each also accepted as --flag=value, and with underscores: --batch_size):\n",
+            program ? program : "mgpu");
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
         const mgpu__opt *s = &mgpu__train_opts_table[i];
         const char *def = mgpu__opt_value_text(&d, s, value, sizeof value);
+        const char *more = strchr(s->help, '\n');   /* lines after the first: details, indented */
         snprintf(flag, sizeof flag, "--%s %s", s->flag, s->metavar);
-        fprintf(out, "  %-30s %s", flag, s->help);
+        fprintf(out, "  %-30s %.*s", flag, more ? (int)(more - s->help) : (int)strlen(s->help), s->help);
         if (s->choices) fprintf(out, ": %s", s->choices);
         /* unset text options explain their fallback in the help itself */
         if (def) fprintf(out, " (default: %s)", def);
         fputc('\n', out);
+        while (more) {
+            const char *next = strchr(more + 1, '\n');
+            fprintf(out, "  %-30s %.*s\n", "", next ? (int)(next - more - 1) : (int)strlen(more + 1), more + 1);
+            more = next;
+        }
     }
     fprintf(out, "  %-30s %s\n", "--help", "show this help and exit");
 }

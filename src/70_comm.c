@@ -1,8 +1,6 @@
 /* ======================================================================================
    Communicators
    ====================================================================================== */
-
-/* */
 /* ======================================================================================
    Distributed: environment, TCP rendezvous store, communicators (shm, threads, nccl)
 
@@ -15,8 +13,6 @@
    on every rank, reproducible, and the reduction work is split across the ranks.
    The nccl backend (MGPU_CUDA) bootstraps through the same TCP store and runs NCCL on its own stream.
    ====================================================================================== */
-
-/* */
 
 #define MGPU__COMM_MAX_RANKS 1024            /* ranks of one shm or threads group */
 #define MGPU__COMM_MAX_JOB_RANKS (1 << 20)   /* ranks of a job */

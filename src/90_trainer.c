@@ -16,29 +16,48 @@ struct mgpu_trainer {
     const mgpu_train_opts *opts;
     mgpu_context *ctx;
     int rank, world_size;      /* checkpoints, metrics and the final model come from rank 0 only */
-    mgpu_comm *comm;           /* DDP's communicator when world_size > 1 */
+    mgpu_comm *comm;           /* DDP's communicator: world_size > 1, or --multi-gpu ddp at world size 1 */
     mgpu_amp_mode amp;
+    int launched;              /* a launcher's variables are set (WORLD_SIZE, SLURM_PROCID, OMPI_...) */
     int dp_replicas;           /* --multi-gpu dp: replicas (threads) in this process; 0 otherwise */
 };
 
-/* --multi-gpu dp: one replica per --gpu-ids entry. A CPU build runs CPU replicas (testable DP). */
-static mgpu_result mgpu__trainer_dp_replicas(const mgpu_train_opts *o, int world_size, int *replicas) {
-    const char *p;
+/* --multi-gpu against the environment, before anything is built: dp runs one process with one
+   replica per --gpu-ids entry (a CPU build runs CPU replicas: testable DP); ddp needs a launcher,
+   as torch.distributed's env:// initialisation does (WORLD_SIZE=1 is DDP at world size 1, as
+   torchrun --nproc-per-node 1 gives); none under a launcher would have every process train alone
+   on the whole dataset, which is never what was meant. */
+static mgpu_result mgpu__trainer_check_mode(const mgpu_train_opts *o, const mgpu_trainer *t, int *replicas) {
     *replicas = 0;
-    if (!o->multi_gpu || strcmp(o->multi_gpu, "dp") != 0) return MGPU_OK;
-    if (world_size > 1)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp runs in one process; under mgpurun (WORLD_SIZE=%d) use DDP (--multi-gpu ddp or none)", world_size);
-    if (!o->gpu_ids || !o->gpu_ids[0])
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp needs --gpu-ids (e.g. --gpu-ids 0,1): one replica per id");
-    for (*replicas = 1, p = o->gpu_ids; *p; p++) *replicas += *p == ',';
-    return MGPU_OK;
+    switch (o->multi_gpu) {
+    case MGPU_MULTI_GPU_AUTO: return MGPU_OK;
+    case MGPU_MULTI_GPU_NONE:
+        if (t->world_size > 1)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu none trains in one process, but a launcher started %d (WORLD_SIZE=%d): "
+                              "each would train alone on the whole dataset; use --multi-gpu ddp (or auto), or start one process", t->world_size, t->world_size);
+        return MGPU_OK;
+    case MGPU_MULTI_GPU_DDP:
+        if (!t->launched)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu ddp needs a launcher that sets WORLD_SIZE and RANK (none is set): "
+                              "run under `mgpurun --nproc-per-node N` (or torchrun-style variables, srun); for one process use --multi-gpu auto or none");
+        return MGPU_OK;
+    case MGPU_MULTI_GPU_DP:
+        if (t->world_size > 1)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp runs in one process; under a launcher (WORLD_SIZE=%d) use DDP (--multi-gpu ddp or auto)", t->world_size);
+        if (o->num_gpu_ids < 1)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu dp needs --gpu-ids (e.g. --gpu-ids 0,1): one replica per id");
+        *replicas = o->num_gpu_ids;
+        return MGPU_OK;
+    }
+    return mgpu__fail(MGPU_ERR_INVALID_ARG, "--multi-gpu: mode %d is not auto, none, dp or ddp", (int)o->multi_gpu);
 }
 
-/* Under mgpurun (WORLD_SIZE > 1) DDP is chosen automatically: one communicator per process,
-   shared memory between the processes of the host (CPU tensors). */
+/* Under a launcher (WORLD_SIZE > 1) DDP is chosen automatically, and --multi-gpu ddp asks for it
+   at any world size: one communicator per process, shared memory between the processes of the
+   host (CPU tensors). */
 static mgpu_result mgpu__trainer_connect(mgpu_trainer *t) {
     mgpu_comm_desc cd;
-    if (t->world_size <= 1) return MGPU_OK;
+    if (t->world_size <= 1 && t->opts->multi_gpu != MGPU_MULTI_GPU_DDP) return MGPU_OK;
     memset(&cd, 0, sizeof cd);
     cd.backend = t->ctx->device.type == MGPU_DEVICE_CUDA ? MGPU_COMM_NCCL : MGPU_COMM_SHM;
     t->comm = mgpu_comm_create(&cd);
@@ -56,23 +75,41 @@ static mgpu_result mgpu__trainer_read_env(mgpu_trainer *t) {
     if (r != MGPU_OK) return r;
     t->rank = env.rank;
     t->world_size = env.world_size > 0 ? env.world_size : 1;
+    t->launched = env.source && strcmp(env.source, "single") != 0;
     return MGPU_OK;
+}
+
+/* --device as a device: the checks (CUDA in this build, the index visible) and their messages
+   are mgpu_device_parse's. */
+static mgpu_result mgpu__trainer_device(const mgpu_train_opts *o, mgpu_device *out) {
+    char text[32];
+    switch (o->device) {
+    case MGPU_DEVICE_KIND_AUTO: return mgpu_device_parse("auto", out);
+    case MGPU_DEVICE_KIND_CPU: return mgpu_device_parse("cpu", out);
+    case MGPU_DEVICE_KIND_CUDA:
+        if (o->device_index < 0) return mgpu_device_parse("cuda", out);
+        snprintf(text, sizeof text, "cuda:%d", o->device_index);
+        return mgpu_device_parse(text, out);
+    }
+    return mgpu__fail(MGPU_ERR_INVALID_ARG, "--device: kind %d is not auto, cpu or cuda", (int)o->device);
 }
 
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     mgpu_trainer *t;
     mgpu_context_desc cd;
-    mgpu_amp_mode amp = MGPU_AMP_OFF;
     if (!opts) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_trainer_create: opts is NULL");
-    if (mgpu_amp_parse(opts->amp ? opts->amp : "off", &amp) != MGPU_OK) return NULL;
+    if (opts->amp != MGPU_AMP_OFF && opts->amp != MGPU_AMP_FP16 && opts->amp != MGPU_AMP_BF16)
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "--amp: mode %d is not off, fp16 or bf16", (int)opts->amp);
+    if (opts->resume == MGPU_RESUME_PATH && (!opts->resume_path || !opts->resume_path[0]))
+        MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "--resume: a path was asked for (MGPU_RESUME_PATH) but resume_path is empty");
     memset(&cd, 0, sizeof cd);
-    if (mgpu_device_parse(opts->device ? opts->device : "auto", &cd.device) != MGPU_OK) return NULL;
+    if (mgpu__trainer_device(opts, &cd.device) != MGPU_OK) return NULL;
     cd.seed = opts->seed;
     t = (mgpu_trainer *)mgpu__calloc(sizeof *t, "the trainer");
     if (!t) return NULL;
     t->opts = opts;
-    t->amp = amp;
-    if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_dp_replicas(opts, t->world_size, &t->dp_replicas) != MGPU_OK ||
+    t->amp = opts->amp;
+    if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_check_mode(opts, t, &t->dp_replicas) != MGPU_OK ||
         !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
@@ -272,7 +309,7 @@ static void mgpu__json_member(mgpu__buf *b, const char *key, double v) {
 
 /* Every option under its flag name: numbers as numbers, the rest as strings (unset: null). */
 static void mgpu__options_json(mgpu__buf *b, const mgpu_train_opts *o) {
-    char text[64];
+    char text[MGPU__OPT_TEXT_MAX];
     int i;
     mgpu__buf_puts(b, "{");
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
@@ -365,9 +402,9 @@ static int mgpu__fit_checkpoint_due(const mgpu__fit *f) {
 static mgpu_result mgpu__fit_resume_path(const mgpu__fit *f, char *path, size_t size, int *found) {
     const mgpu_train_opts *o = f->t->opts;
     char file[MGPU__CKPT_PATH_MAX];
-    const char *dir = o->resume;
+    const char *dir = o->resume_path;
     *found = 0;
-    if (strcmp(o->resume, "auto") == 0) {
+    if (o->resume == MGPU_RESUME_AUTO) {
         if (!o->save_dir || !o->save_dir[0]) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--resume auto looks in --save-dir, which is not set");
         dir = o->save_dir;
         if (f->t->rank == 0) mgpu__ckpt_remove_stale(dir);
@@ -394,7 +431,7 @@ static void mgpu__fit_warn_changed_options(const mgpu__fit *f, const mgpu_json *
     static const char *const keys[] = {"batch-size", "grad-accum-steps", "seed", "lr", "optimizer", "schedule", "epochs",
                                        "max-steps", "warmup-epochs", "amp", "weight-decay", "clip-grad-norm"};
     const mgpu_json *saved = mgpu_json_get(state, "options");
-    char text[64];
+    char text[MGPU__OPT_TEXT_MAX];
     size_t i;
     int64_t world = 1;
     for (i = 0; saved && i < sizeof keys / sizeof keys[0]; i++) {
@@ -487,7 +524,7 @@ static mgpu_result mgpu__fit_resume(mgpu__fit *f) {
     mgpu_json *state;
     mgpu_result r;
     int found = 0;
-    if (!o->resume || strcmp(o->resume, "none") == 0) return MGPU_OK;
+    if (o->resume == MGPU_RESUME_NONE) return MGPU_OK;
     if ((r = mgpu__fit_resume_path(f, path, sizeof path, &found)) != MGPU_OK || !found) return r;
     /* the trainer's fields first, then the checkpoint's full validation and load: a bad
        checkpoint leaves the freshly initialised model as it was */
@@ -675,7 +712,7 @@ static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double
     rec.epoch_time_s = f->es.time_s;
     rec.samples_per_s = f->es.time_s > 0 ? sums[1] / f->es.time_s : 0;   /* all ranks together */
     rec.world_size = f->t->world_size; rec.global_batch = o->batch_size * o->grad_accum_steps * f->t->world_size;
-    rec.amp = o->amp ? o->amp : "off";
+    rec.amp = mgpu__amp_mode_name(o->amp);
     rec.extra_json = extra.data;
     if (f->t->rank == 0) {
         printf("epoch %lld/%d  train_loss %.4f  test_loss %.4f  test_acc %.4f  lr %.3g  %.2f s  %.0f samples/s\n",
@@ -763,8 +800,7 @@ static mgpu_ddp *mgpu__ddp_from_opts(mgpu_model *model, mgpu_comm *comm, const m
     memset(&dd, 0, sizeof dd);
     dd.bucket_cap_mb = o->bucket_cap_mb;
     dd.sync_batchnorm = o->sync_batchnorm;
-    if (o->grad_compression && strcmp(o->grad_compression, "fp16") == 0) dd.compress = MGPU_F16;
-    if (o->grad_compression && strcmp(o->grad_compression, "bf16") == 0) dd.compress = MGPU_BF16;
+    dd.compress = o->grad_compression == MGPU_GRAD_COMPRESSION_FP16 ? MGPU_F16 : o->grad_compression == MGPU_GRAD_COMPRESSION_BF16 ? MGPU_BF16 : MGPU_F32;
     return mgpu_ddp_create(model, comm, &dd);
 }
 

@@ -22,9 +22,24 @@ same() { # name, a, b
 
 run mlp1 1 fashion_mlp --batch-size 128
 run mlp2 2 fashion_mlp --batch-size 64
-run mlp4 4 fashion_mlp --batch-size 32
-same "mlp: 2 processes x 64 == 1 x 128" mlp1 mlp2
-same "mlp: 4 processes x 32 == 1 x 128" mlp1 mlp4
+run mlp4 4 fashion_mlp --batch-size 32 --multi-gpu ddp
+same "mlp: 2 processes x 64 == 1 x 128 (--multi-gpu auto)" mlp1 mlp2
+same "mlp: 4 processes x 32 == 1 x 128 (--multi-gpu ddp)" mlp1 mlp4
+
+# --multi-gpu against the launcher, as torch.distributed behaves: ddp without a launcher is an
+# error (env:// needs RANK/WORLD_SIZE); under `mgpurun --nproc-per-node 1` (WORLD_SIZE=1) it is DDP
+# at world size 1; none under a launcher with WORLD_SIZE > 1 is an error, not N lone trainers.
+out=$(env -u WORLD_SIZE -u RANK timeout 60 build/fashion_mlp "${COMMON[@]}" --multi-gpu ddp 2>&1); rc=$?
+expect "--multi-gpu ddp without a launcher: exit 1 naming WORLD_SIZE and mgpurun" \
+  bash -c "[ $rc -eq 1 ] && grep -q -- '--multi-gpu ddp' <<<\"\$0\" && grep -q WORLD_SIZE <<<\"\$0\" && grep -q mgpurun <<<\"\$0\"" "$out"
+timeout 300 build/mgpurun --nproc-per-node 1 build/fashion_mlp "${COMMON[@]}" --batch-size 128 --multi-gpu ddp \
+  --metrics "$T_TMP/ddpw1.jsonl" --save-dir "$T_TMP/ddpw1" > "$T_TMP/ddpw1.log" 2>&1
+expect "--multi-gpu ddp at WORLD_SIZE=1 runs DDP (metrics carry DDP timings, world_size 1)" \
+  bash -c "grep -q ddp_exposed_s '$T_TMP/ddpw1.jsonl' && grep -q '\"world_size\":1' '$T_TMP/ddpw1.jsonl'"
+same "mlp: DDP at world size 1 == plain training" mlp1 ddpw1
+out=$(timeout 120 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${COMMON[@]}" --multi-gpu none 2>&1); rc=$?
+expect "--multi-gpu none under mgpurun with 2 processes: exit 1 naming --multi-gpu none and WORLD_SIZE=2" \
+  bash -c "[ $rc -eq 1 ] && grep -q -- '--multi-gpu none' <<<\"\$0\" && grep -q 'WORLD_SIZE=2' <<<\"\$0\"" "$out"
 
 # The CNN runs 10 SGD steps, not 50 AdamW steps: max-pool and ReLU near-ties amplify any float
 # rounding difference, so even ONE process built with OpenBLAS's GEMM instead of mgpu's drifts
@@ -49,7 +64,7 @@ same "mlp: --multi-gpu dp with 2 replicas x 64 == 1 x 128" mlp1 dp2
 MGPU_NUM_THREADS=2 timeout 300 build/fashion_cnn "${COMMON[@]}" "${CNN[@]}" --batch-size 32 --multi-gpu dp --gpu-ids 0,1 --sync-batchnorm 1 --save-dir "$T_TMP/dpc" > "$T_TMP/dpc.log" 2>&1
 same "cnn: --multi-gpu dp with 2 replicas x 32 (SyncBatchNorm) == 1 x 64" cnn1 dpc
 out=$(timeout 60 build/fashion_mlp "${COMMON[@]}" --multi-gpu dp 2>&1); rc=$?
-expect "--multi-gpu dp without --gpu-ids: exit 1 naming --gpu-ids" bash -c "[ $rc -eq 1 ] && grep -q -- '--gpu-ids' <<<'$out'"
+expect "--multi-gpu dp without --gpu-ids: exit 1 naming --gpu-ids" bash -c "[ $rc -eq 1 ] && grep -q -- '--gpu-ids' <<<\"\$0\"" "$out"
 
 # metrics from rank 0 carry world size, global batch and DDP timings
 run met 2 fashion_mlp --batch-size 64 --metrics "$T_TMP/met.jsonl"
@@ -78,5 +93,5 @@ expect "at least one DDP trial was killed mid-run and resumed from a checkpoint 
 # a rank that cannot join: the job stops with a clear error instead of hanging
 out=$(MGPU_TIMEOUT_S=3 RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((20000 + RANDOM % 20000)) \
       timeout 60 build/fashion_mlp "${COMMON[@]}" 2>&1); rc=$?
-expect "a missing rank: exit 1 (not a hang), message names the timeout" bash -c "[ $rc -eq 1 ] && grep -qi 'time' <<<'$out'"
+expect "a missing rank: exit 1 (not a hang), message names the timeout" bash -c "[ $rc -eq 1 ] && grep -qi 'time' <<<\"\$0\"" "$out"
 finish

@@ -1,6 +1,8 @@
 /* Minimal test harness shared by the test programs.
-   MT_CHECK(cond, fmt, ...) records a failed check; MT_RUN(fn) runs one test case;
-   MT_END() prints "RESULT <file>: N passed, M failed" (tests/run.sh sums these). */
+   MT_CHECK(cond, fmt, ...) records a failed check; MT_SKIP(fmt, ...) marks the running case as
+   skipped (what it needs is missing: said, and counted apart, never as a pass); MT_RUN(fn) runs
+   one test case; MT_END() prints "RESULT <file>: N passed, M failed" plus ", K skipped" when some
+   were (tests/run.sh sums these). */
 #ifndef MGPU_TEST_H
 #define MGPU_TEST_H
 #include "mgpu.h"
@@ -9,15 +11,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int mt_case_failures = 0, mt_passed = 0, mt_failed = 0;
+static int mt_case_failures = 0, mt_passed = 0, mt_failed = 0, mt_case_skipped = 0, mt_skipped = 0;
 
 #define MT_CHECK(cond, ...) do { if (!(cond)) { mt_case_failures++; \
     fprintf(stderr, "  check failed at %s:%d: %s: ", __FILE__, __LINE__, #cond); \
     fprintf(stderr, __VA_ARGS__); fprintf(stderr, "\n"); } } while (0)
-#define MT_RUN(fn) do { int mt_before_ = mt_case_failures; mgpu_clear_error(); fn(); \
-    if (mt_case_failures == mt_before_) { mt_passed++; printf("  ok   %s\n", #fn); } \
-    else { mt_failed++; printf("  FAIL %s\n", #fn); } fflush(stdout); } while (0)
-#define MT_END() (printf("RESULT %s: %d passed, %d failed\n", __FILE__, mt_passed, mt_failed), mt_failed ? 1 : 0)
+/* A skip after a failed check leaves the case failed. */
+#define MT_SKIP(...) do { mt_case_skipped = 1; printf("  skip: "); printf(__VA_ARGS__); printf("\n"); } while (0)
+#define MT_RUN(fn) do { int mt_before_ = mt_case_failures; mgpu_clear_error(); mt_case_skipped = 0; fn(); \
+    if (mt_case_failures != mt_before_) { mt_failed++; printf("  FAIL %s\n", #fn); } \
+    else if (mt_case_skipped) { mt_skipped++; printf("  SKIP %s\n", #fn); } \
+    else { mt_passed++; printf("  ok   %s\n", #fn); } fflush(stdout); } while (0)
+#define MT_END() (mt_skipped ? printf("RESULT %s: %d passed, %d failed, %d skipped\n", __FILE__, mt_passed, mt_failed, mt_skipped) \
+                             : printf("RESULT %s: %d passed, %d failed\n", __FILE__, mt_passed, mt_failed), mt_failed ? 1 : 0)
 
 /* Deterministic test RNG (xorshift) */
 static uint64_t mt_rng_state = 0x1234567887654321ULL;

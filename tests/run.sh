@@ -1,36 +1,45 @@
 #!/usr/bin/env bash
 # Runs every test program (build/tests/test_*), the sanitizer builds, the fuzzers and the
-# shell tests (tests/*_test.sh); sums their "RESULT ...: N passed, M failed" lines and ends
-# with the total "N passed, M failed". Exits non-zero if anything failed.
+# shell tests (tests/*_test.sh); sums their "RESULT ...: N passed, M failed[, K skipped]" lines,
+# prints a breakdown by kind (test cases, sanitizer cases, fuzzers, shell checks, build checks,
+# skips) and ends with the total "N passed, M failed" (skips are not passes). Exits non-zero if
+# anything failed.
 set -u
 cd "$(dirname "$0")/.."
 B=build
-passed=0; failed=0
+passed=0; failed=0; skipped=0; skip_names=""
 log=$B/test-logs; mkdir -p "$log"
+declare -A kind_passed kind_failed kind_runs
+kinds="cases asan fuzz shell build"
+for k in $kinds; do kind_passed[$k]=0; kind_failed[$k]=0; kind_runs[$k]=0; done
 
-count() { # name, exit code, log file
-  local name=$1 rc=$2 file=$3 line p f
+count() { # kind, name, exit code, log file
+  local kind=$1 name=$2 rc=$3 file=$4 line p f s=0
   line=$(grep -E '^RESULT .*: [0-9]+ passed, [0-9]+ failed' "$file" | tail -n 1)
   if [ -n "$line" ]; then
     p=$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed.*/\1/' <<<"$line")
     f=$(sed -E 's/.*: ([0-9]+) passed, ([0-9]+) failed.*/\2/' <<<"$line")
+    if grep -qE ', [0-9]+ skipped' <<<"$line"; then s=$(sed -E 's/.*, ([0-9]+) skipped.*/\1/' <<<"$line"); fi
   elif [ "$rc" -eq 0 ]; then p=1; f=0; else p=0; f=1; fi
   if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi   # a crash after the summary still fails
-  passed=$((passed + p)); failed=$((failed + f))
-  if [ "$f" -ne 0 ]; then echo "FAIL $name (exit $rc): see $file"; tail -n 30 "$file" | sed 's/^/    /'; else echo "ok   $name ($p)"; fi
+  passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+  kind_passed[$kind]=$((kind_passed[$kind] + p)); kind_failed[$kind]=$((kind_failed[$kind] + f)); kind_runs[$kind]=$((kind_runs[$kind] + 1))
+  [ "$s" -gt 0 ] && skip_names="$skip_names $name ($s)"
+  if [ "$f" -ne 0 ]; then echo "FAIL $name (exit $rc): see $file"; tail -n 30 "$file" | sed 's/^/    /'
+  else echo "ok   $name ($p$([ "$s" -gt 0 ] && echo ", $s skipped"))"; grep -E '^  (SKIP|skip:) ' "$file" | sed 's/^/    /'; fi
 }
 
 for t in $B/tests/test_*; do
   [ -x "$t" ] || continue
   n=$(basename "$t")
-  timeout 600 "$t" > "$log/$n.log" 2>&1; count "$n" $? "$log/$n.log"
+  timeout 600 "$t" > "$log/$n.log" 2>&1; count cases "$n" $? "$log/$n.log"
 done
 for t in $B/asan/test_*; do
   [ -x "$t" ] || continue
   n=asan/$(basename "$t")
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     MGPU_TEST_QUICK=1 timeout 600 "$t" > "$log/asan_$(basename "$t").log" 2>&1
-  count "$n" $? "$log/asan_$(basename "$t").log"
+  count asan "$n" $? "$log/asan_$(basename "$t").log"
 done
 for t in $B/fuzz/fuzz_*; do
   [ -x "$t" ] || continue
@@ -41,16 +50,28 @@ for t in $B/fuzz/fuzz_*; do
   else
     timeout 120 "$t" "$corpus"/* > "$log/$n.log" 2>&1
   fi
-  count "fuzz/$n (20 s)" $? "$log/$n.log"
+  count fuzz "fuzz/$n (20 s)" $? "$log/$n.log"
 done
 for t in tests/*_test.sh; do
   [ -f "$t" ] || continue
   n=$(basename "$t" .sh)
-  timeout 600 bash "$t" > "$log/$n.log" 2>&1; count "$n" $? "$log/$n.log"
+  timeout 600 bash "$t" > "$log/$n.log" 2>&1; count shell "$n" $? "$log/$n.log"
 done
 if [ -f $B/check-cuda.rc ]; then
-  rc=$(cat $B/check-cuda.rc); count "cuda-compile-and-link" "$rc" $B/check-cuda.log
-  grep -E 'compiled and linked|skipped' $B/check-cuda.log | sed 's/^/    /'
+  rc=$(cat $B/check-cuda.rc)
+  if [ "$rc" -eq 0 ] && grep -q 'CUDA compile check skipped' $B/check-cuda.log; then
+    # no nvcc: nothing was compiled, so nothing passed
+    skipped=$((skipped + 1)); skip_names="$skip_names cuda-compile-and-link"
+    echo "SKIP cuda-compile-and-link: $(grep -m1 'skipped' $B/check-cuda.log)"
+  else
+    count build "cuda-compile-and-link" "$rc" $B/check-cuda.log
+    grep -E 'compiled and linked' $B/check-cuda.log | sed 's/^/    /'
+  fi
 fi
+line() { # kind, label, unit
+  [ "${kind_runs[$1]}" -gt 0 ] || return 0
+  printf '%s %d passed, %d failed (%d %s); ' "$2" "${kind_passed[$1]}" "${kind_failed[$1]}" "${kind_runs[$1]}" "$3"
+}
+echo "breakdown: $(line cases "test cases" programs)$(line asan "test cases under ASan+UBSan" programs)$(line fuzz fuzzers targets)$(line shell "shell checks" scripts)$(line build "build checks" checks)skipped $skipped${skip_names:+ (${skip_names# })}"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

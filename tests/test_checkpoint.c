@@ -672,7 +672,7 @@ static mgpu_dataset *small_dataset(void) {
     return mgpu_dataset_from_arrays(N, MGPU_F32, 3, xs, x, MGPU_I64, 0, NULL, y);
 }
 
-typedef struct run_cfg { const char *amp; int accum; float clip; int workers; int raise_at; int every_steps, every_epochs; float every_min; } run_cfg;
+typedef struct run_cfg { mgpu_amp_mode amp; int accum; float clip; int workers; int raise_at; int every_steps, every_epochs; float every_min; } run_cfg;
 
 /* One fit of the small CNN into dir (resume: --resume auto); returns the fit result. */
 static mgpu_result run_small(const run_cfg *cfg, const char *dir, int resume, mgpu_train_summary *sum) {
@@ -687,10 +687,10 @@ static mgpu_result run_small(const run_cfg *cfg, const char *dir, int resume, mg
     snprintf(metrics, sizeof metrics, "%s.jsonl", dir);
     o.epochs = 3; o.batch_size = 16; o.grad_accum_steps = cfg->accum; o.clip_grad_norm = cfg->clip; o.amp = cfg->amp;
     o.lr = 0.05f; o.schedule = MGPU_SCHEDULE_COSINE; o.warmup_epochs = 0.5f; o.num_workers = cfg->workers;
-    o.device = "cpu"; o.seed = 11; o.log_every = 0; o.eval_frequency = 0;
+    o.device = MGPU_DEVICE_KIND_CPU; o.seed = 11; o.log_every = 0; o.eval_frequency = 0;
     o.save_dir = dir; o.metrics = metrics; o.keep_last = 2;
     o.checkpoint_every_steps = cfg->every_steps; o.checkpoint_every_epochs = cfg->every_epochs; o.checkpoint_interval_min = cfg->every_min;
-    o.resume = resume ? "auto" : "none";
+    o.resume = resume ? MGPU_RESUME_AUTO : MGPU_RESUME_NONE;
     memset(&net, 0, sizeof net);
     net.raise_at = resume ? 0 : cfg->raise_at;
     t = mgpu_trainer_create(&o);
@@ -740,7 +740,7 @@ static void check_interrupted_run(const run_cfg *cfg) {
     snprintf(a, sizeof a, "%s/model.safetensors", ref);
     snprintf(b, sizeof b, "%s/model.safetensors", dir);
     MT_CHECK(read_all(a, &wa, &na) && read_all(b, &wb, &nb) && na == nb && memcmp(wa, wb, na) == 0,
-             "amp %s, accum %d, SIGTERM at forward %d: final weights differ from the uninterrupted run", cfg->amp, cfg->accum, cfg->raise_at);
+             "amp mode %d, accum %d, SIGTERM at forward %d: final weights differ from the uninterrupted run", (int)cfg->amp, cfg->accum, cfg->raise_at);
     snprintf(a, sizeof a, "%s.jsonl", ref);
     snprintf(b, sizeof b, "%s.jsonl", dir);
     train_losses(a, la, sizeof la);
@@ -750,13 +750,13 @@ static void check_interrupted_run(const run_cfg *cfg) {
 }
 
 static void test_trainer_resume_exact(void) {
-    run_cfg c1 = {"off", 1, 0.0f, 0, 4, 2, 0, 0}, c2 = {"off", 4, 0.0f, 2, 9, 2, 0, 0}, c3 = {"off", 4, 0.0f, 0, 14, 0, 1, 0};
+    run_cfg c1 = {MGPU_AMP_OFF, 1, 0.0f, 0, 4, 2, 0, 0}, c2 = {MGPU_AMP_OFF, 4, 0.0f, 2, 9, 2, 0, 0}, c3 = {MGPU_AMP_OFF, 4, 0.0f, 0, 14, 0, 1, 0};
     check_interrupted_run(&c1);  /* plain, mid-epoch 1 */
     check_interrupted_run(&c2);  /* accumulation: the signal lands between micro-batches; 2 loader workers */
     check_interrupted_run(&c3);  /* accumulation across the epoch-end partial step */
 }
 static void test_trainer_resume_amp(void) {
-    run_cfg c1 = {"fp16", 2, 1.0f, 0, 7, 2, 0, 0}, c2 = {"bf16", 1, 0.0f, 0, 11, 2, 0, 0};
+    run_cfg c1 = {MGPU_AMP_FP16, 2, 1.0f, 0, 7, 2, 0, 0}, c2 = {MGPU_AMP_BF16, 1, 0.0f, 0, 11, 2, 0, 0};
     char dir[300], path[400], want[80];
     unsigned char *text = NULL;
     size_t len = 0;
@@ -790,7 +790,7 @@ static void test_trainer_metrics_and_bad_resume(void) {
     unsigned char *text = NULL;
     size_t len = 0;
     mgpu_train_summary s;
-    run_cfg c = {"off", 1, 0.0f, 0, 0, 2, 0, 0}, by_epoch = {"off", 1, 0.0f, 0, 0, 0, 1, 0}, by_time = {"off", 1, 0.0f, 0, 0, 0, 0, 1e-7f};
+    run_cfg c = {MGPU_AMP_OFF, 1, 0.0f, 0, 0, 2, 0, 0}, by_epoch = {MGPU_AMP_OFF, 1, 0.0f, 0, 0, 0, 1, 0}, by_time = {MGPU_AMP_OFF, 1, 0.0f, 0, 0, 0, 0, 1e-7f};
     const char *keys[] = {"\"data_wait_s\":", "\"compute_s\":", "\"optimizer_s\":", "\"checkpoint_s\":", "\"comm_s\":0", "\"peak_arena_bytes\":", "\"rss_mb\":"};
     size_t i;
     scratch(dir, sizeof dir, "fit_metrics");

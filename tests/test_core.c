@@ -41,7 +41,17 @@ static void test_rng(void) {
 static void test_device_parse(void) {
     mgpu_device d;
     MT_CHECK(mgpu_device_parse("cpu", &d) == MGPU_OK && d.type == MGPU_DEVICE_CPU, "cpu");
-    MT_CHECK(mgpu_device_parse("auto", &d) == MGPU_OK, "auto");
+    /* auto must resolve to something real: the CPU in a CPU build, a GPU only where one is usable */
+    d.type = (mgpu_device_type)99; d.index = 99;
+    MT_CHECK(mgpu_device_parse("auto", &d) == MGPU_OK, "auto: %s", mgpu_last_error());
+#ifndef MGPU_CUDA
+    MT_CHECK(d.type == MGPU_DEVICE_CPU && d.index == 0, "auto in a CPU build is cpu (got type %d index %d)", (int)d.type, d.index);
+#else
+    MT_CHECK((d.type == MGPU_DEVICE_CPU && d.index == 0) || (d.type == MGPU_DEVICE_CUDA && d.index == 0 && mgpu_cuda_device_count() > 0),
+             "auto is cpu, or cuda:0 with a GPU visible (got type %d index %d)", (int)d.type, d.index);
+#endif
+    d.type = (mgpu_device_type)99;
+    MT_CHECK(mgpu_device_parse("cuda:0", &d) != MGPU_OK || d.type == MGPU_DEVICE_CUDA, "cuda:0 is cuda or an error");
     MT_CHECK(mgpu_device_parse("tpu", &d) == MGPU_ERR_INVALID_ARG, "tpu rejected");
     MT_CHECK(strstr(mgpu_last_error(), "tpu") != NULL, "names the value: %s", mgpu_last_error());
     MT_CHECK(mgpu_device_parse("cuda:x", &d) != MGPU_OK, "cuda:x rejected");

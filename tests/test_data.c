@@ -610,7 +610,7 @@ static void test_fashion_mnist_real(void) {
         found = 1;
         mt_fashion_mnist_check(dirs[d]);
     }
-    if (!found) printf("  note: Fashion-MNIST not found (run `make data`): real-data test skipped\n");
+    if (!found) MT_SKIP("Fashion-MNIST not found in data/fashion-mnist or /usr/share/datasets/fashion-mnist (sh tools/deps.sh test, or make data)");
 }
 
 /* ---- tools/setup_data.sh, with its source faked ---- */
@@ -621,7 +621,7 @@ static void test_setup_script(void) {
     int i, rc;
     FILE *f;
     long size;
-    if (access("tools/setup_data.sh", R_OK) != 0) { printf("  note: tools/setup_data.sh not in the working directory: skipped\n"); return; }
+    if (access("tools/setup_data.sh", R_OK) != 0) { MT_SKIP("tools/setup_data.sh not in the working directory"); return; }
     mt_path(src, sizeof src, "setup-src"); mt_path(dest, sizeof dest, "setup-dest"); mt_path(out, sizeof out, "setup.out");
     /* not root and no package: prints the install command and fails */
     snprintf(cmd, sizeof cmd, "MGPU_SETUP_SRC='%s' MGPU_SETUP_DEST='%s' MGPU_SETUP_UID=1000 bash tools/setup_data.sh > '%s' 2>&1", src, dest, out);

@@ -381,7 +381,7 @@ static void test_safetensors_python(void) {
     FILE *py;
     int rc;
     if (system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0) {
-        printf("  note: /usr/bin/python3 with torch not found; Python interoperability check skipped\n");
+        MT_SKIP("/usr/bin/python3 with torch not found (python3-torch); Python interoperability not checked");
         return;
     }
     st_fixture_make(&f);
@@ -688,7 +688,8 @@ static int schedule_available(void) {
     return mgpu_schedule_parse("cosine", &t) == MGPU_OK;
 }
 
-/* Every flag, given as "--flag value" (form 0) or "--flag=value" (form 1). */
+/* Every flag, given as "--flag value" (form 0), "--flag=value" (form 1) or "--flag_value value"
+   with underscores for dashes, as argparse scripts spell them (form 2). */
 static void check_all_flags(int form) {
     static const char *pairs[][2] = {
         {"data", "/d"}, {"epochs", "7"}, {"batch-size", "4096"}, {"lr", "0.25"}, {"optimizer", "sgd"}, {"weight-decay", "0.5"},
@@ -698,6 +699,7 @@ static void check_all_flags(int form) {
         {"checkpoint-interval-min", "2.5"}, {"keep-last", "0"}, {"resume", "auto"}, {"seed", "18446744073709551615"},
         {"metrics", "/m.jsonl"}, {"log-every", "10"}, {"max-steps", "123456789012"}, {"checkpoint-every-steps", "500"},
         {"t0-epochs", "3"}, {"t-mult", "3"}, {"eta-min", "0.001"}, {"step-size-epochs", "2"}, {"gamma", "0.5"},
+        {"sync-batchnorm", "1"}, {"bucket-cap-mb", "10"}, {"grad-compression", "bf16"},
     };
     enum { N = sizeof pairs / sizeof pairs[0] };
     char storage[N][96];
@@ -707,8 +709,10 @@ static void check_all_flags(int form) {
     mgpu_result r;
     for (i = 0; i < N; i++) {
         if (!sched && strcmp(pairs[i][0], "schedule") == 0) continue;
-        if (form == 0) {
+        if (form == 0 || form == 2) {
+            char *c;
             snprintf(storage[i], sizeof storage[i], "--%s", pairs[i][0]);
+            if (form == 2) for (c = storage[i] + 2; *c; c++) if (*c == '-') *c = '_';
             args[n++] = storage[i]; args[n++] = pairs[i][1];
         } else {
             snprintf(storage[i], sizeof storage[i], "--%s=%s", pairs[i][0], pairs[i][1]);
@@ -721,9 +725,11 @@ static void check_all_flags(int form) {
     MT_CHECK(o.optimizer == MGPU_OPTIM_SGD && o.weight_decay == 0.5f && o.momentum == 0.8f && o.warmup_epochs == 1.5f, "optimizer fields");
     if (sched) MT_CHECK(o.schedule == MGPU_SCHEDULE_COSINE, "schedule");
     MT_CHECK(o.scale_lr == MGPU_LR_SCALE_SQRT && o.grad_accum_steps == 4 && o.clip_grad_norm == 1.25f, "scale/accum/clip");
-    MT_CHECK(strcmp(o.amp, "bf16") == 0 && strcmp(o.device, "cuda:1") == 0 && strcmp(o.gpu_ids, "0,1,3") == 0 && strcmp(o.multi_gpu, "ddp") == 0, "strings");
+    MT_CHECK(o.amp == MGPU_AMP_BF16 && o.device == MGPU_DEVICE_KIND_CUDA && o.device_index == 1 && o.multi_gpu == MGPU_MULTI_GPU_DDP, "amp/device/multi-gpu");
+    MT_CHECK(o.num_gpu_ids == 3 && o.gpu_ids[0] == 0 && o.gpu_ids[1] == 1 && o.gpu_ids[2] == 3, "gpu ids (%d)", o.num_gpu_ids);
+    MT_CHECK(o.grad_compression == MGPU_GRAD_COMPRESSION_BF16 && o.sync_batchnorm == 1 && o.bucket_cap_mb == 10.0f, "DDP flags");
     MT_CHECK(o.num_workers == 3 && o.eval_frequency == 2 && strcmp(o.save_dir, "/s") == 0 && o.checkpoint_every_epochs == 5, "workers/eval/save");
-    MT_CHECK(o.checkpoint_interval_min == 2.5f && o.keep_last == 0 && strcmp(o.resume, "auto") == 0 && o.seed == UINT64_MAX, "ckpt/resume/seed");
+    MT_CHECK(o.checkpoint_interval_min == 2.5f && o.keep_last == 0 && o.resume == MGPU_RESUME_AUTO && !o.resume_path && o.seed == UINT64_MAX, "ckpt/resume/seed");
     MT_CHECK(strcmp(o.metrics, "/m.jsonl") == 0 && o.log_every == 10 && o.max_steps == 123456789012LL && o.checkpoint_every_steps == 500, "metrics/log/steps");
     MT_CHECK(o.t0_epochs == 3.0f && o.t_mult == 3 && o.eta_min == 0.001f && o.step_size_epochs == 2.0f && o.gamma == 0.5f, "schedule extras");
     MT_CHECK(o.help == 0, "help unset");
@@ -734,17 +740,47 @@ static void test_opts_defaults_and_flags(void) {
     mgpu_train_opts_default(&o);
     MT_CHECK(o.epochs == 10 && o.batch_size == 128 && o.lr == 1e-3f && o.optimizer == MGPU_OPTIM_ADAMW, "defaults: epochs/batch/lr/optimizer");
     MT_CHECK(o.weight_decay == 1e-4f && o.momentum == 0.9f && o.schedule == MGPU_SCHEDULE_CONSTANT && o.grad_accum_steps == 1, "defaults: wd/momentum/schedule/accum");
-    MT_CHECK(strcmp(o.amp, "off") == 0 && strcmp(o.device, "auto") == 0 && o.num_workers == 0 && o.eval_frequency == 1, "defaults: amp/device/workers/eval");
-    MT_CHECK(o.keep_last == 3 && strcmp(o.resume, "none") == 0 && o.seed == 0 && o.max_steps == 0 && !o.help, "defaults: keep/resume/seed");
-    MT_CHECK(strcmp(o.multi_gpu, "none") == 0 && o.scale_lr == MGPU_LR_SCALE_NONE && !o.data_dir && !o.metrics && !o.save_dir, "defaults: rest");
+    MT_CHECK(o.amp == MGPU_AMP_OFF && o.device == MGPU_DEVICE_KIND_AUTO && o.device_index == -1 && o.num_workers == 0 && o.eval_frequency == 1, "defaults: amp/device/workers/eval");
+    MT_CHECK(o.keep_last == 3 && o.resume == MGPU_RESUME_NONE && !o.resume_path && o.seed == 0 && o.max_steps == 0 && !o.help, "defaults: keep/resume/seed");
+    MT_CHECK(o.multi_gpu == MGPU_MULTI_GPU_AUTO && o.num_gpu_ids == 0 && o.grad_compression == MGPU_GRAD_COMPRESSION_NONE, "defaults: multi-gpu");
+    MT_CHECK(o.scale_lr == MGPU_LR_SCALE_NONE && !o.data_dir && !o.metrics && !o.save_dir, "defaults: rest");
     MT_CHECK(o.checkpoint_every_epochs == 0 && o.checkpoint_every_steps == 0 && o.checkpoint_interval_min == 0, "no checkpoints by default");
     check_all_flags(0);
     check_all_flags(1);
+    check_all_flags(2);
     if (!schedule_available()) printf("  note: mgpu_schedule_parse not available yet; --schedule values not checked\n");
     {
         static const char *a[] = {"--device", "cpu", "--device=auto", "--device", "cuda", "--amp", "off", "--optimizer=adam", "--resume", "/ck/step-1"};
-        MT_CHECK(parse_args(&o, a, 10) == MGPU_OK && strcmp(o.device, "cuda") == 0 && o.optimizer == MGPU_OPTIM_ADAM, "later flags win; cuda parses on CPU builds");
-        MT_CHECK(strcmp(o.resume, "/ck/step-1") == 0, "resume path");
+        MT_CHECK(parse_args(&o, a, 10) == MGPU_OK && o.device == MGPU_DEVICE_KIND_CUDA && o.device_index == -1 && o.optimizer == MGPU_OPTIM_ADAM,
+                 "later flags win; cuda parses on CPU builds");
+        MT_CHECK(o.resume == MGPU_RESUME_PATH && o.resume_path && strcmp(o.resume_path, "/ck/step-1") == 0, "resume path");
+    }
+    {   /* every enum value and its text */
+        static const char *a[] = {"--amp", "fp16", "--multi-gpu", "none", "--grad-compression", "fp16", "--device", "cpu", "--resume", "auto"};
+        static const char *b[] = {"--amp=off", "--multi-gpu=dp", "--device=cuda:0", "--resume=/x", "--resume=none", "--gpu-ids=7"};
+        MT_CHECK(parse_args(&o, a, 10) == MGPU_OK && o.amp == MGPU_AMP_FP16 && o.multi_gpu == MGPU_MULTI_GPU_NONE, "fp16/none");
+        MT_CHECK(o.grad_compression == MGPU_GRAD_COMPRESSION_FP16 && o.device == MGPU_DEVICE_KIND_CPU && o.resume == MGPU_RESUME_AUTO, "fp16/cpu/auto");
+        MT_CHECK(parse_args(&o, b, 6) == MGPU_OK && o.amp == MGPU_AMP_OFF && o.multi_gpu == MGPU_MULTI_GPU_DP, "off/dp");
+        MT_CHECK(o.device == MGPU_DEVICE_KIND_CUDA && o.device_index == 0 && o.resume == MGPU_RESUME_NONE && !o.resume_path, "cuda:0, resume none after a path");
+        MT_CHECK(o.num_gpu_ids == 1 && o.gpu_ids[0] == 7, "one gpu id");
+    }
+    {   /* PyTorch spellings: underscores, --num-epochs / --num_epochs, mixed with dashes */
+        static const char *a[] = {"--num-epochs", "4", "--batch_size=32", "--gpu_ids", "0,1", "--multi_gpu", "dp", "--eval_frequency", "3"};
+        static const char *b[] = {"--num_epochs=6", "--num_workers", "2", "--grad_accum_steps", "2", "--save_dir", "/s", "--max_steps=9"};
+        MT_CHECK(parse_args(&o, a, 9) == MGPU_OK && o.epochs == 4 && o.batch_size == 32 && o.num_gpu_ids == 2 && o.multi_gpu == MGPU_MULTI_GPU_DP &&
+                 o.eval_frequency == 3, "underscores and --num-epochs: %s", mgpu_last_error());
+        MT_CHECK(parse_args(&o, b, 8) == MGPU_OK && o.epochs == 6 && o.num_workers == 2 && o.grad_accum_steps == 2 && o.save_dir &&
+                 strcmp(o.save_dir, "/s") == 0 && o.max_steps == 9, "--num_epochs=6 and friends: %s", mgpu_last_error());
+    }
+    {   /* 64 gpu ids fit, 65 do not */
+        static char list[400];
+        const char *a[2];
+        int i, at = 0;
+        for (i = 0; i < MGPU_MAX_GPU_IDS; i++) at += snprintf(list + at, sizeof list - (size_t)at, i ? ",%d" : "%d", i);
+        a[0] = "--gpu-ids"; a[1] = list;
+        MT_CHECK(parse_args(&o, a, 2) == MGPU_OK && o.num_gpu_ids == MGPU_MAX_GPU_IDS && o.gpu_ids[MGPU_MAX_GPU_IDS - 1] == MGPU_MAX_GPU_IDS - 1, "64 ids");
+        snprintf(list + at, sizeof list - (size_t)at, ",1");
+        MT_CHECK(parse_args(&o, a, 2) == MGPU_ERR_INVALID_ARG && strstr(mgpu_last_error(), "--gpu-ids"), "65 ids rejected: %s", mgpu_last_error());
     }
 }
 
@@ -768,6 +804,10 @@ static void test_opts_help(void) {
         MT_CHECK(strstr(out, with_space) != NULL, "usage lists %s", flags[i]);
     }
     MT_CHECK(out && strstr(out, "(default: 128)") && strstr(out, "(default: adamw)") && strstr(out, "(default: 0.001)"), "defaults shown");
+    MT_CHECK(out && strstr(out, "(default: auto)") && strstr(out, "auto|none|dp|ddp") && strstr(out, "(default: none)"), "multi-gpu and resume defaults");
+    MT_CHECK(out && strstr(out, "--batch_size") && strstr(out, "--num-epochs"), "underscores and --num-epochs mentioned");
+    /* the code errors on --multi-gpu dp without --gpu-ids, so the help must not promise a default */
+    MT_CHECK(out && !strstr(out, "unset: all") && strstr(out, "required with dp"), "--gpu-ids help says it is required with dp");
     free(out);
 }
 
@@ -789,7 +829,7 @@ static void test_opts_errors(void) {
         {"--batch-size", "0"}, {"--batch-size", "-5"}, {"--lr", "0"}, {"--lr", "-1"}, {"--lr", "nan"}, {"--lr", "inf"}, {"--lr", "1e39"},
         {"--lr", "fast"}, {"--weight-decay", "-0.1"}, {"--momentum", "1.5"}, {"--grad-accum-steps", "0"}, {"--keep-last", "-1"},
         {"--num-workers", "257"}, {"--num-workers", "-1"}, {"--optimizer", "adagrad"}, {"--scale-lr", "cubic"}, {"--amp", "fp8"},
-        {"--multi-gpu", "fsdp"}, {"--device", "tpu"}, {"--device", "cuda:"}, {"--device", "cuda:x"}, {"--gpu-ids", "0,,1"},
+        {"--multi-gpu", "fsdp"}, {"--grad-compression", "int8"}, {"--resume", ""}, {"--device", "cuda:12345"}, {"--device", "tpu"}, {"--device", "cuda:"}, {"--device", "cuda:x"}, {"--gpu-ids", "0,,1"},
         {"--gpu-ids", "a"}, {"--gpu-ids", "1,"}, {"--seed", "-1"}, {"--seed", "1.5"}, {"--max-steps", "-1"}, {"--log-every", "-2"},
         {"--t-mult", "0"}, {"--gamma", "0"}, {"--t0-epochs", "0"}, {"--schedule", "exponential"}, {"--clip-grad-norm", "-1"},
         {"--save-dir", ""}, {"--eval-frequency", "-1"},
@@ -806,7 +846,16 @@ static void test_opts_errors(void) {
     {
         static const char *unknown[] = {"--epochz", "3"}, *unknown_eq[] = {"--bogus=1"}, *missing[] = {"--epochs", "2", "--lr"};
         static const char *missing2[] = {"--save-dir", "--epochs", "3"}, *positional[] = {"data/"}, *single_dash[] = {"-lr", "1"};
-        expect_opts_error(unknown, 2, "--epochz", NULL);
+        static const char *typo_us[] = {"--batch_szie", "8"}, *prefix[] = {"--batch", "8"}, *far[] = {"--no-such-flag", "1"};
+        static const char *alias_typo[] = {"--num-epoch=2"}, *short_typo[] = {"--lx", "1"}, *ambiguous[] = {"--checkpoint", "1"};
+        expect_opts_error(unknown, 2, "--epochz", "did you mean --epochs?");
+        expect_opts_error(typo_us, 2, "--batch_szie", "did you mean --batch-size?");
+        expect_opts_error(prefix, 2, "--batch", "did you mean --batch-size?");
+        expect_opts_error(alias_typo, 1, "--num-epoch", "did you mean --num-epochs?");
+        expect_opts_error(short_typo, 2, "--lx", "did you mean --lr?");
+        expect_opts_error(far, 2, "--no-such-flag", NULL);
+        MT_CHECK(!strstr(mgpu_last_error(), "did you mean"), "nothing close: no suggestion: %s", mgpu_last_error());
+        expect_opts_error(ambiguous, 2, "--checkpoint", NULL);
         expect_opts_error(unknown_eq, 1, "--bogus", NULL);
         expect_opts_error(missing, 3, "--lr", "needs a value");
         expect_opts_error(missing2, 3, "--save-dir", "needs a value");
@@ -947,7 +996,7 @@ static void test_progress_tty(void) {
     r.master = posix_openpt(O_RDWR | O_NOCTTY);
     r.got = 0;
     if (r.master < 0 || grantpt(r.master) != 0 || unlockpt(r.master) != 0 || (slave = open(ptsname(r.master), O_RDWR | O_NOCTTY)) < 0) {
-        printf("  note: no pseudo-terminal available; terminal progress check skipped\n");
+        MT_SKIP("no pseudo-terminal available; terminal progress not checked");
         if (r.master >= 0) close(r.master);
         return;
     }
@@ -1013,7 +1062,7 @@ static void test_model_save_load(void) {
     char path[300];
     int i;
     if (!src || mgpu_model_num_parameters(src) != 2 || mgpu_model_num_buffers(src) != 2) {
-        printf("  note: mgpu_model_add_parameter/add_buffer not available yet (%s); model save/load skipped\n", mgpu_last_error());
+        MT_SKIP("mgpu_model_add_parameter/add_buffer not available (%s); model save/load not checked", mgpu_last_error());
         mgpu_model_destroy(src);
         mgpu_context_destroy(ctx);
         return;

@@ -13,7 +13,7 @@ SRC=${MGPU_SETUP_SRC:-/usr/share/datasets/fashion-mnist}
 DEST=${MGPU_SETUP_DEST:-data/fashion-mnist}
 USER_ID=${MGPU_SETUP_UID:-$(id -u)}
 FILES="train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte"
-PACKAGES="dataset-fashion-mnist libstb-dev"
+PACKAGES=$(sh tools/deps.sh --list data)   # the one list of packages: tools/deps.sh
 
 say() { echo "setup_data: $*"; }
 die() { echo "setup_data: error: $*" >&2; exit 1; }
