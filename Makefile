@@ -165,7 +165,7 @@ $(EMU)/tests/%: tests/gpu/%.c tests/mgpu_test.h $(EMU)/mgpu_kernels.ko $(EMU)/li
 	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
 $(EMU)/asan/tests/%: tests/gpu/%.c tests/mgpu_test.h $(EMU)/asan/mgpu_kernels.ko $(EMU)/asan/libcudaemu.a $(HDR)
 	@mkdir -p $(@D)
-	$(EMU_LINK) -std=c11 -g $(EMU_SAN) $< $(EMU)/asan/mgpu_kernels.ko $(EMU)/asan/libcudaemu.a -o $@ $(EMU_LIBS)
+	$(EMU_LINK) -g $(EMU_SAN) $< $(EMU)/asan/mgpu_kernels.ko $(EMU)/asan/libcudaemu.a -o $@ $(EMU_LIBS)
 $(EMU)/tests/%: tests/emu/%.c tests/mgpu_test.h $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a $(HDR)
 	@mkdir -p $(@D)
 	$(EMU_LINK) $(CFLAGS) $< $(EMU)/mgpu_kernels.ko $(EMU)/libcudaemu.a -o $@ $(EMU_LIBS)
