@@ -24,7 +24,7 @@ count() { # kind, name, exit code, log file
   if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi   # a crash after the summary still fails
   passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
   kind_passed[$kind]=$((kind_passed[$kind] + p)); kind_failed[$kind]=$((kind_failed[$kind] + f)); kind_runs[$kind]=$((kind_runs[$kind] + 1))
-  [ "$s" -gt 0 ] && skip_names="$skip_names $name ($s)"
+  [ "$s" -gt 0 ] && skip_names="$skip_names, $name ($s)"
   if [ "$f" -ne 0 ]; then echo "FAIL $name (exit $rc): see $file"; tail -n 30 "$file" | sed 's/^/    /'
   else echo "ok   $name ($p$([ "$s" -gt 0 ] && echo ", $s skipped"))"; grep -E '^  (SKIP|skip:) ' "$file" | sed 's/^/    /'; fi
 }
@@ -61,7 +61,7 @@ if [ -f $B/check-cuda.rc ]; then
   rc=$(cat $B/check-cuda.rc)
   if [ "$rc" -eq 0 ] && grep -q 'CUDA compile check skipped' $B/check-cuda.log; then
     # no nvcc: nothing was compiled, so nothing passed
-    skipped=$((skipped + 1)); skip_names="$skip_names cuda-compile-and-link"
+    skipped=$((skipped + 1)); skip_names="$skip_names, cuda-compile-and-link"
     echo "SKIP cuda-compile-and-link: $(grep -m1 'skipped' $B/check-cuda.log)"
   else
     count build "cuda-compile-and-link" "$rc" $B/check-cuda.log
@@ -72,6 +72,6 @@ line() { # kind, label, unit
   [ "${kind_runs[$1]}" -gt 0 ] || return 0
   printf '%s %d passed, %d failed (%d %s); ' "$2" "${kind_passed[$1]}" "${kind_failed[$1]}" "${kind_runs[$1]}" "$3"
 }
-echo "breakdown: $(line cases "test cases" programs)$(line asan "test cases under ASan+UBSan" programs)$(line fuzz fuzzers targets)$(line shell "shell checks" scripts)$(line build "build checks" checks)skipped $skipped${skip_names:+ (${skip_names# })}"
+echo "breakdown: $(line cases "test cases" programs)$(line asan "test cases under ASan+UBSan" programs)$(line fuzz fuzzers targets)$(line shell "shell checks" scripts)$(line build "build checks" checks)skipped $skipped${skip_names:+ (${skip_names#, })}"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
