@@ -1197,9 +1197,6 @@ typedef struct mgpu__binary_args {
 mgpu_result mgpu_cuda_binary_forward(const mgpu__binary_args *args, void *stream);
 mgpu_result mgpu_cuda_binary_backward(const mgpu__binary_args *args, void *stream);
 
-/* db += column sums of dy (rows, cols): fixed-order, deterministic (linear's bias gradient) */
-mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream);
-
 /* accumulate (n): out += x (the backward of views and casts) */
 typedef struct mgpu__accumulate_args {
     mgpu_context *ctx;

@@ -371,12 +371,6 @@ static mgpu_result mgpu__colsum(const float *dy, const float *x, const float *me
     return MGPU_OK;
 }
 
-extern "C" mgpu_result mgpu_cuda_bias_grad(const float *dy, float *db, int64_t rows, int64_t cols, void *stream) {
-    MGPU__REQUIRE(rows >= 0 && cols >= 0 && (cols == 0 || db) && (rows * cols == 0 || dy), "dy, db must be device pointers");
-    if (cols == 0) return MGPU_OK;
-    return mgpu__colsum(dy, NULL, NULL, NULL, rows, cols, NULL, db, stream);
-}
-
 /* ======================================================================================
    Softmax / log-softmax (also the masked, scaled softmax of attention)
    ====================================================================================== */

@@ -214,7 +214,12 @@ static void test_bias(void) {
         expect_ok(binary_backward(args, dx, dbias, dy, gx, gb), "bias_add backward");
         expect_close("bias_add dx", gx, grad_of(x), x->numel, F32_TOL);
         expect_close("bias_add db", gb, grad_of(b), C, F32_TOL);
-        expect_ok(mgpu_cuda_bias_grad(dy, gc, rows, C, NULL), "bias_grad");
+        {
+            mgpu__linear_bias_grad_args lb;
+            memset(&lb, 0, sizeof lb);
+            lb.dy = dy; lb.db = gc; lb.rows = rows; lb.cols = C;
+            expect_ok(mgpu_cuda_linear_bias_grad(&lb, NULL), "linear_bias_grad");
+        }
         expect_close("bias grad (column sums)", gc, grad_of(b), C, F32_TOL);
         case_end();
     }
