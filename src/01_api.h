@@ -190,7 +190,10 @@ MGPU_API void mgpu_tensor_free(mgpu_tensor *t);  /* frees grad too; NULL is fine
 MGPU_API size_t mgpu_tensor_nbytes(const mgpu_tensor *t);
 MGPU_API mgpu_result mgpu_tensor_copy_to_host(const mgpu_tensor *t, void *dst, size_t dst_bytes);
 MGPU_API mgpu_result mgpu_tensor_copy_from_host(mgpu_tensor *t, const void *src, size_t src_bytes);
-MGPU_API mgpu_result mgpu_tensor_copy(mgpu_tensor *dst, const mgpu_tensor *src); /* same dtype and numel */
+/* dst = src (same dtype and numel); either may be on the CPU or a GPU (copies across devices wait). */
+MGPU_API mgpu_result mgpu_tensor_copy(mgpu_tensor *dst, const mgpu_tensor *src);
+/* A new persistent copy of src on ctx's device, like torch's tensor.to(device). */
+MGPU_API mgpu_tensor *mgpu_tensor_to(mgpu_context *ctx, const mgpu_tensor *src);
 MGPU_API mgpu_result mgpu_tensor_fill(mgpu_tensor *t, double value);
 MGPU_API mgpu_result mgpu_tensor_set_requires_grad(mgpu_tensor *t, int requires_grad);
 /* Host float pointer of an F32 tensor on the CPU, else NULL (with an error). */

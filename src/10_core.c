@@ -192,9 +192,6 @@ MGPU_API double mgpu_time_s(void) {
    Devices and dtypes
    -------------------------------------------------------------------------------------- */
 
-/* Set to 1 when the CUDA ops exist; until then "auto" picks the CPU even where a GPU is visible. */
-#define MGPU__CUDA_BACKEND_READY 0
-
 MGPU_API int mgpu_cuda_device_count(void) {
 #ifdef MGPU_CUDA
     return mgpu__cuda_device_count();   /* < 0: CUDA failed, the error is recorded */
@@ -209,7 +206,7 @@ MGPU_API mgpu_result mgpu_device_parse(const char *text, mgpu_device *out) {
     if (!text || !out) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_device_parse: text and out must not be NULL");
     if (strcmp(text, "cpu") == 0) { out->type = MGPU_DEVICE_CPU; out->index = 0; return MGPU_OK; }
     if (strcmp(text, "auto") == 0) {
-        int n = MGPU__CUDA_BACKEND_READY ? mgpu_cuda_device_count() : 0;
+        int n = mgpu_cuda_device_count();
         if (n < 0) return (mgpu_result)n;   /* a failing GPU setup is an error, not a reason to pick the CPU */
         out->type = n > 0 ? MGPU_DEVICE_CUDA : MGPU_DEVICE_CPU;
         out->index = 0;
@@ -450,27 +447,56 @@ static int mgpu__default_num_threads(void) {
 }
 
 /* --------------------------------------------------------------------------------------
-   Activation arena: bump allocation in chunks; end_step keeps one chunk as large as the whole
-   step needed, so a steady-state training step allocates nothing.
+   Activation arena: bump allocation in chunks; reset keeps one chunk as large as the whole step
+   needed, so a steady-state training step allocates nothing (and, on CUDA, hands out the same
+   device addresses every step, which CUDA Graph replay needs). A context has a host arena (tensor
+   headers, tape nodes, host scratch) and, on CUDA, a device arena for activation data whose
+   chunks come from the caching device allocator.
    -------------------------------------------------------------------------------------- */
 
-typedef struct mgpu__chunk { struct mgpu__chunk *prev; size_t size, used; } mgpu__chunk;
-typedef struct mgpu__arena { mgpu__chunk *head; size_t total_used, peak; size_t initial; } mgpu__arena;
+typedef struct mgpu__chunk { struct mgpu__chunk *prev; char *base; size_t size, used; } mgpu__chunk;
+typedef struct mgpu__arena {
+    mgpu__chunk *head; size_t total_used, peak; size_t initial;
+    int device;   /* -1: host memory; else the CUDA device its chunks live on */
+} mgpu__arena;
 
-#define MGPU__CHUNK_HEADER 64 /* keeps the chunk payload 64-byte aligned */
+#ifdef MGPU_CUDA
+/* Device memory for the core (defined with the CUDA host side, below). */
+static void *mgpu__cuda_alloc_for(int device, size_t bytes, const char *what);
+static void mgpu__cuda_release(int device, void *ptr);
+#endif
+
+static void *mgpu__arena_chunk_memory(const mgpu__arena *a, size_t bytes) {
+#ifdef MGPU_CUDA
+    if (a->device >= 0) return mgpu__cuda_alloc_for(a->device, bytes, "the device activation arena");
+#endif
+    (void)a;
+    return mgpu_malloc(bytes);
+}
+static void mgpu__arena_chunk_free(const mgpu__arena *a, mgpu__chunk *c) {
+#ifdef MGPU_CUDA
+    if (a->device >= 0) { mgpu__cuda_release(a->device, c->base); mgpu_free(c); return; }
+#endif
+    (void)a;
+    mgpu_free(c->base);
+    mgpu_free(c);
+}
 
 static void *mgpu__arena_alloc_raw(mgpu__arena *a, size_t bytes) {
     mgpu__chunk *c = a->head;
-    bytes = (bytes + 63) & ~(size_t)63;
+    size_t align = a->device >= 0 ? 256 : 64;   /* device: what cudaMalloc gives and cuBLASLt's fastest paths want */
+    bytes = (bytes + align - 1) & ~(align - 1);
     if (!c || c->used + bytes > c->size) {
         size_t want = MGPU__MAX(bytes, MGPU__MAX(a->initial, c ? 2 * c->size : 0));
-        mgpu__chunk *n = (mgpu__chunk *)mgpu_malloc(MGPU__CHUNK_HEADER + want);
+        mgpu__chunk *n = (mgpu__chunk *)mgpu_malloc(sizeof *n);
         if (!n) return NULL;
+        n->base = (char *)mgpu__arena_chunk_memory(a, want);
+        if (!n->base) { mgpu_free(n); return NULL; }
         n->prev = c; n->size = want; n->used = 0;
         a->head = c = n;
     }
     {
-        void *p = (char *)c + MGPU__CHUNK_HEADER + c->used;
+        void *p = c->base + c->used;
         c->used += bytes;
         a->total_used += bytes;
         if (a->total_used > a->peak) a->peak = a->total_used;
@@ -483,7 +509,7 @@ static void mgpu__arena_reset(mgpu__arena *a) {
         /* several chunks: replace them with one that fits the whole step next time */
         size_t need = 0;
         mgpu__chunk *c = a->head;
-        while (c) { mgpu__chunk *p = c->prev; need += c->size; mgpu_free(c); c = p; }
+        while (c) { mgpu__chunk *p = c->prev; need += c->size; mgpu__arena_chunk_free(a, c); c = p; }
         a->head = NULL;
         a->initial = MGPU__MAX(a->initial, need);
     } else if (a->head) {
@@ -494,7 +520,7 @@ static void mgpu__arena_reset(mgpu__arena *a) {
 
 static void mgpu__arena_free(mgpu__arena *a) {
     mgpu__chunk *c = a->head;
-    while (c) { mgpu__chunk *p = c->prev; mgpu_free(c); c = p; }
+    while (c) { mgpu__chunk *p = c->prev; mgpu__arena_chunk_free(a, c); c = p; }
     a->head = NULL;
 }
 
@@ -520,7 +546,8 @@ typedef struct mgpu__node {
 struct mgpu_context {
     mgpu_device device;
     mgpu__pool *pool;
-    mgpu__arena arena;
+    mgpu__arena arena;                 /* host: tensor headers, tape nodes, host scratch */
+    mgpu__arena device_arena;          /* CUDA: activation data (unused on the CPU) */
     uint64_t rng_seed, rng_offset;
     int grad_enabled;
     int autocast;                      /* mgpu_amp_mode: emulated half precision for matmul-like ops */
@@ -531,30 +558,52 @@ struct mgpu_context {
     void *cuda_blas;                   /* its cuBLAS/cuBLASLt bundle (mgpu_cuda_blas_create; NULL on the CPU) */
 };
 
+#ifdef MGPU_CUDA
+static mgpu_result mgpu__cuda_context_init(mgpu_context *ctx);
+static void mgpu__cuda_context_release(mgpu_context *ctx);
+#endif
+
 MGPU_API mgpu_context *mgpu_context_create(const mgpu_context_desc *desc) {
     mgpu_context *ctx;
     mgpu_context_desc d;
     if (desc) d = *desc; else memset(&d, 0, sizeof d);
     if (d.device.type != MGPU_DEVICE_CPU && d.device.type != MGPU_DEVICE_CUDA)
         MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_context_create: desc->device.type %d is not a device type", (int)d.device.type);
+#ifndef MGPU_CUDA
     if (d.device.type == MGPU_DEVICE_CUDA)
-        MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_context_create: device cuda:%d: the CUDA backend is not implemented yet in this version; use --device cpu", d.device.index);
+        MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_context_create: device cuda:%d: this build has no CUDA support (rebuild with -DMGPU_CUDA, e.g. `make cuda`)", d.device.index);
+#endif
     if (d.num_threads < 0) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_context_create: desc->num_threads is %d, must be >= 0", d.num_threads);
     ctx = (mgpu_context *)mgpu__calloc(sizeof *ctx, "a context");
     if (!ctx) return NULL;
     ctx->device = d.device;
     ctx->pool = mgpu__pool_create(d.num_threads ? d.num_threads : mgpu__default_num_threads());
     if (!ctx->pool) { mgpu_free(ctx); return NULL; }
+    ctx->arena.device = -1;
     ctx->arena.initial = d.arena_bytes ? d.arena_bytes : ((size_t)16 << 20);
+    ctx->device_arena.device = -1;
     ctx->rng_seed = d.seed;
     ctx->grad_enabled = 1;
+#ifdef MGPU_CUDA
+    if (d.device.type == MGPU_DEVICE_CUDA) {
+        /* headers and nodes are small: the host arena starts small, the device arena gets the size asked for */
+        ctx->arena.initial = (size_t)1 << 20;
+        ctx->device_arena.device = d.device.index;
+        ctx->device_arena.initial = d.arena_bytes ? d.arena_bytes : ((size_t)64 << 20);
+        if (mgpu__cuda_context_init(ctx) != MGPU_OK) { mgpu__pool_destroy(ctx->pool); mgpu_free(ctx); return NULL; }
+    }
+#endif
     return ctx;
 }
 
 MGPU_API void mgpu_context_destroy(mgpu_context *ctx) {
     if (!ctx) return;
+#ifdef MGPU_CUDA
+    mgpu__cuda_context_release(ctx);   /* waits for the stream before its memory goes back */
+#endif
     mgpu__pool_destroy(ctx->pool);
     mgpu__arena_free(&ctx->arena);
+    mgpu__arena_free(&ctx->device_arena);
     mgpu_free(ctx->tape);
     mgpu_free(ctx);
 }
@@ -568,6 +617,7 @@ MGPU_API void mgpu_context_end_step(mgpu_context *ctx) {
     if (!ctx) return;
     ctx->tape_len = 0;
     mgpu__arena_reset(&ctx->arena);
+    mgpu__arena_reset(&ctx->device_arena);   /* stream order keeps queued kernels ahead of the next step's writes */
 }
 MGPU_API int mgpu_set_grad_enabled(mgpu_context *ctx, int enabled) {
     int prev;
@@ -598,11 +648,17 @@ MGPU_API void mgpu_parallel_for(mgpu_context *ctx, int64_t n, int64_t min_chunk,
     mgpu__pool_parallel_for(ctx ? ctx->pool : NULL, n, min_chunk, fn, arg);
 }
 
-/* Step-lifetime scratch memory (freed by mgpu_context_end_step). */
+/* Step-lifetime host memory (freed by mgpu_context_end_step): headers, nodes, saved arguments. */
 static MGPU__UNUSED void *mgpu__arena_alloc(mgpu_context *ctx, size_t bytes) {
     void *p = mgpu__arena_alloc_raw(&ctx->arena, bytes);
     if (!p) mgpu__fail(MGPU_ERR_OOM_HOST, "out of host memory growing the activation arena by %zu bytes", bytes);
     return p;
+}
+/* Step-lifetime memory that the twins read or write (activations, saved statistics, scratch):
+   on the context's device, so device memory on CUDA. The device allocator records its own error. */
+static MGPU__UNUSED void *mgpu__arena_alloc_data(mgpu_context *ctx, size_t bytes) {
+    if (ctx->device.type != MGPU_DEVICE_CUDA) return mgpu__arena_alloc(ctx, bytes);
+    return mgpu__arena_alloc_raw(&ctx->device_arena, bytes);
 }
 
 /* --------------------------------------------------------------------------------------
@@ -657,6 +713,38 @@ static void mgpu__tensor_init_header(mgpu_tensor *t, mgpu_context *ctx, mgpu_dty
     t->ctx = ctx;
 }
 
+static int mgpu__on_host(const mgpu_tensor *t) { return t->device.type == MGPU_DEVICE_CPU; }
+
+#ifdef MGPU_CUDA
+/* Copies between host and device memory (either side may be either) on ctx's stream, and waits:
+   the host reads or reuses its side as soon as this returns. Defined with the CUDA host side. */
+static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void *src, size_t bytes, const char *fn);
+#endif
+static MGPU__UNUSED mgpu_result mgpu__fill_zero_bytes(mgpu_context *ctx, void *dst, size_t bytes);
+
+/* Zeroed storage for a persistent tensor on ctx's device (mgpu_tensor_create is torch.zeros). */
+static void *mgpu__tensor_memory(mgpu_context *ctx, size_t bytes) {
+#ifdef MGPU_CUDA
+    if (ctx->device.type == MGPU_DEVICE_CUDA) {
+        void *p = mgpu__cuda_alloc_for(ctx->device.index, bytes, "tensor data");
+        if (p && mgpu__fill_zero_bytes(ctx, p, bytes) != MGPU_OK) { mgpu__cuda_release(ctx->device.index, p); return NULL; }
+        return p;
+    }
+#endif
+    (void)ctx;
+    return mgpu__calloc(bytes, "tensor data");
+}
+
+/* dst = src (bytes) where either may live on the host or on ctx's device. */
+static mgpu_result mgpu__transfer(mgpu_context *ctx, void *dst, const void *src, size_t bytes, const char *fn) {
+#ifdef MGPU_CUDA
+    if (ctx->device.type == MGPU_DEVICE_CUDA) return mgpu__cuda_transfer(ctx, dst, src, bytes, fn);
+#endif
+    (void)ctx; (void)fn;
+    if (bytes) memmove(dst, src, bytes);
+    return MGPU_OK;
+}
+
 static mgpu_tensor *mgpu__tensor_persistent(mgpu_context *ctx, mgpu_dtype dtype, int ndim, const int64_t *shape, void *wrap, const char *fn) {
     mgpu_tensor *t;
     int64_t numel;
@@ -668,7 +756,7 @@ static mgpu_tensor *mgpu__tensor_persistent(mgpu_context *ctx, mgpu_dtype dtype,
     if (!t) return NULL;
     mgpu__tensor_init_header(t, ctx, dtype, ndim, shape, numel);
     if (wrap) { t->data = wrap; return t; }
-    t->data = mgpu__calloc((size_t)numel * mgpu__dtype_sizes[dtype], "tensor data");
+    t->data = mgpu__tensor_memory(ctx, (size_t)numel * mgpu__dtype_sizes[dtype]);
     if (!t->data) { mgpu_free(t); return NULL; }
     t->owns_data = 1;
     return t;
@@ -685,12 +773,15 @@ MGPU_API mgpu_tensor *mgpu_tensor_from_host(mgpu_context *ctx, mgpu_dtype dtype,
     mgpu_tensor *t;
     if (!host) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_tensor_from_host: host is NULL");
     t = mgpu__tensor_persistent(ctx, dtype, ndim, shape, NULL, "mgpu_tensor_from_host");
-    if (t) memcpy(t->data, host, mgpu_tensor_nbytes(t));
+    if (t && mgpu__transfer(ctx, t->data, host, mgpu_tensor_nbytes(t), "mgpu_tensor_from_host") != MGPU_OK) { mgpu_tensor_free(t); return NULL; }
     return t;
 }
 MGPU_API void mgpu_tensor_free(mgpu_tensor *t) {
     if (!t || t->is_arena) return;
     if (t->grad) mgpu_tensor_free(t->grad);
+#ifdef MGPU_CUDA
+    if (t->owns_data && t->device.type == MGPU_DEVICE_CUDA) { mgpu__cuda_release(t->device.index, t->data); mgpu_free(t); return; }
+#endif
     if (t->owns_data) mgpu_free(t->data);
     mgpu_free(t);
 }
@@ -707,7 +798,7 @@ static MGPU__UNUSED mgpu_tensor *mgpu__new_activation(mgpu_context *ctx, mgpu_dt
     if (!t) return NULL;
     mgpu__tensor_init_header(t, ctx, dtype, ndim, shape, numel);
     t->is_arena = 1;
-    t->data = mgpu__arena_alloc(ctx, (size_t)numel * mgpu__dtype_sizes[dtype]);
+    t->data = mgpu__arena_alloc_data(ctx, (size_t)numel * mgpu__dtype_sizes[dtype]);
     return t->data ? t : NULL;
 }
 static MGPU__UNUSED mgpu_tensor *mgpu__new_activation_zeros(mgpu_context *ctx, mgpu_dtype dtype, int ndim, const int64_t *shape) {
@@ -735,22 +826,35 @@ static MGPU__UNUSED mgpu_tensor *mgpu__new_view(mgpu_context *ctx, mgpu_tensor *
     return t;
 }
 
-static int mgpu__on_host(const mgpu_tensor *t) { return t->device.type == MGPU_DEVICE_CPU; }
-
 MGPU_API mgpu_result mgpu_tensor_copy_to_host(const mgpu_tensor *t, void *dst, size_t dst_bytes) {
     if (!t || !dst) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_copy_to_host: tensor and dst must not be NULL");
     if (dst_bytes < mgpu_tensor_nbytes(t))
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_copy_to_host: dst has %zu bytes, tensor needs %zu", dst_bytes, mgpu_tensor_nbytes(t));
-    memcpy(dst, t->data, mgpu_tensor_nbytes(t));
-    return MGPU_OK;
+    return mgpu__transfer(t->ctx, dst, t->data, mgpu_tensor_nbytes(t), "mgpu_tensor_copy_to_host");
 }
 MGPU_API mgpu_result mgpu_tensor_copy_from_host(mgpu_tensor *t, const void *src, size_t src_bytes) {
     if (!t || !src) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_copy_from_host: tensor and src must not be NULL");
     if (src_bytes != mgpu_tensor_nbytes(t))
         return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_tensor_copy_from_host: src has %zu bytes, tensor holds %zu", src_bytes, mgpu_tensor_nbytes(t));
-    memcpy(t->data, src, src_bytes);
-    return MGPU_OK;
+    return mgpu__transfer(t->ctx, t->data, src, src_bytes, "mgpu_tensor_copy_from_host");
 }
+static int mgpu__same_device(mgpu_device a, mgpu_device b) { return a.type == b.type && (a.type == MGPU_DEVICE_CPU || a.index == b.index); }
+
+/* mgpu_tensor_copy between two devices: through the host side, staged when neither is the host. */
+static mgpu_result mgpu__copy_across_devices(mgpu_tensor *dst, const mgpu_tensor *src) {
+    size_t bytes = mgpu_tensor_nbytes(src);
+    void *stage;
+    mgpu_result r;
+    if (mgpu__on_host(src)) return mgpu_tensor_copy_from_host(dst, src->data, bytes);
+    if (mgpu__on_host(dst)) return mgpu_tensor_copy_to_host(src, dst->data, bytes);
+    stage = mgpu__alloc(bytes, "staging a copy between two GPUs");
+    if (!stage) return MGPU_ERR_OOM_HOST;
+    r = mgpu_tensor_copy_to_host(src, stage, bytes);
+    if (r == MGPU_OK) r = mgpu_tensor_copy_from_host(dst, stage, bytes);
+    mgpu_free(stage);
+    return r;
+}
+static void mgpu__cpu_accumulate(const mgpu__accumulate_args *a);   /* with the elementwise ops */
 /* memmove: mgpu_tensor_wrap lets users hand in arrays of their own that may overlap */
 static void mgpu__cpu_copy(const mgpu__copy_args *a) { memmove(a->dst, a->src, a->bytes); }
 
@@ -761,8 +865,17 @@ MGPU_API mgpu_result mgpu_tensor_copy(mgpu_tensor *dst, const mgpu_tensor *src) 
         return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_tensor_copy: dst is %s x %lld, src is %s x %lld", mgpu_dtype_name(dst->dtype),
                           (long long)dst->numel, mgpu_dtype_name(src->dtype), (long long)src->numel);
     if (dst->data == src->data) return MGPU_OK;
+    if (!mgpu__same_device(dst->device, src->device)) return mgpu__copy_across_devices(dst, src);
     a.ctx = dst->ctx; a.src = src->data; a.dst = dst->data; a.bytes = mgpu_tensor_nbytes(src);
     return MGPU__TWIN(dst->ctx, copy, &a);
+}
+
+MGPU_API mgpu_tensor *mgpu_tensor_to(mgpu_context *ctx, const mgpu_tensor *src) {
+    mgpu_tensor *t;
+    if (!ctx || !src) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_tensor_to: ctx and src must not be NULL");
+    t = mgpu_tensor_create(ctx, src->dtype, src->ndim, src->shape);
+    if (t && mgpu_tensor_copy(t, src) != MGPU_OK) { mgpu_tensor_free(t); return NULL; }
+    return t;
 }
 
 /* Element i of any dtype as double / stored from double (host tensors). */
@@ -794,15 +907,25 @@ static void mgpu__cpu_fill(const mgpu__fill_args *a) {
     for (i = 0; i < a->n; i++) mgpu__store(a->dst, a->dtype, i, a->value);
 }
 
+/* Zero bytes on ctx's device through the fill twin (U8 view of the bytes). */
+static MGPU__UNUSED mgpu_result mgpu__fill_zero_bytes(mgpu_context *ctx, void *dst, size_t bytes) {
+    mgpu__fill_args a;
+    a.ctx = ctx; a.dst = dst; a.dtype = MGPU_U8; a.n = (int64_t)bytes; a.value = 0.0;
+    return MGPU__TWIN(ctx, fill, &a);
+}
+
 MGPU_API mgpu_result mgpu_tensor_fill(mgpu_tensor *t, double value) {
     mgpu__fill_args a;
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_fill: tensor is NULL");
     a.ctx = t->ctx; a.dst = t->data; a.dtype = t->dtype; a.n = t->numel; a.value = value;
     return MGPU__TWIN(t->ctx, fill, &a);
 }
+/* The one host synchronisation a CUDA training step makes (the loss it prints). */
 MGPU_API double mgpu_tensor_item(const mgpu_tensor *t) {
+    unsigned char first[8];
     if (!t || t->numel < 1) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_item: tensor is NULL or empty"); return NAN; }
-    return mgpu__load(t->data, t->dtype, 0);
+    if (mgpu__transfer(t->ctx, first, t->data, mgpu__dtype_sizes[t->dtype], "mgpu_tensor_item") != MGPU_OK) return NAN;
+    return mgpu__load(first, t->dtype, 0);
 }
 MGPU_API mgpu_result mgpu_tensor_set_requires_grad(mgpu_tensor *t, int requires_grad) {
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_set_requires_grad: tensor is NULL");
@@ -969,9 +1092,16 @@ MGPU_API mgpu_result mgpu_backward_with_grad(mgpu_context *ctx, mgpu_tensor *out
     for (i = first; i < ctx->tape_len; i++)
         for (j = 0; j < ctx->tape[i]->n_in; j++)
             if (mgpu__is_leaf(ctx->tape[i]->in[j]) && ctx->tape[i]->in[j]->requires_grad) ctx->tape[i]->in[j]->pending_grads++;
+    if (!mgpu__same_device(grad_output->device, ctx->device))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_backward: the gradient is on another device than the context");
     g = mgpu__grad_f32(ctx, out);
     if (!g) return mgpu_last_result();
-    for (i = 0; i < out->numel; i++) g[i] += ((const float *)grad_output->data)[i];
+    {
+        mgpu__accumulate_args acc;
+        mgpu_result r;
+        acc.ctx = ctx; acc.x = (const float *)grad_output->data; acc.out = g; acc.n = out->numel;
+        if ((r = MGPU__TWIN(ctx, accumulate, &acc)) != MGPU_OK) return r;
+    }
     if (mgpu__is_leaf(out) && out->grad_hook) out->grad_hook(out, out->grad_hook_user);
     for (i = ctx->tape_len - 1; i >= first; i--) {
         mgpu__node *n = ctx->tape[i];
@@ -998,12 +1128,12 @@ MGPU_API void mgpu_context_set_backward_end_hook(mgpu_context *ctx, mgpu_backwar
 }
 
 MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss) {
-    mgpu_tensor one;
-    float v = 1.0f;
+    mgpu_tensor *one;
     if (!ctx || !loss) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_backward: ctx and loss must not be NULL");
     if (loss->numel != 1) return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_backward: loss must be a scalar, got shape %s (use mgpu_backward_with_grad)", mgpu__shape_str(loss));
-    mgpu__tensor_init_header(&one, ctx, MGPU_F32, loss->ndim, loss->shape, 1);
-    one.data = &v;
-    return mgpu_backward_with_grad(ctx, loss, &one);
+    /* d loss / d loss = 1, made where the loss lives so no host value crosses to the device */
+    one = mgpu__new_activation(ctx, MGPU_F32, loss->ndim, loss->shape);
+    if (!one || mgpu_tensor_fill(one, 1.0) != MGPU_OK) return mgpu_last_result();
+    return mgpu_backward_with_grad(ctx, loss, one);
 }
 

@@ -84,19 +84,32 @@ static void mgpu__cuda_pool_account(mgpu__cuda_pool *p, int64_t delta) {
     if (p->allocated > p->peak) p->peak = p->allocated;
 }
 
-/* cudaMalloc on a miss; on OOM the cache is emptied once and the call retried. Caller holds the lock. */
-static void *mgpu__cuda_pool_grow(mgpu__cuda_pool *p, int device, size_t size) {
+static double mgpu__mib(int64_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
+
+/* cudaMalloc on a miss; on OOM the cache is emptied once and the call retried. Caller holds the
+   lock. An OOM names what was being allocated, its size and the free memory, as a user needs to
+   choose a smaller batch. */
+static void *mgpu__cuda_pool_grow(mgpu__cuda_pool *p, int device, size_t size, const char *what) {
     void *ptr = NULL;
     cudaError_t e = cudaMalloc(&ptr, size);
     if (e == cudaErrorMemoryAllocation) {
-        cudaGetLastError();   /* clear the sticky-free error before retrying */
+        cudaGetLastError();   /* clear the error before retrying */
         mgpu__cuda_pool_release_free(p);
         e = cudaMalloc(&ptr, size);
     }
+    if (e == cudaErrorMemoryAllocation) {
+        size_t free_b = 0, total_b = 0;
+        cudaGetLastError();
+        cudaMemGetInfo(&free_b, &total_b);
+        mgpu__fail(MGPU_ERR_OOM_DEVICE,
+                   "out of memory on cuda:%d allocating %.1f MiB for %s: %.1f MiB free of %.1f MiB (mgpu holds %.1f MiB in tensors, "
+                   "%.1f MiB reserved); try a smaller --batch-size or --amp bf16",
+                   device, mgpu__mib((int64_t)size), what, mgpu__mib((int64_t)free_b), mgpu__mib((int64_t)total_b),
+                   mgpu__mib(p->allocated), mgpu__mib(p->reserved));
+        return NULL;
+    }
     if (e != cudaSuccess) {
-        mgpu__fail(e == cudaErrorMemoryAllocation ? MGPU_ERR_OOM_DEVICE : MGPU_ERR_CUDA,
-                   "mgpu_cuda_malloc: cudaMalloc of %zu bytes on cuda:%d failed: %s (allocated %lld, reserved %lld bytes)", size, device,
-                   cudaGetErrorString(e), (long long)p->allocated, (long long)p->reserved);
+        mgpu__fail(MGPU_ERR_CUDA, "cudaMalloc of %zu bytes for %s on cuda:%d failed: %s", size, what, device, cudaGetErrorString(e));
         return NULL;
     }
     if (!mgpu__cuda_pool_push(p, ptr, size)) {
@@ -108,7 +121,7 @@ static void *mgpu__cuda_pool_grow(mgpu__cuda_pool *p, int device, size_t size) {
     return ptr;
 }
 
-MGPU_API void *mgpu_cuda_malloc(int device, size_t bytes) {
+static void *mgpu__cuda_alloc_for(int device, size_t bytes, const char *what) {
     mgpu__cuda_pool *p;
     size_t size = mgpu__cuda_size_class(bytes);
     void *ptr = NULL;
@@ -122,16 +135,19 @@ MGPU_API void *mgpu_cuda_malloc(int device, size_t bytes) {
     p = &mgpu__cuda_pools[device];
     hit = mgpu__cuda_pool_find(p, size);
     if (hit >= 0) { p->blocks[hit].in_use = 1; ptr = p->blocks[hit].ptr; size = p->blocks[hit].size; }
-    else ptr = mgpu__cuda_pool_grow(p, device, size);
+    else ptr = mgpu__cuda_pool_grow(p, device, size, what);
     if (ptr) mgpu__cuda_pool_account(p, (int64_t)size);
     pthread_mutex_unlock(&mgpu__cuda_pool_mu);
     cudaSetDevice(prev);
     return ptr;
 }
 
+MGPU_API void *mgpu_cuda_malloc(int device, size_t bytes) { return mgpu__cuda_alloc_for(device, bytes, "a buffer"); }
+
 /* The block goes back to the cache, not to the driver. Work still queued on it must be ordered
    before its next user: the context uses one stream per device, so stream order guarantees it. */
-MGPU_API void mgpu_cuda_free(int device, void *ptr) {
+MGPU_API void mgpu_cuda_free(int device, void *ptr) { mgpu__cuda_release(device, ptr); }
+static void mgpu__cuda_release(int device, void *ptr) {
     mgpu__cuda_pool *p;
     int i, found = 0;
     if (!ptr) return;
@@ -229,6 +245,34 @@ MGPU_API void mgpu_cuda_device_ctx_release(mgpu_cuda_device_ctx *d) {
     mgpu_cuda_blas_destroy(d->blas);
     if (d->stream) cudaStreamDestroy((cudaStream_t)d->stream);
     memset(d, 0, sizeof *d);
+}
+
+/* --------------------------------------------------------------------------------------
+   The core's CUDA side: a context's stream and cuBLAS(Lt) handles, and its host<->device copies
+   -------------------------------------------------------------------------------------- */
+
+static mgpu_result mgpu__cuda_context_init(mgpu_context *ctx) {
+    mgpu_cuda_device_ctx d;
+    mgpu_result r = mgpu_cuda_device_ctx_init(&d, ctx->device.index);   /* also makes the device current */
+    if (r != MGPU_OK) return r;
+    ctx->cuda_stream = d.stream;
+    ctx->cuda_blas = d.blas;
+    return MGPU_OK;
+}
+static void mgpu__cuda_context_release(mgpu_context *ctx) {
+    mgpu_cuda_device_ctx d;
+    if (!ctx->cuda_stream) return;
+    d.device = ctx->device.index; d.stream = ctx->cuda_stream; d.blas = ctx->cuda_blas;
+    mgpu_cuda_device_ctx_release(&d);   /* synchronises the stream first */
+    ctx->cuda_stream = ctx->cuda_blas = NULL;
+}
+
+static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void *src, size_t bytes, const char *fn) {
+    if (bytes == 0) return MGPU_OK;
+    /* cudaMemcpyDefault: unified addressing tells host from device pointers, either way round */
+    MGPU__CUDA_TRY(fn, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, (cudaStream_t)ctx->cuda_stream));
+    MGPU__CUDA_TRY(fn, cudaStreamSynchronize((cudaStream_t)ctx->cuda_stream));
+    return MGPU_OK;
 }
 
 /* --------------------------------------------------------------------------------------

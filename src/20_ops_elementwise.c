@@ -767,8 +767,8 @@ static mgpu_tensor *mgpu__class_loss(mgpu_context *ctx, const char *op, const ch
     if (!out) return NULL;
     a.ctx = ctx; a.x = (const float *)x->data; a.target = target->data; a.target_i64 = target->dtype == MGPU_I64;
     a.loss = (float *)out->data;
-    if (!(a.valid = (float *)mgpu__arena_alloc(ctx, sizeof(float)))) return NULL;
-    if (fused && !(a.lse = (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)MGPU__MAX(a.n, (int64_t)1)))) return NULL;
+    if (!(a.valid = (float *)mgpu__arena_alloc_data(ctx, sizeof(float)))) return NULL;
+    if (fused && !(a.lse = (float *)mgpu__arena_alloc_data(ctx, sizeof(float) * (size_t)MGPU__MAX(a.n, (int64_t)1)))) return NULL;
     r = fused ? MGPU__TWIN(ctx, cross_entropy_forward, &a) : MGPU__TWIN(ctx, nll_forward, &a);
     if (r != MGPU_OK) return NULL;
     ins[0] = x; ins[1] = target;
@@ -995,7 +995,7 @@ static mgpu_tensor *mgpu__sum_mean(mgpu_context *ctx, const char *op, mgpu_tenso
     scale = mean ? 1.0f / (float)(all ? x->numel : x->shape[d]) : 1.0f;
     mgpu__sum_lines(ctx, x, d, scale, &a);
     a.x = (const float *)x->data; a.out = (float *)out->data;
-    if (a.outer * a.inner == 1 && !(a.scratch = (float *)mgpu__arena_alloc(ctx, sizeof(float) * MGPU_CUDA_REDUCE_PARTIALS))) return NULL;
+    if (a.outer * a.inner == 1 && !(a.scratch = (float *)mgpu__arena_alloc_data(ctx, sizeof(float) * MGPU_CUDA_REDUCE_PARTIALS))) return NULL;
     if (MGPU__TWIN(ctx, sum_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__sum_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d; node->farg[0] = scale; }
@@ -1062,7 +1062,7 @@ MGPU_API mgpu_tensor *mgpu_op_max_dim(mgpu_context *ctx, mgpu_tensor *x, int dim
     m.ctx = ctx;
     mgpu__split_at(x, d, &m.outer, &m.dim, &m.inner);
     m.x = (const float *)x->data; m.out = (float *)out->data;
-    m.argmax = (int64_t *)mgpu__arena_alloc(ctx, sizeof(int64_t) * (size_t)MGPU__MAX(out->numel, (int64_t)1));
+    m.argmax = (int64_t *)mgpu__arena_alloc_data(ctx, sizeof(int64_t) * (size_t)MGPU__MAX(out->numel, (int64_t)1));
     if (!m.argmax) return NULL;
     if (MGPU__TWIN(ctx, max_dim_forward, &m) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__max_backward, out, 1, &x, node);

@@ -36,12 +36,12 @@ static int mgpu__norm_check_nonneg(const char *op, const char *arg, float v) {
     return 1;
 }
 
-/* Arena scratch for n floats / doubles (n may be 0). */
+/* Arena scratch for n floats / doubles (n may be 0) on the context's device. */
 static float *mgpu__norm_floats(mgpu_context *ctx, int64_t n) {
-    return (float *)mgpu__arena_alloc(ctx, sizeof(float) * (size_t)(n > 0 ? n : 1));
+    return (float *)mgpu__arena_alloc_data(ctx, sizeof(float) * (size_t)(n > 0 ? n : 1));
 }
 static double *mgpu__norm_doubles(mgpu_context *ctx, int64_t n) {
-    return (double *)mgpu__arena_alloc(ctx, sizeof(double) * (size_t)(n > 0 ? n : 1));
+    return (double *)mgpu__arena_alloc_data(ctx, sizeof(double) * (size_t)(n > 0 ? n : 1));
 }
 
 /* Adds element i of p*w and of p*w * (q - center) (w NULL: 1) into lane l of a1, a2. */
