@@ -668,23 +668,31 @@ extern "C" mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *m, void *str
    Dropout: the CPU's counter-based RNG, bit for bit (mgpu_random_u32 in mgpu.h)
    ====================================================================================== */
 
-__global__ void mgpu__dropout_k(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n, int acc) {
+// Element i is column i % row_size of local row j = i / row_size, which is row rank + world * j of
+// the combined DDP batch; its counter is that row's place in the combined batch, first + (rank +
+// world * j) * row_size + column, written exactly as the CPU twin (mgpu__dropout_range) writes it
+// so W shards draw bit for bit the masks one process draws (world 1: first + i).
+__device__ uint64_t mgpu__dropout_counter(uint64_t first, int64_t row_size, int64_t rank, int64_t world, int64_t i) {
+    int64_t j = i / row_size;
+    return first + (uint64_t)((rank + (world - 1) * j) * row_size) + (uint64_t)i;
+}
+__global__ void mgpu__dropout_k(uint64_t seed, uint64_t first, int64_t row_size, int64_t rank, int64_t world, float p, float scale,
+                                const float *src, float *dst, int64_t n, int acc) {
     MGPU__FOR(i, n) {
-        float v = mgpu__random_unit(seed, first + (uint64_t)i) >= p ? src[i] * scale : 0.0f;
+        float v = mgpu__random_unit(seed, mgpu__dropout_counter(first, row_size, rank, world, i)) >= p ? src[i] * scale : 0.0f;
         dst[i] = acc ? dst[i] + v : v;
     }
 }
 __global__ void mgpu__random_u32_k(uint64_t seed, uint64_t first, uint32_t *out, int64_t n) {
     MGPU__FOR(i, n) out[i] = mgpu__random_bits(seed, first + (uint64_t)i);
 }
-// Differs from the CPU twin under DDP row sharding (world > 1): the counter here is first + i, the
-// CPU's is row-interleaved (see mgpu__dropout_args); row_size, rank and world are not read yet.
 extern "C" mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *d, void *stream) {
     MGPU__REQUIRE(d && d->p >= 0.0f && d->p <= 1.0f, "p must be in [0, 1]");
     MGPU__REQUIRE(d->n >= 0 && (d->n == 0 || (d->src && d->dst)), "src and dst must be device pointers and n >= 0");
+    MGPU__REQUIRE(d->row_size >= 1 && d->world >= 1 && d->rank >= 0 && d->rank < d->world, "need row_size >= 1 and 0 <= rank < world");
     if (d->n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(d->n, MGPU__THREADS), MGPU__THREADS, 0, stream, d->seed, d->first, d->p, d->scale, d->src,
-                 d->dst, d->n, d->accumulate);
+    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(d->n, MGPU__THREADS), MGPU__THREADS, 0, stream, d->seed, d->first, d->row_size, d->rank,
+                 d->world, d->p, d->scale, d->src, d->dst, d->n, d->accumulate);
     MGPU__LAUNCHED("mgpu__dropout_k");
     return MGPU_OK;
 }

@@ -350,6 +350,33 @@ static void test_dropout_matches_cpu(void) {
     case_end();
 }
 
+/* DDP row sharding: the CUDA twin draws the CPU twin's row-interleaved counters, bit for bit, for
+   every (row_size, rank, world), odd row sizes, a partial last row and accumulation included. */
+static void test_dropout_sharded(void) {
+    static const int64_t cfg[7][4] = {   /* row_size, rank, world, rows */
+        {129, 0, 1, 11}, {1, 0, 1, 300}, {7, 1, 3, 13}, {129, 2, 4, 9}, {5, 0, 2, 31}, {13, 3, 4, 17}, {33, 1, 2, 8} };
+    int c, acc;
+    for (c = 0; c < 7; c++)
+        for (acc = 0; acc < 2; acc++) {
+            int64_t n = cfg[c][0] * cfg[c][3] - (c == 6 ? 5 : 0);   /* the last case ends inside a row */
+            mgpu_tensor *x = rnd(1, &n, -1, 1), *ref = track(mt_rand(cpu, 1, &n, -1, 1, 0));
+            float *dst = acc ? dev_of(ref) : dev_nan(n);
+            mgpu__dropout_args d;
+            char what[96];
+            memset(&d, 0, sizeof d);
+            d.ctx = cpu; d.seed = 0x5eed + (uint64_t)c; d.first = (1ULL << 33) + 3; d.p = 0.4f; d.scale = 1.0f / 0.6f;
+            d.row_size = cfg[c][0]; d.rank = cfg[c][1]; d.world = cfg[c][2];
+            d.src = (const float *)x->data; d.dst = (float *)ref->data; d.n = n; d.accumulate = acc;
+            mgpu__cpu_dropout(&d);   /* the specification */
+            d.ctx = NULL; d.src = dev_of(x); d.dst = dst;
+            snprintf(what, sizeof what, "dropout row_size %lld rank %lld world %lld%s", (long long)d.row_size, (long long)d.rank,
+                     (long long)d.world, acc ? " accumulate" : "");
+            expect_ok(mgpu_cuda_dropout(&d, NULL), what);
+            expect_close(what, dst, (const float *)ref->data, n, 0.0);
+            case_end();
+        }
+}
+
 /* ============================== normalisation ============================== */
 
 /* The layer norm twins' argument struct, filled as the op's front fills it. */
@@ -1125,6 +1152,7 @@ int main(void) {
     MT_RUN(test_mse);
     MT_RUN(test_rng_bits);
     MT_RUN(test_dropout_matches_cpu);
+    MT_RUN(test_dropout_sharded);
     MT_RUN(test_layer_norm);
     MT_RUN(test_batch_norm);
     MT_RUN(test_embedding);
