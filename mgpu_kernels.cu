@@ -1042,48 +1042,80 @@ extern "C" mgpu_result mgpu_cuda_pool2d_backward(const mgpu__pool2d_args *a, voi
    Copies: transpose, row blocks (concat / narrow)
    ====================================================================================== */
 
-// The copy kernels move 4-byte elements (F32, or the bits of I32): wider or narrower dtypes are refused.
-#define MGPU__COPY_ESIZE_OK(esize) MGPU__REQUIRE((esize) == sizeof(float), "the CUDA copies move 4-byte elements only")
+// The copies move elements of 1, 2, 4 or 8 bytes (U8; F16/BF16; F32/I32; I64) as unsigned words of
+// that width, bits untouched. Accumulation (dst += src) is the backward of the copy, so it is F32
+// only, as on the CPU, where the twins read accumulating copies as floats.
+template <typename T> struct mgpu__copy_elem {
+    __device__ static void put(T *d, T v, int) { *d = v; }
+};
+template <> struct mgpu__copy_elem<uint32_t> {   // the only width that can accumulate: F32 bits
+    __device__ static void put(uint32_t *d, uint32_t v, int acc) {
+        if (acc) { float f = __uint_as_float(*d) + __uint_as_float(v); *d = __float_as_uint(f); }
+        else *d = v;
+    }
+};
+static mgpu_result mgpu__copy_esize_ok(const char *fn, size_t esize, int accumulate) {
+    if (esize != 1 && esize != 2 && esize != 4 && esize != 8) return mgpu__cu_invalid(fn, "esize must be 1, 2, 4 or 8 bytes");
+    if (accumulate && esize != sizeof(float)) return mgpu__cu_invalid(fn, "accumulate adds F32 elements: esize must be 4");
+    return MGPU_OK;
+}
 
-__global__ void mgpu__transpose_k(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner, int acc) {
+template <typename T>
+__global__ void mgpu__transpose_k(const T *x, T *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner, int acc) {
     MGPU__FOR(q, outer * d1 * mid * d0 * inner) {
         // q indexes y (outer, d1, mid, d0, inner)
         int64_t i = q % inner, r = q / inner;
         int64_t a0 = r % d0; r /= d0;
         int64_t m = r % mid; r /= mid;
         int64_t a1 = r % d1, o = r / d1;
-        float v = x[(((o * d0 + a0) * mid + m) * d1 + a1) * inner + i];
-        y[q] = acc ? y[q] + v : v;
+        mgpu__copy_elem<T>::put(y + q, x[(((o * d0 + a0) * mid + m) * d1 + a1) * inner + i], acc);
     }
 }
-extern "C" mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream) {
-    MGPU__REQUIRE(a && a->outer >= 0 && a->d0 >= 0 && a->mid >= 0 && a->d1 >= 0 && a->inner >= 0, "sizes must be >= 0");
-    MGPU__COPY_ESIZE_OK(a->esize);
-    int64_t n = a->outer * a->d0 * a->mid * a->d1 * a->inner;
-    MGPU__REQUIRE(n == 0 || (a->x && a->out), "x and out must be device pointers");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__transpose_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, (const float *)a->x, (float *)a->out, a->outer,
+template <typename T> static mgpu_result mgpu__transpose_as(const mgpu__transpose_args *a, int64_t n, void *stream) {
+    MGPU__LAUNCH(mgpu__transpose_k<T>, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, (const T *)a->x, (T *)a->out, a->outer,
                  a->d0, a->mid, a->d1, a->inner, a->accumulate);
     MGPU__LAUNCHED("mgpu__transpose_k");
     return MGPU_OK;
 }
-__global__ void mgpu__copy_rows_k(const float *src, int64_t src_pitch, float *dst, int64_t dst_pitch, int64_t rows, int64_t len, int acc) {
+extern "C" mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->d0 >= 0 && a->mid >= 0 && a->d1 >= 0 && a->inner >= 0, "sizes must be >= 0");
+    mgpu_result r = mgpu__copy_esize_ok(__func__, a->esize, a->accumulate);
+    if (r != MGPU_OK) return r;
+    int64_t n = a->outer * a->d0 * a->mid * a->d1 * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->x && a->out), "x and out must be device pointers");
+    if (n == 0) return MGPU_OK;
+    switch (a->esize) {
+    case 1: return mgpu__transpose_as<uint8_t>(a, n, stream);
+    case 2: return mgpu__transpose_as<uint16_t>(a, n, stream);
+    case 4: return mgpu__transpose_as<uint32_t>(a, n, stream);
+    default: return mgpu__transpose_as<uint64_t>(a, n, stream);
+    }
+}
+template <typename T>
+__global__ void mgpu__copy_rows_k(const T *src, int64_t src_pitch, T *dst, int64_t dst_pitch, int64_t rows, int64_t len, int acc) {
     MGPU__FOR(q, rows * len) {
         int64_t r = q / len, j = q % len;
-        float v = src[r * src_pitch + j];
-        float *d = dst + r * dst_pitch + j;
-        *d = acc ? *d + v : v;
+        mgpu__copy_elem<T>::put(dst + r * dst_pitch + j, src[r * src_pitch + j], acc);
     }
+}
+template <typename T> static mgpu_result mgpu__copy_rows_as(const mgpu__copy_rows_args *a, void *stream) {
+    MGPU__LAUNCH(mgpu__copy_rows_k<T>, mgpu__grid(a->rows * a->len, MGPU__THREADS), MGPU__THREADS, 0, stream, (const T *)a->src, a->src_pitch,
+                 (T *)a->dst, a->dst_pitch, a->rows, a->len, a->accumulate);
+    MGPU__LAUNCHED("mgpu__copy_rows_k");
+    return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream) {
     MGPU__REQUIRE(a && a->rows >= 0 && a->len >= 0 && a->len <= a->src_pitch && a->len <= a->dst_pitch, "a row block reaches outside its row");
-    MGPU__COPY_ESIZE_OK(a->esize);
+    mgpu_result r = mgpu__copy_esize_ok(__func__, a->esize, a->accumulate);
+    if (r != MGPU_OK) return r;
     MGPU__REQUIRE(a->rows * a->len == 0 || (a->src && a->dst), "src and dst must be device pointers");
     if (a->rows * a->len == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__copy_rows_k, mgpu__grid(a->rows * a->len, MGPU__THREADS), MGPU__THREADS, 0, stream, (const float *)a->src, a->src_pitch,
-                 (float *)a->dst, a->dst_pitch, a->rows, a->len, a->accumulate);
-    MGPU__LAUNCHED("mgpu__copy_rows_k");
-    return MGPU_OK;
+    switch (a->esize) {
+    case 1: return mgpu__copy_rows_as<uint8_t>(a, stream);
+    case 2: return mgpu__copy_rows_as<uint16_t>(a, stream);
+    case 4: return mgpu__copy_rows_as<uint32_t>(a, stream);
+    default: return mgpu__copy_rows_as<uint64_t>(a, stream);
+    }
 }
 
 /* ======================================================================================

@@ -213,8 +213,8 @@ typedef struct mgpu__pool2d_args {
 mgpu_result mgpu_cuda_pool2d_forward(const mgpu__pool2d_args *a, void *stream);
 mgpu_result mgpu_cuda_pool2d_backward(const mgpu__pool2d_args *a, void *stream);
 
-/* ---- copies: elements of esize bytes (the CUDA twins move 4-byte ones); accumulate (backward,
-   F32): dst += instead ---- */
+/* ---- copies: elements of esize bytes (1, 2, 4 or 8: every dtype), moved bit for bit; accumulate
+   (backward, F32 only, esize 4): dst += instead ---- */
 /* transpose: x (outer, d0, mid, d1, inner) -> out (outer, d1, mid, d0, inner) */
 typedef struct mgpu__transpose_args {
     mgpu_context *ctx;

@@ -606,6 +606,58 @@ static void test_concat_narrow(void) {
     case_end();
 }
 
+/* Waits for the stream and requires the device bytes to equal host's. */
+static void expect_same_bytes(const char *what, const void *dev, const void *host, size_t bytes) {
+    unsigned char *h = (unsigned char *)malloc(bytes ? bytes : 1);
+    cudaError_t e = cudaDeviceSynchronize();
+    MT_CHECK(e == cudaSuccess, "%s: kernel failed: %s", what, cudaGetErrorString(e));
+    cudaMemcpy(h, dev, bytes, cudaMemcpyDeviceToHost);
+    MT_CHECK(memcmp(h, host, bytes) == 0, "%s: bytes differ from the CPU twin's", what);
+    free(h);
+}
+/* Random bytes, none of them 0xFF, so no element equals the device poison (0xFF bytes). */
+static unsigned char *random_bytes(size_t n) {
+    unsigned char *b = (unsigned char *)malloc(n ? n : 1);
+    size_t i;
+    for (i = 0; i < n; i++) b[i] = (unsigned char)mt_uniform(0, 255);
+    return b;
+}
+/* Transpose and row-block copies of every element size a dtype has (U8; F16/BF16; F32/I32; I64),
+   each against its CPU twin byte for byte; dst starts poisoned (0xFF). */
+static void test_copies_every_esize(void) {
+    static const size_t esizes[4] = { 1, 2, 4, 8 };
+    int e;
+    for (e = 0; e < 4; e++) {
+        size_t es = esizes[e], bytes = 3 * 5 * 2 * 7 * 3 * es;
+        unsigned char *x = random_bytes(bytes), *ref = (unsigned char *)malloc(bytes), *dst = (unsigned char *)dev_alloc(bytes);
+        mgpu__transpose_args t;
+        mgpu__copy_rows_args c;
+        char what[64];
+        memset(&t, 0, sizeof t);   /* x (3, 5, 2, 7, 3) -> (3, 7, 2, 5, 3) */
+        t.ctx = cpu; t.outer = 3; t.d0 = 5; t.mid = 2; t.d1 = 7; t.inner = 3; t.esize = es;
+        t.x = x; t.out = ref;
+        mgpu__cpu_transpose(&t);
+        cudaMemset(dst, 0xFF, bytes);
+        t.ctx = NULL; t.x = dev_copy(x, bytes); t.out = dst;
+        snprintf(what, sizeof what, "transpose of %zu-byte elements", es);
+        expect_ok(mgpu_cuda_transpose(&t, NULL), what);
+        expect_same_bytes(what, dst, ref, bytes);
+        /* rows 9 of 11 elements from pitch 23 at offset 4 into pitch 13 at offset 1; the gaps of dst keep their bytes */
+        memset(&c, 0, sizeof c);
+        memset(ref, 0xFF, bytes);
+        c.ctx = cpu; c.rows = 9; c.len = 11; c.src_pitch = 23; c.dst_pitch = 13; c.esize = es;
+        c.src = x + 4 * es; c.dst = ref + es;
+        mgpu__cpu_copy_rows(&c);
+        cudaMemset(dst, 0xFF, bytes);
+        c.ctx = NULL; c.src = (const unsigned char *)dev_copy(x, bytes) + 4 * es; c.dst = dst + es;
+        snprintf(what, sizeof what, "copy_rows of %zu-byte elements", es);
+        expect_ok(mgpu_cuda_copy_rows(&c, NULL), what);
+        expect_same_bytes(what, dst, ref, bytes);
+        free(x); free(ref);
+        case_end();
+    }
+}
+
 /* The sum and max_dim twins' argument structs for x (outer, D, inner). */
 static mgpu__sum_args sum_args(int64_t outer, int64_t D, int64_t inner, float scale) {
     mgpu__sum_args a;
@@ -1160,6 +1212,7 @@ int main(void) {
     MT_RUN(test_pool);
     MT_RUN(test_transpose);
     MT_RUN(test_concat_narrow);
+    MT_RUN(test_copies_every_esize);
     MT_RUN(test_reductions);
     MT_RUN(test_attention);
     MT_RUN(test_linear_gemm);
