@@ -547,18 +547,22 @@ __global__ void mgpu__nll_bwd_k(const void *target, int i64, const float *dloss,
     }
 }
 
-// Sizes and the pointers every class-loss twin of a direction uses (n == 0 reads no row).
+// Sizes and the pointers every class-loss twin of a direction uses. Empty inputs are valid, as on
+// the CPU: n == 0 reads no row, and c == 0 (every target then -100) reads no logit; the loss is then
+// 0 / 0 = NaN with valid 0, as PyTorch's mean over no counted row.
 static bool mgpu__class_loss_ok(const mgpu__class_loss_args *a, bool backward) {
-    if (!a || a->n < 0 || a->c <= 0) return false;
-    if (backward) return a->n == 0 || (a->target && a->dloss && a->valid && a->dx);
-    return a->loss && a->valid && (a->n == 0 || (a->x && a->target));
+    if (!a || a->n < 0 || a->c < 0) return false;
+    if (backward) return a->n == 0 || (a->target && a->dloss && a->valid && (a->c == 0 || a->dx));
+    return a->loss && a->valid && (a->n == 0 || (a->target && (a->c == 0 || a->x)));
 }
 
 extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void *stream) {
-    MGPU__REQUIRE(mgpu__class_loss_ok(a, false) && (a->n == 0 || a->lse), "bad pointers or sizes");
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, false) && (a->n == 0 || a->c == 0 || a->lse), "bad pointers or sizes");
     unsigned grid;
     bool block = a->c > MGPU__ROW_SMALL;
-    if (a->n > 0) {   // phase 1: lse per row; phase 2: the loss over rows in a fixed order
+    // phase 1: lse per row (none without classes: the CPU twin leaves lse alone then, and no row is
+    // counted); phase 2: the loss over rows in a fixed order
+    if (a->n > 0 && a->c > 0) {
         MGPU__REQUIRE(mgpu__row_blocks(a->n, block, &grid), "too many rows");
         if (block) MGPU__LAUNCH(mgpu__lse_rows_k<true>, grid, 256, 0, stream, a->x, a->lse, a->n, a->c);
         else MGPU__LAUNCH(mgpu__lse_rows_k<false>, grid, 256, 0, stream, a->x, a->lse, a->n, a->c);
@@ -569,8 +573,8 @@ extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_ar
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream) {
-    MGPU__REQUIRE(mgpu__class_loss_ok(a, true) && (a->n == 0 || (a->x && a->lse)), "bad pointers or sizes");
-    if (a->n == 0) return MGPU_OK;
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, true) && (a->n * a->c == 0 || (a->x && a->lse)), "bad pointers or sizes");
+    if (a->n * a->c == 0) return MGPU_OK;   // no logit has a gradient
     MGPU__LAUNCH(mgpu__ce_bwd_k, mgpu__grid(a->n * a->c, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->target, a->target_i64, a->lse,
                  a->dloss, a->valid, a->dx, a->n, a->c);
     MGPU__LAUNCHED("mgpu__ce_bwd_k");
@@ -585,7 +589,7 @@ extern "C" mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, voi
 }
 extern "C" mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream) {
     MGPU__REQUIRE(mgpu__class_loss_ok(a, true), "bad pointers or sizes");
-    if (a->n == 0) return MGPU_OK;
+    if (a->n * a->c == 0) return MGPU_OK;   // no log-probability has a gradient
     MGPU__LAUNCH(mgpu__nll_bwd_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->target, a->target_i64, a->dloss, a->valid,
                  a->dx, a->n, a->c);
     MGPU__LAUNCHED("mgpu__nll_bwd_k");
@@ -635,6 +639,7 @@ static mgpu_result mgpu__sum_all(const float *x, int64_t n, float scale, float *
 }
 
 // MSE reduces in one block: no scratch needed, and loss tensors are small.
+// n == 0: 0 / 0 = NaN, as the CPU twin and PyTorch's mean over no element.
 __global__ void mgpu__mse_k(const float *a, const float *b, int64_t n, float *loss) {
     __shared__ double sh[32];
     double s = 0;
@@ -651,14 +656,14 @@ __global__ void mgpu__mse_bwd_k(const float *a, const float *b, const float *dlo
     }
 }
 extern "C" mgpu_result mgpu_cuda_mse_forward(const mgpu__mse_args *m, void *stream) {
-    MGPU__REQUIRE(m && m->n > 0 && m->a && m->b && m->loss, "a, b, loss must be device pointers and n > 0");
+    MGPU__REQUIRE(m && m->n >= 0 && m->loss && (m->n == 0 || (m->a && m->b)), "a, b, loss must be device pointers and n >= 0");
     MGPU__LAUNCH(mgpu__mse_k, 1, 1024, 0, stream, m->a, m->b, m->n, m->loss);
     MGPU__LAUNCHED("mgpu__mse_k");
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *m, void *stream) {
-    MGPU__REQUIRE(m && m->n > 0 && m->a && m->b && m->dloss, "a, b, dloss must be device pointers and n > 0");
-    if (!m->da && !m->db) return MGPU_OK;
+    MGPU__REQUIRE(m && m->n >= 0 && (m->n == 0 || (m->a && m->b && m->dloss)), "a, b, dloss must be device pointers and n >= 0");
+    if (m->n == 0 || (!m->da && !m->db)) return MGPU_OK;
     MGPU__LAUNCH(mgpu__mse_bwd_k, mgpu__grid(m->n, MGPU__THREADS), MGPU__THREADS, 0, stream, m->a, m->b, m->dloss, m->da, m->db, m->n);
     MGPU__LAUNCHED("mgpu__mse_bwd_k");
     return MGPU_OK;

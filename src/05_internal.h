@@ -82,7 +82,9 @@ mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream
 /* ---- classification losses, cross_entropy (x: logits, log-softmax fused in) and nll (x:
    log-probabilities): x (n, c), target (n) I32 or I64 (target_i64), -100 ignored; the front
    rejects other targets outside [0, c) (the CUDA twins would give NaN). Scalars live on the device.
-   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), valid[0] = counted rows,
+   n or c may be 0 (c = 0: every target is -100).
+   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), NaN when none is counted,
+   valid[0] = counted rows,
    lse (n) kept for backward (cross_entropy only); backward: dx += dloss[0] / valid[0] * (softmax(x) - onehot(t))
    (nll: -onehot(t)) ---- */
 typedef struct mgpu__class_loss_args {
@@ -96,7 +98,7 @@ mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void
 mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream);
 mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream);
 mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream);
-/* mse (n): forward loss[0] = mean((a - b)^2); backward da += 2 dloss[0] / n * (a - b), db -= the
+/* mse (n >= 0): forward loss[0] = mean((a - b)^2) (n = 0: NaN); backward da += 2 dloss[0] / n * (a - b), db -= the
    same (either may be NULL) */
 typedef struct mgpu__mse_args {
     mgpu_context *ctx;

@@ -310,6 +310,62 @@ static void test_mse(void) {
     case_end();
 }
 
+/* A device scalar holding v: the poison of outputs whose right value is NaN. */
+static float *dev_value(float v) { return dev_copy(&v, sizeof v); }
+
+/* Empty losses behave as the CPU twins: no rows (n = 0), no classes (c = 0, every row ignored),
+   both, and rows that are all ignored: loss 0/0 = NaN as PyTorch, valid 0, no gradient; MSE of
+   zero elements: NaN. The outputs start as 12345, so an unwritten NaN-valued loss cannot pass. */
+static void test_empty_losses(void) {
+    static const int64_t cases[4][2] = { {0, 5}, {4, 0}, {0, 0}, {3, 4} };
+    int c, nll;
+    for (nll = 0; nll < 2; nll++)
+        for (c = 0; c < 4; c++) {
+            int64_t n = cases[c][0], C = cases[c][1], i;
+            float *hx = (float *)calloc((size_t)(n * C + 1), sizeof(float)), hlse[8], hloss = 0, hvalid = 0, one = 1.0f;
+            int64_t ht[8];
+            float *dx, *g, *dloss, *dvalid;
+            mgpu__class_loss_args a;
+            char what[96];
+            for (i = 0; i < n; i++) ht[i] = -100;   /* c = 0 has no class to name; the {3, 4} case ignores every row too */
+            for (i = 0; i < n * C; i++) hx[i] = (float)mt_uniform(-1, 1);
+            memset(&a, 0, sizeof a);
+            a.ctx = cpu; a.x = hx; a.target = ht; a.target_i64 = 1; a.n = n; a.c = C; a.lse = nll ? NULL : hlse;
+            a.loss = &hloss; a.valid = &hvalid;
+            if (nll) mgpu__cpu_nll_forward(&a); else mgpu__cpu_cross_entropy_forward(&a);
+            dx = dev_copy(hx, sizeof(float) * (size_t)(n * C + 1)); g = dev_zeros(n * C);
+            a.ctx = NULL; a.x = n * C > 0 ? dx : NULL; a.target = dev_copy(ht, sizeof ht); a.lse = nll ? NULL : dev_nan(n);
+            a.loss = dloss = dev_value(12345.0f); a.valid = dvalid = dev_value(12345.0f);
+            snprintf(what, sizeof what, "%s of (%lld, %lld) with every row ignored", nll ? "nll" : "cross_entropy", (long long)n, (long long)C);
+            expect_ok(nll ? mgpu_cuda_nll_forward(&a, NULL) : mgpu_cuda_cross_entropy_forward(&a, NULL), what);
+            expect_close(what, dloss, &hloss, 1, 0.0);
+            expect_close(what, dvalid, &hvalid, 1, 0.0);
+            a.dloss = dev_value(one); a.dx = g;
+            expect_ok(nll ? mgpu_cuda_nll_backward(&a, NULL) : mgpu_cuda_cross_entropy_backward(&a, NULL), what);
+            if (n * C > 0) {
+                float *zero = (float *)calloc((size_t)(n * C), sizeof(float));
+                expect_close(what, g, zero, n * C, 0.0);
+                free(zero);
+            }
+            free(hx);
+            case_end();
+        }
+    {
+        float hloss = 0;
+        float *dl = dev_value(12345.0f);
+        mgpu__mse_args m;
+        memset(&m, 0, sizeof m);
+        m.ctx = cpu; m.n = 0; m.loss = &hloss;
+        mgpu__cpu_mse_forward(&m);
+        m.ctx = NULL; m.loss = dl;
+        expect_ok(mgpu_cuda_mse_forward(&m, NULL), "mse of zero elements");
+        expect_close("mse of zero elements (NaN, as the CPU)", dl, &hloss, 1, 0.0);
+        m.dloss = dev_value(1.0f); m.da = dev_zeros(0); m.db = dev_zeros(0);
+        expect_ok(mgpu_cuda_mse_backward(&m, NULL), "mse backward of zero elements");
+        case_end();
+    }
+}
+
 /* ============================== dropout and RNG ============================== */
 
 static void test_rng_bits(void) {
@@ -1202,6 +1258,7 @@ int main(void) {
     MT_RUN(test_softmax);
     MT_RUN(test_cross_entropy_and_nll);
     MT_RUN(test_mse);
+    MT_RUN(test_empty_losses);
     MT_RUN(test_rng_bits);
     MT_RUN(test_dropout_matches_cpu);
     MT_RUN(test_dropout_sharded);
