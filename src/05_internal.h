@@ -170,15 +170,22 @@ mgpu_result mgpu_cuda_batch_norm_grad_sums(const mgpu__batch_norm_args *a, void 
 mgpu_result mgpu_cuda_batch_norm_backward(const mgpu__batch_norm_args *a, void *stream);
 
 /* ---- embedding: forward out (n, D) = rows idx of weight (V, D); backward dweight += the rows of
-   dy (n, D) scattered back, deterministically. idx (n) is I32 or I64 (idx_i64), each in [0, V): the
-   front checks them. ---- */
+   dy (n, D) scattered back, each row's contributions added in index order (deterministic: the
+   twins agree bit for bit). idx (n) is I32 or I64 (idx_i64); the front checks that each is in
+   [0, V), but ids that live on a device are not seen by the host, so the twins never touch memory
+   for another id: its output row is zeros and its gradient is dropped. ---- */
 typedef struct mgpu__embedding_args {
     mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
     const void *idx; int idx_i64;
     const float *weight, *dy;
     float *out, *dweight;
     int64_t n, V, D;
+    void *scratch;                        /* the CUDA backward's workspace on the device,
+                                             MGPU__EMB_SCRATCH_BYTES(n); the CPU twin needs none (NULL) */
 } mgpu__embedding_args;
+/* n sort keys of 8 bytes, padded to a power of two (the CUDA backward sorts (row, index) pairs) */
+#define MGPU__EMB_SCRATCH_BYTES(n) (8 * (size_t)mgpu__pow2_at_least(n))
+static inline int64_t mgpu__pow2_at_least(int64_t n) { int64_t m = 1; while (m < n) m <<= 1; return m; }
 mgpu_result mgpu_cuda_embedding_forward(const mgpu__embedding_args *a, void *stream);
 mgpu_result mgpu_cuda_embedding_backward(const mgpu__embedding_args *a, void *stream);
 
@@ -202,7 +209,9 @@ typedef struct mgpu__conv2d_args {
 mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void *stream);
 mgpu_result mgpu_cuda_conv2d_backward(const mgpu__conv2d_args *a, void *stream);
 /* max or average pooling: forward y (N, C, OH, OW), argmax (max only, may be NULL) the index of each
-   output's input in its H*W plane; backward dx += the window's share of dy (average: dy / (ks * ks),
+   output's input in its H*W plane. Max as PyTorch's max_pool2d: a NaN in the window is the output
+   and the argmax points at it (the last NaN in row-major order); a window wholly in the padding
+   (padding >= ks; the op refuses it, the twins define it) gives -inf and argmax -1, no gradient. Backward dx += the window's share of dy (average: dy / (ks * ks),
    count_include_pad as PyTorch's default). */
 typedef struct mgpu__pool2d_args {
     mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
@@ -239,18 +248,19 @@ mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream);
 #define MGPU_CUDA_REDUCE_PARTIALS 1024
 /* sum: forward out (outer, inner) = scale * sum over dim (a full sum: outer = inner = 1);
    backward out += scale * dy broadcast along dim. scratch (forward with outer * inner == 1):
-   MGPU_CUDA_REDUCE_PARTIALS floats of workspace for the CUDA twin's two-phase sum; the CPU twin ignores it */
+   MGPU_CUDA_REDUCE_PARTIALS doubles of workspace for the CUDA twin's two-phase sum (its partials stay
+   in double, as the CPU's); the CPU twin ignores it */
 typedef struct mgpu__sum_args {
     mgpu_context *ctx;
     const float *x, *dy; float *out;
     int64_t outer, dim, inner;
     float scale;
-    float *scratch;
+    double *scratch;
 } mgpu__sum_args;
 mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stream);
 mgpu_result mgpu_cuda_sum_backward(const mgpu__sum_args *a, void *stream);
-/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim (NaN wins)
-   and its index; backward out += dy at argmax */
+/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim and its index
+   (the first NaN wins, as torch.max); backward out += dy at argmax */
 typedef struct mgpu__max_dim_args {
     mgpu_context *ctx;
     const float *x, *dy; float *out;
@@ -335,10 +345,11 @@ typedef struct mgpu__clip_grad_norm_args {
     mgpu__tensor_list grads;
     float max_norm;
     float *norm;                          /* (1) out, on the device */
-    float *scratch;                       /* MGPU__CLIP_SCRATCH_FLOATS(count) floats on the device for the
-                                             CUDA twin; NULL for the CPU twin, which needs none */
+    double *scratch;                      /* MGPU__CLIP_SCRATCH_DOUBLES(count) doubles on the device for the
+                                             CUDA twin (partials and coefficient in double); NULL for the
+                                             CPU twin, which needs none */
 } mgpu__clip_grad_norm_args;
-#define MGPU__CLIP_SCRATCH_FLOATS(count) ((int64_t)(count) * MGPU_CUDA_REDUCE_PARTIALS + 1)
+#define MGPU__CLIP_SCRATCH_DOUBLES(count) ((int64_t)(count) * MGPU_CUDA_REDUCE_PARTIALS + 1)
 mgpu_result mgpu_cuda_clip_grad_norm(const mgpu__clip_grad_norm_args *a, void *stream);
 /* unscale: found[0] = 1 if any grad holds an inf or NaN, else 0; then every grad *= inv_scale
    (GradScaler.unscale_) */
