@@ -1222,7 +1222,9 @@ mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream
 /* ---- classification losses, cross_entropy (x: logits, log-softmax fused in) and nll (x:
    log-probabilities): x (n, c), target (n) I32 or I64 (target_i64), -100 ignored; the front
    rejects other targets outside [0, c) (the CUDA twins would give NaN). Scalars live on the device.
-   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), valid[0] = counted rows,
+   n or c may be 0 (c = 0: every target is -100).
+   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), NaN when none is counted,
+   valid[0] = counted rows,
    lse (n) kept for backward (cross_entropy only); backward: dx += dloss[0] / valid[0] * (softmax(x) - onehot(t))
    (nll: -onehot(t)) ---- */
 typedef struct mgpu__class_loss_args {
@@ -1236,7 +1238,7 @@ mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void
 mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream);
 mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream);
 mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream);
-/* mse (n): forward loss[0] = mean((a - b)^2); backward da += 2 dloss[0] / n * (a - b), db -= the
+/* mse (n >= 0): forward loss[0] = mean((a - b)^2) (n = 0: NaN); backward da += 2 dloss[0] / n * (a - b), db -= the
    same (either may be NULL) */
 typedef struct mgpu__mse_args {
     mgpu_context *ctx;
@@ -1308,15 +1310,22 @@ mgpu_result mgpu_cuda_batch_norm_grad_sums(const mgpu__batch_norm_args *a, void 
 mgpu_result mgpu_cuda_batch_norm_backward(const mgpu__batch_norm_args *a, void *stream);
 
 /* ---- embedding: forward out (n, D) = rows idx of weight (V, D); backward dweight += the rows of
-   dy (n, D) scattered back, deterministically. idx (n) is I32 or I64 (idx_i64), each in [0, V): the
-   front checks them. ---- */
+   dy (n, D) scattered back, each row's contributions added in index order (deterministic: the
+   twins agree bit for bit). idx (n) is I32 or I64 (idx_i64); the front checks that each is in
+   [0, V), but ids that live on a device are not seen by the host, so the twins never touch memory
+   for another id: its output row is zeros and its gradient is dropped. ---- */
 typedef struct mgpu__embedding_args {
     mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
     const void *idx; int idx_i64;
     const float *weight, *dy;
     float *out, *dweight;
     int64_t n, V, D;
+    void *scratch;                        /* the CUDA backward's workspace on the device,
+                                             MGPU__EMB_SCRATCH_BYTES(n); the CPU twin needs none (NULL) */
 } mgpu__embedding_args;
+/* n sort keys of 8 bytes, padded to a power of two (the CUDA backward sorts (row, index) pairs) */
+#define MGPU__EMB_SCRATCH_BYTES(n) (8 * (size_t)mgpu__pow2_at_least(n))
+static inline int64_t mgpu__pow2_at_least(int64_t n) { int64_t m = 1; while (m < n) m <<= 1; return m; }
 mgpu_result mgpu_cuda_embedding_forward(const mgpu__embedding_args *a, void *stream);
 mgpu_result mgpu_cuda_embedding_backward(const mgpu__embedding_args *a, void *stream);
 
@@ -1340,7 +1349,9 @@ typedef struct mgpu__conv2d_args {
 mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void *stream);
 mgpu_result mgpu_cuda_conv2d_backward(const mgpu__conv2d_args *a, void *stream);
 /* max or average pooling: forward y (N, C, OH, OW), argmax (max only, may be NULL) the index of each
-   output's input in its H*W plane; backward dx += the window's share of dy (average: dy / (ks * ks),
+   output's input in its H*W plane. Max as PyTorch's max_pool2d: a NaN in the window is the output
+   and the argmax points at it (the last NaN in row-major order); a window wholly in the padding
+   (padding >= ks; the op refuses it, the twins define it) gives -inf and argmax -1, no gradient. Backward dx += the window's share of dy (average: dy / (ks * ks),
    count_include_pad as PyTorch's default). */
 typedef struct mgpu__pool2d_args {
     mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
@@ -1353,8 +1364,8 @@ typedef struct mgpu__pool2d_args {
 mgpu_result mgpu_cuda_pool2d_forward(const mgpu__pool2d_args *a, void *stream);
 mgpu_result mgpu_cuda_pool2d_backward(const mgpu__pool2d_args *a, void *stream);
 
-/* ---- copies: elements of esize bytes (the CUDA twins move 4-byte ones); accumulate (backward,
-   F32): dst += instead ---- */
+/* ---- copies: elements of esize bytes (1, 2, 4 or 8: every dtype), moved bit for bit; accumulate
+   (backward, F32 only, esize 4): dst += instead ---- */
 /* transpose: x (outer, d0, mid, d1, inner) -> out (outer, d1, mid, d0, inner) */
 typedef struct mgpu__transpose_args {
     mgpu_context *ctx;
@@ -1377,18 +1388,19 @@ mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream);
 #define MGPU_CUDA_REDUCE_PARTIALS 1024
 /* sum: forward out (outer, inner) = scale * sum over dim (a full sum: outer = inner = 1);
    backward out += scale * dy broadcast along dim. scratch (forward with outer * inner == 1):
-   MGPU_CUDA_REDUCE_PARTIALS floats of workspace for the CUDA twin's two-phase sum; the CPU twin ignores it */
+   MGPU_CUDA_REDUCE_PARTIALS doubles of workspace for the CUDA twin's two-phase sum (its partials stay
+   in double, as the CPU's); the CPU twin ignores it */
 typedef struct mgpu__sum_args {
     mgpu_context *ctx;
     const float *x, *dy; float *out;
     int64_t outer, dim, inner;
     float scale;
-    float *scratch;
+    double *scratch;
 } mgpu__sum_args;
 mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stream);
 mgpu_result mgpu_cuda_sum_backward(const mgpu__sum_args *a, void *stream);
-/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim (NaN wins)
-   and its index; backward out += dy at argmax */
+/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim and its index
+   (the first NaN wins, as torch.max); backward out += dy at argmax */
 typedef struct mgpu__max_dim_args {
     mgpu_context *ctx;
     const float *x, *dy; float *out;
@@ -1473,10 +1485,11 @@ typedef struct mgpu__clip_grad_norm_args {
     mgpu__tensor_list grads;
     float max_norm;
     float *norm;                          /* (1) out, on the device */
-    float *scratch;                       /* MGPU__CLIP_SCRATCH_FLOATS(count) floats on the device for the
-                                             CUDA twin; NULL for the CPU twin, which needs none */
+    double *scratch;                      /* MGPU__CLIP_SCRATCH_DOUBLES(count) doubles on the device for the
+                                             CUDA twin (partials and coefficient in double); NULL for the
+                                             CPU twin, which needs none */
 } mgpu__clip_grad_norm_args;
-#define MGPU__CLIP_SCRATCH_FLOATS(count) ((int64_t)(count) * MGPU_CUDA_REDUCE_PARTIALS + 1)
+#define MGPU__CLIP_SCRATCH_DOUBLES(count) ((int64_t)(count) * MGPU_CUDA_REDUCE_PARTIALS + 1)
 mgpu_result mgpu_cuda_clip_grad_norm(const mgpu__clip_grad_norm_args *a, void *stream);
 /* unscale: found[0] = 1 if any grad holds an inf or NaN, else 0; then every grad *= inv_scale
    (GradScaler.unscale_) */
@@ -4116,7 +4129,7 @@ static mgpu_tensor *mgpu__sum_mean(mgpu_context *ctx, const char *op, mgpu_tenso
     scale = mean ? 1.0f / (float)(all ? x->numel : x->shape[d]) : 1.0f;
     mgpu__sum_lines(ctx, x, d, scale, &a);
     a.x = (const float *)x->data; a.out = (float *)out->data;
-    if (a.outer * a.inner == 1 && !(a.scratch = (float *)mgpu__arena_alloc_data(ctx, sizeof(float) * MGPU_CUDA_REDUCE_PARTIALS))) return NULL;
+    if (a.outer * a.inner == 1 && !(a.scratch = (double *)mgpu__arena_alloc_data(ctx, sizeof(double) * MGPU_CUDA_REDUCE_PARTIALS))) return NULL;
     if (MGPU__TWIN(ctx, sum_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__sum_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d; node->farg[0] = scale; }
@@ -5516,12 +5529,14 @@ static void mgpu__pool_forward_range(void *arg, int64_t p0, int64_t p1) {
                 float acc = s->is_max ? -INFINITY : 0.0f;
                 int64_t best;
                 mgpu__pool_window(g, oy, ox, &y0, &y1, &x0, &x1);
-                best = y0 * g->w + x0;
+                /* a window wholly in the padding (only possible with padding >= kernel, which the op
+                   refuses) has no input: -inf, argmax -1 and no gradient */
+                best = y0 < y1 && x0 < x1 ? y0 * g->w + x0 : -1;
                 for (yy = y0; yy < y1; yy++)
                     for (xx = x0; xx < x1; xx++) {
                         float v = xp[yy * g->w + xx];
                         if (!s->is_max) acc += v;
-                        else if (v > acc || v != v) { acc = v; best = yy * g->w + xx; }   /* NaN wins, as in PyTorch */
+                        else if (v > acc || v != v) { acc = v; best = yy * g->w + xx; }   /* the last NaN wins, as in PyTorch */
                     }
                 yp[oy * g->ow + ox] = s->is_max ? acc : acc * inv;
                 if (ip) ip[oy * g->ow + ox] = (int32_t)best;
@@ -6138,20 +6153,29 @@ static int64_t mgpu__emb_row(const mgpu__embedding_args *a, int64_t i) {
     return a->idx_i64 ? ((const int64_t *)a->idx)[i] : ((const int32_t *)a->idx)[i];
 }
 
+/* An id outside [0, V) (the front refuses them; the twins still never read or write out of bounds)
+   gives a zero row and no gradient, as the CUDA twin. */
+static int mgpu__emb_row_ok(const mgpu__embedding_args *a, int64_t row) { return row >= 0 && row < a->V; }
+
 static void mgpu__emb_gather_rows(void *arg, int64_t i0, int64_t i1) {
     const mgpu__embedding_args *a = (const mgpu__embedding_args *)arg;
-    int64_t i;
-    for (i = i0; i < i1; i++)
-        memcpy(a->out + i * a->D, a->weight + mgpu__emb_row(a, i) * a->D, sizeof(float) * (size_t)a->D);
+    int64_t i, row;
+    for (i = i0; i < i1; i++) {
+        row = mgpu__emb_row(a, i);
+        if (mgpu__emb_row_ok(a, row)) memcpy(a->out + i * a->D, a->weight + row * a->D, sizeof(float) * (size_t)a->D);
+        else memset(a->out + i * a->D, 0, sizeof(float) * (size_t)a->D);
+    }
 }
 
 /* Each column's updates happen in index order on one thread: deterministic. */
 static void mgpu__emb_scatter_cols(void *arg, int64_t d0, int64_t d1) {
     const mgpu__embedding_args *a = (const mgpu__embedding_args *)arg;
-    int64_t i, d;
+    int64_t i, d, row;
     for (i = 0; i < a->n; i++) {
-        float *g = a->dweight + mgpu__emb_row(a, i) * a->D;
+        float *g;
         const float *dy = a->dy + i * a->D;
+        if (!mgpu__emb_row_ok(a, row = mgpu__emb_row(a, i))) continue;
+        g = a->dweight + row * a->D;
         for (d = d0; d < d1; d++) g[d] += dy[d];
     }
 }
@@ -6180,6 +6204,12 @@ static mgpu_result mgpu__emb_backward(mgpu_context *ctx, mgpu__node *node) {
     a = mgpu__emb_args(ctx, node->in[0], node->saved[0]);
     a.dy = (const float *)node->out->grad->data;
     MGPU__GRAD_OR_FAIL(a.dweight, ctx, node->in[0]);
+    {   /* the CUDA twin's sort keys (none on the CPU) */
+        float *scratch = NULL;
+        mgpu_result r = mgpu__cuda_scratch(ctx, (int64_t)(MGPU__EMB_SCRATCH_BYTES(a.n) / sizeof(float)), &scratch);
+        if (r != MGPU_OK) return r;
+        a.scratch = scratch;
+    }
     return MGPU__TWIN(ctx, embedding_backward, &a);
 }
 
@@ -7383,6 +7413,7 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     mgpu__clip_grad_norm_args a;
     mgpu_tensor *norm;
     mgpu_result r;
+    float *scratch = NULL;
     int i;
     if (!m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: model is NULL");
     if (!(max_norm >= 0.0f) || !isfinite(max_norm)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: max_norm %g must be finite and >= 0", max_norm);
@@ -7396,7 +7427,9 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     if (!norm) return mgpu_last_result();
     if ((r = mgpu__grad_list_make(m, &a.grads)) != MGPU_OK) return r;
     a.ctx = m->ctx; a.max_norm = max_norm; a.norm = (float *)norm->data;
-    r = mgpu__cuda_scratch(m->ctx, MGPU__CLIP_SCRATCH_FLOATS(a.grads.count), &a.scratch);
+    /* the twin's doubles, as twice as many floats (the device arena keeps them 8-byte aligned) */
+    r = mgpu__cuda_scratch(m->ctx, 2 * MGPU__CLIP_SCRATCH_DOUBLES(a.grads.count), &scratch);
+    a.scratch = (double *)(void *)scratch;
     if (r == MGPU_OK) r = MGPU__TWIN(m->ctx, clip_grad_norm, &a);
     mgpu__grad_list_free(&a.grads);
     if (r == MGPU_OK && total_norm) *total_norm = (float)mgpu_tensor_item(norm);

@@ -547,18 +547,22 @@ __global__ void mgpu__nll_bwd_k(const void *target, int i64, const float *dloss,
     }
 }
 
-// Sizes and the pointers every class-loss twin of a direction uses (n == 0 reads no row).
+// Sizes and the pointers every class-loss twin of a direction uses. Empty inputs are valid, as on
+// the CPU: n == 0 reads no row, and c == 0 (every target then -100) reads no logit; the loss is then
+// 0 / 0 = NaN with valid 0, as PyTorch's mean over no counted row.
 static bool mgpu__class_loss_ok(const mgpu__class_loss_args *a, bool backward) {
-    if (!a || a->n < 0 || a->c <= 0) return false;
-    if (backward) return a->n == 0 || (a->target && a->dloss && a->valid && a->dx);
-    return a->loss && a->valid && (a->n == 0 || (a->x && a->target));
+    if (!a || a->n < 0 || a->c < 0) return false;
+    if (backward) return a->n == 0 || (a->target && a->dloss && a->valid && (a->c == 0 || a->dx));
+    return a->loss && a->valid && (a->n == 0 || (a->target && (a->c == 0 || a->x)));
 }
 
 extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void *stream) {
-    MGPU__REQUIRE(mgpu__class_loss_ok(a, false) && (a->n == 0 || a->lse), "bad pointers or sizes");
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, false) && (a->n == 0 || a->c == 0 || a->lse), "bad pointers or sizes");
     unsigned grid;
     bool block = a->c > MGPU__ROW_SMALL;
-    if (a->n > 0) {   // phase 1: lse per row; phase 2: the loss over rows in a fixed order
+    // phase 1: lse per row (none without classes: the CPU twin leaves lse alone then, and no row is
+    // counted); phase 2: the loss over rows in a fixed order
+    if (a->n > 0 && a->c > 0) {
         MGPU__REQUIRE(mgpu__row_blocks(a->n, block, &grid), "too many rows");
         if (block) MGPU__LAUNCH(mgpu__lse_rows_k<true>, grid, 256, 0, stream, a->x, a->lse, a->n, a->c);
         else MGPU__LAUNCH(mgpu__lse_rows_k<false>, grid, 256, 0, stream, a->x, a->lse, a->n, a->c);
@@ -569,8 +573,8 @@ extern "C" mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_ar
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream) {
-    MGPU__REQUIRE(mgpu__class_loss_ok(a, true) && (a->n == 0 || (a->x && a->lse)), "bad pointers or sizes");
-    if (a->n == 0) return MGPU_OK;
+    MGPU__REQUIRE(mgpu__class_loss_ok(a, true) && (a->n * a->c == 0 || (a->x && a->lse)), "bad pointers or sizes");
+    if (a->n * a->c == 0) return MGPU_OK;   // no logit has a gradient
     MGPU__LAUNCH(mgpu__ce_bwd_k, mgpu__grid(a->n * a->c, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->target, a->target_i64, a->lse,
                  a->dloss, a->valid, a->dx, a->n, a->c);
     MGPU__LAUNCHED("mgpu__ce_bwd_k");
@@ -585,7 +589,7 @@ extern "C" mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, voi
 }
 extern "C" mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream) {
     MGPU__REQUIRE(mgpu__class_loss_ok(a, true), "bad pointers or sizes");
-    if (a->n == 0) return MGPU_OK;
+    if (a->n * a->c == 0) return MGPU_OK;   // no log-probability has a gradient
     MGPU__LAUNCH(mgpu__nll_bwd_k, mgpu__grid(a->n, MGPU__THREADS), MGPU__THREADS, 0, stream, a->target, a->target_i64, a->dloss, a->valid,
                  a->dx, a->n, a->c);
     MGPU__LAUNCHED("mgpu__nll_bwd_k");
@@ -594,11 +598,13 @@ extern "C" mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, vo
 
 /* ======================================================================================
    Two-phase deterministic reductions: MGPU_CUDA_REDUCE_PARTIALS blocks, each over a contiguous
-   chunk whose bounds depend on n only, then one block adds the partials in a fixed tree.
+   chunk whose bounds depend on n only, then one block adds the partials in a fixed tree. The
+   partials stay in double between the phases, as the CPU twins' block partials do (mgpu__det_sum):
+   rounding them to float would lose what the double accumulation kept.
    ====================================================================================== */
 
 enum { MGPU__RED_SUM = 0, MGPU__RED_SQDIFF = 1, MGPU__RED_SQ = 2 };
-__global__ void mgpu__reduce_partials_k(int mode, const float *x, const float *y, int64_t n, float *partials) {
+__global__ void mgpu__reduce_partials_k(int mode, const float *x, const float *y, int64_t n, double *partials) {
     __shared__ double sh[32];
     int64_t chunk = (n + gridDim.x - 1) / gridDim.x, lo = (int64_t)blockIdx.x * chunk, hi = lo + chunk < n ? lo + chunk : n;
     double s = 0;
@@ -607,34 +613,35 @@ __global__ void mgpu__reduce_partials_k(int mode, const float *x, const float *y
         s += mode == MGPU__RED_SUM ? v : v * v;
     }
     s = mgpu__group_sum<true, double>(s, sh);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (float)s;
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
 // out[0] = scale * sum(partials[0 .. n)) (sqrt of it when root)
-__global__ void mgpu__reduce_final_k(const float *partials, int64_t n, float scale, int root, float *out) {
+__global__ void mgpu__reduce_final_k(const double *partials, int64_t n, float scale, int root, float *out) {
     __shared__ double sh[32];
     double s = 0;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += partials[i];
     s = mgpu__group_sum<true, double>(s, sh);
     if (threadIdx.x == 0) out[0] = root ? (float)sqrt(s * (double)scale) : (float)(s * (double)scale);
 }
-static mgpu_result mgpu__reduce_partials(int mode, const float *x, const float *y, int64_t n, float *partials, void *stream) {
+static mgpu_result mgpu__reduce_partials(int mode, const float *x, const float *y, int64_t n, double *partials, void *stream) {
     MGPU__LAUNCH(mgpu__reduce_partials_k, MGPU_CUDA_REDUCE_PARTIALS, 256, 0, stream, mode, x, y, n, partials);
     MGPU__LAUNCHED("mgpu__reduce_partials_k");
     return MGPU_OK;
 }
-static mgpu_result mgpu__reduce_final(const float *partials, int64_t n, float scale, int root, float *out, void *stream) {
+static mgpu_result mgpu__reduce_final(const double *partials, int64_t n, float scale, int root, float *out, void *stream) {
     MGPU__LAUNCH(mgpu__reduce_final_k, 1, 1024, 0, stream, partials, n, scale, root, out);
     MGPU__LAUNCHED("mgpu__reduce_final_k");
     return MGPU_OK;
 }
 
-// out[0] = scale * sum(x); scratch: MGPU_CUDA_REDUCE_PARTIALS floats
-static mgpu_result mgpu__sum_all(const float *x, int64_t n, float scale, float *out, float *scratch, void *stream) {
+// out[0] = scale * sum(x); scratch: MGPU_CUDA_REDUCE_PARTIALS doubles
+static mgpu_result mgpu__sum_all(const float *x, int64_t n, float scale, float *out, double *scratch, void *stream) {
     mgpu_result r = mgpu__reduce_partials(MGPU__RED_SUM, x, NULL, n, scratch, stream);
     return r != MGPU_OK ? r : mgpu__reduce_final(scratch, MGPU_CUDA_REDUCE_PARTIALS, scale, 0, out, stream);
 }
 
 // MSE reduces in one block: no scratch needed, and loss tensors are small.
+// n == 0: 0 / 0 = NaN, as the CPU twin and PyTorch's mean over no element.
 __global__ void mgpu__mse_k(const float *a, const float *b, int64_t n, float *loss) {
     __shared__ double sh[32];
     double s = 0;
@@ -651,14 +658,14 @@ __global__ void mgpu__mse_bwd_k(const float *a, const float *b, const float *dlo
     }
 }
 extern "C" mgpu_result mgpu_cuda_mse_forward(const mgpu__mse_args *m, void *stream) {
-    MGPU__REQUIRE(m && m->n > 0 && m->a && m->b && m->loss, "a, b, loss must be device pointers and n > 0");
+    MGPU__REQUIRE(m && m->n >= 0 && m->loss && (m->n == 0 || (m->a && m->b)), "a, b, loss must be device pointers and n >= 0");
     MGPU__LAUNCH(mgpu__mse_k, 1, 1024, 0, stream, m->a, m->b, m->n, m->loss);
     MGPU__LAUNCHED("mgpu__mse_k");
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *m, void *stream) {
-    MGPU__REQUIRE(m && m->n > 0 && m->a && m->b && m->dloss, "a, b, dloss must be device pointers and n > 0");
-    if (!m->da && !m->db) return MGPU_OK;
+    MGPU__REQUIRE(m && m->n >= 0 && (m->n == 0 || (m->a && m->b && m->dloss)), "a, b, dloss must be device pointers and n >= 0");
+    if (m->n == 0 || (!m->da && !m->db)) return MGPU_OK;
     MGPU__LAUNCH(mgpu__mse_bwd_k, mgpu__grid(m->n, MGPU__THREADS), MGPU__THREADS, 0, stream, m->a, m->b, m->dloss, m->da, m->db, m->n);
     MGPU__LAUNCHED("mgpu__mse_bwd_k");
     return MGPU_OK;
@@ -668,23 +675,31 @@ extern "C" mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *m, void *str
    Dropout: the CPU's counter-based RNG, bit for bit (mgpu_random_u32 in mgpu.h)
    ====================================================================================== */
 
-__global__ void mgpu__dropout_k(uint64_t seed, uint64_t first, float p, float scale, const float *src, float *dst, int64_t n, int acc) {
+// Element i is column i % row_size of local row j = i / row_size, which is row rank + world * j of
+// the combined DDP batch; its counter is that row's place in the combined batch, first + (rank +
+// world * j) * row_size + column, written exactly as the CPU twin (mgpu__dropout_range) writes it
+// so W shards draw bit for bit the masks one process draws (world 1: first + i).
+__device__ uint64_t mgpu__dropout_counter(uint64_t first, int64_t row_size, int64_t rank, int64_t world, int64_t i) {
+    int64_t j = i / row_size;
+    return first + (uint64_t)((rank + (world - 1) * j) * row_size) + (uint64_t)i;
+}
+__global__ void mgpu__dropout_k(uint64_t seed, uint64_t first, int64_t row_size, int64_t rank, int64_t world, float p, float scale,
+                                const float *src, float *dst, int64_t n, int acc) {
     MGPU__FOR(i, n) {
-        float v = mgpu__random_unit(seed, first + (uint64_t)i) >= p ? src[i] * scale : 0.0f;
+        float v = mgpu__random_unit(seed, mgpu__dropout_counter(first, row_size, rank, world, i)) >= p ? src[i] * scale : 0.0f;
         dst[i] = acc ? dst[i] + v : v;
     }
 }
 __global__ void mgpu__random_u32_k(uint64_t seed, uint64_t first, uint32_t *out, int64_t n) {
     MGPU__FOR(i, n) out[i] = mgpu__random_bits(seed, first + (uint64_t)i);
 }
-// Differs from the CPU twin under DDP row sharding (world > 1): the counter here is first + i, the
-// CPU's is row-interleaved (see mgpu__dropout_args); row_size, rank and world are not read yet.
 extern "C" mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *d, void *stream) {
     MGPU__REQUIRE(d && d->p >= 0.0f && d->p <= 1.0f, "p must be in [0, 1]");
     MGPU__REQUIRE(d->n >= 0 && (d->n == 0 || (d->src && d->dst)), "src and dst must be device pointers and n >= 0");
+    MGPU__REQUIRE(d->row_size >= 1 && d->world >= 1 && d->rank >= 0 && d->rank < d->world, "need row_size >= 1 and 0 <= rank < world");
     if (d->n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(d->n, MGPU__THREADS), MGPU__THREADS, 0, stream, d->seed, d->first, d->p, d->scale, d->src,
-                 d->dst, d->n, d->accumulate);
+    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(d->n, MGPU__THREADS), MGPU__THREADS, 0, stream, d->seed, d->first, d->row_size, d->rank,
+                 d->world, d->p, d->scale, d->src, d->dst, d->n, d->accumulate);
     MGPU__LAUNCHED("mgpu__dropout_k");
     return MGPU_OK;
 }
@@ -880,22 +895,51 @@ extern "C" mgpu_result mgpu_cuda_batch_norm_backward(const mgpu__batch_norm_args
    Embedding
    ====================================================================================== */
 
+// An id outside [0, V) reads nothing: its row is zeros (the host checks ids it can see; ids made on
+// the device reach the kernel unchecked and must never send it out of bounds).
 __global__ void mgpu__emb_fwd_k(const float *w, const void *idx, int i64, float *out, int64_t n, int64_t V, int64_t D) {
     MGPU__FOR(q, n * D) {
         int64_t row = mgpu__target_at(idx, i64, q / D);
-        out[q] = (row >= 0 && row < V) ? w[row * D + q % D] : NAN;   // the host validates; NaN makes a miss visible
+        out[q] = (row >= 0 && row < V) ? w[row * D + q % D] : 0.0f;
     }
 }
-// Thread (d, part) owns column d of the weight rows with row % parts == part and visits every index
-// in order: each gradient element is written by one thread, in a fixed order.
-#define MGPU__EMB_PARTS 32
-__global__ void mgpu__emb_bwd_k(const void *idx, int i64, const float *dy, float *dw, int64_t n, int64_t V, int64_t D) {
-    MGPU__FOR(t, D * MGPU__EMB_PARTS) {
-        int64_t d = t % D, part = t / D;
-        for (int64_t i = 0; i < n; i++) {
-            int64_t row = mgpu__target_at(idx, i64, i);
-            if (row >= 0 && row < V && row % MGPU__EMB_PARTS == part) dw[row * D + d] += dy[i * D + d];
-        }
+
+// The backward, deterministic without float atomics: sort the (row, index) pairs, then the first
+// thread of each row's run adds that row's dy rows in index order, column by column. That is the
+// CPU twin's order exactly (dweight[row] += dy[i] for i ascending), so the twins agree bit for bit.
+// Work: O(n log^2 n) for the sort plus O(n * D) for the sums.
+//
+// Key of index i: row << 32 | i (rows and indices below 2^31), so the keys are distinct and any
+// correct sort gives the same order; an out-of-range id, and the padding up to a power of two,
+// get the largest key and sort to the end, where no sum reads them.
+#define MGPU__EMB_NO_KEY 0xffffffffffffffffULL
+__global__ void mgpu__emb_keys_k(const void *idx, int i64, int64_t n, int64_t V, int64_t m, unsigned long long *keys) {
+    MGPU__FOR(i, m) {
+        int64_t row = i < n ? mgpu__target_at(idx, i64, i) : -1;
+        keys[i] = (row >= 0 && row < V) ? ((unsigned long long)row << 32) | (unsigned long long)i : MGPU__EMB_NO_KEY;
+    }
+}
+// One compare-exchange step (k, j) of a bitonic sort of m = 2^p keys, ascending.
+__global__ void mgpu__bitonic_step_k(unsigned long long *keys, int64_t m, int64_t k, int64_t j) {
+    MGPU__FOR(i, m) {
+        int64_t l = i ^ j;
+        if (l <= i) continue;   // each pair once, by its lower element
+        unsigned long long a = keys[i], b = keys[l];
+        bool up = (i & k) == 0;
+        if ((a > b) == up) { keys[i] = b; keys[l] = a; }
+    }
+}
+// Thread (s, d): when sorted key s starts a row's run, dw[row, d] += dy[i, d] over the run's indices i.
+__global__ void mgpu__emb_bwd_k(const unsigned long long *keys, const float *dy, float *dw, int64_t n, int64_t D) {
+    MGPU__FOR(q, n * D) {
+        int64_t s = q / D, d = q % D;
+        unsigned long long key = keys[s], row = key >> 32;
+        if (key == MGPU__EMB_NO_KEY || (s > 0 && (keys[s - 1] >> 32) == row)) continue;
+        float *g = dw + (int64_t)row * D + d;
+        float acc = *g;
+        for (int64_t t = s; t < n && keys[t] != MGPU__EMB_NO_KEY && (keys[t] >> 32) == row; t++)
+            acc += dy[(int64_t)(keys[t] & 0xffffffffULL) * D + d];
+        *g = acc;
     }
 }
 static int mgpu__emb_sizes_ok(const mgpu__embedding_args *a) { return a && a->n >= 0 && a->V > 0 && a->D > 0; }
@@ -908,10 +952,22 @@ extern "C" mgpu_result mgpu_cuda_embedding_forward(const mgpu__embedding_args *a
     return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_embedding_backward(const mgpu__embedding_args *a, void *stream) {
-    MGPU__REQUIRE(mgpu__emb_sizes_ok(a) && (a->n == 0 || (a->idx && a->dy && a->dweight)), "bad pointers or sizes");
+    MGPU__REQUIRE(mgpu__emb_sizes_ok(a) && (a->n == 0 || (a->idx && a->dy && a->dweight && a->scratch)),
+                  "idx, dy, dweight and scratch (MGPU__EMB_SCRATCH_BYTES(n)) must be device pointers");
+    MGPU__REQUIRE(a->n < 2147483648LL && a->V < 2147483648LL, "the sort keys need n and V below 2^31");
     if (a->n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__emb_bwd_k, mgpu__grid(a->D * MGPU__EMB_PARTS, MGPU__THREADS), MGPU__THREADS, 0, stream, a->idx, a->idx_i64, a->dy,
-                 a->dweight, a->n, a->V, a->D);
+    unsigned long long *keys = (unsigned long long *)a->scratch;
+    int64_t m = mgpu__pow2_at_least(a->n);
+    unsigned grid = mgpu__grid(m, MGPU__THREADS);
+    MGPU__LAUNCH(mgpu__emb_keys_k, grid, MGPU__THREADS, 0, stream, a->idx, a->idx_i64, a->n, a->V, m, keys);
+    MGPU__LAUNCHED("mgpu__emb_keys_k");
+    for (int64_t k = 2; k <= m; k <<= 1)
+        for (int64_t j = k >> 1; j > 0; j >>= 1) {
+            MGPU__LAUNCH(mgpu__bitonic_step_k, grid, MGPU__THREADS, 0, stream, keys, m, k, j);
+            MGPU__LAUNCHED("mgpu__bitonic_step_k");
+        }
+    MGPU__LAUNCH(mgpu__emb_bwd_k, mgpu__grid(a->n * a->D, MGPU__THREADS), MGPU__THREADS, 0, stream, (const unsigned long long *)keys, a->dy,
+                 a->dweight, a->n, a->D);
     MGPU__LAUNCHED("mgpu__emb_bwd_k");
     return MGPU_OK;
 }
@@ -968,12 +1024,12 @@ __global__ void mgpu__pool_fwd_k(mgpu__conv_geom g, int is_max, const float *x, 
         int64_t y0 = ys > 0 ? ys : 0, y1 = ys + g.ks < g.h ? ys + g.ks : g.h;
         int64_t x0 = xs > 0 ? xs : 0, x1 = xs + g.ks < g.w ? xs + g.ks : g.w;
         float acc = is_max ? -INFINITY : 0.0f;
-        int64_t best = y0 * g.w + x0;
+        int64_t best = y0 < y1 && x0 < x1 ? y0 * g.w + x0 : -1;   // an empty window (all padding): -inf, no gradient
         for (int64_t yy = y0; yy < y1; yy++)
             for (int64_t xx = x0; xx < x1; xx++) {
                 float v = xp[yy * g.w + xx];
                 if (!is_max) acc += v;
-                else if (v > acc || v != v) { acc = v; best = yy * g.w + xx; }   // NaN wins, as on the CPU
+                else if (v > acc || v != v) { acc = v; best = yy * g.w + xx; }   // the last NaN wins, as on the CPU and in PyTorch
             }
         y[q] = is_max ? acc : acc * inv;
         if (argmax) argmax[q] = (int32_t)best;
@@ -1034,48 +1090,80 @@ extern "C" mgpu_result mgpu_cuda_pool2d_backward(const mgpu__pool2d_args *a, voi
    Copies: transpose, row blocks (concat / narrow)
    ====================================================================================== */
 
-// The copy kernels move 4-byte elements (F32, or the bits of I32): wider or narrower dtypes are refused.
-#define MGPU__COPY_ESIZE_OK(esize) MGPU__REQUIRE((esize) == sizeof(float), "the CUDA copies move 4-byte elements only")
+// The copies move elements of 1, 2, 4 or 8 bytes (U8; F16/BF16; F32/I32; I64) as unsigned words of
+// that width, bits untouched. Accumulation (dst += src) is the backward of the copy, so it is F32
+// only, as on the CPU, where the twins read accumulating copies as floats.
+template <typename T> struct mgpu__copy_elem {
+    __device__ static void put(T *d, T v, int) { *d = v; }
+};
+template <> struct mgpu__copy_elem<uint32_t> {   // the only width that can accumulate: F32 bits
+    __device__ static void put(uint32_t *d, uint32_t v, int acc) {
+        if (acc) { float f = __uint_as_float(*d) + __uint_as_float(v); *d = __float_as_uint(f); }
+        else *d = v;
+    }
+};
+static mgpu_result mgpu__copy_esize_ok(const char *fn, size_t esize, int accumulate) {
+    if (esize != 1 && esize != 2 && esize != 4 && esize != 8) return mgpu__cu_invalid(fn, "esize must be 1, 2, 4 or 8 bytes");
+    if (accumulate && esize != sizeof(float)) return mgpu__cu_invalid(fn, "accumulate adds F32 elements: esize must be 4");
+    return MGPU_OK;
+}
 
-__global__ void mgpu__transpose_k(const float *x, float *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner, int acc) {
+template <typename T>
+__global__ void mgpu__transpose_k(const T *x, T *y, int64_t outer, int64_t d0, int64_t mid, int64_t d1, int64_t inner, int acc) {
     MGPU__FOR(q, outer * d1 * mid * d0 * inner) {
         // q indexes y (outer, d1, mid, d0, inner)
         int64_t i = q % inner, r = q / inner;
         int64_t a0 = r % d0; r /= d0;
         int64_t m = r % mid; r /= mid;
         int64_t a1 = r % d1, o = r / d1;
-        float v = x[(((o * d0 + a0) * mid + m) * d1 + a1) * inner + i];
-        y[q] = acc ? y[q] + v : v;
+        mgpu__copy_elem<T>::put(y + q, x[(((o * d0 + a0) * mid + m) * d1 + a1) * inner + i], acc);
     }
 }
-extern "C" mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream) {
-    MGPU__REQUIRE(a && a->outer >= 0 && a->d0 >= 0 && a->mid >= 0 && a->d1 >= 0 && a->inner >= 0, "sizes must be >= 0");
-    MGPU__COPY_ESIZE_OK(a->esize);
-    int64_t n = a->outer * a->d0 * a->mid * a->d1 * a->inner;
-    MGPU__REQUIRE(n == 0 || (a->x && a->out), "x and out must be device pointers");
-    if (n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__transpose_k, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, (const float *)a->x, (float *)a->out, a->outer,
+template <typename T> static mgpu_result mgpu__transpose_as(const mgpu__transpose_args *a, int64_t n, void *stream) {
+    MGPU__LAUNCH(mgpu__transpose_k<T>, mgpu__grid(n, MGPU__THREADS), MGPU__THREADS, 0, stream, (const T *)a->x, (T *)a->out, a->outer,
                  a->d0, a->mid, a->d1, a->inner, a->accumulate);
     MGPU__LAUNCHED("mgpu__transpose_k");
     return MGPU_OK;
 }
-__global__ void mgpu__copy_rows_k(const float *src, int64_t src_pitch, float *dst, int64_t dst_pitch, int64_t rows, int64_t len, int acc) {
+extern "C" mgpu_result mgpu_cuda_transpose(const mgpu__transpose_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->outer >= 0 && a->d0 >= 0 && a->mid >= 0 && a->d1 >= 0 && a->inner >= 0, "sizes must be >= 0");
+    mgpu_result r = mgpu__copy_esize_ok(__func__, a->esize, a->accumulate);
+    if (r != MGPU_OK) return r;
+    int64_t n = a->outer * a->d0 * a->mid * a->d1 * a->inner;
+    MGPU__REQUIRE(n == 0 || (a->x && a->out), "x and out must be device pointers");
+    if (n == 0) return MGPU_OK;
+    switch (a->esize) {
+    case 1: return mgpu__transpose_as<uint8_t>(a, n, stream);
+    case 2: return mgpu__transpose_as<uint16_t>(a, n, stream);
+    case 4: return mgpu__transpose_as<uint32_t>(a, n, stream);
+    default: return mgpu__transpose_as<uint64_t>(a, n, stream);
+    }
+}
+template <typename T>
+__global__ void mgpu__copy_rows_k(const T *src, int64_t src_pitch, T *dst, int64_t dst_pitch, int64_t rows, int64_t len, int acc) {
     MGPU__FOR(q, rows * len) {
         int64_t r = q / len, j = q % len;
-        float v = src[r * src_pitch + j];
-        float *d = dst + r * dst_pitch + j;
-        *d = acc ? *d + v : v;
+        mgpu__copy_elem<T>::put(dst + r * dst_pitch + j, src[r * src_pitch + j], acc);
     }
+}
+template <typename T> static mgpu_result mgpu__copy_rows_as(const mgpu__copy_rows_args *a, void *stream) {
+    MGPU__LAUNCH(mgpu__copy_rows_k<T>, mgpu__grid(a->rows * a->len, MGPU__THREADS), MGPU__THREADS, 0, stream, (const T *)a->src, a->src_pitch,
+                 (T *)a->dst, a->dst_pitch, a->rows, a->len, a->accumulate);
+    MGPU__LAUNCHED("mgpu__copy_rows_k");
+    return MGPU_OK;
 }
 extern "C" mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream) {
     MGPU__REQUIRE(a && a->rows >= 0 && a->len >= 0 && a->len <= a->src_pitch && a->len <= a->dst_pitch, "a row block reaches outside its row");
-    MGPU__COPY_ESIZE_OK(a->esize);
+    mgpu_result r = mgpu__copy_esize_ok(__func__, a->esize, a->accumulate);
+    if (r != MGPU_OK) return r;
     MGPU__REQUIRE(a->rows * a->len == 0 || (a->src && a->dst), "src and dst must be device pointers");
     if (a->rows * a->len == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__copy_rows_k, mgpu__grid(a->rows * a->len, MGPU__THREADS), MGPU__THREADS, 0, stream, (const float *)a->src, a->src_pitch,
-                 (float *)a->dst, a->dst_pitch, a->rows, a->len, a->accumulate);
-    MGPU__LAUNCHED("mgpu__copy_rows_k");
-    return MGPU_OK;
+    switch (a->esize) {
+    case 1: return mgpu__copy_rows_as<uint8_t>(a, stream);
+    case 2: return mgpu__copy_rows_as<uint16_t>(a, stream);
+    case 4: return mgpu__copy_rows_as<uint32_t>(a, stream);
+    default: return mgpu__copy_rows_as<uint64_t>(a, stream);
+    }
 }
 
 /* ======================================================================================
@@ -1115,7 +1203,7 @@ extern "C" mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stre
     MGPU__REQUIRE(n_out == 0 || (a->out && (a->dim == 0 || a->x)), "x and out must be device pointers");
     if (n_out == 0) return MGPU_OK;
     if (n_out == 1) {
-        MGPU__REQUIRE(a->scratch, "a single-output sum needs scratch (MGPU_CUDA_REDUCE_PARTIALS floats)");
+        MGPU__REQUIRE(a->scratch, "a single-output sum needs scratch (MGPU_CUDA_REDUCE_PARTIALS doubles)");
         return mgpu__sum_all(a->x, a->dim, a->scale, a->out, a->scratch, stream);
     }
     MGPU__LAUNCH(mgpu__sum_dim_k, mgpu__grid(n_out, MGPU__THREADS), MGPU__THREADS, 0, stream, a->x, a->out, a->outer, a->dim, a->inner, a->scale);
@@ -1307,9 +1395,11 @@ __global__ void mgpu__sgd_k(mgpu__mt_list L, mgpu__sgd_args a) {
         P[i] -= a.lr * d;
     }
 }
-__global__ void mgpu__scale_list_k(mgpu__mt_list L, const float *s) {
+// s: the coefficient, kept in double on the device; applied as a float, as the CPU twin does
+__global__ void mgpu__scale_list_k(mgpu__mt_list L, const double *s) {
     mgpu__mt_chunk c = mgpu__mt_chunk_of_block(L);
-    for (int64_t i = c.lo + threadIdx.x; i < c.hi; i += blockDim.x) L.p[c.t][i] *= s[0];
+    float f = (float)s[0];
+    for (int64_t i = c.lo + threadIdx.x; i < c.hi; i += blockDim.x) L.p[c.t][i] *= f;
 }
 __global__ void mgpu__unscale_k(mgpu__mt_list L, float inv, int32_t *found) {
     mgpu__mt_chunk c = mgpu__mt_chunk_of_block(L);
@@ -1333,7 +1423,7 @@ static mgpu_result mgpu__sgd_launch(const mgpu__mt_list *L, const void *args, vo
 }
 // args: the device scalar to multiply by
 static mgpu_result mgpu__scale_list_launch(const mgpu__mt_list *L, const void *args, void *stream) {
-    MGPU__LAUNCH(mgpu__scale_list_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, (const float *)args);
+    MGPU__LAUNCH(mgpu__scale_list_k, (unsigned)L->blocks, MGPU__THREADS, 0, stream, *L, (const double *)args);
     MGPU__LAUNCHED("mgpu__scale_list_k");
     return MGPU_OK;
 }
@@ -1402,8 +1492,8 @@ extern "C" mgpu_result mgpu_cuda_sgd(const mgpu__sgd_args *a, void *stream) {
     return mgpu__multi_tensor_apply(&a->params, a->grads, a->momentum_buffers, NULL, mgpu__sgd_launch, a, stream);
 }
 
-// norm[0] = sqrt(sum over tensors of sum(x^2)); scratch: count * MGPU_CUDA_REDUCE_PARTIALS floats
-static mgpu_result mgpu__global_norm(const mgpu__tensor_list *x, float *norm, float *scratch, void *stream) {
+// norm[0] = sqrt(sum over tensors of sum(x^2)); scratch: count * MGPU_CUDA_REDUCE_PARTIALS doubles
+static mgpu_result mgpu__global_norm(const mgpu__tensor_list *x, float *norm, double *scratch, void *stream) {
     for (int t = 0; t < x->count; t++) {
         mgpu_result r = mgpu__reduce_partials(MGPU__RED_SQ, x->data[t], NULL, x->numel[t], scratch + (int64_t)t * MGPU_CUDA_REDUCE_PARTIALS, stream);
         if (r != MGPU_OK) return r;
@@ -1412,14 +1502,14 @@ static mgpu_result mgpu__global_norm(const mgpu__tensor_list *x, float *norm, fl
     return mgpu__reduce_final(scratch, (int64_t)x->count * MGPU_CUDA_REDUCE_PARTIALS, 1.0f, 1, norm, stream);
 }
 // As the CPU twin: the coefficient in double, and 1 (grads left alone) for an inf or NaN norm.
-__global__ void mgpu__clip_coef_k(const float *norm, float max_norm, float *coef) {
+__global__ void mgpu__clip_coef_k(const float *norm, float max_norm, double *coef) {
     double c = (double)max_norm / ((double)norm[0] + 1e-6);
-    coef[0] = isfinite(norm[0]) && c < 1.0 ? (float)c : 1.0f;
+    coef[0] = isfinite(norm[0]) && c < 1.0 ? c : 1.0;
 }
 extern "C" mgpu_result mgpu_cuda_clip_grad_norm(const mgpu__clip_grad_norm_args *a, void *stream) {
     MGPU__REQUIRE(a && mgpu__tensor_list_ok(&a->grads) && a->norm && a->scratch && a->max_norm >= 0.0f,
                   "grads must be host arrays of device pointers, norm and scratch device pointers, max_norm >= 0");
-    float *coef = a->scratch + (int64_t)a->grads.count * MGPU_CUDA_REDUCE_PARTIALS;
+    double *coef = a->scratch + (int64_t)a->grads.count * MGPU_CUDA_REDUCE_PARTIALS;
     mgpu_result r = mgpu__global_norm(&a->grads, a->norm, a->scratch, stream);
     if (r != MGPU_OK) return r;
     MGPU__LAUNCH(mgpu__clip_coef_k, 1, 1, 0, stream, a->norm, a->max_norm, coef);

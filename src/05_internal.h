@@ -82,7 +82,9 @@ mgpu_result mgpu_cuda_softmax_backward(const mgpu__softmax_args *a, void *stream
 /* ---- classification losses, cross_entropy (x: logits, log-softmax fused in) and nll (x:
    log-probabilities): x (n, c), target (n) I32 or I64 (target_i64), -100 ignored; the front
    rejects other targets outside [0, c) (the CUDA twins would give NaN). Scalars live on the device.
-   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), valid[0] = counted rows,
+   n or c may be 0 (c = 0: every target is -100).
+   forward: loss[0] = mean over counted rows of lse - x[t] (nll: -x[t]), NaN when none is counted,
+   valid[0] = counted rows,
    lse (n) kept for backward (cross_entropy only); backward: dx += dloss[0] / valid[0] * (softmax(x) - onehot(t))
    (nll: -onehot(t)) ---- */
 typedef struct mgpu__class_loss_args {
@@ -96,7 +98,7 @@ mgpu_result mgpu_cuda_cross_entropy_forward(const mgpu__class_loss_args *a, void
 mgpu_result mgpu_cuda_cross_entropy_backward(const mgpu__class_loss_args *a, void *stream);
 mgpu_result mgpu_cuda_nll_forward(const mgpu__class_loss_args *a, void *stream);
 mgpu_result mgpu_cuda_nll_backward(const mgpu__class_loss_args *a, void *stream);
-/* mse (n): forward loss[0] = mean((a - b)^2); backward da += 2 dloss[0] / n * (a - b), db -= the
+/* mse (n >= 0): forward loss[0] = mean((a - b)^2) (n = 0: NaN); backward da += 2 dloss[0] / n * (a - b), db -= the
    same (either may be NULL) */
 typedef struct mgpu__mse_args {
     mgpu_context *ctx;
@@ -168,15 +170,22 @@ mgpu_result mgpu_cuda_batch_norm_grad_sums(const mgpu__batch_norm_args *a, void 
 mgpu_result mgpu_cuda_batch_norm_backward(const mgpu__batch_norm_args *a, void *stream);
 
 /* ---- embedding: forward out (n, D) = rows idx of weight (V, D); backward dweight += the rows of
-   dy (n, D) scattered back, deterministically. idx (n) is I32 or I64 (idx_i64), each in [0, V): the
-   front checks them. ---- */
+   dy (n, D) scattered back, each row's contributions added in index order (deterministic: the
+   twins agree bit for bit). idx (n) is I32 or I64 (idx_i64); the front checks that each is in
+   [0, V), but ids that live on a device are not seen by the host, so the twins never touch memory
+   for another id: its output row is zeros and its gradient is dropped. ---- */
 typedef struct mgpu__embedding_args {
     mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
     const void *idx; int idx_i64;
     const float *weight, *dy;
     float *out, *dweight;
     int64_t n, V, D;
+    void *scratch;                        /* the CUDA backward's workspace on the device,
+                                             MGPU__EMB_SCRATCH_BYTES(n); the CPU twin needs none (NULL) */
 } mgpu__embedding_args;
+/* n sort keys of 8 bytes, padded to a power of two (the CUDA backward sorts (row, index) pairs) */
+#define MGPU__EMB_SCRATCH_BYTES(n) (8 * (size_t)mgpu__pow2_at_least(n))
+static inline int64_t mgpu__pow2_at_least(int64_t n) { int64_t m = 1; while (m < n) m <<= 1; return m; }
 mgpu_result mgpu_cuda_embedding_forward(const mgpu__embedding_args *a, void *stream);
 mgpu_result mgpu_cuda_embedding_backward(const mgpu__embedding_args *a, void *stream);
 
@@ -200,7 +209,9 @@ typedef struct mgpu__conv2d_args {
 mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void *stream);
 mgpu_result mgpu_cuda_conv2d_backward(const mgpu__conv2d_args *a, void *stream);
 /* max or average pooling: forward y (N, C, OH, OW), argmax (max only, may be NULL) the index of each
-   output's input in its H*W plane; backward dx += the window's share of dy (average: dy / (ks * ks),
+   output's input in its H*W plane. Max as PyTorch's max_pool2d: a NaN in the window is the output
+   and the argmax points at it (the last NaN in row-major order); a window wholly in the padding
+   (padding >= ks; the op refuses it, the twins define it) gives -inf and argmax -1, no gradient. Backward dx += the window's share of dy (average: dy / (ks * ks),
    count_include_pad as PyTorch's default). */
 typedef struct mgpu__pool2d_args {
     mgpu_context *ctx;                    /* the CPU twin's thread pool; the CUDA twin ignores it */
@@ -213,8 +224,8 @@ typedef struct mgpu__pool2d_args {
 mgpu_result mgpu_cuda_pool2d_forward(const mgpu__pool2d_args *a, void *stream);
 mgpu_result mgpu_cuda_pool2d_backward(const mgpu__pool2d_args *a, void *stream);
 
-/* ---- copies: elements of esize bytes (the CUDA twins move 4-byte ones); accumulate (backward,
-   F32): dst += instead ---- */
+/* ---- copies: elements of esize bytes (1, 2, 4 or 8: every dtype), moved bit for bit; accumulate
+   (backward, F32 only, esize 4): dst += instead ---- */
 /* transpose: x (outer, d0, mid, d1, inner) -> out (outer, d1, mid, d0, inner) */
 typedef struct mgpu__transpose_args {
     mgpu_context *ctx;
@@ -237,18 +248,19 @@ mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream);
 #define MGPU_CUDA_REDUCE_PARTIALS 1024
 /* sum: forward out (outer, inner) = scale * sum over dim (a full sum: outer = inner = 1);
    backward out += scale * dy broadcast along dim. scratch (forward with outer * inner == 1):
-   MGPU_CUDA_REDUCE_PARTIALS floats of workspace for the CUDA twin's two-phase sum; the CPU twin ignores it */
+   MGPU_CUDA_REDUCE_PARTIALS doubles of workspace for the CUDA twin's two-phase sum (its partials stay
+   in double, as the CPU's); the CPU twin ignores it */
 typedef struct mgpu__sum_args {
     mgpu_context *ctx;
     const float *x, *dy; float *out;
     int64_t outer, dim, inner;
     float scale;
-    float *scratch;
+    double *scratch;
 } mgpu__sum_args;
 mgpu_result mgpu_cuda_sum_forward(const mgpu__sum_args *a, void *stream);
 mgpu_result mgpu_cuda_sum_backward(const mgpu__sum_args *a, void *stream);
-/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim (NaN wins)
-   and its index; backward out += dy at argmax */
+/* max_dim (dim >= 1): forward out, argmax (outer, inner) = the first maximum along dim and its index
+   (the first NaN wins, as torch.max); backward out += dy at argmax */
 typedef struct mgpu__max_dim_args {
     mgpu_context *ctx;
     const float *x, *dy; float *out;
@@ -333,10 +345,11 @@ typedef struct mgpu__clip_grad_norm_args {
     mgpu__tensor_list grads;
     float max_norm;
     float *norm;                          /* (1) out, on the device */
-    float *scratch;                       /* MGPU__CLIP_SCRATCH_FLOATS(count) floats on the device for the
-                                             CUDA twin; NULL for the CPU twin, which needs none */
+    double *scratch;                      /* MGPU__CLIP_SCRATCH_DOUBLES(count) doubles on the device for the
+                                             CUDA twin (partials and coefficient in double); NULL for the
+                                             CPU twin, which needs none */
 } mgpu__clip_grad_norm_args;
-#define MGPU__CLIP_SCRATCH_FLOATS(count) ((int64_t)(count) * MGPU_CUDA_REDUCE_PARTIALS + 1)
+#define MGPU__CLIP_SCRATCH_DOUBLES(count) ((int64_t)(count) * MGPU_CUDA_REDUCE_PARTIALS + 1)
 mgpu_result mgpu_cuda_clip_grad_norm(const mgpu__clip_grad_norm_args *a, void *stream);
 /* unscale: found[0] = 1 if any grad holds an inf or NaN, else 0; then every grad *= inv_scale
    (GradScaler.unscale_) */

@@ -995,7 +995,7 @@ static mgpu_tensor *mgpu__sum_mean(mgpu_context *ctx, const char *op, mgpu_tenso
     scale = mean ? 1.0f / (float)(all ? x->numel : x->shape[d]) : 1.0f;
     mgpu__sum_lines(ctx, x, d, scale, &a);
     a.x = (const float *)x->data; a.out = (float *)out->data;
-    if (a.outer * a.inner == 1 && !(a.scratch = (float *)mgpu__arena_alloc_data(ctx, sizeof(float) * MGPU_CUDA_REDUCE_PARTIALS))) return NULL;
+    if (a.outer * a.inner == 1 && !(a.scratch = (double *)mgpu__arena_alloc_data(ctx, sizeof(double) * MGPU_CUDA_REDUCE_PARTIALS))) return NULL;
     if (MGPU__TWIN(ctx, sum_forward, &a) != MGPU_OK) return NULL;
     MGPU__RECORD(ctx, op, mgpu__sum_backward, out, 1, &x, node);
     if (node) { node->iarg[0] = d; node->farg[0] = scale; }

@@ -998,12 +998,14 @@ static void mgpu__pool_forward_range(void *arg, int64_t p0, int64_t p1) {
                 float acc = s->is_max ? -INFINITY : 0.0f;
                 int64_t best;
                 mgpu__pool_window(g, oy, ox, &y0, &y1, &x0, &x1);
-                best = y0 * g->w + x0;
+                /* a window wholly in the padding (only possible with padding >= kernel, which the op
+                   refuses) has no input: -inf, argmax -1 and no gradient */
+                best = y0 < y1 && x0 < x1 ? y0 * g->w + x0 : -1;
                 for (yy = y0; yy < y1; yy++)
                     for (xx = x0; xx < x1; xx++) {
                         float v = xp[yy * g->w + xx];
                         if (!s->is_max) acc += v;
-                        else if (v > acc || v != v) { acc = v; best = yy * g->w + xx; }   /* NaN wins, as in PyTorch */
+                        else if (v > acc || v != v) { acc = v; best = yy * g->w + xx; }   /* the last NaN wins, as in PyTorch */
                     }
                 yp[oy * g->ow + ox] = s->is_max ? acc : acc * inv;
                 if (ip) ip[oy * g->ow + ox] = (int32_t)best;

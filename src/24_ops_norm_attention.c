@@ -529,20 +529,29 @@ static int64_t mgpu__emb_row(const mgpu__embedding_args *a, int64_t i) {
     return a->idx_i64 ? ((const int64_t *)a->idx)[i] : ((const int32_t *)a->idx)[i];
 }
 
+/* An id outside [0, V) (the front refuses them; the twins still never read or write out of bounds)
+   gives a zero row and no gradient, as the CUDA twin. */
+static int mgpu__emb_row_ok(const mgpu__embedding_args *a, int64_t row) { return row >= 0 && row < a->V; }
+
 static void mgpu__emb_gather_rows(void *arg, int64_t i0, int64_t i1) {
     const mgpu__embedding_args *a = (const mgpu__embedding_args *)arg;
-    int64_t i;
-    for (i = i0; i < i1; i++)
-        memcpy(a->out + i * a->D, a->weight + mgpu__emb_row(a, i) * a->D, sizeof(float) * (size_t)a->D);
+    int64_t i, row;
+    for (i = i0; i < i1; i++) {
+        row = mgpu__emb_row(a, i);
+        if (mgpu__emb_row_ok(a, row)) memcpy(a->out + i * a->D, a->weight + row * a->D, sizeof(float) * (size_t)a->D);
+        else memset(a->out + i * a->D, 0, sizeof(float) * (size_t)a->D);
+    }
 }
 
 /* Each column's updates happen in index order on one thread: deterministic. */
 static void mgpu__emb_scatter_cols(void *arg, int64_t d0, int64_t d1) {
     const mgpu__embedding_args *a = (const mgpu__embedding_args *)arg;
-    int64_t i, d;
+    int64_t i, d, row;
     for (i = 0; i < a->n; i++) {
-        float *g = a->dweight + mgpu__emb_row(a, i) * a->D;
+        float *g;
         const float *dy = a->dy + i * a->D;
+        if (!mgpu__emb_row_ok(a, row = mgpu__emb_row(a, i))) continue;
+        g = a->dweight + row * a->D;
         for (d = d0; d < d1; d++) g[d] += dy[d];
     }
 }
@@ -571,6 +580,12 @@ static mgpu_result mgpu__emb_backward(mgpu_context *ctx, mgpu__node *node) {
     a = mgpu__emb_args(ctx, node->in[0], node->saved[0]);
     a.dy = (const float *)node->out->grad->data;
     MGPU__GRAD_OR_FAIL(a.dweight, ctx, node->in[0]);
+    {   /* the CUDA twin's sort keys (none on the CPU) */
+        float *scratch = NULL;
+        mgpu_result r = mgpu__cuda_scratch(ctx, (int64_t)(MGPU__EMB_SCRATCH_BYTES(a.n) / sizeof(float)), &scratch);
+        if (r != MGPU_OK) return r;
+        a.scratch = scratch;
+    }
     return MGPU__TWIN(ctx, embedding_backward, &a);
 }
 

@@ -968,6 +968,7 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     mgpu__clip_grad_norm_args a;
     mgpu_tensor *norm;
     mgpu_result r;
+    float *scratch = NULL;
     int i;
     if (!m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: model is NULL");
     if (!(max_norm >= 0.0f) || !isfinite(max_norm)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: max_norm %g must be finite and >= 0", max_norm);
@@ -981,7 +982,9 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     if (!norm) return mgpu_last_result();
     if ((r = mgpu__grad_list_make(m, &a.grads)) != MGPU_OK) return r;
     a.ctx = m->ctx; a.max_norm = max_norm; a.norm = (float *)norm->data;
-    r = mgpu__cuda_scratch(m->ctx, MGPU__CLIP_SCRATCH_FLOATS(a.grads.count), &a.scratch);
+    /* the twin's doubles, as twice as many floats (the device arena keeps them 8-byte aligned) */
+    r = mgpu__cuda_scratch(m->ctx, 2 * MGPU__CLIP_SCRATCH_DOUBLES(a.grads.count), &scratch);
+    a.scratch = (double *)(void *)scratch;
     if (r == MGPU_OK) r = MGPU__TWIN(m->ctx, clip_grad_norm, &a);
     mgpu__grad_list_free(&a.grads);
     if (r == MGPU_OK && total_norm) *total_norm = (float)mgpu_tensor_item(norm);

@@ -78,6 +78,15 @@ static void expect_close(const char *what, const float *dev, const float *ref, i
     MT_CHECK(err <= tol, "%s: relative error %.3g > %.1g", what, err, tol);
     free(h);
 }
+/* Waits for the stream and requires the device bytes to equal host's. */
+static void expect_same_bytes(const char *what, const void *dev, const void *host, size_t bytes) {
+    unsigned char *h = (unsigned char *)malloc(bytes ? bytes : 1);
+    cudaError_t e = cudaDeviceSynchronize();
+    MT_CHECK(e == cudaSuccess, "%s: kernel failed: %s", what, cudaGetErrorString(e));
+    cudaMemcpy(h, dev, bytes, cudaMemcpyDeviceToHost);
+    MT_CHECK(memcmp(h, host, bytes) == 0, "%s: bytes differ from the CPU twin's", what);
+    free(h);
+}
 static void expect_ok(mgpu_result r, const char *what) { MT_CHECK(r == MGPU_OK, "%s returned %d: %s", what, (int)r, mgpu_last_error()); }
 static const float *grad_of(const mgpu_tensor *t) { return t->grad ? (const float *)t->grad->data : NULL; }
 
@@ -310,6 +319,62 @@ static void test_mse(void) {
     case_end();
 }
 
+/* A device scalar holding v: the poison of outputs whose right value is NaN. */
+static float *dev_value(float v) { return dev_copy(&v, sizeof v); }
+
+/* Empty losses behave as the CPU twins: no rows (n = 0), no classes (c = 0, every row ignored),
+   both, and rows that are all ignored: loss 0/0 = NaN as PyTorch, valid 0, no gradient; MSE of
+   zero elements: NaN. The outputs start as 12345, so an unwritten NaN-valued loss cannot pass. */
+static void test_empty_losses(void) {
+    static const int64_t cases[4][2] = { {0, 5}, {4, 0}, {0, 0}, {3, 4} };
+    int c, nll;
+    for (nll = 0; nll < 2; nll++)
+        for (c = 0; c < 4; c++) {
+            int64_t n = cases[c][0], C = cases[c][1], i;
+            float *hx = (float *)calloc((size_t)(n * C + 1), sizeof(float)), hlse[8], hloss = 0, hvalid = 0, one = 1.0f;
+            int64_t ht[8];
+            float *dx, *g, *dloss, *dvalid;
+            mgpu__class_loss_args a;
+            char what[96];
+            for (i = 0; i < n; i++) ht[i] = -100;   /* c = 0 has no class to name; the {3, 4} case ignores every row too */
+            for (i = 0; i < n * C; i++) hx[i] = (float)mt_uniform(-1, 1);
+            memset(&a, 0, sizeof a);
+            a.ctx = cpu; a.x = hx; a.target = ht; a.target_i64 = 1; a.n = n; a.c = C; a.lse = nll ? NULL : hlse;
+            a.loss = &hloss; a.valid = &hvalid;
+            if (nll) mgpu__cpu_nll_forward(&a); else mgpu__cpu_cross_entropy_forward(&a);
+            dx = dev_copy(hx, sizeof(float) * (size_t)(n * C + 1)); g = dev_zeros(n * C);
+            a.ctx = NULL; a.x = n * C > 0 ? dx : NULL; a.target = dev_copy(ht, sizeof ht); a.lse = nll ? NULL : dev_nan(n);
+            a.loss = dloss = dev_value(12345.0f); a.valid = dvalid = dev_value(12345.0f);
+            snprintf(what, sizeof what, "%s of (%lld, %lld) with every row ignored", nll ? "nll" : "cross_entropy", (long long)n, (long long)C);
+            expect_ok(nll ? mgpu_cuda_nll_forward(&a, NULL) : mgpu_cuda_cross_entropy_forward(&a, NULL), what);
+            expect_close(what, dloss, &hloss, 1, 0.0);
+            expect_close(what, dvalid, &hvalid, 1, 0.0);
+            a.dloss = dev_value(one); a.dx = g;
+            expect_ok(nll ? mgpu_cuda_nll_backward(&a, NULL) : mgpu_cuda_cross_entropy_backward(&a, NULL), what);
+            if (n * C > 0) {
+                float *zero = (float *)calloc((size_t)(n * C), sizeof(float));
+                expect_close(what, g, zero, n * C, 0.0);
+                free(zero);
+            }
+            free(hx);
+            case_end();
+        }
+    {
+        float hloss = 0;
+        float *dl = dev_value(12345.0f);
+        mgpu__mse_args m;
+        memset(&m, 0, sizeof m);
+        m.ctx = cpu; m.n = 0; m.loss = &hloss;
+        mgpu__cpu_mse_forward(&m);
+        m.ctx = NULL; m.loss = dl;
+        expect_ok(mgpu_cuda_mse_forward(&m, NULL), "mse of zero elements");
+        expect_close("mse of zero elements (NaN, as the CPU)", dl, &hloss, 1, 0.0);
+        m.dloss = dev_value(1.0f); m.da = dev_zeros(0); m.db = dev_zeros(0);
+        expect_ok(mgpu_cuda_mse_backward(&m, NULL), "mse backward of zero elements");
+        case_end();
+    }
+}
+
 /* ============================== dropout and RNG ============================== */
 
 static void test_rng_bits(void) {
@@ -348,6 +413,33 @@ static void test_dropout_matches_cpu(void) {
     expect_ok(dropout(seed, off, p, dy, g, x->numel, 1), "dropout backward");
     expect_close("dropout backward", g, grad_of(x), x->numel, 0.0);
     case_end();
+}
+
+/* DDP row sharding: the CUDA twin draws the CPU twin's row-interleaved counters, bit for bit, for
+   every (row_size, rank, world), odd row sizes, a partial last row and accumulation included. */
+static void test_dropout_sharded(void) {
+    static const int64_t cfg[7][4] = {   /* row_size, rank, world, rows */
+        {129, 0, 1, 11}, {1, 0, 1, 300}, {7, 1, 3, 13}, {129, 2, 4, 9}, {5, 0, 2, 31}, {13, 3, 4, 17}, {33, 1, 2, 8} };
+    int c, acc;
+    for (c = 0; c < 7; c++)
+        for (acc = 0; acc < 2; acc++) {
+            int64_t n = cfg[c][0] * cfg[c][3] - (c == 6 ? 5 : 0);   /* the last case ends inside a row */
+            mgpu_tensor *x = rnd(1, &n, -1, 1), *ref = track(mt_rand(cpu, 1, &n, -1, 1, 0));
+            float *dst = acc ? dev_of(ref) : dev_nan(n);
+            mgpu__dropout_args d;
+            char what[96];
+            memset(&d, 0, sizeof d);
+            d.ctx = cpu; d.seed = 0x5eed + (uint64_t)c; d.first = (1ULL << 33) + 3; d.p = 0.4f; d.scale = 1.0f / 0.6f;
+            d.row_size = cfg[c][0]; d.rank = cfg[c][1]; d.world = cfg[c][2];
+            d.src = (const float *)x->data; d.dst = (float *)ref->data; d.n = n; d.accumulate = acc;
+            mgpu__cpu_dropout(&d);   /* the specification */
+            d.ctx = NULL; d.src = dev_of(x); d.dst = dst;
+            snprintf(what, sizeof what, "dropout row_size %lld rank %lld world %lld%s", (long long)d.row_size, (long long)d.rank,
+                     (long long)d.world, acc ? " accumulate" : "");
+            expect_ok(mgpu_cuda_dropout(&d, NULL), what);
+            expect_close(what, dst, (const float *)ref->data, n, 0.0);
+            case_end();
+        }
 }
 
 /* ============================== normalisation ============================== */
@@ -433,7 +525,43 @@ static mgpu__embedding_args emb_args(const void *idx, int i64, int64_t n, int64_
     mgpu__embedding_args a;
     memset(&a, 0, sizeof a);
     a.idx = idx; a.idx_i64 = i64; a.n = n; a.V = V; a.D = D;
+    a.scratch = dev_nan((int64_t)(MGPU__EMB_SCRATCH_BYTES(n) / sizeof(float)));   /* the backward's sort keys */
     return a;
+}
+
+/* Ids outside [0, V) (the op refuses them, but ids made on the device reach the twins unchecked)
+   give zero rows and no gradient, on both twins; many repeats of one id sum in index order on both,
+   so the CUDA grad equals the CPU twin's bit for bit. n is not a power of two (the sort pads). */
+static void test_embedding_bad_ids_and_repeats(void) {
+    int i64;
+    for (i64 = 0; i64 < 2; i64++) {
+        int64_t n = 1000, V = 37, D = 19, wshape[2] = { 37, 19 }, dshape[2] = { 1000, 19 }, i;
+        mgpu_tensor *w = rnd(2, wshape, -1, 1), *dyt = rnd(2, dshape, -1, 1), *g0 = rnd(2, wshape, -1, 1);
+        int64_t *h64 = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
+        int32_t *h32 = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
+        float *hout = (float *)malloc(sizeof(float) * (size_t)(n * D)), *hg = (float *)malloc(sizeof(float) * (size_t)(V * D)), *out, *g;
+        mgpu__embedding_args a;
+        for (i = 0; i < n; i++) {
+            int64_t v = i % 3 == 0 ? 5 : (i * 7) % V;                               /* id 5 about 360 times */
+            if (i % 97 == 1) v = -1; else if (i % 89 == 2) v = V; else if (i % 83 == 3) v = i64 ? (1LL << 40) : 2147483647;
+            h64[i] = v; h32[i] = (int32_t)v;
+        }
+        memset(&a, 0, sizeof a);   /* the CPU twins: the specification */
+        a.ctx = cpu; a.idx = i64 ? (const void *)h64 : (const void *)h32; a.idx_i64 = i64; a.n = n; a.V = V; a.D = D;
+        a.weight = (const float *)w->data; a.out = hout; a.dy = (const float *)dyt->data;
+        memcpy(hg, g0->data, sizeof(float) * (size_t)(V * D)); a.dweight = hg;
+        mgpu__cpu_embedding_forward(&a);
+        mgpu__cpu_embedding_backward(&a);
+        a = emb_args(i64 ? dev_copy(h64, sizeof(int64_t) * (size_t)n) : dev_copy(h32, sizeof(int32_t) * (size_t)n), i64, n, V, D);
+        a.weight = dev_of(w); a.out = out = dev_nan(n * D); a.dy = dev_of(dyt); a.dweight = g = dev_of(g0);
+        expect_ok(mgpu_cuda_embedding_forward(&a, NULL), "embedding forward with bad ids");
+        expect_close("embedding forward with bad ids (zero rows)", out, hout, n * D, 0.0);
+        expect_ok(mgpu_cuda_embedding_backward(&a, NULL), "embedding backward with bad ids");
+        expect_close("embedding backward with bad ids and repeats (bit for bit)", g, hg, V * D, 0.0);
+        for (i = 0; i < D; i++) MT_CHECK(hout[1 * D + i] == 0.0f, "the CPU twin's row for id -1 is zeros");
+        free(h64); free(h32); free(hout); free(hg);
+        case_end();
+    }
 }
 
 static void test_embedding(void) {
@@ -522,6 +650,89 @@ static void test_pool(void) {
         }
 }
 
+/* Max pooling, CPU twin against CUDA twin (outputs, argmax, dx), as PyTorch's max_pool2d: a NaN in
+   the window makes the output NaN and the argmax points at it (the last NaN in scan order, as
+   `val > max || isnan(val)`); a window that lies wholly in the padding (padding >= kernel: only the
+   twins allow it, the op refuses) gives -inf, argmax -1 and no gradient. */
+static void pool_twins(const char *what, int64_t C, int64_t H, int64_t W, int ks, int stride, int pad, const int64_t *nans, int n_nans,
+                       float *y_out, int32_t *arg_out) {
+    mgpu__conv_geom g;
+    mgpu__pool2d_args a;
+    int64_t xs[4] = { 1, C, H, W }, i, ny;
+    mgpu_tensor *x = rnd(4, xs, -1, 1);
+    float *hy, *hdy, *hdx, *dev_y, *dev_dx;
+    int32_t *harg, *dev_arg;
+    char msg[128];
+    for (i = 0; i < n_nans; i++) ((float *)x->data)[nans[i]] = NAN;
+    memset(&g, 0, sizeof g);
+    g.n = 1; g.c = C; g.h = H; g.w = W; g.ks = ks; g.stride = stride; g.pad = pad;
+    g.oh = (H + 2 * pad - ks) / stride + 1; g.ow = (W + 2 * pad - ks) / stride + 1;
+    ny = C * g.oh * g.ow;
+    hy = (float *)malloc(sizeof(float) * (size_t)ny); hdy = (float *)malloc(sizeof(float) * (size_t)ny);
+    hdx = (float *)calloc((size_t)x->numel, sizeof(float)); harg = (int32_t *)malloc(sizeof(int32_t) * (size_t)ny);
+    for (i = 0; i < ny; i++) hdy[i] = (float)mt_uniform(-1, 1);
+    memset(&a, 0, sizeof a);
+    a.ctx = cpu; a.g = &g; a.is_max = 1; a.x = (const float *)x->data; a.y = hy; a.argmax = harg; a.dy = hdy; a.dx = hdx;
+    mgpu__cpu_pool2d_forward(&a);
+    mgpu__cpu_pool2d_backward(&a);
+    dev_y = dev_nan(ny); dev_dx = dev_zeros(x->numel); dev_arg = (int32_t *)dev_nan(ny);
+    a.ctx = NULL; a.x = dev_of(x); a.y = dev_y; a.argmax = dev_arg; a.dy = dev_copy(hdy, sizeof(float) * (size_t)ny); a.dx = dev_dx;
+    snprintf(msg, sizeof msg, "max_pool2d %s forward", what);
+    expect_ok(mgpu_cuda_pool2d_forward(&a, NULL), msg);
+    expect_close(msg, dev_y, hy, ny, 0.0);
+    snprintf(msg, sizeof msg, "max_pool2d %s argmax", what);
+    expect_same_bytes(msg, dev_arg, harg, sizeof(int32_t) * (size_t)ny);
+    snprintf(msg, sizeof msg, "max_pool2d %s backward", what);
+    expect_ok(mgpu_cuda_pool2d_backward(&a, NULL), msg);
+    expect_close(msg, dev_dx, hdx, x->numel, 0.0);
+    memcpy(y_out, hy, sizeof(float) * (size_t)ny); memcpy(arg_out, harg, sizeof(int32_t) * (size_t)ny);
+    free(hy); free(hdy); free(hdx); free(harg);
+    case_end();
+}
+static void test_pool_nan_and_empty_window(void) {
+    float y[64];
+    int32_t arg[64];
+    /* (1, 1, 5, 5), kernel 3, stride 2, padding 1: output (3, 3); NaNs at (1, 1) and (1, 2) */
+    int64_t nans[2] = { 1 * 5 + 1, 1 * 5 + 2 };
+    pool_twins("with NaNs", 1, 5, 5, 3, 2, 1, nans, 2, y, arg);
+    MT_CHECK(isnan(y[0]) && arg[0] == nans[0], "window (0, 0) holds the NaN at 6: got %g at %d", (double)y[0], (int)arg[0]);
+    MT_CHECK(isnan(y[1]) && arg[1] == nans[1], "window (0, 1) holds NaNs at 6 and 7: the last wins, got %g at %d", (double)y[1], (int)arg[1]);
+    /* (1, 2, 3, 3), kernel 2, stride 2, padding 2: output (3, 3), whose first row and column of
+       windows lie wholly in the padding */
+    pool_twins("with empty windows", 2, 3, 3, 2, 2, 2, NULL, 0, y, arg);
+    MT_CHECK(y[0] == -INFINITY && arg[0] == -1 && y[1] == -INFINITY && arg[1] == -1 && y[3] == -INFINITY && arg[3] == -1,
+             "an empty window gives -inf and argmax -1: got %g at %d", (double)y[0], (int)arg[0]);
+    MT_CHECK(isfinite(y[4]) && (arg[4] == 0 || arg[4] == 1 || arg[4] == 3 || arg[4] == 4), "window (1, 1) is x[0:2, 0:2]: got %g at %d",
+             (double)y[4], (int)arg[4]);
+}
+
+/* max_dim with NaNs, as torch.max(dim): the first NaN along the dim is the max and its index the argmax. */
+static void test_max_dim_nan(void) {
+    int64_t xs[3] = { 3, 6, 2 }, *harg, i;
+    mgpu_tensor *x = rnd(3, xs, -1, 1), *y;
+    float *px = (float *)x->data, *dy;
+    mgpu__max_dim_args m;
+    px[0 * 12 + 2 * 2 + 0] = NAN; px[0 * 12 + 4 * 2 + 0] = NAN;   /* line (0, 0): NaNs at d = 2 and 4 */
+    px[1 * 12 + 0 * 2 + 1] = NAN;                                 /* line (1, 1): NaN first */
+    px[2 * 12 + 5 * 2 + 0] = NAN;                                 /* line (2, 0): NaN last */
+    y = mgpu_op_max_dim(cpu, x, 1, 0);
+    memset(&m, 0, sizeof m);
+    m.x = dev_of(x); m.out = dev_nan(y->numel); m.argmax = (int64_t *)dev_nan(2 * y->numel); m.outer = 3; m.dim = 6; m.inner = 2;
+    expect_ok(mgpu_cuda_max_dim_forward(&m, NULL), "max_dim with NaNs");
+    expect_close("max_dim with NaNs", m.out, (const float *)y->data, y->numel, 0.0);
+    harg = (int64_t *)malloc(sizeof(int64_t) * (size_t)y->numel);
+    cudaMemcpy(harg, m.argmax, sizeof(int64_t) * (size_t)y->numel, cudaMemcpyDeviceToHost);
+    MT_CHECK(harg[0] == 2 && harg[3] == 0 && harg[4] == 5, "argmax of the NaN lines: got %lld %lld %lld, want 2 0 5",
+             (long long)harg[0], (long long)harg[3], (long long)harg[4]);
+    for (i = 0; i < y->numel; i++) MT_CHECK(isnan(((float *)y->data)[i]) == (i == 0 || i == 3 || i == 4), "CPU max_dim NaN at %lld", (long long)i);
+    dy = cpu_backward(y);
+    m.dy = dy; m.out = dev_zeros(x->numel);
+    expect_ok(mgpu_cuda_max_dim_backward(&m, NULL), "max_dim backward with NaNs");
+    expect_close("max_dim backward with NaNs", m.out, grad_of(x), x->numel, 0.0);
+    free(harg);
+    case_end();
+}
+
 /* ============================== copies and reductions ============================== */
 
 /* The copy twins' argument structs with the old positional parameters (F32 elements). */
@@ -579,6 +790,49 @@ static void test_concat_narrow(void) {
     case_end();
 }
 
+/* Random bytes, none of them 0xFF, so no element equals the device poison (0xFF bytes). */
+static unsigned char *random_bytes(size_t n) {
+    unsigned char *b = (unsigned char *)malloc(n ? n : 1);
+    size_t i;
+    for (i = 0; i < n; i++) b[i] = (unsigned char)mt_uniform(0, 255);
+    return b;
+}
+/* Transpose and row-block copies of every element size a dtype has (U8; F16/BF16; F32/I32; I64),
+   each against its CPU twin byte for byte; dst starts poisoned (0xFF). */
+static void test_copies_every_esize(void) {
+    static const size_t esizes[4] = { 1, 2, 4, 8 };
+    int e;
+    for (e = 0; e < 4; e++) {
+        size_t es = esizes[e], bytes = 3 * 5 * 2 * 7 * 3 * es;
+        unsigned char *x = random_bytes(bytes), *ref = (unsigned char *)malloc(bytes), *dst = (unsigned char *)dev_alloc(bytes);
+        mgpu__transpose_args t;
+        mgpu__copy_rows_args c;
+        char what[64];
+        memset(&t, 0, sizeof t);   /* x (3, 5, 2, 7, 3) -> (3, 7, 2, 5, 3) */
+        t.ctx = cpu; t.outer = 3; t.d0 = 5; t.mid = 2; t.d1 = 7; t.inner = 3; t.esize = es;
+        t.x = x; t.out = ref;
+        mgpu__cpu_transpose(&t);
+        cudaMemset(dst, 0xFF, bytes);
+        t.ctx = NULL; t.x = dev_copy(x, bytes); t.out = dst;
+        snprintf(what, sizeof what, "transpose of %zu-byte elements", es);
+        expect_ok(mgpu_cuda_transpose(&t, NULL), what);
+        expect_same_bytes(what, dst, ref, bytes);
+        /* rows 9 of 11 elements from pitch 23 at offset 4 into pitch 13 at offset 1; the gaps of dst keep their bytes */
+        memset(&c, 0, sizeof c);
+        memset(ref, 0xFF, bytes);
+        c.ctx = cpu; c.rows = 9; c.len = 11; c.src_pitch = 23; c.dst_pitch = 13; c.esize = es;
+        c.src = x + 4 * es; c.dst = ref + es;
+        mgpu__cpu_copy_rows(&c);
+        cudaMemset(dst, 0xFF, bytes);
+        c.ctx = NULL; c.src = (const unsigned char *)dev_copy(x, bytes) + 4 * es; c.dst = dst + es;
+        snprintf(what, sizeof what, "copy_rows of %zu-byte elements", es);
+        expect_ok(mgpu_cuda_copy_rows(&c, NULL), what);
+        expect_same_bytes(what, dst, ref, bytes);
+        free(x); free(ref);
+        case_end();
+    }
+}
+
 /* The sum and max_dim twins' argument structs for x (outer, D, inner). */
 static mgpu__sum_args sum_args(int64_t outer, int64_t D, int64_t inner, float scale) {
     mgpu__sum_args a;
@@ -586,7 +840,9 @@ static mgpu__sum_args sum_args(int64_t outer, int64_t D, int64_t inner, float sc
     a.outer = outer; a.dim = D; a.inner = inner; a.scale = scale;
     return a;
 }
-static mgpu_result sum_forward(const float *x, float *out, int64_t outer, int64_t D, int64_t inner, float scale, float *scratch) {
+/* n doubles of device scratch, poisoned (0xFF bytes are a NaN double too) */
+static double *dev_doubles(int64_t n) { return (double *)(void *)dev_nan(2 * n); }
+static mgpu_result sum_forward(const float *x, float *out, int64_t outer, int64_t D, int64_t inner, float scale, double *scratch) {
     mgpu__sum_args a = sum_args(outer, D, inner, scale);
     a.x = x; a.out = out; a.scratch = scratch;
     return mgpu_cuda_sum_forward(&a, NULL);
@@ -602,7 +858,8 @@ static void test_reductions(void) {
     for (mean = 0; mean < 2; mean++) {
         mgpu_tensor *x = rnd(3, xs, -1, 1), *y = mean ? mgpu_op_mean(cpu, x) : mgpu_op_sum(cpu, x);
         float scale = mean ? 1.0f / (float)x->numel : 1.0f;
-        float *dx = dev_of(x), *out = dev_nan(1), *scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS), *g = dev_zeros(x->numel), *dy;
+        float *dx = dev_of(x), *out = dev_nan(1), *g = dev_zeros(x->numel), *dy;
+        double *scratch = dev_doubles(MGPU_CUDA_REDUCE_PARTIALS);
         expect_ok(sum_forward(dx, out, 1, x->numel, 1, scale, scratch), "sum");
         expect_close(mean ? "mean" : "sum", out, (const float *)y->data, 1, F32_TOL);
         dy = cpu_backward(y);
@@ -634,14 +891,34 @@ static void test_reductions(void) {
         case_end();
     }
     {   /* a long sum: the fixed two-phase tree against a double-precision host sum */
-        float *h = (float *)malloc(sizeof(float) * (size_t)n), ref, *dx, *out, *scratch;
+        float *h = (float *)malloc(sizeof(float) * (size_t)n), ref, *dx, *out;
+        double *scratch;
         double s = 0;
         int64_t i;
         for (i = 0; i < n; i++) { h[i] = (float)mt_uniform(-1, 1); s += h[i]; }
         ref = (float)s;
-        dx = dev_copy(h, sizeof(float) * (size_t)n); out = dev_nan(1); scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS);
+        dx = dev_copy(h, sizeof(float) * (size_t)n); out = dev_nan(1); scratch = dev_doubles(MGPU_CUDA_REDUCE_PARTIALS);
         expect_ok(sum_forward(dx, out, 1, n, 1, 1.0f, scratch), "long sum");
-        expect_close("sum of 3M floats", out, &ref, 1, 1e-4);
+        expect_close("sum of 3M floats", out, &ref, 1, 1e-6);
+        free(h);
+        case_end();
+    }
+    {   /* partials that float cannot hold: with the two-phase split (MGPU_CUDA_REDUCE_PARTIALS chunks
+           of 1000), even chunks sum to 99900000.5 and odd ones to -99900000, so the exact total is
+           512 * 0.5 = 256, and partials rounded to float (ulp 8 there) would give 0 */
+        int64_t m = (int64_t)MGPU_CUDA_REDUCE_PARTIALS * 1000, i;
+        float *h = (float *)malloc(sizeof(float) * (size_t)m), ref, *dx, *out;
+        double s = 0, *scratch;
+        for (i = 0; i < m; i++) {
+            int64_t chunk = i / 1000, k = i % 1000;
+            h[i] = k == 999 ? (chunk % 2 ? 0.0f : 0.5f) : (chunk % 2 ? -100000.0f : 100000.0f);
+            s += h[i];
+        }
+        ref = (float)s;
+        MT_CHECK(s == 256.0, "the host sum in double is exact: %g", s);
+        dx = dev_copy(h, sizeof(float) * (size_t)m); out = dev_nan(1); scratch = dev_doubles(MGPU_CUDA_REDUCE_PARTIALS);
+        expect_ok(sum_forward(dx, out, 1, m, 1, 1.0f, scratch), "sum with cancelling partials");
+        expect_close("sum with cancelling partials (double between the phases)", out, &ref, 1, 1e-6);
         free(h);
         case_end();
     }
@@ -984,7 +1261,7 @@ static void test_clip_and_finite(void) {
     }
     grads.count = 5; grads.data = X; grads.numel = numel;
     memset(&c, 0, sizeof c);
-    c.grads = grads; c.max_norm = 1.0f; c.norm = norm = dev_nan(1); c.scratch = dev_nan(MGPU__CLIP_SCRATCH_FLOATS(5));
+    c.grads = grads; c.max_norm = 1.0f; c.norm = norm = dev_nan(1); c.scratch = dev_doubles(MGPU__CLIP_SCRATCH_DOUBLES(5));
     expect_ok(mgpu_cuda_clip_grad_norm(&c, NULL), "clip grad norm");
     expect_ok(mgpu_clip_grad_norm(m, 1.0f, &total), "cpu clip");
     expect_close("global gradient norm", norm, &total, 1, F32_TOL);
@@ -1020,7 +1297,8 @@ static void test_determinism(void) {
     mgpu_tensor *x = rnd(2, sh, -1, 1), *dyt = rnd(2, sh, -1, 1);
     int32_t *hidx = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
     float *dx = dev_of(x), *dy = dev_of(dyt), *y = dev_nan(R * C), *mean = dev_nan(R), *rstd = dev_nan(R), *run[2][3];
-    float *didx, *demb = dev_of(dyt), *scratch = dev_nan(MGPU_CUDA_REDUCE_PARTIALS);
+    float *didx, *demb = dev_of(dyt);
+    double *scratch = dev_doubles(MGPU_CUDA_REDUCE_PARTIALS);
     int r;
     for (i = 0; i < n; i++) hidx[i] = (int32_t)((i * 31) % V);
     didx = dev_copy(hidx, sizeof(int32_t) * (size_t)n);
@@ -1123,15 +1401,21 @@ int main(void) {
     MT_RUN(test_softmax);
     MT_RUN(test_cross_entropy_and_nll);
     MT_RUN(test_mse);
+    MT_RUN(test_empty_losses);
     MT_RUN(test_rng_bits);
     MT_RUN(test_dropout_matches_cpu);
+    MT_RUN(test_dropout_sharded);
     MT_RUN(test_layer_norm);
     MT_RUN(test_batch_norm);
     MT_RUN(test_embedding);
+    MT_RUN(test_embedding_bad_ids_and_repeats);
     MT_RUN(test_conv2d);
     MT_RUN(test_pool);
+    MT_RUN(test_pool_nan_and_empty_window);
+    MT_RUN(test_max_dim_nan);
     MT_RUN(test_transpose);
     MT_RUN(test_concat_narrow);
+    MT_RUN(test_copies_every_esize);
     MT_RUN(test_reductions);
     MT_RUN(test_attention);
     MT_RUN(test_linear_gemm);
