@@ -20,7 +20,7 @@ EXAMPLES := $(patsubst examples/%.c,%,$(wildcard examples/*.c))
 TOOLS    := $(patsubst tools/%.c,%,$(wildcard tools/*.c))
 TESTS    := $(patsubst tests/%.c,%,$(filter-out tests/impl.c tests/fuzz_%.c,$(wildcard tests/*.c)))
 
-.PHONY: all help check-amalgamation test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench emu
+.PHONY: all help check-amalgamation test test-gpu gpu-check gpu-check-prep demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench emu
 all: $(addprefix $(BUILD)/,$(EXAMPLES) $(TOOLS)) $(addprefix $(BUILD)/tests/,$(TESTS))
 
 help:
@@ -105,7 +105,10 @@ $(BUILD)/cuda/gemm_bench: bench/gpu/gemm_bench.cu $(BUILD)/cuda/mgpu_kernels.o $
 cuda-tests: $(addprefix $(BUILD)/cuda/tests/,$(GPU_TESTS)) $(BUILD)/cuda/gemm_bench
 $(BUILD)/cuda/%: examples/%.c $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
 	$(CC) $(CPPFLAGS) $(CSTD) $(WARN) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
-cuda: $(addprefix $(BUILD)/cuda/,$(EXAMPLES))
+# the tools too (mgpurun, mgpu-ckpt, ...), so build/cuda/ holds a complete set for DDP runs
+$(BUILD)/cuda/%: tools/%.c $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
+	$(CC) $(CPPFLAGS) $(CSTD) $(WARN) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
+cuda: $(addprefix $(BUILD)/cuda/,$(EXAMPLES) $(TOOLS))
 # Standalone: writes its own translation unit (the header with its implementation, under nvcc).
 check-cuda: | $(BUILD)/cuda
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda cuda-tests && \
