@@ -33,6 +33,11 @@ help:
 	@echo "make cuda       build the CUDA variants into build/cuda/"
 	@echo "make emu        build every CUDA program against the CPU emulation (tests/emu) into build/emu/"
 	@echo "make test-gpu   GPU test suite (skips cleanly without a GPU)"
+	@echo "make gpu-check  on a GPU machine, in one command (~6 min): build for sm_90, op tests, compute-sanitizer,"
+	@echo "                training to target, AMP, CUDA Graphs, DDP, benchmarks vs PyTorch; OUT=DIR (build/gpu-check)"
+	@echo "                gets summary.txt and logs.tar.gz. SKIPPED without a GPU (MGPU_EXPECT_GPU=1: a failure);"
+	@echo "                MGPU_GPU_CHECK_EMU=1: dry run on the CPU emulation (make emu)"
+	@echo "make gpu-check-prep  Fashion-MNIST (.gz) and the commit into data/gpu-check/, to carry to a GPU machine"
 	@echo "make bench      CPU benchmark against PyTorch (bench/RESULTS.md)"
 
 # mgpu.h is assembled from the parts under src/ (edit those); the script rewrites it only when
@@ -200,6 +205,13 @@ test:
 
 test-gpu:
 	@bash tests/run_gpu.sh
+
+# The one command for a lent GPU machine (tools/gpu_check.sh says what it runs and in what time).
+OUT ?= $(BUILD)/gpu-check
+gpu-check:
+	@OUT='$(OUT)' bash tools/gpu_check.sh
+gpu-check-prep:
+	@bash tools/gpu_check.sh --prep
 
 data:
 	@bash tools/setup_data.sh
