@@ -20,7 +20,7 @@ EXAMPLES := $(patsubst examples/%.c,%,$(wildcard examples/*.c))
 TOOLS    := $(patsubst tools/%.c,%,$(wildcard tools/*.c))
 TESTS    := $(patsubst tests/%.c,%,$(filter-out tests/impl.c tests/fuzz_%.c,$(wildcard tests/*.c)))
 
-.PHONY: all help check-amalgamation test test-gpu demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench emu
+.PHONY: all help check-amalgamation test test-gpu gpu-check gpu-check-prep demo data cuda cuda-tests check-headers check-cuda asan fuzz clean bench emu
 all: $(addprefix $(BUILD)/,$(EXAMPLES) $(TOOLS)) $(addprefix $(BUILD)/tests/,$(TESTS))
 
 help:
@@ -33,6 +33,11 @@ help:
 	@echo "make cuda       build the CUDA variants into build/cuda/"
 	@echo "make emu        build every CUDA program against the CPU emulation (tests/emu) into build/emu/"
 	@echo "make test-gpu   GPU test suite (skips cleanly without a GPU)"
+	@echo "make gpu-check  on a GPU machine, in one command (~6 min): build for sm_90, op tests, compute-sanitizer,"
+	@echo "                training to target, AMP, CUDA Graphs, DDP, benchmarks vs PyTorch; OUT=DIR (build/gpu-check)"
+	@echo "                gets summary.txt and logs.tar.gz. SKIPPED without a GPU (MGPU_EXPECT_GPU=1: a failure);"
+	@echo "                MGPU_GPU_CHECK_EMU=1: dry run on the CPU emulation (make emu)"
+	@echo "make gpu-check-prep  Fashion-MNIST (.gz) and the commit into data/gpu-check/, to carry to a GPU machine"
 	@echo "make bench      CPU benchmark against PyTorch (bench/RESULTS.md)"
 
 # mgpu.h is assembled from the parts under src/ (edit those); the script rewrites it only when
@@ -105,7 +110,10 @@ $(BUILD)/cuda/gemm_bench: bench/gpu/gemm_bench.cu $(BUILD)/cuda/mgpu_kernels.o $
 cuda-tests: $(addprefix $(BUILD)/cuda/tests/,$(GPU_TESTS)) $(BUILD)/cuda/gemm_bench
 $(BUILD)/cuda/%: examples/%.c $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
 	$(CC) $(CPPFLAGS) $(CSTD) $(WARN) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
-cuda: $(addprefix $(BUILD)/cuda/,$(EXAMPLES))
+# the tools too (mgpurun, mgpu-ckpt, ...), so build/cuda/ holds a complete set for DDP runs
+$(BUILD)/cuda/%: tools/%.c $(BUILD)/cuda/mgpu_kernels.o $(HDR) | $(BUILD)/cuda
+	$(CC) $(CPPFLAGS) $(CSTD) $(WARN) $(CFLAGS) -DMGPU_CUDA $(CUDA_INC) $< $(BUILD)/cuda/mgpu_kernels.o -o $@ $(CUDA_LIB) $(CUDA_LIBS) $(LDLIBS) -lstdc++
+cuda: $(addprefix $(BUILD)/cuda/,$(EXAMPLES) $(TOOLS))
 # Standalone: writes its own translation unit (the header with its implementation, under nvcc).
 check-cuda: | $(BUILD)/cuda
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda cuda-tests && \
@@ -197,6 +205,13 @@ test:
 
 test-gpu:
 	@bash tests/run_gpu.sh
+
+# The one command for a lent GPU machine (tools/gpu_check.sh says what it runs and in what time).
+OUT ?= $(BUILD)/gpu-check
+gpu-check:
+	@OUT='$(OUT)' bash tools/gpu_check.sh
+gpu-check-prep:
+	@bash tools/gpu_check.sh --prep
 
 data:
 	@bash tools/setup_data.sh
