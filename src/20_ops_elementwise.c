@@ -661,9 +661,12 @@ static int mgpu__check_class_inputs(mgpu_context *ctx, const char *op, const cha
     return 1;
 }
 
-/* Every target is ignore_index (-100) or a class in [0, c); otherwise an error naming the first bad row. */
+/* Every target is ignore_index (-100) or a class in [0, c); otherwise an error naming the first bad row.
+   Targets on a GPU are not read back (that would stall the step): there the kernels turn a bad
+   target into a NaN loss, which the trainer reports. */
 static int mgpu__check_targets(const char *op, const mgpu_tensor *target, int64_t n, int64_t c) {
     int64_t i;
+    if (!mgpu__on_host(target)) return 1;
     for (i = 0; i < n; i++) {
         int64_t t = mgpu__index_at(target, i);
         if (t != MGPU__IGNORE_INDEX && (t < 0 || t >= c)) {
@@ -791,13 +794,29 @@ MGPU_API mgpu_tensor *mgpu_op_cross_entropy(mgpu_context *ctx, mgpu_tensor *logi
     return mgpu__class_loss(ctx, "mgpu_op_cross_entropy", "logits", logits, target, 1);
 }
 
+/* Evaluation on a GPU: logits and targets come back in one copy each (one wait per evaluated
+   batch) and are counted by the host code below. */
+static int64_t mgpu__count_correct_from_device(const mgpu_tensor *logits, const mgpu_tensor *target) {
+    mgpu_tensor hl, ht;
+    int64_t correct = -1;
+    size_t lb = mgpu_tensor_nbytes(logits), tb = mgpu_tensor_nbytes(target);
+    char *buf = (char *)mgpu__alloc(lb + tb + 8, "evaluation logits copied from the GPU");
+    if (!buf) return -1;
+    hl = *logits; ht = *target;
+    hl.device.type = ht.device.type = MGPU_DEVICE_CPU; hl.device.index = ht.device.index = 0;
+    hl.data = buf; ht.data = buf + ((lb + 7) & ~(size_t)7);
+    if (mgpu_tensor_copy_to_host(logits, hl.data, lb) == MGPU_OK && mgpu_tensor_copy_to_host(target, ht.data, tb) == MGPU_OK)
+        correct = mgpu_count_correct(&hl, &ht);
+    mgpu_free(buf);
+    return correct;
+}
+
 MGPU_API int64_t mgpu_count_correct(const mgpu_tensor *logits, const mgpu_tensor *target) {
     const char *op = "mgpu_count_correct";
     int64_t n, c, i, j, correct = 0;
     if (!logits || !target) { mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: logits and target must not be NULL", op); return -1; }
-    if (logits->dtype != MGPU_F32 || !mgpu__on_host(logits) || !mgpu__on_host(target) ||
-        (target->dtype != MGPU_I32 && target->dtype != MGPU_I64)) {
-        mgpu__fail(MGPU_ERR_SHAPE, "%s: need F32 logits and I32/I64 target on the cpu, got %s and %s", op,
+    if (logits->dtype != MGPU_F32 || (target->dtype != MGPU_I32 && target->dtype != MGPU_I64)) {
+        mgpu__fail(MGPU_ERR_SHAPE, "%s: need F32 logits and an I32/I64 target, got %s and %s", op,
                    mgpu_dtype_name(logits->dtype), mgpu_dtype_name(target->dtype));
         return -1;
     }
@@ -806,6 +825,7 @@ MGPU_API int64_t mgpu_count_correct(const mgpu_tensor *logits, const mgpu_tensor
         return -1;
     }
     n = logits->shape[0]; c = logits->shape[1];
+    if (!mgpu__on_host(logits) || !mgpu__on_host(target)) return mgpu__count_correct_from_device(logits, target);
     for (i = 0; i < n && c > 0; i++) {
         const float *x = (const float *)logits->data + i * c;
         int64_t best = 0;

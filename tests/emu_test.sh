@@ -36,6 +36,10 @@ MGPU_EMU_ERRORS=report ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTION
   timeout 300 $E/asan/tests/test_cuda_ops > "$T_TMP/ops_asan.log" 2>&1
 suite "test_cuda_ops (quick mode) under the emulation with ASan and UBSan" $? "$T_TMP/ops_asan.log"
 
+# the op fronts with device tensors: every public op on a cuda:0 context against the CPU
+MGPU_EMU_ERRORS=report timeout 300 $E/tests/ops_api_cuda > "$T_TMP/api.log" 2>&1
+suite "ops_api_cuda: every public op, forward and backward, on cuda:0 against the CPU" $? "$T_TMP/api.log"
+
 out=$(MGPU_EMU_DEVICES=0 $E/tests/test_cuda_ops 2>&1); rc=$?
 expect "no emulated device: test_cuda_ops reports a skip, exit 0" [ "$rc" -eq 0 -a -n "$(grep SKIPPED <<<"$out")" ]
 out=$(MGPU_EMU_INIT_ERROR=3 $E/tests/test_cuda_ops 2>&1); rc=$?
