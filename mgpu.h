@@ -1537,6 +1537,9 @@ typedef struct mgpu__gemm_args {
     float *c; int64_t ldc, stride_c;
     mgpu__gemm_epilogue epilogue; const float *bias;
     int no_lt;                            /* CUDA: 1 skips cuBLASLt for plain cuBLAS (tests compare the two) */
+    mgpu_dtype half_compute;              /* 0 (F32): as given; F16/BF16 (autocast): A and B hold F32 values
+                                             already rounded to that format; the CUDA twin multiplies them in it on
+                                             tensor cores with f32 accumulation, the CPU twin in f32 (same values) */
 } mgpu__gemm_args;
 mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream);
 /* blas: handles + workspace + plan cache + scratch for the twins that compose GEMMs, bound to one
@@ -2116,7 +2119,8 @@ struct mgpu_context {
     mgpu__arena device_arena;          /* CUDA: activation data (unused on the CPU) */
     uint64_t rng_seed, rng_offset;
     int grad_enabled;
-    int autocast;                      /* mgpu_amp_mode: emulated half precision for matmul-like ops */
+    int autocast;                      /* mgpu_amp_mode: half precision for matmul-like ops */
+    int autocast_inside;               /* the mode of the matmul-like op autocast is running now (0: none) */
     mgpu__node **tape; int64_t tape_len, tape_cap;
     mgpu_backward_end_fn backward_end; void *backward_end_user;
     int row_rank, row_world;           /* DDP sharding (rank, world; 0 = 1): dropout draws row j's mask at global row rank + world * j */
@@ -3124,12 +3128,20 @@ static MGPU__UNUSED int mgpu__autocast_begin(mgpu_context *ctx, mgpu_tensor **in
         if (!in[i]) return -1;
     }
     ctx->autocast = MGPU_AMP_OFF;
+    ctx->autocast_inside = mode;
     return mode;
 }
 /* Restores autocast and rounds the op's output (NULL passes through). */
 static MGPU__UNUSED mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode, mgpu_tensor *out) {
     ctx->autocast = mode;
+    ctx->autocast_inside = MGPU_AMP_OFF;
     return out ? mgpu__amp_round(ctx, out, mode) : NULL;
+}
+/* The half format the GEMMs of the op autocast is running multiply in (mgpu__gemm_args.half_compute):
+   on a GPU that is real fp16/bf16 on tensor cores; the CPU multiplies the same rounded values in f32. */
+static MGPU__UNUSED mgpu_dtype mgpu__autocast_gemm_dtype(const mgpu_context *ctx) {
+    if (ctx->autocast_inside == MGPU_AMP_BF16) return MGPU_BF16;
+    return ctx->autocast_inside == MGPU_AMP_FP16 ? MGPU_F16 : MGPU_F32;
 }
 
 /* ======================================================================================
@@ -5058,7 +5070,7 @@ static void mgpu__gemm_set_batch(mgpu__gemm_args *g, int64_t batch, int64_t sa, 
    matmul
    -------------------------------------------------------------------------------------- */
 
-/* saved: iarg = {batch, M, K, N} */
+/* saved: iarg = {batch, M, K, N, half_compute} */
 static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *a = node->in[0], *b = node->in[1];
     int64_t batch = node->iarg[0], m = node->iarg[1], k = node->iarg[2], n = node->iarg[3];
@@ -5069,6 +5081,7 @@ static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
         float *da;
         MGPU__GRAD_OR_FAIL(da, ctx, a);
         g = mgpu__gemm_args_f32(ctx, 0, 1, m, k, n, 1.0f, dc, n, (const float *)b->data, n, 1.0f, da, k);
+        g.half_compute = (mgpu_dtype)node->iarg[4];
         mgpu__gemm_set_batch(&g, batch, m * n, k * n, m * k);
         if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
@@ -5076,6 +5089,7 @@ static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
         float *db;
         MGPU__GRAD_OR_FAIL(db, ctx, b);
         g = mgpu__gemm_args_f32(ctx, 1, 0, k, n, m, 1.0f, (const float *)a->data, k, dc, n, 1.0f, db, n);
+        g.half_compute = (mgpu_dtype)node->iarg[4];
         mgpu__gemm_set_batch(&g, batch, m * k, m * n, k * n);
         r = MGPU__TWIN(ctx, gemm, &g);
     }
@@ -5105,11 +5119,12 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
     out = mgpu__new_activation(ctx, MGPU_F32, nd, shape);   // (B, M, N)
     if (!out) return NULL;
     g = mgpu__gemm_args_f32(ctx, 0, 0, m, n, k, 1.0f, (const float *)a->data, k, (const float *)b->data, n, 0.0f, (float *)out->data, n);
+    g.half_compute = mgpu__autocast_gemm_dtype(ctx);
     mgpu__gemm_set_batch(&g, batch, m * k, k * n, m * n);
     if (MGPU__TWIN(ctx, gemm, &g) != MGPU_OK) return NULL;
     ins[0] = a; ins[1] = b;
     MGPU__RECORD(ctx, "matmul", mgpu__matmul_backward, out, 2, ins, node);
-    if (node) { node->iarg[0] = batch; node->iarg[1] = m; node->iarg[2] = k; node->iarg[3] = n; }
+    if (node) { node->iarg[0] = batch; node->iarg[1] = m; node->iarg[2] = k; node->iarg[3] = n; node->iarg[4] = g.half_compute; }
     return out;
 }
 
@@ -5138,7 +5153,7 @@ static void mgpu__cpu_linear_bias_grad(const mgpu__linear_bias_grad_args *a) {
                       mgpu__linear_bias_grad_range, (void *)a);
 }
 
-/* iarg = {rows, in, out} */
+/* iarg = {rows, in, out, half_compute} */
 static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->n_in > 2 ? node->in[2] : NULL;
     int64_t rows = node->iarg[0], in = node->iarg[1], outf = node->iarg[2];
@@ -5149,6 +5164,7 @@ static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
         float *dw;
         MGPU__GRAD_OR_FAIL(dw, ctx, w);
         g = mgpu__gemm_args_f32(ctx, 1, 0, outf, in, rows, 1.0f, dy, outf, (const float *)x->data, in, 1.0f, dw, in);
+        g.half_compute = (mgpu_dtype)node->iarg[3];
         if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     if (b && mgpu__needs_grad(node, 2)) {   // db (out) += column sums of dY
@@ -5162,6 +5178,7 @@ static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
         float *dx;
         MGPU__GRAD_OR_FAIL(dx, ctx, x);
         g = mgpu__gemm_args_f32(ctx, 0, 0, rows, in, outf, 1.0f, dy, outf, (const float *)w->data, in, 1.0f, dx, in);
+        g.half_compute = (mgpu_dtype)node->iarg[3];
         if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     return MGPU_OK;
@@ -5196,10 +5213,11 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     g = mgpu__gemm_args_f32(ctx, 0, 1, rows, outf, in, 1.0f, (const float *)x->data, in, (const float *)w->data, in, 0.0f,
                             (float *)y->data, outf);
     if (b) { g.epilogue = MGPU__EPI_BIAS; g.bias = (const float *)b->data; }
+    g.half_compute = mgpu__autocast_gemm_dtype(ctx);
     if (MGPU__TWIN(ctx, gemm, &g) != MGPU_OK) return NULL;
     ins[0] = x; ins[1] = w; ins[2] = b;
     MGPU__RECORD(ctx, "linear", mgpu__linear_backward, y, b ? 3 : 2, ins, node);
-    if (node) { node->iarg[0] = rows; node->iarg[1] = in; node->iarg[2] = outf; }
+    if (node) { node->iarg[0] = rows; node->iarg[1] = in; node->iarg[2] = outf; node->iarg[3] = g.half_compute; }
     return y;
 }
 

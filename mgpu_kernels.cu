@@ -1547,6 +1547,8 @@ struct mgpu__blas {
     size_t workspace_bytes;
     void *scratch;            // the twins' own buffers (im2col columns, attention probabilities), grown on demand
     size_t scratch_bytes;
+    void *half;               // half-precision copies of autocast GEMM operands (half_compute), grown on demand
+    size_t half_bytes;
     int tf32, next_victim;
     mgpu__gemm_plan plans[MGPU__PLAN_CACHE];
 };
@@ -1566,6 +1568,7 @@ extern "C" void mgpu_cuda_blas_destroy(void *blas) {
     for (int i = 0; i < MGPU__PLAN_CACHE; i++) mgpu__plan_release(&b->plans[i]);
     if (b->workspace) cudaFree(b->workspace);
     if (b->scratch) cudaFree(b->scratch);
+    if (b->half) cudaFree(b->half);
     if (b->lt) cublasLtDestroy(b->lt);
     if (b->handle) cublasDestroy(b->handle);
     free(b);
@@ -1770,6 +1773,37 @@ static mgpu_result mgpu__gemm_run(mgpu__blas *b, const mgpu__gemm_args *a) {
     return mgpu__gemm_lt(b, a);
 }
 
+// Elements an operand spans: `rows` rows of `cols` elements `ld` apart, for each batch item.
+static int64_t mgpu__operand_span(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int64_t stride) {
+    int64_t one = rows > 0 && cols > 0 ? (rows - 1) * ld + cols : 0;
+    return stride > 0 ? (batch - 1) * stride + one : one;
+}
+
+// Autocast (half_compute): A and B hold f32 values that autocast already rounded to the half
+// format, so casting them is exact; the product then runs on tensor cores in that format with f32
+// accumulation, and differs from the f32 product of the same values only in summation order.
+static mgpu_result mgpu__gemm_half(mgpu__blas *b, const mgpu__gemm_args *a) {
+    int64_t batch = mgpu__gemm_batch(a);
+    int64_t na = mgpu__operand_span(a->trans_a ? a->k : a->m, a->trans_a ? a->m : a->k, a->lda, batch, a->stride_a);
+    int64_t nb = mgpu__operand_span(a->trans_b ? a->n : a->k, a->trans_b ? a->k : a->n, a->ldb, batch, a->stride_b);
+    size_t a_bytes = ((size_t)na * 2 + 255) & ~(size_t)255, need = a_bytes + (size_t)nb * 2 + 256;
+    if (b->half_bytes < need) {
+        MGPU__CU(cudaStreamSynchronize(b->stream));   // queued products may still read the old copies
+        if (b->half) cudaFree(b->half);
+        b->half = NULL; b->half_bytes = 0;
+        MGPU__CU(cudaMalloc(&b->half, need));
+        b->half_bytes = need;
+    }
+    mgpu__gemm_args h = *a;
+    h.ab_dtype = a->half_compute;
+    h.a = b->half;
+    h.b = (char *)b->half + a_bytes;
+    if (na > 0) MGPU__LAUNCH(mgpu__cast_k, mgpu__grid(na, MGPU__THREADS), MGPU__THREADS, 0, b->stream, a->a, (int)MGPU_F32, (void *)h.a, (int)h.ab_dtype, na);
+    if (nb > 0) MGPU__LAUNCH(mgpu__cast_k, mgpu__grid(nb, MGPU__THREADS), MGPU__THREADS, 0, b->stream, a->b, (int)MGPU_F32, (void *)h.b, (int)h.ab_dtype, nb);
+    MGPU__LAUNCHED("mgpu__cast_k");
+    return mgpu__gemm_run(b, &h);
+}
+
 extern "C" mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream) {
     const int64_t lim = 2147483647LL;
     MGPU__REQUIRE(a && a->blas, "blas is NULL (create it with mgpu_cuda_blas_create)");
@@ -1783,9 +1817,12 @@ extern "C" mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream) {
     MGPU__REQUIRE(a->stride_a >= 0 && a->stride_b >= 0 && a->stride_c >= 0, "batch strides must be >= 0");
     if (a->m == 0 || a->n == 0) return MGPU_OK;
     MGPU__REQUIRE(a->a && a->b && a->c, "a, b and c must be device pointers");
+    MGPU__REQUIRE(a->half_compute == 0 || ((a->half_compute == MGPU_F16 || a->half_compute == MGPU_BF16) && a->ab_dtype == MGPU_F32),
+                  "half_compute must be 0, F16 or BF16, with F32 operands");
     mgpu__blas *b = (mgpu__blas *)a->blas;
     mgpu_result r = mgpu__blas_on(b, stream);
-    return r != MGPU_OK ? r : mgpu__gemm_run(b, a);
+    if (r != MGPU_OK) return r;
+    return a->half_compute ? mgpu__gemm_half(b, a) : mgpu__gemm_run(b, a);
 }
 
 // The twins built from GEMMs (conv2d, attention) describe their f32 products with this.

@@ -397,6 +397,9 @@ typedef struct mgpu__gemm_args {
     float *c; int64_t ldc, stride_c;
     mgpu__gemm_epilogue epilogue; const float *bias;
     int no_lt;                            /* CUDA: 1 skips cuBLASLt for plain cuBLAS (tests compare the two) */
+    mgpu_dtype half_compute;              /* 0 (F32): as given; F16/BF16 (autocast): A and B hold F32 values
+                                             already rounded to that format; the CUDA twin multiplies them in it on
+                                             tensor cores with f32 accumulation, the CPU twin in f32 (same values) */
 } mgpu__gemm_args;
 mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream);
 /* blas: handles + workspace + plan cache + scratch for the twins that compose GEMMs, bound to one

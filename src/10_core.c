@@ -550,7 +550,8 @@ struct mgpu_context {
     mgpu__arena device_arena;          /* CUDA: activation data (unused on the CPU) */
     uint64_t rng_seed, rng_offset;
     int grad_enabled;
-    int autocast;                      /* mgpu_amp_mode: emulated half precision for matmul-like ops */
+    int autocast;                      /* mgpu_amp_mode: half precision for matmul-like ops */
+    int autocast_inside;               /* the mode of the matmul-like op autocast is running now (0: none) */
     mgpu__node **tape; int64_t tape_len, tape_cap;
     mgpu_backward_end_fn backward_end; void *backward_end_user;
     int row_rank, row_world;           /* DDP sharding (rank, world; 0 = 1): dropout draws row j's mask at global row rank + world * j */

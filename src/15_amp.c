@@ -103,11 +103,19 @@ static MGPU__UNUSED int mgpu__autocast_begin(mgpu_context *ctx, mgpu_tensor **in
         if (!in[i]) return -1;
     }
     ctx->autocast = MGPU_AMP_OFF;
+    ctx->autocast_inside = mode;
     return mode;
 }
 /* Restores autocast and rounds the op's output (NULL passes through). */
 static MGPU__UNUSED mgpu_tensor *mgpu__autocast_end(mgpu_context *ctx, int mode, mgpu_tensor *out) {
     ctx->autocast = mode;
+    ctx->autocast_inside = MGPU_AMP_OFF;
     return out ? mgpu__amp_round(ctx, out, mode) : NULL;
+}
+/* The half format the GEMMs of the op autocast is running multiply in (mgpu__gemm_args.half_compute):
+   on a GPU that is real fp16/bf16 on tensor cores; the CPU multiplies the same rounded values in f32. */
+static MGPU__UNUSED mgpu_dtype mgpu__autocast_gemm_dtype(const mgpu_context *ctx) {
+    if (ctx->autocast_inside == MGPU_AMP_BF16) return MGPU_BF16;
+    return ctx->autocast_inside == MGPU_AMP_FP16 ? MGPU_F16 : MGPU_F32;
 }
 

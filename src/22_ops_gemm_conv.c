@@ -507,7 +507,7 @@ static void mgpu__gemm_set_batch(mgpu__gemm_args *g, int64_t batch, int64_t sa, 
    matmul
    -------------------------------------------------------------------------------------- */
 
-/* saved: iarg = {batch, M, K, N} */
+/* saved: iarg = {batch, M, K, N, half_compute} */
 static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *a = node->in[0], *b = node->in[1];
     int64_t batch = node->iarg[0], m = node->iarg[1], k = node->iarg[2], n = node->iarg[3];
@@ -518,6 +518,7 @@ static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
         float *da;
         MGPU__GRAD_OR_FAIL(da, ctx, a);
         g = mgpu__gemm_args_f32(ctx, 0, 1, m, k, n, 1.0f, dc, n, (const float *)b->data, n, 1.0f, da, k);
+        g.half_compute = (mgpu_dtype)node->iarg[4];
         mgpu__gemm_set_batch(&g, batch, m * n, k * n, m * k);
         if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
@@ -525,6 +526,7 @@ static mgpu_result mgpu__matmul_backward(mgpu_context *ctx, mgpu__node *node) {
         float *db;
         MGPU__GRAD_OR_FAIL(db, ctx, b);
         g = mgpu__gemm_args_f32(ctx, 1, 0, k, n, m, 1.0f, (const float *)a->data, k, dc, n, 1.0f, db, n);
+        g.half_compute = (mgpu_dtype)node->iarg[4];
         mgpu__gemm_set_batch(&g, batch, m * k, m * n, k * n);
         r = MGPU__TWIN(ctx, gemm, &g);
     }
@@ -554,11 +556,12 @@ MGPU_API mgpu_tensor *mgpu_op_matmul(mgpu_context *ctx, mgpu_tensor *a, mgpu_ten
     out = mgpu__new_activation(ctx, MGPU_F32, nd, shape);   // (B, M, N)
     if (!out) return NULL;
     g = mgpu__gemm_args_f32(ctx, 0, 0, m, n, k, 1.0f, (const float *)a->data, k, (const float *)b->data, n, 0.0f, (float *)out->data, n);
+    g.half_compute = mgpu__autocast_gemm_dtype(ctx);
     mgpu__gemm_set_batch(&g, batch, m * k, k * n, m * n);
     if (MGPU__TWIN(ctx, gemm, &g) != MGPU_OK) return NULL;
     ins[0] = a; ins[1] = b;
     MGPU__RECORD(ctx, "matmul", mgpu__matmul_backward, out, 2, ins, node);
-    if (node) { node->iarg[0] = batch; node->iarg[1] = m; node->iarg[2] = k; node->iarg[3] = n; }
+    if (node) { node->iarg[0] = batch; node->iarg[1] = m; node->iarg[2] = k; node->iarg[3] = n; node->iarg[4] = g.half_compute; }
     return out;
 }
 
@@ -587,7 +590,7 @@ static void mgpu__cpu_linear_bias_grad(const mgpu__linear_bias_grad_args *a) {
                       mgpu__linear_bias_grad_range, (void *)a);
 }
 
-/* iarg = {rows, in, out} */
+/* iarg = {rows, in, out, half_compute} */
 static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
     mgpu_tensor *x = node->in[0], *w = node->in[1], *b = node->n_in > 2 ? node->in[2] : NULL;
     int64_t rows = node->iarg[0], in = node->iarg[1], outf = node->iarg[2];
@@ -598,6 +601,7 @@ static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
         float *dw;
         MGPU__GRAD_OR_FAIL(dw, ctx, w);
         g = mgpu__gemm_args_f32(ctx, 1, 0, outf, in, rows, 1.0f, dy, outf, (const float *)x->data, in, 1.0f, dw, in);
+        g.half_compute = (mgpu_dtype)node->iarg[3];
         if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     if (b && mgpu__needs_grad(node, 2)) {   // db (out) += column sums of dY
@@ -611,6 +615,7 @@ static mgpu_result mgpu__linear_backward(mgpu_context *ctx, mgpu__node *node) {
         float *dx;
         MGPU__GRAD_OR_FAIL(dx, ctx, x);
         g = mgpu__gemm_args_f32(ctx, 0, 0, rows, in, outf, 1.0f, dy, outf, (const float *)w->data, in, 1.0f, dx, in);
+        g.half_compute = (mgpu_dtype)node->iarg[3];
         if ((r = MGPU__TWIN(ctx, gemm, &g)) != MGPU_OK) return r;
     }
     return MGPU_OK;
@@ -645,10 +650,11 @@ MGPU_API mgpu_tensor *mgpu_op_linear(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     g = mgpu__gemm_args_f32(ctx, 0, 1, rows, outf, in, 1.0f, (const float *)x->data, in, (const float *)w->data, in, 0.0f,
                             (float *)y->data, outf);
     if (b) { g.epilogue = MGPU__EPI_BIAS; g.bias = (const float *)b->data; }
+    g.half_compute = mgpu__autocast_gemm_dtype(ctx);
     if (MGPU__TWIN(ctx, gemm, &g) != MGPU_OK) return NULL;
     ins[0] = x; ins[1] = w; ins[2] = b;
     MGPU__RECORD(ctx, "linear", mgpu__linear_backward, y, b ? 3 : 2, ins, node);
-    if (node) { node->iarg[0] = rows; node->iarg[1] = in; node->iarg[2] = outf; }
+    if (node) { node->iarg[0] = rows; node->iarg[1] = in; node->iarg[2] = outf; node->iarg[3] = g.half_compute; }
     return y;
 }
 
