@@ -76,6 +76,14 @@ planted graph-legacy-inputs 86 'stream-order error: write_k on stream #[0-9]+ \(
 planted graph-legacy-inputs-ok 0 "$clean"
 planted capture-malloc-ok 0 "$clean"
 planted out-of-memory-ok 0 "$clean" MGPU_EMU_MEM_MB=4
+planted memory-budget-ok 0 "$clean" MGPU_EMU_MEM_MB=4
+host='device pointers may only be touched by kernels, cudaMemcpy\* and library calls'
+planted host-read 86 "host code read device memory at 0x[0-9a-f]+ \(offset 16 of device allocation 0x[0-9a-f]+ of 4096 bytes, cuda:0\): $host"
+planted host-write 86 "host code wrote device memory at 0x[0-9a-f]+ \(offset 40 of device allocation 0x[0-9a-f]+ of 4096 bytes, cuda:0\): $host"
+planted host-read 86 "host code read device memory at 0x[0-9a-f]+ \(offset 16 of device allocation .*: $host" MGPU_EMU_HOST_GUARD=2
+planted host-read 0 "$clean" MGPU_EMU_HOST_GUARD=0
+planted host-copies-ok 0 "$clean"
+planted host-copies-ok 0 "$clean" MGPU_EMU_HOST_GUARD=2
 planted peer-pointer 86 'launch error: kernel write_k on cuda:0: argument 1 points into device allocation 0x[0-9a-f]+ \(4096 bytes, cuda:1\) \(peer access is not enabled\)' MGPU_EMU_DEVICES=2
 planted lt-unaligned 86 'alignment error: cublasLtMatmul: A \(0x[0-9a-f]+\) is only 4-byte aligned, but the algorithm from cublasLtMatmulAlgoGetHeuristic assumes 16 bytes \(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES was not set'
 planted lt-below-preference 86 'alignment error: cublasLtMatmul: A \(0x[0-9a-f]+\) is only 8-byte aligned, .* assumes 16 bytes \(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES says so\)'
@@ -84,6 +92,7 @@ planted lt-aligned-ok 0 "$clean"
 # Reads past the end need the sanitizer build (its guard zones are poisoned); the fibers run under it too.
 PLANTED=$E/asan/tests/planted planted oob-read 1 'AddressSanitizer: use-after-poison on address' ASAN_OPTIONS=detect_leaks=0
 PLANTED=$E/asan/tests/planted planted reduction-no-sync-after-write 1 'block reduction without the __syncthreads after writing the partials' ASAN_OPTIONS=detect_leaks=0
+PLANTED=$E/asan/tests/planted planted host-write 86 "host code wrote device memory at 0x[0-9a-f]+ \(offset 40 of device allocation" ASAN_OPTIONS=detect_leaks=0
 PLANTED=$E/asan/tests/planted planted missing-event-wait 86 'stream-order error: sum_k' ASAN_OPTIONS=detect_leaks=0
 
 # nccl (emulated, shared memory) against shm, 2 and 4 processes, one emulated device each

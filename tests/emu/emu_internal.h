@@ -40,6 +40,7 @@ struct config {
     int init_error;         /* MGPU_EMU_INIT_ERROR=N: cudaGetDeviceCount fails with cudaError N (a broken driver) */
     size_t stack_bytes;     /* MGPU_EMU_STACK_KB per fiber */
     int fill;               /* MGPU_EMU_FILL: byte written into fresh device memory (default 0xff: NaN), -1 none */
+    int host_guard;         /* MGPU_EMU_HOST_GUARD (default 1): device memory is inaccessible outside emulated calls */
 };
 const config &cfg();
 
@@ -82,6 +83,21 @@ allocation *find_allocation(const void *p);   /* the allocation containing p, or
 std::string describe_allocation(const allocation *a);
 /* Checks every allocation's guard zones; an overwritten one is reported as an out-of-bounds write by `op`. */
 void check_guards(const char *op, const char *detail);
+
+/* ---- the host-access guard ---- */
+/* While a device_scope lives (on any thread), device memory is readable and writable; when the
+   last one ends it is PROT_NONE again (with MGPU_EMU_HOST_GUARD on). Every emulated operation that
+   touches device memory runs inside one: enqueue opens it around the op's run function. */
+void device_access_begin();
+void device_access_end();
+struct device_scope {
+    device_scope() { device_access_begin(); }
+    ~device_scope() { device_access_end(); }
+    device_scope(const device_scope &) = delete;
+    device_scope &operator=(const device_scope &) = delete;
+};
+/* fiber.cc: if the calling thread is running a kernel, writes which kernel and thread faulted (signal-safe enough for a crash path). */
+void kernel_fault_note(int sig);
 
 /* ---- streams and ops ---- */
 struct stream;

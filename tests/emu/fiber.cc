@@ -143,8 +143,9 @@ static const char *kind_name(int k) {
 #if !MGPU_EMU_ASAN
 static __thread char *sig_stack;
 
-/* A crash inside a kernel (a wild pointer, a fiber stack overflow) names the kernel and thread. */
-static void on_segv(int sig) {
+/* A crash inside a kernel (a wild pointer, a fiber stack overflow) names the kernel and thread.
+   Called by runtime.cc's fault handler, which then lets the default action run. */
+void kernel_fault_note(int sig) {
     sched *s = tls_sched;
     char buf[512];
     int n;
@@ -152,12 +153,12 @@ static void on_segv(int sig) {
         n = snprintf(buf, sizeof buf, "mgpu-emu: error: signal %d in kernel %s, block (%u,%u,%u) thread (%u,%u,%u): an invalid "
                      "address (or a fiber stack overflow: MGPU_EMU_STACK_KB=%zu)\n", sig, s->kname, mgpu_emu_block_idx.x,
                      mgpu_emu_block_idx.y, mgpu_emu_block_idx.z, s->cur->tid.x, s->cur->tid.y, s->cur->tid.z, cfg().stack_bytes >> 10);
-    else n = snprintf(buf, sizeof buf, "mgpu-emu: signal %d outside kernels\n", sig);
+    else if (s) n = snprintf(buf, sizeof buf, "mgpu-emu: signal %d outside kernels\n", sig);
+    else return;
     if (n > 0) { ssize_t w = write(2, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1); (void)w; }
-    signal(sig, SIG_DFL);
-    raise(sig);
 }
 
+/* The handler (runtime.cc) runs on this stack (SA_ONSTACK), so a fiber stack overflow is reported. */
 static void install_signal_stack() {
     if (sig_stack) return;
     size_t sz = 64 << 10;
@@ -167,18 +168,10 @@ static void install_signal_stack() {
     memset(&ss, 0, sizeof ss);
     ss.ss_sp = sig_stack; ss.ss_size = sz;
     sigaltstack(&ss, NULL);
-    static std::once_flag once;
-    std::call_once(once, [] {
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_handler = on_segv;
-        sa.sa_flags = SA_ONSTACK | SA_RESETHAND;
-        sigaction(SIGSEGV, &sa, NULL);
-        sigaction(SIGBUS, &sa, NULL);
-    });
 }
 #else
-static void install_signal_stack() {}   /* AddressSanitizer reports crashes itself */
+void kernel_fault_note(int sig) { (void)sig; }   /* AddressSanitizer reports crashes itself */
+static void install_signal_stack() {}
 #endif
 
 /* A thread that launched kernels ends: its fiber stacks go. */

@@ -314,6 +314,7 @@ bool step(coll &k) {
 
 /* Runs collectives to completion, interleaved; returns the first failure. */
 ncclResult_t run_all(std::vector<coll> &ks) {
+    device_scope open;   /* the exchange reads and writes device buffers (it runs after enqueue placed it in stream order) */
     double deadline = now_s() + timeout_s();
     int spins = 0;
     for (coll &k : ks) { k.off = 0; k.phase = 0; k.started = 0; k.done = k.count == 0; k.result = ncclSuccess; }

@@ -255,6 +255,54 @@ static int peer_pointer(void) {   // run with MGPU_EMU_DEVICES=2
     return 0;
 }
 
+// ---- host code touching device memory (the host-access guard: MGPU_EMU_HOST_GUARD) ----
+static int host_touch(int write) {
+    float *x;
+    CK(cudaMalloc(&x, 1024 * sizeof(float)));
+    CK(cudaMemset(x, 0, 1024 * sizeof(float)));
+    volatile float *v = x;   // a front that reads the loss from t->data on the host, say
+    if (write) v[10] = 1.0f;
+    else if (v[4] != 0.0f) return 1;
+    return 0;
+}
+static int host_touch_ok(void) {   // the correct program: copies, and touches only pinned and registered host memory
+    float *x, *pinned, *reg = (float *)malloc(1024 * sizeof(float));
+    CK(cudaMalloc(&x, 1024 * sizeof(float)));
+    CK(cudaMallocHost(&pinned, 1024 * sizeof(float)));
+    CK(cudaHostRegister(reg, 1024 * sizeof(float), 0));
+    for (int i = 0; i < 1024; i++) { pinned[i] = (float)i; reg[i] = 0; }
+    CK(cudaMemcpy(x, pinned, 1024 * sizeof(float), cudaMemcpyHostToDevice));
+    MGPU__LAUNCH(write_k, 4, 256, 0, 0, x, 512, 7.0f);
+    CK(cudaMemcpy(reg, x, 1024 * sizeof(float), cudaMemcpyDeviceToHost));
+    if (reg[0] != 7.0f || reg[511] != 7.0f || reg[512] != 512.0f || reg[1023] != 1023.0f) { printf("planted: copied back %g %g %g\n", reg[0], reg[512], reg[1023]); return 1; }
+    CK(cudaHostUnregister(reg));
+    CK(cudaFreeHost(pinned));
+    CK(cudaFree(x));
+    free(reg);
+    return 0;
+}
+static int host_read(void) { return host_touch(0); }
+static int host_write(void) { return host_touch(1); }
+static int mem_budget(void) {   // run with MGPU_EMU_MEM_MB=4: cudaMalloc and cudaMemGetInfo agree on the budget
+    size_t free0, total, free1, free2;
+    void *a = NULL, *b = NULL;
+    CK(cudaMemGetInfo(&free0, &total));
+    CK(cudaMalloc(&a, 3 << 20));
+    CK(cudaMemGetInfo(&free1, &total));
+    cudaError_t e = cudaMalloc(&b, 2 << 20);
+    cudaGetLastError();
+    CK(cudaMemGetInfo(&free2, &total));
+    if (total != (4u << 20) || free0 != total || free1 != (1u << 20) || free2 != free1 || e != cudaErrorMemoryAllocation || b) {
+        printf("planted: budget 4 MiB: total %zu, free %zu, %zu after 3 MiB, %zu after a failed 2 MiB (%s)\n", total, free0, free1, free2,
+               cudaGetErrorName(e));
+        return 1;
+    }
+    CK(cudaFree(a));
+    CK(cudaMemGetInfo(&free1, &total));
+    if (free1 != total) { printf("planted: %zu bytes free after freeing everything, of %zu\n", free1, total); return 1; }
+    return 0;
+}
+
 // ---- cuBLASLt pointer alignment ----
 static int lt(int offset_floats, unsigned pref_align) {
     const int m = 8, n = 8, k = 8;
@@ -318,7 +366,8 @@ static const scenario scenarios[] = {
     {"staging-legacy-copy", staging_bug}, {"staging-legacy-copy-ok", staging_ok}, {"graph-legacy-inputs", graph_bug},
     {"graph-legacy-inputs-ok", graph_ok}, {"capture-malloc-ok", capture_malloc}, {"out-of-memory-ok", out_of_memory},
     {"peer-pointer", peer_pointer}, {"lt-unaligned", lt_unaligned}, {"lt-below-preference", lt_below_pref},
-    {"lt-declared-alignment-ok", lt_declared_ok}, {"lt-aligned-ok", lt_aligned_ok},
+    {"lt-declared-alignment-ok", lt_declared_ok}, {"lt-aligned-ok", lt_aligned_ok}, {"host-read", host_read},
+    {"host-write", host_write}, {"host-copies-ok", host_touch_ok}, {"memory-budget-ok", mem_budget},
 };
 
 int main(int argc, char **argv) {

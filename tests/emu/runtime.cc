@@ -1,8 +1,25 @@
 /* mgpu CUDA emulation (tests only): the CUDA runtime on host memory, and the stream-order checker.
 
-   Devices are MGPU_EMU_DEVICES (default 1) budgets of MGPU_EMU_MEM_MB (default 8192) each; device
+   Devices are MGPU_EMU_DEVICES (default 1) budgets of MGPU_EMU_MEM_MB (default 8192) each (past
+   it cudaMalloc fails with cudaErrorMemoryAllocation; cudaMemGetInfo reports the budget); device
    memory is host memory with guard zones around every allocation (poisoned for AddressSanitizer
-   in the sanitizer build), filled with 0xff bytes (NaN) when allocated. Every launch, copy, memset,
+   in the sanitizer build), filled with 0xff bytes (NaN) when allocated.
+
+   Host-access guard (MGPU_EMU_HOST_GUARD, default 1; 0 off). On a GPU, host code that
+   dereferences a device pointer crashes or reads garbage; here device memory is host memory, so
+   the guard makes it inaccessible outside emulated calls. All devices' memory is one anonymous
+   mapping (a slice per device, each with its own best-fit heap); every emulated call that touches
+   it (the op run by enqueue: kernels with their fibers, copies, memsets, cuBLAS(Lt), NCCL, graph
+   replays; also the fill and guard-zone checks) runs inside a device_scope. With x86 protection
+   keys (PKU) the mapping carries its own key and a scope opens it for the calling thread only
+   (one instruction), so host code on any other thread is caught too. Without them (or with
+   MGPU_EMU_HOST_GUARD=2) the handed-out part is mprotect'ed PROT_NONE, opened while any thread is
+   inside a scope (a nesting count) and closed when the last leaves; transparent huge pages keep
+   that cheap, and host accesses while another thread is inside are missed, never misreported.
+   The SIGSEGV handler turns a fault on the mapping outside every scope into one line naming the
+   allocation and offset, a backtrace, and exit 86; other faults go to the previous handler (the
+   default action, or AddressSanitizer's, which the guard works under). Pinned and registered host
+   memory stay host memory. Every launch, copy, memset,
    library call and collective runs synchronously when it is enqueued, so results are ready as
    soon as the call returns; the emulation cannot show real asynchrony. What it does track is the
    order CUDA guarantees:
@@ -29,7 +46,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <ucontext.h>
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <memory>
 #include <set>
@@ -69,6 +91,7 @@ const config &cfg() {
         long kb = env_long("MGPU_EMU_STACK_KB", MGPU_EMU_ASAN ? 256 : 64);
         k.stack_bytes = (size_t)(kb < 16 ? 16 : kb) << 10;
         k.fill = (int)env_long("MGPU_EMU_FILL", 0xff);
+        k.host_guard = (int)env_long("MGPU_EMU_HOST_GUARD", 1);   /* 0 off, 1 on, 2 on with mprotect even where protection keys exist */
         return k;
     }();
     return c;
@@ -196,6 +219,223 @@ static stream *new_stream(int device, unsigned flags, int legacy, int per_thread
     return s;
 }
 
+/* ====================================================================================
+   Device memory: one reservation, and the host-access guard
+   ==================================================================================== */
+
+/* All devices' memory is one anonymous mapping: device d owns slice d. Each slice has a best-fit
+   heap of 256-byte-granular blocks (an allocation's guard zones included). With the guard on the
+   whole mapping is PROT_NONE while no thread is inside an emulated call, so host code that
+   dereferences a device pointer faults, and on_fault names the allocation. */
+static char *g_region;                 /* NULL: no reservation (it failed); device memory comes from aligned_alloc */
+static size_t g_slice, g_region_bytes;
+static int g_guard;                    /* 0 off, GUARD_PKEY or GUARD_MPROTECT */
+enum { GUARD_PKEY = 1, GUARD_MPROTECT = 2 };
+static int g_pkey = -1;
+struct heap {
+    std::map<uintptr_t, size_t> by_addr;          /* free blocks */
+    std::multimap<size_t, uintptr_t> by_size;
+    size_t high = 0;                              /* bytes of the slice ever handed out (page multiple): what mprotect toggles */
+};
+static std::vector<heap> &g_heaps = *new std::vector<heap>();
+static std::mutex g_open_mu;
+static std::atomic<int> g_open{0};     /* mprotect mode: device_scopes alive, over all threads */
+static thread_local int t_open;        /* protection-key mode: this thread's device_scopes */
+
+/* mprotect mode: opens or closes what the slices have handed out. g_open_mu held. */
+static void protect_all(int prot) {
+    for (size_t d = 0; d < g_heaps.size(); d++)
+        if (g_heaps[d].high && mprotect(g_region + d * g_slice, g_heaps[d].high, prot) != 0) {
+            perror("mgpu-emu: mprotect (device memory)");
+            _exit(86);
+        }
+}
+/* Protection keys (x86 PKU): the rights are per thread and switching them is one instruction, so
+   only the calling thread is opened and another thread's host code is still caught. mprotect is
+   process-wide and a system call: the mapping opens when the first thread enters and closes when
+   the last one leaves. */
+void device_access_begin() {
+    if (g_guard == GUARD_PKEY) {
+        if (t_open++ == 0) pkey_set(g_pkey, 0);
+    } else if (g_guard == GUARD_MPROTECT) {
+        std::lock_guard<std::mutex> g(g_open_mu);
+        int n = g_open.load(std::memory_order_relaxed);
+        if (n == 0) protect_all(PROT_READ | PROT_WRITE);
+        g_open.store(n + 1, std::memory_order_release);   /* after the mapping is open: the handler may trust a nonzero count */
+    }
+}
+void device_access_end() {
+    if (g_guard == GUARD_PKEY) {
+        if (--t_open == 0) pkey_set(g_pkey, PKEY_DISABLE_ACCESS);
+    } else if (g_guard == GUARD_MPROTECT) {
+        std::lock_guard<std::mutex> g(g_open_mu);
+        int n = g_open.load(std::memory_order_relaxed) - 1;
+        g_open.store(n, std::memory_order_release);
+        if (n == 0) protect_all(PROT_NONE);
+    }
+}
+
+static void heap_insert(heap &h, uintptr_t p, size_t n) {
+    h.by_addr[p] = n;
+    h.by_size.emplace(n, p);
+}
+static void heap_erase(heap &h, std::map<uintptr_t, size_t>::iterator it) {
+    auto r = h.by_size.equal_range(it->second);
+    for (auto j = r.first; j != r.second; ++j) if (j->second == it->first) { h.by_size.erase(j); break; }
+    h.by_addr.erase(it);
+}
+static char *heap_alloc(int device, size_t n) {
+    heap &h = g_heaps[(size_t)device];
+    auto b = h.by_size.lower_bound(n);
+    if (b == h.by_size.end()) return NULL;
+    uintptr_t p = b->second;
+    size_t have = b->first;
+    heap_erase(h, h.by_addr.find(p));
+    if (have > n) heap_insert(h, p + n, have - n);
+    char *start = g_region + (size_t)device * g_slice;
+    size_t end = (size_t)((char *)p + n - start);
+    if (end > h.high) {   /* the toggled part grows; opened now if some thread is inside (before anyone sees the pointer) */
+        size_t step = (size_t)2 << 20, high = (end + step - 1) / step * step;
+        std::lock_guard<std::mutex> g(g_open_mu);
+        if (g_guard == GUARD_MPROTECT && g_open.load(std::memory_order_relaxed) > 0)
+            mprotect(start + h.high, high - h.high, PROT_READ | PROT_WRITE);
+        h.high = high;
+    }
+    return (char *)p;
+}
+static void heap_free(int device, char *raw, size_t n) {
+    heap &h = g_heaps[(size_t)device];
+    uintptr_t p = (uintptr_t)raw;
+    size_t page = 4096;
+    uintptr_t lo = (p + page - 1) / page * page, hi = (p + n) / page * page;
+    if (hi > lo && hi - lo >= (1 << 20)) madvise((void *)lo, hi - lo, MADV_DONTNEED);   /* big frees give their pages back */
+    auto next = h.by_addr.lower_bound(p);
+    if (next != h.by_addr.end() && next->first == p + n) { n += next->second; heap_erase(h, next); }
+    auto prev = h.by_addr.lower_bound(p);
+    if (prev != h.by_addr.begin()) {
+        --prev;
+        if (prev->first + prev->second == p) { p = prev->first; n += prev->second; heap_erase(h, prev); }
+    }
+    heap_insert(h, p, n);
+}
+
+static struct sigaction g_old_segv, g_old_bus;
+
+static void say(const char *s) { ssize_t w = write(2, s, strlen(s)); (void)w; }
+
+/* Host code touched the device mapping while no emulated call was running: name the allocation, exit 86. */
+static void host_access_fault(uintptr_t addr, int write_access) {
+    /* The faulting thread may hold the runtime lock (then the recursive lock is ours again); another
+       thread may hold it briefly: wait a little, then read the table anyway (we are about to exit). */
+    int locked = 0;
+    for (int i = 0; i < 200 && !(locked = g_mu.try_lock()); i++) usleep(1000);
+    char where[400];
+    int device = (int)((addr - (uintptr_t)g_region) / g_slice);
+    allocation *a = find_allocation((const void *)addr);
+    if (a && a->kind == 0) {
+        snprintf(where, sizeof where, "offset %zu of device allocation %p of %zu bytes, cuda:%d", (size_t)(addr - (uintptr_t)a->base),
+                 (void *)a->base, a->size, a->device);
+    } else {
+        allocation *near = NULL;
+        auto it = g_allocs.upper_bound(addr);
+        if (it != g_allocs.end() && it->second->raw && addr >= (uintptr_t)it->second->raw) near = it->second;
+        else if (it != g_allocs.begin()) {
+            --it;
+            allocation *b = it->second;
+            if (b->raw && addr < (uintptr_t)b->raw + b->raw_size) near = b;
+        }
+        if (near && addr < (uintptr_t)near->base)
+            snprintf(where, sizeof where, "%zu bytes before the start of device allocation %p of %zu bytes, cuda:%d",
+                     (size_t)((uintptr_t)near->base - addr), (void *)near->base, near->size, near->device);
+        else if (near)
+            snprintf(where, sizeof where, "%zu bytes past the end of device allocation %p of %zu bytes, cuda:%d",
+                     (size_t)(addr - (uintptr_t)near->base - near->size), (void *)near->base, near->size, near->device);
+        else snprintf(where, sizeof where, "in no live allocation of cuda:%d: freed or never allocated device memory", device);
+    }
+    char msg[700];
+    snprintf(msg, sizeof msg, "mgpu-emu: host code %s device memory at %p (%s): device pointers may only be touched by kernels, "
+             "cudaMemcpy* and library calls (MGPU_EMU_HOST_GUARD=0 turns this check off)\n",
+             write_access < 0 ? "accessed" : write_access ? "wrote" : "read", (void *)addr, where);
+    fflush(stdout);
+    say(msg);
+    void *frames[64];
+    int n = backtrace(frames, 64);
+    say("mgpu-emu: backtrace of the access:\n");
+    backtrace_symbols_fd(frames, n, 2);
+    (void)locked;
+    _exit(86);
+}
+
+static void on_fault(int sig, siginfo_t *si, void *uc) {
+    uintptr_t addr = (uintptr_t)si->si_addr;
+    int mine = sig == SIGSEGV && g_guard && si->si_code > 0 && addr >= (uintptr_t)g_region && addr < (uintptr_t)g_region + g_region_bytes;
+    if (mine && g_guard == GUARD_MPROTECT) {
+        size_t d = (addr - (uintptr_t)g_region) / g_slice, off = addr - (uintptr_t)g_region - d * g_slice;
+        if (off >= g_heaps[d].high) mine = 0;   /* never handed out: a wild pointer, crash as usual */
+        else if (g_open.load(std::memory_order_acquire) > 0) return;   /* another thread opened it meanwhile: the access goes through */
+    }
+    if (mine && g_guard == GUARD_PKEY && (si->si_code != SEGV_PKUERR || t_open > 0)) mine = 0;
+    if (mine) {
+        int w = -1;
+#if defined(__x86_64__)
+        w = (((ucontext_t *)uc)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#else
+        (void)uc;
+#endif
+        host_access_fault(addr, w);
+    }
+    kernel_fault_note(sig);
+    /* not ours: the previous handler (the default action, or AddressSanitizer's) takes the fault again */
+    sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, NULL);
+    if (si->si_code <= 0) raise(sig);   /* sent by kill/raise, not a fault that repeats */
+}
+
+/* Reserves the device mapping and installs the fault handler (once, at the first CUDA call). */
+static void setup_device_memory(int devices) {
+    if (devices <= 0) return;
+    size_t step = (size_t)2 << 20;
+    g_slice = (3 * cfg().mem_bytes + ((size_t)64 << 20) + step - 1) / step * step;   /* guard zones of small allocations: up to 3x */
+    g_region_bytes = g_slice * (size_t)devices;
+    int guard = cfg().host_guard;
+    if (guard == 1) {   /* protection keys where the CPU and kernel have them, else mprotect */
+        g_pkey = pkey_alloc(0, PKEY_DISABLE_ACCESS);
+        guard = g_pkey >= 0 ? GUARD_PKEY : GUARD_MPROTECT;
+    } else if (guard != 0) guard = GUARD_MPROTECT;
+    void *m = mmap(NULL, g_region_bytes, guard == GUARD_MPROTECT ? PROT_NONE : PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m != MAP_FAILED && guard == GUARD_PKEY && pkey_mprotect(m, g_region_bytes, PROT_READ | PROT_WRITE, g_pkey) != 0) {
+        pkey_free(g_pkey);
+        g_pkey = -1;
+        guard = GUARD_MPROTECT;
+        mprotect(m, g_region_bytes, PROT_NONE);
+    }
+    if (m == MAP_FAILED) {
+        fprintf(stderr, "mgpu-emu: cannot reserve %zu bytes of address space for %d device(s) of MGPU_EMU_MEM_MB=%zu; device memory "
+                "comes from the heap and the host-access guard is off\n", g_region_bytes, devices, cfg().mem_bytes >> 20);
+        g_region_bytes = 0;
+    } else {
+        g_region = (char *)m;
+        if (guard == GUARD_MPROTECT) madvise(m, g_region_bytes, MADV_HUGEPAGE);   /* fewer page-table entries for mprotect to rewrite */
+        g_heaps.resize((size_t)devices);
+        for (int d = 0; d < devices; d++) heap_insert(g_heaps[(size_t)d], (uintptr_t)(g_region + (size_t)d * g_slice), g_slice);
+        g_guard = guard;
+    }
+    void *frames[2];
+    backtrace(frames, 2);   /* loads the unwinder now, not inside the signal handler */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+#if MGPU_EMU_ASAN
+    if (!g_guard) return;   /* AddressSanitizer reports other crashes itself */
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+#else
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+#endif
+}
+
 /* Lazily sets up the devices; returns cudaSuccess or why there are none. Lock held. */
 static cudaError_t init() {
     if (!g_inited) {
@@ -208,6 +448,7 @@ static cudaError_t init() {
                 ds.legacy = new_stream(d, 0, 1, 0);
                 g_dev.push_back(ds);
             }
+        setup_device_memory((int)g_dev.size());
     }
     if (cfg().init_error) return (cudaError_t)cfg().init_error;
     if (g_dev.empty()) return cudaErrorNoDevice;
@@ -269,8 +510,9 @@ static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
 static allocation *new_allocation(size_t size, int kind, int device) {
     size_t body = round_up(size ? size : 1, GUARD), raw_size = GUARD + body + GUARD;
-    char *raw = (char *)aligned_alloc(GUARD, raw_size);
+    char *raw = kind == 0 && g_region ? heap_alloc(device, raw_size) : (char *)aligned_alloc(GUARD, raw_size);
     if (!raw) return NULL;
+    if (kind == 0) device_access_begin();   /* fills and guard bytes */
     allocation *a = new allocation();
     a->raw = raw; a->raw_size = raw_size; a->base = raw + GUARD; a->size = size;
     a->kind = kind; a->device = device; a->serial = ++g_serial;
@@ -282,6 +524,7 @@ static allocation *new_allocation(size_t size, int kind, int device) {
     __asan_poison_memory_region(raw, GUARD);
     __asan_poison_memory_region(a->base + size, raw_size - GUARD - size);
 #endif
+    if (kind == 0) device_access_end();
     g_allocs[(uintptr_t)a->base] = a;
     return a;
 }
@@ -299,6 +542,7 @@ MGPU_EMU_NO_ASAN static void guard_restore(unsigned char *p, size_t n) {
 
 static void check_one_guard(allocation *a, const char *op, const char *detail) {
     if (!a->raw) return;
+    device_scope open;
     size_t last = 0, back = a->raw_size - GUARD - a->size;
     size_t f = guard_diff((const unsigned char *)a->base + a->size, back, &last);
     if (f < back) {
@@ -315,6 +559,7 @@ static void check_one_guard(allocation *a, const char *op, const char *detail) {
 }
 
 void check_guards(const char *op, const char *detail) {
+    device_scope open;
     for (auto &kv : g_allocs) check_one_guard(kv.second, op, detail);
 }
 
@@ -324,7 +569,8 @@ static void free_allocation(allocation *a) {
 #if MGPU_EMU_ASAN
         __asan_unpoison_memory_region(a->raw, a->raw_size);
 #endif
-        free(a->raw);
+        if (a->kind == 0 && g_region) heap_free(a->device, a->raw, a->raw_size);
+        else free(a->raw);
     }
     delete a;
 }
@@ -405,6 +651,7 @@ cudaError_t enqueue(cudaStream_t h, const char *op, std::vector<mem_access> acc,
         const vclock &now = tick(s);
         for (const mem_access &x : acc) check_access(s, now, op, x);
     }
+    device_scope open;   /* the op may touch device memory; host code between ops may not */
     run();
     return cudaSuccess;
 }
