@@ -8699,6 +8699,14 @@ static mgpu_result mgpu__tmpfile_close(mgpu__tmpfile *f, int err) {
     return r;
 }
 
+/* Abandons the replacement after a failure already reported (path untouched, no new error). */
+static void mgpu__tmpfile_abort(mgpu__tmpfile *f) {
+    close(f->fd);
+    unlink(f->tmp);
+    mgpu_free(f->tmp);
+    f->tmp = NULL; f->fd = -1;
+}
+
 /* Atomic replacement of path by the concatenation of spans. */
 static mgpu_result mgpu__write_atomic_spans(const char *path, const mgpu__span *spans, int n_spans, const char *fn) {
     mgpu__tmpfile f;
@@ -9332,11 +9340,9 @@ MGPU_API const char *mgpu_safetensors_metadata(const mgpu_safetensors *st, const
     return v ? v->string : NULL;
 }
 
-/* Whether entry e can be read into dst: host tensor, same shape, same dtype or float <-> float. */
+/* Whether entry e can be read into dst (on any device): same shape, same dtype or float <-> float. */
 static mgpu_result mgpu__st_check_fits(const char *label, const mgpu_safetensors_entry *e, const mgpu_tensor *dst) {
     char file_shape[96], dst_shape[96];
-    if (!mgpu__on_host(dst))
-        return mgpu__st_error(MGPU_ERR_UNSUPPORTED, label, e->name, "reading into a device tensor is not supported yet");
     if (dst->ndim != e->ndim || (e->ndim && memcmp(dst->shape, e->shape, sizeof(int64_t) * (size_t)e->ndim) != 0)) {
         mgpu_shape_string(e->ndim, e->shape, file_shape, sizeof file_shape);
         mgpu_shape_string(dst->ndim, dst->shape, dst_shape, sizeof dst_shape);
@@ -9372,26 +9378,86 @@ static void mgpu__convert_range(void *arg, int64_t begin, int64_t end) {
     for (i = begin; i < end; i++) mgpu__store_float(j->dst + (size_t)i * sd, j->to, mgpu__load_float(j->src + (size_t)i * sf, j->from));
 }
 
-static void mgpu__st_copy(const mgpu_safetensors_entry *e, mgpu_tensor *dst) {
+/* --------------------------------------------------------------------------------------
+   Tensors on a device: their bytes pass through a host staging buffer, in chunks, on the way to
+   and from a file. Host tensors are read and written in place, as they always were.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__STAGE_BYTES ((size_t)8 << 20)
+
+/* The staging buffer, grown on demand and reused for every tensor of a file: pinned memory when
+   the build has CUDA (DMA straight from it), plain memory otherwise. */
+typedef struct mgpu__stage { void *p; size_t cap; int pinned; } mgpu__stage;
+
+static void mgpu__stage_free(mgpu__stage *s) {
+#ifdef MGPU_CUDA
+    if (s->pinned) { mgpu_cuda_host_free(s->p); s->p = NULL; }
+#endif
+    mgpu_free(s->p);
+    s->p = NULL; s->cap = 0; s->pinned = 0;
+}
+
+/* At least bytes (<= MGPU__STAGE_BYTES) of staging; NULL with an error when out of memory. */
+static void *mgpu__stage_get(mgpu__stage *s, size_t bytes) {
+    if (bytes <= s->cap && s->p) return s->p;
+    mgpu__stage_free(s);
+#ifdef MGPU_CUDA
+    if ((s->p = mgpu_cuda_host_alloc(bytes)) != NULL) { s->pinned = 1; s->cap = bytes; return s->p; }
+    mgpu_clear_error(); /* no pinned memory: pageable memory works too, only slower */
+#endif
+    if ((s->p = mgpu__alloc(bytes, "staging tensor data")) != NULL) s->cap = bytes;
+    return s->p;
+}
+
+/* Bytes [at, at + bytes) of t's data to or from host memory: a copy on the host, a transfer on
+   the context's stream (waited for) on a device. */
+static mgpu_result mgpu__tensor_get_bytes(const mgpu_tensor *t, size_t at, void *dst, size_t bytes, const char *fn) {
+    if (mgpu__on_host(t)) { if (bytes) memcpy(dst, (const char *)t->data + at, bytes); return MGPU_OK; }
+    return mgpu__transfer(t->ctx, dst, (const char *)t->data + at, bytes, fn);
+}
+static mgpu_result mgpu__tensor_put_bytes(mgpu_tensor *t, size_t at, const void *src, size_t bytes, const char *fn) {
+    if (mgpu__on_host(t)) { if (bytes) memcpy((char *)t->data + at, src, bytes); return MGPU_OK; }
+    return mgpu__transfer(t->ctx, (char *)t->data + at, src, bytes, fn);
+}
+
+/* Entry e (validated by mgpu__st_check_fits) into dst, converting float dtypes: in place on the
+   host; chunk by chunk through the staging buffer on a device. */
+static mgpu_result mgpu__st_copy(const mgpu_safetensors_entry *e, mgpu_tensor *dst, mgpu__stage *stage) {
+    const char *fn = "loading a safetensors file into a device tensor";
+    size_t sf = mgpu_dtype_size(e->dtype), sd = mgpu_dtype_size(dst->dtype);
     mgpu__convert_job job;
-    if (dst->dtype == e->dtype) {
-        if (e->nbytes) memcpy(dst->data, e->data, e->nbytes);
-        return;
+    int64_t at, n, chunk;
+    mgpu_result r;
+    if (dst->dtype == e->dtype) return mgpu__tensor_put_bytes(dst, 0, e->data, e->nbytes, fn);
+    job.from = e->dtype; job.to = dst->dtype;
+    if (mgpu__on_host(dst)) {
+        job.src = (const uint8_t *)e->data; job.dst = (uint8_t *)dst->data;
+        mgpu_parallel_for(dst->ctx, dst->numel, (int64_t)1 << 15, mgpu__convert_range, &job);
+        return MGPU_OK;
     }
-    job.src = (const uint8_t *)e->data; job.from = e->dtype;
-    job.dst = (uint8_t *)dst->data; job.to = dst->dtype;
-    mgpu_parallel_for(dst->ctx, dst->numel, (int64_t)1 << 15, mgpu__convert_range, &job);
+    chunk = (int64_t)(MGPU__STAGE_BYTES / sd);
+    for (at = 0; at < dst->numel; at += n) {
+        n = MGPU__MIN(chunk, dst->numel - at);
+        if (!(job.dst = (uint8_t *)mgpu__stage_get(stage, (size_t)n * sd))) return MGPU_ERR_OOM_HOST;
+        job.src = (const uint8_t *)e->data + (size_t)at * sf;
+        mgpu_parallel_for(dst->ctx, n, (int64_t)1 << 15, mgpu__convert_range, &job);
+        if ((r = mgpu__tensor_put_bytes(dst, (size_t)at * sd, job.dst, (size_t)n * sd, fn)) != MGPU_OK) return r;
+    }
+    return MGPU_OK;
 }
 
 MGPU_API mgpu_result mgpu_safetensors_read_into(const mgpu_safetensors *st, const char *name, mgpu_tensor *dst) {
     const mgpu_safetensors_entry *e;
+    mgpu__stage stage;
     mgpu_result r;
     if (!st || !name || !dst) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_read_into: st, name and dst must not be NULL");
     e = mgpu_safetensors_find(st, name);
     if (!e) return mgpu__st_error(MGPU_ERR_FORMAT, st->label, name, "not in the file");
     if ((r = mgpu__st_check_fits(st->label, e, dst)) != MGPU_OK) return r;
-    mgpu__st_copy(e, dst);
-    return MGPU_OK;
+    memset(&stage, 0, sizeof stage);
+    r = mgpu__st_copy(e, dst, &stage);
+    mgpu__stage_free(&stage);
+    return r;
 }
 
 static int mgpu__cmp_str_ptr(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
@@ -9418,8 +9484,6 @@ static mgpu_result mgpu__st_check_tensor_arg(const char *name, const mgpu_tensor
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: tensor '%s' is NULL", name);
     if (!mgpu__dtype_valid(t->dtype) || t->ndim < 0 || t->ndim > MGPU_MAX_DIMS || (t->numel && !t->data))
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_safetensors_save: tensor '%s' is malformed (dtype, ndim or data)", name);
-    if (!mgpu__on_host(t))
-        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "mgpu_safetensors_save: tensor '%s' is on a CUDA device; saving device tensors is not supported yet", name);
     return MGPU_OK;
 }
 
@@ -9485,6 +9549,22 @@ static int mgpu__st_write_header(int fd, const mgpu__buf *header) {
     return mgpu__pwrite_fully(fd, header->data, header->len, 8);
 }
 
+/* Appends t's bytes: straight from its memory on the host, through the staging buffer (in chunks)
+   from a device. A failed device copy is *r (reported); else 0 or an errno value. */
+static int mgpu__stream_write_tensor(mgpu__stream *s, const mgpu_tensor *t, mgpu__stage *stage, mgpu_result *r) {
+    size_t bytes = mgpu_tensor_nbytes(t), at, n;
+    void *buf;
+    int err;
+    if (mgpu__on_host(t)) return mgpu__stream_write(s, t->data, bytes);
+    for (at = 0; at < bytes; at += n) {
+        n = MGPU__MIN(bytes - at, MGPU__STAGE_BYTES);
+        if (!(buf = mgpu__stage_get(stage, n))) { *r = MGPU_ERR_OOM_HOST; return -1; }
+        if ((*r = mgpu__tensor_get_bytes(t, at, buf, n, "mgpu_safetensors_save: copying a device tensor to the host")) != MGPU_OK) return -1;
+        if ((err = mgpu__stream_write(s, buf, n)) != 0) return err;
+    }
+    return 0;
+}
+
 /* Writes the file atomically. With checksum_key >= 0, values[checksum_key] is replaced by the
    checksum of the data section, computed in the same pass that writes the data: the header, whose
    length does not depend on the checksum's value, is built with a placeholder and written last. */
@@ -9496,6 +9576,7 @@ static mgpu_result mgpu__st_save(const char *path, int n, const char *const *nam
     mgpu__tmpfile f;
     mgpu__hash64 h;
     mgpu__stream s;
+    mgpu__stage stage;
     mgpu_result r;
     size_t header_len;
     int i, err = 0;
@@ -9509,9 +9590,18 @@ static mgpu_result mgpu__st_save(const char *path, int n, const char *const *nam
     if (r != MGPU_OK) { mgpu_free((void *)vals); mgpu__buf_free(&header); return r; }
     header_len = header.len;
     mgpu__hash64_init(&h);
-    /* tensor data is written straight from the tensors: no copy of the whole model */
+    memset(&stage, 0, sizeof stage);
+    /* tensor data is written straight from host tensors, device tensors a chunk at a time through
+       the staging buffer: never a copy of the whole model */
     mgpu__stream_init(&s, f.fd, 8 + (uint64_t)header_len, checksum_key >= 0 ? &h : NULL);
-    for (i = 0; i < n && !err; i++) err = mgpu__stream_write(&s, tensors[i]->data, mgpu_tensor_nbytes(tensors[i]));
+    for (i = 0; i < n && !err; i++) err = mgpu__stream_write_tensor(&s, tensors[i], &stage, &r);
+    mgpu__stage_free(&stage);
+    if (err && r != MGPU_OK) { /* a device copy failed and said why: the file is abandoned, path untouched */
+        mgpu__tmpfile_abort(&f);
+        mgpu_free((void *)vals);
+        mgpu__buf_free(&header);
+        return r;
+    }
     if (!err && checksum_key >= 0) {
         mgpu__checksum_text(mgpu__hash64_final(&h), checksum, sizeof checksum);
         header.len = 0;
@@ -9585,6 +9675,7 @@ static mgpu_result mgpu__model_check_file(const mgpu_safetensors *st, const mgpu
 MGPU_API mgpu_result mgpu_model_load(mgpu_model *m, const char *path) {
     mgpu__model_tensors mt;
     mgpu_safetensors *st = NULL;
+    mgpu__stage stage;
     mgpu_result r;
     int i;
     if (!m || !path) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_model_load: model and path must not be NULL");
@@ -9593,7 +9684,9 @@ MGPU_API mgpu_result mgpu_model_load(mgpu_model *m, const char *path) {
     if (r == MGPU_OK && !(st = mgpu_safetensors_open(path))) r = mgpu_last_result();
     /* validate everything before touching the model, so a bad file loads nothing */
     if (r == MGPU_OK) r = mgpu__model_check_file(st, &mt);
-    for (i = 0; i < mt.n && r == MGPU_OK; i++) mgpu__st_copy(mgpu_safetensors_find(st, mt.names[i]), mt.tensors[i]);
+    memset(&stage, 0, sizeof stage);
+    for (i = 0; i < mt.n && r == MGPU_OK; i++) r = mgpu__st_copy(mgpu_safetensors_find(st, mt.names[i]), mt.tensors[i], &stage);
+    mgpu__stage_free(&stage);
     mgpu_safetensors_close(st);
     mgpu__model_tensors_free(&mt);
     return r;
@@ -10535,6 +10628,8 @@ static mgpu_result mgpu__optim_tensors_collect(const mgpu_optimizer *o, mgpu__op
         if (!(ot->step_names[i] = mgpu__join_name(o->model->params.items[i].name, "step"))) return MGPU_ERR_OOM_HOST;
         ot->steps[i] = o->params[i].steps;
         mgpu__tensor_init_header(&ot->step_tensors[i], o->model->ctx, MGPU_I64, 0, NULL, 1);
+        ot->step_tensors[i].device.type = MGPU_DEVICE_CPU; /* host memory, whatever the model's device */
+        ot->step_tensors[i].device.index = 0;
         ot->step_tensors[i].data = &ot->steps[i];
         ot->list.names[ns + i] = ot->step_names[i];
         ot->list.tensors[ns + i] = &ot->step_tensors[i];
@@ -10649,9 +10744,10 @@ static void *mgpu__ckpt_alloc_snapshot(size_t bytes) {
     return p;
 }
 
-/* Background mode: every tensor copied into one host buffer, so training may change them. The
-   buffer is kept between saves (and can be reserved ahead, see mgpu__checkpointer_reserve): fresh
-   memory costs page faults, which would otherwise be paid on the training thread at every save. */
+/* Background mode: every tensor (on the host or a device) copied into one host buffer, so training
+   may change them. The buffer is kept between saves (and can be reserved ahead, see
+   mgpu__checkpointer_reserve): fresh memory costs page faults, which would otherwise be paid on
+   the training thread at every save. */
 static mgpu_result mgpu__ckpt_job_snapshot(mgpu__ckpt_job *j, void **buffer, size_t *capacity) {
     size_t total = mgpu__ckpt_snapshot_bytes(j), at = 0;
     int i;
@@ -10664,7 +10760,7 @@ static mgpu_result mgpu__ckpt_job_snapshot(mgpu__ckpt_job *j, void **buffer, siz
     for (i = 0; i < j->n_total; i++) {
         mgpu_tensor *t = &j->tensors[i];
         size_t bytes = mgpu_tensor_nbytes(t);
-        mgpu_result r = mgpu_tensor_copy_to_host(t, (char *)*buffer + at, bytes);
+        mgpu_result r = mgpu__tensor_get_bytes(t, 0, (char *)*buffer + at, bytes, "mgpu_checkpointer_save: snapshot of a device tensor");
         if (r != MGPU_OK) return r;
         t->data = (char *)*buffer + at;
         t->device.type = MGPU_DEVICE_CPU; t->device.index = 0;
@@ -10990,6 +11086,7 @@ static mgpu_result mgpu__ckpt_open_bytes(const mgpu_checkpoint_bytes *b, const c
 static mgpu_result mgpu__ckpt_apply(mgpu__ckpt_files *f, mgpu_model *m, mgpu_optimizer *o) {
     mgpu__model_tensors mt;
     mgpu__optim_tensors ot;
+    mgpu__stage stage;
     mgpu_result r;
     int i;
     memset(&mt, 0, sizeof mt);
@@ -10997,10 +11094,12 @@ static mgpu_result mgpu__ckpt_apply(mgpu__ckpt_files *f, mgpu_model *m, mgpu_opt
     r = mgpu__model_tensors_collect(m, &mt, "mgpu_checkpoint_load");
     if (r == MGPU_OK) r = mgpu__model_check_file(f->model, &mt);
     if (r == MGPU_OK && o && (r = mgpu__optim_tensors_collect(o, &ot)) == MGPU_OK) r = mgpu__model_check_file(f->optim, &ot.list);
-    if (r == MGPU_OK) {
-        for (i = 0; i < mt.n; i++) mgpu__st_copy(mgpu_safetensors_find(f->model, mt.names[i]), mt.tensors[i]);
-        for (i = 0; o && i < ot.list.n; i++) mgpu__st_copy(mgpu_safetensors_find(f->optim, ot.list.names[i]), ot.list.tensors[i]);
-    }
+    /* only now is anything overwritten: host tensors in place, device tensors through one staging buffer */
+    memset(&stage, 0, sizeof stage);
+    for (i = 0; i < mt.n && r == MGPU_OK; i++) r = mgpu__st_copy(mgpu_safetensors_find(f->model, mt.names[i]), mt.tensors[i], &stage);
+    for (i = 0; o && i < ot.list.n && r == MGPU_OK; i++)
+        r = mgpu__st_copy(mgpu_safetensors_find(f->optim, ot.list.names[i]), ot.list.tensors[i], &stage);
+    mgpu__stage_free(&stage);
     if (r == MGPU_OK && o) {
         const char *sc = mgpu_safetensors_metadata(f->optim, "step_count");
         long long count = 0;

@@ -312,6 +312,8 @@ static mgpu_result mgpu__optim_tensors_collect(const mgpu_optimizer *o, mgpu__op
         if (!(ot->step_names[i] = mgpu__join_name(o->model->params.items[i].name, "step"))) return MGPU_ERR_OOM_HOST;
         ot->steps[i] = o->params[i].steps;
         mgpu__tensor_init_header(&ot->step_tensors[i], o->model->ctx, MGPU_I64, 0, NULL, 1);
+        ot->step_tensors[i].device.type = MGPU_DEVICE_CPU; /* host memory, whatever the model's device */
+        ot->step_tensors[i].device.index = 0;
         ot->step_tensors[i].data = &ot->steps[i];
         ot->list.names[ns + i] = ot->step_names[i];
         ot->list.tensors[ns + i] = &ot->step_tensors[i];
@@ -426,9 +428,10 @@ static void *mgpu__ckpt_alloc_snapshot(size_t bytes) {
     return p;
 }
 
-/* Background mode: every tensor copied into one host buffer, so training may change them. The
-   buffer is kept between saves (and can be reserved ahead, see mgpu__checkpointer_reserve): fresh
-   memory costs page faults, which would otherwise be paid on the training thread at every save. */
+/* Background mode: every tensor (on the host or a device) copied into one host buffer, so training
+   may change them. The buffer is kept between saves (and can be reserved ahead, see
+   mgpu__checkpointer_reserve): fresh memory costs page faults, which would otherwise be paid on
+   the training thread at every save. */
 static mgpu_result mgpu__ckpt_job_snapshot(mgpu__ckpt_job *j, void **buffer, size_t *capacity) {
     size_t total = mgpu__ckpt_snapshot_bytes(j), at = 0;
     int i;
@@ -441,7 +444,7 @@ static mgpu_result mgpu__ckpt_job_snapshot(mgpu__ckpt_job *j, void **buffer, siz
     for (i = 0; i < j->n_total; i++) {
         mgpu_tensor *t = &j->tensors[i];
         size_t bytes = mgpu_tensor_nbytes(t);
-        mgpu_result r = mgpu_tensor_copy_to_host(t, (char *)*buffer + at, bytes);
+        mgpu_result r = mgpu__tensor_get_bytes(t, 0, (char *)*buffer + at, bytes, "mgpu_checkpointer_save: snapshot of a device tensor");
         if (r != MGPU_OK) return r;
         t->data = (char *)*buffer + at;
         t->device.type = MGPU_DEVICE_CPU; t->device.index = 0;
@@ -767,6 +770,7 @@ static mgpu_result mgpu__ckpt_open_bytes(const mgpu_checkpoint_bytes *b, const c
 static mgpu_result mgpu__ckpt_apply(mgpu__ckpt_files *f, mgpu_model *m, mgpu_optimizer *o) {
     mgpu__model_tensors mt;
     mgpu__optim_tensors ot;
+    mgpu__stage stage;
     mgpu_result r;
     int i;
     memset(&mt, 0, sizeof mt);
@@ -774,10 +778,12 @@ static mgpu_result mgpu__ckpt_apply(mgpu__ckpt_files *f, mgpu_model *m, mgpu_opt
     r = mgpu__model_tensors_collect(m, &mt, "mgpu_checkpoint_load");
     if (r == MGPU_OK) r = mgpu__model_check_file(f->model, &mt);
     if (r == MGPU_OK && o && (r = mgpu__optim_tensors_collect(o, &ot)) == MGPU_OK) r = mgpu__model_check_file(f->optim, &ot.list);
-    if (r == MGPU_OK) {
-        for (i = 0; i < mt.n; i++) mgpu__st_copy(mgpu_safetensors_find(f->model, mt.names[i]), mt.tensors[i]);
-        for (i = 0; o && i < ot.list.n; i++) mgpu__st_copy(mgpu_safetensors_find(f->optim, ot.list.names[i]), ot.list.tensors[i]);
-    }
+    /* only now is anything overwritten: host tensors in place, device tensors through one staging buffer */
+    memset(&stage, 0, sizeof stage);
+    for (i = 0; i < mt.n && r == MGPU_OK; i++) r = mgpu__st_copy(mgpu_safetensors_find(f->model, mt.names[i]), mt.tensors[i], &stage);
+    for (i = 0; o && i < ot.list.n && r == MGPU_OK; i++)
+        r = mgpu__st_copy(mgpu_safetensors_find(f->optim, ot.list.names[i]), ot.list.tensors[i], &stage);
+    mgpu__stage_free(&stage);
     if (r == MGPU_OK && o) {
         const char *sc = mgpu_safetensors_metadata(f->optim, "step_count");
         long long count = 0;

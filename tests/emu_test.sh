@@ -6,6 +6,7 @@
 # - planted bugs (tests/emu/planted.cu), each of which must produce its own error, and their
 #   corrected twins, which must run clean;
 # - the nccl backend against the shm backend with 2 and 4 processes under mgpurun (bit for bit);
+# - checkpoints of CUDA tensors: CPU -> cuda:0 -> CPU round trips, damaged files (tests/emu/ckpt_cuda.c);
 # - the examples and tools built with -DMGPU_CUDA start.
 # Ends with the time the emulated suite took (its build excluded).
 source "$(dirname "$0")/lib.sh"
@@ -102,6 +103,12 @@ for n in 2 4; do
   if [ "$rc" -eq 0 ] && [ "$good" -eq "$n" ]; then ok "nccl backend == shm backend bit for bit, $n processes (all-reduce sum/avg of host buffers and CUDA tensors, broadcast, all-gather, reduce-scatter; stream order checked)"
   else fail "nccl vs shm with $n processes (exit $rc, $good of $n ranks clean)" "$(grep -E 'FAIL|check failed|mgpu-emu|mgpurun' "$T_TMP/comm$n.log" | head -n 20)"; fi
 done
+# checkpoints and safetensors files of tensors in device memory: saved on cuda:0 they are the CPU's
+# files byte for byte and load back onto the CPU bit for bit (and the other way round); damaged
+# files loaded onto a CUDA model are refused and leave its weights and moments untouched
+MGPU_EMU_ERRORS=report timeout 300 $E/tests/ckpt_cuda > "$T_TMP/ckpt.log" 2>&1
+suite "checkpoints of CUDA tensors (CPU <-> cuda:0 bit for bit, damaged files refused)" $? "$T_TMP/ckpt.log"
+
 expect "no emulated NCCL segment left in /dev/shm" [ -z "$(ls /dev/shm 2>/dev/null | grep mgpu-emu-nccl)" ]
 
 # the CUDA builds of the examples and tools start (training on cuda waits for the CUDA backend)
