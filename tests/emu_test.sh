@@ -6,6 +6,7 @@
 # - planted bugs (tests/emu/planted.cu), each of which must produce its own error, and their
 #   corrected twins, which must run clean;
 # - the nccl backend against the shm backend with 2 and 4 processes under mgpurun (bit for bit);
+# - DDP with device gradients over nccl and shm (staged) with 2 processes (tests/emu/ddp_cuda.c);
 # - the examples and tools built with -DMGPU_CUDA start.
 # Ends with the time the emulated suite took (its build excluded).
 source "$(dirname "$0")/lib.sh"
@@ -92,6 +93,21 @@ for n in 2 4; do
   good=$(grep -c "RESULT .*: [0-9]* passed, 0 failed" "$T_TMP/comm$n.log")
   if [ "$rc" -eq 0 ] && [ "$good" -eq "$n" ]; then ok "nccl backend == shm backend bit for bit, $n processes (all-reduce sum/avg of host buffers and CUDA tensors, broadcast, all-gather, reduce-scatter; stream order checked)"
   else fail "nccl vs shm with $n processes (exit $rc, $good of $n ranks clean)" "$(grep -E 'FAIL|check failed|mgpu-emu|mgpurun' "$T_TMP/comm$n.log" | head -n 20)"; fi
+done
+# DDP with gradients in device memory, 2 processes (tests/emu/ddp_cuda.c): nccl and shm (buckets
+# staged through pinned host memory) against the averaged single-process gradients, bit for bit
+# between the backends; raw device pointers; --gpu-ids 1,0 for NCCL's devices. Report mode: a
+# stream-order error fails the run. Then both ranks on one device (shm only).
+for mode in two shared; do
+  devs=2; [ $mode = shared ] && devs=1
+  rm -rf "$T_TMP/ddp_$mode"
+  MGPU_EMU_ERRORS=report MGPU_EMU_DEVICES=$devs MGPU_TIMEOUT_S=60 timeout 300 $E/mgpurun --nproc-per-node 2 --log-dir "$T_TMP/ddp_$mode" \
+    $E/tests/ddp_cuda $mode > "$T_TMP/ddp_$mode.log" 2>&1; rc=$?
+  for r in 0 1; do
+    if [ -f "$T_TMP/ddp_$mode/rank-$r.log" ]; then suite "DDP on device gradients ($mode device$([ $devs = 2 ] && echo s)), rank $r" $rc "$T_TMP/ddp_$mode/rank-$r.log"
+    else fail "DDP on device gradients ($mode), rank $r: no log (exit $rc)" "$(tail -n 20 "$T_TMP/ddp_$mode.log")"; fi
+  done
+  if grep -q "mgpu-emu" "$T_TMP/ddp_$mode"/rank-*.log 2>/dev/null; then fail "DDP on device gradients ($mode): emulation errors" "$(grep -h mgpu-emu "$T_TMP/ddp_$mode"/rank-*.log | head -n 10)"; fi
 done
 expect "no emulated NCCL segment left in /dev/shm" [ -z "$(ls /dev/shm 2>/dev/null | grep mgpu-emu-nccl)" ]
 
