@@ -734,6 +734,10 @@ typedef struct mgpu_comm_desc {
     mgpu_comm_backend backend;
     const mgpu_dist_env *env;  /* NULL: mgpu_dist_env_read() */
     double timeout_s;          /* every wait is bounded; 0: $MGPU_TIMEOUT_S, else 600 */
+    /* nccl: the CUDA device of each local rank (--gpu-ids): local rank i runs on gpu_ids[i], in
+       the numbering of the visible devices (CUDA_VISIBLE_DEVICES). NULL / 0: device local_rank. */
+    const int *gpu_ids;
+    int num_gpu_ids;
 } mgpu_comm_desc;
 typedef struct mgpu_comm mgpu_comm;
 /* Collective over all ranks of the job; rendezvous through a TCP store hosted by rank 0 on
@@ -745,6 +749,8 @@ MGPU_API void mgpu_comm_destroy(mgpu_comm *c);
 MGPU_API int mgpu_comm_rank(const mgpu_comm *c);
 MGPU_API int mgpu_comm_world_size(const mgpu_comm *c);
 MGPU_API int mgpu_comm_local_rank(const mgpu_comm *c);
+/* The CUDA device the communicator runs on (nccl; shm once it staged CUDA data), else -1. */
+MGPU_API int mgpu_comm_cuda_device(const mgpu_comm *c);
 MGPU_API mgpu_comm_backend mgpu_comm_backend_of(const mgpu_comm *c);
 
 /* Blocking collectives on tensors (in place for allreduce/broadcast). Sums are taken in rank order,
@@ -756,14 +762,16 @@ MGPU_API mgpu_result mgpu_comm_allgather(mgpu_comm *c, const mgpu_tensor *in, mg
 /* in holds world_size * out->numel elements; out gets the reduction of block `rank`. */
 MGPU_API mgpu_result mgpu_comm_reduce_scatter(mgpu_comm *c, const mgpu_tensor *in, mgpu_tensor *out, mgpu_reduce_op op);
 MGPU_API mgpu_result mgpu_comm_barrier(mgpu_comm *c);
-/* Raw host buffers (buckets, SyncBatchNorm statistics). */
+/* Raw buffers (SyncBatchNorm statistics), host memory or, in a CUDA build, device memory: the
+   collective then runs after all work queued on that device (any stream: the producer is unknown). */
 MGPU_API mgpu_result mgpu_comm_allreduce_f32(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op);
 MGPU_API mgpu_result mgpu_comm_allreduce_f64(mgpu_comm *c, double *data, int64_t n, mgpu_reduce_op op);
 /* Every rank contributes `bytes` bytes; out receives world_size * bytes (rank order). */
 MGPU_API mgpu_result mgpu_comm_allgather_bytes(mgpu_comm *c, const void *in, size_t bytes, void *out);
 
-/* Asynchronous all-reduce of a host float buffer, run by the communicator's progress thread in the
-   order issued (all ranks must issue the same sequence). Wait returns its result and frees it. */
+/* Asynchronous all-reduce of a float buffer (host memory, or device memory as above), run by the
+   communicator's progress thread in the order issued (all ranks must issue the same sequence).
+   Wait returns its result and frees it. */
 typedef struct mgpu_comm_work mgpu_comm_work;
 MGPU_API mgpu_comm_work *mgpu_comm_allreduce_f32_async(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op);
 MGPU_API int mgpu_comm_work_done(const mgpu_comm_work *w);

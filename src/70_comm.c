@@ -704,11 +704,17 @@ struct mgpu_comm_work {
     mgpu_result result; char msg[MGPU__COMM_MSG];
     struct mgpu_comm_work *next;                /* queue order */
     struct mgpu_comm_work *live_prev, *live_next; /* issued, not yet waited (destroy frees these) */
+    int device;                                 /* data is device memory of this CUDA device; -1: host */
+    void *stream;                               /* the stream that produced the data (NULL: unknown) */
+    void *ready_ev, *done_ev;                   /* CUDA events: the producer's work issued before it (recorded
+                                                   on `stream` when issued), the collective's (on the
+                                                   communicator's stream); NULL without device data */
 };
 
 struct mgpu_comm {
     mgpu_comm_backend backend;
     int rank, world, local_rank, local_world;
+    int gpu_id;                                 /* nccl: the device asked for (--gpu-ids); -1: local_rank */
     double timeout_s;
     /* shared region (shm, threads) */
     unsigned char *region; size_t region_bytes;
@@ -737,7 +743,8 @@ struct mgpu_comm {
     cudaStream_t stream;
     cudaEvent_t ev_ready, ev_done;
     void *dev_scratch; size_t dev_scratch_bytes;
-    void *pinned[2]; size_t pinned_bytes[2];    /* shm/threads with CUDA tensors: host staging */
+    void *pinned[3]; size_t pinned_bytes[3];    /* shm/threads with CUDA data: host staging (0, 1: blocking
+                                                   tensor collectives; 2: the executing thread's raw buffers) */
 #endif
 };
 
@@ -1088,6 +1095,7 @@ static mgpu_comm *mgpu__comm_new(mgpu_comm_backend backend, int rank, int world,
     c->backend = backend; c->rank = rank; c->world = world;
     c->local_rank = local_rank; c->local_world = local_world;
     c->timeout_s = timeout_s;
+    c->gpu_id = -1;
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->exec_mu, NULL);
     pthread_condattr_init(&ca);
@@ -1133,13 +1141,21 @@ static void mgpu__comm_progress_stop(mgpu_comm *c) {
 static void mgpu__nccl_teardown(mgpu_comm *c);
 #endif
 
+static void mgpu__comm_work_free(mgpu_comm_work *w) {
+#ifdef MGPU_CUDA
+    if (w->ready_ev) cudaEventDestroy((cudaEvent_t)w->ready_ev);
+    if (w->done_ev) cudaEventDestroy((cudaEvent_t)w->done_ev);
+#endif
+    mgpu_free(w);
+}
+
 MGPU_API void mgpu_comm_destroy(mgpu_comm *c) {
     if (!c) return;
     mgpu__comm_progress_stop(c);
     while (c->live) {   /* works never waited for */
         mgpu_comm_work *w = c->live;
         c->live = w->live_next;
-        mgpu_free(w);
+        mgpu__comm_work_free(w);
     }
     if (c->ctl) {   /* peers still waiting for this rank fail at once */
         __atomic_store_n(&c->ctl[c->rank].state, MGPU__RANK_DEPARTED, __ATOMIC_SEQ_CST);
@@ -1448,6 +1464,27 @@ static mgpu_result mgpu__comm_check_request(const mgpu_comm_desc *d, const mgpu_
     return MGPU_OK;
 }
 
+/* desc->gpu_ids (nccl): an entry for this local rank, a device index. */
+static mgpu_result mgpu__comm_check_gpu_ids(const mgpu_comm_desc *d, const mgpu_dist_env *env) {
+    const char *fn = "mgpu_comm_create";
+    char list[128];
+    size_t at = 0;
+    int i;
+    if (d->backend != MGPU_COMM_NCCL || d->num_gpu_ids == 0) return MGPU_OK;
+    if (d->num_gpu_ids < 0 || !d->gpu_ids)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->num_gpu_ids is %d with gpu_ids %s; expected a list of device indices (or 0 ids)",
+                          fn, d->num_gpu_ids, d->gpu_ids ? "set" : "NULL");
+    list[0] = 0;
+    for (i = 0; i < d->num_gpu_ids && at < sizeof list - 16; i++) at += (size_t)snprintf(list + at, sizeof list - at, i ? ",%d" : "%d", d->gpu_ids[i]);
+    if (env->local_rank >= d->num_gpu_ids)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: local rank %d has no entry in --gpu-ids %s (%d ids for %d local ranks); give one device per local rank",
+                          fn, env->local_rank, list, d->num_gpu_ids, env->local_world_size);
+    if (d->gpu_ids[env->local_rank] < 0)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: --gpu-ids %s gives local rank %d device %d; expected a device index >= 0",
+                          fn, list, env->local_rank, d->gpu_ids[env->local_rank]);
+    return MGPU_OK;
+}
+
 MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc) {
     mgpu_comm_desc d;
     mgpu_dist_env env;
@@ -1467,9 +1504,10 @@ MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc) {
     if (mgpu__comm_timeout(d.timeout_s, "mgpu_comm_create", &timeout) != MGPU_OK) return NULL;
     if (d.env) env = *d.env;
     else if (mgpu_dist_env_read(&env) != MGPU_OK) return NULL;
-    if (mgpu__comm_check_request(&d, &env) != MGPU_OK) return NULL;
+    if (mgpu__comm_check_request(&d, &env) != MGPU_OK || mgpu__comm_check_gpu_ids(&d, &env) != MGPU_OK) return NULL;
     c = mgpu__comm_new(d.backend, env.rank, env.world_size, env.local_rank, env.local_world_size, timeout);
     if (!c) return NULL;
+    if (d.backend == MGPU_COMM_NCCL && d.num_gpu_ids > 0) c->gpu_id = d.gpu_ids[env.local_rank];
     if (env.world_size == 1 && d.backend == MGPU_COMM_SHM) r = mgpu__heap_group_attach(&c, 1);
 #ifdef MGPU_CUDA
     else if (env.world_size == 1) {
@@ -1503,6 +1541,14 @@ MGPU_API int mgpu_comm_local_rank(const mgpu_comm *c) {
     if (!c) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_local_rank: communicator is NULL"); return -1; }
     return c->local_rank;
 }
+MGPU_API int mgpu_comm_cuda_device(const mgpu_comm *c) {
+    if (!c) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_cuda_device: communicator is NULL"); return -1; }
+#ifdef MGPU_CUDA
+    return c->cuda_device;
+#else
+    return -1;
+#endif
+}
 MGPU_API mgpu_comm_backend mgpu_comm_backend_of(const mgpu_comm *c) {
     if (!c) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_backend_of: communicator is NULL"); return MGPU_COMM_SHM; }
     return c->backend;
@@ -1518,13 +1564,21 @@ typedef struct mgpu__coll {
     int64_t count;               /* allreduce: elements; broadcast: bytes; allgather: bytes per rank;
                                     reduce_scatter: elements of out */
     int dtype, avg, root;
-    void *stream;                /* the stream whose queued work produced in (nccl): a CUDA tensor's context
-                                    stream; NULL, the legacy default stream, for raw device pointers */
+    /* CUDA data: what the collective must run after, and what may run after it */
+    int dev;                     /* in/out are device memory of this device (raw buffers); -1: host, or tensors
+                                    staged by the caller */
+    void *stream;                /* the stream whose queued work produced in: a CUDA tensor's context stream */
+    void *ready_ev;              /* or an event recorded on it when the collective was issued (asynchronous) */
+    int ordered;                 /* or the caller synchronised the device; with none of the three, device
+                                    data waits for all work of its device (the producer is unknown) */
+    void *done_ev;               /* recorded on the communicator's stream after the collective (consumers wait) */
 } mgpu__coll;
 
 static mgpu__coll mgpu__make_coll(int kind, const void *in, void *out, int64_t count, int dtype, int avg, int root) {
     mgpu__coll k;
-    k.kind = kind; k.in = in; k.out = out; k.count = count; k.dtype = dtype; k.avg = avg; k.root = root; k.stream = NULL;
+    memset(&k, 0, sizeof k);
+    k.kind = kind; k.in = in; k.out = out; k.count = count; k.dtype = dtype; k.avg = avg; k.root = root;
+    k.dev = -1;
     return k;
 }
 
@@ -1543,6 +1597,8 @@ static mgpu_result mgpu__shared_run(mgpu_comm *c, const char *fn, const mgpu__co
 
 #ifdef MGPU_CUDA
 static mgpu_result mgpu__nccl_run(mgpu_comm *c, const char *fn, const mgpu__coll *k);
+static mgpu_result mgpu__shared_run_staged(mgpu_comm *c, const char *fn, const mgpu__coll *k);
+static int mgpu__comm_ptr_device(const void *p);
 #endif
 
 /* Executes k now (the caller has ordered it after earlier asynchronous work). */
@@ -1551,6 +1607,7 @@ static mgpu_result mgpu__comm_run(mgpu_comm *c, const char *fn, const mgpu__coll
     pthread_mutex_lock(&c->exec_mu);
 #ifdef MGPU_CUDA
     if (c->backend == MGPU_COMM_NCCL) r = mgpu__nccl_run(c, fn, k);
+    else if (k->dev >= 0) r = mgpu__shared_run_staged(c, fn, k);
     else
 #endif
     r = mgpu__shared_run(c, fn, k);
@@ -1746,6 +1803,9 @@ static mgpu_result mgpu__allreduce_raw(mgpu_comm *c, const char *fn, void *data,
     if ((r = mgpu__comm_usable(c, fn)) != MGPU_OK || (r = mgpu__comm_check_buffer(fn, "data", data, n)) != MGPU_OK ||
         (r = mgpu__check_reduce_op(fn, op)) != MGPU_OK) return r;
     k = mgpu__make_coll(MGPU__COLL_ALLREDUCE, data, data, n, dtype, op == MGPU_REDUCE_AVG, -1);
+#ifdef MGPU_CUDA
+    if (n > 0) k.dev = mgpu__comm_ptr_device(data);
+#endif
     return mgpu__comm_collective(c, fn, &k);
 }
 MGPU_API mgpu_result mgpu_comm_allreduce_f32(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op) {
@@ -1787,6 +1847,8 @@ static void *mgpu__comm_progress_main(void *arg) {
         if (!c->queue_head) c->queue_tail = NULL;
         pthread_mutex_unlock(&c->mu);
         k = mgpu__make_coll(MGPU__COLL_ALLREDUCE, w->data, w->data, w->n, MGPU_F32, w->op == MGPU_REDUCE_AVG, -1);
+        k.dev = w->device; k.stream = w->stream; k.ready_ev = w->ready_ev; k.done_ev = w->done_ev;
+        k.ordered = w->device >= 0 && !w->ready_ev;   /* raw device data: the issuer synchronised the device */
         r = mgpu__comm_usable(c, fn);
         if (r == MGPU_OK) r = mgpu__comm_run(c, fn, &k);
         pthread_mutex_lock(&c->mu);
@@ -1794,26 +1856,48 @@ static void *mgpu__comm_progress_main(void *arg) {
         if (r != MGPU_OK) snprintf(w->msg, sizeof w->msg, "%s", mgpu_last_error());   /* errors are per thread */
         __atomic_store_n(&w->done, 1, __ATOMIC_RELEASE);
         c->pending--;
-        if (w->abandoned) mgpu_free(w);
+        if (w->abandoned) mgpu__comm_work_free(w);
         pthread_cond_broadcast(&c->cv);
     }
     pthread_mutex_unlock(&c->mu);
     return NULL;
 }
 
-MGPU_API mgpu_comm_work *mgpu_comm_allreduce_f32_async(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op) {
-    const char *fn = "mgpu_comm_allreduce_f32_async";
+/* Queues an all-reduce of n floats at data for the progress thread. Device data (device >= 0):
+   produced by work queued on `stream` before this call (its event is recorded now, so the
+   collective waits for that work and nothing later), or with stream NULL by anything queued on the
+   device so far (synchronised now). */
+static mgpu_comm_work *mgpu__comm_allreduce_async(mgpu_comm *c, const char *fn, float *data, int64_t n, mgpu_reduce_op op, int device, void *stream) {
     mgpu_comm_work *w;
     if (mgpu__comm_usable(c, fn) != MGPU_OK || mgpu__comm_check_buffer(fn, "data", data, n) != MGPU_OK || mgpu__check_reduce_op(fn, op) != MGPU_OK) return NULL;
     w = (mgpu_comm_work *)mgpu__calloc(sizeof *w, "an asynchronous all-reduce");
     if (!w) return NULL;
     w->comm = c; w->data = data; w->n = n; w->op = op;
+    w->device = n > 0 ? device : -1; w->stream = stream;
+#ifdef MGPU_CUDA
+    if (w->device >= 0) {
+        cudaError_t e = cudaSetDevice(w->device);
+        if (e == cudaSuccess && stream) {
+            e = cudaEventCreateWithFlags((cudaEvent_t *)&w->ready_ev, cudaEventDisableTiming);
+            if (e == cudaSuccess) e = cudaEventRecord((cudaEvent_t)w->ready_ev, (cudaStream_t)stream);
+        } else if (e == cudaSuccess) e = cudaDeviceSynchronize();
+        if (e == cudaSuccess) e = cudaEventCreateWithFlags((cudaEvent_t *)&w->done_ev, cudaEventDisableTiming);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            mgpu__comm_work_free(w);
+            MGPU__FAIL_NULL(MGPU_ERR_CUDA, "%s: ordering the all-reduce of %lld floats on cuda:%d after their producer failed: %s", fn,
+                            (long long)n, device, cudaGetErrorString(e));
+        }
+    }
+#else
+    (void)stream;
+#endif
     pthread_mutex_lock(&c->mu);
     if (!c->progress_started) {
         c->progress_stop = 0;
         if (pthread_create(&c->progress, NULL, mgpu__comm_progress_main, c) != 0) {
             pthread_mutex_unlock(&c->mu);
-            mgpu_free(w);
+            mgpu__comm_work_free(w);
             MGPU__FAIL_NULL(MGPU_ERR_STATE, "%s: cannot start the communicator's progress thread", fn);
         }
         c->progress_started = 1;
@@ -1829,12 +1913,22 @@ MGPU_API mgpu_comm_work *mgpu_comm_allreduce_f32_async(mgpu_comm *c, float *data
     return w;
 }
 
+MGPU_API mgpu_comm_work *mgpu_comm_allreduce_f32_async(mgpu_comm *c, float *data, int64_t n, mgpu_reduce_op op) {
+    int device = -1;
+#ifdef MGPU_CUDA
+    if (n > 0 && data) device = mgpu__comm_ptr_device(data);
+#endif
+    return mgpu__comm_allreduce_async(c, "mgpu_comm_allreduce_f32_async", data, n, op, device, NULL);
+}
+
 MGPU_API int mgpu_comm_work_done(const mgpu_comm_work *w) {
     if (!w) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_work_done: work is NULL"); return 0; }
     return __atomic_load_n(&w->done, __ATOMIC_ACQUIRE);
 }
 
-MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w) {
+/* Waits for w and frees it; a successful collective on device data is also ordered before the work
+   queued on `consumer` from now on (NULL: none; the host has waited for it anyway). */
+static mgpu_result mgpu__comm_wait(mgpu_comm_work *w, void *consumer) {
     mgpu_comm *c;
     mgpu_result r;
     double deadline;
@@ -1854,9 +1948,24 @@ MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w) {
     pthread_mutex_unlock(&c->mu);
     r = w->result;
     if (r != MGPU_OK) mgpu__fail(r, "%s", w->msg);
-    mgpu_free(w);
+#ifdef MGPU_CUDA
+    if (r == MGPU_OK && consumer && w->done_ev) {
+        cudaError_t e = cudaSetDevice(w->device);
+        if (e == cudaSuccess) e = cudaStreamWaitEvent((cudaStream_t)consumer, (cudaEvent_t)w->done_ev, 0);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            r = mgpu__fail(MGPU_ERR_CUDA, "mgpu_comm_wait: ordering the consumer stream after the all-reduce on cuda:%d failed: %s",
+                           w->device, cudaGetErrorString(e));
+        }
+    }
+#else
+    (void)consumer;
+#endif
+    mgpu__comm_work_free(w);
     return r;
 }
+
+MGPU_API mgpu_result mgpu_comm_wait(mgpu_comm_work *w) { return mgpu__comm_wait(w, NULL); }
 
 /* --------------------------------------------------------------------------------------
    nccl backend (MGPU_CUDA): a non-blocking NCCL communicator, its own stream ordered after the
@@ -1921,9 +2030,22 @@ static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double dead
         cudaGetLastError();
         return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the nccl backend needs a GPU, and rank %d sees none", fn, c->rank);
     }
-    if (c->local_rank >= n)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: LOCAL_RANK %d has no GPU of its own (%d visible); run one rank per GPU", fn, c->local_rank, n);
-    c->cuda_device = c->local_rank;
+    /* --gpu-ids names this local rank's device; else local rank i runs on visible device i. Both count
+       the devices CUDA_VISIBLE_DEVICES leaves visible, from 0. */
+    if (c->gpu_id >= n) {
+        const char *vis = getenv("CUDA_VISIBLE_DEVICES");
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: --gpu-ids gives local rank %d device %d, but %d %s visible (CUDA_VISIBLE_DEVICES%s%s%s); "
+                          "ids count the visible devices from 0", fn, c->local_rank, c->gpu_id, n, n == 1 ? "is" : "are",
+                          vis ? "='" : " unset: all of the host's", vis ? vis : "", vis ? "'" : "");
+    }
+    if (c->gpu_id < 0 && c->local_rank >= n) {
+        const char *vis = getenv("CUDA_VISIBLE_DEVICES");
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: LOCAL_RANK %d has no GPU of its own: %d %s visible (CUDA_VISIBLE_DEVICES%s%s%s) and local rank i "
+                          "runs on visible device i; start at most %d ranks on this host, or name each local rank's device with --gpu-ids "
+                          "(NCCL cannot put two ranks on one GPU; the shm backend can)", fn, c->local_rank, n, n == 1 ? "is" : "are",
+                          vis ? "='" : " unset: all of the host's", vis ? vis : "", vis ? "'" : "", n);
+    }
+    c->cuda_device = c->gpu_id >= 0 ? c->gpu_id : c->local_rank;
     if ((r = mgpu__comm_cuda_check(c, cudaSetDevice(c->cuda_device), fn, "cudaSetDevice")) != MGPU_OK) return r;
     if (strlen(id_hex) < 2 * sizeof id.internal) return mgpu__fail(MGPU_ERR_FORMAT, "%s: rank %d got a malformed NCCL unique id", fn, c->rank);
     for (i = 0; i < sizeof id.internal; i++) {
@@ -1958,7 +2080,7 @@ static void mgpu__nccl_teardown(mgpu_comm *c) {
     if (c->ev_done) cudaEventDestroy(c->ev_done);
     if (c->stream) cudaStreamDestroy(c->stream);
     if (c->dev_scratch) cudaFree(c->dev_scratch);
-    for (i = 0; i < 2; i++) if (c->pinned[i]) cudaFreeHost(c->pinned[i]);
+    for (i = 0; i < 3; i++) if (c->pinned[i]) cudaFreeHost(c->pinned[i]);
     c->ev_ready = c->ev_done = NULL; c->stream = NULL; c->dev_scratch = NULL;
 }
 
@@ -1967,6 +2089,68 @@ static int mgpu__comm_is_device_ptr(const void *p) {
     memset(&a, 0, sizeof a);
     if (!p || cudaPointerGetAttributes(&a, p) != cudaSuccess) { cudaGetLastError(); return 0; }
     return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+/* The device whose memory p points into; -1 for host memory (or no CUDA device at all). */
+static int mgpu__comm_ptr_device(const void *p) {
+    struct cudaPointerAttributes a;
+    int n = 0;
+    if (!p || cudaGetDeviceCount(&n) != cudaSuccess || n == 0) { cudaGetLastError(); return -1; }
+    return mgpu__comm_is_device_ptr(p) && cudaPointerGetAttributes(&a, p) == cudaSuccess && a.device >= 0 ? a.device : -1;
+}
+
+/* Orders c->stream (current device: the data's) after the work that produced k's device data:
+   the event its issuer recorded, else an event recorded now on its stream, else (a raw pointer,
+   producer unknown) all work queued on the device, unless the issuer synchronised already. The
+   legacy default stream would not do: it does not wait for the non-blocking streams contexts use. */
+static mgpu_result mgpu__comm_order_after_producer(mgpu_comm *c, const mgpu__coll *k, int device_data, const char *fn) {
+    mgpu_result r;
+    if (k->ready_ev) return mgpu__comm_cuda_check(c, cudaStreamWaitEvent(c->stream, (cudaEvent_t)k->ready_ev, 0), fn, "cudaStreamWaitEvent");
+    if (k->stream) {
+        if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_ready, (cudaStream_t)k->stream), fn, "cudaEventRecord")) != MGPU_OK) return r;
+        return mgpu__comm_cuda_check(c, cudaStreamWaitEvent(c->stream, c->ev_ready, 0), fn, "cudaStreamWaitEvent");
+    }
+    if (device_data && !k->ordered) return mgpu__comm_cuda_check(c, cudaDeviceSynchronize(), fn, "cudaDeviceSynchronize");
+    return MGPU_OK;
+}
+
+/* shm and threads on device memory (raw buffers, DDP buckets): staged through pinned host memory
+   by copies on the communicator's own stream of the data's device, ordered after the data's
+   producer; the result goes back before the call returns (the staging buffer is reused) and
+   k->done_ev marks it on that stream for the consumers. */
+static mgpu_result mgpu__shared_run_staged(mgpu_comm *c, const char *fn, const mgpu__coll *k) {
+    size_t bytes = (size_t)k->count * mgpu__comm_elem_bytes(k->dtype);
+    mgpu__coll h = *k;
+    mgpu_result r, r2;
+    if (k->kind != MGPU__COLL_ALLREDUCE)
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the %s backend takes device memory for all-reduces only; pass CUDA tensors", fn, mgpu__comm_backend_name(c->backend));
+    if (c->cuda_device >= 0 && c->cuda_device != k->dev)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the data is on cuda:%d, but this %s communicator stages cuda:%d's; use one device per communicator",
+                          fn, k->dev, mgpu__comm_backend_name(c->backend), c->cuda_device);
+    if (cudaSetDevice(k->dev) != cudaSuccess) { cudaGetLastError(); return mgpu__fail(MGPU_ERR_CUDA, "%s: cannot select cuda:%d", fn, k->dev); }
+    if (!c->stream) {
+        c->cuda_device = k->dev;
+        if ((r = mgpu__comm_cuda_check(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), fn, "cudaStreamCreateWithFlags")) != MGPU_OK ||
+            (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_ready, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK) return r;
+    }
+    if (bytes > c->pinned_bytes[2]) {
+        if (c->pinned[2]) cudaFreeHost(c->pinned[2]);
+        c->pinned[2] = NULL; c->pinned_bytes[2] = 0;
+        if (cudaMallocHost(&c->pinned[2], bytes) != cudaSuccess) {
+            cudaGetLastError();
+            return mgpu__fail(MGPU_ERR_OOM_HOST, "%s: cannot allocate %zu bytes of pinned host memory to stage device data", fn, bytes);
+        }
+        c->pinned_bytes[2] = bytes;
+    }
+    if ((r = mgpu__comm_order_after_producer(c, k, 1, fn)) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaMemcpyAsync(c->pinned[2], k->in, bytes, cudaMemcpyDeviceToHost, c->stream), fn, "staging to the host")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaStreamSynchronize(c->stream), fn, "staging to the host")) != MGPU_OK) return r;
+    h.in = h.out = c->pinned[2];
+    h.dev = -1;
+    r = mgpu__shared_run(c, fn, &h);
+    if (r == MGPU_OK) r = mgpu__comm_cuda_check(c, cudaMemcpyAsync(k->out, c->pinned[2], bytes, cudaMemcpyHostToDevice, c->stream), fn, "copying the result to the device");
+    if (r == MGPU_OK && k->done_ev) r = mgpu__comm_cuda_check(c, cudaEventRecord((cudaEvent_t)k->done_ev, c->stream), fn, "cudaEventRecord");
+    r2 = mgpu__comm_cuda_check(c, cudaStreamSynchronize(c->stream), fn, "copying the result to the device");
+    return r != MGPU_OK ? r : r2;
 }
 
 static ncclDataType_t mgpu__nccl_dtype(int dtype) {
@@ -2048,16 +2232,16 @@ static mgpu_result mgpu__nccl_run(mgpu_comm *c, const char *fn, const mgpu__coll
     if ((r = mgpu__nccl_scratch(c, in_stage + out_stage, fn)) != MGPU_OK) return r;
     din = in_dev ? k->in : c->dev_scratch;
     dout = inplace ? (void *)din : out_dev ? k->out : (void *)((char *)c->dev_scratch + in_stage);
-    /* after the work already queued on the stream that produced the data (a tensor's context stream; the
-       legacy stream would not wait for a non-blocking one) */
-    if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_ready, (cudaStream_t)k->stream), fn, "cudaEventRecord")) != MGPU_OK ||
-        (r = mgpu__comm_cuda_check(c, cudaStreamWaitEvent(c->stream, c->ev_ready, 0), fn, "cudaStreamWaitEvent")) != MGPU_OK) return r;
+    if ((r = mgpu__comm_order_after_producer(c, k, in_dev || out_dev, fn)) != MGPU_OK) return r;
     if (!in_dev && in_bytes && (r = mgpu__comm_cuda_check(c, cudaMemcpyAsync((void *)din, k->in, in_bytes, cudaMemcpyHostToDevice, c->stream), fn, "staging to the device")) != MGPU_OK) return r;
     if ((r = mgpu__nccl_settle(c, mgpu__nccl_issue(c, k, din, dout), mgpu_time_s() + c->timeout_s, fn, what)) != MGPU_OK) return r;
+    if (k->done_ev && (r = mgpu__comm_cuda_check(c, cudaEventRecord((cudaEvent_t)k->done_ev, c->stream), fn, "cudaEventRecord")) != MGPU_OK) return r;
     if ((r = mgpu__comm_cuda_check(c, cudaEventRecord(c->ev_done, c->stream), fn, "cudaEventRecord")) != MGPU_OK) return r;
     if ((r = mgpu__nccl_wait(c, fn, what)) != MGPU_OK) return r;
-    if (!out_dev && out_bytes && k->kind != MGPU__COLL_BARRIER)
-        return mgpu__comm_cuda_check(c, cudaMemcpy(k->out, dout, out_bytes, cudaMemcpyDeviceToHost), fn, "copying the result to the host");
+    /* on the communicator's stream, not the legacy one */
+    if (!out_dev && out_bytes && k->kind != MGPU__COLL_BARRIER &&
+        ((r = mgpu__comm_cuda_check(c, cudaMemcpyAsync(k->out, dout, out_bytes, cudaMemcpyDeviceToHost, c->stream), fn, "copying the result to the host")) != MGPU_OK ||
+         (r = mgpu__comm_cuda_check(c, cudaStreamSynchronize(c->stream), fn, "copying the result to the host")) != MGPU_OK)) return r;
     return MGPU_OK;
 }
 

@@ -50,7 +50,7 @@ typedef struct mgpu__ddp_bucket {
     int first, count;         /* its parameters: ddp->params[first, first + count) */
     int *model_index;         /* (count) their indices in the model's parameter list */
     int64_t numel;
-    float *buf;               /* (numel) packed gradients, all-reduced in place */
+    float *buf;               /* (numel) packed gradients, all-reduced in place: in the context's device memory */
     int n_ready;
     mgpu_comm_work *work;     /* in flight, or NULL */
     /* timeline of the current (or last) synced backward */
@@ -78,10 +78,63 @@ struct mgpu_ddp {
 };
 
 /* --------------------------------------------------------------------------------------
-   Bucket contents, all through twins so buckets work the same on the device: gradients packed
-   and unpacked by copies, and under compression the bucket rounded to f16/bf16 values (kept in
-   f32 storage), as the gradients would travel in 16 bits.
+   Bucket contents, all through twins on the context's stream so buckets work the same on the
+   device: gradients packed and unpacked by copies, and under compression the bucket rounded to
+   f16/bf16 values (kept in f32 storage), as the gradients would travel in 16 bits. On a CUDA
+   context the bucket lives in device memory; its all-reduce runs on the communicator's stream,
+   after an event recorded on the context's stream behind the packing copies, and the unpacking
+   copies wait for the all-reduce's own event (the shm backend stages the bucket through pinned
+   host memory in between).
    -------------------------------------------------------------------------------------- */
+
+static int mgpu__ddp_on_cuda(const mgpu_ddp *d) { return d->ctx->device.type == MGPU_DEVICE_CUDA; }
+
+static float *mgpu__ddp_buf_alloc(mgpu_ddp *d, int64_t numel) {
+    size_t bytes = sizeof(float) * (size_t)MGPU__MAX(numel, (int64_t)1);
+#ifdef MGPU_CUDA
+    if (mgpu__ddp_on_cuda(d)) return (float *)mgpu_cuda_malloc(d->ctx->device.index, bytes);
+#endif
+    (void)d;
+    return (float *)mgpu__alloc(bytes, "a DDP bucket buffer");
+}
+static void mgpu__ddp_buf_free(mgpu_ddp *d, float *buf) {
+    if (!buf) return;
+#ifdef MGPU_CUDA
+    if (mgpu__ddp_on_cuda(d)) {
+        cudaStreamSynchronize((cudaStream_t)d->ctx->cuda_stream);   /* no copy of it still queued */
+        mgpu_cuda_free(d->ctx->device.index, buf);
+        return;
+    }
+#endif
+    (void)d;
+    mgpu_free(buf);
+}
+
+/* Whether all n floats at x (the context's memory) are zero; the device's are read back (only for a
+   parameter without a gradient on this rank, rare). */
+static mgpu_result mgpu__ddp_all_zero(mgpu_ddp *d, const float *x, int64_t n, int *zero) {
+    int64_t k;
+#ifdef MGPU_CUDA
+    if (mgpu__ddp_on_cuda(d)) {
+        float *h = (float *)mgpu__alloc(sizeof(float) * (size_t)MGPU__MAX(n, (int64_t)1), "a DDP gradient check");
+        mgpu_result r;
+        if (!h) return mgpu_last_result();
+        r = mgpu_cuda_copy_d2h_async(h, x, sizeof(float) * (size_t)n, d->ctx->cuda_stream);
+        if (r == MGPU_OK && cudaStreamSynchronize((cudaStream_t)d->ctx->cuda_stream) != cudaSuccess) {
+            cudaGetLastError();
+            r = mgpu__fail(MGPU_ERR_CUDA, "DDP: reading a reduced gradient back from cuda:%d failed", d->ctx->device.index);
+        }
+        for (k = 0; r == MGPU_OK && k < n && h[k] == 0.0f; k++) {}
+        *zero = r == MGPU_OK && k == n;
+        mgpu_free(h);
+        return r;
+    }
+#endif
+    (void)d;
+    for (k = 0; k < n && x[k] == 0.0f; k++) {}
+    *zero = k == n;
+    return MGPU_OK;
+}
 
 /* x = round(x * scale) in the compression format */
 static mgpu_result mgpu__ddp_round(mgpu_ddp *d, float *x, int64_t n, float scale) {
@@ -139,7 +192,9 @@ static void mgpu__ddp_launch(mgpu_ddp *d, mgpu__ddp_bucket *b) {
     if (r == MGPU_OK && d->compress != MGPU_F32) r = mgpu__ddp_round(d, b->buf, b->numel, 1.0f / (float)d->world);
     if (r != MGPU_OK) mgpu__ddp_record_error(d, r);   /* the all-reduce still goes out: every rank issues the same sequence */
     b->launch_s = mgpu_time_s();
-    b->work = mgpu_comm_allreduce_f32_async(d->comm, b->buf, b->numel, d->compress != MGPU_F32 ? MGPU_REDUCE_SUM : MGPU_REDUCE_AVG);
+    /* ordered after the copies just queued on the context's stream (an event, not a host sync) */
+    b->work = mgpu__comm_allreduce_async(d->comm, "DDP bucket all-reduce", b->buf, b->numel, d->compress != MGPU_F32 ? MGPU_REDUCE_SUM : MGPU_REDUCE_AVG,
+                                         mgpu__ddp_on_cuda(d) ? d->ctx->device.index : -1, d->ctx->cuda_stream);
     if (!b->work) mgpu__ddp_record_error(d, mgpu_last_result() != MGPU_OK ? mgpu_last_result() : MGPU_ERR_STATE);
     d->allreduces++;
 }
@@ -184,15 +239,15 @@ static void mgpu__ddp_grad_ready(mgpu_tensor *t, void *user) {
    grad NULL, as in one process. */
 static mgpu_result mgpu__ddp_unpack(mgpu_ddp *d, mgpu__ddp_bucket *b) {
     int i;
-    int64_t k;
     mgpu_result r;
     if (d->compress != MGPU_F32 && (r = mgpu__ddp_round(d, b->buf, b->numel, 1.0f)) != MGPU_OK) return r;
     for (i = b->first; i < b->first + b->count; i++) {
         mgpu__ddp_param *p = &d->params[i];
         const float *src = b->buf + p->offset;
         if (!p->t->grad) {
-            for (k = 0; k < p->t->numel && src[k] == 0.0f; k++) {}
-            if (k == p->t->numel) continue;
+            int zero = 0;
+            if ((r = mgpu__ddp_all_zero(d, src, p->t->numel, &zero)) != MGPU_OK) return r;
+            if (zero) continue;
             if (!mgpu__grad_f32(d->ctx, p->t)) return mgpu_last_result();
         }
         if ((r = mgpu__ddp_copy(d, (float *)p->t->grad->data, src, p->t->numel)) != MGPU_OK) return r;
@@ -206,7 +261,7 @@ static void mgpu__ddp_finish_bucket(mgpu_ddp *d, mgpu__ddp_bucket *b, double *bu
     double wait_start = mgpu_time_s();
     mgpu_result r;
     if (!b->work) return;
-    r = mgpu_comm_wait(b->work);
+    r = mgpu__comm_wait(b->work, d->ctx->cuda_stream);   /* and the context's stream waits for the all-reduce's event */
     b->work = NULL;
     if (b->done_s == 0) b->done_s = mgpu_time_s();
     d->exposed_s += mgpu_time_s() - wait_start;
@@ -375,7 +430,7 @@ static mgpu_result mgpu__ddp_build_buckets(mgpu_ddp *d, double first_mb, double 
     }
     for (i = 0; r == MGPU_OK && i < d->n_buckets; i++) {
         mgpu__ddp_bucket *b = &d->buckets[i];
-        b->buf = (float *)mgpu__alloc(sizeof(float) * (size_t)MGPU__MAX(b->numel, (int64_t)1), "a DDP bucket buffer");
+        b->buf = mgpu__ddp_buf_alloc(d, b->numel);
         b->model_index = (int *)mgpu__alloc(sizeof(int) * (size_t)b->count, "a DDP bucket");
         if (!b->buf || !b->model_index) { r = mgpu_last_result(); break; }
         memcpy(b->model_index, index + b->first, sizeof(int) * (size_t)b->count);
@@ -412,8 +467,8 @@ MGPU_API void mgpu_ddp_destroy(mgpu_ddp *d) {
     int i;
     if (!d) return;
     for (i = 0; i < d->n_buckets && d->buckets; i++) {
-        if (d->buckets[i].work) mgpu_comm_wait(d->buckets[i].work);   /* a backward that failed midway */
-        mgpu_free(d->buckets[i].buf);
+        if (d->buckets[i].work) mgpu__comm_wait(d->buckets[i].work, d->ctx->cuda_stream);   /* a backward that failed midway */
+        mgpu__ddp_buf_free(d, d->buckets[i].buf);
         mgpu_free(d->buckets[i].model_index);
     }
     if (d->installed) mgpu__ddp_install(d, 0, 0);

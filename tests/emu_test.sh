@@ -7,6 +7,7 @@
 #   corrected twins, which must run clean;
 # - the nccl backend against the shm backend with 2 and 4 processes under mgpurun (bit for bit);
 # - checkpoints of CUDA tensors: CPU -> cuda:0 -> CPU round trips, damaged files (tests/emu/ckpt_cuda.c);
+# - DDP with device gradients over nccl and shm (staged) with 2 processes (tests/emu/ddp_cuda.c);
 # - the examples and tools built with -DMGPU_CUDA start.
 # Ends with the time the emulated suite took (its build excluded).
 source "$(dirname "$0")/lib.sh"
@@ -109,6 +110,21 @@ done
 MGPU_EMU_ERRORS=report timeout 300 $E/tests/ckpt_cuda > "$T_TMP/ckpt.log" 2>&1
 suite "checkpoints of CUDA tensors (CPU <-> cuda:0 bit for bit, damaged files refused)" $? "$T_TMP/ckpt.log"
 
+# DDP with gradients in device memory, 2 processes (tests/emu/ddp_cuda.c): nccl and shm (buckets
+# staged through pinned host memory) against the averaged single-process gradients, bit for bit
+# between the backends; raw device pointers; --gpu-ids 1,0 for NCCL's devices. Report mode: a
+# stream-order error fails the run. Then both ranks on one device (shm only).
+for mode in two shared; do
+  devs=2; [ $mode = shared ] && devs=1
+  rm -rf "$T_TMP/ddp_$mode"
+  MGPU_EMU_ERRORS=report MGPU_EMU_DEVICES=$devs MGPU_TIMEOUT_S=60 timeout 300 $E/mgpurun --nproc-per-node 2 --log-dir "$T_TMP/ddp_$mode" \
+    $E/tests/ddp_cuda $mode > "$T_TMP/ddp_$mode.log" 2>&1; rc=$?
+  for r in 0 1; do
+    if [ -f "$T_TMP/ddp_$mode/rank-$r.log" ]; then suite "DDP on device gradients ($mode device$([ $devs = 2 ] && echo s)), rank $r" $rc "$T_TMP/ddp_$mode/rank-$r.log"
+    else fail "DDP on device gradients ($mode), rank $r: no log (exit $rc)" "$(tail -n 20 "$T_TMP/ddp_$mode.log")"; fi
+  done
+  if grep -q "mgpu-emu" "$T_TMP/ddp_$mode"/rank-*.log 2>/dev/null; then fail "DDP on device gradients ($mode): emulation errors" "$(grep -h mgpu-emu "$T_TMP/ddp_$mode"/rank-*.log | head -n 10)"; fi
+done
 expect "no emulated NCCL segment left in /dev/shm" [ -z "$(ls /dev/shm 2>/dev/null | grep mgpu-emu-nccl)" ]
 
 # the CUDA builds of the examples and tools start (training on cuda waits for the CUDA backend)
