@@ -807,13 +807,42 @@ static mgpu_result mgpu__fit_run(mgpu__fit *f, const mgpu_dataset *test, mgpu_tr
     return r;
 }
 
+/* mgpu_model_save from any device: a model on a GPU is staged into a host copy (same names,
+   dtypes and shapes) with one copy per tensor, so the final model is written whatever the
+   safetensors writer accepts. */
+static mgpu_result mgpu__model_save_staged(const mgpu_model *model, const char *path) {
+    mgpu_context_desc cd;
+    mgpu_context *cpu;
+    mgpu_model *host;
+    mgpu_result r = MGPU_OK;
+    int i;
+    if (model->ctx->device.type == MGPU_DEVICE_CPU) return mgpu_model_save(model, path);
+    memset(&cd, 0, sizeof cd);
+    cd.num_threads = 1; cd.arena_bytes = 4096;   /* this context runs no ops */
+    if (!(cpu = mgpu_context_create(&cd))) return mgpu_last_result();
+    if (!(host = mgpu_model_create(cpu))) r = mgpu_last_result();
+    for (i = 0; r == MGPU_OK && i < model->params.count; i++) {
+        const mgpu_tensor *t = model->params.items[i].tensor;
+        if (!mgpu_model_add_parameter(host, model->params.items[i].name, t->dtype, t->ndim, t->shape)) r = mgpu_last_result();
+    }
+    for (i = 0; r == MGPU_OK && i < model->buffers.count; i++) {
+        const mgpu_tensor *t = model->buffers.items[i].tensor;
+        if (!mgpu_model_add_buffer(host, model->buffers.items[i].name, t->dtype, t->ndim, t->shape)) r = mgpu_last_result();
+    }
+    if (r == MGPU_OK) r = mgpu_model_copy_state(host, model);
+    if (r == MGPU_OK) r = mgpu_model_save(host, path);
+    mgpu_model_destroy(host);
+    mgpu_context_destroy(cpu);
+    return r;
+}
+
 static mgpu_result mgpu__fit_save(const mgpu_train_opts *o, const mgpu_model *model) {
     char path[MGPU__CKPT_PATH_MAX];
     mgpu_result r;
     if (!o->save_dir || !o->save_dir[0]) return MGPU_OK;
     if ((r = mgpu__mkdirs(o->save_dir)) != MGPU_OK) return r;
     if ((r = mgpu__path_join(path, o->save_dir, "model.safetensors")) != MGPU_OK) return r;
-    if ((r = mgpu_model_save(model, path)) == MGPU_OK) printf("saved %s\n", path);
+    if ((r = mgpu__model_save_staged(model, path)) == MGPU_OK) printf("saved %s\n", path);
     return r;
 }
 
