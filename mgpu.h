@@ -631,6 +631,8 @@ typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE 
 typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
 /* --resume: none, auto (the latest checkpoint in --save-dir), or a path (resume_path). */
 typedef enum mgpu_resume_mode { MGPU_RESUME_NONE = 0, MGPU_RESUME_AUTO = 1, MGPU_RESUME_PATH = 2 } mgpu_resume_mode;
+/* --cuda-graph: on a GPU, capture the static-shape training step as a CUDA Graph and replay it. */
+typedef enum mgpu_cuda_graph_mode { MGPU_CUDA_GRAPH_ON = 0, MGPU_CUDA_GRAPH_OFF = 1 } mgpu_cuda_graph_mode;
 #define MGPU_MAX_GPU_IDS 64
 
 /* Every string flag is parsed once, by mgpu_train_opts_parse, into the typed fields below; code
@@ -672,6 +674,7 @@ typedef struct mgpu_train_opts {
     float t0_epochs; int t_mult; float eta_min; float step_size_epochs; float gamma;
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
     int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
+    mgpu_cuda_graph_mode cuda_graph; /* --cuda-graph on|off (CUDA only; see the trainer's startup line) */
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
@@ -2936,6 +2939,18 @@ MGPU_API mgpu_result mgpu_cuda_copy_d2h_async(void *dst, const void *src, size_t
 }
 MGPU_API mgpu_result mgpu_cuda_copy_d2d_async(void *dst, const void *src, size_t bytes, void *stream) {
     return mgpu__cuda_copy_async("mgpu_cuda_copy_d2d_async", dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
+}
+
+/* "NAME, N GiB" of a device for messages such as the trainer's startup line; "unknown device"
+   where the properties cannot be read (the error is cleared: a description never fails a run). */
+static void mgpu__cuda_device_describe(int device, char *buf, size_t size) {
+    struct cudaDeviceProp p;
+    if (cudaGetDeviceProperties(&p, device) != cudaSuccess) {
+        cudaGetLastError();
+        snprintf(buf, size, "unknown device");
+        return;
+    }
+    snprintf(buf, size, "%s, %.0f GiB", p.name, (double)p.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));
 }
 
 /* --------------------------------------------------------------------------------------
@@ -6511,6 +6526,10 @@ struct mgpu_model {
     void **owned; int n_owned, cap_owned;   /* layer structs, freed with the model */
     int training;
     mgpu_batchnorm2d **batchnorms; int n_batchnorms, cap_batchnorms;  /* found by DDP's sync_batchnorm */
+    /* On a GPU, num_batches_tracked of batchnorms[i] as the host last knew it (-1: unknown, read it
+       back before the next count): counting then costs a fill, not a read-modify-write through the
+       host every training forward. mgpu_model_train forgets them, so a load between epochs is seen. */
+    int64_t *bn_counts; int cap_bn_counts;
 };
 
 /* Room for `need` elements of `elem` bytes: returns the (possibly moved) array, or NULL with an
@@ -6563,6 +6582,7 @@ MGPU_API void mgpu_model_destroy(mgpu_model *m) {
     mgpu_free(m->buffers.items);
     mgpu_free(m->owned);
     mgpu_free(m->batchnorms);
+    mgpu_free(m->bn_counts);
     mgpu_free(m);
 }
 
@@ -6643,7 +6663,12 @@ MGPU_API int64_t mgpu_model_parameter_count(const mgpu_model *m) {
     return n;
 }
 
-MGPU_API void mgpu_model_train(mgpu_model *m, int training) { if (m) m->training = training != 0; }
+MGPU_API void mgpu_model_train(mgpu_model *m, int training) {
+    int i;
+    if (!m) return;
+    m->training = training != 0;
+    for (i = 0; i < m->n_batchnorms; i++) m->bn_counts[i] = -1;
+}
 MGPU_API int mgpu_model_is_training(const mgpu_model *m) { return m ? m->training : 0; }
 
 MGPU_API mgpu_result mgpu_model_zero_grad(mgpu_model *m) {
@@ -6729,19 +6754,28 @@ static void mgpu__init_range(void *arg, int64_t begin, int64_t end) {
     }
 }
 
-/* t = offset + scale * r with r ~ U[0, 1) or N(0, 1) */
+/* t = offset + scale * r with r ~ U[0, 1) or N(0, 1). A tensor on a GPU is filled on the host
+   with the very same draws and copied over once, so a model built on cuda:i starts bit-identical
+   to the one the CPU builds from the same seed (initialisation is not worth a kernel). */
 static mgpu_result mgpu__init_random(mgpu_context *ctx, mgpu_tensor *t, double offset, double scale, int normal, const char *fn) {
     mgpu__init_job job;
+    mgpu_result r = MGPU_OK;
     if (!ctx || !t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: ctx and tensor must not be NULL", fn);
-    if (t->dtype != MGPU_F32 || !mgpu__on_host(t))
-        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: tensor is %s on %s; initialisers fill F32 tensors on the cpu", fn,
-                          mgpu_dtype_name(t->dtype), t->device.type == MGPU_DEVICE_CPU ? "cpu" : "cuda");
-    job.data = (float *)t->data;
+    if (t->dtype != MGPU_F32)
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: tensor is %s; initialisers fill F32 tensors", fn, mgpu_dtype_name(t->dtype));
+    if (!mgpu__same_device(t->device, ctx->device))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the tensor is on another device than the context", fn);
+    job.data = mgpu__on_host(t) ? (float *)t->data : (float *)mgpu__alloc(mgpu_tensor_nbytes(t), "initialising a device tensor on the host");
+    if (!job.data) return mgpu_last_result();
     job.seed = ctx->rng_seed;
     job.first = mgpu_context_rng_reserve(ctx, (uint64_t)t->numel);
     job.offset = offset; job.scale = scale; job.normal = normal;
     mgpu_parallel_for(ctx, t->numel, 32768, mgpu__init_range, &job);
-    return MGPU_OK;
+    if (!mgpu__on_host(t)) {
+        r = mgpu_tensor_copy_from_host(t, job.data, mgpu_tensor_nbytes(t));
+        mgpu_free(job.data);
+    }
+    return r;
 }
 
 MGPU_API mgpu_result mgpu_init_uniform(mgpu_context *ctx, mgpu_tensor *t, float lo, float hi) {
@@ -6889,12 +6923,32 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
     if (l && l->num_batches_tracked) {
         mgpu_batchnorm2d **grown = (mgpu_batchnorm2d **)mgpu__grow(m->batchnorms, &m->cap_batchnorms, m->n_batchnorms + 1,
                                                                    sizeof *grown, "the model's batchnorm list");
-        if (grown) { m->batchnorms = grown; m->batchnorms[m->n_batchnorms++] = l; }
+        int64_t *counts = grown ? (int64_t *)mgpu__grow(m->bn_counts, &m->cap_bn_counts, m->n_batchnorms + 1, sizeof *counts,
+                                                        "the model's batchnorm list") : NULL;
+        if (grown) m->batchnorms = grown;
+        if (counts) { m->bn_counts = counts; m->bn_counts[m->n_batchnorms] = 0; m->batchnorms[m->n_batchnorms++] = l; }
         else l->num_batches_tracked = NULL;
     }
     if (!l || !l->num_batches_tracked) { mgpu__model_rollback(m, mk); return NULL; }
     l->model = m; l->num_features = num_features; l->eps = 1e-5f; l->momentum = 0.1f; l->sync_comm = NULL;
     return l;
+}
+
+/* num_batches_tracked += 1: in place on the host; on a GPU from the host's count, read back once
+   when unknown (see mgpu_model.bn_counts), then written with a fill that needs no sync. */
+static mgpu_result mgpu__batchnorm_count(mgpu_batchnorm2d *l) {
+    mgpu_model *m = l->model;
+    mgpu_tensor *t = l->num_batches_tracked;
+    int i;
+    if (mgpu__on_host(t)) { ((int64_t *)t->data)[0]++; return MGPU_OK; }
+    for (i = 0; i < m->n_batchnorms && m->batchnorms[i] != l; i++) {}
+    if (i == m->n_batchnorms) return mgpu__fail(MGPU_ERR_STATE, "mgpu_batchnorm2d_forward: the layer is not in its model's batchnorm list");
+    if (m->bn_counts[i] < 0) {
+        double v = mgpu_tensor_item(t);
+        if (v != v) return mgpu_last_result();
+        m->bn_counts[i] = (int64_t)v;
+    }
+    return mgpu_tensor_fill(t, (double)++m->bn_counts[i]);
 }
 
 MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm2d *l, mgpu_tensor *x) {
@@ -6909,7 +6963,7 @@ MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm
     sync.reduce = mgpu__bn_reduce_over_comm; sync.user = l->sync_comm;
     y = mgpu__batch_norm(ctx, x, l->weight, l->bias, l->running_mean, l->running_var, training, l->momentum, l->eps,
                          training && l->sync_comm ? &sync : NULL);
-    if (y && training) ((int64_t *)l->num_batches_tracked->data)[0]++;
+    if (y && training && mgpu__batchnorm_count(l) != MGPU_OK) return NULL;
     return y;   // (N, C, H, W)
 }
 
@@ -7228,11 +7282,13 @@ MGPU_API mgpu_optimizer *mgpu_optimizer_create(mgpu_model *m, const mgpu_optimiz
     if (mgpu__optimizer_desc_check(desc) != MGPU_OK) return NULL;
     n = m->params.count;
     if (n == 0) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_create: the model has no parameters");
+    /* the multi-tensor twins update F32 parameters where they live: on the host, or in the
+       context's device memory (states are created there too, so no update crosses devices) */
     for (i = 0; i < n; i++) {
         const mgpu_tensor *p = m->params.items[i].tensor;
-        if (p->dtype != MGPU_F32 || !mgpu__on_host(p))
-            MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_optimizer_create: parameter '%s' is %s on %s; optimizers update F32 parameters on the cpu",
-                            m->params.items[i].name, mgpu_dtype_name(p->dtype), p->device.type == MGPU_DEVICE_CPU ? "cpu" : "cuda");
+        if (p->dtype != MGPU_F32 || !mgpu__same_device(p->device, m->ctx->device))
+            MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_optimizer_create: parameter '%s' is %s on another device than the model's context; "
+                            "optimizers update F32 parameters on the context's device", m->params.items[i].name, mgpu_dtype_name(p->dtype));
     }
     per_param = desc->type == MGPU_OPTIM_SGD ? (desc->momentum != 0.0f ? 1 : 0) : 2;
     o = (mgpu_optimizer *)mgpu__calloc(sizeof *o, "an optimizer");
@@ -7467,8 +7523,8 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     if (!(max_norm >= 0.0f) || !isfinite(max_norm)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: max_norm %g must be finite and >= 0", max_norm);
     for (i = 0; i < m->params.count; i++) {
         const mgpu_tensor *p = m->params.items[i].tensor, *g = p->grad;
-        if (g && (g->dtype != MGPU_F32 || g->numel != p->numel || !mgpu__on_host(g)))
-            return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_clip_grad_norm: the grad of parameter '%s' is %s %s, expected F32 %s on the cpu",
+        if (g && (g->dtype != MGPU_F32 || g->numel != p->numel || !mgpu__same_device(g->device, m->ctx->device)))
+            return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_clip_grad_norm: the grad of parameter '%s' is %s %s, expected F32 %s on the model's device",
                               m->params.items[i].name, mgpu_dtype_name(g->dtype), mgpu__shape_str(g), mgpu__shape_str(p));
     }
     norm = mgpu__new_activation(m->ctx, MGPU_F32, 0, NULL);   /* on the device: read back only when asked for */
@@ -7480,6 +7536,8 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     a.scratch = (double *)(void *)scratch;
     if (r == MGPU_OK) r = MGPU__TWIN(m->ctx, clip_grad_norm, &a);
     mgpu__grad_list_free(&a.grads);
+    /* the norm stays on the device and the twin applies the coefficient there: only a caller that
+       asks for the norm pays a host sync */
     if (r == MGPU_OK && total_norm) *total_norm = (float)mgpu_tensor_item(norm);
     return r;
 }
@@ -7620,7 +7678,7 @@ static void mgpu__cpu_unscale(const mgpu__unscale_args *a) {
     mgpu__cpu_for_each_tensor(a->ctx, &a->grads, MGPU__AMP_PAR_MIN, mgpu__unscale_range, a);
 }
 
-/* Checks that every parameter gradient of m is an F32 host tensor the scaler can work on. */
+/* Checks that every parameter gradient of m is an F32 tensor on the model's device. */
 static mgpu_result mgpu__scaler_check_grads(const char *fn, mgpu_model *m) {
     int i, n = mgpu_model_num_parameters(m);
     for (i = 0; i < n; i++) {
@@ -7630,8 +7688,8 @@ static mgpu_result mgpu__scaler_check_grads(const char *fn, mgpu_model *m) {
         if (p->grad->dtype != MGPU_F32 || p->grad->numel != p->numel)
             return mgpu__fail(MGPU_ERR_SHAPE, "%s: the grad of parameter '%s' is %s %s, expected F32 %s", fn, name ? name : "?",
                               mgpu_dtype_name(p->grad->dtype), mgpu__shape_str(p->grad), mgpu__shape_str(p));
-        if (!mgpu__on_host(p->grad))
-            return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the grad of parameter '%s' is not on the cpu (CUDA unscaling is not built in)", fn, name ? name : "?");
+        if (!mgpu__same_device(p->grad->device, m->ctx->device))
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the grad of parameter '%s' is on another device than the model's context", fn, name ? name : "?");
     }
     return MGPU_OK;
 }
@@ -7647,7 +7705,11 @@ MGPU_API mgpu_result mgpu_grad_scaler_unscale(mgpu_grad_scaler *s, mgpu_model *m
     if (!(s->scale > 0.0f) || !isfinite(s->scale))
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_unscale: scale %g must be positive and finite", (double)s->scale);
     if ((r = mgpu__scaler_check_grads("mgpu_grad_scaler_unscale", m)) != MGPU_OK) return r;
-    found = mgpu__new_activation(m->ctx, MGPU_I32, 0, NULL);   /* on the device: one read back per step, as PyTorch's */
+    /* The flag is computed on the device (the unscale twin checks and scales in one pass) and read
+       back with ONE 4-byte copy per optimizer step, here, as PyTorch's GradScaler reads found_inf
+       in scaler.step: the skip decision and the scale update are host logic, and the twins have no
+       device-side skip. Only fp16 pays it; bf16 and fp32 have no scaler. */
+    found = mgpu__new_activation(m->ctx, MGPU_I32, 0, NULL);
     if (!found) return mgpu_last_result();
     if ((r = mgpu__grad_list_make(m, &a.grads)) != MGPU_OK) return r;
     a.ctx = m->ctx; a.found = (int32_t *)found->data;
@@ -9728,12 +9790,13 @@ typedef struct mgpu__opt {
 /* ENUM fields are written through an int pointer, the choice's index being the enum's value. */
 typedef char mgpu__enum_fields_are_int[(sizeof(mgpu_optimizer_type) == sizeof(int) && sizeof(mgpu_lr_scaling) == sizeof(int) &&
                                         sizeof(mgpu_schedule_type) == sizeof(int) && sizeof(mgpu_amp_mode) == sizeof(int) &&
-                                        sizeof(mgpu_multi_gpu_mode) == sizeof(int) && sizeof(mgpu_grad_compression) == sizeof(int)) ? 1 : -1];
+                                        sizeof(mgpu_multi_gpu_mode) == sizeof(int) && sizeof(mgpu_grad_compression) == sizeof(int) &&
+                                        sizeof(mgpu_cuda_graph_mode) == sizeof(int)) ? 1 : -1];
 typedef char mgpu__enum_choice_order[(MGPU_OPTIM_SGD == 0 && MGPU_OPTIM_ADAM == 1 && MGPU_OPTIM_ADAMW == 2 && MGPU_LR_SCALE_NONE == 0 &&
                                       MGPU_LR_SCALE_LINEAR == 1 && MGPU_LR_SCALE_SQRT == 2 && MGPU_AMP_OFF == 0 && MGPU_AMP_FP16 == 1 &&
                                       MGPU_AMP_BF16 == 2 && MGPU_MULTI_GPU_AUTO == 0 && MGPU_MULTI_GPU_NONE == 1 && MGPU_MULTI_GPU_DP == 2 &&
                                       MGPU_MULTI_GPU_DDP == 3 && MGPU_GRAD_COMPRESSION_NONE == 0 && MGPU_GRAD_COMPRESSION_FP16 == 1 &&
-                                      MGPU_GRAD_COMPRESSION_BF16 == 2) ? 1 : -1];
+                                      MGPU_GRAD_COMPRESSION_BF16 == 2 && MGPU_CUDA_GRAPH_ON == 0 && MGPU_CUDA_GRAPH_OFF == 1) ? 1 : -1];
 
 #define MGPU__OF(field) offsetof(mgpu_train_opts, field)
 static const mgpu__opt mgpu__train_opts_table[] = {
@@ -9779,6 +9842,9 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"eta-min", MGPU__OPT_FLOAT, MGPU__OF(eta_min), 0, -1, 0, NULL, "LR", "lowest LR of linear/cosine schedules"},
     {"step-size-epochs", MGPU__OPT_FLOAT, MGPU__OF(step_size_epochs), 0, -1, 1, NULL, "E", "step schedule: epochs between LR drops"},
     {"gamma", MGPU__OPT_FLOAT, MGPU__OF(gamma), 0, -1, 1, NULL, "G", "step schedule: LR factor per drop"},
+    {"cuda-graph", MGPU__OPT_ENUM, MGPU__OF(cuda_graph), 0, 0, 0, "on|off", "MODE",
+     "CUDA: capture the training step as a CUDA Graph and replay it (default on; the CPU ignores it)\n"
+     "in this version capture is not implemented yet: on runs uncaptured, as the startup line says"},
 };
 #undef MGPU__OF
 #define MGPU__N_TRAIN_OPTS ((int)(sizeof mgpu__train_opts_table / sizeof mgpu__train_opts_table[0]))
@@ -14230,6 +14296,37 @@ MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t) {
     mgpu_free(t);
 }
 
+/* Correct predictions of a batch. On a GPU the logits (B, C) and targets (B) come back to the host
+   with one copy each per batch (small next to the forward) and are counted as mgpu_count_correct
+   does (first maximum wins, as torch.argmax); -1 with an error on failure. */
+static int64_t mgpu__count_correct_batch(const mgpu_tensor *logits, const mgpu_tensor *target) {
+    int64_t n, c, i, j, correct = 0;
+    float *x;
+    void *y;
+    if (!logits || !target) { if (mgpu_last_result() == MGPU_OK) mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: no logits"); return -1; }
+    if (mgpu__on_host(logits) && mgpu__on_host(target)) return mgpu_count_correct(logits, target);
+    if (logits->dtype != MGPU_F32 || logits->ndim != 2 || target->ndim != 1 || target->shape[0] != logits->shape[0] ||
+        (target->dtype != MGPU_I32 && target->dtype != MGPU_I64)) {
+        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_evaluate: need F32 logits (N, C) and an I32/I64 target (N,), got %s %s and %s %s",
+                   mgpu_dtype_name(logits->dtype), mgpu__shape_str(logits), mgpu_dtype_name(target->dtype), mgpu__shape_str(target));
+        return -1;
+    }
+    n = logits->shape[0]; c = logits->shape[1];
+    x = (float *)mgpu__alloc(mgpu_tensor_nbytes(logits) + mgpu_tensor_nbytes(target) + 8, "counting correct predictions");
+    if (!x) return -1;
+    y = (void *)((char *)x + (mgpu_tensor_nbytes(logits) + 7) / 8 * 8);
+    if (mgpu_tensor_copy_to_host(logits, x, mgpu_tensor_nbytes(logits)) != MGPU_OK ||
+        mgpu_tensor_copy_to_host(target, y, mgpu_tensor_nbytes(target)) != MGPU_OK) { mgpu_free(x); return -1; }
+    for (i = 0; i < n && c > 0; i++) {
+        const float *row = x + i * c;
+        int64_t best = 0, t = target->dtype == MGPU_I64 ? ((const int64_t *)y)[i] : (int64_t)((const int32_t *)y)[i];
+        for (j = 1; j < c; j++) if (row[j] > row[best]) best = j;
+        if (best == t) correct++;
+    }
+    mgpu_free(x);
+    return correct;
+}
+
 MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                    const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
     mgpu_loader_desc ld;
@@ -14253,8 +14350,10 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
         mgpu_tensor *logits = forward(ctx, b.x, user);
         mgpu_tensor *l = mgpu_op_cross_entropy(ctx, logits, b.y);
         if (!l) { r = mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE; break; }
+        int64_t hits;
         loss_sum += mgpu_tensor_item(l) * (double)b.size;
-        correct += mgpu_count_correct(logits, b.y);
+        if ((hits = mgpu__count_correct_batch(logits, b.y)) < 0) { r = mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE; break; }
+        correct += hits;
         seen += b.size;
         mgpu_context_end_step(ctx);
     }
@@ -14787,8 +14886,20 @@ static void mgpu__fit_extra_json(const mgpu__fit *f, mgpu__buf *b) {
         if (i > 2) mgpu__buf_puts(b, ",");
         mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)&f->es + mgpu__epoch_stat_fields[i].offset));
     }
-    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak);
+    /* host arena (headers, tape) plus, on a GPU, the device arena (activations) */
+    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak + f->t->ctx->device_arena.peak);
     mgpu__json_member(b, "rss_mb", mgpu__peak_rss_mb());
+#ifdef MGPU_CUDA
+    if (f->t->ctx->device.type == MGPU_DEVICE_CUDA) {   /* the caching allocator's view, as torch.cuda.memory_allocated/reserved/max_allocated */
+        mgpu_memory_stats ms;
+        if (mgpu_memory_stats_get(f->t->ctx->device.index, &ms) == MGPU_OK) {
+            mgpu__buf_puts(b, ",");
+            mgpu__json_member(b, "gpu_mem_allocated_mb", mgpu__mib(ms.allocated)); mgpu__buf_puts(b, ",");
+            mgpu__json_member(b, "gpu_mem_reserved_mb", mgpu__mib(ms.reserved)); mgpu__buf_puts(b, ",");
+            mgpu__json_member(b, "gpu_mem_peak_mb", mgpu__mib(ms.peak));
+        }
+    }
+#endif
     if (f->ddp) {   /* cumulative: all-reduce time and how much of it backward had to wait for */
         mgpu_ddp_stats st;
         mgpu_ddp_get_stats(f->ddp, &st);
@@ -14868,13 +14979,42 @@ static mgpu_result mgpu__fit_run(mgpu__fit *f, const mgpu_dataset *test, mgpu_tr
     return r;
 }
 
+/* mgpu_model_save from any device: a model on a GPU is staged into a host copy (same names,
+   dtypes and shapes) with one copy per tensor, so the final model is written whatever the
+   safetensors writer accepts. */
+static mgpu_result mgpu__model_save_staged(const mgpu_model *model, const char *path) {
+    mgpu_context_desc cd;
+    mgpu_context *cpu;
+    mgpu_model *host;
+    mgpu_result r = MGPU_OK;
+    int i;
+    if (model->ctx->device.type == MGPU_DEVICE_CPU) return mgpu_model_save(model, path);
+    memset(&cd, 0, sizeof cd);
+    cd.num_threads = 1; cd.arena_bytes = 4096;   /* this context runs no ops */
+    if (!(cpu = mgpu_context_create(&cd))) return mgpu_last_result();
+    if (!(host = mgpu_model_create(cpu))) r = mgpu_last_result();
+    for (i = 0; r == MGPU_OK && i < model->params.count; i++) {
+        const mgpu_tensor *t = model->params.items[i].tensor;
+        if (!mgpu_model_add_parameter(host, model->params.items[i].name, t->dtype, t->ndim, t->shape)) r = mgpu_last_result();
+    }
+    for (i = 0; r == MGPU_OK && i < model->buffers.count; i++) {
+        const mgpu_tensor *t = model->buffers.items[i].tensor;
+        if (!mgpu_model_add_buffer(host, model->buffers.items[i].name, t->dtype, t->ndim, t->shape)) r = mgpu_last_result();
+    }
+    if (r == MGPU_OK) r = mgpu_model_copy_state(host, model);
+    if (r == MGPU_OK) r = mgpu_model_save(host, path);
+    mgpu_model_destroy(host);
+    mgpu_context_destroy(cpu);
+    return r;
+}
+
 static mgpu_result mgpu__fit_save(const mgpu_train_opts *o, const mgpu_model *model) {
     char path[MGPU__CKPT_PATH_MAX];
     mgpu_result r;
     if (!o->save_dir || !o->save_dir[0]) return MGPU_OK;
     if ((r = mgpu__mkdirs(o->save_dir)) != MGPU_OK) return r;
     if ((r = mgpu__path_join(path, o->save_dir, "model.safetensors")) != MGPU_OK) return r;
-    if ((r = mgpu_model_save(model, path)) == MGPU_OK) printf("saved %s\n", path);
+    if ((r = mgpu__model_save_staged(model, path)) == MGPU_OK) printf("saved %s\n", path);
     return r;
 }
 
@@ -14939,6 +15079,23 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     return MGPU_OK;
 }
 
+/* The startup line on a GPU: which device trains, and what --cuda-graph does in this version.
+   CPU runs print nothing here (their output stays as it was). */
+static void mgpu__fit_announce_device(const mgpu__fit *f) {
+#ifdef MGPU_CUDA
+    const mgpu_context *ctx = f->t->ctx;
+    char desc[320];
+    if (ctx->device.type != MGPU_DEVICE_CUDA) return;
+    mgpu__cuda_device_describe(ctx->device.index, desc, sizeof desc);
+    printf("device cuda:%d (%s); cuda graph %s\n", ctx->device.index, desc,
+           f->t->opts->cuda_graph == MGPU_CUDA_GRAPH_OFF ? "off"
+                                                         : "on requested, but capture is not implemented yet: the step runs uncaptured");
+    fflush(stdout);
+#else
+    (void)f;
+#endif
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -14959,6 +15116,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
+    if (r == MGPU_OK && t->rank == 0) mgpu__fit_announce_device(&f);
     if (r == MGPU_OK) {
         if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);

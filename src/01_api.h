@@ -559,6 +559,8 @@ typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE 
 typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
 /* --resume: none, auto (the latest checkpoint in --save-dir), or a path (resume_path). */
 typedef enum mgpu_resume_mode { MGPU_RESUME_NONE = 0, MGPU_RESUME_AUTO = 1, MGPU_RESUME_PATH = 2 } mgpu_resume_mode;
+/* --cuda-graph: on a GPU, capture the static-shape training step as a CUDA Graph and replay it. */
+typedef enum mgpu_cuda_graph_mode { MGPU_CUDA_GRAPH_ON = 0, MGPU_CUDA_GRAPH_OFF = 1 } mgpu_cuda_graph_mode;
 #define MGPU_MAX_GPU_IDS 64
 
 /* Every string flag is parsed once, by mgpu_train_opts_parse, into the typed fields below; code
@@ -600,6 +602,7 @@ typedef struct mgpu_train_opts {
     float t0_epochs; int t_mult; float eta_min; float step_size_epochs; float gamma;
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
     int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
+    mgpu_cuda_graph_mode cuda_graph; /* --cuda-graph on|off (CUDA only; see the trainer's startup line) */
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,

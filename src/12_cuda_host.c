@@ -221,6 +221,18 @@ MGPU_API mgpu_result mgpu_cuda_copy_d2d_async(void *dst, const void *src, size_t
     return mgpu__cuda_copy_async("mgpu_cuda_copy_d2d_async", dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
 }
 
+/* "NAME, N GiB" of a device for messages such as the trainer's startup line; "unknown device"
+   where the properties cannot be read (the error is cleared: a description never fails a run). */
+static void mgpu__cuda_device_describe(int device, char *buf, size_t size) {
+    struct cudaDeviceProp p;
+    if (cudaGetDeviceProperties(&p, device) != cudaSuccess) {
+        cudaGetLastError();
+        snprintf(buf, size, "unknown device");
+        return;
+    }
+    snprintf(buf, size, "%s, %.0f GiB", p.name, (double)p.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));
+}
+
 /* --------------------------------------------------------------------------------------
    Per-device resources of a context
    -------------------------------------------------------------------------------------- */

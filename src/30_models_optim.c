@@ -18,6 +18,10 @@ struct mgpu_model {
     void **owned; int n_owned, cap_owned;   /* layer structs, freed with the model */
     int training;
     mgpu_batchnorm2d **batchnorms; int n_batchnorms, cap_batchnorms;  /* found by DDP's sync_batchnorm */
+    /* On a GPU, num_batches_tracked of batchnorms[i] as the host last knew it (-1: unknown, read it
+       back before the next count): counting then costs a fill, not a read-modify-write through the
+       host every training forward. mgpu_model_train forgets them, so a load between epochs is seen. */
+    int64_t *bn_counts; int cap_bn_counts;
 };
 
 /* Room for `need` elements of `elem` bytes: returns the (possibly moved) array, or NULL with an
@@ -70,6 +74,7 @@ MGPU_API void mgpu_model_destroy(mgpu_model *m) {
     mgpu_free(m->buffers.items);
     mgpu_free(m->owned);
     mgpu_free(m->batchnorms);
+    mgpu_free(m->bn_counts);
     mgpu_free(m);
 }
 
@@ -150,7 +155,12 @@ MGPU_API int64_t mgpu_model_parameter_count(const mgpu_model *m) {
     return n;
 }
 
-MGPU_API void mgpu_model_train(mgpu_model *m, int training) { if (m) m->training = training != 0; }
+MGPU_API void mgpu_model_train(mgpu_model *m, int training) {
+    int i;
+    if (!m) return;
+    m->training = training != 0;
+    for (i = 0; i < m->n_batchnorms; i++) m->bn_counts[i] = -1;
+}
 MGPU_API int mgpu_model_is_training(const mgpu_model *m) { return m ? m->training : 0; }
 
 MGPU_API mgpu_result mgpu_model_zero_grad(mgpu_model *m) {
@@ -236,19 +246,28 @@ static void mgpu__init_range(void *arg, int64_t begin, int64_t end) {
     }
 }
 
-/* t = offset + scale * r with r ~ U[0, 1) or N(0, 1) */
+/* t = offset + scale * r with r ~ U[0, 1) or N(0, 1). A tensor on a GPU is filled on the host
+   with the very same draws and copied over once, so a model built on cuda:i starts bit-identical
+   to the one the CPU builds from the same seed (initialisation is not worth a kernel). */
 static mgpu_result mgpu__init_random(mgpu_context *ctx, mgpu_tensor *t, double offset, double scale, int normal, const char *fn) {
     mgpu__init_job job;
+    mgpu_result r = MGPU_OK;
     if (!ctx || !t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: ctx and tensor must not be NULL", fn);
-    if (t->dtype != MGPU_F32 || !mgpu__on_host(t))
-        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: tensor is %s on %s; initialisers fill F32 tensors on the cpu", fn,
-                          mgpu_dtype_name(t->dtype), t->device.type == MGPU_DEVICE_CPU ? "cpu" : "cuda");
-    job.data = (float *)t->data;
+    if (t->dtype != MGPU_F32)
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: tensor is %s; initialisers fill F32 tensors", fn, mgpu_dtype_name(t->dtype));
+    if (!mgpu__same_device(t->device, ctx->device))
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the tensor is on another device than the context", fn);
+    job.data = mgpu__on_host(t) ? (float *)t->data : (float *)mgpu__alloc(mgpu_tensor_nbytes(t), "initialising a device tensor on the host");
+    if (!job.data) return mgpu_last_result();
     job.seed = ctx->rng_seed;
     job.first = mgpu_context_rng_reserve(ctx, (uint64_t)t->numel);
     job.offset = offset; job.scale = scale; job.normal = normal;
     mgpu_parallel_for(ctx, t->numel, 32768, mgpu__init_range, &job);
-    return MGPU_OK;
+    if (!mgpu__on_host(t)) {
+        r = mgpu_tensor_copy_from_host(t, job.data, mgpu_tensor_nbytes(t));
+        mgpu_free(job.data);
+    }
+    return r;
 }
 
 MGPU_API mgpu_result mgpu_init_uniform(mgpu_context *ctx, mgpu_tensor *t, float lo, float hi) {
@@ -396,12 +415,32 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
     if (l && l->num_batches_tracked) {
         mgpu_batchnorm2d **grown = (mgpu_batchnorm2d **)mgpu__grow(m->batchnorms, &m->cap_batchnorms, m->n_batchnorms + 1,
                                                                    sizeof *grown, "the model's batchnorm list");
-        if (grown) { m->batchnorms = grown; m->batchnorms[m->n_batchnorms++] = l; }
+        int64_t *counts = grown ? (int64_t *)mgpu__grow(m->bn_counts, &m->cap_bn_counts, m->n_batchnorms + 1, sizeof *counts,
+                                                        "the model's batchnorm list") : NULL;
+        if (grown) m->batchnorms = grown;
+        if (counts) { m->bn_counts = counts; m->bn_counts[m->n_batchnorms] = 0; m->batchnorms[m->n_batchnorms++] = l; }
         else l->num_batches_tracked = NULL;
     }
     if (!l || !l->num_batches_tracked) { mgpu__model_rollback(m, mk); return NULL; }
     l->model = m; l->num_features = num_features; l->eps = 1e-5f; l->momentum = 0.1f; l->sync_comm = NULL;
     return l;
+}
+
+/* num_batches_tracked += 1: in place on the host; on a GPU from the host's count, read back once
+   when unknown (see mgpu_model.bn_counts), then written with a fill that needs no sync. */
+static mgpu_result mgpu__batchnorm_count(mgpu_batchnorm2d *l) {
+    mgpu_model *m = l->model;
+    mgpu_tensor *t = l->num_batches_tracked;
+    int i;
+    if (mgpu__on_host(t)) { ((int64_t *)t->data)[0]++; return MGPU_OK; }
+    for (i = 0; i < m->n_batchnorms && m->batchnorms[i] != l; i++) {}
+    if (i == m->n_batchnorms) return mgpu__fail(MGPU_ERR_STATE, "mgpu_batchnorm2d_forward: the layer is not in its model's batchnorm list");
+    if (m->bn_counts[i] < 0) {
+        double v = mgpu_tensor_item(t);
+        if (v != v) return mgpu_last_result();
+        m->bn_counts[i] = (int64_t)v;
+    }
+    return mgpu_tensor_fill(t, (double)++m->bn_counts[i]);
 }
 
 MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm2d *l, mgpu_tensor *x) {
@@ -416,7 +455,7 @@ MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm
     sync.reduce = mgpu__bn_reduce_over_comm; sync.user = l->sync_comm;
     y = mgpu__batch_norm(ctx, x, l->weight, l->bias, l->running_mean, l->running_var, training, l->momentum, l->eps,
                          training && l->sync_comm ? &sync : NULL);
-    if (y && training) ((int64_t *)l->num_batches_tracked->data)[0]++;
+    if (y && training && mgpu__batchnorm_count(l) != MGPU_OK) return NULL;
     return y;   // (N, C, H, W)
 }
 
@@ -735,11 +774,13 @@ MGPU_API mgpu_optimizer *mgpu_optimizer_create(mgpu_model *m, const mgpu_optimiz
     if (mgpu__optimizer_desc_check(desc) != MGPU_OK) return NULL;
     n = m->params.count;
     if (n == 0) MGPU__FAIL_NULL(MGPU_ERR_INVALID_ARG, "mgpu_optimizer_create: the model has no parameters");
+    /* the multi-tensor twins update F32 parameters where they live: on the host, or in the
+       context's device memory (states are created there too, so no update crosses devices) */
     for (i = 0; i < n; i++) {
         const mgpu_tensor *p = m->params.items[i].tensor;
-        if (p->dtype != MGPU_F32 || !mgpu__on_host(p))
-            MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_optimizer_create: parameter '%s' is %s on %s; optimizers update F32 parameters on the cpu",
-                            m->params.items[i].name, mgpu_dtype_name(p->dtype), p->device.type == MGPU_DEVICE_CPU ? "cpu" : "cuda");
+        if (p->dtype != MGPU_F32 || !mgpu__same_device(p->device, m->ctx->device))
+            MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_optimizer_create: parameter '%s' is %s on another device than the model's context; "
+                            "optimizers update F32 parameters on the context's device", m->params.items[i].name, mgpu_dtype_name(p->dtype));
     }
     per_param = desc->type == MGPU_OPTIM_SGD ? (desc->momentum != 0.0f ? 1 : 0) : 2;
     o = (mgpu_optimizer *)mgpu__calloc(sizeof *o, "an optimizer");
@@ -974,8 +1015,8 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     if (!(max_norm >= 0.0f) || !isfinite(max_norm)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: max_norm %g must be finite and >= 0", max_norm);
     for (i = 0; i < m->params.count; i++) {
         const mgpu_tensor *p = m->params.items[i].tensor, *g = p->grad;
-        if (g && (g->dtype != MGPU_F32 || g->numel != p->numel || !mgpu__on_host(g)))
-            return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_clip_grad_norm: the grad of parameter '%s' is %s %s, expected F32 %s on the cpu",
+        if (g && (g->dtype != MGPU_F32 || g->numel != p->numel || !mgpu__same_device(g->device, m->ctx->device)))
+            return mgpu__fail(MGPU_ERR_SHAPE, "mgpu_clip_grad_norm: the grad of parameter '%s' is %s %s, expected F32 %s on the model's device",
                               m->params.items[i].name, mgpu_dtype_name(g->dtype), mgpu__shape_str(g), mgpu__shape_str(p));
     }
     norm = mgpu__new_activation(m->ctx, MGPU_F32, 0, NULL);   /* on the device: read back only when asked for */
@@ -987,6 +1028,8 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     a.scratch = (double *)(void *)scratch;
     if (r == MGPU_OK) r = MGPU__TWIN(m->ctx, clip_grad_norm, &a);
     mgpu__grad_list_free(&a.grads);
+    /* the norm stays on the device and the twin applies the coefficient there: only a caller that
+       asks for the norm pays a host sync */
     if (r == MGPU_OK && total_norm) *total_norm = (float)mgpu_tensor_item(norm);
     return r;
 }

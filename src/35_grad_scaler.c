@@ -42,7 +42,7 @@ static void mgpu__cpu_unscale(const mgpu__unscale_args *a) {
     mgpu__cpu_for_each_tensor(a->ctx, &a->grads, MGPU__AMP_PAR_MIN, mgpu__unscale_range, a);
 }
 
-/* Checks that every parameter gradient of m is an F32 host tensor the scaler can work on. */
+/* Checks that every parameter gradient of m is an F32 tensor on the model's device. */
 static mgpu_result mgpu__scaler_check_grads(const char *fn, mgpu_model *m) {
     int i, n = mgpu_model_num_parameters(m);
     for (i = 0; i < n; i++) {
@@ -52,8 +52,8 @@ static mgpu_result mgpu__scaler_check_grads(const char *fn, mgpu_model *m) {
         if (p->grad->dtype != MGPU_F32 || p->grad->numel != p->numel)
             return mgpu__fail(MGPU_ERR_SHAPE, "%s: the grad of parameter '%s' is %s %s, expected F32 %s", fn, name ? name : "?",
                               mgpu_dtype_name(p->grad->dtype), mgpu__shape_str(p->grad), mgpu__shape_str(p));
-        if (!mgpu__on_host(p->grad))
-            return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the grad of parameter '%s' is not on the cpu (CUDA unscaling is not built in)", fn, name ? name : "?");
+        if (!mgpu__same_device(p->grad->device, m->ctx->device))
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: the grad of parameter '%s' is on another device than the model's context", fn, name ? name : "?");
     }
     return MGPU_OK;
 }
@@ -69,7 +69,11 @@ MGPU_API mgpu_result mgpu_grad_scaler_unscale(mgpu_grad_scaler *s, mgpu_model *m
     if (!(s->scale > 0.0f) || !isfinite(s->scale))
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_grad_scaler_unscale: scale %g must be positive and finite", (double)s->scale);
     if ((r = mgpu__scaler_check_grads("mgpu_grad_scaler_unscale", m)) != MGPU_OK) return r;
-    found = mgpu__new_activation(m->ctx, MGPU_I32, 0, NULL);   /* on the device: one read back per step, as PyTorch's */
+    /* The flag is computed on the device (the unscale twin checks and scales in one pass) and read
+       back with ONE 4-byte copy per optimizer step, here, as PyTorch's GradScaler reads found_inf
+       in scaler.step: the skip decision and the scale update are host logic, and the twins have no
+       device-side skip. Only fp16 pays it; bf16 and fp32 have no scaler. */
+    found = mgpu__new_activation(m->ctx, MGPU_I32, 0, NULL);
     if (!found) return mgpu_last_result();
     if ((r = mgpu__grad_list_make(m, &a.grads)) != MGPU_OK) return r;
     a.ctx = m->ctx; a.found = (int32_t *)found->data;

@@ -124,6 +124,37 @@ MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t) {
     mgpu_free(t);
 }
 
+/* Correct predictions of a batch. On a GPU the logits (B, C) and targets (B) come back to the host
+   with one copy each per batch (small next to the forward) and are counted as mgpu_count_correct
+   does (first maximum wins, as torch.argmax); -1 with an error on failure. */
+static int64_t mgpu__count_correct_batch(const mgpu_tensor *logits, const mgpu_tensor *target) {
+    int64_t n, c, i, j, correct = 0;
+    float *x;
+    void *y;
+    if (!logits || !target) { if (mgpu_last_result() == MGPU_OK) mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: no logits"); return -1; }
+    if (mgpu__on_host(logits) && mgpu__on_host(target)) return mgpu_count_correct(logits, target);
+    if (logits->dtype != MGPU_F32 || logits->ndim != 2 || target->ndim != 1 || target->shape[0] != logits->shape[0] ||
+        (target->dtype != MGPU_I32 && target->dtype != MGPU_I64)) {
+        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_evaluate: need F32 logits (N, C) and an I32/I64 target (N,), got %s %s and %s %s",
+                   mgpu_dtype_name(logits->dtype), mgpu__shape_str(logits), mgpu_dtype_name(target->dtype), mgpu__shape_str(target));
+        return -1;
+    }
+    n = logits->shape[0]; c = logits->shape[1];
+    x = (float *)mgpu__alloc(mgpu_tensor_nbytes(logits) + mgpu_tensor_nbytes(target) + 8, "counting correct predictions");
+    if (!x) return -1;
+    y = (void *)((char *)x + (mgpu_tensor_nbytes(logits) + 7) / 8 * 8);
+    if (mgpu_tensor_copy_to_host(logits, x, mgpu_tensor_nbytes(logits)) != MGPU_OK ||
+        mgpu_tensor_copy_to_host(target, y, mgpu_tensor_nbytes(target)) != MGPU_OK) { mgpu_free(x); return -1; }
+    for (i = 0; i < n && c > 0; i++) {
+        const float *row = x + i * c;
+        int64_t best = 0, t = target->dtype == MGPU_I64 ? ((const int64_t *)y)[i] : (int64_t)((const int32_t *)y)[i];
+        for (j = 1; j < c; j++) if (row[j] > row[best]) best = j;
+        if (best == t) correct++;
+    }
+    mgpu_free(x);
+    return correct;
+}
+
 MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                    const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
     mgpu_loader_desc ld;
@@ -147,8 +178,10 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
         mgpu_tensor *logits = forward(ctx, b.x, user);
         mgpu_tensor *l = mgpu_op_cross_entropy(ctx, logits, b.y);
         if (!l) { r = mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE; break; }
+        int64_t hits;
         loss_sum += mgpu_tensor_item(l) * (double)b.size;
-        correct += mgpu_count_correct(logits, b.y);
+        if ((hits = mgpu__count_correct_batch(logits, b.y)) < 0) { r = mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE; break; }
+        correct += hits;
         seen += b.size;
         mgpu_context_end_step(ctx);
     }
@@ -681,8 +714,20 @@ static void mgpu__fit_extra_json(const mgpu__fit *f, mgpu__buf *b) {
         if (i > 2) mgpu__buf_puts(b, ",");
         mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)&f->es + mgpu__epoch_stat_fields[i].offset));
     }
-    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak);
+    /* host arena (headers, tape) plus, on a GPU, the device arena (activations) */
+    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak + f->t->ctx->device_arena.peak);
     mgpu__json_member(b, "rss_mb", mgpu__peak_rss_mb());
+#ifdef MGPU_CUDA
+    if (f->t->ctx->device.type == MGPU_DEVICE_CUDA) {   /* the caching allocator's view, as torch.cuda.memory_allocated/reserved/max_allocated */
+        mgpu_memory_stats ms;
+        if (mgpu_memory_stats_get(f->t->ctx->device.index, &ms) == MGPU_OK) {
+            mgpu__buf_puts(b, ",");
+            mgpu__json_member(b, "gpu_mem_allocated_mb", mgpu__mib(ms.allocated)); mgpu__buf_puts(b, ",");
+            mgpu__json_member(b, "gpu_mem_reserved_mb", mgpu__mib(ms.reserved)); mgpu__buf_puts(b, ",");
+            mgpu__json_member(b, "gpu_mem_peak_mb", mgpu__mib(ms.peak));
+        }
+    }
+#endif
     if (f->ddp) {   /* cumulative: all-reduce time and how much of it backward had to wait for */
         mgpu_ddp_stats st;
         mgpu_ddp_get_stats(f->ddp, &st);
@@ -762,13 +807,42 @@ static mgpu_result mgpu__fit_run(mgpu__fit *f, const mgpu_dataset *test, mgpu_tr
     return r;
 }
 
+/* mgpu_model_save from any device: a model on a GPU is staged into a host copy (same names,
+   dtypes and shapes) with one copy per tensor, so the final model is written whatever the
+   safetensors writer accepts. */
+static mgpu_result mgpu__model_save_staged(const mgpu_model *model, const char *path) {
+    mgpu_context_desc cd;
+    mgpu_context *cpu;
+    mgpu_model *host;
+    mgpu_result r = MGPU_OK;
+    int i;
+    if (model->ctx->device.type == MGPU_DEVICE_CPU) return mgpu_model_save(model, path);
+    memset(&cd, 0, sizeof cd);
+    cd.num_threads = 1; cd.arena_bytes = 4096;   /* this context runs no ops */
+    if (!(cpu = mgpu_context_create(&cd))) return mgpu_last_result();
+    if (!(host = mgpu_model_create(cpu))) r = mgpu_last_result();
+    for (i = 0; r == MGPU_OK && i < model->params.count; i++) {
+        const mgpu_tensor *t = model->params.items[i].tensor;
+        if (!mgpu_model_add_parameter(host, model->params.items[i].name, t->dtype, t->ndim, t->shape)) r = mgpu_last_result();
+    }
+    for (i = 0; r == MGPU_OK && i < model->buffers.count; i++) {
+        const mgpu_tensor *t = model->buffers.items[i].tensor;
+        if (!mgpu_model_add_buffer(host, model->buffers.items[i].name, t->dtype, t->ndim, t->shape)) r = mgpu_last_result();
+    }
+    if (r == MGPU_OK) r = mgpu_model_copy_state(host, model);
+    if (r == MGPU_OK) r = mgpu_model_save(host, path);
+    mgpu_model_destroy(host);
+    mgpu_context_destroy(cpu);
+    return r;
+}
+
 static mgpu_result mgpu__fit_save(const mgpu_train_opts *o, const mgpu_model *model) {
     char path[MGPU__CKPT_PATH_MAX];
     mgpu_result r;
     if (!o->save_dir || !o->save_dir[0]) return MGPU_OK;
     if ((r = mgpu__mkdirs(o->save_dir)) != MGPU_OK) return r;
     if ((r = mgpu__path_join(path, o->save_dir, "model.safetensors")) != MGPU_OK) return r;
-    if ((r = mgpu_model_save(model, path)) == MGPU_OK) printf("saved %s\n", path);
+    if ((r = mgpu__model_save_staged(model, path)) == MGPU_OK) printf("saved %s\n", path);
     return r;
 }
 
@@ -833,6 +907,23 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     return MGPU_OK;
 }
 
+/* The startup line on a GPU: which device trains, and what --cuda-graph does in this version.
+   CPU runs print nothing here (their output stays as it was). */
+static void mgpu__fit_announce_device(const mgpu__fit *f) {
+#ifdef MGPU_CUDA
+    const mgpu_context *ctx = f->t->ctx;
+    char desc[320];
+    if (ctx->device.type != MGPU_DEVICE_CUDA) return;
+    mgpu__cuda_device_describe(ctx->device.index, desc, sizeof desc);
+    printf("device cuda:%d (%s); cuda graph %s\n", ctx->device.index, desc,
+           f->t->opts->cuda_graph == MGPU_CUDA_GRAPH_OFF ? "off"
+                                                         : "on requested, but capture is not implemented yet: the step runs uncaptured");
+    fflush(stdout);
+#else
+    (void)f;
+#endif
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -853,6 +944,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
+    if (r == MGPU_OK && t->rank == 0) mgpu__fit_announce_device(&f);
     if (r == MGPU_OK) {
         if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);
