@@ -60,6 +60,16 @@ static mgpu_result mgpu__trainer_connect(mgpu_trainer *t) {
     if (t->world_size <= 1 && t->opts->multi_gpu != MGPU_MULTI_GPU_DDP) return MGPU_OK;
     memset(&cd, 0, sizeof cd);
     cd.backend = t->ctx->device.type == MGPU_DEVICE_CUDA ? MGPU_COMM_NCCL : MGPU_COMM_SHM;
+    /* MGPU_DIST_BACKEND=shm lets several processes share one GPU (NCCL refuses two ranks on one
+       device): gradients are staged through pinned host memory, as torch's gloo backend does */
+    if (getenv("MGPU_DIST_BACKEND") && *getenv("MGPU_DIST_BACKEND")) {
+        const char *b = getenv("MGPU_DIST_BACKEND");
+        if (strcmp(b, "shm") == 0) cd.backend = MGPU_COMM_SHM;
+        else if (strcmp(b, "nccl") == 0) cd.backend = MGPU_COMM_NCCL;
+        else return mgpu__fail(MGPU_ERR_INVALID_ARG, "MGPU_DIST_BACKEND='%s': expected shm or nccl", b);
+    }
+    cd.gpu_ids = t->opts->num_gpu_ids > 0 ? t->opts->gpu_ids : NULL;
+    cd.num_gpu_ids = t->opts->num_gpu_ids;
     t->comm = mgpu_comm_create(&cd);
     return t->comm ? MGPU_OK : mgpu_last_result();
 }
