@@ -217,11 +217,19 @@ data:
 	@bash tools/setup_data.sh
 
 # Trains on the best available device: --device auto picks a GPU once the CUDA backend is built in.
+# The best device: with an NVIDIA GPU visible (nvidia-smi) and nvcc, the CUDA build on cuda:0;
+# otherwise the CPU build.
 demo:
 	@sh tools/deps.sh demo
 	@bash tools/setup_data.sh
-	@$(MAKE) --no-print-directory all
-	$(BUILD)/fashion_mlp --device auto --data data/fashion-mnist --metrics $(BUILD)/demo_metrics.jsonl --save-dir $(BUILD)/demo
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && [ -x "$(NVCC)" ]; then \
+	  echo "demo: GPU found ($$(nvidia-smi -L | head -n 1)): building the CUDA variant"; \
+	  $(MAKE) --no-print-directory cuda && \
+	  $(BUILD)/cuda/fashion_mlp --device cuda --data data/fashion-mnist --metrics $(BUILD)/demo_metrics.jsonl --save-dir $(BUILD)/demo; \
+	else \
+	  $(MAKE) --no-print-directory all && \
+	  $(BUILD)/fashion_mlp --device auto --data data/fashion-mnist --metrics $(BUILD)/demo_metrics.jsonl --save-dir $(BUILD)/demo; \
+	fi
 
 bench: all
 	@bash bench/bench_cpu.sh

@@ -10,8 +10,10 @@
 #include "mgpu_test.h"
 
 #define TOL 1e-5
+#define HALF_TOL 1e-2
 
 static mgpu_context *cpu, *gpu;
+static double tol = TOL;   /* HALF_TOL while autocast runs the GEMMs in half precision */
 
 typedef mgpu_tensor *(*forward_fn)(mgpu_context *c, mgpu_tensor **in);
 typedef struct input_spec {
@@ -44,7 +46,7 @@ static void compare(const char *op, const char *what, const mgpu_tensor *g, cons
     if (g->numel != c->numel) return;
     hg = host_floats(g); hc = host_floats(c);
     err = rel_err(hg, hc, c->numel);
-    MT_CHECK(err <= TOL, "%s: %s relative error %.3g > %.0e", op, what, err, TOL);
+    MT_CHECK(err <= tol, "%s: %s relative error %.3g > %.0e", op, what, err, tol);
     free(hg); free(hc);
 }
 
@@ -213,6 +215,23 @@ static void test_norms_embedding_attention(void) {
 static void test_small_network(void) {
     CASE(f_mlp, SPEC(2, 32, 20), SPEC(2, 24, 20), SPEC(2, 10, 24), INDEX(10, 1, 32));
 }
+/* autocast: on cuda:0 linear and matmul multiply in real bf16/fp16 (the operands autocast rounded,
+   cast exactly), the CPU multiplies the same rounded values in f32 */
+static void test_autocast_half_gemms(void) {
+    mgpu_amp_mode modes[2] = {MGPU_AMP_BF16, MGPU_AMP_FP16};
+    int i;
+    tol = HALF_TOL;
+    for (i = 0; i < 2; i++) {
+        mgpu_context_set_autocast(cpu, modes[i]);
+        mgpu_context_set_autocast(gpu, modes[i]);
+        CASE(f_linear, SPEC(2, 33, 40), SPEC(2, 24, 40), SPEC(1, 24));
+        CASE(f_matmul, SPEC(3, 2, 9, 16), SPEC(3, 2, 16, 8));
+        CASE(f_mlp, SPEC(2, 32, 20), SPEC(2, 24, 20), SPEC(2, 10, 24), INDEX(10, 1, 32));
+    }
+    mgpu_context_set_autocast(cpu, MGPU_AMP_OFF);
+    mgpu_context_set_autocast(gpu, MGPU_AMP_OFF);
+    tol = TOL;
+}
 /* count_correct on device logits: the evaluation path */
 static void test_count_correct(void) {
     float logits[12] = {0, 1, 2, 3, 2, 1, 1, 1, 0, 0, 0, 5};
@@ -278,6 +297,7 @@ int main(void) {
     MT_RUN(test_gemm_and_conv);
     MT_RUN(test_norms_embedding_attention);
     MT_RUN(test_small_network);
+    MT_RUN(test_autocast_half_gemms);
     MT_RUN(test_count_correct);
     MT_RUN(test_device_mismatch);
     mgpu_context_destroy(gpu);
