@@ -288,6 +288,49 @@ static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void 
 }
 
 /* --------------------------------------------------------------------------------------
+   Uploads on a stream of their own (the loader's batches): each copy waits for the work already
+   queued on the consumer stream (which may still read the destination: the step that used it
+   last) and the consumer waits for the copy; the host waits for `copied` before it reuses the
+   pinned source.
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__cuda_upload { void *consumer_mark, *copied; } mgpu__cuda_upload;
+
+static mgpu_result mgpu__cuda_stream_new(int device, void **out) {
+    cudaStream_t s = NULL;
+    MGPU__CUDA_TRY("a copy stream", cudaSetDevice(device));
+    MGPU__CUDA_TRY("a copy stream", cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    *out = (void *)s;
+    return MGPU_OK;
+}
+static void mgpu__cuda_stream_free(void *stream) {
+    if (!stream) return;
+    cudaStreamSynchronize((cudaStream_t)stream);
+    cudaStreamDestroy((cudaStream_t)stream);
+}
+static mgpu_result mgpu__cuda_upload_start(mgpu__cuda_upload *u, void *copy_stream, void *consumer, void *dst, const void *src, size_t bytes) {
+    static const char *fn = "uploading a batch to the GPU";
+    if (!u->consumer_mark) MGPU__CUDA_TRY(fn, cudaEventCreateWithFlags((cudaEvent_t *)&u->consumer_mark, cudaEventDisableTiming));
+    if (!u->copied) MGPU__CUDA_TRY(fn, cudaEventCreateWithFlags((cudaEvent_t *)&u->copied, cudaEventDisableTiming));
+    MGPU__CUDA_TRY(fn, cudaEventRecord((cudaEvent_t)u->consumer_mark, (cudaStream_t)consumer));
+    MGPU__CUDA_TRY(fn, cudaStreamWaitEvent((cudaStream_t)copy_stream, (cudaEvent_t)u->consumer_mark, 0));
+    if (bytes) MGPU__CUDA_TRY(fn, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)copy_stream));
+    MGPU__CUDA_TRY(fn, cudaEventRecord((cudaEvent_t)u->copied, (cudaStream_t)copy_stream));
+    MGPU__CUDA_TRY(fn, cudaStreamWaitEvent((cudaStream_t)consumer, (cudaEvent_t)u->copied, 0));
+    return MGPU_OK;
+}
+/* The source may be overwritten once this returns. */
+static mgpu_result mgpu__cuda_upload_finish(mgpu__cuda_upload *u) {
+    if (u->copied) MGPU__CUDA_TRY("waiting for a batch upload", cudaEventSynchronize((cudaEvent_t)u->copied));
+    return MGPU_OK;
+}
+static void mgpu__cuda_upload_release(mgpu__cuda_upload *u) {
+    if (u->consumer_mark) cudaEventDestroy((cudaEvent_t)u->consumer_mark);
+    if (u->copied) cudaEventDestroy((cudaEvent_t)u->copied);
+    u->consumer_mark = u->copied = NULL;
+}
+
+/* --------------------------------------------------------------------------------------
    CUDA Graphs: capture one step (forward, backward, optimizer) and replay it with one launch.
    Everything captured must use fixed device addresses (arena, cached blocks) and no host sync.
    -------------------------------------------------------------------------------------- */

@@ -434,9 +434,14 @@ MGPU_API int64_t mgpu_sampler_indices(int64_t n, int rank, int world_size, int s
 
 enum { MGPU__SLOT_FREE = 0, MGPU__SLOT_FILLING = 1, MGPU__SLOT_READY = 2, MGPU__SLOT_HELD = 3 };
 
+static void mgpu__loader_host_free(struct mgpu_loader *l, uint8_t *p);
+
 typedef struct mgpu__loader_slot {
     uint8_t *x_host, *y_host;  /* (B, x_shape...), (B, y_shape...) filled by workers */
     mgpu_tensor *x, *y;        /* handed out; on the CPU they wrap x_host / y_host */
+#ifdef MGPU_CUDA
+    mgpu__cuda_upload x_up, y_up;   /* on a GPU: x_host / y_host are pinned and copied on the loader's stream */
+#endif
     int state;
     int64_t batch, size;
     mgpu_result result;
@@ -450,6 +455,7 @@ struct mgpu_loader {
     uint64_t seed;
     mgpu_context *ctx; int owns_ctx;
     int device_copy;             /* batch tensors are not host memory: copy at delivery */
+    void *copy_stream;           /* CUDA: the stream batches are uploaded on */
     size_t x_bytes, y_bytes;     /* per sample, as the dataset writes them */
     int64_t x_numel, y_numel;
     int64_t *indices, n_indices, n_batches;
@@ -531,11 +537,18 @@ MGPU_API void mgpu_loader_destroy(mgpu_loader *l) {
     pthread_mutex_destroy(&l->mu);
     pthread_cond_destroy(&l->work_cv);
     pthread_cond_destroy(&l->ready_cv);
+#ifdef MGPU_CUDA
+    mgpu__cuda_stream_free(l->copy_stream);   /* waits for the uploads still in flight */
+#endif
     for (i = 0; l->slots && i < l->n_slots; i++) {
         mgpu_tensor_free(l->slots[i].x);
         mgpu_tensor_free(l->slots[i].y);
-        mgpu_free(l->slots[i].x_host);
-        mgpu_free(l->slots[i].y_host);
+        mgpu__loader_host_free(l, l->slots[i].x_host);
+        mgpu__loader_host_free(l, l->slots[i].y_host);
+#ifdef MGPU_CUDA
+        mgpu__cuda_upload_release(&l->slots[i].x_up);
+        mgpu__cuda_upload_release(&l->slots[i].y_up);
+#endif
     }
     mgpu_free(l->slots);
     mgpu_free(l->threads);
@@ -591,14 +604,36 @@ static mgpu_tensor *mgpu__loader_batch_tensor(mgpu_loader *l, mgpu_dtype dt, int
     return mgpu_tensor_wrap(l->ctx, dt, ndim + 1, bshape, host);
 }
 
+/* Batch buffers the workers fill: pinned on a GPU, so uploads are DMA and need no staging copy. */
+static uint8_t *mgpu__loader_host_alloc(mgpu_loader *l, size_t bytes) {
+#ifdef MGPU_CUDA
+    if (l->device_copy) return (uint8_t *)mgpu_cuda_host_alloc(bytes);
+#endif
+    (void)l;
+    return (uint8_t *)mgpu__alloc(bytes, "a loader batch");
+}
+static void mgpu__loader_host_free(mgpu_loader *l, uint8_t *p) {
+#ifdef MGPU_CUDA
+    if (l->device_copy) { mgpu_cuda_host_free(p); return; }
+#endif
+    (void)l;
+    mgpu_free(p);
+}
+
 static mgpu_result mgpu__loader_alloc_slots(mgpu_loader *l) {
     int i;
+#ifdef MGPU_CUDA
+    if (l->device_copy) {
+        mgpu_result r = mgpu__cuda_stream_new(l->ctx->device.index, &l->copy_stream);
+        if (r != MGPU_OK) return r;
+    }
+#endif
     l->slots = (mgpu__loader_slot *)mgpu__calloc(sizeof(mgpu__loader_slot) * (size_t)l->n_slots, "the loader's batch slots");
     if (!l->slots) return MGPU_ERR_OOM_HOST;
     for (i = 0; i < l->n_slots; i++) {
         mgpu__loader_slot *s = &l->slots[i];
-        s->x_host = (uint8_t *)mgpu__alloc((size_t)l->batch_size * l->x_bytes, "a loader batch");
-        s->y_host = (uint8_t *)mgpu__alloc((size_t)l->batch_size * l->y_bytes, "a loader batch");
+        s->x_host = mgpu__loader_host_alloc(l, (size_t)l->batch_size * l->x_bytes);
+        s->y_host = mgpu__loader_host_alloc(l, (size_t)l->batch_size * l->y_bytes);
         if (!s->x_host || !s->y_host) return MGPU_ERR_OOM_HOST;
         s->x = mgpu__loader_batch_tensor(l, l->ds->x_dtype, l->ds->x_ndim, l->ds->x_shape, s->x_host);
         s->y = mgpu__loader_batch_tensor(l, l->ds->y_dtype, l->ds->y_ndim, l->ds->y_shape, s->y_host);
@@ -649,6 +684,18 @@ MGPU_API mgpu_loader *mgpu_loader_create(const mgpu_dataset *ds, const mgpu_load
     return l;
 }
 
+/* Before the workers may refill a slot's host buffers: its uploads must have read them. */
+static mgpu_result mgpu__loader_uploads_done(mgpu_loader *l, mgpu__loader_slot *s) {
+#ifdef MGPU_CUDA
+    if (l->device_copy) {
+        mgpu_result r = mgpu__cuda_upload_finish(&s->x_up);
+        return r != MGPU_OK ? r : mgpu__cuda_upload_finish(&s->y_up);
+    }
+#endif
+    (void)l; (void)s;
+    return MGPU_OK;
+}
+
 MGPU_API mgpu_result mgpu_loader_set_epoch(mgpu_loader *l, int64_t epoch, int64_t start_batch) {
     int i;
     mgpu_result r = MGPU_OK;
@@ -657,6 +704,7 @@ MGPU_API mgpu_result mgpu_loader_set_epoch(mgpu_loader *l, int64_t epoch, int64_
     if (start_batch < 0 || start_batch > l->n_batches)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_set_epoch: start_batch %lld outside [0, %lld] (batches per epoch)",
                           (long long)start_batch, (long long)l->n_batches);
+    if (l->held >= 0 && (r = mgpu__loader_uploads_done(l, &l->slots[l->held])) != MGPU_OK) return r;
     pthread_mutex_lock(&l->mu);
     /* already positioned there (e.g. the epoch 0 the loader starts in): keep what is prefetched */
     if (epoch == l->epoch && start_batch == l->next_batch && l->failed == MGPU_OK) { pthread_mutex_unlock(&l->mu); return MGPU_OK; }
@@ -692,10 +740,16 @@ static mgpu__loader_slot *mgpu__loader_take_locked(mgpu_loader *l, int64_t k) {
     return s;
 }
 
-/* Sets the leading dim of a slot tensor to the batch's size (the last batch may be short). */
-static mgpu_result mgpu__loader_deliver(mgpu_loader *l, mgpu_tensor *t, const uint8_t *host, int64_t size, int64_t sample_numel) {
+/* Sets the leading dim of a slot tensor to the batch's size (the last batch may be short); on a
+   GPU starts its upload, which the step's kernels wait for on the device, not on the host. */
+static mgpu_result mgpu__loader_deliver(mgpu_loader *l, mgpu_tensor *t, const uint8_t *host, int64_t size, int64_t sample_numel, void *upload) {
     t->shape[0] = size;
     t->numel = size * sample_numel;
+#ifdef MGPU_CUDA
+    if (l->device_copy)
+        return mgpu__cuda_upload_start((mgpu__cuda_upload *)upload, l->copy_stream, l->ctx->cuda_stream, t->data, host, mgpu_tensor_nbytes(t));
+#endif
+    (void)upload;
     if (l->device_copy) return mgpu_tensor_copy_from_host(t, host, mgpu_tensor_nbytes(t));
     return MGPU_OK;
 }
@@ -706,6 +760,7 @@ MGPU_API mgpu_result mgpu_loader_next(mgpu_loader *l, mgpu_batch *b) {
     mgpu_result r;
     if (!l || !b) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_next: loader and batch must not be NULL");
     memset(b, 0, sizeof *b);
+    if (l->held >= 0 && (r = mgpu__loader_uploads_done(l, &l->slots[l->held])) != MGPU_OK) return r;
     pthread_mutex_lock(&l->mu);
     if (l->held >= 0) {
         l->slots[l->held].state = MGPU__SLOT_FREE;
@@ -735,8 +790,13 @@ MGPU_API mgpu_result mgpu_loader_next(mgpu_loader *l, mgpu_batch *b) {
     l->next_batch++;
     pthread_mutex_unlock(&l->mu);
     /* the slot is ours until the next call: no worker touches a held slot */
-    r = mgpu__loader_deliver(l, s->x, s->x_host, s->size, l->x_numel);
-    if (r == MGPU_OK) r = mgpu__loader_deliver(l, s->y, s->y_host, s->size, l->y_numel);
+#ifdef MGPU_CUDA
+    r = mgpu__loader_deliver(l, s->x, s->x_host, s->size, l->x_numel, &s->x_up);
+    if (r == MGPU_OK) r = mgpu__loader_deliver(l, s->y, s->y_host, s->size, l->y_numel, &s->y_up);
+#else
+    r = mgpu__loader_deliver(l, s->x, s->x_host, s->size, l->x_numel, NULL);
+    if (r == MGPU_OK) r = mgpu__loader_deliver(l, s->y, s->y_host, s->size, l->y_numel, NULL);
+#endif
     if (r != MGPU_OK) return r;
     b->x = s->x; b->y = s->y;
     b->size = s->size;
