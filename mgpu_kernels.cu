@@ -1804,6 +1804,11 @@ static mgpu_result mgpu__gemm_half(mgpu__blas *b, const mgpu__gemm_args *a) {
     return mgpu__gemm_run(b, &h);
 }
 
+// A validated product, in half precision where autocast asked for it.
+static mgpu_result mgpu__gemm_go(mgpu__blas *b, const mgpu__gemm_args *a) {
+    return a->half_compute ? mgpu__gemm_half(b, a) : mgpu__gemm_run(b, a);
+}
+
 extern "C" mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream) {
     const int64_t lim = 2147483647LL;
     MGPU__REQUIRE(a && a->blas, "blas is NULL (create it with mgpu_cuda_blas_create)");
@@ -1821,8 +1826,7 @@ extern "C" mgpu_result mgpu_cuda_gemm(const mgpu__gemm_args *a, void *stream) {
                   "half_compute must be 0, F16 or BF16, with F32 operands");
     mgpu__blas *b = (mgpu__blas *)a->blas;
     mgpu_result r = mgpu__blas_on(b, stream);
-    if (r != MGPU_OK) return r;
-    return a->half_compute ? mgpu__gemm_half(b, a) : mgpu__gemm_run(b, a);
+    return r != MGPU_OK ? r : mgpu__gemm_go(b, a);
 }
 
 // The twins built from GEMMs (conv2d, attention) describe their f32 products with this.
@@ -1877,6 +1881,7 @@ __global__ void mgpu__channel_fill_k(float *y, const float *b, int64_t n, int64_
 
 extern "C" mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void *stream) {
     MGPU__REQUIRE(a && a->g, "a and its geometry must be given");
+    MGPU__REQUIRE(a->half_compute == MGPU_F32 || a->half_compute == MGPU_F16 || a->half_compute == MGPU_BF16, "half_compute must be F32 (off), F16 or BF16");
     mgpu_result r = mgpu__conv_begin(__func__, a, a->y, stream);
     const mgpu__conv_geom *g = a->g;
     mgpu__blas *b = (mgpu__blas *)a->blas;
@@ -1896,7 +1901,8 @@ extern "C" mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void
     // y_i (O, P) = W (O, CKK) @ cols_i (CKK, P) [+ y_i]
     mgpu__gemm_args gm = mgpu__batched(mgpu__gemm_f32(0, 0, g->o, g->p, g->ckk, 1.0f, a->w, g->ckk, cols, g->p, a->b ? 1.0f : 0.0f, a->y, g->p),
                                        g->n, 0, g->ckk * g->p, g->o * g->p);
-    return mgpu__gemm_run(b, &gm);
+    gm.half_compute = a->half_compute;
+    return mgpu__gemm_go(b, &gm);
 }
 
 // dW += dY_i (O, P) @ cols_i^T, image after image (a fixed order: deterministic).
@@ -1906,7 +1912,8 @@ static mgpu_result mgpu__conv_weight_grad(mgpu__blas *b, const mgpu__conv2d_args
     for (int64_t i = 0; i < g->n && r == MGPU_OK; i++) {
         mgpu__gemm_args gm = mgpu__gemm_f32(0, 1, g->o, g->ckk, g->p, 1.0f, a->dy + i * g->o * g->p, g->p, cols + i * g->ckk * g->p, g->p,
                                             1.0f, a->dw, g->ckk);
-        r = mgpu__gemm_run(b, &gm);
+        gm.half_compute = a->half_compute;
+        r = mgpu__gemm_go(b, &gm);
     }
     return r;
 }
@@ -1918,12 +1925,14 @@ static mgpu_result mgpu__conv_input_grad(mgpu__blas *b, const mgpu__conv2d_args 
     float *dst = pointwise ? a->dx : dcols;
     mgpu__gemm_args gm = mgpu__batched(mgpu__gemm_f32(1, 0, g->ckk, g->p, g->o, 1.0f, a->w, g->ckk, a->dy, g->p, pointwise ? 1.0f : 0.0f, dst, g->p),
                                        g->n, 0, g->o * g->p, g->ckk * g->p);
-    mgpu_result r = mgpu__gemm_run(b, &gm);
+    gm.half_compute = a->half_compute;
+    mgpu_result r = mgpu__gemm_go(b, &gm);
     return r != MGPU_OK || pointwise ? r : mgpu__col2im(g, dcols, a->dx, stream);
 }
 
 extern "C" mgpu_result mgpu_cuda_conv2d_backward(const mgpu__conv2d_args *a, void *stream) {
     MGPU__REQUIRE(a && a->g, "a and its geometry must be given");
+    MGPU__REQUIRE(a->half_compute == MGPU_F32 || a->half_compute == MGPU_F16 || a->half_compute == MGPU_BF16, "half_compute must be F32 (off), F16 or BF16");
     mgpu_result r = mgpu__conv_begin(__func__, a, a->dy, stream);
     if (r != MGPU_OK || a->g->n == 0) return r;
     const mgpu__conv_geom *g = a->g;

@@ -205,6 +205,7 @@ typedef struct mgpu__conv2d_args {
     const mgpu__conv_geom *g;
     const float *x, *w, *b, *dy;
     float *y, *dx, *dw, *db;
+    mgpu_dtype half_compute;              /* autocast: the GEMMs as mgpu__gemm_args.half_compute (CUDA) */
 } mgpu__conv2d_args;
 mgpu_result mgpu_cuda_conv2d_forward(const mgpu__conv2d_args *a, void *stream);
 mgpu_result mgpu_cuda_conv2d_backward(const mgpu__conv2d_args *a, void *stream);

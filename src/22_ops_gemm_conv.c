@@ -880,6 +880,7 @@ static mgpu_result mgpu__conv2d_backward(mgpu_context *ctx, mgpu__node *node) {
     memset(&a, 0, sizeof a);
     a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas;
     a.g = (const mgpu__conv_geom *)node->extra;
+    a.half_compute = (mgpu_dtype)node->iarg[0];
     a.x = (const float *)x->data; a.w = (const float *)w->data; a.dy = (const float *)node->out->grad->data;
     if (mgpu__needs_grad(node, 0)) MGPU__GRAD_OR_FAIL(a.dx, ctx, x);
     if (mgpu__needs_grad(node, 1)) MGPU__GRAD_OR_FAIL(a.dw, ctx, w);
@@ -943,6 +944,7 @@ MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
     memset(&a, 0, sizeof a);
     a.ctx = ctx; a.status = &status; a.blas = ctx->cuda_blas; a.g = &g;
     a.x = (const float *)x->data; a.w = (const float *)w->data; a.b = b ? (const float *)b->data : NULL; a.y = (float *)y->data;
+    a.half_compute = mgpu__autocast_gemm_dtype(ctx);
     if (MGPU__TWIN(ctx, conv2d_forward, &a) != MGPU_OK || status != MGPU_OK) return NULL;
     ins[0] = x; ins[1] = w; ins[2] = b;
     MGPU__RECORD(ctx, "conv2d", mgpu__conv2d_backward, y, 3, ins, node);
@@ -950,6 +952,7 @@ MGPU_API mgpu_tensor *mgpu_op_conv2d(mgpu_context *ctx, mgpu_tensor *x, mgpu_ten
         if (!(gsaved = (mgpu__conv_geom *)mgpu__arena_alloc(ctx, sizeof *gsaved))) return NULL;
         *gsaved = g;
         node->extra = gsaved;
+        node->iarg[0] = a.half_compute;
     }
     return y;
 }

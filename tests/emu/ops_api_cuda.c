@@ -215,7 +215,7 @@ static void test_norms_embedding_attention(void) {
 static void test_small_network(void) {
     CASE(f_mlp, SPEC(2, 32, 20), SPEC(2, 24, 20), SPEC(2, 10, 24), INDEX(10, 1, 32));
 }
-/* autocast: on cuda:0 linear and matmul multiply in real bf16/fp16 (the operands autocast rounded,
+/* autocast: on cuda:0 linear, matmul and conv2d multiply in real bf16/fp16 (the operands autocast rounded,
    cast exactly), the CPU multiplies the same rounded values in f32 */
 static void test_autocast_half_gemms(void) {
     mgpu_amp_mode modes[2] = {MGPU_AMP_BF16, MGPU_AMP_FP16};
@@ -227,6 +227,8 @@ static void test_autocast_half_gemms(void) {
         CASE(f_linear, SPEC(2, 33, 40), SPEC(2, 24, 40), SPEC(1, 24));
         CASE(f_matmul, SPEC(3, 2, 9, 16), SPEC(3, 2, 16, 8));
         CASE(f_mlp, SPEC(2, 32, 20), SPEC(2, 24, 20), SPEC(2, 10, 24), INDEX(10, 1, 32));
+        CASE(f_conv, SPEC(4, 2, 3, 9, 7), SPEC(4, 5, 3, 3, 3), SPEC(1, 5));
+        CASE(f_conv_nobias, SPEC(4, 3, 2, 6, 6), SPEC(4, 4, 2, 2, 2));
     }
     mgpu_context_set_autocast(cpu, MGPU_AMP_OFF);
     mgpu_context_set_autocast(gpu, MGPU_AMP_OFF);
