@@ -14413,35 +14413,11 @@ MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t) {
     mgpu_free(t);
 }
 
-/* Correct predictions of a batch. On a GPU the logits (B, C) and targets (B) come back to the host
-   with one copy each per batch (small next to the forward) and are counted as mgpu_count_correct
-   does (first maximum wins, as torch.argmax); -1 with an error on failure. */
+/* Correct predictions of a batch (mgpu_count_correct: on a GPU the logits and targets come back
+   with one copy each per batch, small next to the forward); -1 with an error on failure. */
 static int64_t mgpu__count_correct_batch(const mgpu_tensor *logits, const mgpu_tensor *target) {
-    int64_t n, c, i, j, correct = 0;
-    float *x;
-    void *y;
     if (!logits || !target) { if (mgpu_last_result() == MGPU_OK) mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: no logits"); return -1; }
-    if (mgpu__on_host(logits) && mgpu__on_host(target)) return mgpu_count_correct(logits, target);
-    if (logits->dtype != MGPU_F32 || logits->ndim != 2 || target->ndim != 1 || target->shape[0] != logits->shape[0] ||
-        (target->dtype != MGPU_I32 && target->dtype != MGPU_I64)) {
-        mgpu__fail(MGPU_ERR_SHAPE, "mgpu_evaluate: need F32 logits (N, C) and an I32/I64 target (N,), got %s %s and %s %s",
-                   mgpu_dtype_name(logits->dtype), mgpu__shape_str(logits), mgpu_dtype_name(target->dtype), mgpu__shape_str(target));
-        return -1;
-    }
-    n = logits->shape[0]; c = logits->shape[1];
-    x = (float *)mgpu__alloc(mgpu_tensor_nbytes(logits) + mgpu_tensor_nbytes(target) + 8, "counting correct predictions");
-    if (!x) return -1;
-    y = (void *)((char *)x + (mgpu_tensor_nbytes(logits) + 7) / 8 * 8);
-    if (mgpu_tensor_copy_to_host(logits, x, mgpu_tensor_nbytes(logits)) != MGPU_OK ||
-        mgpu_tensor_copy_to_host(target, y, mgpu_tensor_nbytes(target)) != MGPU_OK) { mgpu_free(x); return -1; }
-    for (i = 0; i < n && c > 0; i++) {
-        const float *row = x + i * c;
-        int64_t best = 0, t = target->dtype == MGPU_I64 ? ((const int64_t *)y)[i] : (int64_t)((const int32_t *)y)[i];
-        for (j = 1; j < c; j++) if (row[j] > row[best]) best = j;
-        if (best == t) correct++;
-    }
-    mgpu_free(x);
-    return correct;
+    return mgpu_count_correct(logits, target);
 }
 
 MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
