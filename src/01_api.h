@@ -344,6 +344,7 @@ MGPU_API mgpu_tensor *mgpu_conv2d_forward(mgpu_context *ctx, const mgpu_conv2d *
 typedef struct mgpu_batchnorm2d { mgpu_model *model; mgpu_tensor *weight, *bias, *running_mean, *running_var, *num_batches_tracked;
                                   int64_t num_features; float eps, momentum;
                                   struct mgpu_comm *sync_comm; /* SyncBatchNorm: statistics all-reduced over this communicator */
+                                  int64_t counted;             /* library-managed: num_batches_tracked on a GPU as the host last knew it (-1: read it back) */
                                 } mgpu_batchnorm2d;
 MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *name, int64_t num_features);
 MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm2d *l, mgpu_tensor *x);

@@ -806,16 +806,13 @@ static MGPU__UNUSED mgpu_tensor *mgpu__new_activation_zeros(mgpu_context *ctx, m
     mgpu_tensor *t = mgpu__new_activation(ctx, dtype, ndim, shape);
     return t && mgpu_tensor_fill(t, 0.0) == MGPU_OK ? t : NULL;
 }
-/* Scratch that only a CUDA twin reads (a reduction's partial sums), on the device for the rest
-   of the step; *out is NULL on the CPU, whose twins need none. */
-static MGPU__UNUSED mgpu_result mgpu__cuda_scratch(mgpu_context *ctx, int64_t floats, float **out) {
-    mgpu_tensor *t;
+/* Scratch that only a CUDA twin uses (partial sums, sort keys), in device memory for the rest of
+   the step and 256-byte aligned; *out is NULL on the CPU, whose twins need none. */
+static MGPU__UNUSED mgpu_result mgpu__cuda_scratch(mgpu_context *ctx, size_t bytes, void **out) {
     *out = NULL;
     if (ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
-    t = mgpu__new_activation(ctx, MGPU_F32, 1, &floats);
-    if (!t) return mgpu_last_result();
-    *out = (float *)t->data;
-    return MGPU_OK;
+    *out = mgpu__arena_alloc_data(ctx, bytes);
+    return *out ? MGPU_OK : mgpu_last_result();
 }
 /* An activation sharing x's data with a new shape (reshape/flatten views). */
 static MGPU__UNUSED mgpu_tensor *mgpu__new_view(mgpu_context *ctx, mgpu_tensor *x, int ndim, const int64_t *shape) {

@@ -581,10 +581,8 @@ static mgpu_result mgpu__emb_backward(mgpu_context *ctx, mgpu__node *node) {
     a.dy = (const float *)node->out->grad->data;
     MGPU__GRAD_OR_FAIL(a.dweight, ctx, node->in[0]);
     {   /* the CUDA twin's sort keys (none on the CPU) */
-        float *scratch = NULL;
-        mgpu_result r = mgpu__cuda_scratch(ctx, (int64_t)(MGPU__EMB_SCRATCH_BYTES(a.n) / sizeof(float)), &scratch);
+        mgpu_result r = mgpu__cuda_scratch(ctx, MGPU__EMB_SCRATCH_BYTES(a.n), &a.scratch);
         if (r != MGPU_OK) return r;
-        a.scratch = scratch;
     }
     return MGPU__TWIN(ctx, embedding_backward, &a);
 }

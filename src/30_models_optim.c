@@ -18,10 +18,6 @@ struct mgpu_model {
     void **owned; int n_owned, cap_owned;   /* layer structs, freed with the model */
     int training;
     mgpu_batchnorm2d **batchnorms; int n_batchnorms, cap_batchnorms;  /* found by DDP's sync_batchnorm */
-    /* On a GPU, num_batches_tracked of batchnorms[i] as the host last knew it (-1: unknown, read it
-       back before the next count): counting then costs a fill, not a read-modify-write through the
-       host every training forward. mgpu_model_train forgets them, so a load between epochs is seen. */
-    int64_t *bn_counts; int cap_bn_counts;
 };
 
 /* Room for `need` elements of `elem` bytes: returns the (possibly moved) array, or NULL with an
@@ -74,7 +70,6 @@ MGPU_API void mgpu_model_destroy(mgpu_model *m) {
     mgpu_free(m->buffers.items);
     mgpu_free(m->owned);
     mgpu_free(m->batchnorms);
-    mgpu_free(m->bn_counts);
     mgpu_free(m);
 }
 
@@ -159,7 +154,7 @@ MGPU_API void mgpu_model_train(mgpu_model *m, int training) {
     int i;
     if (!m) return;
     m->training = training != 0;
-    for (i = 0; i < m->n_batchnorms; i++) m->bn_counts[i] = -1;
+    for (i = 0; i < m->n_batchnorms; i++) m->batchnorms[i]->counted = -1;   /* a load between epochs is seen */
 }
 MGPU_API int mgpu_model_is_training(const mgpu_model *m) { return m ? m->training : 0; }
 
@@ -406,6 +401,7 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
     mk = mgpu__model_mark_now(m);
     l = (mgpu_batchnorm2d *)mgpu__model_own(m, sizeof *l, "a batchnorm2d layer");
     if (l) {
+        l->counted = -1;   /* read back at the first count: the buffer may be loaded before training starts */
         l->weight = mgpu__layer_param(m, name, "weight", 1, &num_features, 1.0, fn);
         l->bias = l->weight ? mgpu__layer_param(m, name, "bias", 1, &num_features, 0.0, fn) : NULL;
         l->running_mean = l->bias ? mgpu__layer_tensor(m, 0, name, "running_mean", MGPU_F32, 1, &num_features, 0.0, fn) : NULL;
@@ -415,10 +411,7 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
     if (l && l->num_batches_tracked) {
         mgpu_batchnorm2d **grown = (mgpu_batchnorm2d **)mgpu__grow(m->batchnorms, &m->cap_batchnorms, m->n_batchnorms + 1,
                                                                    sizeof *grown, "the model's batchnorm list");
-        int64_t *counts = grown ? (int64_t *)mgpu__grow(m->bn_counts, &m->cap_bn_counts, m->n_batchnorms + 1, sizeof *counts,
-                                                        "the model's batchnorm list") : NULL;
-        if (grown) m->batchnorms = grown;
-        if (counts) { m->bn_counts = counts; m->bn_counts[m->n_batchnorms] = 0; m->batchnorms[m->n_batchnorms++] = l; }
+        if (grown) { m->batchnorms = grown; m->batchnorms[m->n_batchnorms++] = l; }
         else l->num_batches_tracked = NULL;
     }
     if (!l || !l->num_batches_tracked) { mgpu__model_rollback(m, mk); return NULL; }
@@ -426,21 +419,18 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
     return l;
 }
 
-/* num_batches_tracked += 1: in place on the host; on a GPU from the host's count, read back once
-   when unknown (see mgpu_model.bn_counts), then written with a fill that needs no sync. */
+/* num_batches_tracked += 1: in place on the host. On a GPU from the host's count (l->counted),
+   read back only when unknown (after mgpu_model_train), then written with a fill that needs no
+   sync: a read-modify-write through the host every training forward would stall the step. */
 static mgpu_result mgpu__batchnorm_count(mgpu_batchnorm2d *l) {
-    mgpu_model *m = l->model;
     mgpu_tensor *t = l->num_batches_tracked;
-    int i;
     if (mgpu__on_host(t)) { ((int64_t *)t->data)[0]++; return MGPU_OK; }
-    for (i = 0; i < m->n_batchnorms && m->batchnorms[i] != l; i++) {}
-    if (i == m->n_batchnorms) return mgpu__fail(MGPU_ERR_STATE, "mgpu_batchnorm2d_forward: the layer is not in its model's batchnorm list");
-    if (m->bn_counts[i] < 0) {
+    if (l->counted < 0) {
         double v = mgpu_tensor_item(t);
         if (v != v) return mgpu_last_result();
-        m->bn_counts[i] = (int64_t)v;
+        l->counted = (int64_t)v;
     }
-    return mgpu_tensor_fill(t, (double)++m->bn_counts[i]);
+    return mgpu_tensor_fill(t, (double)++l->counted);
 }
 
 MGPU_API mgpu_tensor *mgpu_batchnorm2d_forward(mgpu_context *ctx, mgpu_batchnorm2d *l, mgpu_tensor *x) {
@@ -1009,7 +999,7 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     mgpu__clip_grad_norm_args a;
     mgpu_tensor *norm;
     mgpu_result r;
-    float *scratch = NULL;
+    void *scratch = NULL;
     int i;
     if (!m) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: model is NULL");
     if (!(max_norm >= 0.0f) || !isfinite(max_norm)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_clip_grad_norm: max_norm %g must be finite and >= 0", max_norm);
@@ -1023,9 +1013,8 @@ MGPU_API mgpu_result mgpu_clip_grad_norm(mgpu_model *m, float max_norm, float *t
     if (!norm) return mgpu_last_result();
     if ((r = mgpu__grad_list_make(m, &a.grads)) != MGPU_OK) return r;
     a.ctx = m->ctx; a.max_norm = max_norm; a.norm = (float *)norm->data;
-    /* the twin's doubles, as twice as many floats (the device arena keeps them 8-byte aligned) */
-    r = mgpu__cuda_scratch(m->ctx, 2 * MGPU__CLIP_SCRATCH_DOUBLES(a.grads.count), &scratch);
-    a.scratch = (double *)(void *)scratch;
+    r = mgpu__cuda_scratch(m->ctx, sizeof(double) * (size_t)MGPU__CLIP_SCRATCH_DOUBLES(a.grads.count), &scratch);
+    a.scratch = (double *)scratch;
     if (r == MGPU_OK) r = MGPU__TWIN(m->ctx, clip_grad_norm, &a);
     mgpu__grad_list_free(&a.grads);
     /* the norm stays on the device and the twin applies the coefficient there: only a caller that
