@@ -113,26 +113,19 @@ static void mgpu__ddp_buf_free(mgpu_ddp *d, float *buf) {
 /* Whether all n floats at x (the context's memory) are zero; the device's are read back (only for a
    parameter without a gradient on this rank, rare). */
 static mgpu_result mgpu__ddp_all_zero(mgpu_ddp *d, const float *x, int64_t n, int *zero) {
+    size_t bytes = sizeof(float) * (size_t)MGPU__MAX(n, (int64_t)1);
+    float *copy = mgpu__ddp_on_cuda(d) ? (float *)mgpu__alloc(bytes, "a DDP gradient check") : NULL;
+    const float *h = copy ? copy : x;
+    mgpu_result r = MGPU_OK;
     int64_t k;
-#ifdef MGPU_CUDA
     if (mgpu__ddp_on_cuda(d)) {
-        float *h = (float *)mgpu__alloc(sizeof(float) * (size_t)MGPU__MAX(n, (int64_t)1), "a DDP gradient check");
-        mgpu_result r;
-        if (!h) return mgpu_last_result();
-        r = mgpu_cuda_copy_d2h_async(h, x, sizeof(float) * (size_t)n, d->ctx->cuda_stream);
-        if (r == MGPU_OK && cudaStreamSynchronize((cudaStream_t)d->ctx->cuda_stream) != cudaSuccess) {
-            cudaGetLastError();
-            r = mgpu__fail(MGPU_ERR_CUDA, "DDP: reading a reduced gradient back from cuda:%d failed", d->ctx->device.index);
-        }
-        for (k = 0; r == MGPU_OK && k < n && h[k] == 0.0f; k++) {}
-        *zero = r == MGPU_OK && k == n;
-        mgpu_free(h);
-        return r;
+        if (!copy) return mgpu_last_result();
+        r = mgpu__transfer(d->ctx, copy, x, sizeof(float) * (size_t)n, "DDP: reading a reduced gradient back");
+        if (r != MGPU_OK) { mgpu_free(copy); return r; }
     }
-#endif
-    (void)d;
-    for (k = 0; k < n && x[k] == 0.0f; k++) {}
+    for (k = 0; k < n && h[k] == 0.0f; k++) {}
     *zero = k == n;
+    mgpu_free(copy);
     return MGPU_OK;
 }
 
