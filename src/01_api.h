@@ -717,7 +717,9 @@ MGPU_API mgpu_result mgpu_checkpoint_load_bytes(const mgpu_checkpoint_bytes *fil
 
 /* The process's place in a job, read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), falling back to SLURM_PROCID/SLURM_NTASKS/
-   SLURM_LOCALID and OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK. No variable at all: a single process. */
+   SLURM_LOCALID and OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK. No variable at all: a single process.
+   Unset MASTER_ADDR defaults to the first host of a plain SLURM node list, and to 127.0.0.1 in an
+   Open MPI job whose ranks all run on this host (OMPI_COMM_WORLD_LOCAL_SIZE == SIZE). */
 typedef struct mgpu_dist_env {
     int rank, world_size, local_rank, local_world_size;
     char master_addr[256]; int master_port;

@@ -122,7 +122,15 @@ static mgpu_result mgpu__env_read_ranks(const mgpu__env_names *nm, mgpu_dist_env
     return MGPU_OK;
 }
 
-/* MASTER_ADDR and MASTER_PORT (under SLURM the address may come from the node list). */
+/* An Open MPI job whose ranks all run on this host (mpirun -np N without a host list): rank 0
+   is on the launching host, so MASTER_ADDR can default to the loopback address. */
+static int mgpu__env_openmpi_single_node(const mgpu_dist_env *e) {
+    const char *local = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    return strcmp(e->source, "openmpi") == 0 && local && atoi(local) == e->world_size;
+}
+
+/* MASTER_ADDR and MASTER_PORT (under SLURM the address may come from the node list; a single-node
+   Open MPI job defaults to this host). */
 static mgpu_result mgpu__env_read_master(mgpu_dist_env *e, int slurm) {
     const char *addr = getenv("MASTER_ADDR"), *nodes = NULL;
     char first[256];
@@ -137,6 +145,7 @@ static mgpu_result mgpu__env_read_master(mgpu_dist_env *e, int slurm) {
             if (n < sizeof first) { memcpy(first, nodes, n); first[n] = 0; addr = first; }
         }
     }
+    if (!addr && mgpu__env_openmpi_single_node(e)) addr = "127.0.0.1";
     if (addr && strlen(addr) >= sizeof e->master_addr)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: MASTER_ADDR is %zu characters long; expected a host name or address under %zu",
                           strlen(addr), sizeof e->master_addr);
@@ -150,7 +159,8 @@ static mgpu_result mgpu__env_read_master(mgpu_dist_env *e, int slurm) {
     }
     if (e->world_size > 1 && !has_port)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_dist_env_read: MASTER_PORT is not set; expected a free TCP port in [1, 65535] on rank 0's host, "
-                          "the same on every rank (world size %d from %s)", e->world_size, e->source);
+                          "the same on every rank (world size %d from %s%s)", e->world_size, e->source,
+                          strcmp(e->source, "openmpi") == 0 ? "; e.g. MASTER_PORT=29500 mpirun ..., or mpirun -x MASTER_PORT=29500 ..." : "");
     snprintf(e->master_addr, sizeof e->master_addr, "%s", addr ? addr : "127.0.0.1");
     e->master_port = has_port ? port : 0;
     return MGPU_OK;

@@ -439,6 +439,11 @@ static void test_env_sources(void) {
     MT_CHECK(mgpu_dist_env_read(&e) == MGPU_OK && e.rank == 1 && e.world_size == 2 && e.local_rank == 1 && e.local_world_size == 2 &&
              e.master_port == 4000 && strcmp(e.source, "openmpi") == 0, "openmpi: %s", mgpu_last_error());
     mt_env_clear();
+    /* mpirun -np 2 on one host: MASTER_ADDR defaults to this host */
+    mt_env_set("OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2 OMPI_COMM_WORLD_LOCAL_RANK=1 OMPI_COMM_WORLD_LOCAL_SIZE=2 MASTER_PORT=4000");
+    MT_CHECK(mgpu_dist_env_read(&e) == MGPU_OK && strcmp(e.master_addr, "127.0.0.1") == 0 && e.master_port == 4000,
+             "openmpi on one host without MASTER_ADDR: '%s' %s", e.master_addr, mgpu_last_error());
+    mt_env_clear();
     mt_env_set("RANK=0 WORLD_SIZE=1");   /* one process needs no master */
     MT_CHECK(mgpu_dist_env_read(&e) == MGPU_OK && e.world_size == 1, "world 1 without master: %s", mgpu_last_error());
     mt_env_clear();
@@ -468,6 +473,9 @@ static void test_env_errors(void) {
         {"SLURM_PROCID=0 SLURM_NTASKS=4 SLURM_JOB_NODELIST=node[01-04] MASTER_PORT=1", "node[01-04]", "MASTER_ADDR"},
         {"SLURM_PROCID=0 SLURM_NTASKS=4 SLURM_TASKS_PER_NODE=four MASTER_ADDR=h MASTER_PORT=1", "SLURM_TASKS_PER_NODE='four'", "4(x2)"},
         {"OMPI_COMM_WORLD_RANK=3 OMPI_COMM_WORLD_SIZE=2 MASTER_ADDR=h MASTER_PORT=1", "OMPI_COMM_WORLD_RANK='3'", "OMPI_COMM_WORLD_SIZE"},
+        /* across hosts (local size below the world's) rank 0's host is unknown: no default */
+        {"OMPI_COMM_WORLD_RANK=0 OMPI_COMM_WORLD_SIZE=4 OMPI_COMM_WORLD_LOCAL_SIZE=2 MASTER_PORT=1", "MASTER_ADDR", "not set"},
+        {"OMPI_COMM_WORLD_RANK=0 OMPI_COMM_WORLD_SIZE=2 OMPI_COMM_WORLD_LOCAL_SIZE=2", "MASTER_PORT", "mpirun -x MASTER_PORT"},
     };
     mgpu_dist_env e;
     size_t i;

@@ -31,6 +31,7 @@
 
 #define EXIT_USAGE 2
 #define DEFAULT_MULTINODE_PORT 29500 /* torchrun's default when several nodes must agree */
+#define DEFAULT_RDZV_PORT 29400      /* torchrun's for --rdzv-endpoint HOST without a port */
 #define LOG_TAIL_LINES 20
 #define LINE_CAP 8192                /* longer lines are split, each piece prefixed */
 #define MAX_PROCS 4096
@@ -64,11 +65,16 @@ typedef struct launch_opts {
     /* what the user gave explicitly, to resolve defaults and conflicts after parsing */
     const char *nproc_text;
     int nnodes_given, node_rank_given, port_given, addr_given, standalone;
+    /* torchrun's rendezvous flags, for a static job: where rank 0 listens, and the run id */
+    int rdzv_given;          /* --rdzv-backend or --rdzv-endpoint was given */
+    const char *rdzv_endpoint;
+    const char *rdzv_id;     /* TORCHELASTIC_RUN_ID of the workers ("none" as torchrun's default) */
+    int interactive;         /* --interactive: ask for the mode, count and LR, then run */
 } launch_opts;
 
 enum flag_id {
     F_NPROC, F_NNODES, F_NODE_RANK, F_MASTER_ADDR, F_MASTER_PORT, F_MAX_RESTARTS, F_LOG_DIR,
-    F_GRACE, F_STANDALONE, F_NO_PYTHON, F_HELP
+    F_GRACE, F_STANDALONE, F_NO_PYTHON, F_RDZV_BACKEND, F_RDZV_ENDPOINT, F_RDZV_ID, F_INTERACTIVE, F_HELP
 };
 typedef struct flag_spec { const char *name; enum flag_id id; int takes_value; } flag_spec;
 
@@ -79,6 +85,8 @@ static const flag_spec flag_table[] = {
     {"--master-port", F_MASTER_PORT, 1}, {"--max-restarts", F_MAX_RESTARTS, 1},
     {"--log-dir", F_LOG_DIR, 1},        {"--grace-period-s", F_GRACE, 1},
     {"--standalone", F_STANDALONE, 0},  {"--no-python", F_NO_PYTHON, 0},
+    {"--rdzv-backend", F_RDZV_BACKEND, 1}, {"--rdzv-endpoint", F_RDZV_ENDPOINT, 1},
+    {"--rdzv-id", F_RDZV_ID, 1},        {"--interactive", F_INTERACTIVE, 0},
     {"--help", F_HELP, 0},              {"-h", F_HELP, 0},
 };
 
@@ -96,7 +104,8 @@ static void print_help(FILE *f) {
         "  --nproc-per-node N|auto|gpu|cpu  workers on this node (default 1); auto: one per\n"
         "                            visible GPU (CUDA_VISIBLE_DEVICES, else nvidia-smi -L), 1\n"
         "                            if none; gpu: the same but no GPU is an error; cpu: one per core\n"
-        "  --nnodes N                nodes in the job (default 1)\n"
+        "  --nnodes N|N:N            nodes in the job (default 1); torchrun's MIN:MAX only with\n"
+        "                            MIN == MAX (elastic membership is not supported)\n"
         "  --node-rank R             this node's index, 0 <= R < nnodes (default 0)\n"
         "  --master-addr HOST        where rank 0 hosts the rendezvous (default 127.0.0.1)\n"
         "  --master-port P           its TCP port; 0 picks a free port on every (re)start\n"
@@ -107,6 +116,14 @@ static void print_help(FILE *f) {
         "  --grace-period-s S        seconds between SIGTERM and SIGKILL when stopping (default 5)\n"
         "  --standalone              single node on 127.0.0.1 with a free port\n"
         "  --no-python               accepted for torchrun compatibility (PROGRAM always runs as is)\n"
+        "  --rdzv-backend c10d|static  accepted for torchrun compatibility: the rendezvous is\n"
+        "                            always static (every node gives --node-rank)\n"
+        "  --rdzv-endpoint HOST[:PORT]  rank 0's host and port, as --master-addr/--master-port\n"
+        "                            (port default 29400, as torchrun's); [IPv6]:PORT accepted\n"
+        "  --rdzv-id ID              the job's id, given to the workers as TORCHELASTIC_RUN_ID\n"
+        "  --interactive             detect the devices, ask for the mode (DDP, DP or single),\n"
+        "                            the number of GPUs or CPU processes and whether to scale\n"
+        "                            --lr, print the exact command, then run it (needs PROGRAM)\n"
         "  --help                    this text\n"
         "\n"
         "Without --log-dir every line a worker prints is prefixed with \"[rank r] \" (rank 0 too)\n"
@@ -147,6 +164,64 @@ static int parse_seconds_flag(const char *flag, const char *text, double *out) {
     return 0;
 }
 
+/* torchrun's --nnodes N or MIN:MAX; a range is only accepted when it names one size, since the
+   membership of an mgpu job is fixed at launch (no elastic scale-up or -down). */
+static int parse_nnodes(const char *flag, const char *text, int *out) {
+    const char *colon = strchr(text, ':');
+    char min_text[32];
+    int lo, hi;
+    if (!colon) return parse_int_flag(flag, text, 1, 65536, out);
+    if ((size_t)(colon - text) >= sizeof min_text) { say("%s expects N or MIN:MAX, got '%s'", flag, text); return -1; }
+    memcpy(min_text, text, (size_t)(colon - text));
+    min_text[colon - text] = '\0';
+    if (parse_int_flag(flag, min_text, 1, 65536, &lo) != 0 || parse_int_flag(flag, colon + 1, 1, 65536, &hi) != 0) return -1;
+    if (lo != hi) {
+        say("%s %s: elastic membership is not supported (nodes cannot join or leave a running job); "
+            "give a fixed size, %s N or %s N:N", flag, text, flag, flag);
+        return -1;
+    }
+    *out = lo;
+    return 0;
+}
+
+/* --rdzv-endpoint HOST[:PORT] (or [IPV6]:PORT) onto master_addr/master_port; torchrun's c10d
+   default port 29400 when none is given. */
+static int apply_rdzv_endpoint(launch_opts *o, const char *ep) {
+    const char *host = ep, *port_text = NULL;
+    size_t host_len;
+    if (ep[0] == '[') {
+        const char *close_br = strchr(ep, ']');
+        if (!close_br || (close_br[1] != '\0' && close_br[1] != ':')) {
+            say("--rdzv-endpoint %s: expected [IPV6]:PORT", ep);
+            return -1;
+        }
+        host = ep + 1;
+        host_len = (size_t)(close_br - host);
+        if (close_br[1] == ':') port_text = close_br + 2;
+    } else {
+        const char *colon = strrchr(ep, ':');
+        if (colon && strchr(ep, ':') != colon) {
+            say("--rdzv-endpoint %s: an IPv6 address needs brackets, [ADDR]:PORT", ep);
+            return -1;
+        }
+        host_len = colon ? (size_t)(colon - ep) : strlen(ep);
+        if (colon) port_text = colon + 1;
+    }
+    if (host_len == 0 || host_len >= sizeof o->master_addr) {
+        say("--rdzv-endpoint %s: expected HOST[:PORT] with a host name or address", ep);
+        return -1;
+    }
+    if (o->addr_given || o->port_given) {
+        say("--rdzv-endpoint %s and --master-addr/--master-port both say where rank 0 listens; give one", ep);
+        return -1;
+    }
+    memcpy(o->master_addr, host, host_len);
+    o->master_addr[host_len] = '\0';
+    o->port_given = 1;
+    if (!port_text) { o->master_port = DEFAULT_RDZV_PORT; return 0; }
+    return parse_int_flag("--rdzv-endpoint's port", port_text, 1, 65535, &o->master_port);
+}
+
 /* "--nproc_per_node=4" -> spec of --nproc-per-node, value "4"; NULL for an unknown flag. */
 static const flag_spec *match_flag(const char *arg, const char **inline_value) {
     char name[64];
@@ -166,11 +241,7 @@ static int apply_flag(launch_opts *o, const flag_spec *f, const char *value) {
     case F_NPROC: o->nproc_text = value; return 0;
     case F_NNODES:
         o->nnodes_given = 1;
-        if (strchr(value, ':')) {
-            say("%s %s: elastic MIN:MAX ranges are not supported, give one number", f->name, value);
-            return -1;
-        }
-        return parse_int_flag(f->name, value, 1, 65536, &o->nnodes);
+        return parse_nnodes(f->name, value, &o->nnodes);
     case F_NODE_RANK:
         o->node_rank_given = 1;
         return parse_int_flag(f->name, value, 0, 65535, &o->node_rank);
@@ -191,6 +262,19 @@ static int apply_flag(launch_opts *o, const flag_spec *f, const char *value) {
     case F_GRACE: return parse_seconds_flag(f->name, value, &o->grace_s);
     case F_STANDALONE: o->standalone = 1; return 0;
     case F_NO_PYTHON: return 0;
+    case F_RDZV_BACKEND:
+        if (strcmp(value, "c10d") != 0 && strcmp(value, "static") != 0) {
+            say("%s %s: only a static job is supported; expected c10d or static", f->name, value);
+            return -1;
+        }
+        o->rdzv_given = 1;
+        return 0;
+    case F_RDZV_ENDPOINT: o->rdzv_given = 1; o->rdzv_endpoint = value; return 0;
+    case F_RDZV_ID:
+        if (value[0] == '\0' || strlen(value) > 200) { say("%s expects an id of 1 to 200 characters", f->name); return -1; }
+        o->rdzv_id = value;
+        return 0;
+    case F_INTERACTIVE: o->interactive = 1; return 0;
     case F_HELP: return 0;
     }
     return 0;
@@ -251,6 +335,16 @@ static int resolve_nproc(launch_opts *o) {
 
 /* Defaults that depend on other flags, and combinations that cannot work. */
 static int resolve_options(launch_opts *o) {
+    if (o->standalone && o->rdzv_endpoint) {
+        say("--standalone picks its own endpoint on 127.0.0.1; it conflicts with --rdzv-endpoint %s", o->rdzv_endpoint);
+        return -1;
+    }
+    if (o->rdzv_endpoint && apply_rdzv_endpoint(o, o->rdzv_endpoint) != 0) return -1;
+    if (o->rdzv_given && o->nnodes > 1 && !o->node_rank_given) {
+        say("--nnodes %d with a rendezvous: torchrun's c10d assigns node ranks as nodes join, mgpurun's "
+            "rendezvous is static; give each node --node-rank R (under SLURM: --node-rank \"$SLURM_NODEID\")", o->nnodes);
+        return -1;
+    }
     if (o->standalone && o->nnodes_given && o->nnodes != 1) {
         say("--standalone runs a single node; it conflicts with --nnodes %d", o->nnodes);
         return -1;
@@ -462,7 +556,7 @@ static void log_path(const job *j, int rank, char *buf, size_t cap) {
 }
 
 /* torchrun's environment of one worker, as "NAME=value" entries in buf (NULL-terminated). */
-#define N_WORKER_ENV 14
+#define N_WORKER_ENV 16
 static void worker_env(const job *j, const worker *w, char buf[N_WORKER_ENV][300], const char *env[N_WORKER_ENV + 1]) {
     const launch_opts *o = j->o;
     const struct { const char *name; long value; } vars[] = {
@@ -474,6 +568,7 @@ static void worker_env(const job *j, const worker *w, char buf[N_WORKER_ENV][300
     int n;
     for (n = 0; n < (int)(sizeof vars / sizeof vars[0]); n++) snprintf(buf[n], sizeof buf[n], "%s=%ld", vars[n].name, vars[n].value);
     snprintf(buf[n++], sizeof buf[0], "MASTER_ADDR=%s", o->master_addr);
+    snprintf(buf[n++], sizeof buf[0], "TORCHELASTIC_RUN_ID=%s", o->rdzv_id ? o->rdzv_id : "none");
     if (j->num_threads > 0) snprintf(buf[n++], sizeof buf[0], "MGPU_NUM_THREADS=%d", j->num_threads); /* else inherited */
     env[n] = NULL;
     while (n-- > 0) env[n] = buf[n];
