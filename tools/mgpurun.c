@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -374,10 +375,12 @@ static int parse_args(launch_opts *o, int argc, char **argv) {
     o->nnodes = 1;
     o->grace_s = 5.0;
     strcpy(o->master_addr, "127.0.0.1");
+    int n_options = 0;
     while (i < argc && argv[i][0] == '-') {
         const char *arg = argv[i], *value = NULL;
         const flag_spec *f;
         if (strcmp(arg, "--") == 0) { i++; break; }
+        n_options++;
         f = match_flag(arg, &value);
         if (!f) {
             say("unknown flag %s (see mgpurun --help)", arg);
@@ -400,6 +403,11 @@ static int parse_args(launch_opts *o, int argc, char **argv) {
         return -1;
     }
     o->prog_argv = argv + i;
+    if (o->interactive && n_options > 1) {
+        say("--interactive asks for the mode and the number of processes itself; give no other option "
+            "(mgpurun --interactive -- PROGRAM [ARGS...])");
+        return -1;
+    }
     return resolve_options(o);
 }
 
@@ -887,6 +895,210 @@ static int run_job(const launch_opts *o) {
     }
 }
 
+/* ---------------------------------------------------------------------------------------------
+   --interactive: the questions a launch script asks (one of the seeds ships launch_multi_gpu.sh),
+   then the exact command, printed and run (exec), so that what was shown is what runs
+   --------------------------------------------------------------------------------------------- */
+
+#define DEFAULT_TRAINER_LR "0.001"   /* mgpu_train_opts_default's --lr */
+#define MAX_COMMAND_ARGS 4096
+
+enum run_mode { MODE_DDP = 1, MODE_DP = 2, MODE_SINGLE = 3 };
+
+/* One answer line from stdin, trimmed; -1 at end of input. */
+static int read_answer(const char *prompt, char *buf, size_t cap) {
+    size_t n;
+    char *start;
+    fputs(prompt, stdout);
+    fflush(stdout);
+    if (!fgets(buf, (int)cap, stdin)) return -1;
+    n = strlen(buf);
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ')) buf[--n] = '\0';
+    for (start = buf; *start == ' '; start++) {}
+    memmove(buf, start, strlen(start) + 1);
+    return 0;
+}
+
+/* Asks until the answer is an integer in [lo, hi] (empty: def); -1 at end of input. */
+static int ask_number(const char *prompt, int lo, int hi, int def, int *out) {
+    char line[128];
+    for (;;) {
+        char *end = NULL;
+        long v;
+        if (read_answer(prompt, line, sizeof line) != 0) return -1;
+        if (line[0] == '\0') { *out = def; return 0; }
+        v = strtol(line, &end, 10);
+        if (*end == '\0' && v >= lo && v <= hi) { *out = (int)v; return 0; }
+        printf("  '%s' is not a number from %d to %d; please answer again\n", line, lo, hi);
+    }
+}
+
+/* The mode by number or by name (ddp, dp, single); -1 at end of input. */
+static int ask_mode(enum run_mode *out) {
+    char line[128];
+    for (;;) {
+        if (read_answer("mode? 1 = DDP, 2 = DP, 3 = single [1]: ", line, sizeof line) != 0) return -1;
+        if (line[0] == '\0' || strcmp(line, "1") == 0 || strcasecmp(line, "ddp") == 0) { *out = MODE_DDP; return 0; }
+        if (strcmp(line, "2") == 0 || strcasecmp(line, "dp") == 0) { *out = MODE_DP; return 0; }
+        if (strcmp(line, "3") == 0 || strcasecmp(line, "single") == 0) { *out = MODE_SINGLE; return 0; }
+        printf("  '%s' is not a mode; please answer 1 (DDP), 2 (DP) or 3 (single)\n", line);
+    }
+}
+
+/* y/yes/n/no (empty: def); -1 at end of input. */
+static int ask_yes_no(const char *prompt, int def, int *out) {
+    char line[128];
+    for (;;) {
+        if (read_answer(prompt, line, sizeof line) != 0) return -1;
+        if (line[0] == '\0') { *out = def; return 0; }
+        if (strcasecmp(line, "y") == 0 || strcasecmp(line, "yes") == 0) { *out = 1; return 0; }
+        if (strcasecmp(line, "n") == 0 || strcasecmp(line, "no") == 0) { *out = 0; return 0; }
+        printf("  '%s' is not yes or no; please answer y or n\n", line);
+    }
+}
+
+/* "--multi_gpu=dp" is flag "--multi-gpu"? (underscore and --flag=value spellings, as the trainer) */
+static int is_flag(const char *arg, const char *flag) {
+    size_t i, n = strlen(flag);
+    for (i = 0; i < n; i++) {
+        char c = (i >= 2 && arg[i] == '_') ? '-' : arg[i];
+        if (c != flag[i]) return 0;
+    }
+    return arg[n] == '\0' || arg[n] == '=';
+}
+
+/* The program's --lr (last one wins, as in the trainer), else the trainer's default. */
+static const char *program_lr(char **args) {
+    const char *lr = DEFAULT_TRAINER_LR;
+    int i;
+    for (i = 0; args[i]; i++) {
+        if (!is_flag(args[i], "--lr")) continue;
+        if (strchr(args[i], '=')) lr = strchr(args[i], '=') + 1;
+        else if (args[i + 1]) lr = args[++i];
+    }
+    return lr;
+}
+
+typedef struct command { const char *argv[MAX_COMMAND_ARGS]; int n; char storage[4][64]; } command;
+
+static int command_add(command *c, const char *arg) {
+    if (c->n + 1 >= MAX_COMMAND_ARGS) { say("--interactive: the command has too many arguments"); return -1; }
+    c->argv[c->n++] = arg;
+    c->argv[c->n] = NULL;
+    return 0;
+}
+
+/* PROGRAM ARGS without the flags the chosen mode sets (with their values). */
+static int command_add_program(command *c, char **prog, int drop_lr) {
+    static const char *const mode_flags[] = {"--multi-gpu", "--gpu-ids", "--lr"};
+    int i, k;
+    for (i = 0; prog[i]; i++) {
+        int dropped = 0;
+        for (k = 0; k < 3 && !dropped; k++) {
+            if (k == 2 && !drop_lr) continue;
+            if (!is_flag(prog[i], mode_flags[k])) continue;
+            dropped = 1;
+            if (!strchr(prog[i], '=') && prog[i + 1]) i++;
+        }
+        if (!dropped && command_add(c, prog[i]) != 0) return -1;
+    }
+    return 0;
+}
+
+/* Shell-quoted (only when needed), so the printed line can be pasted into a shell. */
+static void print_command(const command *c) {
+    int i;
+    fputs("command:", stdout);
+    for (i = 0; i < c->n; i++) {
+        const char *a = c->argv[i], *p;
+        int plain = a[0] != '\0';
+        for (p = a; *p && plain; p++) plain = strchr("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:=,@%+-", *p) != NULL;
+        if (plain) { printf(" %s", a); continue; }
+        fputs(" '", stdout);
+        for (p = a; *p; p++) {
+            if (*p == '\'') fputs("'\\''", stdout);
+            else fputc(*p, stdout);
+        }
+        fputc('\'', stdout);
+    }
+    fputc('\n', stdout);
+}
+
+/* The command of a mode: DDP through this launcher, DP and single as the program alone. */
+static int build_command(command *c, const char *self, char **prog, enum run_mode mode, int n, const char *lr) {
+    memset(c, 0, sizeof *c);
+    if (mode == MODE_DDP) {
+        snprintf(c->storage[0], sizeof c->storage[0], "%d", n);
+        if (command_add(c, self) != 0 || command_add(c, "--nproc-per-node") != 0 || command_add(c, c->storage[0]) != 0) return -1;
+    }
+    if (command_add_program(c, prog, lr != NULL) != 0) return -1;
+    if (command_add(c, "--multi-gpu") != 0) return -1;
+    if (command_add(c, mode == MODE_DDP ? "ddp" : mode == MODE_DP ? "dp" : "none") != 0) return -1;
+    if (mode == MODE_DP) {
+        char *ids = c->storage[1];
+        size_t used = 0;
+        int i;
+        for (i = 0; i < n && used + 8 < sizeof c->storage[1]; i++) used += (size_t)snprintf(ids + used, sizeof c->storage[1] - used, "%s%d", i ? "," : "", i);
+        if (command_add(c, "--gpu-ids") != 0 || command_add(c, ids) != 0) return -1;
+    }
+    if (lr && (command_add(c, "--lr") != 0 || command_add(c, lr) != 0)) return -1;
+    return 0;
+}
+
+/* What this machine offers: GPUs, or else CPU processes (cores). */
+static int detect_devices(int *gpus) {
+    const char *source = "";
+    int cores = mgpu_cpu_count();
+    *gpus = count_visible_gpus(&source);
+    if (*gpus > 0) {
+        printf("found %d GPU%s (from %s)\n", *gpus, *gpus == 1 ? "" : "s", source);
+        return *gpus;
+    }
+    printf("no GPU visible (checked %s); this is a CPU machine with %d core%s: mgpu can train with CPU\n"
+           "processes instead (DDP over shared memory, or DP replicas on threads)\n", source, cores, cores == 1 ? "" : "s");
+    return cores;
+}
+
+/* Asks, prints the command, and runs it in place of this process. */
+static int run_interactive(const char *self, char **prog) {
+    enum run_mode mode;
+    int gpus, avail, n = 1, scale = 0, go = 1;
+    const char *unit, *base_lr = program_lr(prog), *lr = NULL;
+    char scaled[64], question[256];
+    command c;
+    avail = detect_devices(&gpus);
+    unit = gpus > 0 ? "GPUs" : "CPU processes";
+    if (ask_mode(&mode) != 0) goto no_answer;
+    if (mode == MODE_DP && gpus == 0) unit = "CPU replicas";
+    if (mode != MODE_SINGLE) {
+        if (avail < 2) printf("only 1 %s available: using 1\n", gpus > 0 ? "GPU" : "core");
+        else {
+            snprintf(question, sizeof question, "how many %s? 1 to %d [%d]: ", unit, avail, avail);
+            if (ask_number(question, 1, avail, avail, &n) != 0) goto no_answer;
+        }
+    }
+    if (n > 1) {
+        /* linear scaling: n processes (or replicas) train on an n times larger global batch */
+        snprintf(scaled, sizeof scaled, "%g", strtod(base_lr, NULL) * n);
+        snprintf(question, sizeof question, "scale the learning rate with the %dx global batch? --lr %s -> %s [y/N]: ",
+                 n, base_lr, scaled);
+        if (ask_yes_no(question, 0, &scale) != 0) goto no_answer;
+        if (scale) lr = scaled;
+    }
+    if (build_command(&c, self, prog, mode, n, lr) != 0) return 1;
+    print_command(&c);
+    if (ask_yes_no("run it? [Y/n]: ", 1, &go) != 0) goto no_answer;
+    if (!go) { puts("not started"); return 0; }
+    fflush(stdout);
+    execvp(c.argv[0], (char *const *)c.argv);
+    say("cannot run %s: %s", c.argv[0], strerror(errno));
+    return 1;
+no_answer:
+    puts("");
+    say("--interactive: no answer (end of input); nothing started");
+    return EXIT_USAGE;
+}
+
 /* Pipes must never land on fds 0-2 (dup2 onto itself would keep close-on-exec set). */
 static void ensure_std_fds(void) {
     int fd;
@@ -906,6 +1118,7 @@ int main(int argc, char **argv) {
         say("PROGRAM %s was not found or is not executable", o.prog_argv[0]);
         return EXIT_USAGE;
     }
+    if (o.interactive) return run_interactive(argv[0], o.prog_argv);
     if (o.log_dir && mgpu_make_dirs(o.log_dir) != MGPU_OK) {
         say("cannot create --log-dir %s: %s", o.log_dir, mgpu_last_error());
         return 1;
