@@ -15,6 +15,8 @@
 #   data    Fashion-MNIST for `make data` (and stb_image for image-folder datasets)
 #   demo    build + data
 #   bench   `make bench`: build, Fashion-MNIST, PyTorch with a threaded OpenBLAS
+#   launchers  the launchers tests/launcher_test.sh checks mgpu against: Open MPI's mpirun,
+#           and shellcheck for examples/slurm/ (optional: the test skips, saying why, without)
 #
 # Not a Debian system (no dpkg-query): says which packages it would want and exits 0, leaving
 # the tests to report what is missing.
@@ -26,8 +28,9 @@ DATA="dataset-fashion-mnist libstb-dev"
 TEST="$BUILD clang libclang-rt-dev procps dataset-fashion-mnist python3-numpy python3-torch"
 DEMO="$BUILD $DATA"
 BENCH="$BUILD dataset-fashion-mnist python3-numpy python3-torch libopenblas0-pthread"
+LAUNCHERS="openmpi-bin shellcheck"
 
-usage() { echo "usage: sh tools/deps.sh [--dry-run|--list] build|test|data|demo|bench ..." >&2; exit 2; }
+usage() { echo "usage: sh tools/deps.sh [--dry-run|--list] build|test|data|demo|bench|launchers ..." >&2; exit 2; }
 
 mode=install
 case "${1:-}" in
@@ -42,8 +45,8 @@ for purpose in "$@"; do
   case "$purpose" in build) target=make ;; *) target="make $purpose" ;; esac
   targets="${targets:+$targets, }$target"
   case "$purpose" in
-    build) list=$BUILD ;; test) list=$TEST ;; data) list=$DATA ;; demo) list=$DEMO ;; bench) list=$BENCH ;;
-    *) echo "tools/deps.sh: unknown purpose '$purpose' (expected build, test, data, demo or bench)" >&2; exit 2 ;;
+    build) list=$BUILD ;; test) list=$TEST ;; data) list=$DATA ;; demo) list=$DEMO ;; bench) list=$BENCH ;; launchers) list=$LAUNCHERS ;;
+    *) echo "tools/deps.sh: unknown purpose '$purpose' (expected build, test, data, demo, bench or launchers)" >&2; exit 2 ;;
   esac
   for p in $list; do   # each package once, in first-seen order
     case " $packages " in *" $p "*) ;; *) packages="${packages:+$packages }$p" ;; esac
