@@ -165,6 +165,8 @@ expect "--rdzv-id job7: TORCHELASTIC_RUN_ID=job7 (--nnodes 1:1 and --no-python a
 run rdzv_us --rdzv_backend=static --rdzv_endpoint=localhost --nproc_per_node=1 "$W" env
 expect "underscore spellings; an endpoint without a port uses torchrun's 29400" \
   test "$RC/$(field MASTER_ADDR 0)/$(field MASTER_PORT 0)/$(field TORCHELASTIC_RUN_ID 0)" = "0/localhost/29400/none"
+run rdzv6 --rdzv-endpoint '[::1]:29411' "$W" env
+expect "--rdzv-endpoint [::1]:29411: IPv6 in brackets" test "$(field MASTER_ADDR 0)/$(field MASTER_PORT 0)" = "::1/29411"
 bad "elastic --nnodes 1:2" elastic --nnodes 1:2 "$W" env
 bad "--rdzv-backend etcd" --rdzv-backend --rdzv-backend etcd "$W" env
 bad "--nnodes 2 with a rendezvous but no --node-rank" --node-rank --nnodes 2 --rdzv-endpoint "127.0.0.1:$port" "$W" env

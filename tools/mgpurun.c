@@ -1,5 +1,6 @@
 /* mgpurun - launch N copies of a training program with torchrun's environment (RANK, WORLD_SIZE,
-   LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RESTART_COUNT),
+   LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_RESTART_COUNT,
+   TORCHELASTIC_RUN_ID),
    stop the whole group when one worker fails, and restart it up to --max-restarts times.
 
    Usage: mgpurun [options] PROGRAM [ARGS...]      (mgpurun --help lists the options)
@@ -97,7 +98,8 @@ static void print_help(FILE *f) {
         "\n"
         "Starts --nproc-per-node copies of PROGRAM with torchrun's environment: RANK, WORLD_SIZE,\n"
         "LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT,\n"
-        "TORCHELASTIC_RESTART_COUNT, and MGPU_NUM_THREADS (cores / workers) unless already set.\n"
+        "TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_RUN_ID, and MGPU_NUM_THREADS (cores / workers)\n"
+        "unless already set.\n"
         "If a worker fails, the others get SIGTERM, then SIGKILL after the grace period; the\n"
         "failing rank is reported and the group restarts while --max-restarts allows.\n"
         "\n"
