@@ -267,7 +267,6 @@ else fail "requeue.sbatch: the 2 stand-in workers did not start" "$(cat "$T_TMP/
 
 # --- mgpurun --interactive, through a pseudo-terminal -------------------------------------------
 dialog() { timeout 120 python3 tests/fixtures/pty_dialog.py 60 "$@"; }
-cores=$(nproc)
 if [ -z "$DATA" ]; then fail "--interactive training needs Fashion-MNIST"
 elif [ "$cores" -lt 2 ]; then skip "--interactive DDP on 2 CPU processes" "this machine has $cores core (2 needed)"
 else

@@ -990,19 +990,18 @@ static int command_add(command *c, const char *arg) {
     return 0;
 }
 
-/* PROGRAM ARGS without the flags the chosen mode sets (with their values). */
+/* PROGRAM ARGS without the flags the chosen mode sets (with their values): --multi-gpu and
+   --gpu-ids always, --lr when the scaled value replaces it. */
 static int command_add_program(command *c, char **prog, int drop_lr) {
-    static const char *const mode_flags[] = {"--multi-gpu", "--gpu-ids", "--lr"};
-    int i, k;
+    static const char *const replaced[] = {"--multi-gpu", "--gpu-ids", "--lr"};
+    int n_replaced = drop_lr ? 3 : 2, i, k;
     for (i = 0; prog[i]; i++) {
-        int dropped = 0;
-        for (k = 0; k < 3 && !dropped; k++) {
-            if (k == 2 && !drop_lr) continue;
-            if (!is_flag(prog[i], mode_flags[k])) continue;
-            dropped = 1;
-            if (!strchr(prog[i], '=') && prog[i + 1]) i++;
+        for (k = 0; k < n_replaced && !is_flag(prog[i], replaced[k]); k++) {}
+        if (k < n_replaced) {
+            if (!strchr(prog[i], '=') && prog[i + 1]) i++;   /* its value too */
+            continue;
         }
-        if (!dropped && command_add(c, prog[i]) != 0) return -1;
+        if (command_add(c, prog[i]) != 0) return -1;
     }
     return 0;
 }
