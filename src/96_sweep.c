@@ -424,8 +424,10 @@ static int mgpu__gpus_from_proc(const char *dir, mgpu_gpu_info *gpus, int max) {
     int n = 0, i;
     if (!dp) return -1;
     if (!(bus = (char (*)[64])mgpu__alloc((size_t)max * sizeof *bus, "GPU bus ids"))) { closedir(dp); return 0; }
-    while ((e = readdir(dp)) != NULL && n < max)
-        if (e->d_name[0] != '.' && strlen(e->d_name) < sizeof bus[0]) snprintf(bus[n++], sizeof bus[0], "%s", e->d_name);
+    while ((e = readdir(dp)) != NULL && n < max) {
+        size_t len = strlen(e->d_name);
+        if (e->d_name[0] != '.' && len < sizeof bus[0]) memcpy(bus[n++], e->d_name, len + 1);
+    }
     closedir(dp);
     qsort(bus, (size_t)n, sizeof bus[0], mgpu__cmp_str);
     for (i = 0; i < n; i++) {
