@@ -2,9 +2,10 @@
 # tools/mgpu-sweep on CPU slots with a stand-in experiment (tests/fixtures/sweep_experiment.sh):
 # a 24-run grid recorded exactly once per point, failures (exit code, SIGKILL) recorded with their
 # log tails while the rest finish, retries, resume after the sweep is SIGKILLed, a grown grid, the
-# lock against a second sweep, SIGINT (no orphans, runs "interrupted" and rerun), GPU slots found
-# without CUDA (a stand-in nvidia-smi), bad input, the summary table, and real grids of
-# build/label_noise (and of build/emu/label_noise --device cuda on GPU slots). About 30 s.
+# lock against a second sweep, SIGINT and SIGTERM (no orphans, runs "interrupted" and rerun), the
+# progress bar on a terminal, GPU slots found without CUDA (a stand-in nvidia-smi), bad input, the
+# summary table, and real grids of build/label_noise (and of build/emu/label_noise --device cuda on
+# GPU slots). About 30 s.
 source "$(dirname "$0")/lib.sh"
 
 S=${MGPU_SWEEP:-build/mgpu-sweep}   # MGPU_SWEEP: test another build
@@ -126,6 +127,29 @@ if wait_until 10 bash -c "[ \$(pgrep -f -- '$MARK-int' | wc -l) -ge 2 ]"; then
   expect "resume after SIGINT: the interrupted and the unstarted runs all run (4), then all are ok" \
     bash -c "[ $RC -eq 0 ] && [ \$(wc -l < '$T_TMP/int2.starts') -eq 4 ] && json_check '$R' 'len(r) == 6 and sorted(ids[2:]) == [\"x=%d,y=0\" % a for a in range(4)]'"
 else fail "SIGINT test: runs did not start" "$(cat "$T_TMP/int.err")"; kill -9 "$pid" 2>/dev/null; fi
+
+# SIGTERM, what a batch scheduler sends: the same clean stop, exit 128 + 15
+R=$T_TMP/term.jsonl
+SWEEP_SLEEP=30 SWEEP_STARTS=$T_TMP/term.starts "$S" --grid x=0..3 --grid y=0 --cpu-slots 2 --grace-period-s 2 --results "$R" -- sh "$FX" {x} {y} {metrics} "$MARK-term" \
+  >/dev/null 2>"$T_TMP/term.err" &
+pid=$!
+if wait_until 10 bash -c "[ \$(wc -l < '$T_TMP/term.starts' 2>/dev/null || echo 0) -ge 2 ]"; then
+  kill -TERM "$pid"
+  if wait_until 10 bash -c "! kill -0 $pid 2>/dev/null"; then wait "$pid"; rc=$?; else rc=timeout; fi
+  expect "SIGTERM: the sweep exits 143 (got $rc)" test "$rc" = 143
+  expect "SIGTERM: no process left behind" wait_until 5 no_procs term
+  expect "SIGTERM: the 2 runs in flight recorded as interrupted" \
+    json_check "$R" 'len(r) == 2 and all(x["status"] == "interrupted" and x["error"] == "stopped by SIGTERM to the sweep" for x in r)'
+else fail "SIGTERM test: runs did not start" "$(cat "$T_TMP/term.err")"; kill -9 "$pid" 2>/dev/null; fi
+
+# on a terminal (script(1) gives it one): one bar redrawn in place, no line per finished run
+if command -v script >/dev/null; then
+  SWEEP_FAIL="2/0=exit3" script -qec "$S --grid x=0..3 --grid y=0 --cpu-slots 2 --results $T_TMP/tty.jsonl -- sh $FX {x} {y} {metrics} $MARK-tty" /dev/null \
+    > "$T_TMP/tty.out" 2>&1
+  expect "on a terminal: a bar redrawn in place ([####] done/failed/running/left, runs/h, ETA), a line only for the failure" \
+    bash -c "grep -aq \$'\\r\\\\[####################\\\\] 4/4 done, 1 failed, 0 running, 0 left | [0-9.]* runs/h | ETA' '$T_TMP/tty.out' \
+      && grep -aq 'FAILED x=2,y=0: exited with code 3' '$T_TMP/tty.out' && ! grep -aq 'mgpu-sweep: ok ' '$T_TMP/tty.out'" || cat -v "$T_TMP/tty.out"
+else skip "progress bar on a terminal" "no script(1) to give the sweep a terminal"; fi
 
 # --- GPU slots in the CPU build: GPUs found without CUDA ----------------------------------------
 # A stand-in nvidia-smi first in PATH lists 2 GPUs; --slots-per-gpu 2 gives 4 slots. Each run logs
