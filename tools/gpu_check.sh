@@ -542,8 +542,10 @@ if want sweep; then
   if [ "$EMU" = 1 ]; then NSW=2; SW_RUN=(--label-fraction 0.5 --max-steps 2 --batch-size 32)
   else NSW=8; SW_RUN=(--label-fraction 0.1 --batch-size 128); fi
   echo "== phase 3: mgpu-sweep, label_noise x $NSW runs with 1, 2 and 4 slots on GPU 0"
-  # where --gpus auto looks (CUDA_VISIBLE_DEVICES, nvidia-smi, /proc), as a dry run: what it finds here
-  job sweep-auto "$(cap 20 0)" "$BIN/mgpu-sweep" --gpus auto --dry-run --grid x=0 --results "$L/sweep-auto.jsonl" -- true "{x}"; wait
+  # where --gpus auto looks (CUDA_VISIBLE_DEVICES, nvidia-smi in PATH, /proc), as a dry run: what
+  # it finds here (NVIDIA_SMI, when it names a program elsewhere, goes first in its PATH)
+  sw_path=$PATH; case $NVSMI in */*) sw_path=$(dirname "$NVSMI"):$PATH;; esac
+  job sweep-auto "$(cap 20 0)" env PATH="$sw_path" "$BIN/mgpu-sweep" --gpus auto --dry-run --grid x=0 --results "$L/sweep-auto.jsonl" -- true "{x}"; wait
   auto=$(grep -m1 -- '--gpus auto' "$L/sweep-auto.log" 2>/dev/null | sed 's/^mgpu-sweep: --gpus auto: //' | oneline 160)
   k_i=0; rates=(); sw_bad=""
   for k in 1 2 4; do
@@ -556,7 +558,13 @@ if want sweep; then
     rate=$(grep -oE '[0-9.]+ runs/h' "$L/$n.log" 2>/dev/null | tail -n 1 | cut -d' ' -f1)
     rates+=("${rate:-}")
     if ! ok_job "$n" || [ "$ok_runs" -ne "$NSW" ]; then
-      sw_bad="$sw_bad $k slot(s): $ok_runs of $NSW runs ok, $(why "$n")$(grep -m1 -h '"log_tail"' "$L/$n.jsonl" 2>/dev/null | grep -oE '"error":"[^"]*"' | head -n 1 | sed 's/^/ first failure /');"
+      # the first failed run's id, error and last log line (its record's log_tail); else why the sweep ended
+      first=$(grep -m1 '"status":"failed"' "$L/$n.jsonl" 2>/dev/null)
+      if [ -n "$first" ]; then
+        f_id=$(grep -oE '"run_id":"[^"]*"' <<<"$first" | cut -d'"' -f4); f_err=$(grep -oE '"error":"[^"]*"' <<<"$first" | cut -d'"' -f4)
+        f_tail=$(sed -E 's/.*"log_tail":"(.*)"\}$/\1/' <<<"$first" | awk -F'\\\\n' '{ print $NF }' | oneline 150)
+        sw_bad="$sw_bad $k slot(s): $ok_runs of $NSW runs ok, first failure $f_id $f_err: $f_tail;"
+      else sw_bad="$sw_bad $k slot(s): $ok_runs of $NSW runs ok, $(why "$n");"; fi
     fi
   done
   x2=$(ratio "${rates[1]}" "${rates[0]}"); x4=$(ratio "${rates[2]}" "${rates[0]}")
@@ -564,7 +572,7 @@ if want sweep; then
   best=$(awk -v a="${rates[0]:-0}" -v b="${rates[1]:-0}" -v c="${rates[2]:-0}" 'BEGIN{ m = a; s = 1; if (b > m) { m = b; s = 2 } if (c > m) { m = c; s = 4 }; print s }')
   echo "mgpu-sweep, label_noise x $NSW runs on GPU 0: $sw_fig; the most runs/h with $best slot(s)" >> "$W/perf.txt"
   if [ "$EMU" = 1 ]; then result SKIP sweep-slots "emulation: not a measurement ($sw_fig)${sw_bad:+; FAILED:$sw_bad}"
-  elif [ -n "$sw_bad" ]; then result FAIL sweep-slots "label_noise x $NSW on GPU 0:${sw_bad} ($sw_fig)"
+  elif [ -n "$sw_bad" ]; then result FAIL sweep-slots "label_noise x $NSW on GPU 0:${sw_bad}"
   else result PASS sweep-slots "label_noise (label_frac 0.1, noise 0.2, 1 epoch) x $NSW runs on GPU 0: $sw_fig; the most runs/h with $best slot(s) per GPU"; fi
   if [ "$EMU" = 1 ]; then result SKIP sweep-gpus-auto "emulation: no nvidia-smi consulted (--gpus auto here: ${auto:-$(why sweep-auto)})"
   elif [ -n "$auto" ] && grep -qE '^[0-9]+ GPUs? from' <<<"$auto"; then result PASS sweep-gpus-auto "mgpu-sweep --gpus auto (no CUDA call): $auto"
