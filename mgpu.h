@@ -1025,6 +1025,34 @@ MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(
 MGPU_API int mgpu_signal_pipe_open(const int *signals, int n);
 MGPU_API void mgpu_signal_pipe_close(void);
 
+/* ---- GPUs, found without the CUDA runtime (so a CPU build of a supervisor can place runs) ---- */
+
+typedef struct mgpu_gpu_info {
+    char id[64];                /* the CUDA_VISIBLE_DEVICES value that selects it: "0", "GPU-<uuid>" */
+    char name[96];              /* "NVIDIA H200"; "" when the source does not say */
+    int64_t memory_mib;         /* 0 when the source does not say */
+} mgpu_gpu_info;
+/* Where mgpu_find_gpus looks; NULL for all the defaults (tests and unusual installs name others). */
+typedef struct mgpu_gpu_sources {
+    const char *nvidia_smi;     /* the program; NULL: "nvidia-smi" in PATH; "": not asked */
+    const char *proc_dir;       /* NULL: "/proc/driver/nvidia/gpus"; "": not read */
+    int ignore_visible_devices; /* 1: CUDA_VISIBLE_DEVICES is not consulted */
+    double timeout_s;           /* each nvidia-smi call; 0: 30 */
+} mgpu_gpu_sources;
+/* The GPUs this process may use, from the first source that answers:
+     1. CUDA_VISIBLE_DEVICES when it is set: its entries as written, up to the first that CUDA
+        would not take either (not an index >= 0 nor a GPU-/MIG- UUID: "-1" hides every GPU);
+        set but empty is no GPU;
+     2. `nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader`;
+     3. `nvidia-smi -L`;
+     4. the entries of /proc/driver/nvidia/gpus (one per PCI device), numbered 0.. in bus order.
+   Indices are nvidia-smi's, which are in PCI bus order: CUDA numbers devices the same way only
+   under CUDA_DEVICE_ORDER=PCI_BUS_ID (which mgpu_sweep_run gives its GPU runs). Fills at most max
+   entries and returns how many it filled; `how` (may be NULL) says where they came from, or why
+   none was found ("nvidia-smi: not found in PATH; /proc/driver/nvidia/gpus: absent"). -1 and
+   MGPU_ERR_INVALID_ARG for bad arguments. */
+MGPU_API int mgpu_find_gpus(const mgpu_gpu_sources *where, mgpu_gpu_info *gpus, int max, char *how, size_t how_size);
+
 /* ---- the grid ---- */
 
 /* Axes named like C identifiers (letters, digits, _), each with a list of values; a point takes one
@@ -1117,7 +1145,8 @@ typedef struct mgpu_sweep_desc {
     const char *results;           /* JSONL results file (created; locked against a second sweep) */
     const char *run_dir;           /* logs and metrics files; NULL: the results path minus ".jsonl", plus ".d" */
     int cpu_slots;                 /* slots with CUDA_VISIBLE_DEVICES="" */
-    const char *const *gpus; int n_gpus; /* one CUDA_VISIBLE_DEVICES value per GPU */
+    const char *const *gpus; int n_gpus; /* one CUDA_VISIBLE_DEVICES value per GPU (mgpu_find_gpus's ids);
+                                      its runs also get CUDA_DEVICE_ORDER=PCI_BUS_ID unless that is set */
     int slots_per_gpu;             /* 0: 1 */
     int retries;                   /* reruns of a failed run before it is recorded failed */
     int rerun_failed;              /* runs recorded failed run again (else they count as finished) */
@@ -15833,6 +15862,242 @@ MGPU_API mgpu_result mgpu_sweep_run_id(int n, const char *const *names, const ch
 }
 
 /* --------------------------------------------------------------------------------------
+   GPUs without the CUDA runtime: CUDA_VISIBLE_DEVICES, nvidia-smi, /proc/driver/nvidia/gpus.
+   A supervisor that linked CUDA would hold a context (hundreds of MiB) on every GPU it counted.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__CAPTURE_TIMED_OUT (-2)
+
+/* Waits until `deadline` for pid to exit; past it (or with deadline 0) kills its group. 1 when it
+   exited by itself (status set), 0 when it had to be killed. */
+static int mgpu__capture_reap(int pid, double deadline, int *status) {
+    struct timespec tick = {0, 10000000};
+    for (;;) {
+        pid_t r = waitpid((pid_t)pid, status, WNOHANG);
+        if (r == (pid_t)pid) return 1;
+        if (r < 0 && errno != EINTR) { *status = -1; return 1; } /* reaped elsewhere: nothing to kill */
+        if (mgpu_time_s() >= deadline) break;
+        nanosleep(&tick, NULL);
+    }
+    mgpu_kill_group(pid, SIGKILL);
+    while (waitpid((pid_t)pid, status, 0) < 0 && errno == EINTR) {}
+    return 0;
+}
+
+/* Runs argv (PATH lookup) for at most timeout_s with its stdout and stderr into buf (NUL-terminated,
+   cut to size). Returns its wait status, MGPU__CAPTURE_TIMED_OUT (then killed), or -1. */
+static int mgpu__capture(char *const *argv, double timeout_s, char *buf, size_t size) {
+    int fds[2], pid = -1, status = -1, eof = 0;
+    size_t len = 0;
+    double deadline = mgpu_time_s() + timeout_s;
+    mgpu_spawn_desc d;
+    buf[0] = 0;
+    if (pipe(fds) != 0) return -1;
+    fcntl(fds[0], F_SETFD, FD_CLOEXEC); /* the child keeps only its dup2'ed copies */
+    fcntl(fds[1], F_SETFD, FD_CLOEXEC);
+    memset(&d, 0, sizeof d);
+    d.argv = argv;
+    d.stdout_fd = d.stderr_fd = fds[1];
+    d.label = "mgpu_find_gpus";
+    if (mgpu_spawn(&d, &pid) != MGPU_OK) { close(fds[0]); close(fds[1]); return -1; }
+    close(fds[1]);
+    while (!eof) {
+        struct pollfd p;
+        char chunk[4096];
+        ssize_t n;
+        int ms = (int)((deadline - mgpu_time_s()) * 1000.0);
+        if (ms <= 0) break;
+        p.fd = fds[0]; p.events = POLLIN; p.revents = 0;
+        if (poll(&p, 1, ms) <= 0) continue; /* EINTR or the deadline: the loop head decides */
+        n = read(fds[0], chunk, sizeof chunk);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) { eof = 1; break; }
+        if (len + 1 < size) {
+            size_t k = MGPU__MIN((size_t)n, size - 1 - len);
+            memcpy(buf + len, chunk, k);
+            len += k;
+            buf[len] = 0;
+        }
+    }
+    close(fds[0]);
+    return mgpu__capture_reap(pid, eof ? deadline : 0, &status) ? status : MGPU__CAPTURE_TIMED_OUT;
+}
+
+/* s without leading and trailing spaces, in place. */
+static char *mgpu__trim_spaces(char *s) {
+    size_t n;
+    while (*s == ' ' || *s == '\t') s++;
+    n = strlen(s);
+    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t' || s[n - 1] == '\r')) s[--n] = 0;
+    return s;
+}
+
+static int mgpu__all_digits(const char *s) {
+    if (!*s) return 0;
+    for (; *s; s++)
+        if (!mgpu__is_digit(*s)) return 0;
+    return 1;
+}
+
+static void mgpu__gpu_set(mgpu_gpu_info *g, const char *id, const char *name, int64_t memory_mib) {
+    snprintf(g->id, sizeof g->id, "%s", id);
+    snprintf(g->name, sizeof g->name, "%s", name);
+    g->memory_mib = memory_mib;
+}
+
+/* CUDA_VISIBLE_DEVICES's entries up to the first CUDA would stop at (it ignores the rest). */
+static int mgpu__gpus_from_visible(const char *cvd, mgpu_gpu_info *gpus, int max) {
+    char item[64];
+    int n = 0;
+    while (*cvd && n < max) {
+        size_t len = strcspn(cvd, ",");
+        char *e;
+        snprintf(item, sizeof item, "%.*s", (int)MGPU__MIN(len, sizeof item - 1), cvd);
+        e = mgpu__trim_spaces(item);
+        if (len >= sizeof item || !(mgpu__all_digits(e) || strncmp(e, "GPU-", 4) == 0 || strncmp(e, "MIG-", 4) == 0)) break;
+        mgpu__gpu_set(&gpus[n++], e, "", 0);
+        cvd += len;
+        if (*cvd == ',') cvd++;
+    }
+    return n;
+}
+
+/* Lines of `nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader`:
+   "0, NVIDIA H200, 143771 MiB". Lines of another shape are skipped. */
+static int mgpu__gpus_from_query(char *out, mgpu_gpu_info *gpus, int max) {
+    int n = 0;
+    char *line, *save = NULL;
+    for (line = strtok_r(out, "\n", &save); line && n < max; line = strtok_r(NULL, "\n", &save)) {
+        char *index = line, *name = strchr(line, ','), *mem = name ? strrchr(name + 1, ',') : NULL;
+        if (!name || !mem) continue;
+        *name++ = 0;
+        *mem++ = 0;
+        index = mgpu__trim_spaces(index);
+        if (!mgpu__all_digits(index)) continue;
+        mgpu__gpu_set(&gpus[n++], index, mgpu__trim_spaces(name), (int64_t)strtoll(mgpu__trim_spaces(mem), NULL, 10));
+    }
+    return n;
+}
+
+/* Lines of `nvidia-smi -L`: "GPU 0: NVIDIA H200 (UUID: GPU-...)" (its MIG lines are skipped). */
+static int mgpu__gpus_from_list(char *out, mgpu_gpu_info *gpus, int max) {
+    int n = 0;
+    char *line, *save = NULL;
+    for (line = strtok_r(out, "\n", &save); line && n < max; line = strtok_r(NULL, "\n", &save)) {
+        char *colon, *uuid;
+        if (strncmp(line, "GPU ", 4) != 0 || !(colon = strchr(line + 4, ':'))) continue;
+        *colon = 0;
+        if (!mgpu__all_digits(line + 4)) continue;
+        if ((uuid = strstr(colon + 1, " (UUID:")) != NULL) *uuid = 0;
+        mgpu__gpu_set(&gpus[n++], line + 4, mgpu__trim_spaces(colon + 1), 0);
+    }
+    return n;
+}
+
+static int mgpu__cmp_str(const void *a, const void *b) { return strcmp((const char *)a, (const char *)b); }
+
+/* The entries of /proc/driver/nvidia/gpus (PCI bus ids) in bus order, numbered from 0, named by
+   the "Model:" line of their information file. -1 when the directory cannot be read. */
+static int mgpu__gpus_from_proc(const char *dir, mgpu_gpu_info *gpus, int max) {
+    char (*bus)[64] = NULL;
+    DIR *dp = opendir(dir);
+    struct dirent *e;
+    int n = 0, i;
+    if (!dp) return -1;
+    if (!(bus = (char (*)[64])mgpu__alloc((size_t)max * sizeof *bus, "GPU bus ids"))) { closedir(dp); return 0; }
+    while ((e = readdir(dp)) != NULL && n < max) {
+        size_t len = strlen(e->d_name);
+        if (e->d_name[0] != '.' && len < sizeof bus[0]) memcpy(bus[n++], e->d_name, len + 1);
+    }
+    closedir(dp);
+    qsort(bus, (size_t)n, sizeof bus[0], mgpu__cmp_str);
+    for (i = 0; i < n; i++) {
+        char path[PATH_MAX], line[256], id[16], name[96] = "";
+        FILE *f;
+        snprintf(path, sizeof path, "%s/%s/information", dir, bus[i]);
+        if ((f = fopen(path, "r")) != NULL) {
+            while (fgets(line, sizeof line, f))
+                if (strncmp(line, "Model:", 6) == 0) {
+                    line[strcspn(line, "\n")] = 0;
+                    snprintf(name, sizeof name, "%s", mgpu__trim_spaces(line + 6));
+                    break;
+                }
+            fclose(f);
+        }
+        snprintf(id, sizeof id, "%d", i);
+        mgpu__gpu_set(&gpus[i], id, name, 0);
+    }
+    mgpu_free(bus);
+    return n;
+}
+
+/* Asks nvidia-smi (--query-gpu, then -L); the GPUs it lists, or 0 with the reason appended to why. */
+static int mgpu__gpus_from_nvidia_smi(const char *smi, double timeout_s, mgpu_gpu_info *gpus, int max, mgpu__buf *why,
+                                      const char **source) {
+    char *query[] = {(char *)smi, (char *)"--query-gpu=index,name,memory.total", (char *)"--format=csv,noheader", NULL};
+    char *list[] = {(char *)smi, (char *)"-L", NULL};
+    char *out = (char *)mgpu__alloc(65536, "nvidia-smi's output"), first[160];
+    int st, n = 0;
+    if (!out) return 0;
+    st = mgpu__capture(query, timeout_s, out, 65536);
+    if (st != MGPU__CAPTURE_TIMED_OUT && (n = mgpu__gpus_from_query(out, gpus, max)) > 0) *source = "nvidia-smi --query-gpu";
+    if (n == 0 && st != MGPU__CAPTURE_TIMED_OUT) { /* an old or odd nvidia-smi may still list them */
+        st = mgpu__capture(list, timeout_s, out, 65536);
+        if (st != MGPU__CAPTURE_TIMED_OUT && (n = mgpu__gpus_from_list(out, gpus, max)) > 0) *source = "nvidia-smi -L";
+    }
+    if (n == 0) {
+        snprintf(first, sizeof first, "%.*s", (int)strcspn(out, "\n"), out);
+        if (st == MGPU__CAPTURE_TIMED_OUT) mgpu__buf_printf(why, "%s: no answer in %g s", smi, timeout_s);
+        else if (st == -1) mgpu__buf_printf(why, "%s: could not be run", smi);
+        else if (WIFEXITED(st) && WEXITSTATUS(st) == 0) mgpu__buf_printf(why, "%s: lists no GPU", smi);
+        else {
+            char status[96];
+            mgpu_wait_status_describe(st, status, sizeof status);
+            mgpu__buf_printf(why, "%s: %s%s%s", smi, status, first[0] ? ": " : "", mgpu__trim_spaces(first));
+        }
+    }
+    mgpu_free(out);
+    return n;
+}
+
+MGPU_API int mgpu_find_gpus(const mgpu_gpu_sources *where, mgpu_gpu_info *gpus, int max, char *how, size_t how_size) {
+    static const mgpu_gpu_sources defaults = {NULL, NULL, 0, 0.0};
+    const char *cvd, *smi, *proc, *source = NULL;
+    mgpu__buf why;
+    int n = 0;
+    if (!gpus || max < 1 || (!how && how_size)) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_find_gpus: needs room for at least one GPU (gpus, max >= 1) and how with its size");
+        return -1;
+    }
+    if (!where) where = &defaults;
+    memset(gpus, 0, (size_t)max * sizeof *gpus);
+    mgpu__buf_init(&why);
+    cvd = where->ignore_visible_devices ? NULL : getenv("CUDA_VISIBLE_DEVICES");
+    smi = where->nvidia_smi ? where->nvidia_smi : "nvidia-smi";
+    proc = where->proc_dir ? where->proc_dir : "/proc/driver/nvidia/gpus";
+    if (cvd) {
+        n = mgpu__gpus_from_visible(cvd, gpus, max);
+        if (n) mgpu__buf_printf(&why, "CUDA_VISIBLE_DEVICES=%s", cvd);
+        else if (cvd[0]) mgpu__buf_printf(&why, "CUDA_VISIBLE_DEVICES=%s starts with no id CUDA would take", cvd);
+        else mgpu__buf_puts(&why, "CUDA_VISIBLE_DEVICES is set but empty");
+        source = why.data;
+    } else {
+        if (smi[0] && !mgpu_program_exists(smi)) mgpu__buf_printf(&why, "%s: not found%s", smi, strchr(smi, '/') ? "" : " in PATH");
+        else if (smi[0]) n = mgpu__gpus_from_nvidia_smi(smi, where->timeout_s > 0 ? where->timeout_s : 30.0, gpus, max, &why, &source);
+        if (n == 0 && proc[0]) {
+            n = mgpu__gpus_from_proc(proc, gpus, max);
+            if (n > 0) source = proc;
+            else mgpu__buf_printf(&why, "%s%s: %s", why.len ? "; " : "", proc, n < 0 ? "absent" : "no GPU");
+            n = MGPU__MAX(n, 0);
+        }
+        if (!source) source = why.len ? why.data : "no source to ask";
+    }
+    if (how && how_size) snprintf(how, how_size, "%s", source ? source : "out of memory");
+    mgpu__buf_free(&why);
+    return n;
+}
+
+/* --------------------------------------------------------------------------------------
    Results file
    -------------------------------------------------------------------------------------- */
 
@@ -16707,6 +16972,8 @@ static void mgpu__sweep_launch(mgpu__sweep *sw, mgpu__sweep_slot *s, int64_t poi
         snprintf(e_threads, sizeof e_threads, "MGPU_NUM_THREADS=%s", sw->threads);
         env[n_env++] = e_threads;
     }
+    /* GPU indices are nvidia-smi's (PCI bus order); CUDA's default order is fastest first */
+    if (s->devices[0] && !getenv("CUDA_DEVICE_ORDER")) env[n_env++] = "CUDA_DEVICE_ORDER=PCI_BUS_ID";
     env[n_env] = NULL;
     memset(&sd, 0, sizeof sd);
     sd.argv = argv;

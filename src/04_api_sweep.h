@@ -42,6 +42,34 @@ MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(
 MGPU_API int mgpu_signal_pipe_open(const int *signals, int n);
 MGPU_API void mgpu_signal_pipe_close(void);
 
+/* ---- GPUs, found without the CUDA runtime (so a CPU build of a supervisor can place runs) ---- */
+
+typedef struct mgpu_gpu_info {
+    char id[64];                /* the CUDA_VISIBLE_DEVICES value that selects it: "0", "GPU-<uuid>" */
+    char name[96];              /* "NVIDIA H200"; "" when the source does not say */
+    int64_t memory_mib;         /* 0 when the source does not say */
+} mgpu_gpu_info;
+/* Where mgpu_find_gpus looks; NULL for all the defaults (tests and unusual installs name others). */
+typedef struct mgpu_gpu_sources {
+    const char *nvidia_smi;     /* the program; NULL: "nvidia-smi" in PATH; "": not asked */
+    const char *proc_dir;       /* NULL: "/proc/driver/nvidia/gpus"; "": not read */
+    int ignore_visible_devices; /* 1: CUDA_VISIBLE_DEVICES is not consulted */
+    double timeout_s;           /* each nvidia-smi call; 0: 30 */
+} mgpu_gpu_sources;
+/* The GPUs this process may use, from the first source that answers:
+     1. CUDA_VISIBLE_DEVICES when it is set: its entries as written, up to the first that CUDA
+        would not take either (not an index >= 0 nor a GPU-/MIG- UUID: "-1" hides every GPU);
+        set but empty is no GPU;
+     2. `nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader`;
+     3. `nvidia-smi -L`;
+     4. the entries of /proc/driver/nvidia/gpus (one per PCI device), numbered 0.. in bus order.
+   Indices are nvidia-smi's, which are in PCI bus order: CUDA numbers devices the same way only
+   under CUDA_DEVICE_ORDER=PCI_BUS_ID (which mgpu_sweep_run gives its GPU runs). Fills at most max
+   entries and returns how many it filled; `how` (may be NULL) says where they came from, or why
+   none was found ("nvidia-smi: not found in PATH; /proc/driver/nvidia/gpus: absent"). -1 and
+   MGPU_ERR_INVALID_ARG for bad arguments. */
+MGPU_API int mgpu_find_gpus(const mgpu_gpu_sources *where, mgpu_gpu_info *gpus, int max, char *how, size_t how_size);
+
 /* ---- the grid ---- */
 
 /* Axes named like C identifiers (letters, digits, _), each with a list of values; a point takes one
@@ -134,7 +162,8 @@ typedef struct mgpu_sweep_desc {
     const char *results;           /* JSONL results file (created; locked against a second sweep) */
     const char *run_dir;           /* logs and metrics files; NULL: the results path minus ".jsonl", plus ".d" */
     int cpu_slots;                 /* slots with CUDA_VISIBLE_DEVICES="" */
-    const char *const *gpus; int n_gpus; /* one CUDA_VISIBLE_DEVICES value per GPU */
+    const char *const *gpus; int n_gpus; /* one CUDA_VISIBLE_DEVICES value per GPU (mgpu_find_gpus's ids);
+                                      its runs also get CUDA_DEVICE_ORDER=PCI_BUS_ID unless that is set */
     int slots_per_gpu;             /* 0: 1 */
     int retries;                   /* reruns of a failed run before it is recorded failed */
     int rerun_failed;              /* runs recorded failed run again (else they count as finished) */

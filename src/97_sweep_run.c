@@ -372,6 +372,8 @@ static void mgpu__sweep_launch(mgpu__sweep *sw, mgpu__sweep_slot *s, int64_t poi
         snprintf(e_threads, sizeof e_threads, "MGPU_NUM_THREADS=%s", sw->threads);
         env[n_env++] = e_threads;
     }
+    /* GPU indices are nvidia-smi's (PCI bus order); CUDA's default order is fastest first */
+    if (s->devices[0] && !getenv("CUDA_DEVICE_ORDER")) env[n_env++] = "CUDA_DEVICE_ORDER=PCI_BUS_ID";
     env[n_env] = NULL;
     memset(&sd, 0, sizeof sd);
     sd.argv = argv;

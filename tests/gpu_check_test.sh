@@ -4,7 +4,8 @@
 # a stand-in nvidia-smi (device and driver read into the summary), the emulation dry run of the
 # DDP step (exit status non-zero exactly when a check failed, every failure with a reason, what
 # comes back in OUT fits the device tool's limits), and the same step with the CPU programs
-# standing in for the CUDA ones, where the weight comparisons must pass.
+# standing in for the CUDA ones, where the weight comparisons must pass; and the emulation dry run of
+# the sweep step (runs per hour with 1, 2 and 4 slots).
 source "$(dirname "$0")/lib.sh"
 unset MAKEFLAGS MFLAGS MAKELEVEL OUT MGPU_EXPECT_GPU MGPU_GPU_CHECK_EMU GPU_CHECK_ONLY GPU_CHECK_BIN GPU_CHECK_DEVICE
 export GPU_CHECK_BUDGET_S=120 GPU_CHECK_WORK=$T_TMP/work
@@ -59,6 +60,18 @@ if [ -x build/emu/fashion_mlp ] && [ -x build/emu/mgpurun ]; then
     bash -c 'grep -qE "^(PASS|FAIL|SKIP) +ddp-shm-2proc " "$1/summary.txt" && grep -qE "^(PASS|FAIL|SKIP) +ddp-nccl-world1 " "$1/summary.txt"' _ "$T_TMP/d" || S "$T_TMP/d"
   plumbing "emulation dry run" "$T_TMP/d" "$rc"
 else skip "emulation dry run" "build/emu is not built (make emu)"; fi
+
+# the sweep step: part of the default run; its dry run on the emulation parses runs/h for 1, 2, 4 slots
+expect "the sweep step (runs/h with 1, 2, 4 slots) is in the default run" grep -qE '^ONLY=\$\{GPU_CHECK_ONLY:-[a-z,]*,sweep\}' tools/gpu_check.sh
+if [ -x build/emu/mgpu-sweep ] && [ -x build/emu/label_noise ]; then
+  MGPU_GPU_CHECK_EMU=1 GPU_CHECK_NO_BUILD=1 GPU_CHECK_ONLY=sweep OUT=$T_TMP/f gc; rc=$?
+  expect "emulation dry run of the sweep step: every run ok, runs/h parsed for 1, 2 and 4 slots (a SKIP: not a measurement)" \
+    grep -qE '^SKIP +sweep-slots +emulation: not a measurement \(1 slot [0-9.]+ runs/h, 2 slots [0-9.]+ \([0-9.]+x\), 4 slots [0-9.]+ \([0-9.]+x\)\)$' "$T_TMP/f/summary.txt" \
+    || S "$T_TMP/f"
+  expect "the sweep step's figures reach the summary's performance lines" grep -qE '^mgpu-sweep, label_noise x 2 runs on GPU 0: 1 slot [0-9.]+ runs/h' "$T_TMP/f/summary.txt"
+  expect "the sweep step reports what --gpus auto finds" grep -qE '^SKIP +sweep-gpus-auto +emulation: .*--gpus auto here: ' "$T_TMP/f/summary.txt"
+  plumbing "sweep step dry run" "$T_TMP/f" "$rc"
+else fail "sweep step dry run: needs build/emu/mgpu-sweep and build/emu/label_noise (make emu)"; fi
 
 if [ -x build/fashion_mlp ] && [ -x build/mgpurun ]; then
   # CPU programs in place of the CUDA ones (on the CPU the trainer's DDP uses shm already; the

@@ -2,8 +2,10 @@
 # tools/mgpu-sweep on CPU slots with a stand-in experiment (tests/fixtures/sweep_experiment.sh):
 # a 24-run grid recorded exactly once per point, failures (exit code, SIGKILL) recorded with their
 # log tails while the rest finish, retries, resume after the sweep is SIGKILLed, a grown grid, the
-# lock against a second sweep, SIGINT (no orphans, runs "interrupted" and rerun), bad input, the
-# summary table, and a real two-run grid of build/label_noise. About 15 s.
+# lock against a second sweep, SIGINT and SIGTERM (no orphans, runs "interrupted" and rerun), the
+# progress bar on a terminal, GPU slots found without CUDA (a stand-in nvidia-smi), bad input, the
+# summary table, and real grids of build/label_noise (and of build/emu/label_noise --device cuda on
+# GPU slots). About 30 s.
 source "$(dirname "$0")/lib.sh"
 
 S=${MGPU_SWEEP:-build/mgpu-sweep}   # MGPU_SWEEP: test another build
@@ -126,6 +128,83 @@ if wait_until 10 bash -c "[ \$(pgrep -f -- '$MARK-int' | wc -l) -ge 2 ]"; then
     bash -c "[ $RC -eq 0 ] && [ \$(wc -l < '$T_TMP/int2.starts') -eq 4 ] && json_check '$R' 'len(r) == 6 and sorted(ids[2:]) == [\"x=%d,y=0\" % a for a in range(4)]'"
 else fail "SIGINT test: runs did not start" "$(cat "$T_TMP/int.err")"; kill -9 "$pid" 2>/dev/null; fi
 
+# SIGTERM, what a batch scheduler sends: the same clean stop, exit 128 + 15
+R=$T_TMP/term.jsonl
+SWEEP_SLEEP=30 SWEEP_STARTS=$T_TMP/term.starts "$S" --grid x=0..3 --grid y=0 --cpu-slots 2 --grace-period-s 2 --results "$R" -- sh "$FX" {x} {y} {metrics} "$MARK-term" \
+  >/dev/null 2>"$T_TMP/term.err" &
+pid=$!
+if wait_until 10 bash -c "[ \$(wc -l < '$T_TMP/term.starts' 2>/dev/null || echo 0) -ge 2 ]"; then
+  kill -TERM "$pid"
+  if wait_until 10 bash -c "! kill -0 $pid 2>/dev/null"; then wait "$pid"; rc=$?; else rc=timeout; fi
+  expect "SIGTERM: the sweep exits 143 (got $rc)" test "$rc" = 143
+  expect "SIGTERM: no process left behind" wait_until 5 no_procs term
+  expect "SIGTERM: the 2 runs in flight recorded as interrupted" \
+    json_check "$R" 'len(r) == 2 and all(x["status"] == "interrupted" and x["error"] == "stopped by SIGTERM to the sweep" for x in r)'
+else fail "SIGTERM test: runs did not start" "$(cat "$T_TMP/term.err")"; kill -9 "$pid" 2>/dev/null; fi
+
+# on a terminal (script(1) gives it one): one bar redrawn in place, no line per finished run
+if command -v script >/dev/null; then
+  SWEEP_FAIL="2/0=exit3" script -qec "$S --grid x=0..3 --grid y=0 --cpu-slots 2 --results $T_TMP/tty.jsonl -- sh $FX {x} {y} {metrics} $MARK-tty" /dev/null \
+    > "$T_TMP/tty.out" 2>&1
+  expect "on a terminal: a bar redrawn in place ([####] done/failed/running/left, runs/h, ETA), a line only for the failure" \
+    bash -c "grep -aq \$'\\r\\\\[####################\\\\] 4/4 done, 1 failed, 0 running, 0 left | [0-9.]* runs/h | ETA' '$T_TMP/tty.out' \
+      && grep -aq 'FAILED x=2,y=0: exited with code 3' '$T_TMP/tty.out' && ! grep -aq 'mgpu-sweep: ok ' '$T_TMP/tty.out'" || cat -v "$T_TMP/tty.out"
+else skip "progress bar on a terminal" "no script(1) to give the sweep a terminal"; fi
+
+# --- GPU slots in the CPU build: GPUs found without CUDA ----------------------------------------
+# A stand-in nvidia-smi first in PATH lists 2 GPUs; --slots-per-gpu 2 gives 4 slots. Each run logs
+# its CUDA_VISIBLE_DEVICES and how many runs share that device as it starts (the fixture's
+# $SWEEP_ACTIVE), so at most 2 per GPU, one device per run and the records' "devices" are checked.
+mkdir -p "$T_TMP/bin" "$T_TMP/active"
+printf '%s\n' '#!/bin/sh' 'case "$*" in' \
+  "  *--query-gpu=index,name,memory.total*) printf '0, Stand-in GPU, 81559 MiB\\n1, Stand-in GPU, 81559 MiB\\n';;" \
+  "  -L) printf 'GPU 0: Stand-in GPU (UUID: GPU-0)\\nGPU 1: Stand-in GPU (UUID: GPU-1)\\n';;" \
+  '  *) exit 9;;' 'esac' > "$T_TMP/bin/nvidia-smi"
+chmod +x "$T_TMP/bin/nvidia-smi"
+R=$T_TMP/gpu.jsonl
+PATH=$T_TMP/bin:$PATH SWEEP_SLEEP=0.5 SWEEP_ACTIVE=$T_TMP/active sweep gpu --grid x=0..9 --grid y=0 --gpus auto --slots-per-gpu 2 \
+  --results "$R" -- sh "$FX" {x} {y} {metrics} "$MARK-gpu"
+expect "--gpus auto in the CPU build: 2 GPUs from the stand-in nvidia-smi, 2 slots each, 10 runs ok" \
+  bash -c "[ $RC -eq 0 ] && grep -q -- '--gpus auto: 2 GPUs from nvidia-smi --query-gpu: 0 (Stand-in GPU, 81559 MiB), 1 ' '$T_TMP/gpu.err' \
+    && grep -q 'to run on 4 slots' '$T_TMP/gpu.err' && json_check '$R' 'len(r) == 10 and all(x[\"status\"] == \"ok\" for x in r)'" \
+  || cat "$T_TMP/gpu.err"
+# gpu_check EXPR: EXPR holds over runs (one dict per run start from the fixture's log: point, cvd,
+# order, sharing) and recs (the records by "x/y")
+gpu_check() {
+  python3 - "$T_TMP/active.log" "$R" "$1" <<'PY'
+import json, re, sys
+runs = [dict(re.findall(r"(\w+)=(\S*)", l), point=l.split()[0]) for l in open(sys.argv[1])]
+recs = {"%d/%d" % (r["params"]["x"], r["params"]["y"]): r for r in map(json.loads, open(sys.argv[2]))}
+ok = eval(sys.argv[3])
+if not ok: print(runs)
+sys.exit(0 if ok else 1)
+PY
+}
+expect "every GPU run sees exactly one device, 0 or 1, with CUDA_DEVICE_ORDER=PCI_BUS_ID; its record names that device" \
+  gpu_check 'len(runs) == 10 and all(r["cvd"] in ("0", "1") and r["order"] == "PCI_BUS_ID" and recs[r["point"]]["devices"] == r["cvd"] for r in runs) and {r["cvd"] for r in runs} == {"0", "1"}'
+expect "--slots-per-gpu 2: never more than 2 runs at once on a GPU, and 2 at once on each" \
+  gpu_check 'all(int(r["sharing"]) <= 2 for r in runs) and all(max(int(r["sharing"]) for r in runs if r["cvd"] == g) == 2 for g in ("0", "1"))'
+R=$T_TMP/gpulist.jsonl
+CUDA_VISIBLE_DEVICES=4,6,7 sweep gpulist --grid x=0..5 --grid y=0 --gpus 0,2 --results "$R" -- sh "$FX" {x} {y} {metrics} "$MARK-gpu"
+expect "--gpus 0,2 within CUDA_VISIBLE_DEVICES=4,6,7: runs on devices 4 and 7" \
+  bash -c "[ $RC -eq 0 ] && json_check '$R' 'len(r) == 6 and {x[\"devices\"] for x in r} == {\"4\", \"7\"}'"
+R=$T_TMP/gpucvd.jsonl
+CUDA_VISIBLE_DEVICES=3 PATH=$T_TMP/bin:$PATH sweep gpucvd --grid x=0..1 --grid y=0 --gpus auto --results "$R" -- sh "$FX" {x} {y} {metrics} "$MARK-gpu"
+expect "--gpus auto honours the sweep's CUDA_VISIBLE_DEVICES=3 before nvidia-smi" \
+  bash -c "[ $RC -eq 0 ] && json_check '$R' 'len(r) == 2 and {x[\"devices\"] for x in r} == {\"3\"}'"
+R=$T_TMP/gpunone.jsonl
+CUDA_VISIBLE_DEVICES= sweep gpunone --grid x=0..1 --grid y=0 --gpus auto --cpu-slots 1 --results "$R" -- sh "$FX" {x} {y} {metrics} "$MARK-gpu"
+expect "--gpus auto finding no GPU but with --cpu-slots: says so and runs on the CPU slot" \
+  bash -c "[ $RC -eq 0 ] && grep -q 'no GPU found (CUDA_VISIBLE_DEVICES is set but empty); running on the 1 CPU slot only' '$T_TMP/gpunone.err' && json_check '$R' 'len(r) == 2 and {x[\"devices\"] for x in r} == {\"\"}'"
+# (where the NVIDIA driver is loaded, /proc/driver/nvidia/gpus would list the real GPUs next)
+if [ -d /proc/driver/nvidia/gpus ]; then skip "--gpus auto with no GPU" "this machine has /proc/driver/nvidia/gpus"; else
+mkdir -p "$T_TMP/nogpu"; printf '#!/bin/sh\necho "No devices were found"; exit 6\n' > "$T_TMP/nogpu/nvidia-smi"; chmod +x "$T_TMP/nogpu/nvidia-smi"
+PATH=$T_TMP/nogpu:$PATH SWEEP_STARTS=$T_TMP/gpufail.starts sweep gpufail --grid x=0..1 --grid y=0 --gpus auto --results "$T_TMP/gpufail.jsonl" -- sh "$FX" {x} {y} {metrics}
+expect "--gpus auto with no GPU and no --cpu-slots: exit 2, nvidia-smi's answer and --cpu-slots named, nothing ran" \
+  bash -c "[ $RC -eq 2 ] && grep -q 'nvidia-smi: exited with code 6: No devices were found' '$T_TMP/gpufail.err' && grep -q -- '--cpu-slots N' '$T_TMP/gpufail.err' && [ ! -s '$T_TMP/gpufail.starts' ]" \
+  || cat "$T_TMP/gpufail.err"
+fi
+
 # --- bad input: clear errors, nothing runs ----------------------------------------------------
 bad() { # NAME EXPECTED-RC TEXT ARGS...
   local name=$1 want=$2 text=$3; shift 3
@@ -141,7 +220,7 @@ bad "no grid" 2 "--grid" --cpu-slots 1 --results "$B" -- sh "$FX" 0 0 {metrics}
 bad "missing command" 2 "missing COMMAND" --grid x=0 --cpu-slots 1 --results "$B" --
 bad "command not found" 2 "no-such-program" --grid x=0 --cpu-slots 1 --results "$B" -- "$T_TMP/no-such-program" {x}
 bad "no slots" 2 "--cpu-slots" --grid x=0 --results "$B" -- sh "$FX" {x} 0 {metrics}
-bad "--gpus auto in a CPU build points to --cpu-slots" 2 "--cpu-slots N" --grid x=0 --gpus auto --results "$B" -- sh "$FX" {x} 0 {metrics}
+CUDA_VISIBLE_DEVICES= bad "--gpus auto without a GPU points to --cpu-slots" 2 "--cpu-slots N" --grid x=0 --gpus auto --results "$B" -- sh "$FX" {x} 0 {metrics}
 bad "unknown flag" 2 "--bogus" --bogus 1 --grid x=0 --cpu-slots 1 --results "$B" -- sh "$FX" {x} 0 {metrics}
 printf 'a file\n' > "$T_TMP/afile"
 bad "unwritable results path (checked before any run)" 1 "$T_TMP/afile/runs.jsonl" --grid x=0..1 --cpu-slots 1 --results "$T_TMP/afile/runs.jsonl" -- sh "$FX" {x} 0 {metrics}
@@ -176,4 +255,34 @@ if DATA=$(fashion_dir) && make --no-print-directory build/label_noise >/dev/null
     bash -c "[ $RC -eq 0 ] && json_check '$R' 'len(r) == 2 and all(x[\"status\"] == \"ok\" and 0.1 < x[\"final\"][\"test_accuracy\"] <= 1 for x in r)'" \
     || tail -n 5 "$T_TMP/ln.err"
 else fail "label_noise: no Fashion-MNIST or no build"; fi
+
+# --- the CUDA build on GPU slots, under the emulation: build/emu/mgpu-sweep finds the stand-in's 2
+# GPUs and runs build/emu/label_noise --device cuda once on each (MGPU_EMU_DEVICES=2). The
+# emulation does not hide devices outside CUDA_VISIBLE_DEVICES: this is the plumbing, not isolation.
+E=build/emu
+if [ -x $E/mgpu-sweep ] && [ -x $E/label_noise ] && DATA=$(fashion_dir); then
+  python3 - "$DATA" "$T_TMP/fm" <<'PY'
+import gzip, os, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
+for name, n in [("train-images-idx3-ubyte", 1024), ("train-labels-idx1-ubyte", 1024), ("t10k-images-idx3-ubyte", 256), ("t10k-labels-idx1-ubyte", 256)]:
+    path = os.path.join(src, name)
+    data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
+    ndim = data[3]
+    dims = list(struct.unpack(">%dI" % ndim, data[4:4 + 4 * ndim]))
+    per = 1
+    for x in dims[1:]: per *= x
+    dims[0] = n
+    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
+PY
+  mkdir -p "$T_TMP/bin2"
+  printf '%s\n' '#!/bin/sh' "printf '0, Stand-in GPU, 8192 MiB\\n1, Stand-in GPU, 8192 MiB\\n'" > "$T_TMP/bin2/nvidia-smi"
+  chmod +x "$T_TMP/bin2/nvidia-smi"
+  R=$T_TMP/emu.jsonl
+  PATH=$T_TMP/bin2:$PATH MGPU_EMU_DEVICES=2 MGPU_EMU_ERRORS=report sweep emu --grid seed=0,1 --gpus auto --results "$R" -- \
+    $E/label_noise --device cuda --data "$T_TMP/fm" --label-fraction 0.5 --noise 0.2 --seed {seed} --epochs 1 --max-steps 5 --batch-size 32
+  expect "emulated CUDA build: 2 GPUs found, label_noise --device cuda ok on each (devices 0 and 1), final metrics recorded" \
+    bash -c "[ $RC -eq 0 ] && json_check '$R' 'len(r) == 2 and {x[\"devices\"] for x in r} == {\"0\", \"1\"} and all(x[\"status\"] == \"ok\" and x[\"final\"][\"step\"] == 5 for x in r)' \
+      && grep -q '^device cuda:0 (mgpu CPU emulation' '$T_TMP/emu.d/seed=1.log'" || tail -n 5 "$T_TMP/emu.err" "$T_TMP/emu.d/seed=1.log"
+else fail "emulated CUDA build on GPU slots: needs build/emu/mgpu-sweep, build/emu/label_noise (make emu) and Fashion-MNIST"; fi
 finish

@@ -1,11 +1,13 @@
 /* Sweeps and the process helpers under them: grid parsing and point order, {key} templates, run
    ids, the results file (reading past torn lines, atomic appends from many processes at once),
    summary statistics against values computed by hand, log tails, spawning into a process group,
-   and $MGPU_METRICS as the default --metrics. The scheduler itself runs in tests/sweep_test.sh. */
+   $MGPU_METRICS as the default --metrics, and GPUs found without CUDA (stand-ins for nvidia-smi
+   and /proc). The scheduler itself runs in tests/sweep_test.sh. */
 #define _GNU_SOURCE
 #include "mgpu_test.h"
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -300,6 +302,89 @@ static void test_metrics_env_default(void) {
     MT_CHECK(o.metrics == NULL, "unset: no metrics");
 }
 
+/* A stand-in nvidia-smi: an executable shell script in the scratch directory. */
+static void fake_program(char *path, size_t size, const char *name, const char *script) {
+    path_in_tmp(path, size, name);
+    write_text(path, script);
+    chmod(path, 0755);
+}
+
+/* GPUs found without CUDA, from each source in turn, with stand-ins for nvidia-smi and /proc. */
+static void test_find_gpus(void) {
+    char smi[128], proc[128], dir[192], info[256], how[512];
+    const char *saved = getenv("CUDA_VISIBLE_DEVICES");
+    char *saved_copy = saved ? strdup(saved) : NULL;
+    mgpu_gpu_info g[4];
+    mgpu_gpu_sources src;
+    double t0;
+    int n;
+    memset(&src, 0, sizeof src);
+    unsetenv("CUDA_VISIBLE_DEVICES");
+    /* --query-gpu answers: indices, names and memory as nvidia-smi prints them */
+    fake_program(smi, sizeof smi, "smi_query",
+                 "#!/bin/sh\ncase \"$*\" in *--query-gpu=index,name,memory.total*--format=csv,noheader*)\n"
+                 "  printf '0, NVIDIA H200, 143771 MiB\\n1, NVIDIA H200, 143771 MiB\\n';; *) exit 9;; esac\n");
+    src.nvidia_smi = smi; src.proc_dir = "";
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 2 && strcmp(g[0].id, "0") == 0 && strcmp(g[1].id, "1") == 0 && strcmp(g[1].name, "NVIDIA H200") == 0 &&
+             g[1].memory_mib == 143771 && strcmp(how, "nvidia-smi --query-gpu") == 0,
+             "query: %d GPUs, '%s' '%s' %lld, how '%s'", n, g[0].id, g[1].name, (long long)g[1].memory_mib, how);
+    MT_CHECK(mgpu_find_gpus(&src, g, 1, NULL, 0) == 1, "max 1: one GPU filled");
+    /* an nvidia-smi without --query-gpu: -L (its MIG lines are not GPUs of their own) */
+    fake_program(smi, sizeof smi, "smi_list",
+                 "#!/bin/sh\nif [ \"$1\" = -L ]; then printf 'GPU 0: Tesla V100 (UUID: GPU-aa)\\n  MIG 1g.5gb Device 0: (UUID: MIG-bb)\\n"
+                 "GPU 1: Tesla V100 (UUID: GPU-cc)\\nGPU 2: Tesla T4 (UUID: GPU-dd)\\n'; else echo 'Invalid combination'; exit 2; fi\n");
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 3 && strcmp(g[2].id, "2") == 0 && strcmp(g[2].name, "Tesla T4") == 0 && g[2].memory_mib == 0 && strcmp(how, "nvidia-smi -L") == 0,
+             "-L: %d GPUs, '%s' '%s', how '%s'", n, g[2].id, g[2].name, how);
+    /* nvidia-smi fails: /proc/driver/nvidia/gpus, in PCI bus order */
+    fake_program(smi, sizeof smi, "smi_none", "#!/bin/sh\necho 'No devices were found'\nexit 6\n");
+    path_in_tmp(proc, sizeof proc, "proc_gpus");
+    snprintf(dir, sizeof dir, "%s/0000:b1:00.0", proc);
+    MT_CHECK(mgpu_make_dirs(dir) == MGPU_OK, "%s", mgpu_last_error());
+    snprintf(info, sizeof info, "%s/information", dir);
+    write_text(info, "Model: \t NVIDIA H100 80GB HBM3\nIRQ:   1\n");
+    snprintf(dir, sizeof dir, "%s/0000:3b:00.0", proc);
+    MT_CHECK(mgpu_make_dirs(dir) == MGPU_OK, "%s", mgpu_last_error());
+    snprintf(info, sizeof info, "%s/information", dir);
+    write_text(info, "Model: \t NVIDIA A100-SXM4-40GB\n");
+    src.proc_dir = proc;
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 2 && strcmp(g[0].id, "0") == 0 && strcmp(g[0].name, "NVIDIA A100-SXM4-40GB") == 0 && strcmp(g[1].name, "NVIDIA H100 80GB HBM3") == 0 &&
+             strcmp(how, proc) == 0, "proc: %d GPUs, '%s' '%s', how '%s'", n, g[0].name, g[1].name, how);
+    /* nothing anywhere: the reasons, each source named */
+    src.proc_dir = "/nonexistent/gpus";
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 0 && strstr(how, "smi_none: exited with code 6: No devices were found") && strstr(how, "/nonexistent/gpus: absent"), "none: '%s'", how);
+    src.nvidia_smi = "/nonexistent/nvidia-smi";
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 0 && strstr(how, "/nonexistent/nvidia-smi: not found"), "no nvidia-smi: '%s'", how);
+    /* a hung nvidia-smi is killed after the timeout */
+    fake_program(smi, sizeof smi, "smi_hang", "#!/bin/sh\nsleep 30\n");
+    src.nvidia_smi = smi; src.proc_dir = ""; src.timeout_s = 0.3;
+    t0 = mgpu_time_s();
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 0 && strstr(how, "no answer in 0.3 s") && mgpu_time_s() - t0 < 5, "hang: '%s' after %.1f s", how, mgpu_time_s() - t0);
+    /* CUDA_VISIBLE_DEVICES first: its entries as written, up to the first CUDA would not take */
+    src.nvidia_smi = "/nonexistent/nvidia-smi";
+    setenv("CUDA_VISIBLE_DEVICES", "2, GPU-5d2e,-1,3", 1);
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 2 && strcmp(g[0].id, "2") == 0 && strcmp(g[1].id, "GPU-5d2e") == 0 && strstr(how, "CUDA_VISIBLE_DEVICES=2, GPU-5d2e"),
+             "CUDA_VISIBLE_DEVICES: %d, '%s', how '%s'", n, g[1].id, how);
+    setenv("CUDA_VISIBLE_DEVICES", "", 1);
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 0 && strstr(how, "set but empty"), "empty CUDA_VISIBLE_DEVICES: %d, '%s'", n, how);
+    src.ignore_visible_devices = 1;
+    src.nvidia_smi = smi; src.proc_dir = proc;
+    fake_program(smi, sizeof smi, "smi_none", "#!/bin/sh\nexit 6\n");
+    n = mgpu_find_gpus(&src, g, 4, how, sizeof how);
+    MT_CHECK(n == 2 && strcmp(how, proc) == 0, "ignore_visible_devices: %d from '%s'", n, how);
+    MT_CHECK(mgpu_find_gpus(NULL, g, 0, how, sizeof how) == -1 && mgpu_last_result() == MGPU_ERR_INVALID_ARG, "max 0 is an error");
+    if (saved_copy) setenv("CUDA_VISIBLE_DEVICES", saved_copy, 1);
+    else unsetenv("CUDA_VISIBLE_DEVICES");
+    free(saved_copy);
+}
+
 /* A scratch directory for the test's files, removed at exit. */
 static void remove_tmpdir(void) {
     char cmd[128];
@@ -320,5 +405,6 @@ int main(void) {
     MT_RUN(test_file_tail);
     MT_RUN(test_spawn);
     MT_RUN(test_metrics_env_default);
+    MT_RUN(test_find_gpus);
     return MT_END();
 }

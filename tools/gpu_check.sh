@@ -10,7 +10,9 @@
 #                      --amp bf16/fp16; --cuda-graph on vs off (bit-identical weights);
 #                      DDP: mgpurun 2 processes on the one GPU through the shm backend, and NCCL at
 #                      world size 1, each against one process (tests/compare_models.py, 1e-5)
-#   phase 3, alone     bench/gpu/run.sh: GEMM vs cuBLAS, mgpu vs PyTorch eager and torch.compile
+#   phase 3, alone     bench/gpu/run.sh: GEMM vs cuBLAS, mgpu vs PyTorch eager and torch.compile;
+#                      then mgpu-sweep: the label-noise example as 8 short runs with 1, 2 and 4
+#                      slots on the one GPU, runs per hour of each (how many slots fill a GPU)
 # Every step has its own timeout and the whole run a budget (GPU_CHECK_BUDGET_S, 400 s), so one
 # hang cannot eat the device call; a step the budget leaves no time for is a failure, not a skip.
 #
@@ -24,7 +26,7 @@
 #                                     into data/gpu-check/, ~30 MiB, to carry to a machine that
 #                                     cannot download anything)
 # Environment: OUT (build/gpu-check), MGPU_EXPECT_GPU, MGPU_GPU_CHECK_EMU, GPU_CHECK_BUDGET_S,
-#   GPU_CHECK_ONLY (comma list of: ops,sanitizers,train,amp,graph,ddp,bench), GPU_CHECK_NO_BUILD=1,
+#   GPU_CHECK_ONLY (comma list of: ops,sanitizers,train,amp,graph,ddp,bench,sweep), GPU_CHECK_NO_BUILD=1,
 #   GPU_CHECK_DATA (a Fashion-MNIST directory, or "synthetic"), GPU_CHECK_BENCH_STEPS (300),
 #   GPU_CHECK_EPOCHS (10: the examples' recipe, which the accuracy targets assume),
 #   GPU_CHECK_DDP_TOL (1e-5), GPU_CHECK_STRICT_PERF=1 (a missed speed target fails),
@@ -64,7 +66,7 @@ OUT=${OUT:-build/gpu-check}
 EMU=${MGPU_GPU_CHECK_EMU:-0}; [ "$EMU" = 1 ] || EMU=0
 EXPECT=${MGPU_EXPECT_GPU:-0}
 NVSMI=${NVIDIA_SMI:-nvidia-smi}
-ONLY=${GPU_CHECK_ONLY:-ops,sanitizers,train,amp,graph,ddp,bench}
+ONLY=${GPU_CHECK_ONLY:-ops,sanitizers,train,amp,graph,ddp,bench,sweep}
 STRICT=${GPU_CHECK_STRICT_PERF:-0}
 DDP_TOL=${GPU_CHECK_DDP_TOL:-1e-5}
 J=$(nproc 2>/dev/null || echo 4)
@@ -308,8 +310,11 @@ if [ "$EMU" = 1 ]; then
 else
   BATCH=128; FULL=(--epochs "${GPU_CHECK_EPOCHS:-10}"); SHORT=300; GSTEPS=200; DSTEPS=50; T_TRAIN=180; T_SHORT=90; THREADS=2
 fi
+# phase 3's time, kept from phase 2: the benchmarks, then the sweep step (3 sweeps, each under SWEEP_T s)
+SWEEP_T=(30 20 20); [ "$EMU" = 1 ] && SWEEP_T=(40 30 30)
+SWEEP_RESERVE=0; want sweep && SWEEP_RESERVE=$(( SWEEP_T[0] + SWEEP_T[1] + SWEEP_T[2] ))
 BENCH_RESERVE=0; want bench && BENCH_RESERVE=$([ "$EMU" = 1 ] && echo 60 || echo 150)
-C() { cap "$1" "$BENCH_RESERVE"; }
+C() { cap "$1" $((BENCH_RESERVE + SWEEP_RESERVE)); }
 export MGPU_NUM_THREADS=$THREADS
 COMMON=(--data "$DATA" --log-every 0 --device "${GPU_CHECK_DEVICE:-cuda:0}")
 # trainer NAME TIMEOUT PROGRAM FLAGS...: one training run, metrics and weights under $W/NAME
@@ -480,9 +485,9 @@ if want bench; then
   B=$L/bench; mkdir -p "$B"
   if [ "$EMU" = 1 ]; then
     steps=3; echo "== phase 3: bench/gpu/run.sh under the emulation (plumbing only, no timings)"
-    job bench "$(cap 300 0)" env BENCH_EMU=1 BENCH_BIN="$BIN" BENCH_DEVICE="${GPU_CHECK_DEVICE:-cuda}" BENCH_OUT="$B" BENCH_DATA="$DATA" BENCH_NO_BUILD=1 BENCH_GEMM="64 2" BENCH_BATCH=$BATCH bash bench/gpu/run.sh "$steps"
+    job bench "$(cap 300 "$SWEEP_RESERVE")" env BENCH_EMU=1 BENCH_BIN="$BIN" BENCH_DEVICE="${GPU_CHECK_DEVICE:-cuda}" BENCH_OUT="$B" BENCH_DATA="$DATA" BENCH_NO_BUILD=1 BENCH_GEMM="64 2" BENCH_BATCH=$BATCH bash bench/gpu/run.sh "$steps"
   else
-    steps=${GPU_CHECK_BENCH_STEPS:-300}; t=$(cap 300 0)
+    steps=${GPU_CHECK_BENCH_STEPS:-300}; t=$(cap 300 "$SWEEP_RESERVE")
     echo "== phase 3: bench/gpu/run.sh $steps (alone on the GPU, at most $t s)"
     job bench "$t" env -u MGPU_NUM_THREADS BENCH_BIN="$BIN" BENCH_DEVICE="${GPU_CHECK_DEVICE:-cuda}" BENCH_OUT="$B" BENCH_DATA="$DATA" BENCH_NO_BUILD=1 BENCH_TIMEOUT_S=$(( t > 150 ? 150 : t )) bash bench/gpu/run.sh "$steps"
   fi
@@ -527,5 +532,50 @@ if want bench; then
   if [ "$EMU" = 1 ]; then result SKIP bench-torch "PyTorch on CUDA needs a GPU"
   elif [ "$torch_ok" = 1 ]; then result PASS bench-torch "PyTorch eager and torch.compile measured for both models"
   else result SKIP bench-torch "PyTorch figures missing (not mgpu's failure): $(grep -hE 'error=|SKIPPED|not importable' "$B/bench_torch.txt" 2>/dev/null | oneline 200)"; fi
+fi
+# ------------------------------------------------------- phase 3: runs per hour with mgpu-sweep
+# Many short runs leave a GPU idle between and within them (start-up, data loading, small
+# kernels): the label-noise example as a sweep of NSW runs with 1, 2 and 4 slots on GPU 0, one
+# after the other, each under its own timeout. Runs per hour are mgpu-sweep's own figure (runs
+# finished / time since it started, from its last progress line).
+if want sweep; then
+  if [ "$EMU" = 1 ]; then NSW=2; SW_RUN=(--label-fraction 0.5 --max-steps 2 --batch-size 32)
+  else NSW=8; SW_RUN=(--label-fraction 0.1 --batch-size 128); fi
+  echo "== phase 3: mgpu-sweep, label_noise x $NSW runs with 1, 2 and 4 slots on GPU 0"
+  # where --gpus auto looks (CUDA_VISIBLE_DEVICES, nvidia-smi in PATH, /proc), as a dry run: what
+  # it finds here (NVIDIA_SMI, when it names a program elsewhere, goes first in its PATH)
+  sw_path=$PATH; case $NVSMI in */*) sw_path=$(dirname "$NVSMI"):$PATH;; esac
+  job sweep-auto "$(cap 20 0)" env PATH="$sw_path" "$BIN/mgpu-sweep" --gpus auto --dry-run --grid x=0 --results "$L/sweep-auto.jsonl" -- true "{x}"; wait
+  auto=$(grep -m1 -- '--gpus auto' "$L/sweep-auto.log" 2>/dev/null | sed 's/^mgpu-sweep: --gpus auto: //' | oneline 160)
+  k_i=0; rates=(); sw_bad=""
+  for k in 1 2 4; do
+    n=sweep-$k
+    job "$n" "$(cap "${SWEEP_T[$k_i]}" 0)" "$BIN/mgpu-sweep" --grid seed=0..$((NSW - 1)) --gpus 0 --slots-per-gpu "$k" --results "$L/$n.jsonl" -- \
+      "$BIN/label_noise" --data "$DATA" --device "${GPU_CHECK_DEVICE:-cuda}" --noise 0.2 --seed "{seed}" --epochs 1 --log-every 0 "${SW_RUN[@]}"
+    wait
+    k_i=$((k_i + 1))
+    ok_runs=$(grep -c '"status":"ok"' "$L/$n.jsonl" 2>/dev/null); ok_runs=${ok_runs:-0}
+    rate=$(grep -oE '[0-9.]+ runs/h' "$L/$n.log" 2>/dev/null | tail -n 1 | cut -d' ' -f1)
+    rates+=("${rate:-}")
+    if ! ok_job "$n" || [ "$ok_runs" -ne "$NSW" ]; then
+      # the first failed run's id, error and last log line (its record's log_tail); else why the sweep ended
+      first=$(grep -m1 '"status":"failed"' "$L/$n.jsonl" 2>/dev/null)
+      if [ -n "$first" ]; then
+        f_id=$(grep -oE '"run_id":"[^"]*"' <<<"$first" | cut -d'"' -f4); f_err=$(grep -oE '"error":"[^"]*"' <<<"$first" | cut -d'"' -f4)
+        f_tail=$(sed -E 's/.*"log_tail":"(.*)"\}$/\1/' <<<"$first" | awk -F'\\\\n' '{ print $NF }' | oneline 150)
+        sw_bad="$sw_bad $k slot(s): $ok_runs of $NSW runs ok, first failure $f_id $f_err: $f_tail;"
+      else sw_bad="$sw_bad $k slot(s): $ok_runs of $NSW runs ok, $(why "$n");"; fi
+    fi
+  done
+  x2=$(ratio "${rates[1]}" "${rates[0]}"); x4=$(ratio "${rates[2]}" "${rates[0]}")
+  sw_fig="1 slot ${rates[0]:--} runs/h, 2 slots ${rates[1]:--} (${x2:--}x), 4 slots ${rates[2]:--} (${x4:--}x)"
+  best=$(awk -v a="${rates[0]:-0}" -v b="${rates[1]:-0}" -v c="${rates[2]:-0}" 'BEGIN{ m = a; s = 1; if (b > m) { m = b; s = 2 } if (c > m) { m = c; s = 4 }; print s }')
+  echo "mgpu-sweep, label_noise x $NSW runs on GPU 0: $sw_fig; the most runs/h with $best slot(s)" >> "$W/perf.txt"
+  if [ "$EMU" = 1 ]; then result SKIP sweep-slots "emulation: not a measurement ($sw_fig)${sw_bad:+; FAILED:$sw_bad}"
+  elif [ -n "$sw_bad" ]; then result FAIL sweep-slots "label_noise x $NSW on GPU 0:${sw_bad}"
+  else result PASS sweep-slots "label_noise (label_frac 0.1, noise 0.2, 1 epoch) x $NSW runs on GPU 0: $sw_fig; the most runs/h with $best slot(s) per GPU"; fi
+  if [ "$EMU" = 1 ]; then result SKIP sweep-gpus-auto "emulation: no nvidia-smi consulted (--gpus auto here: ${auto:-$(why sweep-auto)})"
+  elif [ -n "$auto" ] && grep -qE '^[0-9]+ GPUs? from' <<<"$auto"; then result PASS sweep-gpus-auto "mgpu-sweep --gpus auto (no CUDA call): $auto"
+  else result FAIL sweep-gpus-auto "mgpu-sweep --gpus auto found no GPU: ${auto:-$(why sweep-auto)}"; fi
 fi
 finish

@@ -31,18 +31,21 @@ static void print_help(FILE *f) {
         "\n"
         "In ARGS, {NAME} is the run's value of grid axis NAME, and {metrics}, {log}, {run_id},\n"
         "{run_dir} (created when used), {slot}, {attempt} are the run's own; {{ and }} are braces.\n"
-        "Each run gets CUDA_VISIBLE_DEVICES (its GPU; empty on a CPU slot), MGPU_METRICS (= {metrics},\n"
-        "which mgpu trainers take as their --metrics), MGPU_SWEEP_RUN_ID, MGPU_SWEEP_SLOT,\n"
-        "MGPU_SWEEP_ATTEMPT and MGPU_NUM_THREADS (cores / slots unless set); its output goes to\n"
-        "RUN_DIR/<run id>.log, and the \"event\":\"final\" line of its metrics file into its record.\n"
+        "Each run gets CUDA_VISIBLE_DEVICES (its one GPU, with CUDA_DEVICE_ORDER=PCI_BUS_ID unless\n"
+        "set; empty on a CPU slot), MGPU_METRICS (= {metrics}, which mgpu trainers take as their\n"
+        "--metrics), MGPU_SWEEP_RUN_ID, MGPU_SWEEP_SLOT, MGPU_SWEEP_ATTEMPT and MGPU_NUM_THREADS\n"
+        "(cores / slots unless set); its output goes to RUN_DIR/<run id>.log, and the\n"
+        "\"event\":\"final\" line of its metrics file into its record.\n"
         "\n"
         "options (--flag=value and underscores in flag names are accepted too):\n"
         "  --grid NAME=VALUES     an axis (repeat for more); VALUES: v1,v2,... where an item LO..HI\n"
         "                         (integers) stands for LO to HI and LO..HI:STEP for every STEP-th\n"
         "  --results FILE         the results JSONL (required); locked against a second sweep\n"
         "  --run-dir DIR          logs and metrics files (default: FILE without .jsonl, plus .d)\n"
-        "  --gpus auto|LIST       GPU slots: auto = every GPU this build sees, or ids such as 0,1,3\n"
-        "                         (taken within CUDA_VISIBLE_DEVICES when that is set)\n"
+        "  --gpus auto|LIST       GPU slots: ids such as 0,1,3 (nvidia-smi's numbering, or positions\n"
+        "                         within CUDA_VISIBLE_DEVICES when that is set), or auto: the GPUs of\n"
+        "                         CUDA_VISIBLE_DEVICES when set, else those nvidia-smi lists, else those\n"
+        "                         in /proc/driver/nvidia/gpus (no CUDA needed: the CPU build finds them)\n"
         "  --slots-per-gpu N      runs at once on each GPU (default 1)\n"
         "  --cpu-slots N          slots without a GPU (CUDA_VISIBLE_DEVICES=\"\"); the way to run on CPUs\n"
         "  --retries N            run a failed run up to N more times before recording it (default 0)\n"
@@ -113,53 +116,65 @@ static int split_list(const char *flag, const char *text, char **items, int max)
     return n;
 }
 
-/* --gpus: one CUDA_VISIBLE_DEVICES value per GPU. Indices are positions within the sweep's own
-   CUDA_VISIBLE_DEVICES when that is set, as CUDA itself would number them. */
-static int resolve_gpus(const char *text, char **gpus) {
+/* --gpus auto: every GPU mgpu_find_gpus sees (CUDA_VISIBLE_DEVICES, else nvidia-smi, else /proc),
+   without linking CUDA, so the CPU build places runs on GPUs too. None found is an error unless
+   there are CPU slots to run on. The count, or -1 after a message. */
+static int find_all_gpus(char **gpus, int cpu_slots, int slots_per_gpu) {
+    static mgpu_gpu_info found[MAX_GPUS];
+    char how[512], list[1024] = "";
+    size_t pos = 0;
+    int n = mgpu_find_gpus(NULL, found, MAX_GPUS, how, sizeof how), i;
+    gpus[0] = NULL;
+    if (n < 0) { say("--gpus auto: %s", mgpu_last_error()); return -1; }
+    if (n == 0 && cpu_slots > 0) {
+        say("--gpus auto: no GPU found (%s); running on the %d CPU slot%s only", how, cpu_slots, cpu_slots == 1 ? "" : "s");
+        return 0;
+    }
+    if (n == 0) {
+        say("--gpus auto: no GPU found (%s); run on the CPU with --cpu-slots N, or name the GPUs with --gpus 0,1", how);
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        const mgpu_gpu_info *g = &found[i];
+        char one[sizeof g->id + sizeof g->name + 32];
+        if (!(gpus[i] = strdup(g->id))) { say("out of memory"); return -1; }
+        if (!g->name[0]) snprintf(one, sizeof one, "%.63s", g->id);
+        else if (!g->memory_mib) snprintf(one, sizeof one, "%.63s (%.95s)", g->id, g->name);
+        else snprintf(one, sizeof one, "%.63s (%.95s, %lld MiB)", g->id, g->name, (long long)g->memory_mib);
+        if (pos < sizeof list) pos += (size_t)snprintf(list + pos, sizeof list - pos, "%s%s", i ? ", " : "", one);
+    }
+    gpus[n] = NULL;
+    say("--gpus auto: %d GPU%s from %s: %s; %d slot%s each", n, n == 1 ? "" : "s", how, list, slots_per_gpu > 0 ? slots_per_gpu : 1,
+        slots_per_gpu > 1 ? "s" : "");
+    return n;
+}
+
+/* --gpus: one CUDA_VISIBLE_DEVICES value per GPU. Listed indices are positions within the sweep's
+   own CUDA_VISIBLE_DEVICES when that is set, as CUDA itself would number them. */
+static int resolve_gpus(const char *text, int cpu_slots, int slots_per_gpu, char **gpus) {
     char *parent[MAX_GPUS + 1];
     const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
-    int n_parent = 0, n, i;
+    int n_parent = 0, n, i, bad = 0;
+    if (strcmp(text, "auto") == 0) return find_all_gpus(gpus, cpu_slots, slots_per_gpu);
+    if ((n = split_list("--gpus", text, gpus, MAX_GPUS)) < 0) return -1;
     if (cvd && cvd[0] && (n_parent = split_list("CUDA_VISIBLE_DEVICES", cvd, parent, MAX_GPUS)) < 0) return -1;
-    if (strcmp(text, "auto") == 0) {
-        n = mgpu_cuda_device_count();
-        if (n <= 0) {
-#ifdef MGPU_CUDA
-            say("--gpus auto: no GPU visible (mgpu_cuda_device_count() is 0); run on the CPU with --cpu-slots N");
-#else
-            say("--gpus auto: this is a CPU build of mgpu-sweep, it sees no GPU (mgpu_cuda_device_count() is 0); "
-                "name the GPUs (--gpus 0,1) or run on the CPU with --cpu-slots N");
-#endif
-            return -1;
-        }
-        for (i = 0; i < n; i++) {
-            char idx[16];
-            snprintf(idx, sizeof idx, "%d", i);
-            gpus[i] = strdup(i < n_parent ? parent[i] : idx);
-        }
-    } else if ((n = split_list("--gpus", text, gpus, MAX_GPUS)) < 0) {
-        return -1;
-    } else {
-        for (i = 0; i < n; i++) {
-            char *end = NULL;
-            long idx = strtol(gpus[i], &end, 10);
-            if (strncmp(gpus[i], "GPU-", 4) == 0 || strncmp(gpus[i], "MIG-", 4) == 0) continue; /* UUIDs as they are */
-            if (!gpus[i][0] || *end || idx < 0) {
-                say("--gpus expects auto or GPU ids such as 0,1,3 (or GPU-/MIG- UUIDs), got '%s'", gpus[i]);
-                return -1;
-            }
-            if (n_parent > 0) {
-                if (idx >= n_parent) {
-                    say("--gpus %s: GPU %ld is not among the %d of CUDA_VISIBLE_DEVICES=%s", text, idx, n_parent, cvd);
-                    return -1;
-                }
-                free(gpus[i]);
-                gpus[i] = strdup(parent[idx]);
-            }
+    for (i = 0; i < n && !bad; i++) {
+        char *end = NULL;
+        long idx = strtol(gpus[i], &end, 10);
+        if (strncmp(gpus[i], "GPU-", 4) == 0 || strncmp(gpus[i], "MIG-", 4) == 0) continue; /* UUIDs as they are */
+        if (!gpus[i][0] || *end || idx < 0) {
+            say("--gpus expects auto or GPU ids such as 0,1,3 (or GPU-/MIG- UUIDs), got '%s'", gpus[i]);
+            bad = 1;
+        } else if (n_parent > 0 && idx >= n_parent) {
+            say("--gpus %s: GPU %ld is not among the %d of CUDA_VISIBLE_DEVICES=%s", text, idx, n_parent, cvd);
+            bad = 1;
+        } else if (n_parent > 0) {
+            free(gpus[i]);
+            gpus[i] = strdup(parent[idx]);
         }
     }
     for (i = 0; i < n_parent; i++) free(parent[i]);
-    gpus[n] = NULL;
-    return n;
+    return bad ? -1 : n;
 }
 
 typedef struct cli {
@@ -216,7 +231,7 @@ static int parse_sweep_args(cli *c, int argc, char **argv) {
     if (i >= argc) { say("missing COMMAND to run (usage: mgpu-sweep [options] -- COMMAND [ARGS...])"); return -1; }
     c->d.command = (const char *const *)(argv + i);
     if (c->gpus_text) {
-        int n = resolve_gpus(c->gpus_text, c->gpus);
+        int n = resolve_gpus(c->gpus_text, c->d.cpu_slots, c->d.slots_per_gpu, c->gpus);
         if (n < 0) return -1;
         c->d.gpus = (const char *const *)c->gpus;
         c->d.n_gpus = n;
