@@ -8,7 +8,9 @@
 # - the nccl backend against the shm backend with 2 and 4 processes under mgpurun (bit for bit);
 # - checkpoints of CUDA tensors: CPU -> cuda:0 -> CPU round trips, damaged files (tests/emu/ckpt_cuda.c);
 # - DDP with device gradients over nccl and shm (staged) with 2 processes (tests/emu/ddp_cuda.c);
-# - the examples and tools built with -DMGPU_CUDA start.
+# - the examples and tools built with -DMGPU_CUDA start; fashion_mlp/fashion_cnn on cuda against the CPU;
+# - the loader on cuda: the next batch's upload queued before each step's host sync (the
+#   emulation's call trace), resident data (--data-on-device) against streaming, resume, auto.
 # Ends with the time the emulated suite took (its build excluded).
 source "$(dirname "$0")/lib.sh"
 E=build/emu
