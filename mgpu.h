@@ -4552,7 +4552,7 @@ static void mgpu__gather_rows_range(void *p, int64_t begin, int64_t end) {
         else if (row) memcpy(d, (const char *)a->src + (size_t)id * row, row);
     }
 }
-static MGPU__UNUSED void mgpu__cpu_gather_rows(const mgpu__gather_rows_args *a) {
+static void mgpu__cpu_gather_rows(const mgpu__gather_rows_args *a) {
     mgpu_parallel_for(a->ctx, a->rows, mgpu__grain_for(a->len), mgpu__gather_rows_range, (void *)a);
 }
 
@@ -15437,14 +15437,20 @@ static void mgpu__fit_announce_device(const mgpu__fit *f) {
 #endif
 }
 
-/* The startup line on a GPU saying where the training set lives (--data-on-device). */
-static void mgpu__fit_announce_data(const mgpu__fit *f) {
+/* The startup line on a GPU saying where the training set lives (--data-on-device), and why
+   auto chose streaming. */
+static void mgpu__fit_announce_data(const mgpu__fit *f, const mgpu_dataset *train) {
+    const char *why = "";
     if (f->t->ctx->device.type == MGPU_DEVICE_CPU) return;
-    if (mgpu_loader_data_on_device(f->loader) == 1)
+    if (mgpu_loader_data_on_device(f->loader) == 1) {
         printf("data on device: the training set is resident on cuda:%d, batches gathered there\n", f->t->ctx->device.index);
-    else
-        printf("data on device: no, batches stream from pinned host memory on a copy stream%s\n",
-               f->t->opts->data_on_device == MGPU_DATA_ON_DEVICE_AUTO ? " (auto: the set may augment, or takes more than 1/4 of the free device memory)" : "");
+        fflush(stdout);
+        return;
+    }
+    if (f->t->opts->data_on_device == MGPU_DATA_ON_DEVICE_AUTO)
+        why = train->static_samples ? " (auto: the set takes more than 1/4 of the free device memory)"
+                                    : " (auto: the dataset may augment its samples: static_samples is 0)";
+    printf("data on device: no, batches stream from pinned host memory on a copy stream%s\n", why);
     fflush(stdout);
 }
 
@@ -15468,7 +15474,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
-    if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f); }
+    if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
     if (r == MGPU_OK) {
         if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);

@@ -1286,7 +1286,7 @@ static void mgpu__gather_rows_range(void *p, int64_t begin, int64_t end) {
         else if (row) memcpy(d, (const char *)a->src + (size_t)id * row, row);
     }
 }
-static MGPU__UNUSED void mgpu__cpu_gather_rows(const mgpu__gather_rows_args *a) {
+static void mgpu__cpu_gather_rows(const mgpu__gather_rows_args *a) {
     mgpu_parallel_for(a->ctx, a->rows, mgpu__grain_for(a->len), mgpu__gather_rows_range, (void *)a);
 }
 
