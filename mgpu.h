@@ -517,6 +517,10 @@ struct mgpu_dataset {
     mgpu_result (*get)(const mgpu_dataset *ds, int64_t index, void *x_out, void *y_out);
     void (*destroy)(mgpu_dataset *ds);
     void *impl;
+    /* 1: get() gives the same sample for an index every time (no random augmentation), so a copy
+       made once stays valid: MGPU_DATA_ON_DEVICE_AUTO may keep the dataset on the GPU. The array
+       and IDX datasets set it; 0 (a dataset that may augment) keeps AUTO streaming. */
+    int static_samples;
 };
 MGPU_API void mgpu_dataset_destroy(mgpu_dataset *ds);
 /* In-memory arrays (copied): x (n, x_shape...), y (n, y_shape...). */
@@ -537,6 +541,16 @@ MGPU_API mgpu_dataset *mgpu_dataset_fashion_mnist(const char *dir, int train);
 MGPU_API int64_t mgpu_sampler_indices(int64_t n, int rank, int world_size, int shuffle, uint64_t seed, int64_t epoch,
                                       int drop_last, int64_t *out);
 
+/* Where a loader on a CUDA context keeps the dataset:
+   OFF  (0) streams batches: workers fill pinned host buffers, each batch is copied on the loader's
+        own stream, the next one while the step computes on the current one;
+   ON   uploads every sample once (get() called once per index) and gathers each batch on the GPU
+        from the epoch's permutation: the same batches, order and values as streaming. A dataset
+        that does not fit is MGPU_ERR_OOM_DEVICE; a CPU context is MGPU_ERR_INVALID_ARG;
+   AUTO ON when the dataset is static (mgpu_dataset.static_samples) and its samples plus the
+        epoch's index list take at most a quarter of the device's free memory, else OFF; on a CPU
+        context OFF (the samples are in host memory already). */
+typedef enum mgpu_data_on_device { MGPU_DATA_ON_DEVICE_OFF = 0, MGPU_DATA_ON_DEVICE_ON = 1, MGPU_DATA_ON_DEVICE_AUTO = 2 } mgpu_data_on_device;
 typedef struct mgpu_loader_desc {
     int64_t batch_size;       /* per process */
     int shuffle; uint64_t seed;
@@ -546,6 +560,7 @@ typedef struct mgpu_loader_desc {
     int num_workers;          /* 0: load on the calling thread */
     int prefetch;             /* batches in flight per worker; 0: 2 */
     mgpu_context *ctx;        /* batch tensors are created on this context's device (NULL: host) */
+    mgpu_data_on_device data_on_device;   /* CUDA: stream batches (OFF, the default) or keep the dataset on the GPU */
 } mgpu_loader_desc;
 typedef struct mgpu_batch {
     mgpu_tensor *x, *y;       /* (size, x_shape...), (size, y_shape...); valid until the next mgpu_loader_next */
@@ -560,6 +575,9 @@ MGPU_API mgpu_result mgpu_loader_set_epoch(mgpu_loader *l, int64_t epoch, int64_
 /* Next batch (b->size == 0 at the end of the epoch). */
 MGPU_API mgpu_result mgpu_loader_next(mgpu_loader *l, mgpu_batch *b);
 MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l);
+/* 1 when the loader keeps the dataset on the device (data_on_device ON, or AUTO that chose it), 0 when
+   it streams batches from the host, -1 for NULL. */
+MGPU_API int mgpu_loader_data_on_device(const mgpu_loader *l);
 
 /* ======================================================================================
    Files: safetensors, JSON
@@ -676,10 +694,11 @@ typedef struct mgpu_train_opts {
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
     int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
     mgpu_cuda_graph_mode cuda_graph; /* --cuda-graph on|off (CUDA only; see the trainer's startup line) */
+    mgpu_data_on_device data_on_device; /* --data-on-device off|on|auto (CUDA; default auto; the CPU: on is an error) */
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
-   resume none, seed 0, metrics $MGPU_METRICS (unset: none). */
+   resume none, seed 0, metrics $MGPU_METRICS (unset: none), data on device auto. */
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o);
 /* Parses argv (strings are kept by pointer). Every flag is also accepted as --flag=value and with
    underscores (--batch_size); --num-epochs is --epochs. --help prints usage to stdout and sets
@@ -1427,6 +1446,17 @@ typedef struct mgpu__copy_rows_args {
     size_t esize; int accumulate;
 } mgpu__copy_rows_args;
 mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream);
+/* gather_rows, the loader's batches from a dataset resident on the device: dst row r = src row
+   idx[r] (rows of len elements, packed), for r < rows; an id outside [0, n_src) gives a zero row
+   (ids on a device are not checked by the host, so the twins never read outside src) */
+typedef struct mgpu__gather_rows_args {
+    mgpu_context *ctx;
+    const void *src; void *dst;
+    const int64_t *idx;
+    int64_t rows, len, n_src;
+    size_t esize;
+} mgpu__gather_rows_args;
+mgpu_result mgpu_cuda_gather_rows(const mgpu__gather_rows_args *a, void *stream);
 
 /* ---- reductions, in an order fixed by the shapes alone (deterministic); x seen as (outer, dim, inner) ---- */
 #define MGPU_CUDA_REDUCE_PARTIALS 1024
@@ -3038,13 +3068,18 @@ static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void 
 }
 
 /* --------------------------------------------------------------------------------------
-   Uploads on a stream of their own (the loader's batches): each copy waits for the work already
-   queued on the consumer stream (which may still read the destination: the step that used it
-   last) and the consumer waits for the copy; the host waits for `copied` before it reuses the
-   pinned source.
+   Uploads on a stream of their own (the loader's batches), in two halves so that the copy of the
+   next batch can run while the consumer stream computes on the current one:
+   - start: the copies wait for the work already queued on the consumer stream (which may still
+     read the destination: the step that used it last), run on the copy stream, and `copied` is
+     recorded after them;
+   - consume: the consumer stream waits for `copied` (queued just before the step that reads the
+     batch, so the steps queued in between do not wait for the copy).
+   The host waits for `copied` (finish) before it reuses the pinned sources.
    -------------------------------------------------------------------------------------- */
 
 typedef struct mgpu__cuda_upload { void *consumer_mark, *copied; } mgpu__cuda_upload;
+typedef struct mgpu__cuda_copy { void *dst; const void *src; size_t bytes; } mgpu__cuda_copy;
 
 static mgpu_result mgpu__cuda_stream_new(int device, void **out) {
     cudaStream_t s = NULL;
@@ -3058,18 +3093,26 @@ static void mgpu__cuda_stream_free(void *stream) {
     cudaStreamSynchronize((cudaStream_t)stream);
     cudaStreamDestroy((cudaStream_t)stream);
 }
-static mgpu_result mgpu__cuda_upload_start(mgpu__cuda_upload *u, void *copy_stream, void *consumer, void *dst, const void *src, size_t bytes) {
+static mgpu_result mgpu__cuda_upload_start(mgpu__cuda_upload *u, void *copy_stream, void *consumer, const mgpu__cuda_copy *copies, int n) {
     static const char *fn = "uploading a batch to the GPU";
+    int i;
     if (!u->consumer_mark) MGPU__CUDA_TRY(fn, cudaEventCreateWithFlags((cudaEvent_t *)&u->consumer_mark, cudaEventDisableTiming));
     if (!u->copied) MGPU__CUDA_TRY(fn, cudaEventCreateWithFlags((cudaEvent_t *)&u->copied, cudaEventDisableTiming));
     MGPU__CUDA_TRY(fn, cudaEventRecord((cudaEvent_t)u->consumer_mark, (cudaStream_t)consumer));
     MGPU__CUDA_TRY(fn, cudaStreamWaitEvent((cudaStream_t)copy_stream, (cudaEvent_t)u->consumer_mark, 0));
-    if (bytes) MGPU__CUDA_TRY(fn, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)copy_stream));
+    for (i = 0; i < n; i++)
+        if (copies[i].bytes)
+            MGPU__CUDA_TRY(fn, cudaMemcpyAsync(copies[i].dst, copies[i].src, copies[i].bytes, cudaMemcpyHostToDevice, (cudaStream_t)copy_stream));
     MGPU__CUDA_TRY(fn, cudaEventRecord((cudaEvent_t)u->copied, (cudaStream_t)copy_stream));
-    MGPU__CUDA_TRY(fn, cudaStreamWaitEvent((cudaStream_t)consumer, (cudaEvent_t)u->copied, 0));
     return MGPU_OK;
 }
-/* The source may be overwritten once this returns. */
+/* Work queued on the consumer after this sees the uploaded batch. */
+static mgpu_result mgpu__cuda_upload_consume(mgpu__cuda_upload *u, void *consumer) {
+    if (!u->copied) return mgpu__fail(MGPU_ERR_STATE, "a batch is handed out before its upload was started (loader bug)");
+    MGPU__CUDA_TRY("waiting for a batch upload on the GPU", cudaStreamWaitEvent((cudaStream_t)consumer, (cudaEvent_t)u->copied, 0));
+    return MGPU_OK;
+}
+/* The sources may be overwritten once this returns. */
 static mgpu_result mgpu__cuda_upload_finish(mgpu__cuda_upload *u) {
     if (u->copied) MGPU__CUDA_TRY("waiting for a batch upload", cudaEventSynchronize((cudaEvent_t)u->copied));
     return MGPU_OK;
@@ -3078,6 +3121,18 @@ static void mgpu__cuda_upload_release(mgpu__cuda_upload *u) {
     if (u->consumer_mark) cudaEventDestroy((cudaEvent_t)u->consumer_mark);
     if (u->copied) cudaEventDestroy((cudaEvent_t)u->copied);
     u->consumer_mark = u->copied = NULL;
+}
+
+/* Free memory of a device as the driver counts it (blocks the caching allocator keeps count as used). */
+static mgpu_result mgpu__cuda_free_bytes(int device, size_t *free_b) {
+    size_t total = 0;
+    int prev = 0;
+    *free_b = 0;
+    MGPU__CUDA_TRY("reading free device memory", cudaGetDevice(&prev));
+    MGPU__CUDA_TRY("reading free device memory", cudaSetDevice(device));
+    MGPU__CUDA_TRY("reading free device memory", cudaMemGetInfo(free_b, &total));
+    MGPU__CUDA_TRY("reading free device memory", cudaSetDevice(prev));
+    return MGPU_OK;
 }
 
 /* --------------------------------------------------------------------------------------
@@ -4515,6 +4570,21 @@ static void mgpu__copy_rows_range(void *p, int64_t begin, int64_t end) {
 /* Rows are disjoint in dst, so they can go to different threads. */
 static void mgpu__cpu_copy_rows(const mgpu__copy_rows_args *a) {
     mgpu_parallel_for(a->ctx, a->rows, mgpu__grain_for(a->len), mgpu__copy_rows_range, (void *)a);
+}
+
+static void mgpu__gather_rows_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__gather_rows_args *a = (const mgpu__gather_rows_args *)p;
+    size_t row = (size_t)a->len * a->esize;
+    int64_t r;
+    for (r = begin; r < end; r++) {
+        int64_t id = a->idx[r];
+        char *d = (char *)a->dst + (size_t)r * row;
+        if (id < 0 || id >= a->n_src) memset(d, 0, row);
+        else if (row) memcpy(d, (const char *)a->src + (size_t)id * row, row);
+    }
+}
+static void mgpu__cpu_gather_rows(const mgpu__gather_rows_args *a) {
+    mgpu_parallel_for(a->ctx, a->rows, mgpu__grain_for(a->len), mgpu__gather_rows_range, (void *)a);
 }
 
 /* Copies the slice [start, start + len) of dim d of a tensor shaped like `like`, held in `whole`,
@@ -7898,6 +7968,7 @@ static mgpu_dataset *mgpu__mem_dataset_new(const char *fn, int64_t n, mgpu_dtype
     if (y_ndim) memcpy(ds->y_shape, y_shape, sizeof(int64_t) * (size_t)y_ndim);
     ds->destroy = mgpu__mem_dataset_destroy;
     ds->impl = m;
+    ds->static_samples = 1;   /* get() decodes stored bytes: the same sample every time */
     return ds;
 }
 
@@ -8245,6 +8316,10 @@ MGPU_API int64_t mgpu_sampler_indices(int64_t n, int rank, int world_size, int s
    k % n_slots. Workers claim batches in order; the consumer takes them in order, so the
    sequence does not depend on the number of workers. A slot is reused only after the batch
    handed out from it is released (at the next call), which keeps b->x valid until then.
+   On a GPU a loader either streams (each slot holds pinned host buffers and device tensors; when
+   batch k is handed out the upload of batch k + 1 starts, so the copy runs while step k computes)
+   or keeps the dataset resident on the device and gathers each batch there from the epoch's
+   indices (no copy from the host per step).
    -------------------------------------------------------------------------------------- */
 
 enum { MGPU__SLOT_FREE = 0, MGPU__SLOT_FILLING = 1, MGPU__SLOT_READY = 2, MGPU__SLOT_HELD = 3 };
@@ -8255,8 +8330,9 @@ typedef struct mgpu__loader_slot {
     uint8_t *x_host, *y_host;  /* (B, x_shape...), (B, y_shape...) filled by workers */
     mgpu_tensor *x, *y;        /* handed out; on the CPU they wrap x_host / y_host */
 #ifdef MGPU_CUDA
-    mgpu__cuda_upload x_up, y_up;   /* on a GPU: x_host / y_host are pinned and copied on the loader's stream */
+    mgpu__cuda_upload up;      /* on a GPU: x_host / y_host are pinned and copied on the loader's stream */
 #endif
+    int uploaded;              /* the copy of this slot's batch to the device has been started */
     int state;
     int64_t batch, size;
     mgpu_result result;
@@ -8271,6 +8347,9 @@ struct mgpu_loader {
     mgpu_context *ctx; int owns_ctx;
     int device_copy;             /* batch tensors are not host memory: copy at delivery */
     void *copy_stream;           /* CUDA: the stream batches are uploaded on */
+    int resident;                /* the dataset lives on the device: batches are gathered there */
+    mgpu_tensor *res_x, *res_y;  /* resident: every sample, (n, x_shape...) and (n, y_shape...) */
+    mgpu_tensor *res_idx;        /* resident: the epoch's indices (n_indices) */
     size_t x_bytes, y_bytes;     /* per sample, as the dataset writes them */
     int64_t x_numel, y_numel;
     int64_t *indices, n_indices, n_batches;
@@ -8361,10 +8440,12 @@ MGPU_API void mgpu_loader_destroy(mgpu_loader *l) {
         mgpu__loader_host_free(l, l->slots[i].x_host);
         mgpu__loader_host_free(l, l->slots[i].y_host);
 #ifdef MGPU_CUDA
-        mgpu__cuda_upload_release(&l->slots[i].x_up);
-        mgpu__cuda_upload_release(&l->slots[i].y_up);
+        mgpu__cuda_upload_release(&l->slots[i].up);
 #endif
     }
+    mgpu_tensor_free(l->res_x);
+    mgpu_tensor_free(l->res_y);
+    mgpu_tensor_free(l->res_idx);
     mgpu_free(l->slots);
     mgpu_free(l->threads);
     mgpu_free(l->indices);
@@ -8391,6 +8472,9 @@ static mgpu_result mgpu__loader_configure(mgpu_loader *l, const mgpu_dataset *ds
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->num_workers is %d, must be in [0, 256]", fn, d->num_workers);
     if (d->prefetch < 0 || d->prefetch > 64) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->prefetch is %d, must be in [0, 64]", fn, d->prefetch);
     if (d->world_size < 0) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->world_size is %d, must be >= 0", fn, d->world_size);
+    if ((int)d->data_on_device < MGPU_DATA_ON_DEVICE_OFF || (int)d->data_on_device > MGPU_DATA_ON_DEVICE_AUTO)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->data_on_device is %d, not an mgpu_data_on_device value (OFF, ON or AUTO)", fn,
+                          (int)d->data_on_device);
     l->world = d->world_size > 1 ? d->world_size : 1;
     if (d->rank < 0 || d->rank >= l->world)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: desc->rank %d outside [0, %d) for world_size %d", fn, d->rank, l->world, d->world_size);
@@ -8410,11 +8494,50 @@ static mgpu_result mgpu__loader_configure(mgpu_loader *l, const mgpu_dataset *ds
     return MGPU_OK;
 }
 
+/* Device bytes a resident dataset takes: every sample and the epoch's index list (0 on overflow). */
+static size_t mgpu__loader_resident_bytes(const mgpu_loader *l) {
+    int ok_data, ok_idx;
+    size_t data = mgpu__bytes_of(l->ds->length, 1, l->x_bytes + l->y_bytes, &ok_data);
+    size_t idx = mgpu__bytes_of(l->n_indices, 1, sizeof(int64_t), &ok_idx);
+    return ok_data && ok_idx && data <= SIZE_MAX - idx ? data + idx : 0;
+}
+
+/* Whether the dataset lives on the device: desc ON (a CUDA context is required), or AUTO for a
+   static dataset whose samples and index list take at most a quarter of the device's free memory
+   (room left for the model, its activations and the allocator's rounding). */
+static mgpu_result mgpu__loader_choose_resident(mgpu_loader *l, mgpu_data_on_device mode) {
+    size_t need, free_b = 0;
+    l->resident = 0;
+    if (mode == MGPU_DATA_ON_DEVICE_OFF) return MGPU_OK;
+    if (!l->device_copy) {
+        if (mode == MGPU_DATA_ON_DEVICE_ON)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_create: desc->data_on_device is ON (--data-on-device on) but the loader's "
+                              "context is the CPU, where the samples are in host memory already; use a CUDA context (--device cuda), or OFF / AUTO");
+        return MGPU_OK;
+    }
+    if (mode == MGPU_DATA_ON_DEVICE_ON) { l->resident = 1; return MGPU_OK; }
+    if (!l->ds->static_samples) return MGPU_OK;   /* get() may augment: each epoch needs fresh samples */
+    need = mgpu__loader_resident_bytes(l);
+#ifdef MGPU_CUDA
+    {
+        mgpu_result r = mgpu__cuda_free_bytes(l->ctx->device.index, &free_b);
+        if (r != MGPU_OK) return r;
+    }
+#endif
+    l->resident = need > 0 && need <= free_b / 4;
+    return MGPU_OK;
+}
+
+/* (rows, sample_shape...): a batch, or a whole resident dataset */
+static void mgpu__rows_shape(int64_t rows, int ndim, const int64_t *sample_shape, int64_t *out) {
+    out[0] = rows;
+    if (ndim) memcpy(out + 1, sample_shape, sizeof(int64_t) * (size_t)ndim);
+}
+
 /* One batch tensor of a slot: (B, sample_shape...), wrapping the host buffer on the CPU. */
 static mgpu_tensor *mgpu__loader_batch_tensor(mgpu_loader *l, mgpu_dtype dt, int ndim, const int64_t *shape, void *host) {
     int64_t bshape[MGPU_MAX_DIMS];
-    bshape[0] = l->batch_size;
-    if (ndim) memcpy(bshape + 1, shape, sizeof(int64_t) * (size_t)ndim);
+    mgpu__rows_shape(l->batch_size, ndim, shape, bshape);
     if (l->device_copy) return mgpu_tensor_create(l->ctx, dt, ndim + 1, bshape);
     return mgpu_tensor_wrap(l->ctx, dt, ndim + 1, bshape, host);
 }
@@ -8435,10 +8558,12 @@ static void mgpu__loader_host_free(mgpu_loader *l, uint8_t *p) {
     mgpu_free(p);
 }
 
+/* Slots: host buffers and a copy stream when streaming; a resident loader's one slot holds only
+   the device tensors its batches are gathered into. */
 static mgpu_result mgpu__loader_alloc_slots(mgpu_loader *l) {
     int i;
 #ifdef MGPU_CUDA
-    if (l->device_copy) {
+    if (l->device_copy && !l->resident) {
         mgpu_result r = mgpu__cuda_stream_new(l->ctx->device.index, &l->copy_stream);
         if (r != MGPU_OK) return r;
     }
@@ -8447,14 +8572,61 @@ static mgpu_result mgpu__loader_alloc_slots(mgpu_loader *l) {
     if (!l->slots) return MGPU_ERR_OOM_HOST;
     for (i = 0; i < l->n_slots; i++) {
         mgpu__loader_slot *s = &l->slots[i];
-        s->x_host = mgpu__loader_host_alloc(l, (size_t)l->batch_size * l->x_bytes);
-        s->y_host = mgpu__loader_host_alloc(l, (size_t)l->batch_size * l->y_bytes);
-        if (!s->x_host || !s->y_host) return MGPU_ERR_OOM_HOST;
+        if (!l->resident) {
+            s->x_host = mgpu__loader_host_alloc(l, (size_t)l->batch_size * l->x_bytes);
+            s->y_host = mgpu__loader_host_alloc(l, (size_t)l->batch_size * l->y_bytes);
+            if (!s->x_host || !s->y_host) return MGPU_ERR_OOM_HOST;
+        }
         s->x = mgpu__loader_batch_tensor(l, l->ds->x_dtype, l->ds->x_ndim, l->ds->x_shape, s->x_host);
         s->y = mgpu__loader_batch_tensor(l, l->ds->y_dtype, l->ds->y_ndim, l->ds->y_shape, s->y_host);
         if (!s->x || !s->y) return mgpu_last_result();
     }
     return MGPU_OK;
+}
+
+/* A resident array (n, sample_shape...) on the loader's device; NULL with the error set. */
+static mgpu_tensor *mgpu__loader_resident_tensor(mgpu_loader *l, mgpu_dtype dt, int ndim, const int64_t *shape) {
+    int64_t whole[MGPU_MAX_DIMS];
+    mgpu__rows_shape(l->ds->length, ndim, shape, whole);
+    return mgpu_tensor_create(l->ctx, dt, ndim + 1, whole);
+}
+
+/* Device memory for the resident dataset; a dataset that does not fit says so and how to go on. */
+static mgpu_result mgpu__loader_resident_alloc(mgpu_loader *l) {
+    char why[1024];
+    int64_t n_idx = MGPU__MAX(l->n_indices, 1);
+    l->res_x = mgpu__loader_resident_tensor(l, l->ds->x_dtype, l->ds->x_ndim, l->ds->x_shape);
+    l->res_y = l->res_x ? mgpu__loader_resident_tensor(l, l->ds->y_dtype, l->ds->y_ndim, l->ds->y_shape) : NULL;
+    l->res_idx = l->res_y ? mgpu_tensor_create(l->ctx, MGPU_I64, 1, &n_idx) : NULL;
+    if (l->res_idx) return MGPU_OK;
+    if (mgpu_last_result() != MGPU_ERR_OOM_DEVICE) return mgpu_last_result();
+    snprintf(why, sizeof why, "%s", mgpu_last_error());
+    return mgpu__fail(MGPU_ERR_OOM_DEVICE, "mgpu_loader_create: the dataset (%lld samples, %.1f MiB) does not fit on cuda:%d with "
+                      "data_on_device ON (--data-on-device on): %s; use --data-on-device off (or auto) to stream it",
+                      (long long)l->ds->length, (double)mgpu__loader_resident_bytes(l) / (1024.0 * 1024.0), l->ctx->device.index, why);
+}
+
+/* Uploads every sample once, decoded by get() into host chunks of a few thousand samples. */
+static mgpu_result mgpu__loader_resident_upload(mgpu_loader *l) {
+    const int64_t chunk = 4096;
+    int64_t n = l->ds->length, i, j;
+    uint8_t *hx = (uint8_t *)mgpu__alloc((size_t)chunk * l->x_bytes + 1, "the loader's upload buffer");
+    uint8_t *hy = (uint8_t *)mgpu__alloc((size_t)chunk * l->y_bytes + 1, "the loader's upload buffer");
+    mgpu_result r = hx && hy ? MGPU_OK : MGPU_ERR_OOM_HOST;
+    for (i = 0; i < n && r == MGPU_OK; i += chunk) {
+        int64_t m = MGPU__MIN(chunk, n - i);
+        for (j = 0; j < m && r == MGPU_OK; j++)
+            if ((r = l->ds->get(l->ds, i + j, hx + (size_t)j * l->x_bytes, hy + (size_t)j * l->y_bytes)) != MGPU_OK)
+                r = mgpu__fail(r, "mgpu_loader_create: sample %lld, read to keep the dataset on the device: %.900s", (long long)(i + j),
+                               mgpu_last_result() != MGPU_OK ? mgpu_last_error() : mgpu_result_string(r));
+        if (r == MGPU_OK)
+            r = mgpu__transfer(l->ctx, (uint8_t *)l->res_x->data + (size_t)i * l->x_bytes, hx, (size_t)m * l->x_bytes, "mgpu_loader_create");
+        if (r == MGPU_OK)
+            r = mgpu__transfer(l->ctx, (uint8_t *)l->res_y->data + (size_t)i * l->y_bytes, hy, (size_t)m * l->y_bytes, "mgpu_loader_create");
+    }
+    mgpu_free(hx);
+    mgpu_free(hy);
+    return r;
 }
 
 static mgpu_result mgpu__loader_start_workers(mgpu_loader *l) {
@@ -8467,6 +8639,18 @@ static mgpu_result mgpu__loader_start_workers(mgpu_loader *l) {
         if (e != 0) return mgpu__fail(MGPU_ERR_OOM_HOST, "mgpu_loader_create: cannot start worker thread %d of %d: %s", i, l->n_workers, strerror(e));
         l->n_started++;
     }
+    return MGPU_OK;
+}
+
+/* Streaming on a GPU needs two slots at least: batch k + 1 is uploaded while batch k is in use.
+   A resident dataset needs one slot (the gather target) and no workers. */
+static mgpu_result mgpu__loader_place(mgpu_loader *l, mgpu_data_on_device mode) {
+    mgpu_result r = mgpu__loader_choose_resident(l, mode);
+    if (r != MGPU_OK) return r;
+    if (l->resident) { l->n_slots = 1; l->n_workers = 0; }
+    else if (l->device_copy && l->n_slots < 2) l->n_slots = 2;
+    if ((r = mgpu__loader_alloc_slots(l)) != MGPU_OK) return r;
+    if (l->resident && ((r = mgpu__loader_resident_alloc(l)) != MGPU_OK || (r = mgpu__loader_resident_upload(l)) != MGPU_OK)) return r;
     return MGPU_OK;
 }
 
@@ -8491,7 +8675,7 @@ MGPU_API mgpu_loader *mgpu_loader_create(const mgpu_dataset *ds, const mgpu_load
     }
     l->device_copy = l->ctx->device.type != MGPU_DEVICE_CPU;
     l->indices = (int64_t *)mgpu__alloc(sizeof(int64_t) * (size_t)MGPU__MAX(l->n_indices, 1), "the loader's indices");
-    if (!l->indices || mgpu__loader_alloc_slots(l) != MGPU_OK || mgpu_loader_set_epoch(l, 0, 0) != MGPU_OK ||
+    if (!l->indices || mgpu__loader_place(l, desc->data_on_device) != MGPU_OK || mgpu_loader_set_epoch(l, 0, 0) != MGPU_OK ||
         mgpu__loader_start_workers(l) != MGPU_OK) {
         mgpu_loader_destroy(l);
         return NULL;
@@ -8499,13 +8683,10 @@ MGPU_API mgpu_loader *mgpu_loader_create(const mgpu_dataset *ds, const mgpu_load
     return l;
 }
 
-/* Before the workers may refill a slot's host buffers: its uploads must have read them. */
+/* Before the workers may refill a slot's host buffers: its upload must have read them. */
 static mgpu_result mgpu__loader_uploads_done(mgpu_loader *l, mgpu__loader_slot *s) {
 #ifdef MGPU_CUDA
-    if (l->device_copy) {
-        mgpu_result r = mgpu__cuda_upload_finish(&s->x_up);
-        return r != MGPU_OK ? r : mgpu__cuda_upload_finish(&s->y_up);
-    }
+    if (l->device_copy && !l->resident) return mgpu__cuda_upload_finish(&s->up);
 #endif
     (void)l; (void)s;
     return MGPU_OK;
@@ -8519,18 +8700,27 @@ MGPU_API mgpu_result mgpu_loader_set_epoch(mgpu_loader *l, int64_t epoch, int64_
     if (start_batch < 0 || start_batch > l->n_batches)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_set_epoch: start_batch %lld outside [0, %lld] (batches per epoch)",
                           (long long)start_batch, (long long)l->n_batches);
-    if (l->held >= 0 && (r = mgpu__loader_uploads_done(l, &l->slots[l->held])) != MGPU_OK) return r;
     pthread_mutex_lock(&l->mu);
     /* already positioned there (e.g. the epoch 0 the loader starts in): keep what is prefetched */
     if (epoch == l->epoch && start_batch == l->next_batch && l->failed == MGPU_OK) { pthread_mutex_unlock(&l->mu); return MGPU_OK; }
     mgpu__loader_drain_locked(l);
-    for (i = 0; i < l->n_slots; i++) l->slots[i].state = MGPU__SLOT_FREE;
+    /* the held batch and one prefetched batch may still be uploading from their host buffers */
+    for (i = 0; i < l->n_slots; i++) {
+        if (l->slots[i].uploaded && r == MGPU_OK) r = mgpu__loader_uploads_done(l, &l->slots[i]);
+        l->slots[i].state = MGPU__SLOT_FREE;
+        l->slots[i].uploaded = 0;
+    }
     l->held = -1;
     l->failed = MGPU_OK;
     l->epoch = epoch;
     l->next_batch = l->claim_batch = start_batch;
-    if (mgpu_sampler_indices(l->ds->length, l->rank, l->world, l->shuffle, l->seed, epoch, l->sampler_drop_last, l->indices) < 0) {
+    if (r == MGPU_OK &&
+        mgpu_sampler_indices(l->ds->length, l->rank, l->world, l->shuffle, l->seed, epoch, l->sampler_drop_last, l->indices) < 0)
         r = mgpu_last_result();
+    /* a resident loader gathers from the device's copy of the index list */
+    if (r == MGPU_OK && l->resident && l->n_indices > 0)
+        r = mgpu_tensor_copy_from_host(l->res_idx, l->indices, sizeof(int64_t) * (size_t)l->n_indices);
+    if (r != MGPU_OK) {
         l->failed = r;
         snprintf(l->failed_msg, sizeof l->failed_msg, "%s", mgpu_last_error());
         l->epoch = -1;
@@ -8542,43 +8732,117 @@ MGPU_API mgpu_result mgpu_loader_set_epoch(mgpu_loader *l, int64_t epoch, int64_
     return r;
 }
 
+/* Builds batch k into its slot on the calling thread (a loader without workers). */
+static void mgpu__loader_fill_here(mgpu_loader *l, mgpu__loader_slot *s, int64_t k) {
+    s->batch = k;
+    mgpu__loader_fill(l, s, k);
+    s->state = MGPU__SLOT_READY;
+}
+
 /* Waits for (or, without workers, builds) batch k; returns its slot with the lock held. */
 static mgpu__loader_slot *mgpu__loader_take_locked(mgpu_loader *l, int64_t k) {
     mgpu__loader_slot *s = &l->slots[k % l->n_slots];
-    if (l->n_workers == 0) {
-        s->batch = k;
-        mgpu__loader_fill(l, s, k);
-        s->state = MGPU__SLOT_READY;
-        return s;
-    }
+    int ready = s->state == MGPU__SLOT_READY && s->batch == k;   /* prefetched by the previous call */
+    if (l->n_workers == 0 && !ready) { mgpu__loader_fill_here(l, s, k); return s; }
     while (!(s->state == MGPU__SLOT_READY && s->batch == k)) pthread_cond_wait(&l->ready_cv, &l->mu);
     return s;
 }
 
-/* Sets the leading dim of a slot tensor to the batch's size (the last batch may be short); on a
-   GPU starts its upload, which the step's kernels wait for on the device, not on the host. */
-static mgpu_result mgpu__loader_deliver(mgpu_loader *l, mgpu_tensor *t, const uint8_t *host, int64_t size, int64_t sample_numel, void *upload) {
-    t->shape[0] = size;
-    t->numel = size * sample_numel;
+/* On a GPU, the slot of batch k + 1 (k was just handed out) when its upload can start now: built
+   here by a loader without workers, taken when a worker has it ready (never waited for: the step
+   must not wait on the host for a batch it does not need yet). NULL if none. Lock held. */
+static mgpu__loader_slot *mgpu__loader_prefetch_locked(mgpu_loader *l, int64_t k) {
+    mgpu__loader_slot *p;
+    if (!l->device_copy || k + 1 >= l->n_batches) return NULL;
+    p = &l->slots[(k + 1) % l->n_slots];
+    if (l->n_workers == 0 && p->state == MGPU__SLOT_FREE) mgpu__loader_fill_here(l, p, k + 1);
+    if (p->state != MGPU__SLOT_READY || p->batch != k + 1 || p->result != MGPU_OK || p->uploaded) return NULL;
+    p->uploaded = 1;   /* a READY slot is never refilled, so the upload may start after the lock is dropped */
+    return p;
+}
+
+/* Sets the leading dim of a slot's tensors to its batch's size (the last batch may be short). */
+static void mgpu__loader_set_size(mgpu_loader *l, mgpu__loader_slot *s) {
+    s->x->shape[0] = s->y->shape[0] = s->size;
+    s->x->numel = s->size * l->x_numel;
+    s->y->numel = s->size * l->y_numel;
+}
+
+/* On a GPU: starts copying a slot's batch on the loader's stream, after the steps already queued
+   (the one that read this slot's device tensors last among them). */
+static mgpu_result mgpu__loader_upload(mgpu_loader *l, mgpu__loader_slot *s) {
+    mgpu__loader_set_size(l, s);
+    s->uploaded = 1;
 #ifdef MGPU_CUDA
-    if (l->device_copy)
-        return mgpu__cuda_upload_start((mgpu__cuda_upload *)upload, l->copy_stream, l->ctx->cuda_stream, t->data, host, mgpu_tensor_nbytes(t));
+    {
+        mgpu__cuda_copy c[2];
+        c[0].dst = s->x->data; c[0].src = s->x_host; c[0].bytes = mgpu_tensor_nbytes(s->x);
+        c[1].dst = s->y->data; c[1].src = s->y_host; c[1].bytes = mgpu_tensor_nbytes(s->y);
+        return mgpu__cuda_upload_start(&s->up, l->copy_stream, l->ctx->cuda_stream, c, 2);
+    }
+#else
+    return mgpu__fail(MGPU_ERR_STATE, "mgpu_loader_next: a device context in a build without MGPU_CUDA");
 #endif
-    (void)upload;
-    if (l->device_copy) return mgpu_tensor_copy_from_host(t, host, mgpu_tensor_nbytes(t));
+}
+
+/* Hands a slot's batch to the step: on a GPU the step's stream waits for its upload (on the
+   device: the host goes on queueing the step). */
+static mgpu_result mgpu__loader_deliver(mgpu_loader *l, mgpu__loader_slot *s) {
+    mgpu_result r;
+    if (!l->device_copy) { mgpu__loader_set_size(l, s); return MGPU_OK; }
+    if (!s->uploaded && (r = mgpu__loader_upload(l, s)) != MGPU_OK) return r;
+#ifdef MGPU_CUDA
+    return mgpu__cuda_upload_consume(&s->up, l->ctx->cuda_stream);
+#else
+    return MGPU_OK;
+#endif
+}
+
+/* rows [begin, begin + size) of the epoch's indices, gathered from a resident array into dst */
+static mgpu_result mgpu__loader_gather(mgpu_loader *l, mgpu_tensor *dst, const mgpu_tensor *src, int64_t sample_numel, int64_t begin, int64_t size) {
+    mgpu__gather_rows_args a;
+    memset(&a, 0, sizeof a);
+    a.ctx = l->ctx;
+    a.src = src->data; a.dst = dst->data;
+    a.idx = (const int64_t *)l->res_idx->data + begin;
+    a.rows = size; a.len = sample_numel; a.n_src = l->ds->length;
+    a.esize = mgpu_dtype_size(src->dtype);
+    dst->shape[0] = size;
+    dst->numel = size * sample_numel;
+    return MGPU__TWIN(l->ctx, gather_rows, &a);
+}
+
+/* A resident loader's next batch: gathered on the context's stream, behind the steps that read the
+   previous one (stream order), so one slot is enough. */
+static mgpu_result mgpu__loader_next_resident(mgpu_loader *l, mgpu_batch *b) {
+    mgpu__loader_slot *s = &l->slots[0];
+    int64_t k = l->next_batch, begin = k * l->batch_size, size;
+    mgpu_result r;
+    if (l->failed != MGPU_OK) return mgpu__fail(l->failed, "%s", l->failed_msg);
+    b->index = k;
+    if (k >= l->n_batches) return MGPU_OK;
+    size = MGPU__MIN(l->batch_size, l->n_indices - begin);
+    if ((r = mgpu__loader_gather(l, s->x, l->res_x, l->x_numel, begin, size)) != MGPU_OK ||
+        (r = mgpu__loader_gather(l, s->y, l->res_y, l->y_numel, begin, size)) != MGPU_OK)
+        return r;
+    l->next_batch++;
+    b->x = s->x; b->y = s->y;
+    b->size = size;
     return MGPU_OK;
 }
 
 MGPU_API mgpu_result mgpu_loader_next(mgpu_loader *l, mgpu_batch *b) {
-    mgpu__loader_slot *s;
+    mgpu__loader_slot *s, *pre;
     int64_t k;
     mgpu_result r;
     if (!l || !b) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_next: loader and batch must not be NULL");
     memset(b, 0, sizeof *b);
+    if (l->resident) return mgpu__loader_next_resident(l, b);
     if (l->held >= 0 && (r = mgpu__loader_uploads_done(l, &l->slots[l->held])) != MGPU_OK) return r;
     pthread_mutex_lock(&l->mu);
     if (l->held >= 0) {
         l->slots[l->held].state = MGPU__SLOT_FREE;
+        l->slots[l->held].uploaded = 0;
         l->held = -1;
         pthread_cond_broadcast(&l->work_cv);
     }
@@ -8603,16 +8867,12 @@ MGPU_API mgpu_result mgpu_loader_next(mgpu_loader *l, mgpu_batch *b) {
     s->state = MGPU__SLOT_HELD;
     l->held = (int)(k % l->n_slots);
     l->next_batch++;
+    pre = mgpu__loader_prefetch_locked(l, k);
     pthread_mutex_unlock(&l->mu);
-    /* the slot is ours until the next call: no worker touches a held slot */
-#ifdef MGPU_CUDA
-    r = mgpu__loader_deliver(l, s->x, s->x_host, s->size, l->x_numel, &s->x_up);
-    if (r == MGPU_OK) r = mgpu__loader_deliver(l, s->y, s->y_host, s->size, l->y_numel, &s->y_up);
-#else
-    r = mgpu__loader_deliver(l, s->x, s->x_host, s->size, l->x_numel, NULL);
-    if (r == MGPU_OK) r = mgpu__loader_deliver(l, s->y, s->y_host, s->size, l->y_numel, NULL);
-#endif
-    if (r != MGPU_OK) return r;
+    /* the slot is ours until the next call: no worker touches a held (or a prefetched) slot */
+    if ((r = mgpu__loader_deliver(l, s)) != MGPU_OK) return r;
+    /* batch k + 1 starts copying now, before the step on batch k is queued and synchronised */
+    if (pre && (r = mgpu__loader_upload(l, pre)) != MGPU_OK) return r;
     b->x = s->x; b->y = s->y;
     b->size = s->size;
     return MGPU_OK;
@@ -8621,6 +8881,11 @@ MGPU_API mgpu_result mgpu_loader_next(mgpu_loader *l, mgpu_batch *b) {
 MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l) {
     if (!l) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_num_batches: loader is NULL"); return -1; }
     return l->n_batches;
+}
+
+MGPU_API int mgpu_loader_data_on_device(const mgpu_loader *l) {
+    if (!l) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_loader_data_on_device: loader is NULL"); return -1; }
+    return l->resident;
 }
 /* ======================================================================================
    Files, JSON, safetensors, options, metrics, progress
@@ -9914,12 +10179,13 @@ typedef struct mgpu__opt {
 typedef char mgpu__enum_fields_are_int[(sizeof(mgpu_optimizer_type) == sizeof(int) && sizeof(mgpu_lr_scaling) == sizeof(int) &&
                                         sizeof(mgpu_schedule_type) == sizeof(int) && sizeof(mgpu_amp_mode) == sizeof(int) &&
                                         sizeof(mgpu_multi_gpu_mode) == sizeof(int) && sizeof(mgpu_grad_compression) == sizeof(int) &&
-                                        sizeof(mgpu_cuda_graph_mode) == sizeof(int)) ? 1 : -1];
+                                        sizeof(mgpu_cuda_graph_mode) == sizeof(int) && sizeof(mgpu_data_on_device) == sizeof(int)) ? 1 : -1];
 typedef char mgpu__enum_choice_order[(MGPU_OPTIM_SGD == 0 && MGPU_OPTIM_ADAM == 1 && MGPU_OPTIM_ADAMW == 2 && MGPU_LR_SCALE_NONE == 0 &&
                                       MGPU_LR_SCALE_LINEAR == 1 && MGPU_LR_SCALE_SQRT == 2 && MGPU_AMP_OFF == 0 && MGPU_AMP_FP16 == 1 &&
                                       MGPU_AMP_BF16 == 2 && MGPU_MULTI_GPU_AUTO == 0 && MGPU_MULTI_GPU_NONE == 1 && MGPU_MULTI_GPU_DP == 2 &&
                                       MGPU_MULTI_GPU_DDP == 3 && MGPU_GRAD_COMPRESSION_NONE == 0 && MGPU_GRAD_COMPRESSION_FP16 == 1 &&
-                                      MGPU_GRAD_COMPRESSION_BF16 == 2 && MGPU_CUDA_GRAPH_ON == 0 && MGPU_CUDA_GRAPH_OFF == 1) ? 1 : -1];
+                                      MGPU_GRAD_COMPRESSION_BF16 == 2 && MGPU_CUDA_GRAPH_ON == 0 && MGPU_CUDA_GRAPH_OFF == 1 &&
+                                      MGPU_DATA_ON_DEVICE_OFF == 0 && MGPU_DATA_ON_DEVICE_ON == 1 && MGPU_DATA_ON_DEVICE_AUTO == 2) ? 1 : -1];
 
 #define MGPU__OF(field) offsetof(mgpu_train_opts, field)
 static const mgpu__opt mgpu__train_opts_table[] = {
@@ -9968,6 +10234,10 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"cuda-graph", MGPU__OPT_ENUM, MGPU__OF(cuda_graph), 0, 0, 0, "on|off", "MODE",
      "CUDA: capture the training step as a CUDA Graph and replay it (default on; the CPU ignores it)\n"
      "in this version capture is not implemented yet: on runs uncaptured, as the startup line says"},
+    {"data-on-device", MGPU__OPT_ENUM, MGPU__OF(data_on_device), 0, 0, 0, "off|on|auto", "MODE",
+     "CUDA: keep the training set on the GPU and gather each batch there\n"
+     "auto: on when the dataset is static and takes at most 1/4 of the free device memory;\n"
+     "off: stream batches from pinned host memory; on with --device cpu is an error"},
 };
 #undef MGPU__OF
 #define MGPU__N_TRAIN_OPTS ((int)(sizeof mgpu__train_opts_table / sizeof mgpu__train_opts_table[0]))
@@ -9985,7 +10255,7 @@ MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o) {
     o->schedule = MGPU_SCHEDULE_CONSTANT; o->scale_lr = MGPU_LR_SCALE_NONE;
     o->grad_accum_steps = 1;
     o->amp = MGPU_AMP_OFF; o->device = MGPU_DEVICE_KIND_AUTO; o->device_index = -1; o->multi_gpu = MGPU_MULTI_GPU_AUTO;
-    o->resume = MGPU_RESUME_NONE; o->grad_compression = MGPU_GRAD_COMPRESSION_NONE;
+    o->resume = MGPU_RESUME_NONE; o->grad_compression = MGPU_GRAD_COMPRESSION_NONE; o->data_on_device = MGPU_DATA_ON_DEVICE_AUTO;
     o->eval_frequency = 1; o->keep_last = 3; o->log_every = 100;
     o->t0_epochs = 1; o->t_mult = 2; o->eta_min = 0; o->step_size_epochs = 30; o->gamma = 0.1f;
     /* the default --metrics: how mgpu-sweep (or a batch script) gives each run its own file */
@@ -15170,7 +15440,7 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     mgpu_result r;
     memset(&ld, 0, sizeof ld);
     ld.batch_size = o->batch_size; ld.shuffle = 1; ld.seed = o->seed; ld.num_workers = o->num_workers; ld.ctx = f->t->ctx;
-    ld.rank = f->t->rank; ld.world_size = f->t->world_size;
+    ld.rank = f->t->rank; ld.world_size = f->t->world_size; ld.data_on_device = o->data_on_device;
     if (!(f->loader = mgpu_loader_create(train, &ld))) return mgpu_last_result();
     f->batches_per_epoch = mgpu_loader_num_batches(f->loader);
     lr = mgpu_lr_scale(o->lr, f->t->world_size, o->grad_accum_steps, o->scale_lr);
@@ -15208,6 +15478,23 @@ static void mgpu__fit_announce_device(const mgpu__fit *f) {
 #endif
 }
 
+/* The startup line on a GPU saying where the training set lives (--data-on-device), and why
+   auto chose streaming. */
+static void mgpu__fit_announce_data(const mgpu__fit *f, const mgpu_dataset *train) {
+    const char *why = "";
+    if (f->t->ctx->device.type == MGPU_DEVICE_CPU) return;
+    if (mgpu_loader_data_on_device(f->loader) == 1) {
+        printf("data on device: the training set is resident on cuda:%d, batches gathered there\n", f->t->ctx->device.index);
+        fflush(stdout);
+        return;
+    }
+    if (f->t->opts->data_on_device == MGPU_DATA_ON_DEVICE_AUTO)
+        why = train->static_samples ? " (auto: the set takes more than 1/4 of the free device memory)"
+                                    : " (auto: the dataset may augment its samples: static_samples is 0)";
+    printf("data on device: no, batches stream from pinned host memory on a copy stream%s\n", why);
+    fflush(stdout);
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -15228,7 +15515,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
-    if (r == MGPU_OK && t->rank == 0) mgpu__fit_announce_device(&f);
+    if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
     if (r == MGPU_OK) {
         if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);

@@ -1166,6 +1166,33 @@ extern "C" mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *
     }
 }
 
+template <typename T>
+__global__ void mgpu__gather_rows_k(const T *src, const int64_t *idx, T *dst, int64_t rows, int64_t len, int64_t n_src) {
+    MGPU__FOR(q, rows * len) {
+        int64_t r = q / len, j = q % len, id = idx[r];
+        dst[q] = id >= 0 && id < n_src ? src[id * len + j] : T(0);
+    }
+}
+template <typename T> static mgpu_result mgpu__gather_rows_as(const mgpu__gather_rows_args *a, void *stream) {
+    MGPU__LAUNCH(mgpu__gather_rows_k<T>, mgpu__grid(a->rows * a->len, MGPU__THREADS), MGPU__THREADS, 0, stream, (const T *)a->src, a->idx,
+                 (T *)a->dst, a->rows, a->len, a->n_src);
+    MGPU__LAUNCHED("mgpu__gather_rows_k");
+    return MGPU_OK;
+}
+extern "C" mgpu_result mgpu_cuda_gather_rows(const mgpu__gather_rows_args *a, void *stream) {
+    MGPU__REQUIRE(a && a->rows >= 0 && a->len >= 0 && a->n_src >= 0, "rows, len and n_src must be >= 0");
+    mgpu_result r = mgpu__copy_esize_ok(__func__, a->esize, 0);
+    if (r != MGPU_OK) return r;
+    MGPU__REQUIRE(a->rows * a->len == 0 || (a->src && a->dst && a->idx), "src, dst and idx must be device pointers");
+    if (a->rows * a->len == 0) return MGPU_OK;
+    switch (a->esize) {
+    case 1: return mgpu__gather_rows_as<uint8_t>(a, stream);
+    case 2: return mgpu__gather_rows_as<uint16_t>(a, stream);
+    case 4: return mgpu__gather_rows_as<uint32_t>(a, stream);
+    default: return mgpu__gather_rows_as<uint64_t>(a, stream);
+    }
+}
+
 /* ======================================================================================
    Reductions along a dim: x (outer, D, inner); one thread per output, D walked in order
    ====================================================================================== */

@@ -98,6 +98,7 @@ static mgpu_dataset *noisy_subset_create(const mgpu_dataset *base, double fracti
     ds->get = noisy_get;
     ds->destroy = noisy_destroy;
     ds->impl = s;
+    ds->static_samples = 1; /* noisy_get is deterministic (the wrong labels were drawn above): it may live on a GPU */
     s->base = base;
     *n_noisy = corrupt;
     return ds;

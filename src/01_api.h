@@ -445,6 +445,10 @@ struct mgpu_dataset {
     mgpu_result (*get)(const mgpu_dataset *ds, int64_t index, void *x_out, void *y_out);
     void (*destroy)(mgpu_dataset *ds);
     void *impl;
+    /* 1: get() gives the same sample for an index every time (no random augmentation), so a copy
+       made once stays valid: MGPU_DATA_ON_DEVICE_AUTO may keep the dataset on the GPU. The array
+       and IDX datasets set it; 0 (a dataset that may augment) keeps AUTO streaming. */
+    int static_samples;
 };
 MGPU_API void mgpu_dataset_destroy(mgpu_dataset *ds);
 /* In-memory arrays (copied): x (n, x_shape...), y (n, y_shape...). */
@@ -465,6 +469,16 @@ MGPU_API mgpu_dataset *mgpu_dataset_fashion_mnist(const char *dir, int train);
 MGPU_API int64_t mgpu_sampler_indices(int64_t n, int rank, int world_size, int shuffle, uint64_t seed, int64_t epoch,
                                       int drop_last, int64_t *out);
 
+/* Where a loader on a CUDA context keeps the dataset:
+   OFF  (0) streams batches: workers fill pinned host buffers, each batch is copied on the loader's
+        own stream, the next one while the step computes on the current one;
+   ON   uploads every sample once (get() called once per index) and gathers each batch on the GPU
+        from the epoch's permutation: the same batches, order and values as streaming. A dataset
+        that does not fit is MGPU_ERR_OOM_DEVICE; a CPU context is MGPU_ERR_INVALID_ARG;
+   AUTO ON when the dataset is static (mgpu_dataset.static_samples) and its samples plus the
+        epoch's index list take at most a quarter of the device's free memory, else OFF; on a CPU
+        context OFF (the samples are in host memory already). */
+typedef enum mgpu_data_on_device { MGPU_DATA_ON_DEVICE_OFF = 0, MGPU_DATA_ON_DEVICE_ON = 1, MGPU_DATA_ON_DEVICE_AUTO = 2 } mgpu_data_on_device;
 typedef struct mgpu_loader_desc {
     int64_t batch_size;       /* per process */
     int shuffle; uint64_t seed;
@@ -474,6 +488,7 @@ typedef struct mgpu_loader_desc {
     int num_workers;          /* 0: load on the calling thread */
     int prefetch;             /* batches in flight per worker; 0: 2 */
     mgpu_context *ctx;        /* batch tensors are created on this context's device (NULL: host) */
+    mgpu_data_on_device data_on_device;   /* CUDA: stream batches (OFF, the default) or keep the dataset on the GPU */
 } mgpu_loader_desc;
 typedef struct mgpu_batch {
     mgpu_tensor *x, *y;       /* (size, x_shape...), (size, y_shape...); valid until the next mgpu_loader_next */
@@ -488,6 +503,9 @@ MGPU_API mgpu_result mgpu_loader_set_epoch(mgpu_loader *l, int64_t epoch, int64_
 /* Next batch (b->size == 0 at the end of the epoch). */
 MGPU_API mgpu_result mgpu_loader_next(mgpu_loader *l, mgpu_batch *b);
 MGPU_API int64_t mgpu_loader_num_batches(const mgpu_loader *l);
+/* 1 when the loader keeps the dataset on the device (data_on_device ON, or AUTO that chose it), 0 when
+   it streams batches from the host, -1 for NULL. */
+MGPU_API int mgpu_loader_data_on_device(const mgpu_loader *l);
 
 /* ======================================================================================
    Files: safetensors, JSON
@@ -604,10 +622,11 @@ typedef struct mgpu_train_opts {
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
     int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
     mgpu_cuda_graph_mode cuda_graph; /* --cuda-graph on|off (CUDA only; see the trainer's startup line) */
+    mgpu_data_on_device data_on_device; /* --data-on-device off|on|auto (CUDA; default auto; the CPU: on is an error) */
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
-   resume none, seed 0, metrics $MGPU_METRICS (unset: none). */
+   resume none, seed 0, metrics $MGPU_METRICS (unset: none), data on device auto. */
 MGPU_API void mgpu_train_opts_default(mgpu_train_opts *o);
 /* Parses argv (strings are kept by pointer). Every flag is also accepted as --flag=value and with
    underscores (--batch_size); --num-epochs is --epochs. --help prints usage to stdout and sets

@@ -244,6 +244,17 @@ typedef struct mgpu__copy_rows_args {
     size_t esize; int accumulate;
 } mgpu__copy_rows_args;
 mgpu_result mgpu_cuda_copy_rows(const mgpu__copy_rows_args *a, void *stream);
+/* gather_rows, the loader's batches from a dataset resident on the device: dst row r = src row
+   idx[r] (rows of len elements, packed), for r < rows; an id outside [0, n_src) gives a zero row
+   (ids on a device are not checked by the host, so the twins never read outside src) */
+typedef struct mgpu__gather_rows_args {
+    mgpu_context *ctx;
+    const void *src; void *dst;
+    const int64_t *idx;
+    int64_t rows, len, n_src;
+    size_t esize;
+} mgpu__gather_rows_args;
+mgpu_result mgpu_cuda_gather_rows(const mgpu__gather_rows_args *a, void *stream);
 
 /* ---- reductions, in an order fixed by the shapes alone (deterministic); x seen as (outer, dim, inner) ---- */
 #define MGPU_CUDA_REDUCE_PARTIALS 1024

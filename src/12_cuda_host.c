@@ -288,13 +288,18 @@ static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void 
 }
 
 /* --------------------------------------------------------------------------------------
-   Uploads on a stream of their own (the loader's batches): each copy waits for the work already
-   queued on the consumer stream (which may still read the destination: the step that used it
-   last) and the consumer waits for the copy; the host waits for `copied` before it reuses the
-   pinned source.
+   Uploads on a stream of their own (the loader's batches), in two halves so that the copy of the
+   next batch can run while the consumer stream computes on the current one:
+   - start: the copies wait for the work already queued on the consumer stream (which may still
+     read the destination: the step that used it last), run on the copy stream, and `copied` is
+     recorded after them;
+   - consume: the consumer stream waits for `copied` (queued just before the step that reads the
+     batch, so the steps queued in between do not wait for the copy).
+   The host waits for `copied` (finish) before it reuses the pinned sources.
    -------------------------------------------------------------------------------------- */
 
 typedef struct mgpu__cuda_upload { void *consumer_mark, *copied; } mgpu__cuda_upload;
+typedef struct mgpu__cuda_copy { void *dst; const void *src; size_t bytes; } mgpu__cuda_copy;
 
 static mgpu_result mgpu__cuda_stream_new(int device, void **out) {
     cudaStream_t s = NULL;
@@ -308,18 +313,26 @@ static void mgpu__cuda_stream_free(void *stream) {
     cudaStreamSynchronize((cudaStream_t)stream);
     cudaStreamDestroy((cudaStream_t)stream);
 }
-static mgpu_result mgpu__cuda_upload_start(mgpu__cuda_upload *u, void *copy_stream, void *consumer, void *dst, const void *src, size_t bytes) {
+static mgpu_result mgpu__cuda_upload_start(mgpu__cuda_upload *u, void *copy_stream, void *consumer, const mgpu__cuda_copy *copies, int n) {
     static const char *fn = "uploading a batch to the GPU";
+    int i;
     if (!u->consumer_mark) MGPU__CUDA_TRY(fn, cudaEventCreateWithFlags((cudaEvent_t *)&u->consumer_mark, cudaEventDisableTiming));
     if (!u->copied) MGPU__CUDA_TRY(fn, cudaEventCreateWithFlags((cudaEvent_t *)&u->copied, cudaEventDisableTiming));
     MGPU__CUDA_TRY(fn, cudaEventRecord((cudaEvent_t)u->consumer_mark, (cudaStream_t)consumer));
     MGPU__CUDA_TRY(fn, cudaStreamWaitEvent((cudaStream_t)copy_stream, (cudaEvent_t)u->consumer_mark, 0));
-    if (bytes) MGPU__CUDA_TRY(fn, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)copy_stream));
+    for (i = 0; i < n; i++)
+        if (copies[i].bytes)
+            MGPU__CUDA_TRY(fn, cudaMemcpyAsync(copies[i].dst, copies[i].src, copies[i].bytes, cudaMemcpyHostToDevice, (cudaStream_t)copy_stream));
     MGPU__CUDA_TRY(fn, cudaEventRecord((cudaEvent_t)u->copied, (cudaStream_t)copy_stream));
-    MGPU__CUDA_TRY(fn, cudaStreamWaitEvent((cudaStream_t)consumer, (cudaEvent_t)u->copied, 0));
     return MGPU_OK;
 }
-/* The source may be overwritten once this returns. */
+/* Work queued on the consumer after this sees the uploaded batch. */
+static mgpu_result mgpu__cuda_upload_consume(mgpu__cuda_upload *u, void *consumer) {
+    if (!u->copied) return mgpu__fail(MGPU_ERR_STATE, "a batch is handed out before its upload was started (loader bug)");
+    MGPU__CUDA_TRY("waiting for a batch upload on the GPU", cudaStreamWaitEvent((cudaStream_t)consumer, (cudaEvent_t)u->copied, 0));
+    return MGPU_OK;
+}
+/* The sources may be overwritten once this returns. */
 static mgpu_result mgpu__cuda_upload_finish(mgpu__cuda_upload *u) {
     if (u->copied) MGPU__CUDA_TRY("waiting for a batch upload", cudaEventSynchronize((cudaEvent_t)u->copied));
     return MGPU_OK;
@@ -328,6 +341,18 @@ static void mgpu__cuda_upload_release(mgpu__cuda_upload *u) {
     if (u->consumer_mark) cudaEventDestroy((cudaEvent_t)u->consumer_mark);
     if (u->copied) cudaEventDestroy((cudaEvent_t)u->copied);
     u->consumer_mark = u->copied = NULL;
+}
+
+/* Free memory of a device as the driver counts it (blocks the caching allocator keeps count as used). */
+static mgpu_result mgpu__cuda_free_bytes(int device, size_t *free_b) {
+    size_t total = 0;
+    int prev = 0;
+    *free_b = 0;
+    MGPU__CUDA_TRY("reading free device memory", cudaGetDevice(&prev));
+    MGPU__CUDA_TRY("reading free device memory", cudaSetDevice(device));
+    MGPU__CUDA_TRY("reading free device memory", cudaMemGetInfo(free_b, &total));
+    MGPU__CUDA_TRY("reading free device memory", cudaSetDevice(prev));
+    return MGPU_OK;
 }
 
 /* --------------------------------------------------------------------------------------

@@ -1275,6 +1275,21 @@ static void mgpu__cpu_copy_rows(const mgpu__copy_rows_args *a) {
     mgpu_parallel_for(a->ctx, a->rows, mgpu__grain_for(a->len), mgpu__copy_rows_range, (void *)a);
 }
 
+static void mgpu__gather_rows_range(void *p, int64_t begin, int64_t end) {
+    const mgpu__gather_rows_args *a = (const mgpu__gather_rows_args *)p;
+    size_t row = (size_t)a->len * a->esize;
+    int64_t r;
+    for (r = begin; r < end; r++) {
+        int64_t id = a->idx[r];
+        char *d = (char *)a->dst + (size_t)r * row;
+        if (id < 0 || id >= a->n_src) memset(d, 0, row);
+        else if (row) memcpy(d, (const char *)a->src + (size_t)id * row, row);
+    }
+}
+static void mgpu__cpu_gather_rows(const mgpu__gather_rows_args *a) {
+    mgpu_parallel_for(a->ctx, a->rows, mgpu__grain_for(a->len), mgpu__gather_rows_range, (void *)a);
+}
+
 /* Copies the slice [start, start + len) of dim d of a tensor shaped like `like`, held in `whole`,
    to or from `part`, where the slice is contiguous: into the whole (into_whole: concat, narrow's
    backward) or out of it. Gradients (grad) are F32 and accumulate. */

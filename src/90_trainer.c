@@ -872,7 +872,7 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     mgpu_result r;
     memset(&ld, 0, sizeof ld);
     ld.batch_size = o->batch_size; ld.shuffle = 1; ld.seed = o->seed; ld.num_workers = o->num_workers; ld.ctx = f->t->ctx;
-    ld.rank = f->t->rank; ld.world_size = f->t->world_size;
+    ld.rank = f->t->rank; ld.world_size = f->t->world_size; ld.data_on_device = o->data_on_device;
     if (!(f->loader = mgpu_loader_create(train, &ld))) return mgpu_last_result();
     f->batches_per_epoch = mgpu_loader_num_batches(f->loader);
     lr = mgpu_lr_scale(o->lr, f->t->world_size, o->grad_accum_steps, o->scale_lr);
@@ -910,6 +910,23 @@ static void mgpu__fit_announce_device(const mgpu__fit *f) {
 #endif
 }
 
+/* The startup line on a GPU saying where the training set lives (--data-on-device), and why
+   auto chose streaming. */
+static void mgpu__fit_announce_data(const mgpu__fit *f, const mgpu_dataset *train) {
+    const char *why = "";
+    if (f->t->ctx->device.type == MGPU_DEVICE_CPU) return;
+    if (mgpu_loader_data_on_device(f->loader) == 1) {
+        printf("data on device: the training set is resident on cuda:%d, batches gathered there\n", f->t->ctx->device.index);
+        fflush(stdout);
+        return;
+    }
+    if (f->t->opts->data_on_device == MGPU_DATA_ON_DEVICE_AUTO)
+        why = train->static_samples ? " (auto: the set takes more than 1/4 of the free device memory)"
+                                    : " (auto: the dataset may augment its samples: static_samples is 0)";
+    printf("data on device: no, batches stream from pinned host memory on a copy stream%s\n", why);
+    fflush(stdout);
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -930,7 +947,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
-    if (r == MGPU_OK && t->rank == 0) mgpu__fit_announce_device(&f);
+    if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
     if (r == MGPU_OK) {
         if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);

@@ -8,7 +8,9 @@
 # - the nccl backend against the shm backend with 2 and 4 processes under mgpurun (bit for bit);
 # - checkpoints of CUDA tensors: CPU -> cuda:0 -> CPU round trips, damaged files (tests/emu/ckpt_cuda.c);
 # - DDP with device gradients over nccl and shm (staged) with 2 processes (tests/emu/ddp_cuda.c);
-# - the examples and tools built with -DMGPU_CUDA start.
+# - the examples and tools built with -DMGPU_CUDA start; fashion_mlp/fashion_cnn on cuda against the CPU;
+# - the loader on cuda: the next batch's upload queued before each step's host sync (the
+#   emulation's call trace), resident data (--data-on-device) against streaming, resume, auto.
 # Ends with the time the emulated suite took (its build excluded).
 source "$(dirname "$0")/lib.sh"
 E=build/emu
@@ -147,6 +149,53 @@ train_vs_cpu() {  # NAME TOL SKIP_REGEX ARGS...: build/emu/NAME --device cuda ag
   else fail "$name --device cuda $*: final weights differ from the CPU's" "$res"; fi
   grep -q '^device cuda:0 (' "$d.cuda.log" || fail "$name --device cuda: no startup line naming the device" "$(head -n 3 "$d.cuda.log")"
 }
+# The loader on cuda:0 (--data-on-device). Batch 100 of the 2048-image subset: 21 batches per epoch,
+# the last of 48, a new shuffle each epoch; 100 steps cross four epoch boundaries.
+# - streaming (off): the emulation's trace (MGPU_EMU_TRACE) shows batch k+1's upload queued on the
+#   loader's copy stream before the host synchronises with the compute stream in step k
+#   (tests/check_overlap.py), with the stream-order checker on;
+# - streaming with 2 workers: the same weights as without;
+# - resident (on): final weights bit-identical to streaming; resumed mid-epoch from a checkpoint,
+#   identical to the uninterrupted run;
+# - auto: resident with the default 8 GiB; streaming for the full 60000-image training set (180 MiB)
+#   with 256 MiB (more than 1/4 of the ~220 MiB free when the loader is made); on with 40 MiB (the
+#   model and cuBLAS's workspace leave ~7 MiB, the subset needs 8): exit 1 naming the dataset and
+#   --data-on-device off; on with --device cpu: an error.
+loader_checks() {
+  local d="$T_TMP/loader" a="--device cuda --data $T_TMP/fm --epochs 5 --batch-size 100 --seed 3" out rc res
+  mkdir -p "$d"
+  MGPU_EMU_ERRORS=report MGPU_EMU_TRACE="$d/trace" timeout 300 $E/fashion_mlp $a --max-steps 100 --data-on-device off --save-dir "$d/off" > "$d/off.log" 2>&1; rc=$?
+  if [ "$rc" -ne 0 ]; then fail "fashion_mlp --device cuda --data-on-device off (exit $rc)" "$(tail -n 5 "$d/off.log")"; return; fi
+  if res=$(python3 tests/check_overlap.py "$d/trace" 21 90 2>&1) && grep -q '^data on device: no' "$d/off.log"; then
+    ok "loader streaming on cuda: the next batch's upload is queued before each step's host sync ($res); stream order clean"
+  else fail "loader streaming on cuda: upload of batch k+1 not queued before step k's host sync" "$res"; fi
+  MGPU_EMU_ERRORS=report timeout 300 $E/fashion_mlp $a --max-steps 100 --data-on-device on --save-dir "$d/on" > "$d/on.log" 2>&1; rc=$?
+  if [ "$rc" -eq 0 ] && grep -q '^data on device: the training set is resident on cuda:0' "$d/on.log" && cmp -s "$d/off/model.safetensors" "$d/on/model.safetensors"; then
+    ok "--data-on-device on (batches gathered on the device) == off (streamed), bit for bit after 100 steps over 4 epoch boundaries with a short last batch"
+  else fail "--data-on-device on vs off: exit $rc or different weights" "$(tail -n 5 "$d/on.log")"; fi
+  MGPU_EMU_ERRORS=report timeout 300 $E/fashion_mlp $a --max-steps 100 --data-on-device off --num-workers 2 --save-dir "$d/w2" > "$d/w2.log" 2>&1; rc=$?
+  if [ "$rc" -eq 0 ] && cmp -s "$d/off/model.safetensors" "$d/w2/model.safetensors"; then
+    ok "streaming with 2 loader workers (the next batch uploaded when a worker has it ready) == without workers, bit for bit; stream order clean"
+  else fail "--num-workers 2 on cuda: exit $rc or different weights" "$(tail -n 5 "$d/w2.log")"; fi
+  MGPU_EMU_ERRORS=report timeout 300 $E/fashion_mlp $a --max-steps 60 --checkpoint-every-steps 30 --data-on-device on --save-dir "$d/res" > "$d/res1.log" 2>&1 &&
+    MGPU_EMU_ERRORS=report timeout 300 $E/fashion_mlp $a --max-steps 100 --data-on-device on --save-dir "$d/res" --resume auto > "$d/res2.log" 2>&1; rc=$?
+  if [ "$rc" -eq 0 ] && grep -q 'resumed from' "$d/res2.log" && cmp -s "$d/on/model.safetensors" "$d/res/model.safetensors"; then
+    ok "resident data: stopped at step 60 (mid-epoch 3), resumed from the checkpoint: bit-identical to the uninterrupted run"
+  else fail "resident data: resumed run differs or failed (exit $rc)" "$(tail -n 5 "$d/res1.log" "$d/res2.log")"; fi
+  out=$(MGPU_EMU_ERRORS=report timeout 120 $E/fashion_mlp $a --max-steps 2 2>&1); rc=$?
+  expect "--data-on-device auto (the default) with 8 GiB of device memory: resident" [ "$rc" -eq 0 -a -n "$(grep '^data on device: the training set is resident' <<<"$out")" ] || echo "$out" | tail -n 5
+  mkdir -p "$d/full"   # the whole training set, the test subset
+  for f in "$1"/train-*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$d/full/"; done
+  cp "$T_TMP"/fm/t10k-* "$d/full/"
+  out=$(MGPU_EMU_MEM_MB=256 MGPU_EMU_ERRORS=report timeout 120 $E/fashion_mlp $a --data "$d/full" --max-steps 2 --data-on-device auto 2>&1); rc=$?
+  expect "--data-on-device auto, 60000 images (180 MiB) with 256 MiB of device memory: streams (more than 1/4 of the free memory)" \
+    [ "$rc" -eq 0 -a -n "$(grep '^data on device: no' <<<"$out")" ] || echo "$out" | tail -n 5
+  out=$(MGPU_EMU_MEM_MB=40 timeout 120 $E/fashion_mlp $a --max-steps 2 --data-on-device on --save-dir "$d/oom" 2>&1); rc=$?
+  expect "--data-on-device on with 40 MiB of device memory: exit 1, the dataset named, --data-on-device off advised, nothing saved" \
+    [ "$rc" -eq 1 -a -n "$(grep 'does not fit on cuda:0 with data_on_device ON (--data-on-device on): out of memory' <<<"$out" | grep 'data-on-device off')" -a ! -e "$d/oom/model.safetensors" ] || echo "$out" | tail -n 5
+  out=$(timeout 60 build/fashion_mlp --device cpu --data "$T_TMP/fm" --max-steps 1 --data-on-device on 2>&1); rc=$?
+  expect "--data-on-device on with --device cpu: exit 1 naming the flag" [ "$rc" -eq 1 -a -n "$(grep -e '--data-on-device on' <<<"$out")" ] || echo "$out" | tail -n 5
+}
 if [ -x build/fashion_mlp ] && [ -x build/fashion_cnn ] && DATA=$(fashion_dir) && command -v python3 > /dev/null; then
   python3 - "$DATA" "$T_TMP/fm" <<'PY'
 import gzip, os, struct, sys
@@ -171,6 +220,9 @@ PY
   # rounding noise) take full-size steps in random directions and differ by ~4e-2
   train_vs_cpu fashion_cnn 1e-3 "" --epochs 1 --max-steps 10 --batch-size 16 --seed 3 --optimizer sgd --lr 0.01
   echo "  training comparisons: $(( $(date +%s) - t0 )) s"
+  t0=$(date +%s)
+  loader_checks "$DATA"
+  echo "  loader checks: $(( $(date +%s) - t0 )) s"
   # a model that does not fit the device: the OOM error, exit 1, nothing saved
   out=$(MGPU_EMU_MEM_MB=64 timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 2048 --save-dir "$T_TMP/oom" 2>&1); rc=$?
   if [ "$rc" -eq 1 ] && grep -q "out of memory on cuda:0 allocating" <<<"$out" && [ ! -e "$T_TMP/oom/model.safetensors" ]; then

@@ -569,6 +569,26 @@ static void test_loader_errors(void) {
     mgpu_dataset_destroy(inner);
 }
 
+/* data_on_device on a CPU context: AUTO streams (the samples are in host memory already), ON is an
+   error naming the flag, a value outside the enum is refused; the array dataset says it is static. */
+static void test_loader_data_on_device_cpu(void) {
+    mgpu_dataset *ds = mt_counting_dataset(LN);
+    mgpu_loader_desc d = mt_desc(0);
+    mgpu_loader *l;
+    MT_CHECK(ds->static_samples == 1, "an array dataset has static samples");
+    d.data_on_device = MGPU_DATA_ON_DEVICE_AUTO;
+    l = mgpu_loader_create(ds, &d);
+    MT_CHECK(l != NULL && mgpu_loader_data_on_device(l) == 0, "AUTO on the CPU streams: %s", mgpu_last_error());
+    mgpu_loader_destroy(l);
+    d.data_on_device = MGPU_DATA_ON_DEVICE_ON;
+    MT_CHECK(mgpu_loader_create(ds, &d) == NULL && mgpu_last_result() == MGPU_ERR_INVALID_ARG && mt_error_has("--data-on-device on") &&
+             mt_error_has("CPU"), "ON on the CPU: %s", mgpu_last_error());
+    d.data_on_device = (mgpu_data_on_device)7;
+    MT_CHECK(mgpu_loader_create(ds, &d) == NULL && mt_error_has("data_on_device is 7"), "bad value: %s", mgpu_last_error());
+    MT_CHECK(mgpu_loader_data_on_device(NULL) == -1, "NULL loader");
+    mgpu_dataset_destroy(ds);
+}
+
 /* ---- real Fashion-MNIST, when installed ---- */
 
 /* Opens both splits from dir: sizes, shapes, labels < 10, pixels in [0, 1], balanced classes. */
@@ -679,6 +699,7 @@ int main(void) {
     MT_RUN(test_loader_resume);
     MT_RUN(test_loader_sharding);
     MT_RUN(test_loader_errors);
+    MT_RUN(test_loader_data_on_device_cpu);
     MT_RUN(test_fashion_mnist_real);
     MT_RUN(test_setup_script);
     mt_shell("rm -rf '%s'%s", mt_dir, "");

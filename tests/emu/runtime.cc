@@ -37,7 +37,12 @@
    and the new op's clock does not cover the earlier tick, is an error naming both streams, the
    buffer and both calls. Kernels read and write from each pointer argument to the end of its
    allocation (read only for pointer-to-const parameters); copies, memsets, cuBLAS(Lt) and NCCL
-   name exact ranges. */
+   name exact ranges.
+
+   Trace (MGPU_EMU_TRACE=FILE): one line per enqueued op ("OP sN": a kernel's name, a copy as
+   cudaMemcpyAsync(HtoD), ... on stream #N), event record and wait ("record eE sN", "wait sN eE")
+   and host synchronisation ("sync sN", "sync eE", "sync device"), in the order the host issued
+   them, so a test can check what was queued before the host waited (tests/check_overlap.py). */
 #include "emu_internal.h"
 #include "cuda_emu.h"
 #include <pthread.h>
@@ -98,6 +103,29 @@ const config &cfg() {
 }
 
 static int g_errors;
+
+/* The MGPU_EMU_TRACE file, opened on first use (NULL: no trace). Callers hold the lock. */
+static FILE *trace_file() {
+    static int opened;
+    static FILE *f;
+    if (!opened) {
+        const char *path = getenv("MGPU_EMU_TRACE");
+        opened = 1;
+        if (path && *path && !(f = fopen(path, "w"))) fprintf(stderr, "mgpu-emu: cannot write the trace MGPU_EMU_TRACE='%s'\n", path);
+    }
+    return f;
+}
+static void trace(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void trace(const char *fmt, ...) {
+    FILE *f = trace_file();
+    if (!f) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(f, fmt, ap);
+    va_end(ap);
+    fputc('\n', f);
+    fflush(f);
+}
 static thread_local cudaError_t t_last = cudaSuccess;
 static cudaError_t g_sticky = cudaSuccess;
 
@@ -171,7 +199,7 @@ struct stream {
     pthread_t capture_thread;
 };
 struct event {
-    int device;
+    int id, device;
     unsigned flags;
     int recorded, in_capture;
     vclock clock;
@@ -650,6 +678,7 @@ cudaError_t enqueue(cudaStream_t h, const char *op, std::vector<mem_access> acc,
                 }
         const vclock &now = tick(s);
         for (const mem_access &x : acc) check_access(s, now, op, x);
+        trace("%s s%d", op, s->id);
     }
     device_scope open;   /* the op may touch device memory; host code between ops may not */
     run();
@@ -816,6 +845,7 @@ extern "C" cudaError_t cudaDeviceSynchronize(void) {
     EMU_INIT();
     EMU_NOT_IN_CAPTURE("cudaDeviceSynchronize");
     host_syncs_device(t_dev);
+    trace("sync device");
     return g_sticky ? set_error(g_sticky) : cudaSuccess;
 }
 extern "C" cudaError_t cudaDeviceReset(void) {
@@ -1058,6 +1088,7 @@ static cudaError_t copy(const char *api_sync, const char *api_async, void *dst, 
     if (e == cudaSuccess && sync) {   /* the host waits for the copy */
         LOCKED;
         host_knows(g_dev[(size_t)t_dev].legacy->clock);
+        trace("sync s%d", g_dev[(size_t)t_dev].legacy->id);
     }
     return e;
 }
@@ -1120,6 +1151,7 @@ extern "C" cudaError_t cudaStreamSynchronize(cudaStream_t h) {
     if (s->capture) { s->capture_invalid = 1; return set_error(cudaErrorStreamCaptureUnsupported); }
     EMU_NOT_IN_CAPTURE("cudaStreamSynchronize");
     host_knows(s->clock);
+    trace("sync s%d", s->id);
     return g_sticky ? set_error(g_sticky) : cudaSuccess;
 }
 extern "C" cudaError_t cudaStreamQuery(cudaStream_t h) {
@@ -1150,7 +1182,9 @@ extern "C" cudaError_t cudaEventCreateWithFlags(cudaEvent_t *out, unsigned int f
     LOCKED;
     if (!out) return set_error(cudaErrorInvalidValue);
     EMU_INIT();
+    static int ids;
     event *ev = new event();
+    ev->id = ++ids;
     ev->device = t_dev; ev->flags = flags; ev->recorded = 0; ev->in_capture = 0;
     g_handles.insert(ev);
     *out = (cudaEvent_t)ev;
@@ -1189,6 +1223,7 @@ extern "C" cudaError_t cudaEventRecord(cudaEvent_t h, cudaStream_t sh) {
         return cudaSuccess;
     }
     record_on(ev, s);
+    trace("record e%d s%d", ev->id, s->id);
     return cudaSuccess;
 }
 extern "C" cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t h, unsigned int flags) {
@@ -1205,6 +1240,7 @@ extern "C" cudaError_t cudaStreamWaitEvent(cudaStream_t sh, cudaEvent_t h, unsig
         return set_error(cudaErrorNotSupported);
     }
     wait_on(s, ev);
+    trace("wait s%d e%d", s->id, ev->id);
     return cudaSuccess;
 }
 /* A successful query or synchronisation: the host now knows the event's work is done. */
@@ -1216,6 +1252,7 @@ static cudaError_t event_done(cudaEvent_t h, int sync) {
     if (ev->in_capture) return set_error(cudaErrorStreamCaptureUnsupported);
     if (sync) EMU_NOT_IN_CAPTURE("cudaEventSynchronize");
     if (ev->recorded) host_knows(ev->clock);
+    if (sync) trace("sync e%d", ev->id);
     return g_sticky ? set_error(g_sticky) : cudaSuccess;
 }
 extern "C" cudaError_t cudaEventQuery(cudaEvent_t h) { return event_done(h, 0); }

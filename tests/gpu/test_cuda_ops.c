@@ -797,6 +797,30 @@ static unsigned char *random_bytes(size_t n) {
     for (i = 0; i < n; i++) b[i] = (unsigned char)mt_uniform(0, 255);
     return b;
 }
+/* gather_rows (the resident loader's batches): 6 rows of 7 elements picked from 30 rows of x by ids
+   with repeats and two outside [0, 30) (zero rows); the CPU twin against rows copied by hand, then
+   the CUDA twin against the CPU's bytes. ref and dst hold at least 6 * 7 elements. */
+static void gather_rows_case(const unsigned char *x, size_t es, unsigned char *ref, unsigned char *dst) {
+    static const int64_t ids[6] = { 4, 29, 4, 0, -1, 30 };
+    size_t row = 7 * es, n = 6 * row;
+    unsigned char *hand = (unsigned char *)calloc(n, 1);
+    mgpu__gather_rows_args g;
+    char what[64];
+    int r;
+    for (r = 0; r < 6; r++) if (ids[r] >= 0 && ids[r] < 30) memcpy(hand + r * row, x + (size_t)ids[r] * row, row);
+    memset(&g, 0, sizeof g);
+    memset(ref, 0xFF, n);
+    g.ctx = cpu; g.src = x; g.dst = ref; g.idx = ids; g.rows = 6; g.len = 7; g.n_src = 30; g.esize = es;
+    mgpu__cpu_gather_rows(&g);
+    snprintf(what, sizeof what, "gather_rows (CPU twin) of %zu-byte elements", es);
+    MT_CHECK(memcmp(ref, hand, n) == 0, "%s: rows differ from the ones picked by hand", what);
+    cudaMemset(dst, 0xFF, n);
+    g.ctx = NULL; g.src = dev_copy(x, 30 * row); g.dst = dst; g.idx = (const int64_t *)dev_copy(ids, sizeof ids);
+    snprintf(what, sizeof what, "gather_rows of %zu-byte elements", es);
+    expect_ok(mgpu_cuda_gather_rows(&g, NULL), what);
+    expect_same_bytes(what, dst, ref, n);
+    free(hand);
+}
 /* Transpose and row-block copies of every element size a dtype has (U8; F16/BF16; F32/I32; I64),
    each against its CPU twin byte for byte; dst starts poisoned (0xFF). */
 static void test_copies_every_esize(void) {
@@ -828,6 +852,7 @@ static void test_copies_every_esize(void) {
         snprintf(what, sizeof what, "copy_rows of %zu-byte elements", es);
         expect_ok(mgpu_cuda_copy_rows(&c, NULL), what);
         expect_same_bytes(what, dst, ref, bytes);
+        gather_rows_case(x, es, ref, dst);
         free(x); free(ref);
         case_end();
     }
