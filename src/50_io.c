@@ -1272,6 +1272,7 @@ typedef enum mgpu__opt_kind {
     MGPU__OPT_DEVICE,   /* cpu|cuda|cuda:N|auto into device and device_index (a CPU build still parses "cuda") */
     MGPU__OPT_GPU_IDS,  /* comma-separated device indices into gpu_ids and num_gpu_ids */
     MGPU__OPT_RESUME,   /* none|auto|PATH into resume and resume_path */
+    MGPU__OPT_FLAG,     /* an int 0|1: the bare flag sets it, --flag=0|1 (or false|true) spells it out */
     MGPU__OPT_INT, MGPU__OPT_I64, MGPU__OPT_U64, MGPU__OPT_FLOAT
 } mgpu__opt_kind;
 
@@ -1328,6 +1329,12 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"checkpoint-interval-min", MGPU__OPT_FLOAT, MGPU__OF(checkpoint_interval_min), 0, -1, 0, NULL, "MIN", "checkpoint every MIN minutes of wall time (0: off)"},
     {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
     {"resume", MGPU__OPT_RESUME, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint or save directory"},
+    {"eval-only", MGPU__OPT_FLAG, MGPU__OF(eval_only), 0, 1, 0, NULL, "",
+     "evaluate on the test set and exit, training nothing: the model of --resume (a checkpoint\n"
+     "or save directory), of --init-from, or (neither) the fresh initialisation"},
+    {"init-from", MGPU__OPT_STRING, MGPU__OF(init_from), 0, -1, 0, NULL, "FILE",
+     "start from the weights of a .safetensors file (PyTorch's save_file(model.state_dict()),\n"
+     "an mgpu model.safetensors) with a fresh optimizer; names and shapes must match the model"},
     {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
     {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: $MGPU_METRICS, else off)"},
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
@@ -1451,6 +1458,7 @@ static void mgpu__opt_expected(const mgpu__opt *s, char *buf, size_t size) {
     else if (s->kind == MGPU__OPT_GPU_IDS) snprintf(buf, size, "comma-separated device indices such as 0,1,3 (at most %d)", MGPU_MAX_GPU_IDS);
     else if (s->kind == MGPU__OPT_RESUME) snprintf(buf, size, "auto, none or a checkpoint path");
     else if (s->kind == MGPU__OPT_STRING) snprintf(buf, size, "a non-empty value");
+    else if (s->kind == MGPU__OPT_FLAG) snprintf(buf, size, "nothing, or =0|1");
     else if (s->hi >= s->lo) snprintf(buf, size, "%s in [%g, %g]", what, s->lo, s->hi);
     else snprintf(buf, size, "%s %s %g", what, s->lo_open ? ">" : ">=", s->lo);
 }
@@ -1489,6 +1497,11 @@ static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *val
         if (!value[0]) return 0;
         o->resume = strcmp(value, "none") == 0 ? MGPU_RESUME_NONE : strcmp(value, "auto") == 0 ? MGPU_RESUME_AUTO : MGPU_RESUME_PATH;
         o->resume_path = o->resume == MGPU_RESUME_PATH ? value : NULL;
+        return 1;
+    case MGPU__OPT_FLAG:
+        if (strcmp(value, "1") == 0 || strcmp(value, "true") == 0) *(int *)field = 1;
+        else if (strcmp(value, "0") == 0 || strcmp(value, "false") == 0) *(int *)field = 0;
+        else return 0;
         return 1;
     case MGPU__OPT_INT:
         if (!mgpu__parse_ll(value, &iv) || iv < INT_MIN || iv > INT_MAX || !mgpu__opt_in_range(s, (double)iv)) return 0;
@@ -1617,6 +1630,7 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
             return mgpu__opt_error(prog, "unknown option '%.*s'", (int)name_len + 2, arg);
         }
         if (eq) value = eq + 1;
+        else if (s->kind == MGPU__OPT_FLAG) value = "1";   /* a bare switch: the next word is not its value */
         else if (i + 1 < argc && argv[i + 1] && strncmp(argv[i + 1], "--", 2) != 0) value = argv[++i];
         else return mgpu__opt_error(prog, "option --%s needs a value", s->flag);
         if (!mgpu__opt_set(o, s, value)) {
@@ -1635,7 +1649,7 @@ static const char *mgpu__opt_value_text(const mgpu_train_opts *o, const mgpu__op
     int i;
     switch (s->kind) {
     case MGPU__OPT_ENUM: case MGPU__OPT_SCHEDULE: return mgpu__choice_name(s->choices, *(const int *)field, buf, size);
-    case MGPU__OPT_INT: snprintf(buf, size, "%d", *(const int *)field); return buf;
+    case MGPU__OPT_INT: case MGPU__OPT_FLAG: snprintf(buf, size, "%d", *(const int *)field); return buf;
     case MGPU__OPT_I64: snprintf(buf, size, "%lld", (long long)*(const int64_t *)field); return buf;
     case MGPU__OPT_U64: snprintf(buf, size, "%llu", (unsigned long long)*(const uint64_t *)field); return buf;
     case MGPU__OPT_FLOAT: snprintf(buf, size, "%g", (double)*(const float *)field); return buf;
@@ -1670,7 +1684,7 @@ MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
         const mgpu__opt *s = &mgpu__train_opts_table[i];
         const char *def = mgpu__opt_value_text(&d, s, value, sizeof value);
         const char *more = strchr(s->help, '\n');   /* lines after the first: details, indented */
-        snprintf(flag, sizeof flag, "--%s %s", s->flag, s->metavar);
+        snprintf(flag, sizeof flag, s->metavar[0] ? "--%s %s" : "--%s", s->flag, s->metavar);
         fprintf(out, "  %-30s %.*s", flag, more ? (int)(more - s->help) : (int)strlen(s->help), s->help);
         if (s->choices) fprintf(out, ": %s", s->choices);
         /* unset text options explain their fallback in the help itself */
