@@ -9,6 +9,7 @@ typedef struct mgpu_train_summary {
     double final_train_loss, final_test_loss, final_test_accuracy;
     double samples_per_s;          /* training samples per second over the run (per process) */
     int64_t steps;                 /* optimizer steps taken */
+    int stop_signal;               /* SIGINT, SIGTERM or SIGUSR1 when one stopped the run early (checkpoint saved); 0 otherwise */
 } mgpu_train_summary;
 /* Creates the context from opts (device, seed, threads). opts is kept by pointer. */
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts);

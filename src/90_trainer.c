@@ -1185,6 +1185,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     mgpu_metrics_close(f.metrics);
     mgpu_optimizer_destroy(f.opt);
     mgpu_loader_destroy(f.loader);
+    s.stop_signal = f.signal;
     if (summary) *summary = s;
     return r;
 }

@@ -51,7 +51,8 @@ expect "SIGINT: exit 0 (got $RC) after naming the step and the resume command" t
 expect "SIGINT: says at once that it saves and how to abort" grep -q 'Ctrl-C again to abort' "$T_TMP/int1.log"
 expect "SIGINT: checkpoint of step $step valid, latest names it" \
   bash -c "build/mgpu-ckpt verify '$T_TMP/int1' > /dev/null && [ \"\$(cat '$T_TMP/int1/latest')\" = \"\$(printf 'step-%08d' '${step:-0}')\" ]"
-expect "SIGINT: no model.safetensors yet (the run is not over)" test ! -e "$T_TMP/int1/model.safetensors"
+expect "SIGINT: no model.safetensors and no 'final test accuracy' yet (the run is not over)" \
+  bash -c "[ ! -e '$T_TMP/int1/model.safetensors' ] && ! grep -q 'final test accuracy' '$T_TMP/int1.log'"
 timeout 120 build/fashion_mlp "${LONG[@]}" --save-dir "$T_TMP/int1" --resume auto > "$T_TMP/int1b.log" 2>&1
 expect "SIGINT: the resumed run ends bit-identical to the uninterrupted one" cmp -s "$T_TMP/ref1/model.safetensors" "$T_TMP/int1/model.safetensors"
 
@@ -115,6 +116,12 @@ expect "DDP resumed at step 20 (mid-epoch): logged train_loss equal to the unint
 expect "DDP: one 'final test accuracy' line, from rank 0 (rank 1 prints none)" \
   bash -c "[ \"\$(grep -c 'final test accuracy' '$T_TMP/dref.log')\" -eq 1 ] && grep -q '^\[rank 0\] final test accuracy' '$T_TMP/dref.log'"
 expect "DDP: one 'resumed from' line, from rank 0" test "$(grep -c 'resumed from' "$T_TMP/dres.log")" -eq 1
+# the same through DataParallel's in-process replicas (ranks of one process)
+timeout 120 build/fashion_mlp "${DDP[@]}" --multi-gpu dp --gpu-ids 0,1 --save-dir "$T_TMP/pref" --metrics "$T_TMP/pref.jsonl" > "$T_TMP/pref.log" 2>&1
+mkdir -p "$T_TMP/pres"; cp -r "$T_TMP/pref/step-00000020" "$T_TMP/pres/"; echo step-00000020 > "$T_TMP/pres/latest"
+timeout 120 build/fashion_mlp "${DDP[@]}" --multi-gpu dp --gpu-ids 0,1 --save-dir "$T_TMP/pres" --metrics "$T_TMP/pres.jsonl" --resume auto > "$T_TMP/pres.log" 2>&1
+a=$(grep -o '"train_loss":[0-9.e-]*' "$T_TMP/pref.jsonl" | tr '\n' ' '); b=$(grep -o '"train_loss":[0-9.e-]*' "$T_TMP/pres.jsonl" | tr '\n' ' ')
+expect "DP (2 replicas) resumed at step 20: logged train_loss equal to the uninterrupted run's" bash -c "[ -n '$a' ] && [ '$a' = '$b' ]"
 # a warning every rank would repeat is printed once, with the rank count
 timeout 120 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${DDP[@]}" --seed 9 --max-steps 21 --save-dir "$T_TMP/dres" --resume auto > "$T_TMP/dwarn.log" 2>&1
 expect "DDP: a changed --seed on resume warns once, naming both ranks" \
