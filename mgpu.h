@@ -9931,11 +9931,12 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
     {"resume", MGPU__OPT_RESUME, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint or save directory"},
     {"eval-only", MGPU__OPT_FLAG, MGPU__OF(eval_only), 0, 1, 0, NULL, "",
-     "evaluate on the test set and exit, training nothing: the model of --resume (a checkpoint\n"
-     "or save directory), of --init-from, or (neither) the fresh initialisation"},
+     "evaluate on the test set and exit; nothing is trained\n"
+     "the model of --resume (a checkpoint or save directory), else of --init-from, else as initialised"},
     {"init-from", MGPU__OPT_STRING, MGPU__OF(init_from), 0, -1, 0, NULL, "FILE",
-     "start from the weights of a .safetensors file (PyTorch's save_file(model.state_dict()),\n"
-     "an mgpu model.safetensors) with a fresh optimizer; names and shapes must match the model"},
+     "start from the weights in FILE (.safetensors), with a fresh optimizer\n"
+     "PyTorch's save_file(model.state_dict(), FILE) or an mgpu model.safetensors: every tensor of\n"
+     "the model under its state_dict name and shape, nothing else (a checkpoint --resume finds wins)"},
     {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
     {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: $MGPU_METRICS, else off)"},
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
@@ -10289,7 +10290,7 @@ MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
         fprintf(out, "  %-30s %.*s", flag, more ? (int)(more - s->help) : (int)strlen(s->help), s->help);
         if (s->choices) fprintf(out, ": %s", s->choices);
         /* unset text options explain their fallback in the help itself */
-        if (def) fprintf(out, " (default: %s)", def);
+        if (def && s->kind != MGPU__OPT_FLAG) fprintf(out, " (default: %s)", def);   /* a switch is off unless given */
         fputc('\n', out);
         while (more) {
             const char *next = strchr(more + 1, '\n');
