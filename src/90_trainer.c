@@ -756,17 +756,17 @@ static void mgpu__fit_count_comm(mgpu__fit *f) {
    handler is installed and no checkpoint is taken, so there is nothing to agree on (and no
    collective is added to every step). */
 static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal, int *time_due) {
-    double v[2 + 32];   /* time_due, any signal, then one flag per signal number */
+    double v[32];   /* [0]: rank 0's time_due; [s]: how many ranks got signal s (1..31) */
     mgpu_result r;
     int i;
     if (!f->t->comm || !mgpu__fit_saving(f)) return MGPU_OK;
     memset(v, 0, sizeof v);
     v[0] = *time_due;
-    if (*signal > 0 && *signal < 32) v[2 + *signal] = 1;
-    if ((r = mgpu_comm_allreduce_f64(f->t->comm, v, 2 + 32, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    if (*signal > 0 && *signal < 32) v[*signal] = 1;
+    if ((r = mgpu_comm_allreduce_f64(f->t->comm, v, 32, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
     *time_due = v[0] > 0;
     for (i = 1; i < 32 && !*signal; i++)
-        if (v[2 + i] > 0) *signal = i;
+        if (v[i] > 0) *signal = i;
     return MGPU_OK;
 }
 

@@ -4,7 +4,8 @@
 # a fraction of a second:
 # - Ctrl-C (SIGINT) with --save-dir saves a checkpoint and exits 0; the resumed run ends with
 #   weights bit-identical to an uninterrupted run's, in one process and in two under mgpurun (where
-#   mgpurun forwards the signal and the ranks agree on the step); a second Ctrl-C aborts at once;
+#   mgpurun forwards the signal and the ranks agree on the step, even when only one worker got
+#   it); a second Ctrl-C aborts at once;
 # - an unwritable --save-dir or --metrics fails before any step, in well under 5 s, writing nothing;
 # - the end of a run writes a last checkpoint, so --resume auto afterwards says "already finished"
 #   and trains nothing (the metrics file and the model stay as they were);
@@ -70,6 +71,15 @@ expect "mgpurun + SIGINT: one 'stopped by Ctrl-C' line, from rank 0, and a check
 timeout 120 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${LONG[@]}" --batch-size 32 --save-dir "$T_TMP/int2" --resume auto > "$T_TMP/int2b.log" 2>&1
 expect "mgpurun + SIGINT: the resumed 2-process run ends bit-identical to the uninterrupted one" \
   cmp -s "$T_TMP/ref2/model.safetensors" "$T_TMP/int2/model.safetensors" || tail -n 5 "$T_TMP/int2.log" "$T_TMP/int2b.log"
+
+# a signal that reaches one worker only (here SIGINT to one of them) stops both after the same step
+build/mgpurun --nproc-per-node 2 build/fashion_mlp "${LONG[@]}" --batch-size 32 --save-dir "$T_TMP/one" > "$T_TMP/one.log" 2>&1 & pid=$!   # no timeout wrapper: the workers must be its children
+( sleep 90; kill -9 "$pid" 2>/dev/null ) > /dev/null 2>&1 &
+sleep 1.5; worker=$(pgrep -P "$pid" | tail -n 1)
+[ -n "$worker" ] && kill -INT "$worker"; wait "$pid"; rc=$?
+timeout 120 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${LONG[@]}" --batch-size 32 --save-dir "$T_TMP/one" --resume auto > "$T_TMP/oneb.log" 2>&1
+expect "SIGINT to one worker only: mgpurun exits 0 (got $rc), both ranks stop at one step, the resumed run ends bit-identical" \
+  bash -c "[ -n '$worker' ] && [ $rc -eq 0 ] && grep -q 'stopped by Ctrl-C' '$T_TMP/one.log' && cmp -s '$T_TMP/ref2/model.safetensors' '$T_TMP/one/model.safetensors'" || tail -n 5 "$T_TMP/one.log" "$T_TMP/oneb.log"
 
 # ---- unwritable outputs: an error before any step, nothing written
 : > "$T_TMP/a_file"
