@@ -683,6 +683,8 @@ typedef struct mgpu_train_opts {
     int keep_last;                 /* --keep-last */
     mgpu_resume_mode resume;       /* --resume auto|none|PATH */
     const char *resume_path;       /* PATH of --resume PATH (a step directory or a save directory) */
+    int eval_only;                 /* --eval-only: evaluate the resumed (or --init-from) model, train nothing */
+    const char *init_from;         /* --init-from FILE.safetensors: initial weights, fresh optimizer */
     uint64_t seed;                 /* --seed */
     const char *metrics;           /* --metrics FILE */
     int log_every;                 /* --log-every (steps) */
@@ -972,14 +974,20 @@ typedef struct mgpu_train_summary {
     double final_train_loss, final_test_loss, final_test_accuracy;
     double samples_per_s;          /* training samples per second over the run (per process) */
     int64_t steps;                 /* optimizer steps taken */
+    int stop_signal;               /* SIGINT, SIGTERM or SIGUSR1 when one stopped the run early (checkpoint saved); 0 otherwise */
 } mgpu_train_summary;
 /* Creates the context from opts (device, seed, threads). opts is kept by pointer. */
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts);
 MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t);
+/* This process's rank (0 without a launcher): only rank 0 should print a run's results. */
+MGPU_API int mgpu_trainer_rank(const mgpu_trainer *t);
 /* Train `model` (built on mgpu_trainer_context) with cross-entropy on train, evaluating on test
    (may be NULL) every --eval-frequency epochs and after the last; optimizer, LR schedule and
    scaling, gradient accumulation, clipping, metrics JSONL, progress and --save-dir/model.safetensors
-   all come from the options. */
+   all come from the options. SIGINT, SIGTERM and SIGUSR1 (with --save-dir) save a checkpoint after
+   the current step and return MGPU_OK; the end of a run saves a last checkpoint too, so
+   --resume auto after it trains nothing ("already finished"). --init-from loads weights before
+   the first step; --eval-only evaluates test (the resumed or loaded model) and trains nothing. */
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary);
 /* Builds the layers of a model into `user` (user_size bytes, zeroed, owned by the trainer) and
@@ -10161,6 +10169,7 @@ typedef enum mgpu__opt_kind {
     MGPU__OPT_DEVICE,   /* cpu|cuda|cuda:N|auto into device and device_index (a CPU build still parses "cuda") */
     MGPU__OPT_GPU_IDS,  /* comma-separated device indices into gpu_ids and num_gpu_ids */
     MGPU__OPT_RESUME,   /* none|auto|PATH into resume and resume_path */
+    MGPU__OPT_FLAG,     /* an int 0|1: the bare flag sets it, --flag=0|1 (or false|true) spells it out */
     MGPU__OPT_INT, MGPU__OPT_I64, MGPU__OPT_U64, MGPU__OPT_FLOAT
 } mgpu__opt_kind;
 
@@ -10189,7 +10198,7 @@ typedef char mgpu__enum_choice_order[(MGPU_OPTIM_SGD == 0 && MGPU_OPTIM_ADAM == 
 
 #define MGPU__OF(field) offsetof(mgpu_train_opts, field)
 static const mgpu__opt mgpu__train_opts_table[] = {
-    {"data", MGPU__OPT_STRING, MGPU__OF(data_dir), 0, -1, 0, NULL, "DIR", "dataset directory (unset: $MGPU_DATA, then data/fashion-mnist)"},
+    {"data", MGPU__OPT_STRING, MGPU__OF(data_dir), 0, -1, 0, NULL, "DIR", "dataset directory (unset: $MGPU_DATA, then data/fashion-mnist, then /usr/share/datasets/fashion-mnist)"},
     {"epochs", MGPU__OPT_INT, MGPU__OF(epochs), 1, -1, 0, NULL, "N", "passes over the training set (also --num-epochs)"},
     {"batch-size", MGPU__OPT_I64, MGPU__OF(batch_size), 1, -1, 0, NULL, "N", "samples per step, per process"},
     {"lr", MGPU__OPT_FLOAT, MGPU__OF(lr), 0, -1, 1, NULL, "LR", "base learning rate (before --scale-lr)"},
@@ -10218,6 +10227,13 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"checkpoint-interval-min", MGPU__OPT_FLOAT, MGPU__OF(checkpoint_interval_min), 0, -1, 0, NULL, "MIN", "checkpoint every MIN minutes of wall time (0: off)"},
     {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
     {"resume", MGPU__OPT_RESUME, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint or save directory"},
+    {"eval-only", MGPU__OPT_FLAG, MGPU__OF(eval_only), 0, 1, 0, NULL, "",
+     "evaluate on the test set and exit; nothing is trained\n"
+     "the model of --resume (a checkpoint or save directory), else of --init-from, else as initialised"},
+    {"init-from", MGPU__OPT_STRING, MGPU__OF(init_from), 0, -1, 0, NULL, "FILE",
+     "start from the weights in FILE (.safetensors), with a fresh optimizer\n"
+     "PyTorch's save_file(model.state_dict(), FILE) or an mgpu model.safetensors: every tensor of\n"
+     "the model under its state_dict name and shape, nothing else (a checkpoint --resume finds wins)"},
     {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
     {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: $MGPU_METRICS, else off)"},
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
@@ -10345,6 +10361,7 @@ static void mgpu__opt_expected(const mgpu__opt *s, char *buf, size_t size) {
     else if (s->kind == MGPU__OPT_GPU_IDS) snprintf(buf, size, "comma-separated device indices such as 0,1,3 (at most %d)", MGPU_MAX_GPU_IDS);
     else if (s->kind == MGPU__OPT_RESUME) snprintf(buf, size, "auto, none or a checkpoint path");
     else if (s->kind == MGPU__OPT_STRING) snprintf(buf, size, "a non-empty value");
+    else if (s->kind == MGPU__OPT_FLAG) snprintf(buf, size, "nothing, or =0|1");
     else if (s->hi >= s->lo) snprintf(buf, size, "%s in [%g, %g]", what, s->lo, s->hi);
     else snprintf(buf, size, "%s %s %g", what, s->lo_open ? ">" : ">=", s->lo);
 }
@@ -10383,6 +10400,11 @@ static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *val
         if (!value[0]) return 0;
         o->resume = strcmp(value, "none") == 0 ? MGPU_RESUME_NONE : strcmp(value, "auto") == 0 ? MGPU_RESUME_AUTO : MGPU_RESUME_PATH;
         o->resume_path = o->resume == MGPU_RESUME_PATH ? value : NULL;
+        return 1;
+    case MGPU__OPT_FLAG:
+        if (strcmp(value, "1") == 0 || strcmp(value, "true") == 0) *(int *)field = 1;
+        else if (strcmp(value, "0") == 0 || strcmp(value, "false") == 0) *(int *)field = 0;
+        else return 0;
         return 1;
     case MGPU__OPT_INT:
         if (!mgpu__parse_ll(value, &iv) || iv < INT_MIN || iv > INT_MAX || !mgpu__opt_in_range(s, (double)iv)) return 0;
@@ -10511,6 +10533,7 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
             return mgpu__opt_error(prog, "unknown option '%.*s'", (int)name_len + 2, arg);
         }
         if (eq) value = eq + 1;
+        else if (s->kind == MGPU__OPT_FLAG) value = "1";   /* a bare switch: the next word is not its value */
         else if (i + 1 < argc && argv[i + 1] && strncmp(argv[i + 1], "--", 2) != 0) value = argv[++i];
         else return mgpu__opt_error(prog, "option --%s needs a value", s->flag);
         if (!mgpu__opt_set(o, s, value)) {
@@ -10529,7 +10552,7 @@ static const char *mgpu__opt_value_text(const mgpu_train_opts *o, const mgpu__op
     int i;
     switch (s->kind) {
     case MGPU__OPT_ENUM: case MGPU__OPT_SCHEDULE: return mgpu__choice_name(s->choices, *(const int *)field, buf, size);
-    case MGPU__OPT_INT: snprintf(buf, size, "%d", *(const int *)field); return buf;
+    case MGPU__OPT_INT: case MGPU__OPT_FLAG: snprintf(buf, size, "%d", *(const int *)field); return buf;
     case MGPU__OPT_I64: snprintf(buf, size, "%lld", (long long)*(const int64_t *)field); return buf;
     case MGPU__OPT_U64: snprintf(buf, size, "%llu", (unsigned long long)*(const uint64_t *)field); return buf;
     case MGPU__OPT_FLOAT: snprintf(buf, size, "%g", (double)*(const float *)field); return buf;
@@ -10564,11 +10587,11 @@ MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
         const mgpu__opt *s = &mgpu__train_opts_table[i];
         const char *def = mgpu__opt_value_text(&d, s, value, sizeof value);
         const char *more = strchr(s->help, '\n');   /* lines after the first: details, indented */
-        snprintf(flag, sizeof flag, "--%s %s", s->flag, s->metavar);
+        snprintf(flag, sizeof flag, s->metavar[0] ? "--%s %s" : "--%s", s->flag, s->metavar);
         fprintf(out, "  %-30s %.*s", flag, more ? (int)(more - s->help) : (int)strlen(s->help), s->help);
         if (s->choices) fprintf(out, ": %s", s->choices);
         /* unset text options explain their fallback in the help itself */
-        if (def) fprintf(out, " (default: %s)", def);
+        if (def && s->kind != MGPU__OPT_FLAG) fprintf(out, " (default: %s)", def);   /* a switch is off unless given */
         fputc('\n', out);
         while (more) {
             const char *next = strchr(more + 1, '\n');
@@ -11641,7 +11664,9 @@ static mgpu_result mgpu__ckpt_found(const char *candidate, char *path, size_t si
     return MGPU_OK;
 }
 
-MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t size) {
+/* mgpu_checkpoint_find, its warnings logged at `warn` (the trainer's ranks other than 0 find the
+   same checkpoint as rank 0, which alone tells). */
+static mgpu_result mgpu__checkpoint_find(const char *dir, char *path, size_t size, mgpu_log_level warn) {
     char latest[64], candidate[MGPU__CKPT_PATH_MAX], first_error[700];
     int64_t *steps = NULL, latest_step = -1;
     int n = 0, i;
@@ -11653,10 +11678,10 @@ MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t si
     if (mgpu__ckpt_step_of_name(latest, &latest_step) && mgpu__path_join(candidate, dir, latest) == MGPU_OK) {
         if (mgpu_checkpoint_verify(candidate) == MGPU_OK) return mgpu__ckpt_found(candidate, path, size);
         snprintf(first_error, sizeof first_error, "%.690s", mgpu_last_error());
-        mgpu_log(MGPU_LOG_WARN, "the latest checkpoint is corrupt: %s", first_error);
+        mgpu_log(warn, "the latest checkpoint is corrupt: %s", first_error);
     } else if (latest[0]) {
         snprintf(first_error, sizeof first_error, "'%.300s/latest' does not name a step-* directory", dir);
-        mgpu_log(MGPU_LOG_WARN, "%s", first_error);
+        mgpu_log(warn, "%s", first_error);
     }
     /* the newest step-* directory that validates */
     if ((r = mgpu__ckpt_list_steps(dir, &steps, &n)) != MGPU_OK) return r;
@@ -11667,15 +11692,19 @@ MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t si
         if (mgpu__path_join(candidate, dir, name) != MGPU_OK) continue;
         if (mgpu_checkpoint_verify(candidate) == MGPU_OK) {
             mgpu_free(steps);
-            mgpu_log(MGPU_LOG_WARN, "%s: using %s, the newest checkpoint that validates", latest[0] ? "latest is unusable" : "no 'latest' file", candidate);
+            mgpu_log(warn, "%s: using %s, the newest checkpoint that validates", latest[0] ? "latest is unusable" : "no 'latest' file", candidate);
             return mgpu__ckpt_found(candidate, path, size);
         }
         if (!first_error[0]) snprintf(first_error, sizeof first_error, "%.690s", mgpu_last_error());
-        mgpu_log(MGPU_LOG_WARN, "skipping corrupt checkpoint: %s", mgpu_last_error());
+        mgpu_log(warn, "skipping corrupt checkpoint: %s", mgpu_last_error());
     }
     mgpu_free(steps);
     if (first_error[0]) return mgpu__fail(MGPU_ERR_IO, "no valid checkpoint in '%s': %s", dir, first_error);
     return mgpu__fail(MGPU_ERR_IO, "no checkpoint in '%s'", dir);
+}
+
+MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t size) {
+    return mgpu__checkpoint_find(dir, path, size, MGPU_LOG_WARN);
 }
 
 /* Whether dir holds anything a save left: `latest` or a step-* directory (for --resume auto). */
@@ -14672,6 +14701,50 @@ static mgpu_result mgpu__trainer_device(const mgpu_train_opts *o, mgpu_device *o
     return mgpu__fail(MGPU_ERR_INVALID_ARG, "--device: kind %d is not auto, cpu or cuda", (int)o->device);
 }
 
+/* --------------------------------------------------------------------------------------
+   Output paths, checked before anything trains: a run that cannot save would otherwise train to
+   the end and then lose the model.
+   -------------------------------------------------------------------------------------- */
+
+/* dir exists (created as mkdir -p does) and a file can be created in it (a probe, removed). */
+static mgpu_result mgpu__check_dir_writable(const char *flag, const char *dir) {
+    char probe[MGPU__CKPT_PATH_MAX], why[MGPU__CKPT_PATH_MAX + 128];
+    int fd;
+    if (mgpu__mkdirs(dir) != MGPU_OK) {
+        snprintf(why, sizeof why, "%s", mgpu_last_error());   /* the message is rewritten below */
+        return mgpu__fail(MGPU_ERR_IO, "%s %s is not writable: %s (checked before training, so nothing was lost)", flag, dir, why);
+    }
+    if (snprintf(probe, sizeof probe, "%s/.mgpu-write-check-%ld", dir, (long)getpid()) >= (int)sizeof probe)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s %s: path too long", flag, dir);
+    if ((fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600)) < 0)
+        return mgpu__fail(MGPU_ERR_IO, "%s %s is not writable: cannot create a file in it: %s (checked before training, so nothing was lost)",
+                          flag, dir, strerror(errno));
+    close(fd);
+    unlink(probe);
+    return MGPU_OK;
+}
+
+/* path can be appended to; a file that did not exist is not left behind. */
+static mgpu_result mgpu__check_file_writable(const char *flag, const char *path) {
+    int existed = access(path, F_OK) == 0;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0)
+        return mgpu__fail(MGPU_ERR_IO, "%s %s is not writable: %s (checked before training, so nothing was lost)", flag, path, strerror(errno));
+    close(fd);
+    if (!existed) unlink(path);
+    return MGPU_OK;
+}
+
+/* Rank 0 writes every output, so rank 0 checks them. */
+static mgpu_result mgpu__trainer_check_outputs(const mgpu_trainer *t) {
+    const mgpu_train_opts *o = t->opts;
+    mgpu_result r;
+    if (t->rank != 0) return MGPU_OK;
+    if (o->save_dir && o->save_dir[0] && !o->eval_only && (r = mgpu__check_dir_writable("--save-dir", o->save_dir)) != MGPU_OK) return r;
+    if (o->metrics && o->metrics[0] && (r = mgpu__check_file_writable("--metrics", o->metrics)) != MGPU_OK) return r;
+    return MGPU_OK;
+}
+
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     mgpu_trainer *t;
     mgpu_context_desc cd;
@@ -14688,6 +14761,7 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     t->opts = opts;
     t->amp = opts->amp;
     if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_check_mode(opts, t, &t->dp_replicas) != MGPU_OK ||
+        mgpu__trainer_check_outputs(t) != MGPU_OK ||
         !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
@@ -14695,6 +14769,7 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     return t;
 }
 MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t) { return t ? t->ctx : NULL; }
+MGPU_API int mgpu_trainer_rank(const mgpu_trainer *t) { return t ? t->rank : 0; }
 MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t) {
     if (!t) return;
     mgpu_comm_destroy(t->comm);
@@ -14778,31 +14853,45 @@ static mgpu_optimizer *mgpu__optimizer_from_opts(mgpu_model *model, const mgpu_t
 }
 
 /* --------------------------------------------------------------------------------------
-   Pre-emption: SIGTERM (SLURM before a time limit or scancel, Kubernetes) and SIGUSR1
-   (`sbatch --signal=USR1@120`). The handler only records the signal; the loop saves a checkpoint
-   after the current optimizer step and fit returns MGPU_OK, so the program exits 0 and a requeued
-   job (`scontrol requeue`, `sbatch --requeue`) continues with --resume auto. The flag is process
-   state by nature, so it is the one global the trainer keeps.
+   Pre-emption: SIGTERM (SLURM before a time limit or scancel, Kubernetes), SIGUSR1
+   (`sbatch --signal=USR1@120`) and SIGINT (Ctrl-C). The handler only records the signal; the loop
+   saves a checkpoint after the current optimizer step and fit returns MGPU_OK, so the program
+   exits 0 and a requeued job (`scontrol requeue`, `sbatch --requeue`) continues with --resume
+   auto. A second Ctrl-C does not wait for the step: SIGINT's default action ends the process at
+   once (the previous checkpoint stays intact). The flag is process state by nature, so it is the
+   one global the trainer keeps.
    -------------------------------------------------------------------------------------- */
 
 static volatile sig_atomic_t mgpu__stop_signal = 0;
-static void mgpu__on_stop_signal(int sig) { mgpu__stop_signal = sig; }
+static volatile sig_atomic_t mgpu__stop_quiet = 0;   /* ranks other than 0 do not echo Ctrl-C */
+static void mgpu__on_stop_signal(int sig) {
+    static const char first[] = "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort at once)\n";
+    if (sig == SIGINT && mgpu__stop_signal == SIGINT) {   /* the second Ctrl-C */
+        signal(SIGINT, SIG_DFL);   /* async-signal-safe; the raised signal lands when the handler returns */
+        raise(SIGINT);
+        return;
+    }
+    if (sig == SIGINT && !mgpu__stop_quiet && write(STDERR_FILENO, first, sizeof first - 1) < 0) { /* nothing to do: a message was all it was */ }
+    mgpu__stop_signal = sig;
+}
 
-typedef struct mgpu__signals { struct sigaction term, usr1; int installed; } mgpu__signals;
+typedef struct mgpu__signals { struct sigaction term, usr1, intr; int installed; } mgpu__signals;
 
-static void mgpu__signals_install(mgpu__signals *s) {
+static void mgpu__signals_install(mgpu__signals *s, int quiet) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = mgpu__on_stop_signal;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     mgpu__stop_signal = 0;
-    s->installed = sigaction(SIGTERM, &sa, &s->term) == 0 && sigaction(SIGUSR1, &sa, &s->usr1) == 0;
+    mgpu__stop_quiet = quiet;
+    s->installed = sigaction(SIGTERM, &sa, &s->term) == 0 && sigaction(SIGUSR1, &sa, &s->usr1) == 0 && sigaction(SIGINT, &sa, &s->intr) == 0;
 }
 static void mgpu__signals_restore(mgpu__signals *s) {
     if (!s->installed) return;
     sigaction(SIGTERM, &s->term, NULL);
     sigaction(SIGUSR1, &s->usr1, NULL);
+    sigaction(SIGINT, &s->intr, NULL);
     s->installed = 0;
 }
 
@@ -14845,7 +14934,24 @@ typedef struct mgpu__fit {
     double run_time, run_samples;     /* this process's share, for samples_per_s */
     int stop;                         /* --max-steps reached or a stop signal */
     int signal;                       /* the stop signal, 0 if none */
+    int resumed;                      /* the state came from a checkpoint */
+    int finished;                     /* resumed from the checkpoint that ended the run: nothing left to do */
+    int64_t saved_step;               /* step of the last checkpoint taken (-1: none) */
 } mgpu__fit;
+
+/* Said once for all ranks: every rank reaches the same conclusion, rank 0 tells (with how many
+   ranks it stands for), so a 4-process run prints one warning, not four. */
+static void mgpu__fit_say_once(const mgpu__fit *f, mgpu_log_level level, const char *fmt, ...) MGPU__PRINTF(3, 4);
+static void mgpu__fit_say_once(const mgpu__fit *f, mgpu_log_level level, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    if (f->t->rank != 0) return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (f->t->world_size > 1) mgpu_log(level, "%s (the same on all %d ranks)", msg, f->t->world_size);
+    else mgpu_log(level, "%s", msg);
+}
 
 static void mgpu__fit_clock(mgpu__fit *f) {
     double now = mgpu_time_s();
@@ -14902,7 +15008,7 @@ static void mgpu__options_json(mgpu__buf *b, const mgpu_train_opts *o) {
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
         const mgpu__opt *s = &mgpu__train_opts_table[i];
         const char *v = mgpu__opt_value_text(o, s, text, sizeof text);
-        int numeric = s->kind == MGPU__OPT_INT || s->kind == MGPU__OPT_I64 || s->kind == MGPU__OPT_U64 || s->kind == MGPU__OPT_FLOAT;
+        int numeric = s->kind == MGPU__OPT_INT || s->kind == MGPU__OPT_FLAG || s->kind == MGPU__OPT_I64 || s->kind == MGPU__OPT_U64 || s->kind == MGPU__OPT_FLOAT;
         if (i) mgpu__buf_puts(b, ",");
         mgpu__buf_json_string(b, s->flag);
         mgpu__buf_puts(b, ":");
@@ -14935,8 +15041,33 @@ static void mgpu__epoch_stats_json(mgpu__buf *b, const mgpu__epoch_stats *es) {
     mgpu__buf_puts(b, "}");
 }
 
-/* The whole state at a step boundary (see the Checkpoints section header). */
-static int mgpu__fit_state_json(const mgpu__fit *f, mgpu__buf *b) {
+/* Each rank's partial loss sum and sample count of the epoch in progress, gathered for rank 0's
+   trainer_state.json so a resumed run restores every rank's own sums (rank 0's alone would make
+   the resumed epoch's train_loss differ from the uninterrupted run's). An all-reduce of vectors
+   that are zero but for each rank's own slots is a gather: adding zeros is exact. Every rank
+   calls it, at the same step. */
+static mgpu_result mgpu__fit_rank_stats_json(const mgpu__fit *f, mgpu__buf *b) {
+    int w = f->t->world_size, i;
+    double *v;
+    mgpu_result r;
+    if (!f->t->comm || w <= 1) return MGPU_OK;
+    if (!(v = (double *)mgpu__calloc(sizeof(double) * 2 * (size_t)w, "the per-rank epoch sums"))) return MGPU_ERR_OOM_HOST;
+    v[f->t->rank] = f->es.loss_sum;
+    v[w + f->t->rank] = (double)f->es.samples;
+    if ((r = mgpu_comm_allreduce_f64(f->t->comm, v, 2 * w, MGPU_REDUCE_SUM)) == MGPU_OK) {
+        mgpu__buf_puts(b, ",\n\"rank_epoch_stats\":{\"loss_sum\":[");
+        for (i = 0; i < w; i++) { if (i) mgpu__buf_puts(b, ","); mgpu__buf_json_number(b, v[i]); }
+        mgpu__buf_puts(b, "],\"samples\":[");
+        for (i = 0; i < w; i++) mgpu__buf_printf(b, i ? ",%.0f" : "%.0f", v[w + i]);
+        mgpu__buf_puts(b, "]}");
+    }
+    mgpu_free(v);
+    return b->failed ? MGPU_ERR_OOM_HOST : r;
+}
+
+/* The whole state at a step boundary (see the Checkpoints section header); rank_stats: the
+   members mgpu__fit_rank_stats_json wrote ("" at world size 1). */
+static int mgpu__fit_state_json(const mgpu__fit *f, const char *rank_stats, mgpu__buf *b) {
     uint64_t seed = 0, offset = 0;
     mgpu_context_rng_state(f->t->ctx, &seed, &offset);
     mgpu__buf_printf(b, "{\"format_version\":%d,\"step\":%lld,\"epoch\":%lld,\"batch_in_epoch\":%lld,\"world_size\":%d,\"optimizer_steps\":%lld,",
@@ -14950,6 +15081,7 @@ static int mgpu__fit_state_json(const mgpu__fit *f, mgpu__buf *b) {
     mgpu__schedule_json(b, &f->schedule);
     mgpu__buf_puts(b, ",\n\"epoch_stats\":");
     mgpu__epoch_stats_json(b, &f->es);
+    mgpu__buf_puts(b, rank_stats);
     mgpu__buf_puts(b, ",\n\"metrics\":[");
     if (f->history.len) mgpu__buf_append(b, f->history.data, f->history.len);
     mgpu__buf_puts(b, "],\n\"options\":");
@@ -14958,27 +15090,46 @@ static int mgpu__fit_state_json(const mgpu__fit *f, mgpu__buf *b) {
     return !b->failed;
 }
 
-/* A checkpoint now (at a step boundary); wait: block until it is on disk (stop signals). */
+/* A checkpoint now (at a step boundary); wait: block until it is on disk (stop signals, the end).
+   Every rank calls it at the same step (their epoch sums are gathered); rank 0 writes. */
 static mgpu_result mgpu__fit_checkpoint(mgpu__fit *f, int wait) {
     double t0 = mgpu_time_s();
-    mgpu__buf state;
+    mgpu__buf state, ranks;
     mgpu_result r;
     mgpu__fit_clock(f);
     mgpu__buf_init(&state);
-    r = mgpu__fit_state_json(f, &state) ? mgpu_checkpointer_save(f->ckpt, f->step, f->model, f->opt, state.data) : MGPU_ERR_OOM_HOST;
-    if (r == MGPU_OK && wait) r = mgpu_checkpointer_wait(f->ckpt);
+    mgpu__buf_init(&ranks);
+    mgpu__buf_puts(&ranks, "");   /* a valid string at world size 1 */
+    r = mgpu__fit_rank_stats_json(f, &ranks);
+    if (r == MGPU_OK && f->ckpt)
+        r = mgpu__fit_state_json(f, ranks.data, &state) ? mgpu_checkpointer_save(f->ckpt, f->step, f->model, f->opt, state.data) : MGPU_ERR_OOM_HOST;
+    if (r == MGPU_OK && wait && f->ckpt) r = mgpu_checkpointer_wait(f->ckpt);
     mgpu__buf_free(&state);
+    mgpu__buf_free(&ranks);
+    f->saved_step = f->step;
     f->saved_time = mgpu_time_s();
     f->es.checkpoint_s += f->saved_time - t0;
     return r;
 }
 
-static int mgpu__fit_checkpoint_due(const mgpu__fit *f) {
+/* Whether checkpoints are taken at all (--save-dir), on every rank: rank 0 writes them, the
+   others take part in gathering their epoch sums. */
+static int mgpu__fit_saving(const mgpu__fit *f) { return f->t->opts->save_dir && f->t->opts->save_dir[0]; }
+
+/* Rank 0's wall-clock trigger (--checkpoint-interval-min); shared with the other ranks by
+   mgpu__fit_agree_stop, as clocks differ. */
+static int mgpu__fit_checkpoint_time_due(const mgpu__fit *f) {
     const mgpu_train_opts *o = f->t->opts;
-    if (!f->ckpt) return 0;
+    return f->t->rank == 0 && o->checkpoint_interval_min > 0 && mgpu_time_s() - f->saved_time >= 60.0 * o->checkpoint_interval_min;
+}
+
+/* The same answer on every rank: a stop signal (agreed), every N steps, or rank 0's clock. */
+static int mgpu__fit_checkpoint_due(const mgpu__fit *f, int time_due) {
+    const mgpu_train_opts *o = f->t->opts;
+    if (!mgpu__fit_saving(f)) return 0;
     if (f->signal) return 1;
     if (o->checkpoint_every_steps > 0 && f->step % o->checkpoint_every_steps == 0) return 1;
-    return o->checkpoint_interval_min > 0 && mgpu_time_s() - f->saved_time >= 60.0 * o->checkpoint_interval_min;
+    return time_due;
 }
 
 /* --------------------------------------------------------------------------------------
@@ -14996,7 +15147,7 @@ static mgpu_result mgpu__fit_resume_path(const mgpu__fit *f, char *path, size_t 
         dir = o->save_dir;
         if (f->t->rank == 0) mgpu__ckpt_remove_stale(dir);
         if (!mgpu__is_dir(dir) || !mgpu__ckpt_any(dir)) {
-            mgpu_log(MGPU_LOG_INFO, "--resume auto: no checkpoint in '%s' yet; starting from scratch", dir);
+            mgpu__fit_say_once(f, MGPU_LOG_INFO, "--resume auto: no checkpoint in '%s' yet; starting from scratch", dir);
             return MGPU_OK;
         }
     } else if (mgpu__path_join(file, dir, MGPU__CKPT_STATE) == MGPU_OK && access(file, F_OK) == 0) {
@@ -15006,8 +15157,8 @@ static mgpu_result mgpu__fit_resume_path(const mgpu__fit *f, char *path, size_t 
         *found = 1;
         return MGPU_OK;
     }
-    /* a save directory: its latest valid checkpoint */
-    if (mgpu_checkpoint_find(dir, path, size) != MGPU_OK) return mgpu_last_result();
+    /* a save directory: its latest valid checkpoint (rank 0 tells of corrupt ones it skips) */
+    if (mgpu__checkpoint_find(dir, path, size, f->t->rank == 0 ? MGPU_LOG_WARN : MGPU_LOG_DEBUG) != MGPU_OK) return mgpu_last_result();
     *found = 1;
     return MGPU_OK;
 }
@@ -15028,12 +15179,12 @@ static void mgpu__fit_warn_changed_options(const mgpu__fit *f, const mgpu_json *
         const char *then = !v ? NULL : v->type == MGPU_JSON_STRING ? v->string : v->type == MGPU_JSON_NUMBER ? v->raw : NULL;
         size_t then_len = !then ? 0 : v->type == MGPU_JSON_NUMBER ? v->raw_len : strlen(then);
         if (now && then && (strlen(now) != then_len || strncmp(now, then, then_len) != 0))
-            mgpu_log(MGPU_LOG_WARN, "resuming with --%s %s, but the checkpoint was written with %.*s: the run will differ from an uninterrupted one",
-                     keys[i], now, (int)then_len, then);
+            mgpu__fit_say_once(f, MGPU_LOG_WARN, "resuming with --%s %s, but the checkpoint was written with %.*s: the run will differ from an uninterrupted one",
+                               keys[i], now, (int)then_len, then);
     }
     if (mgpu_json_int64(mgpu_json_get(state, "world_size"), &world) && world != f->t->world_size)
-        mgpu_log(MGPU_LOG_WARN, "resuming at world size %d from a checkpoint written at world size %lld: the data order changes",
-                 f->t->world_size, (long long)world);
+        mgpu__fit_say_once(f, MGPU_LOG_WARN, "resuming at world size %d from a checkpoint written at world size %lld: the data order changes",
+                           f->t->world_size, (long long)world);
 }
 
 /* What the trainer needs beyond what every checkpoint holds; checked before anything is loaded. */
@@ -15056,6 +15207,24 @@ static mgpu_result mgpu__fit_check_state(const mgpu__fit *f, const mgpu_json *st
 
 static double mgpu__json_number_or_nan(const mgpu_json *j) { return j && j->type == MGPU_JSON_NUMBER ? j->number : NAN; }
 
+/* This rank's own partial sums of the epoch in progress (see mgpu__fit_rank_stats_json). Written
+   at another world size, the sums cannot be split as the data now is: rank 0 takes them all, so
+   the epoch's train_loss still averages every sample seen. Absent (world size 1), epoch_stats
+   already holds them. */
+static void mgpu__fit_restore_rank_stats(mgpu__fit *f, const mgpu_json *ranks) {
+    const mgpu_json *loss = mgpu_json_get(ranks, "loss_sum"), *samples = mgpu_json_get(ranks, "samples"), *l, *n;
+    int i;
+    if (!loss || !samples || loss->type != MGPU_JSON_ARRAY || samples->type != MGPU_JSON_ARRAY || loss->count != samples->count) return;
+    f->es.loss_sum = 0;
+    f->es.samples = 0;
+    for (i = 0, l = loss->child, n = samples->child; l && n; i++, l = l->next, n = n->next) {
+        int64_t k = 0;
+        if (loss->count == f->t->world_size ? i != f->t->rank : f->t->rank != 0) continue;
+        f->es.loss_sum += mgpu__json_number_or_nan(l);
+        if (mgpu_json_int64(n, &k)) f->es.samples += k;
+    }
+}
+
 /* Position, sums, RNG, scaler and history from a checked state. */
 static void mgpu__fit_restore(mgpu__fit *f, const mgpu_json *state) {
     const mgpu_json *rng = mgpu_json_get(state, "rng"), *scaler = mgpu_json_get(state, "scaler");
@@ -15077,6 +15246,7 @@ static void mgpu__fit_restore(mgpu__fit *f, const mgpu_json *state) {
     for (i = 0; i < MGPU__N_EPOCH_STATS; i++)
         *(double *)(void *)((char *)&f->es + mgpu__epoch_stat_fields[i].offset) = mgpu__json_number_or_nan(mgpu_json_get(stats, mgpu__epoch_stat_fields[i].key));
     if (!(f->es.time_s >= 0)) f->es.time_s = 0;
+    mgpu__fit_restore_rank_stats(f, mgpu_json_get(state, "rank_epoch_stats"));
     for (m = mgpu_json_get(state, "metrics")->child; m; m = m->next) {
         if (f->history.len) mgpu__buf_puts(&f->history, ",");
         mgpu__json_write(&f->history, m);
@@ -15084,6 +15254,10 @@ static void mgpu__fit_restore(mgpu__fit *f, const mgpu_json *state) {
     /* the LR of the last step taken, as an uninterrupted run would report it */
     if (f->step > 0) mgpu_optimizer_set_lr(f->opt, mgpu_lr_at(&f->schedule, f->step - 1));
     if (f->t->opts->max_steps > 0 && f->step >= f->t->opts->max_steps) f->stop = 1;
+    /* the checkpoint the end of a run writes: every epoch done, or stopped at --max-steps after its
+       epoch record (the loop in mgpu__fit_run would not run) */
+    f->finished = f->epoch >= f->t->opts->epochs || (f->stop && f->batch == 0);
+    f->resumed = 1;
 }
 
 /* The metrics file becomes the checkpoint's records, so epochs logged after the checkpoint (and
@@ -15117,13 +15291,20 @@ static mgpu_result mgpu__fit_resume(mgpu__fit *f) {
        checkpoint leaves the freshly initialised model as it was */
     if (!(state = mgpu__ckpt_read_state(path))) return mgpu_last_result();
     if ((r = mgpu__fit_check_state(f, state, path)) == MGPU_OK && (r = mgpu_checkpoint_load(path, f->model, f->opt, NULL)) == MGPU_OK) {
-        mgpu__fit_warn_changed_options(f, state);
+        if (!o->eval_only) mgpu__fit_warn_changed_options(f, state);
         mgpu__fit_restore(f, state);
-        r = f->history.failed ? MGPU_ERR_OOM_HOST : mgpu__fit_rewrite_metrics(f, state);
+        /* a finished run's metrics file also holds its final line, which the checkpoint lacks;
+           --eval-only appends its own line and changes nothing else */
+        r = f->history.failed ? MGPU_ERR_OOM_HOST : f->finished || o->eval_only ? MGPU_OK : mgpu__fit_rewrite_metrics(f, state);
     }
     mgpu_json_free(state);
-    if (r == MGPU_OK) {
-        printf("resumed from %s: step %lld, epoch %lld, batch %lld\n", path, (long long)f->step, (long long)f->epoch + 1, (long long)f->batch);
+    if (r == MGPU_OK && f->t->rank == 0) {
+        if (o->eval_only) printf("loaded %s: step %lld, epoch %lld\n", path, (long long)f->step, (long long)f->epoch);
+        else if (f->finished)
+            printf("already finished: %s is the end of the run (step %lld, %lld of %d epochs); nothing to train. "
+                   "Start a new run with another --save-dir (or --init-from %s/model.safetensors)\n",
+                   path, (long long)f->step, (long long)f->epoch, o->epochs, path);
+        else printf("resumed from %s: step %lld, epoch %lld, batch %lld\n", path, (long long)f->step, (long long)f->epoch + 1, (long long)f->batch);
         fflush(stdout);
     }
     return r;
@@ -15166,16 +15347,23 @@ static void mgpu__fit_count_comm(mgpu__fit *f) {
     f->ddp_exposed_s = st.exposed_s;
 }
 
-/* Every rank must stop at the same step: a signal may reach the ranks at different steps.
-   Without --save-dir no stop handler is installed, so there is nothing to agree on (and no
+/* Every rank must stop at the same step: a signal may reach the ranks at different steps (a
+   rank that got none stops for the lowest signal number one got: SIGINT before SIGTERM). Rank 0's
+   wall-clock checkpoint trigger travels in the same all-reduce. Without --save-dir no stop
+   handler is installed and no checkpoint is taken, so there is nothing to agree on (and no
    collective is added to every step). */
-static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal) {
-    const mgpu_train_opts *o = f->t->opts;
-    double v = (double)*signal;
+static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal, int *time_due) {
+    double v[32];   /* [0]: rank 0's time_due; [s]: how many ranks got signal s (1..31) */
     mgpu_result r;
-    if (!f->t->comm || !o->save_dir || !o->save_dir[0]) return MGPU_OK;
-    if ((r = mgpu_comm_allreduce_f64(f->t->comm, &v, 1, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
-    if (v > 0 && !*signal) *signal = SIGTERM;
+    int i;
+    if (!f->t->comm || !mgpu__fit_saving(f)) return MGPU_OK;
+    memset(v, 0, sizeof v);
+    v[0] = *time_due;
+    if (*signal > 0 && *signal < 32) v[*signal] = 1;
+    if ((r = mgpu_comm_allreduce_f64(f->t->comm, v, 32, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    *time_due = v[0] > 0;
+    for (i = 1; i < 32 && !*signal; i++)
+        if (v[i] > 0) *signal = i;
     return MGPU_OK;
 }
 
@@ -15207,12 +15395,13 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
 /* After each optimizer step: stop conditions, then a checkpoint if one is due. */
 static mgpu_result mgpu__fit_after_step(mgpu__fit *f) {
     const mgpu_train_opts *o = f->t->opts;
-    int signal = o->save_dir && o->save_dir[0] ? (int)mgpu__stop_signal : 0;   /* handled only with a checkpoint to save */
+    int signal = mgpu__fit_saving(f) ? (int)mgpu__stop_signal : 0;   /* handled only with a checkpoint to save */
+    int time_due = mgpu__fit_checkpoint_time_due(f);
     mgpu_result r;
     if (o->max_steps > 0 && f->step >= o->max_steps) f->stop = 1;
-    if ((r = mgpu__fit_agree_stop(f, &signal)) != MGPU_OK) return r;
+    if ((r = mgpu__fit_agree_stop(f, &signal, &time_due)) != MGPU_OK) return r;
     if (signal) { f->stop = 1; f->signal = signal; }
-    return mgpu__fit_checkpoint_due(f) ? mgpu__fit_checkpoint(f, f->signal != 0) : MGPU_OK;
+    return mgpu__fit_checkpoint_due(f, time_due) ? mgpu__fit_checkpoint(f, f->signal != 0) : MGPU_OK;
 }
 
 /* The rest of the epoch in progress, from batch f->batch. */
@@ -15341,7 +15530,7 @@ static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, m
     f->epoch++;
     f->batch = 0;
     memset(&f->es, 0, sizeof f->es);
-    if (f->ckpt && o->checkpoint_every_epochs > 0 && f->epoch % o->checkpoint_every_epochs == 0) {
+    if (mgpu__fit_saving(f) && o->checkpoint_every_epochs > 0 && f->epoch % o->checkpoint_every_epochs == 0) {
         f->clock = mgpu_time_s();
         r = mgpu__fit_checkpoint(f, 0);
         memset(&f->es, 0, sizeof f->es); /* its time belongs to no epoch's training */
@@ -15408,19 +15597,46 @@ static mgpu_result mgpu__fit_final_metrics(mgpu__fit *f, const mgpu_train_summar
     return mgpu_metrics_write_final(f->metrics, extra);
 }
 
-/* The end of a run: the final metrics and model, or (stopped by a signal) just the word. */
+/* The end of a run: the final metrics, a last checkpoint (so --resume auto knows the run is
+   over rather than repeating its last steps) and the model; or, stopped by a signal, the word. */
 static mgpu_result mgpu__fit_finish(mgpu__fit *f, const mgpu_train_summary *s) {
     char name[40];
     mgpu_result r;
     if (f->signal) {
         mgpu__ckpt_dir_name(name, sizeof name, f->step);
-        printf("stopped by signal %d after step %lld; checkpoint saved to %s/%s; run again with --resume auto to continue\n",
-               (int)f->signal, (long long)f->step, f->t->opts->save_dir, name);
-        fflush(stdout);
+        if (f->t->rank == 0) {
+            printf("stopped by %s after step %lld (signal %d); checkpoint saved to %s/%s; to continue, run the same command with --resume auto\n",
+                   f->signal == SIGINT ? "Ctrl-C (SIGINT)" : f->signal == SIGTERM ? "SIGTERM" : f->signal == SIGUSR1 ? "SIGUSR1" : "a signal",
+                   (long long)f->step, (int)f->signal, f->t->opts->save_dir, name);
+            fflush(stdout);
+        }
         return MGPU_OK;
     }
     if ((r = mgpu__fit_final_metrics(f, s)) != MGPU_OK) return r;
+    if (mgpu__fit_saving(f) && f->saved_step != f->step && (r = mgpu__fit_checkpoint(f, 1)) != MGPU_OK) return r;
     return f->t->rank == 0 ? mgpu__fit_save(f->t->opts, f->model) : MGPU_OK;
+}
+
+/* A finished run resumed: what it ended with, from its last epoch record; nothing is written. */
+static void mgpu__fit_summary_of_finished(const mgpu__fit *f, mgpu_train_summary *s) {
+    mgpu__buf text;
+    mgpu_json *records = NULL;
+    const mgpu_json *last = NULL, *m;
+    s->steps = f->step;
+    mgpu__buf_init(&text);
+    mgpu__buf_puts(&text, "[");   /* the history is objects joined by commas */
+    if (f->history.len) mgpu__buf_append(&text, f->history.data, f->history.len);
+    mgpu__buf_puts(&text, "]");
+    if (!text.failed && (records = mgpu_json_parse(text.data, text.len, "the checkpoint's metrics")) != NULL)
+        for (m = records->child; m; m = m->next) last = m;
+    if (last) {
+        s->final_train_loss = mgpu__json_number_or_nan(mgpu_json_get(last, "train_loss"));
+        s->final_test_loss = mgpu__json_number_or_nan(mgpu_json_get(last, "test_loss"));
+        s->final_test_accuracy = mgpu__json_number_or_nan(mgpu_json_get(last, "test_accuracy"));
+    }
+    mgpu_json_free(records);
+    mgpu__buf_free(&text);
+    mgpu_clear_error();
 }
 
 static mgpu_ddp *mgpu__ddp_from_opts(mgpu_model *model, mgpu_comm *comm, const mgpu_train_opts *o) {
@@ -15450,7 +15666,8 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     mgpu_context_set_autocast(f->t->ctx, f->t->amp);
     mgpu_grad_scaler_init(&f->scaler, f->t->amp == MGPU_AMP_FP16);
     f->saved_time = mgpu_time_s();
-    if (o->save_dir && o->save_dir[0] && f->t->rank == 0) {
+    f->saved_step = -1;
+    if (o->save_dir && o->save_dir[0] && f->t->rank == 0 && !o->eval_only) {
         mgpu_checkpoint_desc cd;
         memset(&cd, 0, sizeof cd);
         cd.dir = o->save_dir; cd.keep_last = o->keep_last; cd.background = 1;
@@ -15495,6 +15712,56 @@ static void mgpu__fit_announce_data(const mgpu__fit *f, const mgpu_dataset *trai
     fflush(stdout);
 }
 
+/* --------------------------------------------------------------------------------------
+   Where the weights come from: a checkpoint (--resume), a file (--init-from), or the model's
+   own initialisation; and --eval-only, which trains nothing.
+   -------------------------------------------------------------------------------------- */
+
+/* --init-from FILE: weights (and buffers) from a safetensors file with the model's names and
+   shapes, PyTorch's state_dict convention; the optimizer stays fresh. Every rank reads the file. */
+static mgpu_result mgpu__fit_init_from(mgpu__fit *f) {
+    const char *path = f->t->opts->init_from;
+    char why[1024];
+    if (mgpu_model_load(f->model, path) != MGPU_OK) {
+        snprintf(why, sizeof why, "%s", mgpu_last_error());
+        return mgpu__fail(MGPU_ERR_FORMAT, "--init-from %s: %s (the file must hold exactly the model's tensors, under the names "
+                          "and shapes of its PyTorch state_dict)", path, why);
+    }
+    if (f->t->rank == 0) {
+        printf("initialised from %s (%d tensors); fresh optimizer\n", path, mgpu_model_num_parameters(f->model) + mgpu_model_num_buffers(f->model));
+        fflush(stdout);
+    }
+    return MGPU_OK;
+}
+
+/* --resume, then (nothing resumed) --init-from. --eval-only with --resume must find a checkpoint:
+   evaluating a fresh model instead would report a meaningless accuracy as the checkpoint's. */
+static mgpu_result mgpu__fit_initial_state(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_result r;
+    if ((r = mgpu__fit_resume(f)) != MGPU_OK) return r;
+    if (o->eval_only && o->resume != MGPU_RESUME_NONE && !f->resumed)
+        return mgpu__fail(MGPU_ERR_IO, "--eval-only --resume %s: no checkpoint found to evaluate", o->resume == MGPU_RESUME_AUTO ? "auto" : o->resume_path);
+    if (!f->resumed && o->init_from && o->init_from[0]) return mgpu__fit_init_from(f);
+    return MGPU_OK;
+}
+
+/* --eval-only: the test set once; the line printed and a metrics line {"event":"final","eval_only":true,...}. */
+static mgpu_result mgpu__fit_eval_only(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
+    char extra[256];
+    double loss = NAN, acc = NAN;
+    mgpu_result r;
+    if (!test) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--eval-only: this program passed no test set to the trainer");
+    if ((r = mgpu_evaluate(f->t->ctx, f->model, f->forward, f->user, test, 1000, &loss, &acc)) != MGPU_OK) return r;
+    s->final_test_loss = loss; s->final_test_accuracy = acc; s->steps = f->step;
+    if (f->t->rank == 0) {
+        printf("eval-only: test_loss %.4f  test_acc %.4f  (the model of step %lld)\n", loss, acc, (long long)f->step);
+        fflush(stdout);
+    }
+    snprintf(extra, sizeof extra, "\"eval_only\":true,\"step\":%lld,\"test_accuracy\":%.6f,\"test_loss\":%.6f", (long long)f->step, acc, loss);
+    return mgpu_metrics_write_final(f->metrics, extra);
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -15512,12 +15779,14 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     s.final_train_loss = s.final_test_loss = s.final_test_accuracy = NAN;
     f.t = t; f.model = model; f.forward = forward; f.user = user;
     mgpu__buf_init(&f.history);
-    if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
+    if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_initial_state(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
     if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
-    if (r == MGPU_OK) {
-        if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
+    if (r == MGPU_OK && o->eval_only) r = mgpu__fit_eval_only(&f, test, &s);
+    else if (r == MGPU_OK && f.finished) mgpu__fit_summary_of_finished(&f, &s);
+    else if (r == MGPU_OK) {
+        if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig, t->rank != 0);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);
         mgpu__signals_restore(&sig);
     }
@@ -15530,6 +15799,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     mgpu_metrics_close(f.metrics);
     mgpu_optimizer_destroy(f.opt);
     mgpu_loader_destroy(f.loader);
+    s.stop_signal = f.signal;
     if (summary) *summary = s;
     return r;
 }

@@ -58,7 +58,9 @@ int main(int argc, char **argv) {
     if (trainer) train_set = mgpu_dataset_fashion_mnist(opts.data_dir, 1);
     if (train_set) test_set = mgpu_dataset_fashion_mnist(opts.data_dir, 0);
     if (test_set) r = mgpu_trainer_run(trainer, cnn_build, sizeof(cnn), cnn_forward, train_set, test_set, &summary);
-    if (r == MGPU_OK) printf("final test accuracy %.4f\n", summary.final_test_accuracy);
+    /* rank 0 speaks for the run; a run stopped by a signal has no final accuracy yet */
+    if (r == MGPU_OK && mgpu_trainer_rank(trainer) == 0 && !summary.stop_signal)
+        printf("final test accuracy %.4f\n", summary.final_test_accuracy);
     else fprintf(stderr, "fashion_cnn: error: %s\n", mgpu_last_error());
     mgpu_dataset_destroy(test_set);
     mgpu_dataset_destroy(train_set);

@@ -43,7 +43,9 @@ int main(int argc, char **argv) {
         (train = mgpu_dataset_fashion_mnist(opts.data_dir, 1)) &&
         (test = mgpu_dataset_fashion_mnist(opts.data_dir, 0))) {
         r = mgpu_trainer_run(trainer, mlp_build, sizeof(mlp), mlp_forward, train, test, &summary);
-        if (r == MGPU_OK) printf("final test accuracy %.4f\n", summary.final_test_accuracy);
+        /* rank 0 speaks for the run; a run stopped by a signal has no final accuracy yet */
+        if (r == MGPU_OK && mgpu_trainer_rank(trainer) == 0 && !summary.stop_signal)
+            printf("final test accuracy %.4f\n", summary.final_test_accuracy);
     }
     if (r != MGPU_OK) fprintf(stderr, "fashion_mlp: error: %s\n", mgpu_last_error());
     mgpu_dataset_destroy(test);

@@ -162,7 +162,9 @@ int main(int argc, char **argv) {
         printf("label_noise: %lld of %lld training labels kept (fraction %g), %lld of them wrong (noise %g)\n", (long long)train->length,
                (long long)full->length, fraction, (long long)n_noisy, noise);
         r = mgpu_trainer_run(trainer, mlp_build, sizeof(mlp), mlp_forward, train, test, &summary);
-        if (r == MGPU_OK) printf("final test accuracy %.4f\n", summary.final_test_accuracy);
+        /* rank 0 speaks for the run; a run stopped by a signal has no final accuracy yet */
+        if (r == MGPU_OK && mgpu_trainer_rank(trainer) == 0 && !summary.stop_signal)
+            printf("final test accuracy %.4f\n", summary.final_test_accuracy);
     }
     if (r != MGPU_OK && mgpu_last_error()[0]) fprintf(stderr, "label_noise: error: %s\n", mgpu_last_error());
     mgpu_dataset_destroy(train);

@@ -611,6 +611,8 @@ typedef struct mgpu_train_opts {
     int keep_last;                 /* --keep-last */
     mgpu_resume_mode resume;       /* --resume auto|none|PATH */
     const char *resume_path;       /* PATH of --resume PATH (a step directory or a save directory) */
+    int eval_only;                 /* --eval-only: evaluate the resumed (or --init-from) model, train nothing */
+    const char *init_from;         /* --init-from FILE.safetensors: initial weights, fresh optimizer */
     uint64_t seed;                 /* --seed */
     const char *metrics;           /* --metrics FILE */
     int log_every;                 /* --log-every (steps) */

@@ -9,14 +9,20 @@ typedef struct mgpu_train_summary {
     double final_train_loss, final_test_loss, final_test_accuracy;
     double samples_per_s;          /* training samples per second over the run (per process) */
     int64_t steps;                 /* optimizer steps taken */
+    int stop_signal;               /* SIGINT, SIGTERM or SIGUSR1 when one stopped the run early (checkpoint saved); 0 otherwise */
 } mgpu_train_summary;
 /* Creates the context from opts (device, seed, threads). opts is kept by pointer. */
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts);
 MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t);
+/* This process's rank (0 without a launcher): only rank 0 should print a run's results. */
+MGPU_API int mgpu_trainer_rank(const mgpu_trainer *t);
 /* Train `model` (built on mgpu_trainer_context) with cross-entropy on train, evaluating on test
    (may be NULL) every --eval-frequency epochs and after the last; optimizer, LR schedule and
    scaling, gradient accumulation, clipping, metrics JSONL, progress and --save-dir/model.safetensors
-   all come from the options. */
+   all come from the options. SIGINT, SIGTERM and SIGUSR1 (with --save-dir) save a checkpoint after
+   the current step and return MGPU_OK; the end of a run saves a last checkpoint too, so
+   --resume auto after it trains nothing ("already finished"). --init-from loads weights before
+   the first step; --eval-only evaluates test (the resumed or loaded model) and trains nothing. */
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary);
 /* Builds the layers of a model into `user` (user_size bytes, zeroed, owned by the trainer) and

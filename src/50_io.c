@@ -1272,6 +1272,7 @@ typedef enum mgpu__opt_kind {
     MGPU__OPT_DEVICE,   /* cpu|cuda|cuda:N|auto into device and device_index (a CPU build still parses "cuda") */
     MGPU__OPT_GPU_IDS,  /* comma-separated device indices into gpu_ids and num_gpu_ids */
     MGPU__OPT_RESUME,   /* none|auto|PATH into resume and resume_path */
+    MGPU__OPT_FLAG,     /* an int 0|1: the bare flag sets it, --flag=0|1 (or false|true) spells it out */
     MGPU__OPT_INT, MGPU__OPT_I64, MGPU__OPT_U64, MGPU__OPT_FLOAT
 } mgpu__opt_kind;
 
@@ -1300,7 +1301,7 @@ typedef char mgpu__enum_choice_order[(MGPU_OPTIM_SGD == 0 && MGPU_OPTIM_ADAM == 
 
 #define MGPU__OF(field) offsetof(mgpu_train_opts, field)
 static const mgpu__opt mgpu__train_opts_table[] = {
-    {"data", MGPU__OPT_STRING, MGPU__OF(data_dir), 0, -1, 0, NULL, "DIR", "dataset directory (unset: $MGPU_DATA, then data/fashion-mnist)"},
+    {"data", MGPU__OPT_STRING, MGPU__OF(data_dir), 0, -1, 0, NULL, "DIR", "dataset directory (unset: $MGPU_DATA, then data/fashion-mnist, then /usr/share/datasets/fashion-mnist)"},
     {"epochs", MGPU__OPT_INT, MGPU__OF(epochs), 1, -1, 0, NULL, "N", "passes over the training set (also --num-epochs)"},
     {"batch-size", MGPU__OPT_I64, MGPU__OF(batch_size), 1, -1, 0, NULL, "N", "samples per step, per process"},
     {"lr", MGPU__OPT_FLOAT, MGPU__OF(lr), 0, -1, 1, NULL, "LR", "base learning rate (before --scale-lr)"},
@@ -1329,6 +1330,13 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"checkpoint-interval-min", MGPU__OPT_FLOAT, MGPU__OF(checkpoint_interval_min), 0, -1, 0, NULL, "MIN", "checkpoint every MIN minutes of wall time (0: off)"},
     {"keep-last", MGPU__OPT_INT, MGPU__OF(keep_last), 0, -1, 0, NULL, "N", "checkpoints to keep (0: all)"},
     {"resume", MGPU__OPT_RESUME, MGPU__OF(resume), 0, -1, 0, NULL, "WHAT", "auto (latest in --save-dir), none, or a checkpoint or save directory"},
+    {"eval-only", MGPU__OPT_FLAG, MGPU__OF(eval_only), 0, 1, 0, NULL, "",
+     "evaluate on the test set and exit; nothing is trained\n"
+     "the model of --resume (a checkpoint or save directory), else of --init-from, else as initialised"},
+    {"init-from", MGPU__OPT_STRING, MGPU__OF(init_from), 0, -1, 0, NULL, "FILE",
+     "start from the weights in FILE (.safetensors), with a fresh optimizer\n"
+     "PyTorch's save_file(model.state_dict(), FILE) or an mgpu model.safetensors: every tensor of\n"
+     "the model under its state_dict name and shape, nothing else (a checkpoint --resume finds wins)"},
     {"seed", MGPU__OPT_U64, MGPU__OF(seed), 0, -1, 0, NULL, "N", "random seed (init, shuffling, dropout)"},
     {"metrics", MGPU__OPT_STRING, MGPU__OF(metrics), 0, -1, 0, NULL, "FILE", "append one JSON line per epoch to FILE (unset: $MGPU_METRICS, else off)"},
     {"log-every", MGPU__OPT_INT, MGPU__OF(log_every), 0, -1, 0, NULL, "N", "progress line every N steps when not on a terminal (0: epoch end only)"},
@@ -1456,6 +1464,7 @@ static void mgpu__opt_expected(const mgpu__opt *s, char *buf, size_t size) {
     else if (s->kind == MGPU__OPT_GPU_IDS) snprintf(buf, size, "comma-separated device indices such as 0,1,3 (at most %d)", MGPU_MAX_GPU_IDS);
     else if (s->kind == MGPU__OPT_RESUME) snprintf(buf, size, "auto, none or a checkpoint path");
     else if (s->kind == MGPU__OPT_STRING) snprintf(buf, size, "a non-empty value");
+    else if (s->kind == MGPU__OPT_FLAG) snprintf(buf, size, "nothing, or =0|1");
     else if (s->hi >= s->lo) snprintf(buf, size, "%s in [%g, %g]", what, s->lo, s->hi);
     else snprintf(buf, size, "%s %s %g", what, s->lo_open ? ">" : ">=", s->lo);
 }
@@ -1494,6 +1503,11 @@ static int mgpu__opt_set(mgpu_train_opts *o, const mgpu__opt *s, const char *val
         if (!value[0]) return 0;
         o->resume = strcmp(value, "none") == 0 ? MGPU_RESUME_NONE : strcmp(value, "auto") == 0 ? MGPU_RESUME_AUTO : MGPU_RESUME_PATH;
         o->resume_path = o->resume == MGPU_RESUME_PATH ? value : NULL;
+        return 1;
+    case MGPU__OPT_FLAG:
+        if (strcmp(value, "1") == 0 || strcmp(value, "true") == 0) *(int *)field = 1;
+        else if (strcmp(value, "0") == 0 || strcmp(value, "false") == 0) *(int *)field = 0;
+        else return 0;
         return 1;
     case MGPU__OPT_INT:
         if (!mgpu__parse_ll(value, &iv) || iv < INT_MIN || iv > INT_MAX || !mgpu__opt_in_range(s, (double)iv)) return 0;
@@ -1622,6 +1636,7 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
             return mgpu__opt_error(prog, "unknown option '%.*s'", (int)name_len + 2, arg);
         }
         if (eq) value = eq + 1;
+        else if (s->kind == MGPU__OPT_FLAG) value = "1";   /* a bare switch: the next word is not its value */
         else if (i + 1 < argc && argv[i + 1] && strncmp(argv[i + 1], "--", 2) != 0) value = argv[++i];
         else return mgpu__opt_error(prog, "option --%s needs a value", s->flag);
         if (!mgpu__opt_set(o, s, value)) {
@@ -1640,7 +1655,7 @@ static const char *mgpu__opt_value_text(const mgpu_train_opts *o, const mgpu__op
     int i;
     switch (s->kind) {
     case MGPU__OPT_ENUM: case MGPU__OPT_SCHEDULE: return mgpu__choice_name(s->choices, *(const int *)field, buf, size);
-    case MGPU__OPT_INT: snprintf(buf, size, "%d", *(const int *)field); return buf;
+    case MGPU__OPT_INT: case MGPU__OPT_FLAG: snprintf(buf, size, "%d", *(const int *)field); return buf;
     case MGPU__OPT_I64: snprintf(buf, size, "%lld", (long long)*(const int64_t *)field); return buf;
     case MGPU__OPT_U64: snprintf(buf, size, "%llu", (unsigned long long)*(const uint64_t *)field); return buf;
     case MGPU__OPT_FLOAT: snprintf(buf, size, "%g", (double)*(const float *)field); return buf;
@@ -1675,11 +1690,11 @@ MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
         const mgpu__opt *s = &mgpu__train_opts_table[i];
         const char *def = mgpu__opt_value_text(&d, s, value, sizeof value);
         const char *more = strchr(s->help, '\n');   /* lines after the first: details, indented */
-        snprintf(flag, sizeof flag, "--%s %s", s->flag, s->metavar);
+        snprintf(flag, sizeof flag, s->metavar[0] ? "--%s %s" : "--%s", s->flag, s->metavar);
         fprintf(out, "  %-30s %.*s", flag, more ? (int)(more - s->help) : (int)strlen(s->help), s->help);
         if (s->choices) fprintf(out, ": %s", s->choices);
         /* unset text options explain their fallback in the help itself */
-        if (def) fprintf(out, " (default: %s)", def);
+        if (def && s->kind != MGPU__OPT_FLAG) fprintf(out, " (default: %s)", def);   /* a switch is off unless given */
         fputc('\n', out);
         while (more) {
             const char *next = strchr(more + 1, '\n');

@@ -858,7 +858,9 @@ static mgpu_result mgpu__ckpt_found(const char *candidate, char *path, size_t si
     return MGPU_OK;
 }
 
-MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t size) {
+/* mgpu_checkpoint_find, its warnings logged at `warn` (the trainer's ranks other than 0 find the
+   same checkpoint as rank 0, which alone tells). */
+static mgpu_result mgpu__checkpoint_find(const char *dir, char *path, size_t size, mgpu_log_level warn) {
     char latest[64], candidate[MGPU__CKPT_PATH_MAX], first_error[700];
     int64_t *steps = NULL, latest_step = -1;
     int n = 0, i;
@@ -870,10 +872,10 @@ MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t si
     if (mgpu__ckpt_step_of_name(latest, &latest_step) && mgpu__path_join(candidate, dir, latest) == MGPU_OK) {
         if (mgpu_checkpoint_verify(candidate) == MGPU_OK) return mgpu__ckpt_found(candidate, path, size);
         snprintf(first_error, sizeof first_error, "%.690s", mgpu_last_error());
-        mgpu_log(MGPU_LOG_WARN, "the latest checkpoint is corrupt: %s", first_error);
+        mgpu_log(warn, "the latest checkpoint is corrupt: %s", first_error);
     } else if (latest[0]) {
         snprintf(first_error, sizeof first_error, "'%.300s/latest' does not name a step-* directory", dir);
-        mgpu_log(MGPU_LOG_WARN, "%s", first_error);
+        mgpu_log(warn, "%s", first_error);
     }
     /* the newest step-* directory that validates */
     if ((r = mgpu__ckpt_list_steps(dir, &steps, &n)) != MGPU_OK) return r;
@@ -884,15 +886,19 @@ MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t si
         if (mgpu__path_join(candidate, dir, name) != MGPU_OK) continue;
         if (mgpu_checkpoint_verify(candidate) == MGPU_OK) {
             mgpu_free(steps);
-            mgpu_log(MGPU_LOG_WARN, "%s: using %s, the newest checkpoint that validates", latest[0] ? "latest is unusable" : "no 'latest' file", candidate);
+            mgpu_log(warn, "%s: using %s, the newest checkpoint that validates", latest[0] ? "latest is unusable" : "no 'latest' file", candidate);
             return mgpu__ckpt_found(candidate, path, size);
         }
         if (!first_error[0]) snprintf(first_error, sizeof first_error, "%.690s", mgpu_last_error());
-        mgpu_log(MGPU_LOG_WARN, "skipping corrupt checkpoint: %s", mgpu_last_error());
+        mgpu_log(warn, "skipping corrupt checkpoint: %s", mgpu_last_error());
     }
     mgpu_free(steps);
     if (first_error[0]) return mgpu__fail(MGPU_ERR_IO, "no valid checkpoint in '%s': %s", dir, first_error);
     return mgpu__fail(MGPU_ERR_IO, "no checkpoint in '%s'", dir);
+}
+
+MGPU_API mgpu_result mgpu_checkpoint_find(const char *dir, char *path, size_t size) {
+    return mgpu__checkpoint_find(dir, path, size, MGPU_LOG_WARN);
 }
 
 /* Whether dir holds anything a save left: `latest` or a step-* directory (for --resume auto). */

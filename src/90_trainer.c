@@ -104,6 +104,50 @@ static mgpu_result mgpu__trainer_device(const mgpu_train_opts *o, mgpu_device *o
     return mgpu__fail(MGPU_ERR_INVALID_ARG, "--device: kind %d is not auto, cpu or cuda", (int)o->device);
 }
 
+/* --------------------------------------------------------------------------------------
+   Output paths, checked before anything trains: a run that cannot save would otherwise train to
+   the end and then lose the model.
+   -------------------------------------------------------------------------------------- */
+
+/* dir exists (created as mkdir -p does) and a file can be created in it (a probe, removed). */
+static mgpu_result mgpu__check_dir_writable(const char *flag, const char *dir) {
+    char probe[MGPU__CKPT_PATH_MAX], why[MGPU__CKPT_PATH_MAX + 128];
+    int fd;
+    if (mgpu__mkdirs(dir) != MGPU_OK) {
+        snprintf(why, sizeof why, "%s", mgpu_last_error());   /* the message is rewritten below */
+        return mgpu__fail(MGPU_ERR_IO, "%s %s is not writable: %s (checked before training, so nothing was lost)", flag, dir, why);
+    }
+    if (snprintf(probe, sizeof probe, "%s/.mgpu-write-check-%ld", dir, (long)getpid()) >= (int)sizeof probe)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s %s: path too long", flag, dir);
+    if ((fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600)) < 0)
+        return mgpu__fail(MGPU_ERR_IO, "%s %s is not writable: cannot create a file in it: %s (checked before training, so nothing was lost)",
+                          flag, dir, strerror(errno));
+    close(fd);
+    unlink(probe);
+    return MGPU_OK;
+}
+
+/* path can be appended to; a file that did not exist is not left behind. */
+static mgpu_result mgpu__check_file_writable(const char *flag, const char *path) {
+    int existed = access(path, F_OK) == 0;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0)
+        return mgpu__fail(MGPU_ERR_IO, "%s %s is not writable: %s (checked before training, so nothing was lost)", flag, path, strerror(errno));
+    close(fd);
+    if (!existed) unlink(path);
+    return MGPU_OK;
+}
+
+/* Rank 0 writes every output, so rank 0 checks them. */
+static mgpu_result mgpu__trainer_check_outputs(const mgpu_trainer *t) {
+    const mgpu_train_opts *o = t->opts;
+    mgpu_result r;
+    if (t->rank != 0) return MGPU_OK;
+    if (o->save_dir && o->save_dir[0] && !o->eval_only && (r = mgpu__check_dir_writable("--save-dir", o->save_dir)) != MGPU_OK) return r;
+    if (o->metrics && o->metrics[0] && (r = mgpu__check_file_writable("--metrics", o->metrics)) != MGPU_OK) return r;
+    return MGPU_OK;
+}
+
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     mgpu_trainer *t;
     mgpu_context_desc cd;
@@ -120,6 +164,7 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     t->opts = opts;
     t->amp = opts->amp;
     if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_check_mode(opts, t, &t->dp_replicas) != MGPU_OK ||
+        mgpu__trainer_check_outputs(t) != MGPU_OK ||
         !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
@@ -127,6 +172,7 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     return t;
 }
 MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t) { return t ? t->ctx : NULL; }
+MGPU_API int mgpu_trainer_rank(const mgpu_trainer *t) { return t ? t->rank : 0; }
 MGPU_API void mgpu_trainer_destroy(mgpu_trainer *t) {
     if (!t) return;
     mgpu_comm_destroy(t->comm);
@@ -210,31 +256,45 @@ static mgpu_optimizer *mgpu__optimizer_from_opts(mgpu_model *model, const mgpu_t
 }
 
 /* --------------------------------------------------------------------------------------
-   Pre-emption: SIGTERM (SLURM before a time limit or scancel, Kubernetes) and SIGUSR1
-   (`sbatch --signal=USR1@120`). The handler only records the signal; the loop saves a checkpoint
-   after the current optimizer step and fit returns MGPU_OK, so the program exits 0 and a requeued
-   job (`scontrol requeue`, `sbatch --requeue`) continues with --resume auto. The flag is process
-   state by nature, so it is the one global the trainer keeps.
+   Pre-emption: SIGTERM (SLURM before a time limit or scancel, Kubernetes), SIGUSR1
+   (`sbatch --signal=USR1@120`) and SIGINT (Ctrl-C). The handler only records the signal; the loop
+   saves a checkpoint after the current optimizer step and fit returns MGPU_OK, so the program
+   exits 0 and a requeued job (`scontrol requeue`, `sbatch --requeue`) continues with --resume
+   auto. A second Ctrl-C does not wait for the step: SIGINT's default action ends the process at
+   once (the previous checkpoint stays intact). The flag is process state by nature, so it is the
+   one global the trainer keeps.
    -------------------------------------------------------------------------------------- */
 
 static volatile sig_atomic_t mgpu__stop_signal = 0;
-static void mgpu__on_stop_signal(int sig) { mgpu__stop_signal = sig; }
+static volatile sig_atomic_t mgpu__stop_quiet = 0;   /* ranks other than 0 do not echo Ctrl-C */
+static void mgpu__on_stop_signal(int sig) {
+    static const char first[] = "\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort at once)\n";
+    if (sig == SIGINT && mgpu__stop_signal == SIGINT) {   /* the second Ctrl-C */
+        signal(SIGINT, SIG_DFL);   /* async-signal-safe; the raised signal lands when the handler returns */
+        raise(SIGINT);
+        return;
+    }
+    if (sig == SIGINT && !mgpu__stop_quiet && write(STDERR_FILENO, first, sizeof first - 1) < 0) { /* nothing to do: a message was all it was */ }
+    mgpu__stop_signal = sig;
+}
 
-typedef struct mgpu__signals { struct sigaction term, usr1; int installed; } mgpu__signals;
+typedef struct mgpu__signals { struct sigaction term, usr1, intr; int installed; } mgpu__signals;
 
-static void mgpu__signals_install(mgpu__signals *s) {
+static void mgpu__signals_install(mgpu__signals *s, int quiet) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = mgpu__on_stop_signal;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     mgpu__stop_signal = 0;
-    s->installed = sigaction(SIGTERM, &sa, &s->term) == 0 && sigaction(SIGUSR1, &sa, &s->usr1) == 0;
+    mgpu__stop_quiet = quiet;
+    s->installed = sigaction(SIGTERM, &sa, &s->term) == 0 && sigaction(SIGUSR1, &sa, &s->usr1) == 0 && sigaction(SIGINT, &sa, &s->intr) == 0;
 }
 static void mgpu__signals_restore(mgpu__signals *s) {
     if (!s->installed) return;
     sigaction(SIGTERM, &s->term, NULL);
     sigaction(SIGUSR1, &s->usr1, NULL);
+    sigaction(SIGINT, &s->intr, NULL);
     s->installed = 0;
 }
 
@@ -277,7 +337,24 @@ typedef struct mgpu__fit {
     double run_time, run_samples;     /* this process's share, for samples_per_s */
     int stop;                         /* --max-steps reached or a stop signal */
     int signal;                       /* the stop signal, 0 if none */
+    int resumed;                      /* the state came from a checkpoint */
+    int finished;                     /* resumed from the checkpoint that ended the run: nothing left to do */
+    int64_t saved_step;               /* step of the last checkpoint taken (-1: none) */
 } mgpu__fit;
+
+/* Said once for all ranks: every rank reaches the same conclusion, rank 0 tells (with how many
+   ranks it stands for), so a 4-process run prints one warning, not four. */
+static void mgpu__fit_say_once(const mgpu__fit *f, mgpu_log_level level, const char *fmt, ...) MGPU__PRINTF(3, 4);
+static void mgpu__fit_say_once(const mgpu__fit *f, mgpu_log_level level, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    if (f->t->rank != 0) return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (f->t->world_size > 1) mgpu_log(level, "%s (the same on all %d ranks)", msg, f->t->world_size);
+    else mgpu_log(level, "%s", msg);
+}
 
 static void mgpu__fit_clock(mgpu__fit *f) {
     double now = mgpu_time_s();
@@ -334,7 +411,7 @@ static void mgpu__options_json(mgpu__buf *b, const mgpu_train_opts *o) {
     for (i = 0; i < MGPU__N_TRAIN_OPTS; i++) {
         const mgpu__opt *s = &mgpu__train_opts_table[i];
         const char *v = mgpu__opt_value_text(o, s, text, sizeof text);
-        int numeric = s->kind == MGPU__OPT_INT || s->kind == MGPU__OPT_I64 || s->kind == MGPU__OPT_U64 || s->kind == MGPU__OPT_FLOAT;
+        int numeric = s->kind == MGPU__OPT_INT || s->kind == MGPU__OPT_FLAG || s->kind == MGPU__OPT_I64 || s->kind == MGPU__OPT_U64 || s->kind == MGPU__OPT_FLOAT;
         if (i) mgpu__buf_puts(b, ",");
         mgpu__buf_json_string(b, s->flag);
         mgpu__buf_puts(b, ":");
@@ -367,8 +444,33 @@ static void mgpu__epoch_stats_json(mgpu__buf *b, const mgpu__epoch_stats *es) {
     mgpu__buf_puts(b, "}");
 }
 
-/* The whole state at a step boundary (see the Checkpoints section header). */
-static int mgpu__fit_state_json(const mgpu__fit *f, mgpu__buf *b) {
+/* Each rank's partial loss sum and sample count of the epoch in progress, gathered for rank 0's
+   trainer_state.json so a resumed run restores every rank's own sums (rank 0's alone would make
+   the resumed epoch's train_loss differ from the uninterrupted run's). An all-reduce of vectors
+   that are zero but for each rank's own slots is a gather: adding zeros is exact. Every rank
+   calls it, at the same step. */
+static mgpu_result mgpu__fit_rank_stats_json(const mgpu__fit *f, mgpu__buf *b) {
+    int w = f->t->world_size, i;
+    double *v;
+    mgpu_result r;
+    if (!f->t->comm || w <= 1) return MGPU_OK;
+    if (!(v = (double *)mgpu__calloc(sizeof(double) * 2 * (size_t)w, "the per-rank epoch sums"))) return MGPU_ERR_OOM_HOST;
+    v[f->t->rank] = f->es.loss_sum;
+    v[w + f->t->rank] = (double)f->es.samples;
+    if ((r = mgpu_comm_allreduce_f64(f->t->comm, v, 2 * w, MGPU_REDUCE_SUM)) == MGPU_OK) {
+        mgpu__buf_puts(b, ",\n\"rank_epoch_stats\":{\"loss_sum\":[");
+        for (i = 0; i < w; i++) { if (i) mgpu__buf_puts(b, ","); mgpu__buf_json_number(b, v[i]); }
+        mgpu__buf_puts(b, "],\"samples\":[");
+        for (i = 0; i < w; i++) mgpu__buf_printf(b, i ? ",%.0f" : "%.0f", v[w + i]);
+        mgpu__buf_puts(b, "]}");
+    }
+    mgpu_free(v);
+    return b->failed ? MGPU_ERR_OOM_HOST : r;
+}
+
+/* The whole state at a step boundary (see the Checkpoints section header); rank_stats: the
+   members mgpu__fit_rank_stats_json wrote ("" at world size 1). */
+static int mgpu__fit_state_json(const mgpu__fit *f, const char *rank_stats, mgpu__buf *b) {
     uint64_t seed = 0, offset = 0;
     mgpu_context_rng_state(f->t->ctx, &seed, &offset);
     mgpu__buf_printf(b, "{\"format_version\":%d,\"step\":%lld,\"epoch\":%lld,\"batch_in_epoch\":%lld,\"world_size\":%d,\"optimizer_steps\":%lld,",
@@ -382,6 +484,7 @@ static int mgpu__fit_state_json(const mgpu__fit *f, mgpu__buf *b) {
     mgpu__schedule_json(b, &f->schedule);
     mgpu__buf_puts(b, ",\n\"epoch_stats\":");
     mgpu__epoch_stats_json(b, &f->es);
+    mgpu__buf_puts(b, rank_stats);
     mgpu__buf_puts(b, ",\n\"metrics\":[");
     if (f->history.len) mgpu__buf_append(b, f->history.data, f->history.len);
     mgpu__buf_puts(b, "],\n\"options\":");
@@ -390,27 +493,46 @@ static int mgpu__fit_state_json(const mgpu__fit *f, mgpu__buf *b) {
     return !b->failed;
 }
 
-/* A checkpoint now (at a step boundary); wait: block until it is on disk (stop signals). */
+/* A checkpoint now (at a step boundary); wait: block until it is on disk (stop signals, the end).
+   Every rank calls it at the same step (their epoch sums are gathered); rank 0 writes. */
 static mgpu_result mgpu__fit_checkpoint(mgpu__fit *f, int wait) {
     double t0 = mgpu_time_s();
-    mgpu__buf state;
+    mgpu__buf state, ranks;
     mgpu_result r;
     mgpu__fit_clock(f);
     mgpu__buf_init(&state);
-    r = mgpu__fit_state_json(f, &state) ? mgpu_checkpointer_save(f->ckpt, f->step, f->model, f->opt, state.data) : MGPU_ERR_OOM_HOST;
-    if (r == MGPU_OK && wait) r = mgpu_checkpointer_wait(f->ckpt);
+    mgpu__buf_init(&ranks);
+    mgpu__buf_puts(&ranks, "");   /* a valid string at world size 1 */
+    r = mgpu__fit_rank_stats_json(f, &ranks);
+    if (r == MGPU_OK && f->ckpt)
+        r = mgpu__fit_state_json(f, ranks.data, &state) ? mgpu_checkpointer_save(f->ckpt, f->step, f->model, f->opt, state.data) : MGPU_ERR_OOM_HOST;
+    if (r == MGPU_OK && wait && f->ckpt) r = mgpu_checkpointer_wait(f->ckpt);
     mgpu__buf_free(&state);
+    mgpu__buf_free(&ranks);
+    f->saved_step = f->step;
     f->saved_time = mgpu_time_s();
     f->es.checkpoint_s += f->saved_time - t0;
     return r;
 }
 
-static int mgpu__fit_checkpoint_due(const mgpu__fit *f) {
+/* Whether checkpoints are taken at all (--save-dir), on every rank: rank 0 writes them, the
+   others take part in gathering their epoch sums. */
+static int mgpu__fit_saving(const mgpu__fit *f) { return f->t->opts->save_dir && f->t->opts->save_dir[0]; }
+
+/* Rank 0's wall-clock trigger (--checkpoint-interval-min); shared with the other ranks by
+   mgpu__fit_agree_stop, as clocks differ. */
+static int mgpu__fit_checkpoint_time_due(const mgpu__fit *f) {
     const mgpu_train_opts *o = f->t->opts;
-    if (!f->ckpt) return 0;
+    return f->t->rank == 0 && o->checkpoint_interval_min > 0 && mgpu_time_s() - f->saved_time >= 60.0 * o->checkpoint_interval_min;
+}
+
+/* The same answer on every rank: a stop signal (agreed), every N steps, or rank 0's clock. */
+static int mgpu__fit_checkpoint_due(const mgpu__fit *f, int time_due) {
+    const mgpu_train_opts *o = f->t->opts;
+    if (!mgpu__fit_saving(f)) return 0;
     if (f->signal) return 1;
     if (o->checkpoint_every_steps > 0 && f->step % o->checkpoint_every_steps == 0) return 1;
-    return o->checkpoint_interval_min > 0 && mgpu_time_s() - f->saved_time >= 60.0 * o->checkpoint_interval_min;
+    return time_due;
 }
 
 /* --------------------------------------------------------------------------------------
@@ -428,7 +550,7 @@ static mgpu_result mgpu__fit_resume_path(const mgpu__fit *f, char *path, size_t 
         dir = o->save_dir;
         if (f->t->rank == 0) mgpu__ckpt_remove_stale(dir);
         if (!mgpu__is_dir(dir) || !mgpu__ckpt_any(dir)) {
-            mgpu_log(MGPU_LOG_INFO, "--resume auto: no checkpoint in '%s' yet; starting from scratch", dir);
+            mgpu__fit_say_once(f, MGPU_LOG_INFO, "--resume auto: no checkpoint in '%s' yet; starting from scratch", dir);
             return MGPU_OK;
         }
     } else if (mgpu__path_join(file, dir, MGPU__CKPT_STATE) == MGPU_OK && access(file, F_OK) == 0) {
@@ -438,8 +560,8 @@ static mgpu_result mgpu__fit_resume_path(const mgpu__fit *f, char *path, size_t 
         *found = 1;
         return MGPU_OK;
     }
-    /* a save directory: its latest valid checkpoint */
-    if (mgpu_checkpoint_find(dir, path, size) != MGPU_OK) return mgpu_last_result();
+    /* a save directory: its latest valid checkpoint (rank 0 tells of corrupt ones it skips) */
+    if (mgpu__checkpoint_find(dir, path, size, f->t->rank == 0 ? MGPU_LOG_WARN : MGPU_LOG_DEBUG) != MGPU_OK) return mgpu_last_result();
     *found = 1;
     return MGPU_OK;
 }
@@ -460,12 +582,12 @@ static void mgpu__fit_warn_changed_options(const mgpu__fit *f, const mgpu_json *
         const char *then = !v ? NULL : v->type == MGPU_JSON_STRING ? v->string : v->type == MGPU_JSON_NUMBER ? v->raw : NULL;
         size_t then_len = !then ? 0 : v->type == MGPU_JSON_NUMBER ? v->raw_len : strlen(then);
         if (now && then && (strlen(now) != then_len || strncmp(now, then, then_len) != 0))
-            mgpu_log(MGPU_LOG_WARN, "resuming with --%s %s, but the checkpoint was written with %.*s: the run will differ from an uninterrupted one",
-                     keys[i], now, (int)then_len, then);
+            mgpu__fit_say_once(f, MGPU_LOG_WARN, "resuming with --%s %s, but the checkpoint was written with %.*s: the run will differ from an uninterrupted one",
+                               keys[i], now, (int)then_len, then);
     }
     if (mgpu_json_int64(mgpu_json_get(state, "world_size"), &world) && world != f->t->world_size)
-        mgpu_log(MGPU_LOG_WARN, "resuming at world size %d from a checkpoint written at world size %lld: the data order changes",
-                 f->t->world_size, (long long)world);
+        mgpu__fit_say_once(f, MGPU_LOG_WARN, "resuming at world size %d from a checkpoint written at world size %lld: the data order changes",
+                           f->t->world_size, (long long)world);
 }
 
 /* What the trainer needs beyond what every checkpoint holds; checked before anything is loaded. */
@@ -488,6 +610,24 @@ static mgpu_result mgpu__fit_check_state(const mgpu__fit *f, const mgpu_json *st
 
 static double mgpu__json_number_or_nan(const mgpu_json *j) { return j && j->type == MGPU_JSON_NUMBER ? j->number : NAN; }
 
+/* This rank's own partial sums of the epoch in progress (see mgpu__fit_rank_stats_json). Written
+   at another world size, the sums cannot be split as the data now is: rank 0 takes them all, so
+   the epoch's train_loss still averages every sample seen. Absent (world size 1), epoch_stats
+   already holds them. */
+static void mgpu__fit_restore_rank_stats(mgpu__fit *f, const mgpu_json *ranks) {
+    const mgpu_json *loss = mgpu_json_get(ranks, "loss_sum"), *samples = mgpu_json_get(ranks, "samples"), *l, *n;
+    int i;
+    if (!loss || !samples || loss->type != MGPU_JSON_ARRAY || samples->type != MGPU_JSON_ARRAY || loss->count != samples->count) return;
+    f->es.loss_sum = 0;
+    f->es.samples = 0;
+    for (i = 0, l = loss->child, n = samples->child; l && n; i++, l = l->next, n = n->next) {
+        int64_t k = 0;
+        if (loss->count == f->t->world_size ? i != f->t->rank : f->t->rank != 0) continue;
+        f->es.loss_sum += mgpu__json_number_or_nan(l);
+        if (mgpu_json_int64(n, &k)) f->es.samples += k;
+    }
+}
+
 /* Position, sums, RNG, scaler and history from a checked state. */
 static void mgpu__fit_restore(mgpu__fit *f, const mgpu_json *state) {
     const mgpu_json *rng = mgpu_json_get(state, "rng"), *scaler = mgpu_json_get(state, "scaler");
@@ -509,6 +649,7 @@ static void mgpu__fit_restore(mgpu__fit *f, const mgpu_json *state) {
     for (i = 0; i < MGPU__N_EPOCH_STATS; i++)
         *(double *)(void *)((char *)&f->es + mgpu__epoch_stat_fields[i].offset) = mgpu__json_number_or_nan(mgpu_json_get(stats, mgpu__epoch_stat_fields[i].key));
     if (!(f->es.time_s >= 0)) f->es.time_s = 0;
+    mgpu__fit_restore_rank_stats(f, mgpu_json_get(state, "rank_epoch_stats"));
     for (m = mgpu_json_get(state, "metrics")->child; m; m = m->next) {
         if (f->history.len) mgpu__buf_puts(&f->history, ",");
         mgpu__json_write(&f->history, m);
@@ -516,6 +657,10 @@ static void mgpu__fit_restore(mgpu__fit *f, const mgpu_json *state) {
     /* the LR of the last step taken, as an uninterrupted run would report it */
     if (f->step > 0) mgpu_optimizer_set_lr(f->opt, mgpu_lr_at(&f->schedule, f->step - 1));
     if (f->t->opts->max_steps > 0 && f->step >= f->t->opts->max_steps) f->stop = 1;
+    /* the checkpoint the end of a run writes: every epoch done, or stopped at --max-steps after its
+       epoch record (the loop in mgpu__fit_run would not run) */
+    f->finished = f->epoch >= f->t->opts->epochs || (f->stop && f->batch == 0);
+    f->resumed = 1;
 }
 
 /* The metrics file becomes the checkpoint's records, so epochs logged after the checkpoint (and
@@ -549,13 +694,20 @@ static mgpu_result mgpu__fit_resume(mgpu__fit *f) {
        checkpoint leaves the freshly initialised model as it was */
     if (!(state = mgpu__ckpt_read_state(path))) return mgpu_last_result();
     if ((r = mgpu__fit_check_state(f, state, path)) == MGPU_OK && (r = mgpu_checkpoint_load(path, f->model, f->opt, NULL)) == MGPU_OK) {
-        mgpu__fit_warn_changed_options(f, state);
+        if (!o->eval_only) mgpu__fit_warn_changed_options(f, state);
         mgpu__fit_restore(f, state);
-        r = f->history.failed ? MGPU_ERR_OOM_HOST : mgpu__fit_rewrite_metrics(f, state);
+        /* a finished run's metrics file also holds its final line, which the checkpoint lacks;
+           --eval-only appends its own line and changes nothing else */
+        r = f->history.failed ? MGPU_ERR_OOM_HOST : f->finished || o->eval_only ? MGPU_OK : mgpu__fit_rewrite_metrics(f, state);
     }
     mgpu_json_free(state);
-    if (r == MGPU_OK) {
-        printf("resumed from %s: step %lld, epoch %lld, batch %lld\n", path, (long long)f->step, (long long)f->epoch + 1, (long long)f->batch);
+    if (r == MGPU_OK && f->t->rank == 0) {
+        if (o->eval_only) printf("loaded %s: step %lld, epoch %lld\n", path, (long long)f->step, (long long)f->epoch);
+        else if (f->finished)
+            printf("already finished: %s is the end of the run (step %lld, %lld of %d epochs); nothing to train. "
+                   "Start a new run with another --save-dir (or --init-from %s/model.safetensors)\n",
+                   path, (long long)f->step, (long long)f->epoch, o->epochs, path);
+        else printf("resumed from %s: step %lld, epoch %lld, batch %lld\n", path, (long long)f->step, (long long)f->epoch + 1, (long long)f->batch);
         fflush(stdout);
     }
     return r;
@@ -598,16 +750,23 @@ static void mgpu__fit_count_comm(mgpu__fit *f) {
     f->ddp_exposed_s = st.exposed_s;
 }
 
-/* Every rank must stop at the same step: a signal may reach the ranks at different steps.
-   Without --save-dir no stop handler is installed, so there is nothing to agree on (and no
+/* Every rank must stop at the same step: a signal may reach the ranks at different steps (a
+   rank that got none stops for the lowest signal number one got: SIGINT before SIGTERM). Rank 0's
+   wall-clock checkpoint trigger travels in the same all-reduce. Without --save-dir no stop
+   handler is installed and no checkpoint is taken, so there is nothing to agree on (and no
    collective is added to every step). */
-static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal) {
-    const mgpu_train_opts *o = f->t->opts;
-    double v = (double)*signal;
+static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal, int *time_due) {
+    double v[32];   /* [0]: rank 0's time_due; [s]: how many ranks got signal s (1..31) */
     mgpu_result r;
-    if (!f->t->comm || !o->save_dir || !o->save_dir[0]) return MGPU_OK;
-    if ((r = mgpu_comm_allreduce_f64(f->t->comm, &v, 1, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
-    if (v > 0 && !*signal) *signal = SIGTERM;
+    int i;
+    if (!f->t->comm || !mgpu__fit_saving(f)) return MGPU_OK;
+    memset(v, 0, sizeof v);
+    v[0] = *time_due;
+    if (*signal > 0 && *signal < 32) v[*signal] = 1;
+    if ((r = mgpu_comm_allreduce_f64(f->t->comm, v, 32, MGPU_REDUCE_SUM)) != MGPU_OK) return r;
+    *time_due = v[0] > 0;
+    for (i = 1; i < 32 && !*signal; i++)
+        if (v[i] > 0) *signal = i;
     return MGPU_OK;
 }
 
@@ -639,12 +798,13 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
 /* After each optimizer step: stop conditions, then a checkpoint if one is due. */
 static mgpu_result mgpu__fit_after_step(mgpu__fit *f) {
     const mgpu_train_opts *o = f->t->opts;
-    int signal = o->save_dir && o->save_dir[0] ? (int)mgpu__stop_signal : 0;   /* handled only with a checkpoint to save */
+    int signal = mgpu__fit_saving(f) ? (int)mgpu__stop_signal : 0;   /* handled only with a checkpoint to save */
+    int time_due = mgpu__fit_checkpoint_time_due(f);
     mgpu_result r;
     if (o->max_steps > 0 && f->step >= o->max_steps) f->stop = 1;
-    if ((r = mgpu__fit_agree_stop(f, &signal)) != MGPU_OK) return r;
+    if ((r = mgpu__fit_agree_stop(f, &signal, &time_due)) != MGPU_OK) return r;
     if (signal) { f->stop = 1; f->signal = signal; }
-    return mgpu__fit_checkpoint_due(f) ? mgpu__fit_checkpoint(f, f->signal != 0) : MGPU_OK;
+    return mgpu__fit_checkpoint_due(f, time_due) ? mgpu__fit_checkpoint(f, f->signal != 0) : MGPU_OK;
 }
 
 /* The rest of the epoch in progress, from batch f->batch. */
@@ -773,7 +933,7 @@ static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, m
     f->epoch++;
     f->batch = 0;
     memset(&f->es, 0, sizeof f->es);
-    if (f->ckpt && o->checkpoint_every_epochs > 0 && f->epoch % o->checkpoint_every_epochs == 0) {
+    if (mgpu__fit_saving(f) && o->checkpoint_every_epochs > 0 && f->epoch % o->checkpoint_every_epochs == 0) {
         f->clock = mgpu_time_s();
         r = mgpu__fit_checkpoint(f, 0);
         memset(&f->es, 0, sizeof f->es); /* its time belongs to no epoch's training */
@@ -840,19 +1000,46 @@ static mgpu_result mgpu__fit_final_metrics(mgpu__fit *f, const mgpu_train_summar
     return mgpu_metrics_write_final(f->metrics, extra);
 }
 
-/* The end of a run: the final metrics and model, or (stopped by a signal) just the word. */
+/* The end of a run: the final metrics, a last checkpoint (so --resume auto knows the run is
+   over rather than repeating its last steps) and the model; or, stopped by a signal, the word. */
 static mgpu_result mgpu__fit_finish(mgpu__fit *f, const mgpu_train_summary *s) {
     char name[40];
     mgpu_result r;
     if (f->signal) {
         mgpu__ckpt_dir_name(name, sizeof name, f->step);
-        printf("stopped by signal %d after step %lld; checkpoint saved to %s/%s; run again with --resume auto to continue\n",
-               (int)f->signal, (long long)f->step, f->t->opts->save_dir, name);
-        fflush(stdout);
+        if (f->t->rank == 0) {
+            printf("stopped by %s after step %lld (signal %d); checkpoint saved to %s/%s; to continue, run the same command with --resume auto\n",
+                   f->signal == SIGINT ? "Ctrl-C (SIGINT)" : f->signal == SIGTERM ? "SIGTERM" : f->signal == SIGUSR1 ? "SIGUSR1" : "a signal",
+                   (long long)f->step, (int)f->signal, f->t->opts->save_dir, name);
+            fflush(stdout);
+        }
         return MGPU_OK;
     }
     if ((r = mgpu__fit_final_metrics(f, s)) != MGPU_OK) return r;
+    if (mgpu__fit_saving(f) && f->saved_step != f->step && (r = mgpu__fit_checkpoint(f, 1)) != MGPU_OK) return r;
     return f->t->rank == 0 ? mgpu__fit_save(f->t->opts, f->model) : MGPU_OK;
+}
+
+/* A finished run resumed: what it ended with, from its last epoch record; nothing is written. */
+static void mgpu__fit_summary_of_finished(const mgpu__fit *f, mgpu_train_summary *s) {
+    mgpu__buf text;
+    mgpu_json *records = NULL;
+    const mgpu_json *last = NULL, *m;
+    s->steps = f->step;
+    mgpu__buf_init(&text);
+    mgpu__buf_puts(&text, "[");   /* the history is objects joined by commas */
+    if (f->history.len) mgpu__buf_append(&text, f->history.data, f->history.len);
+    mgpu__buf_puts(&text, "]");
+    if (!text.failed && (records = mgpu_json_parse(text.data, text.len, "the checkpoint's metrics")) != NULL)
+        for (m = records->child; m; m = m->next) last = m;
+    if (last) {
+        s->final_train_loss = mgpu__json_number_or_nan(mgpu_json_get(last, "train_loss"));
+        s->final_test_loss = mgpu__json_number_or_nan(mgpu_json_get(last, "test_loss"));
+        s->final_test_accuracy = mgpu__json_number_or_nan(mgpu_json_get(last, "test_accuracy"));
+    }
+    mgpu_json_free(records);
+    mgpu__buf_free(&text);
+    mgpu_clear_error();
 }
 
 static mgpu_ddp *mgpu__ddp_from_opts(mgpu_model *model, mgpu_comm *comm, const mgpu_train_opts *o) {
@@ -882,7 +1069,8 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     mgpu_context_set_autocast(f->t->ctx, f->t->amp);
     mgpu_grad_scaler_init(&f->scaler, f->t->amp == MGPU_AMP_FP16);
     f->saved_time = mgpu_time_s();
-    if (o->save_dir && o->save_dir[0] && f->t->rank == 0) {
+    f->saved_step = -1;
+    if (o->save_dir && o->save_dir[0] && f->t->rank == 0 && !o->eval_only) {
         mgpu_checkpoint_desc cd;
         memset(&cd, 0, sizeof cd);
         cd.dir = o->save_dir; cd.keep_last = o->keep_last; cd.background = 1;
@@ -927,6 +1115,56 @@ static void mgpu__fit_announce_data(const mgpu__fit *f, const mgpu_dataset *trai
     fflush(stdout);
 }
 
+/* --------------------------------------------------------------------------------------
+   Where the weights come from: a checkpoint (--resume), a file (--init-from), or the model's
+   own initialisation; and --eval-only, which trains nothing.
+   -------------------------------------------------------------------------------------- */
+
+/* --init-from FILE: weights (and buffers) from a safetensors file with the model's names and
+   shapes, PyTorch's state_dict convention; the optimizer stays fresh. Every rank reads the file. */
+static mgpu_result mgpu__fit_init_from(mgpu__fit *f) {
+    const char *path = f->t->opts->init_from;
+    char why[1024];
+    if (mgpu_model_load(f->model, path) != MGPU_OK) {
+        snprintf(why, sizeof why, "%s", mgpu_last_error());
+        return mgpu__fail(MGPU_ERR_FORMAT, "--init-from %s: %s (the file must hold exactly the model's tensors, under the names "
+                          "and shapes of its PyTorch state_dict)", path, why);
+    }
+    if (f->t->rank == 0) {
+        printf("initialised from %s (%d tensors); fresh optimizer\n", path, mgpu_model_num_parameters(f->model) + mgpu_model_num_buffers(f->model));
+        fflush(stdout);
+    }
+    return MGPU_OK;
+}
+
+/* --resume, then (nothing resumed) --init-from. --eval-only with --resume must find a checkpoint:
+   evaluating a fresh model instead would report a meaningless accuracy as the checkpoint's. */
+static mgpu_result mgpu__fit_initial_state(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_result r;
+    if ((r = mgpu__fit_resume(f)) != MGPU_OK) return r;
+    if (o->eval_only && o->resume != MGPU_RESUME_NONE && !f->resumed)
+        return mgpu__fail(MGPU_ERR_IO, "--eval-only --resume %s: no checkpoint found to evaluate", o->resume == MGPU_RESUME_AUTO ? "auto" : o->resume_path);
+    if (!f->resumed && o->init_from && o->init_from[0]) return mgpu__fit_init_from(f);
+    return MGPU_OK;
+}
+
+/* --eval-only: the test set once; the line printed and a metrics line {"event":"final","eval_only":true,...}. */
+static mgpu_result mgpu__fit_eval_only(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
+    char extra[256];
+    double loss = NAN, acc = NAN;
+    mgpu_result r;
+    if (!test) return mgpu__fail(MGPU_ERR_INVALID_ARG, "--eval-only: this program passed no test set to the trainer");
+    if ((r = mgpu_evaluate(f->t->ctx, f->model, f->forward, f->user, test, 1000, &loss, &acc)) != MGPU_OK) return r;
+    s->final_test_loss = loss; s->final_test_accuracy = acc; s->steps = f->step;
+    if (f->t->rank == 0) {
+        printf("eval-only: test_loss %.4f  test_acc %.4f  (the model of step %lld)\n", loss, acc, (long long)f->step);
+        fflush(stdout);
+    }
+    snprintf(extra, sizeof extra, "\"eval_only\":true,\"step\":%lld,\"test_accuracy\":%.6f,\"test_loss\":%.6f", (long long)f->step, acc, loss);
+    return mgpu_metrics_write_final(f->metrics, extra);
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -944,12 +1182,14 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     s.final_train_loss = s.final_test_loss = s.final_test_accuracy = NAN;
     f.t = t; f.model = model; f.forward = forward; f.user = user;
     mgpu__buf_init(&f.history);
-    if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_resume(&f)) == MGPU_OK &&
+    if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_initial_state(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
     if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
-    if (r == MGPU_OK) {
-        if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
+    if (r == MGPU_OK && o->eval_only) r = mgpu__fit_eval_only(&f, test, &s);
+    else if (r == MGPU_OK && f.finished) mgpu__fit_summary_of_finished(&f, &s);
+    else if (r == MGPU_OK) {
+        if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig, t->rank != 0);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);
         mgpu__signals_restore(&sig);
     }
@@ -962,6 +1202,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     mgpu_metrics_close(f.metrics);
     mgpu_optimizer_destroy(f.opt);
     mgpu_loader_destroy(f.loader);
+    s.stop_signal = f.signal;
     if (summary) *summary = s;
     return r;
 }

@@ -228,6 +228,17 @@ PY
   if [ "$rc" -eq 1 ] && grep -q "out of memory on cuda:0 allocating" <<<"$out" && [ ! -e "$T_TMP/oom/model.safetensors" ]; then
     ok "fashion_mlp --device cuda with 64 MiB of device memory and batch 2048: exit 1, MGPU_ERR_OOM_DEVICE named, nothing saved"
   else fail "fashion_mlp --device cuda out of device memory (exit $rc)" "$out"; fi
+  # weights from elsewhere on the device: a CPU run's model.safetensors through --init-from, and
+  # its last checkpoint through --eval-only --resume, give on cuda:0 the accuracy the CPU recorded;
+  # the cuda run's own end writes a last checkpoint, so --resume auto trains nothing
+  timeout 120 build/fashion_mlp --device cpu --data "$T_TMP/fm" --epochs 1 --max-steps 20 --batch-size 64 --seed 3 --save-dir "$T_TMP/w" > "$T_TMP/w.log" 2>&1
+  cpu_acc=$(sed -n 's/^final test accuracy //p' "$T_TMP/w.log")
+  a=$(MGPU_EMU_ERRORS=report timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --eval-only --init-from "$T_TMP/w/model.safetensors" 2>&1 | sed -n 's/^final test accuracy //p')
+  b=$(MGPU_EMU_ERRORS=report timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --eval-only --resume "$T_TMP/w" 2>&1 | sed -n 's/^final test accuracy //p')
+  expect "cuda --init-from / --eval-only --resume of a CPU run: accuracy $a / $b equals the CPU's $cpu_acc" bash -c "[ -n '$cpu_acc' ] && [ '$a' = '$cpu_acc' ] && [ '$b' = '$cpu_acc' ]"
+  MGPU_EMU_ERRORS=report timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 5 --batch-size 64 --save-dir "$T_TMP/wc" > /dev/null 2>&1
+  out=$(MGPU_EMU_ERRORS=report timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 5 --batch-size 64 --save-dir "$T_TMP/wc" --resume auto 2>&1)
+  expect "cuda: --resume auto after a finished run says 'already finished'" grep -q 'already finished' <<<"$out"
 else
   echo "  note training on cuda vs the CPU skipped: needs build/fashion_mlp, build/fashion_cnn, python3 and Fashion-MNIST"
 fi

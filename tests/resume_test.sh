@@ -87,7 +87,7 @@ dir="$T_TMP/term"
 bg_mlp --save-dir "$dir" > "$dir.log" 2>&1; pid=$PID
 sleep "$(awk -v ms="$ref_ms" 'BEGIN{printf "%.3f", ms * 0.5 / 1000}')"
 kill -TERM "$pid"; wait "$pid"; rc=$?
-step=$(sed -n 's/^stopped by signal 15 after step \([0-9]*\).*/\1/p' "$dir.log")
+step=$(sed -n 's/^stopped by SIGTERM after step \([0-9]*\) (signal 15).*/\1/p' "$dir.log")
 expect "SIGTERM: exit 0 (got $rc) after saying it stopped" test "$rc" -eq 0 -a -n "$step"
 expect "SIGTERM: checkpoint of step $step saved and valid" build/mgpu-ckpt verify "$dir/$(printf 'step-%08d' "${step:-0}")"
 expect "SIGTERM: latest names it" test "$(cat "$dir/latest" 2>/dev/null)" = "$(printf 'step-%08d' "${step:-0}")"

@@ -772,6 +772,15 @@ static void test_opts_defaults_and_flags(void) {
         MT_CHECK(parse_args(&o, b, 8) == MGPU_OK && o.epochs == 6 && o.num_workers == 2 && o.grad_accum_steps == 2 && o.save_dir &&
                  strcmp(o.save_dir, "/s") == 0 && o.max_steps == 9, "--num_epochs=6 and friends: %s", mgpu_last_error());
     }
+    {   /* --eval-only is a bare switch (the next word stays a flag) or =0|1; --init-from takes a path */
+        static const char *a[] = {"--eval-only", "--epochs", "5", "--init-from", "/w.safetensors"};
+        static const char *b[] = {"--eval_only=0"};
+        static const char *c[] = {"--eval-only=maybe"};
+        MT_CHECK(parse_args(&o, a, 5) == MGPU_OK && o.eval_only == 1 && o.epochs == 5 && o.init_from && strcmp(o.init_from, "/w.safetensors") == 0,
+                 "--eval-only --epochs 5 --init-from: %s", mgpu_last_error());
+        MT_CHECK(parse_args(&o, b, 1) == MGPU_OK && o.eval_only == 0, "--eval_only=0");
+        MT_CHECK(parse_args(&o, c, 1) == MGPU_ERR_INVALID_ARG && strstr(mgpu_last_error(), "--eval-only"), "--eval-only=maybe: %s", mgpu_last_error());
+    }
     {   /* 64 gpu ids fit, 65 do not */
         static char list[400];
         const char *a[2];
@@ -793,7 +802,8 @@ static void test_opts_help(void) {
                            "--schedule", "--scale-lr", "--grad-accum-steps", "--clip-grad-norm", "--amp", "--device", "--gpu-ids",
                            "--multi-gpu", "--num-workers", "--eval-frequency", "--save-dir", "--checkpoint-every-epochs",
                            "--checkpoint-interval-min", "--keep-last", "--resume", "--seed", "--metrics", "--log-every", "--max-steps",
-                           "--checkpoint-every-steps", "--t0-epochs", "--t-mult", "--eta-min", "--step-size-epochs", "--gamma", "--help"};
+                           "--checkpoint-every-steps", "--t0-epochs", "--t-mult", "--eta-min", "--step-size-epochs", "--gamma", "--eval-only",
+                           "--init-from", "--help"};
     j.args = a; j.n = 4;
     out = capture_fd(1, run_opts_job, &j);
     MT_CHECK(j.r == MGPU_OK && j.o.help == 1 && j.o.epochs == 3, "--help sets help and returns OK");

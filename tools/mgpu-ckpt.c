@@ -4,13 +4,16 @@
    Usage:  mgpu-ckpt inspect PATH      tensors (dtype, shape, bytes) of each file and the trainer state
            mgpu-ckpt verify PATH       full validation: "ok" and exit 0, or the error and exit 1
            mgpu-ckpt diff A B          per tensor: max absolute and max relative difference
-   PATH is a checkpoint directory (DIR/step-00001234) or a --save-dir (its `latest`, falling back
-   to the newest valid checkpoint). Exit codes: 0 ok, 1 bad checkpoint or I/O error, 2 bad usage. */
+   PATH is a checkpoint directory (DIR/step-00001234), a --save-dir (its `latest`, falling back
+   to the newest valid checkpoint), or a single .safetensors file (a final model.safetensors, or
+   weights PyTorch wrote with safetensors.torch.save_file); diff compares a file with a
+   checkpoint's model.safetensors. Exit codes: 0 ok, 1 bad checkpoint or I/O error, 2 bad usage. */
 #define MGPU_IMPLEMENTATION
 #include "mgpu.h"
 #include <math.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 static const char *const files[2] = {"model.safetensors", "optimizer.safetensors"};
 
@@ -19,10 +22,18 @@ static void usage(FILE *out) {
             "usage: mgpu-ckpt inspect PATH\n"
             "       mgpu-ckpt verify PATH\n"
             "       mgpu-ckpt diff A B\n"
-            "PATH: a checkpoint directory (DIR/step-00001234) or a save directory (uses DIR/latest).\n"
+            "PATH: a checkpoint directory (DIR/step-00001234), a save directory (uses DIR/latest),\n"
+            "      or one .safetensors file (e.g. written by PyTorch's safetensors.torch.save_file)\n"
             "inspect  list each file's tensors (dtype, shape, bytes) and summarise trainer_state.json\n"
             "verify   validate every file (header, JSON, dtypes, shapes, offsets, checksums); exit 1 if bad\n"
-            "diff     max |a - b| and max |a - b| / max(|a|, |b|) per tensor of the two checkpoints\n");
+            "diff     max |a - b| and max |a - b| / max(|a|, |b|) per tensor of the two checkpoints\n"
+            "         (a file against a checkpoint: the checkpoint's model.safetensors)\n");
+}
+
+/* A single safetensors file rather than a checkpoint or save directory. */
+static int is_file(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
 /* The checkpoint directory PATH stands for (a save dir resolves through latest). */
@@ -35,21 +46,25 @@ static int resolve(const char *path, char *out, size_t size) {
     return 0;
 }
 
-static mgpu_safetensors *open_file(const char *dir, int which) {
-    char path[4200];
-    mgpu_safetensors *st;
-    snprintf(path, sizeof path, "%s/%s", dir, files[which]);
-    st = mgpu_safetensors_open(path);
+static mgpu_safetensors *open_path(const char *path) {
+    mgpu_safetensors *st = mgpu_safetensors_open(path);
     if (!st) fprintf(stderr, "mgpu-ckpt: %s\n", mgpu_last_error());
     return st;
 }
 
-static void print_file(const char *dir, const mgpu_safetensors *st, int which) {
+static mgpu_safetensors *open_file(const char *dir, int which) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", dir, files[which]);
+    return open_path(path);
+}
+
+/* label: the file's path, for the heading. */
+static void print_file(const char *label, const mgpu_safetensors *st) {
     static const char *const keys[] = {"format", "optimizer", "step_count", "checksum"};
     size_t total = 0, k;
     int i;
     for (i = 0; i < mgpu_safetensors_count(st); i++) total += mgpu_safetensors_get(st, i)->nbytes;
-    printf("%s/%s: %d tensors, %zu bytes", dir, files[which], mgpu_safetensors_count(st), total);
+    printf("%s: %d tensors, %zu bytes", label, mgpu_safetensors_count(st), total);
     for (k = 0; k < sizeof keys / sizeof keys[0]; k++)
         if (mgpu_safetensors_metadata(st, keys[k])) printf(", %s %s", keys[k], mgpu_safetensors_metadata(st, keys[k]));
     printf("\n");
@@ -88,16 +103,24 @@ static void print_state(const char *dir, const mgpu_json *s) {
 }
 
 static int cmd_inspect(const char *arg) {
-    char dir[4200];
+    char dir[4200], label[4300];
     void *text = NULL;
     size_t len = 0;
     mgpu_json *state = NULL;
     int i, ok = 1;
+    if (is_file(arg)) {
+        mgpu_safetensors *st = open_path(arg);
+        if (!st) return 1;
+        print_file(arg, st);
+        mgpu_safetensors_close(st);
+        return 0;
+    }
     if (!resolve(arg, dir, sizeof dir)) return 1;
     for (i = 0; i < 2; i++) {
         mgpu_safetensors *st = open_file(dir, i);
         if (!st) { ok = 0; continue; }
-        print_file(dir, st, i);
+        snprintf(label, sizeof label, "%s/%s", dir, files[i]);
+        print_file(label, st);
         mgpu_safetensors_close(st);
     }
     {
@@ -115,8 +138,19 @@ static int cmd_inspect(const char *arg) {
     return ok ? 0 : 1;
 }
 
+/* One file: everything mgpu_safetensors_open checks (header size, JSON, dtypes, shapes against
+   byte counts, offsets inside the file). A lone file has no trainer state to check it against. */
+static int verify_file(const char *path) {
+    mgpu_safetensors *st = open_path(path);
+    if (!st) return 1;
+    mgpu_safetensors_close(st);
+    printf("%s: ok\n", path);
+    return 0;
+}
+
 static int cmd_verify(const char *arg) {
     char dir[4200];
+    if (is_file(arg)) return verify_file(arg);
     if (!resolve(arg, dir, sizeof dir)) return 1;
     if (mgpu_checkpoint_verify(dir) != MGPU_OK) {
         fprintf(stderr, "mgpu-ckpt: %s: %s\n", dir, mgpu_last_error());
@@ -163,22 +197,52 @@ static void diff_entry(const mgpu_safetensors_entry *a, const mgpu_safetensors_e
            a->nbytes == b->nbytes && memcmp(a->data, b->data, a->nbytes) == 0 ? " identical" : "");
 }
 
+/* Every tensor of A against B's of the same name, then the names only one of them has. */
+static void diff_tensors(const mgpu_safetensors *a, const mgpu_safetensors *b) {
+    int i;
+    for (i = 0; i < mgpu_safetensors_count(a); i++) {
+        const mgpu_safetensors_entry *ea = mgpu_safetensors_get(a, i), *eb = mgpu_safetensors_find(b, ea->name);
+        if (eb) diff_entry(ea, eb);
+        else printf("  %-40s only in A\n", ea->name);
+    }
+    for (i = 0; i < mgpu_safetensors_count(b); i++)
+        if (!mgpu_safetensors_find(a, mgpu_safetensors_get(b, i)->name)) printf("  %-40s only in B\n", mgpu_safetensors_get(b, i)->name);
+}
+
+/* PATH as one weights file: itself, or a checkpoint's model.safetensors. */
+static int model_file(const char *arg, char *out, size_t size) {
+    char dir[4200];
+    if (is_file(arg)) { snprintf(out, size, "%s", arg); return 1; }
+    if (!resolve(arg, dir, sizeof dir)) return 0;
+    snprintf(out, size, "%s/%s", dir, files[0]);
+    return 1;
+}
+
+/* A single file on either side: the weights only (a file has no optimizer state). */
+static int diff_models(const char *arg_a, const char *arg_b) {
+    char fa[4300], fb[4300];
+    mgpu_safetensors *a = NULL, *b = NULL;
+    int ok;
+    if (!model_file(arg_a, fa, sizeof fa) || !model_file(arg_b, fb, sizeof fb)) return 1;
+    printf("A: %s\nB: %s\n", fa, fb);
+    ok = (a = open_path(fa)) != NULL && (b = open_path(fb)) != NULL;
+    if (ok) diff_tensors(a, b);
+    mgpu_safetensors_close(a);
+    mgpu_safetensors_close(b);
+    return ok ? 0 : 1;
+}
+
 static int cmd_diff(const char *arg_a, const char *arg_b) {
     char da[4200], db[4200];
-    int w, i;
+    int w;
+    if (is_file(arg_a) || is_file(arg_b)) return diff_models(arg_a, arg_b);
     if (!resolve(arg_a, da, sizeof da) || !resolve(arg_b, db, sizeof db)) return 1;
     printf("A: %s\nB: %s\n", da, db);
     for (w = 0; w < 2; w++) {
         mgpu_safetensors *a = open_file(da, w), *b = open_file(db, w);
         if (a && b) {
             printf("%s:\n", files[w]);
-            for (i = 0; i < mgpu_safetensors_count(a); i++) {
-                const mgpu_safetensors_entry *ea = mgpu_safetensors_get(a, i), *eb = mgpu_safetensors_find(b, ea->name);
-                if (eb) diff_entry(ea, eb);
-                else printf("  %-40s only in A\n", ea->name);
-            }
-            for (i = 0; i < mgpu_safetensors_count(b); i++)
-                if (!mgpu_safetensors_find(a, mgpu_safetensors_get(b, i)->name)) printf("  %-40s only in B\n", mgpu_safetensors_get(b, i)->name);
+            diff_tensors(a, b);
         }
         mgpu_safetensors_close(a);
         mgpu_safetensors_close(b);
