@@ -623,10 +623,12 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
 typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
 /* --device: auto picks a GPU when the CUDA backend is built in and one is visible, else the CPU. */
 typedef enum mgpu_device_kind { MGPU_DEVICE_KIND_AUTO = 0, MGPU_DEVICE_KIND_CPU = 1, MGPU_DEVICE_KIND_CUDA = 2 } mgpu_device_kind;
-/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE > 1) and one process otherwise; none is one
-   process (an error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in
-   this process; ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style
-   variables, srun): WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
+/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE set); without one, with several visible
+   GPUs (or --gpu-ids entries) on a CUDA device, the trainer starts one DDP worker per GPU itself
+   (mgpu_trainer_create, see there), and with one it is plain training; none is one process (an
+   error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in this process;
+   ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style variables, srun):
+   WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
 typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE = 1, MGPU_MULTI_GPU_DP = 2, MGPU_MULTI_GPU_DDP = 3 } mgpu_multi_gpu_mode;
 /* --grad-compression: DDP gradients travel rounded to this format. */
 typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
@@ -676,6 +678,9 @@ typedef struct mgpu_train_opts {
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
     int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
     mgpu_cuda_graph_mode cuda_graph; /* --cuda-graph on|off (CUDA only; see the trainer's startup line) */
+    /* the command line mgpu_train_opts_parse read; --multi-gpu auto's self-launch runs it again once
+       per GPU (NULL when the struct was filled by hand: then no self-launch) */
+    int argc; char **argv;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
@@ -952,7 +957,12 @@ typedef struct mgpu_train_summary {
     double samples_per_s;          /* training samples per second over the run (per process) */
     int64_t steps;                 /* optimizer steps taken */
 } mgpu_train_summary;
-/* Creates the context from opts (device, seed, threads). opts is kept by pointer. */
+/* Creates the context from opts (device, seed, threads). opts is kept by pointer. Under a launcher
+   each rank's GPU is its entry of --gpu-ids, else its LOCAL_RANK (unless --device cuda:N names one).
+   Self-launch: with --multi-gpu auto, a CUDA device, no launcher (no WORLD_SIZE) and several GPUs
+   to use (the --gpu-ids entries, else every visible device), this call does not return: the process
+   runs opts->argv once per GPU as DDP workers (mgpu_worker_group_run: only rank 0's stdout is
+   shown, the failure of one stops all) and exits with the group's code. */
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts);
 MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t);
 /* Train `model` (built on mgpu_trainer_context) with cross-entropy on train, evaluating on test
@@ -1022,6 +1032,26 @@ MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(
    time; mgpu_signal_pipe_close restores the previous handlers. -1 on failure. */
 MGPU_API int mgpu_signal_pipe_open(const int *signals, int n);
 MGPU_API void mgpu_signal_pipe_close(void);
+/* A TCP port nothing listens on now (bound to port 0 on addr, then released), or -1 with an
+   error. Another process could take it before it is used: torchrun's window, no more. */
+MGPU_API int mgpu_pick_free_port(const char *addr);
+/* A local group of n workers run to their end, as torch.multiprocessing.spawn does: worker i runs
+   argv with torchrun's variables (RANK = LOCAL_RANK = i, WORLD_SIZE = LOCAL_WORLD_SIZE = n,
+   MASTER_ADDR 127.0.0.1, MASTER_PORT a free port) and MGPU_NUM_THREADS = cores / n unless set.
+   The first worker to fail (non-zero exit or a signal) stops the others (SIGTERM, SIGKILL after
+   grace_s), SIGINT/SIGTERM/SIGHUP to the caller are forwarded, and every worker's process group is
+   killed at the end (and dies with the caller, mgpu_spawn): nothing is left behind. Messages go to
+   stderr as "LABEL: rank 1 was killed by signal 9 (SIGKILL) ...". Returns the caller's exit code:
+   0; the first failing worker's (128 + signal when killed); 128 + signal when the caller itself
+   was stopped; -1 with an error when the workers could not start. */
+typedef struct mgpu_worker_group_desc {
+    char *const *argv;          /* NULL-terminated; argv[0] is looked up in PATH */
+    int n;                      /* workers, >= 1 */
+    const char *label;          /* starts every message (NULL: "mgpu") */
+    double grace_s;             /* SIGTERM -> SIGKILL; 0: 5 s */
+    int rank0_stdout_only;      /* other ranks' stdout goes to /dev/null (every rank's stderr is kept) */
+} mgpu_worker_group_desc;
+MGPU_API int mgpu_worker_group_run(const mgpu_worker_group_desc *desc);
 
 /* ---- the grid ---- */
 
@@ -9908,12 +9938,17 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"device", MGPU__OPT_DEVICE, MGPU__OF(device), 0, 0, 0, NULL, "DEV",
      "cpu, cuda (cuda:0), cuda:N or auto\nauto: a GPU when this build's CUDA backend sees one, else the CPU"},
     {"gpu-ids", MGPU__OPT_GPU_IDS, MGPU__OF(gpu_ids), 0, 0, 0, NULL, "LIST",
-     "--multi-gpu dp: one model replica per id, e.g. 0,1,3\nrequired with dp (no default); in this version every replica runs on --device"},
+     "the GPUs to use, e.g. 0,1,3 (unset: every visible one)\n"
+     "auto/ddp: local rank i trains on the i-th id; dp: one replica per id (required with dp)"},
     {"multi-gpu", MGPU__OPT_ENUM, MGPU__OF(multi_gpu), 0, 0, 0, "auto|none|dp|ddp", "MODE",
-     "how to use several processes or devices\n"
-     "auto: DDP under a launcher (WORLD_SIZE > 1), else one process; none: one process (an error\n"
-     "under a launcher with WORLD_SIZE > 1); dp: one replica per --gpu-ids entry, on threads of this\n"
-     "process; ddp: DDP, needs a launcher that sets WORLD_SIZE (mgpurun, srun; WORLD_SIZE=1: world size 1)"},
+     "how to use several GPUs (or processes)\n"
+     "auto: under a launcher (WORLD_SIZE set) DDP; else, on a GPU with several to use (--gpu-ids, or\n"
+     "every visible one), start one DDP worker process per GPU (only rank 0's output is shown; one\n"
+     "failing stops all); with one GPU, or on the CPU, plain training in this process\n"
+     "none (or --no-multi-gpu): one process on one device (an error under a launcher with WORLD_SIZE > 1)\n"
+     "dp: one process, one replica per --gpu-ids entry, each on a thread of its own\n"
+     "ddp: DDP, needs a launcher that sets WORLD_SIZE (mgpurun, srun; WORLD_SIZE=1: world size 1)\n"
+     "the LR is not scaled with the number of GPUs unless --scale-lr says so"},
     {"num-workers", MGPU__OPT_INT, MGPU__OF(num_workers), 0, 256, 0, NULL, "N", "data loader threads (0: load on the training thread)"},
     {"eval-frequency", MGPU__OPT_INT, MGPU__OF(eval_frequency), 0, -1, 0, NULL, "N", "evaluate every N epochs (0: only after the last)"},
     {"save-dir", MGPU__OPT_STRING, MGPU__OF(save_dir), 0, -1, 0, NULL, "DIR", "checkpoint and final model directory (unset: no saving)"},
@@ -9940,6 +9975,9 @@ static const mgpu__opt mgpu__train_opts_table[] = {
 };
 #undef MGPU__OF
 #define MGPU__N_TRAIN_OPTS ((int)(sizeof mgpu__train_opts_table / sizeof mgpu__train_opts_table[0]))
+/* Flags without a value that stand for a flag with one ("--no-multi-gpu" is "--multi-gpu none"). */
+static const char *const mgpu__train_opts_switches[][3] = {{"no-multi-gpu", "multi-gpu", "none"}};
+#define MGPU__N_TRAIN_OPT_SWITCHES ((int)(sizeof mgpu__train_opts_switches / sizeof mgpu__train_opts_switches[0]))
 /* Other spellings PyTorch scripts use for a flag (underscores are accepted for every flag). */
 static const char *const mgpu__train_opts_aliases[][2] = {{"num-epochs", "epochs"}};
 #define MGPU__N_TRAIN_OPT_ALIASES ((int)(sizeof mgpu__train_opts_aliases / sizeof mgpu__train_opts_aliases[0]))
@@ -10186,11 +10224,25 @@ static const char *mgpu__program_name(int argc, char **argv) {
     return slash ? slash + 1 : argv[0];
 }
 
+/* A switch (a flag that takes no value) spelt arg: its flag and value set, 1; 0 if arg is none. */
+static int mgpu__opt_switch(mgpu_train_opts *o, const char *arg) {
+    char norm[64];
+    int i;
+    if (strncmp(arg, "--", 2) != 0 || !mgpu__opt_normalize(arg + 2, strlen(arg + 2), norm)) return 0;
+    for (i = 0; i < MGPU__N_TRAIN_OPT_SWITCHES; i++)
+        if (strcmp(norm, mgpu__train_opts_switches[i][0]) == 0) {
+            const char *flag = mgpu__train_opts_switches[i][1];
+            return mgpu__opt_set(o, mgpu__opt_find(flag, strlen(flag)), mgpu__train_opts_switches[i][2]);
+        }
+    return 0;
+}
+
 MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **argv) {
     const char *prog;
     int i;
     if (!o || argc < 0 || (argc > 0 && !argv)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_train_opts_parse: o and argv must not be NULL");
     prog = mgpu__program_name(argc, argv);
+    o->argc = argc; o->argv = argv;
     for (i = 1; i < argc; i++) {
         const char *arg = argv[i] ? argv[i] : "", *eq, *value, *hint;
         const mgpu__opt *s;
@@ -10202,6 +10254,7 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
             return MGPU_OK;
         }
         if (strncmp(arg, "--", 2) != 0) return mgpu__opt_error(prog, "unexpected argument '%s' (options start with --)", arg);
+        if (mgpu__opt_switch(o, arg)) continue;
         eq = strchr(arg, '=');
         name_len = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
         if (!(s = mgpu__opt_find(arg + 2, name_len))) {
@@ -10274,6 +10327,10 @@ MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
             fprintf(out, "  %-30s %.*s\n", "", next ? (int)(next - more - 1) : (int)strlen(more + 1), more + 1);
             more = next;
         }
+    }
+    for (i = 0; i < MGPU__N_TRAIN_OPT_SWITCHES; i++) {
+        snprintf(flag, sizeof flag, "--%s", mgpu__train_opts_switches[i][0]);
+        fprintf(out, "  %-30s the same as --%s %s\n", flag, mgpu__train_opts_switches[i][1], mgpu__train_opts_switches[i][2]);
     }
     fprintf(out, "  %-30s %s\n", "--help", "show this help and exit");
 }
@@ -14277,6 +14334,7 @@ struct mgpu_trainer {
     mgpu_amp_mode amp;
     int launched;              /* a launcher's variables are set (WORLD_SIZE, SLURM_PROCID, OMPI_...) */
     int dp_replicas;           /* --multi-gpu dp: replicas (threads) in this process; 0 otherwise */
+    int local_rank;            /* under a launcher: LOCAL_RANK (picks this rank's GPU) */
 };
 
 /* --multi-gpu against the environment, before anything is built: dp runs one process with one
@@ -14343,6 +14401,62 @@ static mgpu_result mgpu__trainer_read_env(mgpu_trainer *t) {
     t->rank = env.rank;
     t->world_size = env.world_size > 0 ? env.world_size : 1;
     t->launched = env.source && strcmp(env.source, "single") != 0;
+    t->local_rank = env.local_rank;
+    return MGPU_OK;
+}
+
+/* GPUs --multi-gpu auto would use without a launcher: the --gpu-ids entries, else every visible
+   device; 0 when the run is not on a GPU (--device cpu, or none visible, or a CPU build). */
+static int mgpu__trainer_gpus_to_use(const mgpu_train_opts *o, const mgpu_device *dev) {
+    int visible;
+    if (dev->type != MGPU_DEVICE_CUDA) return 0;
+    if (o->num_gpu_ids > 0) return o->num_gpu_ids;
+    visible = mgpu_cuda_device_count();
+    return visible > 0 ? visible : 0;
+}
+
+/* --multi-gpu auto without a launcher and several GPUs: this process becomes the supervisor of one
+   DDP worker per GPU, each running this same command line (torch.multiprocessing.spawn's way; the
+   workers see WORLD_SIZE and train as DDP), and exits with the group's code. --device cuda:N names
+   one GPU: plain training there. Returns only when there is nothing to launch. */
+static mgpu_result mgpu__trainer_self_launch(const mgpu_trainer *t, const mgpu_device *dev) {
+    const mgpu_train_opts *o = t->opts;
+    mgpu_worker_group_desc gd;
+    const char *slash;
+    int n = mgpu__trainer_gpus_to_use(o, dev), code;
+    if (o->multi_gpu != MGPU_MULTI_GPU_AUTO || t->launched || o->device_index >= 0 || n < 2) return MGPU_OK;
+    if (!o->argv || o->argc < 1 || !o->argv[0]) {
+        mgpu_log(MGPU_LOG_WARN, "%d GPUs to use, but the options carry no command line to start workers with (filled by hand, "
+                 "not by mgpu_train_opts_parse): training on one; run under mgpurun for DDP", n);
+        return MGPU_OK;
+    }
+    slash = strrchr(o->argv[0], '/');
+    memset(&gd, 0, sizeof gd);
+    gd.argv = o->argv; gd.n = n; gd.label = slash ? slash + 1 : o->argv[0]; gd.rank0_stdout_only = 1;
+    fflush(stdout);
+    fflush(stderr);
+    code = mgpu_worker_group_run(&gd);
+    if (code < 0) {
+        fprintf(stderr, "%s: error: %s\n", gd.label, mgpu_last_error());
+        code = 1;
+    }
+    exit(code);
+}
+
+/* This process's GPU when the options leave it open (--device cuda or auto): under a launcher the
+   rank's entry of --gpu-ids, else its LOCAL_RANK (as mgpu_comm_create's NCCL device; more ranks than
+   devices share them round-robin, which the shm backend allows); alone, the first --gpu-ids entry. */
+static mgpu_result mgpu__trainer_place(const mgpu_trainer *t, mgpu_device *dev) {
+    const mgpu_train_opts *o = t->opts;
+    int visible;
+    if (dev->type != MGPU_DEVICE_CUDA || o->device_index >= 0) return MGPU_OK;
+    if (!t->launched) {
+        if (o->num_gpu_ids > 0) dev->index = o->gpu_ids[0];
+        return MGPU_OK;
+    }
+    if (t->local_rank < o->num_gpu_ids) { dev->index = o->gpu_ids[t->local_rank]; return MGPU_OK; }
+    visible = mgpu_cuda_device_count();
+    dev->index = visible > 0 ? t->local_rank % visible : 0;
     return MGPU_OK;
 }
 
@@ -14377,6 +14491,7 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     t->opts = opts;
     t->amp = opts->amp;
     if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_check_mode(opts, t, &t->dp_replicas) != MGPU_OK ||
+        mgpu__trainer_self_launch(t, &cd.device) != MGPU_OK || mgpu__trainer_place(t, &cd.device) != MGPU_OK ||
         !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
@@ -15167,6 +15282,30 @@ static void mgpu__fit_announce_device(const mgpu__fit *f) {
 #endif
 }
 
+/* "Using 4 GPUs: [0, 1, 2, 3] (DDP, 4 processes, global batch 512)", from rank 0, when several
+   ranks train on GPUs (DDP or DP). A collective (every rank's device is gathered): all ranks call it. */
+static mgpu_result mgpu__fit_announce_gpus(const mgpu__fit *f) {
+    const mgpu_trainer *t = f->t;
+    const mgpu_train_opts *o = t->opts;
+    int32_t mine, *all;
+    char ids[MGPU_MAX_GPU_IDS * 8];
+    size_t at = 0;
+    int i, dp = o->multi_gpu == MGPU_MULTI_GPU_DP;
+    mgpu_result r;
+    if (!t->comm || t->world_size < 2 || t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
+    mine = t->ctx->device.index;
+    if (!(all = (int32_t *)mgpu__calloc(sizeof *all * (size_t)t->world_size, "the ranks' devices"))) return mgpu_last_result();
+    if ((r = mgpu_comm_allgather_bytes(t->comm, &mine, sizeof mine, all)) == MGPU_OK && t->rank == 0) {
+        ids[0] = 0;
+        for (i = 0; i < t->world_size && at + 16 < sizeof ids; i++) at += (size_t)snprintf(ids + at, sizeof ids - at, i ? ", %d" : "%d", (int)all[i]);
+        printf("Using %d GPUs: [%s] (%s, %d process%s, global batch %lld)\n", t->world_size, ids, dp ? "DP" : "DDP", dp ? 1 : t->world_size,
+               dp || t->world_size == 1 ? "" : "es", (long long)(o->batch_size * t->world_size * o->grad_accum_steps));
+        fflush(stdout);
+    }
+    mgpu_free(all);
+    return r;
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -15188,6 +15327,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
     if (r == MGPU_OK && t->rank == 0) mgpu__fit_announce_device(&f);
+    if (r == MGPU_OK) r = mgpu__fit_announce_gpus(&f);
     if (r == MGPU_OK) {
         if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);
@@ -15537,6 +15677,217 @@ MGPU_API void mgpu_signal_pipe_close(void) {
         if (mgpu__sigpipe_fds[i] >= 0) close(mgpu__sigpipe_fds[i]);
         mgpu__sigpipe_fds[i] = -1;
     }
+}
+
+/* --------------------------------------------------------------------------------------
+   A free TCP port, and a local group of workers (the trainer's self-launch)
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API int mgpu_pick_free_port(const char *addr) {
+    struct addrinfo hints, *res = NULL, *ai;
+    int port = -1, rc;
+    if (!addr || !addr[0]) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_pick_free_port: addr is NULL or empty"); return -1; }
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if ((rc = getaddrinfo(addr, "0", &hints, &res)) != 0) {
+        mgpu__fail(MGPU_ERR_IO, "cannot resolve %s: %s", addr, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai && port < 0; ai = ai->ai_next) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) continue;
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
+            if (ss.ss_family == AF_INET) port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+            else if (ss.ss_family == AF_INET6) port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        }
+        close(fd);
+    }
+    freeaddrinfo(res);
+    if (port <= 0) { mgpu__fail(MGPU_ERR_IO, "cannot pick a free port on %s (is it an address of this host?)", addr); return -1; }
+    return port;
+}
+
+typedef struct mgpu__group_worker { int pid, running, status; } mgpu__group_worker;
+typedef struct mgpu__group {
+    const mgpu_worker_group_desc *d;
+    mgpu__group_worker *w;
+    int stopping, killed, failed, interrupt_sig;
+    double kill_at;   /* when the stop's SIGTERM turns into SIGKILL */
+} mgpu__group;
+
+static void mgpu__group_say(const mgpu__group *g, const char *fmt, ...) MGPU__PRINTF(2, 3);
+static void mgpu__group_say(const mgpu__group *g, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: ", g->d->label ? g->d->label : "mgpu");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static int mgpu__group_running(const mgpu__group *g) {
+    int i, n = 0;
+    for (i = 0; i < g->d->n; i++) n += g->w[i].running;
+    return n;
+}
+
+/* To every worker's whole process group, ended ones too: what they spawned belongs to the job. */
+static void mgpu__group_signal(mgpu__group *g, int sig) {
+    int i;
+    for (i = 0; i < g->d->n; i++)
+        if (g->w[i].pid > 0 && mgpu_kill_group(g->w[i].pid, sig) != 0 && g->w[i].running) kill(g->w[i].pid, sig);
+}
+
+static void mgpu__group_stop(mgpu__group *g, int sig) {
+    g->stopping = 1;
+    g->kill_at = mgpu_time_s() + g->d->grace_s;
+    mgpu__group_signal(g, sig);
+}
+
+/* worker i's environment (torchrun's variables) as "NAME=value" entries, NULL-terminated */
+#define MGPU__GROUP_ENV 8
+static void mgpu__group_env(const mgpu__group *g, int i, int port, int threads, char buf[MGPU__GROUP_ENV][64], const char *env[MGPU__GROUP_ENV + 1]) {
+    int n = 0;
+    snprintf(buf[n++], sizeof buf[0], "RANK=%d", i);
+    snprintf(buf[n++], sizeof buf[0], "LOCAL_RANK=%d", i);
+    snprintf(buf[n++], sizeof buf[0], "WORLD_SIZE=%d", g->d->n);
+    snprintf(buf[n++], sizeof buf[0], "LOCAL_WORLD_SIZE=%d", g->d->n);
+    snprintf(buf[n++], sizeof buf[0], "MASTER_ADDR=127.0.0.1");
+    snprintf(buf[n++], sizeof buf[0], "MASTER_PORT=%d", port);
+    if (threads > 0) snprintf(buf[n++], sizeof buf[0], "MGPU_NUM_THREADS=%d", threads);
+    env[n] = NULL;
+    while (n-- > 0) env[n] = buf[n];
+}
+
+static mgpu_result mgpu__group_start(mgpu__group *g) {
+    char env_buf[MGPU__GROUP_ENV][64], label[96];
+    const char *env[MGPU__GROUP_ENV + 1];
+    int port = mgpu_pick_free_port("127.0.0.1"), i, devnull = -1;
+    int threads = getenv("MGPU_NUM_THREADS") ? 0 : MGPU__MAX(1, mgpu_cpu_count() / g->d->n);
+    mgpu_result r = MGPU_OK;
+    if (port < 0) return mgpu_last_result();
+    if (g->d->rank0_stdout_only && (devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)) < 0)
+        return mgpu__fail(MGPU_ERR_IO, "cannot open /dev/null: %s", strerror(errno));
+    for (i = 0; i < g->d->n && r == MGPU_OK; i++) {
+        mgpu_spawn_desc sd;
+        memset(&sd, 0, sizeof sd);
+        mgpu__group_env(g, i, port, threads, env_buf, env);
+        snprintf(label, sizeof label, "%s: rank %d", g->d->label ? g->d->label : "mgpu", i);
+        sd.argv = g->d->argv; sd.env = env; sd.label = label;
+        sd.stdout_fd = i > 0 && devnull >= 0 ? devnull : 0;
+        if ((r = mgpu_spawn(&sd, &g->w[i].pid)) == MGPU_OK) g->w[i].running = 1;
+    }
+    if (devnull >= 0) close(devnull);
+    return r;
+}
+
+/* Collects the workers that ended; the first failure (non-zero exit or a signal) stops the rest. */
+static void mgpu__group_reap(mgpu__group *g) {
+    int i;
+    for (i = 0; i < g->d->n; i++) {
+        mgpu__group_worker *w = &g->w[i];
+        int status = 0, r, others;
+        char how[128];
+        if (!w->running) continue;
+        do r = waitpid(w->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
+        if (r == 0) continue;
+        w->running = 0;
+        w->status = r > 0 ? status : 0;
+        if (r < 0 || (WIFEXITED(status) && WEXITSTATUS(status) == 0) || g->stopping) continue;
+        g->failed = i;
+        others = mgpu__group_running(g);
+        mgpu_wait_status_describe(status, how, sizeof how);
+        if (others > 0)
+            mgpu__group_say(g, "rank %d %s [pid %d]; stopping the other %d worker%s (SIGTERM, SIGKILL after %.3g s)", i, how, w->pid, others,
+                            others == 1 ? "" : "s", g->d->grace_s);
+        else mgpu__group_say(g, "rank %d %s [pid %d]", i, how, w->pid);
+        mgpu__group_stop(g, SIGTERM);
+    }
+}
+
+/* A signal to the supervisor is forwarded; a second one while stopping kills at once. */
+static void mgpu__group_on_signal(mgpu__group *g, int sig) {
+    if (sig == SIGCHLD) return;
+    if (!g->interrupt_sig) g->interrupt_sig = sig;
+    if (g->stopping) {
+        if (!g->killed) { mgpu__group_signal(g, SIGKILL); g->killed = 1; }
+        return;
+    }
+    mgpu__group_say(g, "got %s: forwarding it to the %d running worker%s", mgpu_signal_name(sig), mgpu__group_running(g),
+                    mgpu__group_running(g) == 1 ? "" : "s");
+    mgpu__group_stop(g, sig);
+}
+
+static void mgpu__group_wait_event(mgpu__group *g, int sigfd) {
+    struct pollfd p;
+    unsigned char buf[64];
+    int timeout_ms = 200;   /* SIGCHLD wakes the poll; the timeout only bounds a lost wakeup */
+    ssize_t n, i;
+    if (g->stopping && !g->killed) {
+        double left = g->kill_at - mgpu_time_s();
+        timeout_ms = left <= 0 ? 0 : MGPU__MIN(timeout_ms, (int)(left * 1000.0) + 1);
+    }
+    p.fd = sigfd; p.events = POLLIN; p.revents = 0;
+    if (poll(&p, 1, timeout_ms) > 0)
+        while ((n = read(sigfd, buf, sizeof buf)) > 0)
+            for (i = 0; i < n; i++) mgpu__group_on_signal(g, buf[i]);
+    if (g->stopping && !g->killed && mgpu_time_s() >= g->kill_at) {
+        int left = mgpu__group_running(g);
+        if (left > 0) mgpu__group_say(g, "%d worker%s still running %.3g s after the stop signal: sending SIGKILL", left, left == 1 ? "" : "s", g->d->grace_s);
+        mgpu__group_signal(g, SIGKILL);
+        g->killed = 1;
+    }
+}
+
+/* The caller's exit code, and the closing message of a failed run. */
+static int mgpu__group_outcome(const mgpu__group *g) {
+    char how[128];
+    int code;
+    if (g->interrupt_sig) {
+        mgpu__group_say(g, "stopped by %s; all workers ended", mgpu_signal_name(g->interrupt_sig));
+        return 128 + g->interrupt_sig;
+    }
+    if (g->failed < 0) return 0;
+    mgpu_wait_status_describe(g->w[g->failed].status, how, sizeof how);
+    code = mgpu_wait_status_code(g->w[g->failed].status);
+    mgpu__group_say(g, "training failed: rank %d %s; exiting with code %d", g->failed, how, code);
+    return code;
+}
+
+MGPU_API int mgpu_worker_group_run(const mgpu_worker_group_desc *desc) {
+    static const int caught[] = {SIGCHLD, SIGINT, SIGTERM, SIGHUP};
+    mgpu_worker_group_desc d;
+    mgpu__group g;
+    mgpu_result r;
+    int sigfd, code;
+    if (!desc || !desc->argv || !desc->argv[0] || desc->n < 1) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_worker_group_run: desc, argv[0] and n >= 1 are required");
+        return -1;
+    }
+    d = *desc;
+    if (!(d.grace_s > 0)) d.grace_s = 5.0;
+    memset(&g, 0, sizeof g);
+    g.d = &d; g.failed = -1;
+    if (!(g.w = (mgpu__group_worker *)mgpu__calloc((size_t)d.n * sizeof *g.w, "the workers"))) return -1;
+    if ((sigfd = mgpu_signal_pipe_open(caught, (int)(sizeof caught / sizeof caught[0]))) < 0) { mgpu_free(g.w); return -1; }
+    if ((r = mgpu__group_start(&g)) != MGPU_OK) {
+        mgpu__group_say(&g, "cannot start the workers: %s", mgpu_last_error());
+        mgpu__group_stop(&g, SIGKILL);
+        g.killed = 1;
+    }
+    while (mgpu__group_running(&g) > 0) {
+        mgpu__group_reap(&g);
+        if (mgpu__group_running(&g) > 0) mgpu__group_wait_event(&g, sigfd);
+    }
+    if (g.interrupt_sig || g.failed >= 0 || r != MGPU_OK) mgpu__group_signal(&g, SIGKILL);   /* leftover grandchildren */
+    mgpu_signal_pipe_close();
+    code = r != MGPU_OK ? -1 : mgpu__group_outcome(&g);
+    mgpu_free(g.w);
+    if (r != MGPU_OK) mgpu__fail(r, "mgpu_worker_group_run: the workers could not all start");
+    return code;
 }
 
 /* ======================================================================================

@@ -551,10 +551,12 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
 typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
 /* --device: auto picks a GPU when the CUDA backend is built in and one is visible, else the CPU. */
 typedef enum mgpu_device_kind { MGPU_DEVICE_KIND_AUTO = 0, MGPU_DEVICE_KIND_CPU = 1, MGPU_DEVICE_KIND_CUDA = 2 } mgpu_device_kind;
-/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE > 1) and one process otherwise; none is one
-   process (an error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in
-   this process; ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style
-   variables, srun): WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
+/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE set); without one, with several visible
+   GPUs (or --gpu-ids entries) on a CUDA device, the trainer starts one DDP worker per GPU itself
+   (mgpu_trainer_create, see there), and with one it is plain training; none is one process (an
+   error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in this process;
+   ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style variables, srun):
+   WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
 typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE = 1, MGPU_MULTI_GPU_DP = 2, MGPU_MULTI_GPU_DDP = 3 } mgpu_multi_gpu_mode;
 /* --grad-compression: DDP gradients travel rounded to this format. */
 typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
@@ -604,6 +606,9 @@ typedef struct mgpu_train_opts {
     /* DDP (--sync-batchnorm 0|1, --bucket-cap-mb, --grad-compression none|fp16|bf16) */
     int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
     mgpu_cuda_graph_mode cuda_graph; /* --cuda-graph on|off (CUDA only; see the trainer's startup line) */
+    /* the command line mgpu_train_opts_parse read; --multi-gpu auto's self-launch runs it again once
+       per GPU (NULL when the struct was filled by hand: then no self-launch) */
+    int argc; char **argv;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,

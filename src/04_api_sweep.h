@@ -41,6 +41,26 @@ MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(
    time; mgpu_signal_pipe_close restores the previous handlers. -1 on failure. */
 MGPU_API int mgpu_signal_pipe_open(const int *signals, int n);
 MGPU_API void mgpu_signal_pipe_close(void);
+/* A TCP port nothing listens on now (bound to port 0 on addr, then released), or -1 with an
+   error. Another process could take it before it is used: torchrun's window, no more. */
+MGPU_API int mgpu_pick_free_port(const char *addr);
+/* A local group of n workers run to their end, as torch.multiprocessing.spawn does: worker i runs
+   argv with torchrun's variables (RANK = LOCAL_RANK = i, WORLD_SIZE = LOCAL_WORLD_SIZE = n,
+   MASTER_ADDR 127.0.0.1, MASTER_PORT a free port) and MGPU_NUM_THREADS = cores / n unless set.
+   The first worker to fail (non-zero exit or a signal) stops the others (SIGTERM, SIGKILL after
+   grace_s), SIGINT/SIGTERM/SIGHUP to the caller are forwarded, and every worker's process group is
+   killed at the end (and dies with the caller, mgpu_spawn): nothing is left behind. Messages go to
+   stderr as "LABEL: rank 1 was killed by signal 9 (SIGKILL) ...". Returns the caller's exit code:
+   0; the first failing worker's (128 + signal when killed); 128 + signal when the caller itself
+   was stopped; -1 with an error when the workers could not start. */
+typedef struct mgpu_worker_group_desc {
+    char *const *argv;          /* NULL-terminated; argv[0] is looked up in PATH */
+    int n;                      /* workers, >= 1 */
+    const char *label;          /* starts every message (NULL: "mgpu") */
+    double grace_s;             /* SIGTERM -> SIGKILL; 0: 5 s */
+    int rank0_stdout_only;      /* other ranks' stdout goes to /dev/null (every rank's stderr is kept) */
+} mgpu_worker_group_desc;
+MGPU_API int mgpu_worker_group_run(const mgpu_worker_group_desc *desc);
 
 /* ---- the grid ---- */
 

@@ -20,6 +20,7 @@ struct mgpu_trainer {
     mgpu_amp_mode amp;
     int launched;              /* a launcher's variables are set (WORLD_SIZE, SLURM_PROCID, OMPI_...) */
     int dp_replicas;           /* --multi-gpu dp: replicas (threads) in this process; 0 otherwise */
+    int local_rank;            /* under a launcher: LOCAL_RANK (picks this rank's GPU) */
 };
 
 /* --multi-gpu against the environment, before anything is built: dp runs one process with one
@@ -86,6 +87,62 @@ static mgpu_result mgpu__trainer_read_env(mgpu_trainer *t) {
     t->rank = env.rank;
     t->world_size = env.world_size > 0 ? env.world_size : 1;
     t->launched = env.source && strcmp(env.source, "single") != 0;
+    t->local_rank = env.local_rank;
+    return MGPU_OK;
+}
+
+/* GPUs --multi-gpu auto would use without a launcher: the --gpu-ids entries, else every visible
+   device; 0 when the run is not on a GPU (--device cpu, or none visible, or a CPU build). */
+static int mgpu__trainer_gpus_to_use(const mgpu_train_opts *o, const mgpu_device *dev) {
+    int visible;
+    if (dev->type != MGPU_DEVICE_CUDA) return 0;
+    if (o->num_gpu_ids > 0) return o->num_gpu_ids;
+    visible = mgpu_cuda_device_count();
+    return visible > 0 ? visible : 0;
+}
+
+/* --multi-gpu auto without a launcher and several GPUs: this process becomes the supervisor of one
+   DDP worker per GPU, each running this same command line (torch.multiprocessing.spawn's way; the
+   workers see WORLD_SIZE and train as DDP), and exits with the group's code. --device cuda:N names
+   one GPU: plain training there. Returns only when there is nothing to launch. */
+static mgpu_result mgpu__trainer_self_launch(const mgpu_trainer *t, const mgpu_device *dev) {
+    const mgpu_train_opts *o = t->opts;
+    mgpu_worker_group_desc gd;
+    const char *slash;
+    int n = mgpu__trainer_gpus_to_use(o, dev), code;
+    if (o->multi_gpu != MGPU_MULTI_GPU_AUTO || t->launched || o->device_index >= 0 || n < 2) return MGPU_OK;
+    if (!o->argv || o->argc < 1 || !o->argv[0]) {
+        mgpu_log(MGPU_LOG_WARN, "%d GPUs to use, but the options carry no command line to start workers with (filled by hand, "
+                 "not by mgpu_train_opts_parse): training on one; run under mgpurun for DDP", n);
+        return MGPU_OK;
+    }
+    slash = strrchr(o->argv[0], '/');
+    memset(&gd, 0, sizeof gd);
+    gd.argv = o->argv; gd.n = n; gd.label = slash ? slash + 1 : o->argv[0]; gd.rank0_stdout_only = 1;
+    fflush(stdout);
+    fflush(stderr);
+    code = mgpu_worker_group_run(&gd);
+    if (code < 0) {
+        fprintf(stderr, "%s: error: %s\n", gd.label, mgpu_last_error());
+        code = 1;
+    }
+    exit(code);
+}
+
+/* This process's GPU when the options leave it open (--device cuda or auto): under a launcher the
+   rank's entry of --gpu-ids, else its LOCAL_RANK (as mgpu_comm_create's NCCL device; more ranks than
+   devices share them round-robin, which the shm backend allows); alone, the first --gpu-ids entry. */
+static mgpu_result mgpu__trainer_place(const mgpu_trainer *t, mgpu_device *dev) {
+    const mgpu_train_opts *o = t->opts;
+    int visible;
+    if (dev->type != MGPU_DEVICE_CUDA || o->device_index >= 0) return MGPU_OK;
+    if (!t->launched) {
+        if (o->num_gpu_ids > 0) dev->index = o->gpu_ids[0];
+        return MGPU_OK;
+    }
+    if (t->local_rank < o->num_gpu_ids) { dev->index = o->gpu_ids[t->local_rank]; return MGPU_OK; }
+    visible = mgpu_cuda_device_count();
+    dev->index = visible > 0 ? t->local_rank % visible : 0;
     return MGPU_OK;
 }
 
@@ -120,6 +177,7 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     t->opts = opts;
     t->amp = opts->amp;
     if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_check_mode(opts, t, &t->dp_replicas) != MGPU_OK ||
+        mgpu__trainer_self_launch(t, &cd.device) != MGPU_OK || mgpu__trainer_place(t, &cd.device) != MGPU_OK ||
         !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
@@ -910,6 +968,30 @@ static void mgpu__fit_announce_device(const mgpu__fit *f) {
 #endif
 }
 
+/* "Using 4 GPUs: [0, 1, 2, 3] (DDP, 4 processes, global batch 512)", from rank 0, when several
+   ranks train on GPUs (DDP or DP). A collective (every rank's device is gathered): all ranks call it. */
+static mgpu_result mgpu__fit_announce_gpus(const mgpu__fit *f) {
+    const mgpu_trainer *t = f->t;
+    const mgpu_train_opts *o = t->opts;
+    int32_t mine, *all;
+    char ids[MGPU_MAX_GPU_IDS * 8];
+    size_t at = 0;
+    int i, dp = o->multi_gpu == MGPU_MULTI_GPU_DP;
+    mgpu_result r;
+    if (!t->comm || t->world_size < 2 || t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
+    mine = t->ctx->device.index;
+    if (!(all = (int32_t *)mgpu__calloc(sizeof *all * (size_t)t->world_size, "the ranks' devices"))) return mgpu_last_result();
+    if ((r = mgpu_comm_allgather_bytes(t->comm, &mine, sizeof mine, all)) == MGPU_OK && t->rank == 0) {
+        ids[0] = 0;
+        for (i = 0; i < t->world_size && at + 16 < sizeof ids; i++) at += (size_t)snprintf(ids + at, sizeof ids - at, i ? ", %d" : "%d", (int)all[i]);
+        printf("Using %d GPUs: [%s] (%s, %d process%s, global batch %lld)\n", t->world_size, ids, dp ? "DP" : "DDP", dp ? 1 : t->world_size,
+               dp || t->world_size == 1 ? "" : "es", (long long)(o->batch_size * t->world_size * o->grad_accum_steps));
+        fflush(stdout);
+    }
+    mgpu_free(all);
+    return r;
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -931,6 +1013,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
     if (r == MGPU_OK && t->rank == 0) mgpu__fit_announce_device(&f);
+    if (r == MGPU_OK) r = mgpu__fit_announce_gpus(&f);
     if (r == MGPU_OK) {
         if (o->save_dir && o->save_dir[0]) mgpu__signals_install(&sig);   /* every rank: they stop together */
         if ((r = mgpu__fit_run(&f, test, &s)) == MGPU_OK) r = mgpu__fit_finish(&f, &s);

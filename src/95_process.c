@@ -269,3 +269,214 @@ MGPU_API void mgpu_signal_pipe_close(void) {
         mgpu__sigpipe_fds[i] = -1;
     }
 }
+
+/* --------------------------------------------------------------------------------------
+   A free TCP port, and a local group of workers (the trainer's self-launch)
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API int mgpu_pick_free_port(const char *addr) {
+    struct addrinfo hints, *res = NULL, *ai;
+    int port = -1, rc;
+    if (!addr || !addr[0]) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_pick_free_port: addr is NULL or empty"); return -1; }
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if ((rc = getaddrinfo(addr, "0", &hints, &res)) != 0) {
+        mgpu__fail(MGPU_ERR_IO, "cannot resolve %s: %s", addr, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai && port < 0; ai = ai->ai_next) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) continue;
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
+            if (ss.ss_family == AF_INET) port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+            else if (ss.ss_family == AF_INET6) port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        }
+        close(fd);
+    }
+    freeaddrinfo(res);
+    if (port <= 0) { mgpu__fail(MGPU_ERR_IO, "cannot pick a free port on %s (is it an address of this host?)", addr); return -1; }
+    return port;
+}
+
+typedef struct mgpu__group_worker { int pid, running, status; } mgpu__group_worker;
+typedef struct mgpu__group {
+    const mgpu_worker_group_desc *d;
+    mgpu__group_worker *w;
+    int stopping, killed, failed, interrupt_sig;
+    double kill_at;   /* when the stop's SIGTERM turns into SIGKILL */
+} mgpu__group;
+
+static void mgpu__group_say(const mgpu__group *g, const char *fmt, ...) MGPU__PRINTF(2, 3);
+static void mgpu__group_say(const mgpu__group *g, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: ", g->d->label ? g->d->label : "mgpu");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static int mgpu__group_running(const mgpu__group *g) {
+    int i, n = 0;
+    for (i = 0; i < g->d->n; i++) n += g->w[i].running;
+    return n;
+}
+
+/* To every worker's whole process group, ended ones too: what they spawned belongs to the job. */
+static void mgpu__group_signal(mgpu__group *g, int sig) {
+    int i;
+    for (i = 0; i < g->d->n; i++)
+        if (g->w[i].pid > 0 && mgpu_kill_group(g->w[i].pid, sig) != 0 && g->w[i].running) kill(g->w[i].pid, sig);
+}
+
+static void mgpu__group_stop(mgpu__group *g, int sig) {
+    g->stopping = 1;
+    g->kill_at = mgpu_time_s() + g->d->grace_s;
+    mgpu__group_signal(g, sig);
+}
+
+/* worker i's environment (torchrun's variables) as "NAME=value" entries, NULL-terminated */
+#define MGPU__GROUP_ENV 8
+static void mgpu__group_env(const mgpu__group *g, int i, int port, int threads, char buf[MGPU__GROUP_ENV][64], const char *env[MGPU__GROUP_ENV + 1]) {
+    int n = 0;
+    snprintf(buf[n++], sizeof buf[0], "RANK=%d", i);
+    snprintf(buf[n++], sizeof buf[0], "LOCAL_RANK=%d", i);
+    snprintf(buf[n++], sizeof buf[0], "WORLD_SIZE=%d", g->d->n);
+    snprintf(buf[n++], sizeof buf[0], "LOCAL_WORLD_SIZE=%d", g->d->n);
+    snprintf(buf[n++], sizeof buf[0], "MASTER_ADDR=127.0.0.1");
+    snprintf(buf[n++], sizeof buf[0], "MASTER_PORT=%d", port);
+    if (threads > 0) snprintf(buf[n++], sizeof buf[0], "MGPU_NUM_THREADS=%d", threads);
+    env[n] = NULL;
+    while (n-- > 0) env[n] = buf[n];
+}
+
+static mgpu_result mgpu__group_start(mgpu__group *g) {
+    char env_buf[MGPU__GROUP_ENV][64], label[96];
+    const char *env[MGPU__GROUP_ENV + 1];
+    int port = mgpu_pick_free_port("127.0.0.1"), i, devnull = -1;
+    int threads = getenv("MGPU_NUM_THREADS") ? 0 : MGPU__MAX(1, mgpu_cpu_count() / g->d->n);
+    mgpu_result r = MGPU_OK;
+    if (port < 0) return mgpu_last_result();
+    if (g->d->rank0_stdout_only && (devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)) < 0)
+        return mgpu__fail(MGPU_ERR_IO, "cannot open /dev/null: %s", strerror(errno));
+    for (i = 0; i < g->d->n && r == MGPU_OK; i++) {
+        mgpu_spawn_desc sd;
+        memset(&sd, 0, sizeof sd);
+        mgpu__group_env(g, i, port, threads, env_buf, env);
+        snprintf(label, sizeof label, "%s: rank %d", g->d->label ? g->d->label : "mgpu", i);
+        sd.argv = g->d->argv; sd.env = env; sd.label = label;
+        sd.stdout_fd = i > 0 && devnull >= 0 ? devnull : 0;
+        if ((r = mgpu_spawn(&sd, &g->w[i].pid)) == MGPU_OK) g->w[i].running = 1;
+    }
+    if (devnull >= 0) close(devnull);
+    return r;
+}
+
+/* Collects the workers that ended; the first failure (non-zero exit or a signal) stops the rest. */
+static void mgpu__group_reap(mgpu__group *g) {
+    int i;
+    for (i = 0; i < g->d->n; i++) {
+        mgpu__group_worker *w = &g->w[i];
+        int status = 0, r, others;
+        char how[128];
+        if (!w->running) continue;
+        do r = waitpid(w->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
+        if (r == 0) continue;
+        w->running = 0;
+        w->status = r > 0 ? status : 0;
+        if (r < 0 || (WIFEXITED(status) && WEXITSTATUS(status) == 0) || g->stopping) continue;
+        g->failed = i;
+        others = mgpu__group_running(g);
+        mgpu_wait_status_describe(status, how, sizeof how);
+        if (others > 0)
+            mgpu__group_say(g, "rank %d %s [pid %d]; stopping the other %d worker%s (SIGTERM, SIGKILL after %.3g s)", i, how, w->pid, others,
+                            others == 1 ? "" : "s", g->d->grace_s);
+        else mgpu__group_say(g, "rank %d %s [pid %d]", i, how, w->pid);
+        mgpu__group_stop(g, SIGTERM);
+    }
+}
+
+/* A signal to the supervisor is forwarded; a second one while stopping kills at once. */
+static void mgpu__group_on_signal(mgpu__group *g, int sig) {
+    if (sig == SIGCHLD) return;
+    if (!g->interrupt_sig) g->interrupt_sig = sig;
+    if (g->stopping) {
+        if (!g->killed) { mgpu__group_signal(g, SIGKILL); g->killed = 1; }
+        return;
+    }
+    mgpu__group_say(g, "got %s: forwarding it to the %d running worker%s", mgpu_signal_name(sig), mgpu__group_running(g),
+                    mgpu__group_running(g) == 1 ? "" : "s");
+    mgpu__group_stop(g, sig);
+}
+
+static void mgpu__group_wait_event(mgpu__group *g, int sigfd) {
+    struct pollfd p;
+    unsigned char buf[64];
+    int timeout_ms = 200;   /* SIGCHLD wakes the poll; the timeout only bounds a lost wakeup */
+    ssize_t n, i;
+    if (g->stopping && !g->killed) {
+        double left = g->kill_at - mgpu_time_s();
+        timeout_ms = left <= 0 ? 0 : MGPU__MIN(timeout_ms, (int)(left * 1000.0) + 1);
+    }
+    p.fd = sigfd; p.events = POLLIN; p.revents = 0;
+    if (poll(&p, 1, timeout_ms) > 0)
+        while ((n = read(sigfd, buf, sizeof buf)) > 0)
+            for (i = 0; i < n; i++) mgpu__group_on_signal(g, buf[i]);
+    if (g->stopping && !g->killed && mgpu_time_s() >= g->kill_at) {
+        int left = mgpu__group_running(g);
+        if (left > 0) mgpu__group_say(g, "%d worker%s still running %.3g s after the stop signal: sending SIGKILL", left, left == 1 ? "" : "s", g->d->grace_s);
+        mgpu__group_signal(g, SIGKILL);
+        g->killed = 1;
+    }
+}
+
+/* The caller's exit code, and the closing message of a failed run. */
+static int mgpu__group_outcome(const mgpu__group *g) {
+    char how[128];
+    int code;
+    if (g->interrupt_sig) {
+        mgpu__group_say(g, "stopped by %s; all workers ended", mgpu_signal_name(g->interrupt_sig));
+        return 128 + g->interrupt_sig;
+    }
+    if (g->failed < 0) return 0;
+    mgpu_wait_status_describe(g->w[g->failed].status, how, sizeof how);
+    code = mgpu_wait_status_code(g->w[g->failed].status);
+    mgpu__group_say(g, "training failed: rank %d %s; exiting with code %d", g->failed, how, code);
+    return code;
+}
+
+MGPU_API int mgpu_worker_group_run(const mgpu_worker_group_desc *desc) {
+    static const int caught[] = {SIGCHLD, SIGINT, SIGTERM, SIGHUP};
+    mgpu_worker_group_desc d;
+    mgpu__group g;
+    mgpu_result r;
+    int sigfd, code;
+    if (!desc || !desc->argv || !desc->argv[0] || desc->n < 1) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_worker_group_run: desc, argv[0] and n >= 1 are required");
+        return -1;
+    }
+    d = *desc;
+    if (!(d.grace_s > 0)) d.grace_s = 5.0;
+    memset(&g, 0, sizeof g);
+    g.d = &d; g.failed = -1;
+    if (!(g.w = (mgpu__group_worker *)mgpu__calloc((size_t)d.n * sizeof *g.w, "the workers"))) return -1;
+    if ((sigfd = mgpu_signal_pipe_open(caught, (int)(sizeof caught / sizeof caught[0]))) < 0) { mgpu_free(g.w); return -1; }
+    if ((r = mgpu__group_start(&g)) != MGPU_OK) {
+        mgpu__group_say(&g, "cannot start the workers: %s", mgpu_last_error());
+        mgpu__group_stop(&g, SIGKILL);
+        g.killed = 1;
+    }
+    while (mgpu__group_running(&g) > 0) {
+        mgpu__group_reap(&g);
+        if (mgpu__group_running(&g) > 0) mgpu__group_wait_event(&g, sigfd);
+    }
+    if (g.interrupt_sig || g.failed >= 0 || r != MGPU_OK) mgpu__group_signal(&g, SIGKILL);   /* leftover grandchildren */
+    mgpu_signal_pipe_close();
+    code = r != MGPU_OK ? -1 : mgpu__group_outcome(&g);
+    mgpu_free(g.w);
+    if (r != MGPU_OK) mgpu__fail(r, "mgpu_worker_group_run: the workers could not all start");
+    return code;
+}

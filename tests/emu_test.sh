@@ -180,5 +180,53 @@ else
   echo "  note training on cuda vs the CPU skipped: needs build/fashion_mlp, build/fashion_cnn, python3 and Fashion-MNIST"
 fi
 
+# ---- multi-GPU: every emulated device by default (--multi-gpu auto self-launches one DDP worker
+# per device), against mgpurun; one device starts none; a killed worker stops the group ----
+# BEGIN multigpu
+if [ -d "$T_TMP/fm" ] && command -v python3 > /dev/null; then
+  mg="--data $T_TMP/fm --epochs 1 --max-steps 10 --batch-size 64 --seed 3"
+  MGPU_EMU_ERRORS=report MGPU_EMU_DEVICES=2 MGPU_TIMEOUT_S=60 timeout 300 $E/fashion_mlp $mg --save-dir "$T_TMP/mg_auto" > "$T_TMP/mg_auto.log" 2> "$T_TMP/mg_auto.err"; rc=$?
+  MGPU_EMU_ERRORS=report MGPU_EMU_DEVICES=2 MGPU_TIMEOUT_S=60 timeout 300 $E/mgpurun --nproc-per-node 2 $E/fashion_mlp $mg --save-dir "$T_TMP/mg_run" > "$T_TMP/mg_run.log" 2>&1; rc2=$?
+  line=$(grep -c '^Using 2 GPUs: \[0, 1\] (DDP, 2 processes, global batch 128)$' "$T_TMP/mg_auto.log")
+  finals=$(grep -c '^final test accuracy' "$T_TMP/mg_auto.log")
+  if [ "$rc" -eq 0 ] && [ "$rc2" -eq 0 ] && [ "$line" -eq 1 ] && [ "$finals" -eq 1 ] &&
+     res=$(python3 tests/compare_weights.py "$T_TMP/mg_run/model.safetensors" "$T_TMP/mg_auto/model.safetensors" 0 2>&1); then
+    ok "--multi-gpu auto with 2 emulated devices starts 2 DDP workers (one 'Using 2 GPUs' line, rank 0's output only) and ends with mgpurun --nproc-per-node 2's weights: $res"
+  else fail "--multi-gpu auto with 2 devices vs mgpurun (exit $rc and $rc2, $line 'Using' lines, $finals final lines)" "$(tail -n 5 "$T_TMP/mg_auto.log" "$T_TMP/mg_auto.err" "$T_TMP/mg_run.log"; echo "$res")"; fi
+  # one device, --no-multi-gpu, --multi-gpu none, --device cpu: plain training in this process
+  for case in "1|" "2|--no-multi-gpu" "2|--multi-gpu none" "2|--device cpu" "2|--gpu-ids 1"; do
+    devs=${case%%|*}; flags=${case#*|}
+    out=$(MGPU_EMU_DEVICES=$devs timeout 300 $E/fashion_mlp $mg --max-steps 2 $flags 2>&1); rc=$?
+    want='^device cuda:0 '; [ "$flags" = "--gpu-ids 1" ] && want='^device cuda:1 '; [ "$flags" = "--device cpu" ] && want='^final test accuracy'
+    if [ "$rc" -eq 0 ] && ! grep -q '^Using' <<<"$out" && ! grep -q 'rank [0-9]' <<<"$out" && grep -q "$want" <<<"$out" && [ "$(grep -c '^final test accuracy' <<<"$out")" -eq 1 ]; then
+      ok "$devs emulated device(s)${flags:+, $flags}: one process trains ($(grep -m1 -o "$want[^(]*" <<<"$out"| head -c 40)), no worker started"
+    else fail "$devs device(s)${flags:+ $flags}: expected plain training (exit $rc)" "$out"; fi
+  done
+  # --gpu-ids picks the devices of the workers, in its order
+  out=$(MGPU_EMU_DEVICES=3 timeout 300 $E/fashion_mlp $mg --max-steps 2 --gpu-ids 2,0 2>&1); rc=$?
+  expect "--gpu-ids 2,0 with 3 emulated devices: 2 workers on cuda:2 and cuda:0 ('Using 2 GPUs: [2, 0]')" \
+    [ "$rc" -eq 0 -a -n "$(grep '^Using 2 GPUs: \[2, 0\] (DDP, 2 processes, global batch 128)$' <<<"$out")" ] || echo "$out" | tail -n 5
+  # a worker killed mid-step: the supervisor stops the other, names rank 1, exits 128 + 9, leaves nothing
+  MGPU_EMU_DEVICES=2 MGPU_TIMEOUT_S=20 $E/fashion_mlp $mg --max-steps 100000 --epochs 100 --log-every 1 > "$T_TMP/mg_kill.log" 2> "$T_TMP/mg_kill.err" &
+  sup=$!
+  for _ in $(seq 1 600); do grep -q ' 2/' "$T_TMP/mg_kill.log" 2>/dev/null && break; sleep 0.1; done
+  workers=$(pgrep -P "$sup"); victim=""
+  for w in $workers; do tr '\0' '\n' < /proc/$w/environ 2>/dev/null | grep -qx 'RANK=1' && victim=$w; done
+  t0=$(date +%s.%N)
+  [ -n "$victim" ] && kill -KILL "$victim"
+  for _ in $(seq 1 300); do kill -0 "$sup" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$sup" 2>/dev/null && { kill -KILL "$sup"; echo "       supervisor still running after 30 s"; }
+  wait "$sup"; rc=$?
+  took=$(python3 -c "import sys; print('%.1f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$t0" "$(date +%s.%N)")
+  left=""; for w in $workers; do kill -0 "$w" 2>/dev/null && left="$left $w"; done
+  if [ -n "$victim" ] && [ "$(wc -w <<<"$workers")" -eq 2 ] && [ "$rc" -eq 137 ] && [ -z "$left" ] &&
+     grep -q 'fashion_mlp: rank 1 was killed by signal 9 (SIGKILL)' "$T_TMP/mg_kill.err" && grep -q 'training failed: rank 1 .*exiting with code 137' "$T_TMP/mg_kill.err"; then
+    ok "a self-launched worker killed mid-step (rank 1, SIGKILL): the group stopped in $took s, rank 1 named, exit 137, no process left"
+  else fail "killed worker (victim '${victim}', workers '$(echo $workers)', exit $rc, left '$left', $took s)" "$(tail -n 8 "$T_TMP/mg_kill.err" "$T_TMP/mg_kill.log")"; fi
+else
+  echo "  note multi-GPU self-launch checks skipped: need the Fashion-MNIST subset and python3"
+fi
+# END multigpu
+
 echo "  emulated suite: $(( $(date +%s) - start )) s (build excluded)"
 finish

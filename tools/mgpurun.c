@@ -15,14 +15,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <netdb.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -313,34 +311,13 @@ static int parse_args(launch_opts *o, int argc, char **argv) {
    Ports
    --------------------------------------------------------------------------------------------- */
 
-/* Binds port 0 on addr and reads back the port the kernel chose; -1 (message printed) on error.
-   Another process could take it before rank 0 binds it: the same small window torchrun has. */
+/* A free port on addr (mgpu_pick_free_port, shared with the trainer's self-launch); -1 (message
+   printed) on error. Another process could take it before rank 0 binds it: the same small window
+   torchrun has. */
 static int pick_free_port(const char *addr) {
-    struct addrinfo hints, *res = NULL, *ai;
-    int port = -1, rc;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    rc = getaddrinfo(addr, "0", &hints, &res);
-    if (rc != 0) {
-        say("cannot resolve --master-addr %s: %s", addr, gai_strerror(rc));
-        return -1;
-    }
-    for (ai = res; ai && port < 0; ai = ai->ai_next) {
-        struct sockaddr_storage ss;
-        socklen_t len = sizeof ss;
-        int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-        if (fd < 0) continue;
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
-            getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
-            if (ss.ss_family == AF_INET) port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-            else if (ss.ss_family == AF_INET6) port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-        }
-        close(fd);
-    }
-    freeaddrinfo(res);
-    if (port <= 0) say("cannot pick a free port on --master-addr %s (is it an address of this host?)", addr);
-    return port > 0 ? port : -1;
+    int port = mgpu_pick_free_port(addr);
+    if (port < 0) say("--master-addr %s: %s", addr, mgpu_last_error());
+    return port;
 }
 
 /* ---------------------------------------------------------------------------------------------
