@@ -826,6 +826,10 @@ typedef struct mgpu_comm mgpu_comm;
 MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc);
 /* n communicators of one in-process group (ranks 0..n-1), one per thread, for DataParallel. */
 MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm **comms);
+/* n nccl communicators of one process (DataParallel on GPUs), rank i on CUDA device devices[i]
+   (visible and distinct: NCCL runs one rank per device), made together in one NCCL group from the
+   calling thread; each is then driven by a thread of its own. CUDA builds only. */
+MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, double timeout_s, mgpu_comm **comms);
 MGPU_API void mgpu_comm_destroy(mgpu_comm *c);
 MGPU_API int mgpu_comm_rank(const mgpu_comm *c);
 MGPU_API int mgpu_comm_world_size(const mgpu_comm *c);
@@ -908,6 +912,10 @@ MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_buck
    wait in a collective ends them through the communicator's timeout. */
 typedef mgpu_result (*mgpu_dp_replica_fn)(int rank, mgpu_comm *comm, void *arg);
 MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg);
+/* The same on GPUs: replica i's communicator is an in-process nccl one on cuda_devices[i]
+   (mgpu_comm_create_nccl_threads), so gradients are all-reduced device to device; the replica puts
+   its context on that device. cuda_devices NULL: mgpu_dp_run. */
+MGPU_API mgpu_result mgpu_dp_run_devices(int n_replicas, const int *cuda_devices, mgpu_dp_replica_fn replica_main, void *arg);
 /* CUDA declarations: C declarations of the CUDA launchers (mgpu_kernels.cu) and of the host-side
    CUDA support (section "CUDA host side" below). Plain C types only (streams and handles are void *), so this header
    needs no CUDA include. Every launcher works on raw device pointers with explicit sizes, queues
@@ -12674,6 +12682,53 @@ MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm
     return MGPU_OK;
 }
 
+#ifdef MGPU_CUDA
+static mgpu_result mgpu__nccl_init_group(mgpu_comm **comms, int n, const int *devices, const char *fn);
+
+/* devices: n visible, distinct CUDA devices (NCCL puts one rank on a device). */
+static mgpu_result mgpu__check_group_devices(int n, const int *devices, const char *fn) {
+    int visible = mgpu_cuda_device_count(), i, j;
+    if (visible < 0) return mgpu_last_result();
+    for (i = 0; i < n; i++) {
+        if (devices[i] < 0 || devices[i] >= visible)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: rank %d's device %d is not one of the %d visible CUDA device%s (ids count the visible devices from 0)",
+                              fn, i, devices[i], visible, visible == 1 ? "" : "s");
+        for (j = 0; j < i; j++)
+            if (devices[j] == devices[i])
+                return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: ranks %d and %d both name cuda:%d; NCCL runs one rank per device, give distinct ids", fn, j, i, devices[i]);
+    }
+    return MGPU_OK;
+}
+#endif
+
+MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, double timeout_s, mgpu_comm **comms) {
+    const char *fn = "mgpu_comm_create_nccl_threads";
+    double timeout = 0;
+    mgpu_result r;
+    int i;
+    if (!comms || !devices) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: comms and devices must not be NULL", fn);
+    if (n < 1 || n > MGPU__COMM_MAX_RANKS) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: n is %d; expected 1 to %d ranks", fn, n, MGPU__COMM_MAX_RANKS);
+#ifndef MGPU_CUDA
+    (void)timeout; (void)r; (void)i; (void)timeout_s;
+    return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the nccl backend needs a CUDA build (compile with -DMGPU_CUDA); use mgpu_comm_create_threads on CPU", fn);
+#else
+    if ((r = mgpu__comm_timeout(timeout_s, fn, &timeout)) != MGPU_OK || (r = mgpu__check_group_devices(n, devices, fn)) != MGPU_OK) return r;
+    for (i = 0; i < n; i++) comms[i] = NULL;
+    for (i = 0; i < n; i++) {
+        if (!(comms[i] = mgpu__comm_new(MGPU_COMM_NCCL, i, n, i, n, timeout))) break;
+        comms[i]->gpu_id = devices[i];
+    }
+    r = i == n ? mgpu__nccl_init_group(comms, n, devices, fn) : mgpu_last_result();
+    if (r != MGPU_OK) {
+        char msg[MGPU__COMM_MSG];
+        snprintf(msg, sizeof msg, "%s", mgpu_last_error());
+        for (i = 0; i < n; i++) { mgpu_comm_destroy(comms[i]); comms[i] = NULL; }
+        return mgpu__fail(r, "%s", msg);   /* destroy must not replace the reason */
+    }
+    return MGPU_OK;
+#endif
+}
+
 /* ---- rendezvous through the TCP store ---- */
 
 /* A unique-enough job id: time, pid and an address mixed. */
@@ -13477,6 +13532,15 @@ static mgpu_result mgpu__nccl_settle(mgpu_comm *c, ncclResult_t r, double deadli
     return MGPU_OK;
 }
 
+/* The communicator's own stream and events, on the current device (its own). */
+static mgpu_result mgpu__nccl_open_stream(mgpu_comm *c, const char *fn) {
+    mgpu_result r;
+    if ((r = mgpu__comm_cuda_check(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), fn, "cudaStreamCreateWithFlags")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_ready, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_done, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK) return r;
+    return MGPU_OK;
+}
+
 static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double deadline) {
     const char *fn = "mgpu_comm_create";
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
@@ -13513,11 +13577,37 @@ static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double dead
     }
     cfg.blocking = 0;   /* calls return at once; every wait below is ours, bounded by the timeout */
     r = mgpu__nccl_settle(c, ncclCommInitRankConfig(&c->nccl, c->world, id, c->rank, &cfg), deadline, fn, "ncclCommInitRank");
-    if (r != MGPU_OK) return r;
-    if ((r = mgpu__comm_cuda_check(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), fn, "cudaStreamCreateWithFlags")) != MGPU_OK ||
-        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_ready, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK ||
-        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_done, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK) return r;
-    return MGPU_OK;
+    return r != MGPU_OK ? r : mgpu__nccl_open_stream(c, fn);
+}
+
+/* n NCCL communicators of this process, rank i on devices[i] (checked: visible, distinct), made
+   together in one group from this thread (NCCL's single-process pattern), non-blocking as above. */
+static mgpu_result mgpu__nccl_init_group(mgpu_comm **comms, int n, const int *devices, const char *fn) {
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    ncclUniqueId id;
+    ncclResult_t gr;
+    mgpu_result r = MGPU_OK;
+    int i, prev = 0;
+    cfg.blocking = 0;
+    if ((gr = ncclGetUniqueId(&id)) != ncclSuccess) return mgpu__fail(MGPU_ERR_NCCL, "%s: ncclGetUniqueId failed: %s", fn, ncclGetErrorString(gr));
+    if (cudaGetDevice(&prev) != cudaSuccess) cudaGetLastError();
+    ncclGroupStart();
+    for (i = 0; i < n && r == MGPU_OK; i++) {
+        comms[i]->cuda_device = devices[i];
+        if ((r = mgpu__comm_cuda_check(comms[i], cudaSetDevice(devices[i]), fn, "cudaSetDevice")) != MGPU_OK) break;
+        gr = ncclCommInitRankConfig(&comms[i]->nccl, n, id, i, &cfg);
+        if (gr != ncclSuccess && gr != ncclInProgress) r = mgpu__fail(MGPU_ERR_NCCL, "%s: ncclCommInitRank for rank %d on cuda:%d failed: %s", fn, i, devices[i], ncclGetErrorString(gr));
+    }
+    gr = ncclGroupEnd();
+    for (i = 0; i < n && r == MGPU_OK; i++) {
+        double deadline = mgpu_time_s() + comms[i]->timeout_s;
+        if ((r = mgpu__comm_cuda_check(comms[i], cudaSetDevice(devices[i]), fn, "cudaSetDevice")) != MGPU_OK) break;
+        if (!comms[i]->nccl) r = mgpu__fail(MGPU_ERR_NCCL, "%s: ncclCommInitRank gave rank %d no communicator: %s", fn, i, ncclGetErrorString(gr));
+        else if ((r = mgpu__nccl_settle(comms[i], gr == ncclSuccess ? ncclInProgress : gr, deadline, fn, "ncclCommInitRank")) == MGPU_OK)
+            r = mgpu__nccl_open_stream(comms[i], fn);
+    }
+    cudaSetDevice(prev);
+    return r;
 }
 
 static void mgpu__nccl_teardown(mgpu_comm *c) {
@@ -14283,6 +14373,10 @@ static int mgpu__dp_root_failure(const mgpu__dp_replica *reps, int n) {
 }
 
 MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg) {
+    return mgpu_dp_run_devices(n_replicas, NULL, replica_main, arg);
+}
+
+MGPU_API mgpu_result mgpu_dp_run_devices(int n_replicas, const int *cuda_devices, mgpu_dp_replica_fn replica_main, void *arg) {
     mgpu__dp_replica *reps;
     mgpu_comm **comms;
     pthread_t *threads;
@@ -14295,7 +14389,7 @@ MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main
     comms = (mgpu_comm **)mgpu__calloc(sizeof *comms * (size_t)n_replicas, "DataParallel replicas");
     threads = (pthread_t *)mgpu__calloc(sizeof *threads * (size_t)n_replicas, "DataParallel replicas");
     if (!reps || !comms || !threads) r = mgpu_last_result();
-    if (r == MGPU_OK) r = mgpu_comm_create_threads(n_replicas, 0, comms);
+    if (r == MGPU_OK) r = cuda_devices ? mgpu_comm_create_nccl_threads(n_replicas, cuda_devices, 0, comms) : mgpu_comm_create_threads(n_replicas, 0, comms);
     for (i = 0; r == MGPU_OK && i < n_replicas; i++) {
         reps[i].rank = i; reps[i].comm = comms[i]; reps[i].main_fn = replica_main; reps[i].arg = arg;
     }
@@ -14513,8 +14607,10 @@ static int64_t mgpu__count_correct_batch(const mgpu_tensor *logits, const mgpu_t
     return mgpu_count_correct(logits, target);
 }
 
-MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
-                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+/* Evaluation's sums over ds: sums[0] the summed cross-entropy, [1] the correct predictions, [2]
+   the samples (doubles, so DDP can all-reduce them in one call). */
+static mgpu_result mgpu__evaluate_sums(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                       const mgpu_dataset *ds, int64_t batch_size, double sums[3]) {
     mgpu_loader_desc ld;
     mgpu_loader *loader;
     mgpu_batch b;
@@ -14522,8 +14618,8 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
     double loss_sum = 0;
     int64_t correct = 0, seen = 0;
     int was_training, grad_was_on;
-    if (!ctx || !model || !forward || !ds || batch_size < 1)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    sums[0] = sums[1] = sums[2] = 0;
+    if (ds->length == 0) return MGPU_OK;   /* a rank's empty shard */
     memset(&ld, 0, sizeof ld);
     ld.batch_size = batch_size; ld.ctx = ctx;
     loader = mgpu_loader_create(ds, &ld);
@@ -14547,10 +14643,40 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
     mgpu_model_train(model, was_training);
     mgpu_set_grad_enabled(ctx, grad_was_on);
     mgpu_loader_destroy(loader);
-    if (r != MGPU_OK) return r;
-    if (loss) *loss = seen ? loss_sum / (double)seen : NAN;
-    if (accuracy) *accuracy = seen ? (double)correct / (double)seen : NAN;
+    sums[0] = loss_sum; sums[1] = (double)correct; sums[2] = (double)seen;
+    return r;
+}
+
+static void mgpu__evaluate_ratios(const double sums[3], double *loss, double *accuracy) {
+    if (loss) *loss = sums[2] > 0 ? sums[0] / sums[2] : NAN;
+    if (accuracy) *accuracy = sums[2] > 0 ? sums[1] / sums[2] : NAN;
+}
+
+MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+    double sums[3];
+    mgpu_result r;
+    if (!ctx || !model || !forward || !ds || batch_size < 1)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    if ((r = mgpu__evaluate_sums(ctx, model, forward, user, ds, batch_size, sums)) != MGPU_OK) return r;
+    mgpu__evaluate_ratios(sums, loss, accuracy);
     return MGPU_OK;
+}
+
+/* A strided view of a dataset: rank r of w sees samples r, r + w, r + 2w, ... Unlike the
+   training sampler it pads nothing, so no sample is evaluated twice. */
+typedef struct mgpu__shard { const mgpu_dataset *base; int rank, world; } mgpu__shard;
+static mgpu_result mgpu__shard_get(const mgpu_dataset *ds, int64_t index, void *x_out, void *y_out) {
+    const mgpu__shard *s = (const mgpu__shard *)ds->impl;
+    return s->base->get(s->base, s->rank + index * s->world, x_out, y_out);
+}
+static void mgpu__shard_view(const mgpu_dataset *base, mgpu__shard *s, int rank, int world, mgpu_dataset *view) {
+    s->base = base; s->rank = rank; s->world = world;
+    *view = *base;
+    view->length = base->length > rank ? (base->length - rank + world - 1) / world : 0;
+    view->get = mgpu__shard_get;
+    view->destroy = NULL;
+    view->impl = s;
 }
 
 /* The LR schedule in optimizer steps, from the epoch-based options. */
@@ -15129,6 +15255,22 @@ static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double
     return r;
 }
 
+/* Evaluation sharded over the ranks (DDP and DP): each evaluates its strided shard of the test set
+   and the sums are all-reduced, so W ranks share the work instead of each doing all of it. */
+static mgpu_result mgpu__fit_evaluate(mgpu__fit *f, const mgpu_dataset *test, double *loss, double *accuracy) {
+    const mgpu_trainer *t = f->t;
+    mgpu_dataset view;
+    mgpu__shard shard;
+    double sums[3];
+    mgpu_result r;
+    int sharded = t->comm && t->world_size > 1;
+    if (sharded) mgpu__shard_view(test, &shard, t->rank, t->world_size, &view);
+    r = mgpu__evaluate_sums(t->ctx, f->model, f->forward, f->user, sharded ? &view : test, 1000, sums);
+    if (r == MGPU_OK && sharded) r = mgpu_comm_allreduce_f64(t->comm, sums, 3, MGPU_REDUCE_SUM);
+    if (r == MGPU_OK) mgpu__evaluate_ratios(sums, loss, accuracy);
+    return r;
+}
+
 /* Evaluation, the metrics line, then the next epoch (and an epoch checkpoint when due). */
 static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
     const mgpu_train_opts *o = f->t->opts;
@@ -15136,7 +15278,7 @@ static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, m
     mgpu_result r;
     int last = f->epoch + 1 == o->epochs;
     if (test && (last || f->stop || (o->eval_frequency > 0 && (f->epoch + 1) % o->eval_frequency == 0))) {
-        r = mgpu_evaluate(f->t->ctx, f->model, f->forward, f->user, test, 1000, &test_loss, &test_acc);
+        r = mgpu__fit_evaluate(f, test, &test_loss, &test_acc);
         if (r != MGPU_OK) return r;
     }
     if ((r = mgpu__fit_report_epoch(f, test_loss, test_acc)) != MGPU_OK) return r;
@@ -15376,6 +15518,7 @@ static mgpu_result mgpu__dp_train_replica(int rank, mgpu_comm *comm, void *arg) 
     memset(&cd, 0, sizeof cd);
     memset(&b, 0, sizeof b);
     cd.device = job->parent->ctx->device;
+    if (cd.device.type == MGPU_DEVICE_CUDA) cd.device.index = job->parent->opts->gpu_ids[rank];   /* its communicator's device */
     cd.seed = job->parent->opts->seed;
     cd.num_threads = MGPU__MAX(1, mgpu_context_num_threads(job->parent->ctx) / job->parent->dp_replicas);
     rt.rank = rank; rt.world_size = job->parent->dp_replicas; rt.comm = comm; rt.dp_replicas = 0;
@@ -15397,7 +15540,8 @@ MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size
         mgpu__dp_job job;
         memset(&job, 0, sizeof job);
         job.parent = t; job.build = build; job.user_size = user_size; job.forward = forward; job.train = train; job.test = test;
-        r = mgpu_dp_run(t->dp_replicas, mgpu__dp_train_replica, &job);
+        /* on GPUs, one replica per --gpu-ids device, gradients all-reduced over NCCL inside this process */
+        r = mgpu_dp_run_devices(t->dp_replicas, t->ctx->device.type == MGPU_DEVICE_CUDA ? t->opts->gpu_ids : NULL, mgpu__dp_train_replica, &job);
         if (summary) *summary = job.summary;
         return r;
     }

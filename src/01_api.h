@@ -754,6 +754,10 @@ typedef struct mgpu_comm mgpu_comm;
 MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc);
 /* n communicators of one in-process group (ranks 0..n-1), one per thread, for DataParallel. */
 MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm **comms);
+/* n nccl communicators of one process (DataParallel on GPUs), rank i on CUDA device devices[i]
+   (visible and distinct: NCCL runs one rank per device), made together in one NCCL group from the
+   calling thread; each is then driven by a thread of its own. CUDA builds only. */
+MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, double timeout_s, mgpu_comm **comms);
 MGPU_API void mgpu_comm_destroy(mgpu_comm *c);
 MGPU_API int mgpu_comm_rank(const mgpu_comm *c);
 MGPU_API int mgpu_comm_world_size(const mgpu_comm *c);
@@ -836,6 +840,10 @@ MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_buck
    wait in a collective ends them through the communicator's timeout. */
 typedef mgpu_result (*mgpu_dp_replica_fn)(int rank, mgpu_comm *comm, void *arg);
 MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg);
+/* The same on GPUs: replica i's communicator is an in-process nccl one on cuda_devices[i]
+   (mgpu_comm_create_nccl_threads), so gradients are all-reduced device to device; the replica puts
+   its context on that device. cuda_devices NULL: mgpu_dp_run. */
+MGPU_API mgpu_result mgpu_dp_run_devices(int n_replicas, const int *cuda_devices, mgpu_dp_replica_fn replica_main, void *arg);
 /* CUDA declarations: C declarations of the CUDA launchers (mgpu_kernels.cu) and of the host-side
    CUDA support (section "CUDA host side" below). Plain C types only (streams and handles are void *), so this header
    needs no CUDA include. Every launcher works on raw device pointers with explicit sizes, queues

@@ -199,8 +199,10 @@ static int64_t mgpu__count_correct_batch(const mgpu_tensor *logits, const mgpu_t
     return mgpu_count_correct(logits, target);
 }
 
-MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
-                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+/* Evaluation's sums over ds: sums[0] the summed cross-entropy, [1] the correct predictions, [2]
+   the samples (doubles, so DDP can all-reduce them in one call). */
+static mgpu_result mgpu__evaluate_sums(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                       const mgpu_dataset *ds, int64_t batch_size, double sums[3]) {
     mgpu_loader_desc ld;
     mgpu_loader *loader;
     mgpu_batch b;
@@ -208,8 +210,8 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
     double loss_sum = 0;
     int64_t correct = 0, seen = 0;
     int was_training, grad_was_on;
-    if (!ctx || !model || !forward || !ds || batch_size < 1)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    sums[0] = sums[1] = sums[2] = 0;
+    if (ds->length == 0) return MGPU_OK;   /* a rank's empty shard */
     memset(&ld, 0, sizeof ld);
     ld.batch_size = batch_size; ld.ctx = ctx;
     loader = mgpu_loader_create(ds, &ld);
@@ -233,10 +235,40 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
     mgpu_model_train(model, was_training);
     mgpu_set_grad_enabled(ctx, grad_was_on);
     mgpu_loader_destroy(loader);
-    if (r != MGPU_OK) return r;
-    if (loss) *loss = seen ? loss_sum / (double)seen : NAN;
-    if (accuracy) *accuracy = seen ? (double)correct / (double)seen : NAN;
+    sums[0] = loss_sum; sums[1] = (double)correct; sums[2] = (double)seen;
+    return r;
+}
+
+static void mgpu__evaluate_ratios(const double sums[3], double *loss, double *accuracy) {
+    if (loss) *loss = sums[2] > 0 ? sums[0] / sums[2] : NAN;
+    if (accuracy) *accuracy = sums[2] > 0 ? sums[1] / sums[2] : NAN;
+}
+
+MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+    double sums[3];
+    mgpu_result r;
+    if (!ctx || !model || !forward || !ds || batch_size < 1)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    if ((r = mgpu__evaluate_sums(ctx, model, forward, user, ds, batch_size, sums)) != MGPU_OK) return r;
+    mgpu__evaluate_ratios(sums, loss, accuracy);
     return MGPU_OK;
+}
+
+/* A strided view of a dataset: rank r of w sees samples r, r + w, r + 2w, ... Unlike the
+   training sampler it pads nothing, so no sample is evaluated twice. */
+typedef struct mgpu__shard { const mgpu_dataset *base; int rank, world; } mgpu__shard;
+static mgpu_result mgpu__shard_get(const mgpu_dataset *ds, int64_t index, void *x_out, void *y_out) {
+    const mgpu__shard *s = (const mgpu__shard *)ds->impl;
+    return s->base->get(s->base, s->rank + index * s->world, x_out, y_out);
+}
+static void mgpu__shard_view(const mgpu_dataset *base, mgpu__shard *s, int rank, int world, mgpu_dataset *view) {
+    s->base = base; s->rank = rank; s->world = world;
+    *view = *base;
+    view->length = base->length > rank ? (base->length - rank + world - 1) / world : 0;
+    view->get = mgpu__shard_get;
+    view->destroy = NULL;
+    view->impl = s;
 }
 
 /* The LR schedule in optimizer steps, from the epoch-based options. */
@@ -815,6 +847,22 @@ static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double
     return r;
 }
 
+/* Evaluation sharded over the ranks (DDP and DP): each evaluates its strided shard of the test set
+   and the sums are all-reduced, so W ranks share the work instead of each doing all of it. */
+static mgpu_result mgpu__fit_evaluate(mgpu__fit *f, const mgpu_dataset *test, double *loss, double *accuracy) {
+    const mgpu_trainer *t = f->t;
+    mgpu_dataset view;
+    mgpu__shard shard;
+    double sums[3];
+    mgpu_result r;
+    int sharded = t->comm && t->world_size > 1;
+    if (sharded) mgpu__shard_view(test, &shard, t->rank, t->world_size, &view);
+    r = mgpu__evaluate_sums(t->ctx, f->model, f->forward, f->user, sharded ? &view : test, 1000, sums);
+    if (r == MGPU_OK && sharded) r = mgpu_comm_allreduce_f64(t->comm, sums, 3, MGPU_REDUCE_SUM);
+    if (r == MGPU_OK) mgpu__evaluate_ratios(sums, loss, accuracy);
+    return r;
+}
+
 /* Evaluation, the metrics line, then the next epoch (and an epoch checkpoint when due). */
 static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
     const mgpu_train_opts *o = f->t->opts;
@@ -822,7 +870,7 @@ static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, m
     mgpu_result r;
     int last = f->epoch + 1 == o->epochs;
     if (test && (last || f->stop || (o->eval_frequency > 0 && (f->epoch + 1) % o->eval_frequency == 0))) {
-        r = mgpu_evaluate(f->t->ctx, f->model, f->forward, f->user, test, 1000, &test_loss, &test_acc);
+        r = mgpu__fit_evaluate(f, test, &test_loss, &test_acc);
         if (r != MGPU_OK) return r;
     }
     if ((r = mgpu__fit_report_epoch(f, test_loss, test_acc)) != MGPU_OK) return r;
@@ -1062,6 +1110,7 @@ static mgpu_result mgpu__dp_train_replica(int rank, mgpu_comm *comm, void *arg) 
     memset(&cd, 0, sizeof cd);
     memset(&b, 0, sizeof b);
     cd.device = job->parent->ctx->device;
+    if (cd.device.type == MGPU_DEVICE_CUDA) cd.device.index = job->parent->opts->gpu_ids[rank];   /* its communicator's device */
     cd.seed = job->parent->opts->seed;
     cd.num_threads = MGPU__MAX(1, mgpu_context_num_threads(job->parent->ctx) / job->parent->dp_replicas);
     rt.rank = rank; rt.world_size = job->parent->dp_replicas; rt.comm = comm; rt.dp_replicas = 0;
@@ -1083,7 +1132,8 @@ MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size
         mgpu__dp_job job;
         memset(&job, 0, sizeof job);
         job.parent = t; job.build = build; job.user_size = user_size; job.forward = forward; job.train = train; job.test = test;
-        r = mgpu_dp_run(t->dp_replicas, mgpu__dp_train_replica, &job);
+        /* on GPUs, one replica per --gpu-ids device, gradients all-reduced over NCCL inside this process */
+        r = mgpu_dp_run_devices(t->dp_replicas, t->ctx->device.type == MGPU_DEVICE_CUDA ? t->opts->gpu_ids : NULL, mgpu__dp_train_replica, &job);
         if (summary) *summary = job.summary;
         return r;
     }
