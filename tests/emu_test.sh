@@ -223,6 +223,19 @@ if [ -d "$T_TMP/fm" ] && command -v python3 > /dev/null; then
      grep -q 'fashion_mlp: rank 1 was killed by signal 9 (SIGKILL)' "$T_TMP/mg_kill.err" && grep -q 'training failed: rank 1 .*exiting with code 137' "$T_TMP/mg_kill.err"; then
     ok "a self-launched worker killed mid-step (rank 1, SIGKILL): the group stopped in $took s, rank 1 named, exit 137, no process left"
   else fail "killed worker (victim '${victim}', workers '$(echo $workers)', exit $rc, left '$left', $took s)" "$(tail -n 8 "$T_TMP/mg_kill.err" "$T_TMP/mg_kill.log")"; fi
+  # Ctrl-C reaches the supervisor only (the workers lead process groups of their own): it is passed on
+  MGPU_EMU_DEVICES=2 MGPU_TIMEOUT_S=20 $E/fashion_mlp $mg --max-steps 100000 --epochs 100 --log-every 1 > "$T_TMP/mg_int.log" 2> "$T_TMP/mg_int.err" &
+  sup=$!
+  for _ in $(seq 1 600); do grep -q ' 2/' "$T_TMP/mg_int.log" 2>/dev/null && break; sleep 0.1; done
+  workers=$(pgrep -P "$sup")
+  kill -INT "$sup"
+  for _ in $(seq 1 300); do kill -0 "$sup" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$sup" 2>/dev/null && kill -KILL "$sup"
+  wait "$sup"; rc=$?
+  left=""; for w in $workers; do kill -0 "$w" 2>/dev/null && left="$left $w"; done
+  if [ "$(wc -w <<<"$workers")" -eq 2 ] && [ "$rc" -eq 130 ] && [ -z "$left" ] && grep -q 'got SIGINT: forwarding it to the 2 running workers' "$T_TMP/mg_int.err"; then
+    ok "SIGINT to the self-launching supervisor: forwarded to both workers, exit 130, no process left"
+  else fail "SIGINT to the supervisor (workers '$(echo $workers)', exit $rc, left '$left')" "$(tail -n 6 "$T_TMP/mg_int.err")"; fi
 else
   echo "  note multi-GPU self-launch checks skipped: need the Fashion-MNIST subset and python3"
 fi
