@@ -269,6 +269,9 @@ if [ -d "$T_TMP/fm" ] && command -v python3 > /dev/null; then
   out=$(MGPU_EMU_DEVICES=2 timeout 60 $E/fashion_mlp "${mlp[@]}" --multi-gpu dp --gpu-ids 0,0 2>&1); rc=$?
   expect "--multi-gpu dp --gpu-ids 0,0 on a GPU: exit 1 naming the duplicate device (NCCL runs one rank per device)" \
     [ "$rc" -eq 1 -a -n "$(grep 'ranks 0 and 1 both name cuda:0' <<<"$out")" ] || echo "$out" | tail -n 3
+  out=$(MGPU_EMU_DEVICES=2 timeout 60 $E/fashion_mlp "${mlp[@]}" --multi-gpu dp --gpu-ids 0,5 2>&1); rc=$?
+  expect "--multi-gpu dp --gpu-ids 0,5 with 2 devices: exit 1 naming device 5 and the 2 visible devices" \
+    [ "$rc" -eq 1 -a -n "$(grep "rank 1's device 5 is not one of the 2 visible CUDA devices" <<<"$out")" ] || echo "$out" | tail -n 3
   # SyncBatchNorm through the CUDA kernels: 5 SGD steps of fashion_cnn (as tests/ddp_test.sh does on
   # the CPU, shorter: the emulated conv is slow), 2 devices x 8 == 1 device x 16, by DP and by the
   # self-launched DDP; without SyncBatchNorm the same runs differ, so the comparison can see it
