@@ -641,10 +641,12 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
 typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
 /* --device: auto picks a GPU when the CUDA backend is built in and one is visible, else the CPU. */
 typedef enum mgpu_device_kind { MGPU_DEVICE_KIND_AUTO = 0, MGPU_DEVICE_KIND_CPU = 1, MGPU_DEVICE_KIND_CUDA = 2 } mgpu_device_kind;
-/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE > 1) and one process otherwise; none is one
-   process (an error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in
-   this process; ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style
-   variables, srun): WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
+/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE set); without one, with several visible
+   GPUs (or --gpu-ids entries) on a CUDA device, the trainer starts one DDP worker per GPU itself
+   (mgpu_trainer_create, see there), and with one it is plain training; none is one process (an
+   error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in this process;
+   ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style variables, srun):
+   WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
 typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE = 1, MGPU_MULTI_GPU_DP = 2, MGPU_MULTI_GPU_DDP = 3 } mgpu_multi_gpu_mode;
 /* --grad-compression: DDP gradients travel rounded to this format. */
 typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
@@ -697,6 +699,9 @@ typedef struct mgpu_train_opts {
     int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
     mgpu_cuda_graph_mode cuda_graph; /* --cuda-graph on|off (CUDA only; see the trainer's startup line) */
     mgpu_data_on_device data_on_device; /* --data-on-device off|on|auto (CUDA; default auto; the CPU: on is an error) */
+    /* the command line mgpu_train_opts_parse read; --multi-gpu auto's self-launch runs it again once
+       per GPU (NULL when the struct was filled by hand: then no self-launch) */
+    int argc; char **argv;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
@@ -844,6 +849,10 @@ typedef struct mgpu_comm mgpu_comm;
 MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc);
 /* n communicators of one in-process group (ranks 0..n-1), one per thread, for DataParallel. */
 MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm **comms);
+/* n nccl communicators of one process (DataParallel on GPUs), rank i on CUDA device devices[i]
+   (visible and distinct: NCCL runs one rank per device), made together in one NCCL group from the
+   calling thread; each is then driven by a thread of its own. CUDA builds only. */
+MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, double timeout_s, mgpu_comm **comms);
 MGPU_API void mgpu_comm_destroy(mgpu_comm *c);
 MGPU_API int mgpu_comm_rank(const mgpu_comm *c);
 MGPU_API int mgpu_comm_world_size(const mgpu_comm *c);
@@ -926,6 +935,10 @@ MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_buck
    wait in a collective ends them through the communicator's timeout. */
 typedef mgpu_result (*mgpu_dp_replica_fn)(int rank, mgpu_comm *comm, void *arg);
 MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg);
+/* The same on GPUs: replica i's communicator is an in-process nccl one on cuda_devices[i]
+   (mgpu_comm_create_nccl_threads), so gradients are all-reduced device to device; the replica puts
+   its context on that device. cuda_devices NULL: mgpu_dp_run. */
+MGPU_API mgpu_result mgpu_dp_run_devices(int n_replicas, const int *cuda_devices, mgpu_dp_replica_fn replica_main, void *arg);
 /* CUDA declarations: C declarations of the CUDA launchers (mgpu_kernels.cu) and of the host-side
    CUDA support (section "CUDA host side" below). Plain C types only (streams and handles are void *), so this header
    needs no CUDA include. Every launcher works on raw device pointers with explicit sizes, queues
@@ -976,7 +989,12 @@ typedef struct mgpu_train_summary {
     int64_t steps;                 /* optimizer steps taken */
     int stop_signal;               /* SIGINT, SIGTERM or SIGUSR1 when one stopped the run early (checkpoint saved); 0 otherwise */
 } mgpu_train_summary;
-/* Creates the context from opts (device, seed, threads). opts is kept by pointer. */
+/* Creates the context from opts (device, seed, threads). opts is kept by pointer. Under a launcher
+   each rank's GPU is its entry of --gpu-ids, else its LOCAL_RANK (unless --device cuda:N names one).
+   Self-launch: with --multi-gpu auto, a CUDA device, no launcher (no WORLD_SIZE) and several GPUs
+   to use (the --gpu-ids entries, else every visible device), this call does not return: the process
+   runs opts->argv once per GPU as DDP workers (mgpu_worker_group_run: only rank 0's stdout is
+   shown, the failure of one stops all) and exits with the group's code. */
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts);
 MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t);
 /* This process's rank (0 without a launcher): only rank 0 should print a run's results. */
@@ -1051,6 +1069,53 @@ MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(
    time; mgpu_signal_pipe_close restores the previous handlers. -1 on failure. */
 MGPU_API int mgpu_signal_pipe_open(const int *signals, int n);
 MGPU_API void mgpu_signal_pipe_close(void);
+/* A TCP port nothing listens on now (bound to port 0 on addr, then released), or -1 with an
+   error. Another process could take it before it is used: torchrun's window, no more. */
+MGPU_API int mgpu_pick_free_port(const char *addr);
+/* A supervisor's group of workers and how it stops (mgpurun's loop and the trainer's self-launch
+   share it). The caller spawns the workers (mgpu_spawn) and sets w[i].pid and w[i].running = 1; in
+   its loop mgpu_proc_group_reap collects the workers that ended (the first failure, a non-zero exit
+   or a signal, stops the others: SIGTERM to every worker's process group, SIGKILL grace_s later),
+   mgpu_proc_group_on_signal takes a signal the supervisor got (forwarded to the workers; a second
+   one while stopping kills at once; SIGCHLD is ignored), mgpu_proc_group_tick sends the SIGKILL
+   when due, and a poll should wait at most mgpu_proc_group_timeout_ms(g, idle_ms). Messages go to
+   stderr as "LABEL: rank 1 exited with code 3 [pid P]; stopping the other 3 workers ...". */
+typedef struct mgpu_proc { int rank, pid, running, status; } mgpu_proc;   /* status: waitpid's, once ended */
+typedef struct mgpu_proc_group {
+    mgpu_proc *w; int n;
+    const char *label;     /* starts every message (NULL: "mgpu") */
+    double grace_s;        /* SIGTERM -> SIGKILL */
+    int stopping, killed;
+    double kill_at;        /* when the stop turns into SIGKILL */
+    int failed;            /* index of the first worker that failed, -1 if none */
+    int interrupt_sig;     /* the signal that stopped the supervisor, 0 if none */
+} mgpu_proc_group;
+/* w[i].rank = i (change it for ranks of other nodes), nothing started */
+MGPU_API void mgpu_proc_group_init(mgpu_proc_group *g, mgpu_proc *w, int n, const char *label, double grace_s);
+MGPU_API int mgpu_proc_group_running(const mgpu_proc_group *g);
+MGPU_API void mgpu_proc_group_signal(mgpu_proc_group *g, int sig);   /* to every worker's process group */
+MGPU_API void mgpu_proc_group_stop(mgpu_proc_group *g, int sig);     /* signal now, SIGKILL after grace_s */
+MGPU_API void mgpu_proc_group_reap(mgpu_proc_group *g);
+MGPU_API void mgpu_proc_group_on_signal(mgpu_proc_group *g, int sig);
+MGPU_API int mgpu_proc_group_timeout_ms(const mgpu_proc_group *g, int idle_ms);   /* idle_ms -1: none */
+MGPU_API void mgpu_proc_group_tick(mgpu_proc_group *g);
+/* A local group of n workers run to their end, as torch.multiprocessing.spawn does: worker i runs
+   argv with torchrun's variables (RANK = LOCAL_RANK = i, WORLD_SIZE = LOCAL_WORLD_SIZE = n,
+   MASTER_ADDR 127.0.0.1, MASTER_PORT a free port) and MGPU_NUM_THREADS = cores / n unless set.
+   The first worker to fail (non-zero exit or a signal) stops the others (SIGTERM, SIGKILL after
+   grace_s), SIGINT/SIGTERM/SIGHUP to the caller are forwarded, and every worker's process group is
+   killed at the end (and dies with the caller, mgpu_spawn): nothing is left behind. Messages go to
+   stderr as "LABEL: rank 1 was killed by signal 9 (SIGKILL) ...". Returns the caller's exit code:
+   0; the first failing worker's (128 + signal when killed); 128 + signal when the caller itself
+   was stopped; -1 with an error when the workers could not start. */
+typedef struct mgpu_worker_group_desc {
+    char *const *argv;          /* NULL-terminated; argv[0] is looked up in PATH */
+    int n;                      /* workers, >= 1 */
+    const char *label;          /* starts every message (NULL: "mgpu") */
+    double grace_s;             /* SIGTERM -> SIGKILL; 0: 5 s */
+    int rank0_stdout_only;      /* other ranks' stdout goes to /dev/null (every rank's stderr is kept) */
+} mgpu_worker_group_desc;
+MGPU_API int mgpu_worker_group_run(const mgpu_worker_group_desc *desc);
 
 /* ---- GPUs, found without the CUDA runtime (so a CPU build of a supervisor can place runs) ---- */
 
@@ -10214,12 +10279,17 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"device", MGPU__OPT_DEVICE, MGPU__OF(device), 0, 0, 0, NULL, "DEV",
      "cpu, cuda (cuda:0), cuda:N or auto\nauto: a GPU when this build's CUDA backend sees one, else the CPU"},
     {"gpu-ids", MGPU__OPT_GPU_IDS, MGPU__OF(gpu_ids), 0, 0, 0, NULL, "LIST",
-     "--multi-gpu dp: one model replica per id, e.g. 0,1,3\nrequired with dp (no default); in this version every replica runs on --device"},
+     "the GPUs to use, e.g. 0,1,3 (unset: every visible one)\n"
+     "auto/ddp: local rank i trains on the i-th id; dp: one replica per id (required with dp)"},
     {"multi-gpu", MGPU__OPT_ENUM, MGPU__OF(multi_gpu), 0, 0, 0, "auto|none|dp|ddp", "MODE",
-     "how to use several processes or devices\n"
-     "auto: DDP under a launcher (WORLD_SIZE > 1), else one process; none: one process (an error\n"
-     "under a launcher with WORLD_SIZE > 1); dp: one replica per --gpu-ids entry, on threads of this\n"
-     "process; ddp: DDP, needs a launcher that sets WORLD_SIZE (mgpurun, srun; WORLD_SIZE=1: world size 1)"},
+     "how to use several GPUs (or processes)\n"
+     "auto: under a launcher (WORLD_SIZE set) DDP; else, on a GPU with several to use (--gpu-ids, or\n"
+     "every visible one), start one DDP worker process per GPU (only rank 0's output is shown; one\n"
+     "failing stops all); with one GPU, or on the CPU, plain training in this process\n"
+     "none (or --no-multi-gpu): one process on one device (an error under a launcher with WORLD_SIZE > 1)\n"
+     "dp: one process, one replica per --gpu-ids entry, each on a thread of its own\n"
+     "ddp: DDP, needs a launcher that sets WORLD_SIZE (mgpurun, srun; WORLD_SIZE=1: world size 1)\n"
+     "the LR is not scaled with the number of GPUs unless --scale-lr says so"},
     {"num-workers", MGPU__OPT_INT, MGPU__OF(num_workers), 0, 256, 0, NULL, "N", "data loader threads (0: load on the training thread)"},
     {"eval-frequency", MGPU__OPT_INT, MGPU__OF(eval_frequency), 0, -1, 0, NULL, "N", "evaluate every N epochs (0: only after the last)"},
     {"save-dir", MGPU__OPT_STRING, MGPU__OF(save_dir), 0, -1, 0, NULL, "DIR", "checkpoint and final model directory (unset: no saving)"},
@@ -10257,6 +10327,9 @@ static const mgpu__opt mgpu__train_opts_table[] = {
 };
 #undef MGPU__OF
 #define MGPU__N_TRAIN_OPTS ((int)(sizeof mgpu__train_opts_table / sizeof mgpu__train_opts_table[0]))
+/* Flags without a value that stand for a flag with one ("--no-multi-gpu" is "--multi-gpu none"). */
+static const char *const mgpu__train_opts_switches[][3] = {{"no-multi-gpu", "multi-gpu", "none"}};
+#define MGPU__N_TRAIN_OPT_SWITCHES ((int)(sizeof mgpu__train_opts_switches / sizeof mgpu__train_opts_switches[0]))
 /* Other spellings PyTorch scripts use for a flag (underscores are accepted for every flag). */
 static const char *const mgpu__train_opts_aliases[][2] = {{"num-epochs", "epochs"}};
 #define MGPU__N_TRAIN_OPT_ALIASES ((int)(sizeof mgpu__train_opts_aliases / sizeof mgpu__train_opts_aliases[0]))
@@ -10509,11 +10582,25 @@ static const char *mgpu__program_name(int argc, char **argv) {
     return slash ? slash + 1 : argv[0];
 }
 
+/* A switch (a flag that takes no value) spelt arg: its flag and value set, 1; 0 if arg is none. */
+static int mgpu__opt_switch(mgpu_train_opts *o, const char *arg) {
+    char norm[64];
+    int i;
+    if (strncmp(arg, "--", 2) != 0 || !mgpu__opt_normalize(arg + 2, strlen(arg + 2), norm)) return 0;
+    for (i = 0; i < MGPU__N_TRAIN_OPT_SWITCHES; i++)
+        if (strcmp(norm, mgpu__train_opts_switches[i][0]) == 0) {
+            const char *flag = mgpu__train_opts_switches[i][1];
+            return mgpu__opt_set(o, mgpu__opt_find(flag, strlen(flag)), mgpu__train_opts_switches[i][2]);
+        }
+    return 0;
+}
+
 MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **argv) {
     const char *prog;
     int i;
     if (!o || argc < 0 || (argc > 0 && !argv)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_train_opts_parse: o and argv must not be NULL");
     prog = mgpu__program_name(argc, argv);
+    o->argc = argc; o->argv = argv;
     for (i = 1; i < argc; i++) {
         const char *arg = argv[i] ? argv[i] : "", *eq, *value, *hint;
         const mgpu__opt *s;
@@ -10525,6 +10612,7 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
             return MGPU_OK;
         }
         if (strncmp(arg, "--", 2) != 0) return mgpu__opt_error(prog, "unexpected argument '%s' (options start with --)", arg);
+        if (mgpu__opt_switch(o, arg)) continue;
         eq = strchr(arg, '=');
         name_len = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
         if (!(s = mgpu__opt_find(arg + 2, name_len))) {
@@ -10598,6 +10686,10 @@ MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
             fprintf(out, "  %-30s %.*s\n", "", next ? (int)(next - more - 1) : (int)strlen(more + 1), more + 1);
             more = next;
         }
+    }
+    for (i = 0; i < MGPU__N_TRAIN_OPT_SWITCHES; i++) {
+        snprintf(flag, sizeof flag, "--%s", mgpu__train_opts_switches[i][0]);
+        fprintf(out, "  %-30s the same as --%s %s\n", flag, mgpu__train_opts_switches[i][1], mgpu__train_opts_switches[i][2]);
     }
     fprintf(out, "  %-30s %s\n", "--help", "show this help and exit");
 }
@@ -12957,6 +13049,53 @@ MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm
     return MGPU_OK;
 }
 
+#ifdef MGPU_CUDA
+static mgpu_result mgpu__nccl_init_group(mgpu_comm **comms, int n, const int *devices, const char *fn);
+
+/* devices: n visible, distinct CUDA devices (NCCL puts one rank on a device). */
+static mgpu_result mgpu__check_group_devices(int n, const int *devices, const char *fn) {
+    int visible = mgpu_cuda_device_count(), i, j;
+    if (visible < 0) return mgpu_last_result();
+    for (i = 0; i < n; i++) {
+        if (devices[i] < 0 || devices[i] >= visible)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: rank %d's device %d is not one of the %d visible CUDA device%s (ids count the visible devices from 0)",
+                              fn, i, devices[i], visible, visible == 1 ? "" : "s");
+        for (j = 0; j < i; j++)
+            if (devices[j] == devices[i])
+                return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: ranks %d and %d both name cuda:%d; NCCL runs one rank per device, give distinct ids", fn, j, i, devices[i]);
+    }
+    return MGPU_OK;
+}
+#endif
+
+MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, double timeout_s, mgpu_comm **comms) {
+    const char *fn = "mgpu_comm_create_nccl_threads";
+    double timeout = 0;
+    mgpu_result r;
+    int i;
+    if (!comms || !devices) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: comms and devices must not be NULL", fn);
+    if (n < 1 || n > MGPU__COMM_MAX_RANKS) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: n is %d; expected 1 to %d ranks", fn, n, MGPU__COMM_MAX_RANKS);
+#ifndef MGPU_CUDA
+    (void)timeout; (void)r; (void)i; (void)timeout_s;
+    return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the nccl backend needs a CUDA build (compile with -DMGPU_CUDA); use mgpu_comm_create_threads on CPU", fn);
+#else
+    if ((r = mgpu__comm_timeout(timeout_s, fn, &timeout)) != MGPU_OK || (r = mgpu__check_group_devices(n, devices, fn)) != MGPU_OK) return r;
+    for (i = 0; i < n; i++) comms[i] = NULL;
+    for (i = 0; i < n; i++) {
+        if (!(comms[i] = mgpu__comm_new(MGPU_COMM_NCCL, i, n, i, n, timeout))) break;
+        comms[i]->gpu_id = devices[i];
+    }
+    r = i == n ? mgpu__nccl_init_group(comms, n, devices, fn) : mgpu_last_result();
+    if (r != MGPU_OK) {
+        char msg[MGPU__COMM_MSG];
+        snprintf(msg, sizeof msg, "%s", mgpu_last_error());
+        for (i = 0; i < n; i++) { mgpu_comm_destroy(comms[i]); comms[i] = NULL; }
+        return mgpu__fail(r, "%s", msg);   /* destroy must not replace the reason */
+    }
+    return MGPU_OK;
+#endif
+}
+
 /* ---- rendezvous through the TCP store ---- */
 
 /* A unique-enough job id: time, pid and an address mixed. */
@@ -13760,6 +13899,15 @@ static mgpu_result mgpu__nccl_settle(mgpu_comm *c, ncclResult_t r, double deadli
     return MGPU_OK;
 }
 
+/* The communicator's own stream and events, on the current device (its own). */
+static mgpu_result mgpu__nccl_open_stream(mgpu_comm *c, const char *fn) {
+    mgpu_result r;
+    if ((r = mgpu__comm_cuda_check(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), fn, "cudaStreamCreateWithFlags")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_ready, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_done, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK) return r;
+    return MGPU_OK;
+}
+
 static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double deadline) {
     const char *fn = "mgpu_comm_create";
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
@@ -13796,11 +13944,37 @@ static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double dead
     }
     cfg.blocking = 0;   /* calls return at once; every wait below is ours, bounded by the timeout */
     r = mgpu__nccl_settle(c, ncclCommInitRankConfig(&c->nccl, c->world, id, c->rank, &cfg), deadline, fn, "ncclCommInitRank");
-    if (r != MGPU_OK) return r;
-    if ((r = mgpu__comm_cuda_check(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), fn, "cudaStreamCreateWithFlags")) != MGPU_OK ||
-        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_ready, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK ||
-        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_done, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK) return r;
-    return MGPU_OK;
+    return r != MGPU_OK ? r : mgpu__nccl_open_stream(c, fn);
+}
+
+/* n NCCL communicators of this process, rank i on devices[i] (checked: visible, distinct), made
+   together in one group from this thread (NCCL's single-process pattern), non-blocking as above. */
+static mgpu_result mgpu__nccl_init_group(mgpu_comm **comms, int n, const int *devices, const char *fn) {
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    ncclUniqueId id;
+    ncclResult_t gr;
+    mgpu_result r = MGPU_OK;
+    int i, prev = 0;
+    cfg.blocking = 0;
+    if ((gr = ncclGetUniqueId(&id)) != ncclSuccess) return mgpu__fail(MGPU_ERR_NCCL, "%s: ncclGetUniqueId failed: %s", fn, ncclGetErrorString(gr));
+    if (cudaGetDevice(&prev) != cudaSuccess) cudaGetLastError();
+    ncclGroupStart();
+    for (i = 0; i < n && r == MGPU_OK; i++) {
+        comms[i]->cuda_device = devices[i];
+        if ((r = mgpu__comm_cuda_check(comms[i], cudaSetDevice(devices[i]), fn, "cudaSetDevice")) != MGPU_OK) break;
+        gr = ncclCommInitRankConfig(&comms[i]->nccl, n, id, i, &cfg);
+        if (gr != ncclSuccess && gr != ncclInProgress) r = mgpu__fail(MGPU_ERR_NCCL, "%s: ncclCommInitRank for rank %d on cuda:%d failed: %s", fn, i, devices[i], ncclGetErrorString(gr));
+    }
+    gr = ncclGroupEnd();
+    for (i = 0; i < n && r == MGPU_OK; i++) {
+        double deadline = mgpu_time_s() + comms[i]->timeout_s;
+        if ((r = mgpu__comm_cuda_check(comms[i], cudaSetDevice(devices[i]), fn, "cudaSetDevice")) != MGPU_OK) break;
+        if (!comms[i]->nccl) r = mgpu__fail(MGPU_ERR_NCCL, "%s: ncclCommInitRank gave rank %d no communicator: %s", fn, i, ncclGetErrorString(gr));
+        else if ((r = mgpu__nccl_settle(comms[i], gr == ncclSuccess ? ncclInProgress : gr, deadline, fn, "ncclCommInitRank")) == MGPU_OK)
+            r = mgpu__nccl_open_stream(comms[i], fn);
+    }
+    cudaSetDevice(prev);
+    return r;
 }
 
 static void mgpu__nccl_teardown(mgpu_comm *c) {
@@ -14566,6 +14740,10 @@ static int mgpu__dp_root_failure(const mgpu__dp_replica *reps, int n) {
 }
 
 MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg) {
+    return mgpu_dp_run_devices(n_replicas, NULL, replica_main, arg);
+}
+
+MGPU_API mgpu_result mgpu_dp_run_devices(int n_replicas, const int *cuda_devices, mgpu_dp_replica_fn replica_main, void *arg) {
     mgpu__dp_replica *reps;
     mgpu_comm **comms;
     pthread_t *threads;
@@ -14578,7 +14756,7 @@ MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main
     comms = (mgpu_comm **)mgpu__calloc(sizeof *comms * (size_t)n_replicas, "DataParallel replicas");
     threads = (pthread_t *)mgpu__calloc(sizeof *threads * (size_t)n_replicas, "DataParallel replicas");
     if (!reps || !comms || !threads) r = mgpu_last_result();
-    if (r == MGPU_OK) r = mgpu_comm_create_threads(n_replicas, 0, comms);
+    if (r == MGPU_OK) r = cuda_devices ? mgpu_comm_create_nccl_threads(n_replicas, cuda_devices, 0, comms) : mgpu_comm_create_threads(n_replicas, 0, comms);
     for (i = 0; r == MGPU_OK && i < n_replicas; i++) {
         reps[i].rank = i; reps[i].comm = comms[i]; reps[i].main_fn = replica_main; reps[i].arg = arg;
     }
@@ -14617,6 +14795,7 @@ struct mgpu_trainer {
     mgpu_amp_mode amp;
     int launched;              /* a launcher's variables are set (WORLD_SIZE, SLURM_PROCID, OMPI_...) */
     int dp_replicas;           /* --multi-gpu dp: replicas (threads) in this process; 0 otherwise */
+    int local_rank;            /* under a launcher: LOCAL_RANK (picks this rank's GPU) */
 };
 
 /* --multi-gpu against the environment, before anything is built: dp runs one process with one
@@ -14683,6 +14862,62 @@ static mgpu_result mgpu__trainer_read_env(mgpu_trainer *t) {
     t->rank = env.rank;
     t->world_size = env.world_size > 0 ? env.world_size : 1;
     t->launched = env.source && strcmp(env.source, "single") != 0;
+    t->local_rank = env.local_rank;
+    return MGPU_OK;
+}
+
+/* GPUs --multi-gpu auto would use without a launcher: the --gpu-ids entries, else every visible
+   device; 0 when the run is not on a GPU (--device cpu, or none visible, or a CPU build). */
+static int mgpu__trainer_gpus_to_use(const mgpu_train_opts *o, const mgpu_device *dev) {
+    int visible;
+    if (dev->type != MGPU_DEVICE_CUDA) return 0;
+    if (o->num_gpu_ids > 0) return o->num_gpu_ids;
+    visible = mgpu_cuda_device_count();
+    return visible > 0 ? visible : 0;
+}
+
+/* --multi-gpu auto without a launcher and several GPUs: this process becomes the supervisor of one
+   DDP worker per GPU, each running this same command line (torch.multiprocessing.spawn's way; the
+   workers see WORLD_SIZE and train as DDP), and exits with the group's code. --device cuda:N names
+   one GPU: plain training there. Returns only when there is nothing to launch. */
+static mgpu_result mgpu__trainer_self_launch(const mgpu_trainer *t, const mgpu_device *dev) {
+    const mgpu_train_opts *o = t->opts;
+    mgpu_worker_group_desc gd;
+    const char *slash;
+    int n = mgpu__trainer_gpus_to_use(o, dev), code;
+    if (o->multi_gpu != MGPU_MULTI_GPU_AUTO || t->launched || o->device_index >= 0 || n < 2) return MGPU_OK;
+    if (!o->argv || o->argc < 1 || !o->argv[0]) {
+        mgpu_log(MGPU_LOG_WARN, "%d GPUs to use, but the options carry no command line to start workers with (filled by hand, "
+                 "not by mgpu_train_opts_parse): training on one; run under mgpurun for DDP", n);
+        return MGPU_OK;
+    }
+    slash = strrchr(o->argv[0], '/');
+    memset(&gd, 0, sizeof gd);
+    gd.argv = o->argv; gd.n = n; gd.label = slash ? slash + 1 : o->argv[0]; gd.rank0_stdout_only = 1;
+    fflush(stdout);
+    fflush(stderr);
+    code = mgpu_worker_group_run(&gd);
+    if (code < 0) {
+        fprintf(stderr, "%s: error: %s\n", gd.label, mgpu_last_error());
+        code = 1;
+    }
+    exit(code);
+}
+
+/* This process's GPU when the options leave it open (--device cuda or auto): under a launcher the
+   rank's entry of --gpu-ids, else its LOCAL_RANK (as mgpu_comm_create's NCCL device; more ranks than
+   devices share them round-robin, which the shm backend allows); alone, the first --gpu-ids entry. */
+static mgpu_result mgpu__trainer_place(const mgpu_trainer *t, mgpu_device *dev) {
+    const mgpu_train_opts *o = t->opts;
+    int visible;
+    if (dev->type != MGPU_DEVICE_CUDA || o->device_index >= 0) return MGPU_OK;
+    if (!t->launched) {
+        if (o->num_gpu_ids > 0) dev->index = o->gpu_ids[0];
+        return MGPU_OK;
+    }
+    if (t->local_rank < o->num_gpu_ids) { dev->index = o->gpu_ids[t->local_rank]; return MGPU_OK; }
+    visible = mgpu_cuda_device_count();
+    dev->index = visible > 0 ? t->local_rank % visible : 0;
     return MGPU_OK;
 }
 
@@ -14762,6 +14997,7 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     t->amp = opts->amp;
     if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_check_mode(opts, t, &t->dp_replicas) != MGPU_OK ||
         mgpu__trainer_check_outputs(t) != MGPU_OK ||
+        mgpu__trainer_self_launch(t, &cd.device) != MGPU_OK || mgpu__trainer_place(t, &cd.device) != MGPU_OK ||
         !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
@@ -14784,8 +15020,10 @@ static int64_t mgpu__count_correct_batch(const mgpu_tensor *logits, const mgpu_t
     return mgpu_count_correct(logits, target);
 }
 
-MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
-                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+/* Evaluation's sums over ds: sums[0] the summed cross-entropy, [1] the correct predictions, [2]
+   the samples (doubles, so DDP can all-reduce them in one call). */
+static mgpu_result mgpu__evaluate_sums(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                       const mgpu_dataset *ds, int64_t batch_size, double sums[3]) {
     mgpu_loader_desc ld;
     mgpu_loader *loader;
     mgpu_batch b;
@@ -14793,8 +15031,8 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
     double loss_sum = 0;
     int64_t correct = 0, seen = 0;
     int was_training, grad_was_on;
-    if (!ctx || !model || !forward || !ds || batch_size < 1)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    sums[0] = sums[1] = sums[2] = 0;
+    if (ds->length == 0) return MGPU_OK;   /* a rank's empty shard */
     memset(&ld, 0, sizeof ld);
     ld.batch_size = batch_size; ld.ctx = ctx;
     loader = mgpu_loader_create(ds, &ld);
@@ -14818,10 +15056,40 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
     mgpu_model_train(model, was_training);
     mgpu_set_grad_enabled(ctx, grad_was_on);
     mgpu_loader_destroy(loader);
-    if (r != MGPU_OK) return r;
-    if (loss) *loss = seen ? loss_sum / (double)seen : NAN;
-    if (accuracy) *accuracy = seen ? (double)correct / (double)seen : NAN;
+    sums[0] = loss_sum; sums[1] = (double)correct; sums[2] = (double)seen;
+    return r;
+}
+
+static void mgpu__evaluate_ratios(const double sums[3], double *loss, double *accuracy) {
+    if (loss) *loss = sums[2] > 0 ? sums[0] / sums[2] : NAN;
+    if (accuracy) *accuracy = sums[2] > 0 ? sums[1] / sums[2] : NAN;
+}
+
+MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+    double sums[3];
+    mgpu_result r;
+    if (!ctx || !model || !forward || !ds || batch_size < 1)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    if ((r = mgpu__evaluate_sums(ctx, model, forward, user, ds, batch_size, sums)) != MGPU_OK) return r;
+    mgpu__evaluate_ratios(sums, loss, accuracy);
     return MGPU_OK;
+}
+
+/* A strided view of a dataset: rank r of w sees samples r, r + w, r + 2w, ... Unlike the
+   training sampler it pads nothing, so no sample is evaluated twice. */
+typedef struct mgpu__shard { const mgpu_dataset *base; int rank, world; } mgpu__shard;
+static mgpu_result mgpu__shard_get(const mgpu_dataset *ds, int64_t index, void *x_out, void *y_out) {
+    const mgpu__shard *s = (const mgpu__shard *)ds->impl;
+    return s->base->get(s->base, s->rank + index * s->world, x_out, y_out);
+}
+static void mgpu__shard_view(const mgpu_dataset *base, mgpu__shard *s, int rank, int world, mgpu_dataset *view) {
+    s->base = base; s->rank = rank; s->world = world;
+    *view = *base;
+    view->length = base->length > rank ? (base->length - rank + world - 1) / world : 0;
+    view->get = mgpu__shard_get;
+    view->destroy = NULL;
+    view->impl = s;
 }
 
 /* The LR schedule in optimizer steps, from the epoch-based options. */
@@ -15514,6 +15782,22 @@ static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double
     return r;
 }
 
+/* Evaluation sharded over the ranks (DDP and DP): each evaluates its strided shard of the test set
+   and the sums are all-reduced, so W ranks share the work instead of each doing all of it. */
+static mgpu_result mgpu__fit_evaluate(mgpu__fit *f, const mgpu_dataset *test, double *loss, double *accuracy) {
+    const mgpu_trainer *t = f->t;
+    mgpu_dataset view;
+    mgpu__shard shard;
+    double sums[3];
+    mgpu_result r;
+    int sharded = t->comm && t->world_size > 1;
+    if (sharded) mgpu__shard_view(test, &shard, t->rank, t->world_size, &view);
+    r = mgpu__evaluate_sums(t->ctx, f->model, f->forward, f->user, sharded ? &view : test, 1000, sums);
+    if (r == MGPU_OK && sharded) r = mgpu_comm_allreduce_f64(t->comm, sums, 3, MGPU_REDUCE_SUM);
+    if (r == MGPU_OK) mgpu__evaluate_ratios(sums, loss, accuracy);
+    return r;
+}
+
 /* Evaluation, the metrics line, then the next epoch (and an epoch checkpoint when due). */
 static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
     const mgpu_train_opts *o = f->t->opts;
@@ -15521,7 +15805,7 @@ static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, m
     mgpu_result r;
     int last = f->epoch + 1 == o->epochs;
     if (test && (last || f->stop || (o->eval_frequency > 0 && (f->epoch + 1) % o->eval_frequency == 0))) {
-        r = mgpu_evaluate(f->t->ctx, f->model, f->forward, f->user, test, 1000, &test_loss, &test_acc);
+        r = mgpu__fit_evaluate(f, test, &test_loss, &test_acc);
         if (r != MGPU_OK) return r;
     }
     if ((r = mgpu__fit_report_epoch(f, test_loss, test_acc)) != MGPU_OK) return r;
@@ -15762,6 +16046,30 @@ static mgpu_result mgpu__fit_eval_only(mgpu__fit *f, const mgpu_dataset *test, m
     return mgpu_metrics_write_final(f->metrics, extra);
 }
 
+/* "Using 4 GPUs: [0, 1, 2, 3] (DDP, 4 processes, global batch 512)", from rank 0, when several
+   ranks train on GPUs (DDP or DP). A collective (every rank's device is gathered): all ranks call it. */
+static mgpu_result mgpu__fit_announce_gpus(const mgpu__fit *f) {
+    const mgpu_trainer *t = f->t;
+    const mgpu_train_opts *o = t->opts;
+    int32_t mine, *all;
+    char ids[MGPU_MAX_GPU_IDS * 8];
+    size_t at = 0;
+    int i, dp = o->multi_gpu == MGPU_MULTI_GPU_DP;
+    mgpu_result r;
+    if (!t->comm || t->world_size < 2 || t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
+    mine = t->ctx->device.index;
+    if (!(all = (int32_t *)mgpu__calloc(sizeof *all * (size_t)t->world_size, "the ranks' devices"))) return mgpu_last_result();
+    if ((r = mgpu_comm_allgather_bytes(t->comm, &mine, sizeof mine, all)) == MGPU_OK && t->rank == 0) {
+        ids[0] = 0;
+        for (i = 0; i < t->world_size && at + 16 < sizeof ids; i++) at += (size_t)snprintf(ids + at, sizeof ids - at, i ? ", %d" : "%d", (int)all[i]);
+        printf("Using %d GPUs: [%s] (%s, %d process%s, global batch %lld)\n", t->world_size, ids, dp ? "DP" : "DDP", dp ? 1 : t->world_size,
+               dp || t->world_size == 1 ? "" : "es", (long long)(o->batch_size * t->world_size * o->grad_accum_steps));
+        fflush(stdout);
+    }
+    mgpu_free(all);
+    return r;
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -15783,6 +16091,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
     if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
+    if (r == MGPU_OK) r = mgpu__fit_announce_gpus(&f);   /* a collective: every rank */
     if (r == MGPU_OK && o->eval_only) r = mgpu__fit_eval_only(&f, test, &s);
     else if (r == MGPU_OK && f.finished) mgpu__fit_summary_of_finished(&f, &s);
     else if (r == MGPU_OK) {
@@ -15834,6 +16143,7 @@ static mgpu_result mgpu__dp_train_replica(int rank, mgpu_comm *comm, void *arg) 
     memset(&cd, 0, sizeof cd);
     memset(&b, 0, sizeof b);
     cd.device = job->parent->ctx->device;
+    if (cd.device.type == MGPU_DEVICE_CUDA) cd.device.index = job->parent->opts->gpu_ids[rank];   /* its communicator's device */
     cd.seed = job->parent->opts->seed;
     cd.num_threads = MGPU__MAX(1, mgpu_context_num_threads(job->parent->ctx) / job->parent->dp_replicas);
     rt.rank = rank; rt.world_size = job->parent->dp_replicas; rt.comm = comm; rt.dp_replicas = 0;
@@ -15855,7 +16165,8 @@ MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size
         mgpu__dp_job job;
         memset(&job, 0, sizeof job);
         job.parent = t; job.build = build; job.user_size = user_size; job.forward = forward; job.train = train; job.test = test;
-        r = mgpu_dp_run(t->dp_replicas, mgpu__dp_train_replica, &job);
+        /* on GPUs, one replica per --gpu-ids device, gradients all-reduced over NCCL inside this process */
+        r = mgpu_dp_run_devices(t->dp_replicas, t->ctx->device.type == MGPU_DEVICE_CUDA ? t->opts->gpu_ids : NULL, mgpu__dp_train_replica, &job);
         if (summary) *summary = job.summary;
         return r;
     }
@@ -16135,6 +16446,230 @@ MGPU_API void mgpu_signal_pipe_close(void) {
         if (mgpu__sigpipe_fds[i] >= 0) close(mgpu__sigpipe_fds[i]);
         mgpu__sigpipe_fds[i] = -1;
     }
+}
+
+/* --------------------------------------------------------------------------------------
+   A free TCP port, and a local group of workers (the trainer's self-launch)
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API int mgpu_pick_free_port(const char *addr) {
+    struct addrinfo hints, *res = NULL, *ai;
+    int port = -1, rc;
+    if (!addr || !addr[0]) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_pick_free_port: addr is NULL or empty"); return -1; }
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if ((rc = getaddrinfo(addr, "0", &hints, &res)) != 0) {
+        mgpu__fail(MGPU_ERR_IO, "cannot resolve %s: %s", addr, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai && port < 0; ai = ai->ai_next) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) continue;
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
+            if (ss.ss_family == AF_INET) port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+            else if (ss.ss_family == AF_INET6) port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        }
+        close(fd);
+    }
+    freeaddrinfo(res);
+    if (port <= 0) { mgpu__fail(MGPU_ERR_IO, "cannot pick a free port on %s (is it an address of this host?)", addr); return -1; }
+    return port;
+}
+
+/* ---- a group of workers and how it stops (mgpurun's loop and the trainer's self-launch) ---- */
+
+static void mgpu__proc_say(const mgpu_proc_group *g, const char *fmt, ...) MGPU__PRINTF(2, 3);
+static void mgpu__proc_say(const mgpu_proc_group *g, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: ", g->label ? g->label : "mgpu");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+MGPU_API void mgpu_proc_group_init(mgpu_proc_group *g, mgpu_proc *w, int n, const char *label, double grace_s) {
+    int i;
+    if (!g) return;
+    memset(g, 0, sizeof *g);
+    g->w = w; g->n = w ? n : 0; g->label = label; g->grace_s = grace_s > 0 ? grace_s : 0; g->failed = -1;
+    for (i = 0; i < g->n; i++) { w[i].rank = i; w[i].pid = 0; w[i].running = 0; w[i].status = 0; }
+}
+
+MGPU_API int mgpu_proc_group_running(const mgpu_proc_group *g) {
+    int i, n = 0;
+    for (i = 0; g && i < g->n; i++) n += g->w[i].running;
+    return n;
+}
+
+/* To every worker's whole process group, ended ones too: what they spawned belongs to the job. */
+MGPU_API void mgpu_proc_group_signal(mgpu_proc_group *g, int sig) {
+    int i;
+    for (i = 0; g && i < g->n; i++)
+        if (g->w[i].pid > 0 && mgpu_kill_group(g->w[i].pid, sig) != 0 && g->w[i].running) kill(g->w[i].pid, sig);
+}
+
+MGPU_API void mgpu_proc_group_stop(mgpu_proc_group *g, int sig) {
+    g->stopping = 1;
+    g->kill_at = mgpu_time_s() + g->grace_s;
+    mgpu_proc_group_signal(g, sig);
+    if (sig == SIGKILL) g->killed = 1;
+}
+
+static void mgpu__proc_failed(mgpu_proc_group *g, int i) {
+    char how[128];
+    int others = mgpu_proc_group_running(g);
+    mgpu_wait_status_describe(g->w[i].status, how, sizeof how);
+    g->failed = i;
+    if (others > 0)
+        mgpu__proc_say(g, "rank %d %s [pid %d]; stopping the other %d worker%s (SIGTERM, SIGKILL after %.3g s)", g->w[i].rank, how, g->w[i].pid,
+                       others, others == 1 ? "" : "s", g->grace_s);
+    else mgpu__proc_say(g, "rank %d %s [pid %d]", g->w[i].rank, how, g->w[i].pid);
+    mgpu_proc_group_stop(g, SIGTERM);
+}
+
+MGPU_API void mgpu_proc_group_reap(mgpu_proc_group *g) {
+    int i;
+    for (i = 0; g && i < g->n; i++) {
+        mgpu_proc *w = &g->w[i];
+        int status = 0, r;
+        if (!w->running) continue;
+        do r = waitpid(w->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
+        if (r == 0) continue;
+        w->running = 0;
+        w->status = r > 0 ? status : 0;
+        if (r > 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0) && !g->stopping) mgpu__proc_failed(g, i);
+    }
+}
+
+MGPU_API void mgpu_proc_group_on_signal(mgpu_proc_group *g, int sig) {
+    int n;
+    if (!g || sig == SIGCHLD) return;   /* reaping happens every iteration */
+    if (!g->interrupt_sig) g->interrupt_sig = sig;
+    if (g->stopping) {
+        if (!g->killed) {
+            mgpu__proc_say(g, "got %s while stopping: sending SIGKILL now", mgpu_signal_name(sig));
+            mgpu_proc_group_stop(g, SIGKILL);
+        }
+        return;
+    }
+    n = mgpu_proc_group_running(g);
+    mgpu__proc_say(g, "got %s: forwarding it to the %d running worker%s (SIGKILL after %.3g s)", mgpu_signal_name(sig), n, n == 1 ? "" : "s", g->grace_s);
+    mgpu_proc_group_stop(g, sig);
+}
+
+MGPU_API int mgpu_proc_group_timeout_ms(const mgpu_proc_group *g, int idle_ms) {
+    double left;
+    if (!g || !g->stopping || g->killed) return idle_ms;
+    left = g->kill_at - mgpu_time_s();
+    if (left <= 0) return 0;
+    return idle_ms >= 0 && idle_ms < (int)(left * 1000.0) + 1 ? idle_ms : (int)(left * 1000.0) + 1;
+}
+
+MGPU_API void mgpu_proc_group_tick(mgpu_proc_group *g) {
+    int left;
+    if (!g || !g->stopping || g->killed || mgpu_time_s() < g->kill_at) return;
+    left = mgpu_proc_group_running(g);
+    if (left > 0) mgpu__proc_say(g, "%d worker%s still running %.3g s after the stop signal: sending SIGKILL", left, left == 1 ? "" : "s", g->grace_s);
+    mgpu_proc_group_stop(g, SIGKILL);
+}
+
+/* ---- the trainer's self-launch: one local group, run to its end ---- */
+
+/* worker i's environment (torchrun's variables) as "NAME=value" entries, NULL-terminated */
+#define MGPU__GROUP_ENV 8
+static void mgpu__group_env(int i, int n, int port, int threads, char buf[MGPU__GROUP_ENV][64], const char *env[MGPU__GROUP_ENV + 1]) {
+    int k = 0;
+    snprintf(buf[k++], sizeof buf[0], "RANK=%d", i);
+    snprintf(buf[k++], sizeof buf[0], "LOCAL_RANK=%d", i);
+    snprintf(buf[k++], sizeof buf[0], "WORLD_SIZE=%d", n);
+    snprintf(buf[k++], sizeof buf[0], "LOCAL_WORLD_SIZE=%d", n);
+    snprintf(buf[k++], sizeof buf[0], "MASTER_ADDR=127.0.0.1");
+    snprintf(buf[k++], sizeof buf[0], "MASTER_PORT=%d", port);
+    if (threads > 0) snprintf(buf[k++], sizeof buf[0], "MGPU_NUM_THREADS=%d", threads);
+    env[k] = NULL;
+    while (k-- > 0) env[k] = buf[k];
+}
+
+static mgpu_result mgpu__group_start(mgpu_proc_group *g, const mgpu_worker_group_desc *d) {
+    char env_buf[MGPU__GROUP_ENV][64], label[96];
+    const char *env[MGPU__GROUP_ENV + 1];
+    int port = mgpu_pick_free_port("127.0.0.1"), i, devnull = -1;
+    int threads = getenv("MGPU_NUM_THREADS") ? 0 : MGPU__MAX(1, mgpu_cpu_count() / d->n);
+    mgpu_result r = MGPU_OK;
+    if (port < 0) return mgpu_last_result();
+    if (d->rank0_stdout_only && (devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)) < 0)
+        return mgpu__fail(MGPU_ERR_IO, "cannot open /dev/null: %s", strerror(errno));
+    for (i = 0; i < d->n && r == MGPU_OK; i++) {
+        mgpu_spawn_desc sd;
+        memset(&sd, 0, sizeof sd);
+        mgpu__group_env(i, d->n, port, threads, env_buf, env);
+        snprintf(label, sizeof label, "%s: rank %d", g->label ? g->label : "mgpu", i);
+        sd.argv = d->argv; sd.env = env; sd.label = label;
+        sd.stdout_fd = i > 0 && devnull >= 0 ? devnull : 0;
+        if ((r = mgpu_spawn(&sd, &g->w[i].pid)) == MGPU_OK) g->w[i].running = 1;
+    }
+    if (devnull >= 0) close(devnull);
+    return r;
+}
+
+/* Waits for a signal (SIGCHLD included) or the kill deadline, and handles what came. */
+static void mgpu__group_wait_event(mgpu_proc_group *g, int sigfd) {
+    struct pollfd p;
+    unsigned char buf[64];
+    ssize_t n, i;
+    p.fd = sigfd; p.events = POLLIN; p.revents = 0;
+    if (poll(&p, 1, mgpu_proc_group_timeout_ms(g, 200)) > 0)   /* 200 ms only bounds a lost wakeup */
+        while ((n = read(sigfd, buf, sizeof buf)) > 0)
+            for (i = 0; i < n; i++) mgpu_proc_group_on_signal(g, buf[i]);
+    mgpu_proc_group_tick(g);
+}
+
+/* The caller's exit code, and the closing message of a failed run. */
+static int mgpu__group_outcome(const mgpu_proc_group *g) {
+    char how[128];
+    int code;
+    if (g->interrupt_sig) {
+        mgpu__proc_say(g, "stopped by %s; all workers ended", mgpu_signal_name(g->interrupt_sig));
+        return 128 + g->interrupt_sig;
+    }
+    if (g->failed < 0) return 0;
+    mgpu_wait_status_describe(g->w[g->failed].status, how, sizeof how);
+    code = mgpu_wait_status_code(g->w[g->failed].status);
+    mgpu__proc_say(g, "training failed: rank %d %s; exiting with code %d", g->w[g->failed].rank, how, code);
+    return code;
+}
+
+MGPU_API int mgpu_worker_group_run(const mgpu_worker_group_desc *d) {
+    static const int caught[] = {SIGCHLD, SIGINT, SIGTERM, SIGHUP};
+    mgpu_proc_group g;
+    mgpu_proc *w;
+    mgpu_result r;
+    int sigfd, code;
+    if (!d || !d->argv || !d->argv[0] || d->n < 1) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_worker_group_run: desc, argv[0] and n >= 1 are required");
+        return -1;
+    }
+    if (!(w = (mgpu_proc *)mgpu__calloc((size_t)d->n * sizeof *w, "the workers"))) return -1;
+    mgpu_proc_group_init(&g, w, d->n, d->label, d->grace_s > 0 ? d->grace_s : 5.0);
+    if ((sigfd = mgpu_signal_pipe_open(caught, (int)(sizeof caught / sizeof caught[0]))) < 0) { mgpu_free(w); return -1; }
+    if ((r = mgpu__group_start(&g, d)) != MGPU_OK) {
+        mgpu__proc_say(&g, "cannot start the workers: %s", mgpu_last_error());
+        mgpu_proc_group_stop(&g, SIGKILL);
+    }
+    while (mgpu_proc_group_running(&g) > 0) {
+        mgpu_proc_group_reap(&g);
+        if (mgpu_proc_group_running(&g) > 0) mgpu__group_wait_event(&g, sigfd);
+    }
+    if (g.interrupt_sig || g.failed >= 0 || r != MGPU_OK) mgpu_proc_group_signal(&g, SIGKILL);   /* leftover grandchildren */
+    mgpu_signal_pipe_close();
+    code = r != MGPU_OK ? -1 : mgpu__group_outcome(&g);
+    mgpu_free(w);
+    if (r != MGPU_OK) mgpu__fail(r, "mgpu_worker_group_run: the workers could not all start");
+    return code;
 }
 
 /* ======================================================================================

@@ -569,10 +569,12 @@ MGPU_API int mgpu_json_int64(const mgpu_json *j, int64_t *out); /* 1 if j is an 
 typedef enum mgpu_amp_mode { MGPU_AMP_OFF = 0, MGPU_AMP_FP16 = 1, MGPU_AMP_BF16 = 2 } mgpu_amp_mode;
 /* --device: auto picks a GPU when the CUDA backend is built in and one is visible, else the CPU. */
 typedef enum mgpu_device_kind { MGPU_DEVICE_KIND_AUTO = 0, MGPU_DEVICE_KIND_CPU = 1, MGPU_DEVICE_KIND_CUDA = 2 } mgpu_device_kind;
-/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE > 1) and one process otherwise; none is one
-   process (an error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in
-   this process; ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style
-   variables, srun): WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
+/* --multi-gpu: auto is DDP under a launcher (WORLD_SIZE set); without one, with several visible
+   GPUs (or --gpu-ids entries) on a CUDA device, the trainer starts one DDP worker per GPU itself
+   (mgpu_trainer_create, see there), and with one it is plain training; none is one process (an
+   error under a launcher with WORLD_SIZE > 1); dp is DataParallel over --gpu-ids in this process;
+   ddp is DistributedDataParallel and needs a launcher (mgpurun, torchrun-style variables, srun):
+   WORLD_SIZE unset is an error, WORLD_SIZE=1 is DDP at world size 1. */
 typedef enum mgpu_multi_gpu_mode { MGPU_MULTI_GPU_AUTO = 0, MGPU_MULTI_GPU_NONE = 1, MGPU_MULTI_GPU_DP = 2, MGPU_MULTI_GPU_DDP = 3 } mgpu_multi_gpu_mode;
 /* --grad-compression: DDP gradients travel rounded to this format. */
 typedef enum mgpu_grad_compression { MGPU_GRAD_COMPRESSION_NONE = 0, MGPU_GRAD_COMPRESSION_FP16 = 1, MGPU_GRAD_COMPRESSION_BF16 = 2 } mgpu_grad_compression;
@@ -625,6 +627,9 @@ typedef struct mgpu_train_opts {
     int sync_batchnorm; float bucket_cap_mb; mgpu_grad_compression grad_compression;
     mgpu_cuda_graph_mode cuda_graph; /* --cuda-graph on|off (CUDA only; see the trainer's startup line) */
     mgpu_data_on_device data_on_device; /* --data-on-device off|on|auto (CUDA; default auto; the CPU: on is an error) */
+    /* the command line mgpu_train_opts_parse read; --multi-gpu auto's self-launch runs it again once
+       per GPU (NULL when the struct was filled by hand: then no self-launch) */
+    int argc; char **argv;
 } mgpu_train_opts;
 /* Defaults: epochs 10, batch 128, lr 1e-3, adamw, wd 1e-4, momentum 0.9, schedule constant,
    accum 1, amp off, device auto, multi-gpu auto, workers 0, eval every epoch, keep_last 3,
@@ -772,6 +777,10 @@ typedef struct mgpu_comm mgpu_comm;
 MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc);
 /* n communicators of one in-process group (ranks 0..n-1), one per thread, for DataParallel. */
 MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm **comms);
+/* n nccl communicators of one process (DataParallel on GPUs), rank i on CUDA device devices[i]
+   (visible and distinct: NCCL runs one rank per device), made together in one NCCL group from the
+   calling thread; each is then driven by a thread of its own. CUDA builds only. */
+MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, double timeout_s, mgpu_comm **comms);
 MGPU_API void mgpu_comm_destroy(mgpu_comm *c);
 MGPU_API int mgpu_comm_rank(const mgpu_comm *c);
 MGPU_API int mgpu_comm_world_size(const mgpu_comm *c);
@@ -854,6 +863,10 @@ MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_buck
    wait in a collective ends them through the communicator's timeout. */
 typedef mgpu_result (*mgpu_dp_replica_fn)(int rank, mgpu_comm *comm, void *arg);
 MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg);
+/* The same on GPUs: replica i's communicator is an in-process nccl one on cuda_devices[i]
+   (mgpu_comm_create_nccl_threads), so gradients are all-reduced device to device; the replica puts
+   its context on that device. cuda_devices NULL: mgpu_dp_run. */
+MGPU_API mgpu_result mgpu_dp_run_devices(int n_replicas, const int *cuda_devices, mgpu_dp_replica_fn replica_main, void *arg);
 /* CUDA declarations: C declarations of the CUDA launchers (mgpu_kernels.cu) and of the host-side
    CUDA support (section "CUDA host side" below). Plain C types only (streams and handles are void *), so this header
    needs no CUDA include. Every launcher works on raw device pointers with explicit sizes, queues

@@ -11,7 +11,12 @@ typedef struct mgpu_train_summary {
     int64_t steps;                 /* optimizer steps taken */
     int stop_signal;               /* SIGINT, SIGTERM or SIGUSR1 when one stopped the run early (checkpoint saved); 0 otherwise */
 } mgpu_train_summary;
-/* Creates the context from opts (device, seed, threads). opts is kept by pointer. */
+/* Creates the context from opts (device, seed, threads). opts is kept by pointer. Under a launcher
+   each rank's GPU is its entry of --gpu-ids, else its LOCAL_RANK (unless --device cuda:N names one).
+   Self-launch: with --multi-gpu auto, a CUDA device, no launcher (no WORLD_SIZE) and several GPUs
+   to use (the --gpu-ids entries, else every visible device), this call does not return: the process
+   runs opts->argv once per GPU as DDP workers (mgpu_worker_group_run: only rank 0's stdout is
+   shown, the failure of one stops all) and exits with the group's code. */
 MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts);
 MGPU_API mgpu_context *mgpu_trainer_context(const mgpu_trainer *t);
 /* This process's rank (0 without a launcher): only rank 0 should print a run's results. */

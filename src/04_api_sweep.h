@@ -41,6 +41,53 @@ MGPU_API int mgpu_kill_group(int pid, int sig);                         /* kill(
    time; mgpu_signal_pipe_close restores the previous handlers. -1 on failure. */
 MGPU_API int mgpu_signal_pipe_open(const int *signals, int n);
 MGPU_API void mgpu_signal_pipe_close(void);
+/* A TCP port nothing listens on now (bound to port 0 on addr, then released), or -1 with an
+   error. Another process could take it before it is used: torchrun's window, no more. */
+MGPU_API int mgpu_pick_free_port(const char *addr);
+/* A supervisor's group of workers and how it stops (mgpurun's loop and the trainer's self-launch
+   share it). The caller spawns the workers (mgpu_spawn) and sets w[i].pid and w[i].running = 1; in
+   its loop mgpu_proc_group_reap collects the workers that ended (the first failure, a non-zero exit
+   or a signal, stops the others: SIGTERM to every worker's process group, SIGKILL grace_s later),
+   mgpu_proc_group_on_signal takes a signal the supervisor got (forwarded to the workers; a second
+   one while stopping kills at once; SIGCHLD is ignored), mgpu_proc_group_tick sends the SIGKILL
+   when due, and a poll should wait at most mgpu_proc_group_timeout_ms(g, idle_ms). Messages go to
+   stderr as "LABEL: rank 1 exited with code 3 [pid P]; stopping the other 3 workers ...". */
+typedef struct mgpu_proc { int rank, pid, running, status; } mgpu_proc;   /* status: waitpid's, once ended */
+typedef struct mgpu_proc_group {
+    mgpu_proc *w; int n;
+    const char *label;     /* starts every message (NULL: "mgpu") */
+    double grace_s;        /* SIGTERM -> SIGKILL */
+    int stopping, killed;
+    double kill_at;        /* when the stop turns into SIGKILL */
+    int failed;            /* index of the first worker that failed, -1 if none */
+    int interrupt_sig;     /* the signal that stopped the supervisor, 0 if none */
+} mgpu_proc_group;
+/* w[i].rank = i (change it for ranks of other nodes), nothing started */
+MGPU_API void mgpu_proc_group_init(mgpu_proc_group *g, mgpu_proc *w, int n, const char *label, double grace_s);
+MGPU_API int mgpu_proc_group_running(const mgpu_proc_group *g);
+MGPU_API void mgpu_proc_group_signal(mgpu_proc_group *g, int sig);   /* to every worker's process group */
+MGPU_API void mgpu_proc_group_stop(mgpu_proc_group *g, int sig);     /* signal now, SIGKILL after grace_s */
+MGPU_API void mgpu_proc_group_reap(mgpu_proc_group *g);
+MGPU_API void mgpu_proc_group_on_signal(mgpu_proc_group *g, int sig);
+MGPU_API int mgpu_proc_group_timeout_ms(const mgpu_proc_group *g, int idle_ms);   /* idle_ms -1: none */
+MGPU_API void mgpu_proc_group_tick(mgpu_proc_group *g);
+/* A local group of n workers run to their end, as torch.multiprocessing.spawn does: worker i runs
+   argv with torchrun's variables (RANK = LOCAL_RANK = i, WORLD_SIZE = LOCAL_WORLD_SIZE = n,
+   MASTER_ADDR 127.0.0.1, MASTER_PORT a free port) and MGPU_NUM_THREADS = cores / n unless set.
+   The first worker to fail (non-zero exit or a signal) stops the others (SIGTERM, SIGKILL after
+   grace_s), SIGINT/SIGTERM/SIGHUP to the caller are forwarded, and every worker's process group is
+   killed at the end (and dies with the caller, mgpu_spawn): nothing is left behind. Messages go to
+   stderr as "LABEL: rank 1 was killed by signal 9 (SIGKILL) ...". Returns the caller's exit code:
+   0; the first failing worker's (128 + signal when killed); 128 + signal when the caller itself
+   was stopped; -1 with an error when the workers could not start. */
+typedef struct mgpu_worker_group_desc {
+    char *const *argv;          /* NULL-terminated; argv[0] is looked up in PATH */
+    int n;                      /* workers, >= 1 */
+    const char *label;          /* starts every message (NULL: "mgpu") */
+    double grace_s;             /* SIGTERM -> SIGKILL; 0: 5 s */
+    int rank0_stdout_only;      /* other ranks' stdout goes to /dev/null (every rank's stderr is kept) */
+} mgpu_worker_group_desc;
+MGPU_API int mgpu_worker_group_run(const mgpu_worker_group_desc *desc);
 
 /* ---- GPUs, found without the CUDA runtime (so a CPU build of a supervisor can place runs) ---- */
 

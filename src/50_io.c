@@ -1317,12 +1317,17 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"device", MGPU__OPT_DEVICE, MGPU__OF(device), 0, 0, 0, NULL, "DEV",
      "cpu, cuda (cuda:0), cuda:N or auto\nauto: a GPU when this build's CUDA backend sees one, else the CPU"},
     {"gpu-ids", MGPU__OPT_GPU_IDS, MGPU__OF(gpu_ids), 0, 0, 0, NULL, "LIST",
-     "--multi-gpu dp: one model replica per id, e.g. 0,1,3\nrequired with dp (no default); in this version every replica runs on --device"},
+     "the GPUs to use, e.g. 0,1,3 (unset: every visible one)\n"
+     "auto/ddp: local rank i trains on the i-th id; dp: one replica per id (required with dp)"},
     {"multi-gpu", MGPU__OPT_ENUM, MGPU__OF(multi_gpu), 0, 0, 0, "auto|none|dp|ddp", "MODE",
-     "how to use several processes or devices\n"
-     "auto: DDP under a launcher (WORLD_SIZE > 1), else one process; none: one process (an error\n"
-     "under a launcher with WORLD_SIZE > 1); dp: one replica per --gpu-ids entry, on threads of this\n"
-     "process; ddp: DDP, needs a launcher that sets WORLD_SIZE (mgpurun, srun; WORLD_SIZE=1: world size 1)"},
+     "how to use several GPUs (or processes)\n"
+     "auto: under a launcher (WORLD_SIZE set) DDP; else, on a GPU with several to use (--gpu-ids, or\n"
+     "every visible one), start one DDP worker process per GPU (only rank 0's output is shown; one\n"
+     "failing stops all); with one GPU, or on the CPU, plain training in this process\n"
+     "none (or --no-multi-gpu): one process on one device (an error under a launcher with WORLD_SIZE > 1)\n"
+     "dp: one process, one replica per --gpu-ids entry, each on a thread of its own\n"
+     "ddp: DDP, needs a launcher that sets WORLD_SIZE (mgpurun, srun; WORLD_SIZE=1: world size 1)\n"
+     "the LR is not scaled with the number of GPUs unless --scale-lr says so"},
     {"num-workers", MGPU__OPT_INT, MGPU__OF(num_workers), 0, 256, 0, NULL, "N", "data loader threads (0: load on the training thread)"},
     {"eval-frequency", MGPU__OPT_INT, MGPU__OF(eval_frequency), 0, -1, 0, NULL, "N", "evaluate every N epochs (0: only after the last)"},
     {"save-dir", MGPU__OPT_STRING, MGPU__OF(save_dir), 0, -1, 0, NULL, "DIR", "checkpoint and final model directory (unset: no saving)"},
@@ -1360,6 +1365,9 @@ static const mgpu__opt mgpu__train_opts_table[] = {
 };
 #undef MGPU__OF
 #define MGPU__N_TRAIN_OPTS ((int)(sizeof mgpu__train_opts_table / sizeof mgpu__train_opts_table[0]))
+/* Flags without a value that stand for a flag with one ("--no-multi-gpu" is "--multi-gpu none"). */
+static const char *const mgpu__train_opts_switches[][3] = {{"no-multi-gpu", "multi-gpu", "none"}};
+#define MGPU__N_TRAIN_OPT_SWITCHES ((int)(sizeof mgpu__train_opts_switches / sizeof mgpu__train_opts_switches[0]))
 /* Other spellings PyTorch scripts use for a flag (underscores are accepted for every flag). */
 static const char *const mgpu__train_opts_aliases[][2] = {{"num-epochs", "epochs"}};
 #define MGPU__N_TRAIN_OPT_ALIASES ((int)(sizeof mgpu__train_opts_aliases / sizeof mgpu__train_opts_aliases[0]))
@@ -1612,11 +1620,25 @@ static const char *mgpu__program_name(int argc, char **argv) {
     return slash ? slash + 1 : argv[0];
 }
 
+/* A switch (a flag that takes no value) spelt arg: its flag and value set, 1; 0 if arg is none. */
+static int mgpu__opt_switch(mgpu_train_opts *o, const char *arg) {
+    char norm[64];
+    int i;
+    if (strncmp(arg, "--", 2) != 0 || !mgpu__opt_normalize(arg + 2, strlen(arg + 2), norm)) return 0;
+    for (i = 0; i < MGPU__N_TRAIN_OPT_SWITCHES; i++)
+        if (strcmp(norm, mgpu__train_opts_switches[i][0]) == 0) {
+            const char *flag = mgpu__train_opts_switches[i][1];
+            return mgpu__opt_set(o, mgpu__opt_find(flag, strlen(flag)), mgpu__train_opts_switches[i][2]);
+        }
+    return 0;
+}
+
 MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **argv) {
     const char *prog;
     int i;
     if (!o || argc < 0 || (argc > 0 && !argv)) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_train_opts_parse: o and argv must not be NULL");
     prog = mgpu__program_name(argc, argv);
+    o->argc = argc; o->argv = argv;
     for (i = 1; i < argc; i++) {
         const char *arg = argv[i] ? argv[i] : "", *eq, *value, *hint;
         const mgpu__opt *s;
@@ -1628,6 +1650,7 @@ MGPU_API mgpu_result mgpu_train_opts_parse(mgpu_train_opts *o, int argc, char **
             return MGPU_OK;
         }
         if (strncmp(arg, "--", 2) != 0) return mgpu__opt_error(prog, "unexpected argument '%s' (options start with --)", arg);
+        if (mgpu__opt_switch(o, arg)) continue;
         eq = strchr(arg, '=');
         name_len = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
         if (!(s = mgpu__opt_find(arg + 2, name_len))) {
@@ -1701,6 +1724,10 @@ MGPU_API void mgpu_train_opts_usage(FILE *out, const char *program) {
             fprintf(out, "  %-30s %.*s\n", "", next ? (int)(next - more - 1) : (int)strlen(more + 1), more + 1);
             more = next;
         }
+    }
+    for (i = 0; i < MGPU__N_TRAIN_OPT_SWITCHES; i++) {
+        snprintf(flag, sizeof flag, "--%s", mgpu__train_opts_switches[i][0]);
+        fprintf(out, "  %-30s the same as --%s %s\n", flag, mgpu__train_opts_switches[i][1], mgpu__train_opts_switches[i][2]);
     }
     fprintf(out, "  %-30s %s\n", "--help", "show this help and exit");
 }

@@ -1226,6 +1226,53 @@ MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm
     return MGPU_OK;
 }
 
+#ifdef MGPU_CUDA
+static mgpu_result mgpu__nccl_init_group(mgpu_comm **comms, int n, const int *devices, const char *fn);
+
+/* devices: n visible, distinct CUDA devices (NCCL puts one rank on a device). */
+static mgpu_result mgpu__check_group_devices(int n, const int *devices, const char *fn) {
+    int visible = mgpu_cuda_device_count(), i, j;
+    if (visible < 0) return mgpu_last_result();
+    for (i = 0; i < n; i++) {
+        if (devices[i] < 0 || devices[i] >= visible)
+            return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: rank %d's device %d is not one of the %d visible CUDA device%s (ids count the visible devices from 0)",
+                              fn, i, devices[i], visible, visible == 1 ? "" : "s");
+        for (j = 0; j < i; j++)
+            if (devices[j] == devices[i])
+                return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: ranks %d and %d both name cuda:%d; NCCL runs one rank per device, give distinct ids", fn, j, i, devices[i]);
+    }
+    return MGPU_OK;
+}
+#endif
+
+MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, double timeout_s, mgpu_comm **comms) {
+    const char *fn = "mgpu_comm_create_nccl_threads";
+    double timeout = 0;
+    mgpu_result r;
+    int i;
+    if (!comms || !devices) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: comms and devices must not be NULL", fn);
+    if (n < 1 || n > MGPU__COMM_MAX_RANKS) return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: n is %d; expected 1 to %d ranks", fn, n, MGPU__COMM_MAX_RANKS);
+#ifndef MGPU_CUDA
+    (void)timeout; (void)r; (void)i; (void)timeout_s;
+    return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the nccl backend needs a CUDA build (compile with -DMGPU_CUDA); use mgpu_comm_create_threads on CPU", fn);
+#else
+    if ((r = mgpu__comm_timeout(timeout_s, fn, &timeout)) != MGPU_OK || (r = mgpu__check_group_devices(n, devices, fn)) != MGPU_OK) return r;
+    for (i = 0; i < n; i++) comms[i] = NULL;
+    for (i = 0; i < n; i++) {
+        if (!(comms[i] = mgpu__comm_new(MGPU_COMM_NCCL, i, n, i, n, timeout))) break;
+        comms[i]->gpu_id = devices[i];
+    }
+    r = i == n ? mgpu__nccl_init_group(comms, n, devices, fn) : mgpu_last_result();
+    if (r != MGPU_OK) {
+        char msg[MGPU__COMM_MSG];
+        snprintf(msg, sizeof msg, "%s", mgpu_last_error());
+        for (i = 0; i < n; i++) { mgpu_comm_destroy(comms[i]); comms[i] = NULL; }
+        return mgpu__fail(r, "%s", msg);   /* destroy must not replace the reason */
+    }
+    return MGPU_OK;
+#endif
+}
+
 /* ---- rendezvous through the TCP store ---- */
 
 /* A unique-enough job id: time, pid and an address mixed. */
@@ -2029,6 +2076,15 @@ static mgpu_result mgpu__nccl_settle(mgpu_comm *c, ncclResult_t r, double deadli
     return MGPU_OK;
 }
 
+/* The communicator's own stream and events, on the current device (its own). */
+static mgpu_result mgpu__nccl_open_stream(mgpu_comm *c, const char *fn) {
+    mgpu_result r;
+    if ((r = mgpu__comm_cuda_check(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), fn, "cudaStreamCreateWithFlags")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_ready, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK ||
+        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_done, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK) return r;
+    return MGPU_OK;
+}
+
 static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double deadline) {
     const char *fn = "mgpu_comm_create";
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
@@ -2065,11 +2121,37 @@ static mgpu_result mgpu__nccl_init(mgpu_comm *c, const char *id_hex, double dead
     }
     cfg.blocking = 0;   /* calls return at once; every wait below is ours, bounded by the timeout */
     r = mgpu__nccl_settle(c, ncclCommInitRankConfig(&c->nccl, c->world, id, c->rank, &cfg), deadline, fn, "ncclCommInitRank");
-    if (r != MGPU_OK) return r;
-    if ((r = mgpu__comm_cuda_check(c, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), fn, "cudaStreamCreateWithFlags")) != MGPU_OK ||
-        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_ready, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK ||
-        (r = mgpu__comm_cuda_check(c, cudaEventCreateWithFlags(&c->ev_done, cudaEventDisableTiming), fn, "cudaEventCreate")) != MGPU_OK) return r;
-    return MGPU_OK;
+    return r != MGPU_OK ? r : mgpu__nccl_open_stream(c, fn);
+}
+
+/* n NCCL communicators of this process, rank i on devices[i] (checked: visible, distinct), made
+   together in one group from this thread (NCCL's single-process pattern), non-blocking as above. */
+static mgpu_result mgpu__nccl_init_group(mgpu_comm **comms, int n, const int *devices, const char *fn) {
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    ncclUniqueId id;
+    ncclResult_t gr;
+    mgpu_result r = MGPU_OK;
+    int i, prev = 0;
+    cfg.blocking = 0;
+    if ((gr = ncclGetUniqueId(&id)) != ncclSuccess) return mgpu__fail(MGPU_ERR_NCCL, "%s: ncclGetUniqueId failed: %s", fn, ncclGetErrorString(gr));
+    if (cudaGetDevice(&prev) != cudaSuccess) cudaGetLastError();
+    ncclGroupStart();
+    for (i = 0; i < n && r == MGPU_OK; i++) {
+        comms[i]->cuda_device = devices[i];
+        if ((r = mgpu__comm_cuda_check(comms[i], cudaSetDevice(devices[i]), fn, "cudaSetDevice")) != MGPU_OK) break;
+        gr = ncclCommInitRankConfig(&comms[i]->nccl, n, id, i, &cfg);
+        if (gr != ncclSuccess && gr != ncclInProgress) r = mgpu__fail(MGPU_ERR_NCCL, "%s: ncclCommInitRank for rank %d on cuda:%d failed: %s", fn, i, devices[i], ncclGetErrorString(gr));
+    }
+    gr = ncclGroupEnd();
+    for (i = 0; i < n && r == MGPU_OK; i++) {
+        double deadline = mgpu_time_s() + comms[i]->timeout_s;
+        if ((r = mgpu__comm_cuda_check(comms[i], cudaSetDevice(devices[i]), fn, "cudaSetDevice")) != MGPU_OK) break;
+        if (!comms[i]->nccl) r = mgpu__fail(MGPU_ERR_NCCL, "%s: ncclCommInitRank gave rank %d no communicator: %s", fn, i, ncclGetErrorString(gr));
+        else if ((r = mgpu__nccl_settle(comms[i], gr == ncclSuccess ? ncclInProgress : gr, deadline, fn, "ncclCommInitRank")) == MGPU_OK)
+            r = mgpu__nccl_open_stream(comms[i], fn);
+    }
+    cudaSetDevice(prev);
+    return r;
 }
 
 static void mgpu__nccl_teardown(mgpu_comm *c) {

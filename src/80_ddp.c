@@ -577,6 +577,10 @@ static int mgpu__dp_root_failure(const mgpu__dp_replica *reps, int n) {
 }
 
 MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main, void *arg) {
+    return mgpu_dp_run_devices(n_replicas, NULL, replica_main, arg);
+}
+
+MGPU_API mgpu_result mgpu_dp_run_devices(int n_replicas, const int *cuda_devices, mgpu_dp_replica_fn replica_main, void *arg) {
     mgpu__dp_replica *reps;
     mgpu_comm **comms;
     pthread_t *threads;
@@ -589,7 +593,7 @@ MGPU_API mgpu_result mgpu_dp_run(int n_replicas, mgpu_dp_replica_fn replica_main
     comms = (mgpu_comm **)mgpu__calloc(sizeof *comms * (size_t)n_replicas, "DataParallel replicas");
     threads = (pthread_t *)mgpu__calloc(sizeof *threads * (size_t)n_replicas, "DataParallel replicas");
     if (!reps || !comms || !threads) r = mgpu_last_result();
-    if (r == MGPU_OK) r = mgpu_comm_create_threads(n_replicas, 0, comms);
+    if (r == MGPU_OK) r = cuda_devices ? mgpu_comm_create_nccl_threads(n_replicas, cuda_devices, 0, comms) : mgpu_comm_create_threads(n_replicas, 0, comms);
     for (i = 0; r == MGPU_OK && i < n_replicas; i++) {
         reps[i].rank = i; reps[i].comm = comms[i]; reps[i].main_fn = replica_main; reps[i].arg = arg;
     }

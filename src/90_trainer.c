@@ -20,6 +20,7 @@ struct mgpu_trainer {
     mgpu_amp_mode amp;
     int launched;              /* a launcher's variables are set (WORLD_SIZE, SLURM_PROCID, OMPI_...) */
     int dp_replicas;           /* --multi-gpu dp: replicas (threads) in this process; 0 otherwise */
+    int local_rank;            /* under a launcher: LOCAL_RANK (picks this rank's GPU) */
 };
 
 /* --multi-gpu against the environment, before anything is built: dp runs one process with one
@@ -86,6 +87,62 @@ static mgpu_result mgpu__trainer_read_env(mgpu_trainer *t) {
     t->rank = env.rank;
     t->world_size = env.world_size > 0 ? env.world_size : 1;
     t->launched = env.source && strcmp(env.source, "single") != 0;
+    t->local_rank = env.local_rank;
+    return MGPU_OK;
+}
+
+/* GPUs --multi-gpu auto would use without a launcher: the --gpu-ids entries, else every visible
+   device; 0 when the run is not on a GPU (--device cpu, or none visible, or a CPU build). */
+static int mgpu__trainer_gpus_to_use(const mgpu_train_opts *o, const mgpu_device *dev) {
+    int visible;
+    if (dev->type != MGPU_DEVICE_CUDA) return 0;
+    if (o->num_gpu_ids > 0) return o->num_gpu_ids;
+    visible = mgpu_cuda_device_count();
+    return visible > 0 ? visible : 0;
+}
+
+/* --multi-gpu auto without a launcher and several GPUs: this process becomes the supervisor of one
+   DDP worker per GPU, each running this same command line (torch.multiprocessing.spawn's way; the
+   workers see WORLD_SIZE and train as DDP), and exits with the group's code. --device cuda:N names
+   one GPU: plain training there. Returns only when there is nothing to launch. */
+static mgpu_result mgpu__trainer_self_launch(const mgpu_trainer *t, const mgpu_device *dev) {
+    const mgpu_train_opts *o = t->opts;
+    mgpu_worker_group_desc gd;
+    const char *slash;
+    int n = mgpu__trainer_gpus_to_use(o, dev), code;
+    if (o->multi_gpu != MGPU_MULTI_GPU_AUTO || t->launched || o->device_index >= 0 || n < 2) return MGPU_OK;
+    if (!o->argv || o->argc < 1 || !o->argv[0]) {
+        mgpu_log(MGPU_LOG_WARN, "%d GPUs to use, but the options carry no command line to start workers with (filled by hand, "
+                 "not by mgpu_train_opts_parse): training on one; run under mgpurun for DDP", n);
+        return MGPU_OK;
+    }
+    slash = strrchr(o->argv[0], '/');
+    memset(&gd, 0, sizeof gd);
+    gd.argv = o->argv; gd.n = n; gd.label = slash ? slash + 1 : o->argv[0]; gd.rank0_stdout_only = 1;
+    fflush(stdout);
+    fflush(stderr);
+    code = mgpu_worker_group_run(&gd);
+    if (code < 0) {
+        fprintf(stderr, "%s: error: %s\n", gd.label, mgpu_last_error());
+        code = 1;
+    }
+    exit(code);
+}
+
+/* This process's GPU when the options leave it open (--device cuda or auto): under a launcher the
+   rank's entry of --gpu-ids, else its LOCAL_RANK (as mgpu_comm_create's NCCL device; more ranks than
+   devices share them round-robin, which the shm backend allows); alone, the first --gpu-ids entry. */
+static mgpu_result mgpu__trainer_place(const mgpu_trainer *t, mgpu_device *dev) {
+    const mgpu_train_opts *o = t->opts;
+    int visible;
+    if (dev->type != MGPU_DEVICE_CUDA || o->device_index >= 0) return MGPU_OK;
+    if (!t->launched) {
+        if (o->num_gpu_ids > 0) dev->index = o->gpu_ids[0];
+        return MGPU_OK;
+    }
+    if (t->local_rank < o->num_gpu_ids) { dev->index = o->gpu_ids[t->local_rank]; return MGPU_OK; }
+    visible = mgpu_cuda_device_count();
+    dev->index = visible > 0 ? t->local_rank % visible : 0;
     return MGPU_OK;
 }
 
@@ -165,6 +222,7 @@ MGPU_API mgpu_trainer *mgpu_trainer_create(const mgpu_train_opts *opts) {
     t->amp = opts->amp;
     if (mgpu__trainer_read_env(t) != MGPU_OK || mgpu__trainer_check_mode(opts, t, &t->dp_replicas) != MGPU_OK ||
         mgpu__trainer_check_outputs(t) != MGPU_OK ||
+        mgpu__trainer_self_launch(t, &cd.device) != MGPU_OK || mgpu__trainer_place(t, &cd.device) != MGPU_OK ||
         !(t->ctx = mgpu_context_create(&cd)) || mgpu__trainer_connect(t) != MGPU_OK) {
         mgpu_trainer_destroy(t);
         return NULL;
@@ -187,8 +245,10 @@ static int64_t mgpu__count_correct_batch(const mgpu_tensor *logits, const mgpu_t
     return mgpu_count_correct(logits, target);
 }
 
-MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
-                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+/* Evaluation's sums over ds: sums[0] the summed cross-entropy, [1] the correct predictions, [2]
+   the samples (doubles, so DDP can all-reduce them in one call). */
+static mgpu_result mgpu__evaluate_sums(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                       const mgpu_dataset *ds, int64_t batch_size, double sums[3]) {
     mgpu_loader_desc ld;
     mgpu_loader *loader;
     mgpu_batch b;
@@ -196,8 +256,8 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
     double loss_sum = 0;
     int64_t correct = 0, seen = 0;
     int was_training, grad_was_on;
-    if (!ctx || !model || !forward || !ds || batch_size < 1)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    sums[0] = sums[1] = sums[2] = 0;
+    if (ds->length == 0) return MGPU_OK;   /* a rank's empty shard */
     memset(&ld, 0, sizeof ld);
     ld.batch_size = batch_size; ld.ctx = ctx;
     loader = mgpu_loader_create(ds, &ld);
@@ -221,10 +281,40 @@ MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_fo
     mgpu_model_train(model, was_training);
     mgpu_set_grad_enabled(ctx, grad_was_on);
     mgpu_loader_destroy(loader);
-    if (r != MGPU_OK) return r;
-    if (loss) *loss = seen ? loss_sum / (double)seen : NAN;
-    if (accuracy) *accuracy = seen ? (double)correct / (double)seen : NAN;
+    sums[0] = loss_sum; sums[1] = (double)correct; sums[2] = (double)seen;
+    return r;
+}
+
+static void mgpu__evaluate_ratios(const double sums[3], double *loss, double *accuracy) {
+    if (loss) *loss = sums[2] > 0 ? sums[0] / sums[2] : NAN;
+    if (accuracy) *accuracy = sums[2] > 0 ? sums[1] / sums[2] : NAN;
+}
+
+MGPU_API mgpu_result mgpu_evaluate(mgpu_context *ctx, mgpu_model *model, mgpu_forward_fn forward, void *user,
+                                   const mgpu_dataset *ds, int64_t batch_size, double *loss, double *accuracy) {
+    double sums[3];
+    mgpu_result r;
+    if (!ctx || !model || !forward || !ds || batch_size < 1)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_evaluate: ctx, model, forward and dataset are required and batch_size must be >= 1");
+    if ((r = mgpu__evaluate_sums(ctx, model, forward, user, ds, batch_size, sums)) != MGPU_OK) return r;
+    mgpu__evaluate_ratios(sums, loss, accuracy);
     return MGPU_OK;
+}
+
+/* A strided view of a dataset: rank r of w sees samples r, r + w, r + 2w, ... Unlike the
+   training sampler it pads nothing, so no sample is evaluated twice. */
+typedef struct mgpu__shard { const mgpu_dataset *base; int rank, world; } mgpu__shard;
+static mgpu_result mgpu__shard_get(const mgpu_dataset *ds, int64_t index, void *x_out, void *y_out) {
+    const mgpu__shard *s = (const mgpu__shard *)ds->impl;
+    return s->base->get(s->base, s->rank + index * s->world, x_out, y_out);
+}
+static void mgpu__shard_view(const mgpu_dataset *base, mgpu__shard *s, int rank, int world, mgpu_dataset *view) {
+    s->base = base; s->rank = rank; s->world = world;
+    *view = *base;
+    view->length = base->length > rank ? (base->length - rank + world - 1) / world : 0;
+    view->get = mgpu__shard_get;
+    view->destroy = NULL;
+    view->impl = s;
 }
 
 /* The LR schedule in optimizer steps, from the epoch-based options. */
@@ -917,6 +1007,22 @@ static mgpu_result mgpu__fit_report_epoch(mgpu__fit *f, double test_loss, double
     return r;
 }
 
+/* Evaluation sharded over the ranks (DDP and DP): each evaluates its strided shard of the test set
+   and the sums are all-reduced, so W ranks share the work instead of each doing all of it. */
+static mgpu_result mgpu__fit_evaluate(mgpu__fit *f, const mgpu_dataset *test, double *loss, double *accuracy) {
+    const mgpu_trainer *t = f->t;
+    mgpu_dataset view;
+    mgpu__shard shard;
+    double sums[3];
+    mgpu_result r;
+    int sharded = t->comm && t->world_size > 1;
+    if (sharded) mgpu__shard_view(test, &shard, t->rank, t->world_size, &view);
+    r = mgpu__evaluate_sums(t->ctx, f->model, f->forward, f->user, sharded ? &view : test, 1000, sums);
+    if (r == MGPU_OK && sharded) r = mgpu_comm_allreduce_f64(t->comm, sums, 3, MGPU_REDUCE_SUM);
+    if (r == MGPU_OK) mgpu__evaluate_ratios(sums, loss, accuracy);
+    return r;
+}
+
 /* Evaluation, the metrics line, then the next epoch (and an epoch checkpoint when due). */
 static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, mgpu_train_summary *s) {
     const mgpu_train_opts *o = f->t->opts;
@@ -924,7 +1030,7 @@ static mgpu_result mgpu__fit_end_epoch(mgpu__fit *f, const mgpu_dataset *test, m
     mgpu_result r;
     int last = f->epoch + 1 == o->epochs;
     if (test && (last || f->stop || (o->eval_frequency > 0 && (f->epoch + 1) % o->eval_frequency == 0))) {
-        r = mgpu_evaluate(f->t->ctx, f->model, f->forward, f->user, test, 1000, &test_loss, &test_acc);
+        r = mgpu__fit_evaluate(f, test, &test_loss, &test_acc);
         if (r != MGPU_OK) return r;
     }
     if ((r = mgpu__fit_report_epoch(f, test_loss, test_acc)) != MGPU_OK) return r;
@@ -1165,6 +1271,30 @@ static mgpu_result mgpu__fit_eval_only(mgpu__fit *f, const mgpu_dataset *test, m
     return mgpu_metrics_write_final(f->metrics, extra);
 }
 
+/* "Using 4 GPUs: [0, 1, 2, 3] (DDP, 4 processes, global batch 512)", from rank 0, when several
+   ranks train on GPUs (DDP or DP). A collective (every rank's device is gathered): all ranks call it. */
+static mgpu_result mgpu__fit_announce_gpus(const mgpu__fit *f) {
+    const mgpu_trainer *t = f->t;
+    const mgpu_train_opts *o = t->opts;
+    int32_t mine, *all;
+    char ids[MGPU_MAX_GPU_IDS * 8];
+    size_t at = 0;
+    int i, dp = o->multi_gpu == MGPU_MULTI_GPU_DP;
+    mgpu_result r;
+    if (!t->comm || t->world_size < 2 || t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
+    mine = t->ctx->device.index;
+    if (!(all = (int32_t *)mgpu__calloc(sizeof *all * (size_t)t->world_size, "the ranks' devices"))) return mgpu_last_result();
+    if ((r = mgpu_comm_allgather_bytes(t->comm, &mine, sizeof mine, all)) == MGPU_OK && t->rank == 0) {
+        ids[0] = 0;
+        for (i = 0; i < t->world_size && at + 16 < sizeof ids; i++) at += (size_t)snprintf(ids + at, sizeof ids - at, i ? ", %d" : "%d", (int)all[i]);
+        printf("Using %d GPUs: [%s] (%s, %d process%s, global batch %lld)\n", t->world_size, ids, dp ? "DP" : "DDP", dp ? 1 : t->world_size,
+               dp || t->world_size == 1 ? "" : "es", (long long)(o->batch_size * t->world_size * o->grad_accum_steps));
+        fflush(stdout);
+    }
+    mgpu_free(all);
+    return r;
+}
+
 MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_forward_fn forward, void *user,
                                       const mgpu_dataset *train, const mgpu_dataset *test, mgpu_train_summary *summary) {
     const mgpu_train_opts *o;
@@ -1186,6 +1316,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
     if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
+    if (r == MGPU_OK) r = mgpu__fit_announce_gpus(&f);   /* a collective: every rank */
     if (r == MGPU_OK && o->eval_only) r = mgpu__fit_eval_only(&f, test, &s);
     else if (r == MGPU_OK && f.finished) mgpu__fit_summary_of_finished(&f, &s);
     else if (r == MGPU_OK) {
@@ -1237,6 +1368,7 @@ static mgpu_result mgpu__dp_train_replica(int rank, mgpu_comm *comm, void *arg) 
     memset(&cd, 0, sizeof cd);
     memset(&b, 0, sizeof b);
     cd.device = job->parent->ctx->device;
+    if (cd.device.type == MGPU_DEVICE_CUDA) cd.device.index = job->parent->opts->gpu_ids[rank];   /* its communicator's device */
     cd.seed = job->parent->opts->seed;
     cd.num_threads = MGPU__MAX(1, mgpu_context_num_threads(job->parent->ctx) / job->parent->dp_replicas);
     rt.rank = rank; rt.world_size = job->parent->dp_replicas; rt.comm = comm; rt.dp_replicas = 0;
@@ -1258,7 +1390,8 @@ MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size
         mgpu__dp_job job;
         memset(&job, 0, sizeof job);
         job.parent = t; job.build = build; job.user_size = user_size; job.forward = forward; job.train = train; job.test = test;
-        r = mgpu_dp_run(t->dp_replicas, mgpu__dp_train_replica, &job);
+        /* on GPUs, one replica per --gpu-ids device, gradients all-reduced over NCCL inside this process */
+        r = mgpu_dp_run_devices(t->dp_replicas, t->ctx->device.type == MGPU_DEVICE_CUDA ? t->opts->gpu_ids : NULL, mgpu__dp_train_replica, &job);
         if (summary) *summary = job.summary;
         return r;
     }

@@ -269,3 +269,227 @@ MGPU_API void mgpu_signal_pipe_close(void) {
         mgpu__sigpipe_fds[i] = -1;
     }
 }
+
+/* --------------------------------------------------------------------------------------
+   A free TCP port, and a local group of workers (the trainer's self-launch)
+   -------------------------------------------------------------------------------------- */
+
+MGPU_API int mgpu_pick_free_port(const char *addr) {
+    struct addrinfo hints, *res = NULL, *ai;
+    int port = -1, rc;
+    if (!addr || !addr[0]) { mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_pick_free_port: addr is NULL or empty"); return -1; }
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    if ((rc = getaddrinfo(addr, "0", &hints, &res)) != 0) {
+        mgpu__fail(MGPU_ERR_IO, "cannot resolve %s: %s", addr, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai && port < 0; ai = ai->ai_next) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) continue;
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
+            if (ss.ss_family == AF_INET) port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+            else if (ss.ss_family == AF_INET6) port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        }
+        close(fd);
+    }
+    freeaddrinfo(res);
+    if (port <= 0) { mgpu__fail(MGPU_ERR_IO, "cannot pick a free port on %s (is it an address of this host?)", addr); return -1; }
+    return port;
+}
+
+/* ---- a group of workers and how it stops (mgpurun's loop and the trainer's self-launch) ---- */
+
+static void mgpu__proc_say(const mgpu_proc_group *g, const char *fmt, ...) MGPU__PRINTF(2, 3);
+static void mgpu__proc_say(const mgpu_proc_group *g, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "%s: ", g->label ? g->label : "mgpu");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+MGPU_API void mgpu_proc_group_init(mgpu_proc_group *g, mgpu_proc *w, int n, const char *label, double grace_s) {
+    int i;
+    if (!g) return;
+    memset(g, 0, sizeof *g);
+    g->w = w; g->n = w ? n : 0; g->label = label; g->grace_s = grace_s > 0 ? grace_s : 0; g->failed = -1;
+    for (i = 0; i < g->n; i++) { w[i].rank = i; w[i].pid = 0; w[i].running = 0; w[i].status = 0; }
+}
+
+MGPU_API int mgpu_proc_group_running(const mgpu_proc_group *g) {
+    int i, n = 0;
+    for (i = 0; g && i < g->n; i++) n += g->w[i].running;
+    return n;
+}
+
+/* To every worker's whole process group, ended ones too: what they spawned belongs to the job. */
+MGPU_API void mgpu_proc_group_signal(mgpu_proc_group *g, int sig) {
+    int i;
+    for (i = 0; g && i < g->n; i++)
+        if (g->w[i].pid > 0 && mgpu_kill_group(g->w[i].pid, sig) != 0 && g->w[i].running) kill(g->w[i].pid, sig);
+}
+
+MGPU_API void mgpu_proc_group_stop(mgpu_proc_group *g, int sig) {
+    g->stopping = 1;
+    g->kill_at = mgpu_time_s() + g->grace_s;
+    mgpu_proc_group_signal(g, sig);
+    if (sig == SIGKILL) g->killed = 1;
+}
+
+static void mgpu__proc_failed(mgpu_proc_group *g, int i) {
+    char how[128];
+    int others = mgpu_proc_group_running(g);
+    mgpu_wait_status_describe(g->w[i].status, how, sizeof how);
+    g->failed = i;
+    if (others > 0)
+        mgpu__proc_say(g, "rank %d %s [pid %d]; stopping the other %d worker%s (SIGTERM, SIGKILL after %.3g s)", g->w[i].rank, how, g->w[i].pid,
+                       others, others == 1 ? "" : "s", g->grace_s);
+    else mgpu__proc_say(g, "rank %d %s [pid %d]", g->w[i].rank, how, g->w[i].pid);
+    mgpu_proc_group_stop(g, SIGTERM);
+}
+
+MGPU_API void mgpu_proc_group_reap(mgpu_proc_group *g) {
+    int i;
+    for (i = 0; g && i < g->n; i++) {
+        mgpu_proc *w = &g->w[i];
+        int status = 0, r;
+        if (!w->running) continue;
+        do r = waitpid(w->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
+        if (r == 0) continue;
+        w->running = 0;
+        w->status = r > 0 ? status : 0;
+        if (r > 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0) && !g->stopping) mgpu__proc_failed(g, i);
+    }
+}
+
+MGPU_API void mgpu_proc_group_on_signal(mgpu_proc_group *g, int sig) {
+    int n;
+    if (!g || sig == SIGCHLD) return;   /* reaping happens every iteration */
+    if (!g->interrupt_sig) g->interrupt_sig = sig;
+    if (g->stopping) {
+        if (!g->killed) {
+            mgpu__proc_say(g, "got %s while stopping: sending SIGKILL now", mgpu_signal_name(sig));
+            mgpu_proc_group_stop(g, SIGKILL);
+        }
+        return;
+    }
+    n = mgpu_proc_group_running(g);
+    mgpu__proc_say(g, "got %s: forwarding it to the %d running worker%s (SIGKILL after %.3g s)", mgpu_signal_name(sig), n, n == 1 ? "" : "s", g->grace_s);
+    mgpu_proc_group_stop(g, sig);
+}
+
+MGPU_API int mgpu_proc_group_timeout_ms(const mgpu_proc_group *g, int idle_ms) {
+    double left;
+    if (!g || !g->stopping || g->killed) return idle_ms;
+    left = g->kill_at - mgpu_time_s();
+    if (left <= 0) return 0;
+    return idle_ms >= 0 && idle_ms < (int)(left * 1000.0) + 1 ? idle_ms : (int)(left * 1000.0) + 1;
+}
+
+MGPU_API void mgpu_proc_group_tick(mgpu_proc_group *g) {
+    int left;
+    if (!g || !g->stopping || g->killed || mgpu_time_s() < g->kill_at) return;
+    left = mgpu_proc_group_running(g);
+    if (left > 0) mgpu__proc_say(g, "%d worker%s still running %.3g s after the stop signal: sending SIGKILL", left, left == 1 ? "" : "s", g->grace_s);
+    mgpu_proc_group_stop(g, SIGKILL);
+}
+
+/* ---- the trainer's self-launch: one local group, run to its end ---- */
+
+/* worker i's environment (torchrun's variables) as "NAME=value" entries, NULL-terminated */
+#define MGPU__GROUP_ENV 8
+static void mgpu__group_env(int i, int n, int port, int threads, char buf[MGPU__GROUP_ENV][64], const char *env[MGPU__GROUP_ENV + 1]) {
+    int k = 0;
+    snprintf(buf[k++], sizeof buf[0], "RANK=%d", i);
+    snprintf(buf[k++], sizeof buf[0], "LOCAL_RANK=%d", i);
+    snprintf(buf[k++], sizeof buf[0], "WORLD_SIZE=%d", n);
+    snprintf(buf[k++], sizeof buf[0], "LOCAL_WORLD_SIZE=%d", n);
+    snprintf(buf[k++], sizeof buf[0], "MASTER_ADDR=127.0.0.1");
+    snprintf(buf[k++], sizeof buf[0], "MASTER_PORT=%d", port);
+    if (threads > 0) snprintf(buf[k++], sizeof buf[0], "MGPU_NUM_THREADS=%d", threads);
+    env[k] = NULL;
+    while (k-- > 0) env[k] = buf[k];
+}
+
+static mgpu_result mgpu__group_start(mgpu_proc_group *g, const mgpu_worker_group_desc *d) {
+    char env_buf[MGPU__GROUP_ENV][64], label[96];
+    const char *env[MGPU__GROUP_ENV + 1];
+    int port = mgpu_pick_free_port("127.0.0.1"), i, devnull = -1;
+    int threads = getenv("MGPU_NUM_THREADS") ? 0 : MGPU__MAX(1, mgpu_cpu_count() / d->n);
+    mgpu_result r = MGPU_OK;
+    if (port < 0) return mgpu_last_result();
+    if (d->rank0_stdout_only && (devnull = open("/dev/null", O_WRONLY | O_CLOEXEC)) < 0)
+        return mgpu__fail(MGPU_ERR_IO, "cannot open /dev/null: %s", strerror(errno));
+    for (i = 0; i < d->n && r == MGPU_OK; i++) {
+        mgpu_spawn_desc sd;
+        memset(&sd, 0, sizeof sd);
+        mgpu__group_env(i, d->n, port, threads, env_buf, env);
+        snprintf(label, sizeof label, "%s: rank %d", g->label ? g->label : "mgpu", i);
+        sd.argv = d->argv; sd.env = env; sd.label = label;
+        sd.stdout_fd = i > 0 && devnull >= 0 ? devnull : 0;
+        if ((r = mgpu_spawn(&sd, &g->w[i].pid)) == MGPU_OK) g->w[i].running = 1;
+    }
+    if (devnull >= 0) close(devnull);
+    return r;
+}
+
+/* Waits for a signal (SIGCHLD included) or the kill deadline, and handles what came. */
+static void mgpu__group_wait_event(mgpu_proc_group *g, int sigfd) {
+    struct pollfd p;
+    unsigned char buf[64];
+    ssize_t n, i;
+    p.fd = sigfd; p.events = POLLIN; p.revents = 0;
+    if (poll(&p, 1, mgpu_proc_group_timeout_ms(g, 200)) > 0)   /* 200 ms only bounds a lost wakeup */
+        while ((n = read(sigfd, buf, sizeof buf)) > 0)
+            for (i = 0; i < n; i++) mgpu_proc_group_on_signal(g, buf[i]);
+    mgpu_proc_group_tick(g);
+}
+
+/* The caller's exit code, and the closing message of a failed run. */
+static int mgpu__group_outcome(const mgpu_proc_group *g) {
+    char how[128];
+    int code;
+    if (g->interrupt_sig) {
+        mgpu__proc_say(g, "stopped by %s; all workers ended", mgpu_signal_name(g->interrupt_sig));
+        return 128 + g->interrupt_sig;
+    }
+    if (g->failed < 0) return 0;
+    mgpu_wait_status_describe(g->w[g->failed].status, how, sizeof how);
+    code = mgpu_wait_status_code(g->w[g->failed].status);
+    mgpu__proc_say(g, "training failed: rank %d %s; exiting with code %d", g->w[g->failed].rank, how, code);
+    return code;
+}
+
+MGPU_API int mgpu_worker_group_run(const mgpu_worker_group_desc *d) {
+    static const int caught[] = {SIGCHLD, SIGINT, SIGTERM, SIGHUP};
+    mgpu_proc_group g;
+    mgpu_proc *w;
+    mgpu_result r;
+    int sigfd, code;
+    if (!d || !d->argv || !d->argv[0] || d->n < 1) {
+        mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_worker_group_run: desc, argv[0] and n >= 1 are required");
+        return -1;
+    }
+    if (!(w = (mgpu_proc *)mgpu__calloc((size_t)d->n * sizeof *w, "the workers"))) return -1;
+    mgpu_proc_group_init(&g, w, d->n, d->label, d->grace_s > 0 ? d->grace_s : 5.0);
+    if ((sigfd = mgpu_signal_pipe_open(caught, (int)(sizeof caught / sizeof caught[0]))) < 0) { mgpu_free(w); return -1; }
+    if ((r = mgpu__group_start(&g, d)) != MGPU_OK) {
+        mgpu__proc_say(&g, "cannot start the workers: %s", mgpu_last_error());
+        mgpu_proc_group_stop(&g, SIGKILL);
+    }
+    while (mgpu_proc_group_running(&g) > 0) {
+        mgpu_proc_group_reap(&g);
+        if (mgpu_proc_group_running(&g) > 0) mgpu__group_wait_event(&g, sigfd);
+    }
+    if (g.interrupt_sig || g.failed >= 0 || r != MGPU_OK) mgpu_proc_group_signal(&g, SIGKILL);   /* leftover grandchildren */
+    mgpu_signal_pipe_close();
+    code = r != MGPU_OK ? -1 : mgpu__group_outcome(&g);
+    mgpu_free(w);
+    if (r != MGPU_OK) mgpu__fail(r, "mgpu_worker_group_run: the workers could not all start");
+    return code;
+}

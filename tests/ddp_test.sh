@@ -72,6 +72,24 @@ expect "metrics: world_size 2, global_batch 128, DDP timings" \
   bash -c "grep -q '\"world_size\":2' '$T_TMP/met.jsonl' && grep -q '\"global_batch\":128' '$T_TMP/met.jsonl' && grep -q 'ddp_exposed_s' '$T_TMP/met.jsonl'"
 expect "only rank 0 wrote the metrics (one epoch line)" test "$(grep -c '"epoch":' "$T_TMP/met.jsonl")" -eq 1
 
+# sharded evaluation: 3 processes evaluate every third of the 10000 test images (3334 + 3333 + 3333,
+# nothing padded) and all-reduce the sums: the same accuracy (and loss within rounding) as one
+# process at the combined batch; the CPU trains in one process under --multi-gpu auto (no GPU:
+# nothing to self-launch), --no-multi-gpu is the same
+run ev1 1 fashion_mlp --batch-size 96 --metrics "$T_TMP/ev1.jsonl" --no-multi-gpu
+run ev3 3 fashion_mlp --batch-size 32 --metrics "$T_TMP/ev3.jsonl"
+same "mlp: 3 processes x 32 == 1 x 96" ev1 ev3
+res=$(/usr/bin/python3 - "$T_TMP/ev1.jsonl" "$T_TMP/ev3.jsonl" <<'PY'
+import json, sys
+a, b = (json.loads(open(p).readline()) for p in sys.argv[1:3])
+print("accuracy %.4f vs %.4f, loss %.7f vs %.7f" % (a["test_accuracy"], b["test_accuracy"], a["test_loss"], b["test_loss"]))
+sys.exit(0 if a["test_accuracy"] == b["test_accuracy"] and abs(a["test_loss"] - b["test_loss"]) <= 1e-5 * a["test_loss"] else 1)
+PY
+) && ok "evaluation sharded over 3 processes (10000 test images) equals one process's: $res" || fail "sharded evaluation over 3 processes" "$res"
+out=$(env -u WORLD_SIZE -u RANK timeout 120 build/fashion_mlp "${COMMON[@]}" --max-steps 2 2>&1); rc=$?
+expect "CPU build, --multi-gpu auto without a launcher: one process, no worker started, no 'Using' line" \
+  bash -c "[ $rc -eq 0 ] && ! grep -q -e '^Using' -e 'rank [0-9]' <<<\"\$0\" && grep -q 'final test accuracy' <<<\"\$0\"" "$out"
+
 # exact resume under mgpurun: SIGKILL the whole job at a random moment, resume with --resume auto,
 # and end with the same weights, bit for bit, as a job that was never interrupted
 RES=(--batch-size 64 --max-steps 300 --checkpoint-every-steps 40)

@@ -243,5 +243,142 @@ else
   echo "  note training on cuda vs the CPU skipped: needs build/fashion_mlp, build/fashion_cnn, python3 and Fashion-MNIST"
 fi
 
+# ---- multi-GPU: every emulated device by default (--multi-gpu auto self-launches one DDP worker
+# per device), against mgpurun; one device starts none; a killed worker stops the group ----
+# BEGIN multigpu
+if [ -d "$T_TMP/fm" ] && command -v python3 > /dev/null; then
+  mg="--data $T_TMP/fm --epochs 1 --max-steps 10 --batch-size 64 --seed 3"
+  MGPU_EMU_ERRORS=report MGPU_EMU_DEVICES=2 MGPU_TIMEOUT_S=60 timeout 300 $E/fashion_mlp $mg --save-dir "$T_TMP/mg_auto" > "$T_TMP/mg_auto.log" 2> "$T_TMP/mg_auto.err"; rc=$?
+  MGPU_EMU_ERRORS=report MGPU_EMU_DEVICES=2 MGPU_TIMEOUT_S=60 timeout 300 $E/mgpurun --nproc-per-node 2 $E/fashion_mlp $mg --save-dir "$T_TMP/mg_run" > "$T_TMP/mg_run.log" 2>&1; rc2=$?
+  line=$(grep -c '^Using 2 GPUs: \[0, 1\] (DDP, 2 processes, global batch 128)$' "$T_TMP/mg_auto.log")
+  finals=$(grep -c '^final test accuracy' "$T_TMP/mg_auto.log")
+  if [ "$rc" -eq 0 ] && [ "$rc2" -eq 0 ] && [ "$line" -eq 1 ] && [ "$finals" -eq 1 ] &&
+     res=$(python3 tests/compare_weights.py "$T_TMP/mg_run/model.safetensors" "$T_TMP/mg_auto/model.safetensors" 0 2>&1); then
+    ok "--multi-gpu auto with 2 emulated devices starts 2 DDP workers (one 'Using 2 GPUs' line, rank 0's output only) and ends with mgpurun --nproc-per-node 2's weights: $res"
+  else fail "--multi-gpu auto with 2 devices vs mgpurun (exit $rc and $rc2, $line 'Using' lines, $finals final lines)" "$(tail -n 5 "$T_TMP/mg_auto.log" "$T_TMP/mg_auto.err" "$T_TMP/mg_run.log"; echo "$res")"; fi
+  # one device, --no-multi-gpu, --multi-gpu none, --device cpu: plain training in this process
+  for case in "1|" "2|--no-multi-gpu" "2|--multi-gpu none" "2|--device cpu" "2|--gpu-ids 1"; do
+    devs=${case%%|*}; flags=${case#*|}
+    out=$(MGPU_EMU_DEVICES=$devs timeout 300 $E/fashion_mlp $mg --max-steps 2 $flags 2>&1); rc=$?
+    want='^device cuda:0 '; [ "$flags" = "--gpu-ids 1" ] && want='^device cuda:1 '; [ "$flags" = "--device cpu" ] && want='^final test accuracy'
+    if [ "$rc" -eq 0 ] && ! grep -q '^Using' <<<"$out" && ! grep -q 'rank [0-9]' <<<"$out" && grep -q "$want" <<<"$out" && [ "$(grep -c '^final test accuracy' <<<"$out")" -eq 1 ]; then
+      ok "$devs emulated device(s)${flags:+, $flags}: one process trains ($(grep -m1 -o "$want[^(]*" <<<"$out"| head -c 40)), no worker started"
+    else fail "$devs device(s)${flags:+ $flags}: expected plain training (exit $rc)" "$out"; fi
+  done
+  # --gpu-ids picks the devices of the workers, in its order
+  out=$(MGPU_EMU_DEVICES=3 timeout 300 $E/fashion_mlp $mg --max-steps 2 --gpu-ids 2,0 2>&1); rc=$?
+  expect "--gpu-ids 2,0 with 3 emulated devices: 2 workers on cuda:2 and cuda:0 ('Using 2 GPUs: [2, 0]')" \
+    [ "$rc" -eq 0 -a -n "$(grep '^Using 2 GPUs: \[2, 0\] (DDP, 2 processes, global batch 128)$' <<<"$out")" ] || echo "$out" | tail -n 5
+  # a worker killed mid-step: the supervisor stops the other, names rank 1, exits 128 + 9, leaves nothing
+  MGPU_EMU_DEVICES=2 MGPU_TIMEOUT_S=20 $E/fashion_mlp $mg --max-steps 100000 --epochs 100 --log-every 1 > "$T_TMP/mg_kill.log" 2> "$T_TMP/mg_kill.err" &
+  sup=$!
+  for _ in $(seq 1 600); do grep -q ' 2/' "$T_TMP/mg_kill.log" 2>/dev/null && break; sleep 0.1; done
+  workers=$(pgrep -P "$sup"); victim=""
+  for w in $workers; do tr '\0' '\n' < /proc/$w/environ 2>/dev/null | grep -qx 'RANK=1' && victim=$w; done
+  t0=$(date +%s.%N)
+  [ -n "$victim" ] && kill -KILL "$victim"
+  for _ in $(seq 1 300); do kill -0 "$sup" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$sup" 2>/dev/null && { kill -KILL "$sup"; echo "       supervisor still running after 30 s"; }
+  wait "$sup"; rc=$?
+  took=$(python3 -c "import sys; print('%.1f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$t0" "$(date +%s.%N)")
+  left=""; for w in $workers; do kill -0 "$w" 2>/dev/null && left="$left $w"; done
+  if [ -n "$victim" ] && [ "$(wc -w <<<"$workers")" -eq 2 ] && [ "$rc" -eq 137 ] && [ -z "$left" ] &&
+     grep -q 'fashion_mlp: rank 1 was killed by signal 9 (SIGKILL)' "$T_TMP/mg_kill.err" && grep -q 'training failed: rank 1 .*exiting with code 137' "$T_TMP/mg_kill.err"; then
+    ok "a self-launched worker killed mid-step (rank 1, SIGKILL): the group stopped in $took s, rank 1 named, exit 137, no process left"
+  else fail "killed worker (victim '${victim}', workers '$(echo $workers)', exit $rc, left '$left', $took s)" "$(tail -n 8 "$T_TMP/mg_kill.err" "$T_TMP/mg_kill.log")"; fi
+  # Ctrl-C reaches the supervisor only (the workers lead process groups of their own): it is passed on
+  MGPU_EMU_DEVICES=2 MGPU_TIMEOUT_S=20 $E/fashion_mlp $mg --max-steps 100000 --epochs 100 --log-every 1 > "$T_TMP/mg_int.log" 2> "$T_TMP/mg_int.err" &
+  sup=$!
+  for _ in $(seq 1 600); do grep -q ' 2/' "$T_TMP/mg_int.log" 2>/dev/null && break; sleep 0.1; done
+  workers=$(pgrep -P "$sup")
+  kill -INT "$sup"
+  for _ in $(seq 1 300); do kill -0 "$sup" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$sup" 2>/dev/null && kill -KILL "$sup"
+  wait "$sup"; rc=$?
+  left=""; for w in $workers; do kill -0 "$w" 2>/dev/null && left="$left $w"; done
+  if [ "$(wc -w <<<"$workers")" -eq 2 ] && [ "$rc" -eq 130 ] && [ -z "$left" ] && grep -q 'got SIGINT: forwarding it to the 2 running workers' "$T_TMP/mg_int.err"; then
+    ok "SIGINT to the self-launching supervisor: forwarded to both workers, exit 130, no process left"
+  else fail "SIGINT to the supervisor (workers '$(echo $workers)', exit $rc, left '$left')" "$(tail -n 6 "$T_TMP/mg_int.err")"; fi
+else
+  echo "  note multi-GPU self-launch checks skipped: need the Fashion-MNIST subset and python3"
+fi
+# END multigpu
+
+# ---- multi-GPU on emulated devices: DataParallel over in-process NCCL (one thread and one replica
+# per device) and DDP, against one device at the combined batch; SyncBatchNorm with the CUDA
+# kernels; evaluation sharded over the ranks on a test set the world size does not divide ----
+# BEGIN multigpu_dp
+if [ -d "$T_TMP/fm" ] && command -v python3 > /dev/null; then
+  same_weights() {  # NAME A B: final weights within 1e-5 relative per tensor
+    local res
+    if res=$(python3 tests/compare_weights.py "$T_TMP/$2/model.safetensors" "$T_TMP/$3/model.safetensors" 1e-5 2>&1); then ok "$1: $res"
+    else fail "$1" "$(echo "$res"; tail -n 5 "$T_TMP/$3.log")"; fi
+  }
+  train() {  # NAME DEVICES PROGRAM ARGS...: one emulated training run, emulation errors fail it
+    local name=$1 devs=$2 prog=$3 rc; shift 3
+    MGPU_EMU_ERRORS=report MGPU_EMU_DEVICES=$devs MGPU_TIMEOUT_S=60 timeout 300 $E/$prog --log-every 0 --seed 3 --epochs 1 --save-dir "$T_TMP/$name" "$@" > "$T_TMP/$name.log" 2>&1; rc=$?
+    [ "$rc" -eq 0 ] || fail "$name: $prog $* exited $rc" "$(tail -n 8 "$T_TMP/$name.log")"
+    return $rc
+  }
+  using() {  # NAME LINE: the run's startup line
+    grep -qxF "$2" "$T_TMP/$1.log" && ok "$1 says '$2'" || fail "$1: no line '$2'" "$(grep -m3 -E '^(Using|device)' "$T_TMP/$1.log")"
+  }
+  mlp=(--data "$T_TMP/fm" --max-steps 10)
+  train dp_one 3 fashion_mlp "${mlp[@]}" --no-multi-gpu --batch-size 96
+  train dp_two 3 fashion_mlp "${mlp[@]}" --multi-gpu dp --gpu-ids 0,2 --batch-size 48 && using dp_two "Using 2 GPUs: [0, 2] (DP, 1 process, global batch 96)"
+  train dp_three 3 fashion_mlp "${mlp[@]}" --multi-gpu dp --gpu-ids 2,0,1 --batch-size 32 && using dp_three "Using 3 GPUs: [2, 0, 1] (DP, 1 process, global batch 96)"
+  same_weights "mlp: --multi-gpu dp on 2 emulated devices x 48 == 1 device x 96 (10 AdamW steps)" dp_one dp_two
+  same_weights "mlp: --multi-gpu dp on 3 emulated devices x 32 == 1 device x 96 (10 AdamW steps)" dp_one dp_three
+  out=$(MGPU_EMU_DEVICES=2 timeout 60 $E/fashion_mlp "${mlp[@]}" --multi-gpu dp --gpu-ids 0,0 2>&1); rc=$?
+  expect "--multi-gpu dp --gpu-ids 0,0 on a GPU: exit 1 naming the duplicate device (NCCL runs one rank per device)" \
+    [ "$rc" -eq 1 -a -n "$(grep 'ranks 0 and 1 both name cuda:0' <<<"$out")" ] || echo "$out" | tail -n 3
+  out=$(MGPU_EMU_DEVICES=2 timeout 60 $E/fashion_mlp "${mlp[@]}" --multi-gpu dp --gpu-ids 0,5 2>&1); rc=$?
+  expect "--multi-gpu dp --gpu-ids 0,5 with 2 devices: exit 1 naming device 5 and the 2 visible devices" \
+    [ "$rc" -eq 1 -a -n "$(grep "rank 1's device 5 is not one of the 2 visible CUDA devices" <<<"$out")" ] || echo "$out" | tail -n 3
+  # SyncBatchNorm through the CUDA kernels: 5 SGD steps of fashion_cnn (as tests/ddp_test.sh does on
+  # the CPU, shorter: the emulated conv is slow), 2 devices x 8 == 1 device x 16, by DP and by the
+  # self-launched DDP; without SyncBatchNorm the same runs differ, so the comparison can see it
+  cnn=(--data "$T_TMP/fm" --max-steps 5 --optimizer sgd --lr 0.02 --momentum 0.9)
+  train cnn_one 2 fashion_cnn "${cnn[@]}" --no-multi-gpu --batch-size 16
+  train cnn_dp 2 fashion_cnn "${cnn[@]}" --multi-gpu dp --gpu-ids 0,1 --batch-size 8 --sync-batchnorm 1
+  train cnn_ddp 2 fashion_cnn "${cnn[@]}" --batch-size 8 --sync-batchnorm 1 && using cnn_ddp "Using 2 GPUs: [0, 1] (DDP, 2 processes, global batch 16)"
+  train cnn_nosync 2 fashion_cnn "${cnn[@]}" --multi-gpu dp --gpu-ids 0,1 --batch-size 8 --sync-batchnorm 0
+  same_weights "cnn + SyncBatchNorm (CUDA kernels): --multi-gpu dp on 2 emulated devices x 8 == 1 device x 16" cnn_one cnn_dp
+  same_weights "cnn + SyncBatchNorm (CUDA kernels): self-launched DDP on 2 emulated devices x 8 == 1 device x 16" cnn_one cnn_ddp
+  if res=$(python3 tests/compare_weights.py "$T_TMP/cnn_one/model.safetensors" "$T_TMP/cnn_nosync/model.safetensors" 1e-5 2>&1); then
+    fail "cnn without SyncBatchNorm must differ from 1 device x 16 (else the SyncBatchNorm checks prove nothing)" "$res"
+  else ok "cnn without SyncBatchNorm differs from 1 device x 16 ($res): the comparison sees the statistics"; fi
+  # sharded evaluation: 255 test images over 2 ranks (128 + 127, nothing padded): the same accuracy
+  # and loss as one process (a padded sample counted twice would make it x/256)
+  python3 - "$T_TMP/fm" "$T_TMP/fm255" <<'PY'
+import os, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
+for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+    os.symlink(os.path.join(src, name), os.path.join(dst, name))
+for name, head, per in (("t10k-images-idx3-ubyte", 16, 784), ("t10k-labels-idx1-ubyte", 8, 1)):
+    data = open(os.path.join(src, name), "rb").read()
+    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">I", 255) + data[8:head] + data[head:head + 255 * per])
+PY
+  ev=(--data "$T_TMP/fm255" --max-steps 10 --metrics)
+  train eval_one 2 fashion_mlp "${ev[@]}" "$T_TMP/eval_one.jsonl" --no-multi-gpu --batch-size 128
+  train eval_ddp 2 fashion_mlp "${ev[@]}" "$T_TMP/eval_ddp.jsonl" --batch-size 64
+  train eval_dp 2 fashion_mlp "${ev[@]}" "$T_TMP/eval_dp.jsonl" --multi-gpu dp --gpu-ids 0,1 --batch-size 64
+  for run in eval_ddp eval_dp; do
+    res=$(python3 - "$T_TMP/eval_one.jsonl" "$T_TMP/$run.jsonl" <<'PY'
+import json, sys
+a, b = (json.loads(open(p).readline()) for p in sys.argv[1:3])
+hits = a["test_accuracy"] * 255
+ok = abs(hits - round(hits)) < 1e-6 and a["test_accuracy"] == b["test_accuracy"] and abs(a["test_loss"] - b["test_loss"]) <= 1e-5 * abs(a["test_loss"])
+print("accuracy %.6f (%d/255) vs %.6f, loss %.7f vs %.7f" % (a["test_accuracy"], round(hits), b["test_accuracy"], a["test_loss"], b["test_loss"]))
+sys.exit(0 if ok else 1)
+PY
+    ) && ok "$run: evaluation sharded over 2 ranks on 255 test images equals one process's: $res" || fail "$run: sharded evaluation differs from one process's" "$res"
+  done
+else
+  echo "  note multi-GPU DP, SyncBatchNorm and sharded-evaluation checks skipped: need the Fashion-MNIST subset and python3"
+fi
+# END multigpu_dp
+
 echo "  emulated suite: $(( $(date +%s) - start )) s (build excluded)"
 finish

@@ -562,6 +562,13 @@ static void test_argument_errors(void) {
 #ifndef MGPU_CUDA
     d.backend = MGPU_COMM_NCCL;
     MT_CHECK(mgpu_comm_create(&d) == NULL && mgpu_last_result() == MGPU_ERR_UNSUPPORTED && strstr(mgpu_last_error(), "-DMGPU_CUDA"), "nccl on CPU: %s", mgpu_last_error());
+    {   /* DataParallel's in-process NCCL group needs a CUDA build too */
+        static const int devs[2] = { 0, 1 };
+        mgpu_comm *none[2] = { NULL, NULL };
+        MT_CHECK(mgpu_comm_create_nccl_threads(2, devs, 5, none) == MGPU_ERR_UNSUPPORTED && strstr(mgpu_last_error(), "-DMGPU_CUDA"),
+                 "nccl threads on CPU: %s", mgpu_last_error());
+        MT_CHECK(mgpu_comm_create_nccl_threads(2, NULL, 5, none) == MGPU_ERR_INVALID_ARG && !none[0], "nccl threads without devices");
+    }
 #endif
     d.backend = MGPU_COMM_SHM;
     d.env = &e;   /* rank 2 of 2 */

@@ -764,6 +764,14 @@ static void test_opts_defaults_and_flags(void) {
         MT_CHECK(o.device == MGPU_DEVICE_KIND_CUDA && o.device_index == 0 && o.resume == MGPU_RESUME_NONE && !o.resume_path, "cuda:0, resume none after a path");
         MT_CHECK(o.num_gpu_ids == 1 && o.gpu_ids[0] == 7, "one gpu id");
     }
+    {   /* --no-multi-gpu (no value) is --multi-gpu none; the command line is kept for the self-launch */
+        static char *a[] = {(char *)"trainer", (char *)"--multi-gpu", (char *)"dp", (char *)"--no-multi-gpu", (char *)"--epochs", (char *)"2", NULL};
+        static const char *b[] = {"--no_multi_gpu", "--multi-gpu=ddp"};
+        mgpu_train_opts_default(&o);
+        MT_CHECK(mgpu_train_opts_parse(&o, 6, a) == MGPU_OK && o.multi_gpu == MGPU_MULTI_GPU_NONE && o.epochs == 2, "--no-multi-gpu: %s", mgpu_last_error());
+        MT_CHECK(o.argc == 6 && o.argv == a, "argv kept (argc %d)", o.argc);
+        MT_CHECK(parse_args(&o, b, 2) == MGPU_OK && o.multi_gpu == MGPU_MULTI_GPU_DDP, "--no_multi_gpu then --multi-gpu=ddp: later wins");
+    }
     {   /* PyTorch spellings: underscores, --num-epochs / --num_epochs, mixed with dashes */
         static const char *a[] = {"--num-epochs", "4", "--batch_size=32", "--gpu_ids", "0,1", "--multi_gpu", "dp", "--eval_frequency", "3"};
         static const char *b[] = {"--num_epochs=6", "--num_workers", "2", "--grad_accum_steps", "2", "--save_dir", "/s", "--max_steps=9"};
@@ -818,6 +826,8 @@ static void test_opts_help(void) {
     MT_CHECK(out && strstr(out, "--batch_size") && strstr(out, "--num-epochs"), "underscores and --num-epochs mentioned");
     /* the code errors on --multi-gpu dp without --gpu-ids, so the help must not promise a default */
     MT_CHECK(out && !strstr(out, "unset: all") && strstr(out, "required with dp"), "--gpu-ids help says it is required with dp");
+    MT_CHECK(out && strstr(out, "--no-multi-gpu ") && strstr(out, "one DDP worker process per GPU") && strstr(out, "--scale-lr"),
+             "help: --no-multi-gpu, the self-launch and the LR rule");
     free(out);
 }
 

@@ -16,7 +16,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <netdb.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -417,34 +416,13 @@ static int parse_args(launch_opts *o, int argc, char **argv) {
    Ports
    --------------------------------------------------------------------------------------------- */
 
-/* Binds port 0 on addr and reads back the port the kernel chose; -1 (message printed) on error.
-   Another process could take it before rank 0 binds it: the same small window torchrun has. */
+/* A free port on addr (mgpu_pick_free_port, shared with the trainer's self-launch); -1 (message
+   printed) on error. Another process could take it before rank 0 binds it: the same small window
+   torchrun has. */
 static int pick_free_port(const char *addr) {
-    struct addrinfo hints, *res = NULL, *ai;
-    int port = -1, rc;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    rc = getaddrinfo(addr, "0", &hints, &res);
-    if (rc != 0) {
-        say("cannot resolve --master-addr %s: %s", addr, gai_strerror(rc));
-        return -1;
-    }
-    for (ai = res; ai && port < 0; ai = ai->ai_next) {
-        struct sockaddr_storage ss;
-        socklen_t len = sizeof ss;
-        int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
-        if (fd < 0) continue;
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
-            getsockname(fd, (struct sockaddr *)&ss, &len) == 0) {
-            if (ss.ss_family == AF_INET) port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-            else if (ss.ss_family == AF_INET6) port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-        }
-        close(fd);
-    }
-    freeaddrinfo(res);
-    if (port <= 0) say("cannot pick a free port on --master-addr %s (is it an address of this host?)", addr);
-    return port > 0 ? port : -1;
+    int port = mgpu_pick_free_port(addr);
+    if (port < 0) say("--master-addr %s: %s", addr, mgpu_last_error());
+    return port;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -538,9 +516,6 @@ static void pump_stream(out_stream *s) {
 
 typedef struct worker {
     int rank, local_rank;
-    int pid;             /* also its process group id; 0 before launch */
-    int running;
-    int status;          /* waitpid status once it ended */
     long log_start;      /* byte offset in its log where this attempt began */
     out_stream out, err;
 } worker;
@@ -553,12 +528,10 @@ typedef struct job {
     int port;
     int world_size;
     int num_threads;     /* MGPU_NUM_THREADS for the workers; 0: inherited from the environment */
-    /* stopping the group */
-    int stopping;
-    double kill_at;      /* when SIGTERM turns into SIGKILL */
-    int killed;
-    int failed;          /* index of the first worker that failed, -1 if none */
-    int interrupt_sig;   /* signal that stopped mgpurun itself, 0 if none */
+    /* the processes (procs[i] is w[i]'s: pid, also its process group id, and wait status) and how
+       the group stops: mgpu.h's, shared with the trainer's self-launch */
+    mgpu_proc *procs;
+    mgpu_proc_group g;
 } job;
 
 static void log_path(const job *j, int rank, char *buf, size_t cap) {
@@ -618,7 +591,7 @@ static int open_worker_output(const job *j, worker *w, int *out_fd, int *err_fd)
 }
 
 /* The worker leads its own process group and dies with the launcher (mgpu_spawn). */
-static int launch_worker(const job *j, worker *w) {
+static int launch_worker(const job *j, worker *w, mgpu_proc *p) {
     char env_buf[N_WORKER_ENV][300], label[32];
     const char *env[N_WORKER_ENV + 1];
     mgpu_spawn_desc d;
@@ -640,81 +613,9 @@ static int launch_worker(const job *j, worker *w) {
         say("cannot start rank %d: %s", w->rank, mgpu_last_error());
         return -1;
     }
-    w->pid = pid;
-    w->running = 1;
+    p->pid = pid;
+    p->running = 1;
     return 0;
-}
-
-/* To the worker's whole process group, so whatever it spawned stops with it. Groups of workers
-   that already ended are signalled too: children they left behind belong to the job. */
-static void signal_workers(job *j, int sig) {
-    int i;
-    for (i = 0; i < j->n; i++) {
-        worker *w = &j->w[i];
-        if (w->pid <= 0) continue;
-        if (mgpu_kill_group(w->pid, sig) != 0 && w->running) kill(w->pid, sig);
-    }
-}
-
-static int count_running(const job *j) {
-    int i, n = 0;
-    for (i = 0; i < j->n; i++) n += j->w[i].running;
-    return n;
-}
-
-static void begin_stop(job *j, int sig) {
-    j->stopping = 1;
-    j->kill_at = mgpu_time_s() + j->o->grace_s;
-    signal_workers(j, sig);
-}
-
-static void escalate_to_kill(job *j) {
-    signal_workers(j, SIGKILL);
-    j->killed = 1;
-}
-
-static void on_worker_failed(job *j, int idx) {
-    char how[128];
-    int others = count_running(j);
-    mgpu_wait_status_describe(j->w[idx].status, how, sizeof how);
-    j->failed = idx;
-    if (others > 0)
-        say("rank %d %s [pid %d]; stopping the other %d worker%s (SIGTERM, SIGKILL after %.3g s)",
-            j->w[idx].rank, how, (int)j->w[idx].pid, others, others == 1 ? "" : "s", j->o->grace_s);
-    else
-        say("rank %d %s [pid %d]", j->w[idx].rank, how, (int)j->w[idx].pid);
-    begin_stop(j, SIGTERM);
-}
-
-/* Collects every worker that ended; the first failure (non-zero exit or a signal) stops the rest. */
-static void reap_workers(job *j) {
-    int i;
-    for (i = 0; i < j->n; i++) {
-        worker *w = &j->w[i];
-        int status = 0;
-        int r;
-        if (!w->running) continue;
-        do r = waitpid(w->pid, &status, WNOHANG); while (r < 0 && errno == EINTR);
-        if (r == 0) continue;
-        w->running = 0;
-        w->status = r > 0 ? status : 0;
-        if (r > 0 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0) && !j->stopping) on_worker_failed(j, i);
-    }
-}
-
-static void on_launcher_signal(job *j, int sig) {
-    if (sig == SIGCHLD) return;   /* reap_workers runs every iteration */
-    if (!j->interrupt_sig) j->interrupt_sig = sig;
-    if (j->stopping) {
-        if (!j->killed) {
-            say("got %s while stopping: sending SIGKILL now", mgpu_signal_name(sig));
-            escalate_to_kill(j);
-        }
-        return;
-    }
-    say("got %s: forwarding it to the %d running worker%s (SIGKILL after %.3g s)", mgpu_signal_name(sig),
-        count_running(j), count_running(j) == 1 ? "" : "s", j->o->grace_s);
-    begin_stop(j, sig);
 }
 
 static void drain_signal_pipe(job *j) {
@@ -724,13 +625,13 @@ static void drain_signal_pipe(job *j) {
         ssize_t i;
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) return;
-        for (i = 0; i < n; i++) on_launcher_signal(j, buf[i]);
+        for (i = 0; i < n; i++) mgpu_proc_group_on_signal(&j->g, buf[i]);
     }
 }
 
 /* Waits for one event (a signal, worker output, or the kill deadline) and handles it. */
 static void poll_once(job *j, struct pollfd *fds, out_stream **streams) {
-    int nfds = 1, i, timeout_ms = -1, r;
+    int nfds = 1, i, r;
     fds[0].fd = g_signal_fd;
     fds[0].events = POLLIN;
     for (i = 0; i < j->n; i++) {
@@ -746,23 +647,13 @@ static void poll_once(job *j, struct pollfd *fds, out_stream **streams) {
             nfds++;
         }
     }
-    if (j->stopping && !j->killed) {
-        double left = j->kill_at - mgpu_time_s();
-        timeout_ms = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
-    }
-    r = poll(fds, (nfds_t)nfds, timeout_ms);
+    r = poll(fds, (nfds_t)nfds, mgpu_proc_group_timeout_ms(&j->g, -1));
     if (r > 0) {
         if (fds[0].revents) drain_signal_pipe(j);
         for (i = 1; i < nfds; i++)
             if (fds[i].revents) pump_stream(streams[i]);
     }
-    if (j->stopping && !j->killed && mgpu_time_s() >= j->kill_at) {
-        int left = count_running(j);
-        if (left > 0)
-            say("%d worker%s still running %.3g s after the stop signal: sending SIGKILL", left,
-                left == 1 ? "" : "s", j->o->grace_s);
-        escalate_to_kill(j);
-    }
+    mgpu_proc_group_tick(&j->g);
 }
 
 /* After every worker ended: what is still buffered in the pipes, then close them. Grandchildren
@@ -800,7 +691,7 @@ enum attempt_outcome { ATTEMPT_OK, ATTEMPT_FAILED, ATTEMPT_INTERRUPTED, ATTEMPT_
 static int start_workers(job *j) {
     int i;
     for (i = 0; i < j->n; i++) {
-        if (launch_worker(j, &j->w[i]) != 0) return -1;
+        if (launch_worker(j, &j->w[i], &j->procs[i]) != 0) return -1;
     }
     return 0;
 }
@@ -816,13 +707,12 @@ static enum attempt_outcome run_attempt(job *j) {
         say("out of memory");
         return ATTEMPT_LAUNCH_ERROR;
     }
-    j->stopping = j->killed = j->interrupt_sig = 0;
-    j->failed = -1;
+    mgpu_proc_group_init(&j->g, j->procs, j->n, "mgpurun", o->grace_s);
     for (i = 0; i < j->n; i++) {
         worker *w = &j->w[i];
         memset(w, 0, sizeof *w);
         w->local_rank = i;
-        w->rank = o->node_rank * j->n + i;
+        w->rank = j->procs[i].rank = o->node_rank * j->n + i;
         w->out.fd = w->err.fd = -1;
     }
     say("%s %d worker%s (ranks %d to %d of %d), MASTER_ADDR=%s MASTER_PORT=%d%s%s",
@@ -831,22 +721,21 @@ static enum attempt_outcome run_attempt(job *j) {
         o->log_dir ? o->log_dir : "");
     if (start_workers(j) != 0) {
         launch_failed = 1;
-        begin_stop(j, SIGKILL);
-        j->killed = 1;
+        mgpu_proc_group_stop(&j->g, SIGKILL);
     }
-    while (count_running(j) > 0) {
-        reap_workers(j);
-        if (count_running(j) == 0) break;
+    while (mgpu_proc_group_running(&j->g) > 0) {
+        mgpu_proc_group_reap(&j->g);
+        if (mgpu_proc_group_running(&j->g) == 0) break;
         poll_once(j, fds, streams);
     }
     drain_outputs(j);
     free(fds);
     free(streams);
     if (launch_failed) return ATTEMPT_LAUNCH_ERROR;
-    if (j->interrupt_sig || j->failed >= 0) signal_workers(j, SIGKILL);   /* leftover grandchildren */
-    if (j->interrupt_sig) return ATTEMPT_INTERRUPTED;
-    if (j->failed >= 0) {
-        if (o->log_dir) print_log_tail(j, &j->w[j->failed]);
+    if (j->g.interrupt_sig || j->g.failed >= 0) mgpu_proc_group_signal(&j->g, SIGKILL);   /* leftover grandchildren */
+    if (j->g.interrupt_sig) return ATTEMPT_INTERRUPTED;
+    if (j->g.failed >= 0) {
+        if (o->log_dir) print_log_tail(j, &j->w[j->g.failed]);
         return ATTEMPT_FAILED;
     }
     return ATTEMPT_OK;
@@ -860,6 +749,11 @@ static int threads_per_worker(int nproc) {
     return t < 1 ? 1 : t;
 }
 
+static void free_job(job *j) {
+    free(j->w);
+    free(j->procs);
+}
+
 static int run_job(const launch_opts *o) {
     job j;
     memset(&j, 0, sizeof j);
@@ -868,31 +762,35 @@ static int run_job(const launch_opts *o) {
     j.world_size = o->nnodes * o->nproc;
     j.num_threads = threads_per_worker(o->nproc);
     j.w = (worker *)calloc((size_t)j.n, sizeof *j.w);
-    if (!j.w) { say("out of memory"); return 1; }
+    j.procs = (mgpu_proc *)calloc((size_t)j.n, sizeof *j.procs);
+    if (!j.w || !j.procs) { say("out of memory"); free_job(&j); return 1; }
     for (j.attempt = 0;; j.attempt++) {
         enum attempt_outcome r;
+        const mgpu_proc *failed;
         char how[128];
         int code;
         j.port = o->master_port ? o->master_port : pick_free_port(o->master_addr);
-        if (j.port < 0) { free(j.w); return 1; }
+        if (j.port < 0) { free_job(&j); return 1; }
         r = run_attempt(&j);
-        if (r == ATTEMPT_OK) { free(j.w); return 0; }
-        if (r == ATTEMPT_LAUNCH_ERROR) { free(j.w); return 1; }
+        if (r == ATTEMPT_OK) { free_job(&j); return 0; }
+        if (r == ATTEMPT_LAUNCH_ERROR) { free_job(&j); return 1; }
         if (r == ATTEMPT_INTERRUPTED) {
-            say("stopped by %s; all workers ended", mgpu_signal_name(j.interrupt_sig));
-            free(j.w);
-            return 128 + j.interrupt_sig;
+            say("stopped by %s; all workers ended", mgpu_signal_name(j.g.interrupt_sig));
+            code = 128 + j.g.interrupt_sig;
+            free_job(&j);
+            return code;
         }
-        mgpu_wait_status_describe(j.w[j.failed].status, how, sizeof how);
-        code = mgpu_wait_status_code(j.w[j.failed].status);
+        failed = &j.procs[j.g.failed];
+        mgpu_wait_status_describe(failed->status, how, sizeof how);
+        code = mgpu_wait_status_code(failed->status);
         if (j.attempt < o->max_restarts) {
             say("restarting the group (restart %d of %d) after rank %d %s", j.attempt + 1,
-                o->max_restarts, j.w[j.failed].rank, how);
+                o->max_restarts, failed->rank, how);
             continue;
         }
-        say("job failed: rank %d %s%s; exiting with code %d", j.w[j.failed].rank, how,
+        say("job failed: rank %d %s%s; exiting with code %d", failed->rank, how,
             o->max_restarts > 0 ? " and no restarts are left" : "", code);
-        free(j.w);
+        free_job(&j);
         return code;
     }
 }

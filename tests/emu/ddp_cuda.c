@@ -13,6 +13,9 @@
    - a raw device buffer written on a context's non-blocking stream, all-reduced through the raw
      pointer API (blocking and asynchronous) on both backends: the collective must not rely on the
      legacy stream (the checker reports a read of the buffer that nothing orders after the write);
+   - DDP's producer event alone (test_ddp_producer_event): a bucket written on the context's stream
+     and all-reduced as DDP issues it, with no host sync in between, so that only the event orders
+     the collective after the write (removing it makes the checker report the read);
    - NCCL's device: --gpu-ids 1,0 (desc->gpu_ids) puts rank 0 on device 1 and rank 1 on device 0, and
      DDP on those devices gives the same gradients; an id that is not a visible device is an error
      naming it.
@@ -269,6 +272,39 @@ static void raw_result_case(mgpu_comm *comm) {
     mgpu_context_destroy(ctx);
 }
 
+/* DDP's producer event, alone and with no host synchronisation anywhere between the write and the
+   collective: a bucket written by a kernel on the context's non-blocking stream is all-reduced the
+   way mgpu__ddp_launch issues a bucket (mgpu__comm_allreduce_async with its device and that stream),
+   and the host waits only on the communicator (mgpu__comm_wait: a condition variable, then the
+   context's stream waits on the collective's event). The full DDP steps above cannot show this
+   event is needed: host syncs around them (uploads, read-backs, allocations) may order the
+   collective by accident, depending on when the progress thread runs. Here only the event recorded
+   on the producer stream orders the collective's read after the fill; with its wait removed from
+   mgpu__comm_order_after_producer the checker reports "ncclAllReduce ... reads ... but mgpu__fill_k
+   ... wrote them before" (nccl) and the same for the staging copy (shm). */
+static void producer_event_case(mgpu_comm *comm) {
+    int64_t n = 1000, i;
+    mgpu_context *ctx = cuda_ctx(device);
+    mgpu_tensor *t = ctx ? mgpu_tensor_create(ctx, MGPU_F32, 1, &n) : NULL;
+    mgpu_comm_work *w;
+    float h[1000];
+    mgpu_result r;
+    if (!t) { MT_CHECK(0, "tensor: %s", mgpu_last_error()); mgpu_context_destroy(ctx); return; }
+    mgpu_tensor_fill(t, rank + 1.0);   /* the producer: a kernel queued on the context's stream, not waited for */
+    w = mgpu__comm_allreduce_async(comm, "DDP bucket all-reduce", (float *)t->data, n, MGPU_REDUCE_SUM, device, ctx->cuda_stream);
+    r = w ? mgpu__comm_wait(w, ctx->cuda_stream) : mgpu_last_result();
+    MT_CHECK(r == MGPU_OK, "%s: bucket all-reduce ordered by the producer event: %s", bname[comm == nccl], mgpu_last_error());
+    mgpu_tensor_copy_to_host(t, h, sizeof h);   /* the first host sync, after the collective */
+    for (i = 0; i < n && h[i] == 3.0f; i++) {}
+    MT_CHECK(i == n, "%s: the sum of 1 and 2 is 3, got %g at %lld", bname[comm == nccl], h[i < n ? i : 0], (long long)i);
+    mgpu_tensor_free(t);
+    mgpu_context_destroy(ctx);
+}
+static void test_ddp_producer_event(void) {
+    producer_event_case(shm);
+    if (nccl) producer_event_case(nccl);
+}
+
 static void test_raw_device_pointers(void) {
     raw_pointer_case(shm, 0); raw_pointer_case(shm, 1);
     raw_result_case(shm);
@@ -335,6 +371,7 @@ int main(int argc, char **argv) {
         MT_RUN(test_nccl_gpu_ids);
     }
     MT_RUN(test_raw_device_pointers);
+    MT_RUN(test_ddp_producer_event);
     mgpu_comm_destroy(nccl);
     mgpu_comm_destroy(shm);
     return MT_END();
