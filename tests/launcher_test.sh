@@ -107,7 +107,7 @@ expect "--log-dir failure report: exit 3, the last 20 lines of rank-1.log (line 
 # started directly (not under timeout) so that $! is mgpurun itself; every wait is bounded
 "$L" --nproc-per-node 2 "$W" sleep "$MARK-int" >"$T_TMP/int.out" 2>"$T_TMP/int.err" &
 pid=$!
-started() { [ "$(grep -c 'starting sleep' "$1")" -eq 2 ]; }
+started() { [ "$(grep -c 'starting sleep' "$1" 2>/dev/null)" = 2 ]; }   # the file may not exist yet
 if wait_until 10 started "$T_TMP/int.out"; then
   kill -INT "$pid"
   if wait_until 10 bash -c "! kill -0 $pid 2>/dev/null"; then wait "$pid"; rc=$?; else rc=timeout; fi
