@@ -15203,6 +15203,15 @@ static mgpu_result mgpu__fit_graph_plan(mgpu__fit *f) {
     return MGPU_OK;
 }
 
+/* The graph pool's activation arena at its peak (0 without a graph). */
+static size_t mgpu__fit_graph_arena_peak(const mgpu__fit *f) {
+#ifdef MGPU_CUDA
+    if (f->graph) return f->graph->sg->inside ? f->t->ctx->device_arena.peak : f->graph->sg->arena.peak;
+#endif
+    (void)f;
+    return 0;
+}
+
 static int mgpu__fit_graph_same(const mgpu_tensor *fixed, const mgpu_tensor *t) {
     return fixed->dtype == t->dtype && fixed->ndim == t->ndim && memcmp(fixed->shape, t->shape, sizeof(int64_t) * (size_t)t->ndim) == 0;
 }
@@ -15355,8 +15364,8 @@ static void mgpu__fit_extra_json(const mgpu__fit *f, mgpu__buf *b) {
         if (i > 2) mgpu__buf_puts(b, ",");
         mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)&f->es + mgpu__epoch_stat_fields[i].offset));
     }
-    /* host arena (headers, tape) plus, on a GPU, the device arena (activations) */
-    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak + f->t->ctx->device_arena.peak);
+    /* host arena (headers, tape) plus, on a GPU, the device arena (activations) and a captured step's own */
+    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak + f->t->ctx->device_arena.peak + mgpu__fit_graph_arena_peak(f));
     mgpu__json_member(b, "rss_mb", mgpu__peak_rss_mb());
 #ifdef MGPU_CUDA
     if (f->t->ctx->device.type == MGPU_DEVICE_CUDA) {   /* the caching allocator's view, as torch.cuda.memory_allocated/reserved/max_allocated */
