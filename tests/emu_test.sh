@@ -198,6 +198,8 @@ graph_tests() {
   expect "fashion_mlp --amp fp16: 'cuda graph off (fp16 loss scaling reads the found-inf flag ...)'" grep -q '; cuda graph off (fp16 loss scaling reads the found-inf flag on the host' <<<"$out"
   out=$(timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 64 --grad-accum-steps 2 2>&1)
   expect "fashion_mlp --grad-accum-steps 2: 'cuda graph off (--grad-accum-steps > 1 ...)'" grep -q '; cuda graph off (--grad-accum-steps > 1' <<<"$out"
+  out=$(MGPU_DIST_BACKEND=shm timeout 120 $E/mgpurun --nproc-per-node 2 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 64 2>&1)
+  expect "fashion_mlp under mgpurun (DDP, 2 processes on cuda:0 through shm): 'cuda graph off (DDP: ...)'" grep -q '; cuda graph off (DDP: the gradient all-reduces' <<<"$out"
 }
 if [ -x build/fashion_mlp ] && [ -x build/fashion_cnn ] && DATA=$(fashion_dir) && command -v python3 > /dev/null; then
   python3 - "$DATA" "$T_TMP/fm" <<'PY'
