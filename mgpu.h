@@ -14765,7 +14765,7 @@ typedef struct mgpu__fit {
     int stop;                         /* --max-steps reached or a stop signal */
     int signal;                       /* the stop signal, 0 if none */
     struct mgpu__fit_graph *graph;    /* --cuda-graph on: the captured step (NULL: every step eager) */
-    char graph_note[160];             /* what --cuda-graph does in this run, for the startup line */
+    char graph_note[320];             /* what --cuda-graph does in this run, for the startup line */
 } mgpu__fit;
 typedef struct mgpu__fit_graph mgpu__fit_graph;
 
@@ -15196,7 +15196,12 @@ static mgpu_result mgpu__fit_graph_plan(mgpu__fit *f) {
     if (off) { snprintf(f->graph_note, sizeof f->graph_note, "%s", off); return MGPU_OK; }
 #ifdef MGPU_CUDA
     if (!(f->graph = (mgpu__fit_graph *)mgpu__calloc(sizeof *f->graph, "the CUDA Graph state"))) return mgpu_last_result();
-    if (!(f->graph->sg = mgpu__step_graph_create(f->t->ctx))) { mgpu__fit_graph_free(f); return mgpu_last_result(); }
+    if (!(f->graph->sg = mgpu__step_graph_create(f->t->ctx))) {   /* short of device memory: eager steps may still fit */
+        snprintf(f->graph_note, sizeof f->graph_note, "off (the graph's own memory pool could not be allocated: %.200s)", mgpu_last_error());
+        mgpu__fit_graph_free(f);
+        mgpu_clear_error();
+        return MGPU_OK;
+    }
 #endif
     snprintf(f->graph_note, sizeof f->graph_note, "on (the step is captured after %d eager warm-up steps; a batch of another size runs eagerly)",
              MGPU__GRAPH_WARMUP);
@@ -15289,7 +15294,7 @@ static mgpu_result mgpu__fit_graph_batch(mgpu__fit *f, const mgpu_batch *b) {
         printf("cuda graph captured at step %lld\n", (long long)step + 1);
         fflush(stdout);
     }
-    f->es.compute_s += mgpu_time_s() - t0;
+    f->es.compute_s += mgpu_time_s() - t0;   /* the optimizer step is inside the graph: its time is compute here */
     mgpu__fit_count_loss(f, loss, b->size);
     return r;
 }
