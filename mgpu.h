@@ -1391,6 +1391,8 @@ mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *a, void *stream);
 typedef struct mgpu__dropout_args {
     mgpu_context *ctx;
     uint64_t seed, first; float p, scale;
+    const uint64_t *first_at;             /* CUDA Graph capture: read first from this device word instead
+                                             (a step scalar rewritten before each replay); NULL otherwise */
     int64_t row_size, rank, world;
     const float *src; float *dst; int64_t n;
     int accumulate;
@@ -1566,6 +1568,11 @@ typedef struct mgpu__fill_args {
     double value;
 } mgpu__fill_args;
 mgpu_result mgpu_cuda_fill(const mgpu__fill_args *a, void *stream);
+/* step scalars of a captured CUDA Graph: dst[0..n) = words, written by a kernel that takes the
+   words as its argument (copied at launch: the host may change its copy at once); n <= MGPU__STEP_SLOTS */
+#define MGPU__STEP_SLOTS 64
+typedef struct mgpu__step_words { uint64_t w[MGPU__STEP_SLOTS]; } mgpu__step_words;
+mgpu_result mgpu_cuda_set_step_words(uint64_t *dst, const mgpu__step_words *words, int n, void *stream);
 /* copy (bytes): dst = src, byte for byte, within the context's device; only the CPU twin lets the
    two overlap */
 typedef struct mgpu__copy_args { mgpu_context *ctx; const void *src; void *dst; size_t bytes; } mgpu__copy_args;
@@ -1609,6 +1616,8 @@ typedef struct mgpu__sgd_args {
     float *const *momentum_buffers;       /* (count), or NULL without momentum */
     float lr, weight_decay, momentum, keep;   /* keep = 1 - dampening */
     int nesterov, first;                  /* first: the buffers start as the gradient, undampened */
+    const float *step_at;                 /* CUDA Graph capture: {lr, first} read from these device floats
+                                             (step scalars rewritten before each replay); NULL otherwise */
 } mgpu__sgd_args;
 mgpu_result mgpu_cuda_sgd(const mgpu__sgd_args *a, void *stream);
 /* adam: torch.optim.Adam and AdamW on tensors that share their step count t */
@@ -1622,6 +1631,8 @@ typedef struct mgpu__adam_args {
     float beta1, beta2, eps;
     float step_size;                      /* lr / (1 - beta1^t) */
     float bc2_sqrt;                       /* sqrt(1 - beta2^t) */
+    const float *step_at;                 /* CUDA Graph capture: {decay, step_size, bc2_sqrt} read from these
+                                             device floats (step scalars rewritten before each replay); NULL otherwise */
 } mgpu__adam_args;
 mgpu_result mgpu_cuda_adam(const mgpu__adam_args *a, void *stream);
 /* clip_grad_norm: norm[0] = the L2 norm of all the grads together; unless it is inf or NaN, every
@@ -2259,6 +2270,23 @@ typedef struct mgpu__node {
     int consumed;                /* already walked by a backward */
 } mgpu__node;
 
+/* CUDA Graph capture of a training step. A graph bakes kernel arguments, so a value that changes
+   from step to step (the dropout RNG position, the optimizer's LR and bias corrections,
+   num_batches_tracked) is read by the captured kernels from a "step scalar": an 8-byte word of a
+   small device block. The host work that produced the value in an eager step becomes a replay
+   hook: before every launch of the graph each hook redoes its host mutation (RNG reserve, step
+   count, ...) and writes the word, and one kernel that takes the words as its argument stores the
+   block. N replays thus leave the host state of N eager steps, and capturing runs no hook (nor
+   mutates the host): the first launch after capture runs the captured step. */
+typedef mgpu_result (*mgpu__replay_fn)(void *obj, int64_t arg, uint64_t *words);
+typedef struct mgpu__replay_hook { mgpu__replay_fn fn; void *obj; int64_t arg; int word; } mgpu__replay_hook;
+typedef struct mgpu__step_capture {
+    uint64_t *device_words;              /* MGPU__STEP_SLOTS words on the device: what the graph reads */
+    mgpu__step_words host;               /* this replay's words, written by the hooks */
+    int n_words;
+    mgpu__replay_hook hooks[MGPU__STEP_SLOTS]; int n_hooks;
+} mgpu__step_capture;
+
 struct mgpu_context {
     mgpu_device device;
     mgpu__pool *pool;
@@ -2273,6 +2301,7 @@ struct mgpu_context {
     int row_rank, row_world;           /* DDP sharding (rank, world; 0 = 1): dropout draws row j's mask at global row rank + world * j */
     void *cuda_stream;                 /* the stream every CUDA twin of this context runs on (NULL on the CPU) */
     void *cuda_blas;                   /* its cuBLAS/cuBLASLt bundle (mgpu_cuda_blas_create; NULL on the CPU) */
+    mgpu__step_capture *capture;       /* set while a CUDA Graph of the step is being captured (NULL otherwise) */
 };
 
 #ifdef MGPU_CUDA
@@ -2363,6 +2392,27 @@ MGPU_API uint64_t mgpu_context_rng_reserve(mgpu_context *ctx, uint64_t n) {
 MGPU_API void mgpu_parallel_for(mgpu_context *ctx, int64_t n, int64_t min_chunk, mgpu_range_fn fn, void *arg) {
     if (!fn) return;
     mgpu__pool_parallel_for(ctx ? ctx->pool : NULL, n, min_chunk, fn, arg);
+}
+
+/* Whether the step now being recorded is a CUDA Graph capture: ops then take per-step values
+   from step scalars (mgpu__step_scalar) and leave the host state to their replay hooks. */
+static MGPU__UNUSED int mgpu__capturing(const mgpu_context *ctx) { return ctx->capture != NULL; }
+
+/* During a capture: `words` consecutive step scalars that fn(obj, arg, words) fills before every
+   replay (after redoing the host work the op does in an eager step); *at is their device address,
+   for the captured kernels (or copies) to read. */
+static MGPU__UNUSED mgpu_result mgpu__step_scalar(mgpu_context *ctx, mgpu__replay_fn fn, void *obj, int64_t arg, int words, void **at) {
+    mgpu__step_capture *c = ctx->capture;
+    mgpu__replay_hook *h;
+    if (!c) return mgpu__fail(MGPU_ERR_STATE, "mgpu__step_scalar: no CUDA Graph capture in progress");
+    if (words < 0 || c->n_words + words > MGPU__STEP_SLOTS || c->n_hooks == MGPU__STEP_SLOTS)
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "CUDA Graph capture: the step needs more than %d step scalars (per-step values such as "
+                          "dropout RNG positions); it runs uncaptured", MGPU__STEP_SLOTS);
+    h = &c->hooks[c->n_hooks++];
+    h->fn = fn; h->obj = obj; h->arg = arg; h->word = c->n_words;
+    *at = c->device_words + c->n_words;
+    c->n_words += words;
+    return MGPU_OK;
 }
 
 /* Step-lifetime host memory (freed by mgpu_context_end_step): headers, nodes, saved arguments. */
@@ -3242,6 +3292,98 @@ MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g) {
     if (g->exec) cudaGraphExecDestroy((cudaGraphExec_t)g->exec);
     if (g->graph) cudaGraphDestroy((cudaGraph_t)g->graph);
     g->graph = g->exec = NULL; g->captured = 0;
+}
+
+/* --------------------------------------------------------------------------------------
+   A training step captured as a CUDA Graph (the trainer's --cuda-graph on). The graph holds device
+   addresses, so everything it touches must stay where it is between replays, whatever the
+   uncaptured work in between does (evaluation growing the arena, a last partial batch, cuBLAS
+   growing its scratch): the step runs in a private pool, as PyTorch's graph memory pools, made of
+   its own activation arena and its own cuBLAS(Lt) bundle (workspace set with cublasSetWorkspace,
+   Lt workspace pointer, scratch and half-precision buffers). The eager warm-up steps of the same
+   shape run in that pool too, so it has grown to the step's size before the capture, which then
+   allocates nothing. Per-step values come from the step scalars (see mgpu__step_capture).
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__step_graph {
+    mgpu_context *ctx;
+    mgpu_cuda_graph graph;
+    mgpu__step_capture capture;
+    mgpu__arena arena;                 /* private activation arena (swapped with ctx->device_arena) */
+    void *blas;                        /* private cuBLAS bundle (swapped with ctx->cuda_blas) */
+    int inside;                        /* the context uses the private pool now */
+} mgpu__step_graph;
+
+/* The context's step runs in the graph's private pool from here to mgpu__step_graph_use(g, 0). */
+static void mgpu__step_graph_use(mgpu__step_graph *g, int inside) {
+    mgpu__arena a;
+    void *b;
+    if (g->inside == inside) return;
+    a = g->ctx->device_arena; g->ctx->device_arena = g->arena; g->arena = a;
+    b = g->ctx->cuda_blas; g->ctx->cuda_blas = g->blas; g->blas = b;
+    g->inside = inside;
+}
+
+static void mgpu__step_graph_destroy(mgpu__step_graph *g) {
+    if (!g) return;
+    mgpu__step_graph_use(g, 0);
+    if (g->ctx->capture == &g->capture) g->ctx->capture = NULL;
+    cudaStreamSynchronize((cudaStream_t)g->ctx->cuda_stream);   /* no replay may still use the pool */
+    mgpu_cuda_graph_destroy(&g->graph);
+    mgpu__arena_free(&g->arena);
+    mgpu_cuda_blas_destroy(g->blas);
+    if (g->capture.device_words) mgpu__cuda_release(g->ctx->device.index, g->capture.device_words);
+    mgpu_free(g);
+}
+
+static mgpu__step_graph *mgpu__step_graph_create(mgpu_context *ctx) {
+    mgpu__step_graph *g = (mgpu__step_graph *)mgpu__calloc(sizeof *g, "a CUDA Graph of the training step");
+    if (!g) return NULL;
+    g->ctx = ctx;
+    g->arena = ctx->device_arena;   /* same device and initial size, no chunk yet */
+    g->arena.head = NULL; g->arena.total_used = g->arena.peak = 0;
+    g->capture.device_words = (uint64_t *)mgpu__cuda_alloc_for(ctx->device.index, sizeof(uint64_t) * MGPU__STEP_SLOTS, "CUDA Graph step scalars");
+    if (!g->capture.device_words || mgpu_cuda_blas_create(&g->blas, ctx->cuda_stream, 0) != MGPU_OK) { mgpu__step_graph_destroy(g); return NULL; }
+    return g;
+}
+
+/* Starts recording the context's stream: ops now register step scalars instead of using host
+   values, and change no host state. */
+static mgpu_result mgpu__step_graph_begin(mgpu__step_graph *g) {
+    mgpu_result r;
+    g->capture.n_words = g->capture.n_hooks = 0;
+    if ((r = mgpu_cuda_graph_begin(&g->graph, g->ctx->cuda_stream)) != MGPU_OK) return r;
+    g->ctx->capture = &g->capture;
+    return MGPU_OK;
+}
+
+/* Ends the recording. failed: the step failed while recorded (its error stands); the capture is
+   ended and thrown away either way, leaving the stream usable for uncaptured steps. */
+static mgpu_result mgpu__step_graph_end(mgpu__step_graph *g, int failed) {
+    cudaGraph_t graph = NULL;
+    mgpu_result r;
+    g->ctx->capture = NULL;
+    if (failed) {
+        cudaStreamEndCapture((cudaStream_t)g->ctx->cuda_stream, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        return mgpu_last_result() != MGPU_OK ? mgpu_last_result() : MGPU_ERR_STATE;
+    }
+    if ((r = mgpu_cuda_graph_end(&g->graph, g->ctx->cuda_stream)) != MGPU_OK) cudaGetLastError();
+    return r;
+}
+
+/* One replay: the hooks redo the host work of an eager step and fill the step scalars, one
+   kernel stores them (its argument is copied at launch), then the graph runs on the stream. */
+static mgpu_result mgpu__step_graph_launch(mgpu__step_graph *g) {
+    mgpu__step_capture *c = &g->capture;
+    mgpu_result r;
+    int i;
+    memset(&c->host, 0, sizeof c->host);
+    for (i = 0; i < c->n_hooks; i++)
+        if ((r = c->hooks[i].fn(c->hooks[i].obj, c->hooks[i].arg, c->host.w + c->hooks[i].word)) != MGPU_OK) return r;
+    if ((r = mgpu_cuda_set_step_words(c->device_words, &c->host, c->n_words, g->ctx->cuda_stream)) != MGPU_OK) return r;
+    return mgpu_cuda_graph_launch(&g->graph, g->ctx->cuda_stream);
 }
 
 #endif /* MGPU_IMPLEMENTATION */
@@ -4289,6 +4431,11 @@ static mgpu_result mgpu__dropout_backward(mgpu_context *ctx, mgpu__node *node) {
     d.accumulate = 1;
     return MGPU__TWIN(ctx, dropout, &d);
 }
+/* A captured dropout's replay hook: the RNG reservation of an eager step, its first counter the step scalar. */
+static mgpu_result mgpu__dropout_replay(void *ctx, int64_t n, uint64_t *words) {
+    words[0] = mgpu_context_rng_reserve((mgpu_context *)ctx, (uint64_t)n);
+    return MGPU_OK;
+}
 MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p, int training) {
     const char *op = "mgpu_op_dropout";
     mgpu_tensor *out;
@@ -4304,7 +4451,13 @@ MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p
     d.row_size = x->ndim > 0 && x->shape[0] > 0 ? MGPU__MAX((int64_t)1, x->numel / x->shape[0]) : 1;
     /* counters are drawn even for p = 0, so the stream position does not depend on p; under DDP
        every rank reserves the combined batch's counters so the streams stay aligned */
-    d.first = mgpu_context_rng_reserve(ctx, (uint64_t)(d.world * x->numel));
+    if (mgpu__capturing(ctx)) {   /* each replay reserves its own counters */
+        void *at = NULL;
+        if (mgpu__step_scalar(ctx, mgpu__dropout_replay, ctx, d.world * x->numel, 1, &at) != MGPU_OK) return NULL;
+        d.first_at = (const uint64_t *)at;
+    } else {
+        d.first = mgpu_context_rng_reserve(ctx, (uint64_t)(d.world * x->numel));
+    }
     if (p == 0.0f) return x;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;
@@ -7147,14 +7300,38 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
 /* num_batches_tracked += 1: in place on the host. On a GPU from the host's count (l->counted),
    read back only when unknown (after mgpu_model_train), then written with a fill that needs no
    sync: a read-modify-write through the host every training forward would stall the step. */
+/* The count on the host: read back once after mgpu_model_train (never while capturing: the warm-up
+   steps before a capture read it). */
+static mgpu_result mgpu__batchnorm_known_count(mgpu_batchnorm2d *l) {
+    double v;
+    if (l->counted >= 0) return MGPU_OK;
+    if (mgpu__capturing(l->num_batches_tracked->ctx))
+        return mgpu__fail(MGPU_ERR_STATE, "CUDA Graph capture: num_batches_tracked is not known on the host yet");
+    v = mgpu_tensor_item(l->num_batches_tracked);
+    if (v != v) return mgpu_last_result();
+    l->counted = (int64_t)v;
+    return MGPU_OK;
+}
+/* A captured count's replay hook: the count of an eager step, copied by the graph from its step scalar. */
+static mgpu_result mgpu__batchnorm_count_replay(void *layer, int64_t unused, uint64_t *words) {
+    mgpu_batchnorm2d *l = (mgpu_batchnorm2d *)layer;
+    mgpu_result r = mgpu__batchnorm_known_count(l);
+    (void)unused;
+    words[0] = (uint64_t)++l->counted;
+    return r;
+}
 static mgpu_result mgpu__batchnorm_count(mgpu_batchnorm2d *l) {
     mgpu_tensor *t = l->num_batches_tracked;
+    mgpu_result r;
     if (mgpu__on_host(t)) { ((int64_t *)t->data)[0]++; return MGPU_OK; }
-    if (l->counted < 0) {
-        double v = mgpu_tensor_item(t);
-        if (v != v) return mgpu_last_result();
-        l->counted = (int64_t)v;
+    if (mgpu__capturing(t->ctx)) {   /* each replay counts on the host and copies its count from a step scalar */
+        mgpu__copy_args c;
+        void *at = NULL;
+        if ((r = mgpu__step_scalar(t->ctx, mgpu__batchnorm_count_replay, l, 0, 1, &at)) != MGPU_OK) return r;
+        c.ctx = t->ctx; c.src = at; c.dst = t->data; c.bytes = sizeof(int64_t);
+        return MGPU__TWIN(t->ctx, copy, &c);
     }
+    if ((r = mgpu__batchnorm_known_count(l)) != MGPU_OK) return r;
     return mgpu_tensor_fill(t, (double)++l->counted);
 }
 
@@ -7557,55 +7734,107 @@ static void mgpu__adam_range(void *arg, int64_t begin, int64_t end) {
 }
 static void mgpu__cpu_adam(const mgpu__adam_args *a) { mgpu__cpu_for_each_tensor(a->ctx, &a->params, MGPU__OPT_CHUNK, mgpu__adam_range, a); }
 
-/* One twin call updates the first `count` parameters of the lists, all at step count t. */
-static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t t) {
+/* The values of an update at step count t that change from step to step: SGD {lr, first},
+   Adam/AdamW {decay, step_size, bc2_sqrt}. The twins take them by value in an eager step; a
+   captured step reads them from step scalars that each replay fills with this function. */
+static void mgpu__optimizer_step_values(const mgpu_optimizer *o, int64_t t, float v[3]) {
+    const mgpu_optimizer_desc *d = &o->desc;
+    if (d->type == MGPU_OPTIM_SGD) {
+        v[0] = d->lr; v[1] = t == 1 ? 1.0f : 0.0f; v[2] = 0.0f;
+        return;
+    }
+    v[0] = d->type == MGPU_OPTIM_ADAMW ? (float)(1.0 - (double)d->lr * d->weight_decay) : 1.0f;
+    v[1] = (float)((double)d->lr / (1.0 - pow((double)d->beta1, (double)t)));
+    v[2] = (float)sqrt(1.0 - pow((double)d->beta2, (double)t));
+}
+
+/* One twin call updates the first `count` parameters of the lists, all at step count t; step_at:
+   the device address of the step values during a CUDA Graph capture, else NULL. */
+static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t t, const float *step_at) {
     const mgpu_optimizer_desc *d = &o->desc;
     mgpu_context *ctx = o->model->ctx;
     mgpu__tensor_list params;
+    float v[3];
+    mgpu__optimizer_step_values(o, t, v);
     params.count = count; params.data = o->lists.params; params.numel = o->lists.numel;
     if (d->type == MGPU_OPTIM_SGD) {
         mgpu__sgd_args a;
         a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
         a.momentum_buffers = d->momentum != 0.0f ? o->lists.state1 : NULL;
-        a.lr = d->lr; a.weight_decay = d->weight_decay; a.momentum = d->momentum; a.keep = 1.0f - d->dampening;
-        a.nesterov = d->nesterov; a.first = t == 1;
+        a.lr = v[0]; a.weight_decay = d->weight_decay; a.momentum = d->momentum; a.keep = 1.0f - d->dampening;
+        a.nesterov = d->nesterov; a.first = v[1] != 0.0f;
+        a.step_at = step_at;
         return MGPU__TWIN(ctx, sgd, &a);
     } else {
         mgpu__adam_args a;
         int adamw = d->type == MGPU_OPTIM_ADAMW;
         a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
         a.exp_avg = o->lists.state1; a.exp_avg_sq = o->lists.state2;
-        a.decay = adamw ? (float)(1.0 - (double)d->lr * d->weight_decay) : 1.0f;
+        a.decay = v[0];
         a.l2 = adamw ? 0.0f : d->weight_decay;
         a.beta1 = d->beta1; a.beta2 = d->beta2; a.eps = d->eps;
-        a.step_size = (float)((double)d->lr / (1.0 - pow((double)d->beta1, (double)t)));
-        a.bc2_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, (double)t));
+        a.step_size = v[1]; a.bc2_sqrt = v[2];
+        a.step_at = step_at;
         return MGPU__TWIN(ctx, adam, &a);
     }
 }
 
 static float *mgpu__data_or_null(const mgpu_tensor *t) { return t ? (float *)t->data : NULL; }
 
-/* Updates, in one twin call, every parameter still due whose step count becomes t. */
-static mgpu_result mgpu__optimizer_update_at(mgpu_optimizer *o, int64_t t) {
+/* Updates, in one twin call, every parameter still due whose step count becomes t (a capture
+   leaves the step counts to the replay hook). */
+static mgpu_result mgpu__optimizer_update_at(mgpu_optimizer *o, int64_t t, const float *step_at) {
     mgpu__opt_lists *l = &o->lists;
     int i, count = 0;
     for (i = 0; i < o->n_params; i++) {
         mgpu__opt_param *s = &o->params[i];
         if (!s->due || s->steps + 1 != t) continue;
         s->due = 0;
-        s->steps = t;
+        if (!step_at) s->steps = t;
         l->params[count] = (float *)s->param->data; l->grads[count] = (const float *)s->param->grad->data;
         l->numel[count] = s->param->numel;
         l->state1[count] = mgpu__data_or_null(s->exp_avg ? s->exp_avg : s->momentum_buffer);
         l->state2[count] = mgpu__data_or_null(s->exp_avg_sq);
         count++;
     }
-    return mgpu__optimizer_update(o, count, t);
+    return mgpu__optimizer_update(o, count, t, step_at);
 }
 
 /* Whether a parameter takes part in this step: like PyTorch, a parameter without a grad is skipped. */
 static int mgpu__opt_has_grad(const mgpu__opt_param *s) { return s->param->requires_grad && s->param->grad != NULL; }
+
+/* A captured step's replay hook: the step count of an eager step (every parameter had a grad at
+   the capture and shares one count), its update values the step scalars (3 floats in 2 words). */
+static mgpu_result mgpu__optimizer_replay(void *opt, int64_t unused, uint64_t *words) {
+    mgpu_optimizer *o = (mgpu_optimizer *)opt;
+    float v[4] = {0, 0, 0, 0};
+    int i;
+    (void)unused;
+    mgpu__optimizer_step_values(o, o->params[0].steps + 1, v);
+    memcpy(words, v, sizeof v);
+    for (i = 0; i < o->n_params; i++) o->params[i].steps++;
+    o->step_count++;
+    return MGPU_OK;
+}
+
+/* mgpu_optimizer_step inside a CUDA Graph capture: one update of every parameter, its values from
+   step scalars. Parameters without a grad or at different step counts (their updates would need
+   several launches chosen on the host each step) are refused: the step then runs uncaptured. */
+static mgpu_result mgpu__optimizer_step_captured(mgpu_optimizer *o) {
+    void *at = NULL;
+    mgpu_result r;
+    int i;
+    for (i = 0; i < o->n_params; i++) {
+        if (!mgpu__opt_has_grad(&o->params[i]) || o->params[i].steps != o->params[0].steps)
+            return mgpu__fail(MGPU_ERR_UNSUPPORTED, "CUDA Graph capture: parameter '%s' %s; the optimizer step needs every parameter "
+                              "updated at one step count", o->model->params.items[i].name,
+                              mgpu__opt_has_grad(&o->params[i]) ? "is at another step count" : "has no grad");
+        o->params[i].due = 1;
+    }
+    if ((r = mgpu__step_scalar(o->model->ctx, mgpu__optimizer_replay, o, 0, 2, &at)) != MGPU_OK) return r;
+    return mgpu__optimizer_update_at(o, o->params[0].steps + 1, (const float *)at);
+}
+
 
 /* A parameter skipped for want of a grad lags behind the others in step count (bias correction,
    momentum start), so each twin call covers the parameters that share one: normally all of them. */
@@ -7621,9 +7850,10 @@ MGPU_API mgpu_result mgpu_optimizer_step(mgpu_optimizer *o) {
                               o->model->params.items[i].name, mgpu_dtype_name(s->param->grad->dtype), mgpu__shape_str(s->param->grad),
                               mgpu__shape_str(s->param));
     }
+    if (mgpu__capturing(o->model->ctx)) return mgpu__optimizer_step_captured(o);
     for (i = 0; i < o->n_params; i++) o->params[i].due = mgpu__opt_has_grad(&o->params[i]);
     for (i = 0; i < o->n_params; i++)
-        if (o->params[i].due && (r = mgpu__optimizer_update_at(o, o->params[i].steps + 1)) != MGPU_OK) return r;
+        if (o->params[i].due && (r = mgpu__optimizer_update_at(o, o->params[i].steps + 1, NULL)) != MGPU_OK) return r;
     o->step_count++;
     return MGPU_OK;
 }
@@ -15205,7 +15435,10 @@ typedef struct mgpu__fit {
     int resumed;                      /* the state came from a checkpoint */
     int finished;                     /* resumed from the checkpoint that ended the run: nothing left to do */
     int64_t saved_step;               /* step of the last checkpoint taken (-1: none) */
+    struct mgpu__fit_graph *graph;    /* --cuda-graph on: the captured step (NULL: every step eager) */
+    char graph_note[320];             /* what --cuda-graph does in this run, for the startup line */
 } mgpu__fit;
+typedef struct mgpu__fit_graph mgpu__fit_graph;
 
 /* Said once for all ranks: every rank reaches the same conclusion, rank 0 tells (with how many
    ranks it stands for), so a 4-process run prints one warning, not four. */
@@ -15635,30 +15868,210 @@ static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal, int *time_due
     return MGPU_OK;
 }
 
+/* Forward, loss and backward of one micro-batch (gradients accumulate); *loss: the unscaled
+   loss, left on the context's device (reading it is the step's one host sync, taken at its end). */
+static mgpu_result mgpu__fit_forward_backward(mgpu__fit *f, mgpu_tensor *x, mgpu_tensor *y, mgpu_tensor **loss) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_context *ctx = f->t->ctx;
+    mgpu_tensor *obj;
+    *loss = mgpu_op_cross_entropy(ctx, f->forward(ctx, x, f->user), y);
+    obj = o->grad_accum_steps > 1 ? mgpu_op_scale(ctx, *loss, 1.0f / (float)o->grad_accum_steps) : *loss;
+    if (f->scaler.enabled) obj = mgpu_grad_scaler_scale(ctx, &f->scaler, obj);
+    if (!obj) return mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE;
+    return mgpu_backward(ctx, obj);
+}
+
+static void mgpu__fit_count_loss(mgpu__fit *f, double loss, int64_t size) {
+    f->es.loss_sum += loss * (double)size;
+    f->es.samples += size;
+}
+
+static int mgpu__fit_graph_fits(const mgpu__fit *f, const mgpu_batch *b);
+static mgpu_result mgpu__fit_graph_batch(mgpu__fit *f, const mgpu_batch *b);
+
 /* One micro-batch: forward, loss, backward (accumulating); an optimizer step every
-   grad_accum_steps micro-batches and at the end of the epoch (*stepped tells). */
+   grad_accum_steps micro-batches and at the end of the epoch (*stepped tells). A full batch under
+   --cuda-graph on goes through the captured step instead (mgpu__fit_graph_batch). */
 static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepped) {
     const mgpu_train_opts *o = f->t->opts;
     mgpu_context *ctx = f->t->ctx;
     double t0 = mgpu_time_s();
-    mgpu_tensor *loss = mgpu_op_cross_entropy(ctx, f->forward(ctx, b->x, f->user), b->y);
-    mgpu_tensor *obj = o->grad_accum_steps > 1 ? mgpu_op_scale(ctx, loss, 1.0f / (float)o->grad_accum_steps) : loss;
+    mgpu_tensor *loss = NULL;
     mgpu_result r;
-    if (f->scaler.enabled) obj = mgpu_grad_scaler_scale(ctx, &f->scaler, obj);
-    if (!obj) return mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE;
-    f->es.loss_sum += mgpu_tensor_item(loss) * (double)b->size;
-    f->es.samples += b->size;
     *stepped = f->micro + 1 == o->grad_accum_steps || b->index + 1 == f->batches_per_epoch;
+    if (mgpu__fit_graph_fits(f, b)) return mgpu__fit_graph_batch(f, b);   /* one batch, one optimizer step */
     if (f->ddp) mgpu_ddp_set_sync(f->ddp, *stepped);   /* no_sync for accumulation micro-steps */
-    r = mgpu_backward(ctx, obj);
+    r = mgpu__fit_forward_backward(f, b->x, b->y, &loss);
     f->es.compute_s += mgpu_time_s() - t0;
     mgpu__fit_count_comm(f);
     if (r != MGPU_OK) return r;
     f->micro++;
     if (*stepped) r = mgpu__fit_optimizer_step(f);
+    mgpu__fit_count_loss(f, mgpu_tensor_item(loss), b->size);
     mgpu_context_end_step(ctx);
     return r;
 }
+
+/* --------------------------------------------------------------------------------------
+   --cuda-graph on: the whole step (forward, loss, backward, unscale/clip, optimizer step,
+   zero_grad) captured once as a CUDA Graph and replayed for every later batch of the same shape.
+   MGPU__GRAPH_WARMUP eager steps come first, in the graph's private pool (mgpu__step_graph):
+   they create the gradients, read num_batches_tracked back, and grow the pool's arena and
+   cuBLAS buffers to the step's size, so the capture allocates and synchronises nothing. Each
+   batch is copied into fixed input tensors on the stream (after the loader's upload); a batch
+   of another shape (an epoch's last partial batch) runs eagerly, outside the pool. Per-step
+   values (LR, Adam's bias corrections, dropout's RNG position, num_batches_tracked) are step
+   scalars whose replay hooks keep the host state what N eager steps leave, so checkpoints and
+   a resumed run see no difference. Where capture cannot work the reason is printed and the
+   run stays eager; a capture that fails (an op that synchronises, say) falls back the same way.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__GRAPH_WARMUP 2
+
+struct mgpu__fit_graph {
+#ifdef MGPU_CUDA
+    mgpu__step_graph *sg;
+#endif
+    mgpu_tensor *x, *y;                /* the fixed inputs every captured batch is copied into */
+    const float *loss;                 /* the captured step's loss, in the graph's arena */
+    int warmed;                        /* eager steps run in the pool so far */
+    int captured;
+};
+
+static void mgpu__fit_graph_free(mgpu__fit *f) {
+    mgpu__fit_graph *g = f->graph;
+    if (!g) return;
+#ifdef MGPU_CUDA
+    mgpu__step_graph_destroy(g->sg);
+#endif
+    mgpu_tensor_free(g->x);
+    mgpu_tensor_free(g->y);
+    mgpu_free(g);
+    f->graph = NULL;
+}
+
+/* Whether this run captures, or why not (f->graph_note completes the startup line). */
+static mgpu_result mgpu__fit_graph_plan(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    const char *off = NULL;
+    f->graph_note[0] = 0;
+    if (f->t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
+    if (o->cuda_graph == MGPU_CUDA_GRAPH_OFF) off = "off";
+    else if (o->eval_only) off = "off (--eval-only: no training step to capture)";
+    else if (f->scaler.enabled) off = "off (fp16 loss scaling reads the found-inf flag on the host each step to skip or take the step)";
+    else if (f->t->comm) off = "off (DDP: the gradient all-reduces are started from the host as buckets fill during backward)";
+    else if (o->grad_accum_steps > 1) off = "off (--grad-accum-steps > 1: the optimizer steps on every Nth batch only)";
+    if (off) { snprintf(f->graph_note, sizeof f->graph_note, "%s", off); return MGPU_OK; }
+#ifdef MGPU_CUDA
+    if (!(f->graph = (mgpu__fit_graph *)mgpu__calloc(sizeof *f->graph, "the CUDA Graph state"))) return mgpu_last_result();
+    if (!(f->graph->sg = mgpu__step_graph_create(f->t->ctx))) {   /* short of device memory: eager steps may still fit */
+        snprintf(f->graph_note, sizeof f->graph_note, "off (the graph's own memory pool could not be allocated: %.200s)", mgpu_last_error());
+        mgpu__fit_graph_free(f);
+        mgpu_clear_error();
+        return MGPU_OK;
+    }
+#endif
+    snprintf(f->graph_note, sizeof f->graph_note, "on (the step is captured after %d eager warm-up steps; a batch of another size runs eagerly)",
+             MGPU__GRAPH_WARMUP);
+    return MGPU_OK;
+}
+
+/* The graph pool's activation arena at its peak (0 without a graph). */
+static size_t mgpu__fit_graph_arena_peak(const mgpu__fit *f) {
+#ifdef MGPU_CUDA
+    if (f->graph) return f->graph->sg->inside ? f->t->ctx->device_arena.peak : f->graph->sg->arena.peak;
+#endif
+    (void)f;
+    return 0;
+}
+
+static int mgpu__fit_graph_same(const mgpu_tensor *fixed, const mgpu_tensor *t) {
+    return fixed->dtype == t->dtype && fixed->ndim == t->ndim && memcmp(fixed->shape, t->shape, sizeof(int64_t) * (size_t)t->ndim) == 0;
+}
+/* A full batch of the captured shape (the first full batch sets it). */
+static int mgpu__fit_graph_fits(const mgpu__fit *f, const mgpu_batch *b) {
+    const mgpu__fit_graph *g = f->graph;
+    if (!g || b->size != f->t->opts->batch_size) return 0;
+    return !g->x || (mgpu__fit_graph_same(g->x, b->x) && mgpu__fit_graph_same(g->y, b->y));
+}
+
+#ifdef MGPU_CUDA
+/* The batch into the fixed inputs, on the context's stream (ordered after the loader's upload). */
+static mgpu_result mgpu__fit_graph_inputs(mgpu__fit_graph *g, mgpu_context *ctx, const mgpu_batch *b) {
+    mgpu_result r;
+    if (!g->x && (!(g->x = mgpu_tensor_create(ctx, b->x->dtype, b->x->ndim, b->x->shape)) ||
+                  !(g->y = mgpu_tensor_create(ctx, b->y->dtype, b->y->ndim, b->y->shape))))
+        return mgpu_last_result();
+    if ((r = mgpu_cuda_copy_d2d_async(g->x->data, b->x->data, mgpu_tensor_nbytes(b->x), ctx->cuda_stream)) != MGPU_OK) return r;
+    return mgpu_cuda_copy_d2d_async(g->y->data, b->y->data, mgpu_tensor_nbytes(b->y), ctx->cuda_stream);
+}
+
+/* An eager step in the pool (warm-up) or its capture, then the first launch of the capture.
+   *loss: the step's loss on the host. */
+static mgpu_result mgpu__fit_graph_record(mgpu__fit *f, double *loss) {
+    mgpu__fit_graph *g = f->graph;
+    mgpu_context *ctx = f->t->ctx;
+    mgpu_tensor *l = NULL;
+    int capture = g->warmed >= MGPU__GRAPH_WARMUP;
+    mgpu_result r, e;
+    mgpu__step_graph_use(g->sg, 1);
+    r = capture ? mgpu__step_graph_begin(g->sg) : MGPU_OK;
+    if (r == MGPU_OK) r = mgpu__fit_forward_backward(f, g->x, g->y, &l);
+    if (r == MGPU_OK) r = mgpu__fit_optimizer_step(f);
+    if (capture && (e = mgpu__step_graph_end(g->sg, r != MGPU_OK)) != MGPU_OK && r == MGPU_OK) r = e;
+    if (r == MGPU_OK && capture) { g->captured = 1; g->loss = (const float *)l->data; r = mgpu__step_graph_launch(g->sg); }
+    if (r == MGPU_OK) *loss = capture ? 0.0 : mgpu_tensor_item(l);
+    mgpu_context_end_step(ctx);
+    mgpu__step_graph_use(g->sg, 0);
+    g->warmed++;
+    return r;
+}
+
+/* A replay: the LR of this step, the graph (its hooks step the optimizer's counts, the RNG, ...). */
+static mgpu_result mgpu__fit_graph_replay(mgpu__fit *f) {
+    mgpu_optimizer_set_lr(f->opt, mgpu_lr_at(&f->schedule, f->step));
+    f->step++;
+    f->micro = 0;
+    return mgpu__step_graph_launch(f->graph->sg);
+}
+
+/* A capture that failed: said once, the graph dropped, and the step run eagerly as if never tried. */
+static mgpu_result mgpu__fit_graph_give_up(mgpu__fit *f, const mgpu_batch *b, int64_t step) {
+    int stepped = 1;
+    printf("cuda graph off from step %lld: capturing the step failed (%s); it runs uncaptured\n", (long long)step + 1, mgpu_last_error());
+    fflush(stdout);
+    mgpu__fit_graph_free(f);
+    mgpu_clear_error();
+    f->step = step; f->micro = 0;
+    return mgpu__fit_batch(f, b, &stepped);
+}
+
+static mgpu_result mgpu__fit_graph_batch(mgpu__fit *f, const mgpu_batch *b) {
+    mgpu__fit_graph *g = f->graph;
+    mgpu_context *ctx = f->t->ctx;
+    double t0 = mgpu_time_s(), loss = NAN;
+    int64_t step = f->step;
+    int was_captured = g->captured;
+    float v = NAN;
+    mgpu_result r = mgpu__fit_graph_inputs(g, ctx, b);
+    if (r != MGPU_OK) return r;
+    if (was_captured) r = mgpu__fit_graph_replay(f);
+    else if ((r = mgpu__fit_graph_record(f, &loss)) != MGPU_OK && g->warmed > MGPU__GRAPH_WARMUP) return mgpu__fit_graph_give_up(f, b, step);
+    if (r == MGPU_OK && g->captured && (r = mgpu__transfer(ctx, &v, g->loss, sizeof v, "reading the captured step's loss")) == MGPU_OK) loss = v;
+    if (r == MGPU_OK && g->captured && !was_captured) {
+        printf("cuda graph captured at step %lld\n", (long long)step + 1);
+        fflush(stdout);
+    }
+    f->es.compute_s += mgpu_time_s() - t0;   /* the optimizer step is inside the graph: its time is compute here */
+    mgpu__fit_count_loss(f, loss, b->size);
+    return r;
+}
+#else
+static mgpu_result mgpu__fit_graph_batch(mgpu__fit *f, const mgpu_batch *b) {
+    (void)f; (void)b;
+    return mgpu__fail(MGPU_ERR_UNSUPPORTED, "CUDA Graph capture needs a CUDA build");
+}
+#endif
 
 /* After each optimizer step: stop conditions, then a checkpoint if one is due. */
 static mgpu_result mgpu__fit_after_step(mgpu__fit *f) {
@@ -15725,8 +16138,8 @@ static void mgpu__fit_extra_json(const mgpu__fit *f, mgpu__buf *b) {
         if (i > 2) mgpu__buf_puts(b, ",");
         mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)&f->es + mgpu__epoch_stat_fields[i].offset));
     }
-    /* host arena (headers, tape) plus, on a GPU, the device arena (activations) */
-    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak + f->t->ctx->device_arena.peak);
+    /* host arena (headers, tape) plus, on a GPU, the device arena (activations) and a captured step's own */
+    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak + f->t->ctx->device_arena.peak + mgpu__fit_graph_arena_peak(f));
     mgpu__json_member(b, "rss_mb", mgpu__peak_rss_mb());
 #ifdef MGPU_CUDA
     if (f->t->ctx->device.type == MGPU_DEVICE_CUDA) {   /* the caching allocator's view, as torch.cuda.memory_allocated/reserved/max_allocated */
@@ -15962,7 +16375,7 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     return MGPU_OK;
 }
 
-/* The startup line on a GPU: which device trains, and what --cuda-graph does in this version.
+/* The startup line on a GPU: which device trains, and what --cuda-graph does (and why not).
    CPU runs print nothing here (their output stays as it was). */
 static void mgpu__fit_announce_device(const mgpu__fit *f) {
 #ifdef MGPU_CUDA
@@ -15970,9 +16383,7 @@ static void mgpu__fit_announce_device(const mgpu__fit *f) {
     char desc[320];
     if (ctx->device.type != MGPU_DEVICE_CUDA) return;
     mgpu__cuda_device_describe(ctx->device.index, desc, sizeof desc);
-    printf("device cuda:%d (%s); cuda graph %s\n", ctx->device.index, desc,
-           f->t->opts->cuda_graph == MGPU_CUDA_GRAPH_OFF ? "off"
-                                                         : "on requested, but capture is not implemented yet: the step runs uncaptured");
+    printf("device cuda:%d (%s); cuda graph %s\n", ctx->device.index, desc, f->graph_note);
     fflush(stdout);
 #else
     (void)f;
@@ -16090,6 +16501,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_initial_state(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
+    if (r == MGPU_OK) r = mgpu__fit_graph_plan(&f);
     if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
     if (r == MGPU_OK) r = mgpu__fit_announce_gpus(&f);   /* a collective: every rank */
     if (r == MGPU_OK && o->eval_only) r = mgpu__fit_eval_only(&f, test, &s);
@@ -16102,6 +16514,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     /* a background checkpoint still being written must land (or its failure be told) */
     if (f.ckpt && (w = mgpu_checkpointer_wait(f.ckpt)) != MGPU_OK && r == MGPU_OK) r = w;
     mgpu_checkpointer_destroy(f.ckpt);
+    mgpu__fit_graph_free(&f);
     mgpu_ddp_destroy(f.ddp);
     mgpu_context_set_autocast(t->ctx, MGPU_AMP_OFF);
     mgpu__buf_free(&f.history);

@@ -683,8 +683,10 @@ __device__ uint64_t mgpu__dropout_counter(uint64_t first, int64_t row_size, int6
     int64_t j = i / row_size;
     return first + (uint64_t)((rank + (world - 1) * j) * row_size) + (uint64_t)i;
 }
-__global__ void mgpu__dropout_k(uint64_t seed, uint64_t first, int64_t row_size, int64_t rank, int64_t world, float p, float scale,
-                                const float *src, float *dst, int64_t n, int acc) {
+// first_at: a captured graph's step scalar (the RNG position of this replay), else NULL
+__global__ void mgpu__dropout_k(uint64_t seed, uint64_t given_first, const uint64_t *first_at, int64_t row_size, int64_t rank, int64_t world,
+                                float p, float scale, const float *src, float *dst, int64_t n, int acc) {
+    const uint64_t first = first_at ? first_at[0] : given_first;
     MGPU__FOR(i, n) {
         float v = mgpu__random_unit(seed, mgpu__dropout_counter(first, row_size, rank, world, i)) >= p ? src[i] * scale : 0.0f;
         dst[i] = acc ? dst[i] + v : v;
@@ -698,8 +700,8 @@ extern "C" mgpu_result mgpu_cuda_dropout(const mgpu__dropout_args *d, void *stre
     MGPU__REQUIRE(d->n >= 0 && (d->n == 0 || (d->src && d->dst)), "src and dst must be device pointers and n >= 0");
     MGPU__REQUIRE(d->row_size >= 1 && d->world >= 1 && d->rank >= 0 && d->rank < d->world, "need row_size >= 1 and 0 <= rank < world");
     if (d->n == 0) return MGPU_OK;
-    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(d->n, MGPU__THREADS), MGPU__THREADS, 0, stream, d->seed, d->first, d->row_size, d->rank,
-                 d->world, d->p, d->scale, d->src, d->dst, d->n, d->accumulate);
+    MGPU__LAUNCH(mgpu__dropout_k, mgpu__grid(d->n, MGPU__THREADS), MGPU__THREADS, 0, stream, d->seed, d->first, d->first_at, d->row_size,
+                 d->rank, d->world, d->p, d->scale, d->src, d->dst, d->n, d->accumulate);
     MGPU__LAUNCHED("mgpu__dropout_k");
     return MGPU_OK;
 }
@@ -1310,6 +1312,17 @@ static mgpu_result mgpu__fill_raw(void *x, int64_t n, int bytes, uint64_t bits, 
     MGPU__LAUNCHED("mgpu__fill_k");
     return MGPU_OK;
 }
+// A captured graph's step scalars: the words travel as the kernel's argument, copied at launch.
+__global__ void mgpu__set_step_words_k(uint64_t *dst, mgpu__step_words words, int n) {
+    if ((int)threadIdx.x < n) dst[threadIdx.x] = words.w[threadIdx.x];
+}
+extern "C" mgpu_result mgpu_cuda_set_step_words(uint64_t *dst, const mgpu__step_words *words, int n, void *stream) {
+    MGPU__REQUIRE(dst && words && n >= 0 && n <= MGPU__STEP_SLOTS, "dst must be a device pointer, words given, 0 <= n <= MGPU__STEP_SLOTS");
+    if (n == 0) return MGPU_OK;
+    MGPU__LAUNCH(mgpu__set_step_words_k, 1, MGPU__STEP_SLOTS, 0, stream, dst, *words, n);
+    MGPU__LAUNCHED("mgpu__set_step_words_k");
+    return MGPU_OK;
+}
 extern "C" mgpu_result mgpu_cuda_fill(const mgpu__fill_args *a, void *stream) {
     MGPU__REQUIRE(a && mgpu__dtype_ok(a->dtype), "dtype is not an mgpu_dtype");
     MGPU__REQUIRE(a->n >= 0 && (a->n == 0 || a->dst), "dst must be a device pointer and n >= 0");
@@ -1397,14 +1410,17 @@ __global__ void mgpu__adam_k(mgpu__mt_list L, mgpu__adam_args a) {
     float *P = L.p[c.t], *M = L.s1[c.t], *V = L.s2[c.t];
     const float *G = L.g[c.t];
     float omb1 = 1.0f - a.beta1, omb2 = 1.0f - a.beta2;
+    // a captured graph reads this replay's values from its step scalars
+    const float decay = a.step_at ? a.step_at[0] : a.decay, step_size = a.step_at ? a.step_at[1] : a.step_size;
+    const float bc2_sqrt = a.step_at ? a.step_at[2] : a.bc2_sqrt;
     for (int64_t i = c.lo + threadIdx.x; i < c.hi; i += blockDim.x) {
         float p = P[i];
         float g = G[i] + a.l2 * p;
         float m = a.beta1 * M[i] + omb1 * g;
         float v = a.beta2 * V[i] + omb2 * g * g;
-        float denom = sqrtf(v) / a.bc2_sqrt + a.eps;
+        float denom = sqrtf(v) / bc2_sqrt + a.eps;
         M[i] = m; V[i] = v;
-        P[i] = p * a.decay - a.step_size * m / denom;
+        P[i] = p * decay - step_size * m / denom;
     }
 }
 // The same arithmetic as the CPU twin (mgpu__sgd_range).
@@ -1412,14 +1428,16 @@ __global__ void mgpu__sgd_k(mgpu__mt_list L, mgpu__sgd_args a) {
     mgpu__mt_chunk c = mgpu__mt_chunk_of_block(L);
     float *P = L.p[c.t], *B = L.s1[c.t];
     const float *G = L.g[c.t];
+    const float lr = a.step_at ? a.step_at[0] : a.lr;   // a captured graph: this replay's values
+    const int first = a.step_at ? a.step_at[1] != 0.0f : a.first;
     for (int64_t i = c.lo + threadIdx.x; i < c.hi; i += blockDim.x) {
         float d = G[i] + a.weight_decay * P[i];
         if (B) {
-            float b = a.first ? d : a.momentum * B[i] + a.keep * d;
+            float b = first ? d : a.momentum * B[i] + a.keep * d;
             B[i] = b;
             d = a.nesterov ? d + a.momentum * b : b;
         }
-        P[i] -= a.lr * d;
+        P[i] -= lr * d;
     }
 }
 // s: the coefficient, kept in double on the device; applied as a float, as the CPU twin does

@@ -116,6 +116,8 @@ mgpu_result mgpu_cuda_mse_backward(const mgpu__mse_args *a, void *stream);
 typedef struct mgpu__dropout_args {
     mgpu_context *ctx;
     uint64_t seed, first; float p, scale;
+    const uint64_t *first_at;             /* CUDA Graph capture: read first from this device word instead
+                                             (a step scalar rewritten before each replay); NULL otherwise */
     int64_t row_size, rank, world;
     const float *src; float *dst; int64_t n;
     int accumulate;
@@ -291,6 +293,11 @@ typedef struct mgpu__fill_args {
     double value;
 } mgpu__fill_args;
 mgpu_result mgpu_cuda_fill(const mgpu__fill_args *a, void *stream);
+/* step scalars of a captured CUDA Graph: dst[0..n) = words, written by a kernel that takes the
+   words as its argument (copied at launch: the host may change its copy at once); n <= MGPU__STEP_SLOTS */
+#define MGPU__STEP_SLOTS 64
+typedef struct mgpu__step_words { uint64_t w[MGPU__STEP_SLOTS]; } mgpu__step_words;
+mgpu_result mgpu_cuda_set_step_words(uint64_t *dst, const mgpu__step_words *words, int n, void *stream);
 /* copy (bytes): dst = src, byte for byte, within the context's device; only the CPU twin lets the
    two overlap */
 typedef struct mgpu__copy_args { mgpu_context *ctx; const void *src; void *dst; size_t bytes; } mgpu__copy_args;
@@ -334,6 +341,8 @@ typedef struct mgpu__sgd_args {
     float *const *momentum_buffers;       /* (count), or NULL without momentum */
     float lr, weight_decay, momentum, keep;   /* keep = 1 - dampening */
     int nesterov, first;                  /* first: the buffers start as the gradient, undampened */
+    const float *step_at;                 /* CUDA Graph capture: {lr, first} read from these device floats
+                                             (step scalars rewritten before each replay); NULL otherwise */
 } mgpu__sgd_args;
 mgpu_result mgpu_cuda_sgd(const mgpu__sgd_args *a, void *stream);
 /* adam: torch.optim.Adam and AdamW on tensors that share their step count t */
@@ -347,6 +356,8 @@ typedef struct mgpu__adam_args {
     float beta1, beta2, eps;
     float step_size;                      /* lr / (1 - beta1^t) */
     float bc2_sqrt;                       /* sqrt(1 - beta2^t) */
+    const float *step_at;                 /* CUDA Graph capture: {decay, step_size, bc2_sqrt} read from these
+                                             device floats (step scalars rewritten before each replay); NULL otherwise */
 } mgpu__adam_args;
 mgpu_result mgpu_cuda_adam(const mgpu__adam_args *a, void *stream);
 /* clip_grad_norm: norm[0] = the L2 norm of all the grads together; unless it is inf or NaN, every

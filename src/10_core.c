@@ -543,6 +543,23 @@ typedef struct mgpu__node {
     int consumed;                /* already walked by a backward */
 } mgpu__node;
 
+/* CUDA Graph capture of a training step. A graph bakes kernel arguments, so a value that changes
+   from step to step (the dropout RNG position, the optimizer's LR and bias corrections,
+   num_batches_tracked) is read by the captured kernels from a "step scalar": an 8-byte word of a
+   small device block. The host work that produced the value in an eager step becomes a replay
+   hook: before every launch of the graph each hook redoes its host mutation (RNG reserve, step
+   count, ...) and writes the word, and one kernel that takes the words as its argument stores the
+   block. N replays thus leave the host state of N eager steps, and capturing runs no hook (nor
+   mutates the host): the first launch after capture runs the captured step. */
+typedef mgpu_result (*mgpu__replay_fn)(void *obj, int64_t arg, uint64_t *words);
+typedef struct mgpu__replay_hook { mgpu__replay_fn fn; void *obj; int64_t arg; int word; } mgpu__replay_hook;
+typedef struct mgpu__step_capture {
+    uint64_t *device_words;              /* MGPU__STEP_SLOTS words on the device: what the graph reads */
+    mgpu__step_words host;               /* this replay's words, written by the hooks */
+    int n_words;
+    mgpu__replay_hook hooks[MGPU__STEP_SLOTS]; int n_hooks;
+} mgpu__step_capture;
+
 struct mgpu_context {
     mgpu_device device;
     mgpu__pool *pool;
@@ -557,6 +574,7 @@ struct mgpu_context {
     int row_rank, row_world;           /* DDP sharding (rank, world; 0 = 1): dropout draws row j's mask at global row rank + world * j */
     void *cuda_stream;                 /* the stream every CUDA twin of this context runs on (NULL on the CPU) */
     void *cuda_blas;                   /* its cuBLAS/cuBLASLt bundle (mgpu_cuda_blas_create; NULL on the CPU) */
+    mgpu__step_capture *capture;       /* set while a CUDA Graph of the step is being captured (NULL otherwise) */
 };
 
 #ifdef MGPU_CUDA
@@ -647,6 +665,27 @@ MGPU_API uint64_t mgpu_context_rng_reserve(mgpu_context *ctx, uint64_t n) {
 MGPU_API void mgpu_parallel_for(mgpu_context *ctx, int64_t n, int64_t min_chunk, mgpu_range_fn fn, void *arg) {
     if (!fn) return;
     mgpu__pool_parallel_for(ctx ? ctx->pool : NULL, n, min_chunk, fn, arg);
+}
+
+/* Whether the step now being recorded is a CUDA Graph capture: ops then take per-step values
+   from step scalars (mgpu__step_scalar) and leave the host state to their replay hooks. */
+static MGPU__UNUSED int mgpu__capturing(const mgpu_context *ctx) { return ctx->capture != NULL; }
+
+/* During a capture: `words` consecutive step scalars that fn(obj, arg, words) fills before every
+   replay (after redoing the host work the op does in an eager step); *at is their device address,
+   for the captured kernels (or copies) to read. */
+static MGPU__UNUSED mgpu_result mgpu__step_scalar(mgpu_context *ctx, mgpu__replay_fn fn, void *obj, int64_t arg, int words, void **at) {
+    mgpu__step_capture *c = ctx->capture;
+    mgpu__replay_hook *h;
+    if (!c) return mgpu__fail(MGPU_ERR_STATE, "mgpu__step_scalar: no CUDA Graph capture in progress");
+    if (words < 0 || c->n_words + words > MGPU__STEP_SLOTS || c->n_hooks == MGPU__STEP_SLOTS)
+        return mgpu__fail(MGPU_ERR_UNSUPPORTED, "CUDA Graph capture: the step needs more than %d step scalars (per-step values such as "
+                          "dropout RNG positions); it runs uncaptured", MGPU__STEP_SLOTS);
+    h = &c->hooks[c->n_hooks++];
+    h->fn = fn; h->obj = obj; h->arg = arg; h->word = c->n_words;
+    *at = c->device_words + c->n_words;
+    c->n_words += words;
+    return MGPU_OK;
 }
 
 /* Step-lifetime host memory (freed by mgpu_context_end_step): headers, nodes, saved arguments. */

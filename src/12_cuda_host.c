@@ -391,6 +391,98 @@ MGPU_API void mgpu_cuda_graph_destroy(mgpu_cuda_graph *g) {
     g->graph = g->exec = NULL; g->captured = 0;
 }
 
+/* --------------------------------------------------------------------------------------
+   A training step captured as a CUDA Graph (the trainer's --cuda-graph on). The graph holds device
+   addresses, so everything it touches must stay where it is between replays, whatever the
+   uncaptured work in between does (evaluation growing the arena, a last partial batch, cuBLAS
+   growing its scratch): the step runs in a private pool, as PyTorch's graph memory pools, made of
+   its own activation arena and its own cuBLAS(Lt) bundle (workspace set with cublasSetWorkspace,
+   Lt workspace pointer, scratch and half-precision buffers). The eager warm-up steps of the same
+   shape run in that pool too, so it has grown to the step's size before the capture, which then
+   allocates nothing. Per-step values come from the step scalars (see mgpu__step_capture).
+   -------------------------------------------------------------------------------------- */
+
+typedef struct mgpu__step_graph {
+    mgpu_context *ctx;
+    mgpu_cuda_graph graph;
+    mgpu__step_capture capture;
+    mgpu__arena arena;                 /* private activation arena (swapped with ctx->device_arena) */
+    void *blas;                        /* private cuBLAS bundle (swapped with ctx->cuda_blas) */
+    int inside;                        /* the context uses the private pool now */
+} mgpu__step_graph;
+
+/* The context's step runs in the graph's private pool from here to mgpu__step_graph_use(g, 0). */
+static void mgpu__step_graph_use(mgpu__step_graph *g, int inside) {
+    mgpu__arena a;
+    void *b;
+    if (g->inside == inside) return;
+    a = g->ctx->device_arena; g->ctx->device_arena = g->arena; g->arena = a;
+    b = g->ctx->cuda_blas; g->ctx->cuda_blas = g->blas; g->blas = b;
+    g->inside = inside;
+}
+
+static void mgpu__step_graph_destroy(mgpu__step_graph *g) {
+    if (!g) return;
+    mgpu__step_graph_use(g, 0);
+    if (g->ctx->capture == &g->capture) g->ctx->capture = NULL;
+    cudaStreamSynchronize((cudaStream_t)g->ctx->cuda_stream);   /* no replay may still use the pool */
+    mgpu_cuda_graph_destroy(&g->graph);
+    mgpu__arena_free(&g->arena);
+    mgpu_cuda_blas_destroy(g->blas);
+    if (g->capture.device_words) mgpu__cuda_release(g->ctx->device.index, g->capture.device_words);
+    mgpu_free(g);
+}
+
+static mgpu__step_graph *mgpu__step_graph_create(mgpu_context *ctx) {
+    mgpu__step_graph *g = (mgpu__step_graph *)mgpu__calloc(sizeof *g, "a CUDA Graph of the training step");
+    if (!g) return NULL;
+    g->ctx = ctx;
+    g->arena = ctx->device_arena;   /* same device and initial size, no chunk yet */
+    g->arena.head = NULL; g->arena.total_used = g->arena.peak = 0;
+    g->capture.device_words = (uint64_t *)mgpu__cuda_alloc_for(ctx->device.index, sizeof(uint64_t) * MGPU__STEP_SLOTS, "CUDA Graph step scalars");
+    if (!g->capture.device_words || mgpu_cuda_blas_create(&g->blas, ctx->cuda_stream, 0) != MGPU_OK) { mgpu__step_graph_destroy(g); return NULL; }
+    return g;
+}
+
+/* Starts recording the context's stream: ops now register step scalars instead of using host
+   values, and change no host state. */
+static mgpu_result mgpu__step_graph_begin(mgpu__step_graph *g) {
+    mgpu_result r;
+    g->capture.n_words = g->capture.n_hooks = 0;
+    if ((r = mgpu_cuda_graph_begin(&g->graph, g->ctx->cuda_stream)) != MGPU_OK) return r;
+    g->ctx->capture = &g->capture;
+    return MGPU_OK;
+}
+
+/* Ends the recording. failed: the step failed while recorded (its error stands); the capture is
+   ended and thrown away either way, leaving the stream usable for uncaptured steps. */
+static mgpu_result mgpu__step_graph_end(mgpu__step_graph *g, int failed) {
+    cudaGraph_t graph = NULL;
+    mgpu_result r;
+    g->ctx->capture = NULL;
+    if (failed) {
+        cudaStreamEndCapture((cudaStream_t)g->ctx->cuda_stream, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError();
+        return mgpu_last_result() != MGPU_OK ? mgpu_last_result() : MGPU_ERR_STATE;
+    }
+    if ((r = mgpu_cuda_graph_end(&g->graph, g->ctx->cuda_stream)) != MGPU_OK) cudaGetLastError();
+    return r;
+}
+
+/* One replay: the hooks redo the host work of an eager step and fill the step scalars, one
+   kernel stores them (its argument is copied at launch), then the graph runs on the stream. */
+static mgpu_result mgpu__step_graph_launch(mgpu__step_graph *g) {
+    mgpu__step_capture *c = &g->capture;
+    mgpu_result r;
+    int i;
+    memset(&c->host, 0, sizeof c->host);
+    for (i = 0; i < c->n_hooks; i++)
+        if ((r = c->hooks[i].fn(c->hooks[i].obj, c->hooks[i].arg, c->host.w + c->hooks[i].word)) != MGPU_OK) return r;
+    if ((r = mgpu_cuda_set_step_words(c->device_words, &c->host, c->n_words, g->ctx->cuda_stream)) != MGPU_OK) return r;
+    return mgpu_cuda_graph_launch(&g->graph, g->ctx->cuda_stream);
+}
+
 #endif /* MGPU_IMPLEMENTATION */
 #endif /* MGPU_CUDA */
 #endif /* MGPU__CUDA_HOST_H */

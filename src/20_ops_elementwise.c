@@ -919,6 +919,11 @@ static mgpu_result mgpu__dropout_backward(mgpu_context *ctx, mgpu__node *node) {
     d.accumulate = 1;
     return MGPU__TWIN(ctx, dropout, &d);
 }
+/* A captured dropout's replay hook: the RNG reservation of an eager step, its first counter the step scalar. */
+static mgpu_result mgpu__dropout_replay(void *ctx, int64_t n, uint64_t *words) {
+    words[0] = mgpu_context_rng_reserve((mgpu_context *)ctx, (uint64_t)n);
+    return MGPU_OK;
+}
 MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p, int training) {
     const char *op = "mgpu_op_dropout";
     mgpu_tensor *out;
@@ -934,7 +939,13 @@ MGPU_API mgpu_tensor *mgpu_op_dropout(mgpu_context *ctx, mgpu_tensor *x, float p
     d.row_size = x->ndim > 0 && x->shape[0] > 0 ? MGPU__MAX((int64_t)1, x->numel / x->shape[0]) : 1;
     /* counters are drawn even for p = 0, so the stream position does not depend on p; under DDP
        every rank reserves the combined batch's counters so the streams stay aligned */
-    d.first = mgpu_context_rng_reserve(ctx, (uint64_t)(d.world * x->numel));
+    if (mgpu__capturing(ctx)) {   /* each replay reserves its own counters */
+        void *at = NULL;
+        if (mgpu__step_scalar(ctx, mgpu__dropout_replay, ctx, d.world * x->numel, 1, &at) != MGPU_OK) return NULL;
+        d.first_at = (const uint64_t *)at;
+    } else {
+        d.first = mgpu_context_rng_reserve(ctx, (uint64_t)(d.world * x->numel));
+    }
     if (p == 0.0f) return x;
     out = mgpu__new_activation(ctx, MGPU_F32, x->ndim, x->shape);
     if (!out) return NULL;

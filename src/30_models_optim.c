@@ -422,14 +422,38 @@ MGPU_API mgpu_batchnorm2d *mgpu_batchnorm2d_create(mgpu_model *m, const char *na
 /* num_batches_tracked += 1: in place on the host. On a GPU from the host's count (l->counted),
    read back only when unknown (after mgpu_model_train), then written with a fill that needs no
    sync: a read-modify-write through the host every training forward would stall the step. */
+/* The count on the host: read back once after mgpu_model_train (never while capturing: the warm-up
+   steps before a capture read it). */
+static mgpu_result mgpu__batchnorm_known_count(mgpu_batchnorm2d *l) {
+    double v;
+    if (l->counted >= 0) return MGPU_OK;
+    if (mgpu__capturing(l->num_batches_tracked->ctx))
+        return mgpu__fail(MGPU_ERR_STATE, "CUDA Graph capture: num_batches_tracked is not known on the host yet");
+    v = mgpu_tensor_item(l->num_batches_tracked);
+    if (v != v) return mgpu_last_result();
+    l->counted = (int64_t)v;
+    return MGPU_OK;
+}
+/* A captured count's replay hook: the count of an eager step, copied by the graph from its step scalar. */
+static mgpu_result mgpu__batchnorm_count_replay(void *layer, int64_t unused, uint64_t *words) {
+    mgpu_batchnorm2d *l = (mgpu_batchnorm2d *)layer;
+    mgpu_result r = mgpu__batchnorm_known_count(l);
+    (void)unused;
+    words[0] = (uint64_t)++l->counted;
+    return r;
+}
 static mgpu_result mgpu__batchnorm_count(mgpu_batchnorm2d *l) {
     mgpu_tensor *t = l->num_batches_tracked;
+    mgpu_result r;
     if (mgpu__on_host(t)) { ((int64_t *)t->data)[0]++; return MGPU_OK; }
-    if (l->counted < 0) {
-        double v = mgpu_tensor_item(t);
-        if (v != v) return mgpu_last_result();
-        l->counted = (int64_t)v;
+    if (mgpu__capturing(t->ctx)) {   /* each replay counts on the host and copies its count from a step scalar */
+        mgpu__copy_args c;
+        void *at = NULL;
+        if ((r = mgpu__step_scalar(t->ctx, mgpu__batchnorm_count_replay, l, 0, 1, &at)) != MGPU_OK) return r;
+        c.ctx = t->ctx; c.src = at; c.dst = t->data; c.bytes = sizeof(int64_t);
+        return MGPU__TWIN(t->ctx, copy, &c);
     }
+    if ((r = mgpu__batchnorm_known_count(l)) != MGPU_OK) return r;
     return mgpu_tensor_fill(t, (double)++l->counted);
 }
 
@@ -832,55 +856,107 @@ static void mgpu__adam_range(void *arg, int64_t begin, int64_t end) {
 }
 static void mgpu__cpu_adam(const mgpu__adam_args *a) { mgpu__cpu_for_each_tensor(a->ctx, &a->params, MGPU__OPT_CHUNK, mgpu__adam_range, a); }
 
-/* One twin call updates the first `count` parameters of the lists, all at step count t. */
-static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t t) {
+/* The values of an update at step count t that change from step to step: SGD {lr, first},
+   Adam/AdamW {decay, step_size, bc2_sqrt}. The twins take them by value in an eager step; a
+   captured step reads them from step scalars that each replay fills with this function. */
+static void mgpu__optimizer_step_values(const mgpu_optimizer *o, int64_t t, float v[3]) {
+    const mgpu_optimizer_desc *d = &o->desc;
+    if (d->type == MGPU_OPTIM_SGD) {
+        v[0] = d->lr; v[1] = t == 1 ? 1.0f : 0.0f; v[2] = 0.0f;
+        return;
+    }
+    v[0] = d->type == MGPU_OPTIM_ADAMW ? (float)(1.0 - (double)d->lr * d->weight_decay) : 1.0f;
+    v[1] = (float)((double)d->lr / (1.0 - pow((double)d->beta1, (double)t)));
+    v[2] = (float)sqrt(1.0 - pow((double)d->beta2, (double)t));
+}
+
+/* One twin call updates the first `count` parameters of the lists, all at step count t; step_at:
+   the device address of the step values during a CUDA Graph capture, else NULL. */
+static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t t, const float *step_at) {
     const mgpu_optimizer_desc *d = &o->desc;
     mgpu_context *ctx = o->model->ctx;
     mgpu__tensor_list params;
+    float v[3];
+    mgpu__optimizer_step_values(o, t, v);
     params.count = count; params.data = o->lists.params; params.numel = o->lists.numel;
     if (d->type == MGPU_OPTIM_SGD) {
         mgpu__sgd_args a;
         a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
         a.momentum_buffers = d->momentum != 0.0f ? o->lists.state1 : NULL;
-        a.lr = d->lr; a.weight_decay = d->weight_decay; a.momentum = d->momentum; a.keep = 1.0f - d->dampening;
-        a.nesterov = d->nesterov; a.first = t == 1;
+        a.lr = v[0]; a.weight_decay = d->weight_decay; a.momentum = d->momentum; a.keep = 1.0f - d->dampening;
+        a.nesterov = d->nesterov; a.first = v[1] != 0.0f;
+        a.step_at = step_at;
         return MGPU__TWIN(ctx, sgd, &a);
     } else {
         mgpu__adam_args a;
         int adamw = d->type == MGPU_OPTIM_ADAMW;
         a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
         a.exp_avg = o->lists.state1; a.exp_avg_sq = o->lists.state2;
-        a.decay = adamw ? (float)(1.0 - (double)d->lr * d->weight_decay) : 1.0f;
+        a.decay = v[0];
         a.l2 = adamw ? 0.0f : d->weight_decay;
         a.beta1 = d->beta1; a.beta2 = d->beta2; a.eps = d->eps;
-        a.step_size = (float)((double)d->lr / (1.0 - pow((double)d->beta1, (double)t)));
-        a.bc2_sqrt = (float)sqrt(1.0 - pow((double)d->beta2, (double)t));
+        a.step_size = v[1]; a.bc2_sqrt = v[2];
+        a.step_at = step_at;
         return MGPU__TWIN(ctx, adam, &a);
     }
 }
 
 static float *mgpu__data_or_null(const mgpu_tensor *t) { return t ? (float *)t->data : NULL; }
 
-/* Updates, in one twin call, every parameter still due whose step count becomes t. */
-static mgpu_result mgpu__optimizer_update_at(mgpu_optimizer *o, int64_t t) {
+/* Updates, in one twin call, every parameter still due whose step count becomes t (a capture
+   leaves the step counts to the replay hook). */
+static mgpu_result mgpu__optimizer_update_at(mgpu_optimizer *o, int64_t t, const float *step_at) {
     mgpu__opt_lists *l = &o->lists;
     int i, count = 0;
     for (i = 0; i < o->n_params; i++) {
         mgpu__opt_param *s = &o->params[i];
         if (!s->due || s->steps + 1 != t) continue;
         s->due = 0;
-        s->steps = t;
+        if (!step_at) s->steps = t;
         l->params[count] = (float *)s->param->data; l->grads[count] = (const float *)s->param->grad->data;
         l->numel[count] = s->param->numel;
         l->state1[count] = mgpu__data_or_null(s->exp_avg ? s->exp_avg : s->momentum_buffer);
         l->state2[count] = mgpu__data_or_null(s->exp_avg_sq);
         count++;
     }
-    return mgpu__optimizer_update(o, count, t);
+    return mgpu__optimizer_update(o, count, t, step_at);
 }
 
 /* Whether a parameter takes part in this step: like PyTorch, a parameter without a grad is skipped. */
 static int mgpu__opt_has_grad(const mgpu__opt_param *s) { return s->param->requires_grad && s->param->grad != NULL; }
+
+/* A captured step's replay hook: the step count of an eager step (every parameter had a grad at
+   the capture and shares one count), its update values the step scalars (3 floats in 2 words). */
+static mgpu_result mgpu__optimizer_replay(void *opt, int64_t unused, uint64_t *words) {
+    mgpu_optimizer *o = (mgpu_optimizer *)opt;
+    float v[4] = {0, 0, 0, 0};
+    int i;
+    (void)unused;
+    mgpu__optimizer_step_values(o, o->params[0].steps + 1, v);
+    memcpy(words, v, sizeof v);
+    for (i = 0; i < o->n_params; i++) o->params[i].steps++;
+    o->step_count++;
+    return MGPU_OK;
+}
+
+/* mgpu_optimizer_step inside a CUDA Graph capture: one update of every parameter, its values from
+   step scalars. Parameters without a grad or at different step counts (their updates would need
+   several launches chosen on the host each step) are refused: the step then runs uncaptured. */
+static mgpu_result mgpu__optimizer_step_captured(mgpu_optimizer *o) {
+    void *at = NULL;
+    mgpu_result r;
+    int i;
+    for (i = 0; i < o->n_params; i++) {
+        if (!mgpu__opt_has_grad(&o->params[i]) || o->params[i].steps != o->params[0].steps)
+            return mgpu__fail(MGPU_ERR_UNSUPPORTED, "CUDA Graph capture: parameter '%s' %s; the optimizer step needs every parameter "
+                              "updated at one step count", o->model->params.items[i].name,
+                              mgpu__opt_has_grad(&o->params[i]) ? "is at another step count" : "has no grad");
+        o->params[i].due = 1;
+    }
+    if ((r = mgpu__step_scalar(o->model->ctx, mgpu__optimizer_replay, o, 0, 2, &at)) != MGPU_OK) return r;
+    return mgpu__optimizer_update_at(o, o->params[0].steps + 1, (const float *)at);
+}
+
 
 /* A parameter skipped for want of a grad lags behind the others in step count (bias correction,
    momentum start), so each twin call covers the parameters that share one: normally all of them. */
@@ -896,9 +972,10 @@ MGPU_API mgpu_result mgpu_optimizer_step(mgpu_optimizer *o) {
                               o->model->params.items[i].name, mgpu_dtype_name(s->param->grad->dtype), mgpu__shape_str(s->param->grad),
                               mgpu__shape_str(s->param));
     }
+    if (mgpu__capturing(o->model->ctx)) return mgpu__optimizer_step_captured(o);
     for (i = 0; i < o->n_params; i++) o->params[i].due = mgpu__opt_has_grad(&o->params[i]);
     for (i = 0; i < o->n_params; i++)
-        if (o->params[i].due && (r = mgpu__optimizer_update_at(o, o->params[i].steps + 1)) != MGPU_OK) return r;
+        if (o->params[i].due && (r = mgpu__optimizer_update_at(o, o->params[i].steps + 1, NULL)) != MGPU_OK) return r;
     o->step_count++;
     return MGPU_OK;
 }

@@ -430,7 +430,10 @@ typedef struct mgpu__fit {
     int resumed;                      /* the state came from a checkpoint */
     int finished;                     /* resumed from the checkpoint that ended the run: nothing left to do */
     int64_t saved_step;               /* step of the last checkpoint taken (-1: none) */
+    struct mgpu__fit_graph *graph;    /* --cuda-graph on: the captured step (NULL: every step eager) */
+    char graph_note[320];             /* what --cuda-graph does in this run, for the startup line */
 } mgpu__fit;
+typedef struct mgpu__fit_graph mgpu__fit_graph;
 
 /* Said once for all ranks: every rank reaches the same conclusion, rank 0 tells (with how many
    ranks it stands for), so a 4-process run prints one warning, not four. */
@@ -860,30 +863,210 @@ static mgpu_result mgpu__fit_agree_stop(mgpu__fit *f, int *signal, int *time_due
     return MGPU_OK;
 }
 
+/* Forward, loss and backward of one micro-batch (gradients accumulate); *loss: the unscaled
+   loss, left on the context's device (reading it is the step's one host sync, taken at its end). */
+static mgpu_result mgpu__fit_forward_backward(mgpu__fit *f, mgpu_tensor *x, mgpu_tensor *y, mgpu_tensor **loss) {
+    const mgpu_train_opts *o = f->t->opts;
+    mgpu_context *ctx = f->t->ctx;
+    mgpu_tensor *obj;
+    *loss = mgpu_op_cross_entropy(ctx, f->forward(ctx, x, f->user), y);
+    obj = o->grad_accum_steps > 1 ? mgpu_op_scale(ctx, *loss, 1.0f / (float)o->grad_accum_steps) : *loss;
+    if (f->scaler.enabled) obj = mgpu_grad_scaler_scale(ctx, &f->scaler, obj);
+    if (!obj) return mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE;
+    return mgpu_backward(ctx, obj);
+}
+
+static void mgpu__fit_count_loss(mgpu__fit *f, double loss, int64_t size) {
+    f->es.loss_sum += loss * (double)size;
+    f->es.samples += size;
+}
+
+static int mgpu__fit_graph_fits(const mgpu__fit *f, const mgpu_batch *b);
+static mgpu_result mgpu__fit_graph_batch(mgpu__fit *f, const mgpu_batch *b);
+
 /* One micro-batch: forward, loss, backward (accumulating); an optimizer step every
-   grad_accum_steps micro-batches and at the end of the epoch (*stepped tells). */
+   grad_accum_steps micro-batches and at the end of the epoch (*stepped tells). A full batch under
+   --cuda-graph on goes through the captured step instead (mgpu__fit_graph_batch). */
 static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepped) {
     const mgpu_train_opts *o = f->t->opts;
     mgpu_context *ctx = f->t->ctx;
     double t0 = mgpu_time_s();
-    mgpu_tensor *loss = mgpu_op_cross_entropy(ctx, f->forward(ctx, b->x, f->user), b->y);
-    mgpu_tensor *obj = o->grad_accum_steps > 1 ? mgpu_op_scale(ctx, loss, 1.0f / (float)o->grad_accum_steps) : loss;
+    mgpu_tensor *loss = NULL;
     mgpu_result r;
-    if (f->scaler.enabled) obj = mgpu_grad_scaler_scale(ctx, &f->scaler, obj);
-    if (!obj) return mgpu_last_result() ? mgpu_last_result() : MGPU_ERR_STATE;
-    f->es.loss_sum += mgpu_tensor_item(loss) * (double)b->size;
-    f->es.samples += b->size;
     *stepped = f->micro + 1 == o->grad_accum_steps || b->index + 1 == f->batches_per_epoch;
+    if (mgpu__fit_graph_fits(f, b)) return mgpu__fit_graph_batch(f, b);   /* one batch, one optimizer step */
     if (f->ddp) mgpu_ddp_set_sync(f->ddp, *stepped);   /* no_sync for accumulation micro-steps */
-    r = mgpu_backward(ctx, obj);
+    r = mgpu__fit_forward_backward(f, b->x, b->y, &loss);
     f->es.compute_s += mgpu_time_s() - t0;
     mgpu__fit_count_comm(f);
     if (r != MGPU_OK) return r;
     f->micro++;
     if (*stepped) r = mgpu__fit_optimizer_step(f);
+    mgpu__fit_count_loss(f, mgpu_tensor_item(loss), b->size);
     mgpu_context_end_step(ctx);
     return r;
 }
+
+/* --------------------------------------------------------------------------------------
+   --cuda-graph on: the whole step (forward, loss, backward, unscale/clip, optimizer step,
+   zero_grad) captured once as a CUDA Graph and replayed for every later batch of the same shape.
+   MGPU__GRAPH_WARMUP eager steps come first, in the graph's private pool (mgpu__step_graph):
+   they create the gradients, read num_batches_tracked back, and grow the pool's arena and
+   cuBLAS buffers to the step's size, so the capture allocates and synchronises nothing. Each
+   batch is copied into fixed input tensors on the stream (after the loader's upload); a batch
+   of another shape (an epoch's last partial batch) runs eagerly, outside the pool. Per-step
+   values (LR, Adam's bias corrections, dropout's RNG position, num_batches_tracked) are step
+   scalars whose replay hooks keep the host state what N eager steps leave, so checkpoints and
+   a resumed run see no difference. Where capture cannot work the reason is printed and the
+   run stays eager; a capture that fails (an op that synchronises, say) falls back the same way.
+   -------------------------------------------------------------------------------------- */
+
+#define MGPU__GRAPH_WARMUP 2
+
+struct mgpu__fit_graph {
+#ifdef MGPU_CUDA
+    mgpu__step_graph *sg;
+#endif
+    mgpu_tensor *x, *y;                /* the fixed inputs every captured batch is copied into */
+    const float *loss;                 /* the captured step's loss, in the graph's arena */
+    int warmed;                        /* eager steps run in the pool so far */
+    int captured;
+};
+
+static void mgpu__fit_graph_free(mgpu__fit *f) {
+    mgpu__fit_graph *g = f->graph;
+    if (!g) return;
+#ifdef MGPU_CUDA
+    mgpu__step_graph_destroy(g->sg);
+#endif
+    mgpu_tensor_free(g->x);
+    mgpu_tensor_free(g->y);
+    mgpu_free(g);
+    f->graph = NULL;
+}
+
+/* Whether this run captures, or why not (f->graph_note completes the startup line). */
+static mgpu_result mgpu__fit_graph_plan(mgpu__fit *f) {
+    const mgpu_train_opts *o = f->t->opts;
+    const char *off = NULL;
+    f->graph_note[0] = 0;
+    if (f->t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
+    if (o->cuda_graph == MGPU_CUDA_GRAPH_OFF) off = "off";
+    else if (o->eval_only) off = "off (--eval-only: no training step to capture)";
+    else if (f->scaler.enabled) off = "off (fp16 loss scaling reads the found-inf flag on the host each step to skip or take the step)";
+    else if (f->t->comm) off = "off (DDP: the gradient all-reduces are started from the host as buckets fill during backward)";
+    else if (o->grad_accum_steps > 1) off = "off (--grad-accum-steps > 1: the optimizer steps on every Nth batch only)";
+    if (off) { snprintf(f->graph_note, sizeof f->graph_note, "%s", off); return MGPU_OK; }
+#ifdef MGPU_CUDA
+    if (!(f->graph = (mgpu__fit_graph *)mgpu__calloc(sizeof *f->graph, "the CUDA Graph state"))) return mgpu_last_result();
+    if (!(f->graph->sg = mgpu__step_graph_create(f->t->ctx))) {   /* short of device memory: eager steps may still fit */
+        snprintf(f->graph_note, sizeof f->graph_note, "off (the graph's own memory pool could not be allocated: %.200s)", mgpu_last_error());
+        mgpu__fit_graph_free(f);
+        mgpu_clear_error();
+        return MGPU_OK;
+    }
+#endif
+    snprintf(f->graph_note, sizeof f->graph_note, "on (the step is captured after %d eager warm-up steps; a batch of another size runs eagerly)",
+             MGPU__GRAPH_WARMUP);
+    return MGPU_OK;
+}
+
+/* The graph pool's activation arena at its peak (0 without a graph). */
+static size_t mgpu__fit_graph_arena_peak(const mgpu__fit *f) {
+#ifdef MGPU_CUDA
+    if (f->graph) return f->graph->sg->inside ? f->t->ctx->device_arena.peak : f->graph->sg->arena.peak;
+#endif
+    (void)f;
+    return 0;
+}
+
+static int mgpu__fit_graph_same(const mgpu_tensor *fixed, const mgpu_tensor *t) {
+    return fixed->dtype == t->dtype && fixed->ndim == t->ndim && memcmp(fixed->shape, t->shape, sizeof(int64_t) * (size_t)t->ndim) == 0;
+}
+/* A full batch of the captured shape (the first full batch sets it). */
+static int mgpu__fit_graph_fits(const mgpu__fit *f, const mgpu_batch *b) {
+    const mgpu__fit_graph *g = f->graph;
+    if (!g || b->size != f->t->opts->batch_size) return 0;
+    return !g->x || (mgpu__fit_graph_same(g->x, b->x) && mgpu__fit_graph_same(g->y, b->y));
+}
+
+#ifdef MGPU_CUDA
+/* The batch into the fixed inputs, on the context's stream (ordered after the loader's upload). */
+static mgpu_result mgpu__fit_graph_inputs(mgpu__fit_graph *g, mgpu_context *ctx, const mgpu_batch *b) {
+    mgpu_result r;
+    if (!g->x && (!(g->x = mgpu_tensor_create(ctx, b->x->dtype, b->x->ndim, b->x->shape)) ||
+                  !(g->y = mgpu_tensor_create(ctx, b->y->dtype, b->y->ndim, b->y->shape))))
+        return mgpu_last_result();
+    if ((r = mgpu_cuda_copy_d2d_async(g->x->data, b->x->data, mgpu_tensor_nbytes(b->x), ctx->cuda_stream)) != MGPU_OK) return r;
+    return mgpu_cuda_copy_d2d_async(g->y->data, b->y->data, mgpu_tensor_nbytes(b->y), ctx->cuda_stream);
+}
+
+/* An eager step in the pool (warm-up) or its capture, then the first launch of the capture.
+   *loss: the step's loss on the host. */
+static mgpu_result mgpu__fit_graph_record(mgpu__fit *f, double *loss) {
+    mgpu__fit_graph *g = f->graph;
+    mgpu_context *ctx = f->t->ctx;
+    mgpu_tensor *l = NULL;
+    int capture = g->warmed >= MGPU__GRAPH_WARMUP;
+    mgpu_result r, e;
+    mgpu__step_graph_use(g->sg, 1);
+    r = capture ? mgpu__step_graph_begin(g->sg) : MGPU_OK;
+    if (r == MGPU_OK) r = mgpu__fit_forward_backward(f, g->x, g->y, &l);
+    if (r == MGPU_OK) r = mgpu__fit_optimizer_step(f);
+    if (capture && (e = mgpu__step_graph_end(g->sg, r != MGPU_OK)) != MGPU_OK && r == MGPU_OK) r = e;
+    if (r == MGPU_OK && capture) { g->captured = 1; g->loss = (const float *)l->data; r = mgpu__step_graph_launch(g->sg); }
+    if (r == MGPU_OK) *loss = capture ? 0.0 : mgpu_tensor_item(l);
+    mgpu_context_end_step(ctx);
+    mgpu__step_graph_use(g->sg, 0);
+    g->warmed++;
+    return r;
+}
+
+/* A replay: the LR of this step, the graph (its hooks step the optimizer's counts, the RNG, ...). */
+static mgpu_result mgpu__fit_graph_replay(mgpu__fit *f) {
+    mgpu_optimizer_set_lr(f->opt, mgpu_lr_at(&f->schedule, f->step));
+    f->step++;
+    f->micro = 0;
+    return mgpu__step_graph_launch(f->graph->sg);
+}
+
+/* A capture that failed: said once, the graph dropped, and the step run eagerly as if never tried. */
+static mgpu_result mgpu__fit_graph_give_up(mgpu__fit *f, const mgpu_batch *b, int64_t step) {
+    int stepped = 1;
+    printf("cuda graph off from step %lld: capturing the step failed (%s); it runs uncaptured\n", (long long)step + 1, mgpu_last_error());
+    fflush(stdout);
+    mgpu__fit_graph_free(f);
+    mgpu_clear_error();
+    f->step = step; f->micro = 0;
+    return mgpu__fit_batch(f, b, &stepped);
+}
+
+static mgpu_result mgpu__fit_graph_batch(mgpu__fit *f, const mgpu_batch *b) {
+    mgpu__fit_graph *g = f->graph;
+    mgpu_context *ctx = f->t->ctx;
+    double t0 = mgpu_time_s(), loss = NAN;
+    int64_t step = f->step;
+    int was_captured = g->captured;
+    float v = NAN;
+    mgpu_result r = mgpu__fit_graph_inputs(g, ctx, b);
+    if (r != MGPU_OK) return r;
+    if (was_captured) r = mgpu__fit_graph_replay(f);
+    else if ((r = mgpu__fit_graph_record(f, &loss)) != MGPU_OK && g->warmed > MGPU__GRAPH_WARMUP) return mgpu__fit_graph_give_up(f, b, step);
+    if (r == MGPU_OK && g->captured && (r = mgpu__transfer(ctx, &v, g->loss, sizeof v, "reading the captured step's loss")) == MGPU_OK) loss = v;
+    if (r == MGPU_OK && g->captured && !was_captured) {
+        printf("cuda graph captured at step %lld\n", (long long)step + 1);
+        fflush(stdout);
+    }
+    f->es.compute_s += mgpu_time_s() - t0;   /* the optimizer step is inside the graph: its time is compute here */
+    mgpu__fit_count_loss(f, loss, b->size);
+    return r;
+}
+#else
+static mgpu_result mgpu__fit_graph_batch(mgpu__fit *f, const mgpu_batch *b) {
+    (void)f; (void)b;
+    return mgpu__fail(MGPU_ERR_UNSUPPORTED, "CUDA Graph capture needs a CUDA build");
+}
+#endif
 
 /* After each optimizer step: stop conditions, then a checkpoint if one is due. */
 static mgpu_result mgpu__fit_after_step(mgpu__fit *f) {
@@ -950,8 +1133,8 @@ static void mgpu__fit_extra_json(const mgpu__fit *f, mgpu__buf *b) {
         if (i > 2) mgpu__buf_puts(b, ",");
         mgpu__json_member(b, mgpu__epoch_stat_fields[i].key, *(const double *)(const void *)((const char *)&f->es + mgpu__epoch_stat_fields[i].offset));
     }
-    /* host arena (headers, tape) plus, on a GPU, the device arena (activations) */
-    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak + f->t->ctx->device_arena.peak);
+    /* host arena (headers, tape) plus, on a GPU, the device arena (activations) and a captured step's own */
+    mgpu__buf_printf(b, ",\"peak_arena_bytes\":%zu,", f->t->ctx->arena.peak + f->t->ctx->device_arena.peak + mgpu__fit_graph_arena_peak(f));
     mgpu__json_member(b, "rss_mb", mgpu__peak_rss_mb());
 #ifdef MGPU_CUDA
     if (f->t->ctx->device.type == MGPU_DEVICE_CUDA) {   /* the caching allocator's view, as torch.cuda.memory_allocated/reserved/max_allocated */
@@ -1187,7 +1370,7 @@ static mgpu_result mgpu__fit_setup(mgpu__fit *f, const mgpu_dataset *train) {
     return MGPU_OK;
 }
 
-/* The startup line on a GPU: which device trains, and what --cuda-graph does in this version.
+/* The startup line on a GPU: which device trains, and what --cuda-graph does (and why not).
    CPU runs print nothing here (their output stays as it was). */
 static void mgpu__fit_announce_device(const mgpu__fit *f) {
 #ifdef MGPU_CUDA
@@ -1195,9 +1378,7 @@ static void mgpu__fit_announce_device(const mgpu__fit *f) {
     char desc[320];
     if (ctx->device.type != MGPU_DEVICE_CUDA) return;
     mgpu__cuda_device_describe(ctx->device.index, desc, sizeof desc);
-    printf("device cuda:%d (%s); cuda graph %s\n", ctx->device.index, desc,
-           f->t->opts->cuda_graph == MGPU_CUDA_GRAPH_OFF ? "off"
-                                                         : "on requested, but capture is not implemented yet: the step runs uncaptured");
+    printf("device cuda:%d (%s); cuda graph %s\n", ctx->device.index, desc, f->graph_note);
     fflush(stdout);
 #else
     (void)f;
@@ -1315,6 +1496,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     if ((r = mgpu__fit_setup(&f, train)) == MGPU_OK && (r = mgpu_model_zero_grad(model)) == MGPU_OK && (r = mgpu__fit_initial_state(&f)) == MGPU_OK &&
         !(f.metrics = mgpu_metrics_open(t->rank == 0 ? o->metrics : NULL)))
         r = mgpu_last_result();
+    if (r == MGPU_OK) r = mgpu__fit_graph_plan(&f);
     if (r == MGPU_OK && t->rank == 0) { mgpu__fit_announce_device(&f); mgpu__fit_announce_data(&f, train); }
     if (r == MGPU_OK) r = mgpu__fit_announce_gpus(&f);   /* a collective: every rank */
     if (r == MGPU_OK && o->eval_only) r = mgpu__fit_eval_only(&f, test, &s);
@@ -1327,6 +1509,7 @@ MGPU_API mgpu_result mgpu_trainer_fit(mgpu_trainer *t, mgpu_model *model, mgpu_f
     /* a background checkpoint still being written must land (or its failure be told) */
     if (f.ckpt && (w = mgpu_checkpointer_wait(f.ckpt)) != MGPU_OK && r == MGPU_OK) r = w;
     mgpu_checkpointer_destroy(f.ckpt);
+    mgpu__fit_graph_free(&f);
     mgpu_ddp_destroy(f.ddp);
     mgpu_context_set_autocast(t->ctx, MGPU_AMP_OFF);
     mgpu__buf_free(&f.history);

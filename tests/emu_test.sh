@@ -10,7 +10,9 @@
 # - DDP with device gradients over nccl and shm (staged) with 2 processes (tests/emu/ddp_cuda.c);
 # - the examples and tools built with -DMGPU_CUDA start; fashion_mlp/fashion_cnn on cuda against the CPU;
 # - the loader on cuda: the next batch's upload queued before each step's host sync (the
-#   emulation's call trace), resident data (--data-on-device) against streaming, resume, auto.
+#   emulation's call trace), resident data (--data-on-device) against streaming, resume, auto;
+# - CUDA Graph capture of the training step (tests/emu/graph_cuda.c; fashion_mlp and fashion_cnn
+#   with --cuda-graph on against off, a checkpoint written under capture resumed, the fallbacks).
 # Ends with the time the emulated suite took (its build excluded).
 source "$(dirname "$0")/lib.sh"
 E=build/emu
@@ -79,6 +81,9 @@ planted staging-legacy-copy-ok 0 "$clean"
 planted graph-legacy-inputs 86 'stream-order error: write_k on stream #[0-9]+ \(non-blocking, cuda:0\) writes .*, but cudaMemset on the legacy default stream of cuda:0 wrote them before'
 planted graph-legacy-inputs-ok 0 "$clean"
 planted capture-malloc-ok 0 "$clean"
+planted capture-sync-ok 0 "$clean"
+planted graph-freed-memory 86 'graph error: a replay of the graph runs write_k, which writes 0x[0-9a-f]+: that memory was freed after the capture'
+planted graph-freed-memory-ok 0 "$clean"
 planted out-of-memory-ok 0 "$clean" MGPU_EMU_MEM_MB=4
 planted memory-budget-ok 0 "$clean" MGPU_EMU_MEM_MB=4
 host='device pointers may only be touched by kernels, cudaMemcpy\* and library calls'
@@ -111,6 +116,9 @@ done
 # files loaded onto a CUDA model are refused and leave its weights and moments untouched
 MGPU_EMU_ERRORS=report timeout 300 $E/tests/ckpt_cuda > "$T_TMP/ckpt.log" 2>&1
 suite "checkpoints of CUDA tensors (CPU <-> cuda:0 bit for bit, damaged files refused)" $? "$T_TMP/ckpt.log"
+
+MGPU_EMU_ERRORS=report timeout 300 $E/tests/graph_cuda > "$T_TMP/graph.log" 2>&1
+suite "CUDA Graph capture of the trainer's step (on vs off bit for bit, a step that syncs falls back)" $? "$T_TMP/graph.log"
 
 # DDP with gradients in device memory, 2 processes (tests/emu/ddp_cuda.c): nccl and shm (buckets
 # staged through pinned host memory) against the averaged single-process gradients, bit for bit
@@ -196,12 +204,60 @@ loader_checks() {
   out=$(timeout 60 build/fashion_mlp --device cpu --data "$T_TMP/fm" --max-steps 1 --data-on-device on 2>&1); rc=$?
   expect "--data-on-device on with --device cpu: exit 1 naming the flag" [ "$rc" -eq 1 -a -n "$(grep -e '--data-on-device on' <<<"$out")" ] || echo "$out" | tail -n 5
 }
+# --cuda-graph on against off on cuda:0: the loss lines (the epochs' train/test loss and accuracy)
+# and the final weights must be identical, bit for bit (cmp), the on run must say where it captured.
+# ARGS cross an epoch boundary with a partial last batch and evaluate between the epochs.
+graph_vs_eager() {  # NAME DATA ARGS...
+  local name=$1 data=$2 d="$T_TMP/graph_$RANDOM" m rc; shift 2
+  for m in on off; do
+    MGPU_EMU_ERRORS=report timeout 300 $E/$name --device cuda --data "$data" --save-dir "$d/$m" --cuda-graph $m "$@" > "$d.$m.log" 2>&1; rc=$?
+    if [ "$rc" -ne 0 ] || grep -q mgpu-emu "$d.$m.log"; then fail "$name --cuda-graph $m $* (exit $rc)" "$(tail -n 8 "$d.$m.log")"; return; fi
+  done
+  if ! grep -q '^cuda graph captured at step 3$' "$d.on.log"; then fail "$name --cuda-graph on: no capture announced" "$(head -n 4 "$d.on.log")"; return; fi
+  if ! grep -q '; cuda graph off$' "$d.off.log"; then fail "$name --cuda-graph off: startup line" "$(head -n 2 "$d.off.log")"; return; fi
+  if [ "$(graph_loss_lines "$d.on.log")" != "$(graph_loss_lines "$d.off.log")" ] || [ -z "$(graph_loss_lines "$d.on.log")" ]; then
+    fail "$name --cuda-graph on vs off $*: the loss lines differ" "$(diff <(graph_loss_lines "$d.on.log") <(graph_loss_lines "$d.off.log"))"; return
+  fi
+  if cmp -s "$d/on/model.safetensors" "$d/off/model.safetensors"; then ok "$name --cuda-graph on vs off $*: identical loss lines and bit-identical weights"
+  else fail "$name --cuda-graph on vs off $*: final weights differ" "$(python3 tests/compare_weights.py "$d/off/model.safetensors" "$d/on/model.safetensors" 0 "" 2>&1)"; fi
+}
+graph_loss_lines() { grep -E '^epoch [0-9]+/[0-9]+  train_loss' "$1" | sed -E 's/  lr .*//'; }
+graph_tests() {
+  local d="$T_TMP/graph_ckpt" out rc
+  graph_vs_eager fashion_mlp "$T_TMP/fm" --epochs 2 --batch-size 200 --seed 3 --schedule cosine --clip-grad-norm 1
+  # dropout 0.25 and batch norm; a 150-image subset (4 batches of 32 and one of 22) keeps it short
+  graph_vs_eager fashion_cnn "$T_TMP/fm150" --epochs 2 --batch-size 32 --seed 3 --schedule cosine
+  # a checkpoint written at step 7 under capture holds what an eager run's holds, and resumed
+  # (under capture again) ends where the uninterrupted run ends
+  for m in on off; do
+    MGPU_EMU_ERRORS=report timeout 300 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --save-dir "$d/$m" --cuda-graph $m --epochs 2 --batch-size 200 \
+      --seed 3 --schedule cosine --checkpoint-every-steps 7 --keep-last 5 > "$d.$m.log" 2>&1 || fail "fashion_mlp --cuda-graph $m with checkpoints" "$(tail -n 5 "$d.$m.log")"
+  done
+  MGPU_EMU_ERRORS=report timeout 300 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --save-dir "$d/resumed" --epochs 2 --batch-size 200 --seed 3 \
+    --schedule cosine --resume "$d/on/step-00000007" > "$d.resumed.log" 2>&1; rc=$?
+  if [ "$rc" -eq 0 ] && cmp -s "$d/on/step-00000007/model.safetensors" "$d/off/step-00000007/model.safetensors" &&
+     cmp -s "$d/on/step-00000007/optimizer.safetensors" "$d/off/step-00000007/optimizer.safetensors" &&
+     [ "$(grep -o '"rng":{[^}]*}\|"optimizer_steps":[0-9]*' "$d/on/step-00000007/trainer_state.json")" = "$(grep -o '"rng":{[^}]*}\|"optimizer_steps":[0-9]*' "$d/off/step-00000007/trainer_state.json")" ] &&
+     grep -q '^cuda graph captured at step 10$' "$d.resumed.log" && cmp -s "$d/resumed/model.safetensors" "$d/on/model.safetensors" &&
+     cmp -s "$d/on/model.safetensors" "$d/off/model.safetensors"; then
+    ok "fashion_mlp --cuda-graph on: the step-7 checkpoint equals the eager run's (weights, moments, RNG, step count); resumed under capture it ends bit-identical"
+  else fail "fashion_mlp: checkpoint under capture and resume (exit $rc)" "$(tail -n 6 "$d.resumed.log")"; fi
+  # where capture cannot work, the startup line says why and the run trains eagerly
+  out=$(timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 64 --amp fp16 2>&1)
+  expect "fashion_mlp --amp fp16: 'cuda graph off (fp16 loss scaling reads the found-inf flag ...)'" grep -q '; cuda graph off (fp16 loss scaling reads the found-inf flag on the host' <<<"$out"
+  out=$(timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 64 --grad-accum-steps 2 2>&1)
+  expect "fashion_mlp --grad-accum-steps 2: 'cuda graph off (--grad-accum-steps > 1 ...)'" grep -q '; cuda graph off (--grad-accum-steps > 1' <<<"$out"
+  out=$(MGPU_DIST_BACKEND=shm timeout 120 $E/mgpurun --nproc-per-node 2 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 64 2>&1)
+  expect "fashion_mlp under mgpurun (DDP, 2 processes on cuda:0 through shm): 'cuda graph off (DDP: ...)'" grep -q '; cuda graph off (DDP: the gradient all-reduces' <<<"$out"
+}
 if [ -x build/fashion_mlp ] && [ -x build/fashion_cnn ] && DATA=$(fashion_dir) && command -v python3 > /dev/null; then
   python3 - "$DATA" "$T_TMP/fm" <<'PY'
 import gzip, os, struct, sys
 src, dst = sys.argv[1], sys.argv[2]
 os.makedirs(dst, exist_ok=True)
-for name, n in [("train-images-idx3-ubyte", 2048), ("train-labels-idx1-ubyte", 2048), ("t10k-images-idx3-ubyte", 256), ("t10k-labels-idx1-ubyte", 256)]:
+for out, ntrain, ntest in [(dst, 2048, 256), (dst + "150", 150, 64)]:
+  os.makedirs(out, exist_ok=True)
+  for name, n in [("train-images-idx3-ubyte", ntrain), ("train-labels-idx1-ubyte", ntrain), ("t10k-images-idx3-ubyte", ntest), ("t10k-labels-idx1-ubyte", ntest)]:
     path = os.path.join(src, name)
     data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
     ndim = data[3]
@@ -209,7 +265,7 @@ for name, n in [("train-images-idx3-ubyte", 2048), ("train-labels-idx1-ubyte", 2
     per = 1
     for x in dims[1:]: per *= x
     dims[0] = n
-    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
+    open(os.path.join(out, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
 PY
   t0=$(date +%s)
   train_vs_cpu fashion_mlp 1e-3 "" --epochs 4 --max-steps 100 --batch-size 64 --seed 3
@@ -223,6 +279,9 @@ PY
   t0=$(date +%s)
   loader_checks "$DATA"
   echo "  loader checks: $(( $(date +%s) - t0 )) s"
+  t0=$(date +%s)
+  graph_tests
+  echo "  cuda graph on vs off: $(( $(date +%s) - t0 )) s"
   # a model that does not fit the device: the OOM error, exit 1, nothing saved
   out=$(MGPU_EMU_MEM_MB=64 timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 2048 --save-dir "$T_TMP/oom" 2>&1); rc=$?
   if [ "$rc" -eq 1 ] && grep -q "out of memory on cuda:0 allocating" <<<"$out" && [ ! -e "$T_TMP/oom/model.safetensors" ]; then

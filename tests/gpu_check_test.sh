@@ -59,6 +59,10 @@ if [ -x build/emu/fashion_mlp ] && [ -x build/emu/mgpurun ]; then
   expect "emulation dry run: the DDP checks are reported" \
     bash -c 'grep -qE "^(PASS|FAIL|SKIP) +ddp-shm-2proc " "$1/summary.txt" && grep -qE "^(PASS|FAIL|SKIP) +ddp-nccl-world1 " "$1/summary.txt"' _ "$T_TMP/d" || S "$T_TMP/d"
   plumbing "emulation dry run" "$T_TMP/d" "$rc"
+  # --cuda-graph on vs off: a real check (the on run must have captured), no SKIP
+  MGPU_GPU_CHECK_EMU=1 GPU_CHECK_NO_BUILD=1 GPU_CHECK_ONLY=graph OUT=$T_TMP/g gc; rc=$?
+  expect "emulation dry run: cuda-graph-mlp and cuda-graph-cnn PASS (captured at step 3, bit-identical to uncaptured)" \
+    bash -c 'grep -qE "^PASS +cuda-graph-mlp .*bit-identical.*captured at step 3" "$1/summary.txt" && grep -qE "^PASS +cuda-graph-cnn .*bit-identical.*captured at step 3" "$1/summary.txt" && [ "$2" -eq 0 ]' _ "$T_TMP/g" "$rc" || S "$T_TMP/g"
 else skip "emulation dry run" "build/emu is not built (make emu)"; fi
 
 # the sweep step: part of the default run; its dry run on the emulation parses runs/h for 1, 2, 4 slots

@@ -231,6 +231,52 @@ static int capture_malloc(void) {
     }
     return 0;
 }
+// The host waiting for the captured stream (cudaStreamSynchronize, a cudaMemcpy to the host, as
+// reading a loss with mgpu_tensor_item does) is an error inside a capture, as on a GPU.
+static int capture_sync(void) {
+    cudaStream_t s;
+    cudaGraph_t g;
+    float *x, h = 0;
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CK(cudaMalloc(&x, 256));
+    for (int variant = 0; variant < 2; variant++) {
+        CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        MGPU__LAUNCH(write_k, 1, 64, 0, s, x, 64, 1.0f);
+        cudaError_t e = variant == 0 ? cudaStreamSynchronize(s) : cudaMemcpy(&h, x, sizeof h, cudaMemcpyDeviceToHost);
+        cudaError_t end = cudaStreamEndCapture(s, &g);
+        cudaGetLastError();
+        if (e != cudaErrorStreamCaptureUnsupported || end != cudaErrorStreamCaptureInvalidated) {
+            printf("planted: %s during capture gave %s, end capture %s\n", variant == 0 ? "cudaStreamSynchronize" : "cudaMemcpy to the host",
+                   cudaGetErrorName(e), cudaGetErrorName(end));
+            return 1;
+        }
+    }
+    CK(cudaFree(x));
+    return 0;
+}
+// A graph replayed after memory it captured was freed (the defect a graph's private pool avoids).
+static int graph_freed(int fixed) {
+    cudaStream_t s;
+    cudaGraph_t g;
+    cudaGraphExec_t exec;
+    float *y;
+    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CK(cudaMalloc(&y, 1024 * sizeof(float)));
+    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    MGPU__LAUNCH(write_k, 4, 256, 0, s, y, 1024, 5.0f);
+    CK(cudaStreamEndCapture(s, &g));
+    CK(cudaGraphInstantiate(&exec, g, 0));
+    CK(cudaGraphLaunch(exec, s));
+    CK(cudaStreamSynchronize(s));
+    if (!fixed) CK(cudaFree(y));
+    CK(cudaGraphLaunch(exec, s));
+    CK(cudaStreamSynchronize(s));
+    CK(cudaGraphExecDestroy(exec)); CK(cudaGraphDestroy(g));
+    if (fixed) CK(cudaFree(y));
+    return 0;
+}
+static int graph_freed_bug(void) { return graph_freed(0); }
+static int graph_freed_ok(void) { return graph_freed(1); }
 static int out_of_memory(void) {   // run with MGPU_EMU_MEM_MB=4
     void *a = NULL, *b = NULL;
     CK(cudaMalloc(&a, 3 << 20));
@@ -368,6 +414,7 @@ static const scenario scenarios[] = {
     {"peer-pointer", peer_pointer}, {"lt-unaligned", lt_unaligned}, {"lt-below-preference", lt_below_pref},
     {"lt-declared-alignment-ok", lt_declared_ok}, {"lt-aligned-ok", lt_aligned_ok}, {"host-read", host_read},
     {"host-write", host_write}, {"host-copies-ok", host_touch_ok}, {"memory-budget-ok", mem_budget},
+    {"capture-sync-ok", capture_sync}, {"graph-freed-memory", graph_freed_bug}, {"graph-freed-memory-ok", graph_freed_ok},
 };
 
 int main(int argc, char **argv) {

@@ -209,6 +209,7 @@ struct node {
     const char *name;
     int kind;
     std::vector<mem_access> acc;
+    std::vector<uint64_t> serials;   /* per access: the allocation it fell in at capture (0: none), checked at replay */
     std::function<void()> run;
     cudaEvent_t ev;
 };
@@ -660,6 +661,7 @@ static void check_access(stream *s, const vclock &now, const char *op, const mem
 static void note_node(graph *g, const char *op, int kind, std::vector<mem_access> acc, std::function<void()> run, cudaEvent_t ev) {
     node n;
     n.name = op; n.kind = kind; n.acc = std::move(acc); n.run = std::move(run); n.ev = ev;
+    for (const mem_access &x : n.acc) { allocation *a = find_allocation(x.p); n.serials.push_back(a ? a->serial : 0); }
     g->nodes.push_back(std::move(n));
 }
 
@@ -1334,6 +1336,22 @@ extern "C" cudaError_t cudaGraphGetNodes(cudaGraph_t h, void **nodes, size_t *co
     *count = ((graph *)h)->nodes.size();
     return cudaSuccess;
 }
+/* A graph keeps the addresses it captured: memory freed after the capture (and perhaps handed out
+   again) is read or written by every replay, a silent corruption or an illegal address on a GPU.
+   Returns 0 (and reports, naming the node) when a node's memory is gone. */
+static int graph_memory_alive(const node &n) {
+    for (size_t i = 0; i < n.acc.size() && i < n.serials.size(); i++) {
+        if (!n.serials[i]) continue;
+        allocation *a = find_allocation(n.acc[i].p);
+        if (a && a->serial == n.serials[i]) continue;
+        report("graph", "a replay of the graph runs %s, which %s %p: that memory was freed after the capture%s (memory a graph "
+               "uses must outlive the graph: give the captured work a pool of its own)", n.name, n.acc[i].write ? "writes" : "reads",
+               n.acc[i].p, a ? " and handed out again" : "");
+        return 0;
+    }
+    return 1;
+}
+
 /* A replay runs the recorded calls in order, each as an op on the launch stream. */
 extern "C" cudaError_t cudaGraphLaunch(cudaGraphExec_t h, cudaStream_t sh) {
     std::vector<node> nodes;
@@ -1347,6 +1365,8 @@ extern "C" cudaError_t cudaGraphLaunch(cudaGraphExec_t h, cudaStream_t sh) {
             return cudaSuccess;
         }
         nodes = ((graph_exec *)h)->nodes;
+        for (const node &n : nodes)
+            if (!graph_memory_alive(n)) { set_sticky(cudaErrorIllegalAddress); return cudaErrorIllegalAddress; }
     }
     for (node &n : nodes) {
         cudaError_t e = cudaSuccess;
