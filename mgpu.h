@@ -2914,6 +2914,7 @@ MGPU_API mgpu_result mgpu_backward(mgpu_context *ctx, mgpu_tensor *loss) {
 void mgpu__set_error_from_cuda(int code, const char *msg) { mgpu__fail((mgpu_result)code, "%s", msg); }
 
 static mgpu_result mgpu__cuda_fail(cudaError_t e, const char *fn, const char *call) {
+    (void)cudaGetLastError();   /* reported, so handled: the next launch check must not find it again */
     return mgpu__fail(e == cudaErrorMemoryAllocation ? MGPU_ERR_OOM_DEVICE : MGPU_ERR_CUDA, "%s: %s failed: %s (%s)", fn, call,
                       cudaGetErrorString(e), cudaGetErrorName(e));
 }

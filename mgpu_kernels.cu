@@ -38,6 +38,10 @@ static mgpu_result mgpu__cu_report(mgpu_result code, const char *fn, const char 
 }
 static mgpu_result mgpu__cu_error(cudaError_t e, const char *fn, const char *call) {
     char what[256];
+    // The runtime also keeps e as its "last error": reported here, it is handled, and must not be
+    // found again by the next launch's cudaGetLastError (MGPU__LAUNCHED), which would blame an
+    // innocent kernel (a failed, recovered cudaMalloc once surfaced as "launch of ... failed").
+    (void)cudaGetLastError();
     snprintf(what, sizeof what, "%s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
     return mgpu__cu_report(e == cudaErrorMemoryAllocation ? MGPU_ERR_OOM_DEVICE : MGPU_ERR_CUDA, fn, call, what);
 }

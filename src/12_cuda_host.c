@@ -11,6 +11,7 @@
 void mgpu__set_error_from_cuda(int code, const char *msg) { mgpu__fail((mgpu_result)code, "%s", msg); }
 
 static mgpu_result mgpu__cuda_fail(cudaError_t e, const char *fn, const char *call) {
+    (void)cudaGetLastError();   /* reported, so handled: the next launch check must not find it again */
     return mgpu__fail(e == cudaErrorMemoryAllocation ? MGPU_ERR_OOM_DEVICE : MGPU_ERR_CUDA, "%s: %s failed: %s (%s)", fn, call,
                       cudaGetErrorString(e), cudaGetErrorName(e));
 }
