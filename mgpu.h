@@ -2302,6 +2302,8 @@ struct mgpu_context {
     void *cuda_stream;                 /* the stream every CUDA twin of this context runs on (NULL on the CPU) */
     void *cuda_blas;                   /* its cuBLAS/cuBLASLt bundle (mgpu_cuda_blas_create; NULL on the CPU) */
     mgpu__step_capture *capture;       /* set while a CUDA Graph of the step is being captured (NULL otherwise) */
+    uint64_t host_waits;               /* how often mgpu__transfer waited for cuda_stream: see mgpu__item_begin */
+    void *readback;                    /* pinned 8 bytes for mgpu__item_begin's copy (NULL until first used) */
 };
 
 #ifdef MGPU_CUDA
@@ -2486,6 +2488,8 @@ static int mgpu__on_host(const mgpu_tensor *t) { return t->device.type == MGPU_D
 /* Copies between host and device memory (either side may be either) on ctx's stream, and waits:
    the host reads or reuses its side as soon as this returns. Defined with the CUDA host side. */
 static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void *src, size_t bytes, const char *fn);
+static mgpu_result mgpu__cuda_item_queue(mgpu_context *ctx, const mgpu_tensor *t);
+static mgpu_result mgpu__cuda_item_wait(mgpu_context *ctx);
 #endif
 static MGPU__UNUSED mgpu_result mgpu__fill_zero_bytes(mgpu_context *ctx, void *dst, size_t bytes);
 
@@ -2691,6 +2695,33 @@ MGPU_API double mgpu_tensor_item(const mgpu_tensor *t) {
     if (mgpu__transfer(t->ctx, first, t->data, mgpu__dtype_sizes[t->dtype], "mgpu_tensor_item") != MGPU_OK) return NAN;
     return mgpu__load(first, t->dtype, 0);
 }
+/* A scalar read back without a host wait of its own, for the trainer's loss: _begin queues the
+   copy of t's first element (into the context's pinned readback word on a GPU) and _end returns
+   it, waiting for the stream only if the host has not waited for it since. On an fp16 step the
+   loss scaler's found-inf read is such a wait, so the step waits once, not twice. One read may be
+   pending per context (the word is shared); t must stay alive until _end. */
+typedef struct mgpu__pending_item { const mgpu_tensor *t; uint64_t waits; int queued; } mgpu__pending_item;
+static void mgpu__item_begin(const mgpu_tensor *t, mgpu__pending_item *p) {
+    p->t = t; p->queued = 0; p->waits = 0;
+#ifdef MGPU_CUDA
+    if (t && t->numel > 0 && t->ctx->device.type == MGPU_DEVICE_CUDA && !t->ctx->capture && mgpu__cuda_item_queue(t->ctx, t) == MGPU_OK) {
+        p->queued = 1;
+        p->waits = t->ctx->host_waits;
+    }
+#endif
+}
+static double mgpu__item_end(mgpu__pending_item *p) {
+#ifdef MGPU_CUDA
+    if (p->queued) {
+        mgpu_context *ctx = p->t->ctx;
+        p->queued = 0;
+        if (ctx->host_waits == p->waits && mgpu__cuda_item_wait(ctx) != MGPU_OK) return NAN;
+        return mgpu__load(ctx->readback, p->t->dtype, 0);
+    }
+#endif
+    return mgpu_tensor_item(p->t);   /* the CPU, or the copy could not be queued: the plain read */
+}
+
 MGPU_API mgpu_result mgpu_tensor_set_requires_grad(mgpu_tensor *t, int requires_grad) {
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_set_requires_grad: tensor is NULL");
     if (requires_grad && !mgpu__dtype_is_float(t->dtype))
@@ -3181,6 +3212,8 @@ static void mgpu__cuda_context_release(mgpu_context *ctx) {
     d.device = ctx->device.index; d.stream = ctx->cuda_stream; d.blas = ctx->cuda_blas;
     mgpu_cuda_device_ctx_release(&d);   /* synchronises the stream first */
     ctx->cuda_stream = ctx->cuda_blas = NULL;
+    mgpu_cuda_host_free(ctx->readback);
+    ctx->readback = NULL;
 }
 
 static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void *src, size_t bytes, const char *fn) {
@@ -3188,6 +3221,21 @@ static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void 
     /* cudaMemcpyDefault: unified addressing tells host from device pointers, either way round */
     MGPU__CUDA_TRY(fn, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, (cudaStream_t)ctx->cuda_stream));
     MGPU__CUDA_TRY(fn, cudaStreamSynchronize((cudaStream_t)ctx->cuda_stream));
+    ctx->host_waits++;   /* everything queued so far has run: an mgpu__item_begin copy too */
+    return MGPU_OK;
+}
+
+/* mgpu__item_begin's halves on a GPU: the copy into pinned memory (so that it is asynchronous),
+   and the wait that makes it readable when no other wait came first. */
+static mgpu_result mgpu__cuda_item_queue(mgpu_context *ctx, const mgpu_tensor *t) {
+    if (!ctx->readback && !(ctx->readback = mgpu_cuda_host_alloc(8))) return mgpu_last_result();
+    MGPU__CUDA_TRY("reading a scalar back", cudaMemcpyAsync(ctx->readback, t->data, mgpu__dtype_sizes[t->dtype], cudaMemcpyDeviceToHost,
+                                                             (cudaStream_t)ctx->cuda_stream));
+    return MGPU_OK;
+}
+static mgpu_result mgpu__cuda_item_wait(mgpu_context *ctx) {
+    MGPU__CUDA_TRY("reading a scalar back", cudaStreamSynchronize((cudaStream_t)ctx->cuda_stream));
+    ctx->host_waits++;
     return MGPU_OK;
 }
 
@@ -15898,6 +15946,7 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
     mgpu_context *ctx = f->t->ctx;
     double t0 = mgpu_time_s();
     mgpu_tensor *loss = NULL;
+    mgpu__pending_item loss_value;
     mgpu_result r;
     *stepped = f->micro + 1 == o->grad_accum_steps || b->index + 1 == f->batches_per_epoch;
     if (mgpu__fit_graph_fits(f, b)) return mgpu__fit_graph_batch(f, b);   /* one batch, one optimizer step */
@@ -15907,8 +15956,11 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
     mgpu__fit_count_comm(f);
     if (r != MGPU_OK) return r;
     f->micro++;
+    /* the loss's copy is queued before the optimizer step: an fp16 step's found-inf read (the
+       scaler's wait) then brings it too, and the step waits for the host once */
+    mgpu__item_begin(loss, &loss_value);
     if (*stepped) r = mgpu__fit_optimizer_step(f);
-    mgpu__fit_count_loss(f, mgpu_tensor_item(loss), b->size);
+    mgpu__fit_count_loss(f, mgpu__item_end(&loss_value), b->size);
     mgpu_context_end_step(ctx);
     return r;
 }

@@ -575,6 +575,8 @@ struct mgpu_context {
     void *cuda_stream;                 /* the stream every CUDA twin of this context runs on (NULL on the CPU) */
     void *cuda_blas;                   /* its cuBLAS/cuBLASLt bundle (mgpu_cuda_blas_create; NULL on the CPU) */
     mgpu__step_capture *capture;       /* set while a CUDA Graph of the step is being captured (NULL otherwise) */
+    uint64_t host_waits;               /* how often mgpu__transfer waited for cuda_stream: see mgpu__item_begin */
+    void *readback;                    /* pinned 8 bytes for mgpu__item_begin's copy (NULL until first used) */
 };
 
 #ifdef MGPU_CUDA
@@ -759,6 +761,8 @@ static int mgpu__on_host(const mgpu_tensor *t) { return t->device.type == MGPU_D
 /* Copies between host and device memory (either side may be either) on ctx's stream, and waits:
    the host reads or reuses its side as soon as this returns. Defined with the CUDA host side. */
 static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void *src, size_t bytes, const char *fn);
+static mgpu_result mgpu__cuda_item_queue(mgpu_context *ctx, const mgpu_tensor *t);
+static mgpu_result mgpu__cuda_item_wait(mgpu_context *ctx);
 #endif
 static MGPU__UNUSED mgpu_result mgpu__fill_zero_bytes(mgpu_context *ctx, void *dst, size_t bytes);
 
@@ -964,6 +968,33 @@ MGPU_API double mgpu_tensor_item(const mgpu_tensor *t) {
     if (mgpu__transfer(t->ctx, first, t->data, mgpu__dtype_sizes[t->dtype], "mgpu_tensor_item") != MGPU_OK) return NAN;
     return mgpu__load(first, t->dtype, 0);
 }
+/* A scalar read back without a host wait of its own, for the trainer's loss: _begin queues the
+   copy of t's first element (into the context's pinned readback word on a GPU) and _end returns
+   it, waiting for the stream only if the host has not waited for it since. On an fp16 step the
+   loss scaler's found-inf read is such a wait, so the step waits once, not twice. One read may be
+   pending per context (the word is shared); t must stay alive until _end. */
+typedef struct mgpu__pending_item { const mgpu_tensor *t; uint64_t waits; int queued; } mgpu__pending_item;
+static void mgpu__item_begin(const mgpu_tensor *t, mgpu__pending_item *p) {
+    p->t = t; p->queued = 0; p->waits = 0;
+#ifdef MGPU_CUDA
+    if (t && t->numel > 0 && t->ctx->device.type == MGPU_DEVICE_CUDA && !t->ctx->capture && mgpu__cuda_item_queue(t->ctx, t) == MGPU_OK) {
+        p->queued = 1;
+        p->waits = t->ctx->host_waits;
+    }
+#endif
+}
+static double mgpu__item_end(mgpu__pending_item *p) {
+#ifdef MGPU_CUDA
+    if (p->queued) {
+        mgpu_context *ctx = p->t->ctx;
+        p->queued = 0;
+        if (ctx->host_waits == p->waits && mgpu__cuda_item_wait(ctx) != MGPU_OK) return NAN;
+        return mgpu__load(ctx->readback, p->t->dtype, 0);
+    }
+#endif
+    return mgpu_tensor_item(p->t);   /* the CPU, or the copy could not be queued: the plain read */
+}
+
 MGPU_API mgpu_result mgpu_tensor_set_requires_grad(mgpu_tensor *t, int requires_grad) {
     if (!t) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_tensor_set_requires_grad: tensor is NULL");
     if (requires_grad && !mgpu__dtype_is_float(t->dtype))

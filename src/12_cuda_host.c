@@ -278,6 +278,8 @@ static void mgpu__cuda_context_release(mgpu_context *ctx) {
     d.device = ctx->device.index; d.stream = ctx->cuda_stream; d.blas = ctx->cuda_blas;
     mgpu_cuda_device_ctx_release(&d);   /* synchronises the stream first */
     ctx->cuda_stream = ctx->cuda_blas = NULL;
+    mgpu_cuda_host_free(ctx->readback);
+    ctx->readback = NULL;
 }
 
 static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void *src, size_t bytes, const char *fn) {
@@ -285,6 +287,21 @@ static mgpu_result mgpu__cuda_transfer(mgpu_context *ctx, void *dst, const void 
     /* cudaMemcpyDefault: unified addressing tells host from device pointers, either way round */
     MGPU__CUDA_TRY(fn, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, (cudaStream_t)ctx->cuda_stream));
     MGPU__CUDA_TRY(fn, cudaStreamSynchronize((cudaStream_t)ctx->cuda_stream));
+    ctx->host_waits++;   /* everything queued so far has run: an mgpu__item_begin copy too */
+    return MGPU_OK;
+}
+
+/* mgpu__item_begin's halves on a GPU: the copy into pinned memory (so that it is asynchronous),
+   and the wait that makes it readable when no other wait came first. */
+static mgpu_result mgpu__cuda_item_queue(mgpu_context *ctx, const mgpu_tensor *t) {
+    if (!ctx->readback && !(ctx->readback = mgpu_cuda_host_alloc(8))) return mgpu_last_result();
+    MGPU__CUDA_TRY("reading a scalar back", cudaMemcpyAsync(ctx->readback, t->data, mgpu__dtype_sizes[t->dtype], cudaMemcpyDeviceToHost,
+                                                             (cudaStream_t)ctx->cuda_stream));
+    return MGPU_OK;
+}
+static mgpu_result mgpu__cuda_item_wait(mgpu_context *ctx) {
+    MGPU__CUDA_TRY("reading a scalar back", cudaStreamSynchronize((cudaStream_t)ctx->cuda_stream));
+    ctx->host_waits++;
     return MGPU_OK;
 }
 

@@ -892,6 +892,7 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
     mgpu_context *ctx = f->t->ctx;
     double t0 = mgpu_time_s();
     mgpu_tensor *loss = NULL;
+    mgpu__pending_item loss_value;
     mgpu_result r;
     *stepped = f->micro + 1 == o->grad_accum_steps || b->index + 1 == f->batches_per_epoch;
     if (mgpu__fit_graph_fits(f, b)) return mgpu__fit_graph_batch(f, b);   /* one batch, one optimizer step */
@@ -901,8 +902,11 @@ static mgpu_result mgpu__fit_batch(mgpu__fit *f, const mgpu_batch *b, int *stepp
     mgpu__fit_count_comm(f);
     if (r != MGPU_OK) return r;
     f->micro++;
+    /* the loss's copy is queued before the optimizer step: an fp16 step's found-inf read (the
+       scaler's wait) then brings it too, and the step waits for the host once */
+    mgpu__item_begin(loss, &loss_value);
     if (*stepped) r = mgpu__fit_optimizer_step(f);
-    mgpu__fit_count_loss(f, mgpu_tensor_item(loss), b->size);
+    mgpu__fit_count_loss(f, mgpu__item_end(&loss_value), b->size);
     mgpu_context_end_step(ctx);
     return r;
 }

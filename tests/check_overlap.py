@@ -10,12 +10,18 @@ At every host synchronisation with the compute stream ("sync sK", "sync device",
 an event recorded on it) that follows the hand-out of batch k, batch k + 1 must already have been
 uploaded (uploads >= hand-outs + 1), except after the last batch of an epoch.
 
-Usage: check_overlap.py TRACE BATCHES_PER_EPOCH MIN_CHECKS
+With MAX_WAITS_PER_STEP, also: between two hand-outs of the training loader (one step) the host
+synchronises with the compute stream at most that often (issue 10: a step waits for the host at
+most once, for the loss). Steps that end an epoch (evaluation follows) and the first two steps
+(warm-up: gradients, optimizer state and buffers are created then) are not counted.
+
+Usage: check_overlap.py TRACE BATCHES_PER_EPOCH MIN_CHECKS [MAX_WAITS_PER_STEP]
 Exits 1 with the first violation (line number and counts), or if fewer than MIN_CHECKS
 synchronisations were checked (a trace without steps proves nothing)."""
 import sys
 
 path, per_epoch, min_checks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+max_waits = int(sys.argv[4]) if len(sys.argv) > 4 else None
 lines = [l.split() for l in open(path)]
 
 # pass 1: streams that carry only host-to-device copies
@@ -32,6 +38,7 @@ recorded_on = {}          # event -> stream of its last record
 uploads, handouts = {}, {}
 train, compute, active = None, None, None
 checked = 0
+waits_in_step, steps_counted, most_waits = 0, 0, 0
 for n, w in enumerate(lines, 1):
     if w[0] == "record":
         ev, st = w[1], w[2]
@@ -43,6 +50,15 @@ for n, w in enumerate(lines, 1):
         st, ev = w[1], w[2]
         src = recorded_on.get(ev)
         if src in copy_streams and st not in copy_streams:
+            if src == train and max_waits is not None and handouts.get(src, 0) % per_epoch != 0 and handouts[src] > 2:
+                # the step of the previous hand-out has ended (it was not an epoch's last)
+                steps_counted += 1
+                most_waits = max(most_waits, waits_in_step)
+                if waits_in_step > max_waits:
+                    sys.exit("line %d: the step of batch %d waited for the compute stream %d times (at most %d allowed)"
+                             % (n, handouts[src] - 1, waits_in_step, max_waits))
+            if src == train:
+                waits_in_step = 0
             handouts[src] = handouts.get(src, 0) + 1
             active = src
             if src == train:
@@ -51,6 +67,7 @@ for n, w in enumerate(lines, 1):
         target = w[1]
         if not (target == compute or target == "device" or recorded_on.get(target) == compute):
             continue
+        waits_in_step += 1
         h, u = handouts[train], uploads[train]
         if (h - 1) % per_epoch == per_epoch - 1:
             continue      # the last batch of an epoch has no successor to prefetch
@@ -59,6 +76,10 @@ for n, w in enumerate(lines, 1):
             sys.exit("line %d (%s): the host synchronises with the compute stream %s while batch %d is in use, but only %d "
                      "batch upload(s) were queued: batch %d's upload was not started before the step's sync"
                      % (n, " ".join(w), compute, h - 1, u, h))
+if max_waits is not None:
+    if steps_counted < min_checks:
+        sys.exit("only %d steps had their host waits counted (expected >= %d)" % (steps_counted, min_checks))
+    print("%d steps: at most %d host wait(s) for the compute stream in a step (allowed %d)" % (steps_counted, most_waits, max_waits))
 if checked < min_checks:
     sys.exit("only %d host synchronisations during training steps were checked (expected >= %d)" % (checked, min_checks))
 print("%d host syncs of the compute stream checked: at each, the next batch's upload was already queued "

@@ -161,7 +161,8 @@ train_vs_cpu() {  # NAME TOL SKIP_REGEX ARGS...: build/emu/NAME --device cuda ag
 # the last of 48, a new shuffle each epoch; 100 steps cross four epoch boundaries.
 # - streaming (off): the emulation's trace (MGPU_EMU_TRACE) shows batch k+1's upload queued on the
 #   loader's copy stream before the host synchronises with the compute stream in step k
-#   (tests/check_overlap.py), with the stream-order checker on;
+#   (tests/check_overlap.py), with the stream-order checker on, and each step waiting for the
+#   host once (captured steps; and eager fp16 steps, whose loss scaler reads found-inf);
 # - streaming with 2 workers: the same weights as without;
 # - resident (on): final weights bit-identical to streaming; resumed mid-epoch from a checkpoint,
 #   identical to the uninterrupted run;
@@ -174,9 +175,15 @@ loader_checks() {
   mkdir -p "$d"
   MGPU_EMU_ERRORS=report MGPU_EMU_TRACE="$d/trace" timeout 300 $E/fashion_mlp $a --max-steps 100 --data-on-device off --save-dir "$d/off" > "$d/off.log" 2>&1; rc=$?
   if [ "$rc" -ne 0 ]; then fail "fashion_mlp --device cuda --data-on-device off (exit $rc)" "$(tail -n 5 "$d/off.log")"; return; fi
-  if res=$(python3 tests/check_overlap.py "$d/trace" 21 90 2>&1) && grep -q '^data on device: no' "$d/off.log"; then
-    ok "loader streaming on cuda: the next batch's upload is queued before each step's host sync ($res); stream order clean"
-  else fail "loader streaming on cuda: upload of batch k+1 not queued before step k's host sync" "$res"; fi
+  if res=$(python3 tests/check_overlap.py "$d/trace" 21 90 1 2>&1) && grep -q '^data on device: no' "$d/off.log"; then
+    ok "loader streaming on cuda: the next batch's upload is queued before each step's host sync, and a step waits for the host once ($(tr '\n' ' ' <<<"$res")); stream order clean"
+  else fail "loader streaming on cuda: upload of batch k+1 not queued before step k's host sync, or a step waited more than once" "$res"; fi
+  # fp16 (eager: the loss scaler reads found-inf on the host): the loss's copy is queued before
+  # the optimizer step, so the scaler's wait brings it and the step still waits once
+  MGPU_EMU_ERRORS=report MGPU_EMU_TRACE="$d/trace16" timeout 300 $E/fashion_mlp $a --max-steps 20 --amp fp16 --data-on-device off > "$d/fp16.log" 2>&1; rc=$?
+  if [ "$rc" -eq 0 ] && res=$(python3 tests/check_overlap.py "$d/trace16" 21 18 1 2>&1); then
+    ok "--amp fp16 on cuda (eager, found-inf read on the host): one host wait per step ($(tr '\n' ' ' <<<"$res"))"
+  else fail "--amp fp16 on cuda: exit $rc, or a step waited for the host more than once" "$res$(tail -n 3 "$d/fp16.log")"; fi
   MGPU_EMU_ERRORS=report timeout 300 $E/fashion_mlp $a --max-steps 100 --data-on-device on --save-dir "$d/on" > "$d/on.log" 2>&1; rc=$?
   if [ "$rc" -eq 0 ] && grep -q '^data on device: the training set is resident on cuda:0' "$d/on.log" && cmp -s "$d/off/model.safetensors" "$d/on/model.safetensors"; then
     ok "--data-on-device on (batches gathered on the device) == off (streamed), bit for bit after 100 steps over 4 epoch boundaries with a short last batch"
