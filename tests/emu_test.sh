@@ -140,20 +140,7 @@ expect "gemm_bench (chevron launches, cuBLASLt f32/TF32/bf16 and cublasGemmEx) r
 # devices (tests/emu_training.sh) on a subset of Fashion-MNIST (2048 train, 256 test images).
 source tests/emu_training.sh
 if [ -x build/fashion_mlp ] && [ -x build/fashion_cnn ] && DATA=$(fashion_dir) && command -v python3 > /dev/null; then
-  python3 - "$DATA" "$T_TMP/fm" <<'PY'
-import gzip, os, struct, sys
-src, dst = sys.argv[1], sys.argv[2]
-os.makedirs(dst, exist_ok=True)
-for name, n in [("train-images-idx3-ubyte", 2048), ("train-labels-idx1-ubyte", 2048), ("t10k-images-idx3-ubyte", 256), ("t10k-labels-idx1-ubyte", 256)]:
-    path = os.path.join(src, name)
-    data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
-    ndim = data[3]
-    dims = list(struct.unpack(">%dI" % ndim, data[4:4 + 4 * ndim]))
-    per = 1
-    for x in dims[1:]: per *= x
-    dims[0] = n
-    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
-PY
+  subset "$DATA" "$T_TMP/fm" 2048 256
   training_comparisons
   # a model that does not fit the device: the OOM error, exit 1, nothing saved
   out=$(MGPU_EMU_MEM_MB=64 timeout 120 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 2048 --save-dir "$T_TMP/oom" 2>&1); rc=$?

@@ -137,20 +137,21 @@ PY
   done
 }
 
-# subset SRC DST N: the first N training and N/4 test images of the IDX files in SRC
+# subset SRC DST NTRAIN NTEST: the first images and labels of Fashion-MNIST's IDX files (plain or .gz) in SRC
 subset() {
   python3 - "$@" <<'PY'
-import os, struct, sys
-src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import gzip, os, struct, sys
+src, dst, ntrain, ntest = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 os.makedirs(dst, exist_ok=True)
-for name, count in [("train-images-idx3-ubyte", n), ("train-labels-idx1-ubyte", n), ("t10k-images-idx3-ubyte", n // 4), ("t10k-labels-idx1-ubyte", n // 4)]:
-    data = open(os.path.join(src, name), "rb").read()
+for name, n in [("train-images-idx3-ubyte", ntrain), ("train-labels-idx1-ubyte", ntrain), ("t10k-images-idx3-ubyte", ntest), ("t10k-labels-idx1-ubyte", ntest)]:
+    path = os.path.join(src, name)
+    data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
     ndim = data[3]
     dims = list(struct.unpack(">%dI" % ndim, data[4:4 + 4 * ndim]))
     per = 1
     for x in dims[1:]: per *= x
-    dims[0] = count
-    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + count * per])
+    dims[0] = n
+    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
 PY
 }
 
@@ -168,7 +169,7 @@ training_comparisons() {
   vs_noise_floor fashion_cnn 3 --epochs 1 --max-steps 100 --batch-size 16 --seed 3
   # checkpoints across devices: the CNN (dropout, batch norm) on 256 images, 16 steps an epoch:
   # stopped at step 10 (mid-epoch 1), resumed through the epoch boundary to step 24
-  subset "$T_TMP/fm" "$T_TMP/fm256" 256
+  subset "$T_TMP/fm" "$T_TMP/fm256" 256 64
   TRAIN_DATA="$T_TMP/fm256" resume_across fashion_cnn 10 24 --epochs 2 --batch-size 16 --seed 3
   echo "  training comparisons: $(( $(date +%s) - t0 )) s"
 }
