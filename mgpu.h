@@ -19,6 +19,7 @@
    | MGPU_STATIC           | make every public function static (private copy per translation unit)|
    | MGPU_CUDA             | enable the CUDA backend (needs mgpu_kernels.cu and the CUDA libs)    |
    | MGPU_USE_CBLAS        | CPU GEMM through cblas_sgemm (link OpenBLAS or another cblas)        |
+   | MGPU_GEMM_KC          | K block of the built-in CPU GEMM (default 256, a multiple of 8)      |
    | MGPU_STB_IMAGE        | image-folder datasets through stb_image (Debian: libstb-dev)         |
    | MGPU_ASSERT(c)        | internal invariant check; defaults to assert()                       |
 
@@ -5019,7 +5020,16 @@ MGPU_API mgpu_tensor *mgpu_op_cast(mgpu_context *ctx, mgpu_tensor *x, mgpu_dtype
 
 #define MGPU__MR 6
 #define MGPU__NR 16
-#define MGPU__KC 256
+/* K block. MGPU_GEMM_KC (a multiple of 8) changes it, and with it the order in which each element
+   of C sums its products: tests build such a twin to measure how far training amplifies a change
+   of summation order alone (tests/emu_training.sh). */
+#ifndef MGPU_GEMM_KC
+#define MGPU_GEMM_KC 256
+#endif
+#if MGPU_GEMM_KC < 8 || MGPU_GEMM_KC % 8 != 0
+#error "MGPU_GEMM_KC must be a positive multiple of 8"
+#endif
+#define MGPU__KC MGPU_GEMM_KC
 #define MGPU__MC 144
 #define MGPU__NC 2048
 /* below this many multiply-adds a GEMM runs on the calling thread: waking workers costs more */

@@ -2,6 +2,9 @@
 
    conv1 (1->32, 3x3, pad 1) -> bn1 -> ReLU -> max-pool 2 -> conv2 (32->64, 3x3, pad 1) -> bn2 -> ReLU
    -> max-pool 2 -> fc1 (3136->128) -> ReLU -> dropout 0.25 -> fc2 (128->10), with PyTorch's names.
+   The convolutions have no bias (PyTorch's Conv2d(..., bias=False), as torchvision's ResNets): the
+   batch norm after each subtracts the per-channel mean, so a bias there would have a gradient of
+   zero plus rounding noise, which Adam would turn into full-size random steps.
 
    Build:  cc -O3 -march=native -I. examples/fashion_cnn.c -o fashion_cnn -lm -lpthread   (or `make`)
    Run:    ./build/fashion_cnn --data data/fashion-mnist --epochs 10 --metrics cnn.jsonl */
@@ -34,9 +37,9 @@ static mgpu_tensor *cnn_forward(mgpu_context *ctx, mgpu_tensor *x, void *user) {
 /* Called once per model replica (one, or one per device under --multi-gpu dp). */
 static int cnn_build(mgpu_model *model, void *user) {
     cnn *m = (cnn *)user;
-    return (m->conv1 = mgpu_conv2d_create(model, "conv1", 1, 32, 3, 1, 1, 1)) &&
+    return (m->conv1 = mgpu_conv2d_create(model, "conv1", 1, 32, 3, 1, 1, 0)) &&
            (m->bn1 = mgpu_batchnorm2d_create(model, "bn1", 32)) &&
-           (m->conv2 = mgpu_conv2d_create(model, "conv2", 32, 64, 3, 1, 1, 1)) &&
+           (m->conv2 = mgpu_conv2d_create(model, "conv2", 32, 64, 3, 1, 1, 0)) &&
            (m->bn2 = mgpu_batchnorm2d_create(model, "bn2", 64)) &&
            (m->fc1 = mgpu_linear_create(model, "fc1", 3136, 128, 1)) &&
            (m->dropout = mgpu_dropout_create(model, 0.25f)) &&

@@ -19,6 +19,7 @@
    | MGPU_STATIC           | make every public function static (private copy per translation unit)|
    | MGPU_CUDA             | enable the CUDA backend (needs mgpu_kernels.cu and the CUDA libs)    |
    | MGPU_USE_CBLAS        | CPU GEMM through cblas_sgemm (link OpenBLAS or another cblas)        |
+   | MGPU_GEMM_KC          | K block of the built-in CPU GEMM (default 256, a multiple of 8)      |
    | MGPU_STB_IMAGE        | image-folder datasets through stb_image (Debian: libstb-dev)         |
    | MGPU_ASSERT(c)        | internal invariant check; defaults to assert()                       |
 

@@ -8,7 +8,9 @@
 # - the nccl backend against the shm backend with 2 and 4 processes under mgpurun (bit for bit);
 # - checkpoints of CUDA tensors: CPU -> cuda:0 -> CPU round trips, damaged files (tests/emu/ckpt_cuda.c);
 # - DDP with device gradients over nccl and shm (staged) with 2 processes (tests/emu/ddp_cuda.c);
-# - the examples and tools built with -DMGPU_CUDA start; fashion_mlp/fashion_cnn on cuda against the CPU;
+# - the examples and tools built with -DMGPU_CUDA start;
+# - training on cuda:0 against the CPU build, and checkpoints resumed across devices
+#   (tests/emu_training.sh, which says why each comparison is what it is);
 # - the loader on cuda: the next batch's upload queued before each step's host sync (the
 #   emulation's call trace), resident data (--data-on-device) against streaming, resume, auto;
 # - CUDA Graph capture of the training step (tests/emu/graph_cuda.c; fashion_mlp and fashion_cnn
@@ -144,19 +146,6 @@ for x in $E/fashion_mlp $E/fashion_cnn $E/mgpu-ckpt $E/mgpurun; do
 done
 out=$($E/gemm_bench 64 2 2>&1); rc=$?
 expect "gemm_bench (chevron launches, cuBLASLt f32/TF32/bf16 and cublasGemmEx) runs under the emulation" [ "$rc" -eq 0 -a "$(grep -c '^mode=' <<<"$out")" -eq 3 ]
-# Training on cuda:0 against the CPU build with the same seed: final weights per tensor,
-# ||cpu - cuda|| / ||cpu||. A subset of Fashion-MNIST (2048 train, 256 test images) keeps the
-# emulated runs short: MLP 100 steps ~15 s, bf16 20 steps ~6 s, CNN 10 steps ~25 s on 2 cores.
-train_vs_cpu() {  # NAME TOL SKIP_REGEX ARGS...: build/emu/NAME --device cuda against build/NAME
-  local name=$1 tol=$2 skip=$3 d="$T_TMP/train_$RANDOM" rc1 rc2 res; shift 3
-  MGPU_EMU_ERRORS=report timeout 300 $E/$name --device cuda --data "$T_TMP/fm" --save-dir "$d/cuda" "$@" > "$d.cuda.log" 2>&1; rc1=$?
-  timeout 300 build/$name --device cpu --data "$T_TMP/fm" --save-dir "$d/cpu" "$@" > "$d.cpu.log" 2>&1; rc2=$?
-  if [ "$rc1" -ne 0 ] || [ "$rc2" -ne 0 ]; then fail "$name --device cuda $* (exit cuda $rc1, cpu $rc2)" "$(tail -n 5 "$d.cuda.log" "$d.cpu.log")"; return; fi
-  res=$(python3 tests/compare_weights.py "$d/cpu/model.safetensors" "$d/cuda/model.safetensors" "$tol" "$skip" 2>&1)
-  if [ $? -eq 0 ]; then ok "$name --device cuda $* trains as the CPU build: $res (tolerance $tol)"
-  else fail "$name --device cuda $*: final weights differ from the CPU's" "$res"; fi
-  grep -q '^device cuda:0 (' "$d.cuda.log" || fail "$name --device cuda: no startup line naming the device" "$(head -n 3 "$d.cuda.log")"
-}
 # The loader on cuda:0 (--data-on-device). Batch 100 of the 2048-image subset: 21 batches per epoch,
 # the last of 48, a new shuffle each epoch; 100 steps cross four epoch boundaries.
 # - streaming (off): the emulation's trace (MGPU_EMU_TRACE) shows batch k+1's upload queued on the
@@ -257,32 +246,12 @@ graph_tests() {
   out=$(MGPU_DIST_BACKEND=shm timeout 120 $E/mgpurun --nproc-per-node 2 $E/fashion_mlp --device cuda --data "$T_TMP/fm" --epochs 1 --max-steps 2 --batch-size 64 2>&1)
   expect "fashion_mlp under mgpurun (DDP, 2 processes on cuda:0 through shm): 'cuda graph off (DDP: ...)'" grep -q '; cuda graph off (DDP: the gradient all-reduces' <<<"$out"
 }
+# Training on cuda:0 against the CPU build with the same seed, and checkpoints resumed across
+# devices (tests/emu_training.sh) on a subset of Fashion-MNIST (2048 train, 256 test images).
+source tests/emu_training.sh
 if [ -x build/fashion_mlp ] && [ -x build/fashion_cnn ] && DATA=$(fashion_dir) && command -v python3 > /dev/null; then
-  python3 - "$DATA" "$T_TMP/fm" <<'PY'
-import gzip, os, struct, sys
-src, dst = sys.argv[1], sys.argv[2]
-os.makedirs(dst, exist_ok=True)
-for out, ntrain, ntest in [(dst, 2048, 256), (dst + "150", 150, 64)]:
-  os.makedirs(out, exist_ok=True)
-  for name, n in [("train-images-idx3-ubyte", ntrain), ("train-labels-idx1-ubyte", ntrain), ("t10k-images-idx3-ubyte", ntest), ("t10k-labels-idx1-ubyte", ntest)]:
-    path = os.path.join(src, name)
-    data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
-    ndim = data[3]
-    dims = list(struct.unpack(">%dI" % ndim, data[4:4 + 4 * ndim]))
-    per = 1
-    for x in dims[1:]: per *= x
-    dims[0] = n
-    open(os.path.join(out, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
-PY
-  t0=$(date +%s)
-  train_vs_cpu fashion_mlp 1e-3 "" --epochs 4 --max-steps 100 --batch-size 64 --seed 3
-  # bf16 against the CPU's emulated bf16: one step agrees to 1e-7, but bf16 rounding flips grow
-  # under Adam (100 steps: ~6e-2, 20 steps: ~1.1e-2), so the bf16 comparison is 20 steps of SGD
-  train_vs_cpu fashion_mlp 1e-2 "" --epochs 1 --max-steps 20 --batch-size 64 --seed 3 --amp bf16 --optimizer sgd --lr 0.01
-  # SGD: under Adam the conv biases (cancelled by the batch norms after them, so their gradients are
-  # rounding noise) take full-size steps in random directions and differ by ~4e-2
-  train_vs_cpu fashion_cnn 1e-3 "" --epochs 1 --max-steps 10 --batch-size 16 --seed 3 --optimizer sgd --lr 0.01
-  echo "  training comparisons: $(( $(date +%s) - t0 )) s"
+  subset "$DATA" "$T_TMP/fm" 2048 256
+  training_comparisons
   t0=$(date +%s)
   loader_checks "$DATA"
   echo "  loader checks: $(( $(date +%s) - t0 )) s"

@@ -1,6 +1,6 @@
 """PyTorch reference throughput on the GPU for mgpu's two Fashion-MNIST recipes, at batch 128:
   fashion_mlp: 784-256-128-10 MLP with ReLU
-  fashion_cnn: conv(1->32,3,p1)-BN-ReLU-maxpool2 -> conv(32->64,3,p1)-BN-ReLU-maxpool2 -> fc(3136->128)-ReLU-dropout(0.25)-fc(128->10)
+  fashion_cnn: conv(1->32,3,p1,no bias)-BN-ReLU-maxpool2 -> conv(32->64,3,p1,no bias)-BN-ReLU-maxpool2 -> fc(3136->128)-ReLU-dropout(0.25)-fc(128->10)
 AdamW(lr=1e-3, weight_decay=1e-4), cross-entropy, one optimizer step per batch. Data is synthetic
 (uniform pixels, random labels) and already on the GPU, so only the training step is timed: that is
 PyTorch's best case and what mgpu's GPU path is compared against.
@@ -18,8 +18,8 @@ def make_model(name):
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
     if name == "fashion_cnn":
         return nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(3136, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10))
     raise SystemExit(f"unknown model {name}")
 
