@@ -7815,9 +7815,11 @@ static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t 
     mgpu__tensor_list params;
     float v[3];
     mgpu__optimizer_step_values(o, t, v);
+    memset(&params, 0, sizeof params);   /* copied with its padding into the twin's arguments */
     params.count = count; params.data = o->lists.params; params.numel = o->lists.numel;
     if (d->type == MGPU_OPTIM_SGD) {
         mgpu__sgd_args a;
+        memset(&a, 0, sizeof a);   /* padding too: a kernel argument's bytes must not carry stack garbage */
         a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
         a.momentum_buffers = d->momentum != 0.0f ? o->lists.state1 : NULL;
         a.lr = v[0]; a.weight_decay = d->weight_decay; a.momentum = d->momentum; a.keep = 1.0f - d->dampening;
@@ -7827,6 +7829,9 @@ static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t 
     } else {
         mgpu__adam_args a;
         int adamw = d->type == MGPU_OPTIM_ADAMW;
+        /* padding too: the emulation's check of kernel arguments once read the high half of an old
+           pointer left in the padding after bc2_sqrt as an address on another device */
+        memset(&a, 0, sizeof a);
         a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
         a.exp_avg = o->lists.state1; a.exp_avg_sq = o->lists.state2;
         a.decay = v[0];
@@ -10608,7 +10613,8 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"gamma", MGPU__OPT_FLOAT, MGPU__OF(gamma), 0, -1, 1, NULL, "G", "step schedule: LR factor per drop"},
     {"cuda-graph", MGPU__OPT_ENUM, MGPU__OF(cuda_graph), 0, 0, 0, "on|off", "MODE",
      "CUDA: capture the training step as a CUDA Graph and replay it (default on; the CPU ignores it)\n"
-     "in this version capture is not implemented yet: on runs uncaptured, as the startup line says"},
+     "captured after 2 eager warm-up steps; stays eager, saying why on the startup line, with --amp fp16,\n"
+     "DDP/DP, --grad-accum-steps > 1, or a step that cannot be captured"},
     {"data-on-device", MGPU__OPT_ENUM, MGPU__OF(data_on_device), 0, 0, 0, "off|on|auto", "MODE",
      "CUDA: keep the training set on the GPU and gather each batch there\n"
      "auto: on when the dataset is static and takes at most 1/4 of the free device memory;\n"

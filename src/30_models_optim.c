@@ -878,9 +878,11 @@ static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t 
     mgpu__tensor_list params;
     float v[3];
     mgpu__optimizer_step_values(o, t, v);
+    memset(&params, 0, sizeof params);   /* copied with its padding into the twin's arguments */
     params.count = count; params.data = o->lists.params; params.numel = o->lists.numel;
     if (d->type == MGPU_OPTIM_SGD) {
         mgpu__sgd_args a;
+        memset(&a, 0, sizeof a);   /* padding too: a kernel argument's bytes must not carry stack garbage */
         a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
         a.momentum_buffers = d->momentum != 0.0f ? o->lists.state1 : NULL;
         a.lr = v[0]; a.weight_decay = d->weight_decay; a.momentum = d->momentum; a.keep = 1.0f - d->dampening;
@@ -890,6 +892,9 @@ static mgpu_result mgpu__optimizer_update(mgpu_optimizer *o, int count, int64_t 
     } else {
         mgpu__adam_args a;
         int adamw = d->type == MGPU_OPTIM_ADAMW;
+        /* padding too: the emulation's check of kernel arguments once read the high half of an old
+           pointer left in the padding after bc2_sqrt as an address on another device */
+        memset(&a, 0, sizeof a);
         a.ctx = ctx; a.params = params; a.grads = o->lists.grads;
         a.exp_avg = o->lists.state1; a.exp_avg_sq = o->lists.state2;
         a.decay = v[0];

@@ -1357,7 +1357,8 @@ static const mgpu__opt mgpu__train_opts_table[] = {
     {"gamma", MGPU__OPT_FLOAT, MGPU__OF(gamma), 0, -1, 1, NULL, "G", "step schedule: LR factor per drop"},
     {"cuda-graph", MGPU__OPT_ENUM, MGPU__OF(cuda_graph), 0, 0, 0, "on|off", "MODE",
      "CUDA: capture the training step as a CUDA Graph and replay it (default on; the CPU ignores it)\n"
-     "in this version capture is not implemented yet: on runs uncaptured, as the startup line says"},
+     "captured after 2 eager warm-up steps; stays eager, saying why on the startup line, with --amp fp16,\n"
+     "DDP/DP, --grad-accum-steps > 1, or a step that cannot be captured"},
     {"data-on-device", MGPU__OPT_ENUM, MGPU__OF(data_on_device), 0, 0, 0, "off|on|auto", "MODE",
      "CUDA: keep the training set on the GPU and gather each batch there\n"
      "auto: on when the dataset is static and takes at most 1/4 of the free device memory;\n"

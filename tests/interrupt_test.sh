@@ -16,20 +16,7 @@ source "$(dirname "$0")/lib.sh"
 DATA=$(fashion_dir) || { fail "Fashion-MNIST not found (install dataset-fashion-mnist or run make data)"; finish; exit; }
 export MGPU_NUM_THREADS=1 MGPU_TIMEOUT_S=60
 FM="$T_TMP/fm"
-python3 - "$DATA" "$FM" <<'PY'
-import gzip, os, struct, sys
-src, dst = sys.argv[1], sys.argv[2]
-os.makedirs(dst, exist_ok=True)
-for name, n in [("train-images-idx3-ubyte", 2048), ("train-labels-idx1-ubyte", 2048), ("t10k-images-idx3-ubyte", 512), ("t10k-labels-idx1-ubyte", 512)]:
-    path = os.path.join(src, name)
-    data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
-    ndim = data[3]
-    dims = list(struct.unpack(">%dI" % ndim, data[4:4 + 4 * ndim]))
-    per = 1
-    for x in dims[1:]: per *= x
-    dims[0] = n
-    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
-PY
+python3 tests/fashion_subset.py "$DATA" "$FM" 2048 512
 # long enough (several seconds) for a signal to land mid-run
 LONG=(--data "$FM" --epochs 30 --batch-size 64 --log-every 0 --seed 1)
 # Runs CMD... in the background, sends SIGINT after S seconds (a second one 0.1 s later when

@@ -15,20 +15,7 @@ LIBS=(-lm -lpthread)
 make_subset() {
   local src
   src=$(fashion_dir) || return 1
-  /usr/bin/python3 - "$src" "$1" <<'PY'
-import gzip, os, struct, sys
-src, dst = sys.argv[1], sys.argv[2]
-os.makedirs(dst, exist_ok=True)
-for name, n in [("train-images-idx3-ubyte", 512), ("train-labels-idx1-ubyte", 512), ("t10k-images-idx3-ubyte", 128), ("t10k-labels-idx1-ubyte", 128)]:
-    path = os.path.join(src, name)
-    data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
-    ndim = data[3]
-    dims = list(struct.unpack(">%dI" % ndim, data[4:4 + 4 * ndim]))
-    per = 1
-    for x in dims[1:]: per *= x
-    dims[0] = n
-    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
-PY
+  python3 tests/fashion_subset.py "$src" "$1" 512 128
 }
 
 # check KIND FILE ORIGIN: 0 when the snippet passes; the reason (compiler or program output) in $WHY

@@ -261,20 +261,7 @@ else fail "label_noise: no Fashion-MNIST or no build"; fi
 # emulation does not hide devices outside CUDA_VISIBLE_DEVICES: this is the plumbing, not isolation.
 E=build/emu
 if [ -x $E/mgpu-sweep ] && [ -x $E/label_noise ] && DATA=$(fashion_dir); then
-  python3 - "$DATA" "$T_TMP/fm" <<'PY'
-import gzip, os, struct, sys
-src, dst = sys.argv[1], sys.argv[2]
-os.makedirs(dst, exist_ok=True)
-for name, n in [("train-images-idx3-ubyte", 1024), ("train-labels-idx1-ubyte", 1024), ("t10k-images-idx3-ubyte", 256), ("t10k-labels-idx1-ubyte", 256)]:
-    path = os.path.join(src, name)
-    data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
-    ndim = data[3]
-    dims = list(struct.unpack(">%dI" % ndim, data[4:4 + 4 * ndim]))
-    per = 1
-    for x in dims[1:]: per *= x
-    dims[0] = n
-    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
-PY
+  python3 tests/fashion_subset.py "$DATA" "$T_TMP/fm" 1024 256
   mkdir -p "$T_TMP/bin2"
   printf '%s\n' '#!/bin/sh' "printf '0, Stand-in GPU, 8192 MiB\\n1, Stand-in GPU, 8192 MiB\\n'" > "$T_TMP/bin2/nvidia-smi"
   chmod +x "$T_TMP/bin2/nvidia-smi"

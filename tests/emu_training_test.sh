@@ -1,6 +1,7 @@
+#!/usr/bin/env bash
 # Training on cuda:0 (the emulation, build/emu/NAME) against the CPU build (build/NAME) with the same
-# seed, on the Fashion-MNIST subset in $T_TMP/fm; sourced by tests/emu_test.sh, which calls
-# training_comparisons. Final weights are compared per tensor as ||cpu - cuda|| / ||cpu||
+# seed, on a subset of Fashion-MNIST (2048 train, 256 test images, in $T_TMP/fm); its own suite, run
+# after tests/emu_test.sh (which builds the emulated programs). Final weights are compared per tensor as ||cpu - cuda|| / ||cpu||
 # (tests/compare_weights.py).
 #
 # Why not every comparison is "100 steps of the example's recipe within a fixed tolerance":
@@ -30,6 +31,9 @@
 #    measured nothing). This bounds drift; it cannot tell a small semantic difference from noise
 #    (the missing gradient rounding above ends 2.3x the floor), which is the first step's job.
 # Then checkpoints written on one device resume on the other (resume_across).
+
+source "$(dirname "$0")/lib.sh"
+E=build/emu
 
 # train_on DEV DIR BIN ARGS...: one run into DIR (save dir) with its log in DIR.log
 train_on() {
@@ -144,24 +148,6 @@ PY
   done
 }
 
-# subset SRC DST NTRAIN NTEST: the first images and labels of Fashion-MNIST's IDX files (plain or .gz) in SRC
-subset() {
-  python3 - "$@" <<'PY'
-import gzip, os, struct, sys
-src, dst, ntrain, ntest = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-os.makedirs(dst, exist_ok=True)
-for name, n in [("train-images-idx3-ubyte", ntrain), ("train-labels-idx1-ubyte", ntrain), ("t10k-images-idx3-ubyte", ntest), ("t10k-labels-idx1-ubyte", ntest)]:
-    path = os.path.join(src, name)
-    data = open(path, "rb").read() if os.path.exists(path) else gzip.open(path + ".gz").read()
-    ndim = data[3]
-    dims = list(struct.unpack(">%dI" % ndim, data[4:4 + 4 * ndim]))
-    per = 1
-    for x in dims[1:]: per *= x
-    dims[0] = n
-    open(os.path.join(dst, name), "wb").write(data[:4] + struct.pack(">%dI" % ndim, *dims) + data[4 + 4 * ndim:4 + 4 * ndim + n * per])
-PY
-}
-
 training_comparisons() {
   local t0=$(date +%s)
   # f32: the MLP is well conditioned, so the example's recipe holds 1e-3 (measured ~4e-6)
@@ -176,7 +162,19 @@ training_comparisons() {
   vs_noise_floor fashion_cnn 3 --epochs 1 --max-steps 100 --batch-size 16 --seed 3
   # checkpoints across devices: the CNN (dropout, batch norm) on 256 images, 16 steps an epoch:
   # stopped at step 10 (mid-epoch 1), resumed through the epoch boundary to step 24
-  subset "$T_TMP/fm" "$T_TMP/fm256" 256 64
+  python3 tests/fashion_subset.py "$T_TMP/fm" "$T_TMP/fm256" 256 64
   TRAIN_DATA="$T_TMP/fm256" resume_across fashion_cnn 10 24 --epochs 2 --batch-size 16 --seed 3
   echo "  training comparisons: $(( $(date +%s) - t0 )) s"
 }
+
+if [ ! -x $E/fashion_mlp ] || [ ! -x $E/fashion_cnn ] || [ ! -x build/fashion_mlp ] || [ ! -x build/fashion_cnn ]; then
+  fail "the CPU and emulated examples are not built (make all emu, or make test)"
+elif ! DATA=$(fashion_dir); then
+  fail "no Fashion-MNIST (make data, or Debian's dataset-fashion-mnist)"
+elif ! command -v python3 > /dev/null; then
+  fail "python3 is needed to compare weights"
+else
+  python3 tests/fashion_subset.py "$DATA" "$T_TMP/fm" 2048 256
+  training_comparisons
+fi
+finish
