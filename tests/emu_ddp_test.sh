@@ -8,6 +8,8 @@
 #   and 2 processes sharing one device (what NCCL refuses);
 # - rank 0's emulation trace (MGPU_EMU_TRACE) shows which backend ran: ncclAllReduce for nccl,
 #   none for shm;
+# - --multi-gpu dp --gpu-ids 0: one replica still runs DP (its startup line, NCCL all-reduces in
+#   the trace) and equals plain training (what make gpu-check runs on a one-GPU machine);
 # - a control: one process at batch B (not W*B) differs, so the comparison can fail.
 # tests/emu_test.sh covers the self-launch (--multi-gpu auto against mgpurun), DP and SyncBatchNorm.
 # Emulation says nothing of real-GPU speed; tools/gpu_check.sh runs the one-GPU cases on a real one.
@@ -64,6 +66,13 @@ for c in "nccl 2 2" "nccl 4 4" "shm 2 2" "shm 4 4" "shm 2 1"; do
   same "fashion_mlp DDP over $1, $2 processes x $((GLOBAL_BATCH / $2)) on $3 emulated device$([ "$3" -gt 1 ] && echo s) == 1 process x $GLOBAL_BATCH (50 steps)" "$name"
   backend_ran "$name" "$1"
 done
+# DP with one replica: the DP path (an in-process NCCL communicator of one device), plain's weights
+if MGPU_EMU_DEVICES=1 MGPU_EMU_TRACE="$T_TMP/dp_one.trace" timeout 120 $E/fashion_mlp "${COMMON[@]}" --multi-gpu dp --gpu-ids 0 \
+     --batch-size $GLOBAL_BATCH --save-dir "$T_TMP/dp_one" > "$T_TMP/dp_one.log" 2>&1; then
+  expect "--multi-gpu dp --gpu-ids 0 says 'Using 1 GPU: [0] (DP, 1 process, global batch $GLOBAL_BATCH)'" grep -qxF "Using 1 GPU: [0] (DP, 1 process, global batch $GLOBAL_BATCH)" "$T_TMP/dp_one.log"
+  same "fashion_mlp --multi-gpu dp --gpu-ids 0 (one replica) == plain training x $GLOBAL_BATCH (50 steps)" dp_one
+  backend_ran dp_one nccl
+else fail "--multi-gpu dp --gpu-ids 0 exited $?" "$(tail -n 8 "$T_TMP/dp_one.log")"; fi
 # the comparison can fail: one process at the per-rank batch ends elsewhere
 one half $((GLOBAL_BATCH / 2))
 if res=$(python3 tests/compare_weights.py "$T_TMP/one/model.safetensors" "$T_TMP/half/model.safetensors" 1e-5 2>&1); then
