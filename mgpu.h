@@ -838,7 +838,7 @@ typedef enum mgpu_reduce_op { MGPU_REDUCE_SUM = 0, MGPU_REDUCE_AVG = 1 } mgpu_re
 typedef struct mgpu_comm_desc {
     mgpu_comm_backend backend;
     const mgpu_dist_env *env;  /* NULL: mgpu_dist_env_read() */
-    double timeout_s;          /* every wait is bounded; 0: $MGPU_TIMEOUT_S, else 600 */
+    double timeout_s;          /* every wait is bounded; 0: $MGPU_TIMEOUT_S, else $NCCL_TIMEOUT, else 600 */
     /* nccl: the CUDA device of each local rank (--gpu-ids): local rank i runs on gpu_ids[i], in
        the numbering of the visible devices (CUDA_VISIBLE_DEVICES). NULL / 0: device local_rank. */
     const int *gpu_ids;
@@ -929,7 +929,7 @@ MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_buck
 
 /* DataParallel in one process: runs replica_main(rank, comm, arg) for ranks 0..n_replicas-1, rank 0
    on the calling thread and the others on threads of their own, each with its rank of one `threads`
-   communicator (timeout $MGPU_TIMEOUT_S, else 600 s). A replica creates its own context (one per
+   communicator (timeout $MGPU_TIMEOUT_S, else $NCCL_TIMEOUT, else 600 s). A replica creates its own context (one per
    thread; give each num_threads = cores / n_replicas) and model, wraps it with mgpu_ddp_create and
    trains its shard (loader rank = rank, world_size = n_replicas). Returns MGPU_OK, or the result of
    the lowest failing rank with its message in mgpu_last_error(). A replica that fails while others
@@ -12308,19 +12308,39 @@ MGPU_API mgpu_result mgpu_dist_env_read(mgpu_dist_env *out) {
     return MGPU_OK;
 }
 
-/* desc timeout, else $MGPU_TIMEOUT_S, else 600 s. */
-static mgpu_result mgpu__comm_timeout(double requested, const char *fn, double *out) {
-    const char *v = getenv("MGPU_TIMEOUT_S");
+/* $name as a positive number of seconds; *out untouched when the variable is unset. */
+static mgpu_result mgpu__env_seconds(const char *name, const char *fn, double *out, int *found) {
+    const char *v = getenv(name);
     char *end = NULL;
     double t;
-    if (requested < 0 || requested != requested)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: timeout %g s is negative; expected > 0 (0: $MGPU_TIMEOUT_S, else 600)", fn, requested);
-    if (requested > 0) { *out = requested; return MGPU_OK; }
-    if (!v) { *out = MGPU__COMM_DEFAULT_TIMEOUT_S; return MGPU_OK; }
+    *found = v != NULL;
+    if (!v) return MGPU_OK;
     t = strtod(v, &end);
     if (end == v || *end || !(t > 0) || t > 1e9)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: MGPU_TIMEOUT_S='%s' is not a positive number of seconds", fn, v);
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: %s='%s' is not a positive number of seconds", fn, name, v);
     *out = t;
+    return MGPU_OK;
+}
+
+/* desc timeout, else $MGPU_TIMEOUT_S, else $NCCL_TIMEOUT (seconds; the name scripts written for
+   PyTorch set), else 600 s. announce (rank 0 only, so a job says it once): when NCCL_TIMEOUT is
+   set, one line saying which of the two variables the timeout came from. */
+static mgpu_result mgpu__comm_timeout(double requested, const char *fn, int announce, double *out) {
+    int have_mgpu = 0, have_nccl = 0;
+    mgpu_result r;
+    if (requested < 0 || requested != requested)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: timeout %g s is negative; expected > 0 (0: $MGPU_TIMEOUT_S, else $NCCL_TIMEOUT, else 600)", fn, requested);
+    if (requested > 0) { *out = requested; return MGPU_OK; }
+    *out = MGPU__COMM_DEFAULT_TIMEOUT_S;
+    if ((r = mgpu__env_seconds("MGPU_TIMEOUT_S", fn, out, &have_mgpu)) != MGPU_OK) return r;
+    if (have_mgpu) {
+        if (announce && getenv("NCCL_TIMEOUT"))
+            mgpu_log(MGPU_LOG_INFO, "timeout %g s from MGPU_TIMEOUT_S; NCCL_TIMEOUT='%s' is ignored while MGPU_TIMEOUT_S is set", *out, getenv("NCCL_TIMEOUT"));
+        return MGPU_OK;
+    }
+    if ((r = mgpu__env_seconds("NCCL_TIMEOUT", fn, out, &have_nccl)) != MGPU_OK) return r;
+    if (have_nccl && announce)
+        mgpu_log(MGPU_LOG_INFO, "timeout %g s from NCCL_TIMEOUT (MGPU_TIMEOUT_S is unset; it would take precedence)", *out);
     return MGPU_OK;
 }
 
@@ -13332,7 +13352,7 @@ MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm
     if (!comms) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create_threads: comms is NULL");
     if (n < 1 || n > MGPU__COMM_MAX_RANKS)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create_threads: n is %d; expected 1 to %d ranks", n, MGPU__COMM_MAX_RANKS);
-    if ((r = mgpu__comm_timeout(timeout_s, "mgpu_comm_create_threads", &timeout)) != MGPU_OK) return r;
+    if ((r = mgpu__comm_timeout(timeout_s, "mgpu_comm_create_threads", 1, &timeout)) != MGPU_OK) return r;
     for (i = 0; i < n; i++) comms[i] = NULL;
     for (i = 0; i < n; i++)
         if (!(comms[i] = mgpu__comm_new(MGPU_COMM_THREADS, i, n, i, n, timeout))) break;
@@ -13374,7 +13394,7 @@ MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, do
     (void)timeout; (void)r; (void)i; (void)timeout_s;
     return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the nccl backend needs a CUDA build (compile with -DMGPU_CUDA); use mgpu_comm_create_threads on CPU", fn);
 #else
-    if ((r = mgpu__comm_timeout(timeout_s, fn, &timeout)) != MGPU_OK || (r = mgpu__check_group_devices(n, devices, fn)) != MGPU_OK) return r;
+    if ((r = mgpu__comm_timeout(timeout_s, fn, 1, &timeout)) != MGPU_OK || (r = mgpu__check_group_devices(n, devices, fn)) != MGPU_OK) return r;
     for (i = 0; i < n; i++) comms[i] = NULL;
     for (i = 0; i < n; i++) {
         if (!(comms[i] = mgpu__comm_new(MGPU_COMM_NCCL, i, n, i, n, timeout))) break;
@@ -13676,9 +13696,9 @@ MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc) {
         MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_comm_create: the nccl backend needs a CUDA build (compile with -DMGPU_CUDA and link -lnccl, e.g. `make cuda`); "
                         "use the shm backend on CPU");
 #endif
-    if (mgpu__comm_timeout(d.timeout_s, "mgpu_comm_create", &timeout) != MGPU_OK) return NULL;
     if (d.env) env = *d.env;
     else if (mgpu_dist_env_read(&env) != MGPU_OK) return NULL;
+    if (mgpu__comm_timeout(d.timeout_s, "mgpu_comm_create", env.rank == 0, &timeout) != MGPU_OK) return NULL;
     if (mgpu__comm_check_request(&d, &env) != MGPU_OK || mgpu__comm_check_gpu_ids(&d, &env) != MGPU_OK) return NULL;
     c = mgpu__comm_new(d.backend, env.rank, env.world_size, env.local_rank, env.local_world_size, timeout);
     if (!c) return NULL;
@@ -16527,7 +16547,7 @@ static mgpu_result mgpu__fit_eval_only(mgpu__fit *f, const mgpu_dataset *test, m
 }
 
 /* "Using 4 GPUs: [0, 1, 2, 3] (DDP, 4 processes, global batch 512)", from rank 0, when several
-   ranks train on GPUs (DDP or DP). A collective (every rank's device is gathered): all ranks call it. */
+   ranks train on GPUs (DDP or DP; DP with one replica too). A collective (every rank's device is gathered): all ranks call it. */
 static mgpu_result mgpu__fit_announce_gpus(const mgpu__fit *f) {
     const mgpu_trainer *t = f->t;
     const mgpu_train_opts *o = t->opts;
@@ -16536,13 +16556,13 @@ static mgpu_result mgpu__fit_announce_gpus(const mgpu__fit *f) {
     size_t at = 0;
     int i, dp = o->multi_gpu == MGPU_MULTI_GPU_DP;
     mgpu_result r;
-    if (!t->comm || t->world_size < 2 || t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
+    if (!t->comm || (t->world_size < 2 && !dp) || t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
     mine = t->ctx->device.index;
     if (!(all = (int32_t *)mgpu__calloc(sizeof *all * (size_t)t->world_size, "the ranks' devices"))) return mgpu_last_result();
     if ((r = mgpu_comm_allgather_bytes(t->comm, &mine, sizeof mine, all)) == MGPU_OK && t->rank == 0) {
         ids[0] = 0;
         for (i = 0; i < t->world_size && at + 16 < sizeof ids; i++) at += (size_t)snprintf(ids + at, sizeof ids - at, i ? ", %d" : "%d", (int)all[i]);
-        printf("Using %d GPUs: [%s] (%s, %d process%s, global batch %lld)\n", t->world_size, ids, dp ? "DP" : "DDP", dp ? 1 : t->world_size,
+        printf("Using %d GPU%s: [%s] (%s, %d process%s, global batch %lld)\n", t->world_size, t->world_size == 1 ? "" : "s", ids, dp ? "DP" : "DDP", dp ? 1 : t->world_size,
                dp || t->world_size == 1 ? "" : "es", (long long)(o->batch_size * t->world_size * o->grad_accum_steps));
         fflush(stdout);
     }
@@ -16643,7 +16663,9 @@ MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size
     mgpu_result r;
     if (!t || !build || !forward || !train)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_trainer_run: trainer, build, forward and the training set are required");
-    if (t->dp_replicas > 1) {
+    /* --multi-gpu dp is an explicit request: one --gpu-ids entry still runs one replica over an
+       in-process communicator (on a GPU, NCCL with one device), so a one-GPU machine runs DP's path */
+    if (t->dp_replicas > 0) {
         mgpu__dp_job job;
         memset(&job, 0, sizeof job);
         job.parent = t; job.build = build; job.user_size = user_size; job.forward = forward; job.train = train; job.test = test;

@@ -765,7 +765,7 @@ typedef enum mgpu_reduce_op { MGPU_REDUCE_SUM = 0, MGPU_REDUCE_AVG = 1 } mgpu_re
 typedef struct mgpu_comm_desc {
     mgpu_comm_backend backend;
     const mgpu_dist_env *env;  /* NULL: mgpu_dist_env_read() */
-    double timeout_s;          /* every wait is bounded; 0: $MGPU_TIMEOUT_S, else 600 */
+    double timeout_s;          /* every wait is bounded; 0: $MGPU_TIMEOUT_S, else $NCCL_TIMEOUT, else 600 */
     /* nccl: the CUDA device of each local rank (--gpu-ids): local rank i runs on gpu_ids[i], in
        the numbering of the visible devices (CUDA_VISIBLE_DEVICES). NULL / 0: device local_rank. */
     const int *gpu_ids;
@@ -856,7 +856,7 @@ MGPU_API mgpu_result mgpu_ddp_get_bucket(const mgpu_ddp *d, int b, mgpu_ddp_buck
 
 /* DataParallel in one process: runs replica_main(rank, comm, arg) for ranks 0..n_replicas-1, rank 0
    on the calling thread and the others on threads of their own, each with its rank of one `threads`
-   communicator (timeout $MGPU_TIMEOUT_S, else 600 s). A replica creates its own context (one per
+   communicator (timeout $MGPU_TIMEOUT_S, else $NCCL_TIMEOUT, else 600 s). A replica creates its own context (one per
    thread; give each num_threads = cores / n_replicas) and model, wraps it with mgpu_ddp_create and
    trains its shard (loader rank = rank, world_size = n_replicas). Returns MGPU_OK, or the result of
    the lowest failing rank with its message in mgpu_last_error(). A replica that fails while others

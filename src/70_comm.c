@@ -190,19 +190,39 @@ MGPU_API mgpu_result mgpu_dist_env_read(mgpu_dist_env *out) {
     return MGPU_OK;
 }
 
-/* desc timeout, else $MGPU_TIMEOUT_S, else 600 s. */
-static mgpu_result mgpu__comm_timeout(double requested, const char *fn, double *out) {
-    const char *v = getenv("MGPU_TIMEOUT_S");
+/* $name as a positive number of seconds; *out untouched when the variable is unset. */
+static mgpu_result mgpu__env_seconds(const char *name, const char *fn, double *out, int *found) {
+    const char *v = getenv(name);
     char *end = NULL;
     double t;
-    if (requested < 0 || requested != requested)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: timeout %g s is negative; expected > 0 (0: $MGPU_TIMEOUT_S, else 600)", fn, requested);
-    if (requested > 0) { *out = requested; return MGPU_OK; }
-    if (!v) { *out = MGPU__COMM_DEFAULT_TIMEOUT_S; return MGPU_OK; }
+    *found = v != NULL;
+    if (!v) return MGPU_OK;
     t = strtod(v, &end);
     if (end == v || *end || !(t > 0) || t > 1e9)
-        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: MGPU_TIMEOUT_S='%s' is not a positive number of seconds", fn, v);
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: %s='%s' is not a positive number of seconds", fn, name, v);
     *out = t;
+    return MGPU_OK;
+}
+
+/* desc timeout, else $MGPU_TIMEOUT_S, else $NCCL_TIMEOUT (seconds; the name scripts written for
+   PyTorch set), else 600 s. announce (rank 0 only, so a job says it once): when NCCL_TIMEOUT is
+   set, one line saying which of the two variables the timeout came from. */
+static mgpu_result mgpu__comm_timeout(double requested, const char *fn, int announce, double *out) {
+    int have_mgpu = 0, have_nccl = 0;
+    mgpu_result r;
+    if (requested < 0 || requested != requested)
+        return mgpu__fail(MGPU_ERR_INVALID_ARG, "%s: timeout %g s is negative; expected > 0 (0: $MGPU_TIMEOUT_S, else $NCCL_TIMEOUT, else 600)", fn, requested);
+    if (requested > 0) { *out = requested; return MGPU_OK; }
+    *out = MGPU__COMM_DEFAULT_TIMEOUT_S;
+    if ((r = mgpu__env_seconds("MGPU_TIMEOUT_S", fn, out, &have_mgpu)) != MGPU_OK) return r;
+    if (have_mgpu) {
+        if (announce && getenv("NCCL_TIMEOUT"))
+            mgpu_log(MGPU_LOG_INFO, "timeout %g s from MGPU_TIMEOUT_S; NCCL_TIMEOUT='%s' is ignored while MGPU_TIMEOUT_S is set", *out, getenv("NCCL_TIMEOUT"));
+        return MGPU_OK;
+    }
+    if ((r = mgpu__env_seconds("NCCL_TIMEOUT", fn, out, &have_nccl)) != MGPU_OK) return r;
+    if (have_nccl && announce)
+        mgpu_log(MGPU_LOG_INFO, "timeout %g s from NCCL_TIMEOUT (MGPU_TIMEOUT_S is unset; it would take precedence)", *out);
     return MGPU_OK;
 }
 
@@ -1214,7 +1234,7 @@ MGPU_API mgpu_result mgpu_comm_create_threads(int n, double timeout_s, mgpu_comm
     if (!comms) return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create_threads: comms is NULL");
     if (n < 1 || n > MGPU__COMM_MAX_RANKS)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_comm_create_threads: n is %d; expected 1 to %d ranks", n, MGPU__COMM_MAX_RANKS);
-    if ((r = mgpu__comm_timeout(timeout_s, "mgpu_comm_create_threads", &timeout)) != MGPU_OK) return r;
+    if ((r = mgpu__comm_timeout(timeout_s, "mgpu_comm_create_threads", 1, &timeout)) != MGPU_OK) return r;
     for (i = 0; i < n; i++) comms[i] = NULL;
     for (i = 0; i < n; i++)
         if (!(comms[i] = mgpu__comm_new(MGPU_COMM_THREADS, i, n, i, n, timeout))) break;
@@ -1256,7 +1276,7 @@ MGPU_API mgpu_result mgpu_comm_create_nccl_threads(int n, const int *devices, do
     (void)timeout; (void)r; (void)i; (void)timeout_s;
     return mgpu__fail(MGPU_ERR_UNSUPPORTED, "%s: the nccl backend needs a CUDA build (compile with -DMGPU_CUDA); use mgpu_comm_create_threads on CPU", fn);
 #else
-    if ((r = mgpu__comm_timeout(timeout_s, fn, &timeout)) != MGPU_OK || (r = mgpu__check_group_devices(n, devices, fn)) != MGPU_OK) return r;
+    if ((r = mgpu__comm_timeout(timeout_s, fn, 1, &timeout)) != MGPU_OK || (r = mgpu__check_group_devices(n, devices, fn)) != MGPU_OK) return r;
     for (i = 0; i < n; i++) comms[i] = NULL;
     for (i = 0; i < n; i++) {
         if (!(comms[i] = mgpu__comm_new(MGPU_COMM_NCCL, i, n, i, n, timeout))) break;
@@ -1558,9 +1578,9 @@ MGPU_API mgpu_comm *mgpu_comm_create(const mgpu_comm_desc *desc) {
         MGPU__FAIL_NULL(MGPU_ERR_UNSUPPORTED, "mgpu_comm_create: the nccl backend needs a CUDA build (compile with -DMGPU_CUDA and link -lnccl, e.g. `make cuda`); "
                         "use the shm backend on CPU");
 #endif
-    if (mgpu__comm_timeout(d.timeout_s, "mgpu_comm_create", &timeout) != MGPU_OK) return NULL;
     if (d.env) env = *d.env;
     else if (mgpu_dist_env_read(&env) != MGPU_OK) return NULL;
+    if (mgpu__comm_timeout(d.timeout_s, "mgpu_comm_create", env.rank == 0, &timeout) != MGPU_OK) return NULL;
     if (mgpu__comm_check_request(&d, &env) != MGPU_OK || mgpu__comm_check_gpu_ids(&d, &env) != MGPU_OK) return NULL;
     c = mgpu__comm_new(d.backend, env.rank, env.world_size, env.local_rank, env.local_world_size, timeout);
     if (!c) return NULL;

@@ -1457,7 +1457,7 @@ static mgpu_result mgpu__fit_eval_only(mgpu__fit *f, const mgpu_dataset *test, m
 }
 
 /* "Using 4 GPUs: [0, 1, 2, 3] (DDP, 4 processes, global batch 512)", from rank 0, when several
-   ranks train on GPUs (DDP or DP). A collective (every rank's device is gathered): all ranks call it. */
+   ranks train on GPUs (DDP or DP; DP with one replica too). A collective (every rank's device is gathered): all ranks call it. */
 static mgpu_result mgpu__fit_announce_gpus(const mgpu__fit *f) {
     const mgpu_trainer *t = f->t;
     const mgpu_train_opts *o = t->opts;
@@ -1466,13 +1466,13 @@ static mgpu_result mgpu__fit_announce_gpus(const mgpu__fit *f) {
     size_t at = 0;
     int i, dp = o->multi_gpu == MGPU_MULTI_GPU_DP;
     mgpu_result r;
-    if (!t->comm || t->world_size < 2 || t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
+    if (!t->comm || (t->world_size < 2 && !dp) || t->ctx->device.type != MGPU_DEVICE_CUDA) return MGPU_OK;
     mine = t->ctx->device.index;
     if (!(all = (int32_t *)mgpu__calloc(sizeof *all * (size_t)t->world_size, "the ranks' devices"))) return mgpu_last_result();
     if ((r = mgpu_comm_allgather_bytes(t->comm, &mine, sizeof mine, all)) == MGPU_OK && t->rank == 0) {
         ids[0] = 0;
         for (i = 0; i < t->world_size && at + 16 < sizeof ids; i++) at += (size_t)snprintf(ids + at, sizeof ids - at, i ? ", %d" : "%d", (int)all[i]);
-        printf("Using %d GPUs: [%s] (%s, %d process%s, global batch %lld)\n", t->world_size, ids, dp ? "DP" : "DDP", dp ? 1 : t->world_size,
+        printf("Using %d GPU%s: [%s] (%s, %d process%s, global batch %lld)\n", t->world_size, t->world_size == 1 ? "" : "s", ids, dp ? "DP" : "DDP", dp ? 1 : t->world_size,
                dp || t->world_size == 1 ? "" : "es", (long long)(o->batch_size * t->world_size * o->grad_accum_steps));
         fflush(stdout);
     }
@@ -1573,7 +1573,9 @@ MGPU_API mgpu_result mgpu_trainer_run(mgpu_trainer *t, mgpu_build_fn build, size
     mgpu_result r;
     if (!t || !build || !forward || !train)
         return mgpu__fail(MGPU_ERR_INVALID_ARG, "mgpu_trainer_run: trainer, build, forward and the training set are required");
-    if (t->dp_replicas > 1) {
+    /* --multi-gpu dp is an explicit request: one --gpu-ids entry still runs one replica over an
+       in-process communicator (on a GPU, NCCL with one device), so a one-GPU machine runs DP's path */
+    if (t->dp_replicas > 0) {
         mgpu__dp_job job;
         memset(&job, 0, sizeof job);
         job.parent = t; job.build = build; job.user_size = user_size; job.forward = forward; job.train = train; job.test = test;

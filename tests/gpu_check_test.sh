@@ -2,7 +2,7 @@
 # tools/gpu_check.sh (make gpu-check) without a GPU: no GPU is a skip that says SKIPPED and exits
 # 0, MGPU_EXPECT_GPU=1 makes it a failure, and summary.txt carries its fields. Then its plumbing:
 # a stand-in nvidia-smi (device and driver read into the summary), the emulation dry run of the
-# DDP step (exit status non-zero exactly when a check failed, every failure with a reason, what
+# DDP step (DDP over shm and NCCL at world size 1, DP with one replica, the DDP overhead; exit status non-zero exactly when a check failed, every failure with a reason, what
 # comes back in OUT fits the device tool's limits), and the same step with the CPU programs
 # standing in for the CUDA ones, where the weight comparisons must pass; and the emulation dry run of
 # the sweep step (runs per hour with 1, 2 and 4 slots).
@@ -58,6 +58,11 @@ if [ -x build/emu/fashion_mlp ] && [ -x build/emu/mgpurun ]; then
   expect "emulation dry run: the mode line says so" grep -qE '^mode: +EMULATION DRY RUN' "$T_TMP/d/summary.txt"
   expect "emulation dry run: the DDP checks are reported" \
     bash -c 'grep -qE "^(PASS|FAIL|SKIP) +ddp-shm-2proc " "$1/summary.txt" && grep -qE "^(PASS|FAIL|SKIP) +ddp-nccl-world1 " "$1/summary.txt"' _ "$T_TMP/d" || S "$T_TMP/d"
+  expect "emulation dry run: --multi-gpu dp --gpu-ids 0 ran DP (its 'Using 1 GPU: [0] (DP' line) and equals plain training (PASS)" \
+    grep -qE '^PASS +dp-gpu0 +--multi-gpu dp --gpu-ids 0 x 32 .*== 1 x 32' "$T_TMP/d/summary.txt" || S "$T_TMP/d"
+  expect "emulation dry run: the DDP overhead on fashion_cnn is parsed from both runs (a SKIP: not a measurement)" \
+    grep -qE '^SKIP +ddp-overhead-cnn +emulation: not a measurement \(plain [0-9]+ samples/s \(runs: [0-9]+\), DDP NCCL world size 1 [0-9]+ \(runs: [0-9]+\): overhead -?[0-9.]+%; against plain with --cuda-graph off \([0-9]+ samples/s\): -?[0-9.]+%\)$' "$T_TMP/d/summary.txt" || S "$T_TMP/d"
+  expect "emulation dry run: the overhead reaches the summary's performance lines with the 3% target" grep -qE '^DDP overhead, fashion_cnn x 32, 3 steps, best of 1: .*\(target <= 3%\)$' "$T_TMP/d/summary.txt"
   plumbing "emulation dry run" "$T_TMP/d" "$rc"
   # --cuda-graph on vs off: a real check (the on run must have captured), no SKIP
   MGPU_GPU_CHECK_EMU=1 GPU_CHECK_NO_BUILD=1 GPU_CHECK_ONLY=graph OUT=$T_TMP/g gc; rc=$?
@@ -84,8 +89,8 @@ if [ -x build/fashion_mlp ] && [ -x build/mgpurun ]; then
     GPU_CHECK_SHM_ENV=MGPU_GPU_CHECK_STAND_IN=1 OUT=$T_TMP/e gc; rc=$?
   if grep -q 'no python3 with numpy and torch' "$T_TMP/e/summary.txt"; then skip "CPU stand-ins" "python3 with numpy and torch is needed to compare weights"
   else
-  expect "CPU stand-ins: 2 processes x 16 == 1 x 32 and DDP at world size 1 == one process (PASS)" \
-    bash -c 'grep -qE "^PASS +ddp-shm-2proc .*== 1 x 32" "$1/summary.txt" && grep -qE "^PASS +ddp-nccl-world1 " "$1/summary.txt"' _ "$T_TMP/e" || S "$T_TMP/e"
+  expect "CPU stand-ins: 2 processes x 16 == 1 x 32, DDP at world size 1 and DP with one replica == one process (PASS)" \
+    bash -c 'grep -qE "^PASS +ddp-shm-2proc .*== 1 x 32" "$1/summary.txt" && grep -qE "^PASS +ddp-nccl-world1 " "$1/summary.txt" && grep -qE "^PASS +dp-gpu0 " "$1/summary.txt"' _ "$T_TMP/e" || S "$T_TMP/e"
   plumbing "CPU stand-ins" "$T_TMP/e" "$rc"
   fi
 else skip "CPU stand-ins" "needs build/fashion_mlp and build/mgpurun"; fi

@@ -31,7 +31,7 @@ static const char *mt_env_vars[] = {
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
     "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NODEID",
     "SLURM_JOB_NODELIST", "SLURM_NODELIST", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-    "OMPI_COMM_WORLD_LOCAL_SIZE", "MGPU_TIMEOUT_S", NULL};
+    "OMPI_COMM_WORLD_LOCAL_SIZE", "MGPU_TIMEOUT_S", "NCCL_TIMEOUT", NULL};
 
 static void mt_env_clear(void) {
     int i;
@@ -394,6 +394,67 @@ static void test_threads_barrier_timeout(void) {
     for (i = 0; i < 3; i++) mgpu_comm_destroy(comms[i]);
 }
 
+/* The barrier of 3 threads ranks that rank 2 never enters, with the timeout left to the
+   environment: returns how long rank 0 waited (negative when creation failed). */
+static double mt_env_barrier_timeout(void) {
+    mgpu_comm *comms[3];
+    mt_barrier_arg a;
+    int i;
+    if (mgpu_comm_create_threads(3, 0, comms) != MGPU_OK) return -1;
+    memset(&a, 0, sizeof a);
+    a.c = comms[0];
+    mt_barrier_main(&a);   /* rank 1 absent too: rank 0 alone waits out the timeout */
+    MT_CHECK(a.r == MGPU_ERR_TIMEOUT, "got %d: %s", (int)a.r, a.msg);
+    for (i = 0; i < 3; i++) mgpu_comm_destroy(comms[i]);
+    return a.seconds;
+}
+
+static char mt_log_text[2048];
+static void mt_capture_log(mgpu_log_level level, const char *message, void *user) {
+    size_t n = strlen(mt_log_text);
+    (void)level; (void)user;
+    snprintf(mt_log_text + n, sizeof mt_log_text - n, "%s\n", message);
+}
+
+/* NCCL_TIMEOUT (the seeds' variable) bounds the waits when MGPU_TIMEOUT_S is unset, and rank 0 says
+   where the timeout came from; MGPU_TIMEOUT_S wins when both are set; a malformed value is an error
+   naming the variable; ranks other than 0 stay quiet. */
+static void test_timeout_variables(void) {
+    mgpu_comm_desc d;
+    mgpu_dist_env e = mt_env(1, 2, mt_free_port());
+    double t;
+    mt_env_clear();
+    mt_log_text[0] = 0;
+    mgpu_set_logger(mt_capture_log, NULL);
+    setenv("NCCL_TIMEOUT", "1", 1);
+    t = mt_env_barrier_timeout();
+    MT_CHECK(t > 0.9 && t < 3.0, "NCCL_TIMEOUT=1: waited %.2f s", t);
+    MT_CHECK(strstr(mt_log_text, "from NCCL_TIMEOUT") && strstr(mt_log_text, "MGPU_TIMEOUT_S is unset"), "says so naming both: %s", mt_log_text);
+    mt_log_text[0] = 0;
+    setenv("NCCL_TIMEOUT", "60", 1);
+    setenv("MGPU_TIMEOUT_S", "1", 1);
+    t = mt_env_barrier_timeout();
+    MT_CHECK(t > 0.9 && t < 3.0, "MGPU_TIMEOUT_S=1 over NCCL_TIMEOUT=60: waited %.2f s", t);
+    MT_CHECK(strstr(mt_log_text, "from MGPU_TIMEOUT_S") && strstr(mt_log_text, "NCCL_TIMEOUT='60' is ignored"), "says which won: %s", mt_log_text);
+    unsetenv("MGPU_TIMEOUT_S");
+    setenv("NCCL_TIMEOUT", "30m", 1);
+    mgpu_clear_error();
+    MT_CHECK(mt_env_barrier_timeout() < 0 && mgpu_last_result() == MGPU_ERR_INVALID_ARG && strstr(mgpu_last_error(), "NCCL_TIMEOUT='30m'"),
+             "malformed NCCL_TIMEOUT: %s", mgpu_last_error());
+    /* rank 1 of 2 with nobody listening: fails after NCCL_TIMEOUT and logs nothing about it */
+    setenv("NCCL_TIMEOUT", "1", 1);
+    memset(&d, 0, sizeof d);
+    d.env = &e;
+    mt_log_text[0] = 0;
+    t = mgpu_time_s();
+    MT_CHECK(mgpu_comm_create(&d) == NULL && mgpu_last_result() == MGPU_ERR_TIMEOUT && strstr(mgpu_last_error(), "after 1 s"), "rank 1: %s", mgpu_last_error());
+    t = mgpu_time_s() - t;
+    MT_CHECK(t > 0.5 && t < 3.5, "rank 1 failed after %.2f s with NCCL_TIMEOUT=1", t);
+    MT_CHECK(strstr(mt_log_text, "NCCL_TIMEOUT") == NULL, "only rank 0 says it: %s", mt_log_text);
+    mgpu_set_logger(NULL, NULL);
+    mt_env_clear();
+}
+
 /* A rank that destroys its communicator while another waits for it: an error at once. */
 static void test_threads_departed_rank(void) {
     mgpu_comm *comms[2];
@@ -714,6 +775,7 @@ int main(void) {
     MT_RUN(test_shm_world4);
     MT_RUN(test_threads_backend);
     MT_RUN(test_threads_barrier_timeout);
+    MT_RUN(test_timeout_variables);
     MT_RUN(test_threads_departed_rank);
     MT_RUN(test_rank_never_starts);
     MT_RUN(test_master_unreachable);
