@@ -97,9 +97,14 @@ run ref 2 fashion_mlp "${RES[@]}"
 resumed=0
 for trial in 1 2 3; do
   dir="$T_TMP/kill$trial"
-  timeout 300 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${COMMON[@]}" "${RES[@]}" --save-dir "$dir" > "$dir.log" 2>&1 &
+  # its own process group, SIGKILLed as a whole (a node lost, scancel -s KILL): killing only the
+  # `timeout` wrapper left mgpurun and its workers running to the end
+  setsid timeout 300 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${COMMON[@]}" "${RES[@]}" --save-dir "$dir" > "$dir.log" 2>&1 &
   pid=$!
-  sleep "$((trial - 1)).$((4 + RANDOM % 6))"; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  # at a random moment after the first checkpoint (a fixed delay missed the run: 300 steps take
+  # about 1 s here, so the kill came before step 40 or after the end)
+  for _ in $(seq 200); do [ -e "$dir/latest" ] && break; sleep 0.05; done
+  sleep "0.$((RANDOM % 3))$((RANDOM % 10))"; kill -9 -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
   for attempt in 1 2 3; do
     timeout 300 build/mgpurun --nproc-per-node 2 build/fashion_mlp "${COMMON[@]}" "${RES[@]}" --save-dir "$dir" --resume auto >> "$dir.log" 2>&1 && break
   done
